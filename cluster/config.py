@@ -1,0 +1,438 @@
+"""Every setting declared once.
+
+Each field of :class:`Settings` is one setting: its name gives the flag
+(``--self-weight``), the environment name (``CLUSTER_SELF_WEIGHT``) and the config
+file key (``self-weight``); its metadata gives the help text and the parser. The
+command line, ``--help``, ``conf/cluster.conf`` and the README table are all made from
+this list, so they cannot drift apart. Precedence: flag > environment > file > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from urllib.parse import urlsplit
+
+import configargparse
+
+from cluster.errors import ConfigError
+from cluster.records import is_http_url
+
+DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+COMMANDS = {
+    "serve": "run an instance: register, heartbeat, watch, serve and balance",
+    "status": "print services, endpoints, balancers and heartbeat ages",
+    "register": "register and heartbeat an endpoint served by another program",
+}
+
+
+# --- value parsers: each takes the raw string and raises ValueError(problem) -----
+
+
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _service_name(raw: str) -> str:
+    value = _text(raw)
+    if "/" in value or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} must not contain '/' or spaces")
+    return value
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip()
+    if not is_http_url(value):
+        raise ValueError(f"{value!r} is not an http(s) URL with a host")
+    return value.rstrip("/")
+
+
+def _discovery_url(raw: str) -> str:
+    value = raw.strip()
+    scheme = urlsplit(value).scheme
+    if scheme not in DISCOVERY_SCHEMES:
+        raise ValueError(
+            f"unknown discovery scheme {scheme + '://' if scheme else value!r}"
+            " (expected mongodb://, mongodb+srv:// or sqlite:///path)"
+        )
+    return value
+
+
+def _service_list(raw: str) -> tuple[str, ...]:
+    return tuple(_service_name(part) for part in raw.split(",") if part.strip())
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{raw} is outside 0..1")
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{raw} must be more than 0 seconds")
+    return value
+
+
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{raw} must not be negative")
+    return value
+
+
+def _workers(raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    value = _count(raw)
+    if value < 1:
+        raise ValueError("must be at least 1 or 'auto'")
+    return value
+
+
+def _bind(raw: str) -> str:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{raw!r} is not host:port")
+    return f"{host.strip('[]') or '0.0.0.0'}:{int(port)}"
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def _path_prefix(raw: str) -> str:
+    value = "/" + raw.strip().strip("/")
+    if value == "/":
+        raise ValueError("must name a path such as /sockjs")
+    return value
+
+
+def _module_callable(raw: str) -> str:
+    module, sep, attr = raw.strip().partition(":")
+    if not module or not sep or not attr:
+        raise ValueError(f"{raw!r} is not module:callable")
+    return raw.strip()
+
+
+def setting(
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    metavar: str = "",
+    secret: bool = False,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"parse": parse, "help": help, "metavar": metavar, "secret": secret},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration of one instance (see the module docstring)."""
+
+    discovery_url: str | None = setting(
+        None,
+        _discovery_url,
+        "where instances find each other: mongodb://…/db (production, ideally a "
+        "replica set) or sqlite:///path; unset: the embedded store of this host",
+        "URL",
+        secret=True,
+    )
+    service: str | None = setting(
+        None, _service_name, "name of the service this instance belongs to", "NAME"
+    )
+    endpoint_url: str | None = setting(
+        None,
+        _http_url,
+        "URL other instances use to reach this one directly; default: from --bind",
+        "URL",
+    )
+    balancer_url: str | None = setting(
+        None,
+        _http_url,
+        "public URL of this instance when browsers may reach it directly as a balancer",
+        "URL",
+    )
+    ui_service: str | None = setting(
+        None,
+        _service_name,
+        "service whose UI this instance serves (by proxying); default: --service",
+        "NAME",
+    )
+    public_services: tuple[str, ...] = setting(
+        (),
+        _service_list,
+        "comma list of services outside clients may reach through this instance",
+        "A,B",
+    )
+    self_weight: float = setting(
+        1.0,
+        _fraction,
+        "share of requests this instance serves itself, 0..1 (1: a fair share, "
+        "0: proxy everything)",
+        "W",
+    )
+    workers_count: int = setting(
+        1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
+    )
+    ping_interval: float = setting(
+        5.0, _positive_seconds, "seconds between heartbeats", "SECONDS"
+    )
+    expiry_grace: float = setting(
+        5.0,
+        _positive_seconds,
+        "an endpoint whose heartbeat is older than its ping interval plus this is dead",
+        "SECONDS",
+    )
+    bind: str = setting("127.0.0.1:8000", _bind, "host:port to listen on", "HOST:PORT")
+    app: str | None = setting(
+        None,
+        _module_callable,
+        "the local WSGI app as module:callable; unset: balancer only",
+        "MODULE:CALLABLE",
+    )
+    connect_timeout: float = setting(
+        5.0, _positive_seconds, "seconds to connect to an endpoint", "SECONDS"
+    )
+    read_timeout: float = setting(
+        300.0,
+        _positive_seconds,
+        "seconds an endpoint may stay silent (long enough for long polls)",
+        "SECONDS",
+    )
+    retries: int = setting(
+        2, _count, "other endpoints to try when one refuses a connection", "N"
+    )
+    eject_seconds: float = setting(
+        10.0,
+        _positive_seconds,
+        "seconds a refusing endpoint is left out of this instance's picks",
+        "SECONDS",
+    )
+    sockjs_prefix: str = setting(
+        "/sockjs", _path_prefix, "path prefix of the session protocol (SockJS/DDP)", "PATH"
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1", "::1"),
+        lambda raw: tuple(p.strip() for p in raw.split(",") if p.strip()),
+        "addresses whose X-Forwarded-Proto/-Host are believed",
+        "ADDR,ADDR",
+    )
+    log_level: str = setting("info", _log_level, "debug, info, warning or error", "LEVEL")
+
+    # --- derived values -------------------------------------------------------
+
+    @property
+    def bind_address(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host, int(port)
+
+    @property
+    def own_endpoint_url(self) -> str:
+        """The configured endpoint URL, or one made from --bind."""
+        if self.endpoint_url:
+            return self.endpoint_url
+        host, port = self.bind_address
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    @property
+    def own_ui_service(self) -> str | None:
+        return self.ui_service or self.service
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    # --- construction -----------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Settings for library use: keyword overrides > ``args`` > env > defaults.
+
+        Raises :class:`ConfigError` for a bad value.
+        """
+        parser = build_parser(None, raise_errors=True)
+        namespace, _ = parser.parse_known_args(
+            list(args), env_vars=os.environ if env is None else env
+        )
+        settings = settings_from_namespace(namespace)
+        parsed: dict[str, Any] = {}
+        for name, value in overrides.items():
+            spec = _field(name)
+            if isinstance(value, str):
+                value = _parse_one(spec, value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            parsed[name] = value
+        return settings.replace(**parsed)
+
+
+def fields() -> Iterator[dataclasses.Field[Any]]:
+    yield from dataclasses.fields(Settings)
+
+
+def _field(name: str) -> dataclasses.Field[Any]:
+    for spec in fields():
+        if spec.name == name:
+            return spec
+    raise TypeError(f"unknown setting {name!r}")
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_of(name: str) -> str:
+    return "CLUSTER_" + name.upper()
+
+
+def _parse_one(spec: dataclasses.Field[Any], raw: str) -> Any:
+    try:
+        return spec.metadata["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(f"{flag_of(spec.name)} ({env_of(spec.name)})", str(exc)) from None
+
+
+def settings_from_namespace(namespace: Any) -> Settings:
+    """Parse the raw strings configargparse collected; raises :class:`ConfigError`."""
+    values: dict[str, Any] = {}
+    for spec in fields():
+        raw = getattr(namespace, spec.name, None)
+        if raw is not None:
+            values[spec.name] = _parse_one(spec, raw)
+    return Settings(**values)
+
+
+class _Parser(configargparse.ArgParser):  # type: ignore[misc]
+    """ArgParser whose errors are one line, or an exception for library callers."""
+
+    raise_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.raise_errors:
+            raise ConfigError("arguments", message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(
+    command: str | None,
+    raise_errors: bool = False,
+) -> configargparse.ArgParser:
+    """The parser for ``cluster COMMAND``; every setting is an option of each."""
+    prog = "cluster" if command is None else f"cluster {command}"
+    description = (
+        "Service discovery and load balancing for Python web apps on gevent."
+        if command is None
+        else COMMANDS[command]
+    )
+    commands = "\n".join(f"  {name:9} {text}" for name, text in COMMANDS.items())
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=("commands:\n" + commands) if command is None else None,
+        formatter_class=configargparse.RawDescriptionHelpFormatter,
+        default_config_files=[],
+        auto_env_var_prefix=None,
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message="config file (key = value lines, see conf/cluster.conf)",
+        config_arg_is_required=False,
+        ignore_unknown_config_file_keys=False,
+    )
+    parser.raise_errors = raise_errors
+    for spec in fields():
+        default = spec.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            flag_of(spec.name),
+            env_var=env_of(spec.name),
+            dest=spec.name,
+            default=None,
+            metavar=spec.metadata["metavar"] or None,
+            help=f"{spec.metadata['help']} [{env_of(spec.name)}]"
+            + (f" (default: {shown})" if shown not in (None, "", ()) else ""),
+        )
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print JSON, not a table")
+        parser.add_argument(
+            "--all", action="store_true", help="also list records that have expired"
+        )
+    if command == "register":
+        parser.add_argument(
+            "--health-url",
+            metavar="URL",
+            help="keep the record only while this URL answers below 500",
+        )
+    return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[str | None, Settings, Any]:
+    """``cluster [COMMAND] [options]`` → (command, settings, namespace).
+
+    Exits with status 2 and one line on stderr for a bad setting.
+    """
+    argv = list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    rest = argv[1:] if command else argv
+    parser = build_parser(command)
+    if command is None and rest and not rest[0].startswith("-"):
+        parser.error(f"unknown command {rest[0]!r} (choose from {', '.join(COMMANDS)})")
+    namespace = parser.parse_args(rest)
+    try:
+        settings = settings_from_namespace(namespace)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return command, settings, namespace
+
+
+def example_config() -> str:
+    """The text of conf/cluster.conf, generated from the settings table."""
+    lines = [
+        "# Example configuration for `cluster serve -c conf/cluster.conf`.",
+        "# Every setting is listed, commented out, with its default. Each one can also",
+        "# be given as a flag (--name) or an environment variable (CLUSTER_NAME);",
+        "# precedence: flag > environment > this file > default.",
+        "",
+    ]
+    for spec in fields():
+        default = spec.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        lines.append(f"# {spec.metadata['help']}  [{env_of(spec.name)}]")
+        key = spec.name.replace("_", "-")
+        lines.append(f"# {key} = {'' if shown in (None, ()) else shown}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates conf/cluster.conf
+    sys.stdout.write(example_config())

@@ -1,0 +1,54 @@
+"""One error root for everything `cluster` raises on purpose.
+
+Callers catch :class:`ClusterError` to handle any of ours; the families say which
+layer failed so the caller can choose between a one-line exit (config), a retry with
+the last known table (discovery) or an HTTP status (upstream).
+"""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """Root of every error `cluster` raises deliberately."""
+
+
+class ConfigError(ClusterError):
+    """A setting has a bad value; the message names the setting and the problem."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class DiscoveryError(ClusterError):
+    """The discovery store could not be read or written (it may come back)."""
+
+
+class UpstreamError(ClusterError):
+    """Proxying to an endpoint failed; ``status`` is what the client should see."""
+
+    status = 502
+    #: True when nothing of the request reached the endpoint, so another may be tried.
+    retryable = False
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+class UpstreamConnectError(UpstreamError):
+    """The endpoint refused or did not accept the connection; no byte was sent."""
+
+    retryable = True
+
+
+class UpstreamBroken(UpstreamError):
+    """The endpoint closed or garbled the exchange after the request was sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The endpoint did not answer within the read timeout."""
+
+    status = 504

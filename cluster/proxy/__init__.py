@@ -1,0 +1,1 @@
+"""Moving bytes to endpoints: HTTP forwarding and WebSocket bridging."""

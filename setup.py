@@ -1,0 +1,39 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cluster",
+    version="0.1.0",
+    description=(
+        "Service discovery and load balancing for Python web apps on gevent, "
+        "compatible with meteorhacks:cluster"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["cluster", "cluster.*"]),
+    package_data={"cluster": ["py.typed"]},
+    install_requires=[
+        "gevent>=22.10",
+        "gevent-websocket>=0.10.1",
+        "pymongo>=4.0",
+        "requests>=2.25",
+        "ConfigArgParse>=1.5",
+    ],
+    extras_require={
+        "gunicorn": ["gunicorn>=21.2"],
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.1",
+            "gunicorn>=21.2",
+            "websocket-client>=1.6",
+        ],
+    },
+    entry_points={"console_scripts": ["cluster = cluster.entry:main"]},
+    scripts=["scripts/cluster-instance"],
+    classifiers=[
+        "Framework :: gevent",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: WWW/HTTP :: WSGI :: Middleware",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
