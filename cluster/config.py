@@ -379,7 +379,7 @@ def build_parser(
             dest=spec.name,
             default=None,
             metavar=spec.metadata["metavar"] or None,
-            help=f"{spec.metadata['help']} [{env_of(spec.name)}]"
+            help=spec.metadata["help"]
             + (f" (default: {shown})" if shown not in (None, "", ()) else ""),
         )
     if command == "status":

@@ -1,0 +1,236 @@
+"""The WSGI app that turns a routing decision into an action.
+
+``route()`` decides; this module serves locally, proxies (HTTP or WebSocket), answers
+SockJS info, or replies with a short status. Upstream failures become one log line
+and a clean status: 502 broken, 504 slow, 503 nobody left, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Iterable
+
+from cluster.config import Settings
+from cluster.errors import UpstreamBroken, UpstreamError
+from cluster.node import Cluster
+from cluster.proxy.http import HttpForwarder
+from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
+from cluster.routing import (
+    HOP_HEADER,
+    Policy,
+    Proxy,
+    Reply,
+    RequestView,
+    Serve,
+    SockJSInfo,
+    Status,
+    route,
+)
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+StartResponse = Callable[..., Any]
+
+_REASONS = {403: "Forbidden", 404: "Not Found", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+_MAX_INFO_BYTES = 64 * 1024
+
+
+def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Policy:
+    return Policy(
+        service=settings.service,
+        ui_service=settings.own_ui_service,
+        self_hash=self_hash,
+        has_local_app=has_local_app,
+        self_weight=settings.self_weight,
+        public_services=frozenset(settings.public_services),
+        sockjs_prefix=settings.sockjs_prefix,
+        balancer_url=settings.balancer_url,
+        trusted_proxies=frozenset(settings.trusted_proxies),
+    )
+
+
+def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
+    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+
+
+def reply(start_response: StartResponse, status: int, body: str,
+          content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
+    data = (body + ("\n" if content_type.startswith("text/plain") else "")).encode()
+    start_response(
+        f"{status} {_REASONS.get(status, 'Error')}" if status in _REASONS else f"{status} OK",
+        [("Content-Type", content_type), ("Content-Length", str(len(data))),
+         ("Cache-Control", "no-store")],
+    )
+    return [data]
+
+
+class ClusterApp:
+    """A cluster member as a WSGI app: the local app (or none) plus balancing."""
+
+    def __init__(self, local_app: WSGIApp | None, node: Cluster) -> None:
+        self.local_app = local_app
+        self.node = node
+        s = node.settings
+        self.policy = policy_for(s, node.self_hash, local_app is not None)
+        self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
+                                       read_timeout=s.read_timeout)
+        self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
+        self.retries = s.retries
+        self._hop = (HOP_HEADER, "1")
+
+    def __repr__(self) -> str:
+        return f"<ClusterApp {self.node!r} {self.forwarder!r}>"
+
+    def close(self) -> None:
+        self.node.close()
+        self.forwarder.close()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        request = RequestView.from_environ(environ)
+        tried: set[str] = set()
+        while True:
+            exclude = self.node.ejected()
+            if tried:
+                exclude = exclude | tried
+            decision = route(request, self.node.table, self.policy, exclude)
+            if isinstance(decision, Serve):
+                return self._serve(decision, environ, start_response)
+            if isinstance(decision, Reply):
+                return reply(start_response, decision.status, decision.body)
+            if isinstance(decision, Status):
+                return reply(start_response, 200, json.dumps(self.status()),
+                             content_type="application/json")
+            endpoint = decision.endpoint
+            try:
+                if isinstance(decision, SockJSInfo):
+                    return self._sockjs_info(decision, environ, start_response)
+                return self._proxy(decision, environ, start_response)
+            except UpstreamError as exc:
+                if endpoint is not None and exc.retryable:
+                    self.node.eject(endpoint)
+                    tried.add(endpoint.hash)
+                    retry = not isinstance(decision, Proxy) or decision.retry
+                    if retry and len(tried) <= self.retries:
+                        log.warning("retrying elsewhere: %s", exc)
+                        continue
+                log.warning("%s %s failed: %s", request.method, request.path, exc)
+                return reply(start_response, exc.status, f"upstream {exc.reason}")
+
+    def status(self) -> dict[str, Any]:
+        """This instance's view: its identity, its table, what it has ejected."""
+        table = self.node.table
+        registrar = self.node.registrar
+        return {
+            "service": self.node.settings.service,
+            "endpoint": self.node.self_url,
+            "hash": self.node.self_hash,
+            "registered": registrar is not None and not registrar.outage.failing,
+            "store_failing": self.node.watcher.outage.failing,
+            "now": table.now.isoformat(),
+            "endpoints": [
+                {"service": e.service, "endpoint": e.url, "hash": e.hash,
+                 "balancer": e.balancer, "age": round(e.age(table.now), 3)}
+                for e in table.endpoints
+            ],
+            "balancers": list(table.balancers),
+            "ejected": sorted(self.node.ejected()),
+        }
+
+    def _serve(self, decision: Serve, environ: dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
+        assert self.local_app is not None
+        if decision.path is not None:
+            environ = dict(environ, PATH_INFO=decision.path)
+        if decision.set_cookie is None:
+            return self.local_app(environ, start_response)
+        cookie = _cookie_header(decision.set_cookie)
+
+        def with_cookie(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            return start_response(status, [*headers, cookie], *exc)
+
+        return self.local_app(environ, with_cookie)
+
+    def _proxy(self, decision: Proxy, environ: dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
+        url = decision.endpoint.url
+        if is_websocket_upgrade(environ):
+            return self.bridge.bridge(environ, start_response, url, decision.path_qs, (self._hop,))
+        response = self.forwarder.forward(environ, url, decision.path_qs, (self._hop,))
+        headers = response.headers
+        if decision.set_cookie is not None:
+            headers = [*headers, _cookie_header(decision.set_cookie)]
+        start_response(response.status, headers)
+        return response.body
+
+    def _sockjs_info(self, decision: SockJSInfo, environ: dict[str, Any],
+                     start_response: StartResponse) -> Iterable[bytes]:
+        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        if decision.endpoint is None:
+            status, body = self._local_info(environ, decision.path_qs)
+            where = "local app"
+        else:
+            response = self.forwarder.forward(
+                environ, decision.endpoint.url, decision.path_qs, (self._hop,)
+            )
+            status, body = response.status, _read_limited(response.body)
+            where = decision.endpoint.url
+        if not status.startswith("200"):
+            return reply(start_response, int(status[:3]), f"sockjs info from {where}: {status}")
+        try:
+            info = json.loads(body)
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise UpstreamBroken(where, f"sockjs info is not a JSON object: {exc}") from None
+        info["base_url"] = decision.base_url
+        return reply(start_response, 200, json.dumps(info),
+                     content_type="application/json; charset=UTF-8")
+
+    def _local_info(self, environ: dict[str, Any], path_qs: str) -> tuple[str, bytes]:
+        assert self.local_app is not None
+        path, _, query = path_qs.partition("?")
+        captured: dict[str, str] = {}
+
+        def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
+            captured["status"] = status
+            return lambda data: None
+
+        result = self.local_app(dict(environ, PATH_INFO=path, QUERY_STRING=query), capture)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return captured.get("status", "500 Internal Server Error"), body
+
+
+def _read_limited(body: Iterable[bytes]) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in body:
+            size += len(chunk)
+            if size > _MAX_INFO_BYTES:
+                raise UpstreamBroken("sockjs info", "response larger than 64 KiB")
+            chunks.append(chunk)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    return b"".join(chunks)
+
+
+def wrap(app: WSGIApp | None, node: Cluster | None = None, **settings: Any) -> ClusterApp:
+    """Make ``app`` a cluster member: register it, watch the others, balance.
+
+    ``settings`` are :class:`~cluster.config.Settings` fields (they override the
+    ``CLUSTER_*`` environment); call ``close()`` on the result to deregister.
+    Raises :class:`~cluster.errors.ConfigError` for a bad setting.
+    """
+    if node is None:
+        node = Cluster(register=app is not None, **settings).start()
+    return ClusterApp(app, node)

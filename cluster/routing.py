@@ -1,0 +1,333 @@
+"""Where a request goes: a pure function of the request and an endpoint table.
+
+No sockets, no clock, no globals: ``route()`` takes a :class:`RequestView`, the
+current :class:`~cluster.registry.EndpointTable`, this instance's :class:`Policy` and
+a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere.
+
+What it replaces in nginx terms: ``upstream`` with ``sticky cookie`` (the
+``cluster-endpoint::<service>`` cookie), ``proxy_next_upstream error timeout`` (the
+``exclude`` set: endpoints already tried or passively ejected), and a ``location
+/cluster-ddp/`` per endpoint that pins a SockJS session to one server.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+from urllib.parse import quote
+
+from cluster.records import Endpoint
+from cluster.registry import EndpointTable
+
+HOP_HEADER = "X-Cluster-Hop"
+HOP_ENVIRON = "HTTP_X_CLUSTER_HOP"
+COOKIE_PREFIX = "cluster-endpoint::"
+DDP_PREFIX = "/cluster-ddp/"
+#: this instance's own view of the cluster, for operators on trusted addresses only
+STATUS_PATH = "/_cluster/status"
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """The parts of a request that routing looks at."""
+
+    method: str = "GET"
+    path: str = "/"
+    query: str = ""
+    cookie_header: str = ""
+    hop: bool = False
+    scheme: str = "http"
+    host: str = ""
+    forwarded_proto: str = ""
+    forwarded_host: str = ""
+    remote_addr: str = ""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, object]) -> RequestView:
+        def get(key: str, default: str = "") -> str:
+            value = environ.get(key, default)
+            return value if isinstance(value, str) else default
+
+        return cls(
+            method=get("REQUEST_METHOD", "GET"),
+            path=get("PATH_INFO", "/") or "/",
+            query=get("QUERY_STRING"),
+            cookie_header=get("HTTP_COOKIE"),
+            hop=HOP_ENVIRON in environ,
+            scheme=get("wsgi.url_scheme", "http"),
+            host=get("HTTP_HOST") or get("SERVER_NAME"),
+            forwarded_proto=get("HTTP_X_FORWARDED_PROTO"),
+            forwarded_host=get("HTTP_X_FORWARDED_HOST"),
+            remote_addr=get("REMOTE_ADDR"),
+        )
+
+    @property
+    def path_qs(self) -> str:
+        path = quote(self.path, safe="/%:@!$&'()*+,;=-._~")
+        return f"{path}?{self.query}" if self.query else path
+
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie ``name``; a small scan, cheaper than SimpleCookie."""
+        if name not in self.cookie_header:
+            return None
+        for part in self.cookie_header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key == name:
+                return value.strip().strip('"')
+        return None
+
+    def public_base(self, trusted_proxies: frozenset[str]) -> str:
+        """This instance's URL as the client sees it.
+
+        X-Forwarded-Proto/-Host are believed only from trusted proxies; anyone else
+        could otherwise make us hand out a base URL of their choosing.
+        """
+        trusted = self.remote_addr in trusted_proxies
+        scheme = self.scheme
+        host = self.host
+        if trusted and self.forwarded_proto:
+            scheme = self.forwarded_proto.split(",")[0].strip()
+        if trusted and self.forwarded_host:
+            host = self.forwarded_host.split(",")[0].strip()
+        return f"{scheme}://{host}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """This instance's fixed routing settings."""
+
+    service: str | None = None
+    ui_service: str | None = None
+    self_hash: str | None = None
+    has_local_app: bool = True
+    self_weight: float = 1.0
+    public_services: frozenset[str] = frozenset()
+    sockjs_prefix: str = "/sockjs"
+    balancer_url: str | None = None
+    trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+
+    def reachable(self, service: str) -> bool:
+        """Outside clients may reach public services and the UI service only."""
+        return service in self.public_services or service == self.ui_service
+
+    @property
+    def serves_ui_locally(self) -> bool:
+        return self.has_local_app and self.service is not None and self.service == self.ui_service
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Serve with the local app, the path rewritten when ``path`` is set."""
+
+    path: str | None = None
+    set_cookie: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """Send to ``endpoint`` with ``path_qs``.
+
+    ``retry`` allows another endpoint when this one refuses the connection; a
+    pinned SockJS session must not move, so it sets ``retry=False``.
+    """
+
+    endpoint: Endpoint
+    path_qs: str
+    set_cookie: tuple[str, str] | None = None
+    retry: bool = True
+
+
+@dataclass(frozen=True)
+class SockJSInfo:
+    """Answer SockJS info from ``endpoint`` (None: the local app) with ``base_url``."""
+
+    endpoint: Endpoint | None
+    path_qs: str
+    base_url: str
+
+
+@dataclass(frozen=True)
+class Status:
+    """Answer with this instance's view of the cluster (JSON)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Answer here with a short text body."""
+
+    status: int
+    body: str
+
+
+Decision = Union[Serve, Proxy, SockJSInfo, Status, Reply]
+
+
+def cookie_name(service: str) -> str:
+    return COOKIE_PREFIX + service
+
+
+def route(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    exclude: frozenset[str] = frozenset(),
+    rand: Callable[[], float] = random.random,
+) -> Decision:
+    """Decide what to do with ``request``.
+
+    ``exclude`` holds endpoint hashes not to pick (passively ejected or already
+    tried for this request); ``rand`` returns floats in [0, 1).
+    """
+    if request.path == STATUS_PATH and request.remote_addr in policy.trusted_proxies:
+        return Status()
+    if request.path.startswith(DDP_PREFIX):
+        return _route_session(request, table, policy)
+    if request.hop:
+        # Another instance chose us: serve, whatever our own table says, so a request
+        # never bounces between two instances whose tables disagree for a moment.
+        return Serve() if policy.has_local_app else Reply(502, "this instance has no local app")
+    info = _sockjs_info_service(request.path, policy)
+    if info is not None:
+        return _route_sockjs_info(request, table, policy, info, exclude, rand)
+    service = policy.ui_service
+    if service is None:
+        return Serve() if policy.has_local_app else Reply(503, "no service configured")
+    return _route_sticky(request, table, policy, service, exclude, rand)
+
+
+def _pick(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+) -> tuple[Endpoint | None, bool, tuple[str, str] | None] | Reply:
+    """(endpoint, local, cookie-to-set) for ``service``, or a Reply when none is live.
+
+    The sticky cookie wins while its endpoint is live and not excluded; otherwise a
+    weighted random pick where this instance weighs ``self_weight`` and every other
+    endpoint weighs 1, as in meteorhacks:cluster.
+    """
+    local_ok = policy.has_local_app and service == policy.service and policy.self_hash is not None
+    self_hash = policy.self_hash if local_ok else None
+    others = [
+        e for e in table.by_service.get(service, ())
+        if e.hash not in exclude and e.hash != policy.self_hash
+    ]
+    name = cookie_name(service)
+    wanted = request.cookie(name)
+    if wanted:
+        if wanted == self_hash and self_hash not in exclude:
+            return None, True, None
+        for endpoint in others:
+            if endpoint.hash == wanted:
+                return endpoint, False, None
+    self_weight = policy.self_weight if self_hash and self_hash not in exclude else 0.0
+    total = self_weight + len(others)
+    if total <= 0:
+        if self_hash and self_hash not in exclude and not others:
+            # self weight 0 with no one else alive: serving beats a 503.
+            return None, True, (name, self_hash)
+        return Reply(503, f"no live endpoint for service {service!r}")
+    point = rand() * total
+    if point < self_weight:
+        assert self_hash is not None
+        return None, True, (name, self_hash)
+    index = min(int(point - self_weight), len(others) - 1)
+    chosen = others[index]
+    return chosen, False, (name, chosen.hash)
+
+
+def _route_sticky(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+) -> Decision:
+    picked = _pick(request, table, policy, service, exclude, rand)
+    if isinstance(picked, Reply):
+        return picked
+    endpoint, local, set_cookie = picked
+    if local:
+        return Serve(set_cookie=set_cookie)
+    assert endpoint is not None
+    return Proxy(endpoint, request.path_qs, set_cookie=set_cookie)
+
+
+def _sockjs_info_service(path: str, policy: Policy) -> str | None:
+    """The service whose SockJS info ``path`` asks for, if it is such a path."""
+    suffix = policy.sockjs_prefix + "/info"
+    if path == suffix:
+        return policy.ui_service or policy.service or ""
+    if path.endswith(suffix) and path.count("/") == suffix.count("/") + 1:
+        return path[1 : -len(suffix)]
+    return None
+
+
+def _route_sockjs_info(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+) -> Decision:
+    if not service or not policy.reachable(service):
+        return Reply(403, f"service {service!r} is not public here")
+    picked = _pick(request, table, policy, service, exclude, rand)
+    if isinstance(picked, Reply):
+        return picked
+    endpoint, local, _ = picked
+    if local:
+        own = table.by_hash.get(policy.self_hash or "")
+        balancer = _balancer_for(own, request, table, policy, rand)
+        target_hash = policy.self_hash
+    else:
+        assert endpoint is not None
+        balancer = _balancer_for(endpoint, request, table, policy, rand)
+        target_hash = endpoint.hash
+    info_path = policy.sockjs_prefix + "/info"
+    path_qs = f"{info_path}?{request.query}" if request.query else info_path
+    base_url = f"{balancer}{DDP_PREFIX}{target_hash}/{service}"
+    return SockJSInfo(None if local else endpoint, path_qs, base_url)
+
+
+def _balancer_for(
+    endpoint: Endpoint | None,
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    rand: Callable[[], float],
+) -> str:
+    """The endpoint's own balancer, else a random live one, else this instance."""
+    if endpoint is not None and endpoint.balancer:
+        return endpoint.balancer
+    balancers = table.balancers
+    if balancers:
+        return balancers[min(int(rand() * len(balancers)), len(balancers) - 1)]
+    return policy.balancer_url or request.public_base(policy.trusted_proxies)
+
+
+def _route_session(request: RequestView, table: EndpointTable, policy: Policy) -> Decision:
+    """``/cluster-ddp/<hash>/<service>/<rest>`` goes to exactly that endpoint."""
+    parts = request.path[len(DDP_PREFIX):].split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        return Reply(404, "malformed session path")
+    endpoint_hash, service = parts[0], parts[1]
+    rest = "/" + parts[2] if len(parts) == 3 else ""
+    if not policy.reachable(service):
+        return Reply(403, f"service {service!r} is not public here")
+    target = policy.sockjs_prefix + rest
+    if endpoint_hash == policy.self_hash and policy.has_local_app and service == policy.service:
+        return Serve(path=target)
+    endpoint = table.by_hash.get(endpoint_hash)
+    if endpoint is None or endpoint.service != service:
+        # The session's server is gone: a clean 404 makes the client start a new
+        # session, instead of silently continuing it on a server that never saw it.
+        return Reply(404, f"endpoint {endpoint_hash} of {service!r} is gone; start a new session")
+    path_qs = RequestView(path=target, query=request.query).path_qs
+    return Proxy(endpoint, path_qs, retry=False)

@@ -1,0 +1,103 @@
+"""The standalone runner: one gevent WSGIServer that is a full cluster member.
+
+Call :func:`serve` only from an entry point that has monkey-patched first
+(:mod:`cluster.entry`, ``python -m cluster``, ``scripts/cluster-instance``).
+
+Shutdown order on SIGTERM/SIGINT: deregister (so no new request is sent here), stop
+accepting, let open requests finish for a while, then close what is left.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIServer
+from gevent.server import _tcp_listener
+
+from cluster.app import ClusterApp, WSGIApp
+from cluster.config import Settings
+from cluster.errors import ConfigError
+from cluster.handler import ClusterHandler
+from cluster.node import Cluster
+
+log = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 10.0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_app(spec: str) -> WSGIApp:
+    """Import ``module:callable``; raises ConfigError naming --app."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("--app (CLUSTER_APP)", f"cannot import {module_name!r}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError("--app (CLUSTER_APP)", f"{module_name!r} has no {attr!r}")
+    if not callable(target):
+        raise ConfigError("--app (CLUSTER_APP)", f"{spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def listen(settings: Settings) -> tuple[Any, Settings]:
+    """Bind the listening socket; with port 0, put the real port into the settings."""
+    host, port = settings.bind_address
+    try:
+        sock = _tcp_listener((host, port), backlog=2048, reuse_addr=True)
+    except OSError as exc:
+        raise ConfigError("--bind (CLUSTER_BIND)", f"cannot listen on {settings.bind}: "
+                          f"{exc.strerror or exc}") from None
+    if port == 0:
+        settings = settings.replace(bind=f"{host}:{sock.getsockname()[1]}")
+    return sock, settings
+
+
+def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
+    access = logging.getLogger("cluster.access") if settings.log_level == "debug" else None
+    return WSGIServer(listener, app, handler_class=ClusterHandler, log=access,
+                      error_log=logging.getLogger("cluster.server"))
+
+
+def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    if local_app is None and settings.app:
+        local_app = load_app(settings.app)
+    listener, settings = listen(settings)
+    if local_app is not None and not settings.service:
+        raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
+    node = Cluster(settings, register=local_app is not None)
+    app = ClusterApp(local_app, node)
+    server = make_server(listener, app, settings)
+    stopping = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stopping.set)
+    node.start()
+    server.start()
+    log.info("serving %s on http://%s (endpoint %s, discovery %s)",
+             settings.service or "(balancer only)", settings.bind, node.self_url,
+             node.store.description)
+    stopping.wait()
+    log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
+    if node.registrar is not None:
+        node.registrar.stop()
+    server.close()
+    server.stop(timeout=DRAIN_SECONDS)
+    app.close()
+    return 0

@@ -1,0 +1,54 @@
+"""``cluster register``: keep a record alive for an endpoint another program serves.
+
+So a Node, Go or Meteor backend joins the cluster without a line of Python: the
+record lives while the program answers its health check, and goes on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import gevent
+import gevent.event
+import requests
+
+from cluster.config import Settings
+from cluster.discovery import open_store
+from cluster.errors import ConfigError
+from cluster.registry import Registrar
+
+log = logging.getLogger(__name__)
+
+
+def health_check(url: str, timeout: float) -> bool:
+    """True while ``url`` answers with a status below 500."""
+    try:
+        return requests.get(url, timeout=timeout, allow_redirects=False).status_code < 500
+    except requests.RequestException as exc:
+        log.debug("health check %s failed: %s", url, exc)
+        return False
+
+
+def register(settings: Settings, health_url: str | None = None) -> int:
+    if not settings.service:
+        raise ConfigError("--service (CLUSTER_SERVICE)", "required to register an endpoint")
+    if not settings.endpoint_url:
+        raise ConfigError("--endpoint-url (CLUSTER_ENDPOINT_URL)", "required to register")
+    store = open_store(settings.discovery_url, timeout=settings.connect_timeout)
+    timeout = min(settings.ping_interval, settings.connect_timeout)
+    registrar = Registrar(
+        store, settings.service, settings.endpoint_url, settings.balancer_url,
+        settings.ping_interval,
+        healthy=(lambda: health_check(health_url, timeout)) if health_url else None,
+    )
+    stopping = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stopping.set)
+    registrar.start()
+    log.info("keeping %s %s registered in %s", settings.service, settings.endpoint_url,
+             store.description)
+    stopping.wait()
+    registrar.stop()
+    store.close()
+    return 0

@@ -1,0 +1,122 @@
+"""Settings: one declaration each; flag > env > file > default; one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster import config
+from cluster.config import Settings, parse_command_line
+from cluster.errors import ConfigError
+from helpers import ROOT
+
+
+def run_cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True,
+                          text=True, env=full_env, cwd=ROOT, timeout=30)
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path, monkeypatch):
+    conf = tmp_path / "c.conf"
+    conf.write_text("service = from-file\nself-weight = 0.25\nping-interval = 7\n")
+    monkeypatch.setenv("CLUSTER_SERVICE", "from-env")
+    monkeypatch.setenv("CLUSTER_SELF_WEIGHT", "0.5")
+    _, s, _ = parse_command_line(["serve", "-c", str(conf), "--self-weight", "0.75"])
+    assert (s.service, s.self_weight, s.ping_interval, s.retries) == ("from-env", 0.75, 7.0, 2)
+
+
+def test_meteorhacks_environment_names(monkeypatch):
+    env = {
+        "CLUSTER_DISCOVERY_URL": "mongodb://db.example.com/app",
+        "CLUSTER_SERVICE": "web",
+        "CLUSTER_ENDPOINT_URL": "http://10.0.0.1:3000",
+        "CLUSTER_BALANCER_URL": "https://b1.example.com",
+        "CLUSTER_UI_SERVICE": "ui",
+        "CLUSTER_PUBLIC_SERVICES": "chat, search",
+        "CLUSTER_SELF_WEIGHT": "0.3",
+        "CLUSTER_WORKERS_COUNT": "auto",
+    }
+    s = Settings.load(env=env)
+    assert s.discovery_url == "mongodb://db.example.com/app"
+    assert (s.service, s.ui_service, s.own_ui_service) == ("web", "ui", "ui")
+    assert s.own_endpoint_url == "http://10.0.0.1:3000"
+    assert s.balancer_url == "https://b1.example.com"
+    assert s.public_services == ("chat", "search")
+    assert s.self_weight == 0.3 and s.workers_count >= 1
+
+
+def test_library_overrides_beat_environment():
+    s = Settings.load(env={"CLUSTER_SERVICE": "env"}, service="kw", public_services=["a"])
+    assert s.service == "kw" and s.public_services == ("a",)
+    with pytest.raises(ConfigError, match="self-weight"):
+        Settings.load(env={}, self_weight="2")
+
+
+def test_endpoint_url_defaults_from_bind():
+    assert Settings(bind="0.0.0.0:4000").own_endpoint_url == "http://127.0.0.1:4000"
+    assert Settings(bind="127.0.0.2:81").own_endpoint_url == "http://127.0.0.2:81"
+
+
+@pytest.mark.parametrize("args, env, names", [
+    (["--self-weight", "1.5"], {}, "--self-weight"),
+    (["--endpoint-url", "localhost:3000"], {}, "--endpoint-url"),
+    (["--endpoint-url", "http://"], {}, "--endpoint-url"),
+    ([], {"CLUSTER_DISCOVERY_URL": "redis://x"}, "CLUSTER_DISCOVERY_URL"),
+    (["-c", "/nonexistent/cluster.conf"], {}, "/nonexistent/cluster.conf"),
+    (["--ping-interval", "0"], {}, "--ping-interval"),
+    (["--workers-count", "many"], {}, "--workers-count"),
+    (["--bind", "nowhere"], {}, "--bind"),
+    (["--log-level", "loud"], {}, "--log-level"),
+    (["--app", "no_colon"], {}, "--app"),
+    (["--app", "no_such_module_xyz:app", "--service", "web", "--bind", "127.0.0.1:0"], {},
+     "--app"),
+])
+def test_bad_setting_is_one_line_and_exit_2(args, env, names):
+    result = run_cluster("serve", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unknown_config_file_key_is_an_error(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("servce = typo\n")
+    result = run_cluster("status", "-c", str(conf))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_setting_with_its_environment_name():
+    result = run_cluster("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for spec in config.fields():
+        assert config.flag_of(spec.name) in text
+        assert config.env_of(spec.name) in text.replace("CLUSTER_ ", "CLUSTER_")
+    for command in config.COMMANDS:
+        assert command in text
+
+
+def test_example_config_is_generated_from_the_settings_table():
+    assert (ROOT / "conf" / "cluster.conf").read_text() == config.example_config()
+
+
+def test_example_config_parses(monkeypatch):
+    for key in [k for k in __import__("os").environ if k.startswith("CLUSTER_")]:
+        monkeypatch.delenv(key)
+    text = config.example_config()
+    uncommented = "\n".join(
+        line[2:] for line in text.splitlines() if line.startswith("# ") and " = " in line
+        and not line.rstrip().endswith("=")
+    )
+    path = ROOT / "build" / "example-uncommented.conf"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(uncommented)
+    _, s, _ = parse_command_line(["serve", "-c", str(path)])
+    assert s == Settings(workers_count=s.workers_count)

@@ -1,0 +1,235 @@
+"""The routing decision, exhaustively, without sockets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections import Counter
+
+import pytest
+
+from cluster.records import Endpoint, endpoint_hash
+from cluster.registry import EndpointTable
+from cluster.routing import (
+    Policy,
+    Proxy,
+    Reply,
+    RequestView,
+    Serve,
+    SockJSInfo,
+    cookie_name,
+    route,
+)
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+SELF = "http://10.0.0.1:3000"
+
+
+def ep(url: str, service: str = "web", balancer: str | None = None) -> Endpoint:
+    return Endpoint(service, url, endpoint_hash(url), balancer, NOW, 5.0)
+
+
+def table(*endpoints: Endpoint) -> EndpointTable:
+    return EndpointTable.build(NOW, endpoints, grace=1.0)
+
+
+A, B = ep("http://10.0.0.2:3000"), ep("http://10.0.0.3:3000")
+ME = ep(SELF)
+WEB = table(ME, A, B)
+POLICY = Policy(service="web", ui_service="web", self_hash=endpoint_hash(SELF))
+
+
+def grid(n: int = 300):
+    """A deterministic stand-in for random(): evenly spread points in [0, 1)."""
+    points = itertools.cycle([i / n for i in range(n)])
+    return lambda: next(points)
+
+
+def spread(policy: Policy, tbl: EndpointTable, n: int = 300) -> Counter[str]:
+    rand = grid(n)
+    counts: Counter[str] = Counter()
+    for _ in range(n):
+        d = route(RequestView(), tbl, policy, rand=rand)
+        counts["self" if isinstance(d, Serve) else d.endpoint.url] += 1  # type: ignore[union-attr]
+    return counts
+
+
+def test_fair_share_without_cookie():
+    counts = spread(POLICY, WEB)
+    assert counts == {"self": 100, A.url: 100, B.url: 100}
+
+
+@pytest.mark.parametrize("weight, expected_self", [(1.0, 100), (0.5, 60), (0.0, 0)])
+def test_self_weight_scales_the_local_share(weight, expected_self):
+    counts = spread(Policy(**{**POLICY.__dict__, "self_weight": weight}), WEB)
+    assert counts["self"] == expected_self
+    assert counts[A.url] == counts[B.url] == (300 - expected_self) // 2
+
+
+def test_self_weight_zero_alone_still_serves():
+    d = route(RequestView(), table(ME), Policy(**{**POLICY.__dict__, "self_weight": 0.0}))
+    assert isinstance(d, Serve)
+
+
+def test_first_response_sets_the_sticky_cookie():
+    d = route(RequestView(), WEB, POLICY, rand=lambda: 0.99)
+    assert isinstance(d, Proxy) and d.endpoint == B
+    assert d.set_cookie == (cookie_name("web"), B.hash)
+
+
+def test_cookie_keeps_requests_on_one_endpoint():
+    request = RequestView(cookie_header=f"a=1; {cookie_name('web')}={A.hash}; z=2")
+    for point in (0.0, 0.5, 0.99):
+        d = route(request, WEB, POLICY, rand=lambda p=point: p)
+        assert isinstance(d, Proxy) and d.endpoint == A and d.set_cookie is None
+
+
+def test_cookie_to_self_serves_locally():
+    request = RequestView(cookie_header=f"{cookie_name('web')}={ME.hash}")
+    assert route(request, WEB, POLICY, rand=lambda: 0.99) == Serve()
+
+
+def test_cookie_of_a_gone_endpoint_is_replaced():
+    request = RequestView(cookie_header=f"{cookie_name('web')}={'0' * 40}")
+    d = route(request, WEB, POLICY, rand=lambda: 0.99)
+    assert isinstance(d, Proxy) and d.set_cookie == (cookie_name("web"), B.hash)
+
+
+def test_excluded_endpoints_are_not_picked_even_when_sticky():
+    request = RequestView(cookie_header=f"{cookie_name('web')}={A.hash}")
+    for point in (0.0, 0.4, 0.7, 0.99):
+        d = route(request, WEB, POLICY, exclude=frozenset({A.hash}), rand=lambda p=point: p)
+        assert not (isinstance(d, Proxy) and d.endpoint == A)
+        if isinstance(d, Proxy):
+            assert d.set_cookie == (cookie_name("web"), d.endpoint.hash)
+
+
+def test_hop_marker_is_served_locally_whatever_the_table():
+    assert route(RequestView(hop=True), table(A, B), POLICY) == Serve()
+    balancer_only = Policy(**{**POLICY.__dict__, "has_local_app": False})
+    assert isinstance(route(RequestView(hop=True), WEB, balancer_only), Reply)
+
+
+def test_balancer_only_proxies_everything():
+    policy = Policy(service=None, ui_service="web", self_hash=None, has_local_app=False)
+    counts = spread(policy, table(A, B))
+    assert counts == {A.url: 150, B.url: 150}
+
+
+def test_no_live_endpoint_is_a_503_naming_the_service():
+    policy = Policy(service=None, ui_service="web", self_hash=None, has_local_app=False)
+    d = route(RequestView(), table(), policy)
+    assert isinstance(d, Reply) and d.status == 503 and "'web'" in d.body
+
+
+def test_all_excluded_leaves_self():
+    d = route(RequestView(), WEB, POLICY, exclude=frozenset({A.hash, B.hash}), rand=lambda: 0.9)
+    assert isinstance(d, Serve)
+
+
+def test_ui_service_sends_ui_requests_to_that_service():
+    ui = ep("http://10.0.0.9:4000", service="ui")
+    policy = Policy(service="api", ui_service="ui", self_hash=endpoint_hash(SELF))
+    d = route(RequestView(path="/app.js"), table(ep(SELF, "api"), ui), policy)
+    assert isinstance(d, Proxy) and d.endpoint == ui and d.path_qs == "/app.js"
+
+
+def test_path_and_query_pass_through():
+    d = route(RequestView(path="/a b/c", query="x=1&y=2"), WEB, POLICY, rand=lambda: 0.5)
+    assert isinstance(d, Proxy) and d.path_qs == "/a%20b/c?x=1&y=2"
+
+
+# --- SockJS / DDP sessions ------------------------------------------------------
+
+
+def test_session_path_goes_to_exactly_that_endpoint():
+    request = RequestView(path=f"/cluster-ddp/{A.hash}/web/123/abc/xhr", query="t=1")
+    for point in (0.0, 0.99):
+        d = route(request, WEB, POLICY, rand=lambda p=point: p)
+        assert d == Proxy(A, "/sockjs/123/abc/xhr?t=1", retry=False)
+
+
+def test_session_path_of_this_instance_is_served_rewritten():
+    d = route(RequestView(path=f"/cluster-ddp/{ME.hash}/web/1/2/websocket"), WEB, POLICY)
+    assert d == Serve(path="/sockjs/1/2/websocket")
+
+
+def test_session_path_of_a_gone_endpoint_is_404_not_another_endpoint():
+    d = route(RequestView(path=f"/cluster-ddp/{'f' * 40}/web/1/2/xhr"), WEB, POLICY)
+    assert isinstance(d, Reply) and d.status == 404
+
+
+def test_session_hash_of_another_service_is_404():
+    other = ep("http://10.0.0.7:5000", service="chat")
+    policy = Policy(**{**POLICY.__dict__, "public_services": frozenset({"chat"})})
+    d = route(RequestView(path=f"/cluster-ddp/{A.hash}/chat/1/2/xhr"), table(A, other), policy)
+    assert isinstance(d, Reply) and d.status == 404
+
+
+def test_session_of_a_non_public_service_is_403():
+    internal = ep("http://10.0.0.8:5000", service="billing")
+    d = route(RequestView(path=f"/cluster-ddp/{internal.hash}/billing/1/2/xhr"),
+              table(A, internal), POLICY)
+    assert isinstance(d, Reply) and d.status == 403
+
+
+def test_sockjs_info_base_url_uses_the_endpoints_own_balancer():
+    a = ep("http://10.0.0.2:3000", balancer="https://b1.example.com")
+    d = route(RequestView(path="/sockjs/info", query="t=5"), table(a, ME), POLICY, rand=lambda: 0.9)
+    assert d == SockJSInfo(a, "/sockjs/info?t=5", f"https://b1.example.com/cluster-ddp/{a.hash}/web")
+
+
+def test_sockjs_info_falls_back_to_a_live_balancer_then_to_this_instance():
+    lb = ep("http://10.0.0.5:3000", balancer="https://lb.example.com")
+    d = route(RequestView(path="/sockjs/info"), table(A, lb, ME), POLICY, rand=lambda: 0.0)
+    assert isinstance(d, SockJSInfo) and d.endpoint is None
+    assert d.base_url == f"https://lb.example.com/cluster-ddp/{ME.hash}/web"
+    request = RequestView(path="/sockjs/info", host="app.example.com:8080")
+    d = route(request, WEB, POLICY, rand=lambda: 0.0)
+    assert d.base_url == f"http://app.example.com:8080/cluster-ddp/{ME.hash}/web"
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies():
+    base = dict(path="/sockjs/info", host="10.0.0.1:3000", forwarded_proto="https",
+                forwarded_host="app.example.com")
+    trusted = route(RequestView(remote_addr="127.0.0.1", **base), WEB, POLICY, rand=lambda: 0.0)
+    assert trusted.base_url.startswith("https://app.example.com/cluster-ddp/")
+    stranger = route(RequestView(remote_addr="203.0.113.9", **base), WEB, POLICY,
+                     rand=lambda: 0.0)
+    assert stranger.base_url.startswith("http://10.0.0.1:3000/cluster-ddp/")
+
+
+def test_public_service_info_and_refusal_of_internal_ones():
+    chat = ep("http://10.0.0.7:5000", service="chat")
+    policy = Policy(**{**POLICY.__dict__, "public_services": frozenset({"chat"})})
+    d = route(RequestView(path="/chat/sockjs/info"), table(ME, chat), policy)
+    assert isinstance(d, SockJSInfo) and d.endpoint == chat
+    assert d.base_url.endswith(f"/cluster-ddp/{chat.hash}/chat")
+    refused = route(RequestView(path="/chat/sockjs/info"), table(ME, chat), POLICY)
+    assert isinstance(refused, Reply) and refused.status == 403
+
+
+def test_sockjs_prefix_is_a_setting():
+    policy = Policy(**{**POLICY.__dict__, "sockjs_prefix": "/socket.io"})
+    d = route(RequestView(path=f"/cluster-ddp/{A.hash}/web/x"), WEB, policy)
+    assert isinstance(d, Proxy) and d.path_qs == "/socket.io/x"
+    assert isinstance(route(RequestView(path="/socket.io/info"), WEB, policy), SockJSInfo)
+    assert not isinstance(route(RequestView(path="/sockjs/info"), WEB, policy), SockJSInfo)
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("", None), ("x=1", None), ("cluster-endpoint::web=abc", "abc"),
+    ('a=1;cluster-endpoint::web="abc" ; b=2', "abc"), ("cluster-endpoint::webx=abc", None),
+])
+def test_cookie_parsing(header, expected):
+    assert RequestView(cookie_header=header).cookie("cluster-endpoint::web") == expected
+
+
+def test_status_path_only_for_trusted_addresses():
+    from cluster.routing import Status
+
+    assert route(RequestView(path="/_cluster/status", remote_addr="127.0.0.1"), WEB,
+                 POLICY) == Status()
+    d = route(RequestView(path="/_cluster/status", remote_addr="198.51.100.7"), WEB, POLICY,
+              rand=lambda: 0.99)
+    assert isinstance(d, Proxy) and d.path_qs == "/_cluster/status"
