@@ -174,6 +174,7 @@ class Registrar(_Loop):
         self.outage = _OutageLog(f"heartbeat of {service} {endpoint_url} to {store.description}")
         self.beats = 0
         self._registered = False
+        self._stopped = False
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -212,7 +213,10 @@ class Registrar(_Loop):
             self._stopping.wait(self.ping_interval)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop heartbeating and delete the record at once (best effort)."""
+        """Stop heartbeating and delete the record at once (best effort; idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
         super().stop(timeout)
         try:
             self.store.remove(self.record["serviceName"], self.record["endpoint"])

@@ -85,7 +85,8 @@ class Proc:
         return self.popen.returncode
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
@@ -137,3 +138,38 @@ def backend(port: int, name: str = "backend") -> list[str]:
 def get(url: str, **kwargs) -> requests.Response:
     kwargs.setdefault("timeout", 10)
     return requests.get(url, **kwargs)
+
+
+def cluster_argv(*args: str) -> list[str]:
+    """argv of the `cluster` command, run as `python -m cluster` from this checkout."""
+    return python("-m", "cluster", *args)
+
+
+def instance(discovery_url: str, port: int, name: str, *extra: str,
+             env: dict[str, str] | None = None) -> Proc:
+    """Start `cluster serve` with the test backend as its local app (not yet waited for)."""
+    argv = cluster_argv(
+        "serve", "--service", "web", "--app", "backend:app", "--bind", f"127.0.0.1:{port}",
+        "--ping-interval", "1", "--expiry-grace", "1", *extra,
+    )
+    full_env = {"CLUSTER_DISCOVERY_URL": discovery_url, "BACKEND_NAME": name}
+    full_env.update(env or {})
+    return Proc(argv, env=full_env, name=name)
+
+
+def status_json(discovery_url: str, *extra: str) -> dict:
+    """`cluster status --json` as data (a real subprocess, as an operator runs it)."""
+    import json
+
+    result = subprocess.run(
+        cluster_argv("status", "--json", "--expiry-grace", "1", *extra),
+        env={**os.environ, "CLUSTER_DISCOVERY_URL": discovery_url, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"cluster status failed: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def live_endpoints(discovery_url: str) -> set[str]:
+    return {row["endpoint"] for row in status_json(discovery_url)["endpoints"] if row["healthy"]}

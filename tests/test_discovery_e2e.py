@@ -1,0 +1,171 @@
+"""Registration, removal, expiry and outages with real `cluster serve` processes."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+
+import pymongo
+import pytest
+import requests
+from helpers import (
+    ROOT,
+    cluster_argv,
+    free_port,
+    instance,
+    live_endpoints,
+    status_json,
+    wait_port,
+    wait_until,
+)
+
+from cluster.records import COLLECTION, endpoint_hash
+
+PING = 1.0
+GRACE = 1.0
+
+
+@contextlib.contextmanager
+def instances(discovery_url: str, count: int, **kwargs):
+    ports = [free_port() for _ in range(count)]
+    procs = [instance(discovery_url, port, f"i{n}", **kwargs) for n, port in enumerate(ports)]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_port(port, proc=proc)
+        yield list(zip(procs, [f"http://127.0.0.1:{p}" for p in ports]))
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def view(url: str) -> dict:
+    """An instance's own table, from its loopback-only status path."""
+    return requests.get(url + "/_cluster/status", timeout=5).json()
+
+
+def test_two_instances_register_list_each_other_and_leave(mongo_url):
+    with instances(mongo_url, 2) as ((first, url1), (second, url2)):
+        started = time.monotonic()
+        wait_until(lambda: live_endpoints(mongo_url) == {url1, url2}, timeout=PING * 5,
+                   what="both instances in cluster status")
+        # Registration happens at start, so both are listed well within one ping interval
+        # of the second one listening; allow for the status subprocess's own start-up.
+        assert time.monotonic() - started < PING + 3
+        wait_until(lambda: {e["endpoint"] for e in view(url1)["endpoints"]} == {url1, url2},
+                   timeout=5, what="instance 1 sees both")
+
+        second.signal(signal.SIGTERM)
+        assert second.wait(15) == 0
+        rows = status_json(mongo_url, "--all")["endpoints"]
+        assert [r["endpoint"] for r in rows] == [url1], "SIGTERM'd record must be gone at once"
+
+        first.signal(signal.SIGKILL)
+        first.wait(5)
+        killed_at = time.monotonic()
+        assert live_endpoints(mongo_url) == {url1}  # still there: nobody removed it
+        wait_until(lambda: live_endpoints(mongo_url) == set(), timeout=PING + GRACE + 3,
+                   interval=0.2, what="SIGKILL'd instance to expire")
+        assert time.monotonic() - killed_at <= PING + GRACE + 1.5
+
+
+def test_killed_instance_leaves_the_tables_of_the_others(mongo_url):
+    with instances(mongo_url, 2) as ((first, url1), (second, url2)):
+        wait_until(lambda: len(view(url1)["endpoints"]) == 2, timeout=5)
+        second.kill()
+        wait_until(lambda: [e["endpoint"] for e in view(url1)["endpoints"]] == [url1],
+                   timeout=PING + GRACE + 3, what="expiry in instance 1's table")
+
+
+@pytest.mark.timeout(180)
+def test_database_outage_keeps_tables_and_everything_recovers(mongo_server, mongo_url):
+    with instances(mongo_url, 2) as ((first, url1), (second, url2)):
+        wait_until(lambda: all(len(view(u)["endpoints"]) == 2 for u in (url1, url2)), timeout=5)
+        mongo_server.stop()
+        try:
+            wait_until(lambda: view(url1)["store_failing"], timeout=10, what="outage noticed")
+            time.sleep(30)
+            for url in (url1, url2):
+                table = view(url)
+                assert {e["endpoint"] for e in table["endpoints"]} == {url1, url2}
+            # the kept table still balances: requests through instance 1 reach both
+            served = {requests.get(url1 + "/whoami", timeout=5).text for _ in range(40)}
+            assert served == {"i0", "i1"}
+            assert first.poll() is None and second.poll() is None
+        finally:
+            mongo_server.start()
+        # Both heal by themselves: heartbeats land again and the watchers read again.
+        wait_until(lambda: live_endpoints(mongo_url) == {url1, url2}, timeout=15,
+                   what="both records live again")
+        for url in (url1, url2):
+            wait_until(lambda u=url: not view(u)["store_failing"], timeout=10)
+            assert {e["endpoint"] for e in view(url)["endpoints"]} == {url1, url2}
+        # and what happens after the outage is seen: a third instance joins
+        with instances(mongo_url, 1) as ((third, url3),):
+            wait_until(lambda: {e["endpoint"] for e in view(url1)["endpoints"]}
+                       == {url1, url2, url3}, timeout=10, what="newcomer seen after outage")
+    logs = first.output()
+    assert logs.count("failed, will keep retrying") <= 2, "one warning per outage per loop"
+    assert "Traceback" not in logs
+
+
+def test_foreign_record_is_used_and_malformed_one_is_skipped(mongo_url):
+    backend_port = free_port()
+    foreign = f"http://127.0.0.1:{backend_port}"
+    from helpers import backend, running
+
+    with running(backend(backend_port, name="meteor"), port=backend_port):
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        try:
+            coll = client.get_default_database()[COLLECTION]
+            # exactly what meteorhacks:cluster writes (its own _id, a JS Date, ms interval)
+            coll.update_one(
+                {"serviceName": "web", "endpoint": foreign},
+                {"$set": {"endpointHash": endpoint_hash(foreign), "balancer": None,
+                          "pingInterval": 60000},
+                 "$currentDate": {"timestamp": True}},
+                upsert=True,
+            )
+            coll.insert_one({"serviceName": "web", "endpoint": "not-a-url",
+                             "pingInterval": 60000, "note": "written by hand"})
+            with instances(mongo_url, 1) as ((proc, url),):
+                wait_until(lambda: foreign in {e["endpoint"] for e in view(url)["endpoints"]},
+                           timeout=5, what="foreign record in the table")
+                served = {requests.get(url + "/whoami", timeout=5).text for _ in range(40)}
+                assert served == {"i0", "meteor"}
+                status = subprocess.run(cluster_argv("status"), capture_output=True, text=True,
+                                        env={"CLUSTER_DISCOVERY_URL": mongo_url,
+                                             "PATH": "/usr/bin:/bin",
+                                             "PYTHONPATH": str(ROOT)}, timeout=30)
+                assert foreign in status.stdout and url in status.stdout
+                assert "warning: malformed record" in status.stdout
+                wait_until(lambda: "skipping malformed discovery record" in proc.output(),
+                           timeout=5)
+                assert proc.output().count("skipping malformed discovery record") == 1
+                assert proc.poll() is None
+        finally:
+            client.close()
+
+
+def test_embedded_default_needs_no_server(tmp_path):
+    """With no discovery URL, instances on one host find each other through a file."""
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    ports = [free_port(), free_port()]
+    from helpers import Proc
+
+    procs = [Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                               "--bind", f"127.0.0.1:{p}", "--ping-interval", "1"),
+                  env={**env, "BACKEND_NAME": f"e{n}"}) for n, p in enumerate(ports)]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_port(port, proc=proc)
+        wait_until((tmp_path / "state" / "cluster" / "discovery.sqlite3").exists, timeout=5,
+                   what="the embedded store in the per-user state directory")
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        wait_until(lambda: len(view(urls[0])["endpoints"]) == 2, timeout=5)
+        served = {requests.get(urls[0] + "/whoami", timeout=5).text for _ in range(40)}
+        assert served == {"e0", "e1"}
+    finally:
+        for proc in procs:
+            proc.stop()
