@@ -31,6 +31,10 @@ def main(argv: Sequence[str]) -> int:
             return serve(settings)
         if command == "status":
             return status(settings, as_json=namespace.json, show_all=namespace.all)
+        if command == "demo":
+            from cluster.demo_runner import run_demo
+
+            return run_demo(settings, namespace.instances)
         if command == "register":
             from cluster.server import configure_logging
             from cluster.sidecar import register

@@ -27,6 +27,7 @@ COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
     "register": "register and heartbeat an endpoint served by another program",
+    "demo": "run three instances of the demo app on this host and show them balancing",
 }
 
 
@@ -387,6 +388,10 @@ def build_parser(
         parser.add_argument(
             "--all", action="store_true", help="also list records that have expired"
         )
+    if command == "demo":
+        parser.add_argument(
+            "--instances", type=int, default=3, help="how many instances to start (default 3)"
+        )
     if command == "register":
         parser.add_argument(
             "--health-url",
@@ -432,6 +437,18 @@ def example_config() -> str:
         lines.append(f"# {key} = {'' if shown in (None, ()) else shown}")
         lines.append("")
     return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """The settings table of the README, generated from the settings table."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in fields():
+        default = spec.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = "" if shown in (None, "", ()) else f"`{shown}`"
+        rows.append(f"| `{flag_of(spec.name)}` | `{env_of(spec.name)}` | {shown} | "
+                    f"{spec.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover - regenerates conf/cluster.conf

@@ -77,6 +77,12 @@ def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
 
 def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
+    if settings.workers_count > 1:
+        raise ConfigError(
+            "--workers-count (CLUSTER_WORKERS_COUNT)",
+            f"{settings.workers_count} worker processes are not supported by `cluster serve` "
+            "yet; run `gunicorn -c python:cluster.gunicorn -w N` instead",
+        )
     if local_app is None and settings.app:
         local_app = load_app(settings.app)
     listener, settings = listen(settings)

@@ -120,3 +120,16 @@ def test_example_config_parses(monkeypatch):
     path.write_text(uncommented)
     _, s, _ = parse_command_line(["serve", "-c", str(path)])
     assert s == Settings(workers_count=s.workers_count)
+
+
+def test_readme_settings_table_is_generated_from_the_settings_table():
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
+    section = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert section == config.settings_markdown()
+
+
+def test_unsupported_worker_count_is_a_clear_error():
+    result = run_cluster("serve", "--workers-count", "4", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2 and "gunicorn" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -10,6 +10,8 @@ import time
 import pymongo
 import pytest
 import requests
+
+from cluster.records import COLLECTION, endpoint_hash
 from helpers import (
     ROOT,
     cluster_argv,
@@ -20,8 +22,6 @@ from helpers import (
     wait_port,
     wait_until,
 )
-
-from cluster.records import COLLECTION, endpoint_hash
 
 PING = 1.0
 GRACE = 1.0

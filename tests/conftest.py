@@ -1,0 +1,49 @@
+"""Fixtures shared by every test: the MongoDB-protocol server and discovery URLs."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mongo_server import MongoServer
+
+APPS = Path(__file__).resolve().parent / "apps"
+if str(APPS) not in sys.path:
+    sys.path.insert(0, str(APPS))
+
+
+@pytest.fixture(scope="session")
+def mongo_server() -> Iterator[MongoServer]:
+    """One real server per session (see tests/mongo_server.py), stopped by PID at the end.
+
+    Fails (never skips) with instructions when no server can be found or built.
+    """
+    server = MongoServer.launch()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def mongo_url(mongo_server: MongoServer) -> Iterator[str]:
+    """A URL with a database of its own, so tests never see each other's records."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield mongo_server.database_url(name)
+    if not mongo_server.running:  # a test stopped the database and failed before restarting
+        mongo_server.start()
+    mongo_server.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A discovery URL for the embedded SQLite store, in this test's own directory.
+
+    ``tmp_path`` is absolute, so this reads ``sqlite:///tmp/.../discovery.sqlite3``: the
+    URL path is the file path, as cluster.discovery takes it (``urlsplit(url).path``).
+    """
+    return f"sqlite://{tmp_path / 'discovery.sqlite3'}"

@@ -1,0 +1,153 @@
+"""Every instance a balancer: spread, stickiness, failover, under each way to run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import (
+    ROOT,
+    Proc,
+    cluster_argv,
+    free_port,
+    python,
+    status_json,
+    wait_port,
+    wait_until,
+)
+
+COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
+
+
+def start_runner(runner: str, discovery_url: str, port: int, tmp: Path) -> Proc:
+    """One instance of the demo app, started the way ``runner`` names."""
+    env = {"CLUSTER_DISCOVERY_URL": discovery_url}
+    if runner == "serve":
+        argv = cluster_argv("serve", "--service", "web", "--app", "cluster.demo:app",
+                            "--bind", f"127.0.0.1:{port}", *COMMON)
+    elif runner == "script":
+        conf = tmp / f"instance-{port}.conf"
+        conf.write_text(
+            "service = web\napp = cluster.demo:app\n"
+            f"bind = 127.0.0.1:{port}\nping-interval = 1\nexpiry-grace = 1\n"
+        )
+        argv = python(str(ROOT / "scripts" / "cluster-instance"), "-c", str(conf))
+    elif runner == "gunicorn":
+        env.update(CLUSTER_SERVICE="web", CLUSTER_PING_INTERVAL="1", CLUSTER_EXPIRY_GRACE="1")
+        argv = python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                      "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+                      "--control-socket", str(tmp / f"gunicorn-{port}.ctl"),
+                      "cluster.demo:app")
+    else:  # pragma: no cover
+        raise ValueError(runner)
+    return Proc(argv, env=env, name=f"{runner}-{port}")
+
+
+@contextlib.contextmanager
+def members(runner: str, discovery_url: str, count: int, tmp: Path):
+    ports = [free_port() for _ in range(count)]
+    procs = [start_runner(runner, discovery_url, port, tmp) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_port(port, proc=proc)
+        wait_until(lambda: all(len(view(u)["endpoints"]) == count for u in urls), timeout=20,
+                   what="every instance sees every other")
+        yield procs, urls
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def view(url: str) -> dict:
+    return requests.get(url + "/_cluster/status", timeout=5).json()
+
+
+def served_by(response: requests.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["port"]
+
+
+@pytest.mark.parametrize("runner", ["serve", "script", "gunicorn"])
+def test_three_instances_spread_without_cookie_and_stick_with_it(runner, sqlite_url, tmp_path):
+    with members(runner, sqlite_url, 3, tmp_path) as (procs, urls):
+        front = urls[1]
+        ports = {u.rsplit(":", 1)[1] for u in urls}
+        spread = Counter(served_by(requests.get(front + "/whoami", timeout=10))
+                         for _ in range(300))
+        assert set(spread) == ports
+        assert min(spread.values()) >= 60, spread  # each at least 20%
+
+        session = requests.Session()
+        first = session.get(front + "/whoami", timeout=10)
+        cookie = first.cookies.get("cluster-endpoint::web")
+        assert cookie and len(cookie) == 40
+        sticky = Counter(served_by(session.get(front + "/whoami", timeout=10))
+                         for _ in range(300))
+        assert sticky == {served_by(first): 300}
+
+        rows = status_json(sqlite_url)["endpoints"]
+        assert sorted(r["endpoint"] for r in rows) == sorted(urls), "one record per server"
+
+
+def test_gunicorn_registers_once_and_survives_worker_recycling(sqlite_url, tmp_path):
+    with members("gunicorn", sqlite_url, 1, tmp_path) as (procs, urls):
+        (url,) = urls
+        workers = {requests.get(url + "/whoami", timeout=5).json()["pid"] for _ in range(40)}
+        assert len(status_json(sqlite_url)["endpoints"]) == 1
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)  # the arbiter replaces them
+        wait_until(lambda: {requests.get(url + "/whoami", timeout=5).json()["pid"]
+                            for _ in range(20)}.isdisjoint(workers), timeout=20,
+                   what="fresh workers")
+        time.sleep(2.5)  # two ping intervals: the record must still be alive and single
+        rows = status_json(sqlite_url)["endpoints"]
+        assert [(r["endpoint"], r["healthy"]) for r in rows] == [(url, True)]
+        assert rows[0]["age"] < 2
+        procs[0].signal(signal.SIGTERM)
+        assert procs[0].wait(20) == 0
+        assert status_json(sqlite_url, "--all")["endpoints"] == []
+        assert "Traceback" not in procs[0].output()
+
+
+def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_path):
+    front_port = free_port()
+    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{front_port}",
+                              *COMMON), env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
+    try:
+        wait_port(front_port, proc=front)
+        base = f"http://127.0.0.1:{front_port}"
+        with members("serve", sqlite_url, 3, tmp_path) as (procs, urls):
+            wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=10)
+            statuses: Counter[int] = Counter()
+            served: Counter[str] = Counter()
+            for i in range(600):
+                if i == 200:
+                    procs[0].kill()  # SIGKILL mid-stream; its record stays until expiry
+                response = requests.get(base + "/whoami", timeout=10)
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    served[response.json()["port"]] += 1
+            assert statuses == {200: 600}, statuses
+            dead = urls[0].rsplit(":", 1)[1]
+            assert served[dead] > 0 and len(served) == 3  # it did serve before dying
+            for proc in procs[1:]:
+                proc.kill()
+            response = requests.get(base + "/whoami", timeout=10)
+            assert response.status_code == 503
+            assert "web" in response.text and "Traceback" not in response.text
+            # and it stays a clean 503 once the records have expired
+            wait_until(lambda: view(base)["endpoints"] == [], timeout=10)
+            assert requests.get(base + "/", timeout=10).status_code == 503
+        assert front.poll() is None
+        assert "Traceback" not in front.output()
+        assert front.output().count(f"ejecting web {urls[0]}") >= 1
+    finally:
+        front.stop()
