@@ -1,0 +1,121 @@
+"""Service-to-service calls: ``cluster.discover("search").get("/items")``.
+
+:func:`discover` returns a :class:`ServiceClient`, a ``requests.Session`` whose
+relative URLs go to one live endpoint of the service. It stays on that endpoint (so
+keep-alive connections are reused) until the endpoint leaves the discovery table or a
+request to it fails to connect; then it moves to another live endpoint and, when the
+request can safely be sent again, sends it there, so callers see no error for an
+endpoint that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+import requests
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ConnectTimeout
+
+from cluster.errors import ClusterError
+from cluster.node import Cluster
+from cluster.records import Endpoint
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class NoEndpoint(ClusterError):
+    """No live endpoint of the service is known (after trying those that were)."""
+
+
+def _never_connected(exc: RequestsConnectionError) -> bool:
+    """True when the request never reached the endpoint (refused, or connect timeout)."""
+    if isinstance(exc, ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError")
+
+
+class ServiceClient(requests.Session):
+    """A Session bound to a live endpoint of ``service``; absolute URLs pass untouched."""
+
+    def __init__(self, service: str, node: Cluster, attempts: int = 3) -> None:
+        super().__init__()
+        self.service = service
+        self.node = node
+        self.attempts = attempts
+        self._current: Endpoint | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        where = self._current.url if self._current else "no endpoint yet"
+        return f"<ServiceClient {self.service} -> {where}>"
+
+    @property
+    def base_url(self) -> str:
+        """The URL of the endpoint requests go to now; raises :class:`NoEndpoint`."""
+        return self._endpoint(frozenset()).url
+
+    def _endpoint(self, exclude: frozenset[str]) -> Endpoint:
+        with self._lock:
+            live = {e.hash: e for e in self.node.endpoints(self.service)}
+            current = self._current
+            if current is not None and current.hash in live and current.hash not in exclude:
+                return current
+            skip = exclude | self.node.ejected()
+            choices = [e for h, e in live.items() if h not in skip]
+            if not choices:
+                raise NoEndpoint(f"no live endpoint of service {self.service!r}")
+            self._current = random.choice(choices)
+            if current is not None:
+                log.info("%s: moving from %s to %s", self.service, current.url,
+                         self._current.url)
+            return self._current
+
+    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any
+                ) -> requests.Response:  # type: ignore[override]
+        target = url.decode() if isinstance(url, bytes) else url
+        if "://" in target:
+            return super().request(method, target, *args, **kwargs)
+        tried: set[str] = set()
+        while True:
+            endpoint = self._endpoint(frozenset(tried))
+            try:
+                return super().request(method, endpoint.url + "/" + target.lstrip("/"),
+                                       *args, **kwargs)
+            except RequestsConnectionError as exc:
+                safe = _never_connected(exc) or method.upper() in IDEMPOTENT
+                self.node.eject(endpoint)
+                tried.add(endpoint.hash)
+                if not safe or len(tried) >= self.attempts:
+                    raise
+                log.warning("%s: %s failed (%s), trying another endpoint", self.service,
+                            endpoint.url, exc.__class__.__name__)
+
+
+_NODES: dict[str | None, Cluster] = {}
+_NODES_LOCK = threading.Lock()
+
+
+def discover(service: str, node: Cluster | None = None, **settings: Any) -> ServiceClient:
+    """A client for ``service``, bound to one of its live endpoints.
+
+    Without ``node``, one observing :class:`~cluster.node.Cluster` per discovery URL is
+    shared by every client of the process (settings as for ``Cluster``; the
+    ``CLUSTER_*`` environment applies). Raises ``ConfigError`` for bad settings;
+    requests raise :class:`NoEndpoint` while the service has no live endpoint.
+    """
+    if node is None:
+        from cluster.config import Settings
+
+        resolved = Settings.load(**settings)
+        with _NODES_LOCK:
+            node = _NODES.get(resolved.discovery_url)
+            if node is None:
+                node = Cluster(resolved, register=False).start(wait=resolved.connect_timeout)
+                _NODES[resolved.discovery_url] = node
+    return ServiceClient(service, node)
