@@ -163,7 +163,8 @@ class ClusterApp:
         if decision.set_cookie is not None:
             headers = [*headers, _cookie_header(decision.set_cookie)]
         start_response(response.status, headers)
-        return response.body
+        body: Iterable[bytes] = response.body
+        return body
 
     def _sockjs_info(self, decision: SockJSInfo, environ: dict[str, Any],
                      start_response: StartResponse) -> Iterable[bytes]:

@@ -76,8 +76,9 @@ class ServiceClient(requests.Session):
                          self._current.url)
             return self._current
 
-    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any
-                ) -> requests.Response:  # type: ignore[override]
+    def request(  # type: ignore[override]
+        self, method: str, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         target = url.decode() if isinstance(url, bytes) else url
         if "://" in target:
             return super().request(method, target, *args, **kwargs)

@@ -343,7 +343,8 @@ class _Parser(configargparse.ArgParser):  # type: ignore[misc]
     def error(self, message: str) -> NoReturn:
         if self.raise_errors:
             raise ConfigError("arguments", message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
 
 
 def build_parser(
