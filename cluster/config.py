@@ -299,6 +299,17 @@ class Settings:
         return settings.replace(**parsed)
 
 
+def to_environment(settings: Settings) -> dict[str, str]:
+    """``CLUSTER_*`` variables that make :meth:`Settings.load` give ``settings`` back."""
+    env: dict[str, str] = {}
+    for spec in fields():
+        value = getattr(settings, spec.name)
+        if value is None:
+            continue
+        env[env_of(spec.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
+    return env
+
+
 def fields() -> Iterator[dataclasses.Field[Any]]:
     yield from dataclasses.fields(Settings)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -25,6 +27,7 @@ from cluster.config import Settings
 from cluster.errors import ConfigError
 from cluster.handler import ClusterHandler
 from cluster.node import Cluster
+from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +80,54 @@ def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
 
 def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    if settings.workers_count > 1:
-        raise ConfigError(
-            "--workers-count (CLUSTER_WORKERS_COUNT)",
-            f"{settings.workers_count} worker processes are not supported by `cluster serve` "
-            "yet; run `gunicorn -c python:cluster.gunicorn -w N` instead",
-        )
     if local_app is None and settings.app:
         local_app = load_app(settings.app)
-    listener, settings = listen(settings)
     if local_app is not None and not settings.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
+    listener, settings = listen(settings)
+    if settings.workers_count > 1:
+        return run_workers(settings, listener)
+    shared = _inherited_listener()
+    base = os.environ.pop("_CLUSTER_ENDPOINT_BASE", None)
+    if shared is not None and base:
+        port = settings.bind_address[1]
+        settings = settings.replace(endpoint_url=urlsplit(base)._replace(
+            netloc=f"{urlsplit(base).hostname}:{port}").geturl())
     node = Cluster(settings, register=local_app is not None)
     app = ClusterApp(local_app, node)
-    server = make_server(listener, app, settings)
+    servers = [make_server(listener, app, settings)]
+    if shared is not None:
+        servers.append(make_server(shared, app, settings))
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent:
+        gevent.spawn(watch_parent, int(parent), stopping)
     node.start()
-    server.start()
-    log.info("serving %s on http://%s (endpoint %s, discovery %s)",
-             settings.service or "(balancer only)", settings.bind, node.self_url,
+    for server in servers:
+        server.start()
+    log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",
+             settings.service or "(balancer only)", settings.bind,
+             " and the shared public socket" if shared is not None else "", node.self_url,
              node.store.description)
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:
         node.registrar.stop()
-    server.close()
-    server.stop(timeout=DRAIN_SECONDS)
+    for server in servers:
+        server.close()
+    for server in servers:
+        server.stop(timeout=DRAIN_SECONDS)
     app.close()
     return 0
+
+
+def _inherited_listener() -> Any:
+    """The public socket a ``--workers-count`` parent shares with this worker, if any."""
+    fd = os.environ.pop(SHARED_FD_ENV, None)
+    if fd is None:
+        return None
+    import gevent.socket
+
+    return gevent.socket.socket(fileno=int(fd))

@@ -1,0 +1,88 @@
+"""`cluster serve --workers-count N`: one public port, N registered worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import requests
+
+from helpers import Proc, cluster_argv, free_port, status_json, wait_port, wait_until
+
+
+def pids_behind(url: str, session: requests.Session | None = None, count: int = 60) -> Counter:
+    get = (session or requests).get
+    pids: Counter[int] = Counter()
+    for _ in range(count):
+        response = get(url + "/whoami", timeout=5)
+        assert response.status_code == 200, (response.status_code, response.text)
+        pids[response.json()["pid"]] += 1
+    return pids
+
+
+def test_workers_share_the_port_register_each_and_are_supervised(sqlite_url):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
+                               "--ping-interval", "1", "--expiry-grace", "1"),
+                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers")
+    try:
+        wait_port(port, proc=parent)
+        rows = wait_until(lambda: [r for r in status_json(sqlite_url)["endpoints"]
+                                   if r["healthy"]] if len(status_json(sqlite_url)["endpoints"])
+                          == 2 else None, timeout=10, what="two worker records")
+        private = {r["endpoint"] for r in rows}
+        assert url not in private and len(private) == 2  # each worker its own endpoint
+
+        spread = pids_behind(url)
+        assert len(spread) == 2 and min(spread.values()) >= 10, spread
+
+        session = requests.Session()
+        sticky = pids_behind(url, session)
+        assert len(sticky) == 1, "a cookie keeps a client in one worker process"
+
+        victim = next(iter(sticky))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in pids_behind(url, count=20) and
+                   len(pids_behind(url, count=40)) == 2, timeout=20,
+                   what="a replacement worker serving")
+        wait_until(lambda: len([r for r in status_json(sqlite_url)["endpoints"]
+                                if r["healthy"]]) == 2, timeout=10,
+                   what="the dead worker's record expired, the new one registered")
+        # the session's worker is gone: the cookie is replaced, nothing fails
+        assert all(v > 0 for v in pids_behind(url, session, count=10).values())
+
+        live = {r["endpoint"] for r in status_json(sqlite_url)["endpoints"] if r["healthy"]}
+        parent.signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+        remaining = {r["endpoint"] for r in status_json(sqlite_url, "--all")["endpoints"]}
+        assert remaining.isdisjoint(live), "SIGTERM'd workers deregister at once"
+        assert "Traceback" not in parent.output()
+    finally:
+        parent.stop()
+
+
+def test_workers_stop_when_their_parent_is_killed(sqlite_url):
+    port = free_port()
+    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
+                               "--ping-interval", "1", "--expiry-grace", "1"),
+                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers")
+    try:
+        wait_port(port, proc=parent)
+        pids = set(pids_behind(f"http://127.0.0.1:{port}"))
+        parent.kill()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(lambda: all(gone(p) for p in pids), timeout=15, what="orphans to stop")
+        assert [r for r in status_json(sqlite_url)["endpoints"] if r["healthy"]] == []
+    finally:
+        parent.stop()
