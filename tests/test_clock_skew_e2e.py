@@ -1,6 +1,6 @@
 """Clock skew between hosts neither expires live endpoints nor keeps dead ones.
 
-Instances run under libfaketime (Debian's `faketime`) an hour behind and an hour ahead
+Instances run under libfaketime (Debian's `faketime` package) an hour behind and an hour ahead
 of the database. Heartbeats are stamped by the database ($currentDate) and ages are
 judged against the database's clock (hello.localTime), so both see the truth; judged by
 their own clocks, the one ahead would expire everyone and the one behind would never
@@ -10,7 +10,7 @@ expire anyone.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
+from pathlib import Path
 
 import pymongo
 import pytest
@@ -19,7 +19,9 @@ import requests
 from cluster.records import COLLECTION
 from helpers import Proc, cluster_argv, free_port, wait_port, wait_until
 
-FAKETIME = shutil.which("faketime")
+# Preloaded directly rather than through the `faketime` wrapper, which forks: the PID we
+# hold must be the instance's own, so stopping it by PID really stops it.
+FAKETIME_LIB = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))), None)
 
 
 def skewed_instance(mongo_url: str, name: str, skew: str | None) -> tuple[Proc, str]:
@@ -27,11 +29,12 @@ def skewed_instance(mongo_url: str, name: str, skew: str | None) -> tuple[Proc, 
     argv = cluster_argv("serve", "--service", "web", "--app", "backend:app",
                         "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
                         "--expiry-grace", "1")
+    env = {"CLUSTER_DISCOVERY_URL": mongo_url, "BACKEND_NAME": name}
     if skew:
-        argv = [FAKETIME, "-f", skew, *argv]  # type: ignore[list-item]
-    # gevent's timers run on the monotonic clock; only wall-clock time is skewed.
-    proc = Proc(argv, env={"CLUSTER_DISCOVERY_URL": mongo_url, "BACKEND_NAME": name,
-                           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}, name=name)
+        # gevent's timers run on the monotonic clock; only wall-clock time is skewed.
+        env.update(LD_PRELOAD=str(FAKETIME_LIB), FAKETIME=skew,
+                   FAKETIME_DONT_FAKE_MONOTONIC="1")
+    proc = Proc(argv, env=env, name=name)
     wait_port(port, proc=proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -50,7 +53,7 @@ def view(url: str) -> set[str]:
 
 
 def test_skewed_clocks_see_the_truth(mongo_url):
-    if FAKETIME is None:
+    if FAKETIME_LIB is None:
         pytest.fail("needs Debian's faketime: apt-get install faketime (scripts/run-tests "
                     "installs it)")
     behind, url_behind = skewed_instance(mongo_url, "behind", "-1h")

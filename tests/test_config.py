@@ -127,9 +127,3 @@ def test_readme_settings_table_is_generated_from_the_settings_table():
     begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
     section = readme[readme.index(begin) + len(begin):readme.index(end)]
     assert section == config.settings_markdown()
-
-
-def test_unsupported_worker_count_is_a_clear_error():
-    result = run_cluster("serve", "--workers-count", "4", "--bind", "127.0.0.1:0")
-    assert result.returncode == 2 and "gunicorn" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
