@@ -21,13 +21,17 @@ def pids_behind(url: str, session: requests.Session | None = None, count: int = 
     return pids
 
 
+def two_workers(discovery_url: str, port: int) -> Proc:
+    return Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+                             "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
+                             "--ping-interval", "1", "--expiry-grace", "1"),
+                env={"CLUSTER_DISCOVERY_URL": discovery_url}, name="workers")
+
+
 def test_workers_share_the_port_register_each_and_are_supervised(sqlite_url):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
-                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
-                               "--ping-interval", "1", "--expiry-grace", "1"),
-                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers")
+    parent = two_workers(sqlite_url, port)
     try:
         wait_port(port, proc=parent)
         rows = wait_until(lambda: [r for r in status_json(sqlite_url)["endpoints"]
@@ -66,10 +70,7 @@ def test_workers_share_the_port_register_each_and_are_supervised(sqlite_url):
 
 def test_workers_stop_when_their_parent_is_killed(sqlite_url):
     port = free_port()
-    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
-                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
-                               "--ping-interval", "1", "--expiry-grace", "1"),
-                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers")
+    parent = two_workers(sqlite_url, port)
     try:
         wait_port(port, proc=parent)
         pids = set(pids_behind(f"http://127.0.0.1:{port}"))
