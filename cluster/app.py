@@ -109,8 +109,12 @@ class ClusterApp:
                     return self._sockjs_info(decision, environ, start_response)
                 return self._proxy(decision, environ, start_response)
             except UpstreamError as exc:
-                if endpoint is not None and exc.retryable:
-                    self.node.eject(endpoint)
+                replayable = exc.retryable or (
+                    isinstance(exc, UpstreamBroken) and _replayable(environ)
+                )
+                if endpoint is not None and replayable:
+                    if exc.retryable:
+                        self.node.eject(endpoint)
                     tried.add(endpoint.hash)
                     retry = not isinstance(decision, Proxy) or decision.retry
                     if retry and len(tried) <= self.retries:
@@ -207,6 +211,23 @@ class ClusterApp:
             if close is not None:
                 close()
         return captured.get("status", "500 Internal Server Error"), body
+
+
+_IDEMPOTENT_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _replayable(environ: dict[str, Any]) -> bool:
+    """May a request whose endpoint broke before answering be sent to another?
+
+    Only bodiless GET/HEAD/OPTIONS: the endpoint may have acted on the request before
+    it died, and those are safe to repeat (nginx's ``proxy_next_upstream`` makes the
+    same choice for non-idempotent methods).
+    """
+    return (
+        environ.get("REQUEST_METHOD") in _IDEMPOTENT_WITHOUT_BODY
+        and environ.get("CONTENT_LENGTH") in (None, "", "0")
+        and "HTTP_TRANSFER_ENCODING" not in environ
+    )
 
 
 def _read_limited(body: Iterable[bytes]) -> bytes:

@@ -17,6 +17,7 @@ from helpers import (
     Proc,
     cluster_argv,
     free_port,
+    instance,
     python,
     status_json,
     wait_port,
@@ -149,5 +150,37 @@ def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_p
         assert front.poll() is None
         assert "Traceback" not in front.output()
         assert front.output().count(f"ejecting web {urls[0]}") >= 1
+    finally:
+        front.stop()
+
+
+def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_path):
+    front_port = free_port()
+    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{front_port}",
+                              *COMMON), env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
+    try:
+        wait_port(front_port, proc=front)
+        base = f"http://127.0.0.1:{front_port}"
+        ports = [free_port() for _ in range(3)]
+        procs = [instance(sqlite_url, port, f"b{n}") for n, port in enumerate(ports)]
+        try:
+            for proc, port in zip(procs, ports):
+                wait_port(port, proc=proc)
+            wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=10)
+            marker = tmp_path / "died-get"
+            response = requests.get(base + f"/die-once?marker={marker}", timeout=10)
+            # the endpoint that got it first died without answering; another answered
+            assert response.status_code == 200 and response.text.startswith("survived")
+            assert sum(p.poll() is not None for p in procs) == 1
+
+            marker = tmp_path / "died-post"
+            response = requests.post(base + f"/die-once?marker={marker}", data=b"x",
+                                     timeout=10)
+            # a POST may have had its effect before the endpoint died: not sent again
+            assert response.status_code == 502 and "Traceback" not in response.text
+            assert sum(p.poll() is not None for p in procs) == 2
+        finally:
+            for proc in procs:
+                proc.stop()
     finally:
         front.stop()
