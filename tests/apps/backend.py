@@ -6,7 +6,9 @@ As a cluster member's local app: ``cluster serve --app backend:app`` with
 
 Routes: /whoami, /headers, /echo (request body back), /upload (sha256 of the body),
 /download?size=N (deterministic bytes), /chunked?n=&delay=, /sse?n=&delay=,
-/slow?seconds=, /status/CODE, /cookies (several Set-Cookie).
+/slow?seconds=, /status/CODE, /cookies (several Set-Cookie), /hop (hop-by-hop response
+headers), /gate?key=&n=[&sse=1] (streams piece i only after /release?key= was called i
+times: proves pieces travel one by one without timing anything).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from urllib.parse import parse_qs
 
 NAME = os.environ.get("BACKEND_NAME", "backend")
 BLOCK = bytes(range(256)) * 256  # 64 KiB pattern for downloads
+_GATES: dict[str, threading.Semaphore] = {}  # /gate streams wait on these (gevent-patched)
+
+
+def _gate(key: str) -> threading.Semaphore:
+    return _GATES.setdefault(key, threading.Semaphore(0))
 
 
 def pattern(size: int):
@@ -48,6 +56,19 @@ def app(environ, start_response):
         start_response(status, headers)
         return [data]
 
+    if path == "/sockjs/info":  # the shape a SockJS server answers
+        return reply(json.dumps({"websocket": True, "cookie_needed": False,
+                                 "origins": ["*:*"], "entropy": 42, "server": NAME}),
+                     ctype="application/json; charset=UTF-8")
+    if path.startswith("/sockjs/"):
+        return reply(f"{NAME} {path}")
+    if path == "/die-once":  # the first process to get this dies before answering
+        marker = query["marker"]
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return reply(f"survived {NAME}")
+        os._exit(3)
     if path in ("/", "/whoami"):
         return reply(NAME)
     if path == "/headers":
@@ -55,7 +76,8 @@ def app(environ, start_response):
                    if k.startswith("HTTP_")}
         info = {"headers": headers, "path": path, "query": environ.get("QUERY_STRING", ""),
                 "method": environ["REQUEST_METHOD"], "name": NAME,
-                "remote": environ.get("REMOTE_ADDR")}
+                "remote": environ.get("REMOTE_ADDR"),
+                "remote_port": environ.get("REMOTE_PORT")}
         return reply(json.dumps(info), ctype="application/json")
     if path == "/echo":
         body = environ["wsgi.input"].read()
@@ -101,10 +123,37 @@ def app(environ, start_response):
     if path == "/cookies":
         return reply("cookies", extra=[("Set-Cookie", "a=1; Path=/"),
                                        ("Set-Cookie", "b=2; Path=/")])
+    if path == "/hop":
+        # Hop-by-hop response headers a proxy must drop; X-End-To-End must survive.
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3"),
+                                  ("Connection", "X-Named-Hop"), ("X-Named-Hop", "1"),
+                                  ("Keep-Alive", "timeout=5"), ("Proxy-Authenticate", "x"),
+                                  ("Trailer", "X-Trail"), ("Upgrade", "foo"),
+                                  ("X-End-To-End", "1"), ("X-Served-By", NAME)])
+        return [b"hop"]
+    if path == "/gate":
+        key, count = query.get("key", "default"), int(query.get("n", "3"))
+        sse = query.get("sse") == "1"
+        start_response("200 OK", [("Content-Type", "text/event-stream" if sse
+                                   else "text/plain"), ("X-Served-By", NAME)])
+
+        def pieces():
+            gate = _gate(key)
+            for i in range(count):
+                if i and not gate.acquire(timeout=60):
+                    yield b"gate timeout\n"
+                    return
+                yield (f"data: {i}\n\n" if sse else f"piece {i}\n").encode()
+            _GATES.pop(key, None)
+        return pieces()
+    if path == "/release":
+        _gate(query.get("key", "default")).release()
+        return reply("released")
     return reply("not found", status="404 Not Found")
 
 
 def main() -> None:
+    global NAME
     from gevent import monkey
 
     monkey.patch_all()
@@ -116,7 +165,6 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default=NAME)
     args = parser.parse_args()
-    global NAME
     NAME = args.name
     server = WSGIServer(("127.0.0.1", args.port), app, log=None)
     import signal

@@ -1,0 +1,718 @@
+"""Streaming HTTP forwarding, end to end and in its pure parts.
+
+Real processes on 127.0.0.1: requests and raw sockets talk to tests/apps/forward_only.py
+(HttpForwarder served by pywsgi's WSGIServer with ClusterHandler), in front of the test
+backend (tests/apps/backend.py). Upstream misbehaviour the backend cannot produce
+(no framing, interim 1xx, garbage, a body cut short) comes from :class:`ScriptedUpstream`,
+a real TCP server in this process that answers each request path with a fixed script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+import requests
+
+from backend import BLOCK, pattern_sha256
+from cluster.errors import UpstreamBroken, UpstreamConnectError
+from cluster.proxy.http import (
+    _CHUNKED,
+    _FIXED,
+    _NO_BODY,
+    _UNTIL_CLOSE,
+    HttpForwarder,
+    _body_mode,
+    _parse_head,
+    request_target,
+)
+from helpers import TESTS, Proc, backend, free_port, get, python, running, wait_until
+
+FORWARD = TESTS / "apps" / "forward_only.py"
+TIMEOUT = 20  # generous: a hang fails, a slow machine does not
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+RSS_BUDGET_KIB = 32 * 1024
+
+
+def forward_only(port: int, upstream: str, *extra: str) -> list[str]:
+    return python(str(FORWARD), "--port", str(port), "--upstream", upstream, *extra)
+
+
+class Stack:
+    """A backend and a forward-only proxy in front of it."""
+
+    def __init__(self, backend_port: int, proxy_port: int, proxy: Proc) -> None:
+        self.backend_port = backend_port
+        self.backend = f"http://127.0.0.1:{backend_port}"
+        self.port = proxy_port
+        self.url = f"http://127.0.0.1:{proxy_port}"
+        self.proc = proxy
+
+
+@contextlib.contextmanager
+def stack(*extra: str) -> Iterator[Stack]:
+    bport, pport = free_port(), free_port()
+    with running(backend(bport), port=bport), \
+            running(forward_only(pport, f"http://127.0.0.1:{bport}", *extra),
+                    port=pport, name="proxy") as proxy:
+        yield Stack(bport, pport, proxy)
+
+
+@pytest.fixture(scope="module")
+def st() -> Iterator[Stack]:
+    with stack() as s:
+        yield s
+
+
+# --- a raw HTTP/1.1 client: sees exactly what the proxy sends ----------------------
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError(f"connection closed; unread: {self.buf[:80]!r}")
+        self.buf += data
+
+    def head(self) -> tuple[str, list[tuple[str, str]]]:
+        """Status line and headers of the next response."""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = raw.decode("latin-1").split("\r\n")
+        return lines[0], [tuple(x.strip() for x in line.split(":", 1))  # type: ignore[misc]
+                          for line in lines[1:]]
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            self._fill()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def chunk(self) -> bytes:
+        """One chunk of a chunked body (b"" for the last one, trailers consumed)."""
+        size = int(self.line().split(b";")[0], 16)
+        if size == 0:
+            while self.line():
+                pass
+            return b""
+        data = self.exactly(size)
+        assert self.exactly(2) == b"\r\n"
+        return data
+
+    def until_close(self) -> bytes:
+        with contextlib.suppress(EOFError):
+            while True:
+                self._fill()
+        data, self.buf = self.buf, b""
+        return data
+
+
+def header(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
+@contextlib.contextmanager
+def raw(port: int) -> Iterator[Raw]:
+    client = Raw(port)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test.example", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def seen_headers(resp: requests.Response) -> dict[str, str]:
+    return resp.json()["headers"]
+
+
+# --- forwarding ------------------------------------------------------------------
+
+
+def test_get_passes_status_headers_and_body(st: Stack) -> None:
+    resp = get(f"{st.url}/whoami")
+    assert resp.status_code == 200
+    assert resp.text == "backend"
+    assert resp.headers["X-Served-By"] == "backend"
+    assert resp.headers["Content-Length"] == "7"
+
+
+def test_status_line_and_repeated_headers_intact(st: Stack) -> None:
+    resp = get(f"{st.url}/status/418")
+    assert (resp.status_code, resp.reason, resp.text) == (418, "X", "status 418")
+    with raw(st.port) as client:
+        client.send(request("GET", "/cookies"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        assert header(headers, "Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+
+
+def test_forwarded_headers_added_and_host_preserved(st: Stack) -> None:
+    seen = seen_headers(get(f"{st.url}/headers", headers={"Host": "app.example:8080"}))
+    assert seen["Host"] == "app.example:8080"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == "app.example:8080"
+    assert seen["Via"] == "1.1 cluster"
+
+
+def test_forwarded_headers_from_a_previous_hop_are_extended(st: Stack) -> None:
+    seen = seen_headers(get(f"{st.url}/headers", headers={
+        "Host": "inner:1", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "www.example", "Via": "1.1 edge"}))
+    assert seen["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "https"
+    assert seen["X-Forwarded-Host"] == "www.example"
+    assert seen["Via"] == "1.1 edge, 1.1 cluster"
+    assert seen["Host"] == "inner:1"
+
+
+def test_hop_by_hop_request_headers_removed(st: Stack) -> None:
+    with raw(st.port) as client:
+        client.send(request(
+            "GET", "/headers", "Connection: keep-alive, X-Named", "X-Named: 1",
+            "Keep-Alive: timeout=5", "TE: trailers", "Trailer: X-T", "Upgrade: h2c",
+            "Proxy-Authorization: Basic eDp5", "Proxy-Connection: keep-alive",
+            "X-Kept: yes"))
+        _, headers = client.head()
+        body = client.exactly(int(header(headers, "Content-Length")[0]))
+    seen = json.loads(body)["headers"]
+    for name in ("Connection", "X-Named", "Keep-Alive", "Te", "Trailer", "Upgrade",
+                 "Proxy-Authorization", "Proxy-Connection", "Transfer-Encoding"):
+        assert name not in seen, name
+    assert seen["X-Kept"] == "yes"
+
+
+def test_hop_by_hop_response_headers_removed(st: Stack) -> None:
+    with raw(st.port) as client:
+        client.send(request("GET", "/hop"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        names = {k.lower() for k, _ in headers}
+        assert client.exactly(3) == b"hop"
+    assert names.isdisjoint({"connection", "x-named-hop", "keep-alive", "proxy-authenticate",
+                             "trailer", "upgrade", "transfer-encoding"}), names
+    assert "x-end-to-end" in names
+
+
+def test_head_204_304_have_no_body_on_a_kept_alive_connection(st: Stack) -> None:
+    # If any of these carried body bytes, the next status line read would be garbage.
+    with raw(st.port) as client:
+        client.send(request("HEAD", "/download?size=100"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        assert header(headers, "Content-Length") == ["100"]
+        client.send(request("GET", "/status/204"))
+        assert client.head()[0] == "HTTP/1.1 204 X"
+        client.send(request("GET", "/status/304"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 304 X"
+        assert header(headers, "ETag") == ['"v1"']
+        for _ in range(3):  # the pywsgi backend sent a body after HEAD: not reused
+            client.send(request("GET", "/whoami"))
+            assert client.head()[0] == "HTTP/1.1 200 OK"
+            assert client.exactly(7) == b"backend"
+
+
+def test_request_body_with_content_length(st: Stack) -> None:
+    small = b"hello \x00\xff" * 100
+    resp = requests.post(f"{st.url}/echo", data=small, timeout=TIMEOUT)
+    assert resp.content == small
+    big = os.urandom(3 * MIB + 5)  # above the buffering limit: streamed
+    resp = requests.post(f"{st.url}/upload", data=big, timeout=TIMEOUT)
+    assert resp.json() == {"sha256": hashlib.sha256(big).hexdigest(), "bytes": len(big)}
+
+
+def test_chunked_request_body_is_sent_chunked(st: Stack) -> None:
+    pieces = [os.urandom(n) for n in (1, 70000, 5, 300000)]
+    resp = requests.post(f"{st.url}/upload", data=iter(pieces), timeout=TIMEOUT)
+    whole = b"".join(pieces)
+    assert resp.json() == {"sha256": hashlib.sha256(whole).hexdigest(), "bytes": len(whole)}
+    seen = seen_headers(requests.post(f"{st.url}/headers", data=iter([b"x"]),
+                                      timeout=TIMEOUT))
+    assert seen["Transfer-Encoding"] == "chunked"
+
+
+@pytest.mark.parametrize("size", [1000, 2 * MIB])
+def test_expect_100_continue(st: Stack, size: int) -> None:
+    body = os.urandom(size)
+    with raw(st.port) as client:
+        client.send(request("POST", "/upload", f"Content-Length: {size}",
+                            "Expect: 100-continue"))
+        assert client.head()[0] == "HTTP/1.1 100 Continue"
+        client.send(body)
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        result = json.loads(client.exactly(int(header(headers, "Content-Length")[0])))
+        assert result == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": size}
+        # not forwarded: the upstream gets the body without being asked
+        client.send(request("POST", "/headers", "Content-Length: 2", "Expect: 100-continue"))
+        assert client.head()[0] == "HTTP/1.1 100 Continue"
+        client.send(b"ab")
+        _, headers = client.head()
+        seen = json.loads(client.exactly(int(header(headers, "Content-Length")[0])))
+        assert "Expect" not in seen["headers"]
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_streamed_response_arrives_piece_by_piece(st: Stack, sse: bool) -> None:
+    # The backend produces piece i only after /release was called i times, so reading
+    # piece i before releasing the next proves it was not held back anywhere.
+    key = f"gate-{sse}"
+    with raw(st.port) as client:
+        client.send(request("GET", f"/gate?key={key}&n=3&sse={int(sse)}"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        assert header(headers, "Transfer-Encoding") == ["chunked"]
+        if sse:
+            assert header(headers, "Content-Type") == ["text/event-stream"]
+        for i in range(3):
+            if i:
+                assert get(f"{st.backend}/release?key={key}").text == "released"
+            expected = f"data: {i}\n\n" if sse else f"piece {i}\n"
+            assert client.chunk() == expected.encode()
+        assert client.chunk() == b""
+
+
+def test_connection_is_pooled_and_reused(st: Stack) -> None:
+    ports = {get(f"{st.url}/headers").json()["remote_port"] for _ in range(5)}
+    assert len(ports) == 1
+    # earlier tests may have left more idle connections, all to the one backend
+    assert re.fullmatch(r"<HttpForwarder \[idle: [1-9]\d* over 1 endpoints\]>",
+                        get(f"{st.url}/__forwarder__").text)
+
+
+def test_client_abandoning_a_download_leaks_no_socket(st: Stack) -> None:
+    get(f"{st.url}/whoami")
+    fds = len(os.listdir(f"/proc/{st.proc.pid}/fd"))
+    for _ in range(20):
+        with raw(st.port) as client:
+            client.send(request("GET", f"/download?size={64 * MIB}"))
+            client.head()
+            client.exactly(100000)
+    # each abandoned download closed its upstream connection (it could not be reused)
+    wait_until(lambda: len(os.listdir(f"/proc/{st.proc.pid}/fd")) <= fds,
+               what="proxy fds back to their count before the downloads")
+    assert get(f"{st.url}/whoami").text == "backend"
+
+
+# --- failures ----------------------------------------------------------------------
+
+
+def test_refused_endpoint_is_502() -> None:
+    port, dead = free_port(), free_port()
+    with running(forward_only(port, f"http://127.0.0.1:{dead}"), port=port):
+        resp = get(f"http://127.0.0.1:{port}/whoami")
+    assert resp.status_code == 502
+    assert "connect failed" in resp.text
+
+
+def test_silent_endpoint_is_504() -> None:
+    with stack("--read-timeout", "0.5") as s:
+        resp = get(f"{s.url}/slow?seconds=5")
+        assert resp.status_code == 504
+        assert "no response within 0.5s" in resp.text
+        assert get(f"{s.url}/whoami").text == "backend"
+
+
+def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
+    bport, pport = free_port(), free_port()
+    url = f"http://127.0.0.1:{pport}"
+    with running(forward_only(pport, f"http://127.0.0.1:{bport}"), port=pport) as proxy:
+        for method in ("GET", "POST"):
+            with running(backend(bport), port=bport):
+                first = requests.request(method, f"{url}/headers", data=b"x",
+                                         timeout=TIMEOUT).json()["remote_port"]
+            # the backend is gone: the pooled connection to it is closed
+            with running(backend(bport, name="second"), port=bport):
+                resp = requests.request(method, f"{url}/headers", data=b"x", timeout=TIMEOUT)
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["name"] == "second"
+                assert resp.json()["remote_port"] != first
+        assert "Traceback" not in proxy.output()
+
+
+# --- upstream misbehaviour, from a scripted server ------------------------------------
+
+
+class ScriptedUpstream:
+    """A real TCP server answering each request with the script for its path."""
+
+    def __init__(self, scripts: dict[str, Callable[[socket.socket], None]]) -> None:
+        self.scripts = scripts
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            buf = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                path = buf.split(b" ", 2)[1].decode()
+                self.scripts[path](conn)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+RELEASE = threading.Event()
+
+
+def _until_close(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst;")
+    RELEASE.wait(TIMEOUT)
+    conn.sendall(b"second")
+
+
+SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
+    "/until-close": _until_close,
+    "/interim": lambda c: c.sendall(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    "/garbage": lambda c: c.sendall(b"SPDY/9 what\r\n\r\n"),
+    "/closed": lambda c: None,
+    "/cut-length": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10),
+    "/cut-chunked": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n100\r\nabc"),
+    "/chunked-extras": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Sum: 1\r\n\r\n"),
+    "/switch": lambda c: c.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+    "/bare-lf": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\nContent-Length: 6\nX-A: 1\n\nab\r\n\r\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[ScriptedUpstream, Proc, str]]:
+    upstream = ScriptedUpstream(SCRIPTS)
+    port = free_port()
+    try:
+        with running(forward_only(port, upstream.url), port=port, name="proxy") as proxy:
+            yield upstream, proxy, f"http://127.0.0.1:{port}"
+    finally:
+        upstream.close()
+
+
+def test_until_close_response_streams_and_ends(scripted) -> None:
+    _, _, url = scripted
+    RELEASE.clear()
+    with raw(int(url.rsplit(":", 1)[1])) as client:
+        client.send(request("GET", "/until-close"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        assert header(headers, "Transfer-Encoding") == ["chunked"]  # pywsgi frames it
+        assert client.chunk() == b"first;"  # arrives before the rest exists
+        RELEASE.set()
+        assert client.chunk() == b"second"
+        assert client.chunk() == b""
+
+
+def test_interim_responses_are_skipped(scripted) -> None:
+    resp = get(f"{scripted[2]}/interim")
+    assert (resp.status_code, resp.text) == (200, "ok")
+
+
+def test_bare_lf_response_head_is_tolerated(scripted) -> None:
+    resp = get(f"{scripted[2]}/bare-lf")
+    assert (resp.status_code, resp.content, resp.headers["X-A"]) == (200, b"ab\r\n\r\n", "1")
+
+
+def test_chunk_extensions_and_trailers_are_handled(scripted) -> None:
+    resp = get(f"{scripted[2]}/chunked-extras")
+    assert (resp.status_code, resp.text) == (200, "hello world")
+    assert "Trailer" not in resp.headers
+
+
+@pytest.mark.parametrize("path", ["/garbage", "/closed", "/switch"])
+def test_garbled_or_closed_exchange_is_502(scripted, path: str) -> None:
+    resp = get(f"{scripted[2]}{path}")
+    assert resp.status_code == 502
+
+
+@pytest.mark.parametrize("path", ["/cut-length", "/cut-chunked"])
+def test_body_cut_midway_aborts_the_client_connection(scripted, path: str) -> None:
+    upstream, proxy, url = scripted
+    line = f"{upstream.url}: response body"
+    before = proxy.output().count(line)
+    with raw(int(url.rsplit(":", 1)[1])) as client:
+        client.send(request("GET", path))
+        status, _ = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        rest = client.until_close()  # closed by the proxy, not left hanging
+    assert b"0\r\n\r\n" not in rest  # no terminating chunk: the client knows it is cut
+    assert len(rest) < 1000
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        get(f"{url}{path}").content  # noqa: B018
+    # one warning line per cut body, naming the endpoint, and no traceback
+    wait_until(lambda: proxy.output().count(line) >= before + 2, what="the warnings")
+    assert proxy.output().count(line) == before + 2
+    assert "Traceback" not in proxy.output()
+
+
+# --- large transfers and memory ------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@contextlib.contextmanager
+def peak_rss(pid: int) -> Iterator[list[int]]:
+    """Samples the RSS of ``pid`` while the block runs; yields [baseline, peak]."""
+    result = [rss_kib(pid), 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            result[1] = max(result[1], rss_kib(pid))
+            done.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result[1] = max(result[1], rss_kib(pid))
+
+
+class Pattern:
+    """``size`` bytes of the backend's download pattern, as an upload body with a length."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.piece = BLOCK * 16  # 1 MiB
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        left = self.size
+        while left > 0:
+            piece = self.piece[:left]
+            left -= len(piece)
+            yield piece
+
+
+@pytest.fixture
+def big() -> Iterator[Stack]:
+    """A fresh proxy per test: an earlier test's peak would hide this one's growth."""
+    with stack() as s:
+        get(f"{s.url}/download?size={4 * MIB}").content  # noqa: B018  (warm up)
+        yield s
+
+
+def test_one_gib_upload_and_download_in_constant_memory(big: Stack) -> None:
+    expected = pattern_sha256(GIB)
+    with peak_rss(big.proc.pid) as rss:
+        resp = requests.post(f"{big.url}/upload", data=Pattern(GIB), timeout=120)
+        assert resp.json() == {"sha256": expected, "bytes": GIB}
+        digest, total = hashlib.sha256(), 0
+        with requests.get(f"{big.url}/download?size={GIB}", stream=True, timeout=120) as r:
+            assert r.headers["Content-Length"] == str(GIB)
+            for piece in r.iter_content(MIB):
+                digest.update(piece)
+                total += len(piece)
+        assert (total, digest.hexdigest()) == (GIB, expected)
+    baseline, peak = rss
+    assert peak - baseline < RSS_BUDGET_KIB, f"proxy RSS {baseline} -> {peak} KiB"
+
+
+def test_slow_reader_does_not_make_the_proxy_buffer(big: Stack) -> None:
+    size = 512 * MIB
+    digest, read = hashlib.sha256(), 0
+    with raw(big.port) as client, peak_rss(big.proc.pid) as rss:
+        client.send(request("GET", f"/download?size={size}"))
+        client.head()
+        # Stall, then trickle: a proxy that buffered would pull hundreds of MiB meanwhile.
+        time.sleep(1)
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            digest.update(client.exactly(4096))
+            read += 4096
+            time.sleep(0.02)
+        while read < size:  # then the rest at full speed
+            data, client.buf = client.buf or client.sock.recv(MIB), b""
+            if not data:
+                break
+            digest.update(data)
+            read += len(data)
+    baseline, peak = rss
+    assert peak - baseline < RSS_BUDGET_KIB, f"proxy RSS {baseline} -> {peak} KiB"
+    assert (read, digest.hexdigest()) == (size, pattern_sha256(size))
+
+
+# --- in-process: the forwarder's own API against the real backend ----------------------
+
+
+def environ(path: str = "/whoami", body: bytes = b"", **extra: str) -> dict:
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
+           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+           "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+           "HTTP_HOST": "app.example"}
+    env.update(extra)
+    return env
+
+
+def test_forwarder_pools_and_closes(st: Stack) -> None:
+    forwarder = HttpForwarder()
+    try:
+        check_pooling(forwarder, st)
+    finally:
+        forwarder.close()
+    assert repr(forwarder) == "<HttpForwarder [idle: 0 over 0 endpoints]>"
+
+
+def check_pooling(forwarder: HttpForwarder, st: Stack) -> None:
+    assert repr(forwarder) == "<HttpForwarder [idle: 0 over 0 endpoints]>"
+    for _ in range(2):
+        resp = forwarder.forward(environ(), st.backend, "/whoami")
+        assert resp.status == "200 OK"
+        assert b"".join(resp.body) == b"backend"
+        resp.body.close()
+        assert repr(forwarder) == "<HttpForwarder [idle: 1 over 1 endpoints]>"
+    # a body abandoned half way closes its connection instead of pooling it
+    resp = forwarder.forward(environ(), st.backend, f"/download?size={8 * MIB}")
+    next(iter(resp.body))
+    resp.body.close()
+    assert repr(forwarder) == "<HttpForwarder [idle: 0 over 0 endpoints]>"
+
+
+def test_forwarder_add_headers_replace_incoming_ones(st: Stack) -> None:
+    forwarder = HttpForwarder()
+    try:
+        env = environ("/headers", HTTP_X_CLUSTER_HOP="spoofed", HTTP_VIA="1.1 edge")
+        resp = forwarder.forward(env, st.backend, "/headers?a=1", add_headers=[
+            ("X-Cluster-Hop", "1"), ("Host", "other.example")])
+        info = json.loads(b"".join(resp.body))
+        assert info["query"] == "a=1"
+        assert info["headers"]["X-Cluster-Hop"] == "1"
+        assert info["headers"]["Host"] == "other.example"
+        assert info["headers"]["X-Forwarded-Host"] == "app.example"
+        assert info["headers"]["Via"] == "1.1 edge, 1.1 cluster"
+        for bad in ([("Content-Length", "1")], [("Connection", "close")],
+                    [("X-A", "b\r\nc")], [("X A", "b")]):
+            with pytest.raises(ValueError):
+                forwarder.forward(environ(), st.backend, "/", add_headers=bad)
+        with pytest.raises(ValueError):
+            forwarder.forward(environ(), st.backend, "/a b")
+    finally:
+        forwarder.close()
+
+
+def test_forwarder_errors_say_whether_a_retry_is_safe(st: Stack) -> None:
+    forwarder = HttpForwarder(connect_timeout=2)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UpstreamConnectError) as info:
+        forwarder.forward(environ(), dead, "/")
+    assert info.value.retryable and info.value.status == 502
+    assert info.value.endpoint == dead
+    assert repr(forwarder) == "<HttpForwarder [idle: 0 over 0 endpoints]>"
+
+
+# --- pure parts ------------------------------------------------------------------------
+
+
+def test_parse_head() -> None:
+    head = _parse_head(
+        "u", b"HTTP/1.1 200 OK\r\nA: 1\r\nConnection: x-b, keep-alive\r\nX-B: 2\r\n"
+             b"Keep-Alive: 5\r\nProxy-Foo: 1\r\nSet-Cookie: a\r\nSet-Cookie: b\r\n"
+             b"Content-Length:  12 \r\nTE: x\r\nTrailer: y\r\nUpgrade: z", True)
+    assert (head.status, head.code, head.keep, head.length, head.transfer) == \
+        ("200 OK", 200, True, 12, None)
+    assert head.headers == [("A", "1"), ("Set-Cookie", "a"), ("Set-Cookie", "b"),
+                            ("Content-Length", "12")]
+    head = _parse_head("u", b"HTTP/1.1 404\r\nConnection: close", True)
+    assert (head.status, head.keep) == ("404 Not Found", False)
+    head = _parse_head("u", b"HTTP/1.0 200 OK\nA: 1\nTransfer-Encoding: chunked", False)
+    assert (head.headers, head.keep, head.transfer) == ([("A", "1")], False, "chunked")
+    assert _parse_head("u", b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive", True).keep
+    assert _parse_head("u", b"HTTP/1.1 599 \r\nA: 1", True).status == "599 Unknown"
+    for bad in (b"HTTP/2 200 OK", b"HTTP/1.1 2000 OK", b"ICY 200 OK", b"HTTP/1.1 200 OK\r\n"
+                b"A : 1", b"HTTP/1.1 200 OK\r\nA: 1\r\n  folded", b"HTTP/1.1 200 OK\r\nnocolon",
+                b"HTTP/1.1 200 OK\r\n: empty", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n"
+                b"Content-Length: 2", b"HTTP/1.1 200 OK\r\nContent-Length: -1",
+                b"HTTP/1.1 200 OK\r\nContent-Length: +1", b"HTTP/1.1 200 OK\r\n"
+                b"Content-Length: \xb2", b"HTTP/1.1 200 OK\r\nA: 1\rB: 2",
+                b"HTTP/1.1 200 OK\r\nA: 1\nB: 2"):
+        with pytest.raises(UpstreamBroken):
+            _parse_head("u", bad, True)
+
+
+def test_body_mode() -> None:
+    def mode(method: str, raw: bytes) -> tuple[int, int, list[tuple[str, str]]]:
+        return _body_mode("u", method, _parse_head("u", raw, True))
+
+    assert mode("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 12")[:2] == (_FIXED, 12)
+    assert mode("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3")[:2] \
+        == (_FIXED, 3)
+    assert mode("GET", b"HTTP/1.1 200 OK\r\nX: 1")[:2] == (_UNTIL_CLOSE, -1)
+    assert mode("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                       b"Content-Length: 9\r\nX: 1") == (_CHUNKED, -1, [("X", "1")])
+    assert mode("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 9") == \
+        (_NO_BODY, 0, [("Content-Length", "9")])
+    assert mode("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nETag: x") == \
+        (_NO_BODY, 0, [("ETag", "x")])
+    with pytest.raises(UpstreamBroken):
+        mode("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked")
+
+
+def test_request_target() -> None:
+    assert request_target({"RAW_URI": "/a%2Fb?x=1", "PATH_INFO": "/a/b"}) == "/a%2Fb?x=1"
+    assert request_target({"PATH_INFO": "/a b/é".encode().decode("latin-1"),
+                           "QUERY_STRING": "q=1&r"}) == "/a%20b/%C3%A9?q=1&r"
+    assert request_target({"SCRIPT_NAME": "/app", "PATH_INFO": ""}) == "/app"
+    assert request_target({"PATH_INFO": ""}) == "/"
