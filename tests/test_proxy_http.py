@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 from typing import Callable, Iterator
@@ -35,7 +36,17 @@ from cluster.proxy.http import (
     _parse_head,
     request_target,
 )
-from helpers import TESTS, Proc, backend, free_port, get, python, running, wait_until
+from helpers import (
+    TESTS,
+    Proc,
+    backend,
+    cluster_argv,
+    free_port,
+    get,
+    python,
+    running,
+    wait_until,
+)
 
 FORWARD = TESTS / "apps" / "forward_only.py"
 TIMEOUT = 20  # generous: a hang fails, a slow machine does not
@@ -60,17 +71,36 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(*extra: str) -> Iterator[Stack]:
+def stack(*extra: str, via: str = "forwarder") -> Iterator[Stack]:
+    """The backend behind the stand-in proxy, or behind the product itself.
+
+    ``via="cluster"``: a balancer-only ``cluster serve`` routing to the backend, which a
+    ``cluster register`` sidecar put in a fresh embedded store, so the bytes take the
+    product's whole path (routing, app, forwarder, handler).
+    """
     bport, pport = free_port(), free_port()
-    with running(backend(bport), port=bport), \
-            running(forward_only(pport, f"http://127.0.0.1:{bport}", *extra),
-                    port=pport, name="proxy") as proxy:
-        yield Stack(bport, pport, proxy)
+    upstream = f"http://127.0.0.1:{bport}"
+    with running(backend(bport), port=bport):
+        if via == "forwarder":
+            with running(forward_only(pport, upstream, *extra), port=pport,
+                         name="proxy") as proxy:
+                yield Stack(bport, pport, proxy)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"CLUSTER_DISCOVERY_URL": f"sqlite:///{tmp}/discovery.sqlite3"}
+            with running(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                      upstream, "--ping-interval", "1"), env=env), \
+                    running(cluster_argv("serve", "--ui-service", "web", "--bind",
+                                         f"127.0.0.1:{pport}", "--ping-interval", "1", *extra),
+                            port=pport, env=env, name="balancer") as proxy:
+                wait_until(lambda: get(f"http://127.0.0.1:{pport}/_cluster/status")
+                           .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
+                yield Stack(bport, pport, proxy)
 
 
-@pytest.fixture(scope="module")
-def st() -> Iterator[Stack]:
-    with stack() as s:
+@pytest.fixture(scope="module", params=["forwarder", "cluster"])
+def st(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with stack(via=request.param) as s:
         yield s
 
 
@@ -174,7 +204,9 @@ def test_status_line_and_repeated_headers_intact(st: Stack) -> None:
         client.send(request("GET", "/cookies"))
         status, headers = client.head()
         assert status == "HTTP/1.1 200 OK"
-        assert header(headers, "Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        cookies = [c for c in header(headers, "Set-Cookie")
+                   if not c.startswith("cluster-endpoint::")]  # the balancer's own
+        assert cookies == ["a=1; Path=/", "b=2; Path=/"]
 
 
 def test_forwarded_headers_added_and_host_preserved(st: Stack) -> None:
@@ -307,6 +339,8 @@ def test_streamed_response_arrives_piece_by_piece(st: Stack, sse: bool) -> None:
 def test_connection_is_pooled_and_reused(st: Stack) -> None:
     ports = {get(f"{st.url}/headers").json()["remote_port"] for _ in range(5)}
     assert len(ports) == 1
+    if st.proc.name == "balancer":
+        return  # the stand-in alone can show its pool's state
     # earlier tests may have left more idle connections, all to the one backend
     assert re.fullmatch(r"<HttpForwarder \[idle: [1-9]\d* over 1 endpoints\]>",
                         get(f"{st.url}/__forwarder__").text)
@@ -547,10 +581,10 @@ class Pattern:
             yield piece
 
 
-@pytest.fixture
-def big() -> Iterator[Stack]:
+@pytest.fixture(params=["forwarder", "cluster"])
+def big(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A fresh proxy per test: an earlier test's peak would hide this one's growth."""
-    with stack() as s:
+    with stack(via=request.param) as s:
         get(f"{s.url}/download?size={4 * MIB}").content  # noqa: B018  (warm up)
         yield s
 
