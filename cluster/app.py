@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
 from cluster.config import Settings
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
 
-_REASONS = {403: "Forbidden", 404: "Not Found", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
 _MAX_INFO_BYTES = 64 * 1024
 
 
@@ -59,8 +58,12 @@ def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
 def reply(start_response: StartResponse, status: int, body: str,
           content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
     data = (body + ("\n" if content_type.startswith("text/plain") else "")).encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
     start_response(
-        f"{status} {_REASONS.get(status, 'Error')}" if status in _REASONS else f"{status} OK",
+        f"{status} {phrase}",
         [("Content-Type", content_type), ("Content-Length", str(len(data))),
          ("Cache-Control", "no-store")],
     )

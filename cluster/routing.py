@@ -42,6 +42,8 @@ class RequestView:
     forwarded_proto: str = ""
     forwarded_host: str = ""
     remote_addr: str = ""
+    #: the request-target exactly as received (RAW_URI), when the server provides it
+    raw_target: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, object]) -> RequestView:
@@ -60,10 +62,14 @@ class RequestView:
             forwarded_proto=get("HTTP_X_FORWARDED_PROTO"),
             forwarded_host=get("HTTP_X_FORWARDED_HOST"),
             remote_addr=get("REMOTE_ADDR"),
+            raw_target=get("RAW_URI"),
         )
 
     @property
     def path_qs(self) -> str:
+        """What to send upstream: the raw target when known, so %2F stays %2F."""
+        if self.raw_target.startswith("/"):
+            return self.raw_target
         path = quote(self.path, safe="/%:@!$&'()*+,;=-._~")
         return f"{path}?{self.query}" if self.query else path
 

@@ -233,3 +233,11 @@ def test_status_path_only_for_trusted_addresses():
     d = route(RequestView(path="/_cluster/status", remote_addr="198.51.100.7"), WEB, POLICY,
               rand=lambda: 0.99)
     assert isinstance(d, Proxy) and d.path_qs == "/_cluster/status"
+
+
+def test_raw_request_target_is_forwarded_exactly():
+    request = RequestView(path="/a/b", query="x=%2F", raw_target="/a%2Fb?x=%2F")
+    d = route(request, WEB, POLICY, rand=lambda: 0.5)
+    assert isinstance(d, Proxy) and d.path_qs == "/a%2Fb?x=%2F"
+    # an absolute-form target (a proxy request) is not reused as a path
+    assert RequestView(path="/a", raw_target="http://x/a").path_qs == "/a"
