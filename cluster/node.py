@@ -94,9 +94,12 @@ class Cluster:
     def eject(self, endpoint: Endpoint, seconds: float | None = None) -> None:
         """Leave ``endpoint`` out of this instance's picks for a while."""
         seconds = self.settings.eject_seconds if seconds is None else seconds
+        now = time.monotonic()
         with self._lock:
-            self._ejected[endpoint.hash] = time.monotonic() + seconds
-        log.warning("ejecting %s %s for %.0fs", endpoint.service, endpoint.url, seconds)
+            already = self._ejected.get(endpoint.hash, 0.0) > now
+            self._ejected[endpoint.hash] = now + seconds
+        if not already:  # concurrent requests to a dead endpoint: one line, not one each
+            log.warning("ejecting %s %s for %.0fs", endpoint.service, endpoint.url, seconds)
 
     def ejected(self) -> frozenset[str]:
         """Hashes of the endpoints currently ejected (cheap when there are none)."""
