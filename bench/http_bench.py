@@ -1,20 +1,28 @@
-"""HTTP proxy benchmark: the backend hit directly, through our proxy, through nginx.
+"""HTTP proxy benchmark: the backend hit directly, through `cluster serve`, through nginx.
 
-    python bench/http_bench.py [--duration 10] [--connections 50] [--sizes 100,65536]
+    python bench/http_bench.py [--duration 10] [--rounds 2] [--handler-stages]
 
 One run measures, with wrk -t1 on 127.0.0.1 and one server process each:
 
-- ``direct``  the backend itself (nginx, one worker, two static files: fast enough
+- ``direct``     the backend itself (nginx, one worker, two static files: fast enough
   not to be what limits the others);
-- ``proxy``   our forwarder in front of it (see :func:`proxy_argv`);
-- ``nginx``   nginx as an equivalent reverse proxy (keep-alive upstream, streaming);
-- ``hello``   a pywsgi hello-world app with the same handler as the proxy: the ceiling
-  pywsgi itself puts on any WSGI app, proxy or not (100-byte size only).
+- ``proxy``      the real product: ``python -m cluster serve --ui-service web`` (a
+  balancer with no local app), discovery in a temp SQLite file, the backend registered
+  as service ``web`` by the ``cluster register`` sidecar (see :func:`cluster_setup`);
+- ``forwarder``  HttpForwarder alone behind the same server and handler
+  (tests/apps/forward_only.py's app): the proxy minus routing, cookies and discovery;
+- ``nginx``      nginx as an equivalent reverse proxy (keep-alive upstream, streaming);
+- ``hello``      a pywsgi hello-world app with the same handler: the ceiling pywsgi
+  itself puts on any WSGI app, proxy or not (100-byte size only).
+
+``--handler-stages`` adds the forwarder under ClusterHandler with its fast paths undone
+(``stock``), then put back one at a time (``+onesend``, ``+lean``, ``+nolog``); the
+``forwarder`` row is the last step (``+gcfreeze``): what each change in
+cluster/handler.py and cluster/server.py buys (first size only).
 
 It prints req/s, p50/p99 latency and the server's CPU use (all its processes, % of one
-core, and CPU microseconds per request) per target and size, then the ratios
-proxy/direct, proxy/nginx and proxy/hello. Every process
-is started here, stopped by PID, and lives in a temp dir that is removed at the end.
+core, and CPU microseconds per request) per target and size, then the ratios. Every
+process is started here, stopped by PID, and lives in a temp dir removed at the end.
 """
 
 from __future__ import annotations
@@ -37,22 +45,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 
-# --- the proxy under test: the one place to change to benchmark another command ---
+SERVICE = "web"
 
-def proxy_argv(port: int, upstream: str) -> list[str]:
-    """Command line of the proxy under test, listening on 127.0.0.1:port.
 
-    Today the test proxy (tests/apps/forward_only.py); once `cluster serve` exists:
-    ``["cluster", "serve", "--port", str(port), "--self-weight", "0", ...]``.
-    """
-    return [sys.executable, str(ROOT / "tests" / "apps" / "forward_only.py"),
-            "--port", str(port), "--upstream", upstream]
-
-# ----------------------------------------------------------------------------------
+def cluster_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cluster", *args]
 
 
 def hello_argv(port: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--serve-hello", str(port)]
+
+
+def forwarder_argv(port: int, upstream: str, stage: str = "all") -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--serve-forwarder", stage,
+            str(port), upstream]
 
 
 def serve_hello(port: int) -> None:
@@ -60,6 +66,8 @@ def serve_hello(port: int) -> None:
     from gevent import monkey
 
     monkey.patch_all()
+    import gc
+
     import gevent
     from gevent.pywsgi import WSGIServer
 
@@ -73,94 +81,39 @@ def serve_hello(port: int) -> None:
         return [body]
 
     server = WSGIServer(("127.0.0.1", port), app, handler_class=ClusterHandler, log=None)
+    gc.collect()
+    gc.freeze()  # as cluster serve does
     gevent.signal_handler(signal.SIGTERM, server.stop)
     server.serve_forever()
 
 
-# --- experiments: ClusterHandler variants (not product code; see docs/benchmarks.md) ---
-# pywsgi's own per-request work dominates a proxied request. These subclasses measure
-# what three changes to cluster/handler.py would buy; they are cumulative.
+#: --handler-stages, cumulative: each adds one fast path to the one before.
+STAGES = ("stock", "+onesend", "+lean", "+nolog")
 
-def _variant_handlers() -> dict[str, type]:
+
+def staged_handler(stage: str) -> type:
+    """ClusterHandler with the fast paths after ``stage`` undone (pywsgi's methods back).
+    ``all``: ClusterHandler as it is."""
+    from gevent.pywsgi import WSGIHandler
+
     from cluster.handler import ClusterHandler
 
-    class OneSend(ClusterHandler):  # type: ignore[misc]
-        """Status line, headers and a small first body piece in one send (pywsgi makes
-        two: each send that wakes the peer is expensive, the more so in a VM)."""
-
-        def _write_with_headers(self, data: bytes) -> None:
-            self.headers_sent = True
-            self.finalize_headers()
-            head = bytearray(b"HTTP/1.1 ")
-            head += self.status
-            head += b"\r\n"
-            for header, value in self.response_headers:
-                head += header + b": " + value + b"\r\n"
-            head += b"\r\n"
-            if data and not self.response_use_chunked and len(data) <= 65536:
-                head += data
-                self._sendall(head)
-            else:
-                self._sendall(head)
-                self._write(data)
-
-    class LeanHeaders:
-        """The part of pywsgi's email-based header object that WSGIHandler uses
-        (a sketch: no limits on header count or size, no obsolete folding)."""
-
-        __slots__ = ("headers", "_map", "status")
-
-        def __init__(self, rfile: Any) -> None:
-            self.status = ""
-            self.headers: list[str] = []
-            self._map: dict[str, str] = {}
-            while True:
-                line = rfile.readline(65537)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                text = line.decode("latin-1")
-                self.headers.append(text)
-                name, _, value = text.partition(":")
-                self._map.setdefault(name.strip().lower(), value.strip())
-
-        def get(self, name: str, default: Any = None) -> Any:
-            return self._map.get(name.lower(), default)
-
-        getheader = get
-
-        @property
-        def typeheader(self) -> str | None:
-            return self._map.get("content-type")
-
-        def __delitem__(self, name: str) -> None:
-            key = name.lower()
-            self._map.pop(key, None)
-            self.headers = [h for h in self.headers
-                            if h.partition(":")[0].strip().lower() != key]
-
-        def __contains__(self, name: str) -> bool:
-            return name.lower() in self._map
-
-    class Lean(OneSend):
-        """+ headers parsed without the email package."""
-
-        def MessageClass(self, rfile: Any, _: int) -> LeanHeaders:  # noqa: N802
-            return LeanHeaders(rfile)
-
-    class NoLog(Lean):
-        """+ no access-log line formatted when the server has no access log."""
-
-        def log_request(self) -> None:
-            pass
-
-    return {"onesend": OneSend, "lean": Lean, "nolog": NoLog}
+    if stage == "all":
+        return ClusterHandler
+    keep = STAGES.index(stage)
+    undo: dict[str, Any] = {}
+    if keep < 1:
+        undo["_write_with_headers"] = WSGIHandler._write_with_headers
+    if keep < 2:
+        undo["MessageClass"] = WSGIHandler.MessageClass
+        undo["_headers"] = WSGIHandler._headers
+    if keep < 3:
+        undo["log_request"] = WSGIHandler.log_request
+    return type(f"Staged{keep}", (ClusterHandler,), undo)
 
 
-VARIANTS = ("onesend", "lean", "nolog", "gcfreeze")
-
-
-def serve_variant(name: str, port: int, upstream: str) -> None:
-    """forward_only's app under an experimental handler (or gc.freeze for 'gcfreeze')."""
+def serve_forwarder(stage: str, port: int, upstream: str) -> None:
+    """forward_only's app (HttpForwarder alone) under ClusterHandler at ``stage``."""
     from gevent import monkey
 
     monkey.patch_all()
@@ -172,11 +125,9 @@ def serve_variant(name: str, port: int, upstream: str) -> None:
     from cluster.proxy.http import HttpForwarder
     from forward_only import make_app
 
-    handlers = _variant_handlers()
-    handler = handlers.get(name, handlers["nolog"])
     server = WSGIServer(("127.0.0.1", port), make_app(HttpForwarder(), upstream),
-                        handler_class=handler, log=None)
-    if name == "gcfreeze":  # + startup objects out of the collector's way
+                        handler_class=staged_handler(stage), log=None)
+    if stage == "all":  # the last step, as cluster serve does
         gc.collect()
         gc.freeze()
     gevent.signal_handler(signal.SIGTERM, server.stop)
@@ -202,15 +153,17 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def started(argv: list[str], port: int, workdir: Path, name: str) -> Iterator[int]:
-    """Run argv until the block ends; yields its PID. Stopped by PID (TERM, then KILL)."""
+def started(argv: list[str], port: int | None, workdir: Path, name: str) -> Iterator[int]:
+    """Run argv until the block ends (once ``port`` accepts connections, if given);
+    yields its PID. Stopped by PID (TERM, then KILL)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(ROOT / "tests" / "apps"), os.environ.get("PYTHONPATH", "")]))
     with open(workdir / f"{name}.log", "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=str(workdir))
     try:
-        wait_port(port, proc)
+        if port is not None:
+            wait_port(port, proc)
         yield proc.pid
     finally:
         if proc.poll() is None:
@@ -220,6 +173,45 @@ def started(argv: list[str], port: int, workdir: Path, name: str) -> Iterator[in
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+def status_lists(port: int, endpoint: str) -> bool:
+    """Does the balancer's GET /_cluster/status list ``endpoint``?"""
+    import json
+    import urllib.request
+
+    with contextlib.suppress(OSError, ValueError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_cluster/status",
+                                    timeout=2) as response:
+            view = json.load(response)
+        return any(e["endpoint"] == endpoint for e in view.get("endpoints", []))
+    return False
+
+
+@contextlib.contextmanager
+def cluster_setup(port: int, backend: str, workdir: Path) -> Iterator[int]:
+    """`cluster serve --ui-service web` on ``port`` plus a `cluster register` sidecar
+    putting ``backend`` in a temp SQLite store as service web; yields the balancer's PID
+    once its status lists the backend."""
+    discovery = f"sqlite:///{workdir / 'd.sqlite3'}"
+    with contextlib.ExitStack() as stack:
+        os.environ["CLUSTER_DISCOVERY_URL"] = discovery  # inherited by both processes
+        try:
+            pid = stack.enter_context(started(
+                cluster_argv("serve", "--ui-service", SERVICE, "--bind", f"127.0.0.1:{port}"),
+                port, workdir, "proxy"))
+            stack.enter_context(started(
+                cluster_argv("register", "--service", SERVICE, "--endpoint-url", backend,
+                             "--ping-interval", "1"),
+                None, workdir, "sidecar"))
+        finally:
+            del os.environ["CLUSTER_DISCOVERY_URL"]
+        deadline = time.monotonic() + 20
+        while not status_lists(port, backend):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the balancer never listed {backend}; see {workdir}")
+            time.sleep(0.2)
+        yield pid
 
 
 def nginx_argv(template: str, workdir: Path, **values: object) -> list[str]:
@@ -280,7 +272,7 @@ def measure(name: str, pid: int, url: str, args: argparse.Namespace) -> dict[str
     result["cpu"] = 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
     result["us"] = result["cpu"] * 1e4 / result["rps"] if result["rps"] else float("nan")
     bad = f"  NON-2xx {result['bad']:.0f}" if result["bad"] else ""
-    print(f"  {name:<7} {url.rsplit('/', 1)[1]:>8}: {result['rps']:9.0f} req/s  "
+    print(f"  {name:<18} {url.rsplit('/', 1)[1]:>8}: {result['rps']:9.0f} req/s  "
           f"p50 {result['p50']:7.2f} ms  p99 {result['p99']:7.2f} ms  "
           f"cpu {result['cpu']:4.0f}% = {result['us']:5.1f} us/req{bad}", flush=True)
     return result
@@ -297,31 +289,31 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sizes", default="100,65536", help="response sizes in bytes")
-    parser.add_argument("--targets", default="hello,direct,proxy,nginx")
+    parser.add_argument("--targets", default="hello,direct,proxy,forwarder,nginx")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every target this many times, interleaved; keep "
                              "each one's best (for a machine shared with other work)")
-    parser.add_argument("--handler-experiments", action="store_true",
-                        help="also measure the proxy under experimental ClusterHandler "
-                             "variants (first size only): " + ", ".join(VARIANTS))
+    parser.add_argument("--handler-stages", action="store_true",
+                        help="also measure the forwarder with ClusterHandler's fast paths "
+                             "undone, then added one by one (first size only)")
     parser.add_argument("--serve-hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-variant", nargs=3, metavar=("NAME", "PORT", "UPSTREAM"),
+    parser.add_argument("--serve-forwarder", nargs=3, metavar=("STAGE", "PORT", "UPSTREAM"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_hello:
         serve_hello(args.serve_hello)
         return
-    if args.serve_variant:
-        name, port, upstream = args.serve_variant
-        serve_variant(name, int(port), upstream)
+    if args.serve_forwarder:
+        stage, port, upstream = args.serve_forwarder
+        serve_forwarder(stage, int(port), upstream)
         return
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (Debian: apt-get install wrk nginx-light)")
     sizes = [int(s) for s in args.sizes.split(",")]
     targets = args.targets.split(",")
-    if args.handler_experiments:
-        targets += [f"proxy+{name}" for name in VARIANTS]
+    if args.handler_stages:
+        targets += [f"forwarder:{stage}" for stage in STAGES]
 
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
     try:
@@ -355,27 +347,31 @@ def run(args: argparse.Namespace, workdir: Path, sizes: list[int],
         for target in targets:
             port = free_port()
             if target == "proxy":
-                argv = proxy_argv(port, backend)
+                servers[target] = (port, stack.enter_context(cluster_setup(
+                    port, backend, workdir)))
+                continue
+            if target == "forwarder":
+                argv = forwarder_argv(port, backend)
+            elif target.startswith("forwarder:"):
+                argv = forwarder_argv(port, backend, target.split(":", 1)[1])
             elif target == "nginx":
                 argv = nginx_argv("nginx_proxy.conf", workdir, PORT=port,
                                   UPSTREAM_PORT=backend_port, BUFFERING="off")
             elif target == "hello":
                 argv = hello_argv(port)
-            elif target.startswith("proxy+"):
-                argv = [sys.executable, str(Path(__file__).resolve()), "--serve-variant",
-                        target[6:], str(port), backend]
             elif target == "direct":
                 continue
             else:
                 sys.exit(f"unknown target {target}")
-            servers[target] = (port, stack.enter_context(started(argv, port, workdir, target)))
+            servers[target] = (port, stack.enter_context(started(
+                argv, port, workdir, target.replace(":", "-"))))
         for round_no in range(1, args.rounds + 1):
             if args.rounds > 1:
                 print(f"round {round_no}", flush=True)
             for size in sizes:
                 for target in targets:
-                    if (target == "hello" or "+" in target) and size != sizes[0]:
-                        continue  # hello: one fixed 100-byte body; experiments: one size
+                    if (target == "hello" or ":" in target) and size != sizes[0]:
+                        continue  # hello: one fixed 100-byte body; stages: one size
                     port, pid = servers[target]
                     path = "hello" if target == "hello" else str(size)
                     result = measure(target, pid, f"http://127.0.0.1:{port}/{path}", args)
@@ -399,26 +395,33 @@ def report(results: dict[tuple[str, int], dict[str, float]], sizes: list[int],
             print(f"| {size_label(size)} | {label} | {r['rps']:.0f} | {r['p50']:.2f} | "
                   f"{r['p99']:.2f} | {r['cpu']:.0f}% | {r['us']:.1f} |")
     print()
-    print("| response | proxy/direct | proxy/nginx | proxy/hello |")
-    print("| --- | ---: | ---: | ---: |")
+    others = ("direct", "nginx", "hello", "forwarder")
+    print("| response | " + " | ".join(f"proxy/{o}" for o in others) + " |")
+    print("| --- |" + " ---: |" * len(others))
     for size in sizes:
         proxy = results.get(("proxy", size))
         if proxy is None:
             continue
         ratios = []
-        for other in ("direct", "nginx", "hello"):
+        for other in others:
             base = results.get((other, size))
             ratios.append(f"{proxy['rps'] / base['rps']:.2f}" if base else "-")
         print(f"| {size_label(size)} | {' | '.join(ratios)} |")
-    variants = [t for t in targets if t.startswith("proxy+") and (t, sizes[0]) in results]
-    if variants and ("proxy", sizes[0]) in results:
-        base = results["proxy", sizes[0]]["rps"]
+    stages = [t for t in targets if t.startswith("forwarder:") and (t, sizes[0]) in results]
+    if stages:
+        steps = [*stages, "forwarder"]
+        base = results[stages[0], sizes[0]]["rps"]
         print()
-        print(f"| experiment ({size_label(sizes[0])}) | req/s | vs proxy |")
-        print("| --- | ---: | ---: |")
-        for target in variants:
-            rps = results[target, sizes[0]]["rps"]
-            print(f"| {target} | {rps:.0f} | {rps / base:.2f} |")
+        print(f"| handler stage ({size_label(sizes[0])}, forwarder) | req/s | p50 ms | "
+              "p99 ms | CPU µs/req | vs stock |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for target in steps:
+            r = results.get((target, sizes[0]))
+            if r is None:
+                continue
+            label = target.split(":", 1)[1] if ":" in target else "+gcfreeze (= forwarder)"
+            print(f"| {label} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                  f"{r['us']:.1f} | {r['rps'] / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """The pywsgi request handler `cluster` serves with.
 
-Three things stock pywsgi lacks: TCP_NODELAY on accepted sockets (pywsgi writes headers
-and body in two sends, and without it Nagle meets delayed ACKs: ~40 ms per small
-keep-alive response, gevent issue #1233), access to the raw client socket, and a way
-to take the connection away from pywsgi for an upgraded protocol (WebSocket) so that
-a byte pump owns it and pywsgi neither writes a response nor reads another request.
+Three things stock pywsgi lacks: TCP_NODELAY on accepted sockets (without it Nagle
+meets delayed ACKs when a response goes out in two sends: ~40 ms per small keep-alive
+response, gevent issue #1233), access to the raw client socket, and a way to take the
+connection away from pywsgi for an upgraded protocol (WebSocket) so that a byte pump
+owns it and pywsgi neither writes a response nor reads another request.
+
+And three cuts in pywsgi's own per-request cost, which dominates a proxied request
+(measured in docs/benchmarks.md): the response head goes out in the same ``send`` as
+a small first body piece; request headers are read by :func:`read_headers` instead of
+the ``email`` package; no access-log line is formatted when there is no access log.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,98 @@ HIJACK_KEY = "cluster.hijack"
 
 #: What ``environ[HIJACK_KEY]`` is: ``hijack(status) -> (client socket, early bytes)``.
 Hijack = Callable[[str], tuple[Any, bytes]]
+
+#: Limits of the header reader pywsgi used (http.client's): longer lines or more
+#: header fields are a 400.
+MAX_HEADER_LINE = 65536
+MAX_HEADERS = 100
+#: A first body piece up to this size rides in the same ``send`` as the response head.
+ONESEND_MAX = 65536
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+#: pywsgi's "no access log" object (``log=None``); if gevent renames it, we just log.
+_NO_ACCESS_LOG: Any = getattr(pywsgi, "_NoopLog", ())
+
+
+class BadRequestHeaders(ValueError):
+    """A malformed request head. A ValueError, so pywsgi answers 400 and logs one line."""
+
+
+class RequestHeaders:
+    """Request header fields as read off the wire, in order.
+
+    Offers what pywsgi's handler (and gunicorn's, for its access log) use of the
+    ``email``-based object it replaces: ``get``/``getheader`` (first value,
+    case-insensitive), ``typeheader``, ``headers`` (the lines), ``items()``, ``in``,
+    ``del`` and ``status`` (always empty: problems raise instead).
+    """
+
+    __slots__ = ("fields", "_first")
+    status = ""
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+        self._first: dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._first.get(name.lower(), default)
+
+    getheader = get
+
+    @property
+    def typeheader(self) -> str | None:
+        return self._first.get("content-type")
+
+    @property
+    def headers(self) -> list[str]:
+        return [f"{name}: {value}\r\n" for name, value in self.fields]
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self.fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def __delitem__(self, name: str) -> None:
+        key = name.lower()
+        self._first.pop(key, None)
+        self.fields = [(n, v) for n, v in self.fields if n.lower() != key]
+
+
+def read_headers(rfile: Any) -> RequestHeaders:
+    """Read header lines up to the blank line (or EOF) from ``rfile``.
+
+    Stricter than the ``email`` parser it replaces, which silently dropped every header
+    after a malformed line, kept obsolete line folding with the CR LF inside the value,
+    and let a request through with two different Content-Lengths (taking the first):
+    all request-smuggling material for a proxy. Each is a BadRequestHeaders here (400),
+    as are lines over MAX_HEADER_LINE and more than MAX_HEADERS fields.
+    Values are latin-1 decoded and stripped, as pywsgi's were.
+    """
+    fields: list[tuple[str, str]] = []
+    length: str | None = None
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise BadRequestHeaders("header line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return RequestHeaders(fields)
+        if len(fields) >= MAX_HEADERS:
+            raise BadRequestHeaders(f"more than {MAX_HEADERS} header fields")
+        text = line.decode("latin-1").rstrip("\r\n")
+        if text[:1] in (" ", "\t"):
+            raise BadRequestHeaders("obsolete header line folding")
+        name, sep, value = text.partition(":")
+        if not sep or not _TOKEN(name) or "\r" in value or "\0" in value:
+            raise BadRequestHeaders(f"malformed header line {text[:60]!r}")
+        value = value.strip()
+        if name.lower() == "content-length":
+            if length is not None and value != length:
+                raise BadRequestHeaders("conflicting Content-Length headers")
+            length = value
+        fields.append((name, value))
 
 
 def set_nodelay(sock: Any) -> None:
@@ -68,8 +167,30 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         set_nodelay(self.socket)
         super().handle()
 
+    def MessageClass(self, rfile: Any, *_: Any) -> RequestHeaders:  # noqa: N802
+        """Request headers without the ``email`` package (pywsgi's costliest step)."""
+        return read_headers(rfile)
+
+    def _headers(self) -> Iterator[tuple[str, str]]:
+        """(environ key, value) per header field, the keys pywsgi makes: HTTP_*, minus
+        names with '_' (they could pose as others) and Content-Type/-Length, which
+        get_environ sets without the prefix. get_environ joins repeats with ','."""
+        headers = self.headers
+        if not isinstance(headers, RequestHeaders):
+            yield from super()._headers()
+            return
+        for name, value in headers.fields:
+            if "_" in name:
+                continue
+            key = name.replace("-", "_").upper()
+            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                yield "HTTP_" + key, value
+
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
+        # The request-target as received: PATH_INFO is decoded (%2F became /), and a
+        # proxy must forward the path exactly (gunicorn's handler sets the same key).
+        environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
         return environ
@@ -98,6 +219,41 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         self._orig_status = status
         self.response_headers: list[tuple[bytes, bytes]] = []
         return self.socket, early
+
+    def _write_with_headers(self, data: bytes) -> None:
+        """Status line, headers and a first body piece up to ONESEND_MAX in one send.
+
+        pywsgi sends the head and the body separately; a send that wakes the peer is
+        the costliest call of a small response (see docs/benchmarks.md)."""
+        self.headers_sent = True
+        self.finalize_headers()
+        head = bytearray(b"HTTP/1.1 ")
+        head += self.status
+        head += b"\r\n"
+        for name, value in self.response_headers:
+            head += name
+            head += b": "
+            head += value
+            head += b"\r\n"
+        head += b"\r\n"
+        if data and len(data) <= ONESEND_MAX:
+            if self.response_use_chunked:
+                head += b"%x\r\n" % len(data)
+                head += data
+                head += b"\r\n"
+            else:
+                head += data
+            self._sendall(head)
+        else:
+            self._sendall(head)
+            self._write(data)
+
+    def log_request(self) -> None:
+        """Skip formatting a line nobody writes (``log=None``); else log as the base
+        class does (pywsgi's line, or gunicorn's access log under gunicorn)."""
+        if isinstance(self.server.log, _NO_ACCESS_LOG):
+            return
+        super().log_request()
 
     def process_result(self) -> None:
         if self.hijacked:

@@ -9,6 +9,7 @@ accepting, let open requests finish for a while, then close what is left.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -105,6 +106,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
     node.start()
+    # Everything alive now (modules, the app, settings) lives as long as the process:
+    # move it out of the collector's generations so collections triggered by
+    # per-request garbage stop rescanning it (fewer and shorter pauses, lower p99).
+    gc.collect()
+    gc.freeze()
     for server in servers:
         server.start()
     log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",

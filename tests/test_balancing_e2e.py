@@ -171,14 +171,18 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
             response = requests.get(base + f"/die-once?marker={marker}", timeout=10)
             # the endpoint that got it first died without answering; another answered
             assert response.status_code == 200 and response.text.startswith("survived")
-            assert sum(p.poll() is not None for p in procs) == 1
+            wait_until(lambda: sum(p.poll() is not None for p in procs) == 1, timeout=5,
+                       what="exactly the one endpoint that got the GET first to exit")
 
             marker = tmp_path / "died-post"
             response = requests.post(base + f"/die-once?marker={marker}", data=b"x",
                                      timeout=10)
             # a POST may have had its effect before the endpoint died: not sent again
             assert response.status_code == 502 and "Traceback" not in response.text
-            assert sum(p.poll() is not None for p in procs) == 2
+            wait_until(lambda: sum(p.poll() is not None for p in procs) == 2, timeout=5,
+                       what="the endpoint that got the POST to exit")
+            time.sleep(0.5)
+            assert sum(p.poll() is not None for p in procs) == 2, "the POST was not resent"
         finally:
             for proc in procs:
                 proc.stop()

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: Request bodies up to this size (with a Content-Length) are read first, so a
 #: request can be replayed on a fresh connection when a pooled one is found dead.
 BUFFER_LIMIT = 64 * 1024
+#: environ key holding a small request body already read from wsgi.input.
+BODY_KEY = "cluster.body"
 #: Largest piece read from a socket or wsgi.input at once.
 RECV_SIZE = 256 * 1024
 INPUT_CHUNK = 64 * 1024
@@ -226,9 +228,16 @@ class HttpForwarder:
             length = int(length_s)
             framing = f"Content-Length: {length}\r\n"
             if length <= BUFFER_LIMIT:
-                body = stream.read(length) if length else b""
-                if len(body) != length:
-                    raise OSError(f"client body ended after {len(body)} of {length} bytes")
+                # Kept in the environ: when this endpoint refuses the connection, the
+                # caller retries another one, and the client's body is read only once.
+                kept = environ.get(BODY_KEY)
+                if kept is None:
+                    body = stream.read(length) if length else b""
+                    if len(body) != length:
+                        raise OSError(f"client body ended after {len(body)} of {length} bytes")
+                    environ[BODY_KEY] = body
+                else:
+                    body = kept
         elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
             # pywsgi de-chunks wsgi.input; the length is unknown, so chunk again.
             chunked = True
