@@ -188,3 +188,26 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
                 proc.stop()
     finally:
         front.stop()
+
+
+def test_library_mode_wrap_registers_balances_and_deregisters(sqlite_url):
+    lib_port = free_port()
+    lib = Proc(python(str(ROOT / "tests" / "apps" / "library_app.py"), str(lib_port)),
+               env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
+               name="library")
+    other_port = free_port()
+    other = instance(sqlite_url, other_port, "served")
+    try:
+        wait_port(lib_port, proc=lib)
+        wait_port(other_port, proc=other)
+        lib_url = f"http://127.0.0.1:{lib_port}"
+        wait_until(lambda: len(view(lib_url)["endpoints"]) == 2, timeout=10)
+        seen = Counter(requests.get(lib_url + "/whoami", timeout=5).text for _ in range(60))
+        assert set(seen) == {"library", "served"}, seen
+        lib.signal(signal.SIGTERM)
+        assert lib.wait(15) == 0
+        rows = status_json(sqlite_url, "--all")["endpoints"]
+        assert [r["endpoint"] for r in rows] == [f"http://127.0.0.1:{other_port}"]
+    finally:
+        lib.stop()
+        other.stop()
