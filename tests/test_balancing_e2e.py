@@ -67,6 +67,20 @@ def members(runner: str, discovery_url: str, count: int, tmp: Path):
             proc.stop()
 
 
+@contextlib.contextmanager
+def balancer_front(discovery_url: str):
+    """A balancer-only instance for the `web` service: (process, base URL)."""
+    port = free_port()
+    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{port}",
+                              *COMMON), env={"CLUSTER_DISCOVERY_URL": discovery_url},
+                 name="front")
+    try:
+        wait_port(port, proc=front)
+        yield front, f"http://127.0.0.1:{port}"
+    finally:
+        front.stop()
+
+
 def view(url: str) -> dict:
     return requests.get(url + "/_cluster/status", timeout=5).json()
 
@@ -119,12 +133,7 @@ def test_gunicorn_registers_once_and_survives_worker_recycling(sqlite_url, tmp_p
 
 
 def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_path):
-    front_port = free_port()
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{front_port}",
-                              *COMMON), env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
-    try:
-        wait_port(front_port, proc=front)
-        base = f"http://127.0.0.1:{front_port}"
+    with balancer_front(sqlite_url) as (front, base):
         with members("serve", sqlite_url, 3, tmp_path) as (procs, urls):
             wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=10)
             statuses: Counter[int] = Counter()
@@ -150,17 +159,10 @@ def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_p
         assert front.poll() is None
         assert "Traceback" not in front.output()
         assert front.output().count(f"ejecting web {urls[0]}") >= 1
-    finally:
-        front.stop()
 
 
 def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_path):
-    front_port = free_port()
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{front_port}",
-                              *COMMON), env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
-    try:
-        wait_port(front_port, proc=front)
-        base = f"http://127.0.0.1:{front_port}"
+    with balancer_front(sqlite_url) as (front, base):
         ports = [free_port() for _ in range(3)]
         procs = [instance(sqlite_url, port, f"b{n}") for n, port in enumerate(ports)]
         try:
@@ -186,8 +188,6 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
         finally:
             for proc in procs:
                 proc.stop()
-    finally:
-        front.stop()
 
 
 def test_library_mode_wrap_registers_balances_and_deregisters(sqlite_url):
