@@ -51,8 +51,20 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
     )
 
 
+#: Set-Cookie headers already made, by (cookie name, endpoint hash): a balancer with no
+#: cookie from the client sets one on every response, and the pairs are few.
+_COOKIE_HEADERS: dict[tuple[str, str], tuple[str, str]] = {}
+_COOKIE_HEADERS_MAX = 4096
+
+
 def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+    header = _COOKIE_HEADERS.get(cookie)
+    if header is None:
+        header = ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+        if len(_COOKIE_HEADERS) >= _COOKIE_HEADERS_MAX:  # endpoints come and go
+            _COOKIE_HEADERS.clear()
+        _COOKIE_HEADERS[cookie] = header
+    return header
 
 
 def reply(start_response: StartResponse, status: int, body: str,
@@ -93,12 +105,13 @@ class ClusterApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         request = RequestView.from_environ(environ)
-        tried: set[str] = set()
+        node = self.node
+        tried: set[str] | None = None  # made on the first failure only
         while True:
-            exclude = self.node.ejected()
+            exclude = node.ejected()
             if tried:
                 exclude = exclude | tried
-            decision = route(request, self.node.table, self.policy, exclude)
+            decision = route(request, node.table, self.policy, exclude)
             if isinstance(decision, Serve):
                 return self._serve(decision, environ, start_response)
             if isinstance(decision, Reply):
@@ -112,19 +125,22 @@ class ClusterApp:
                     return self._sockjs_info(decision, environ, start_response)
                 return self._proxy(decision, environ, start_response)
             except UpstreamError as exc:
-                replayable = exc.retryable or (
-                    isinstance(exc, UpstreamBroken) and _replayable(environ)
-                )
-                if endpoint is not None and replayable:
-                    if exc.retryable:
-                        self.node.eject(endpoint)
-                    tried.add(endpoint.hash)
-                    retry = not isinstance(decision, Proxy) or decision.retry
-                    if retry and len(tried) <= self.retries:
-                        log.warning("retrying elsewhere: %s", exc)
-                        continue
-                log.warning("%s %s failed: %s", request.method, request.path, exc)
-                return reply(start_response, exc.status, f"upstream {exc.reason}")
+                failure = exc
+            replayable = failure.retryable or (
+                isinstance(failure, UpstreamBroken) and _replayable(environ)
+            )
+            if endpoint is not None and replayable:
+                if failure.retryable:
+                    node.eject(endpoint)
+                if tried is None:
+                    tried = set()
+                tried.add(endpoint.hash)
+                retry = not isinstance(decision, Proxy) or decision.retry
+                if retry and len(tried) <= self.retries:
+                    log.warning("retrying elsewhere: %s", failure)
+                    continue
+            log.warning("%s %s failed: %s", request.method, request.path, failure)
+            return reply(start_response, failure.status, f"upstream {failure.reason}")
 
     def status(self) -> dict[str, Any]:
         """This instance's view: its identity, its table, what it has ejected."""
@@ -163,7 +179,8 @@ class ClusterApp:
     def _proxy(self, decision: Proxy, environ: dict[str, Any],
                start_response: StartResponse) -> Iterable[bytes]:
         url = decision.endpoint.url
-        if is_websocket_upgrade(environ):
+        # is_websocket_upgrade is False without an Upgrade header: skip it for plain HTTP.
+        if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ):
             return self.bridge.bridge(environ, start_response, url, decision.path_qs, (self._hop,))
         response = self.forwarder.forward(environ, url, decision.path_qs, (self._hop,))
         headers = response.headers

@@ -18,6 +18,8 @@ from cluster.registry import EndpointTable, Registrar, Watcher
 
 log = logging.getLogger(__name__)
 
+_NONE_EJECTED: frozenset[str] = frozenset()
+
 
 class Cluster:
     """Registers this instance (when it has a service) and watches the store.
@@ -104,7 +106,7 @@ class Cluster:
     def ejected(self) -> frozenset[str]:
         """Hashes of the endpoints currently ejected (cheap when there are none)."""
         if not self._ejected:
-            return frozenset()
+            return _NONE_EJECTED
         now = time.monotonic()
         with self._lock:
             for key in [k for k, until in self._ejected.items() if until <= now]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 from urllib.parse import quote
 
 from cluster.records import Endpoint
@@ -47,6 +47,8 @@ class RequestView:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, object]) -> RequestView:
+        """The view of a WSGI environ; a value that is not a string counts as absent."""
+
         def get(key: str, default: str = "") -> str:
             value = environ.get(key, default)
             return value if isinstance(value, str) else default
@@ -218,11 +220,17 @@ def _pick(
     """
     local_ok = policy.has_local_app and service == policy.service and policy.self_hash is not None
     self_hash = policy.self_hash if local_ok else None
-    others = [
-        e for e in table.by_service.get(service, ())
-        if e.hash not in exclude and e.hash != policy.self_hash
-    ]
-    name = cookie_name(service)
+    candidates = table.by_service.get(service, ())
+    others: Sequence[Endpoint]
+    if not exclude and (policy.self_hash is None or policy.self_hash not in table.by_hash):
+        # Nothing to leave out (a plain balancer's usual case): EndpointTable.build
+        # indexes the same live endpoints by service and by hash.
+        others = candidates
+    else:
+        others = [
+            e for e in candidates if e.hash not in exclude and e.hash != policy.self_hash
+        ]
+    name = COOKIE_PREFIX + service
     wanted = request.cookie(name)
     if wanted:
         if wanted == self_hash and self_hash not in exclude:
@@ -266,6 +274,8 @@ def _route_sticky(
 
 def _sockjs_info_service(path: str, policy: Policy) -> str | None:
     """The service whose SockJS info ``path`` asks for, if it is such a path."""
+    if not path.endswith("/info"):  # nearly every request: no string built
+        return None
     suffix = policy.sockjs_prefix + "/info"
     if path == suffix:
         return policy.ui_service or policy.service or ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 from collections import Counter
@@ -241,3 +242,73 @@ def test_raw_request_target_is_forwarded_exactly():
     assert isinstance(d, Proxy) and d.path_qs == "/a%2Fb?x=%2F"
     # an absolute-form target (a proxy request) is not reused as a path
     assert RequestView(path="/a", raw_target="http://x/a").path_qs == "/a"
+
+
+# --- the per-request fast paths build the same objects as the plain constructors ----
+
+
+def _view_by_hand(environ: dict) -> RequestView:
+    """What from_environ must return: non-string values count as absent."""
+    def get(key: str, default: str = "") -> str:
+        value = environ.get(key, default)
+        return value if isinstance(value, str) else default
+
+    return RequestView(
+        method=get("REQUEST_METHOD", "GET"), path=get("PATH_INFO", "/") or "/",
+        query=get("QUERY_STRING"), cookie_header=get("HTTP_COOKIE"),
+        hop="HTTP_X_CLUSTER_HOP" in environ, scheme=get("wsgi.url_scheme", "http"),
+        host=get("HTTP_HOST") or get("SERVER_NAME"),
+        forwarded_proto=get("HTTP_X_FORWARDED_PROTO"),
+        forwarded_host=get("HTTP_X_FORWARDED_HOST"), remote_addr=get("REMOTE_ADDR"),
+        raw_target=get("RAW_URI"),
+    )
+
+
+FULL_ENVIRON = {
+    "REQUEST_METHOD": "POST", "PATH_INFO": "/a b", "QUERY_STRING": "x=1",
+    "HTTP_COOKIE": "k=v", "HTTP_X_CLUSTER_HOP": "1", "wsgi.url_scheme": "https",
+    "HTTP_HOST": "h:1", "SERVER_NAME": "s", "HTTP_X_FORWARDED_PROTO": "http",
+    "HTTP_X_FORWARDED_HOST": "f", "REMOTE_ADDR": "10.1.1.1", "RAW_URI": "/a%20b?x=1",
+}
+
+
+@pytest.mark.parametrize("environ", [
+    {},
+    FULL_ENVIRON,
+    {"PATH_INFO": "", "HTTP_HOST": "", "SERVER_NAME": "srv"},
+    {"PATH_INFO": b"/bytes", "HTTP_HOST": None, "SERVER_NAME": "srv", "REMOTE_ADDR": 7},
+    {**FULL_ENVIRON, "HTTP_COOKIE": ["not", "a", "string"]},
+    {**FULL_ENVIRON, "HTTP_HOST": 5, "QUERY_STRING": None},
+])
+def test_from_environ_matches_the_plain_constructor(environ):
+    view = RequestView.from_environ(environ)
+    expected = _view_by_hand(environ)
+    assert view == expected and hash(view) == hash(expected) and repr(view) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.path = "/elsewhere"  # type: ignore[misc]
+
+
+def test_proxy_decision_is_an_ordinary_frozen_proxy():
+    d = route(RequestView(raw_target="/x?y=1"), WEB, POLICY, rand=lambda: 0.99)
+    expected = Proxy(B, "/x?y=1", set_cookie=(cookie_name("web"), B.hash))
+    assert d == expected and hash(d) == hash(expected) and repr(d) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.retry = False  # type: ignore[misc]
+
+
+def test_balancer_without_local_app_honours_exclude():
+    policy = Policy(service=None, ui_service="web", self_hash=None, has_local_app=False)
+    for point in (0.0, 0.5, 0.99):
+        d = route(RequestView(), table(A, B), policy, exclude=frozenset({A.hash}),
+                  rand=lambda p=point: p)
+        assert isinstance(d, Proxy) and d.endpoint == B
+    d = route(RequestView(), table(A, B), policy, exclude=frozenset({A.hash, B.hash}))
+    assert isinstance(d, Reply) and d.status == 503
+
+
+def test_balancer_never_picks_itself_from_the_table():
+    # An instance with no local app whose own hash is in the table (registered by a
+    # sidecar) still only proxies to the others.
+    policy = Policy(service=None, ui_service="web", self_hash=ME.hash, has_local_app=False)
+    counts = spread(policy, WEB)
+    assert counts == {A.url: 150, B.url: 150}

@@ -43,6 +43,7 @@ Policy choices and known weak spots:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket as stdsocket
 from http import HTTPStatus
@@ -109,6 +110,18 @@ _SYNTHESIZED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-for
                           "via", "content-type"})
 _FRAMING_AND_HOP = frozenset({"content-length", "transfer-encoding", "connection",
                                "keep-alive", "te", "trailer", "upgrade", "expect"})
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_added(add_headers: tuple[tuple[str, str], ...]) -> tuple[frozenset[str], frozenset[str]]:
+    """(environ keys the added headers replace, synthesized names they override).
+
+    Callers pass the same few tuples on every request (the hop marker), so the check
+    and the sets are made once per distinct tuple, not once per request.
+    """
+    replaced = _check_add_headers(add_headers)
+    drop = frozenset(_environ_key(n) for n in replaced if n not in _SYNTHESIZED)
+    return drop, frozenset(replaced & _SYNTHESIZED)
 
 
 def _check_add_headers(add_headers: Sequence[tuple[str, str]]) -> set[str]:
@@ -276,9 +289,11 @@ class HttpForwarder:
         named = environ.get("HTTP_CONNECTION")
         if named:  # headers the client named in Connection are hop-by-hop too
             drop = drop | {_environ_key(t) for t in named.split(",") if t.strip()}
-        replaced = _check_add_headers(add_headers) if add_headers else None
-        if replaced:  # ours (Host, X-Forwarded-*...) are filtered below, after use
-            drop = drop | {_environ_key(n) for n in replaced if n not in _SYNTHESIZED}
+        overridden: frozenset[str] = frozenset()
+        if add_headers:  # ours (Host, X-Forwarded-*...) are filtered below, after use
+            replaced_keys, overridden = _plan_added(tuple(add_headers))
+            if replaced_keys:
+                drop = drop | replaced_keys
         if " " in path_qs or "\n" in path_qs or "\r" in path_qs or not path_qs:
             raise ValueError(f"bad request-target {path_qs[:60]!r}")
         host = xff = proto = fwd_host = via = None
@@ -315,8 +330,10 @@ class HttpForwarder:
             f"Content-Type: {ctype}\r\n" if ctype else "",
             framing,
         ]
-        if replaced:
-            ours = [line for line in ours if line.split(":", 1)[0].lower() not in replaced]
+        if add_headers:
+            if overridden:
+                ours = [line for line in ours
+                        if line.split(":", 1)[0].lower() not in overridden]
             ours.extend(f"{name}: {value}\r\n" for name, value in add_headers)
         out[1:1] = ours
         out.append("\r\n")
