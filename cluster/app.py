@@ -51,20 +51,8 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
     )
 
 
-#: Set-Cookie headers already made, by (cookie name, endpoint hash): a balancer with no
-#: cookie from the client sets one on every response, and the pairs are few.
-_COOKIE_HEADERS: dict[tuple[str, str], tuple[str, str]] = {}
-_COOKIE_HEADERS_MAX = 4096
-
-
 def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    header = _COOKIE_HEADERS.get(cookie)
-    if header is None:
-        header = ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
-        if len(_COOKIE_HEADERS) >= _COOKIE_HEADERS_MAX:  # endpoints come and go
-            _COOKIE_HEADERS.clear()
-        _COOKIE_HEADERS[cookie] = header
-    return header
+    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
 
 
 def reply(start_response: StartResponse, status: int, body: str,
@@ -106,7 +94,7 @@ class ClusterApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         request = RequestView.from_environ(environ)
         node = self.node
-        tried: set[str] | None = None  # made on the first failure only
+        tried: set[str] = set()
         while True:
             exclude = node.ejected()
             if tried:
@@ -132,8 +120,6 @@ class ClusterApp:
             if endpoint is not None and replayable:
                 if failure.retryable:
                     node.eject(endpoint)
-                if tried is None:
-                    tried = set()
                 tried.add(endpoint.hash)
                 retry = not isinstance(decision, Proxy) or decision.retry
                 if retry and len(tried) <= self.retries:
