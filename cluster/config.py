@@ -116,6 +116,31 @@ def _bind(raw: str) -> str:
     return f"{host.strip('[]') or '0.0.0.0'}:{int(port)}"
 
 
+def _size(raw: str) -> int:
+    value = _count(raw)
+    if value < 256:
+        raise ValueError(f"{raw} is below the smallest sensible limit (256 bytes)")
+    return value
+
+
+def _max_connections(raw: str) -> int:
+    """0 or 'auto': from the descriptor limit (see Settings.connection_cap)."""
+    if raw.strip().lower() == "auto":
+        return 0
+    return _count(raw)
+
+
+def _secret(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters (it signs the hop marker)")
+    return value
+
+
+def _file_path(raw: str) -> str:
+    return _text(raw)
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -146,6 +171,7 @@ def setting(
 ) -> Any:
     return field(
         default=default,
+        repr=not secret,  # never printed: a URL's password, the cluster secret
         metadata={"parse": parse, "help": help, "metavar": metavar, "secret": secret},
     )
 
@@ -242,6 +268,57 @@ class Settings:
         "addresses whose X-Forwarded-Proto/-Host are believed",
         "ADDR,ADDR",
     )
+    secret: str | None = setting(
+        None,
+        _secret,
+        "shared secret of the cluster: signs the hop marker between instances (unset: the "
+        "marker is honoured only from live endpoints' addresses and --trusted-proxies)",
+        "TEXT",
+        secret=True,
+    )
+    port_file: str | None = setting(
+        None,
+        _file_path,
+        "write the bound host:port to this file once listening (for --bind HOST:0)",
+        "PATH",
+    )
+    header_timeout: float = setting(
+        10.0,
+        _positive_seconds,
+        "seconds a client may take to send a whole request head",
+        "SECONDS",
+    )
+    keepalive_timeout: float = setting(
+        60.0,
+        _positive_seconds,
+        "seconds an idle keep-alive client connection stays open",
+        "SECONDS",
+    )
+    write_timeout: float = setting(
+        60.0,
+        _positive_seconds,
+        "seconds a client may refuse to read before its connection is closed",
+        "SECONDS",
+    )
+    max_connections: int = setting(
+        0,
+        _max_connections,
+        "concurrent client connections per process; past it a short 503 (auto: from "
+        "the descriptor limit)",
+        "N",
+    )
+    max_request_line: int = setting(
+        8192, _size, "longest request line in bytes (longer: 414)", "BYTES"
+    )
+    max_header_line: int = setting(
+        8192, _size, "longest request header line in bytes (longer: 431)", "BYTES"
+    )
+    max_head_size: int = setting(
+        65536, _size, "largest request head in bytes (larger: 431)", "BYTES"
+    )
+    max_header_count: int = setting(
+        100, _count, "most request header fields (more: 431)", "N"
+    )
     log_level: str = setting("info", _log_level, "debug, info, warning or error", "LEVEL")
 
     # --- derived values -------------------------------------------------------
@@ -262,6 +339,23 @@ class Settings:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{port}"
+
+    @property
+    def connection_cap(self) -> int:
+        """--max-connections, or with 'auto' as many as the descriptor limit allows:
+        a proxied connection holds two descriptors (client and endpoint), and 64 are
+        kept for the store, the listener, logs and new upstream connects."""
+        if self.max_connections:
+            return self.max_connections
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return 1000
+        if soft == resource.RLIM_INFINITY:
+            return 100_000
+        return max(16, (soft - 64) // 2)
 
     @property
     def own_ui_service(self) -> str | None:
