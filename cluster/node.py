@@ -36,7 +36,11 @@ class Cluster:
         )
         s = self.settings
         self.store: DiscoveryStore = open_store(s.discovery_url, timeout=s.connect_timeout)
-        self.self_url = s.own_endpoint_url
+        registering = register and bool(s.service)
+        #: how self_url was chosen, for the start-up log; raises ConfigError for a
+        #: loopback endpoint with a remote store when this instance registers
+        self.endpoint_choice = s.endpoint_choice(strict=registering)
+        self.self_url = self.endpoint_choice.url
         self.self_hash = endpoint_hash(self.self_url)
         self.watcher = Watcher(
             self.store,

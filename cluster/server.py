@@ -87,6 +87,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     listener, settings = listen(settings)
     if settings.workers_count > 1:
+        # Refuse a loopback endpoint with a remote store here, once, rather than in
+        # every worker (which the supervisor would restart forever).
+        settings.endpoint_choice(strict=local_app is not None)
         return run_workers(settings, listener)
     shared = _inherited_listener()
     base = os.environ.pop("_CLUSTER_ENDPOINT_BASE", None)
@@ -113,10 +116,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     gc.freeze()
     for server in servers:
         server.start()
-    log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",
+    log.info("serving %s on http://%s%s (endpoint %s: %s; discovery %s)",
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
-             node.store.description)
+             node.endpoint_choice.reason, node.store.description)
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:
