@@ -147,6 +147,8 @@ class Host:
         self.ns = f"{bed.tag}-{name}"
         self.port = port  # the bridge's port (in the bridge namespace) for this host
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: processes started on this host, oldest first (the bed stops them)
+        self.procs: list[Proc] = []
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.address} ns={self.ns}>"
@@ -160,6 +162,7 @@ class Host:
         """Start a process on this host; the bed stops it by PID at the end."""
         proc = Proc(self.argv(argv), env=env, name=name or f"{self.name}-{Path(argv[0]).name}")
         self.bed.procs.append(proc)
+        self.procs.append(proc)
         return proc
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
