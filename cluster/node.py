@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.config import Settings
 from cluster.discovery import DiscoveryStore, open_store
+from cluster.errors import DiscoveryError
 from cluster.records import Endpoint, endpoint_hash
 from cluster.registry import EndpointTable, Registrar, Watcher
 
@@ -42,10 +43,14 @@ class Cluster:
         self.endpoint_choice = s.endpoint_choice(strict=registering)
         self.self_url = self.endpoint_choice.url
         self.self_hash = endpoint_hash(self.self_url)
+        # Read only the records of the services this instance routes to (plus every
+        # balancer's); endpoints() of another service adds it.
+        services = {s.service, s.own_ui_service, *s.public_services} - {None}
         self.watcher = Watcher(
             self.store,
             grace=s.expiry_grace,
             refresh_interval=max(0.1, min(s.ping_interval / 2, 5.0)),
+            services=frozenset(x for x in services if x) or None,
         )
         self.registrar: Registrar | None = None
         if register and s.service:
@@ -93,7 +98,17 @@ class Cluster:
         return self.watcher.table
 
     def endpoints(self, service: str) -> tuple[Endpoint, ...]:
-        return self.table.by_service.get(service, ())
+        """Live endpoints of ``service`` (its records are read from now on)."""
+        found = self.table.by_service.get(service)
+        if found is None and self._started:
+            services = self.watcher.services
+            if services is not None and service not in services:
+                try:
+                    self.watcher.want(service)
+                except DiscoveryError as exc:
+                    log.warning("could not read the endpoints of %s: %s", service, exc)
+                found = self.table.by_service.get(service)
+        return found or ()
 
     # --- passive health -----------------------------------------------------------
 
