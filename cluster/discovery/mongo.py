@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import pymongo
-from pymongo.errors import ConfigurationError, PyMongoError
+from pymongo.errors import ConfigurationError, DuplicateKeyError, PyMongoError
 
 from cluster.discovery.base import Change, DiscoveryStore, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
@@ -87,7 +87,8 @@ class MongoStore(DiscoveryStore):
                 # older version, a restart) would be a duplicate: drop it once, here.
                 self._collection.delete_many(
                     {"serviceName": service, "endpoint": endpoint, "_id": {"$ne": key}})
-                self.announce("join", service, endpoint, record)
+                written = self._collection.find_one({"_id": key})  # with the store's time
+                self.announce("join", service, endpoint, written or record)
         except PyMongoError as exc:
             raise DiscoveryError(f"heartbeat to {self.description} failed: {exc}") from exc
 
@@ -141,7 +142,7 @@ class MongoStore(DiscoveryStore):
                 doc = self._changes.find_one({"_id": f"c{seq}"})
                 if doc is None or doc.get("kind") not in ("join", "leave"):
                     return None
-                record = {k: v for k, v in doc.items() if k not in ("_id", "kind", "at")}
+                record = {k: v for k, v in doc.items() if k not in ("_id", "kind")}
                 found.append(Change(seq, doc["kind"], str(doc.get("serviceName")),
                                     str(doc.get("endpoint")),
                                     record if doc["kind"] == "join" else None))
@@ -151,23 +152,27 @@ class MongoStore(DiscoveryStore):
 
     def announce(self, kind: str, service: str, endpoint: str,
                  document: Mapping[str, Any] | None = None) -> int:
+        # A join entry is the record itself (meteorhacks shape, with the store's
+        # timestamp) plus its kind, so watchers need not read the record.
+        entry: dict[str, Any] = {k: v for k, v in (document or {}).items() if k != "_id"}
+        entry.update(kind=kind, serviceName=service, endpoint=endpoint)
         try:
-            meta = self._membership.find_one_and_update(
-                {"_id": MEMBERSHIP_ID}, {"$inc": {"epoch": 1}}, upsert=True,
-                return_document=pymongo.ReturnDocument.AFTER)
-            seq = int(meta["epoch"]) if meta else 0
-            # A join entry is the record itself (meteorhacks shape) plus its kind.
-            entry: dict[str, Any] = {k: v for k, v in (document or {}).items() if k != "_id"}
-            entry.update(kind=kind, serviceName=service, endpoint=endpoint)
-            stamps: dict[str, bool] = {"at": True}
-            if document is not None and not isinstance(entry.get("timestamp"), dt.datetime):
-                stamps["timestamp"] = True  # the store's clock, as in records
-            self._changes.update_one(
-                {"_id": f"c{seq}"}, {"$set": entry, "$currentDate": stamps}, upsert=True)
-            self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
+            for _ in range(8):
+                meta = self._membership.find_one_and_update(
+                    {"_id": MEMBERSHIP_ID}, {"$inc": {"epoch": 1}}, upsert=True,
+                    return_document=pymongo.ReturnDocument.AFTER)
+                seq = int(meta["epoch"]) if meta else 0
+                try:
+                    # insert, never overwrite: a server whose $inc is not atomic
+                    # (FerretDB) may hand two writers one number; the second takes another
+                    self._changes.insert_one({"_id": f"c{seq}", **entry})
+                except DuplicateKeyError:
+                    continue
+                self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
+                return seq
         except PyMongoError as exc:
             raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
-        return seq
+        raise DiscoveryError(f"announcing to {self.description} failed: no free entry")
 
     def claim_reaper(self, me: str, seen: Membership) -> bool:
         query: dict[str, Any] = {"_id": MEMBERSHIP_ID, "reaper": seen.reaper}
