@@ -43,14 +43,19 @@ class Cluster:
         self.endpoint_choice = s.endpoint_choice(strict=registering)
         self.self_url = self.endpoint_choice.url
         self.self_hash = endpoint_hash(self.self_url)
-        # Read only the records of the services this instance routes to (plus every
-        # balancer's); endpoints() of another service adds it.
-        services = {s.service, s.own_ui_service, *s.public_services} - {None}
+        # With a cluster secret, read only the records of the services this instance
+        # routes to (plus every balancer's; endpoints() of another service adds it).
+        # Without one, hop markers are checked by peer address, which needs every
+        # member's record.
+        services = None
+        if s.secret:
+            services = frozenset(x for x in (s.service, s.own_ui_service, *s.public_services)
+                                 if x) or None
         self.watcher = Watcher(
             self.store,
             grace=s.expiry_grace,
             refresh_interval=max(0.1, min(s.ping_interval / 2, 5.0)),
-            services=frozenset(x for x in services if x) or None,
+            services=services,
         )
         self.registrar: Registrar | None = None
         if register and s.service:
