@@ -239,10 +239,12 @@ class Registrar(_Loop):
 
 #: a watcher further behind the membership log than this reads the records instead
 MAX_LOG_STEP = 32
-#: the slow full read that catches anything the log missed: every this many seconds,
-#: and 0.1 s more per known record, so that N watchers' resyncs cost O(N) store work
-RESYNC_SECONDS = 30.0
-RESYNC_PER_RECORD = 0.1
+#: the slow full read that catches anything the log missed (the reaper already turns
+#: expiries and other writers' joins into entries, so this is only a backstop): every
+#: this many seconds and 0.5 s more per known record, so that N watchers' resyncs cost
+#: O(N) store work, not O(N²) (1,000 records: every 9 minutes or so)
+RESYNC_SECONDS = 60.0
+RESYNC_PER_RECORD = 0.5
 
 
 @dataclass
