@@ -360,17 +360,21 @@ class Watcher(_Loop):
         sheltering = time.monotonic() < self._shelter_until
         if self.reaping:
             self._reap(membership)
-        elif (self._epoch is None or sheltering or epoch < self._epoch
+        elif (self._epoch is None or sheltering or epoch + MAX_LOG_STEP < self._epoch
               or epoch - self._epoch > MAX_LOG_STEP or time.monotonic() >= self._next_resync):
             self._read_records(epoch)
-        elif epoch > self._epoch:
-            changes = self.store.changes(self._epoch + 1, epoch)
+        else:
+            self._follow(self._epoch, membership)
+
+    def _follow(self, epoch: int, membership: Membership) -> None:
+        """Apply the entries after ``epoch`` (one lookup when there are none)."""
+        changes = self.store.changes(epoch + 1, MAX_LOG_STEP)
+        if changes is None:  # too far behind: read the records
+            self._read_records(membership.epoch)
+        elif changes:
             self.stats.log_reads += 1
-            if changes is None:  # pruned, or not written yet: read the records
-                self._read_records(epoch)
-            else:
-                self._apply(changes, membership.renewed)
-                self._epoch = epoch
+            self._apply(changes, membership.renewed)
+            self._epoch = changes[-1].seq
 
     def _apply(self, changes: Iterable[Change], now: dt.datetime | None) -> None:
         known = dict(self._known)
@@ -430,10 +434,9 @@ class Watcher(_Loop):
         scope = self.services  # what self._known covers (a new reaper's own services)
         epoch = self._epoch
         fresh = epoch is None  # nothing known to compare with: announce no joins
+        if epoch is not None:
+            self._follow(epoch, membership)
         self.services = None
-        if epoch is not None and membership.epoch > epoch:
-            self._apply(self.store.changes(epoch + 1, membership.epoch) or [],
-                        membership.renewed)
         before = self._known
         endpoints = self._read_records(membership.epoch, every=True)
         now = self.table.now

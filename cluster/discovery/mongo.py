@@ -82,11 +82,12 @@ class MongoStore(DiscoveryStore):
                 {"$set": dict(record), "$currentDate": {"timestamp": True}},
                 upsert=True,
             )
-            if result.upserted_id is not None or announce:
-                # A record of this endpoint written before it had an _id of ours (an
-                # older version, a restart) would be a duplicate: drop it once, here.
+            if result.upserted_id is not None:
+                # A record of this endpoint written before it had an _id of ours (by an
+                # older version) would be a duplicate: drop it once, here.
                 self._collection.delete_many(
                     {"serviceName": service, "endpoint": endpoint, "_id": {"$ne": key}})
+            if result.upserted_id is not None or announce:
                 written = self._collection.find_one({"_id": key})  # with the store's time
                 self.announce("join", service, endpoint, written or record)
         except PyMongoError as exc:
@@ -135,20 +136,24 @@ class MongoStore(DiscoveryStore):
             renewed=renewed if isinstance(renewed, dt.datetime) else None,
         )
 
-    def changes(self, first: int, last: int) -> list[Change] | None:
-        found = []
+    def changes(self, first: int, limit: int) -> list[Change] | None:
+        found: list[Change] = []
         try:
-            for seq in range(first, last + 1):
-                doc = self._changes.find_one({"_id": f"c{seq}"})
-                if doc is None or doc.get("kind") not in ("join", "leave"):
+            while True:
+                doc = self._changes.find_one({"_id": f"c{first + len(found)}"})
+                if doc is None:
+                    return found
+                if len(found) == limit:
+                    return None
+                kind = doc.get("kind")
+                if kind not in ("join", "leave"):
                     return None
                 record = {k: v for k, v in doc.items() if k not in ("_id", "kind")}
-                found.append(Change(seq, doc["kind"], str(doc.get("serviceName")),
+                found.append(Change(first + len(found), kind, str(doc.get("serviceName")),
                                     str(doc.get("endpoint")),
-                                    record if doc["kind"] == "join" else None))
+                                    record if kind == "join" else None))
         except PyMongoError as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
-        return found
 
     def announce(self, kind: str, service: str, endpoint: str,
                  document: Mapping[str, Any] | None = None) -> int:
@@ -157,30 +162,39 @@ class MongoStore(DiscoveryStore):
         entry: dict[str, Any] = {k: v for k, v in (document or {}).items() if k != "_id"}
         entry.update(kind=kind, serviceName=service, endpoint=endpoint)
         try:
-            for _ in range(8):
-                meta = self._membership.find_one_and_update(
-                    {"_id": MEMBERSHIP_ID}, {"$inc": {"epoch": 1}}, upsert=True,
-                    return_document=pymongo.ReturnDocument.AFTER)
-                seq = int(meta["epoch"]) if meta else 0
+            # The entry's number is taken by inserting it: a unique _id is the one
+            # atomic step every MongoDB-protocol server offers (FerretDB's $inc loses
+            # concurrent increments). Start after the epoch, which trails the log.
+            seq = self.membership().epoch + 1
+            for _ in range(1000):
                 try:
-                    # insert, never overwrite: a server whose $inc is not atomic
-                    # (FerretDB) may hand two writers one number; the second takes another
                     self._changes.insert_one({"_id": f"c{seq}", **entry})
+                    break
                 except DuplicateKeyError:
-                    continue
-                self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
-                return seq
+                    seq += 1
+            else:
+                raise DiscoveryError(f"announcing to {self.description} failed: "
+                                     "no free log entry")
+            try:
+                self._membership.update_one({"_id": MEMBERSHIP_ID},
+                                            {"$max": {"epoch": seq}}, upsert=True)
+            except DuplicateKeyError:  # created concurrently: now it exists
+                self._membership.update_one({"_id": MEMBERSHIP_ID}, {"$max": {"epoch": seq}})
+            self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
         except PyMongoError as exc:
             raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
-        raise DiscoveryError(f"announcing to {self.description} failed: no free entry")
+        return seq
 
     def claim_reaper(self, me: str, seen: Membership) -> bool:
         query: dict[str, Any] = {"_id": MEMBERSHIP_ID, "reaper": seen.reaper}
         query["renewed"] = seen.renewed if seen.renewed is not None else {"$exists": False}
         try:
             if seen.epoch == 0 and seen.reaper is None and seen.renewed is None:
-                self._membership.update_one({"_id": MEMBERSHIP_ID},
-                                            {"$setOnInsert": {"epoch": 0}}, upsert=True)
+                try:
+                    self._membership.update_one({"_id": MEMBERSHIP_ID},
+                                                {"$setOnInsert": {"epoch": 0}}, upsert=True)
+                except DuplicateKeyError:
+                    pass  # created concurrently
             result = self._membership.update_one(
                 query, {"$set": {"reaper": me}, "$currentDate": {"renewed": True}})
         except PyMongoError as exc:
