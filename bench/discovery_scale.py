@@ -13,7 +13,8 @@ in the same invocation, on the same store binary:
   document, a heartbeat addresses its record by ``_id``, one reaper scans.
 
 For each N the collection holds N records. The instances the store can serve here
-without saturating are simulated (``samples()``: up to 200 for the log;
+without saturating are simulated (``samples()``: all up to 100 instances, then 200
+registrars and 40 watchers for the log;
 for today's design 50 registrars and 5,000/N watchers, as each of its operations reads
 or scans every record); the other records are written once with a timestamp a day ahead,
 so they cost what any record costs to read and never expire. Three windows of
@@ -45,6 +46,7 @@ import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -162,6 +164,10 @@ def seen_everywhere(watchers: list[Watcher], url: str, present: bool,
     return None
 
 
+def note(text: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 def quiet_until(predicate: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:
@@ -188,8 +194,8 @@ def preload(store: MongoStore, first: int, last: int) -> None:
 def samples(design: str, n: int) -> tuple[int, int]:
     """(registrars, watchers) run for n instances: everything the store can serve
     here without saturating; the rest is projected from the cost of each operation."""
-    if design == "log":
-        return min(n, 200), min(n, 200)
+    if design == "log":  # a log refresh costs the same at any N: a sample shows it
+        return min(n, 200), min(n, 100) if n <= 100 else 40
     return min(n, 50), max(2, min(n, 5000 // n))
 
 
@@ -214,16 +220,20 @@ def run_one(server: MongoServer, design: str, n: int, window: float,
             gevent.spawn_later(random.uniform(0, PING), loop.start)
         quiet_until(lambda: all(r.beats for r in registrars), 120)
         gevent.sleep(PING)
+        note(f"{design} {n}: {len(registrars)} registrars beating")
         a = Phase(pid, registrars, []).run(window)  # heartbeats only
         watchers[0].start()  # the first watcher (with a log: the reaper)
         watchers[0].refreshed.wait(60)
         gevent.sleep(REFRESH)
+        note(f"{design} {n}: first watcher read")
         b = Phase(pid, registrars, watchers[:1]).run(window)
         for loop in watchers[1:]:
             gevent.spawn_later(random.uniform(0, REFRESH), loop.start)
         quiet_until(lambda: all(w.refreshed.is_set() for w in watchers), 120)
         gevent.sleep(REFRESH)
+        note(f"{design} {n}: {len(watchers)} watchers read")
         c = Phase(pid, registrars, watchers).run(window)
+        note(f"{design} {n}: measured; join, leave, crash")
         # CPU per operation, from the three windows
         per_beat = a["cpu"] / max(1, a["beats"])
         first = max(0.0, b["cpu"] - per_beat * b["beats"])
@@ -309,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-timeout", type=float, default=20.0)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop FerretDB on the way out
     sizes = [int(x) for x in args.sizes.split(",")]
     designs = args.designs.split(",")
     started = dt.datetime.now(dt.timezone.utc)

@@ -87,8 +87,8 @@ class DiscoveryStore(abc.ABC):
         raise NotImplementedError
 
     def changes(self, first: int, limit: int) -> list[Change] | None:
-        """The entries from ``first`` on, in order, up to the first one not (yet)
-        written; None when there are more than ``limit`` (read the records instead)."""
+        """Up to ``limit`` entries from ``first`` on, in order, ending before the first
+        one not (yet) written; None when one cannot be read (read the records instead)."""
         raise NotImplementedError
 
     def announce(self, kind: str, service: str, endpoint: str,

@@ -137,14 +137,14 @@ class MongoStore(DiscoveryStore):
         )
 
     def changes(self, first: int, limit: int) -> list[Change] | None:
-        found: list[Change] = []
+        found: list[Change] = []  # None only for an entry that is not ours: read records
         try:
             while True:
+                if len(found) == limit:
+                    return found
                 doc = self._changes.find_one({"_id": f"c{first + len(found)}"})
                 if doc is None:
                     return found
-                if len(found) == limit:
-                    return None
                 kind = doc.get("kind")
                 if kind not in ("join", "leave"):
                     return None
@@ -165,13 +165,14 @@ class MongoStore(DiscoveryStore):
             # The entry's number is taken by inserting it: a unique _id is the one
             # atomic step every MongoDB-protocol server offers (FerretDB's $inc loses
             # concurrent increments). Start after the epoch, which trails the log.
-            seq = self.membership().epoch + 1
-            for _ in range(1000):
+            seq = self.membership().epoch
+            for _ in range(100):
+                seq = self._log_end(seq)
                 try:
                     self._changes.insert_one({"_id": f"c{seq}", **entry})
                     break
-                except DuplicateKeyError:
-                    seq += 1
+                except DuplicateKeyError:  # taken meanwhile: look again from there
+                    continue
             else:
                 raise DiscoveryError(f"announcing to {self.description} failed: "
                                      "no free log entry")
@@ -184,6 +185,26 @@ class MongoStore(DiscoveryStore):
         except PyMongoError as exc:
             raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
         return seq
+
+    def _log_end(self, known: int) -> int:
+        """The first free entry number after ``known`` (a written one, or 0): gallop,
+        then bisect, with lookups by _id, so a trailing epoch costs O(log lag)."""
+
+        def taken(seq: int) -> bool:
+            return self._changes.find_one({"_id": f"c{seq}"}, projection={"_id": 1}) \
+                is not None
+
+        low, step = known, 1  # low: taken (or 0)
+        while taken(low + step):
+            low, step = low + step, step * 2
+        high = low + step  # free
+        while high - low > 1:
+            middle = (low + high) // 2
+            if taken(middle):
+                low = middle
+            else:
+                high = middle
+        return high
 
     def claim_reaper(self, me: str, seen: Membership) -> bool:
         query: dict[str, Any] = {"_id": MEMBERSHIP_ID, "reaper": seen.reaper}
