@@ -141,6 +141,20 @@ def _file_path(raw: str) -> str:
     return _text(raw)
 
 
+def _directory(raw: str) -> str:
+    """An existing folder, made absolute (workers start elsewhere)."""
+    value = os.path.abspath(os.path.expanduser(_text(raw)))
+    if not os.path.isdir(value):
+        raise ValueError(f"{raw.strip()!r} is not a folder")
+    return value
+
+
+def _path_list(raw: str) -> tuple[str, ...]:
+    """Comma list of folders, made absolute from the folder cluster was started in."""
+    return tuple(os.path.abspath(os.path.expanduser(p.strip()))
+                 for p in raw.split(",") if p.strip())
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -240,6 +254,20 @@ class Settings:
         _module_callable,
         "the local WSGI app as module:callable; unset: balancer only",
         "MODULE:CALLABLE",
+    )
+    chdir: str | None = setting(
+        None,
+        _directory,
+        "change to this folder before importing --app (as gunicorn's --chdir); the "
+        "current folder is always searched first",
+        "DIR",
+    )
+    pythonpath: tuple[str, ...] = setting(
+        (),
+        _path_list,
+        "comma list of folders put in front of the module search path before importing "
+        "--app (as gunicorn's --pythonpath)",
+        "DIR,DIR",
     )
     connect_timeout: float = setting(
         5.0, _positive_seconds, "seconds to connect to an endpoint", "SECONDS"

@@ -28,7 +28,13 @@ from cluster.config import Settings
 from cluster.errors import ConfigError
 from cluster.handler import ClusterHandler
 from cluster.node import Cluster
-from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
+from cluster.workers import (
+    PARENT_PID_ENV,
+    SHARED_FD_ENV,
+    notify_ready,
+    run_workers,
+    watch_parent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,28 @@ def configure_logging(level: str) -> None:
     )
 
 
-def load_app(spec: str) -> WSGIApp:
+def import_path(chdir: str | None = None, pythonpath: tuple[str, ...] = ()) -> None:
+    """Make ``--app`` importable as under gunicorn: ``--chdir`` first, then the current
+    folder and ``--pythonpath`` in front of ``sys.path``.
+
+    The ``cluster`` console script's ``sys.path[0]`` is its own bin folder, not the
+    folder it was started from, so without this ``--app mod:app`` next to ``mod.py``
+    would not import.
+    """
+    if chdir:
+        os.chdir(chdir)
+    for folder in [*reversed(pythonpath), os.getcwd()]:
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+
+
+def load_app(spec: str, settings: Settings | None = None) -> WSGIApp:
     """Import ``module:callable``; raises ConfigError naming --app."""
+    if settings is not None:
+        import_path(settings.chdir, settings.pythonpath)
+    else:
+        import_path()
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -82,7 +108,7 @@ def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
 def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     if local_app is None and settings.app:
-        local_app = load_app(settings.app)
+        local_app = load_app(settings.app, settings)
     if local_app is not None and not settings.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     listener, settings = listen(settings)
@@ -117,6 +143,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
              node.store.description)
+    notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:

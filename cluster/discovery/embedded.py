@@ -48,7 +48,19 @@ def _off_the_hub(fn: Callable[[], T]) -> T:
     if monkey.is_module_patched("threading"):
         import gevent
 
-        result: T = gevent.get_hub().threadpool.apply(fn)
+        # An exception raised in the pool would also be printed by the hub with its
+        # traceback (every heartbeat while the file is unreachable): carry it back as
+        # a value and raise it here, where the caller handles it.
+        def guarded() -> tuple[bool, Any]:
+            try:
+                return True, fn()
+            except DiscoveryError as exc:
+                return False, exc
+
+        ok, value = gevent.get_hub().threadpool.apply(guarded)
+        if not ok:
+            raise value
+        result: T = value
         return result
     return fn()
 
