@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from gevent.server import _tcp_listener
 
@@ -101,8 +102,11 @@ def listen(settings: Settings) -> tuple[Any, Settings]:
 
 def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
     access = logging.getLogger("cluster.access") if settings.log_level == "debug" else None
+    # A pool, unbounded, only so that stop() can wait for the requests in flight (the
+    # drain of a SIGTERM or of a SIGHUP reload): without one gevent does not track the
+    # handlers and the process exits under them.
     return WSGIServer(listener, app, handler_class=ClusterHandler, log=access,
-                      error_log=logging.getLogger("cluster.server"))
+                      error_log=logging.getLogger("cluster.server"), spawn=Pool(None))
 
 
 def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:

@@ -24,7 +24,7 @@ import socketio
 
 from helpers import ROOT, Proc, cluster_argv, free_port, python, status_json, wait_port, wait_until
 
-SOCKETIO = ROOT / "tests" / "socketio"
+SOCKETIO = ROOT / "tests" / "sio"
 ECHOES = 50
 SESSIONS = 3
 RUNNERS = ["two-instances", "workers", "gunicorn"]
