@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -184,3 +185,46 @@ def test_sighup_replaces_workers_one_by_one_with_no_failed_request(tmp_path):
         assert parent.poll() is None and "Traceback" not in parent.output()
     finally:
         parent.stop()
+
+
+PARENT = """
+import os, subprocess, sys, time
+sidecar = subprocess.Popen(sys.argv[1:], env=dict(os.environ, _CLUSTER_PARENT_PID=str(os.getpid())))
+print("sidecar", sidecar.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_sidecar_outlives_neither_its_store_nor_its_parent(tmp_path):
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    discovery = f"sqlite://{store_dir / 'discovery.sqlite3'}"
+    parent = Proc([sys.executable, "-c", PARENT, *cluster_argv(
+        "register", "--service", "search", "--endpoint-url", "http://127.0.0.1:9",
+        "--ping-interval", "0.2", "--discovery-url", discovery)], name="sidecar-parent")
+    try:
+        sidecar = int(wait_until(lambda: re.search(r"sidecar (\d+)", parent.output()),
+                                 timeout=10, what="the sidecar's pid").group(1))
+        wait_until(lambda: "registered search" in parent.output(), timeout=15,
+                   what="the sidecar registered")
+        for path in store_dir.iterdir():  # the store goes away under it
+            path.unlink()
+        store_dir.rmdir()
+        time.sleep(2.0)  # ten heartbeats
+        output = parent.output()
+        assert "Traceback" not in output, output
+        assert output.count("will keep retrying") == 1, output  # one warning per outage
+
+        parent.kill()  # SIGKILL: nothing runs in the parent to stop the sidecar
+        wait_until(lambda: gone(sidecar), timeout=5, what="the orphaned sidecar to stop")
+    finally:
+        parent.stop()
+        with contextlib.suppress(ProcessLookupError, NameError):
+            os.kill(sidecar, signal.SIGKILL)
