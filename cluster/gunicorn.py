@@ -1,16 +1,16 @@
 """Running under gunicorn: ``gunicorn -c python:cluster.gunicorn -w 2 myapp:app``.
 
 This module is a gunicorn config module. It selects :class:`Worker` (gunicorn's
-gevent pywsgi worker with cluster's handler) and sets the hooks that make every
-worker process a cluster member of its own, as ``cluster serve --workers-count``
-does and as meteorhacks:cluster's workers do:
+gevent worker whose server is cluster's front door, :mod:`cluster.door`) and sets
+the hooks that make every worker process a cluster member of its own, as ``cluster
+serve --workers-count`` does and as meteorhacks:cluster's workers do:
 
 - ``post_worker_init`` (each worker, after gevent has monkey-patched it): opens a
   private listening socket on the bound host (port chosen by the OS), registers it as
-  this worker's endpoint and wraps the app in :class:`~cluster.app.ClusterApp`. A
-  request reaching the shared port is routed like any other (sticky cookie,
-  ``/cluster-ddp/<hash>/``), so a Socket.IO or SockJS session stays in the one worker
-  that holds its state instead of being scattered by the kernel over the workers.
+  this worker's endpoint and makes the worker's front door around the app, serving
+  both sockets. A request reaching the shared port is routed like any other (sticky
+  cookie, ``/cluster-ddp/<hash>/``), so a Socket.IO or SockJS session stays in the one
+  worker that holds its state instead of being scattered by the kernel over the workers.
 - The shared port is only a way in: it is not registered (a record for it would send
   sessions to whichever worker the kernel picks). Announce it with
   ``CLUSTER_BALANCER_URL`` when browsers reach it directly. ``CLUSTER_ENDPOINT_URL``,
@@ -18,7 +18,7 @@ does and as meteorhacks:cluster's workers do:
 - A worker that stops (SIGTERM, ``max_requests`` recycling, gunicorn's HUP, its
   arbiter dying however it dies) deregisters at once, then drains; its replacement
   registers before it serves. ``max_requests`` is honoured (gunicorn's pywsgi worker
-  ignores it on its own).
+  ignores it on its own); it counts the requests the worker's app serves.
 
 The arbiter is never monkey-patched and registers nothing, so nothing here imports
 pymongo there, and no process of ours can outlive it. To combine with your own
@@ -34,7 +34,7 @@ from typing import Any
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
-from cluster.handler import ClusterHandler
+from cluster.door import LocalHandler
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,15 @@ worker_class = "cluster.gunicorn.Worker"
 WATCH_INTERVAL = 0.1
 
 
-class Handler(ClusterHandler, PyWSGIHandler):  # type: ignore[misc]
-    """gunicorn's access logging and environ, plus cluster's NODELAY and hijack."""
+class Handler(LocalHandler, PyWSGIHandler):  # type: ignore[misc]
+    """Runs the local app: gunicorn's access logging and environ, cluster's door."""
 
 
 class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker; ``post_worker_init`` sets its ``server_class`` to the
+    front door bound to this worker's node."""
+
     wsgi_handler = Handler
-
-
 
 
 def when_ready(server: Any) -> None:
@@ -93,11 +94,14 @@ def _worker_settings(port: int, host: str) -> Any:
 
 
 def post_worker_init(worker: Any) -> None:
+    import functools
+
     import gevent
 
-    from cluster.app import ClusterApp
+    from cluster.door import DoorServer
     from cluster.errors import DiscoveryError
     from cluster.node import Cluster
+    from cluster.server import make_door
 
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
@@ -110,7 +114,10 @@ def post_worker_init(worker: Any) -> None:
         except DiscoveryError as exc:
             worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s", exc)
     node.start(wait=settings.connect_timeout)
-    worker.wsgi = _Recycling(ClusterApp(worker.wsgi, node), worker)
+    worker.wsgi = _Recycling(worker.wsgi, worker)
+    door = make_door(node, settings, worker.wsgi)
+    worker.cluster_door = door
+    worker.server_class = functools.partial(DoorServer, door=door)
     gevent.spawn(_watch, worker, node)
     worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,
                     node.self_url)
@@ -130,9 +137,6 @@ class _Recycling:
             worker.log.info("Autorestarting worker after current request.")
             worker.alive = False
         return self.app(environ, start_response)
-
-    def close(self) -> None:
-        self.app.close()
 
 
 def _watch(worker: Any, node: Any) -> None:
@@ -154,9 +158,10 @@ def _watch(worker: Any, node: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """In the worker process (and in the arbiter for a worker that vanished): close
-    the member, which deregisters if ``_watch`` has not yet."""
-    app = getattr(worker, "wsgi", None)
-    close = getattr(app, "close", None)
-    if close is not None:
-        close()
+    """In the worker process (and in the arbiter for a worker that vanished, where
+    there is nothing to close): close the door and the member, which deregisters if
+    ``_watch`` has not yet."""
+    door = getattr(worker, "cluster_door", None)
+    if door is not None:
+        door.close()
+        door.node.close()

@@ -192,6 +192,9 @@ class Supervisor:
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         for slot in self.slots:
             self.spawn(slot)
+        from cluster.server import write_port_file  # (server imports this module)
+
+        write_port_file(self.settings)  # the public port; the workers' files are off
         log.info("%d workers share http://%s (SIGHUP reloads them one by one)",
                  len(self.slots), self.settings.bind)
         while not self.stopping.wait(0.2):
