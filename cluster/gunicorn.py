@@ -114,6 +114,10 @@ def post_worker_init(worker: Any) -> None:
         except DiscoveryError as exc:
             worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s", exc)
     node.start(wait=settings.connect_timeout)
+    if node.registrar is not None and node.registrar.beats:
+        # Let every peer read this record before handing out cookies that name it
+        # (see cluster.workers.settle); connections wait in the listen backlogs.
+        gevent.sleep(node.watcher.refresh_interval + 0.1)
     worker.wsgi = _Recycling(worker.wsgi, worker)
     door = make_door(node, settings, worker.wsgi)
     worker.cluster_door = door

@@ -35,6 +35,7 @@ from cluster.workers import (
     SHARED_FD_ENV,
     notify_ready,
     run_workers,
+    settle,
     watch_parent,
 )
 
@@ -179,8 +180,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     # per-request garbage stop rescanning it (fewer and shorter pauses, lower p99).
     gc.collect()
     gc.freeze()
-    for server in servers:
-        server.start()
+    servers[0].start()
+    if shared is not None:
+        settle(node)  # peers must know this worker before it hands out cookies naming it
+        servers[1].start()
     tidy = gevent.spawn(_tidy_pools, door, stopping)
     write_port_file(settings)
     log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",

@@ -231,6 +231,23 @@ def run_workers(settings: Settings, listener: Any) -> int:
     return Supervisor(settings, listener).run()
 
 
+def settle(node: Cluster, timeout: float = 10.0) -> None:
+    """Wait until this worker is registered and every peer has refreshed its table once.
+
+    A worker that served the shared port at once would hand out sticky cookies naming
+    itself before the other workers' tables had its record; a peer would then treat
+    such a cookie as unknown and serve the request itself ("Invalid session" for a
+    Socket.IO poll). One refresh interval after the first heartbeat, every live peer
+    has read the record. Without a store it gives up after ``timeout``.
+    """
+    registrar = node.registrar
+    deadline = time.monotonic() + timeout
+    while registrar is not None and registrar.beats == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    if registrar is not None and registrar.beats:
+        gevent.sleep(node.watcher.refresh_interval + 0.1)
+
+
 def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
     """In a worker started by a reload: tell the parent it listens and is registered.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import requests
 import socketio
 
 from helpers import ROOT, Proc, cluster_argv, free_port, python, status_json, wait_port, wait_until
@@ -69,6 +70,11 @@ def cluster_of(request, tmp_path_factory) -> Iterator[tuple[str, list[Proc]]]:
         wait_until(lambda: len([r for r in status_json(discovery_url)["endpoints"]
                                 if r["healthy"]]) == records, timeout=20,
                    what=f"{records} records")
+        if len(procs) > 1:  # separate instances: each has read the other's record
+            wait_until(lambda: all(len(requests.get(f"http://127.0.0.1:{_port_of(p)}"
+                                                    "/_cluster/status", timeout=5)
+                                       .json()["endpoints"]) == records for p in procs),
+                       timeout=10, what="every instance sees every other")
         yield url, procs
     finally:
         for proc in procs:
@@ -138,6 +144,7 @@ def test_node_client_with_credentials_stays_in_one_process(cluster_of, mode):
         assert result["error"] is None, result
         assert len(result["pids"]) == ECHOES and len(set(result["pids"])) == 1, result
         if mode == "default":
-            assert result["upgraded"] and result["transport"] == "websocket", result
+            assert result["first"] == "polling" and result["upgraded"], result
+            assert result["transport"] == "websocket", result
         else:
             assert result["transport"] == "polling", result

@@ -10,7 +10,7 @@ const count = Number(countText);
 const options = { withCredentials: true, reconnection: false, timeout: 10000 };
 if (mode === "polling") options.transports = ["polling"];
 
-const result = { pids: [], transport: null, upgraded: false, error: null };
+const result = { pids: [], first: null, upgraded: false, transport: null, error: null };
 const socket = io(url, options);
 const done = (error) => {
   if (error) result.error = String(error && error.message ? error.message : error);
@@ -21,12 +21,16 @@ const done = (error) => {
 };
 const timer = setTimeout(() => done("timed out"), 30000);
 
+// the Manager opens the engine before the socket connects; the upgrade probe follows
+socket.io.on("open", () => {
+  result.first = socket.io.engine.transport.name;
+  socket.io.engine.on("upgrade", () => { result.upgraded = true; });
+});
 socket.on("connect_error", (err) => { clearTimeout(timer); done(err); });
 socket.on("disconnect", (reason) => {
   if (result.pids.length < count) { clearTimeout(timer); done("disconnected: " + reason); }
 });
 socket.on("connect", async () => {
-  socket.io.engine.on("upgrade", () => { result.upgraded = true; });
   try {
     for (let i = 0; i < count; i++) {
       const answer = await socket.timeout(10000).emitWithAck("echo", "m" + i);
