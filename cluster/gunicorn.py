@@ -150,6 +150,7 @@ def _watch(worker: Any, node: Any) -> None:
     must go first, so that no new request is sent to a worker that is leaving.
     """
     import gevent
+    import gevent.event
 
     while worker.alive and os.getppid() == worker.ppid:
         gevent.sleep(WATCH_INTERVAL)
@@ -159,6 +160,11 @@ def _watch(worker: Any, node: Any) -> None:
         worker.alive = False
     if node.registrar is not None:
         node.registrar.stop()
+    # gunicorn's drain waits for every connection of its pools; idle keep-alive ones
+    # would hold it to --graceful-timeout
+    from cluster.workers import close_idle_connections
+
+    close_idle_connections(worker.cluster_door, gevent.event.Event())
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -168,4 +174,15 @@ def worker_exit(server: Any, worker: Any) -> None:
     door = getattr(worker, "cluster_door", None)
     if door is not None:
         door.close()
+        registrar = door.node.registrar
+        if registrar is not None:
+            # _watch may have begun deregistering and been cut short by gunicorn's own
+            # exit on a dead arbiter (sys.exit in notify): remove the record here too.
+            from cluster.errors import DiscoveryError
+
+            try:
+                registrar.store.remove(registrar.record["serviceName"],
+                                       registrar.record["endpoint"])
+            except DiscoveryError as exc:
+                worker.log.warning("cluster: could not deregister (it expires): %s", exc)
         door.node.close()

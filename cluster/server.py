@@ -33,6 +33,7 @@ from cluster.observe import NULL_OBSERVER, DebugAccessLog, Observer
 from cluster.workers import (
     PARENT_PID_ENV,
     SHARED_FD_ENV,
+    close_idle_connections,
     notify_ready,
     run_workers,
     settle,
@@ -197,8 +198,12 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         node.registrar.stop()
     for server in servers:
         server.close()
+    drained = gevent.event.Event()
+    idle_closer = gevent.spawn(close_idle_connections, door, drained)
     for server in servers:
         server.stop(timeout=DRAIN_SECONDS)
+    drained.set()
+    idle_closer.join(1)
     tidy.kill()
     door.close()
     node.close()

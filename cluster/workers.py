@@ -35,8 +35,10 @@ import gevent.event
 import gevent.select
 
 from cluster.config import Settings, to_environment
+from cluster.conn import IDLE
 
 if TYPE_CHECKING:
+    from cluster.door import Door
     from cluster.node import Cluster
 
 log = logging.getLogger(__name__)
@@ -268,6 +270,23 @@ def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
         log.debug("could not report readiness: %s", exc)
     finally:
         os.close(int(fd))
+
+
+def close_idle_connections(door: Door, done: gevent.event.Event,
+                           interval: float = 0.1) -> None:
+    """While draining, close keep-alive connections waiting for their next request.
+
+    nginx does the same on a graceful stop: the drain then lasts as long as the
+    requests in flight, not as long as idle clients (a peer's pooled connections, a
+    browser's keep-alive) keep their sockets open. A client whose idle connection is
+    closed opens a new one, which reaches a process that still accepts.
+    """
+    while True:
+        for conn in list(door.sweeper.conns):
+            if conn.phase == IDLE and not conn.buf:
+                conn.close()
+        if done.wait(interval):
+            return
 
 
 def watch_parent(parent_pid: int, stopping: gevent.event.Event) -> None:
