@@ -228,3 +228,30 @@ def test_a_sidecar_outlives_neither_its_store_nor_its_parent(tmp_path):
         parent.stop()
         with contextlib.suppress(ProcessLookupError, NameError):
             os.kill(sidecar, signal.SIGKILL)
+
+
+def test_a_reload_whose_new_code_does_not_start_keeps_the_old_workers(tmp_path):
+    app_file = tmp_path / "versioned.py"
+    app_file.write_text(VERSIONED_APP.format(version=1))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+                               "--app", "versioned:app", "--pythonpath", str(tmp_path),
+                               "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
+                               "--expiry-grace", "1"),
+                  env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.sqlite3'}"},
+                  name="bad-reload")
+    try:
+        wait_port(port, proc=parent)
+        assert requests.get(url + "/", timeout=5).json()["version"] == 1
+        original = set(started_pids(parent.output(), 0) + started_pids(parent.output(), 1))
+        app_file.write_text("this is not python\n")
+        parent.signal(signal.SIGHUP)
+        wait_until(lambda: "did not come up" in parent.output(), timeout=20,
+                   what="the reload to give up")
+        after = Counter(requests.get(url + "/", timeout=5).json()["pid"] for _ in range(20))
+        assert set(after) == original, after  # both original workers, still serving
+        assert len(started_pids(parent.output(), 0)) == 1  # worker 0 was never replaced
+        assert parent.poll() is None
+    finally:
+        parent.stop()
