@@ -7,9 +7,9 @@ reading the OS socket saves a failed system call, an exception and a timer per r
 Deadlines are kept by :class:`cluster.conn.Sweeper` instead. Reads are bounded to
 64 KiB: a larger ``recv`` makes the allocator map and unmap a fresh buffer for every
 read (three system calls), which cost more than the rest of a small proxied request.
-Only plain gevent TCP sockets take the fast path (it uses ``_sock`` and ``_read_event``, there since gevent
-1.x; tests/test_websocket.py checks they still are); anything else (TLS) goes through
-its own methods.
+Only plain gevent TCP sockets take the fast path (it uses ``_sock`` and
+``_read_event``, there since gevent 1.x; tests/test_websocket.py checks they still
+are); anything else (TLS) goes through its own methods.
 """
 
 from __future__ import annotations
