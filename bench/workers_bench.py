@@ -13,7 +13,10 @@ without wrk a small threaded Python client does the same, slower, job):
 - ``gunicorn-1``   gunicorn ``-w 1`` with ``cluster.gunicorn``
 - ``gunicorn-2``   gunicorn ``-w 2`` with ``cluster.gunicorn``
 
-It prints requests/s and p50/p99 latency per target as a table. Discovery is a temp
+It prints requests/s, p50/p99 latency and the server's CPU time per request (all its
+processes, user + system, from /proc) per target as a table. The CPU time per request
+depends little on how busy the machine is, so it says what N free cores would give:
+about N / (CPU time per request) requests per second. Discovery is a temp
 SQLite file; every process is started here and stopped by PID. Keep runs short: the
 figures are for comparing 1 with 2 workers on the same machine, not absolute.
 """
@@ -77,8 +80,29 @@ def target_argv(name: str, port: int, tmp: Path) -> list[str]:
             "--control-socket", str(tmp / f"{name}.ctl"), "workers_bench:app"]
 
 
+def process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its descendants (live ones), in seconds."""
+    ticks = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def running(name: str, tmp: Path) -> Iterator[str]:
+def running(name: str, tmp: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = dict(os.environ, CLUSTER_DISCOVERY_URL=f"sqlite://{tmp / 'discovery.sqlite3'}",
                CLUSTER_SERVICE="bench", WORKERS_BENCH_WORK=str(WORK),
@@ -89,7 +113,7 @@ def running(name: str, tmp: Path) -> Iterator[str]:
     try:
         wait_port(port, proc)
         time.sleep(2.0)  # every worker up and registered
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -166,14 +190,18 @@ def main() -> None:
     print(f"load: {'wrk -t2' if measure is run_wrk else 'python threads'} "
           f"-c{args.connections} {args.duration:.0f}s; work {WORK}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'target':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"{'target':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>11} "
+          f"{'errors':>7}")
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as tmp:
         for name in args.targets.split(","):
-            with running(name, Path(tmp)) as url:
+            with running(name, Path(tmp)) as (url, pid):
                 measure(url, 1.0, args.connections)  # warm up
+                before = cpu_seconds(pid)
                 r = measure(url, args.duration, args.connections)
+                cpu = cpu_seconds(pid) - before
+            per_request = cpu * 1000 / max(1.0, r["rps"] * args.duration)
             print(f"{name:12} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
-                  f"{r['errors']:7.0f}", flush=True)
+                  f"{per_request:11.2f} {r['errors']:7.0f}", flush=True)
 
 
 if __name__ == "__main__":
