@@ -34,6 +34,7 @@ from cluster.workers import (
     PARENT_PID_ENV,
     SHARED_FD_ENV,
     close_idle_connections,
+    handle_sighup,
     notify_ready,
     run_workers,
     settle,
@@ -173,6 +174,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
     parent = os.environ.pop(PARENT_PID_ENV, None)
+    handle_sighup(worker=parent is not None)
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
     node.start()

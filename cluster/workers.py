@@ -289,6 +289,21 @@ def close_idle_connections(door: Door, done: gevent.event.Event,
             return
 
 
+def handle_sighup(worker: bool) -> None:
+    """SIGHUP in a process that is not a supervisor: never die of it.
+
+    A worker leaves reloading to its parent (a HUP sent to the whole process group, as
+    a closing terminal does, must not kill the workers under the reload). A single
+    process cannot start its own replacement: it says so and keeps serving.
+    """
+    if worker:
+        gevent.signal_handler(signal.SIGHUP, lambda: None)
+        return
+    gevent.signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: reloading without a failed request needs --workers-count 2 or "
+        "more (a supervisor starts the new code before stopping the old)"))
+
+
 def watch_parent(parent_pid: int, stopping: gevent.event.Event) -> None:
     """Stop this worker when its parent is gone (so no orphan keeps a record alive)."""
     while not stopping.wait(1.0):

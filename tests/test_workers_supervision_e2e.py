@@ -255,3 +255,19 @@ def test_a_reload_whose_new_code_does_not_start_keeps_the_old_workers(tmp_path):
         assert parent.poll() is None
     finally:
         parent.stop()
+
+
+def test_sighup_to_a_single_process_is_a_warning_not_a_death(tmp_path):
+    port = free_port()
+    proc = Proc(cluster_argv("serve", "--service", "web", "--app", "cluster.demo:app",
+                             "--bind", f"127.0.0.1:{port}"),
+                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.sqlite3'}"},
+                name="single")
+    try:
+        wait_port(port, proc=proc)
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP ignored" in proc.output(), timeout=10, what="the warning")
+        assert requests.get(f"http://127.0.0.1:{port}/whoami", timeout=5).status_code == 200
+        assert proc.poll() is None
+    finally:
+        proc.stop()
