@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pytest
 import requests
+import requests.adapters
 import socketio
 
 from helpers import ROOT, Proc, cluster_argv, free_port, python, status_json, wait_port, wait_until
@@ -89,9 +90,30 @@ def _port_of(proc: Proc) -> int:
     return int(proc.name.rsplit("-", 1)[1])
 
 
-def python_session(url: str, transports: list[str] | None) -> tuple[list[int], str]:
-    """One python-socketio session: the pids that answered, the transport at the end."""
-    client = socketio.Client(reconnection=False)
+class OneConnectionPerRequest(requests.adapters.HTTPAdapter):
+    """Reads each response whole, then closes the idle pooled connections: the next
+    request opens a new connection (without a ``Connection: close`` request header,
+    which servers need not echo and clients then race on)."""
+
+    def send(self, request, **kwargs):
+        response = super().send(request, **kwargs)
+        response.content  # noqa: B018 - read the body so the connection goes back idle
+        self.poolmanager.clear()
+        return response
+
+
+def python_session(url: str, transports: list[str] | None,
+                   fresh_connections: bool = False) -> tuple[list[int], str]:
+    """One python-socketio session: the pids that answered, the transport at the end.
+
+    With ``fresh_connections`` every HTTP request goes on a new connection, so the
+    kernel hands about half of a session's polls to a process that does not hold it:
+    the relay to the right one is exercised on every session, not left to chance.
+    """
+    http = requests.Session()
+    if fresh_connections:
+        http.mount("http://", OneConnectionPerRequest())
+    client = socketio.Client(reconnection=False, http_session=http)
     client.connect(url, transports=transports, wait_timeout=10)
     try:
         pids = []
@@ -121,7 +143,7 @@ def test_python_client_long_polling_stays_in_one_process(cluster_of):
     url, _ = cluster_of
     seen = set()
     for _ in range(SESSIONS):
-        pids, transport = python_session(url, ["polling"])
+        pids, transport = python_session(url, ["polling"], fresh_connections=True)
         assert len(pids) == ECHOES and len(set(pids)) == 1, pids
         assert transport == "polling"
         seen |= set(pids)
