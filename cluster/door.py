@@ -47,7 +47,7 @@ from cluster.http1 import (
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.proxy.attempts import attempt, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
-from cluster.proxy.tunnel import Tunnel, pump
+from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
 from cluster.routing import (
     Policy,
@@ -93,6 +93,8 @@ class Door:
         self.sweeper = Sweeper()
         self.active = 0
         self.websockets = 0
+        #: every open WebSocket, as an object with going_away() (for a graceful stop)
+        self.open_websockets: set[Any] = set()
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -102,6 +104,17 @@ class Door:
     def close(self) -> None:
         self.sweeper.stop()
         self.pool.close()
+
+    def going_away(self) -> int:
+        """Close every WebSocket with 1001 (going away), so clients reconnect to a live
+        instance; returns how many. Called when this instance stops."""
+        sockets = list(self.open_websockets)
+        for socket in sockets:
+            try:
+                socket.going_away()
+            except Exception:  # noqa: BLE001 - one bad socket must not stop the others
+                log.debug("closing a WebSocket failed", exc_info=True)
+        return len(sockets)
 
     def tidy(self) -> None:
         """Close pooled connections of endpoints that left the table."""
@@ -383,19 +396,26 @@ class Connection:
         door.observer.websocket_opened(url)
         upstream.sock.settimeout(None)
 
-        def closed() -> None:
-            door.websockets -= 1
-            door.observer.websocket_closed(url)
-
         if Tunnel.supports(conn.sock, upstream.sock):
+            def closed() -> None:
+                door.websockets -= 1
+                door.open_websockets.discard(tunnel)
+                door.observer.websocket_closed(url)
+
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            Tunnel(conn.sock, upstream.sock, closed).start()
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            door.open_websockets.add(tunnel)
+            tunnel.start()
         else:
+            pumped = _Pumped(conn.sock, upstream.sock)
+            door.open_websockets.add(pumped)
             try:
                 pump(conn.sock, upstream.sock)
             finally:
-                closed()
+                door.websockets -= 1
+                door.open_websockets.discard(pumped)
+                door.observer.websocket_closed(url)
         return False
 
     def serve_local(self, head: RequestHead, decision: Serve, state: _Outcome) -> bool:
@@ -473,6 +493,43 @@ class Connection:
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
 _NOTHING_TRIED: frozenset[str] = frozenset()
+
+
+class _Pumped:
+    """A TLS tunnel run by greenlets, as the stop sees it."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, client: Any, upstream: Any) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    def going_away(self) -> None:
+        for sock, frame in ((self.client, CLOSE_TO_CLIENT), (self.upstream, CLOSE_TO_SERVER)):
+            try:
+                sock.send(frame)
+            except OSError:
+                pass
+            sock.close()
+
+
+class _LocalWebSocket:
+    """A WebSocket served by the local app (gevent-websocket), as the stop sees it."""
+
+    __slots__ = ("websocket", "conn")
+
+    def __init__(self, websocket: Any, conn: ClientConn) -> None:
+        self.websocket = websocket
+        self.conn = conn
+
+    def going_away(self) -> None:
+        # gevent-websocket's close() drops the status code: send the frame ourselves.
+        try:
+            self.websocket.send_frame(b"\x03\xe9server going away",
+                                      self.websocket.OPCODE_CLOSE)
+        except Exception:  # noqa: BLE001 - gevent-websocket raises several kinds
+            pass
+        self.conn.close()  # wakes the app's receive(): it sees the socket end
 
 
 class _Outcome:
@@ -653,11 +710,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.websocket_used = True
         door = self.connection.door
         door.websockets += 1
+        local = _LocalWebSocket(self.websocket, conn)
+        door.open_websockets.add(local)
         door.observer.websocket_opened("local")
         try:
             super().run_websocket()
         finally:
             door.websockets -= 1
+            door.open_websockets.discard(local)
             door.observer.websocket_closed("local")
 
 
