@@ -244,6 +244,23 @@ def test_chunked_upload_arrives_whole_and_the_next_request_is_served(door: Door)
     assert echo.body == b"x" * 999
 
 
+def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> None:
+    """A bad chunked body, or a client that vanishes mid-body, is the client's fault: the
+    endpoint behind the front stays in its picks."""
+    bad = (b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\nzz\r\n")
+    _responses, closed = exchange(front.port, bad, timeout=CLOSE_WAIT)
+    assert closed  # its status is the corpus' business (invalid/chunk_size_invalid)
+    with socket.create_connection(("127.0.0.1", front.port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000"
+                     b"\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert status_view(front.port)["ejected"] == []
+    responses, _ = exchange(front.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"member")]
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /whoami HTTP/1.1\nHost: 127.0.0.1\n\n",
     b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\nX-Mixed: 1\r\n\r\n",
