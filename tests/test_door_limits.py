@@ -252,7 +252,7 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     _responses, closed = exchange(front.port, bad, timeout=CLOSE_WAIT)
     assert closed  # its status is the corpus' business (invalid/chunk_size_invalid)
     with socket.create_connection(("127.0.0.1", front.port)) as sock:
-        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000"
+        sock.sendall(b"POST /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000"
                      b"\r\n\r\n" + b"x" * 1000)
         time.sleep(0.2)
     time.sleep(0.3)
