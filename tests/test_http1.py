@@ -468,3 +468,64 @@ def test_malformed_trailer_fields_are_refused(trailer: bytes) -> None:
     must not reach an endpoint that might read it differently."""
     with pytest.raises(ChunkError):
         scan(b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n", [])
+
+
+# --- building the head sent to an endpoint (cluster.proxy.relay) ---------------------------
+
+
+def framing_line(head: RequestHead) -> bytes:
+    """The framing field the door adds, as door.py chooses it."""
+    if head.chunked:
+        return b"Transfer-Encoding: chunked"
+    if head.content_length >= 0:
+        return b"Content-Length: %d" % head.content_length
+    return b""
+
+
+@pytest.mark.parametrize("case", load_corpus("valid"), ids=lambda c: c.name)
+def test_rewritten_head_parses_back_to_the_same_request(case: CorpusCase) -> None:
+    """What the relay sends is itself a valid head that the next door frames the same
+    way, with the client's end-to-end fields in order and the hop marker added."""
+    from cluster.proxy.relay import Forwarding, request_head
+
+    head, _ = parse(case.raw)
+    forwarded = Forwarding(frozenset({"127.0.0.1"})).lines(head, "10.9.9.9")
+    out = request_head(head, head.target, b"10.0.0.5:8000", forwarded, b"X-Cluster-Hop: 1",
+                       framing_line(head))
+    again, rest = parse(out, Limits(8192, 8192, 65536, 200))
+    assert rest == b""
+    assert (again.method, again.target, again.version) == (head.method, head.target,
+                                                          b"HTTP/1.1")
+    assert again.host == (head.host or b"10.0.0.5:8000")
+    assert again.fields == head.fields
+    assert again.cookie == head.cookie
+    assert (again.chunked, again.content_length) == (head.chunked, head.content_length)
+    assert again.hop == b"1"
+    assert again.forwarded_for == b"10.9.9.9"  # an untrusted peer's own value is replaced
+
+
+def test_forwarded_fields_from_untrusted_and_trusted_peers() -> None:
+    from cluster.proxy.relay import Forwarding
+
+    head, _ = parse(request(fields=[("X-Forwarded-For", "6.6.6.6"),
+                                    ("X-Forwarded-Proto", "https"),
+                                    ("X-Forwarded-Host", "evil.example")]))
+    forwarding = Forwarding(frozenset({"127.0.0.1"}))
+    untrusted = forwarding.lines(head, "10.9.9.9")
+    assert b"X-Forwarded-For: 10.9.9.9" in untrusted
+    assert b"X-Forwarded-Proto: http" in untrusted
+    assert b"X-Forwarded-Host: h" in untrusted
+    trusted = forwarding.lines(head, "127.0.0.1")
+    assert b"X-Forwarded-For: 6.6.6.6, 127.0.0.1" in trusted
+    assert b"X-Forwarded-Proto: https" in trusted
+    assert b"X-Forwarded-Host: evil.example" in trusted
+
+
+def test_fields_named_by_connection_are_not_forwarded() -> None:
+    from cluster.proxy.relay import request_head
+
+    head, _ = parse(request(fields=[("Connection", "X-Secret, keep-alive"),
+                                    ("X-Secret", "1"), ("X-Kept", "2")]))
+    out = request_head(head, head.target, b"e:1", [], b"X-Cluster-Hop: 1", b"")
+    again, _ = parse(out)
+    assert again.fields == [b"X-Kept: 2"] and again.connection == ()
