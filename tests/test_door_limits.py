@@ -31,6 +31,7 @@ from helpers import (
     cluster_argv,
     exchange,
     load_corpus,
+    parse_responses,
     read_port_file,
     read_response,
     read_until_close,
@@ -44,8 +45,9 @@ REQUEST_LINE, HEADER_LINE, HEAD_SIZE, HEADER_COUNT = 1024, 512, 4096, 100
 LIMITS = ("--max-request-line", str(REQUEST_LINE), "--max-header-line", str(HEADER_LINE),
           "--max-head-size", str(HEAD_SIZE), "--max-header-count", str(HEADER_COUNT))
 #: long enough that a close seen by a test is the door's answer, not an idle timeout
-PATIENT = ("--header-timeout", "10", "--keepalive-timeout", "30", "--ping-interval", "1",
-           "--expiry-grace", "1")
+PATIENT = ("--header-timeout", "10", "--keepalive-timeout", "30", "--write-timeout", "1",
+           "--ping-interval", "1", "--expiry-grace", "1")
+WRITE_TIMEOUT = 1.0
 CLOSE_WAIT = 4.0  # seconds a test waits for a close the door owes at once
 FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
@@ -261,6 +263,36 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
 
 
+def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
+    raw = b"".join(b"GET /echo-%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(20))
+    raw += b"".join(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n%03d"
+                    % i for i in range(20))
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=10)
+    assert [r.status for r in responses] == [404] * 20 + [200] * 21, responses
+    assert [r.body for r in responses[20:40]] == [b"%03d" % i for i in range(20)]
+    assert closed
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 100 Continue\r\n"), data
+        sock.sendall(b"hello")
+        rest = data[data.index(b"\r\n\r\n") + 4:]
+        while not parse_responses(rest)[0]:
+            chunk = sock.recv(4096)
+            assert chunk, rest
+            rest += chunk
+        got = parse_responses(rest)[0][0]
+    assert (got.status, got.body) == (200, b"hello")
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /whoami HTTP/1.1\nHost: 127.0.0.1\n\n",
     b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\nX-Mixed: 1\r\n\r\n",
@@ -337,6 +369,20 @@ def test_header_count_limit(door: Door) -> None:
     fields = [(f"X-N{i}", "1") for i in range(HEADER_COUNT - 1)]  # plus Host
     assert_served(door, request_bytes(headers=fields))
     assert_refused(door, request_bytes(headers=[*fields, ("X-One-More", "1")]), 431)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(door: Door) -> None:
+    """A 50 MB download the client never reads: the door gives up after the write
+    timeout instead of holding the connection (and the app's greenlet) forever."""
+    size = 50_000_000
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(request_bytes(target=f"/download?size={size}"))
+        time.sleep(WRITE_TIMEOUT + 1.5)
+        data, closed = read_until_close(sock, 3)
+    assert closed and len(data) < size // 2, (len(data), closed)
+    responses, _ = exchange(door.port, FOLLOW_UP)  # and the door carries on
+    assert [(r.status, r.body) for r in responses] == [(200, door.name.encode())]
 
 
 # --- timeouts: slowloris, idle keep-alive ----------------------------------------------
