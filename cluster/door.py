@@ -199,11 +199,13 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         while True:
+            # Before the head size: a request line longer than both is still a 414.
+            if len(buf) > limits.request_line and \
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
-                raise RequestError(414, "request line too long")
             if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
