@@ -511,11 +511,23 @@ def test_past_the_connection_cap_a_short_503_while_existing_connections_carry_on
     socks: list[socket.socket] = []
     try:
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]
-        time.sleep(0.5)  # all accepted
-        with socket.create_connection(("127.0.0.1", port)) as extra:
-            data, closed = read_until_close(extra, 3)
+        time.sleep(0.5)  # accepted, normally; which one is refused is the door's order
+        socks.append(socket.create_connection(("127.0.0.1", port)))
+        sel = selectors.DefaultSelector()
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        ready = {key.fileobj for key, _ in sel.select(timeout=3)}
+        time.sleep(0.3)  # any other answer would be here by now
+        ready |= {key.fileobj for key, _ in sel.select(timeout=0)}
+        sel.close()
+        assert len(ready) == 1, f"{len(ready)} of {cap + 1} connections were answered"
+        refused = ready.pop()
+        assert isinstance(refused, socket.socket)
+        data, closed = read_until_close(refused, 3)
         assert closed and data.startswith(b"HTTP/1.1 503"), data
         assert len(data) < 512, data
+        socks.remove(refused)
+        refused.close()
         for sock in socks:  # the ones inside the cap still work
             sock.sendall(request_bytes())
             got = read_response(sock)
