@@ -636,6 +636,21 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
 
+    # A response to HEAD is the head a GET would get, without its content (RFC 9110
+    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
+    # read as the start of its next response.
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
+
+    def _write_with_headers(self, data: bytes) -> None:
+        super()._write_with_headers(b"" if self.command == "HEAD" else data)
+
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            super()._write(data)
+
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
         own logger, and nothing at all without one."""

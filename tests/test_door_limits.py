@@ -293,6 +293,21 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> 
     assert (got.status, got.body) == (200, b"hello")
 
 
+@pytest.mark.parametrize("target", ["/whoami", "/chunked?n=2&delay=0", "/download?size=100000",
+                                    "/status/404"])
+def test_head_gets_the_head_of_a_get_and_no_content(door: Door, target: str) -> None:
+    """RFC 9110 9.3.2; a body after it would be read as the start of the next response."""
+    raw = request_bytes("HEAD", target) + FOLLOW_UP
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(raw)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data, head_requests=1)
+    assert rest == b"" and closed, data
+    assert [(r.status, r.body) for r in responses][1:] == [(200, door.name.encode())], data
+    assert responses[0].status == (404 if target.startswith("/status") else 200)
+    assert responses[0].body == b""
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /whoami HTTP/1.1\nHost: 127.0.0.1\n\n",
     b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\nX-Mixed: 1\r\n\r\n",
