@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -635,6 +636,24 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.application = app
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
+
+    def _sendall(self, data: bytes) -> None:
+        """pywsgi's, through the door's send: a client that reads nothing for
+        --write-timeout has its connection closed by the sweeper instead of holding this
+        greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
+        server running this handler) it is pywsgi's own."""
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            super()._sendall(data)
+            return
+        try:
+            connection.conn.send(data)
+        except OSError as exc:
+            if exc.errno in self.ignored_socket_errors:
+                raise
+            # closed by the sweeper: as unremarkable as a client that went away
+            raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
+        self.response_length += len(data)
 
     # A response to HEAD is the head a GET would get, without its content (RFC 9110
     # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
