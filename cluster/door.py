@@ -178,15 +178,15 @@ class Connection:
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+                if head is None:
+                    return
+                conn.requests += 1
+                if not self.one_request(head):  # RequestError too: a bad relayed body
+                    return
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
-            if head is None:
-                return
-            conn.requests += 1
-            if not self.one_request(head):
                 return
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
