@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -190,15 +191,15 @@ class Connection:
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+                if head is None:
+                    return
+                conn.requests += 1
+                if not self.one_request(head):  # RequestError too: a bad relayed body
+                    return
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
-            if head is None:
-                return
-            conn.requests += 1
-            if not self.one_request(head):
                 return
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
@@ -212,11 +213,13 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         while True:
+            # Before the head size: a request line longer than both is still a 414.
+            if len(buf) > limits.request_line and \
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
-                raise RequestError(414, "request line too long")
             if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
@@ -695,6 +698,39 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.application = app
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
+
+    def _sendall(self, data: bytes) -> None:
+        """pywsgi's, through the door's send: a client that reads nothing for
+        --write-timeout has its connection closed by the sweeper instead of holding this
+        greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
+        server running this handler) it is pywsgi's own."""
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            super()._sendall(data)
+            return
+        try:
+            connection.conn.send(data)
+        except OSError as exc:
+            if exc.errno in self.ignored_socket_errors:
+                raise
+            # closed by the sweeper: as unremarkable as a client that went away
+            raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
+        self.response_length += len(data)
+
+    # A response to HEAD is the head a GET would get, without its content (RFC 9110
+    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
+    # read as the start of its next response.
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
+
+    def _write_with_headers(self, data: bytes) -> None:
+        super()._write_with_headers(b"" if self.command == "HEAD" else data)
+
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            super()._write(data)
 
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
