@@ -35,6 +35,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
 
 _MAX_INFO_BYTES = 64 * 1024
+_NONE: frozenset[str] = frozenset()
 
 
 def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Policy:
@@ -96,10 +97,10 @@ class ClusterApp:
         node = self.node
         tried: set[str] = set()
         while True:
-            exclude = node.ejected()
-            if tried:
-                exclude = exclude | tried
-            decision = route(request, node.table, self.policy, exclude)
+            # tried endpoints are never picked again; ejected ones only when nothing
+            # else of the service is left (routing's panic mode)
+            decision = route(request, node.table, self.policy,
+                             frozenset(tried) if tried else _NONE, ejected=node.ejected())
             if isinstance(decision, Serve):
                 return self._serve(decision, environ, start_response)
             if isinstance(decision, Reply):

@@ -22,7 +22,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cluster.discovery.base import DiscoveryStore
 from cluster.errors import DiscoveryError
-from cluster.records import Endpoint, MalformedRecord, make_record, parse_record
+from cluster.records import (
+    BALANCER_IGNORED,
+    Endpoint,
+    MalformedRecord,
+    check_record,
+    make_record,
+    record_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,16 @@ class EndpointTable:
     by_balancer: Mapping[str, tuple[Endpoint, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    #: service -> the balancer URLs its own endpoints announced. A record's balancer
+    #: serves only its own service: a record of an unrelated service must not become
+    #: the SockJS ``base_url`` of this one.
+    balancers_by_service: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def balancers(self) -> tuple[str, ...]:
+        """Every announced balancer (for status pages; routing uses balancers_by_service)."""
         return tuple(self.by_balancer)
 
     def services(self) -> tuple[str, ...]:
@@ -75,31 +89,44 @@ class EndpointTable:
         )
         by_service: dict[str, list[Endpoint]] = {}
         by_balancer: dict[str, list[Endpoint]] = {}
+        service_balancers: dict[str, dict[str, None]] = {}  # ordered sets
         for endpoint in live:
             by_service.setdefault(endpoint.service, []).append(endpoint)
             if endpoint.balancer:
                 by_balancer.setdefault(endpoint.balancer, []).append(endpoint)
+                service_balancers.setdefault(endpoint.service, {})[endpoint.balancer] = None
         return cls(
             now=now,
             endpoints=tuple(live),
             by_service=MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
             by_hash=MappingProxyType({e.hash: e for e in live}),
             by_balancer=MappingProxyType({k: tuple(v) for k, v in by_balancer.items()}),
+            balancers_by_service=MappingProxyType(
+                {k: tuple(v) for k, v in service_balancers.items()}
+            ),
         )
 
 
 def parse_documents(
-    documents: Iterable[Mapping[str, Any]],
+    documents: Iterable[Mapping[str, Any]], now: dt.datetime | None = None
 ) -> tuple[list[Endpoint], list[tuple[str, str]]]:
-    """Split store documents into endpoints and (identity, problem) pairs."""
+    """Split store documents into endpoints and (identity, problem) pairs.
+
+    Both texts of a problem are escaped and truncated (records.shown): a record is
+    someone else's input and must not forge or flood log lines. A record whose only
+    problem is its ``balancer`` is kept without it, and its problem is listed too.
+    """
     endpoints: list[Endpoint] = []
     problems: list[tuple[str, str]] = []
     for doc in documents:
         try:
-            endpoints.append(parse_record(doc))
+            endpoint, problem = check_record(doc, now)
         except MalformedRecord as exc:
-            identity = str(doc.get("_id") or f"{doc.get('serviceName')}@{doc.get('endpoint')}")
-            problems.append((identity, str(exc)))
+            problems.append((record_identity(doc), str(exc)))
+            continue
+        endpoints.append(endpoint)
+        if problem is not None:
+            problems.append((record_identity(doc), problem))
     return endpoints, problems
 
 
@@ -120,7 +147,7 @@ class _OutageLog:
     def succeeded(self) -> None:
         if self.failing_since is not None:
             seconds = (dt.datetime.now(dt.timezone.utc) - self.failing_since).total_seconds()
-            log.warning("%s works again after %.1fs", self.what, seconds)
+            log.info("%s works again after %.1fs", self.what, seconds)
             self.failing_since = None
 
     @property
@@ -255,11 +282,8 @@ class Watcher(_Loop):
         land. A record that was deleted (a graceful stop) still goes at once.
         """
         snapshot = self.store.snapshot()
-        endpoints, problems = parse_documents(snapshot.documents)
-        for problem in problems:
-            if problem not in self._warned:  # one warning per bad record, not per refresh
-                self._warned.add(problem)
-                log.warning("skipping malformed discovery record %s: %s", *problem)
+        endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
+        self._warn_once(problems)
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
@@ -268,6 +292,20 @@ class Watcher(_Loop):
         self.table = table
         self.refreshed.set()
         return table
+
+    def _warn_once(self, problems: list[tuple[str, str]]) -> None:
+        """One warning per bad record, not one per refresh.
+
+        Only the problems of records still in the store are remembered, so the set
+        cannot grow without bound under a writer that keeps adding new bad records.
+        """
+        current = set(problems)
+        for identity, problem in sorted(current - self._warned):
+            if problem.endswith(BALANCER_IGNORED):
+                log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            else:
+                log.warning("skipping malformed discovery record %s: %s", identity, problem)
+        self._warned = current
 
     @staticmethod
     def _log_changes(old: EndpointTable, new: EndpointTable) -> None:
