@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
@@ -130,25 +131,71 @@ def parse_documents(
     return endpoints, problems
 
 
-class _OutageLog:
-    """One warning when a loop starts failing, one info line when it recovers."""
+class _StoreOutage:
+    """What every loop of one store shares: an outage is logged once, not once per loop.
 
-    def __init__(self, what: str) -> None:
+    The first loop to fail logs one warning; the outage ends, with one info line,
+    when every loop that failed has succeeded again. Details go to debug.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.failing: set[str] = set()
+        self.since: float | None = None
+        self.lock = threading.Lock()
+
+    def failed(self, what: str, exc: Exception) -> None:
+        with self.lock:
+            first = not self.failing
+            self.failing.add(what)
+            if first:
+                self.since = time.monotonic()
+        if first:
+            log.warning("discovery store %s failed (%s), will keep retrying: %s",
+                        self.description, what, exc)
+        else:
+            log.debug("%s still failing: %s", what, exc)
+
+    def succeeded(self, what: str) -> None:
+        with self.lock:
+            if what not in self.failing:
+                return
+            self.failing.discard(what)
+            over = not self.failing
+            seconds = time.monotonic() - (self.since or 0.0)
+        if over:
+            log.info("discovery store %s works again after %.1fs", self.description, seconds)
+
+
+_OUTAGES: weakref.WeakKeyDictionary[DiscoveryStore, _StoreOutage] = weakref.WeakKeyDictionary()
+_OUTAGES_LOCK = threading.Lock()
+
+
+def _store_outage(store: DiscoveryStore) -> _StoreOutage:
+    with _OUTAGES_LOCK:
+        outage = _OUTAGES.get(store)
+        if outage is None:
+            outage = _OUTAGES[store] = _StoreOutage(store.description)
+        return outage
+
+
+class _OutageLog:
+    """One loop's view of a store outage; the log lines are the store's (_StoreOutage)."""
+
+    def __init__(self, what: str, store: DiscoveryStore) -> None:
         self.what = what
+        self.store = _store_outage(store)
         self.failing_since: dt.datetime | None = None
 
     def failed(self, exc: Exception) -> None:
         if self.failing_since is None:
             self.failing_since = dt.datetime.now(dt.timezone.utc)
-            log.warning("%s failed, will keep retrying: %s", self.what, exc)
-        else:
-            log.debug("%s still failing: %s", self.what, exc)
+        self.store.failed(self.what, exc)
 
     def succeeded(self) -> None:
         if self.failing_since is not None:
-            seconds = (dt.datetime.now(dt.timezone.utc) - self.failing_since).total_seconds()
-            log.info("%s works again after %.1fs", self.what, seconds)
             self.failing_since = None
+            self.store.succeeded(self.what)
 
     @property
     def failing(self) -> bool:
@@ -198,7 +245,7 @@ class Registrar(_Loop):
         self.ping_interval = ping_interval
         #: a sidecar's check of the program it registers; the record lives only while True
         self.healthy = healthy
-        self.outage = _OutageLog(f"heartbeat of {service} {endpoint_url} to {store.description}")
+        self.outage = _OutageLog(f"heartbeat of {service} {endpoint_url}", store)
         self.beats = 0
         self._registered = False
         self._stopped = False
@@ -264,7 +311,7 @@ class Watcher(_Loop):
         self.grace = grace
         self.refresh_interval = refresh_interval
         self.table = EndpointTable()
-        self.outage = _OutageLog(f"reading discovery store {store.description}")
+        self.outage = _OutageLog("reading the records", store)
         self.refreshed = threading.Event()
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
