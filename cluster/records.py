@@ -84,7 +84,7 @@ def check_url(url: object, what: str = "URL") -> str:
     if parts.scheme not in ("http", "https"):
         raise MalformedRecord(f"{what} {shown(url)} is not an http(s) URL")
     if "@" in parts.netloc:
-        raise MalformedRecord(f"{what} {shown(url)} carries credentials")
+        raise MalformedRecord(f"{what} {shown(_redacted(url))} carries credentials")
     if "?" in url or "#" in url:
         raise MalformedRecord(f"{what} {shown(url)} has a query or a fragment")
     if port == 0 or parts.netloc.endswith(":"):
@@ -92,6 +92,14 @@ def check_url(url: object, what: str = "URL") -> str:
     if not _valid_host(parts.hostname, parts.netloc):
         raise MalformedRecord(f"{what} {shown(url)} has no valid host")
     return url
+
+
+_USERINFO = re.compile(r"//[^/?#]*@")
+
+
+def _redacted(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced: logs must not keep them."""
+    return _USERINFO.sub("//***@", text)
 
 
 def _valid_host(hostname: str | None, netloc: str) -> bool:
@@ -203,7 +211,7 @@ def record_identity(doc: Mapping[str, Any]) -> str:
     """How a warning names a record: its ``_id``, else service@endpoint; escaped."""
     ident = doc.get("_id")
     if ident is None:
-        return shown(f"{doc.get('serviceName')}@{doc.get('endpoint')}")
+        return shown(_redacted(f"{doc.get('serviceName')}@{doc.get('endpoint')}"))
     return shown(str(ident))
 
 

@@ -182,3 +182,13 @@ def test_balancers_serve_only_their_own_service():
     assert table.balancers_by_service == {"web": ("https://lb-web",),
                                           "evil": ("https://evil.example",)}
     assert set(table.balancers) == {"https://lb-web", "https://evil.example"}
+
+
+def test_credentials_never_reach_a_problem_text():
+    endpoint = "http://admin:hunter2@10.0.0.1:3000"
+    _, problems = parse_documents([doc(endpoint=endpoint), doc(endpoint=endpoint, _id="x",
+                                                               balancer="https://u:pw@lb")])
+    assert len(problems) == 2
+    for identity, problem in problems:
+        assert "hunter2" not in identity + problem and "pw@" not in identity + problem
+    assert "//***@10.0.0.1:3000" in problems[0][0]
