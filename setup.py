@@ -26,6 +26,7 @@ setup(
             "pytest-timeout>=2.1",
             "gunicorn>=21.2",
             "websocket-client>=1.6",
+            "hypothesis>=6.80",
         ],
     },
     entry_points={"console_scripts": ["cluster = cluster.entry:main"]},

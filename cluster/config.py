@@ -274,7 +274,8 @@ class Settings:
     eject_seconds: float = setting(
         10.0,
         _positive_seconds,
-        "seconds a refusing endpoint is left out of this instance's picks",
+        "longest time a refusing endpoint is left out of this instance's picks (ejections "
+        "start at 1 s and double)",
         "SECONDS",
     )
     sockjs_prefix: str = setting(

@@ -367,6 +367,8 @@ def _route_session(request: RequestView, table: EndpointTable, policy: Policy) -
     if len(parts) < 2 or not parts[0] or not parts[1]:
         return Reply(404, "malformed session path")
     endpoint_hash, service = parts[0], parts[1]
+    if not _is_sha1_hex(endpoint_hash):  # not a hash any record can have; not echoed back
+        return Reply(404, "malformed session path")
     rest = "/" + parts[2] if len(parts) == 3 else ""
     if not policy.reachable(service):
         return Reply(403, f"service {service!r} is not public here")
@@ -403,3 +405,7 @@ def _escapes(path: str, raw_target: str) -> bool:
             if segment.replace("%2e", ".") in (".", ".."):
                 return True
     return False
+
+
+def _is_sha1_hex(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
