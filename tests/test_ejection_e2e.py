@@ -84,14 +84,18 @@ def test_a_restarted_endpoint_serves_again_at_once(mongo_url):
         wait_until(lambda: (whoami(base), hashes["m1"] in front_status(base)["ejected"])[1],
                    timeout=5, what="m1 ejected")
         restart("m1")
-        assert seconds_until_served_by(base, "m1", 3.0) < 2.0
+        healed = seconds_until_served_by(base, "m1", 3.0)
+        print(f"after SIGKILL: m1 served again {healed:.2f}s after it listened")
+        assert healed < 2.0
 
         # SIGTERM (deregister, drain) and a restart on the same port within a second
         # (pooled connections may still reach the draining m1: that is its drain)
         members["m1"].signal(signal.SIGTERM)
         time.sleep(0.5)
         restart("m1")
-        assert seconds_until_served_by(base, "m1", 3.0) < 2.0
+        healed = seconds_until_served_by(base, "m1", 3.0)
+        print(f"after SIGTERM: m1 served again {healed:.2f}s after it listened")
+        assert healed < 2.0
         assert front.poll() is None and "Traceback" not in front.output()
 
 
@@ -102,7 +106,9 @@ def test_with_every_endpoint_ejected_requests_succeed_once_one_is_back(mongo_url
         wait_until(lambda: (whoami(base), set(front_status(base)["ejected"])
                             == set(hashes.values()))[1], timeout=5, what="both ejected")
         restart("m0")
-        assert seconds_until_served_by(base, "m0", 3.0) < 1.5
+        healed = seconds_until_served_by(base, "m0", 3.0)
+        print(f"both ejected: m0 served {healed:.2f}s after it listened")
+        assert healed < 1.5
         for _ in range(20):
             assert whoami(base) == "m0"
         assert front.poll() is None and "Traceback" not in front.output()
