@@ -143,3 +143,17 @@ def test_the_probe_readmits_an_endpoint_that_accepts_again(tmp_path):
             assert node.ejected() == frozenset()
         finally:
             node.close()
+
+
+def test_service_client_tries_ejected_endpoints_when_nothing_else_is_left(node):
+    from cluster.client import NoEndpoint, ServiceClient
+
+    show(node, A, B)
+    node.eject(A)
+    client = ServiceClient("web", node)
+    assert client._endpoint(frozenset()) == B
+    node.eject(B)
+    client._current = None
+    assert client._endpoint(frozenset()) in (A, B)
+    with pytest.raises(NoEndpoint):
+        client._endpoint(frozenset({A.hash, B.hash}))
