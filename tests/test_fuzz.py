@@ -1,6 +1,7 @@
 """Property tests (Hypothesis) of the pure parts that take outside input: route(),
-record parsing and cookie parsing. Brief by default (the `ci` profile); longer with
-``HYPOTHESIS_PROFILE=long`` (``tox -e fuzz``). Profiles live in tests/conftest.py."""
+record parsing, cookie parsing and request-head parsing. Brief by default (the `ci`
+profile); longer with ``HYPOTHESIS_PROFILE=long`` (``tox -e fuzz``). Profiles live in
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from urllib.parse import urlsplit
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from cluster.errors import RequestError
+from cluster.http1 import parse_request_head
 from cluster.records import (
     MAX_PING_MS,
     MAX_URL_LENGTH,
@@ -229,3 +232,56 @@ def test_cookie_parsing_never_raises(header, name):
     assume(name)
     value = RequestView(cookie_header=header).cookie(name)
     assert value is None or (name in header and value in header.replace('"', "") + value)
+
+
+# --- request heads (cluster/http1.py, the front door's parser) ---------------------------
+
+head_piece = st.sampled_from([
+    b"GET", b"POST", b" ", b"/", b"/a?b=1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"\r\n",
+    b"\n", b"\r", b"\x00", b":", b"Host", b"host: x", b"Content-Length: 5",
+    b"Content-Length: 05", b"Content-Length: -1", b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: gzip", b"Transfer-Encoding: gzip, chunked", b"Connection: close",
+    b"Cookie: a=1", b" folded", b"\t", b"X_Under: 1", b"Proxy: evil", b"\xff",
+]) | st.binary(max_size=8)
+token_bytes = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1,
+                      max_size=10).map(str.encode)
+value_bytes = st.binary(max_size=20).map(
+    lambda b: bytes(c for c in b if c == 9 or 32 <= c <= 126 or c >= 128).strip(b" \t"))
+target_bytes = st.binary(min_size=1, max_size=30).map(
+    lambda b: b"/" + bytes(c for c in b if 33 <= c <= 126 or c >= 128))
+
+
+@given(st.lists(head_piece, max_size=24).map(b"".join))
+def test_request_head_parsing_never_raises_anything_but_a_status(head):
+    try:
+        req = parse_request_head(head)
+    except RequestError as exc:
+        assert exc.status in (400, 414, 431, 501, 505)
+        return
+    # what was accepted keeps the rules the door relies on
+    assert req.version in (b"HTTP/1.0", b"HTTP/1.1")
+    assert not any(c in req.target for c in b" \r\n\x00")
+    for line in req.fields:
+        assert b"\r" not in line and b"\n" not in line and b"\x00" not in line
+        assert not line.lower().startswith((b"proxy:", b"proxy-", b"transfer-encoding:",
+                                            b"content-length:", b"host:"))
+    assert not (req.chunked and req.content_length >= 0)
+    assert req.content_length >= -1
+
+
+@given(st.sampled_from([b"GET", b"POST", b"PUT", b"OPTIONS"]), target_bytes,
+       st.sampled_from([b"HTTP/1.0", b"HTTP/1.1"]), token_bytes,
+       st.lists(st.tuples(token_bytes.map(lambda t: b"X-" + t), value_bytes), max_size=6),
+       st.none() | st.integers(0, 10**12))
+def test_a_well_formed_request_head_parses_to_what_was_sent(method, target, version, host,
+                                                             fields, length):
+    lines = [method + b" " + target + b" " + version, b"Host: " + host]
+    lines += [name + b": " + value for name, value in fields]
+    if length is not None:
+        lines.append(b"Content-Length: " + str(length).encode())
+    req = parse_request_head(b"\r\n".join(lines))
+    assert (req.method, req.target, req.version, req.host) == (method, target, version, host)
+    assert [f.partition(b":")[0] for f in req.fields] == [name for name, _ in fields]
+    assert [f.partition(b":")[2].strip(b" \t") for f in req.fields] == [v for _, v in fields]
+    assert req.content_length == (-1 if length is None else length)
+    assert req.has_body == bool(length)
