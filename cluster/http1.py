@@ -522,3 +522,81 @@ class ChunkedScanner:
                     if self.trailer > _MAX_TRAILER:
                         raise ChunkError("trailer too long")
         return pos, pieces
+
+
+def find_response_head(buf: bytes) -> tuple[int, int]:
+    """(end of the head, length of its blank line) in ``buf``, or (-1, 0).
+
+    Responses may end their lines with a bare LF (RFC 9112 2.2 lets a recipient accept
+    that; some small servers do it): such a head is passed to :func:`crlf_head` first.
+    """
+    end = buf.find(HEAD_END)
+    bare = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
+    if bare >= 0:
+        return bare, 2
+    return (end, 4) if end >= 0 else (-1, 0)
+
+
+def crlf_head(head: bytes) -> bytes:
+    """A bare-LF head with CRLF line ends (a CR elsewhere stays and is refused later)."""
+    return head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def head_from_environ(environ: dict[str, object], target: bytes) -> RequestHead:
+    """A WSGI request as the core's RequestHead (for the WSGI adapter, which proxies
+    requests that another server already parsed)."""
+    def get(key: str) -> str:
+        value = environ.get(key)
+        return value if isinstance(value, str) else ""
+
+    method = (get("REQUEST_METHOD") or "GET").encode("latin-1")
+    version = b"HTTP/1.0" if get("SERVER_PROTOCOL") == "HTTP/1.0" else b"HTTP/1.1"
+    head = RequestHead(method, target, version)
+    fields = head.fields
+    for key, value in environ.items():
+        if key[:5] != "HTTP_" or not isinstance(value, str):
+            continue
+        # Names are case-insensitive, but some servers are not: write the usual spelling.
+        name = "-".join(part.capitalize() for part in key[5:].split("_")).replace(
+            "Websocket", "WebSocket")
+        line = f"{name}: {value}".encode("latin-1")
+        kind = _REQUEST_SPECIAL.get(name.lower().encode("latin-1"))
+        raw = value.strip().encode("latin-1")
+        if kind is None:
+            if name.lower().startswith("proxy-"):
+                continue
+            fields.append(line)
+        elif kind == _HOST:
+            head.host = raw
+        elif kind == _CONNECTION:
+            head.connection = tuple(_tokens(raw))
+        elif kind == _UPGRADE:
+            head.upgrade = raw
+        elif kind == _COOKIE:
+            head.cookie = raw
+        elif kind == _HOP:
+            head.hop = raw
+        elif kind == _TRANSFER:
+            head.chunked = raw.lower() == b"chunked"
+        elif kind == _XFF:
+            head.forwarded_for = raw
+        elif kind == _XFP:
+            head.forwarded_proto = raw
+        elif kind == _XFH:
+            head.forwarded_host = raw
+        elif kind == _FORWARDED:
+            head.forwarded = raw
+        elif kind == _REAL_IP:
+            head.real_ip = raw
+        elif kind == _VIA:
+            head.via = raw
+        # Content-Length/-Type come without the prefix; Expect is answered by the server
+    ctype = get("CONTENT_TYPE")
+    if ctype:
+        fields.append(b"Content-Type: " + ctype.encode("latin-1"))
+    length = get("CONTENT_LENGTH")
+    if length.isdigit() and not head.chunked:
+        head.content_length = int(length)
+    if head.connection:
+        head.keep_alive = b"close" not in head.connection
+    return head

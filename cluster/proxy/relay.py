@@ -102,7 +102,8 @@ class Forwarding:
 
 def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: list[bytes],
                  hop: bytes, framing: bytes, upgrade: bool = False) -> bytes:
-    """The head sent to the endpoint (see the module docstring)."""
+    """The head sent to the endpoint (see the module docstring). ``hop`` holds the hop
+    marker line (or any CRLF-joined lines to add last; b"" for none)."""
     fields = head.fields
     named = [t for t in head.connection if t not in (b"close", b"keep-alive", b"upgrade")]
     if named:  # fields the client named in Connection are hop-by-hop too
@@ -118,7 +119,8 @@ def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: l
         parts.append(b"Upgrade: " + head.upgrade)
         parts.append(b"Connection: Upgrade")
     parts += forwarded
-    parts.append(hop)
+    if hop:
+        parts.append(hop)
     return CRLF.join(parts) + HEAD_END
 
 
