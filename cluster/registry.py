@@ -329,6 +329,12 @@ class Watcher(_Loop):
         land. A record that was deleted (a graceful stop) still goes at once.
         """
         snapshot = self.store.snapshot()
+        if self.outage.failing:
+            # The first good read after an outage. The shelter starts now, not before
+            # the read: a read can block for the store's whole timeout while it comes
+            # back, and a window opened before it would be over when it returns.
+            longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+            self._shelter_until = time.monotonic() + longest + self.grace
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
         self._warn_once(problems)
         keep: frozenset[str] = frozenset()
@@ -366,9 +372,6 @@ class Watcher(_Loop):
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                if self.outage.failing:
-                    longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
-                    self._shelter_until = time.monotonic() + longest + self.grace
                 self.refresh()
             except DiscoveryError as exc:
                 self._shelter_until = 0.0
