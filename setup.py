@@ -28,7 +28,7 @@ setup(
             "websocket-client>=1.6",
             "python-socketio>=5.8",
             "flask-socketio>=5.3",
-            "hypothesis>=6.0",
+            "hypothesis>=6.80",
         ],
     },
     entry_points={"console_scripts": ["cluster = cluster.entry:main"]},

@@ -121,10 +121,8 @@ class ClusterApp:
         request = RequestView.from_environ(environ, hop=hop)
 
         def pick(tried: frozenset[str]) -> Any:
-            exclude = node.ejected()
-            if tried:
-                exclude = exclude | tried
-            return route(request, node.table, self.policy, exclude)
+            # tried: never again; ejected: only when nothing else is left (panic mode)
+            return route(request, node.table, self.policy, tried, ejected=node.ejected())
 
         def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):

@@ -272,10 +272,8 @@ class Connection:
     def pick(self, tried: frozenset[str]) -> Any:
         door = self.door
         node = door.node
-        exclude = node.ejected()
-        if tried:
-            exclude = exclude | tried
-        return route(self.request, node.table, door.policy, exclude)
+        # tried: never again; ejected: only when nothing else is left (panic mode)
+        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
 
     def send(self, decision: Any) -> bool:
         head = self.head

@@ -60,7 +60,14 @@ class EmbeddedStore(DiscoveryStore):
         self._ready = False
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
+        """Run ``work`` on a fresh connection; raises DiscoveryError.
+
+        The error travels back as a value, not an exception: gevent's thread pool
+        prints a traceback for every exception raised in a worker thread, which made
+        an unreadable store log dozens of them per second.
+        """
+
+        def call() -> T | DiscoveryError:
             try:
                 if not self._ready:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +81,15 @@ class EmbeddedStore(DiscoveryStore):
                 finally:
                     conn.close()
             except (sqlite3.Error, OSError) as exc:
-                raise DiscoveryError(f"{self.description}: {exc}") from exc
+                # The file may come back empty (deleted, restored, replaced): set the
+                # schema up again on the next call.
+                self._ready = False
+                return DiscoveryError(f"{self.description}: {exc}")
 
-        return _off_the_hub(call)
+        result = _off_the_hub(call)
+        if isinstance(result, DiscoveryError):
+            raise result
+        return result
 
     def heartbeat(self, record: Mapping[str, Any]) -> None:
         document = json.dumps(dict(record))
