@@ -28,10 +28,11 @@ setup(
             "gunicorn>=21.2",
             "packaging",
             "websocket-client>=1.6",
-            # the real-time tests and examples (tests/socketio, examples/)
+            # the real-time tests and examples (tests/sio, examples/)
             "python-socketio[client]>=5.8",
             "Flask>=2.2",
             "Flask-SocketIO>=5.3",
+            "hypothesis>=6.80",
         ],
     },
     entry_points={"console_scripts": ["cluster = cluster.entry:main"]},

@@ -62,7 +62,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
         snapshot = store.snapshot()
     finally:
         store.close()
-    endpoints, problems = parse_documents(snapshot.documents)
+    endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
     rows = []
     for e in sorted(endpoints, key=lambda e: (e.service, e.url)):
         healthy = e.is_healthy(snapshot.now, settings.expiry_grace)

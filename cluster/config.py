@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 import configargparse
 
 from cluster.errors import ConfigError
-from cluster.records import is_http_url
+from cluster.records import (
+    MAX_PING_MS,
+    MIN_PING_MS,
+    MalformedRecord,
+    check_service,
+    check_url,
+)
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -42,17 +48,29 @@ def _text(raw: str) -> str:
 
 
 def _service_name(raw: str) -> str:
+    # the rules every watcher applies to records (cluster.records): a name they would
+    # skip must be refused here, not registered
     value = _text(raw)
-    if "/" in value or any(c.isspace() for c in value):
-        raise ValueError(f"{value!r} must not contain '/' or spaces")
-    return value
+    try:
+        return check_service(value)
+    except MalformedRecord:
+        raise ValueError(f"{value!r} must be 1-128 of A-Z a-z 0-9 . _ : -") from None
 
 
 def _http_url(raw: str) -> str:
     value = raw.strip()
-    if not is_http_url(value):
-        raise ValueError(f"{value!r} is not an http(s) URL with a host")
+    try:
+        check_url(value)
+    except MalformedRecord as exc:
+        raise ValueError(str(exc)) from None
     return value.rstrip("/")
+
+
+def _ping_seconds(raw: str) -> float:
+    value = _positive_seconds(raw)
+    if not MIN_PING_MS <= round(value * 1000) <= MAX_PING_MS:
+        raise ValueError(f"{raw} is outside {MIN_PING_MS / 1000:g}..{MAX_PING_MS // 1000} seconds")
+    return value
 
 
 def _discovery_url(raw: str) -> str:
@@ -240,7 +258,7 @@ class Settings:
         1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
     )
     ping_interval: float = setting(
-        5.0, _positive_seconds, "seconds between heartbeats", "SECONDS"
+        5.0, _ping_seconds, "seconds between heartbeats", "SECONDS"
     )
     expiry_grace: float = setting(
         5.0,
@@ -284,7 +302,8 @@ class Settings:
     eject_seconds: float = setting(
         10.0,
         _positive_seconds,
-        "seconds a refusing endpoint is left out of this instance's picks",
+        "longest time a refusing endpoint is left out of this instance's picks (ejections "
+        "start at 1 s and double)",
         "SECONDS",
     )
     sockjs_prefix: str = setting(

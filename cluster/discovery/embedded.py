@@ -48,19 +48,7 @@ def _off_the_hub(fn: Callable[[], T]) -> T:
     if monkey.is_module_patched("threading"):
         import gevent
 
-        # An exception raised in the pool would also be printed by the hub with its
-        # traceback (every heartbeat while the file is unreachable): carry it back as
-        # a value and raise it here, where the caller handles it.
-        def guarded() -> tuple[bool, Any]:
-            try:
-                return True, fn()
-            except DiscoveryError as exc:
-                return False, exc
-
-        ok, value = gevent.get_hub().threadpool.apply(guarded)
-        if not ok:
-            raise value
-        result: T = value
+        result: T = gevent.get_hub().threadpool.apply(fn)
         return result
     return fn()
 
@@ -72,7 +60,14 @@ class EmbeddedStore(DiscoveryStore):
         self._ready = False
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
+        """Run ``work`` on a fresh connection; raises DiscoveryError.
+
+        The error travels back as a value, not an exception: gevent's thread pool
+        prints a traceback for every exception raised in a worker thread, which made
+        an unreadable store log dozens of them per second.
+        """
+
+        def call() -> T | DiscoveryError:
             try:
                 if not self._ready:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +81,15 @@ class EmbeddedStore(DiscoveryStore):
                 finally:
                     conn.close()
             except (sqlite3.Error, OSError) as exc:
-                raise DiscoveryError(f"{self.description}: {exc}") from exc
+                # The file may come back empty (deleted, restored, replaced): set the
+                # schema up again on the next call.
+                self._ready = False
+                return DiscoveryError(f"{self.description}: {exc}")
 
-        return _off_the_hub(call)
+        result = _off_the_hub(call)
+        if isinstance(result, DiscoveryError):
+            raise result
+        return result
 
     def heartbeat(self, record: Mapping[str, Any]) -> None:
         document = json.dumps(dict(record))
