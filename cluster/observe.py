@@ -8,6 +8,10 @@ Times are seconds from ``time.monotonic()``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class RequestRecord:
     """One finished request, as the access log and the metrics see it."""
@@ -66,3 +70,66 @@ class Observer:
 
 #: The observer used when nobody installed one.
 NULL_OBSERVER = Observer()
+
+
+class Observers(Observer):
+    """Fan-out: every hook called on each of several observers, in order."""
+
+    def __init__(self, observers: list[Observer]) -> None:
+        self.observers = tuple(observers)
+
+    def __repr__(self) -> str:
+        return f"<Observers {list(self.observers)!r}>"
+
+    def request_done(self, record: RequestRecord) -> None:
+        for observer in self.observers:
+            observer.request_done(record)
+
+    def connection_opened(self) -> None:
+        for observer in self.observers:
+            observer.connection_opened()
+
+    def connection_closed(self) -> None:
+        for observer in self.observers:
+            observer.connection_closed()
+
+    def connection_refused(self) -> None:
+        for observer in self.observers:
+            observer.connection_refused()
+
+    def websocket_opened(self, endpoint: str) -> None:
+        for observer in self.observers:
+            observer.websocket_opened(endpoint)
+
+    def websocket_closed(self, endpoint: str) -> None:
+        for observer in self.observers:
+            observer.websocket_closed(endpoint)
+
+    def retried(self, endpoint: str, reason: str) -> None:
+        for observer in self.observers:
+            observer.retried(endpoint, reason)
+
+    def ejected(self, endpoint: str, reason: str) -> None:
+        for observer in self.observers:
+            observer.ejected(endpoint, reason)
+
+
+def combine(observers: list[Observer]) -> Observer:
+    """One observer for several: the no-op, the only one, or a fan-out."""
+    if not observers:
+        return NULL_OBSERVER
+    if len(observers) == 1:
+        return observers[0]
+    return Observers(observers)
+
+
+def find(observer: Observer, kind: type[T]) -> T | None:
+    """The first observer of ``kind`` in ``observer`` (itself or inside a fan-out)."""
+    if isinstance(observer, kind):
+        return observer
+    if isinstance(observer, Observers):
+        for inner in observer.observers:
+            found = find(inner, kind)
+            if found is not None:
+                return found
+    return None

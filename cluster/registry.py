@@ -109,8 +109,11 @@ class _OutageLog:
     def __init__(self, what: str) -> None:
         self.what = what
         self.failing_since: dt.datetime | None = None
+        #: failed attempts since start (the metrics' discovery errors)
+        self.errors = 0
 
     def failed(self, exc: Exception) -> None:
+        self.errors += 1
         if self.failing_since is None:
             self.failing_since = dt.datetime.now(dt.timezone.utc)
             log.warning("%s failed, will keep retrying: %s", self.what, exc)
@@ -239,6 +242,8 @@ class Watcher(_Loop):
         self.table = EndpointTable()
         self.outage = _OutageLog(f"reading discovery store {store.description}")
         self.refreshed = threading.Event()
+        #: time.time() of the last successful read (0.0: none yet); metrics show its age
+        self.refreshed_at = 0.0
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
 
@@ -266,6 +271,7 @@ class Watcher(_Loop):
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
         self._log_changes(self.table, table)
         self.table = table
+        self.refreshed_at = time.time()
         self.refreshed.set()
         return table
 
