@@ -12,12 +12,15 @@ import logging
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
+from cluster.admin import Admin
 from cluster.config import Settings
 from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.node import Cluster
+from cluster.observe import NULL_OBSERVER, Observer
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
 from cluster.routing import (
+    HOP_ENVIRON,
     HOP_HEADER,
     Policy,
     Proxy,
@@ -73,10 +76,14 @@ def reply(start_response: StartResponse, status: int, body: str,
 class ClusterApp:
     """A cluster member as a WSGI app: the local app (or none) plus balancing."""
 
-    def __init__(self, local_app: WSGIApp | None, node: Cluster) -> None:
+    def __init__(self, local_app: WSGIApp | None, node: Cluster,
+                 observer: Observer = NULL_OBSERVER) -> None:
         self.local_app = local_app
         self.node = node
         s = node.settings
+        self.observer = observer
+        self.admin = Admin(node, s, observer)
+        self._admin_prefix = s.admin_prefix
         self.policy = policy_for(s, node.self_hash, local_app is not None)
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
                                        read_timeout=s.read_timeout)
@@ -92,6 +99,12 @@ class ClusterApp:
         self.forwarder.close()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(self._admin_prefix) and HOP_ENVIRON not in environ:
+            answered = self._admin(environ, path)
+            if answered is not None:
+                status, content_type, body = answered
+                return reply(start_response, status, body.decode(), content_type=content_type)
         request = RequestView.from_environ(environ)
         node = self.node
         tried: set[str] = set()
@@ -129,24 +142,21 @@ class ClusterApp:
             return reply(start_response, failure.status, f"upstream {failure.reason}")
 
     def status(self) -> dict[str, Any]:
-        """This instance's view: its identity, its table, what it has ejected."""
-        table = self.node.table
-        registrar = self.node.registrar
-        return {
-            "service": self.node.settings.service,
-            "endpoint": self.node.self_url,
-            "hash": self.node.self_hash,
-            "registered": registrar is not None and not registrar.outage.failing,
-            "store_failing": self.node.watcher.outage.failing,
-            "now": table.now.isoformat(),
-            "endpoints": [
-                {"service": e.service, "endpoint": e.url, "hash": e.hash,
-                 "balancer": e.balancer, "age": round(e.age(table.now), 3)}
-                for e in table.endpoints
-            ],
-            "balancers": list(table.balancers),
-            "ejected": sorted(self.node.ejected()),
-        }
+        """This instance's view (see :meth:`cluster.admin.Admin.status`)."""
+        return self.admin.status()
+
+    def _admin(self, environ: dict[str, Any], path: str) -> tuple[int, str, bytes] | None:
+        """An admin page, when the path is one and the client may read it; else None
+        (an ordinary request for the app)."""
+        if not self.admin.handles(path):
+            return None
+        query = environ.get("QUERY_STRING", "")
+        if not self.admin.allowed(environ.get("REMOTE_ADDR", ""), query,
+                                  environ.get("HTTP_AUTHORIZATION", "")):
+            if self.node.settings.admin_token:
+                return 401, "text/plain; charset=utf-8", b"admin token required"
+            return None
+        return self.admin.respond(path, query)
 
     def _serve(self, decision: Serve, environ: dict[str, Any],
                start_response: StartResponse) -> Iterable[bytes]:

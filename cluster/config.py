@@ -533,6 +533,10 @@ def build_parser(
         parser.add_argument(
             "--all", action="store_true", help="also list records that have expired"
         )
+        parser.add_argument(
+            "--watch", action="store_true",
+            help="redraw the table every second, with each endpoint's requests/s, until Ctrl-C"
+        )
     if command == "demo":
         parser.add_argument(
             "--instances", type=int, default=3, help="how many instances to start (default 3)"

@@ -30,6 +30,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -80,6 +81,7 @@ class MetricsObserver(Observer):
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess_dir() is not None
+        disable_created_metrics()  # no *_created series: half the text, nothing lost
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -8,7 +8,10 @@ Times are seconds from ``time.monotonic()``.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from cluster.config import Settings
 
 T = TypeVar("T")
 
@@ -133,3 +136,17 @@ def find(observer: Observer, kind: type[T]) -> T | None:
             if found is not None:
                 return found
     return None
+
+
+def from_settings(settings: Settings) -> Observer:
+    """What ``cluster serve`` reports to: the metrics (always: the dashboard and
+    ``/_cluster/metrics`` read them) and, with ``--access-log``, the access log.
+    Raises ConfigError for an access-log file that cannot be opened."""
+    from cluster import accesslog
+    from cluster.metrics import MetricsObserver
+
+    observers: list[Observer] = [MetricsObserver()]
+    access = accesslog.from_settings(settings)
+    if access is not None:
+        observers.append(access)
+    return combine(observers)

@@ -23,11 +23,14 @@ import gevent.event
 from gevent.pywsgi import WSGIServer
 from gevent.server import _tcp_listener
 
+from cluster import observe
 from cluster.app import ClusterApp, WSGIApp
 from cluster.config import Settings
 from cluster.errors import ConfigError
 from cluster.handler import ClusterHandler
+from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
+from cluster.observe import Observer
 from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,13 @@ def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
                       error_log=logging.getLogger("cluster.server"))
 
 
-def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+def serve(settings: Settings, local_app: WSGIApp | None = None,
+          observer: Observer | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status.
+
+    ``observer`` gets the door's reports; by default the metrics, plus the access log
+    when ``--access-log`` asks for it (:func:`cluster.observe.from_settings`).
+    """
     if local_app is None and settings.app:
         local_app = load_app(settings.app)
     if local_app is not None and not settings.service:
@@ -94,8 +102,13 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
         port = settings.bind_address[1]
         settings = settings.replace(endpoint_url=urlsplit(base)._replace(
             netloc=f"{urlsplit(base).hostname}:{port}").geturl())
+    if observer is None:
+        observer = observe.from_settings(settings)
     node = Cluster(settings, register=local_app is not None)
-    app = ClusterApp(local_app, node)
+    metrics = observe.find(observer, MetricsObserver)
+    if metrics is not None:
+        metrics.watch(node)
+    app = ClusterApp(local_app, node, observer)
     servers = [make_server(listener, app, settings)]
     if shared is not None:
         servers.append(make_server(shared, app, settings))
