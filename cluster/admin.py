@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from cluster.config import Settings
 from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
-from cluster.observe import Observer, find
+from cluster.observe import NULL_OBSERVER, Observer, find
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"
@@ -36,7 +36,8 @@ Response = tuple[int, str, bytes]
 class Admin:
     """Answers the admin paths of one instance (one process)."""
 
-    def __init__(self, node: Cluster, settings: Settings, observer: Observer) -> None:
+    def __init__(self, node: Cluster, settings: Settings,
+                 observer: Observer = NULL_OBSERVER) -> None:
         self.node = node
         self.settings = settings
         self.prefix = settings.admin_prefix
@@ -88,12 +89,24 @@ class Admin:
 
     # --- pages ------------------------------------------------------------------------
 
+    def answer(self, path: str, remote: str, query: str,
+               authorization: str = "") -> Response | None:
+        """For an admin path (:meth:`handles`): the page if the client may read it, 401
+        if a token would open it, None when it is an ordinary request for the app."""
+        if self.allowed(remote, query, authorization):
+            return self.respond(path, query)
+        if self._token is not None:
+            return 401, TEXT, b"admin token required (?token= or Authorization: Bearer)\n"
+        return None
+
     def respond(self, path: str, query: str) -> Response:
         """(status, content type, body) for an admin path, once :meth:`allowed`."""
+        if not self.handles(path):
+            return 404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode()
         sub = path[len(self.prefix):]
         if sub in ("", "/"):
             return 200, HTML, dashboard_html(self.prefix, self.status())
-        if sub == "/status":
+        if sub in ("/status", "/status/"):
             return 200, JSON, json.dumps(self.status()).encode()
         if sub == "/metrics":
             if self.metrics is None:

@@ -51,6 +51,7 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         sockjs_prefix=settings.sockjs_prefix,
         balancer_url=settings.balancer_url,
         trusted_proxies=frozenset(settings.trusted_proxies),
+        admin_prefix=settings.admin_prefix + "/",
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from cluster.config import Settings
 from cluster.discovery import DiscoveryStore, open_store
@@ -49,6 +49,8 @@ class Cluster:
                 self.store, s.service, self.self_url, s.balancer_url, s.ping_interval
             )
         self._ejected: dict[str, float] = {}
+        #: called as f(endpoint URL, reason) once per ejection (the observers' hook)
+        self.eject_listeners: list[Callable[[str, str], None]] = []
         self._lock = threading.Lock()
         self._started = False
 
@@ -93,7 +95,7 @@ class Cluster:
 
     # --- passive health -----------------------------------------------------------
 
-    def eject(self, endpoint: Endpoint, seconds: float | None = None) -> None:
+    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "") -> None:
         """Leave ``endpoint`` out of this instance's picks for a while."""
         seconds = self.settings.eject_seconds if seconds is None else seconds
         now = time.monotonic()
@@ -101,7 +103,10 @@ class Cluster:
             already = self._ejected.get(endpoint.hash, 0.0) > now
             self._ejected[endpoint.hash] = now + seconds
         if not already:  # concurrent requests to a dead endpoint: one line, not one each
-            log.warning("ejecting %s %s for %.0fs", endpoint.service, endpoint.url, seconds)
+            log.warning("ejecting %s %s for %.0fs%s", endpoint.service, endpoint.url, seconds,
+                        f": {reason}" if reason else "")
+            for listener in self.eject_listeners:
+                listener(endpoint.url, reason)
 
     def ejected(self) -> frozenset[str]:
         """Hashes of the endpoints currently ejected (cheap when there are none)."""

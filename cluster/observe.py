@@ -75,6 +75,19 @@ class Observer:
 NULL_OBSERVER = Observer()
 
 
+class DebugAccessLog(Observer):
+    """One line per request on the ``cluster.access`` logger at debug level (what
+    ``--log-level debug`` shows)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.log = logging.getLogger("cluster.access")
+
+    def request_done(self, record: RequestRecord) -> None:
+        self.log.debug('%s "%s %s %s" %d %d %s %.6f', record.remote, record.method,
+                       record.target, record.version, record.status, record.sent,
+                       record.endpoint, record.total_seconds)
 class Observers(Observer):
     """Fan-out: every hook called on each of several observers, in order."""
 
@@ -140,7 +153,8 @@ def find(observer: Observer, kind: type[T]) -> T | None:
 
 def from_settings(settings: Settings) -> Observer:
     """What ``cluster serve`` reports to: the metrics (always: the dashboard and
-    ``/_cluster/metrics`` read them) and, with ``--access-log``, the access log.
+    ``/_cluster/metrics`` read them) and, with ``--access-log``, the access log (else,
+    with ``--log-level debug``, the debug one).
     Raises ConfigError for an access-log file that cannot be opened."""
     from cluster import accesslog
     from cluster.metrics import MetricsObserver
@@ -149,4 +163,6 @@ def from_settings(settings: Settings) -> Observer:
     access = accesslog.from_settings(settings)
     if access is not None:
         observers.append(access)
+    elif settings.log_level == "debug":
+        observers.append(DebugAccessLog())
     return combine(observers)
