@@ -133,6 +133,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     raise_descriptor_limit()
     listener, settings = listen(settings)
     if settings.workers_count > 1:
+        write_port_file(settings)  # the shared public port: it queues until workers accept
         return run_workers(settings, listener)
     shared = _inherited_listener()
     base = os.environ.pop("_CLUSTER_ENDPOINT_BASE", None)

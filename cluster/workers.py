@@ -46,7 +46,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     """The environment of one worker: the parent's settings, one process, a private port."""
     host, _ = settings.bind_address
-    worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None)
+    # The parent writes --port-file (the public port); a worker must not overwrite it.
+    worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None,
+                              port_file=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
     env.update(to_environment(worker))
     if settings.endpoint_url:
