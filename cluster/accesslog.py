@@ -3,8 +3,9 @@
 Each line carries, besides the usual combined fields, where the request went (the
 endpoint URL, ``local`` for this instance's app, ``-`` when cluster answered itself),
 the upstream time (sending to the endpoint until its response head), the total time
-and how many other endpoints were tried first. A WebSocket is logged when it ends,
-with its status 101 and its whole duration as the total time.
+and how many other endpoints were tried first. A WebSocket's line has status 101 and
+``websocket=1``; one tunnelled to another endpoint is logged once the tunnel is set up
+(its total time is the handshake's), one served by the local app when it ends.
 
 Lines are written with one ``os.write`` to a descriptor opened with ``O_APPEND``, so
 the workers of one server can share a file without interleaving their lines. The

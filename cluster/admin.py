@@ -203,13 +203,14 @@ header .dim { color:#aab3c5; }
 main { padding:18px 22px; }
 .cards { display:flex; gap:12px; flex-wrap:wrap; margin-bottom:18px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:8px;
-        padding:10px 14px; min-width:130px; }
+        padding:10px 12px; min-width:96px; }
 .card .v { font-size:22px; font-weight:600; }
 .card .k { color:var(--dim); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
 table { border-collapse:collapse; width:100%; background:var(--card);
         border:1px solid var(--line); border-radius:8px; overflow:hidden; }
 th, td { text-align:left; padding:7px 10px; border-bottom:1px solid var(--line);
          white-space:nowrap; }
+td.health { white-space:normal; }
 th { font-size:12px; color:var(--dim); text-transform:uppercase; letter-spacing:.04em;
      background:#fafbfc; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
@@ -280,8 +281,9 @@ function render(d) {
     const name = el("td", {}, r.endpoint);
     if (r.self) name.append(el("span", {"class": "self"}, "this instance"));
     const health = r.ejected
-      ? el("td", {"class": "bad"}, "ejected" + (r.ejected_reason ? ": " + r.ejected_reason : ""))
-      : el("td", {"class": "ok"}, "live");
+      ? el("td", {"class": "health bad"},
+           "ejected" + (r.ejected_reason ? ": " + r.ejected_reason : ""))
+      : el("td", {"class": "health ok"}, "live");
     const width = Math.round(40 * t.rate / top);
     const bar = el("span", {"class": "bar", "style": "width:" + width + "px"});
     const rateCell = el("td", {"class": "num rate"}, t.rate.toFixed(1));
