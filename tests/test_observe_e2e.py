@@ -198,3 +198,24 @@ def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tm
     assert output.count(f"ejecting web {dead_url}") == 1
     assert "stopping: deregistering, then draining" in output
     assert "Traceback" not in output
+
+
+def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
+    from test_balancing_e2e import start_runner
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_runner("gunicorn", sqlite_url, port, tmp_path)  # -w 2, cluster.gunicorn
+    try:
+        wait_port(port, proc=proc)
+        wait_until(lambda: live_endpoints(base) == [base], timeout=20, what="registration")
+        before = metrics(base)
+        pids = {requests.get(base + "/whoami", timeout=5).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2
+        after = metrics(base)
+        served = (total(after, "cluster_requests_total", endpoint="local", code="2xx")
+                  - total(before, "cluster_requests_total", endpoint="local", code="2xx"))
+        assert served == 40
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
