@@ -219,3 +219,27 @@ def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
     finally:
         proc.stop()
     assert "Traceback" not in proc.output()
+
+
+def test_admin_pages_by_token_under_another_prefix(sqlite_url, tmp_path):
+    token = "t0ken-for-the-admin-pages"
+    # loopback is not trusted here: only the token opens the pages
+    proc, base = serve(sqlite_url, tmp_path, "guarded", "--admin-prefix", "/ops",
+                       "--admin-token", token, "--trusted-proxies", "192.0.2.1")
+    try:
+        wait_until(lambda: requests.get(base + "/ops/status", timeout=5,
+                                        params={"token": token}).status_code == 200,
+                   timeout=10, what="the status page")
+        assert requests.get(base + "/ops/status", timeout=5).status_code == 401
+        assert requests.get(base + "/ops/status?token=wrong", timeout=5).status_code == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        page = requests.get(base + "/ops/", headers=bearer, timeout=5)
+        assert page.status_code == 200 and "cluster dashboard" in page.text
+        assert 'const PREFIX = "/ops";' in page.text  # it refreshes from /ops/status
+        assert requests.get(base + "/ops/metrics", headers=bearer, timeout=5).ok
+        # the old path is the app's again
+        mine = requests.get(base + "/_cluster/status", timeout=5)
+        assert mine.headers.get("X-Served-By") == "guarded"
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
