@@ -30,7 +30,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
 )
 
@@ -81,7 +80,6 @@ class MetricsObserver(Observer):
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess_dir() is not None
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
