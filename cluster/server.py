@@ -129,6 +129,9 @@ class ClusterServer(DoorServer):
             node.registrar.stop()  # deregister first: no new request is sent here
         super().stop(timeout)
         self.door.close()
+        metrics = observe.find(self.door.observer, MetricsObserver)
+        if metrics is not None:
+            metrics.stop()
         node.close()
 
 
@@ -149,7 +152,7 @@ def make_cluster_server(app: WSGIApp | None, listener: Any = None,
     if app is not None and not resolved.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     node = Cluster(resolved, register=app is not None).start()
-    door = make_door(node, resolved, app)
+    door = make_door(node, resolved, app, observe.from_settings(resolved))
     return ClusterServer(listener, app, door=door, log=None,
                          error_log=logging.getLogger("cluster.server"))
 
