@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -47,7 +48,7 @@ from cluster.http1 import (
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.proxy.attempts import attempt, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
-from cluster.proxy.tunnel import Tunnel, pump
+from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
 from cluster.routing import (
     Policy,
@@ -93,6 +94,8 @@ class Door:
         self.sweeper = Sweeper()
         self.active = 0
         self.websockets = 0
+        #: every open WebSocket, as an object with going_away() (for a graceful stop)
+        self.open_websockets: set[Any] = set()
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -102,6 +105,17 @@ class Door:
     def close(self) -> None:
         self.sweeper.stop()
         self.pool.close()
+
+    def going_away(self) -> int:
+        """Close every WebSocket with 1001 (going away), so clients reconnect to a live
+        instance; returns how many. Called when this instance stops."""
+        sockets = list(self.open_websockets)
+        for socket in sockets:
+            try:
+                socket.going_away()
+            except Exception:  # noqa: BLE001 - one bad socket must not stop the others
+                log.debug("closing a WebSocket failed", exc_info=True)
+        return len(sockets)
 
     def tidy(self) -> None:
         """Close pooled connections of endpoints that left the table."""
@@ -177,15 +191,15 @@ class Connection:
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+                if head is None:
+                    return
+                conn.requests += 1
+                if not self.one_request(head):  # RequestError too: a bad relayed body
+                    return
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
-            if head is None:
-                return
-            conn.requests += 1
-            if not self.one_request(head):
                 return
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
@@ -199,11 +213,13 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         while True:
+            # Before the head size: a request line longer than both is still a 414.
+            if len(buf) > limits.request_line and \
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
-                raise RequestError(414, "request line too long")
             if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
@@ -396,19 +412,26 @@ class Connection:
         door.observer.websocket_opened(url)
         upstream.sock.settimeout(None)
 
-        def closed() -> None:
-            door.websockets -= 1
-            door.observer.websocket_closed(url)
-
         if Tunnel.supports(conn.sock, upstream.sock):
+            def closed() -> None:
+                door.websockets -= 1
+                door.open_websockets.discard(tunnel)
+                door.observer.websocket_closed(url)
+
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            Tunnel(conn.sock, upstream.sock, closed).start()
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            door.open_websockets.add(tunnel)
+            tunnel.start()
         else:
+            pumped = _Pumped(conn.sock, upstream.sock)
+            door.open_websockets.add(pumped)
             try:
                 pump(conn.sock, upstream.sock)
             finally:
-                closed()
+                door.websockets -= 1
+                door.open_websockets.discard(pumped)
+                door.observer.websocket_closed(url)
         return False
 
     def serve_local(self, head: RequestHead, decision: Serve, state: _Outcome) -> bool:
@@ -486,6 +509,43 @@ class Connection:
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
 _NOTHING_TRIED: frozenset[str] = frozenset()
+
+
+class _Pumped:
+    """A TLS tunnel run by greenlets, as the stop sees it."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, client: Any, upstream: Any) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    def going_away(self) -> None:
+        for sock, frame in ((self.client, CLOSE_TO_CLIENT), (self.upstream, CLOSE_TO_SERVER)):
+            try:
+                sock.send(frame)
+            except OSError:
+                pass
+            sock.close()
+
+
+class _LocalWebSocket:
+    """A WebSocket served by the local app (gevent-websocket), as the stop sees it."""
+
+    __slots__ = ("websocket", "conn")
+
+    def __init__(self, websocket: Any, conn: ClientConn) -> None:
+        self.websocket = websocket
+        self.conn = conn
+
+    def going_away(self) -> None:
+        # gevent-websocket's close() drops the status code: send the frame ourselves.
+        try:
+            self.websocket.send_frame(b"\x03\xe9server going away",
+                                      self.websocket.OPCODE_CLOSE)
+        except Exception:  # noqa: BLE001 - gevent-websocket raises several kinds
+            pass
+        self.conn.close()  # wakes the app's receive(): it sees the socket end
 
 
 class _Outcome:
@@ -652,6 +712,39 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
 
+    def _sendall(self, data: bytes) -> None:
+        """pywsgi's, through the door's send: a client that reads nothing for
+        --write-timeout has its connection closed by the sweeper instead of holding this
+        greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
+        server running this handler) it is pywsgi's own."""
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            super()._sendall(data)
+            return
+        try:
+            connection.conn.send(data)
+        except OSError as exc:
+            if exc.errno in self.ignored_socket_errors:
+                raise
+            # closed by the sweeper: as unremarkable as a client that went away
+            raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
+        self.response_length += len(data)
+
+    # A response to HEAD is the head a GET would get, without its content (RFC 9110
+    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
+    # read as the start of its next response.
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
+
+    def _write_with_headers(self, data: bytes) -> None:
+        super()._write_with_headers(b"" if self.command == "HEAD" else data)
+
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            super()._write(data)
+
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
         own logger, and nothing at all without one."""
@@ -666,11 +759,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.websocket_used = True
         door = self.connection.door
         door.websockets += 1
+        local = _LocalWebSocket(self.websocket, conn)
+        door.open_websockets.add(local)
         door.observer.websocket_opened("local")
         try:
             super().run_websocket()
         finally:
             door.websockets -= 1
+            door.open_websockets.discard(local)
             door.observer.websocket_closed("local")
 
 
