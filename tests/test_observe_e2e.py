@@ -243,3 +243,28 @@ def test_admin_pages_by_token_under_another_prefix(sqlite_url, tmp_path):
     finally:
         proc.stop()
     assert "Traceback" not in proc.output()
+
+
+def test_local_websocket_is_counted_open_and_logged_when_it_ends(sqlite_url, tmp_path):
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "gws", "--access-log", "json",
+                       "--access-log-file", str(log_file), app="gws_echo:app")
+    try:
+        wait_until(lambda: live_endpoints(base) == [base], timeout=10, what="registration")
+        ws = websocket.create_connection(base.replace("http", "ws", 1) + "/echo", timeout=10)
+        try:
+            ws.send("hi")
+            assert ws.recv() == "hi"
+            assert total(metrics(base), "cluster_open_websockets", endpoint="local") == 1
+            status = requests.get(base + "/_cluster/status", timeout=5).json()
+            assert status["websockets"] == 1
+        finally:
+            ws.close()
+        wait_until(lambda: total(metrics(base), "cluster_open_websockets") == 0, timeout=10,
+                   what="the WebSocket counted closed")
+        (line,) = [json.loads(x) for x in log_file.read_text().splitlines()
+                   if json.loads(x)["target"] == "/echo"]
+        assert (line["upstream"], line["status"], line["websocket"]) == ("local", 101, True)
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
