@@ -118,7 +118,6 @@ class MetricsObserver(Observer):
         # (service, endpoint, status) -> (counter child, traffic, is error, latency child)
         self._children: dict[tuple[str, str, int], tuple[Any, _Traffic, bool, Any]] = {}
         self._traffic: dict[str, _Traffic] = {}
-        self._connections_child = self.connections
         self.open_connections = 0
         self.refused_connections = 0
         #: endpoint -> (reason, time.time()) of its latest ejection, for the status page
@@ -167,11 +166,11 @@ class MetricsObserver(Observer):
 
     def connection_opened(self) -> None:
         self.open_connections += 1
-        self._connections_child.inc()
+        self.connections.inc()
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
-        self._connections_child.dec()
+        self.connections.dec()
 
     def connection_refused(self) -> None:
         self.refused_connections += 1
