@@ -91,3 +91,22 @@ def test_busy_is_told_apart_from_other_errors(tmp_path):
         holder.execute("ROLLBACK")
         holder.close()
         other.close()
+
+
+def test_a_removed_store_file_is_reopened_not_written_in_limbo(tmp_path):
+    path = tmp_path / "discovery.sqlite3"
+    old = EmbeddedStore(str(path))
+    try:
+        old.heartbeat(make_record("web", "http://127.0.0.1:9001", None, 1.0))
+        for suffix in ("", "-wal", "-shm"):  # an operator resets the store
+            (tmp_path / f"discovery.sqlite3{suffix}").unlink(missing_ok=True)
+        new = EmbeddedStore(str(path))
+        try:
+            new.heartbeat(make_record("web", "http://127.0.0.1:9002", None, 1.0))
+            old.heartbeat(make_record("web", "http://127.0.0.1:9001", None, 1.0))
+            seen = {d["endpoint"] for d in new.snapshot().documents}
+            assert seen == {"http://127.0.0.1:9001", "http://127.0.0.1:9002"}
+        finally:
+            new.close()
+    finally:
+        old.close()

@@ -83,6 +83,7 @@ class EmbeddedStore(DiscoveryStore):
         self.timeout = timeout
         #: this process's one connection, opened on first use and kept
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file in use
         # Serialises this process's callers (greenlets or threads) on that connection;
         # taken by the caller, so a waiting greenlet yields instead of holding a thread.
         self._lock = threading.Lock()
@@ -103,9 +104,22 @@ class EmbeddedStore(DiscoveryStore):
             raise
         return conn
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
+
     def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is not None and self._file_identity() != self._identity:
+            # The file was removed or replaced (someone reset the store): a connection
+            # kept open would go on using the old one, unseen by newer instances.
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
             self._conn = self._connect()
+            self._identity = self._file_identity()
         return work(self._conn)
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
