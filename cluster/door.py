@@ -175,7 +175,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome")
+                 "outcome", "fwd_host", "fwd_lines")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -183,6 +183,8 @@ class Connection:
         self.conn = conn
         self.handler: LocalHandler | None = None
         self.tunnelled = False
+        self.fwd_host = b""
+        self.fwd_lines: list[bytes] | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -321,6 +323,17 @@ class Connection:
             head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
             self.conn.peer, target)
 
+    def forwarded_lines(self, head: RequestHead) -> list[bytes]:
+        """Forwarding.lines for this connection's peer, kept while a keep-alive client
+        sends the same Host and no forwarding fields of its own (the usual case)."""
+        if head.forwarded_for or head.forwarded_proto or head.forwarded_host or \
+                head.forwarded or head.real_ip or head.via:
+            return self.door.forwarding.lines(head, self.conn.peer)
+        if head.host != self.fwd_host or self.fwd_lines is None:
+            self.fwd_lines = self.door.forwarding.lines(head, self.conn.peer)
+            self.fwd_host = head.host
+        return self.fwd_lines
+
     def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
         observer = self.door.observer
         if observer is NULL_OBSERVER:
@@ -362,7 +375,7 @@ class Connection:
         else:
             framing = b""
         out = request_head(head, path_qs, target.hostport.encode(),
-                           door.forwarding.lines(head, conn.peer),
+                           self.forwarded_lines(head),
                            door.hop.line(head.method, path_qs), framing, upgrade)
         body: bytes | None = b""
         if head.chunked or (head.content_length > len(conn.buf)) or \
@@ -590,9 +603,19 @@ def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
     return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
 
 
+_COOKIE_LINES: dict[tuple[str, str], bytes] = {}
+
+
 def _cookie_line(cookie: tuple[str, str]) -> bytes:
-    name, value = _cookie_header(cookie)
-    return f"\r\n{name}: {value}".encode("latin-1")
+    """The Set-Cookie line for a sticky cookie (a few endpoints: made once each)."""
+    line = _COOKIE_LINES.get(cookie)
+    if line is None:
+        name, value = _cookie_header(cookie)
+        line = f"\r\n{name}: {value}".encode("latin-1")
+        if len(_COOKIE_LINES) > 4096:  # endpoints come and go: never grow for ever
+            _COOKIE_LINES.clear()
+        _COOKIE_LINES[cookie] = line
+    return line
 
 
 def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:

@@ -52,10 +52,10 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
-            if last is not None and not last.retryable and endpoint_of(decision) is None \
-                    and gave_up(decision):
-                # nobody left after an endpoint broke: say so (502), not "no live
-                # endpoint"; after refused connections the 503 is the truth
+            if last is not None and not getattr(last, "unreachable", False) \
+                    and endpoint_of(decision) is None and gave_up(decision):
+                # nobody left after an endpoint broke (or failed TLS): say so (502), not
+                # "no live endpoint"; when none could be reached the 503 is the truth
                 raise last
             try:
                 return send(decision)
