@@ -19,6 +19,10 @@ serve --workers-count`` does and as meteorhacks:cluster's workers do:
   arbiter dying however it dies) deregisters at once, then drains; its replacement
   registers before it serves. ``max_requests`` is honoured (gunicorn's pywsgi worker
   ignores it on its own); it counts the requests the worker's app serves.
+- metrics: unless ``PROMETHEUS_MULTIPROC_DIR`` is set, ``when_ready`` makes a temp
+  directory for prometheus_client's multi-process mode (removed by ``on_exit``), so
+  every worker's ``/_cluster/metrics`` sums all workers; ``child_exit`` drops a dead
+  worker's live gauges.
 
 The arbiter is never monkey-patched and registers nothing, so nothing here imports
 pymongo there, and no process of ours can outlive it. To combine with your own
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
@@ -42,6 +48,8 @@ worker_class = "cluster.gunicorn.Worker"
 
 #: seconds between a worker's checks of its own ``alive`` flag and of its arbiter
 WATCH_INTERVAL = 0.1
+_METRICS_DIR: dict[str, str] = {}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Handler(LocalHandler, PyWSGIHandler):  # type: ignore[misc]
@@ -56,8 +64,27 @@ class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
 
 
 def when_ready(server: Any) -> None:
+    # Before any worker is forked, so each imports prometheus_client in multi-process mode.
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = tempfile.mkdtemp(
+            prefix="cluster-metrics-")
     server.log.info("cluster: each worker registers an endpoint of its own; "
                     "the shared port is not registered")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone: its open connections and WebSockets no longer count."""
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(worker.pid, directory)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    own = _METRICS_DIR.pop("own", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _private_listener(worker: Any) -> socket.socket:
@@ -98,6 +125,7 @@ def post_worker_init(worker: Any) -> None:
 
     import gevent
 
+    from cluster import observe
     from cluster.door import DoorServer
     from cluster.errors import DiscoveryError
     from cluster.node import Cluster
@@ -119,7 +147,7 @@ def post_worker_init(worker: Any) -> None:
         # (see cluster.workers.settle); connections wait in the listen backlogs.
         gevent.sleep(node.watcher.refresh_interval + 0.1)
     worker.wsgi = _Recycling(worker.wsgi, worker)
-    door = make_door(node, settings, worker.wsgi)
+    door = make_door(node, settings, worker.wsgi, observe.from_settings(settings))
     worker.cluster_door = door
     worker.server_class = functools.partial(DoorServer, door=door)
     gevent.spawn(_watch, worker, node)

@@ -17,15 +17,21 @@ Supervision policy:
   anew), and only once it listens and is registered is the old one sent SIGTERM, on
   which it deregisters and drains. If the new one does not come up, the old one stays.
 - The parent registers nothing; if it is killed, the children notice and stop.
+
+Metrics: the parent points every worker at one ``PROMETHEUS_MULTIPROC_DIR`` (a temp
+directory it creates and removes, unless one is set already), so any worker's
+``/_cluster/metrics`` sums them all; when a worker dies its live gauges are dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,9 +71,14 @@ def restart_delay(failures: int) -> float:
     return min(MAX_RESTART_DELAY, RESTART_DELAY * 2.0 ** max(0, failures - 1))
 
 
+#: prometheus_client's multi-process directory (read when a worker imports it)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     """The environment of one worker: the parent's settings, one process, a private port."""
     host, _ = settings.bind_address
+    # The parent writes --port-file (the public port); a worker must not overwrite it.
     worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None,
                               port_file=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
@@ -94,12 +105,16 @@ class _Slot:
 class Supervisor:
     """Starts, restarts (with back-off) and reloads the workers of one public socket."""
 
-    def __init__(self, settings: Settings, listener: Any) -> None:
+    def __init__(self, settings: Settings, listener: Any, metrics_dir: str | None = None
+                 ) -> None:
         self.settings = settings
         self.listener = listener
         self.fd = listener.fileno()
         os.set_inheritable(self.fd, True)
         self.env = worker_environment(settings, self.fd)
+        self.metrics_dir = metrics_dir or self.env.get(MULTIPROC_ENV)
+        if self.metrics_dir:
+            self.env[MULTIPROC_ENV] = self.metrics_dir
         self.argv = [sys.executable, "-m", "cluster", "serve"]
         self.slots = [_Slot(i) for i in range(settings.workers_count)]
         #: old workers told to stop by a reload, draining; reaped, never restarted
@@ -136,11 +151,23 @@ class Supervisor:
             slot.failures += 1
             delay = restart_delay(slot.failures)
             slot.child, slot.restart_at = None, now + delay
+            self.forget(child.pid)
             log.warning("worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs%s",
                         slot.index, child.pid, child.returncode, uptime, delay,
                         f" (died {slot.failures} times in a row)" if slot.failures > 1 else "")
         if slot.child is None and slot.restart_at is not None and now >= slot.restart_at:
             self.spawn(slot)
+
+    def forget(self, pid: int) -> None:
+        """Drop a dead worker's live gauges (open connections, WebSockets) from the sums."""
+        if not self.metrics_dir:
+            return
+        from prometheus_client import multiprocess
+
+        try:
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            log.debug("could not drop the metrics of worker pid %d: %s", pid, exc)
 
     def reload(self) -> None:
         """Replace each worker by a new one, one at a time, with no request lost."""
@@ -194,9 +221,6 @@ class Supervisor:
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         for slot in self.slots:
             self.spawn(slot)
-        from cluster.server import write_port_file  # (server imports this module)
-
-        write_port_file(self.settings)  # the public port; the workers' files are off
         log.info("%d workers share http://%s (SIGHUP reloads them one by one)",
                  len(self.slots), self.settings.bind)
         while not self.stopping.wait(0.2):
@@ -206,7 +230,9 @@ class Supervisor:
             now = time.monotonic()
             for slot in self.slots:
                 self.check(slot, now)
-            self.retiring = [c for c in self.retiring if c.poll() is None]
+            for gone in [c for c in self.retiring if c.poll() is not None]:
+                self.forget(gone.pid)
+                self.retiring.remove(gone)
         log.info("stopping %d workers", len(self.slots))
         children = [s.child for s in self.slots if s.child is not None] + self.retiring
         _terminate(children, timeout=STOP_TIMEOUT)
@@ -230,7 +256,13 @@ def _terminate(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
 
 def run_workers(settings: Settings, listener: Any) -> int:
     """Supervise the workers until SIGTERM/SIGINT; returns the exit status."""
-    return Supervisor(settings, listener).run()
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    own_metrics_dir = None if metrics_dir else tempfile.mkdtemp(prefix="cluster-metrics-")
+    try:
+        return Supervisor(settings, listener, metrics_dir or own_metrics_dir).run()
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
 
 def settle(node: Cluster, timeout: float = 10.0) -> None:
