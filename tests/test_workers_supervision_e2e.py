@@ -58,7 +58,8 @@ def test_restart_delay_doubles_up_to_a_ceiling_and_resets_after_a_stable_run():
     slot.child.wait(10)
     now = time.monotonic()
     slot.started = now - workers.STABLE_SECONDS  # it had stayed up long enough
-    supervisor = workers.Supervisor.__new__(workers.Supervisor)
+    supervisor = workers.Supervisor.__new__(workers.Supervisor)  # no processes needed
+    supervisor.metrics_dir = None
     supervisor.check(slot, now)
     assert (slot.failures, slot.restart_at) == (1, now + workers.RESTART_DELAY)
 
@@ -214,9 +215,10 @@ def test_a_sidecar_outlives_neither_its_store_nor_its_parent(tmp_path):
                                  timeout=10, what="the sidecar's pid").group(1))
         wait_until(lambda: "registered search" in parent.output(), timeout=15,
                    what="the sidecar registered")
-        for path in store_dir.iterdir():  # the store goes away under it
+        for path in store_dir.iterdir():  # the store goes away under it, for good:
             path.unlink()
         store_dir.rmdir()
+        store_dir.write_text("not a folder")  # (a missing folder would be made again)
         time.sleep(2.0)  # ten heartbeats
         output = parent.output()
         assert "Traceback" not in output, output
