@@ -26,6 +26,8 @@ setup(
             "pytest-timeout>=2.1",
             "gunicorn>=21.2",
             "websocket-client>=1.6",
+            "python-socketio>=5.8",
+            "flask-socketio>=5.3",
             "hypothesis>=6.80",
         ],
     },

@@ -121,6 +121,8 @@ class ClusterServer(DoorServer):
         node = self.door.node
         if node.registrar is not None:
             node.registrar.stop()  # deregister first: no new request is sent here
+        self.close()
+        self.door.going_away()
         super().stop(timeout)
         self.door.close()
         node.close()
@@ -198,6 +200,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         node.registrar.stop()
     for server in servers:
         server.close()
+    closed = door.going_away()
+    if closed:
+        log.info("closed %d WebSockets with 1001 (going away)", closed)
     for server in servers:
         server.stop(timeout=DRAIN_SECONDS)
     tidy.kill()

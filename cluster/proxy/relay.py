@@ -32,7 +32,13 @@ import time
 from typing import Any
 
 from cluster.conn import BODY, NONE, UPSTREAM, ClientConn
-from cluster.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from cluster.errors import (
+    RequestError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from cluster.http1 import (
     CHUNKED,
     CRLF,
@@ -146,7 +152,9 @@ class Exchange:
         """Send the head and the body; ``body`` is the whole body when it is already
         here (None: stream it from the client as its framing says).
 
-        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout.
+        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout;
+        the client's own faults are not the endpoint's: RequestError 400 for a malformed
+        chunked body, OSError when the client left in the middle of its body.
         """
         self.started = time.monotonic()
         client = self.client
@@ -175,6 +183,9 @@ class Exchange:
                 log.debug("%s: pooled connection was closed, resending on a new one", self.url)
                 conn.close()
                 conn = None
+            except (RequestError, _ClientGone):
+                conn.close()  # no 502, no retry, no warning about the endpoint
+                raise
             except UpstreamError:
                 conn.close()
                 raise
@@ -216,7 +227,7 @@ class Exchange:
                     send_all(sock, data)
                     left -= len(data)
         except ChunkError as exc:
-            raise _ClientGone(f"bad chunked body: {exc}") from None
+            raise RequestError(400, f"bad chunked body: {exc}") from None
         except OSError as exc:
             if isinstance(exc, _ClientGone):
                 raise
