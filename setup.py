@@ -18,6 +18,7 @@ setup(
         "pymongo>=4.0",
         "requests>=2.25",
         "ConfigArgParse>=1.5",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "gunicorn": ["gunicorn>=21.2"],

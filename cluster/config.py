@@ -29,6 +29,7 @@ from cluster.records import (
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("off", "combined", "json")
 COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
@@ -157,6 +158,20 @@ def _secret(raw: str) -> str:
 
 def _file_path(raw: str) -> str:
     return _text(raw)
+
+
+def _access_log(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ACCESS_LOG_FORMATS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return value
+
+
+def _token(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters (it opens the admin pages)")
+    return value
 
 
 def _log_level(raw: str) -> str:
@@ -338,6 +353,30 @@ class Settings:
     max_header_count: int = setting(
         100, _count, "most request header fields (more: 431)", "N"
     )
+    admin_prefix: str = setting(
+        "/_cluster",
+        _path_prefix,
+        "path prefix of the dashboard, status and metrics pages (answered only to "
+        "--trusted-proxies or with --admin-token)",
+        "PATH",
+    )
+    admin_token: str | None = setting(
+        None,
+        _token,
+        "token that opens the admin pages from any address (?token=… or "
+        "Authorization: Bearer …)",
+        "TEXT",
+        secret=True,
+    )
+    access_log: str = setting(
+        "off", _access_log, "one line per request: off, combined or json", "FORMAT"
+    )
+    access_log_file: str | None = setting(
+        None,
+        _file_path,
+        "file the access log is appended to (default: standard output)",
+        "PATH",
+    )
     log_level: str = setting("info", _log_level, "debug, info, warning or error", "LEVEL")
 
     # --- derived values -------------------------------------------------------
@@ -512,6 +551,10 @@ def build_parser(
         parser.add_argument("--json", action="store_true", help="print JSON, not a table")
         parser.add_argument(
             "--all", action="store_true", help="also list records that have expired"
+        )
+        parser.add_argument(
+            "--watch", action="store_true",
+            help="redraw the table every second, with each endpoint's requests/s, until Ctrl-C"
         )
     if command == "demo":
         parser.add_argument(

@@ -241,6 +241,17 @@ class Connection:
         self.request = self.view(head)
         self.head = head
         state = self.outcome = _Outcome()
+        view = self.request
+        admin = door.admin
+        if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
+            # Before routing: trusted networks, or anyone with --admin-token.
+            answer = admin.answer(view.path, view.remote_addr, view.query,
+                                  _field(head, b"authorization"))
+            if answer is not None:
+                try:
+                    return self.reply(head, state, answer[0], answer[2], answer[1].encode())
+                finally:
+                    self.record(head, state, started)
         try:
             decision = self.pick(_NOTHING_TRIED)
             try:
@@ -267,7 +278,9 @@ class Connection:
 
     def retried(self, endpoint: Any, exc: UpstreamError) -> None:
         self.outcome.retry(endpoint, exc)
-        self.door.observer.retried(endpoint.url, exc.reason)
+        # A label, not the message: "connect" (refused or not accepted, nothing sent)
+        # or "replay" (broke before answering a replayable request).
+        self.door.observer.retried(endpoint.url, "connect" if exc.retryable else "replay")
 
     def pick(self, tried: frozenset[str]) -> Any:
         door = self.door

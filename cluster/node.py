@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from cluster.config import Settings
@@ -70,6 +70,8 @@ class Cluster:
         self._view: frozenset[str] = _NONE_EJECTED
         self._view_table: EndpointTable | None = None
         self._view_until = 0.0
+        #: called as f(endpoint URL, reason) once per ejection (the observers' hook)
+        self.eject_listeners: list[Callable[[str, str], None]] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._probe_wake = threading.Event()
@@ -122,7 +124,7 @@ class Cluster:
 
     # --- passive health -----------------------------------------------------------
 
-    def eject(self, endpoint: Endpoint, seconds: float | None = None) -> None:
+    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "") -> None:
         """Leave ``endpoint`` out of this instance's picks for a while.
 
         The first ejection lasts EJECT_FIRST seconds; each one that follows soon after
@@ -150,8 +152,10 @@ class Cluster:
             self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen)
             self._strikes[endpoint.hash] = (strikes, now + seconds)
             self._view_table = None
-        log.warning("ejecting %s %s for %.3gs (strike %d)", endpoint.service, endpoint.url,
-                    seconds, strikes)
+        log.warning("ejecting %s %s for %.3gs (strike %d)%s", endpoint.service, endpoint.url,
+                    seconds, strikes, f": {reason}" if reason else "")
+        for listener in self.eject_listeners:
+            listener(endpoint.url, reason)
         self._probe_wake.set()
 
     def readmit(self, endpoint_hash: str, reason: str) -> bool:

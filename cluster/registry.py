@@ -186,8 +186,11 @@ class _OutageLog:
         self.what = what
         self.store = _store_outage(store)
         self.failing_since: dt.datetime | None = None
+        #: failed attempts since start (the metrics' discovery errors)
+        self.errors = 0
 
     def failed(self, exc: Exception) -> None:
+        self.errors += 1
         if self.failing_since is None:
             self.failing_since = dt.datetime.now(dt.timezone.utc)
         self.store.failed(self.what, exc)
@@ -313,6 +316,8 @@ class Watcher(_Loop):
         self.table = EndpointTable()
         self.outage = _OutageLog("reading the records", store)
         self.refreshed = threading.Event()
+        #: time.time() of the last successful read (0.0: none yet); metrics show its age
+        self.refreshed_at = 0.0
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
 
@@ -343,6 +348,7 @@ class Watcher(_Loop):
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
         self._log_changes(self.table, table)
         self.table = table
+        self.refreshed_at = time.time()
         self.refreshed.set()
         return table
 

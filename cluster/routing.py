@@ -148,6 +148,8 @@ class Policy:
     sockjs_prefix: str = "/sockjs"
     balancer_url: str | None = None
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+    #: --admin-prefix with a trailing slash: where the operator pages live
+    admin_prefix: str = ADMIN_PREFIX
 
     def reachable(self, service: str) -> bool:
         """Outside clients may reach public services and the UI service only."""
@@ -234,7 +236,8 @@ def route(
         # never gets the status page: that would answer a client the first hop did
         # not trust, and hide the app's own page of that name.)
         return Serve() if policy.has_local_app else Reply(502, "this instance has no local app")
-    if request.path.startswith(ADMIN_PREFIX) and request.remote_addr in policy.trusted_proxies:
+    if request.path.startswith(policy.admin_prefix) and \
+            request.remote_addr in policy.trusted_proxies:
         return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:

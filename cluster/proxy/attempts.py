@@ -41,8 +41,8 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             gave_up: Callable[[D], bool] = lambda decision: False) -> T:
     """``send(pick(tried))`` until it succeeds or may not try again; raises the last
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
-    decision sends to (None for one that needs no endpoint); ``node.eject(endpoint)``
-    is called for an endpoint that refused the connection. ``first``: a decision
+    decision sends to (None for one that needs no endpoint); ``node.eject(endpoint,
+    reason=...)`` is called for an endpoint that refused the connection. ``first``: a decision
     already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
     true for a decision that says no endpoint is left (then the last failure is
     raised instead when an endpoint broke, so a client sees 502, not a misleading 503)."""
@@ -67,7 +67,7 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         if endpoint is None:
             raise exc
         if exc.retryable:
-            node.eject(endpoint)
+            node.eject(endpoint, reason=exc.reason)
         again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
                                   and not exc.answered)
         if not again or len(tried) >= retries:

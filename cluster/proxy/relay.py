@@ -54,6 +54,7 @@ from cluster.http1 import (
     without_field,
 )
 from cluster.netio import send_all, wait_recv, wait_recv_into
+from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,11 @@ class Exchange:
         pool = self.pool
         streamed = body is None
         conn = None if streamed else pool.acquire(self.url)
+        resent = False
         while True:
             if conn is None:
-                conn = pool.open(self.url)
+                conn = open_after_stale(pool, self.url, resent, self.head.method,
+                                        self.head.has_body)
             self.upstream = conn
             client.upstream = conn
             try:
@@ -183,6 +186,7 @@ class Exchange:
                 log.debug("%s: pooled connection was closed, resending on a new one", self.url)
                 conn.close()
                 conn = None
+                resent = True
             except (RequestError, _ClientGone):
                 conn.close()  # no 502, no retry, no warning about the endpoint
                 raise
@@ -429,6 +433,21 @@ class Exchange:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,
+                     has_body: bool) -> Connection:
+    """A new connection to ``url``. After a pooled connection was found closed under a
+    request (``resent``), a refusal is no longer "nothing was sent": the endpoint may
+    have taken the request and died. Then only a replayable request may go elsewhere;
+    for any other it is a 502 (UpstreamBroken), never a resend to another endpoint."""
+    try:
+        return pool.open(url)
+    except UpstreamConnectError as exc:
+        if resent and not replayable(method, has_body):
+            raise UpstreamBroken(url, f"closed the connection, then refused a new one "
+                                      f"({exc.reason})") from None
+        raise
 
 
 class _ClientGone(OSError):
