@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
@@ -138,6 +139,66 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         super().__init__(listener, application, **kwargs)
         self.door = door
         self._handed_off: set[Any] = set()
+        # One descriptor held in reserve: when accept() fails for want of descriptors,
+        # it is given up for a moment to accept the waiting client and tell it 503,
+        # instead of leaving it in the backlog (the listener would stay readable and
+        # the accept loop spin) or printing gevent's traceback.
+        self._spare: int | None = _open_spare()
+        self._shedding_logged = 0.0
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._shed_one()
+            return None
+
+    def _shed_one(self) -> None:
+        """Out of descriptors: answer one waiting client 503 using the spare one."""
+        door = self.door
+        now = time.monotonic()
+        if now - self._shedding_logged > 10:
+            self._shedding_logged = now
+            log.warning("out of file descriptors with %d connections open: answering new "
+                        "ones 503 (lower --max-connections or raise the limit)", door.active)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        try:
+            client, _ = self.socket._sock.accept()
+        except OSError:
+            client = None
+        if client is not None:
+            door.observer.connection_refused()
+            try:
+                client.setblocking(False)
+                client.send(_OVER_CAP)
+            except OSError:
+                pass
+            client.close()
+        self._spare = _open_spare()
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        """Count the connection as soon as it is accepted (gevent accepts up to
+        ``max_accept`` at a time before any handler runs): past the cap it is answered
+        503 and closed here, without a greenlet."""
+        door = self.door
+        if door.active >= door.cap:
+            door.observer.connection_refused()
+            try:
+                sock._sock.send(_OVER_CAP)
+            except OSError:
+                pass
+            sock.close()
+            return
+        door.active += 1
+        try:
+            super().do_handle(sock, address)
+        except BaseException:
+            door.active -= 1
+            raise
 
     def do_close(self, sock: Any, *args: Any) -> None:
         if sock in self._handed_off:  # a tunnel owns it now and closes it when done
@@ -145,18 +206,16 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             return
         sock.close()
 
+    def close(self) -> None:
+        super().close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
     def handle(self, sock: Any, address: Any) -> None:
         door = self.door
-        if door.active >= door.cap:
-            door.observer.connection_refused()
-            try:
-                sock.sendall(_OVER_CAP)
-            except OSError:
-                pass
-            return
         set_nodelay(sock)
         conn = ClientConn(sock, address, door.settings.write_timeout)
-        door.active += 1
         door.sweeper.add(conn)
         door.observer.connection_opened()
         try:
@@ -169,6 +228,13 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 class Connection:
