@@ -137,8 +137,12 @@ class Cluster:
         now = time.monotonic()
         table = self.table
         listed = table.by_hash.get(endpoint.hash)
+        # The store's clock now, estimated from its last read: a heartbeat stamped later
+        # than this was written after the failure, by an instance that is back.
+        read_at = self.watcher.read_at
+        store_now = table.now + dt.timedelta(seconds=max(0.0, now - read_at) if read_at else 0.0)
         seen = max(endpoint.timestamp, listed.timestamp if listed else endpoint.timestamp,
-                   table.now)
+                   store_now)
         with self._lock:
             current = self._ejections.get(endpoint.hash)
             if current is not None and current.until > now:
@@ -174,10 +178,11 @@ class Cluster:
         An ejection ends when it times out, when the endpoint's record shows a
         heartbeat newer than the ejection (a restarted instance registers at once),
         or when the endpoint leaves the table (should it come back, that is a new
-        registration). A known weak spot: ``seen`` is the store's clock at the last
-        table refresh, so a heartbeat that landed between that refresh and the
-        failure can readmit an endpoint once, early; that costs one refused connect,
-        retried elsewhere, and the next ejection lasts twice as long.
+        registration). ``seen`` estimates the store's clock at the ejection from its
+        last read plus the time since; a slow read makes it an underestimate, so a
+        heartbeat that landed during that read can still readmit an endpoint early,
+        once: that costs one refused connect, retried elsewhere, and the next
+        ejection lasts twice as long.
         """
         if not self._ejections:
             return _NONE_EJECTED

@@ -320,6 +320,7 @@ class Watcher(_Loop):
         self.refreshed_at = 0.0
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
+        self.read_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Watcher {self.table!r}{' [store failing]' if self.outage.failing else ''}>"
@@ -334,6 +335,7 @@ class Watcher(_Loop):
         land. A record that was deleted (a graceful stop) still goes at once.
         """
         snapshot = self.store.snapshot()
+        read_at = time.monotonic()
         if self.outage.failing:
             # The first good read after an outage. The shelter starts now, not before
             # the read: a read can block for the store's whole timeout while it comes
@@ -347,6 +349,9 @@ class Watcher(_Loop):
             keep = frozenset(self.table.by_hash)
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
         self._log_changes(self.table, table)
+        #: time.monotonic() when the store's clock read ``table.now``: with it, the store's
+        #: clock now can be estimated without asking (see Cluster.eject)
+        self.read_at = read_at
         self.table = table
         self.refreshed_at = time.time()
         self.refreshed.set()
