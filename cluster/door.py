@@ -241,7 +241,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines")
+                 "outcome", "fwd_host", "fwd_lines", "body")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -306,6 +306,7 @@ class Connection:
         started = time.monotonic()
         self.request = self.view(head)
         self.head = head
+        self.body: bytes | None = _UNREAD
         state = self.outcome = _Outcome()
         view = self.request
         admin = door.admin
@@ -441,13 +442,20 @@ class Connection:
         out = request_head(head, path_qs, target.hostport.encode(),
                            self.forwarded_lines(head),
                            door.hop.line(head.method, path_qs), framing, upgrade)
-        body: bytes | None = b""
-        if head.chunked or (head.content_length > len(conn.buf)) or \
-                head.content_length > 65536:
-            body = None  # streamed from the client
-        elif head.content_length > 0:
-            body = bytes(conn.buf[:head.content_length])
-            del conn.buf[:head.content_length]
+        body = self.body
+        if body is _UNREAD:
+            # Taken once per request: every attempt (another endpoint after a refused
+            # connect) sends the same bytes. A streamed body is read only after the
+            # connect succeeded, so nothing of it is gone when an attempt is refused.
+            if head.chunked or (head.content_length > len(conn.buf)) or \
+                    head.content_length > 65536:
+                body = None  # streamed from the client
+            elif head.content_length > 0:
+                body = bytes(conn.buf[:head.content_length])
+                del conn.buf[:head.content_length]
+            else:
+                body = b""
+            self.body = body
         exchange = Exchange(conn, head, door.pool, endpoint.url)
         if upgrade:
             exchange.send_request(out, b"")
@@ -586,6 +594,8 @@ class Connection:
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
 _NOTHING_TRIED: frozenset[str] = frozenset()
+#: Connection.body before the request's body was looked at (b"" is "no body")
+_UNREAD = b"\0unread"
 
 
 class _Pumped:

@@ -208,6 +208,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     raise_descriptor_limit()
     listener, settings = listen(settings)
     if settings.workers_count > 1:
+        # Refuse a loopback endpoint with a remote store here, once, rather than in
+        # every worker (which the supervisor would restart forever).
+        settings.endpoint_choice(strict=local_app is not None)
         write_port_file(settings)  # the shared public port: it queues until workers accept
         return run_workers(settings, listener)
     shared = _inherited_listener()
@@ -242,10 +245,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         servers[1].start()
     tidy = gevent.spawn(_tidy_pools, door, stopping)
     write_port_file(settings)
-    log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",
+    log.info("serving %s on http://%s%s (endpoint %s: %s; discovery %s)",
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
-             node.store.description)
+             node.endpoint_choice.reason, node.store.description)
     notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)

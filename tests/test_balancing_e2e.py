@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -235,3 +236,34 @@ def test_library_mode_make_server_uses_the_door(sqlite_url, tmp_path):
         lib.stop()
         other.stop()
     assert "Traceback" not in lib.output(), lib.output()
+
+
+def test_post_moves_with_its_body_when_an_endpoint_refuses(sqlite_url):
+    """A POST whose first pick refuses the connection goes to another endpoint with the
+    same body (the body is read once per request, not once per attempt)."""
+    with balancer_front(sqlite_url) as (front, base):
+        ports = [free_port() for _ in range(2)]
+        procs = [instance(sqlite_url, port, f"b{n}") for n, port in enumerate(ports)]
+        try:
+            for proc, port in zip(procs, ports):
+                wait_port(port, proc=proc)
+            wait_until(lambda: len(view(base)["endpoints"]) == 2, timeout=10)
+            dead = next(e["hash"] for e in view(base)["endpoints"]
+                        if e["endpoint"].endswith(f":{ports[0]}"))
+            procs[0].kill()  # its record stays live for a ping interval plus grace
+            port = int(base.rsplit(":", 1)[1])
+            for n in range(5):  # the cookie makes the dead endpoint the first pick
+                body = f"body {n}".encode()
+                # head and body in one packet: the door has the body before it connects
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Cookie: cluster-endpoint::web=" + dead.encode() +
+                                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(body), answer
+        finally:
+            for proc in procs:
+                proc.stop()
+    assert "Traceback" not in front.output()
