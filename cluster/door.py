@@ -834,6 +834,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         super().finalize_headers()
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
+        if self.close_connection and self.code != 101 and not any(
+                name.lower() == b"connection" for name, _ in self.response_headers):
+            # Say that this connection ends here (RFC 9112 9.6): a client that asked for
+            # close, or an HTTP/1.0 one, must not try to reuse it.
+            self.response_headers.append((b"Connection", b"close"))
 
     def _write_with_headers(self, data: bytes) -> None:
         super()._write_with_headers(b"" if self.command == "HEAD" else data)
