@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from typing import Any
 
@@ -121,6 +122,18 @@ def _worker_settings(port: int, host: str) -> Any:
 
 
 def post_worker_init(worker: Any) -> None:
+    """Make this worker's door; a bad setting is one line and a stop, not a traceback
+    (exit status 3 is gunicorn's "worker failed to boot": the arbiter stops too)."""
+    from cluster.errors import ConfigError
+
+    try:
+        _init_worker(worker)
+    except ConfigError as exc:
+        worker.log.error("cluster: %s", exc)
+        sys.exit(3)
+
+
+def _init_worker(worker: Any) -> None:
     import functools
 
     import gevent

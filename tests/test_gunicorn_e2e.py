@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from helpers import Proc, free_port, python, status_json, wait_port, wait_until
+from helpers import ROOT, Proc, free_port, python, status_json, wait_port, wait_until
 from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
 
 
@@ -134,3 +134,25 @@ def test_hup_reload_loads_new_code_with_no_failed_request(tmp_path):
         assert proc.poll() is None and "Traceback" not in proc.output()
     finally:
         proc.stop()
+
+
+def test_a_bad_setting_stops_gunicorn_with_one_line(tmp_path):
+    """A worker that cannot start its door for a bad setting says so in one line, and
+    gunicorn stops (exit status 3 is its "worker failed to boot"): no traceback."""
+    import subprocess
+    import sys
+
+    app = tmp_path / "one_app.py"
+    app.write_text("def app(environ, start_response):\n"
+                   "    start_response('200 OK', [('Content-Length', '2')])\n"
+                   "    return [b'ok']\n")
+    env = {**os.environ, "CLUSTER_SERVICE": "web", "PYTHONPATH": f"{ROOT}:{tmp_path}",
+           # a remote store with a loopback bind: a loopback endpoint would be refused
+           "CLUSTER_DISCOVERY_URL": "mongodb://198.18.9.9:1/x"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "1",
+         "-b", "127.0.0.1:0", "one_app:app"], env=env, capture_output=True, text=True,
+        timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "cluster: --endpoint-url (CLUSTER_ENDPOINT_URL)" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
