@@ -22,10 +22,17 @@ from urllib.parse import urlsplit
 import configargparse
 
 from cluster.errors import ConfigError
-from cluster.records import is_http_url
+from cluster.records import (
+    MAX_PING_MS,
+    MIN_PING_MS,
+    MalformedRecord,
+    check_service,
+    check_url,
+)
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("off", "combined", "json")
 COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
@@ -45,17 +52,29 @@ def _text(raw: str) -> str:
 
 
 def _service_name(raw: str) -> str:
+    # the rules every watcher applies to records (cluster.records): a name they would
+    # skip must be refused here, not registered
     value = _text(raw)
-    if "/" in value or any(c.isspace() for c in value):
-        raise ValueError(f"{value!r} must not contain '/' or spaces")
-    return value
+    try:
+        return check_service(value)
+    except MalformedRecord:
+        raise ValueError(f"{value!r} must be 1-128 of A-Z a-z 0-9 . _ : -") from None
 
 
 def _http_url(raw: str) -> str:
     value = raw.strip()
-    if not is_http_url(value):
-        raise ValueError(f"{value!r} is not an http(s) URL with a host")
+    try:
+        check_url(value)
+    except MalformedRecord as exc:
+        raise ValueError(str(exc)) from None
     return value.rstrip("/")
+
+
+def _ping_seconds(raw: str) -> float:
+    value = _positive_seconds(raw)
+    if not MIN_PING_MS <= round(value * 1000) <= MAX_PING_MS:
+        raise ValueError(f"{raw} is outside {MIN_PING_MS / 1000:g}..{MAX_PING_MS // 1000} seconds")
+    return value
 
 
 def _discovery_url(raw: str) -> str:
@@ -142,6 +161,34 @@ def _secret(raw: str) -> str:
 
 def _file_path(raw: str) -> str:
     return _text(raw)
+
+
+def _directory(raw: str) -> str:
+    """An existing folder, made absolute (workers start elsewhere)."""
+    value = os.path.abspath(os.path.expanduser(_text(raw)))
+    if not os.path.isdir(value):
+        raise ValueError(f"{raw.strip()!r} is not a folder")
+    return value
+
+
+def _path_list(raw: str) -> tuple[str, ...]:
+    """Comma list of folders, made absolute from the folder cluster was started in."""
+    return tuple(os.path.abspath(os.path.expanduser(p.strip()))
+                 for p in raw.split(",") if p.strip())
+
+
+def _access_log(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ACCESS_LOG_FORMATS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return value
+
+
+def _token(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters (it opens the admin pages)")
+    return value
 
 
 def _log_level(raw: str) -> str:
@@ -287,7 +334,7 @@ class Settings:
         1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
     )
     ping_interval: float = setting(
-        5.0, _positive_seconds, "seconds between heartbeats", "SECONDS"
+        5.0, _ping_seconds, "seconds between heartbeats", "SECONDS"
     )
     expiry_grace: float = setting(
         5.0,
@@ -301,6 +348,20 @@ class Settings:
         _module_callable,
         "the local WSGI app as module:callable; unset: balancer only",
         "MODULE:CALLABLE",
+    )
+    chdir: str | None = setting(
+        None,
+        _directory,
+        "change to this folder before importing --app (as gunicorn's --chdir); the "
+        "current folder is always searched first",
+        "DIR",
+    )
+    pythonpath: tuple[str, ...] = setting(
+        (),
+        _path_list,
+        "comma list of folders put in front of the module search path before importing "
+        "--app (as gunicorn's --pythonpath)",
+        "DIR,DIR",
     )
     connect_timeout: float = setting(
         5.0, _positive_seconds, "seconds to connect to an endpoint", "SECONDS"
@@ -317,7 +378,8 @@ class Settings:
     eject_seconds: float = setting(
         10.0,
         _positive_seconds,
-        "seconds a refusing endpoint is left out of this instance's picks",
+        "longest time a refusing endpoint is left out of this instance's picks (ejections "
+        "start at 1 s and double)",
         "SECONDS",
     )
     sockjs_prefix: str = setting(
@@ -379,6 +441,30 @@ class Settings:
     )
     max_header_count: int = setting(
         100, _count, "most request header fields (more: 431)", "N"
+    )
+    admin_prefix: str = setting(
+        "/_cluster",
+        _path_prefix,
+        "path prefix of the dashboard, status and metrics pages (answered only to "
+        "--trusted-proxies or with --admin-token)",
+        "PATH",
+    )
+    admin_token: str | None = setting(
+        None,
+        _token,
+        "token that opens the admin pages from any address (?token=… or "
+        "Authorization: Bearer …)",
+        "TEXT",
+        secret=True,
+    )
+    access_log: str = setting(
+        "off", _access_log, "one line per request: off, combined or json", "FORMAT"
+    )
+    access_log_file: str | None = setting(
+        None,
+        _file_path,
+        "file the access log is appended to (default: standard output)",
+        "PATH",
     )
     log_level: str = setting("info", _log_level, "debug, info, warning or error", "LEVEL")
 
@@ -588,6 +674,10 @@ def build_parser(
         parser.add_argument("--json", action="store_true", help="print JSON, not a table")
         parser.add_argument(
             "--all", action="store_true", help="also list records that have expired"
+        )
+        parser.add_argument(
+            "--watch", action="store_true",
+            help="redraw the table every second, with each endpoint's requests/s, until Ctrl-C"
         )
     if command == "demo":
         parser.add_argument(

@@ -25,7 +25,9 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
@@ -45,9 +47,9 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
-from cluster.proxy.attempts import attempt, replayable
+from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
-from cluster.proxy.tunnel import Tunnel, pump
+from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
 from cluster.routing import (
     Policy,
@@ -83,7 +85,9 @@ class Door:
         s = settings
         self.limits = Limits(s.max_request_line, s.max_header_line, s.max_head_size,
                              s.max_header_count)
-        self.pool = Pool(s.connect_timeout, s.read_timeout, 32, timers=False)
+        # Idle connections kept per endpoint: enough for every client of a busy balancer
+        # to find one (nginx's "keepalive" in an upstream block).
+        self.pool = Pool(s.connect_timeout, s.read_timeout, 256, timers=False)
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
@@ -91,6 +95,8 @@ class Door:
         self.sweeper = Sweeper()
         self.active = 0
         self.websockets = 0
+        #: every open WebSocket, as an object with going_away() (for a graceful stop)
+        self.open_websockets: set[Any] = set()
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -100,6 +106,17 @@ class Door:
     def close(self) -> None:
         self.sweeper.stop()
         self.pool.close()
+
+    def going_away(self) -> int:
+        """Close every WebSocket with 1001 (going away), so clients reconnect to a live
+        instance; returns how many. Called when this instance stops."""
+        sockets = list(self.open_websockets)
+        for socket in sockets:
+            try:
+                socket.going_away()
+            except Exception:  # noqa: BLE001 - one bad socket must not stop the others
+                log.debug("closing a WebSocket failed", exc_info=True)
+        return len(sockets)
 
     def tidy(self) -> None:
         """Close pooled connections of endpoints that left the table."""
@@ -122,6 +139,66 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         super().__init__(listener, application, **kwargs)
         self.door = door
         self._handed_off: set[Any] = set()
+        # One descriptor held in reserve: when accept() fails for want of descriptors,
+        # it is given up for a moment to accept the waiting client and tell it 503,
+        # instead of leaving it in the backlog (the listener would stay readable and
+        # the accept loop spin) or printing gevent's traceback.
+        self._spare: int | None = _open_spare()
+        self._shedding_logged = 0.0
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._shed_one()
+            return None
+
+    def _shed_one(self) -> None:
+        """Out of descriptors: answer one waiting client 503 using the spare one."""
+        door = self.door
+        now = time.monotonic()
+        if now - self._shedding_logged > 10:
+            self._shedding_logged = now
+            log.warning("out of file descriptors with %d connections open: answering new "
+                        "ones 503 (lower --max-connections or raise the limit)", door.active)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        try:
+            client, _ = self.socket._sock.accept()
+        except OSError:
+            client = None
+        if client is not None:
+            door.observer.connection_refused()
+            try:
+                client.setblocking(False)
+                client.send(_OVER_CAP)
+            except OSError:
+                pass
+            client.close()
+        self._spare = _open_spare()
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        """Count the connection as soon as it is accepted (gevent accepts up to
+        ``max_accept`` at a time before any handler runs): past the cap it is answered
+        503 and closed here, without a greenlet."""
+        door = self.door
+        if door.active >= door.cap:
+            door.observer.connection_refused()
+            try:
+                sock._sock.send(_OVER_CAP)
+            except OSError:
+                pass
+            sock.close()
+            return
+        door.active += 1
+        try:
+            super().do_handle(sock, address)
+        except BaseException:
+            door.active -= 1
+            raise
 
     def do_close(self, sock: Any, *args: Any) -> None:
         if sock in self._handed_off:  # a tunnel owns it now and closes it when done
@@ -129,18 +206,16 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             return
         sock.close()
 
+    def close(self) -> None:
+        super().close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
     def handle(self, sock: Any, address: Any) -> None:
         door = self.door
-        if door.active >= door.cap:
-            door.observer.connection_refused()
-            try:
-                sock.sendall(_OVER_CAP)
-            except OSError:
-                pass
-            return
         set_nodelay(sock)
         conn = ClientConn(sock, address, door.settings.write_timeout)
-        door.active += 1
         door.sweeper.add(conn)
         door.observer.connection_opened()
         try:
@@ -155,10 +230,18 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 conn.upstream.close()
 
 
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
 class Connection:
     """One client connection's request loop."""
 
-    __slots__ = ("server", "door", "conn", "handler", "tunnelled")
+    __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
+                 "outcome", "fwd_host", "fwd_lines", "body")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -166,6 +249,8 @@ class Connection:
         self.conn = conn
         self.handler: LocalHandler | None = None
         self.tunnelled = False
+        self.fwd_host = b""
+        self.fwd_lines: list[bytes] | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -174,15 +259,15 @@ class Connection:
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+                if head is None:
+                    return
+                conn.requests += 1
+                if not self.one_request(head):  # RequestError too: a bad relayed body
+                    return
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
-            if head is None:
-                return
-            conn.requests += 1
-            if not self.one_request(head):
                 return
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
@@ -196,12 +281,14 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         while True:
+            # Before the head size: a request line longer than both is still a 414.
+            if len(buf) > limits.request_line and \
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
-                raise RequestError(414, "request line too long")
-            if not conn.fill():
+            if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
                 conn.expect(HEAD, header_timeout)
@@ -217,46 +304,73 @@ class Connection:
         """Answer ``head``; True when the connection may carry another request."""
         door = self.door
         started = time.monotonic()
-        view = self.view(head)
-        node = door.node
-        state = _Outcome()
-
-        def pick(tried: frozenset[str]) -> Any:
-            exclude = node.ejected()
-            if tried:
-                exclude = exclude | tried
-            return route(view, node.table, door.policy, exclude)
-
-        def send(decision: Any) -> bool:
-            if isinstance(decision, Proxy):
-                state.endpoint = decision.endpoint
-                return self.proxy(head, decision, state)
-            if isinstance(decision, Serve):
-                return self.serve_local(head, decision, state)
-            if isinstance(decision, Reply):
-                return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
-            if isinstance(decision, Status):
-                status, ctype, body = door.admin.respond(view.path, view.query)
-                return self.reply(head, state, status, body, ctype.encode())
-            state.endpoint = decision.endpoint
-            return self.sockjs_info(head, decision, state)
-
+        self.request = self.view(head)
+        self.head = head
+        self.body: bytes | None = _UNREAD
+        state = self.outcome = _Outcome()
+        view = self.request
+        admin = door.admin
+        if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
+            # Before routing: trusted networks, or anyone with --admin-token.
+            answer = admin.answer(view.path, view.remote_addr, view.query,
+                                  _field(head, b"authorization"))
+            if answer is not None:
+                try:
+                    return self.reply(head, state, answer[0], answer[2], answer[1].encode())
+                finally:
+                    self.record(head, state, started)
         try:
-            keep = attempt(pick, send, endpoint_of=_endpoint_of, node=node,
-                           retries=door.retries,
-                           may_replay=replayable(head.method, head.has_body),
-                           on_retry=lambda endpoint, exc: state.retry(door, endpoint, exc))
+            decision = self.pick(_NOTHING_TRIED)
+            try:
+                keep = self.send(decision)
+            except UpstreamError as first:
+                # The first try failed: the one attempt loop decides what happens next.
+                keep = attempt(self.pick, self.send, endpoint_of=_endpoint_of,
+                               node=door.node, retries=door.retries,
+                               may_replay=replayable(head.method, head.has_body),
+                               on_retry=self.retried, first=(decision, first),
+                               gave_up=_no_endpoint_left)
         except UpstreamError as exc:
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
             if exc.answered or state.sent:
                 keep = False  # part of an answer went out: cut the connection
             else:
-                keep = self.reply(head, state, exc.status, f"upstream {exc.reason}\n".encode(),
-                                  close=True)
+                status, text = client_answer(exc, self.door.policy.ui_service or "")
+                keep = self.reply(head, state, status, text.encode() + b"\n", close=True)
         finally:
-            self.record(head, state, started)
+            if door.observer is not NULL_OBSERVER:
+                self.record(head, state, started)
         return keep
+
+    def retried(self, endpoint: Any, exc: UpstreamError) -> None:
+        self.outcome.retry(endpoint, exc)
+        # A label, not the message: "connect" (refused or not accepted, nothing sent)
+        # or "replay" (broke before answering a replayable request).
+        self.door.observer.retried(endpoint.url, "connect" if exc.retryable else "replay")
+
+    def pick(self, tried: frozenset[str]) -> Any:
+        door = self.door
+        node = door.node
+        # tried: never again; ejected: only when nothing else is left (panic mode)
+        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
+
+    def send(self, decision: Any) -> bool:
+        head = self.head
+        state = self.outcome
+        if type(decision) is Proxy:
+            state.endpoint = decision.endpoint
+            return self.proxy(head, decision, state)
+        if isinstance(decision, Serve):
+            return self.serve_local(head, decision, state)
+        if isinstance(decision, Reply):
+            return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
+        if isinstance(decision, Status):
+            view = self.request
+            status, ctype, body = self.door.admin.respond(view.path, view.query)
+            return self.reply(head, state, status, body, ctype.encode())
+        state.endpoint = decision.endpoint
+        return self.sockjs_info(head, decision, state)
 
     def view(self, head: RequestHead) -> RequestView:
         """What routing looks at; the hop marker counts only if it proves membership."""
@@ -267,12 +381,23 @@ class Connection:
         hop = bool(head.hop) and self.door.hop.verify(head.hop, head.method, head.target,
                                                       self.conn.peer, self.door.node.table)
         return RequestView(
-            method=head.method.decode("latin-1"), path=path or "/", query=query,
-            cookie_header=head.cookie.decode("latin-1"), hop=hop,
-            host=head.host.decode("latin-1"),
-            forwarded_proto=head.forwarded_proto.decode("latin-1"),
-            forwarded_host=head.forwarded_host.decode("latin-1"),
-            remote_addr=self.conn.peer, raw_target=target)
+            head.method.decode("latin-1"), path or "/", query,
+            head.cookie.decode("latin-1") if head.cookie else "", hop, "http",
+            head.host.decode("latin-1"),
+            head.forwarded_proto.decode("latin-1") if head.forwarded_proto else "",
+            head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
+            self.conn.peer, target)
+
+    def forwarded_lines(self, head: RequestHead) -> list[bytes]:
+        """Forwarding.lines for this connection's peer, kept while a keep-alive client
+        sends the same Host and no forwarding fields of its own (the usual case)."""
+        if head.forwarded_for or head.forwarded_proto or head.forwarded_host or \
+                head.forwarded or head.real_ip or head.via:
+            return self.door.forwarding.lines(head, self.conn.peer)
+        if head.host != self.fwd_host or self.fwd_lines is None:
+            self.fwd_lines = self.door.forwarding.lines(head, self.conn.peer)
+            self.fwd_host = head.host
+        return self.fwd_lines
 
     def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
         observer = self.door.observer
@@ -315,15 +440,22 @@ class Connection:
         else:
             framing = b""
         out = request_head(head, path_qs, target.hostport.encode(),
-                           door.forwarding.lines(head, conn.peer),
+                           self.forwarded_lines(head),
                            door.hop.line(head.method, path_qs), framing, upgrade)
-        body: bytes | None = b""
-        if head.chunked or (head.content_length > len(conn.buf)) or \
-                head.content_length > 65536:
-            body = None  # streamed from the client
-        elif head.content_length > 0:
-            body = bytes(conn.buf[:head.content_length])
-            del conn.buf[:head.content_length]
+        body = self.body
+        if body is _UNREAD:
+            # Taken once per request: every attempt (another endpoint after a refused
+            # connect) sends the same bytes. A streamed body is read only after the
+            # connect succeeded, so nothing of it is gone when an attempt is refused.
+            if head.chunked or (head.content_length > len(conn.buf)) or \
+                    head.content_length > 65536:
+                body = None  # streamed from the client
+            elif head.content_length > 0:
+                body = bytes(conn.buf[:head.content_length])
+                del conn.buf[:head.content_length]
+            else:
+                body = b""
+            self.body = body
         exchange = Exchange(conn, head, door.pool, endpoint.url)
         if upgrade:
             exchange.send_request(out, b"")
@@ -365,19 +497,26 @@ class Connection:
         door.observer.websocket_opened(url)
         upstream.sock.settimeout(None)
 
-        def closed() -> None:
-            door.websockets -= 1
-            door.observer.websocket_closed(url)
-
         if Tunnel.supports(conn.sock, upstream.sock):
+            def closed() -> None:
+                door.websockets -= 1
+                door.open_websockets.discard(tunnel)
+                door.observer.websocket_closed(url)
+
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            Tunnel(conn.sock, upstream.sock, closed).start()
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            door.open_websockets.add(tunnel)
+            tunnel.start()
         else:
+            pumped = _Pumped(conn.sock, upstream.sock)
+            door.open_websockets.add(pumped)
             try:
                 pump(conn.sock, upstream.sock)
             finally:
-                closed()
+                door.websockets -= 1
+                door.open_websockets.discard(pumped)
+                door.observer.websocket_closed(url)
         return False
 
     def serve_local(self, head: RequestHead, decision: Serve, state: _Outcome) -> bool:
@@ -454,6 +593,46 @@ class Connection:
 
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
+_NOTHING_TRIED: frozenset[str] = frozenset()
+#: Connection.body before the request's body was looked at (b"" is "no body")
+_UNREAD = b"\0unread"
+
+
+class _Pumped:
+    """A TLS tunnel run by greenlets, as the stop sees it."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, client: Any, upstream: Any) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    def going_away(self) -> None:
+        for sock, frame in ((self.client, CLOSE_TO_CLIENT), (self.upstream, CLOSE_TO_SERVER)):
+            try:
+                sock.send(frame)
+            except OSError:
+                pass
+            sock.close()
+
+
+class _LocalWebSocket:
+    """A WebSocket served by the local app (gevent-websocket), as the stop sees it."""
+
+    __slots__ = ("websocket", "conn")
+
+    def __init__(self, websocket: Any, conn: ClientConn) -> None:
+        self.websocket = websocket
+        self.conn = conn
+
+    def going_away(self) -> None:
+        # gevent-websocket's close() drops the status code: send the frame ourselves.
+        try:
+            self.websocket.send_frame(b"\x03\xe9server going away",
+                                      self.websocket.OPCODE_CLOSE)
+        except Exception:  # noqa: BLE001 - gevent-websocket raises several kinds
+            pass
+        self.conn.close()  # wakes the app's receive(): it sees the socket end
 
 
 class _Outcome:
@@ -472,14 +651,17 @@ class _Outcome:
         self.retries = 0
         self.websocket = False
 
-    def retry(self, door: Door, endpoint: Any, exc: UpstreamError) -> None:
+    def retry(self, endpoint: Any, exc: UpstreamError) -> None:
         self.retries += 1
         self.endpoint = None
-        door.observer.retried(endpoint.url, exc.reason)
 
 
 def _endpoint_of(decision: Any) -> Any:
     return getattr(decision, "endpoint", None)
+
+
+def _no_endpoint_left(decision: Any) -> bool:
+    return isinstance(decision, Reply) and decision.status == 503
 
 
 def _field(head: RequestHead, name: bytes) -> str:
@@ -495,9 +677,19 @@ def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
     return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
 
 
+_COOKIE_LINES: dict[tuple[str, str], bytes] = {}
+
+
 def _cookie_line(cookie: tuple[str, str]) -> bytes:
-    name, value = _cookie_header(cookie)
-    return f"\r\n{name}: {value}".encode("latin-1")
+    """The Set-Cookie line for a sticky cookie (a few endpoints: made once each)."""
+    line = _COOKIE_LINES.get(cookie)
+    if line is None:
+        name, value = _cookie_header(cookie)
+        line = f"\r\n{name}: {value}".encode("latin-1")
+        if len(_COOKIE_LINES) > 4096:  # endpoints come and go: never grow for ever
+            _COOKIE_LINES.clear()
+        _COOKIE_LINES[cookie] = line
+    return line
 
 
 def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
@@ -617,6 +809,44 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
 
+    def _sendall(self, data: bytes) -> None:
+        """pywsgi's, through the door's send: a client that reads nothing for
+        --write-timeout has its connection closed by the sweeper instead of holding this
+        greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
+        server running this handler) it is pywsgi's own."""
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            super()._sendall(data)
+            return
+        try:
+            connection.conn.send(data)
+        except OSError as exc:
+            if exc.errno in self.ignored_socket_errors:
+                raise
+            # closed by the sweeper: as unremarkable as a client that went away
+            raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
+        self.response_length += len(data)
+
+    # A response to HEAD is the head a GET would get, without its content (RFC 9110
+    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
+    # read as the start of its next response.
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
+        if self.close_connection and self.code != 101 and not any(
+                name.lower() == b"connection" for name, _ in self.response_headers):
+            # Say that this connection ends here (RFC 9112 9.6): a client that asked for
+            # close, or an HTTP/1.0 one, must not try to reuse it.
+            self.response_headers.append((b"Connection", b"close"))
+
+    def _write_with_headers(self, data: bytes) -> None:
+        super()._write_with_headers(b"" if self.command == "HEAD" else data)
+
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            super()._write(data)
+
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
         own logger, and nothing at all without one."""
@@ -631,11 +861,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.websocket_used = True
         door = self.connection.door
         door.websockets += 1
+        local = _LocalWebSocket(self.websocket, conn)
+        door.open_websockets.add(local)
         door.observer.websocket_opened("local")
         try:
             super().run_websocket()
         finally:
             door.websockets -= 1
+            door.open_websockets.discard(local)
             door.observer.websocket_closed("local")
 
 

@@ -32,7 +32,14 @@ import time
 from typing import Any
 
 from cluster.conn import BODY, NONE, UPSTREAM, ClientConn
-from cluster.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from cluster.errors import (
+    RequestError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+    misbehaving,
+)
 from cluster.http1 import (
     CHUNKED,
     CRLF,
@@ -47,12 +54,16 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
+from cluster.netio import send_all, wait_recv, wait_recv_into
+from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
 
 #: Largest response head accepted from an endpoint, checked on every read.
 MAX_RESPONSE_HEAD = 65536
+#: Largest single read (see cluster.netio on why not more).
+RECV_SIZE = 65536
 #: Request bodies up to this size that are already in the buffer are kept for a resend.
 RESEND_LIMIT = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -99,7 +110,8 @@ class Forwarding:
 
 def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: list[bytes],
                  hop: bytes, framing: bytes, upgrade: bool = False) -> bytes:
-    """The head sent to the endpoint (see the module docstring)."""
+    """The head sent to the endpoint (see the module docstring). ``hop`` holds the hop
+    marker line (or any CRLF-joined lines to add last; b"" for none)."""
     fields = head.fields
     named = [t for t in head.connection if t not in (b"close", b"keep-alive", b"upgrade")]
     if named:  # fields the client named in Connection are hop-by-hop too
@@ -115,7 +127,8 @@ def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: l
         parts.append(b"Upgrade: " + head.upgrade)
         parts.append(b"Connection: Upgrade")
     parts += forwarded
-    parts.append(hop)
+    if hop:
+        parts.append(hop)
     return CRLF.join(parts) + HEAD_END
 
 
@@ -141,33 +154,43 @@ class Exchange:
         """Send the head and the body; ``body`` is the whole body when it is already
         here (None: stream it from the client as its framing says).
 
-        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout.
+        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout;
+        the client's own faults are not the endpoint's: RequestError 400 for a malformed
+        chunked body, OSError when the client left in the middle of its body.
         """
         self.started = time.monotonic()
         client = self.client
         pool = self.pool
         streamed = body is None
         conn = None if streamed else pool.acquire(self.url)
+        resent = False
         while True:
             if conn is None:
-                conn = pool.open(self.url)
+                conn = open_after_stale(pool, self.url, resent, self.head.method,
+                                        self.head.has_body)
             self.upstream = conn
             client.upstream = conn
             try:
                 if self.head.expect_continue and (streamed or body):
                     self.head.expect_continue = False
                     client.send(CONTINUE)
+                client.expect(UPSTREAM, pool.read_timeout)
                 if streamed:
-                    conn.sock.sendall(out_head)
+                    send_all(conn.sock, out_head)
                     self._stream_body(conn)
                 else:
-                    conn.sock.sendall(out_head + body if body else out_head)
+                    send_all(conn.sock, out_head + body if body else out_head)
+                client.phase = NONE
                 self._read_head(conn)
                 return
             except _Stale:
                 log.debug("%s: pooled connection was closed, resending on a new one", self.url)
                 conn.close()
                 conn = None
+                resent = True
+            except (RequestError, _ClientGone):
+                conn.close()  # no 502, no retry, no warning about the endpoint
+                raise
             except UpstreamError:
                 conn.close()
                 raise
@@ -194,20 +217,22 @@ class Exchange:
                         if not client.fill():
                             raise _ClientGone("client closed in the middle of its body")
                     used, _ = scanner.feed(bytes(client.buf))
-                    sock.sendall(client.buf[:used])
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                    send_all(sock, client.buf[:used])
                     del client.buf[:used]
             else:
                 left = head.content_length
                 while left > 0:
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
-                    data = client.take(min(left, 262144))
+                    data = client.take(min(left, RECV_SIZE))
                     if not data:
                         raise _ClientGone("client closed in the middle of its body")
-                    sock.sendall(data)
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                    send_all(sock, data)
                     left -= len(data)
         except ChunkError as exc:
-            raise _ClientGone(f"bad chunked body: {exc}") from None
+            raise RequestError(400, f"bad chunked body: {exc}") from None
         except OSError as exc:
             if isinstance(exc, _ClientGone):
                 raise
@@ -226,10 +251,11 @@ class Exchange:
             end = buf.find(HEAD_END)
             while end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
-                    raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+                    raise misbehaving(UpstreamBroken(self.url,
+                                                     "response head larger than 64 KiB"))
                 client.expect(UPSTREAM, self.pool.read_timeout)
                 try:
-                    data = conn.sock.recv(262144)
+                    data = wait_recv(conn.sock, RECV_SIZE)
                 except OSError as exc:
                     if not buf and conn.reused and not client.timed_out:
                         raise _Stale() from None
@@ -243,12 +269,14 @@ class Exchange:
                 buf += data
                 end = buf.find(HEAD_END)
             if end > MAX_RESPONSE_HEAD:
-                raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+                raise misbehaving(UpstreamBroken(self.url,
+                                                 "response head larger than 64 KiB"))
             raw = buf[:end]
             try:
                 response = parse_response_head(raw)
             except ValueError as exc:
-                raise UpstreamBroken(self.url, f"malformed response head: {exc}") from None
+                raise misbehaving(UpstreamBroken(self.url, f"malformed response head: {exc}")) \
+                    from None
             buf = buf[end + 4:]
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break
@@ -338,7 +366,7 @@ class Exchange:
         client = self.client
         client.expect(UPSTREAM, self.pool.read_timeout)
         try:
-            data: bytes = conn.sock.recv(262144)
+            data = wait_recv(conn.sock, RECV_SIZE)
         except OSError as exc:
             error = self._error(exc, f"response body cut after {done} bytes")
             error.answered = True
@@ -348,20 +376,31 @@ class Exchange:
         return data
 
     def _relay_fixed(self, conn: Connection, left: int) -> None:
-        done = 0
+        if left <= 0:
+            return
+        client = self.client
+        buf = client.relay_buffer()
+        size = len(buf)
+        sock = conn.sock
+        timeout = self.pool.read_timeout
         while left > 0:
-            data = self._recv_body(conn, done)
-            if not data:
+            client.expect(UPSTREAM, timeout)
+            try:
+                got = wait_recv_into(sock, buf[:left] if left < size else buf)
+            except OSError as exc:
+                error = self._error(exc, f"response body cut {left} bytes before its end")
+                error.answered = True
+                raise error from None
+            finally:
+                client.phase = NONE
+            if not got:
                 error = UpstreamBroken(self.url, f"closed {left} bytes before the end of "
                                                  "the response body")
                 error.answered = True
                 raise error
-            if len(data) > left:
-                conn.buf = data[left:]
-                data = data[:left]
-            self._to_client(data)
-            left -= len(data)
-            done += len(data)
+            client.send(buf[:got])
+            self.sent += got
+            left -= got
 
     def _relay_chunked(self, conn: Connection, out: bytes, buf: bytes, dechunk: bool) -> None:
         scanner = ChunkedScanner(decode=dechunk)
@@ -398,6 +437,21 @@ class Exchange:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,
+                     has_body: bool) -> Connection:
+    """A new connection to ``url``. After a pooled connection was found closed under a
+    request (``resent``), a refusal is no longer "nothing was sent": the endpoint may
+    have taken the request and died. Then only a replayable request may go elsewhere;
+    for any other it is a 502 (UpstreamBroken), never a resend to another endpoint."""
+    try:
+        return pool.open(url)
+    except UpstreamConnectError as exc:
+        if resent and not replayable(method, has_body):
+            raise UpstreamBroken(url, f"closed the connection, then refused a new one "
+                                      f"({exc.reason})") from None
+        raise
 
 
 class _ClientGone(OSError):

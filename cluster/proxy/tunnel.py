@@ -19,7 +19,9 @@ nginx equivalent::
     proxy_read_timeout 1d;   # here: no idle timeout once upgraded
 
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake).
+a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake);
+the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
+was being relayed at that instant (only at shutdown; the client reconnects either way).
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ import gevent
 from gevent import get_hub
 from gevent import socket as gsocket
 
+from cluster.netio import send_all, wait_recv
+
 log = logging.getLogger(__name__)
 
 CHUNK = 65536
 _READ, _WRITE = 1, 2
+#: WebSocket close frames with status 1001 (going away): unmasked towards the client,
+#: masked (with a zero key, which leaves the payload as it is) towards the server.
+CLOSE_TO_CLIENT = b"\x88\x02\x03\xe9"
+CLOSE_TO_SERVER = b"\x88\x82\x00\x00\x00\x00\x03\xe9"
 
 
 def _raw(sock: Any) -> Any:
@@ -106,6 +114,7 @@ class _Direction:
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
+        self.reader = self.writer = None
         self.pending = b""
 
 
@@ -135,6 +144,21 @@ class Tunnel:
         for way in self.ways:
             way.reader.start(way.readable)
 
+    def going_away(self) -> None:
+        """This instance is stopping: a WebSocket close frame with 1001 (going away)
+        to each end, then close. The client reconnects, to a live instance."""
+        if self.closed:
+            return
+        for way in self.ways:
+            way.stop()
+        for raw, frame in ((self.ways[0].src, CLOSE_TO_CLIENT),
+                           (self.ways[1].src, CLOSE_TO_SERVER)):
+            try:
+                raw.send(frame)
+            except OSError:
+                pass
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return
@@ -149,25 +173,51 @@ class Tunnel:
             log.exception("tunnel close callback failed")
 
 
-def _pump_one_way(src: Any, dst: Any) -> None:
+def _pump(src: Any, dst: Any) -> int:
+    """Copy ``src`` to ``dst`` until either fails or ``src`` ends; close both; return bytes.
+
+    Closing both wakes the other direction's greenlet blocked on its socket (gevent
+    cancels waits on a closed socket), so one closed side ends the whole tunnel.
+    """
+    moved = 0
+    fast = _plain_gevent_socket(src) and _plain_gevent_socket(dst)
     try:
         while True:
-            data = src.recv(CHUNK)
+            data = _wait_and_recv(src) if fast else src.recv(CHUNK)
             if not data:
                 break
-            dst.sendall(data)
+            if fast:
+                send_all(dst, data)
+            else:
+                dst.sendall(data)
+            moved += len(data)
     except OSError:
-        pass  # reset, broken pipe, or the other direction closed the socket under us
+        pass  # reset, broken pipe, or the other pump closed the socket under us
     finally:
         _close(src)
         _close(dst)
+    return moved
+
+
+def _plain_gevent_socket(sock: Any) -> bool:
+    """True for gevent's own TCP socket (not TLS) with the internals the fast path uses."""
+    return type(sock) is gsocket.socket and all(
+        hasattr(sock, name) for name in ("_sock", "_wait", "_read_event"))
+
+
+def _wait_and_recv(sock: Any) -> bytes:
+    try:
+        return wait_recv(sock, CHUNK)
+    except OSError:
+        return b""  # closed by the other direction
 
 
 def pump(a: Any, b: Any) -> None:
-    """Both ways with two greenlets (for TLS sockets); returns when both are done."""
-    other = gevent.spawn(_pump_one_way, a, b)
+    """Both ways with two greenlets (TLS sockets, or a WSGI request that must block
+    until the tunnel ends); returns when both are done."""
+    other = gevent.spawn(_pump, a, b)
     try:
-        _pump_one_way(b, a)
+        _pump(b, a)
     finally:
         _close(a)
         _close(b)

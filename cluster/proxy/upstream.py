@@ -28,9 +28,11 @@ from urllib.parse import urlsplit
 
 from gevent import socket as gsocket
 
-from cluster.errors import UpstreamConnectError
+from cluster.errors import UpstreamConnectError, misbehaving
 
 log = logging.getLogger(__name__)
+
+_PEEK = int(stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)  # an int: enum arithmetic is slow
 
 #: An idle connection older than this is not reused: the upstream may be about to close
 #: it (nginx's upstream ``keepalive_timeout`` is 60 s), and a reused connection that
@@ -95,7 +97,7 @@ class Connection:
         if raw is None:  # TLS: the record layer may hold bytes; check what the OS sees
             raw = self.sock
         try:
-            raw.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
+            raw.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except (OSError, ValueError):
@@ -142,7 +144,8 @@ def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
         return _tls_context().wrap_socket(sock, server_hostname=target.host)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise UpstreamConnectError(target.url, f"TLS handshake failed: {exc}") from exc
+        raise misbehaving(UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")) \
+            from exc
 
 
 _TLS: list[Any] = []
