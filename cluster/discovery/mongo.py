@@ -17,6 +17,7 @@ records of other writers keep theirs.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -33,6 +34,8 @@ CHANGES = "clusterChanges"
 MEMBERSHIP_ID = "membership"
 #: log entries kept; a watcher further behind reads the records instead
 LOG_LENGTH = 1000
+#: seconds a heartbeat stamps records from the store's clock as last read (hello)
+CLOCK_REFRESH = 30.0
 
 
 def record_id(service: str, endpoint: str) -> str:
@@ -68,6 +71,7 @@ class MongoStore(DiscoveryStore):
             raise ConfigError("--discovery-url (CLUSTER_DISCOVERY_URL)", str(exc)) from None
         self._collection = database[COLLECTION]
         self._membership = database[MEMBERSHIP]
+        self._clock: tuple[float, dt.datetime] | None = None  # (monotonic, store time)
         self._changes = database[CHANGES]
         self.description = f"{_redacted(url)} ({database.name}.{COLLECTION})"
 
@@ -77,7 +81,7 @@ class MongoStore(DiscoveryStore):
         service, endpoint = record["serviceName"], record["endpoint"]
         key = record_id(service, endpoint)
         try:
-            # The store's clock from hello, then the whole record replaced by _id: on
+            # The store's clock (see _store_time), then the record replaced by _id: on
             # FerretDB an update (even by _id) scans the collection, a replacement
             # does not, so a heartbeat costs the same with 10 or 5,000 records.
             now = self._store_time()
@@ -104,11 +108,22 @@ class MongoStore(DiscoveryStore):
             raise DiscoveryError(f"removal from {self.description} failed: {exc}") from exc
 
     def _store_time(self) -> dt.datetime:
-        now = self._client.admin.command("hello").get("localTime")
-        if not isinstance(now, dt.datetime):
-            # Every MongoDB since 2.x and FerretDB answer localTime; this is a last resort.
-            return dt.datetime.now(dt.timezone.utc)
-        return now if now.tzinfo else now.replace(tzinfo=dt.timezone.utc)
+        """The store's clock, without a round trip most of the time: hello's localTime,
+        taken at the middle of its round trip, carried forward on this host's monotonic
+        clock for :data:`CLOCK_REFRESH` seconds (a wall-clock step here changes nothing;
+        the error is at most half a round trip)."""
+        now = time.monotonic()
+        if self._clock is None or now - self._clock[0] > CLOCK_REFRESH:
+            reply = self._client.admin.command("hello").get("localTime")
+            after = time.monotonic()
+            if not isinstance(reply, dt.datetime):
+                # Every MongoDB since 2.x and FerretDB answer localTime; a last resort.
+                return dt.datetime.now(dt.timezone.utc)
+            stamp = reply if reply.tzinfo else reply.replace(tzinfo=dt.timezone.utc)
+            self._clock = ((now + after) / 2, stamp)
+            now = after
+        base, stamp = self._clock
+        return stamp + dt.timedelta(seconds=now - base)
 
     def snapshot(self, services: frozenset[str] | None = None) -> StoreSnapshot:
         query: dict[str, Any] = {}
