@@ -86,7 +86,7 @@ class MongoStore(DiscoveryStore):
             # does not, so a heartbeat costs the same with 10 or 5,000 records.
             now = self._store_time()
             result = self._collection.replace_one(
-                {"_id": key}, {**record, "timestamp": now}, upsert=True)
+                {"_id": key}, {"_id": key, **record, "timestamp": now}, upsert=True)
             if result.upserted_id is not None:
                 # A record of this endpoint written before it had an _id of ours (by an
                 # older version) would be a duplicate: drop it once, here.
