@@ -233,9 +233,10 @@ def store(args: argparse.Namespace) -> Outcome:
         recovered = max(wait_for(lambda p=port: sees_all(p), 30, f"{port} to recover")
                         for port in [*ports, *fronts])
         views = [status(port) for port in [*ports, *fronts]]
-        outcome.notes["after"] = ", ".join(
-            f"{len(v['endpoints'])} endpoints store_failing={str(v['store_failing']).lower()}"
-            for v in views[:1]) + f" on all {len(views)} (+{recovered:.1f} s after the load)"
+        outcome.notes["after"] = (
+            f"all {len(views)} list {min(len(v['endpoints']) for v in views)} endpoints, "
+            f"store_failing {str(any(v['store_failing'] for v in views)).lower()} "
+            f"({recovered:.1f} s after the load ended)")
         outcome.tracebacks = bed.tracebacks()
         return outcome
     finally:
