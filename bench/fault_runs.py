@@ -223,20 +223,24 @@ def store(args: argparse.Namespace) -> Outcome:
         server.stop()
         down = time.monotonic()
         time.sleep(args.outage)
-        failing = [port for port in [*ports, *fronts] if status(port)["store_failing"]]
+        during = [status(port) for port in [*ports, *fronts]]
         server.start()
-        outcome.notes["outage"] = f"{time.monotonic() - down:.0f} s"
-        outcome.notes["saw the outage"] = f"{len(failing)} of {len(ports) + len(fronts)}"
-        time.sleep(args.tail)
+        back = time.monotonic()
+        outcome.notes["outage"] = f"{back - down:.0f} s"
+        outcome.notes["saw the outage"] = \
+            f"{sum(v['store_failing'] for v in during)} of {len(during)}"
+        outcome.notes["endpoints kept in it"] = min(len(v["endpoints"]) for v in during)
+        for port in [*ports, *fronts]:  # under load: every view whole again, store working
+            wait_for(lambda p=port: sees_all(p), 30, f"{port} to recover")
+        recovered = time.monotonic() - back
+        time.sleep(max(0.0, args.tail - recovered))
         load.finish(outcome)
         load = None
-        recovered = max(wait_for(lambda p=port: sees_all(p), 30, f"{port} to recover")
-                        for port in [*ports, *fronts])
         views = [status(port) for port in [*ports, *fronts]]
-        outcome.notes["after"] = (
-            f"all {len(views)} list {min(len(v['endpoints']) for v in views)} endpoints, "
-            f"store_failing {str(any(v['store_failing'] for v in views)).lower()} "
-            f"({recovered:.1f} s after the load ended)")
+        outcome.notes["recovered"] = (
+            f"{recovered:.1f} s after the store came back; at the end all {len(views)} list "
+            f"{min(len(v['endpoints']) for v in views)} endpoints, store_failing "
+            f"{str(any(v['store_failing'] for v in views)).lower()}")
         outcome.tracebacks = bed.tracebacks()
         return outcome
     finally:
