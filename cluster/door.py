@@ -47,7 +47,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
-from cluster.proxy.attempts import attempt, replayable
+from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
 from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
@@ -91,6 +91,9 @@ class Door:
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
+        #: how long a request that found every endpoint dead waits for a newer table:
+        #: about two refreshes of the watcher
+        self.table_wait = min(2.0, 2 * node.watcher.refresh_interval + 0.1)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -246,7 +249,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines", "body")
+                 "outcome", "fwd_host", "fwd_lines", "body", "waited")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -312,6 +315,7 @@ class Connection:
         self.request = self.view(head)
         self.head = head
         self.body: bytes | None = _UNREAD
+        self.waited = False
         state = self.outcome = _Outcome()
         view = self.request
         admin = door.admin
@@ -341,8 +345,8 @@ class Connection:
             if exc.answered or state.sent:
                 keep = False  # part of an answer went out: cut the connection
             else:
-                keep = self.reply(head, state, exc.status, f"upstream {exc.reason}\n".encode(),
-                                  close=True)
+                status, text = client_answer(exc, self.door.policy.ui_service or "")
+                keep = self.reply(head, state, status, text.encode() + b"\n", close=True)
         finally:
             if door.observer is not NULL_OBSERVER:
                 self.record(head, state, started)
@@ -358,7 +362,16 @@ class Connection:
         door = self.door
         node = door.node
         # tried: never again; ejected: only when nothing else is left (panic mode)
-        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
+        decision = route(self.request, node.table, door.policy, tried,
+                         ejected=node.ejected())
+        if _no_endpoint_left(decision) and not self.waited and (tried or node.ejected()):
+            # Every endpoint we know failed: wait once for a newer table (see
+            # Cluster.wait_for_new_table) before answering 503.
+            self.waited = True
+            if node.wait_for_new_table(door.table_wait):
+                decision = route(self.request, node.table, door.policy, tried,
+                                 ejected=node.ejected())
+        return decision
 
     def send(self, decision: Any) -> bool:
         head = self.head
