@@ -100,6 +100,8 @@ class Door:
         self.websockets = 0
         #: every open WebSocket, as an object with going_away() (for a graceful stop)
         self.open_websockets: set[Any] = set()
+        #: set by going_away(): a WebSocket that opens after it is closed at once
+        self.stopping = False
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -112,7 +114,10 @@ class Door:
 
     def going_away(self) -> int:
         """Close every WebSocket with 1001 (going away), so clients reconnect to a live
-        instance; returns how many. Called when this instance stops."""
+        instance; returns how many. Called when this instance stops. One that opens
+        later (an upgrade on a connection that was open before the stop) is closed with
+        1001 as soon as it opens, not cut without a close frame when the drain ends."""
+        self.stopping = True
         sockets = list(self.open_websockets)
         for socket in sockets:
             try:
@@ -521,9 +526,13 @@ class Connection:
             tunnel = Tunnel(conn.sock, upstream.sock, closed)
             door.open_websockets.add(tunnel)
             tunnel.start()
+            if door.stopping:
+                tunnel.going_away()
         else:
             pumped = _Pumped(conn.sock, upstream.sock)
             door.open_websockets.add(pumped)
+            if door.stopping:
+                pumped.going_away()
             try:
                 pump(conn.sock, upstream.sock)
             finally:
@@ -877,6 +886,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         local = _LocalWebSocket(self.websocket, conn)
         door.open_websockets.add(local)
         door.observer.websocket_opened("local")
+        if door.stopping:
+            local.going_away()  # the app's first receive() sees the socket end
         try:
             super().run_websocket()
         finally:
