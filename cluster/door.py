@@ -29,12 +29,13 @@ import errno
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from cluster.app import WSGIApp
 from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -61,13 +62,10 @@ from cluster.routing import (
     Status,
     route,
 )
-from cluster.sockjs import rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-_MAX_INFO_BYTES = 64 * 1024
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -584,7 +582,7 @@ class Connection:
             exchange.send_request(out, b"")
             assert exchange.response is not None
             code = exchange.response.code
-            body = read_small_body(exchange, _MAX_INFO_BYTES)
+            body = read_small_body(exchange, MAX_INFO_BYTES)
         status, payload, ctype = rewrite_info(code, body, decision.base_url,
                                               decision.endpoint.url if decision.endpoint
                                               else "local app")
