@@ -89,11 +89,9 @@ class Door:
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
-        #: how long a request that found every endpoint dead waits for a table with a
-        #: live one: long enough for a replacement to register (a ping interval, plus
-        #: grace) and be read (a refresh), at most 3 s
-        self.table_wait = min(3.0, s.ping_interval + s.expiry_grace
-                              + node.watcher.refresh_interval)
+        #: how long a request that found every endpoint dead waits for a newer table:
+        #: about two refreshes of the watcher
+        self.table_wait = min(2.0, 2 * node.watcher.refresh_interval + 0.1)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -365,15 +363,12 @@ class Connection:
         decision = route(self.request, node.table, door.policy, tried,
                          ejected=node.ejected())
         if _no_endpoint_left(decision) and not self.waited and (tried or node.ejected()):
-            # Every endpoint we know failed: wait, a bounded while, for a table that
-            # offers another (see Cluster.wait_for_new_table) before answering 503.
+            # Every endpoint we know failed: wait once for a newer table (see
+            # Cluster.wait_for_new_table) before answering 503.
             self.waited = True
-            deadline = time.monotonic() + door.table_wait
-            while node.wait_for_new_table(deadline - time.monotonic()):
+            if node.wait_for_new_table(door.table_wait):
                 decision = route(self.request, node.table, door.policy, tried,
                                  ejected=node.ejected())
-                if not _no_endpoint_left(decision):
-                    break
         return decision
 
     def send(self, decision: Any) -> bool:
