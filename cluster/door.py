@@ -29,12 +29,13 @@ import errno
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from cluster.app import WSGIApp
 from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -61,13 +62,10 @@ from cluster.routing import (
     Status,
     route,
 )
-from cluster.sockjs import rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-_MAX_INFO_BYTES = 64 * 1024
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -97,6 +95,8 @@ class Door:
         self.websockets = 0
         #: every open WebSocket, as an object with going_away() (for a graceful stop)
         self.open_websockets: set[Any] = set()
+        #: set by going_away(): a WebSocket that opens after it is closed at once
+        self.stopping = False
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -109,7 +109,10 @@ class Door:
 
     def going_away(self) -> int:
         """Close every WebSocket with 1001 (going away), so clients reconnect to a live
-        instance; returns how many. Called when this instance stops."""
+        instance; returns how many. Called when this instance stops. One that opens
+        later (an upgrade on a connection that was open before the stop) is closed with
+        1001 as soon as it opens, not cut without a close frame when the drain ends."""
+        self.stopping = True
         sockets = list(self.open_websockets)
         for socket in sockets:
             try:
@@ -508,9 +511,13 @@ class Connection:
             tunnel = Tunnel(conn.sock, upstream.sock, closed)
             door.open_websockets.add(tunnel)
             tunnel.start()
+            if door.stopping:
+                tunnel.going_away()
         else:
             pumped = _Pumped(conn.sock, upstream.sock)
             door.open_websockets.add(pumped)
+            if door.stopping:
+                pumped.going_away()
             try:
                 pump(conn.sock, upstream.sock)
             finally:
@@ -557,7 +564,7 @@ class Connection:
             exchange.send_request(out, b"")
             assert exchange.response is not None
             code = exchange.response.code
-            body = read_small_body(exchange, _MAX_INFO_BYTES)
+            body = read_small_body(exchange, MAX_INFO_BYTES)
         status, payload, ctype = rewrite_info(code, body, decision.base_url,
                                               decision.endpoint.url if decision.endpoint
                                               else "local app")
@@ -864,6 +871,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         local = _LocalWebSocket(self.websocket, conn)
         door.open_websockets.add(local)
         door.observer.websocket_opened("local")
+        if door.stopping:
+            local.going_away()  # the app's first receive() sees the socket end
         try:
             super().run_websocket()
         finally:
