@@ -31,6 +31,9 @@ class UpstreamError(ClusterError):
     status = 502
     #: True when nothing of the request reached the endpoint, so another may be tried.
     retryable = False
+    #: True once part of the endpoint's answer reached the client: nothing may be
+    #: retried or replayed, and no error page can be sent any more.
+    answered = False
 
     def __init__(self, endpoint: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {reason}")
@@ -52,3 +55,14 @@ class UpstreamTimeout(UpstreamError):
     """The endpoint did not answer within the read timeout."""
 
     status = 504
+
+
+class RequestError(ClusterError):
+    """A client's request breaks HTTP/1.1's rules; ``status`` is the answer (400, 414,
+    431, 501, 505...). The connection is closed after answering: once framing is in
+    doubt, the next request on it cannot be found reliably."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason

@@ -1,14 +1,15 @@
 """Running under gunicorn: ``gunicorn -c python:cluster.gunicorn -w 2 myapp:app``.
 
 This module is a gunicorn config module. It selects :class:`Worker` (gunicorn's
-gevent pywsgi worker with cluster's handler) and sets three hooks:
+gevent worker whose server is cluster's front door, :mod:`cluster.door`) and sets
+these hooks:
 
 - ``when_ready`` (arbiter, once): starts one ``cluster register`` sidecar process that
   registers the server's endpoint and heartbeats while the server answers. One record
   per server, however many workers, and a worker recycling does not touch it.
 - ``on_exit`` (arbiter): stops the sidecar by PID, which removes the record at once.
-- ``post_worker_init`` (each worker, after gevent has monkey-patched it): wraps the
-  app in :class:`~cluster.app.ClusterApp` with an observing (non-registering) node.
+- ``post_worker_init`` (each worker, after gevent has monkey-patched it): makes the
+  worker's front door around the app, with an observing (non-registering) node.
 
 The arbiter is never monkey-patched, so nothing here imports pymongo there: the
 sidecar owns the store connection. Settings come from ``CLUSTER_*`` variables; the
@@ -27,7 +28,7 @@ from typing import Any
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
-from cluster.handler import ClusterHandler
+from cluster.door import LocalHandler
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,14 @@ worker_class = "cluster.gunicorn.Worker"
 _SIDECAR: dict[str, subprocess.Popen[bytes]] = {}
 
 
-class Handler(ClusterHandler, PyWSGIHandler):  # type: ignore[misc]
-    """gunicorn's access logging and environ, plus cluster's NODELAY and hijack."""
+class Handler(LocalHandler, PyWSGIHandler):  # type: ignore[misc]
+    """Runs the local app: gunicorn's access logging and environ, cluster's door."""
 
 
 class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker; ``post_worker_init`` sets its ``server_class`` to the
+    front door bound to this worker's node."""
+
     wsgi_handler = Handler
 
 
@@ -92,19 +96,24 @@ def on_exit(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    from cluster.app import ClusterApp
+    import functools
+
     from cluster.config import Settings
+    from cluster.door import DoorServer
     from cluster.node import Cluster
+    from cluster.server import make_door
 
     settings = Settings.load(args=[])
     node = Cluster(settings, register=False).start()
-    worker.wsgi = ClusterApp(worker.wsgi, node)
+    door = make_door(node, settings, worker.wsgi)
+    worker.cluster_door = door
+    worker.server_class = functools.partial(DoorServer, door=door)
     worker.log.info("cluster: worker %s balancing %s as %s", worker.pid, settings.service,
                     node.self_url)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    app = getattr(worker, "wsgi", None)
-    close = getattr(app, "close", None)
-    if close is not None:
-        close()
+    door = getattr(worker, "cluster_door", None)
+    if door is not None:
+        door.close()
+        door.node.close()

@@ -66,3 +66,18 @@ class Observer:
 
 #: The observer used when nobody installed one.
 NULL_OBSERVER = Observer()
+
+
+class DebugAccessLog(Observer):
+    """One line per request on the ``cluster.access`` logger at debug level (what
+    ``--log-level debug`` shows)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.log = logging.getLogger("cluster.access")
+
+    def request_done(self, record: RequestRecord) -> None:
+        self.log.debug('%s "%s %s %s" %d %d %s %.6f', record.remote, record.method,
+                       record.target, record.version, record.status, record.sent,
+                       record.endpoint, record.total_seconds)

@@ -26,28 +26,60 @@ COOKIE_PREFIX = "cluster-endpoint::"
 DDP_PREFIX = "/cluster-ddp/"
 #: this instance's own view of the cluster, for operators on trusted addresses only
 STATUS_PATH = "/_cluster/status"
+#: every operator page (status, dashboard, metrics) lives under this prefix
+ADMIN_PREFIX = "/_cluster/"
 
 
-@dataclass(frozen=True)
 class RequestView:
-    """The parts of a request that routing looks at."""
+    """The parts of a request that routing looks at.
 
-    method: str = "GET"
-    path: str = "/"
-    query: str = ""
-    cookie_header: str = ""
-    hop: bool = False
-    scheme: str = "http"
-    host: str = ""
-    forwarded_proto: str = ""
-    forwarded_host: str = ""
-    remote_addr: str = ""
-    #: the request-target exactly as received (RAW_URI), when the server provides it
-    raw_target: str = ""
+    A plain slotted class, not a dataclass: one is made per request on the door's hot
+    path, and a frozen dataclass's ``__init__`` costs several times more.
+    """
+
+    __slots__ = ("method", "path", "query", "cookie_header", "hop", "scheme", "host",
+                 "forwarded_proto", "forwarded_host", "remote_addr", "raw_target")
+
+    def __init__(self, method: str = "GET", path: str = "/", query: str = "",
+                 cookie_header: str = "", hop: bool = False, scheme: str = "http",
+                 host: str = "", forwarded_proto: str = "", forwarded_host: str = "",
+                 remote_addr: str = "", raw_target: str = "") -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.cookie_header = cookie_header
+        #: a hop marker that proved membership (see cluster.hop); others are ignored
+        self.hop = hop
+        self.scheme = scheme
+        self.host = host
+        self.forwarded_proto = forwarded_proto
+        self.forwarded_host = forwarded_host
+        self.remote_addr = remote_addr
+        #: the request-target exactly as received (RAW_URI), when the server provides it
+        self.raw_target = raw_target
+
+    def __repr__(self) -> str:
+        return f"<RequestView {self.method} {self.raw_target or self.path!r}>"
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestView):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, object]) -> RequestView:
-        """The view of a WSGI environ; a value that is not a string counts as absent."""
+    def from_environ(cls, environ: Mapping[str, object],
+                     hop: bool | None = None) -> RequestView:
+        """The view of a WSGI environ; a value that is not a string counts as absent.
+
+        ``hop``: whether the request's hop marker was verified (None: a marker counts
+        when present, for callers that verified it already or trust every peer).
+        """
 
         def get(key: str, default: str = "") -> str:
             value = environ.get(key, default)
@@ -58,7 +90,7 @@ class RequestView:
             path=get("PATH_INFO", "/") or "/",
             query=get("QUERY_STRING"),
             cookie_header=get("HTTP_COOKIE"),
-            hop=HOP_ENVIRON in environ,
+            hop=(HOP_ENVIRON in environ) if hop is None else hop,
             scheme=get("wsgi.url_scheme", "http"),
             host=get("HTTP_HOST") or get("SERVER_NAME"),
             forwarded_proto=get("HTTP_X_FORWARDED_PROTO"),
@@ -157,7 +189,7 @@ class SockJSInfo:
 
 @dataclass(frozen=True)
 class Status:
-    """Answer with this instance's view of the cluster (JSON)."""
+    """Answer with an operator page (cluster.admin): the status JSON and the like."""
 
 
 @dataclass(frozen=True)
@@ -187,14 +219,16 @@ def route(
     ``exclude`` holds endpoint hashes not to pick (passively ejected or already
     tried for this request); ``rand`` returns floats in [0, 1).
     """
-    if request.path == STATUS_PATH and request.remote_addr in policy.trusted_proxies:
-        return Status()
     if request.path.startswith(DDP_PREFIX):
         return _route_session(request, table, policy)
     if request.hop:
         # Another instance chose us: serve, whatever our own table says, so a request
-        # never bounces between two instances whose tables disagree for a moment.
+        # never bounces between two instances whose tables disagree for a moment. (It
+        # never gets the status page: that would answer a client the first hop did
+        # not trust, and hide the app's own page of that name.)
         return Serve() if policy.has_local_app else Reply(502, "this instance has no local app")
+    if request.path.startswith(ADMIN_PREFIX) and request.remote_addr in policy.trusted_proxies:
+        return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:
         return _route_sockjs_info(request, table, policy, info, exclude, rand)

@@ -1,4 +1,4 @@
-"""The standalone runner: one gevent WSGIServer that is a full cluster member.
+"""The standalone runner: one front-door server (cluster.door) that is a full member.
 
 Call :func:`serve` only from an entry point that has monkey-patched first
 (:mod:`cluster.entry`, ``python -m cluster``, ``scripts/cluster-instance``).
@@ -20,14 +20,15 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
 from gevent.server import _tcp_listener
 
-from cluster.app import ClusterApp, WSGIApp
+from cluster.admin import Admin
+from cluster.app import WSGIApp, policy_for
 from cluster.config import Settings
+from cluster.door import Door, DoorServer
 from cluster.errors import ConfigError
-from cluster.handler import ClusterHandler
 from cluster.node import Cluster
+from cluster.observe import NULL_OBSERVER, DebugAccessLog, Observer
 from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def load_app(spec: str) -> WSGIApp:
 
 
 def listen(settings: Settings) -> tuple[Any, Settings]:
-    """Bind the listening socket; with port 0, put the real port into the settings."""
+    """Bind the listening socket; with port 0, put the real port into the settings
+    (and into ``--port-file``, so whoever started us learns it without a race)."""
     host, port = settings.bind_address
     try:
         sock = _tcp_listener((host, port), backlog=2048, reuse_addr=True)
@@ -73,18 +75,53 @@ def listen(settings: Settings) -> tuple[Any, Settings]:
     return sock, settings
 
 
-def make_server(listener: Any, app: Any, settings: Settings) -> WSGIServer:
-    access = logging.getLogger("cluster.access") if settings.log_level == "debug" else None
-    return WSGIServer(listener, app, handler_class=ClusterHandler, log=access,
-                      error_log=logging.getLogger("cluster.server"))
+def write_port_file(settings: Settings) -> None:
+    """Write the bound host:port to --port-file, atomically (a reader never sees half)."""
+    if not settings.port_file:
+        return
+    tmp = f"{settings.port_file}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as out:
+            out.write(settings.bind + "\n")
+        os.replace(tmp, settings.port_file)
+    except OSError as exc:
+        raise ConfigError("--port-file (CLUSTER_PORT_FILE)",
+                          f"cannot write {settings.port_file}: {exc.strerror or exc}") from None
 
 
-def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
+def raise_descriptor_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: each proxied connection holds two."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
+              observer: Observer = NULL_OBSERVER) -> Door:
+    policy = policy_for(settings, node.self_hash, local_app is not None)
+    return Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
+
+
+def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
+    return DoorServer(listener, door.local_app, door=door, log=None,
+                      error_log=logging.getLogger("cluster.server"), **kwargs)
+
+
+def serve(settings: Settings, local_app: WSGIApp | None = None,
+          observer: Observer = NULL_OBSERVER) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     if local_app is None and settings.app:
         local_app = load_app(settings.app)
     if local_app is not None and not settings.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
+    raise_descriptor_limit()
+    if observer is NULL_OBSERVER and settings.log_level == "debug":
+        observer = DebugAccessLog()
     listener, settings = listen(settings)
     if settings.workers_count > 1:
         return run_workers(settings, listener)
@@ -95,10 +132,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
         settings = settings.replace(endpoint_url=urlsplit(base)._replace(
             netloc=f"{urlsplit(base).hostname}:{port}").geturl())
     node = Cluster(settings, register=local_app is not None)
-    app = ClusterApp(local_app, node)
-    servers = [make_server(listener, app, settings)]
+    door = make_door(node, settings, local_app, observer)
+    servers = [make_server(listener, door)]
     if shared is not None:
-        servers.append(make_server(shared, app, settings))
+        servers.append(make_server(shared, door))
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
@@ -113,6 +150,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
     gc.freeze()
     for server in servers:
         server.start()
+    tidy = gevent.spawn(_tidy_pools, door, stopping)
+    write_port_file(settings)
     log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
@@ -125,8 +164,16 @@ def serve(settings: Settings, local_app: WSGIApp | None = None) -> int:
         server.close()
     for server in servers:
         server.stop(timeout=DRAIN_SECONDS)
-    app.close()
+    tidy.kill()
+    door.close()
+    node.close()
     return 0
+
+
+def _tidy_pools(door: Door, stopping: gevent.event.Event) -> None:
+    """Close pooled connections to endpoints that left the table, every few seconds."""
+    while not stopping.wait(2.0):
+        door.tidy()
 
 
 def _inherited_listener() -> Any:

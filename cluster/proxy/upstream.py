@@ -1,9 +1,15 @@
-"""Upstream connections and the per-endpoint pool of idle keep-alive ones.
+"""Upstream connections (http and https alike) and the per-endpoint pool of idle ones.
 
 Raw gevent sockets rather than an HTTP client library: the proxy needs TCP_NODELAY,
 one socket per in-flight request, byte-exact control of what was sent (to know when a
 retry is safe) and as little Python per request as possible. The protocol on top of
-these sockets lives in :mod:`cluster.proxy.http`.
+these sockets lives in :mod:`cluster.http1` (heads and framing) and
+:mod:`cluster.proxy.relay`; the front door, the WSGI forwarder and the WebSocket bridge
+all connect through here, so an https endpoint works for each of them.
+
+A pooled connection is checked before reuse with a non-blocking peek: one that is
+readable (bytes the endpoint sent after its response: they would be taken for the next
+client's response) or closed is thrown away, never handed out.
 
 Timeouts are socket timeouts: the connect timeout while connecting, then the read
 timeout for every later send and recv. That is exactly an idle timeout ("silent for
@@ -17,7 +23,7 @@ import ipaddress
 import logging
 import socket as stdsocket
 import time
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from gevent import socket as gsocket
@@ -35,16 +41,21 @@ IDLE_TIMEOUT = 30.0
 class Target:
     """Where an endpoint URL points: parsed once, then cached by the pool."""
 
-    __slots__ = ("url", "host", "port", "hostport", "family", "literal")
+    __slots__ = ("url", "host", "port", "hostport", "family", "literal", "tls")
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            # https upstreams would need TLS here; endpoints are plain http by design.
-            raise UpstreamConnectError(url, "not an http://host[:port] endpoint URL")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:  # a port out of range or not a number
+            raise UpstreamConnectError(url, "not an http(s)://host[:port] endpoint URL") \
+                from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamConnectError(url, "not an http(s)://host[:port] endpoint URL")
         self.url = url
+        self.tls = parts.scheme == "https"
         self.host: str = parts.hostname
-        self.port: int = parts.port or 80
+        self.port: int = port or (443 if self.tls else 80)
         self.hostport = parts.netloc.rsplit("@", 1)[-1]
         try:
             ip = ipaddress.ip_address(self.host)
@@ -69,14 +80,34 @@ class Connection:
         self.reused = False
 
     def close(self) -> None:
-        self.sock.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def usable(self) -> bool:
+        """False when the endpoint closed this idle connection or sent bytes on it.
+
+        A peek that cannot block: an idle HTTP connection has nothing to read, so
+        anything there (data or EOF) means it is out of step or dead.
+        """
+        raw = getattr(self.sock, "_sock", None)
+        if raw is None:  # TLS: the record layer may hold bytes; check what the OS sees
+            raw = self.sock
+        try:
+            raw.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+        return False  # data (out of step) or b"" (closed by the endpoint)
 
     def __repr__(self) -> str:
         state = "closed" if self.sock.fileno() < 0 else "open"
         return f"<Connection {self.target.url} {state}{' reused' if self.reused else ''}>"
 
 
-def connect(target: Target, connect_timeout: float, read_timeout: float) -> Connection:
+def connect(target: Target, connect_timeout: float, read_timeout: float | None) -> Connection:
     """Open a connection; raises UpstreamConnectError when none could be made."""
     try:
         if target.literal:
@@ -94,10 +125,42 @@ def connect(target: Target, connect_timeout: float, read_timeout: float) -> Conn
         raise UpstreamConnectError(target.url, f"connect timed out after {connect_timeout}s") \
             from exc
     except OSError as exc:
-        raise UpstreamConnectError(target.url, f"connect failed: {exc}") from exc
+        raise UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}") from exc
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    if target.tls:
+        sock = _wrap_tls(sock, target, connect_timeout)
     sock.settimeout(read_timeout)
     return Connection(sock, target)
+
+
+def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
+    """TLS with the system's trust store and hostname checking (as a browser would)."""
+    from gevent import ssl
+
+    try:
+        sock.settimeout(timeout)
+        return _tls_context().wrap_socket(sock, server_hostname=target.host)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise UpstreamConnectError(target.url, f"TLS handshake failed: {exc}") from exc
+
+
+_TLS: list[Any] = []
+
+
+def _tls_context() -> Any:
+    if not _TLS:
+        from gevent import ssl
+
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]
+
+
+def _reason(exc: OSError) -> str:
+    """'connection refused' rather than '[Errno 111] Connection refused'."""
+    if exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or exc.__class__.__name__
 
 
 class Pool:
@@ -108,10 +171,15 @@ class Pool:
     connection that does not fit is closed.
     """
 
-    def __init__(self, connect_timeout: float, read_timeout: float, max_idle: int) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, max_idle: int,
+                 timers: bool = True) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        #: False: sockets get no timeout after connecting; the caller enforces
+        #: ``read_timeout`` itself (the front door's sweeper does, without a timer per
+        #: read).
+        self.timers = timers
         self._idle: dict[str, list[Connection]] = {}
         self._targets: dict[str, Target] = {}
         self.closed = False
@@ -133,7 +201,7 @@ class Pool:
         oldest_ok = time.monotonic() - IDLE_TIMEOUT
         while stack:
             conn = stack.pop()
-            if conn.idle_since >= oldest_ok:
+            if conn.idle_since >= oldest_ok and conn.usable():
                 conn.reused = True
                 return conn
             conn.close()
@@ -141,7 +209,8 @@ class Pool:
 
     def open(self, url: str) -> Connection:
         """A new connection; raises UpstreamConnectError."""
-        return connect(self.target(url), self.connect_timeout, self.read_timeout)
+        return connect(self.target(url), self.connect_timeout,
+                       self.read_timeout if self.timers else None)
 
     def release(self, conn: Connection) -> None:
         """Take back a connection whose last response was read completely."""
@@ -154,6 +223,19 @@ class Pool:
             return
         conn.idle_since = time.monotonic()
         stack.append(conn)
+
+    def retain(self, urls: Iterable[str]) -> int:
+        """Close the idle connections of endpoints not in ``urls`` (they left the table:
+        nothing would reuse them, and the endpoint's end would sit in CLOSE-WAIT).
+        Returns how many were closed."""
+        keep = set(urls)
+        closed = 0
+        for url in [u for u in self._idle if u not in keep]:
+            for conn in self._idle.pop(url):
+                conn.close()
+                closed += 1
+            self._targets.pop(url, None)
+        return closed
 
     def close(self) -> None:
         """Close every idle connection; checked-out ones close when their request ends."""

@@ -1,0 +1,172 @@
+"""A client connection of the front door: its socket, its read buffer, its deadline.
+
+Reads and writes never start a timer. Each connection carries a ``deadline`` and a
+``phase`` instead, and one sweeper greenlet per server (:class:`Sweeper`) closes the
+connections whose deadline has passed: a slowloris head, an idle keep-alive, a client
+that stopped reading, an endpoint that stopped answering. Closing a gevent socket wakes
+the greenlet blocked on it with an error, so the request unwinds as after any
+disconnect. A timer per read would cost more than the rest of a small proxied request's
+bookkeeping; a sweep per half second costs a loop over the open connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import weakref
+from typing import Any
+
+import gevent
+from gevent import get_hub
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 65536
+
+# What a connection is waiting for; the sweeper acts on an expired deadline by phase.
+NONE, HEAD, IDLE, BODY, WRITE, UPSTREAM, TUNNEL = range(7)
+PHASE_NAMES = ("none", "head", "idle", "body", "write", "upstream", "tunnel")
+
+_CLOSED = OSError(errno.EBADF, "connection closed")
+
+
+class ClientConn:
+    """One accepted client connection."""
+
+    __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
+                 "timed_out", "requests", "hub", "write_timeout", "__weakref__")
+
+    def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
+        self.sock = sock
+        self.raw = sock._sock  # the OS socket, non-blocking (gevent made it so)
+        self.address = address
+        self.peer: str = address[0] if isinstance(address, tuple) else ""
+        self.buf = bytearray()
+        self.deadline = 0.0  # 0: none
+        self.phase = NONE
+        self.upstream: Any = None  # the endpoint connection in use, for the sweeper
+        self.timed_out = False  # the sweeper closed the endpoint connection
+        self.requests = 0
+        self.hub = get_hub()
+        self.write_timeout = write_timeout
+
+    def __repr__(self) -> str:
+        return (f"<ClientConn {self.peer} {PHASE_NAMES[self.phase]} requests={self.requests}"
+                f" buffered={len(self.buf)}>")
+
+    def expect(self, phase: int, seconds: float) -> None:
+        """From now on, waiting for ``phase`` for at most ``seconds`` (0: forever)."""
+        self.phase = phase
+        self.deadline = time.monotonic() + seconds if seconds else 0.0
+
+    def recv(self) -> bytes:
+        """Some bytes from the client; b"" at EOF. Raises OSError once closed."""
+        raw = self.raw
+        while True:
+            try:
+                return raw.recv(RECV_SIZE)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                event = self.sock._read_event
+                if event is None:
+                    raise _CLOSED from None
+                self.hub.wait(event)
+
+    def fill(self) -> bool:
+        """Append what arrives to ``buf``; False at EOF."""
+        data = self.recv()
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def take(self, size: int) -> bytes:
+        """Up to ``size`` bytes: from the buffer if it has any, else from the socket."""
+        if self.buf:
+            data = bytes(self.buf[:size])
+            del self.buf[:size]
+            return data
+        data = self.recv()
+        if len(data) > size:
+            self.buf += data[size:]
+            data = data[:size]
+        return data
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; a client that does not take it within the write
+        timeout has its connection closed (the caller sees OSError)."""
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            phase, deadline = self.phase, self.deadline
+            self.expect(WRITE, self.write_timeout)
+            self.sock.sendall(memoryview(data)[sent:])
+            self.phase, self.deadline = phase, deadline
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Sweeper:
+    """Closes connections past their deadline; one greenlet per server."""
+
+    INTERVAL = 0.25
+
+    def __init__(self) -> None:
+        self.conns: weakref.WeakSet[ClientConn] = weakref.WeakSet()
+        self._greenlet: Any = None
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def add(self, conn: ClientConn) -> None:
+        self.conns.add(conn)
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def discard(self, conn: ClientConn) -> None:
+        self.conns.discard(conn)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self.INTERVAL)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> int:
+        """Act on every expired connection; returns how many."""
+        expired = [c for c in list(self.conns) if c.deadline and c.deadline <= now]
+        for conn in expired:
+            conn.deadline = 0.0
+            try:
+                self._expire(conn)
+            except Exception:  # noqa: BLE001 - one bad connection must not stop the sweeps
+                log.exception("closing %r", conn)
+        return len(expired)
+
+    @staticmethod
+    def _expire(conn: ClientConn) -> None:
+        phase = conn.phase
+        if phase == UPSTREAM:
+            conn.timed_out = True
+            if conn.upstream is not None:
+                conn.upstream.close()  # wakes the request with an error: it answers 504
+            return
+        if phase == HEAD and conn.buf:
+            # Part of a head arrived and the rest did not in time: say so, best effort.
+            try:
+                conn.raw.send(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                              b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+        log.debug("closing %r: %s timeout", conn, PHASE_NAMES[phase])
+        conn.close()

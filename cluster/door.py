@@ -1,0 +1,651 @@
+"""The front door: every client connection of a cluster member comes in here.
+
+Per request: read the head within the limits (:mod:`cluster.http1`), decide with the
+pure :func:`~cluster.routing.route`, then do one of
+
+- relay the bytes to another instance (:mod:`cluster.proxy.relay`): no WSGI environ,
+  no ``start_response``;
+- run the local WSGI app through pywsgi's own handler (chunked bodies, 100-continue,
+  HEAD and keep-alive as pywsgi gives them), with gevent-websocket's upgrade for a
+  local WebSocket, so the app finds ``environ['wsgi.websocket']`` as under
+  gevent-websocket's own handler (the 101 goes out only after routing chose the app);
+- tunnel a WebSocket to another instance after its 101 (:mod:`cluster.proxy.tunnel`);
+- answer itself (a short status, SockJS info, the status page).
+
+Bounds, all settings: a whole head within ``--header-timeout``, an idle keep-alive
+within ``--keepalive-timeout``, a client that stops reading within
+``--write-timeout``, head sizes (414/431), and at most ``--max-connections`` open
+client connections per process (past it a short 503 and close, so descriptors are
+never exhausted). nginx equivalents: ``client_header_timeout``, ``keepalive_timeout``,
+``send_timeout``, ``large_client_header_buffers``, ``worker_connections``.
+
+:class:`DoorServer` is a ``gevent.pywsgi.WSGIServer`` whose connection handler is the
+door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote_to_bytes
+
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+
+from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
+from cluster.errors import RequestError, UpstreamError
+from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
+from cluster.hop import HopMarker
+from cluster.http1 import (
+    Limits,
+    RequestHead,
+    find_head_end,
+    parse_request_head,
+    simple_response,
+)
+from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
+from cluster.proxy.attempts import attempt, replayable
+from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
+from cluster.proxy.tunnel import Tunnel, pump
+from cluster.proxy.upstream import Pool
+from cluster.routing import (
+    Policy,
+    Proxy,
+    Reply,
+    RequestView,
+    Serve,
+    SockJSInfo,
+    Status,
+    route,
+)
+from cluster.sockjs import rewrite_info
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_MAX_INFO_BYTES = 64 * 1024
+_OVER_CAP = simple_response(503, b"too many connections\n", close=True)
+
+
+class Door:
+    """Everything the door needs to route and relay: shared by a process's servers."""
+
+    def __init__(self, node: Any, policy: Policy, settings: Any, local_app: WSGIApp | None,
+                 admin: Any, observer: Observer = NULL_OBSERVER) -> None:
+        self.node = node
+        self.policy = policy
+        self.settings = settings
+        self.local_app = local_app
+        self.admin = admin
+        self.observer = observer
+        s = settings
+        self.limits = Limits(s.max_request_line, s.max_header_line, s.max_head_size,
+                             s.max_header_count)
+        self.pool = Pool(s.connect_timeout, s.read_timeout, 32, timers=False)
+        self.forwarding = Forwarding(frozenset(s.trusted_proxies))
+        self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
+        self.retries = s.retries
+        self.cap = s.connection_cap
+        self.sweeper = Sweeper()
+        self.active = 0
+        self.websockets = 0
+        self._retained_for: Any = None
+
+    def __repr__(self) -> str:
+        return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "
+                f"{self.pool.state()}]>")
+
+    def close(self) -> None:
+        self.sweeper.stop()
+        self.pool.close()
+
+    def tidy(self) -> None:
+        """Close pooled connections of endpoints that left the table."""
+        table = self.node.table
+        if table is not self._retained_for:
+            self._retained_for = table
+            self.pool.retain(e.url for e in table.endpoints)
+
+
+class DoorServer(WSGIServer):  # type: ignore[misc]
+    """A WSGIServer whose connections go through the :class:`Door`.
+
+    ``application`` is the local app (or None for a balancer); ``handler_class`` is
+    what runs it (a subclass of :class:`LocalHandler`).
+    """
+
+    def __init__(self, listener: Any, application: WSGIApp | None = None, *,
+                 door: Door, **kwargs: Any) -> None:
+        kwargs.setdefault("handler_class", LocalHandler)
+        super().__init__(listener, application, **kwargs)
+        self.door = door
+        self._handed_off: set[Any] = set()
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        if sock in self._handed_off:  # a tunnel owns it now and closes it when done
+            self._handed_off.discard(sock)
+            return
+        sock.close()
+
+    def handle(self, sock: Any, address: Any) -> None:
+        door = self.door
+        if door.active >= door.cap:
+            door.observer.connection_refused()
+            try:
+                sock.sendall(_OVER_CAP)
+            except OSError:
+                pass
+            return
+        set_nodelay(sock)
+        conn = ClientConn(sock, address, door.settings.write_timeout)
+        door.active += 1
+        door.sweeper.add(conn)
+        door.observer.connection_opened()
+        try:
+            Connection(self, conn).serve()
+        except OSError:
+            pass  # the client went away, or the sweeper closed it: nothing to answer
+        finally:
+            door.sweeper.discard(conn)
+            door.active -= 1
+            door.observer.connection_closed()
+            if conn.upstream is not None:
+                conn.upstream.close()
+
+
+class Connection:
+    """One client connection's request loop."""
+
+    __slots__ = ("server", "door", "conn", "handler", "tunnelled")
+
+    def __init__(self, server: DoorServer, conn: ClientConn) -> None:
+        self.server = server
+        self.door = server.door
+        self.conn = conn
+        self.handler: LocalHandler | None = None
+        self.tunnelled = False
+
+    def serve(self) -> None:
+        door = self.door
+        conn = self.conn
+        settings = door.settings
+        while True:
+            try:
+                head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+            except RequestError as exc:
+                log.info("bad request from %s: %s", conn.peer, exc)
+                conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
+                                          close=True))
+                return
+            if head is None:
+                return
+            conn.requests += 1
+            if not self.one_request(head):
+                return
+
+    def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
+        conn = self.conn
+        buf = conn.buf
+        limits = self.door.limits
+        if buf:
+            conn.expect(HEAD, header_timeout)
+        elif conn.requests:
+            conn.expect(IDLE, keepalive_timeout)
+        else:
+            conn.expect(HEAD, header_timeout)
+        while True:
+            end = find_head_end(buf, limits.head_size) if buf else -1
+            if end >= 0:
+                break
+            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
+                raise RequestError(414, "request line too long")
+            if not conn.fill():
+                return None
+            if conn.phase == IDLE:
+                conn.expect(HEAD, header_timeout)
+        conn.phase = NONE
+        conn.deadline = 0.0
+        raw = bytes(buf[:end - 4])
+        del buf[:end]
+        return parse_request_head(raw, limits)
+
+    # --- one request --------------------------------------------------------------
+
+    def one_request(self, head: RequestHead) -> bool:
+        """Answer ``head``; True when the connection may carry another request."""
+        door = self.door
+        started = time.monotonic()
+        view = self.view(head)
+        node = door.node
+        state = _Outcome()
+
+        def pick(tried: frozenset[str]) -> Any:
+            exclude = node.ejected()
+            if tried:
+                exclude = exclude | tried
+            return route(view, node.table, door.policy, exclude)
+
+        def send(decision: Any) -> bool:
+            if isinstance(decision, Proxy):
+                state.endpoint = decision.endpoint
+                return self.proxy(head, decision, state)
+            if isinstance(decision, Serve):
+                return self.serve_local(head, decision, state)
+            if isinstance(decision, Reply):
+                return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
+            if isinstance(decision, Status):
+                status, ctype, body = door.admin.respond(view.path, view.query)
+                return self.reply(head, state, status, body, ctype.encode())
+            state.endpoint = decision.endpoint
+            return self.sockjs_info(head, decision, state)
+
+        try:
+            keep = attempt(pick, send, endpoint_of=_endpoint_of, node=node,
+                           retries=door.retries,
+                           may_replay=replayable(head.method, head.has_body),
+                           on_retry=lambda endpoint, exc: state.retry(door, endpoint, exc))
+        except UpstreamError as exc:
+            log.warning("%s %s: %s", head.method.decode("latin-1"),
+                        head.target[:200].decode("latin-1"), exc)
+            if exc.answered or state.sent:
+                keep = False  # part of an answer went out: cut the connection
+            else:
+                keep = self.reply(head, state, exc.status, f"upstream {exc.reason}\n".encode(),
+                                  close=True)
+        finally:
+            self.record(head, state, started)
+        return keep
+
+    def view(self, head: RequestHead) -> RequestView:
+        """What routing looks at; the hop marker counts only if it proves membership."""
+        target = head.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        if "%" in path:
+            path = unquote_to_bytes(path).decode("latin-1")
+        hop = bool(head.hop) and self.door.hop.verify(head.hop, head.method, head.target,
+                                                      self.conn.peer, self.door.node.table)
+        return RequestView(
+            method=head.method.decode("latin-1"), path=path or "/", query=query,
+            cookie_header=head.cookie.decode("latin-1"), hop=hop,
+            host=head.host.decode("latin-1"),
+            forwarded_proto=head.forwarded_proto.decode("latin-1"),
+            forwarded_host=head.forwarded_host.decode("latin-1"),
+            remote_addr=self.conn.peer, raw_target=target)
+
+    def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
+        observer = self.door.observer
+        if observer is NULL_OBSERVER:
+            return
+        endpoint = state.endpoint.url if state.endpoint is not None else state.where
+        observer.request_done(RequestRecord(
+            self.conn.peer, head.method.decode("latin-1"), head.target.decode("latin-1"),
+            head.version.decode("latin-1"), state.status, state.sent, endpoint,
+            state.endpoint.service if state.endpoint is not None else state.service,
+            state.upstream_seconds, time.monotonic() - started, state.retries,
+            _field(head, b"referer"), _field(head, b"user-agent"), state.websocket))
+
+    # --- answers ----------------------------------------------------------------------
+
+    def reply(self, head: RequestHead, state: _Outcome, status: int, body: bytes,
+              ctype: bytes = b"text/plain; charset=utf-8", close: bool = False) -> bool:
+        keep = head.keep_alive and not close and not head.has_body
+        data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
+                               close=not keep)
+        if head.method == b"HEAD":  # same head as a GET would get, without the body
+            data = data.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body), 1)
+        self.conn.send(data)
+        state.status = status
+        state.sent += len(data)
+        state.where = "-"
+        return keep
+
+    def proxy(self, head: RequestHead, decision: Proxy, state: _Outcome) -> bool:
+        door = self.door
+        conn = self.conn
+        endpoint = decision.endpoint
+        target = door.pool.target(endpoint.url)
+        path_qs = decision.path_qs.encode("latin-1")
+        upgrade = head.is_websocket
+        if head.chunked:
+            framing = b"Transfer-Encoding: chunked"
+        elif head.content_length >= 0 and (head.content_length or head.method not in _BODILESS):
+            framing = b"Content-Length: %d" % head.content_length
+        else:
+            framing = b""
+        out = request_head(head, path_qs, target.hostport.encode(),
+                           door.forwarding.lines(head, conn.peer),
+                           door.hop.line(head.method, path_qs), framing, upgrade)
+        body: bytes | None = b""
+        if head.chunked or (head.content_length > len(conn.buf)) or \
+                head.content_length > 65536:
+            body = None  # streamed from the client
+        elif head.content_length > 0:
+            body = bytes(conn.buf[:head.content_length])
+            del conn.buf[:head.content_length]
+        exchange = Exchange(conn, head, door.pool, endpoint.url)
+        if upgrade:
+            exchange.send_request(out, b"")
+        else:
+            exchange.send_request(out, body)
+        state.upstream_seconds = exchange.upstream_seconds
+        response = exchange.response
+        assert response is not None
+        state.status = response.code
+        if upgrade and response.code == 101:
+            return self.tunnel(exchange, state)
+        extra = b""
+        if decision.set_cookie is not None:
+            extra = _cookie_line(decision.set_cookie)
+        try:
+            keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
+        finally:
+            state.sent = exchange.sent
+        return keep
+
+    def tunnel(self, exchange: Exchange, state: _Outcome) -> bool:
+        """After the endpoint's 101: pass its answer on verbatim, then tunnel."""
+        conn = self.conn
+        upstream = exchange.upstream
+        assert upstream is not None
+        door = self.door
+        conn.send(exchange.raw_head + b"\r\n\r\n" + upstream.buf)
+        early = bytes(conn.buf)
+        conn.buf.clear()
+        if early:
+            upstream.sock.sendall(early)
+        conn.upstream = None
+        conn.phase = TUNNEL
+        conn.deadline = 0.0
+        state.websocket = True
+        state.sent = len(exchange.raw_head)
+        url = exchange.url
+        door.websockets += 1
+        door.observer.websocket_opened(url)
+        upstream.sock.settimeout(None)
+
+        def closed() -> None:
+            door.websockets -= 1
+            door.observer.websocket_closed(url)
+
+        if Tunnel.supports(conn.sock, upstream.sock):
+            self.server._handed_off.add(conn.sock)
+            door.sweeper.discard(conn)
+            Tunnel(conn.sock, upstream.sock, closed).start()
+        else:
+            try:
+                pump(conn.sock, upstream.sock)
+            finally:
+                closed()
+        return False
+
+    def serve_local(self, head: RequestHead, decision: Serve, state: _Outcome) -> bool:
+        door = self.door
+        app = door.local_app
+        assert app is not None
+        handler = self.handler
+        if handler is None:
+            handler = self.handler = self.server.handler_class(
+                self.conn.sock, self.conn.address, self.server, rfile=_Reader(self.conn))
+            handler.connection = self
+        if decision.set_cookie is not None:
+            app = _with_cookie(app, _cookie_header(decision.set_cookie))
+        keep = handler.run(head, app, decision.path,
+                           self.conn.peer in door.forwarding.trusted)
+        state.status = handler.code or 0
+        state.sent = handler.response_length
+        state.where = "local"
+        state.service = door.policy.service or ""
+        state.websocket = handler.websocket_used
+        return keep
+
+    def sockjs_info(self, head: RequestHead, decision: SockJSInfo, state: _Outcome) -> bool:
+        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        if decision.endpoint is None:
+            code, body = self.local_info(head, decision.path_qs)
+        else:
+            door = self.door
+            path_qs = decision.path_qs.encode("latin-1")
+            info_head = RequestHead(b"GET", path_qs, b"HTTP/1.1")
+            info_head.host = head.host
+            info_head.cookie = head.cookie
+            target = door.pool.target(decision.endpoint.url)
+            out = request_head(info_head, path_qs, target.hostport.encode(),
+                               door.forwarding.lines(head, self.conn.peer),
+                               door.hop.line(b"GET", path_qs), b"")
+            exchange = Exchange(self.conn, info_head, door.pool, decision.endpoint.url)
+            exchange.send_request(out, b"")
+            assert exchange.response is not None
+            code = exchange.response.code
+            body = read_small_body(exchange, _MAX_INFO_BYTES)
+        status, payload, ctype = rewrite_info(code, body, decision.base_url,
+                                              decision.endpoint.url if decision.endpoint
+                                              else "local app")
+        return self.reply(head, state, status, payload, ctype)
+
+    def local_info(self, head: RequestHead, path_qs: str) -> tuple[int, bytes]:
+        app = self.door.local_app
+        assert app is not None
+        path, _, query = path_qs.partition("?")
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query,
+                   "SCRIPT_NAME": "", "SERVER_NAME": head.host.decode("latin-1"),
+                   "SERVER_PORT": "", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.version": (1, 0),
+                   "wsgi.url_scheme": "http", "wsgi.input": _Empty(), "wsgi.errors": _Empty(),
+                   "wsgi.multithread": False, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "REMOTE_ADDR": self.conn.peer}
+        for name, value in head.header_pairs():
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        captured: dict[str, str] = {}
+
+        def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
+            captured["status"] = status
+            return lambda data: None
+
+        result = app(environ, capture)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status = captured.get("status", "500")
+        return int(status[:3]) if status[:3].isdigit() else 500, body
+
+
+_BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
+
+
+class _Outcome:
+    """What happened to one request, for the access log and the metrics."""
+
+    __slots__ = ("status", "sent", "endpoint", "where", "service", "upstream_seconds",
+                 "retries", "websocket")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.sent = 0
+        self.endpoint: Any = None
+        self.where = "-"
+        self.service = ""
+        self.upstream_seconds = 0.0
+        self.retries = 0
+        self.websocket = False
+
+    def retry(self, door: Door, endpoint: Any, exc: UpstreamError) -> None:
+        self.retries += 1
+        self.endpoint = None
+        door.observer.retried(endpoint.url, exc.reason)
+
+
+def _endpoint_of(decision: Any) -> Any:
+    return getattr(decision, "endpoint", None)
+
+
+def _field(head: RequestHead, name: bytes) -> str:
+    """The first value of an end-to-end field (only for logs: linear, not hot)."""
+    for line in head.fields:
+        key, _, value = line.partition(b":")
+        if key.lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
+
+
+def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
+    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+
+
+def _cookie_line(cookie: tuple[str, str]) -> bytes:
+    name, value = _cookie_header(cookie)
+    return f"\r\n{name}: {value}".encode("latin-1")
+
+
+def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
+    def with_cookie(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            return start_response(status, [*headers, cookie], *exc)
+
+        return app(environ, start)
+
+    return with_cookie
+
+
+class _Empty:
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def readline(self, *args: Any) -> bytes:
+        return b""
+
+    def write(self, *args: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _Reader:
+    """The client connection as the file pywsgi's handler and gevent-websocket read
+    (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
+
+    __slots__ = ("conn", "closed")
+
+    def __init__(self, conn: ClientConn) -> None:
+        self.conn = conn
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        conn = self.conn
+        buf = conn.buf
+        if size is None or size < 0:
+            while conn.fill():
+                pass
+            data = bytes(buf)
+            buf.clear()
+            return data
+        while len(buf) < size:
+            self._expect()
+            if not conn.fill():
+                break
+        data = bytes(buf[:size])
+        del buf[:size]
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        conn = self.conn
+        buf = conn.buf
+        while True:
+            eol = buf.find(b"\n")
+            if eol >= 0 or (0 <= size <= len(buf)):
+                break
+            self._expect()
+            if not conn.fill():
+                eol = len(buf) - 1
+                break
+        end = eol + 1 if eol >= 0 else len(buf)
+        if 0 <= size < end:
+            end = size
+        data = bytes(buf[:end])
+        del buf[:end]
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        """What is buffered, or one read that does not wait (for a hijack)."""
+        conn = self.conn
+        if conn.buf:
+            return self.read(min(size, len(conn.buf)) if size >= 0 else len(conn.buf))
+        try:
+            return conn.raw.recv(size if size > 0 else 65536)  # type: ignore[no-any-return]
+        except BlockingIOError:
+            return b""
+
+    def _expect(self) -> None:
+        conn = self.conn
+        if conn.phase != TUNNEL:
+            from cluster.conn import BODY
+
+            conn.expect(BODY, conn.write_timeout)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
+    """pywsgi's handler, fed the head the door already parsed, with gevent-websocket's
+    upgrade: runs one local request at a time for a :class:`Connection`."""
+
+    connection: Connection
+    websocket_used = False
+
+    def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
+        """Run ``app`` for ``head``; True when the connection may carry another request."""
+        self.hijacked = False
+        self.websocket_used = False
+        self.command = head.method.decode("latin-1")
+        target = head.target.decode("latin-1")
+        if path is not None:
+            _, sep, query = target.partition("?")
+            target = path + sep + query
+        self.path = target
+        self.request_version = head.version.decode("latin-1")
+        self.requestline = f"{self.command} {target} {self.request_version}"
+        self.headers = RequestHeaders(_pairs_for_app(head, trusted))
+        self.content_length = head.content_length if head.content_length >= 0 else None
+        self.close_connection = not head.keep_alive
+        self.environ = self.get_environ()
+        self.application = app
+        self.handle_one_response()
+        return not self.close_connection and not self.rfile.closed
+
+    def log_request(self) -> None:
+        """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
+        own logger, and nothing at all without one."""
+        if isinstance(self.server.log, _NO_ACCESS_LOG):
+            return
+        super(WebSocketHandler, self).log_request()
+
+    def run_websocket(self) -> None:
+        conn = self.connection.conn
+        conn.phase = TUNNEL
+        conn.deadline = 0.0
+        self.websocket_used = True
+        door = self.connection.door
+        door.websockets += 1
+        door.observer.websocket_opened("local")
+        try:
+            super().run_websocket()
+        finally:
+            door.websockets -= 1
+            door.observer.websocket_closed("local")
+
+
+_FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                              "forwarded", "x-real-ip"})
+
+
+def _pairs_for_app(head: RequestHead, trusted: bool) -> list[tuple[str, str]]:
+    """The header fields the local app sees: forwarded ones only from trusted peers."""
+    pairs = head.header_pairs()
+    if not trusted:
+        pairs = [p for p in pairs if p[0].lower() not in _FORWARDED_NAMES]
+    return pairs

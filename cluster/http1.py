@@ -1,0 +1,498 @@
+"""HTTP/1.1 without I/O: request and response heads, framing, a chunked scanner.
+
+Bytes go in, plain objects come out; nothing here reads or writes a socket (as h11
+does). The front door, the forwarder and the WebSocket bridge all parse and build
+heads here, so they agree on what a message is. Every rule a request breaks raises
+:class:`~cluster.errors.RequestError` carrying the status to answer with (RFC 9112):
+
+- Transfer-Encoding whose final coding is not ``chunked``: 400; a coding we do not
+  implement before a final ``chunked``: 501. Either way the body length is unknowable,
+  so the connection must close.
+- Content-Length with Transfer-Encoding: 400 (RFC 9112 6.3 allows rejecting it, and a
+  proxy that forwards such a message is how requests get smuggled).
+- Content-Length that is not plain digits, or two different ones: 400.
+- Request line longer than the limit: 414; a header line, the head, or the field count
+  over its limit: 431. A bare CR or LF, a NUL, obsolete line folding or a space before
+  the colon: 400.
+
+Policy choices: heads must use CRLF (a bare-LF head is a 400, not guessed at); leading
+empty lines before a request line are skipped (RFC 9112 2.2); targets may carry
+non-ASCII bytes (clients send raw UTF-8 paths and pywsgi accepted them).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from cluster.errors import RequestError
+
+CRLF = b"\r\n"
+HEAD_END = b"\r\n\r\n"
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+# name ":" value, where the value holds no CR, LF or NUL (tabs and obs-text are fine)
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*").fullmatch
+_TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+").fullmatch
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+
+#: Response bodies by framing.
+NO_BODY, FIXED, CHUNKED, UNTIL_CLOSE = range(4)
+
+# Request header names the door treats specially (lower-case). Every other field is
+# passed on as it came. 'drop' ones are hop-by-hop or rewritten by us.
+_HOST, _LENGTH, _TRANSFER, _CONNECTION, _UPGRADE, _COOKIE, _HOP, _EXPECT, _XFF, _XFP, \
+    _XFH, _FORWARDED, _REAL_IP, _VIA, _DROP = range(15)
+_REQUEST_SPECIAL = {
+    b"host": _HOST, b"content-length": _LENGTH, b"transfer-encoding": _TRANSFER,
+    b"connection": _CONNECTION, b"upgrade": _UPGRADE, b"cookie": _COOKIE,
+    b"x-cluster-hop": _HOP, b"expect": _EXPECT, b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFP, b"x-forwarded-host": _XFH, b"forwarded": _FORWARDED,
+    b"x-real-ip": _REAL_IP, b"keep-alive": _DROP, b"te": _DROP, b"trailer": _DROP,
+    b"proxy": _DROP, b"via": _VIA,
+}
+
+
+class Limits(NamedTuple):
+    """Bounds on a request head, in bytes and fields (the door's settings)."""
+
+    request_line: int = 8192
+    header_line: int = 8192
+    head_size: int = 65536
+    header_count: int = 100
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class RequestHead:
+    """One parsed request head. Values are bytes as received (latin-1 when decoded).
+
+    ``fields`` are the end-to-end header lines passed on unchanged, each the raw line
+    without CRLF; everything hop-by-hop or rewritten by a proxy is pulled out into its
+    own attribute.
+    """
+
+    __slots__ = ("method", "target", "version", "fields", "host", "content_length",
+                 "chunked", "keep_alive", "upgrade", "connection", "cookie", "hop",
+                 "expect_continue", "forwarded_for", "forwarded_proto", "forwarded_host",
+                 "forwarded", "real_ip", "via", "underscored")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.fields: list[bytes] = []
+        self.host = b""
+        self.content_length = -1  # -1: no Content-Length
+        self.chunked = False
+        self.keep_alive = version == b"HTTP/1.1"
+        self.upgrade = b""
+        self.connection: tuple[bytes, ...] = ()  # lower-case Connection tokens
+        self.cookie = b""
+        self.hop = b""
+        self.expect_continue = False
+        self.forwarded_for = b""
+        self.forwarded_proto = b""
+        self.forwarded_host = b""
+        self.forwarded = b""
+        self.real_ip = b""
+        self.via = b""
+        self.underscored = False  # a field name with '_' (dropped from WSGI environs)
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method.decode('latin-1')} {self.target[:60]!r}>"
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.content_length > 0
+
+    @property
+    def is_websocket(self) -> bool:
+        """GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC 6455 4.1)."""
+        return (self.method == b"GET" and b"upgrade" in self.connection
+                and b"websocket" in self.upgrade.lower())
+
+    def header_pairs(self) -> list[tuple[str, str]]:
+        """Every field as (name, value) strings, for a WSGI environ: the end-to-end ones
+        and the special ones a local app still sees (Host, Cookie, Upgrade...)."""
+        pairs = []
+        for line in self.fields:
+            key, _, raw = line.partition(b":")
+            pairs.append((key.decode("latin-1"), raw.strip(b" \t").decode("latin-1")))
+        for name, value in (("Host", self.host), ("Cookie", self.cookie),
+                            ("Upgrade", self.upgrade), ("X-Forwarded-For", self.forwarded_for),
+                            ("X-Forwarded-Proto", self.forwarded_proto),
+                            ("X-Forwarded-Host", self.forwarded_host),
+                            ("Forwarded", self.forwarded), ("X-Real-IP", self.real_ip),
+                            ("Via", self.via)):
+            if value:
+                pairs.append((name, value.decode("latin-1")))
+        if self.connection:
+            pairs.append(("Connection", b", ".join(self.connection).decode("latin-1")))
+        if self.content_length >= 0:
+            pairs.append(("Content-Length", str(self.content_length)))
+        if self.chunked:
+            pairs.append(("Transfer-Encoding", "chunked"))
+        if self.expect_continue:
+            pairs.append(("Expect", "100-continue"))
+        return pairs
+
+
+def find_head_end(buf: bytes | bytearray, limit: int) -> int:
+    """Index just past the blank line ending the head in ``buf``, or -1 for "need more".
+
+    Raises RequestError 431 once ``buf`` holds more than ``limit`` bytes without an end,
+    and 400 for a head that ends with bare LFs (it would never be found otherwise).
+    """
+    end = buf.find(HEAD_END)
+    if end >= 0:
+        if end > limit:
+            raise RequestError(431, "request head too large")
+        return end + 4
+    if len(buf) > limit:
+        raise RequestError(431, "request head too large")
+    if b"\n\n" in buf or b"\n\r\n" in buf:
+        raise RequestError(400, "bare LF in the request head")
+    return -1
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
+
+
+def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestHead:
+    """Parse ``head`` (from the request line up to, not including, the blank line).
+
+    Raises RequestError with the status to answer.
+    """
+    while head[:2] == CRLF:  # RFC 9112 2.2: ignore empty lines before the request line
+        head = head[2:]
+    lines = head.split(CRLF)
+    line = lines[0]
+    if len(line) > limits.request_line:
+        raise RequestError(414, "request line too long")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise RequestError(400, "malformed request line")
+    method, target, version = parts
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version[:5] == b"HTTP/" and len(version) == 8 and version[5:6].isdigit():
+            raise RequestError(505, "HTTP version not supported")
+        raise RequestError(400, "malformed request line")
+    if not _TOKEN(method) or not _TARGET(target):
+        raise RequestError(400, "malformed request line")
+    if len(lines) - 1 > limits.header_count:
+        raise RequestError(431, f"more than {limits.header_count} header fields")
+    req = RequestHead(method, target, version)
+    fields = req.fields
+    special = _REQUEST_SPECIAL.get
+    max_line = limits.header_line
+    transfer: list[bytes] = []
+    lengths: list[bytes] = []
+    hosts = 0
+    for line in lines[1:]:
+        if len(line) > max_line:
+            raise RequestError(431, "header line too long")
+        if not _FIELD_LINE(line):
+            raise RequestError(400, "malformed header line")
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        kind = special(lname)
+        if kind is None:
+            if lname[:6] == b"proxy-":
+                continue  # Proxy-Authorization, Proxy-Connection...: hop-by-hop
+            fields.append(line)
+            if b"_" in name:
+                req.underscored = True
+            continue
+        value = value.strip(b" \t")
+        if kind == _HOST:
+            hosts += 1
+            req.host = value
+        elif kind == _LENGTH:
+            lengths.append(value)
+        elif kind == _TRANSFER:
+            transfer.extend(_tokens(value))
+        elif kind == _CONNECTION:
+            req.connection += tuple(_tokens(value))
+        elif kind == _UPGRADE:
+            req.upgrade = value
+        elif kind == _COOKIE:
+            req.cookie = req.cookie + b"; " + value if req.cookie else value
+        elif kind == _HOP:
+            req.hop = value
+        elif kind == _EXPECT:
+            if value.lower() == b"100-continue":
+                req.expect_continue = True
+        elif kind == _XFF:
+            req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for \
+                else value
+        elif kind == _XFP:
+            req.forwarded_proto = value
+        elif kind == _XFH:
+            req.forwarded_host = value
+        elif kind == _FORWARDED:
+            req.forwarded = req.forwarded + b", " + value if req.forwarded else value
+        elif kind == _REAL_IP:
+            req.real_ip = value
+        elif kind == _VIA:
+            req.via = req.via + b", " + value if req.via else value
+        # _DROP: hop-by-hop (Keep-Alive, TE, Trailer) and Proxy (httpoxy)
+    if hosts != 1 and (hosts > 1 or version == b"HTTP/1.1"):
+        raise RequestError(400, "a request needs exactly one Host header")
+    if transfer:
+        if lengths:
+            raise RequestError(400, "both Content-Length and Transfer-Encoding")
+        if transfer[-1] != b"chunked":
+            raise RequestError(400, "Transfer-Encoding does not end in chunked")
+        if len(transfer) > 1:
+            raise RequestError(501, "unsupported transfer coding")
+        if version == b"HTTP/1.0":
+            raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        req.chunked = True
+    elif lengths:
+        first = lengths[0]
+        if not first.isdigit() or len(first) > 18 or any(v != first for v in lengths):
+            raise RequestError(400, "bad Content-Length")
+        req.content_length = int(first)
+    if req.connection:
+        if b"close" in req.connection:
+            req.keep_alive = False
+        elif b"keep-alive" in req.connection:
+            req.keep_alive = True
+    return req
+
+
+class ResponseHead(NamedTuple):
+    """One parsed response head: what a proxy needs to pass it on."""
+
+    code: int
+    status_line: bytes  # "HTTP/1.1 200 OK", the reason as sent (or a default)
+    #: the field lines to pass on, each preceded by CRLF (b"\r\nA: b\r\nC: d"), so
+    #: status_line + fields + CRLF + CRLF is a head: hop-by-hop fields and
+    #: Transfer-Encoding removed, Content-Length kept
+    fields: bytes
+    length: int  # Content-Length, or -1
+    chunked: bool  # Transfer-Encoding ends in chunked
+    transfer: bytes  # the raw Transfer-Encoding value (b"" when absent)
+    keep_alive: bool  # the upstream keeps the connection after this response
+    upgrade: bytes  # Upgrade value (meaningful on a 101)
+
+    def field_pairs(self) -> list[tuple[str, str]]:
+        """The fields as (name, value) strings (for a WSGI start_response)."""
+        pairs = []
+        for line in self.fields.split(CRLF)[1:]:
+            name, _, value = line.partition(b":")
+            pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        return pairs
+
+
+# All field lines of a head at once: one C-level pass instead of one per line.
+_FIELD_BLOCK = re.compile(
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*").fullmatch
+# Field names a proxy acts on or drops, as they appear in "\r\n" + the lower-cased block.
+_RESPONSE_SPECIAL = (b"\r\ncontent-length:", b"\r\ntransfer-encoding:", b"\r\nconnection:",
+                     b"\r\nkeep-alive:", b"\r\nte:", b"\r\ntrailer:", b"\r\nupgrade:",
+                     b"\r\nproxy-")
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse a response head (status line up to, not including, the blank line).
+
+    Raises ValueError for anything a careful proxy must not pass on: a bad status line,
+    a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
+    """
+    eol = head.find(CRLF)
+    first, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])  # block: CRLF...
+    match = _STATUS_LINE.fullmatch(first)
+    if match is None:
+        raise ValueError(f"bad status line {first[:40]!r}")
+    minor, code_b, reason = match.groups()
+    code = int(code_b)
+    status_line = first if reason else b"HTTP/1.1 " + code_b + b" " + _reason(code)
+    if minor == b"0":
+        status_line = b"HTTP/1.1" + status_line[8:]
+    if block and not _FIELD_BLOCK(block):
+        raise ValueError("malformed header line in the response")
+    length = -1
+    transfer: list[bytes] = []
+    raw_transfer = b""
+    connection: list[bytes] = []
+    upgrade = b""
+    cut: list[tuple[int, int]] = []
+    low = block.lower()
+    for key in _RESPONSE_SPECIAL:
+        at = low.find(key)
+        while at >= 0:
+            end = low.find(CRLF, at + 2)
+            if end < 0:
+                end = len(low)
+            colon = low.find(b":", at)
+            value = block[colon + 1:end].strip(b" \t")
+            name = low[at + 2:colon]
+            at = low.find(key, end)
+            if name == b"content-length":
+                if not value.isdigit() or len(value) > 18 or \
+                        (length >= 0 and int(value) != length):
+                    raise ValueError(f"bad Content-Length {value[:40]!r}")
+                length = int(value)
+                continue  # kept in place: it frames the body for the next hop too
+            cut.append((colon - len(name) - 2, end))
+            if name == b"transfer-encoding":
+                transfer.extend(_tokens(value))
+                raw_transfer = raw_transfer + b", " + value if raw_transfer else value
+            elif name == b"connection":
+                connection.extend(_tokens(value))
+            elif name == b"upgrade":
+                upgrade = value
+    fields = block
+    if cut:
+        cut.sort()
+        parts = []
+        pos = 0
+        for start, end in cut:
+            parts.append(block[pos:start])
+            pos = end
+        parts.append(block[pos:])
+        fields = b"".join(parts)
+    keep = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
+    named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
+    if named and fields:  # fields named by Connection are hop-by-hop too
+        drop = set(named)
+        fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]
+                          if f.partition(b":")[0].lower() not in drop)
+    chunked = bool(transfer) and transfer[-1] == b"chunked"
+    return ResponseHead(code, status_line, fields, length, chunked, raw_transfer, keep,
+                        upgrade)
+
+
+def without_field(fields: bytes, name: bytes) -> bytes:
+    """``fields`` (a block of CRLF-led lines) without the lines of field ``name``."""
+    lname = name.lower()
+    return b"".join(CRLF + f for f in fields.split(CRLF)[1:]
+                    if f.partition(b":")[0].strip().lower() != lname)
+
+
+def response_framing(method: bytes, head: ResponseHead) -> tuple[int, int]:
+    """(NO_BODY | FIXED | CHUNKED | UNTIL_CLOSE, length) per RFC 9112 6.3."""
+    if method == b"HEAD" or head.code < 200 or head.code in (204, 304):
+        return NO_BODY, 0
+    if head.transfer:
+        # Transfer-Encoding wins over Content-Length; a final coding other than chunked
+        # means "until close".
+        return (CHUNKED, -1) if head.chunked else (UNTIL_CLOSE, -1)
+    if head.length >= 0:
+        return FIXED, head.length
+    return UNTIL_CLOSE, -1
+
+
+_REASONS = {100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
+            204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
+            304: b"Not Modified", 400: b"Bad Request", 403: b"Forbidden",
+            404: b"Not Found", 408: b"Request Timeout", 413: b"Content Too Large",
+            414: b"URI Too Long", 426: b"Upgrade Required", 431:
+            b"Request Header Fields Too Large", 500: b"Internal Server Error",
+            501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+            504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
+
+
+def _reason(code: int) -> bytes:
+    reason = _REASONS.get(code)
+    if reason is None:
+        try:
+            from http import HTTPStatus
+
+            reason = HTTPStatus(code).phrase.encode("latin-1")
+        except ValueError:
+            reason = b"Unknown"
+    return reason
+
+
+def simple_response(code: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
+                    close: bool = False, extra: tuple[bytes, ...] = ()) -> bytes:
+    """A whole short response, head and body."""
+    lines = [b"HTTP/1.1 %d %s" % (code, _reason(code)), b"Content-Type: " + content_type,
+             b"Content-Length: %d" % len(body), b"Cache-Control: no-store", *extra]
+    if close:
+        lines.append(b"Connection: close")
+    return CRLF.join(lines) + HEAD_END + body
+
+
+class ChunkError(ValueError):
+    """A chunked body that breaks the framing rules."""
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+_MAX_SIZE_LINE = 4096
+_MAX_TRAILER = 65536
+
+
+class ChunkedScanner:
+    """Finds where a chunked body ends, fed the bytes as they come.
+
+    A proxy passes chunked bodies through byte for byte; it only has to know where
+    each one stops (the next message starts there). With ``decode`` it also returns
+    the data pieces (to re-frame a body for an HTTP/1.0 client).
+    """
+
+    __slots__ = ("state", "remaining", "pending", "trailer", "decode")
+
+    def __init__(self, decode: bool = False) -> None:
+        self.state = _SIZE
+        self.remaining = 0
+        self.pending = b""  # an incomplete size or trailer line
+        self.trailer = 0
+        self.decode = decode
+
+    @property
+    def done(self) -> bool:
+        return self.state == _DONE
+
+    def feed(self, data: bytes) -> tuple[int, list[bytes]]:
+        """Consume ``data`` up to the end of the body: (bytes of it that belong to the
+        body, data pieces when decoding). Raises ChunkError on a framing error."""
+        pos = 0
+        size = len(data)
+        pieces: list[bytes] = []
+        while pos < size and self.state != _DONE:
+            state = self.state
+            if state == _DATA:
+                take = min(self.remaining, size - pos)
+                if self.decode:
+                    pieces.append(data[pos:pos + take])
+                pos += take
+                self.remaining -= take
+                if not self.remaining:
+                    self.state = _DATA_END
+                continue
+            eol = data.find(b"\n", pos)
+            if eol < 0:
+                self.pending += data[pos:]
+                if len(self.pending) > (_MAX_SIZE_LINE if state != _TRAILER else _MAX_TRAILER):
+                    raise ChunkError("chunk line too long")
+                return size, pieces
+            line = self.pending + data[pos:eol + 1]
+            self.pending = b""
+            pos = eol + 1
+            if line[-2:] != CRLF:
+                raise ChunkError("chunk line not ended by CRLF")
+            line = line[:-2]
+            if state == _SIZE:
+                digits = line.split(b";", 1)[0].rstrip(b" \t")
+                if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+                    raise ChunkError(f"bad chunk size {line[:20]!r}")
+                self.remaining = int(digits, 16)
+                self.state = _DATA if self.remaining else _TRAILER
+            elif state == _DATA_END:
+                if line:
+                    raise ChunkError("chunk data not followed by CRLF")
+                self.state = _SIZE
+            else:  # trailer fields, then the empty line
+                if not line:
+                    self.state = _DONE
+                else:
+                    self.trailer += len(line)
+                    if self.trailer > _MAX_TRAILER:
+                        raise ChunkError("trailer too long")
+        return pos, pieces

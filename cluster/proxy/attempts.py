@@ -1,0 +1,63 @@
+"""The one attempt loop: pick an endpoint, send, eject what refused, replay what is safe.
+
+The front door, the WSGI adapter and ``cluster.discover()`` all go through
+:func:`attempt`, so they agree on when a request may move to another endpoint:
+
+- the endpoint refused or never accepted the connection (nothing was sent): always,
+  and the endpoint is ejected from this instance's picks for a while;
+- it failed after the request was sent but before any byte of an answer: only for a
+  replayable request, :func:`replayable` (GET, HEAD, OPTIONS without a body: the
+  endpoint may have acted on anything else before it died; nginx's
+  ``proxy_next_upstream`` makes the same choice for non-idempotent methods);
+- never once part of an answer reached the client.
+
+At most ``retries`` other endpoints are tried after the first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, TypeVar
+
+from cluster.errors import UpstreamBroken, UpstreamError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", b"GET", b"HEAD", b"OPTIONS"})
+
+
+def replayable(method: str | bytes, has_body: bool) -> bool:
+    """May this request be sent again to another endpoint after its first one broke?"""
+    return not has_body and method in REPLAYABLE_METHODS
+
+
+def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
+            endpoint_of: Callable[[D], Any], node: Any, retries: int,
+            may_replay: bool, on_retry: Callable[[Any, UpstreamError], None] | None = None
+            ) -> T:
+    """``send(pick(tried))`` until it succeeds or may not try again; raises the last
+    UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
+    decision sends to (None for one that needs no endpoint); ``node.eject(endpoint)``
+    is called for an endpoint that refused the connection."""
+    tried: set[str] = set()
+    while True:
+        decision = pick(frozenset(tried))
+        try:
+            return send(decision)
+        except UpstreamError as exc:
+            endpoint = endpoint_of(decision)
+            if endpoint is None:
+                raise
+            if exc.retryable:
+                node.eject(endpoint)
+            again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
+                                      and not exc.answered)
+            if not again or len(tried) >= retries:
+                raise
+            tried.add(endpoint.hash)
+            log.warning("%s; trying another endpoint", exc)
+            if on_retry is not None:
+                on_retry(endpoint, exc)

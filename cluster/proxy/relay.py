@@ -1,0 +1,454 @@
+"""Relay one request from a front-door client to an endpoint, and its answer back.
+
+No WSGI here: the request head was parsed once by the door; it is rewritten once
+(hop-by-hop fields out, X-Forwarded-* and the hop marker in) and sent with the body as
+its framing says; the response head is parsed once and passed on with minimal edits
+(the sticky cookie added, hop-by-hop fields out); bodies stream through in pieces as
+they arrive, at the pace of the slower side (a full socket buffer is back-pressure).
+nginx equivalent::
+
+    proxy_http_version 1.1; proxy_set_header Connection "";   # keep-alive upstream
+    proxy_buffering off; proxy_request_buffering off;          # stream both ways
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; ...
+    proxy_next_upstream error timeout;                          # see attempts.py
+
+Policy choices and known weak spots:
+
+- ``Expect: 100-continue`` is answered by this instance once the endpoint is connected,
+  and not forwarded; the endpoint gets the body straight after the head.
+- A request body is sent whole before the response is read. An endpoint that answers
+  early (413) and closes is handled: its answer is read after the failed send.
+- A small request (no body, or one already in the buffer) found a pooled connection
+  closed under it is resent once on a fresh connection; a streamed body is not, so it
+  always goes over a fresh connection.
+- Interim 1xx answers (100, 103) are not passed on; a 101 is, for upgrades only.
+- A connection that carried a HEAD is not pooled (some servers send a body anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from cluster.conn import BODY, NONE, UPSTREAM, ClientConn
+from cluster.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from cluster.http1 import (
+    CHUNKED,
+    CRLF,
+    FIXED,
+    HEAD_END,
+    NO_BODY,
+    ChunkedScanner,
+    ChunkError,
+    RequestHead,
+    ResponseHead,
+    parse_response_head,
+    response_framing,
+    without_field,
+)
+from cluster.proxy.upstream import Connection, Pool
+
+log = logging.getLogger(__name__)
+
+#: Largest response head accepted from an endpoint, checked on every read.
+MAX_RESPONSE_HEAD = 65536
+#: Request bodies up to this size that are already in the buffer are kept for a resend.
+RESEND_LIMIT = 65536
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VALID_PROTO = (b"http", b"https")
+
+
+class Forwarding:
+    """What this instance adds to every request it relays (fixed per process)."""
+
+    __slots__ = ("trusted", "scheme", "via")
+
+    def __init__(self, trusted: frozenset[str], scheme: bytes = b"http") -> None:
+        self.trusted = trusted
+        self.scheme = scheme
+        self.via = b"1.1 cluster"
+
+    def lines(self, head: RequestHead, peer: str) -> list[bytes]:
+        """X-Forwarded-For/-Proto/-Host, X-Real-IP, Forwarded and Via for ``head``.
+
+        From a trusted peer (--trusted-proxies) the client's values are kept (and the
+        scheme validated); from anyone else they are replaced by what this instance
+        saw, so an endpoint can believe them.
+        """
+        address = peer.encode()
+        if peer in self.trusted:
+            xff = head.forwarded_for + b", " + address if head.forwarded_for else address
+            proto = head.forwarded_proto.split(b",")[0].strip().lower()
+            if proto not in _VALID_PROTO:
+                proto = self.scheme
+            out = [b"X-Forwarded-For: " + xff, b"X-Forwarded-Proto: " + proto,
+                   b"X-Real-IP: " + (head.real_ip or address)]
+            host = head.forwarded_host or head.host
+            if head.forwarded:
+                out.append(b"Forwarded: " + head.forwarded)
+        else:
+            out = [b"X-Forwarded-For: " + address, b"X-Forwarded-Proto: " + self.scheme,
+                   b"X-Real-IP: " + address]
+            host = head.host
+        if host:
+            out.append(b"X-Forwarded-Host: " + host)
+        out.append(b"Via: " + (head.via + b", " + self.via if head.via else self.via))
+        return out
+
+
+def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: list[bytes],
+                 hop: bytes, framing: bytes, upgrade: bool = False) -> bytes:
+    """The head sent to the endpoint (see the module docstring)."""
+    fields = head.fields
+    named = [t for t in head.connection if t not in (b"close", b"keep-alive", b"upgrade")]
+    if named:  # fields the client named in Connection are hop-by-hop too
+        drop = set(named)
+        fields = [f for f in fields if f.partition(b":")[0].lower() not in drop]
+    parts = [head.method + b" " + target + b" HTTP/1.1", b"Host: " + (head.host or hostport)]
+    parts += fields
+    if head.cookie:
+        parts.append(b"Cookie: " + head.cookie)
+    if framing:
+        parts.append(framing)
+    if upgrade:
+        parts.append(b"Upgrade: " + head.upgrade)
+        parts.append(b"Connection: Upgrade")
+    parts += forwarded
+    parts.append(hop)
+    return CRLF.join(parts) + HEAD_END
+
+
+class Exchange:
+    """One request's trip to one endpoint (tried again by attempts.py on another)."""
+
+    __slots__ = ("client", "head", "pool", "url", "upstream", "raw_head", "response",
+                 "started", "upstream_seconds", "sent")
+
+    def __init__(self, client: ClientConn, head: RequestHead, pool: Pool, url: str) -> None:
+        self.client = client
+        self.head = head
+        self.pool = pool
+        self.url = url
+        self.upstream: Connection | None = None
+        self.raw_head = b""
+        self.response: ResponseHead | None = None
+        self.started = 0.0
+        self.upstream_seconds = 0.0
+        self.sent = 0  # bytes written to the client
+
+    def send_request(self, out_head: bytes, body: bytes | None) -> None:
+        """Send the head and the body; ``body`` is the whole body when it is already
+        here (None: stream it from the client as its framing says).
+
+        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout.
+        """
+        self.started = time.monotonic()
+        client = self.client
+        pool = self.pool
+        streamed = body is None
+        conn = None if streamed else pool.acquire(self.url)
+        while True:
+            if conn is None:
+                conn = pool.open(self.url)
+            self.upstream = conn
+            client.upstream = conn
+            try:
+                if self.head.expect_continue and (streamed or body):
+                    self.head.expect_continue = False
+                    client.send(CONTINUE)
+                if streamed:
+                    conn.sock.sendall(out_head)
+                    self._stream_body(conn)
+                else:
+                    conn.sock.sendall(out_head + body if body else out_head)
+                self._read_head(conn)
+                return
+            except _Stale:
+                log.debug("%s: pooled connection was closed, resending on a new one", self.url)
+                conn.close()
+                conn = None
+            except UpstreamError:
+                conn.close()
+                raise
+            except OSError as exc:
+                conn.close()
+                raise self._error(exc, "sending the request") from None
+
+    def _error(self, exc: BaseException, doing: str) -> UpstreamError:
+        if self.client.timed_out:
+            return UpstreamTimeout(self.url, f"no answer within the read timeout ({doing})")
+        return UpstreamBroken(self.url, f"{doing}: {exc}")
+
+    def _stream_body(self, conn: Connection) -> None:
+        """Relay the client's body to the endpoint as its framing says."""
+        client = self.client
+        head = self.head
+        sock = conn.sock
+        try:
+            if head.chunked:
+                scanner = ChunkedScanner()
+                while not scanner.done:
+                    if not client.buf:
+                        client.expect(BODY, client.write_timeout)
+                        if not client.fill():
+                            raise _ClientGone("client closed in the middle of its body")
+                    used, _ = scanner.feed(bytes(client.buf))
+                    sock.sendall(client.buf[:used])
+                    del client.buf[:used]
+            else:
+                left = head.content_length
+                while left > 0:
+                    if not client.buf:
+                        client.expect(BODY, client.write_timeout)
+                    data = client.take(min(left, 262144))
+                    if not data:
+                        raise _ClientGone("client closed in the middle of its body")
+                    sock.sendall(data)
+                    left -= len(data)
+        except ChunkError as exc:
+            raise _ClientGone(f"bad chunked body: {exc}") from None
+        except OSError as exc:
+            if isinstance(exc, _ClientGone):
+                raise
+            # The endpoint may have answered early (413) and closed: read its answer.
+            log.debug("%s: sending the body failed (%s); reading an early answer", self.url,
+                      exc)
+        finally:
+            client.phase = NONE
+
+    def _read_head(self, conn: Connection) -> None:
+        """Read the response head (skipping interim 1xx but 101) into self.response."""
+        client = self.client
+        buf = conn.buf
+        conn.buf = b""
+        while True:
+            end = buf.find(HEAD_END)
+            while end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+                client.expect(UPSTREAM, self.pool.read_timeout)
+                try:
+                    data = conn.sock.recv(262144)
+                except OSError as exc:
+                    if not buf and conn.reused and not client.timed_out:
+                        raise _Stale() from None
+                    raise self._error(exc, "reading the response head") from None
+                finally:
+                    client.phase = NONE
+                if not data:
+                    if not buf and conn.reused:
+                        raise _Stale()
+                    raise UpstreamBroken(self.url, "closed the connection before answering")
+                buf += data
+                end = buf.find(HEAD_END)
+            if end > MAX_RESPONSE_HEAD:
+                raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+            raw = buf[:end]
+            try:
+                response = parse_response_head(raw)
+            except ValueError as exc:
+                raise UpstreamBroken(self.url, f"malformed response head: {exc}") from None
+            buf = buf[end + 4:]
+            if response.code >= 200 or (response.code == 101 and self.head.upgrade):
+                break
+            # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
+        conn.buf = buf
+        self.raw_head = raw
+        self.response = response
+        self.upstream_seconds = time.monotonic() - self.started
+
+    # --- the answer ---------------------------------------------------------------
+
+    def relay_response(self, extra: bytes, client_keep: bool) -> bool:
+        """Send the response to the client; returns whether the client connection may
+        carry another request. ``extra`` holds CRLF-led header lines to add.
+
+        Once a byte is sent, failures close the connection (raise OSError to the door)
+        rather than being retried: :attr:`sent` says how far it got.
+        """
+        response = self.response
+        conn = self.upstream
+        assert response is not None and conn is not None
+        client = self.client
+        head = self.head
+        mode, length = response_framing(head.method, response)
+        fields = response.fields
+        old_client = head.version == b"HTTP/1.0"
+        dechunk = False
+        framing = b""
+        if mode == CHUNKED:
+            if response.length >= 0:
+                fields = without_field(fields, b"content-length")
+            if old_client:
+                dechunk = True  # an HTTP/1.0 client cannot read chunks: end by closing
+                client_keep = False
+            else:
+                framing = b"\r\nTransfer-Encoding: chunked"
+        elif mode == FIXED or mode == NO_BODY:
+            if response.code in (204, 304) and response.length >= 0 and head.method != b"HEAD":
+                fields = without_field(fields, b"content-length")
+        else:  # until close
+            client_keep = False
+            if response.transfer:
+                framing = b"\r\nTransfer-Encoding: " + response.transfer
+        if not client_keep:
+            framing += b"\r\nConnection: close"
+        elif old_client:
+            framing += b"\r\nConnection: keep-alive"
+        out = response.status_line + fields + framing + extra + HEAD_END
+        buf = conn.buf
+        conn.buf = b""
+        pool_it = response.keep_alive and head.method != b"HEAD"
+        try:
+            if mode == NO_BODY:
+                if buf:
+                    pool_it = False  # bytes after a body-less answer: out of step
+                self._to_client(out)
+            elif mode == FIXED:
+                first = buf[:length]
+                if len(buf) > length:
+                    pool_it = False  # bytes past the response: never hand them to anyone
+                self._to_client(out + first)
+                self._relay_fixed(conn, length - len(first))
+            elif mode == CHUNKED:
+                self._relay_chunked(conn, out, buf, dechunk)
+                if conn.buf:
+                    pool_it = False
+            else:
+                self._to_client(out + buf)
+                self._relay_until_close(conn)
+                pool_it = False
+        except BaseException:
+            conn.close()
+            self.client.upstream = None
+            raise
+        if pool_it:
+            self.pool.release(conn)
+        else:
+            conn.close()
+        client.upstream = None
+        return client_keep
+
+    def _to_client(self, data: bytes) -> None:
+        self.client.send(data)
+        self.sent += len(data)
+
+    def _recv_body(self, conn: Connection, done: int) -> bytes:
+        client = self.client
+        client.expect(UPSTREAM, self.pool.read_timeout)
+        try:
+            data: bytes = conn.sock.recv(262144)
+        except OSError as exc:
+            error = self._error(exc, f"response body cut after {done} bytes")
+            error.answered = True
+            raise error from None
+        finally:
+            client.phase = NONE
+        return data
+
+    def _relay_fixed(self, conn: Connection, left: int) -> None:
+        done = 0
+        while left > 0:
+            data = self._recv_body(conn, done)
+            if not data:
+                error = UpstreamBroken(self.url, f"closed {left} bytes before the end of "
+                                                 "the response body")
+                error.answered = True
+                raise error
+            if len(data) > left:
+                conn.buf = data[left:]
+                data = data[:left]
+            self._to_client(data)
+            left -= len(data)
+            done += len(data)
+
+    def _relay_chunked(self, conn: Connection, out: bytes, buf: bytes, dechunk: bool) -> None:
+        scanner = ChunkedScanner(decode=dechunk)
+        first = True
+        while True:
+            try:
+                used, pieces = scanner.feed(buf)
+            except ChunkError as exc:
+                error = UpstreamBroken(self.url, f"garbled chunked body: {exc}")
+                error.answered = not first
+                raise error from None
+            data = b"".join(pieces) if dechunk else buf[:used]
+            if first:
+                data = out + data
+                first = False
+            if data:
+                self._to_client(data)
+            if scanner.done:
+                conn.buf = buf[used:]
+                return
+            buf = self._recv_body(conn, self.sent)
+            if not buf:
+                error = UpstreamBroken(self.url, "closed in the middle of a chunked body")
+                error.answered = True
+                raise error
+
+    def _relay_until_close(self, conn: Connection) -> None:
+        while True:
+            data = self._recv_body(conn, self.sent)
+            if not data:
+                return
+            self._to_client(data)
+
+
+class _Stale(Exception):
+    """A reused connection was found closed before any response byte: resend fresh."""
+
+
+class _ClientGone(OSError):
+    """The client went away or broke its body's framing while we relayed it."""
+
+
+def read_small_body(exchange: Exchange, limit: int) -> bytes:
+    """The whole body of the answer in ``exchange`` (for SockJS info), at most ``limit``
+    bytes; the endpoint connection is closed afterwards. Raises UpstreamBroken."""
+    response = exchange.response
+    conn = exchange.upstream
+    assert response is not None and conn is not None
+    mode, length = response_framing(exchange.head.method, response)
+    buf = conn.buf
+    try:
+        if mode == NO_BODY:
+            return b""
+        if mode == CHUNKED:
+            scanner = ChunkedScanner(decode=True)
+            out: list[bytes] = []
+            size = 0
+            while True:
+                used, pieces = scanner.feed(buf)
+                out += pieces
+                size += sum(map(len, pieces))
+                if size > limit:
+                    raise UpstreamBroken(exchange.url, "answer too large")
+                if scanner.done:
+                    return b"".join(out)
+                buf = exchange._recv_body(conn, size)
+                if not buf:
+                    raise UpstreamBroken(exchange.url, "closed in the middle of the answer")
+        want = length if mode == FIXED else limit + 1
+        if want > limit and mode == FIXED:
+            raise UpstreamBroken(exchange.url, "answer too large")
+        while len(buf) < want:
+            data = exchange._recv_body(conn, len(buf))
+            if not data:
+                if mode == FIXED:
+                    raise UpstreamBroken(exchange.url, "closed in the middle of the answer")
+                break
+            buf += data
+        if len(buf) > limit:
+            raise UpstreamBroken(exchange.url, "answer too large")
+        return buf[:want] if mode == FIXED else buf
+    except ChunkError as exc:
+        raise UpstreamBroken(exchange.url, f"garbled chunked answer: {exc}") from None
+    finally:
+        conn.close()
+        exchange.client.upstream = None
+
+
+def connect_error(url: str, exc: Any) -> UpstreamConnectError:
+    return UpstreamConnectError(url, str(exc))

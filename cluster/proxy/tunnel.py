@@ -1,0 +1,174 @@
+"""A transparent byte tunnel between two connected sockets (an upgraded WebSocket).
+
+After the endpoint's ``101`` nothing is parsed: frames, fragments, ping/pong, close
+codes, subprotocols and extensions pass exactly as the two ends wrote them.
+
+Plain TCP on both sides runs as event-loop callbacks, with no greenlet at all: an idle
+tunnel is two sockets and two read watchers, not two greenlet stacks (the figures are
+in docs/benchmarks.md), and a message costs one ``recv`` and one ``send`` with no
+switch between greenlets. A send that cannot finish parks the rest and stops reading
+that direction until the other side drains it, so a slow reader is back-pressure, not
+memory. TLS sockets (https endpoints) cannot be driven that way (a TLS record may need
+reads to write), so they get the classic two pumping greenlets.
+
+nginx equivalent::
+
+    proxy_http_version 1.1;
+    proxy_set_header Upgrade $http_upgrade;
+    proxy_set_header Connection "upgrade";
+    proxy_read_timeout 1d;   # here: no idle timeout once upgraded
+
+Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
+a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import gevent
+from gevent import get_hub
+from gevent import socket as gsocket
+
+log = logging.getLogger(__name__)
+
+CHUNK = 65536
+_READ, _WRITE = 1, 2
+
+
+def _raw(sock: Any) -> Any:
+    """The non-blocking OS socket under a plain gevent socket, or None (TLS, other)."""
+    if type(sock) is gsocket.socket:
+        return getattr(sock, "_sock", None)
+    return None
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class _Direction:
+    """One way of a tunnel: read ``src``, write ``dst``."""
+
+    __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, src: Any, dst: Any, loop: Any) -> None:
+        self.tunnel = tunnel
+        self.src = src
+        self.dst = dst
+        self.reader = loop.io(src.fileno(), _READ)
+        self.writer: Any = None
+        self.pending = b""
+
+    def readable(self) -> None:
+        try:
+            data = self.src.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.tunnel.close()
+            return
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.tunnel.close()
+            return
+        if sent < len(data):
+            self.pending = data[sent:]
+            self.reader.stop()
+            if self.writer is None:
+                self.writer = self.tunnel.loop.io(self.dst.fileno(), _WRITE)
+            self.writer.start(self.writable)
+
+    def writable(self) -> None:
+        try:
+            sent = self.dst.send(self.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.tunnel.close()
+            return
+        self.pending = self.pending[sent:]
+        if not self.pending:
+            self.writer.stop()
+            self.reader.start(self.readable)
+
+    def stop(self) -> None:
+        for watcher in (self.reader, self.writer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.pending = b""
+
+
+class Tunnel:
+    """Pumps bytes between gevent sockets ``a`` and ``b`` until either side closes;
+    then closes both and calls ``on_close``. Runs from the event loop: :meth:`start`
+    returns at once."""
+
+    __slots__ = ("a", "b", "loop", "ways", "on_close", "closed")
+
+    def __init__(self, a: Any, b: Any, on_close: Callable[[], None]) -> None:
+        self.a = a
+        self.b = b
+        self.on_close = on_close
+        self.closed = False
+        self.loop = get_hub().loop
+        raw_a, raw_b = _raw(a), _raw(b)
+        assert raw_a is not None and raw_b is not None, "use pump() for TLS sockets"
+        self.ways = (_Direction(self, raw_a, raw_b, self.loop),
+                     _Direction(self, raw_b, raw_a, self.loop))
+
+    @staticmethod
+    def supports(a: Any, b: Any) -> bool:
+        return _raw(a) is not None and _raw(b) is not None
+
+    def start(self) -> None:
+        for way in self.ways:
+            way.reader.start(way.readable)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for way in self.ways:
+            way.stop()
+        _close(self.a)
+        _close(self.b)
+        try:
+            self.on_close()
+        except Exception:  # noqa: BLE001 - a callback in the event loop must not raise
+            log.exception("tunnel close callback failed")
+
+
+def _pump_one_way(src: Any, dst: Any) -> None:
+    try:
+        while True:
+            data = src.recv(CHUNK)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass  # reset, broken pipe, or the other direction closed the socket under us
+    finally:
+        _close(src)
+        _close(dst)
+
+
+def pump(a: Any, b: Any) -> None:
+    """Both ways with two greenlets (for TLS sockets); returns when both are done."""
+    other = gevent.spawn(_pump_one_way, a, b)
+    try:
+        _pump_one_way(b, a)
+    finally:
+        _close(a)
+        _close(b)
+        other.join()
