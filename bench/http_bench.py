@@ -245,6 +245,13 @@ def pywsgi_hello(workdir: Path) -> contextlib.AbstractContextManager[Server]:
                     workdir, "pywsgi-hello", PROXY_CPU, port_file=port_file)
 
 
+def nginx_dirs(workdir: Path) -> None:
+    """The temp directories nginx wants, readable by its workers (nobody under root)."""
+    workdir.chmod(0o755)
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / f"tmp-{sub}").mkdir(exist_ok=True)
+
+
 def nginx_argv(template: str, workdir: Path, **values: object) -> list[str]:
     text = (BENCH / template).read_text()
     values.setdefault("DIR", workdir)
@@ -520,13 +527,11 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
     try:
-        workdir.chmod(0o755)  # nginx workers run as nobody when started by root
+        nginx_dirs(workdir)
         www = workdir / "www"
         www.mkdir()
         for size in sizes:
             (www / str(size)).write_bytes(os.urandom(size))
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (workdir / f"tmp-{sub}").mkdir()
         results = run(args, workdir, sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

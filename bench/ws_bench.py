@@ -2,7 +2,7 @@
 the balancer's memory per idle proxied WebSocket.
 
     python bench/ws_bench.py [--duration 5] [--rounds 4] [--connections 50]
-                             [--client go|python] [--idle 2000]
+                             [--client go|python] [--idle 2000] [--no-nginx]
 
 The method of bench/http_bench.py (issue 7), on a 2-core machine:
 
@@ -11,12 +11,15 @@ The method of bench/http_bench.py (issue 7), on a 2-core machine:
   on CPU 0, discovery in a temp SQLite file, the echo server registered as service
   ``web`` by the ``cluster register`` sidecar (CPU 1); started through a tiny launcher
   that raises RLIMIT_NOFILE to the hard limit first;
+- nginx as a WebSocket proxy on CPU 0 (bench/nginx_ws_proxy.conf: 1 worker, no
+  buffering), the reference for what a proxy costs in this layout (``--no-nginx``: skip);
 - the load generator on CPU 1: ``--connections`` WebSockets doing ping-pong of 32-byte
-  text messages for ``--duration`` seconds, direct to the echo server and through the
-  balancer, in ``--rounds`` alternating rounds. ``--client go`` (default when ``go``
-  is installed): bench/ws_load.go, built into the temp dir; ``--client python``: one
-  gevent process with pre-built frames (this script with ``--load``). Each reports its
-  own CPU time, so the table shows what share of CPU 1 the client takes.
+  text messages for ``--duration`` seconds, direct to the echo server, through the
+  balancer and through nginx, in ``--rounds`` interleaved rounds. ``--client go``
+  (default when ``go`` is installed): bench/ws_load.go, built into the temp dir;
+  ``--client python``: one gevent process with pre-built frames (this script with
+  ``--load``). Each reports its own CPU time, so the table shows what share of CPU 1
+  the client takes.
 
 Figures: round trips per second (median over rounds; the ratio is the median of the
 per-round ratios), CPU µs per round trip of the balancer, the echo server and the
@@ -167,11 +170,15 @@ def settle(predicate, timeout: float = 60.0) -> bool:
 
 # -- the run ----------------------------------------------------------------------------
 
+MODES = ("direct", "cluster", "nginx")
+
+
 def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]], dict]:
     if args.client == "go":
         subprocess.run(["go", "build", "-o", str(workdir / "ws_load"),
                         str(BENCH / "ws_load.go")], check=True, cwd=str(workdir),
                        env=dict(os.environ, CGO_ENABLED="0"))
+    modes = [m for m in MODES if m != "nginx" or args.nginx]
     with contextlib.ExitStack() as stack:
         echo_port = hb.free_port()  # ws_echo.py takes a fixed port
         echo = stack.enter_context(hb.launched(
@@ -180,15 +187,23 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
         balancer = stack.enter_context(hb.cluster_balancer(
             workdir, f"http://127.0.0.1:{echo_port}", name="ws-cluster",
             launcher=[sys.executable, "-c", wim.LAUNCHER]))
+        ports = {"direct": echo_port, "cluster": balancer.port}
+        watched = {"echo": echo.pid, "cluster": balancer.pid}
+        if args.nginx:
+            hb.nginx_dirs(workdir)
+            nginx_port = hb.free_port()
+            nginx = stack.enter_context(hb.launched(
+                hb.nginx_argv("nginx_ws_proxy.conf", workdir, PORT=nginx_port,
+                              UPSTREAM_PORT=echo_port),
+                workdir, "ws-nginx", PROXY_CPU, port=nginx_port))
+            ports["nginx"], watched["nginx"] = nginx_port, nginx.pid
         proxy = Proxy("cluster", balancer.pid, balancer.port)
         proxy.set_idle()
-        watched = {"echo": echo.pid, "proxy": balancer.pid}
-        rounds: dict[str, list[dict]] = {"direct": [], "proxied": []}
+        rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
         for round_no in range(args.rounds):
-            order = ("direct", "proxied") if round_no % 2 == 0 else ("proxied", "direct")
-            for mode in order:
-                port = echo_port if mode == "direct" else balancer.port
-                result = rtt_run(args.client, workdir, port, args, watched)
+            for mode in modes if round_no % 2 == 0 else modes[::-1]:
+                result = rtt_run(args.client, workdir, ports[mode], args, watched)
+                result["proxy_us"] = result.get(f"{mode}_us", 0.0)
                 rounds[mode].append(result)
                 print(f"  round {round_no + 1} {mode:<8} {result['rate']:8.0f} round trips/s  "
                       f"CPU us/trip: proxy {result['proxy_us']:5.1f} echo "
@@ -209,26 +224,36 @@ def verdict(ok: bool) -> str:
 def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
     add = lines.append
-    direct, proxied = rounds["direct"], rounds["proxied"]
-    ratio = statistics.median(p["rate"] / d["rate"] for d, p in zip(direct, proxied))
+    proxies = [m for m in ("cluster", "nginx") if m in rounds]
+    names = {"cluster": "**cluster serve**", "nginx": "nginx"}
+
+    def ratio(mode: str, base: str = "direct") -> float:
+        pairs = zip(rounds[base], rounds[mode])
+        return statistics.median(p["rate"] / b["rate"] for b, p in pairs)
+
+    def row(label: str, cell) -> None:
+        add(f"| {label} | {cell('direct')} | " + " | ".join(cell(m) for m in proxies) + " |")
+
     add(f"| {MESSAGE}-byte echo, {args.connections} connections, {args.client} client "
-        "(CPU 1) | direct | through cluster serve (CPU 0) |")
-    add("| --- | ---: | ---: |")
-    add(f"| round trips/s (median) | {med(direct, 'rate'):.0f} | "
-        f"**{med(proxied, 'rate'):.0f}** ({ratio:.2f} of direct) |")
-    add(f"| round trips/s, range over rounds | {min(r['rate'] for r in direct):.0f}-"
-        f"{max(r['rate'] for r in direct):.0f} | {min(r['rate'] for r in proxied):.0f}-"
-        f"{max(r['rate'] for r in proxied):.0f} |")
-    add(f"| balancer CPU µs per round trip | - | {med(proxied, 'proxy_us'):.1f} |")
-    add(f"| echo server CPU µs per round trip | {med(direct, 'echo_us'):.1f} | "
-        f"{med(proxied, 'echo_us'):.1f} |")
-    add(f"| client CPU µs per round trip | {med(direct, 'client_us'):.1f} | "
-        f"{med(proxied, 'client_us'):.1f} |")
-    add(f"| CPU 0 / CPU 1 busy | {med(direct, 'busy0'):.0f}% / {med(direct, 'busy1'):.0f}% | "
-        f"{med(proxied, 'busy0'):.0f}% / {med(proxied, 'busy1'):.0f}% |")
+        "(CPU 1) | direct | " + " | ".join(f"via {names[m]} (CPU 0)" for m in proxies) + " |")
+    add("| --- | ---: |" + " ---: |" * len(proxies))
+    row("round trips/s (median)", lambda m: f"{med(rounds[m], 'rate'):.0f}")
+    row("vs direct (median of rounds)", lambda m: "1" if m == "direct" else f"{ratio(m):.2f}")
+    row("round trips/s, range over rounds", lambda m: f"{min(r['rate'] for r in rounds[m]):.0f}-"
+        f"{max(r['rate'] for r in rounds[m]):.0f}")
+    row("proxy CPU µs per round trip",
+        lambda m: "-" if m == "direct" else f"{med(rounds[m], 'proxy_us'):.1f}")
+    row("echo server CPU µs per round trip", lambda m: f"{med(rounds[m], 'echo_us'):.1f}")
+    row("client CPU µs per round trip", lambda m: f"{med(rounds[m], 'client_us'):.1f}")
+    row("CPU 0 / CPU 1 busy", lambda m: f"{med(rounds[m], 'busy0'):.0f}% / "
+        f"{med(rounds[m], 'busy1'):.0f}%")
     add("")
-    add(f"- echo round trips through the balancer vs direct: {ratio:.2f} "
-        f"(target ≥ {TARGET_RATIO:g}): {verdict(ratio >= TARGET_RATIO)}")
+    got = ratio("cluster")
+    add(f"- echo round trips through the balancer vs direct: {got:.2f} "
+        f"(target ≥ {TARGET_RATIO:g}): {verdict(got >= TARGET_RATIO)}"
+        + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the balancer "
+           f"makes {ratio('cluster', 'nginx'):.2f} of nginx's rate" if "nginx" in rounds
+           else ""))
     if idle:
         per = idle["per_socket"]
         add(f"- balancer memory per idle proxied WebSocket: {per:,.0f} bytes "
@@ -251,6 +276,8 @@ def main() -> None:
                         help="the load generator (default: go when installed)")
     parser.add_argument("--idle", type=int, default=2000,
                         help="idle WebSockets for the memory figure (0: skip)")
+    parser.add_argument("--no-nginx", dest="nginx", action="store_false",
+                        help="skip nginx as a WebSocket proxy (the reference)")
     parser.add_argument("--load", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
