@@ -331,6 +331,15 @@ def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     return result
 
 
+def check_answer(url: str, size: int) -> None:
+    """Each target must answer 200 with the whole body before it is measured."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = response.read()
+        if response.status != 200 or len(body) != size:
+            raise RuntimeError(f"{url} answered {response.status} with {len(body)} bytes, "
+                               f"not 200 with {size}")
+
+
 def measure(label: str, server: Server, path: str, args: argparse.Namespace) -> dict[str, float]:
     url = f"http://127.0.0.1:{server.port}/{path}"
     if args.warmup:
@@ -387,6 +396,9 @@ def run(args: argparse.Namespace, workdir: Path, sizes: list[int]) -> dict[Case,
                                                                          "nginx")]
         if "hello" in args.tables:
             cases += [("hello", row, 100) for row in ("cluster serve --app", "pywsgi")]
+        for _table, row, size in cases:
+            server, path = servers[row]
+            check_answer(f"http://127.0.0.1:{server.port}/{path.format(size=size)}", size)
         for round_no in range(args.rounds):
             print(f"round {round_no + 1} of {args.rounds} (load average "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
