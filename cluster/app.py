@@ -1,24 +1,30 @@
-"""The WSGI app that turns a routing decision into an action.
+"""Library mode: the WSGI adapter for servers we do not own (``cluster.wrap()``).
 
-``route()`` decides; this module serves locally, proxies (HTTP or WebSocket), answers
-SockJS info, or replies with a short status. Upstream failures become one log line
-and a clean status: 502 broken, 504 slow, 503 nobody left, never a traceback.
+Under ``cluster serve``, gunicorn with cluster's worker, or :func:`cluster.server.
+make_server` the front door (cluster.door) routes before any WSGI environ exists. Under
+any other WSGI server this adapter does the same job from the environ: ``route()``
+decides; it serves locally, proxies (HTTP or WebSocket, through the same HTTP/1.1 core,
+connect layer and attempt loop as the door), answers SockJS info, or replies with a
+short status. Upstream failures become one log line and a clean status: 502 broken,
+504 slow, 503 nobody left, never a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
+from cluster.admin import Admin
 from cluster.config import Settings
 from cluster.errors import UpstreamBroken, UpstreamError
+from cluster.hop import HopMarker
 from cluster.node import Cluster
+from cluster.proxy.attempts import attempt, replayable
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
 from cluster.routing import (
-    HOP_HEADER,
+    HOP_ENVIRON,
     Policy,
     Proxy,
     Reply,
@@ -28,6 +34,7 @@ from cluster.routing import (
     Status,
     route,
 )
+from cluster.sockjs import rewrite_info
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,11 @@ def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
 def reply(start_response: StartResponse, status: int, body: str,
           content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
     data = (body + ("\n" if content_type.startswith("text/plain") else "")).encode()
+    return reply_bytes(start_response, status, data, content_type)
+
+
+def reply_bytes(start_response: StartResponse, status: int, data: bytes,
+                content_type: str) -> list[bytes]:
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
@@ -79,10 +91,12 @@ class ClusterApp:
         s = node.settings
         self.policy = policy_for(s, node.self_hash, local_app is not None)
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
-                                       read_timeout=s.read_timeout)
+                                       read_timeout=s.read_timeout,
+                                       trusted_proxies=frozenset(s.trusted_proxies))
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
         self.retries = s.retries
-        self._hop = (HOP_HEADER, "1")
+        self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
+        self.admin = Admin(node, s)
 
     def __repr__(self) -> str:
         return f"<ClusterApp {self.node!r} {self.forwarder!r}>"
@@ -92,61 +106,57 @@ class ClusterApp:
         self.forwarder.close()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        request = RequestView.from_environ(environ)
         node = self.node
-        tried: set[str] = set()
-        while True:
+        marker = environ.get(HOP_ENVIRON)
+        hop = False
+        if isinstance(marker, str) and marker:
+            from cluster.proxy.http import request_target
+
+            hop = self.hop.verify(marker.encode("latin-1"),
+                                  str(environ.get("REQUEST_METHOD", "GET")).encode("latin-1"),
+                                  request_target(environ).encode("latin-1"),
+                                  str(environ.get("REMOTE_ADDR") or ""), node.table)
+        if marker is not None and not hop:
+            environ.pop(HOP_ENVIRON, None)  # an unproven marker reaches no app
+        request = RequestView.from_environ(environ, hop=hop)
+
+        def pick(tried: frozenset[str]) -> Any:
             exclude = node.ejected()
             if tried:
                 exclude = exclude | tried
-            decision = route(request, node.table, self.policy, exclude)
+            return route(request, node.table, self.policy, exclude)
+
+        def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):
                 return self._serve(decision, environ, start_response)
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
             if isinstance(decision, Status):
-                return reply(start_response, 200, json.dumps(self.status()),
-                             content_type="application/json")
-            endpoint = decision.endpoint
-            try:
-                if isinstance(decision, SockJSInfo):
-                    return self._sockjs_info(decision, environ, start_response)
-                return self._proxy(decision, environ, start_response)
-            except UpstreamError as exc:
-                failure = exc
-            replayable = failure.retryable or (
-                isinstance(failure, UpstreamBroken) and _replayable(environ)
-            )
-            if endpoint is not None and replayable:
-                if failure.retryable:
-                    node.eject(endpoint)
-                tried.add(endpoint.hash)
-                retry = not isinstance(decision, Proxy) or decision.retry
-                if retry and len(tried) <= self.retries:
-                    log.warning("retrying elsewhere: %s", failure)
-                    continue
+                status, ctype, body = self.admin.respond(request.path, request.query)
+                return reply_bytes(start_response, status, body, ctype)
+            if isinstance(decision, SockJSInfo):
+                return self._sockjs_info(decision, environ, start_response)
+            return self._proxy(decision, environ, start_response)
+
+        has_body = environ.get("CONTENT_LENGTH") not in (None, "", "0") or \
+            "HTTP_TRANSFER_ENCODING" in environ
+        try:
+            return attempt(pick, send, endpoint_of=_endpoint_of, node=node,
+                           retries=self.retries,
+                           may_replay=replayable(request.method, has_body))
+        except UpstreamError as failure:
             log.warning("%s %s failed: %s", request.method, request.path, failure)
             return reply(start_response, failure.status, f"upstream {failure.reason}")
 
     def status(self) -> dict[str, Any]:
         """This instance's view: its identity, its table, what it has ejected."""
-        table = self.node.table
-        registrar = self.node.registrar
-        return {
-            "service": self.node.settings.service,
-            "endpoint": self.node.self_url,
-            "hash": self.node.self_hash,
-            "registered": registrar is not None and not registrar.outage.failing,
-            "store_failing": self.node.watcher.outage.failing,
-            "now": table.now.isoformat(),
-            "endpoints": [
-                {"service": e.service, "endpoint": e.url, "hash": e.hash,
-                 "balancer": e.balancer, "age": round(e.age(table.now), 3)}
-                for e in table.endpoints
-            ],
-            "balancers": list(table.balancers),
-            "ejected": sorted(self.node.ejected()),
-        }
+        return self.admin.status()
+
+    def _hop_header(self, environ: dict[str, Any], path_qs: str) -> tuple[str, str]:
+        line = self.hop.line(str(environ.get("REQUEST_METHOD", "GET")).encode("latin-1"),
+                             path_qs.encode("latin-1"))
+        name, _, value = line.decode("latin-1").partition(": ")
+        return name, value
 
     def _serve(self, decision: Serve, environ: dict[str, Any],
                start_response: StartResponse) -> Iterable[bytes]:
@@ -165,10 +175,11 @@ class ClusterApp:
     def _proxy(self, decision: Proxy, environ: dict[str, Any],
                start_response: StartResponse) -> Iterable[bytes]:
         url = decision.endpoint.url
+        hop = self._hop_header(environ, decision.path_qs)
         # is_websocket_upgrade is False without an Upgrade header: skip it for plain HTTP.
         if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ):
-            return self.bridge.bridge(environ, start_response, url, decision.path_qs, (self._hop,))
-        response = self.forwarder.forward(environ, url, decision.path_qs, (self._hop,))
+            return self.bridge.bridge(environ, start_response, url, decision.path_qs, (hop,))
+        response = self.forwarder.forward(environ, url, decision.path_qs, (hop,))
         headers = response.headers
         if decision.set_cookie is not None:
             headers = [*headers, _cookie_header(decision.set_cookie)]
@@ -184,21 +195,13 @@ class ClusterApp:
             where = "local app"
         else:
             response = self.forwarder.forward(
-                environ, decision.endpoint.url, decision.path_qs, (self._hop,)
-            )
+                environ, decision.endpoint.url, decision.path_qs,
+                (self._hop_header(environ, decision.path_qs),))
             status, body = response.status, _read_limited(response.body)
             where = decision.endpoint.url
-        if not status.startswith("200"):
-            return reply(start_response, int(status[:3]), f"sockjs info from {where}: {status}")
-        try:
-            info = json.loads(body)
-            if not isinstance(info, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise UpstreamBroken(where, f"sockjs info is not a JSON object: {exc}") from None
-        info["base_url"] = decision.base_url
-        return reply(start_response, 200, json.dumps(info),
-                     content_type="application/json; charset=UTF-8")
+        code = int(status[:3]) if status[:3].isdigit() else 502
+        answer, payload, ctype = rewrite_info(code, body, decision.base_url, where)
+        return reply_bytes(start_response, answer, payload, ctype.decode("latin-1"))
 
     def _local_info(self, environ: dict[str, Any], path_qs: str) -> tuple[str, bytes]:
         assert self.local_app is not None
@@ -219,21 +222,8 @@ class ClusterApp:
         return captured.get("status", "500 Internal Server Error"), body
 
 
-_IDEMPOTENT_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def _replayable(environ: dict[str, Any]) -> bool:
-    """May a request whose endpoint broke before answering be sent to another?
-
-    Only bodiless GET/HEAD/OPTIONS: the endpoint may have acted on the request before
-    it died, and those are safe to repeat (nginx's ``proxy_next_upstream`` makes the
-    same choice for non-idempotent methods).
-    """
-    return (
-        environ.get("REQUEST_METHOD") in _IDEMPOTENT_WITHOUT_BODY
-        and environ.get("CONTENT_LENGTH") in (None, "", "0")
-        and "HTTP_TRANSFER_ENCODING" not in environ
-    )
+def _endpoint_of(decision: Any) -> Any:
+    return getattr(decision, "endpoint", None)
 
 
 def _read_limited(body: Iterable[bytes]) -> bytes:

@@ -5,7 +5,9 @@ relative URLs go to one live endpoint of the service. It stays on that endpoint 
 keep-alive connections are reused) until the endpoint leaves the discovery table or a
 request to it fails to connect; then it moves to another live endpoint and, when the
 request can safely be sent again, sends it there, so callers see no error for an
-endpoint that died.
+endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
+(cluster.proxy.attempts): a request that never reached the endpoint always moves; one
+that did only when it is a bodiless GET, HEAD or OPTIONS.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ConnectTimeout
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError
 from cluster.node import Cluster
+from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
 
 log = logging.getLogger(__name__)
-
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class NoEndpoint(ClusterError):
@@ -82,20 +83,38 @@ class ServiceClient(requests.Session):
         target = url.decode() if isinstance(url, bytes) else url
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
-        tried: set[str] = set()
-        while True:
-            endpoint = self._endpoint(frozenset(tried))
+        has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
+
+        def send(endpoint: Endpoint) -> requests.Response:
             try:
-                return super().request(method, endpoint.url + "/" + target.lstrip("/"),
-                                       *args, **kwargs)
+                return super(ServiceClient, self).request(
+                    method, endpoint.url + "/" + target.lstrip("/"), *args, **kwargs)
             except RequestsConnectionError as exc:
-                safe = _never_connected(exc) or method.upper() in IDEMPOTENT
-                self.node.eject(endpoint)
-                tried.add(endpoint.hash)
-                if not safe or len(tried) >= self.attempts:
-                    raise
-                log.warning("%s: %s failed (%s), trying another endpoint", self.service,
-                            endpoint.url, exc.__class__.__name__)
+                error: UpstreamConnectError | UpstreamBroken
+                if _never_connected(exc):
+                    error = UpstreamConnectError(endpoint.url, exc.__class__.__name__)
+                else:
+                    error = UpstreamBroken(endpoint.url, exc.__class__.__name__)
+                error.original = exc  # re-raised as requests raised it
+                raise error from exc
+
+        try:
+            return attempt(self._endpoint, send, endpoint_of=lambda e: e, node=self.node,
+                           retries=self.attempts - 1,
+                           may_replay=replayable(method.upper(), has_body),
+                           on_retry=self._moved)
+        except (UpstreamConnectError, UpstreamBroken) as exc:
+            original = getattr(exc, "original", None)
+            if original is not None:
+                raise original from None
+            raise
+
+    def _moved(self, endpoint: Endpoint, exc: Exception) -> None:
+        """The attempt loop moves on: a broken (not refused) endpoint is dropped too."""
+        if not isinstance(exc, UpstreamConnectError):
+            self.node.eject(endpoint)
+        log.warning("%s: %s failed (%s), trying another endpoint", self.service,
+                    endpoint.url, exc)
 
 
 _NODES: dict[str | None, Cluster] = {}

@@ -20,6 +20,8 @@ from typing import Any
 import gevent
 from gevent import get_hub
 
+from cluster.netio import wait_recv
+
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
@@ -35,7 +37,7 @@ class ClientConn:
     """One accepted client connection."""
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
-                 "timed_out", "requests", "hub", "write_timeout", "__weakref__")
+                 "timed_out", "requests", "hub", "write_timeout", "_relay", "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -50,6 +52,13 @@ class ClientConn:
         self.requests = 0
         self.hub = get_hub()
         self.write_timeout = write_timeout
+        self._relay: memoryview | None = None
+
+    def relay_buffer(self) -> memoryview:
+        """A buffer for moving body bytes, made once per connection that needs one."""
+        if self._relay is None:
+            self._relay = memoryview(bytearray(RECV_SIZE))
+        return self._relay
 
     def __repr__(self) -> str:
         return (f"<ClientConn {self.peer} {PHASE_NAMES[self.phase]} requests={self.requests}"
@@ -72,9 +81,10 @@ class ClientConn:
                     raise _CLOSED from None
                 self.hub.wait(event)
 
-    def fill(self) -> bool:
-        """Append what arrives to ``buf``; False at EOF."""
-        data = self.recv()
+    def fill(self, wait_first: bool = False) -> bool:
+        """Append what arrives to ``buf``; False at EOF. ``wait_first`` when nothing is
+        likely to be there yet (a keep-alive client between requests)."""
+        data = wait_recv(self.sock, RECV_SIZE) if wait_first else self.recv()
         if not data:
             return False
         self.buf += data

@@ -83,7 +83,9 @@ class Door:
         s = settings
         self.limits = Limits(s.max_request_line, s.max_header_line, s.max_head_size,
                              s.max_header_count)
-        self.pool = Pool(s.connect_timeout, s.read_timeout, 32, timers=False)
+        # Idle connections kept per endpoint: enough for every client of a busy balancer
+        # to find one (nginx's "keepalive" in an upstream block).
+        self.pool = Pool(s.connect_timeout, s.read_timeout, 256, timers=False)
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
@@ -158,7 +160,8 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
 class Connection:
     """One client connection's request loop."""
 
-    __slots__ = ("server", "door", "conn", "handler", "tunnelled")
+    __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
+                 "outcome")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -201,7 +204,7 @@ class Connection:
                 break
             if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
                 raise RequestError(414, "request line too long")
-            if not conn.fill():
+            if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
                 conn.expect(HEAD, header_timeout)
@@ -217,35 +220,19 @@ class Connection:
         """Answer ``head``; True when the connection may carry another request."""
         door = self.door
         started = time.monotonic()
-        view = self.view(head)
-        node = door.node
-        state = _Outcome()
-
-        def pick(tried: frozenset[str]) -> Any:
-            exclude = node.ejected()
-            if tried:
-                exclude = exclude | tried
-            return route(view, node.table, door.policy, exclude)
-
-        def send(decision: Any) -> bool:
-            if isinstance(decision, Proxy):
-                state.endpoint = decision.endpoint
-                return self.proxy(head, decision, state)
-            if isinstance(decision, Serve):
-                return self.serve_local(head, decision, state)
-            if isinstance(decision, Reply):
-                return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
-            if isinstance(decision, Status):
-                status, ctype, body = door.admin.respond(view.path, view.query)
-                return self.reply(head, state, status, body, ctype.encode())
-            state.endpoint = decision.endpoint
-            return self.sockjs_info(head, decision, state)
-
+        self.request = self.view(head)
+        self.head = head
+        state = self.outcome = _Outcome()
         try:
-            keep = attempt(pick, send, endpoint_of=_endpoint_of, node=node,
-                           retries=door.retries,
-                           may_replay=replayable(head.method, head.has_body),
-                           on_retry=lambda endpoint, exc: state.retry(door, endpoint, exc))
+            decision = self.pick(_NOTHING_TRIED)
+            try:
+                keep = self.send(decision)
+            except UpstreamError as first:
+                # The first try failed: the one attempt loop decides what happens next.
+                keep = attempt(self.pick, self.send, endpoint_of=_endpoint_of,
+                               node=door.node, retries=door.retries,
+                               may_replay=replayable(head.method, head.has_body),
+                               on_retry=self.retried, first=(decision, first))
         except UpstreamError as exc:
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
@@ -255,8 +242,38 @@ class Connection:
                 keep = self.reply(head, state, exc.status, f"upstream {exc.reason}\n".encode(),
                                   close=True)
         finally:
-            self.record(head, state, started)
+            if door.observer is not NULL_OBSERVER:
+                self.record(head, state, started)
         return keep
+
+    def retried(self, endpoint: Any, exc: UpstreamError) -> None:
+        self.outcome.retry(endpoint, exc)
+        self.door.observer.retried(endpoint.url, exc.reason)
+
+    def pick(self, tried: frozenset[str]) -> Any:
+        door = self.door
+        node = door.node
+        exclude = node.ejected()
+        if tried:
+            exclude = exclude | tried
+        return route(self.request, node.table, door.policy, exclude)
+
+    def send(self, decision: Any) -> bool:
+        head = self.head
+        state = self.outcome
+        if type(decision) is Proxy:
+            state.endpoint = decision.endpoint
+            return self.proxy(head, decision, state)
+        if isinstance(decision, Serve):
+            return self.serve_local(head, decision, state)
+        if isinstance(decision, Reply):
+            return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
+        if isinstance(decision, Status):
+            view = self.request
+            status, ctype, body = self.door.admin.respond(view.path, view.query)
+            return self.reply(head, state, status, body, ctype.encode())
+        state.endpoint = decision.endpoint
+        return self.sockjs_info(head, decision, state)
 
     def view(self, head: RequestHead) -> RequestView:
         """What routing looks at; the hop marker counts only if it proves membership."""
@@ -267,12 +284,12 @@ class Connection:
         hop = bool(head.hop) and self.door.hop.verify(head.hop, head.method, head.target,
                                                       self.conn.peer, self.door.node.table)
         return RequestView(
-            method=head.method.decode("latin-1"), path=path or "/", query=query,
-            cookie_header=head.cookie.decode("latin-1"), hop=hop,
-            host=head.host.decode("latin-1"),
-            forwarded_proto=head.forwarded_proto.decode("latin-1"),
-            forwarded_host=head.forwarded_host.decode("latin-1"),
-            remote_addr=self.conn.peer, raw_target=target)
+            head.method.decode("latin-1"), path or "/", query,
+            head.cookie.decode("latin-1") if head.cookie else "", hop, "http",
+            head.host.decode("latin-1"),
+            head.forwarded_proto.decode("latin-1") if head.forwarded_proto else "",
+            head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
+            self.conn.peer, target)
 
     def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
         observer = self.door.observer
@@ -454,6 +471,7 @@ class Connection:
 
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
+_NOTHING_TRIED: frozenset[str] = frozenset()
 
 
 class _Outcome:
@@ -472,10 +490,9 @@ class _Outcome:
         self.retries = 0
         self.websocket = False
 
-    def retry(self, door: Door, endpoint: Any, exc: UpstreamError) -> None:
+    def retry(self, endpoint: Any, exc: UpstreamError) -> None:
         self.retries += 1
         self.endpoint = None
-        door.observer.retried(endpoint.url, exc.reason)
 
 
 def _endpoint_of(decision: Any) -> Any:

@@ -34,6 +34,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 # name ":" value, where the value holds no CR, LF or NUL (tabs and obs-text are fine)
 _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*").fullmatch
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+").fullmatch
+# All field lines of a head at once: one C-level pass instead of one per line.
+_FIELD_BLOCK = re.compile(
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*").fullmatch
+# Hop-by-hop fields that are rare in responses, found in one pass when present.
+_RARE_HOP = re.compile(rb"\r\n(?:keep-alive|te|trailer|upgrade|proxy-[^:\r]*):")
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])").fullmatch
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 #: Response bodies by framing.
@@ -161,6 +168,18 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
 
 
+def _diagnose_request_line(line: bytes) -> None:
+    """Raise the right RequestError for a request line the fast regex refused."""
+    parts = line.split(b" ")
+    if len(parts) == 3:
+        version = parts[2]
+        if version[:5] == b"HTTP/" and len(version) == 8 and version[5:6].isdigit() and \
+                version[6:7] == b"." and version[7:8].isdigit():
+            if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+                raise RequestError(505, "HTTP version not supported")
+    raise RequestError(400, "malformed request line")
+
+
 def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestHead:
     """Parse ``head`` (from the request line up to, not including, the blank line).
 
@@ -168,34 +187,32 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
     """
     while head[:2] == CRLF:  # RFC 9112 2.2: ignore empty lines before the request line
         head = head[2:]
-    lines = head.split(CRLF)
-    line = lines[0]
+    eol = head.find(CRLF)
+    line, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])
     if len(line) > limits.request_line:
         raise RequestError(414, "request line too long")
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        raise RequestError(400, "malformed request line")
-    method, target, version = parts
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version[:5] == b"HTTP/" and len(version) == 8 and version[5:6].isdigit():
-            raise RequestError(505, "HTTP version not supported")
-        raise RequestError(400, "malformed request line")
-    if not _TOKEN(method) or not _TARGET(target):
-        raise RequestError(400, "malformed request line")
+    match = _REQUEST_LINE(line)
+    if match is None:
+        _diagnose_request_line(line)
+    method, target, version = match.groups()  # type: ignore[union-attr]
+    if len(block) > limits.header_line or len(block) > 4096:
+        lines = block.split(CRLF)
+        if len(lines) - 1 > limits.header_count:
+            raise RequestError(431, f"more than {limits.header_count} header fields")
+        if max(map(len, lines)) > limits.header_line:
+            raise RequestError(431, "header line too long")
+    if block and not _FIELD_BLOCK(block):
+        raise RequestError(400, "malformed header line")
+    lines = block.split(CRLF)
     if len(lines) - 1 > limits.header_count:
         raise RequestError(431, f"more than {limits.header_count} header fields")
     req = RequestHead(method, target, version)
     fields = req.fields
     special = _REQUEST_SPECIAL.get
-    max_line = limits.header_line
     transfer: list[bytes] = []
     lengths: list[bytes] = []
     hosts = 0
     for line in lines[1:]:
-        if len(line) > max_line:
-            raise RequestError(431, "header line too long")
-        if not _FIELD_LINE(line):
-            raise RequestError(400, "malformed header line")
         name, _, value = line.partition(b":")
         lname = name.lower()
         kind = special(lname)
@@ -288,13 +305,13 @@ class ResponseHead(NamedTuple):
         return pairs
 
 
-# All field lines of a head at once: one C-level pass instead of one per line.
-_FIELD_BLOCK = re.compile(
-    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*").fullmatch
-# Field names a proxy acts on or drops, as they appear in "\r\n" + the lower-cased block.
-_RESPONSE_SPECIAL = (b"\r\ncontent-length:", b"\r\ntransfer-encoding:", b"\r\nconnection:",
-                     b"\r\nkeep-alive:", b"\r\nte:", b"\r\ntrailer:", b"\r\nupgrade:",
-                     b"\r\nproxy-")
+def _field_value(block: bytes, low: bytes, at: int) -> tuple[bytes, int]:
+    """(stripped value, end index) of the line starting at ``at`` (its leading CRLF)."""
+    end = low.find(CRLF, at + 2)
+    if end < 0:
+        end = len(low)
+    colon = low.find(b":", at)
+    return block[colon + 1:end].strip(b" \t"), end
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -302,6 +319,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
 
     Raises ValueError for anything a careful proxy must not pass on: a bad status line,
     a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
+    Runs once per proxied response, hence the targeted searches rather than a loop
+    over every line.
     """
     eol = head.find(CRLF)
     first, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])  # block: CRLF...
@@ -313,39 +332,43 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status_line = first if reason else b"HTTP/1.1 " + code_b + b" " + _reason(code)
     if minor == b"0":
         status_line = b"HTTP/1.1" + status_line[8:]
-    if block and not _FIELD_BLOCK(block):
+    if not block:
+        return ResponseHead(code, status_line, b"", -1, False, b"", minor == b"1", b"")
+    if not _FIELD_BLOCK(block):
         raise ValueError("malformed header line in the response")
+    low = block.lower()
     length = -1
+    at = low.find(b"\r\ncontent-length:")
+    while at >= 0:
+        value, end = _field_value(block, low, at)
+        if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
+            raise ValueError(f"bad Content-Length {value[:40]!r}")
+        length = int(value)
+        at = low.find(b"\r\ncontent-length:", end)
+    cut: list[tuple[int, int]] = []
+    connection: list[bytes] = []
+    at = low.find(b"\r\nconnection:")
+    while at >= 0:
+        value, end = _field_value(block, low, at)
+        connection.extend(_tokens(value))
+        cut.append((at, end))
+        at = low.find(b"\r\nconnection:", end)
     transfer: list[bytes] = []
     raw_transfer = b""
-    connection: list[bytes] = []
+    at = low.find(b"\r\ntransfer-encoding:")
+    while at >= 0:
+        value, end = _field_value(block, low, at)
+        transfer.extend(_tokens(value))
+        raw_transfer = raw_transfer + b", " + value if raw_transfer else value
+        cut.append((at, end))
+        at = low.find(b"\r\ntransfer-encoding:", end)
     upgrade = b""
-    cut: list[tuple[int, int]] = []
-    low = block.lower()
-    for key in _RESPONSE_SPECIAL:
-        at = low.find(key)
-        while at >= 0:
-            end = low.find(CRLF, at + 2)
-            if end < 0:
-                end = len(low)
-            colon = low.find(b":", at)
-            value = block[colon + 1:end].strip(b" \t")
-            name = low[at + 2:colon]
-            at = low.find(key, end)
-            if name == b"content-length":
-                if not value.isdigit() or len(value) > 18 or \
-                        (length >= 0 and int(value) != length):
-                    raise ValueError(f"bad Content-Length {value[:40]!r}")
-                length = int(value)
-                continue  # kept in place: it frames the body for the next hop too
-            cut.append((colon - len(name) - 2, end))
-            if name == b"transfer-encoding":
-                transfer.extend(_tokens(value))
-                raw_transfer = raw_transfer + b", " + value if raw_transfer else value
-            elif name == b"connection":
-                connection.extend(_tokens(value))
-            elif name == b"upgrade":
+    if _RARE_HOP.search(low):
+        for found in _RARE_HOP.finditer(low):
+            value, end = _field_value(block, low, found.start())
+            if low[found.start() + 2:found.start() + 9] == b"upgrade":
                 upgrade = value
+            cut.append((found.start(), end))
     fields = block
     if cut:
         cut.sort()
@@ -356,12 +379,15 @@ def parse_response_head(head: bytes) -> ResponseHead:
             pos = end
         parts.append(block[pos:])
         fields = b"".join(parts)
-    keep = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
-    named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
-    if named and fields:  # fields named by Connection are hop-by-hop too
-        drop = set(named)
-        fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]
-                          if f.partition(b":")[0].lower() not in drop)
+    if connection:
+        keep = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
+        named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
+        if named and fields:  # fields named by Connection are hop-by-hop too
+            drop = set(named)
+            fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]
+                              if f.partition(b":")[0].lower() not in drop)
+    else:
+        keep = minor == b"1"
     chunked = bool(transfer) and transfer[-1] == b"chunked"
     return ResponseHead(code, status_line, fields, length, chunked, raw_transfer, keep,
                         upgrade)
@@ -496,3 +522,81 @@ class ChunkedScanner:
                     if self.trailer > _MAX_TRAILER:
                         raise ChunkError("trailer too long")
         return pos, pieces
+
+
+def find_response_head(buf: bytes) -> tuple[int, int]:
+    """(end of the head, length of its blank line) in ``buf``, or (-1, 0).
+
+    Responses may end their lines with a bare LF (RFC 9112 2.2 lets a recipient accept
+    that; some small servers do it): such a head is passed to :func:`crlf_head` first.
+    """
+    end = buf.find(HEAD_END)
+    bare = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
+    if bare >= 0:
+        return bare, 2
+    return (end, 4) if end >= 0 else (-1, 0)
+
+
+def crlf_head(head: bytes) -> bytes:
+    """A bare-LF head with CRLF line ends (a CR elsewhere stays and is refused later)."""
+    return head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def head_from_environ(environ: dict[str, object], target: bytes) -> RequestHead:
+    """A WSGI request as the core's RequestHead (for the WSGI adapter, which proxies
+    requests that another server already parsed)."""
+    def get(key: str) -> str:
+        value = environ.get(key)
+        return value if isinstance(value, str) else ""
+
+    method = (get("REQUEST_METHOD") or "GET").encode("latin-1")
+    version = b"HTTP/1.0" if get("SERVER_PROTOCOL") == "HTTP/1.0" else b"HTTP/1.1"
+    head = RequestHead(method, target, version)
+    fields = head.fields
+    for key, value in environ.items():
+        if key[:5] != "HTTP_" or not isinstance(value, str):
+            continue
+        # Names are case-insensitive, but some servers are not: write the usual spelling.
+        name = "-".join(part.capitalize() for part in key[5:].split("_")).replace(
+            "Websocket", "WebSocket")
+        line = f"{name}: {value}".encode("latin-1")
+        kind = _REQUEST_SPECIAL.get(name.lower().encode("latin-1"))
+        raw = value.strip().encode("latin-1")
+        if kind is None:
+            if name.lower().startswith("proxy-"):
+                continue
+            fields.append(line)
+        elif kind == _HOST:
+            head.host = raw
+        elif kind == _CONNECTION:
+            head.connection = tuple(_tokens(raw))
+        elif kind == _UPGRADE:
+            head.upgrade = raw
+        elif kind == _COOKIE:
+            head.cookie = raw
+        elif kind == _HOP:
+            head.hop = raw
+        elif kind == _TRANSFER:
+            head.chunked = raw.lower() == b"chunked"
+        elif kind == _XFF:
+            head.forwarded_for = raw
+        elif kind == _XFP:
+            head.forwarded_proto = raw
+        elif kind == _XFH:
+            head.forwarded_host = raw
+        elif kind == _FORWARDED:
+            head.forwarded = raw
+        elif kind == _REAL_IP:
+            head.real_ip = raw
+        elif kind == _VIA:
+            head.via = raw
+        # Content-Length/-Type come without the prefix; Expect is answered by the server
+    ctype = get("CONTENT_TYPE")
+    if ctype:
+        fields.append(b"Content-Type: " + ctype.encode("latin-1"))
+    length = get("CONTENT_LENGTH")
+    if length.isdigit() and not head.chunked:
+        head.content_length = int(length)
+    if head.connection:
+        head.keep_alive = b"close" not in head.connection
+    return head

@@ -355,9 +355,13 @@ def test_upgrade_request_head_headers() -> None:
     assert as_dict["Sec-WebSocket-Key"] == "k"
     assert (as_dict["Upgrade"], as_dict["Connection"]) == ("websocket", "Upgrade")
     assert as_dict["Host"] == "front:80"
-    assert as_dict["X-Forwarded-For"] == "10.0.0.1, 192.0.2.7"
+    # 192.0.2.7 is no trusted proxy: what it claims is replaced by what was seen
+    assert as_dict["X-Forwarded-For"] == "192.0.2.7"
     assert as_dict["X-Forwarded-Host"] == "front:80"
     assert as_dict["X-Forwarded-Proto"] == "http"
+    trusted = upgrade_request_head(environ, "/p", "10.0.0.9:3000",
+                                   trusted_proxies=frozenset({"192.0.2.7"}))
+    assert dict(_parse_request(trusted)[1])["X-Forwarded-For"] == "10.0.0.1, 192.0.2.7"
     assert as_dict["Via"] == "1.0 edge, 1.1 cluster"
     assert names.count("x-cluster-hop") == 1 and as_dict["X-Cluster-Hop"] == "1"
     assert len(names) == len(set(names))
@@ -408,7 +412,7 @@ def test_pump_generic_path_copies_then_closes_both() -> None:
     copy loop: bytes pass in order, and EOF on the source closes the destination."""
     import threading
 
-    from cluster.proxy.websocket import _plain_gevent_socket, _pump
+    from cluster.proxy.tunnel import _plain_gevent_socket, _pump
 
     a_out, a_in = socket.socketpair()
     b_in, b_out = socket.socketpair()
@@ -436,7 +440,7 @@ def test_pump_fast_path_on_gevent_sockets_and_close_from_other_direction() -> No
     import gevent
     from gevent import socket as gsocket
 
-    from cluster.proxy.websocket import _plain_gevent_socket, _pump
+    from cluster.proxy.tunnel import _plain_gevent_socket, _pump
 
     a_out, a_in = gsocket.socketpair()
     b_in, b_out = gsocket.socketpair()

@@ -36,28 +36,34 @@ def replayable(method: str | bytes, has_body: bool) -> bool:
 
 def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             endpoint_of: Callable[[D], Any], node: Any, retries: int,
-            may_replay: bool, on_retry: Callable[[Any, UpstreamError], None] | None = None
-            ) -> T:
+            may_replay: bool, on_retry: Callable[[Any, UpstreamError], None] | None = None,
+            first: tuple[D, UpstreamError] | None = None) -> T:
     """``send(pick(tried))`` until it succeeds or may not try again; raises the last
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
     decision sends to (None for one that needs no endpoint); ``node.eject(endpoint)``
-    is called for an endpoint that refused the connection."""
+    is called for an endpoint that refused the connection. ``first``: a decision
+    already tried and how it failed (a caller's own fast first try)."""
     tried: set[str] = set()
+    failed = first
     while True:
-        decision = pick(frozenset(tried))
-        try:
-            return send(decision)
-        except UpstreamError as exc:
-            endpoint = endpoint_of(decision)
-            if endpoint is None:
-                raise
-            if exc.retryable:
-                node.eject(endpoint)
-            again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
-                                      and not exc.answered)
-            if not again or len(tried) >= retries:
-                raise
-            tried.add(endpoint.hash)
-            log.warning("%s; trying another endpoint", exc)
-            if on_retry is not None:
-                on_retry(endpoint, exc)
+        if failed is None:
+            decision = pick(frozenset(tried))
+            try:
+                return send(decision)
+            except UpstreamError as error:
+                failed = (decision, error)
+        decision, exc = failed
+        failed = None
+        endpoint = endpoint_of(decision)
+        if endpoint is None:
+            raise exc
+        if exc.retryable:
+            node.eject(endpoint)
+        again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
+                                  and not exc.answered)
+        if not again or len(tried) >= retries:
+            raise exc
+        tried.add(endpoint.hash)
+        log.warning("%s; trying another endpoint", exc)
+        if on_retry is not None:
+            on_retry(endpoint, exc)

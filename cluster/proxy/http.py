@@ -1,4 +1,7 @@
-"""Streaming HTTP/1.1 forwarding of one WSGI request to one endpoint.
+"""Streaming HTTP/1.1 forwarding of one WSGI request to one endpoint: the WSGI adapter's
+proxy (``cluster.wrap()`` under a server we do not own; the front door relays bytes
+itself, in cluster.proxy.relay). Both build heads and read framing with cluster.http1
+and connect through cluster.proxy.upstream, so http and https endpoints work alike.
 
 :class:`HttpForwarder` sends the request (head, then the body streamed from
 ``wsgi.input``) over a pooled keep-alive connection and returns as soon as the upstream
@@ -32,7 +35,8 @@ Policy choices and known weak spots:
 - Chunked request bodies are re-chunked in pieces of up to 64 KiB: fine for uploads,
   but a trickling chunked upload reaches the upstream in 64 KiB steps, not per chunk.
 - A response with a Transfer-Encoding other than plain ``chunked`` or with obsolete
-  header line folding is refused as broken (502) rather than mangled.
+  header line folding is refused as broken (502) rather than mangled; a head whose
+  lines end in bare LF is accepted (RFC 9112 2.2).
 - A HEAD response that carried no Content-Length gets ``Content-Length: 0`` from
   pywsgi (the alternative, its chunked framing, would put body bytes after a HEAD).
 - A connection that carried a HEAD is closed, not pooled: pywsgi, for one, sends the
@@ -46,11 +50,24 @@ import errno
 import functools
 import logging
 import socket as stdsocket
-from http import HTTPStatus
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
 from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout
+from cluster.http1 import (
+    CHUNKED,
+    FIXED,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ChunkedScanner,
+    ChunkError,
+    crlf_head,
+    find_response_head,
+    head_from_environ,
+    parse_response_head,
+    response_framing,
+)
+from cluster.proxy.relay import Forwarding, request_head
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
@@ -60,81 +77,33 @@ log = logging.getLogger(__name__)
 BUFFER_LIMIT = 64 * 1024
 #: environ key holding a small request body already read from wsgi.input.
 BODY_KEY = "cluster.body"
-#: Largest piece read from a socket or wsgi.input at once.
-RECV_SIZE = 256 * 1024
+#: Largest piece read from a socket or wsgi.input at once (see cluster.netio).
+RECV_SIZE = 64 * 1024
 INPUT_CHUNK = 64 * 1024
 #: A response head larger than this is refused (nginx's default is 4-8 KiB).
 MAX_HEAD = 64 * 1024
-VIA = "1.1 cluster"
 
-# Request headers (as WSGI environ keys) never forwarded: hop-by-hop ones, and
-# Expect (answered by the WSGI server, see the module docstring).
-_REQUEST_DROP = frozenset({
-    "HTTP_CONNECTION", "HTTP_KEEP_ALIVE", "HTTP_TE", "HTTP_TRAILER",
-    "HTTP_TRANSFER_ENCODING", "HTTP_UPGRADE", "HTTP_EXPECT",
-    "HTTP_CONTENT_LENGTH", "HTTP_CONTENT_TYPE",  # only from non-pywsgi servers
-})
-# What _parse_head does with a response header, by lower-case name; Proxy-* (hop-by-hop)
-# is matched by prefix, every other header is passed back.
-_HOP, _CONNECTION, _LENGTH, _TRANSFER = range(4)
-_RESPONSE_SPECIAL = {"keep-alive": _HOP, "te": _HOP, "trailer": _HOP, "upgrade": _HOP,
-                     "connection": _CONNECTION, "content-length": _LENGTH,
-                     "transfer-encoding": _TRANSFER}
-
-_HEADER_NAMES: dict[str, str] = {
-    "HTTP_ACCEPT": "Accept", "HTTP_ACCEPT_ENCODING": "Accept-Encoding",
-    "HTTP_ACCEPT_LANGUAGE": "Accept-Language", "HTTP_AUTHORIZATION": "Authorization",
-    "HTTP_CACHE_CONTROL": "Cache-Control", "HTTP_COOKIE": "Cookie",
-    "HTTP_USER_AGENT": "User-Agent", "HTTP_REFERER": "Referer", "HTTP_ORIGIN": "Origin",
-    "HTTP_IF_NONE_MATCH": "If-None-Match", "HTTP_IF_MODIFIED_SINCE": "If-Modified-Since",
-}
-
-_NO_BODY, _FIXED, _CHUNKED, _UNTIL_CLOSE = range(4)
-
-
-def _header_name(key: str) -> str:
-    """'HTTP_X_FORWARDED_FOR' -> 'X-Forwarded-For' (cached: names repeat)."""
-    name = _HEADER_NAMES.get(key)
-    if name is None:
-        name = "-".join(part.capitalize() for part in key[5:].split("_"))
-        if len(_HEADER_NAMES) < 2048:
-            _HEADER_NAMES[key] = name
-    return name
-
-
-def _environ_key(name: str) -> str:
-    return "HTTP_" + name.strip().upper().replace("-", "_")
-
-
-_SYNTHESIZED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                          "via", "content-type"})
 _FRAMING_AND_HOP = frozenset({"content-length", "transfer-encoding", "connection",
                                "keep-alive", "te", "trailer", "upgrade", "expect"})
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_added(add_headers: tuple[tuple[str, str], ...]) -> tuple[frozenset[str], frozenset[str]]:
-    """(environ keys the added headers replace, synthesized names they override).
+def _added_lines(add_headers: tuple[tuple[str, str], ...]) -> tuple[bytes, frozenset[bytes]]:
+    """(the CRLF-joined lines, their lower-case names) for ``add_headers``.
 
     Callers pass the same few tuples on every request (the hop marker), so the check
-    and the sets are made once per distinct tuple, not once per request.
+    is made once per distinct tuple, not once per request. ValueError for framing,
+    hop-by-hop or malformed ones (a caller's mistake that would corrupt the request).
     """
-    replaced = _check_add_headers(add_headers)
-    drop = frozenset(_environ_key(n) for n in replaced if n not in _SYNTHESIZED)
-    return drop, frozenset(replaced & _SYNTHESIZED)
-
-
-def _check_add_headers(add_headers: Sequence[tuple[str, str]]) -> set[str]:
-    """Lower-case names of ``add_headers``; ValueError for framing, hop-by-hop or
-    malformed ones (a caller's mistake that would corrupt the request)."""
     names = set()
     for name, value in add_headers:
         lname = name.lower()
         if lname in _FRAMING_AND_HOP or not name or any(c in name for c in ":\r\n \t") or \
                 "\r" in value or "\n" in value:
             raise ValueError(f"cannot add header {name!r}: {value!r}")
-        names.add(lname)
-    return names
+        names.add(lname.encode("latin-1"))
+    lines = "\r\n".join(f"{name}: {value}" for name, value in add_headers)
+    return lines.encode("latin-1"), frozenset(names)
 
 
 def request_target(environ: dict[str, Any]) -> str:
@@ -157,6 +126,8 @@ class UpstreamBodyAborted(UpstreamBroken, ConnectionResetError):
     client connection quietly instead of printing a traceback, and the client sees a
     truncated response rather than a complete-looking one. It is logged once, here.
     """
+
+    answered = True
 
     def __init__(self, endpoint: str, reason: str) -> None:
         UpstreamBroken.__init__(self, endpoint, reason)
@@ -203,10 +174,12 @@ class HttpForwarder:
     """Forwards WSGI requests to endpoints over pooled keep-alive connections."""
 
     def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 300.0,
-                 max_idle_per_endpoint: int = 32) -> None:
+                 max_idle_per_endpoint: int = 32,
+                 trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._pool = Pool(connect_timeout, read_timeout, max_idle_per_endpoint)
+        self.forwarding = Forwarding(trusted_proxies)
 
     def __repr__(self) -> str:
         return f"<HttpForwarder [{self._pool.state()}]>"
@@ -216,11 +189,15 @@ class HttpForwarder:
         ends (nothing is pooled any more)."""
         self._pool.close()
 
+    def retain(self, urls: Any) -> None:
+        """Close idle connections of endpoints not in ``urls`` (they left the table)."""
+        self._pool.retain(urls)
+
     # --- the request -------------------------------------------------------------
 
     def forward(self, environ: dict[str, Any], endpoint_url: str, path_qs: str,
                 add_headers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
-        """Send the WSGI request to ``endpoint_url`` ('http://host:port') with
+        """Send the WSGI request to ``endpoint_url`` ('http(s)://host:port') with
         request-target ``path_qs``; return once the response head is read.
 
         Raises UpstreamConnectError (nothing sent: another endpoint may be tried),
@@ -229,17 +206,20 @@ class HttpForwarder:
         ``add_headers`` replace any incoming header of the same name; ValueError for a
         framing or hop-by-hop one, CR/LF in them or a space in ``path_qs``.
         """
+        if " " in path_qs or "\n" in path_qs or "\r" in path_qs or not path_qs:
+            raise ValueError(f"bad request-target {path_qs[:60]!r}")
         method = environ["REQUEST_METHOD"]
         pool = self._pool
         target = pool.target(endpoint_url)
         stream = environ["wsgi.input"]
-        length_s = environ.get("CONTENT_LENGTH")
+        head = head_from_environ(environ, path_qs.encode("latin-1"))
         body = b""
-        length = 0
-        chunked = False
-        if length_s:
-            length = int(length_s)
-            framing = f"Content-Length: {length}\r\n"
+        length = head.content_length if head.content_length > 0 else 0
+        if head.chunked:
+            # pywsgi de-chunks wsgi.input; the length is unknown, so chunk again.
+            framing = b"Transfer-Encoding: chunked"
+        elif head.content_length >= 0:
+            framing = b"Content-Length: %d" % head.content_length
             if length <= BUFFER_LIMIT:
                 # Kept in the environ: when this endpoint refuses the connection, the
                 # caller retries another one, and the client's body is read only once.
@@ -251,27 +231,35 @@ class HttpForwarder:
                     environ[BODY_KEY] = body
                 else:
                     body = kept
-        elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-            # pywsgi de-chunks wsgi.input; the length is unknown, so chunk again.
-            chunked = True
-            framing = "Transfer-Encoding: chunked\r\n"
         else:
-            framing = ""
-        streamed = chunked or length > BUFFER_LIMIT
-
-        head = self._head(environ, method, path_qs, target.hostport, add_headers, framing)
+            framing = b""
+        streamed = head.chunked or length > BUFFER_LIMIT
+        extra = b""
+        forwarded = self.forwarding.lines(head, str(environ.get("REMOTE_ADDR") or ""))
+        if add_headers:
+            extra, names = _added_lines(tuple(add_headers))
+            head.fields = [f for f in head.fields
+                           if f.partition(b":")[0].strip().lower() not in names]
+            forwarded = [f for f in forwarded if f.partition(b":")[0].lower() not in names]
+            if b"host" in names:  # the added Host replaces the client's
+                head.host = b""
+        out = request_head(head, head.target, target.hostport.encode("latin-1"), forwarded,
+                           extra, framing)
+        if add_headers and b"host" in names:
+            out = out.replace(b"\r\nHost: " + target.hostport.encode("latin-1") + b"\r\n",
+                              b"\r\n", 1)
         if body:
-            head += body
+            out += body
         conn = None if streamed else pool.acquire(endpoint_url)
         while True:
             if conn is None:
                 conn = pool.open(endpoint_url)  # UpstreamConnectError: nothing sent
             try:
                 if streamed:
-                    early = self._send_streamed(conn, head, stream, length, chunked)
+                    early = self._send_streamed(conn, out, stream, length, head.chunked)
                 else:
                     early = False
-                    self._send(conn, head)
+                    self._send(conn, out)
                 return self._response(conn, method, early)
             except _Stale:
                 log.debug("%s: pooled connection was closed, retrying on a new one",
@@ -281,63 +269,6 @@ class HttpForwarder:
             except BaseException:
                 conn.close()
                 raise
-
-    def _head(self, environ: dict[str, Any], method: str, path_qs: str, hostport: str,
-              add_headers: Sequence[tuple[str, str]], framing: str) -> bytes:
-        """The request head, with hop-by-hop headers removed and X-Forwarded-* added."""
-        drop = _REQUEST_DROP
-        named = environ.get("HTTP_CONNECTION")
-        if named:  # headers the client named in Connection are hop-by-hop too
-            drop = drop | {_environ_key(t) for t in named.split(",") if t.strip()}
-        overridden: frozenset[str] = frozenset()
-        if add_headers:  # ours (Host, X-Forwarded-*...) are filtered below, after use
-            replaced_keys, overridden = _plan_added(tuple(add_headers))
-            if replaced_keys:
-                drop = drop | replaced_keys
-        if " " in path_qs or "\n" in path_qs or "\r" in path_qs or not path_qs:
-            raise ValueError(f"bad request-target {path_qs[:60]!r}")
-        host = xff = proto = fwd_host = via = None
-        out = [f"{method} {path_qs} HTTP/1.1\r\n"]
-        for key, value in environ.items():
-            if key[:5] != "HTTP_" or key in drop:
-                continue
-            if key == "HTTP_HOST":
-                host = value
-            elif key[:16] == "HTTP_X_FORWARDED":
-                if key == "HTTP_X_FORWARDED_FOR":
-                    xff = value
-                elif key == "HTTP_X_FORWARDED_PROTO":
-                    proto = value
-                elif key == "HTTP_X_FORWARDED_HOST":
-                    fwd_host = value
-                else:
-                    out.append(f"{_header_name(key)}: {value}\r\n")
-            elif key == "HTTP_VIA":
-                via = value
-            elif key[:11] != "HTTP_PROXY_":  # Proxy-* are hop-by-hop (and httpoxy)
-                out.append(f"{_header_name(key)}: {value}\r\n")
-        remote = environ.get("REMOTE_ADDR")
-        if remote:
-            xff = f"{xff}, {remote}" if xff else remote
-        ctype = environ.get("CONTENT_TYPE")
-        ours = [
-            f"Host: {host or hostport}\r\n",
-            f"X-Forwarded-For: {xff}\r\n" if xff else "",
-            # A previous hop's scheme and host are the client's, so they win.
-            f"X-Forwarded-Proto: {proto or environ.get('wsgi.url_scheme', 'http')}\r\n",
-            f"X-Forwarded-Host: {fwd_host or host}\r\n" if (fwd_host or host) else "",
-            f"Via: {via}, {VIA}\r\n" if via else f"Via: {VIA}\r\n",
-            f"Content-Type: {ctype}\r\n" if ctype else "",
-            framing,
-        ]
-        if add_headers:
-            if overridden:
-                ours = [line for line in ours
-                        if line.split(":", 1)[0].lower() not in overridden]
-            ours.extend(f"{name}: {value}\r\n" for name, value in add_headers)
-        out[1:1] = ours
-        out.append("\r\n")
-        return "".join(out).encode("latin-1")
 
     def _send(self, conn: Connection, data: bytes) -> None:
         try:
@@ -393,13 +324,7 @@ class HttpForwarder:
         buf = conn.buf
         got = bool(buf)
         while True:  # until a final (non-1xx) response head
-            # The head ends at the first blank line, CRLF or (tolerated) bare LF; the
-            # LF search stops where a CRLF end was found, so it stays short.
-            end = buf.find(b"\r\n\r\n")
-            sep = 4
-            bare = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
-            if bare >= 0:
-                end, sep = bare, 2
+            end, sep = find_response_head(buf)
             if end < 0:
                 if len(buf) > MAX_HEAD:
                     raise UpstreamBroken(url, f"response head larger than {MAX_HEAD} bytes")
@@ -418,37 +343,48 @@ class HttpForwarder:
                     raise UpstreamBroken(url, "closed the connection before a response")
                 got = True
                 buf += data
+                if len(buf) > MAX_HEAD and find_response_head(buf)[0] < 0:
+                    raise UpstreamBroken(url, f"response head larger than {MAX_HEAD} bytes")
                 continue
-            head = _parse_head(url, buf[:end], sep == 4)
+            raw = buf[:end] if sep == 4 else crlf_head(buf[:end])
+            try:
+                head = parse_response_head(raw)
+            except ValueError as exc:
+                raise UpstreamBroken(url, str(exc)) from None
             buf = buf[end + sep:]
-            code = head.code
-            if code >= 200:
+            if head.code >= 200:
                 break
-            if code == 101:
+            if head.code == 101:
                 raise UpstreamBroken(url, "switched protocols without being asked to")
             # 100 Continue, 102, 103 Early Hints: interim, skipped.
-
-        mode, length, headers = _body_mode(url, method, head)
-        keep = head.keep and not early and mode != _UNTIL_CLOSE
+        mode, length = response_framing(method.encode("latin-1"), head)
+        if head.transfer and not head.chunked:
+            raise UpstreamBroken(url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}")
+        headers = head.field_pairs()
+        if (mode == CHUNKED or mode == NO_BODY) and head.length >= 0 and method != "HEAD":
+            # pywsgi refuses a non-zero Content-Length on 204/304; with chunked framing
+            # the Content-Length must not pass.
+            headers = [h for h in headers if h[0].lower() != "content-length"]
+        keep = head.keep_alive and not early and mode != UNTIL_CLOSE
         if method == "HEAD":
             # Some servers (pywsgi among them) send the body anyway: were the connection
             # reused, those bytes would be read as the next response.
             keep = False
-        status = head.status
+        status = head.status_line[9:].decode("latin-1")
 
         pool = self._pool
-        if mode == _NO_BODY:
+        if mode == NO_BODY:
             conn.buf = buf
             body: Any = _EMPTY
-        elif mode == _FIXED and len(buf) >= length:
+        elif mode == FIXED and len(buf) >= length:
             conn.buf = buf[length:]
             body = _Complete((buf[:length],)) if length else _EMPTY
         else:
             conn.buf = b""
-            if mode == _FIXED:
+            if mode == FIXED:
                 return UpstreamResponse(status, headers,
                                         self._fixed_body(conn, buf, length, keep), url)
-            if mode == _CHUNKED:
+            if mode == CHUNKED:
                 return UpstreamResponse(status, headers,
                                         self._chunked_body(conn, buf, keep), url)
             return UpstreamResponse(status, headers, self._until_close_body(conn, buf), url)
@@ -508,161 +444,32 @@ class HttpForwarder:
             conn.close()
 
     def _chunked_body(self, conn: Connection, buf: bytes, keep: bool) -> Iterator[bytes]:
-        """Decode chunked framing incrementally, yielding data as it arrives."""
+        """Decode chunked framing incrementally (cluster.http1's scanner), yielding data
+        as it arrives."""
         url = conn.target.url
+        scanner = ChunkedScanner(decode=True)
         ok = False
         done = 0
         try:
             while True:
-                # chunk-size [; ext] CRLF
-                while (eol := buf.find(b"\n")) < 0:
-                    if len(buf) > 4096:
-                        raise self._garbled(url, done, "chunk size line too long")
-                    buf += self._recv(conn, RECV_SIZE, done)
-                line = buf[:eol].split(b";", 1)[0].strip()
-                buf = buf[eol + 1:]
                 try:
-                    size = int(line, 16)
-                except ValueError:
-                    size = -1
-                if size < 0 or not line or line[:1] in b"+-":
-                    raise self._garbled(url, done, f"bad chunk size {line[:20]!r}")
-                if size == 0:
-                    break
-                while size > 0:
-                    if not buf:
-                        buf = self._recv(conn, RECV_SIZE, done)
-                    piece = buf[:size]
-                    buf = buf[len(piece):]
-                    size -= len(piece)
+                    used, pieces = scanner.feed(buf)
+                except ChunkError as exc:
+                    log.warning("%s: response body garbled after %d bytes: %s", url, done, exc)
+                    raise UpstreamBodyAborted(url, f"response body garbled: {exc}") from None
+                for piece in pieces:
                     done += len(piece)
                     yield piece
-                while len(buf) < 2:
-                    if buf == b"\n":
-                        break
-                    buf += self._recv(conn, RECV_SIZE, done)
-                if buf[:2] == b"\r\n":
-                    buf = buf[2:]
-                elif buf[:1] == b"\n":
-                    buf = buf[1:]
-                else:
-                    raise self._garbled(url, done, "chunk data not followed by CRLF")
-            # trailer fields (dropped), then the empty line
-            while True:
-                while (eol := buf.find(b"\n")) < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise self._garbled(url, done, "trailer too long")
-                    buf += self._recv(conn, RECV_SIZE, done)
-                line = buf[:eol]
-                buf = buf[eol + 1:]
-                if line in (b"", b"\r"):
+                if scanner.done:
+                    conn.buf = buf[used:]
                     break
-            conn.buf = buf
+                buf = self._recv(conn, RECV_SIZE, done)
             ok = True
         finally:
             if ok and keep:
                 self._pool.release(conn)
             else:
                 conn.close()
-
-    @staticmethod
-    def _garbled(url: str, done: int, reason: str) -> UpstreamBodyAborted:
-        log.warning("%s: response body garbled after %d bytes: %s", url, done, reason)
-        return UpstreamBodyAborted(url, f"response body garbled: {reason}")
-
-
-class _Head(NamedTuple):
-    status: str  # "200 OK"
-    code: int
-    headers: list[tuple[str, str]]  # end-to-end ones, Transfer-Encoding excluded
-    keep: bool  # the upstream keeps the connection open after this response
-    length: int  # Content-Length, or -1
-    transfer: str | None  # Transfer-Encoding, when present
-
-
-def _parse_head(url: str, raw: bytes, crlf: bool) -> _Head:
-    """Parse one response head (without its blank line); hop-by-hop headers dropped.
-
-    One pass over the lines: this runs once per proxied request.
-    """
-    text = raw.decode("latin-1")
-    if crlf:
-        lines = text.split("\r\n")
-        stray = text.count("\r") != len(lines) - 1 or text.count("\n") != len(lines) - 1
-    else:
-        lines = [line.rstrip("\r") for line in text.split("\n")]
-        stray = any("\r" in line for line in lines)
-    first = lines[0]
-    if stray:  # a CR or LF inside a line: never valid, and pywsgi would refuse to send it
-        raise UpstreamBroken(url, "bare CR or LF in the response head")
-    code_s = first[9:12]
-    if first[:7] != "HTTP/1." or first[8:9] != " " or not code_s.isdigit() or \
-            (len(first) > 12 and first[12] != " "):
-        raise UpstreamBroken(url, f"bad status line {first[:40]!r}")
-    code = int(code_s)
-    status = first[9:].rstrip()
-    if len(status) == 3:
-        try:
-            status = f"{code} {HTTPStatus(code).phrase}"
-        except ValueError:
-            status = f"{code} Unknown"
-    headers: list[tuple[str, str]] = []
-    append = headers.append
-    named: list[str] = []
-    length = -1
-    transfer = None
-    special = _RESPONSE_SPECIAL.get
-    lines_iter = iter(lines)
-    next(lines_iter)
-    for line in lines_iter:
-        name, sep, value = line.partition(":")
-        # name[:1] / name[-1:] are "" for an empty name, and "" is in any string
-        if not sep or name[-1:] in " \t" or name[:1] in " \t":
-            # includes obsolete line folding, which a proxy must reject or unfold
-            raise UpstreamBroken(url, f"bad header line {line[:40]!r}")
-        value = value.strip(" \t")
-        lname = name.lower()
-        kind = special(lname)
-        if kind is None:
-            if lname[:6] != "proxy-":
-                append((name, value))
-        elif kind == _LENGTH:
-            if not (value.isascii() and value.isdigit()) or \
-                    (length >= 0 and int(value) != length):
-                raise UpstreamBroken(url, f"bad Content-Length {value[:40]!r}")
-            length = int(value)
-            append((name, value))
-        elif kind == _TRANSFER:
-            transfer = value if transfer is None else f"{transfer}, {value}"
-        elif kind == _CONNECTION:
-            named.extend(token.strip().lower() for token in value.split(","))
-    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked.
-    keep = "close" not in named if first[7] == "1" else "keep-alive" in named
-    drop = {token for token in named if token not in ("close", "keep-alive", "")}
-    if drop:  # headers named by Connection are hop-by-hop too
-        headers = [h for h in headers if h[0].lower() not in drop]
-    return _Head(status, code, headers, keep, length, transfer)
-
-
-def _body_mode(url: str, method: str, head: _Head) -> tuple[int, int, list[tuple[str, str]]]:
-    """How the response body is framed (RFC 9112 6.3): (mode, length, headers to pass)."""
-    headers = head.headers
-    if method == "HEAD":
-        return _NO_BODY, 0, headers
-    if head.code == 204 or head.code == 304:
-        # pywsgi refuses a non-zero Content-Length on them; a 304 may carry one.
-        if head.length >= 0:
-            headers = [h for h in headers if h[0].lower() != "content-length"]
-        return _NO_BODY, 0, headers
-    if head.transfer is not None:
-        if head.transfer.strip().lower() != "chunked":
-            raise UpstreamBroken(url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}")
-        if head.length >= 0:  # Transfer-Encoding wins; a Content-Length must not pass
-            headers = [h for h in headers if h[0].lower() != "content-length"]
-        return _CHUNKED, -1, headers
-    if head.length >= 0:
-        return _FIXED, head.length, headers
-    return _UNTIL_CLOSE, -1, headers
 
 
 __all__ = ["HttpForwarder", "UpstreamResponse", "UpstreamBodyAborted", "UpstreamError",

@@ -47,12 +47,15 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
+from cluster.netio import send_all, wait_recv, wait_recv_into
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
 
 #: Largest response head accepted from an endpoint, checked on every read.
 MAX_RESPONSE_HEAD = 65536
+#: Largest single read (see cluster.netio on why not more).
+RECV_SIZE = 65536
 #: Request bodies up to this size that are already in the buffer are kept for a resend.
 RESEND_LIMIT = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -99,7 +102,8 @@ class Forwarding:
 
 def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: list[bytes],
                  hop: bytes, framing: bytes, upgrade: bool = False) -> bytes:
-    """The head sent to the endpoint (see the module docstring)."""
+    """The head sent to the endpoint (see the module docstring). ``hop`` holds the hop
+    marker line (or any CRLF-joined lines to add last; b"" for none)."""
     fields = head.fields
     named = [t for t in head.connection if t not in (b"close", b"keep-alive", b"upgrade")]
     if named:  # fields the client named in Connection are hop-by-hop too
@@ -115,7 +119,8 @@ def request_head(head: RequestHead, target: bytes, hostport: bytes, forwarded: l
         parts.append(b"Upgrade: " + head.upgrade)
         parts.append(b"Connection: Upgrade")
     parts += forwarded
-    parts.append(hop)
+    if hop:
+        parts.append(hop)
     return CRLF.join(parts) + HEAD_END
 
 
@@ -157,11 +162,13 @@ class Exchange:
                 if self.head.expect_continue and (streamed or body):
                     self.head.expect_continue = False
                     client.send(CONTINUE)
+                client.expect(UPSTREAM, pool.read_timeout)
                 if streamed:
-                    conn.sock.sendall(out_head)
+                    send_all(conn.sock, out_head)
                     self._stream_body(conn)
                 else:
-                    conn.sock.sendall(out_head + body if body else out_head)
+                    send_all(conn.sock, out_head + body if body else out_head)
+                client.phase = NONE
                 self._read_head(conn)
                 return
             except _Stale:
@@ -194,17 +201,19 @@ class Exchange:
                         if not client.fill():
                             raise _ClientGone("client closed in the middle of its body")
                     used, _ = scanner.feed(bytes(client.buf))
-                    sock.sendall(client.buf[:used])
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                    send_all(sock, client.buf[:used])
                     del client.buf[:used]
             else:
                 left = head.content_length
                 while left > 0:
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
-                    data = client.take(min(left, 262144))
+                    data = client.take(min(left, RECV_SIZE))
                     if not data:
                         raise _ClientGone("client closed in the middle of its body")
-                    sock.sendall(data)
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                    send_all(sock, data)
                     left -= len(data)
         except ChunkError as exc:
             raise _ClientGone(f"bad chunked body: {exc}") from None
@@ -229,7 +238,7 @@ class Exchange:
                     raise UpstreamBroken(self.url, "response head larger than 64 KiB")
                 client.expect(UPSTREAM, self.pool.read_timeout)
                 try:
-                    data = conn.sock.recv(262144)
+                    data = wait_recv(conn.sock, RECV_SIZE)
                 except OSError as exc:
                     if not buf and conn.reused and not client.timed_out:
                         raise _Stale() from None
@@ -338,7 +347,7 @@ class Exchange:
         client = self.client
         client.expect(UPSTREAM, self.pool.read_timeout)
         try:
-            data: bytes = conn.sock.recv(262144)
+            data = wait_recv(conn.sock, RECV_SIZE)
         except OSError as exc:
             error = self._error(exc, f"response body cut after {done} bytes")
             error.answered = True
@@ -348,20 +357,31 @@ class Exchange:
         return data
 
     def _relay_fixed(self, conn: Connection, left: int) -> None:
-        done = 0
+        if left <= 0:
+            return
+        client = self.client
+        buf = client.relay_buffer()
+        size = len(buf)
+        sock = conn.sock
+        timeout = self.pool.read_timeout
         while left > 0:
-            data = self._recv_body(conn, done)
-            if not data:
+            client.expect(UPSTREAM, timeout)
+            try:
+                got = wait_recv_into(sock, buf[:left] if left < size else buf)
+            except OSError as exc:
+                error = self._error(exc, f"response body cut {left} bytes before its end")
+                error.answered = True
+                raise error from None
+            finally:
+                client.phase = NONE
+            if not got:
                 error = UpstreamBroken(self.url, f"closed {left} bytes before the end of "
                                                  "the response body")
                 error.answered = True
                 raise error
-            if len(data) > left:
-                conn.buf = data[left:]
-                data = data[:left]
-            self._to_client(data)
-            left -= len(data)
-            done += len(data)
+            client.send(buf[:got])
+            self.sent += got
+            left -= got
 
     def _relay_chunked(self, conn: Connection, out: bytes, buf: bytes, dechunk: bool) -> None:
         scanner = ChunkedScanner(decode=dechunk)

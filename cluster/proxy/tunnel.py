@@ -31,6 +31,8 @@ import gevent
 from gevent import get_hub
 from gevent import socket as gsocket
 
+from cluster.netio import send_all, wait_recv
+
 log = logging.getLogger(__name__)
 
 CHUNK = 65536
@@ -149,25 +151,51 @@ class Tunnel:
             log.exception("tunnel close callback failed")
 
 
-def _pump_one_way(src: Any, dst: Any) -> None:
+def _pump(src: Any, dst: Any) -> int:
+    """Copy ``src`` to ``dst`` until either fails or ``src`` ends; close both; return bytes.
+
+    Closing both wakes the other direction's greenlet blocked on its socket (gevent
+    cancels waits on a closed socket), so one closed side ends the whole tunnel.
+    """
+    moved = 0
+    fast = _plain_gevent_socket(src) and _plain_gevent_socket(dst)
     try:
         while True:
-            data = src.recv(CHUNK)
+            data = _wait_and_recv(src) if fast else src.recv(CHUNK)
             if not data:
                 break
-            dst.sendall(data)
+            if fast:
+                send_all(dst, data)
+            else:
+                dst.sendall(data)
+            moved += len(data)
     except OSError:
-        pass  # reset, broken pipe, or the other direction closed the socket under us
+        pass  # reset, broken pipe, or the other pump closed the socket under us
     finally:
         _close(src)
         _close(dst)
+    return moved
+
+
+def _plain_gevent_socket(sock: Any) -> bool:
+    """True for gevent's own TCP socket (not TLS) with the internals the fast path uses."""
+    return type(sock) is gsocket.socket and all(
+        hasattr(sock, name) for name in ("_sock", "_wait", "_read_event"))
+
+
+def _wait_and_recv(sock: Any) -> bytes:
+    try:
+        return wait_recv(sock, CHUNK)
+    except OSError:
+        return b""  # closed by the other direction
 
 
 def pump(a: Any, b: Any) -> None:
-    """Both ways with two greenlets (for TLS sockets); returns when both are done."""
-    other = gevent.spawn(_pump_one_way, a, b)
+    """Both ways with two greenlets (TLS sockets, or a WSGI request that must block
+    until the tunnel ends); returns when both are done."""
+    other = gevent.spawn(_pump, a, b)
     try:
-        _pump_one_way(b, a)
+        _pump(b, a)
     finally:
         _close(a)
         _close(b)

@@ -32,6 +32,8 @@ from cluster.errors import UpstreamConnectError
 
 log = logging.getLogger(__name__)
 
+_PEEK = int(stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)  # an int: enum arithmetic is slow
+
 #: An idle connection older than this is not reused: the upstream may be about to close
 #: it (nginx's upstream ``keepalive_timeout`` is 60 s), and a reused connection that
 #: the upstream closes under us costs a retry or, for a streamed body, an error.
@@ -95,7 +97,7 @@ class Connection:
         if raw is None:  # TLS: the record layer may hold bytes; check what the OS sees
             raw = self.sock
         try:
-            raw.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
+            raw.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except (OSError, ValueError):

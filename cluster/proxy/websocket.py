@@ -23,16 +23,25 @@ and are not covered by the end-to-end tests.
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlsplit
 
 import gevent
-from gevent import socket as gsocket
 from gevent.event import AsyncResult
 
-from cluster.errors import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
-from cluster.handler import HIJACK_KEY, set_nodelay
+from cluster.errors import UpstreamBroken, UpstreamTimeout
+from cluster.handler import HIJACK_KEY
+from cluster.http1 import (
+    CHUNKED,
+    FIXED,
+    NO_BODY,
+    ChunkedScanner,
+    head_from_environ,
+    response_framing,
+)
+from cluster.http1 import parse_response_head as parse_head
+from cluster.proxy.relay import Forwarding, request_head
+from cluster.proxy.tunnel import _close, _pump
+from cluster.proxy.upstream import Target, connect
 
 log = logging.getLogger(__name__)
 
@@ -65,98 +74,61 @@ def _tokens(value: str) -> set[str]:
     return {part.strip().lower() for part in value.split(",") if part.strip()}
 
 
-def _header_name(key: str) -> str:
-    """``HTTP_SEC_WEBSOCKET_KEY`` -> ``Sec-WebSocket-Key`` (names are case-insensitive,
-    but some servers are not)."""
-    name = "-".join(part.capitalize() for part in key[5:].split("_"))
-    return name.replace("Websocket", "WebSocket")
-
-
-def _check_value(text: str) -> str:
-    if "\r" in text or "\n" in text:
-        raise ValueError(f"CR or LF in header or request target: {text!r}")
-    return text
+_FORWARDING: dict[frozenset[str], Forwarding] = {}
 
 
 def upgrade_request_head(environ: dict[str, Any], path_qs: str, endpoint_host: str,
                          add_headers: Sequence[tuple[str, str]] = (),
-                         preserve_host: bool = True) -> bytes:
-    """The request head sent upstream: end-to-end headers, this hop's Upgrade/Connection,
-    X-Forwarded-*, Via, then ``add_headers`` (replacing any same-named header).
+                         preserve_host: bool = True,
+                         trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+                         ) -> bytes:
+    """The request head sent upstream, built by the same code as every proxied head
+    (cluster.proxy.relay.request_head): end-to-end headers, this hop's Upgrade and
+    Connection, X-Forwarded-* (the client's only from a trusted peer), Via, then
+    ``add_headers`` (replacing any same-named header).
 
     Host is the client's when ``preserve_host`` and it sent one, else ``endpoint_host``
-    (host:port). Proxy-* headers stop here (hop-by-hop, and httpoxy), as in the HTTP
-    forwarder. Raises ValueError when ``path_qs`` or an added header would break the head.
+    (host:port). Raises ValueError when ``path_qs`` or an added header would break the
+    head.
     """
-    if not path_qs.startswith("/") or " " in path_qs:
+    if not path_qs.startswith("/") or " " in path_qs or "\r" in path_qs or "\n" in path_qs:
         raise ValueError(f"bad request target: {path_qs!r}")
-    dropped = HOP_BY_HOP | _tokens(environ.get("HTTP_CONNECTION", ""))
-    headers: list[tuple[str, str]] = []
-    for key, value in environ.items():
-        if not key.startswith("HTTP_"):
-            continue
-        name = _header_name(key)
-        lower = name.lower()
-        if (lower in dropped or lower.startswith("proxy") or lower == "host"
-                or lower in ("via", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")):
-            continue
-        headers.append((name, value))
-    client_host = environ.get("HTTP_HOST")
-    headers.insert(0, ("Host", client_host if preserve_host and client_host else endpoint_host))
-    for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
-        if environ.get(key):
-            headers.append((name, environ[key]))
-
-    headers.append(("Upgrade", environ.get("HTTP_UPGRADE", "websocket")))
-    headers.append(("Connection", "Upgrade"))
-    remote = environ.get("REMOTE_ADDR", "")
-    forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
-    if remote:
-        forwarded_for = f"{forwarded_for}, {remote}" if forwarded_for else remote
-    if forwarded_for:
-        headers.append(("X-Forwarded-For", forwarded_for))
-    proto = environ.get("HTTP_X_FORWARDED_PROTO") or environ.get("wsgi.url_scheme", "http")
-    headers.append(("X-Forwarded-Proto", proto))
-    forwarded_host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST")
-    if forwarded_host:
-        headers.append(("X-Forwarded-Host", forwarded_host))
-    via = environ.get("HTTP_VIA")
-    headers.append(("Via", f"{via}, {VIA}" if via else VIA))
-
-    replaced = {name.lower() for name, _ in add_headers}
-    headers = [(n, v) for n, v in headers if n.lower() not in replaced]
-    headers.extend(add_headers)
-
-    lines = [f"{environ.get('REQUEST_METHOD', 'GET')} {_check_value(path_qs)} HTTP/1.1"]
-    lines.extend(f"{_check_value(name)}: {_check_value(value)}" for name, value in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    head = head_from_environ(environ, path_qs.encode("latin-1"))
+    if not head.upgrade:
+        head.upgrade = b"websocket"
+    names: set[bytes] = set()
+    for name, value in add_headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value or ":" in name:
+            raise ValueError(f"CR or LF in header {name!r}: {value!r}")
+        names.add(name.lower().encode("latin-1"))
+    forwarding = _FORWARDING.get(trusted_proxies)
+    if forwarding is None:
+        forwarding = _FORWARDING.setdefault(trusted_proxies, Forwarding(trusted_proxies))
+    forwarded = forwarding.lines(head, str(environ.get("REMOTE_ADDR") or ""))
+    forwarded = [f for f in forwarded if f.partition(b":")[0].lower() not in names]
+    head.fields = [f for f in head.fields if f.partition(b":")[0].lower() not in names]
+    if not preserve_host:
+        head.host = b""
+    framing = b""
+    if head.content_length >= 0:
+        framing = b"Content-Length: %d" % head.content_length
+    extra = "\r\n".join(f"{name}: {value}" for name, value in add_headers)
+    return request_head(head, head.target, endpoint_host.encode("latin-1"), forwarded,
+                        extra.encode("latin-1"), framing, upgrade=True)
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, list[tuple[str, str]]]:
-    """``HTTP/1.1 403 Forbidden\\r\\nA: b\\r\\n\\r\\n`` -> ``(403, 'Forbidden', [('A', 'b')])``.
+    """``HTTP/1.1 403 Forbidden\\r\\nA: b\\r\\n\\r\\n`` -> ``(403, 'Forbidden', [('A', 'b')])``:
+    cluster.http1's parse, as (status, reason, end-to-end headers plus Upgrade).
 
     Raises ValueError on anything that is not an HTTP/1.x status line and header lines.
     """
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ValueError(f"bad status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError(f"bad header line: {line[:80]!r}")
-        headers.append((name, value.strip()))
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
+    parsed = parse_head(head[:-4] if head.endswith(b"\r\n\r\n") else head)
+    reason = parsed.status_line[13:].decode("latin-1")
+    headers = parsed.field_pairs()
+    if parsed.upgrade:
+        headers.insert(0, ("Upgrade", parsed.upgrade.decode("latin-1")))
+    return parsed.code, reason, headers
 
 
 class _Reader:
@@ -182,109 +154,37 @@ class _Reader:
             if not self.fill():
                 raise EOFError("closed before the end of the response head")
 
-    def exactly(self, size: int) -> bytes:
-        while len(self.buf) < size:
-            if not self.fill():
-                raise EOFError("closed in the middle of the body")
-        data, self.buf = self.buf[:size], self.buf[size:]
-        return data
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            if len(self.buf) > MAX_HEAD or not self.fill():
-                raise EOFError("bad chunked body")
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def body(self, status: int, headers: list[tuple[str, str]]) -> bytes:
-        if status in (204, 304) or 100 <= status < 200:
+    def body(self, code: int, parsed: Any) -> bytes:
+        """A refusal's body, framed as cluster.http1 says, at most MAX_REFUSAL_BODY."""
+        mode, length = response_framing(b"GET", parsed)
+        if mode == NO_BODY:
             return b""
-        if "chunked" in (_header(headers, "transfer-encoding") or "").lower():
-            out = b""
+        if mode == CHUNKED:
+            scanner = ChunkedScanner(decode=True)
+            out: list[bytes] = []
+            size = 0
+            buf, self.buf = self.buf, b""
             while True:
-                size = int(self.line().split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    while self.line():
-                        pass  # trailers: dropped
-                    return out
-                out += self.exactly(size)
-                self.exactly(2)
-                if len(out) > MAX_REFUSAL_BODY:
+                used, pieces = scanner.feed(buf)
+                out += pieces
+                size += sum(map(len, pieces))
+                if size > MAX_REFUSAL_BODY:
                     raise ValueError("refusal body too large")
-        length = _header(headers, "content-length")
-        if length is not None:
-            if int(length) > MAX_REFUSAL_BODY:
+                if scanner.done:
+                    return b"".join(out)
+                buf = self.sock.recv(CHUNK)
+                if not buf:
+                    raise EOFError("closed in the middle of the body")
+        if mode == FIXED:
+            if length > MAX_REFUSAL_BODY:
                 raise ValueError("refusal body too large")
-            return self.exactly(int(length))
+            while len(self.buf) < length:
+                if not self.fill():
+                    raise EOFError("closed in the middle of the body")
+            return self.buf[:length]
         while len(self.buf) <= MAX_REFUSAL_BODY and self.fill():
             pass
         return self.buf[:MAX_REFUSAL_BODY]
-
-
-def _close(sock: Any) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-def _pump(src: Any, dst: Any) -> int:
-    """Copy ``src`` to ``dst`` until either fails or ``src`` ends; close both; return bytes.
-
-    Closing both wakes the other direction's greenlet blocked on its socket (gevent
-    cancels waits on a closed socket), so one closed side ends the whole tunnel.
-    """
-    moved = 0
-    fast = _plain_gevent_socket(src) and _plain_gevent_socket(dst)
-    try:
-        while True:
-            data = _wait_and_recv(src) if fast else src.recv(CHUNK)
-            if not data:
-                break
-            if fast:
-                _send(dst, data)
-            else:
-                dst.sendall(data)
-            moved += len(data)
-    except OSError:
-        pass  # reset, broken pipe, or the other pump closed the socket under us
-    finally:
-        _close(src)
-        _close(dst)
-    return moved
-
-
-# The fast path, for gevent's own plain sockets: a third less CPU per relayed message.
-# gevent's ``sock.recv`` first tries the read and, on EAGAIN, raises, catches and waits:
-# for WebSocket traffic (small messages, idle in between) every message costs a failed
-# syscall and an exception. Waiting for readability first and then reading the real
-# socket avoids both; a send goes straight to the real socket too. This relies on gevent
-# socket internals (``_sock``, ``_wait``, ``_read_event``; there since gevent 1.x) and
-# tests/test_websocket.py checks that they are still there.
-
-
-def _plain_gevent_socket(sock: Any) -> bool:
-    """True for gevent's own TCP socket (not TLS) with the internals the fast path uses."""
-    return type(sock) is gsocket.socket and all(
-        hasattr(sock, name) for name in ("_sock", "_wait", "_read_event"))
-
-
-def _wait_and_recv(sock: Any) -> bytes:
-    readable = sock._read_event
-    if readable is None:
-        return b""  # closed by the other direction
-    sock._wait(readable)
-    data: bytes = sock._sock.recv(CHUNK)
-    return data
-
-
-def _send(sock: Any, data: bytes) -> None:
-    try:
-        sent = sock._sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        sock.sendall(data[sent:])  # buffer full: let gevent wait for room
 
 
 def _pump_into(src: Any, dst: Any, result: AsyncResult) -> None:
@@ -341,12 +241,9 @@ class WebSocketBridge:
                                                    ("Content-Length", str(len(body)))])
             return [body]
 
-        parts = urlsplit(endpoint_url)
-        tls = parts.scheme in ("https", "wss")
-        host, port = parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80)
-        netloc = parts.netloc.rpartition("@")[2]
+        netloc = Target(endpoint_url).hostport
         head = upgrade_request_head(environ, path_qs, netloc, add_headers, self.preserve_host)
-        upstream = self._connect(endpoint_url, host, port, tls)
+        upstream = self._connect(endpoint_url)
         try:
             status, response_head, headers, reader, body = self._handshake(
                 endpoint_url, upstream, head)
@@ -360,7 +257,7 @@ class WebSocketBridge:
         client, early = hijack("101 Switching Protocols")
         first = response_head + reader.buf  # the 101 head, and any frame already behind it
         # This frame lives as long as the tunnel: drop what an idle tunnel does not need.
-        del head, response_head, headers, reader, body, parts
+        del head, response_head, headers, reader, body
         self.open += 1
         self.served += 1
         try:
@@ -381,25 +278,11 @@ class WebSocketBridge:
             _close(upstream)
         return []
 
-    def _connect(self, endpoint_url: str, host: str, port: int, tls: bool) -> Any:
-        try:
-            sock = gsocket.create_connection((host, port), timeout=self.connect_timeout)
-        except socket.timeout as exc:
-            error = UpstreamTimeout(endpoint_url, f"connect timed out: {exc}")
-            error.retryable = True  # nothing was sent
-            raise error from exc
-        except OSError as exc:
-            raise UpstreamConnectError(endpoint_url, f"connect failed: {exc}") from exc
-        set_nodelay(sock)
-        if tls:
-            from gevent import ssl
-
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            except (OSError, ssl.SSLError) as exc:
-                _close(sock)
-                raise UpstreamConnectError(endpoint_url, f"TLS failed: {exc}") from exc
-        return sock
+    def _connect(self, endpoint_url: str) -> Any:
+        """A connection from the shared connect layer (http or https alike); raises
+        UpstreamConnectError (nothing sent: another endpoint may be tried)."""
+        conn = connect(Target(endpoint_url), self.connect_timeout, None)
+        return conn.sock
 
     def _handshake(self, endpoint_url: str, upstream: Any,
                    head: bytes) -> tuple[int, bytes, list[tuple[str, str]], _Reader, bytes]:
@@ -410,11 +293,13 @@ class WebSocketBridge:
                 upstream.sendall(head)
                 while True:
                     response_head = reader.head()
-                    status, _reason, headers = parse_response_head(response_head)
+                    parsed = parse_head(response_head[:-4])
+                    status = parsed.code
                     if status == 101 or not 100 <= status < 200:
                         break  # skip stray 1xx such as 100 Continue
+                headers = parsed.field_pairs()
                 # A refusal body is read now, still under the timer.
-                body = b"" if status == 101 else reader.body(status, headers)
+                body = b"" if status == 101 else reader.body(status, parsed)
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
