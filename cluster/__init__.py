@@ -16,6 +16,7 @@ _PUBLIC = {
     "Settings": "cluster.config",
     "Cluster": "cluster.node",
     "wrap": "cluster.app",
+    "make_server": "cluster.server",
     "ClusterApp": "cluster.app",
     "discover": "cluster.client",
     "ClusterError": "cluster.errors",
@@ -27,8 +28,11 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
+_RENAMED = {"make_server": "make_cluster_server"}
+
+
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'cluster' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), _RENAMED.get(name, name))

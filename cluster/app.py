@@ -143,7 +143,8 @@ class ClusterApp:
         try:
             return attempt(pick, send, endpoint_of=_endpoint_of, node=node,
                            retries=self.retries,
-                           may_replay=replayable(request.method, has_body))
+                           may_replay=replayable(request.method, has_body),
+                           gave_up=_no_endpoint_left)
         except UpstreamError as failure:
             log.warning("%s %s failed: %s", request.method, request.path, failure)
             return reply(start_response, failure.status, f"upstream {failure.reason}")
@@ -224,6 +225,10 @@ class ClusterApp:
 
 def _endpoint_of(decision: Any) -> Any:
     return getattr(decision, "endpoint", None)
+
+
+def _no_endpoint_left(decision: Any) -> bool:
+    return isinstance(decision, Reply) and decision.status == 503
 
 
 def _read_limited(body: Iterable[bytes]) -> bytes:

@@ -95,8 +95,7 @@ class ServiceClient(requests.Session):
                     error = UpstreamConnectError(endpoint.url, exc.__class__.__name__)
                 else:
                     error = UpstreamBroken(endpoint.url, exc.__class__.__name__)
-                error.original = exc  # re-raised as requests raised it
-                raise error from exc
+                raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
             return attempt(self._endpoint, send, endpoint_of=lambda e: e, node=self.node,
@@ -104,9 +103,8 @@ class ServiceClient(requests.Session):
                            may_replay=replayable(method.upper(), has_body),
                            on_retry=self._moved)
         except (UpstreamConnectError, UpstreamBroken) as exc:
-            original = getattr(exc, "original", None)
-            if original is not None:
-                raise original from None
+            if isinstance(exc.__cause__, RequestsConnectionError):
+                raise exc.__cause__ from None
             raise
 
     def _moved(self, endpoint: Endpoint, exc: Exception) -> None:

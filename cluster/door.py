@@ -232,7 +232,8 @@ class Connection:
                 keep = attempt(self.pick, self.send, endpoint_of=_endpoint_of,
                                node=door.node, retries=door.retries,
                                may_replay=replayable(head.method, head.has_body),
-                               on_retry=self.retried, first=(decision, first))
+                               on_retry=self.retried, first=(decision, first),
+                               gave_up=_no_endpoint_left)
         except UpstreamError as exc:
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
@@ -497,6 +498,10 @@ class _Outcome:
 
 def _endpoint_of(decision: Any) -> Any:
     return getattr(decision, "endpoint", None)
+
+
+def _no_endpoint_left(decision: Any) -> bool:
+    return isinstance(decision, Reply) and decision.status == 503
 
 
 def _field(head: RequestHead, name: bytes) -> str:

@@ -127,7 +127,9 @@ class RequestView:
         scheme = self.scheme
         host = self.host
         if trusted and self.forwarded_proto:
-            scheme = self.forwarded_proto.split(",")[0].strip()
+            claimed = self.forwarded_proto.split(",")[0].strip().lower()
+            if claimed in ("http", "https"):  # never javascript: or anything else
+                scheme = claimed
         if trusted and self.forwarded_host:
             host = self.forwarded_host.split(",")[0].strip()
         return f"{scheme}://{host}"

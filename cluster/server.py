@@ -112,6 +112,42 @@ def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
                       error_log=logging.getLogger("cluster.server"), **kwargs)
 
 
+class ClusterServer(DoorServer):
+    """Library mode with the front door: a gevent server that registers ``app``,
+    balances and serves it. ``start()``/``serve_forever()`` as any gevent server;
+    ``stop()`` also deregisters and closes the store."""
+
+    def stop(self, timeout: float | None = None) -> None:
+        node = self.door.node
+        if node.registrar is not None:
+            node.registrar.stop()  # deregister first: no new request is sent here
+        super().stop(timeout)
+        self.door.close()
+        node.close()
+
+
+def make_cluster_server(app: WSGIApp | None, listener: Any = None,
+                        **settings: Any) -> ClusterServer:
+    """A front-door server for ``app`` (None: a balancer), in library mode.
+
+    ``settings`` are :class:`~cluster.config.Settings` fields (they override the
+    ``CLUSTER_*`` environment); ``listener`` defaults to ``settings.bind``. Call from a
+    monkey-patched process. Raises :class:`~cluster.errors.ConfigError`.
+    """
+    resolved = Settings.load(**settings)
+    if listener is None:
+        listener, resolved = listen(resolved)
+    elif not settings.get("endpoint_url") and not resolved.endpoint_url:
+        address = listener.getsockname() if hasattr(listener, "getsockname") else listener
+        resolved = resolved.replace(bind=f"{address[0]}:{address[1]}")
+    if app is not None and not resolved.service:
+        raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
+    node = Cluster(resolved, register=app is not None).start()
+    door = make_door(node, resolved, app)
+    return ClusterServer(listener, app, door=door, log=None,
+                         error_log=logging.getLogger("cluster.server"))
+
+
 def serve(settings: Settings, local_app: WSGIApp | None = None,
           observer: Observer = NULL_OBSERVER) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""

@@ -211,3 +211,38 @@ def test_library_mode_wrap_registers_balances_and_deregisters(sqlite_url):
     finally:
         lib.stop()
         other.stop()
+
+
+def test_library_mode_make_server_uses_the_door(sqlite_url, tmp_path):
+    """cluster.make_server(): registers, balances, serves a local WebSocket, deregisters."""
+    import websocket
+
+    port_file = tmp_path / "lib.port"
+    lib = Proc(python(str(ROOT / "tests" / "apps" / "library_door_app.py"), str(port_file)),
+               env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
+               name="library-door")
+    other_port = free_port()
+    other = instance(sqlite_url, other_port, "served")
+    try:
+        text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
+                          what="the library's port file")
+        lib_port = int(text.strip().rsplit(":", 1)[1])
+        wait_port(other_port, proc=other)
+        lib_url = f"http://127.0.0.1:{lib_port}"
+        wait_until(lambda: len(view(lib_url)["endpoints"]) == 2, timeout=10)
+        seen = Counter(requests.get(lib_url + "/whoami", timeout=5).text for _ in range(60))
+        assert set(seen) == {"library door", "served"}, seen
+        own = view(lib_url)["hash"]
+        ws = websocket.create_connection(f"ws://127.0.0.1:{lib_port}/",
+                                         cookie=f"cluster-endpoint::web={own}", timeout=10)
+        ws.send("local")
+        assert ws.recv() == "local"
+        ws.close()
+        lib.signal(signal.SIGTERM)
+        assert lib.wait(15) == 0
+        rows = status_json(sqlite_url, "--all")["endpoints"]
+        assert [r["endpoint"] for r in rows] == [f"http://127.0.0.1:{other_port}"]
+    finally:
+        lib.stop()
+        other.stop()
+    assert "Traceback" not in lib.output(), lib.output()

@@ -37,17 +37,23 @@ def replayable(method: str | bytes, has_body: bool) -> bool:
 def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             endpoint_of: Callable[[D], Any], node: Any, retries: int,
             may_replay: bool, on_retry: Callable[[Any, UpstreamError], None] | None = None,
-            first: tuple[D, UpstreamError] | None = None) -> T:
+            first: tuple[D, UpstreamError] | None = None,
+            gave_up: Callable[[D], bool] = lambda decision: False) -> T:
     """``send(pick(tried))`` until it succeeds or may not try again; raises the last
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
     decision sends to (None for one that needs no endpoint); ``node.eject(endpoint)``
     is called for an endpoint that refused the connection. ``first``: a decision
-    already tried and how it failed (a caller's own fast first try)."""
+    already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
+    true for a decision that says no endpoint is left (then the last failure is
+    raised instead, so a client sees 502, not a misleading 503)."""
     tried: set[str] = set()
     failed = first
+    last: UpstreamError | None = None
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
+            if last is not None and endpoint_of(decision) is None and gave_up(decision):
+                raise last  # nobody left to try: the failure, not "no live endpoint"
             try:
                 return send(decision)
             except UpstreamError as error:
@@ -64,6 +70,7 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         if not again or len(tried) >= retries:
             raise exc
         tried.add(endpoint.hash)
+        last = exc
         log.warning("%s; trying another endpoint", exc)
         if on_retry is not None:
             on_retry(endpoint, exc)

@@ -1,6 +1,7 @@
 """A real WebSocket echo server on gevent-websocket, for the proxy tests and benchmarks.
 
-Run alone: ``python tests/apps/ws_echo.py --port 9100``.
+Run alone: ``python tests/apps/ws_echo.py --port 9100`` (``--certfile C --keyfile K``
+for https and wss).
 
 It reads frames itself (gevent-websocket's ``read_frame``/``send_frame``) so it can say
 what actually arrived: how many frames made the last message, which close code and
@@ -170,10 +171,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certfile", help="serve https/wss with this certificate")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
     raise_nofile()
+    tls = {"certfile": args.certfile, "keyfile": args.keyfile} if args.certfile else {}
     server = WSGIServer(("127.0.0.1", args.port), app, handler_class=EchoHandler,
-                        log=None, backlog=4096)
+                        log=None, backlog=4096, **tls)
     gevent.signal_handler(signal.SIGTERM, server.stop, 1)
     server.serve_forever()
 

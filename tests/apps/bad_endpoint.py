@@ -1,0 +1,78 @@
+"""An endpoint that misbehaves on purpose, for tests/test_trust_e2e.py.
+
+Answers every request on a connection with the script named by its path, and logs
+one line per event to stdout (``accepted N``, ``closed-by-peer N``) so a test can see
+what the proxy did with its connections::
+
+    python tests/apps/bad_endpoint.py --port 9000
+
+Scripts (by request path):
+  /extra     a complete response, then (0.2 s later) a second, unrequested one carrying
+             a Set-Cookie: bytes a careless pool would hand to the next client
+  /nocontent a 204, then (0.2 s later) a body
+  /garbage   not HTTP at all
+  /ok        a plain 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+import time
+
+STOLEN = b"HTTP/1.1 200 OK\r\nSet-Cookie: stolen=1\r\nContent-Length: 6\r\n\r\nstolen"
+# Sent a moment after the script, so they sit unread in a pooled connection.
+LATE = {b"/extra": STOLEN, b"/nocontent": b"stolen"}
+SCRIPTS = {
+    b"/extra": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"/nocontent": b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"/garbage": b"SSH-2.0-not-http\r\n\r\n",
+    b"/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def serve(conn: socket.socket, number: int) -> None:
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    say(f"closed-by-peer {number}")
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].split(b"?")[0]
+            conn.sendall(SCRIPTS.get(path, SCRIPTS[b"/ok"]))
+            if path in LATE:
+                time.sleep(0.2)
+                conn.sendall(LATE[path])
+    except OSError:
+        say(f"closed-by-peer {number}")
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    listener = socket.create_server(("127.0.0.1", args.port))
+    say("listening")
+    number = 0
+    while True:
+        conn, _ = listener.accept()
+        number += 1
+        say(f"accepted {number}")
+        threading.Thread(target=serve, args=(conn, number), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

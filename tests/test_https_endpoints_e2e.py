@@ -1,0 +1,133 @@
+"""https endpoints, through both proxies: the front door and the WSGI adapter.
+
+Both connect through cluster.proxy.upstream, which verifies the endpoint's certificate
+against the system's trust store; here that store is a test CA made with openssl and
+given to the cluster processes as SSL_CERT_FILE (OpenSSL's own variable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+import websocket
+
+from helpers import TESTS, Proc, cluster_argv, python, wait_port, wait_until
+
+TIMEOUT = 15
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost: (cert, key)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    return cert, key
+
+
+@contextlib.contextmanager
+def tls_endpoint(tmp: Path, certificate: tuple[Path, Path]) -> Iterator[str]:
+    """A wss/https echo server registered as service `sec`; yields the discovery URL."""
+    cert, key = certificate
+    discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
+    port = _free_port()
+    server = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(port),
+                         "--certfile", str(cert), "--keyfile", str(key)), name="tls-echo")
+    sidecar = Proc(cluster_argv("register", "--service", "sec", "--endpoint-url",
+                                f"https://localhost:{port}", "--ping-interval", "1"),
+                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+    try:
+        wait_port(port, proc=server)
+        yield discovery
+    finally:
+        sidecar.stop()
+        server.stop()
+
+
+def front_door(tmp: Path, discovery: str, cert: Path) -> tuple[Proc, int]:
+    port_file = tmp / "front.port"
+    proc = Proc(cluster_argv("serve", "--ui-service", "sec", "--bind", "127.0.0.1:0",
+                             "--port-file", str(port_file)),
+                env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert)},
+                name="front")
+    text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
+                      what="the port file")
+    return proc, int(text.strip().rsplit(":", 1)[1])
+
+
+def library_front(discovery: str, cert: Path) -> tuple[Proc, int]:
+    """tests/apps/library_app.py: cluster.wrap() under a plain gevent WSGIServer, whose
+    UI service is `sec`, so it proxies through the WSGI adapter."""
+    port = _free_port()
+    proc = Proc(python(str(TESTS / "apps" / "library_app.py"), str(port)),
+                env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert),
+                     "CLUSTER_UI_SERVICE": "sec", "CLUSTER_SELF_WEIGHT": "0"},
+                name="library")
+    wait_port(port, proc=proc)
+    return proc, port
+
+
+@pytest.mark.parametrize("way", ["door", "wsgi-adapter"])
+def test_https_endpoint_http_and_websocket(tmp_path: Path, certificate: tuple[Path, Path],
+                                           way: str) -> None:
+    cert, _ = certificate
+    with tls_endpoint(tmp_path, certificate) as discovery:
+        proc, port = (front_door(tmp_path, discovery, cert) if way == "door"
+                      else library_front(discovery, cert))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            resp = wait_until(lambda: _get(url + "/plain"), timeout=TIMEOUT,
+                              what="the front to reach the https endpoint")
+            assert resp.text.startswith("ws_echo ")
+            ws = websocket.create_connection(f"ws://127.0.0.1:{port}/chat", timeout=TIMEOUT)
+            try:
+                for message in ("one", "two", "x" * 70000):
+                    ws.send(message)
+                    assert ws.recv() == message
+                ws.send_binary(b"\x00\xff")
+                assert ws.recv() == b"\x00\xff"
+            finally:
+                ws.close()
+        finally:
+            proc.stop()
+        assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_untrusted_certificate_is_a_clean_502(tmp_path: Path,
+                                               certificate: tuple[Path, Path]) -> None:
+    """Without the test CA the endpoint's certificate does not verify: 502, and the
+    endpoint is not used, rather than talking to an impostor."""
+    with tls_endpoint(tmp_path, certificate) as discovery:
+        proc, port = front_door(tmp_path, discovery, Path("/nonexistent-ca.pem"))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda: requests.get(url + "/_cluster/status", timeout=5)
+                       .json()["endpoints"], timeout=TIMEOUT, what="the endpoint listed")
+            resp = requests.get(url + "/plain", timeout=TIMEOUT)
+            assert resp.status_code == 502 and "TLS" in resp.text, resp.text
+        finally:
+            proc.stop()
+        assert "Traceback" not in proc.output(), proc.output()
+
+
+def _get(url: str) -> requests.Response | None:
+    try:
+        resp = requests.get(url, timeout=5)
+    except requests.RequestException:
+        return None
+    return resp if resp.ok else None

@@ -1,0 +1,256 @@
+"""Trust at the front door, driven from an outside address or by a misbehaving endpoint.
+
+127.0.0.2 is a loopback address that is not in --trusted-proxies (127.0.0.1, ::1) and
+is no endpoint's address: it plays the outside client. Every instance is a real
+`cluster serve` process on ports the OS chose (--bind 127.0.0.1:0 --port-file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from helpers import TESTS, Proc, cluster_argv, python, wait_until
+
+OUTSIDE = "127.0.0.2"
+SECRET = "correct horse battery staple"
+TIMEOUT = 15
+
+
+def serve(tmp: Path, name: str, discovery: str, *args: str, env: dict | None = None) -> tuple[
+        Proc, int]:
+    """Start `cluster serve` on a port of the OS's choosing; return it and its port."""
+    port_file = tmp / f"{name}.port"
+    proc = Proc(cluster_argv("serve", "--bind", "127.0.0.1:0", "--port-file", str(port_file),
+                             "--ping-interval", "1", "--expiry-grace", "1", *args),
+                env={"CLUSTER_DISCOVERY_URL": discovery, "BACKEND_NAME": name, **(env or {})},
+                name=name)
+    try:
+        text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
+                          what=f"{name}'s port file")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(proc.output()) from None
+    return proc, int(text.strip().rsplit(":", 1)[1])
+
+
+def raw_get(port: int, path: str, headers: tuple[str, ...] = (), source: str = OUTSIDE,
+            host: str = "app.example") -> tuple[int, dict[str, str], bytes]:
+    """One GET over a fresh connection from ``source``: (status, headers, body)."""
+    with socket.socket() as sock:
+        sock.bind((source, 0))
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", *headers]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    first, *rest = head.decode("latin-1").split("\r\n")
+    fields: dict[str, str] = {}
+    for line in rest:  # repeated fields joined, so a second Set-Cookie is seen too
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        fields[key] = f"{fields[key]}, {value.strip()}" if key in fields else value.strip()
+    return int(first.split(" ")[1]), fields, body
+
+
+@contextlib.contextmanager
+def web_and_api(tmp: Path, *extra: str) -> Iterator[tuple[int, int, str]]:
+    """Service `web` (backend app "web") and service `api` (backend app "api") whose
+    UI service is `web`: a client of api's instance is proxied to web."""
+    discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
+    web, web_port = serve(tmp, "web", discovery, "--service", "web", "--app", "backend:app",
+                          *extra)
+    api, api_port = serve(tmp, "api", discovery, "--service", "api", "--ui-service", "web",
+                          "--app", "backend:app", *extra)
+    try:
+        wait_until(lambda: raw_get(api_port, "/whoami", source="127.0.0.1")[2] == b"web",
+                   timeout=TIMEOUT, what="api's instance to see web")
+        yield web_port, api_port, discovery
+    finally:
+        api.stop()
+        web.stop()
+
+
+@pytest.mark.parametrize("extra", [(), ("--secret", SECRET)], ids=["by-address", "signed"])
+def test_forged_hop_marker_is_ignored(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    with web_and_api(tmp_path, *extra) as (_web, api_port, _):
+        for marker in ("1", f"{int(time.time())}.{'0' * 64}", "999.x"):
+            status, _, body = raw_get(api_port, "/whoami", (f"X-Cluster-Hop: {marker}",))
+            # routed like any request (to web), not served by api's own app
+            assert (status, body) == (200, b"web"), marker
+        if extra:
+            # with a secret even a trusted address needs a valid signature
+            status, _, body = raw_get(api_port, "/whoami", ("X-Cluster-Hop: 1",),
+                                      source="127.0.0.1")
+            assert body == b"web"
+        else:
+            # without one the marker is honoured from a trusted address, as between members
+            status, _, body = raw_get(api_port, "/whoami", ("X-Cluster-Hop: 1",),
+                                      source="127.0.0.1")
+            assert body == b"api"
+        # and no app ever sees a marker, forged or not
+        _, _, body = raw_get(api_port, "/headers", ("X-Cluster-Hop: 1",))
+        assert "X-Cluster-Hop" not in json.loads(body)["headers"]
+
+
+def test_status_page_is_for_trusted_peers_and_never_through_a_hop(tmp_path: Path) -> None:
+    with web_and_api(tmp_path) as (web_port, api_port, _):
+        status, fields, body = raw_get(web_port, "/_cluster/status", source="127.0.0.1")
+        assert status == 200 and "endpoints" in json.loads(body)
+        # from outside: an ordinary request for the app (the backend has no such page)
+        status, _, body = raw_get(web_port, "/_cluster/status")
+        assert status == 404 and b"endpoints" not in body
+        # proxied once (api -> web): web sees a member's marker, serves its app
+        status, _, body = raw_get(api_port, "/_cluster/status")
+        assert status == 404 and b"endpoints" not in body
+
+
+def test_forwarded_headers_from_outside_are_replaced(tmp_path: Path) -> None:
+    with web_and_api(tmp_path) as (_web, api_port, _):
+        status, _, body = raw_get(api_port, "/headers", (
+            "X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: javascript",
+            "X-Forwarded-Host: evil.example", "Forwarded: for=203.0.113.9",
+            "X-Real-IP: 203.0.113.9", "Proxy: http://evil.example:1"))
+        seen = json.loads(body)["headers"]
+        assert status == 200 and json.loads(body)["name"] == "web"
+        assert seen["X-Forwarded-For"] == OUTSIDE
+        assert seen["X-Real-Ip"] == OUTSIDE
+        assert seen["X-Forwarded-Proto"] == "http"
+        assert seen["X-Forwarded-Host"] == "app.example"
+        assert "Forwarded" not in seen and "Proxy" not in seen
+        # a trusted proxy's claims are kept, its scheme validated
+        _, _, body = raw_get(api_port, "/headers", (
+            "X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: javascript"),
+            source="127.0.0.1")
+        seen = json.loads(body)["headers"]
+        assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+        assert seen["X-Forwarded-Proto"] == "http"
+
+
+def test_sockjs_base_url_takes_no_scheme_but_http_or_https(tmp_path: Path) -> None:
+    with web_and_api(tmp_path) as (web_port, _api, _):
+        _, _, body = raw_get(web_port, "/sockjs/info", ("X-Forwarded-Proto: javascript",),
+                             source="127.0.0.1")
+        assert json.loads(body)["base_url"].startswith("http://")
+        _, _, body = raw_get(web_port, "/sockjs/info", ("X-Forwarded-Proto: https",),
+                             source="127.0.0.1")
+        assert json.loads(body)["base_url"].startswith("https://")
+
+
+@contextlib.contextmanager
+def behind_balancer(tmp: Path, *extra: str) -> Iterator[tuple[int, Proc, Proc]]:
+    """The misbehaving endpoint registered as service `bad`, a balancer in front."""
+    discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
+    port = _free_port()
+    endpoint = Proc(python(str(TESTS / "apps" / "bad_endpoint.py"), "--port", str(port)),
+                    name="bad-endpoint")
+    sidecar = Proc(cluster_argv("register", "--service", "bad", "--endpoint-url",
+                                f"http://127.0.0.1:{port}", "--ping-interval", "1"),
+                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+    front, front_port = serve(tmp, "front", discovery, "--ui-service", "bad", *extra)
+    try:
+        wait_until(lambda: raw_get(front_port, "/ok", source="127.0.0.1")[0] == 200,
+                   timeout=TIMEOUT, what="the balancer to see the endpoint")
+        yield front_port, endpoint, sidecar
+    finally:
+        front.stop()
+        sidecar.stop()
+        endpoint.stop()
+    assert "Traceback" not in front.output(), front.output()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("script", ["/extra", "/nocontent"])
+def test_bytes_after_a_response_never_reach_another_client(tmp_path: Path,
+                                                          script: str) -> None:
+    with behind_balancer(tmp_path) as (port, endpoint, _):
+        for _ in range(5):
+            status, fields, body = raw_get(port, script)
+            assert (status, body) in ((200, b"ok"), (204, b"")), (status, body)
+            assert "stolen" not in fields.get("set-cookie", "")
+            time.sleep(0.4)  # the stray bytes are in the pooled connection by now
+            status, fields, body = raw_get(port, "/ok")
+            assert (status, body) == (200, b"ok"), (status, fields, body)
+            assert "stolen" not in fields.get("set-cookie", "")
+
+
+def test_malformed_answer_to_a_get_is_502_not_503(tmp_path: Path) -> None:
+    with behind_balancer(tmp_path) as (port, _, _):
+        status, _, body = raw_get(port, "/garbage")
+        assert status == 502, body
+
+
+def test_pooled_connections_of_departed_endpoints_are_closed(tmp_path: Path) -> None:
+    with behind_balancer(tmp_path) as (port, endpoint, sidecar):
+        raw_get(port, "/ok")  # leaves one idle pooled connection to the endpoint
+        assert "closed-by-peer" not in endpoint.output()
+        sidecar.stop()  # deregisters: the endpoint leaves the table
+        wait_until(lambda: "closed-by-peer" in endpoint.output(), timeout=10,
+                   what="the balancer to close its pooled connection")
+
+
+def test_client_that_stops_reading_is_cut_and_its_upstream_released(tmp_path: Path) -> None:
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    web, web_port = serve(tmp_path, "web", discovery, "--service", "web", "--app",
+                          "backend:app")
+    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "web",
+                              "--write-timeout", "1")
+    try:
+        wait_until(lambda: raw_get(front_port, "/whoami")[2] == b"web", timeout=TIMEOUT,
+                   what="the balancer to see web")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", front_port))
+            sock.sendall(b"GET /download?size=268435456 HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(3)  # never read: the balancer's sends stall past --write-timeout
+            sock.settimeout(TIMEOUT)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):
+                    got += len(chunk)
+            assert got < 256 << 20  # cut, not delivered in full
+        # the balancer still serves, and said nothing louder than a line
+        assert raw_get(front_port, "/whoami")[2] == b"web"
+    finally:
+        front.stop()
+        web.stop()
+    assert "Traceback" not in front.output(), front.output()
+
+
+def test_client_aborts_leave_no_traceback(tmp_path: Path) -> None:
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    web, web_port = serve(tmp_path, "web", discovery, "--service", "web", "--app",
+                          "backend:app")
+    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "web")
+    try:
+        wait_until(lambda: raw_get(front_port, "/whoami")[2] == b"web", timeout=TIMEOUT,
+                   what="the balancer to see web")
+        for path in ("/slow?seconds=0.5", "/download?size=33554432", "/whoami") * 20:
+            sock = socket.create_connection(("127.0.0.1", front_port))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()  # RST mid-request
+        time.sleep(1.5)
+        assert raw_get(front_port, "/whoami")[2] == b"web"
+    finally:
+        front.stop()
+        web.stop()
+    for proc in (front, web):
+        assert "Traceback" not in proc.output(), proc.output()
