@@ -18,6 +18,7 @@ setup(
         "pymongo>=4.0",
         "requests>=2.25",
         "ConfigArgParse>=1.5",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "gunicorn": ["gunicorn>=21.2"],
@@ -26,6 +27,9 @@ setup(
             "pytest-timeout>=2.1",
             "gunicorn>=21.2",
             "websocket-client>=1.6",
+            "python-socketio>=5.8",
+            "flask-socketio>=5.3",
+            "hypothesis>=6.80",
         ],
     },
     entry_points={"console_scripts": ["cluster = cluster.entry:main"]},

@@ -20,6 +20,7 @@ from cluster.config import Settings
 from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.hop import HopMarker
 from cluster.node import Cluster
+from cluster.observe import NULL_OBSERVER, Observer
 from cluster.proxy.attempts import attempt, replayable
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
@@ -55,6 +56,7 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         sockjs_prefix=settings.sockjs_prefix,
         balancer_url=settings.balancer_url,
         trusted_proxies=frozenset(settings.trusted_proxies),
+        admin_prefix=settings.admin_prefix + "/",
     )
 
 
@@ -85,7 +87,8 @@ def reply_bytes(start_response: StartResponse, status: int, data: bytes,
 class ClusterApp:
     """A cluster member as a WSGI app: the local app (or none) plus balancing."""
 
-    def __init__(self, local_app: WSGIApp | None, node: Cluster) -> None:
+    def __init__(self, local_app: WSGIApp | None, node: Cluster,
+                 observer: Observer = NULL_OBSERVER) -> None:
         self.local_app = local_app
         self.node = node
         s = node.settings
@@ -96,7 +99,8 @@ class ClusterApp:
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
         self.retries = s.retries
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
-        self.admin = Admin(node, s)
+        self.observer = observer
+        self.admin = Admin(node, s, observer)
 
     def __repr__(self) -> str:
         return f"<ClusterApp {self.node!r} {self.forwarder!r}>"
@@ -119,12 +123,16 @@ class ClusterApp:
         if marker is not None and not hop:
             environ.pop(HOP_ENVIRON, None)  # an unproven marker reaches no app
         request = RequestView.from_environ(environ, hop=hop)
+        if not hop and self.admin.handles(request.path):
+            # Trusted networks, or anyone with --admin-token (else the app's own path).
+            answer = self.admin.answer(request.path, request.remote_addr, request.query,
+                                       str(environ.get("HTTP_AUTHORIZATION", "")))
+            if answer is not None:
+                return reply_bytes(start_response, answer[0], answer[2], answer[1])
 
         def pick(tried: frozenset[str]) -> Any:
-            exclude = node.ejected()
-            if tried:
-                exclude = exclude | tried
-            return route(request, node.table, self.policy, exclude)
+            # tried: never again; ejected: only when nothing else is left (panic mode)
+            return route(request, node.table, self.policy, tried, ejected=node.ejected())
 
         def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):

@@ -10,6 +10,8 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
+import time
 from typing import Any, Sequence
 
 from cluster.config import Settings, parse_command_line
@@ -30,6 +32,8 @@ def main(argv: Sequence[str]) -> int:
             configure_logging(settings.log_level)
             return serve(settings)
         if command == "status":
+            if namespace.watch:
+                return watch(settings, show_all=namespace.all)
             return status(settings, as_json=namespace.json, show_all=namespace.all)
         if command == "demo":
             from cluster.demo_runner import run_demo
@@ -62,7 +66,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
         snapshot = store.snapshot()
     finally:
         store.close()
-    endpoints, problems = parse_documents(snapshot.documents)
+    endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
     rows = []
     for e in sorted(endpoints, key=lambda e: (e.service, e.url)):
         healthy = e.is_healthy(snapshot.now, settings.expiry_grace)
@@ -87,25 +91,95 @@ def _age(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else str(dt.timedelta(seconds=int(seconds)))
 
 
+def table_lines(data: dict[str, Any],
+                rates: dict[str, tuple[float, float] | None] | None = None) -> list[str]:
+    """The ``cluster status`` table; with ``rates`` (endpoint -> (requests/s, error
+    rate), None when its status page did not answer) two more columns."""
+    lines = [f"discovery: {data['store']}"]
+    if not data["endpoints"]:
+        lines.append("no live endpoints")
+    else:
+        headers: tuple[str, ...] = ("SERVICE", "ENDPOINT", "HASH", "BALANCER", "HEARTBEAT",
+                                    "STATE")
+        if rates is not None:
+            headers += ("REQ/S", "ERRORS")
+        table: list[tuple[str, ...]] = [headers]
+        for r in data["endpoints"]:
+            row: tuple[str, ...] = (
+                r["service"], r["endpoint"], r["hash"][:10], r["balancer"] or "-",
+                _age(r["age"]) + " ago", "live" if r["healthy"] else "expired")
+            if rates is not None:
+                seen = rates.get(r["endpoint"])
+                row += ("-", "-") if seen is None else (f"{seen[0]:.1f}", f"{100 * seen[1]:.1f}%")
+            table.append(row)
+        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+        for row in table:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.append(f"balancers: {', '.join(data['balancers']) or '-'}")
+    for bad in data["malformed"]:
+        lines.append(f"warning: malformed record {bad['record']}: {bad['problem']}")
+    return lines
+
+
 def status(settings: Settings, as_json: bool = False, show_all: bool = False) -> int:
     data = status_rows(settings, show_all)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"discovery: {data['store']}")
-    if not data["endpoints"]:
-        print("no live endpoints")
-    else:
-        headers = ("SERVICE", "ENDPOINT", "HASH", "BALANCER", "HEARTBEAT", "STATE")
-        table = [headers] + [
-            (r["service"], r["endpoint"], r["hash"][:10], r["balancer"] or "-",
-             _age(r["age"]) + " ago", "live" if r["healthy"] else "expired")
-            for r in data["endpoints"]
-        ]
-        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-        for row in table:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"balancers: {', '.join(data['balancers']) or '-'}")
-    for bad in data["malformed"]:
-        print(f"warning: malformed record {bad['record']}: {bad['problem']}")
+    print("\n".join(table_lines(data)))
     return 0
+
+
+#: seconds an instance's status page may take before its rate shows as '-'
+RATE_TIMEOUT = 0.5
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def endpoint_rates(settings: Settings,
+                   endpoints: list[str]) -> dict[str, tuple[float, float] | None]:
+    """Each endpoint's own requests/s and error rate, read from its status page
+    (``ENDPOINT/_cluster/status``) in parallel; None for those that did not answer."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    found: dict[str, tuple[float, float] | None] = {url: None for url in endpoints}
+
+    def fetch(url: str) -> None:
+        try:
+            response = requests.get(f"{url}{settings.admin_prefix}/status", headers=headers,
+                                    timeout=RATE_TIMEOUT)
+            served = response.json()["served"]
+            found[url] = (float(served["rate"]), float(served["error_rate"]))
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            pass
+
+    threads = [threading.Thread(target=fetch, args=(url,), daemon=True) for url in endpoints]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 2 * RATE_TIMEOUT
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return dict(found)
+
+
+def watch(settings: Settings, show_all: bool = False, interval: float = 1.0) -> int:
+    """``cluster status --watch``: the table redrawn in place every second, with each
+    endpoint's request rate, until Ctrl-C."""
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                data = status_rows(settings, show_all)
+                live = [r["endpoint"] for r in data["endpoints"] if r["healthy"]]
+                lines = table_lines(data, endpoint_rates(settings, live))
+            except DiscoveryError as exc:
+                lines = [f"discovery: {exc}"]
+            stamp = dt.datetime.now().strftime("%H:%M:%S")
+            lines.append(f"\n{stamp}  refreshing every {interval:g}s; req/s over the last 5 s "
+                         "from each endpoint's status page; Ctrl-C to stop")
+            sys.stdout.write(_CLEAR + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 0

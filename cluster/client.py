@@ -69,6 +69,8 @@ class ServiceClient(requests.Session):
                 return current
             skip = exclude | self.node.ejected()
             choices = [e for h, e in live.items() if h not in skip]
+            if not choices:  # every one left is ejected: try them anyway (panic mode)
+                choices = [e for h, e in live.items() if h not in exclude]
             if not choices:
                 raise NoEndpoint(f"no live endpoint of service {self.service!r}")
             self._current = random.choice(choices)

@@ -19,10 +19,17 @@ from urllib.parse import urlsplit
 import configargparse
 
 from cluster.errors import ConfigError
-from cluster.records import is_http_url
+from cluster.records import (
+    MAX_PING_MS,
+    MIN_PING_MS,
+    MalformedRecord,
+    check_service,
+    check_url,
+)
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("off", "combined", "json")
 COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
@@ -42,17 +49,29 @@ def _text(raw: str) -> str:
 
 
 def _service_name(raw: str) -> str:
+    # the rules every watcher applies to records (cluster.records): a name they would
+    # skip must be refused here, not registered
     value = _text(raw)
-    if "/" in value or any(c.isspace() for c in value):
-        raise ValueError(f"{value!r} must not contain '/' or spaces")
-    return value
+    try:
+        return check_service(value)
+    except MalformedRecord:
+        raise ValueError(f"{value!r} must be 1-128 of A-Z a-z 0-9 . _ : -") from None
 
 
 def _http_url(raw: str) -> str:
     value = raw.strip()
-    if not is_http_url(value):
-        raise ValueError(f"{value!r} is not an http(s) URL with a host")
+    try:
+        check_url(value)
+    except MalformedRecord as exc:
+        raise ValueError(str(exc)) from None
     return value.rstrip("/")
+
+
+def _ping_seconds(raw: str) -> float:
+    value = _positive_seconds(raw)
+    if not MIN_PING_MS <= round(value * 1000) <= MAX_PING_MS:
+        raise ValueError(f"{raw} is outside {MIN_PING_MS / 1000:g}..{MAX_PING_MS // 1000} seconds")
+    return value
 
 
 def _discovery_url(raw: str) -> str:
@@ -141,6 +160,20 @@ def _file_path(raw: str) -> str:
     return _text(raw)
 
 
+def _access_log(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ACCESS_LOG_FORMATS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return value
+
+
+def _token(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters (it opens the admin pages)")
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -226,7 +259,7 @@ class Settings:
         1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
     )
     ping_interval: float = setting(
-        5.0, _positive_seconds, "seconds between heartbeats", "SECONDS"
+        5.0, _ping_seconds, "seconds between heartbeats", "SECONDS"
     )
     expiry_grace: float = setting(
         5.0,
@@ -256,7 +289,8 @@ class Settings:
     eject_seconds: float = setting(
         10.0,
         _positive_seconds,
-        "seconds a refusing endpoint is left out of this instance's picks",
+        "longest time a refusing endpoint is left out of this instance's picks (ejections "
+        "start at 1 s and double)",
         "SECONDS",
     )
     sockjs_prefix: str = setting(
@@ -318,6 +352,30 @@ class Settings:
     )
     max_header_count: int = setting(
         100, _count, "most request header fields (more: 431)", "N"
+    )
+    admin_prefix: str = setting(
+        "/_cluster",
+        _path_prefix,
+        "path prefix of the dashboard, status and metrics pages (answered only to "
+        "--trusted-proxies or with --admin-token)",
+        "PATH",
+    )
+    admin_token: str | None = setting(
+        None,
+        _token,
+        "token that opens the admin pages from any address (?token=… or "
+        "Authorization: Bearer …)",
+        "TEXT",
+        secret=True,
+    )
+    access_log: str = setting(
+        "off", _access_log, "one line per request: off, combined or json", "FORMAT"
+    )
+    access_log_file: str | None = setting(
+        None,
+        _file_path,
+        "file the access log is appended to (default: standard output)",
+        "PATH",
     )
     log_level: str = setting("info", _log_level, "debug, info, warning or error", "LEVEL")
 
@@ -493,6 +551,10 @@ def build_parser(
         parser.add_argument("--json", action="store_true", help="print JSON, not a table")
         parser.add_argument(
             "--all", action="store_true", help="also list records that have expired"
+        )
+        parser.add_argument(
+            "--watch", action="store_true",
+            help="redraw the table every second, with each endpoint's requests/s, until Ctrl-C"
         )
     if command == "demo":
         parser.add_argument(

@@ -2,11 +2,13 @@
 
 The quick start's main job: no database to install (the embedded store), nothing to
 configure. Each instance is a real ``cluster serve`` child process; Ctrl-C stops
-them all, and each deregisters on its way out.
+them all, and each deregisters on its way out. While it runs, a gentle stream of
+requests (a few a second, without cookies, so they spread) keeps the dashboard moving.
 """
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
@@ -44,7 +46,11 @@ def run_demo(settings: Settings, instances: int = 3) -> int:
         print(f"\nnine requests to {urls[0]} without a cookie were served by:")
         for answer in answers:
             print(f"  {answer}")
-        print("\n`cluster status` lists them; Ctrl-C stops them all.\n", flush=True)
+        print(f"\ndashboard: {urls[0]}{settings.admin_prefix}/  (live; any instance has one)")
+        print(f"metrics:   {urls[0]}{settings.admin_prefix}/metrics")
+        print("\na few demo requests a second keep it moving; `cluster status --watch` shows "
+              "them too.\nCtrl-C stops them all.\n", flush=True)
+        threading.Thread(target=_demo_traffic, args=(urls, stopping), daemon=True).start()
         while not stopping.is_set():
             if any(child.poll() is not None for child in children):
                 return 1
@@ -59,6 +65,20 @@ def run_demo(settings: Settings, instances: int = 3) -> int:
                 child.wait(15)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+#: seconds between demo requests (about four a second)
+TRAFFIC_INTERVAL = 0.25
+
+
+def _demo_traffic(urls: list[str], stopping: threading.Event) -> None:
+    """A few requests a second to random instances, without cookies, so they spread."""
+    paths = ["/", "/whoami", "/demo/page", "/whoami"]
+    while not stopping.wait(TRAFFIC_INTERVAL * random.uniform(0.5, 1.5)):
+        try:
+            requests.get(random.choice(urls) + random.choice(paths), timeout=5).close()
+        except requests.RequestException:
+            pass  # an instance stopping; the next request goes elsewhere
 
 
 def _wait_for(urls: list[str], children: list[subprocess.Popen[bytes]]) -> None:

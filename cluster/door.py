@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -47,7 +48,7 @@ from cluster.http1 import (
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.proxy.attempts import attempt, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
-from cluster.proxy.tunnel import Tunnel, pump
+from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
 from cluster.routing import (
     Policy,
@@ -93,6 +94,8 @@ class Door:
         self.sweeper = Sweeper()
         self.active = 0
         self.websockets = 0
+        #: every open WebSocket, as an object with going_away() (for a graceful stop)
+        self.open_websockets: set[Any] = set()
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -102,6 +105,17 @@ class Door:
     def close(self) -> None:
         self.sweeper.stop()
         self.pool.close()
+
+    def going_away(self) -> int:
+        """Close every WebSocket with 1001 (going away), so clients reconnect to a live
+        instance; returns how many. Called when this instance stops."""
+        sockets = list(self.open_websockets)
+        for socket in sockets:
+            try:
+                socket.going_away()
+            except Exception:  # noqa: BLE001 - one bad socket must not stop the others
+                log.debug("closing a WebSocket failed", exc_info=True)
+        return len(sockets)
 
     def tidy(self) -> None:
         """Close pooled connections of endpoints that left the table."""
@@ -161,7 +175,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome")
+                 "outcome", "fwd_host", "fwd_lines")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -169,6 +183,8 @@ class Connection:
         self.conn = conn
         self.handler: LocalHandler | None = None
         self.tunnelled = False
+        self.fwd_host = b""
+        self.fwd_lines: list[bytes] | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -177,15 +193,15 @@ class Connection:
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
+                if head is None:
+                    return
+                conn.requests += 1
+                if not self.one_request(head):  # RequestError too: a bad relayed body
+                    return
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
-            if head is None:
-                return
-            conn.requests += 1
-            if not self.one_request(head):
                 return
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
@@ -199,11 +215,13 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         while True:
+            # Before the head size: a request line longer than both is still a 414.
+            if len(buf) > limits.request_line and \
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if len(buf) > limits.request_line and buf.find(b"\r\n") < 0:
-                raise RequestError(414, "request line too long")
             if not conn.fill(wait_first=conn.phase == IDLE):
                 return None
             if conn.phase == IDLE:
@@ -223,6 +241,17 @@ class Connection:
         self.request = self.view(head)
         self.head = head
         state = self.outcome = _Outcome()
+        view = self.request
+        admin = door.admin
+        if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
+            # Before routing: trusted networks, or anyone with --admin-token.
+            answer = admin.answer(view.path, view.remote_addr, view.query,
+                                  _field(head, b"authorization"))
+            if answer is not None:
+                try:
+                    return self.reply(head, state, answer[0], answer[2], answer[1].encode())
+                finally:
+                    self.record(head, state, started)
         try:
             decision = self.pick(_NOTHING_TRIED)
             try:
@@ -249,15 +278,15 @@ class Connection:
 
     def retried(self, endpoint: Any, exc: UpstreamError) -> None:
         self.outcome.retry(endpoint, exc)
-        self.door.observer.retried(endpoint.url, exc.reason)
+        # A label, not the message: "connect" (refused or not accepted, nothing sent)
+        # or "replay" (broke before answering a replayable request).
+        self.door.observer.retried(endpoint.url, "connect" if exc.retryable else "replay")
 
     def pick(self, tried: frozenset[str]) -> Any:
         door = self.door
         node = door.node
-        exclude = node.ejected()
-        if tried:
-            exclude = exclude | tried
-        return route(self.request, node.table, door.policy, exclude)
+        # tried: never again; ejected: only when nothing else is left (panic mode)
+        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
 
     def send(self, decision: Any) -> bool:
         head = self.head
@@ -291,6 +320,17 @@ class Connection:
             head.forwarded_proto.decode("latin-1") if head.forwarded_proto else "",
             head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
             self.conn.peer, target)
+
+    def forwarded_lines(self, head: RequestHead) -> list[bytes]:
+        """Forwarding.lines for this connection's peer, kept while a keep-alive client
+        sends the same Host and no forwarding fields of its own (the usual case)."""
+        if head.forwarded_for or head.forwarded_proto or head.forwarded_host or \
+                head.forwarded or head.real_ip or head.via:
+            return self.door.forwarding.lines(head, self.conn.peer)
+        if head.host != self.fwd_host or self.fwd_lines is None:
+            self.fwd_lines = self.door.forwarding.lines(head, self.conn.peer)
+            self.fwd_host = head.host
+        return self.fwd_lines
 
     def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
         observer = self.door.observer
@@ -333,7 +373,7 @@ class Connection:
         else:
             framing = b""
         out = request_head(head, path_qs, target.hostport.encode(),
-                           door.forwarding.lines(head, conn.peer),
+                           self.forwarded_lines(head),
                            door.hop.line(head.method, path_qs), framing, upgrade)
         body: bytes | None = b""
         if head.chunked or (head.content_length > len(conn.buf)) or \
@@ -383,19 +423,26 @@ class Connection:
         door.observer.websocket_opened(url)
         upstream.sock.settimeout(None)
 
-        def closed() -> None:
-            door.websockets -= 1
-            door.observer.websocket_closed(url)
-
         if Tunnel.supports(conn.sock, upstream.sock):
+            def closed() -> None:
+                door.websockets -= 1
+                door.open_websockets.discard(tunnel)
+                door.observer.websocket_closed(url)
+
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            Tunnel(conn.sock, upstream.sock, closed).start()
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            door.open_websockets.add(tunnel)
+            tunnel.start()
         else:
+            pumped = _Pumped(conn.sock, upstream.sock)
+            door.open_websockets.add(pumped)
             try:
                 pump(conn.sock, upstream.sock)
             finally:
-                closed()
+                door.websockets -= 1
+                door.open_websockets.discard(pumped)
+                door.observer.websocket_closed(url)
         return False
 
     def serve_local(self, head: RequestHead, decision: Serve, state: _Outcome) -> bool:
@@ -475,6 +522,43 @@ _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
 _NOTHING_TRIED: frozenset[str] = frozenset()
 
 
+class _Pumped:
+    """A TLS tunnel run by greenlets, as the stop sees it."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, client: Any, upstream: Any) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    def going_away(self) -> None:
+        for sock, frame in ((self.client, CLOSE_TO_CLIENT), (self.upstream, CLOSE_TO_SERVER)):
+            try:
+                sock.send(frame)
+            except OSError:
+                pass
+            sock.close()
+
+
+class _LocalWebSocket:
+    """A WebSocket served by the local app (gevent-websocket), as the stop sees it."""
+
+    __slots__ = ("websocket", "conn")
+
+    def __init__(self, websocket: Any, conn: ClientConn) -> None:
+        self.websocket = websocket
+        self.conn = conn
+
+    def going_away(self) -> None:
+        # gevent-websocket's close() drops the status code: send the frame ourselves.
+        try:
+            self.websocket.send_frame(b"\x03\xe9server going away",
+                                      self.websocket.OPCODE_CLOSE)
+        except Exception:  # noqa: BLE001 - gevent-websocket raises several kinds
+            pass
+        self.conn.close()  # wakes the app's receive(): it sees the socket end
+
+
 class _Outcome:
     """What happened to one request, for the access log and the metrics."""
 
@@ -517,9 +601,19 @@ def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
     return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
 
 
+_COOKIE_LINES: dict[tuple[str, str], bytes] = {}
+
+
 def _cookie_line(cookie: tuple[str, str]) -> bytes:
-    name, value = _cookie_header(cookie)
-    return f"\r\n{name}: {value}".encode("latin-1")
+    """The Set-Cookie line for a sticky cookie (a few endpoints: made once each)."""
+    line = _COOKIE_LINES.get(cookie)
+    if line is None:
+        name, value = _cookie_header(cookie)
+        line = f"\r\n{name}: {value}".encode("latin-1")
+        if len(_COOKIE_LINES) > 4096:  # endpoints come and go: never grow for ever
+            _COOKIE_LINES.clear()
+        _COOKIE_LINES[cookie] = line
+    return line
 
 
 def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
@@ -639,6 +733,39 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.handle_one_response()
         return not self.close_connection and not self.rfile.closed
 
+    def _sendall(self, data: bytes) -> None:
+        """pywsgi's, through the door's send: a client that reads nothing for
+        --write-timeout has its connection closed by the sweeper instead of holding this
+        greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
+        server running this handler) it is pywsgi's own."""
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            super()._sendall(data)
+            return
+        try:
+            connection.conn.send(data)
+        except OSError as exc:
+            if exc.errno in self.ignored_socket_errors:
+                raise
+            # closed by the sweeper: as unremarkable as a client that went away
+            raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
+        self.response_length += len(data)
+
+    # A response to HEAD is the head a GET would get, without its content (RFC 9110
+    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
+    # read as the start of its next response.
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
+
+    def _write_with_headers(self, data: bytes) -> None:
+        super()._write_with_headers(b"" if self.command == "HEAD" else data)
+
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            super()._write(data)
+
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
         own logger, and nothing at all without one."""
@@ -653,11 +780,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.websocket_used = True
         door = self.connection.door
         door.websockets += 1
+        local = _LocalWebSocket(self.websocket, conn)
+        door.open_websockets.add(local)
         door.observer.websocket_opened("local")
         try:
             super().run_websocket()
         finally:
             door.websockets -= 1
+            door.open_websockets.discard(local)
             door.observer.websocket_closed("local")
 
 

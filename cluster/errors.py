@@ -45,6 +45,9 @@ class UpstreamConnectError(UpstreamError):
     """The endpoint refused or did not accept the connection; no byte was sent."""
 
     retryable = True
+    #: False when the endpoint was reached but the connection could not be used (a TLS
+    #: certificate that does not verify): a 502 with its reason, not "nobody there".
+    unreachable = True
 
 
 class UpstreamBroken(UpstreamError):

@@ -8,6 +8,10 @@ these hooks:
   registers the server's endpoint and heartbeats while the server answers. One record
   per server, however many workers, and a worker recycling does not touch it.
 - ``on_exit`` (arbiter): stops the sidecar by PID, which removes the record at once.
+- metrics: unless ``PROMETHEUS_MULTIPROC_DIR`` is set, ``when_ready`` makes a temp
+  directory for prometheus_client's multi-process mode (removed by ``on_exit``), so
+  every worker's ``/_cluster/metrics`` sums all workers; ``child_exit`` drops a dead
+  worker's live gauges.
 - ``post_worker_init`` (each worker, after gevent has monkey-patched it): makes the
   worker's front door around the app, with an observing (non-registering) node.
 
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 worker_class = "cluster.gunicorn.Worker"
 
 _SIDECAR: dict[str, subprocess.Popen[bytes]] = {}
+_METRICS_DIR: dict[str, str] = {}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Handler(LocalHandler, PyWSGIHandler):  # type: ignore[misc]
@@ -66,10 +74,16 @@ def _health_url(address: Any) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/_cluster/status"
+    from cluster.config import Settings
+
+    return f"http://{host}:{port}{Settings.load(args=[]).admin_prefix}/status"
 
 
 def when_ready(server: Any) -> None:
+    # Before any worker is forked, so each imports prometheus_client in multi-process mode.
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = tempfile.mkdtemp(
+            prefix="cluster-metrics-")
     address = server.LISTENERS[0].cfg_addr if server.LISTENERS else None
     endpoint = _endpoint_url(address)
     os.environ["CLUSTER_ENDPOINT_URL"] = endpoint  # the workers inherit the same identity
@@ -81,7 +95,19 @@ def when_ready(server: Any) -> None:
                     _SIDECAR["proc"].pid)
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone: its open connections and WebSockets no longer count."""
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(worker.pid, directory)  # type: ignore[no-untyped-call]
+
+
 def on_exit(server: Any) -> None:
+    own = _METRICS_DIR.pop("own", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
     proc = _SIDECAR.pop("proc", None)
     if proc is None or proc.poll() is not None:
         return
@@ -98,6 +124,7 @@ def on_exit(server: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     import functools
 
+    from cluster import observe
     from cluster.config import Settings
     from cluster.door import DoorServer
     from cluster.node import Cluster
@@ -105,7 +132,7 @@ def post_worker_init(worker: Any) -> None:
 
     settings = Settings.load(args=[])
     node = Cluster(settings, register=False).start()
-    door = make_door(node, settings, worker.wsgi)
+    door = make_door(node, settings, worker.wsgi, observe.from_settings(settings))
     worker.cluster_door = door
     worker.server_class = functools.partial(DoorServer, door=door)
     worker.log.info("cluster: worker %s balancing %s as %s", worker.pid, settings.service,

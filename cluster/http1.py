@@ -157,7 +157,9 @@ def find_head_end(buf: bytes | bytearray, limit: int) -> int:
         if end > limit:
             raise RequestError(431, "request head too large")
         return end + 4
-    if len(buf) > limit:
+    # limit + 3: a head of exactly ``limit`` bytes may have 3 bytes of its blank line in
+    # ``buf`` already; refusing it then would depend on how the bytes arrived.
+    if len(buf) > limit + 3:
         raise RequestError(431, "request head too large")
     if b"\n\n" in buf or b"\n\r\n" in buf:
         raise RequestError(400, "bare LF in the request head")
@@ -230,7 +232,8 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         elif kind == _LENGTH:
             lengths.append(value)
         elif kind == _TRANSFER:
-            transfer.extend(_tokens(value))
+            # an empty value still counts: a Transfer-Encoding without a final chunked
+            transfer.extend(_tokens(value) or (b"",))
         elif kind == _CONNECTION:
             req.connection += tuple(_tokens(value))
         elif kind == _UPGRADE:
@@ -505,6 +508,8 @@ class ChunkedScanner:
                 raise ChunkError("chunk line not ended by CRLF")
             line = line[:-2]
             if state == _SIZE:
+                if len(line) > _MAX_SIZE_LINE:  # also when it arrived in one piece
+                    raise ChunkError("chunk line too long")
                 digits = line.split(b";", 1)[0].rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ChunkError(f"bad chunk size {line[:20]!r}")
@@ -521,6 +526,9 @@ class ChunkedScanner:
                     self.trailer += len(line)
                     if self.trailer > _MAX_TRAILER:
                         raise ChunkError("trailer too long")
+                    # passed on byte for byte: only lines any field parser reads alike
+                    if not _FIELD_LINE(line):
+                        raise ChunkError("malformed trailer field")
         return pos, pieces
 
 

@@ -6,10 +6,14 @@ The WSGI app, the standalone server, the gunicorn hooks and ``discover()`` all u
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import socket
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from cluster.config import Settings
 from cluster.discovery import DiscoveryStore, open_store
@@ -19,6 +23,18 @@ from cluster.registry import EndpointTable, Registrar, Watcher
 log = logging.getLogger(__name__)
 
 _NONE_EJECTED: frozenset[str] = frozenset()
+#: seconds of a first ejection; each one that follows soon after doubles it
+EJECT_FIRST = 1.0
+#: seconds between probe connections to ejected endpoints
+PROBE_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class _Ejection:
+    endpoint: Endpoint
+    until: float  # time.monotonic()
+    #: the store's clock when ejected: a heartbeat newer than this readmits it
+    seen: dt.datetime
 
 
 class Cluster:
@@ -48,8 +64,18 @@ class Cluster:
             self.registrar = Registrar(
                 self.store, s.service, self.self_url, s.balancer_url, s.ping_interval
             )
-        self._ejected: dict[str, float] = {}
+        self._ejections: dict[str, _Ejection] = {}
+        #: hash -> (strikes, when the last ejection ended), for the backoff
+        self._strikes: dict[str, tuple[int, float]] = {}
+        self._view: frozenset[str] = _NONE_EJECTED
+        self._view_table: EndpointTable | None = None
+        self._view_until = 0.0
+        #: called as f(endpoint URL, reason) once per ejection (the observers' hook)
+        self.eject_listeners: list[Callable[[str, str], None]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._probe_wake = threading.Event()
+        self._prober: threading.Thread | None = None
         self._started = False
 
     def __repr__(self) -> str:
@@ -65,6 +91,9 @@ class Cluster:
             if self.registrar is not None:
                 self.registrar.start()
             self.watcher.start()
+            self._prober = threading.Thread(target=self._probe_loop, name="cluster-prober",
+                                            daemon=True)
+            self._prober.start()
         if wait:
             self.watcher.refreshed.wait(wait)
         return self
@@ -74,6 +103,8 @@ class Cluster:
         if self.registrar is not None:
             self.registrar.stop()
         self.watcher.stop()
+        self._stopping.set()
+        self._probe_wake.set()
         self.store.close()
 
     def __enter__(self) -> Cluster:
@@ -93,22 +124,106 @@ class Cluster:
 
     # --- passive health -----------------------------------------------------------
 
-    def eject(self, endpoint: Endpoint, seconds: float | None = None) -> None:
-        """Leave ``endpoint`` out of this instance's picks for a while."""
-        seconds = self.settings.eject_seconds if seconds is None else seconds
+    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "") -> None:
+        """Leave ``endpoint`` out of this instance's picks for a while.
+
+        The first ejection lasts EJECT_FIRST seconds; each one that follows soon after
+        the last doubles it, up to ``--eject-seconds``. It ends earlier when the
+        endpoint shows a newer heartbeat or a new registration (see :meth:`ejected`)
+        or a probe connection succeeds. Ejecting an endpoint already out changes
+        nothing: concurrent requests that find it dead are one strike, not many.
+        """
+        cap = self.settings.eject_seconds
         now = time.monotonic()
+        table = self.table
+        listed = table.by_hash.get(endpoint.hash)
+        seen = max(endpoint.timestamp, listed.timestamp if listed else endpoint.timestamp,
+                   table.now)
         with self._lock:
-            already = self._ejected.get(endpoint.hash, 0.0) > now
-            self._ejected[endpoint.hash] = now + seconds
-        if not already:  # concurrent requests to a dead endpoint: one line, not one each
-            log.warning("ejecting %s %s for %.0fs", endpoint.service, endpoint.url, seconds)
+            current = self._ejections.get(endpoint.hash)
+            if current is not None and current.until > now:
+                return
+            if len(self._strikes) > 1024:  # endpoints long gone: forget their strikes
+                self._strikes = {k: v for k, v in self._strikes.items() if now - v[1] < cap}
+            strikes, last_end = self._strikes.get(endpoint.hash, (0, 0.0))
+            strikes = strikes + 1 if now - last_end < cap else 1
+            if seconds is None:
+                seconds = min(cap, EJECT_FIRST * 2 ** min(strikes - 1, 30))
+            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen)
+            self._strikes[endpoint.hash] = (strikes, now + seconds)
+            self._view_table = None
+        log.warning("ejecting %s %s for %.3gs (strike %d)%s", endpoint.service, endpoint.url,
+                    seconds, strikes, f": {reason}" if reason else "")
+        for listener in self.eject_listeners:
+            listener(endpoint.url, reason)
+        self._probe_wake.set()
+
+    def readmit(self, endpoint_hash: str, reason: str) -> bool:
+        """End the ejection of ``endpoint_hash``, if any; True when there was one."""
+        with self._lock:
+            ejection = self._ejections.pop(endpoint_hash, None)
+            self._view_table = None
+        if ejection is not None:
+            e = ejection.endpoint
+            log.info("%s %s back in rotation: %s", e.service, e.url, reason)
+        return ejection is not None
 
     def ejected(self) -> frozenset[str]:
-        """Hashes of the endpoints currently ejected (cheap when there are none)."""
-        if not self._ejected:
+        """Hashes of the endpoints currently ejected (cheap when there are none).
+
+        An ejection ends when it times out, when the endpoint's record shows a
+        heartbeat newer than the ejection (a restarted instance registers at once),
+        or when the endpoint leaves the table (should it come back, that is a new
+        registration). A known weak spot: ``seen`` is the store's clock at the last
+        table refresh, so a heartbeat that landed between that refresh and the
+        failure can readmit an endpoint once, early; that costs one refused connect,
+        retried elsewhere, and the next ejection lasts twice as long.
+        """
+        if not self._ejections:
             return _NONE_EJECTED
+        table = self.table
         now = time.monotonic()
+        if table is self._view_table and now < self._view_until:
+            return self._view
+        healed = []
         with self._lock:
-            for key in [k for k, until in self._ejected.items() if until <= now]:
-                del self._ejected[key]
-            return frozenset(self._ejected)
+            for key, ejection in list(self._ejections.items()):
+                listed = table.by_hash.get(key)
+                if ejection.until <= now or listed is None:
+                    del self._ejections[key]
+                elif listed.timestamp > ejection.seen:
+                    del self._ejections[key]
+                    healed.append(ejection.endpoint)
+            view = frozenset(self._ejections) if self._ejections else _NONE_EJECTED
+            self._view = view
+            self._view_until = min((e.until for e in self._ejections.values()), default=now)
+            self._view_table = table
+        for e in healed:
+            log.info("%s %s back in rotation: a newer heartbeat", e.service, e.url)
+        return view
+
+    def _probe_loop(self) -> None:
+        """Try a TCP connect to each ejected endpoint every PROBE_INTERVAL seconds."""
+        while not self._stopping.is_set():
+            if not self._ejections:
+                self._probe_wake.wait(5.0)
+                self._probe_wake.clear()
+                continue
+            self._stopping.wait(PROBE_INTERVAL)
+            with self._lock:
+                targets = [(h, e.endpoint) for h, e in self._ejections.items()]
+            timeout = min(PROBE_INTERVAL, self.settings.connect_timeout)
+            for key, endpoint in targets:
+                if not self._stopping.is_set() and _connects(endpoint.url, timeout):
+                    self.readmit(key, "a probe connection succeeded")
+
+
+def _connects(url: str, timeout: float) -> bool:
+    """Does a TCP connection to ``url``'s host and port succeed within ``timeout``?"""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False

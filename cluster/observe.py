@@ -8,6 +8,13 @@ Times are seconds from ``time.monotonic()``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from cluster.config import Settings
+
+T = TypeVar("T")
+
 
 class RequestRecord:
     """One finished request, as the access log and the metrics see it."""
@@ -81,3 +88,81 @@ class DebugAccessLog(Observer):
         self.log.debug('%s "%s %s %s" %d %d %s %.6f', record.remote, record.method,
                        record.target, record.version, record.status, record.sent,
                        record.endpoint, record.total_seconds)
+class Observers(Observer):
+    """Fan-out: every hook called on each of several observers, in order."""
+
+    def __init__(self, observers: list[Observer]) -> None:
+        self.observers = tuple(observers)
+
+    def __repr__(self) -> str:
+        return f"<Observers {list(self.observers)!r}>"
+
+    def request_done(self, record: RequestRecord) -> None:
+        for observer in self.observers:
+            observer.request_done(record)
+
+    def connection_opened(self) -> None:
+        for observer in self.observers:
+            observer.connection_opened()
+
+    def connection_closed(self) -> None:
+        for observer in self.observers:
+            observer.connection_closed()
+
+    def connection_refused(self) -> None:
+        for observer in self.observers:
+            observer.connection_refused()
+
+    def websocket_opened(self, endpoint: str) -> None:
+        for observer in self.observers:
+            observer.websocket_opened(endpoint)
+
+    def websocket_closed(self, endpoint: str) -> None:
+        for observer in self.observers:
+            observer.websocket_closed(endpoint)
+
+    def retried(self, endpoint: str, reason: str) -> None:
+        for observer in self.observers:
+            observer.retried(endpoint, reason)
+
+    def ejected(self, endpoint: str, reason: str) -> None:
+        for observer in self.observers:
+            observer.ejected(endpoint, reason)
+
+
+def combine(observers: list[Observer]) -> Observer:
+    """One observer for several: the no-op, the only one, or a fan-out."""
+    if not observers:
+        return NULL_OBSERVER
+    if len(observers) == 1:
+        return observers[0]
+    return Observers(observers)
+
+
+def find(observer: Observer, kind: type[T]) -> T | None:
+    """The first observer of ``kind`` in ``observer`` (itself or inside a fan-out)."""
+    if isinstance(observer, kind):
+        return observer
+    if isinstance(observer, Observers):
+        for inner in observer.observers:
+            found = find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def from_settings(settings: Settings) -> Observer:
+    """What ``cluster serve`` reports to: the metrics (always: the dashboard and
+    ``/_cluster/metrics`` read them) and, with ``--access-log``, the access log (else,
+    with ``--log-level debug``, the debug one).
+    Raises ConfigError for an access-log file that cannot be opened."""
+    from cluster import accesslog
+    from cluster.metrics import MetricsObserver
+
+    observers: list[Observer] = [MetricsObserver()]
+    access = accesslog.from_settings(settings)
+    if access is not None:
+        observers.append(access)
+    elif settings.log_level == "debug":
+        observers.append(DebugAccessLog())
+    return combine(observers)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -24,11 +26,109 @@ def endpoint_hash(endpoint_url: str) -> str:
     return hashlib.sha1(endpoint_url.encode("utf-8")).hexdigest()
 
 
-def is_http_url(url: object) -> bool:
+class MalformedRecord(ValueError):
+    """A discovery document that does not have the meteorhacks shape."""
+
+
+#: Limits on what another writer may put in the shared store (see check_url and
+#: parse_record). A record outside them is skipped with one warning: a 2 MB URL, a
+#: port out of range or a ping interval of 30,000 years must not reach routing or logs.
+MAX_URL_LENGTH = 2048
+MIN_PING_MS = 100
+MAX_PING_MS = 3_600_000
+#: a heartbeat stamped further ahead of the store's clock than this is not believed
+MAX_FUTURE = dt.timedelta(hours=1)
+SERVICE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
+#: ends the problem text of a record kept without its malformed balancer
+BALANCER_IGNORED = "balancer ignored, endpoint kept"
+#: how much of a hostile value a log line or a problem text shows
+SHOWN_CHARS = 200
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` safe for one log line: ASCII-escaped (no raw CR/LF) and truncated.
+
+    A truncated text ends with its full length and a digest, so two long values that
+    share a prefix still read (and deduplicate) as different.
+    """
+    try:
+        text = ascii(value)
+    except Exception as exc:  # noqa: BLE001 - a hostile object's __repr__ may raise anything
+        return f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode("ascii")).hexdigest()[:12]
+    return f"{text[:limit]}... ({len(text)} chars, sha1 {digest})"
+
+
+def check_url(url: object, what: str = "URL") -> str:
+    """``url`` when it is a usable http(s) base URL; raises :class:`MalformedRecord`.
+
+    Usable: a string of at most 2 KiB of printable ASCII (no whitespace or control
+    characters), scheme http or https, a host name or IP address, a port (explicit or
+    implied by the scheme) in 1..65535, no credentials, no query and no fragment.
+    """
     if not isinstance(url, str):
+        raise MalformedRecord(f"{what} {shown(url, 60)} is not a string")
+    if len(url) > MAX_URL_LENGTH:
+        raise MalformedRecord(f"{what} {shown(url, 60)} is longer than {MAX_URL_LENGTH} chars")
+    if not all("!" <= c <= "~" for c in url):
+        raise MalformedRecord(
+            f"{what} {shown(url)} has whitespace, control or non-ASCII characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port out of range or not a number, a bad IPv6 literal
+        raise MalformedRecord(f"{what} {shown(url)} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise MalformedRecord(f"{what} {shown(url)} is not an http(s) URL")
+    if "@" in parts.netloc:
+        raise MalformedRecord(f"{what} {shown(_redacted(url))} carries credentials")
+    if "?" in url or "#" in url:
+        raise MalformedRecord(f"{what} {shown(url)} has a query or a fragment")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise MalformedRecord(f"{what} {shown(url)} has a port out of range")
+    if not _valid_host(parts.hostname, parts.netloc):
+        raise MalformedRecord(f"{what} {shown(url)} has no valid host")
+    return url
+
+
+_USERINFO = re.compile(r"//[^/?#]*@")
+
+
+def _redacted(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced: logs must not keep them."""
+    return _USERINFO.sub("//***@", text)
+
+
+def _valid_host(hostname: str | None, netloc: str) -> bool:
+    if not hostname:
         return False
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    if netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(hostname)
+        except ValueError:
+            return False
+        return True
+    return _HOSTNAME.fullmatch(hostname) is not None
+
+
+def is_http_url(url: object) -> bool:
+    """True when :func:`check_url` accepts ``url``."""
+    try:
+        check_url(url)
+    except MalformedRecord:
+        return False
+    return True
+
+
+def check_service(name: object) -> str:
+    """``name`` when it is a usable service name; raises :class:`MalformedRecord`."""
+    if not isinstance(name, str) or SERVICE_NAME.fullmatch(name) is None:
+        raise MalformedRecord(
+            f"serviceName {shown(name, 60)} is not 1-128 of A-Z a-z 0-9 . _ : -")
+    return name
 
 
 @dataclass(frozen=True)
@@ -50,46 +150,69 @@ class Endpoint:
         return self.age(now) < self.ping_interval + grace
 
 
-class MalformedRecord(ValueError):
-    """A discovery document that does not have the meteorhacks shape."""
-
-
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def parse_record(doc: Mapping[str, Any]) -> Endpoint:
-    """Turn a store document into an :class:`Endpoint`.
+def parse_record(doc: Mapping[str, Any], now: dt.datetime | None = None) -> Endpoint:
+    """Turn a store document into an :class:`Endpoint`; a bad ``balancer`` is dropped.
 
     Raises :class:`MalformedRecord` naming the first problem found; extra fields are
-    ignored so other writers may add their own.
+    ignored so other writers may add their own. See :func:`check_record`.
     """
-    service = doc.get("serviceName")
-    if not isinstance(service, str) or not service:
-        raise MalformedRecord("serviceName missing or not a string")
-    url = doc.get("endpoint")
-    if not is_http_url(url):
-        raise MalformedRecord(f"endpoint {url!r} is not an http(s) URL")
-    assert isinstance(url, str)
-    balancer = doc.get("balancer")
-    if balancer is not None and not is_http_url(balancer):
-        raise MalformedRecord(f"balancer {balancer!r} is not an http(s) URL or null")
+    return check_record(doc, now)[0]
+
+
+def check_record(
+    doc: Mapping[str, Any], now: dt.datetime | None = None
+) -> tuple[Endpoint, str | None]:
+    """(endpoint, problem with its balancer or None); raises :class:`MalformedRecord`.
+
+    Policy for a bad ``balancer`` URL: the endpoint itself passed every check, and the
+    balancer only names where browsers should open SockJS sessions, so the endpoint
+    is kept and the balancer dropped (the service's other balancers, or this instance,
+    stand in); the problem is returned so the caller warns once. ``now`` is the
+    store's clock: a heartbeat more than an hour ahead of it would never expire.
+    """
+    service = check_service(doc.get("serviceName"))
+    url = check_url(doc.get("endpoint"), "endpoint")
     timestamp = doc.get("timestamp")
     if not isinstance(timestamp, dt.datetime):
         raise MalformedRecord("timestamp missing or not a date")
+    timestamp = _aware(timestamp)
+    if now is not None and timestamp > _aware(now) + MAX_FUTURE:
+        raise MalformedRecord("timestamp is more than an hour ahead of the store's clock")
     ping = doc.get("pingInterval")
-    if isinstance(ping, bool) or not isinstance(ping, (int, float)) or ping <= 0:
-        raise MalformedRecord(f"pingInterval {ping!r} is not a positive number of ms")
+    if (isinstance(ping, bool) or not isinstance(ping, (int, float))
+            or not MIN_PING_MS <= ping <= MAX_PING_MS):  # NaN fails this too
+        raise MalformedRecord(
+            f"pingInterval {shown(ping, 60)} is not {MIN_PING_MS}..{MAX_PING_MS} ms")
+    balancer = doc.get("balancer")
+    problem = None
+    if balancer is not None and balancer != "":  # meteorhacks writes null or nothing
+        try:
+            balancer = check_url(balancer, "balancer").rstrip("/")
+        except MalformedRecord as exc:
+            balancer, problem = None, f"{exc}; {BALANCER_IGNORED}"
     # The hash is recomputed rather than trusted: routing by a hash that does not
     # match the URL would send sessions to the wrong place.
-    return Endpoint(
+    endpoint = Endpoint(
         service=service,
         url=url.rstrip("/"),
         hash=endpoint_hash(url),
-        balancer=balancer.rstrip("/") if balancer else None,
-        timestamp=_aware(timestamp),
+        balancer=balancer or None,
+        timestamp=timestamp,
         ping_interval=float(ping) / 1000.0,
     )
+    return endpoint, problem
+
+
+def record_identity(doc: Mapping[str, Any]) -> str:
+    """How a warning names a record: its ``_id``, else service@endpoint; escaped."""
+    ident = doc.get("_id")
+    if ident is None:
+        return shown(_redacted(f"{doc.get('serviceName')}@{doc.get('endpoint')}"))
+    return shown(str(ident))
 
 
 def make_record(

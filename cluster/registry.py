@@ -16,13 +16,21 @@ import logging
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 from cluster.discovery.base import DiscoveryStore
 from cluster.errors import DiscoveryError
-from cluster.records import Endpoint, MalformedRecord, make_record, parse_record
+from cluster.records import (
+    BALANCER_IGNORED,
+    Endpoint,
+    MalformedRecord,
+    check_record,
+    make_record,
+    record_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +51,16 @@ class EndpointTable:
     by_balancer: Mapping[str, tuple[Endpoint, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    #: service -> the balancer URLs its own endpoints announced. A record's balancer
+    #: serves only its own service: a record of an unrelated service must not become
+    #: the SockJS ``base_url`` of this one.
+    balancers_by_service: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def balancers(self) -> tuple[str, ...]:
+        """Every announced balancer (for status pages; routing uses balancers_by_service)."""
         return tuple(self.by_balancer)
 
     def services(self) -> tuple[str, ...]:
@@ -75,53 +90,115 @@ class EndpointTable:
         )
         by_service: dict[str, list[Endpoint]] = {}
         by_balancer: dict[str, list[Endpoint]] = {}
+        service_balancers: dict[str, dict[str, None]] = {}  # ordered sets
         for endpoint in live:
             by_service.setdefault(endpoint.service, []).append(endpoint)
             if endpoint.balancer:
                 by_balancer.setdefault(endpoint.balancer, []).append(endpoint)
+                service_balancers.setdefault(endpoint.service, {})[endpoint.balancer] = None
         return cls(
             now=now,
             endpoints=tuple(live),
             by_service=MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
             by_hash=MappingProxyType({e.hash: e for e in live}),
             by_balancer=MappingProxyType({k: tuple(v) for k, v in by_balancer.items()}),
+            balancers_by_service=MappingProxyType(
+                {k: tuple(v) for k, v in service_balancers.items()}
+            ),
         )
 
 
 def parse_documents(
-    documents: Iterable[Mapping[str, Any]],
+    documents: Iterable[Mapping[str, Any]], now: dt.datetime | None = None
 ) -> tuple[list[Endpoint], list[tuple[str, str]]]:
-    """Split store documents into endpoints and (identity, problem) pairs."""
+    """Split store documents into endpoints and (identity, problem) pairs.
+
+    Both texts of a problem are escaped and truncated (records.shown): a record is
+    someone else's input and must not forge or flood log lines. A record whose only
+    problem is its ``balancer`` is kept without it, and its problem is listed too.
+    """
     endpoints: list[Endpoint] = []
     problems: list[tuple[str, str]] = []
     for doc in documents:
         try:
-            endpoints.append(parse_record(doc))
+            endpoint, problem = check_record(doc, now)
         except MalformedRecord as exc:
-            identity = str(doc.get("_id") or f"{doc.get('serviceName')}@{doc.get('endpoint')}")
-            problems.append((identity, str(exc)))
+            problems.append((record_identity(doc), str(exc)))
+            continue
+        endpoints.append(endpoint)
+        if problem is not None:
+            problems.append((record_identity(doc), problem))
     return endpoints, problems
 
 
-class _OutageLog:
-    """One warning when a loop starts failing, one info line when it recovers."""
+class _StoreOutage:
+    """What every loop of one store shares: an outage is logged once, not once per loop.
 
-    def __init__(self, what: str) -> None:
+    The first loop to fail logs one warning; the outage ends, with one info line,
+    when every loop that failed has succeeded again. Details go to debug.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.failing: set[str] = set()
+        self.since: float | None = None
+        self.lock = threading.Lock()
+
+    def failed(self, what: str, exc: Exception) -> None:
+        with self.lock:
+            first = not self.failing
+            self.failing.add(what)
+            if first:
+                self.since = time.monotonic()
+        if first:
+            log.warning("discovery store %s failed (%s), will keep retrying: %s",
+                        self.description, what, exc)
+        else:
+            log.debug("%s still failing: %s", what, exc)
+
+    def succeeded(self, what: str) -> None:
+        with self.lock:
+            if what not in self.failing:
+                return
+            self.failing.discard(what)
+            over = not self.failing
+            seconds = time.monotonic() - (self.since or 0.0)
+        if over:
+            log.info("discovery store %s works again after %.1fs", self.description, seconds)
+
+
+_OUTAGES: weakref.WeakKeyDictionary[DiscoveryStore, _StoreOutage] = weakref.WeakKeyDictionary()
+_OUTAGES_LOCK = threading.Lock()
+
+
+def _store_outage(store: DiscoveryStore) -> _StoreOutage:
+    with _OUTAGES_LOCK:
+        outage = _OUTAGES.get(store)
+        if outage is None:
+            outage = _OUTAGES[store] = _StoreOutage(store.description)
+        return outage
+
+
+class _OutageLog:
+    """One loop's view of a store outage; the log lines are the store's (_StoreOutage)."""
+
+    def __init__(self, what: str, store: DiscoveryStore) -> None:
         self.what = what
+        self.store = _store_outage(store)
         self.failing_since: dt.datetime | None = None
+        #: failed attempts since start (the metrics' discovery errors)
+        self.errors = 0
 
     def failed(self, exc: Exception) -> None:
+        self.errors += 1
         if self.failing_since is None:
             self.failing_since = dt.datetime.now(dt.timezone.utc)
-            log.warning("%s failed, will keep retrying: %s", self.what, exc)
-        else:
-            log.debug("%s still failing: %s", self.what, exc)
+        self.store.failed(self.what, exc)
 
     def succeeded(self) -> None:
         if self.failing_since is not None:
-            seconds = (dt.datetime.now(dt.timezone.utc) - self.failing_since).total_seconds()
-            log.warning("%s works again after %.1fs", self.what, seconds)
             self.failing_since = None
+            self.store.succeeded(self.what)
 
     @property
     def failing(self) -> bool:
@@ -171,7 +248,7 @@ class Registrar(_Loop):
         self.ping_interval = ping_interval
         #: a sidecar's check of the program it registers; the record lives only while True
         self.healthy = healthy
-        self.outage = _OutageLog(f"heartbeat of {service} {endpoint_url} to {store.description}")
+        self.outage = _OutageLog(f"heartbeat of {service} {endpoint_url}", store)
         self.beats = 0
         self._registered = False
         self._stopped = False
@@ -237,8 +314,10 @@ class Watcher(_Loop):
         self.grace = grace
         self.refresh_interval = refresh_interval
         self.table = EndpointTable()
-        self.outage = _OutageLog(f"reading discovery store {store.description}")
+        self.outage = _OutageLog("reading the records", store)
         self.refreshed = threading.Event()
+        #: time.time() of the last successful read (0.0: none yet); metrics show its age
+        self.refreshed_at = 0.0
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
 
@@ -255,19 +334,37 @@ class Watcher(_Loop):
         land. A record that was deleted (a graceful stop) still goes at once.
         """
         snapshot = self.store.snapshot()
-        endpoints, problems = parse_documents(snapshot.documents)
-        for problem in problems:
-            if problem not in self._warned:  # one warning per bad record, not per refresh
-                self._warned.add(problem)
-                log.warning("skipping malformed discovery record %s: %s", *problem)
+        if self.outage.failing:
+            # The first good read after an outage. The shelter starts now, not before
+            # the read: a read can block for the store's whole timeout while it comes
+            # back, and a window opened before it would be over when it returns.
+            longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+            self._shelter_until = time.monotonic() + longest + self.grace
+        endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
+        self._warn_once(problems)
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
         self._log_changes(self.table, table)
         self.table = table
+        self.refreshed_at = time.time()
         self.refreshed.set()
         return table
+
+    def _warn_once(self, problems: list[tuple[str, str]]) -> None:
+        """One warning per bad record, not one per refresh.
+
+        Only the problems of records still in the store are remembered, so the set
+        cannot grow without bound under a writer that keeps adding new bad records.
+        """
+        current = set(problems)
+        for identity, problem in sorted(current - self._warned):
+            if problem.endswith(BALANCER_IGNORED):
+                log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            else:
+                log.warning("skipping malformed discovery record %s: %s", identity, problem)
+        self._warned = current
 
     @staticmethod
     def _log_changes(old: EndpointTable, new: EndpointTable) -> None:
@@ -281,9 +378,6 @@ class Watcher(_Loop):
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                if self.outage.failing:
-                    longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
-                    self._shelter_until = time.monotonic() + longest + self.grace
                 self.refresh()
             except DiscoveryError as exc:
                 self._shelter_until = 0.0

@@ -148,6 +148,8 @@ class Policy:
     sockjs_prefix: str = "/sockjs"
     balancer_url: str | None = None
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+    #: --admin-prefix with a trailing slash: where the operator pages live
+    admin_prefix: str = ADMIN_PREFIX
 
     def reachable(self, service: str) -> bool:
         """Outside clients may reach public services and the UI service only."""
@@ -215,11 +217,16 @@ def route(
     policy: Policy,
     exclude: frozenset[str] = frozenset(),
     rand: Callable[[], float] = random.random,
+    *,
+    ejected: frozenset[str] = frozenset(),
 ) -> Decision:
     """Decide what to do with ``request``.
 
-    ``exclude`` holds endpoint hashes not to pick (passively ejected or already
-    tried for this request); ``rand`` returns floats in [0, 1).
+    ``exclude`` holds endpoint hashes never to pick (already tried for this request);
+    ``ejected`` holds those passively ejected, left out while anything else of the
+    service is live but tried anyway when nothing else is (a panic mode, as Envoy's
+    panic threshold: a guess at a recovered endpoint beats a certain 503). ``rand``
+    returns floats in [0, 1).
     """
     if request.path.startswith(DDP_PREFIX):
         return _route_session(request, table, policy)
@@ -229,15 +236,19 @@ def route(
         # never gets the status page: that would answer a client the first hop did
         # not trust, and hide the app's own page of that name.)
         return Serve() if policy.has_local_app else Reply(502, "this instance has no local app")
-    if request.path.startswith(ADMIN_PREFIX) and request.remote_addr in policy.trusted_proxies:
+    if request.path.startswith(policy.admin_prefix) and \
+            request.remote_addr in policy.trusted_proxies:
         return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:
-        return _route_sockjs_info(request, table, policy, info, exclude, rand)
+        return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected)
     service = policy.ui_service
     if service is None:
         return Serve() if policy.has_local_app else Reply(503, "no service configured")
-    return _route_sticky(request, table, policy, service, exclude, rand)
+    return _route_sticky(request, table, policy, service, exclude, rand, ejected)
+
+
+_Picked = Union[tuple[Union[Endpoint, None], bool, Union[tuple[str, str], None]], Reply]
 
 
 def _pick(
@@ -247,7 +258,25 @@ def _pick(
     service: str,
     exclude: frozenset[str],
     rand: Callable[[], float],
-) -> tuple[Endpoint | None, bool, tuple[str, str] | None] | Reply:
+    ejected: frozenset[str] = frozenset(),
+) -> _Picked:
+    """:func:`_pick_from` without the ejected endpoints, or with them when nothing else
+    of the service is left (panic mode); ``exclude`` is never picked."""
+    if ejected:
+        picked = _pick_from(request, table, policy, service, exclude | ejected, rand)
+        if not isinstance(picked, Reply):
+            return picked
+    return _pick_from(request, table, policy, service, exclude, rand)
+
+
+def _pick_from(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+) -> _Picked:
     """(endpoint, local, cookie-to-set) for ``service``, or a Reply when none is live.
 
     The sticky cookie wins while its endpoint is live and not excluded; otherwise a
@@ -297,8 +326,9 @@ def _route_sticky(
     service: str,
     exclude: frozenset[str],
     rand: Callable[[], float],
+    ejected: frozenset[str] = frozenset(),
 ) -> Decision:
-    picked = _pick(request, table, policy, service, exclude, rand)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected)
     if isinstance(picked, Reply):
         return picked
     endpoint, local, set_cookie = picked
@@ -327,20 +357,21 @@ def _route_sockjs_info(
     service: str,
     exclude: frozenset[str],
     rand: Callable[[], float],
+    ejected: frozenset[str] = frozenset(),
 ) -> Decision:
     if not service or not policy.reachable(service):
         return Reply(403, f"service {service!r} is not public here")
-    picked = _pick(request, table, policy, service, exclude, rand)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected)
     if isinstance(picked, Reply):
         return picked
     endpoint, local, _ = picked
     if local:
         own = table.by_hash.get(policy.self_hash or "")
-        balancer = _balancer_for(own, request, table, policy, rand)
+        balancer = _balancer_for(own, service, request, table, policy, rand)
         target_hash = policy.self_hash
     else:
         assert endpoint is not None
-        balancer = _balancer_for(endpoint, request, table, policy, rand)
+        balancer = _balancer_for(endpoint, service, request, table, policy, rand)
         target_hash = endpoint.hash
     info_path = policy.sockjs_prefix + "/info"
     path_qs = f"{info_path}?{request.query}" if request.query else info_path
@@ -350,15 +381,18 @@ def _route_sockjs_info(
 
 def _balancer_for(
     endpoint: Endpoint | None,
+    service: str,
     request: RequestView,
     table: EndpointTable,
     policy: Policy,
     rand: Callable[[], float],
 ) -> str:
-    """The endpoint's own balancer, else a random live one, else this instance."""
+    """The endpoint's own balancer, else a random live one of the same service, else
+    this instance. Never another service's: any writer to the store can announce a
+    balancer for its own records, and only for those."""
     if endpoint is not None and endpoint.balancer:
         return endpoint.balancer
-    balancers = table.balancers
+    balancers = table.balancers_by_service.get(service, ())
     if balancers:
         return balancers[min(int(rand() * len(balancers)), len(balancers) - 1)]
     return policy.balancer_url or request.public_base(policy.trusted_proxies)
@@ -366,10 +400,14 @@ def _balancer_for(
 
 def _route_session(request: RequestView, table: EndpointTable, policy: Policy) -> Decision:
     """``/cluster-ddp/<hash>/<service>/<rest>`` goes to exactly that endpoint."""
+    if _escapes(request.path, request.raw_target):
+        return Reply(400, "dot segments and encoded slashes are not allowed in session paths")
     parts = request.path[len(DDP_PREFIX):].split("/", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         return Reply(404, "malformed session path")
     endpoint_hash, service = parts[0], parts[1]
+    if not _is_sha1_hex(endpoint_hash):  # not a hash any record can have; not echoed back
+        return Reply(404, "malformed session path")
     rest = "/" + parts[2] if len(parts) == 3 else ""
     if not policy.reachable(service):
         return Reply(403, f"service {service!r} is not public here")
@@ -383,3 +421,30 @@ def _route_session(request: RequestView, table: EndpointTable, policy: Policy) -
         return Reply(404, f"endpoint {endpoint_hash} of {service!r} is gone; start a new session")
     path_qs = RequestView(path=target, query=request.query).path_qs
     return Proxy(endpoint, path_qs, retry=False)
+
+
+_ENCODED_SEPARATORS = ("%2f", "%5c", "\\")
+
+
+def _escapes(path: str, raw_target: str) -> bool:
+    """Could this session path leave the endpoint's SockJS prefix once rewritten?
+
+    ``path`` is decoded (PATH_INFO); ``raw_target`` is the request-target as sent,
+    when the server gives it. Dot segments (``.``, ``..``, also as ``%2e`` in any
+    case) and encoded slashes or backslashes (``%2f``, ``%5c``, ``\\``) are refused
+    in either form: an endpoint, or a server in front of it, may decode and
+    normalize them into a path outside ``/sockjs/``.
+    """
+    raw = raw_target.partition("?")[0] if raw_target.startswith("/") else ""
+    for text in (path, raw):
+        lowered = text.lower()
+        if any(sep in lowered for sep in _ENCODED_SEPARATORS):
+            return True
+        for segment in lowered.split("/"):
+            if segment.replace("%2e", ".") in (".", ".."):
+                return True
+    return False
+
+
+def _is_sha1_hex(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)

@@ -22,13 +22,15 @@ import gevent
 import gevent.event
 from gevent.server import _tcp_listener
 
+from cluster import observe
 from cluster.admin import Admin
 from cluster.app import WSGIApp, policy_for
 from cluster.config import Settings
 from cluster.door import Door, DoorServer
 from cluster.errors import ConfigError
+from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
-from cluster.observe import NULL_OBSERVER, DebugAccessLog, Observer
+from cluster.observe import NULL_OBSERVER, Observer
 from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,10 @@ def raise_descriptor_limit() -> None:
 def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
               observer: Observer = NULL_OBSERVER) -> Door:
     policy = policy_for(settings, node.self_hash, local_app is not None)
+    node.eject_listeners.append(observer.ejected)
+    metrics = observe.find(observer, MetricsObserver)
+    if metrics is not None:
+        metrics.watch(node)  # discovery gauges and request rates, once a second
     return Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
 
 
@@ -121,8 +127,13 @@ class ClusterServer(DoorServer):
         node = self.door.node
         if node.registrar is not None:
             node.registrar.stop()  # deregister first: no new request is sent here
+        self.close()
+        self.door.going_away()
         super().stop(timeout)
         self.door.close()
+        metrics = observe.find(self.door.observer, MetricsObserver)
+        if metrics is not None:
+            metrics.stop()
         node.close()
 
 
@@ -143,23 +154,27 @@ def make_cluster_server(app: WSGIApp | None, listener: Any = None,
     if app is not None and not resolved.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     node = Cluster(resolved, register=app is not None).start()
-    door = make_door(node, resolved, app)
+    door = make_door(node, resolved, app, observe.from_settings(resolved))
     return ClusterServer(listener, app, door=door, log=None,
                          error_log=logging.getLogger("cluster.server"))
 
 
 def serve(settings: Settings, local_app: WSGIApp | None = None,
-          observer: Observer = NULL_OBSERVER) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+          observer: Observer | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status.
+
+    ``observer`` gets the door's reports; by default (None) what the settings ask for:
+    the metrics, plus the access log with ``--access-log`` (or the debug one with
+    ``--log-level debug``), see :func:`cluster.observe.from_settings`.
+    """
     if local_app is None and settings.app:
         local_app = load_app(settings.app)
     if local_app is not None and not settings.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     raise_descriptor_limit()
-    if observer is NULL_OBSERVER and settings.log_level == "debug":
-        observer = DebugAccessLog()
     listener, settings = listen(settings)
     if settings.workers_count > 1:
+        write_port_file(settings)  # the shared public port: it queues until workers accept
         return run_workers(settings, listener)
     shared = _inherited_listener()
     base = os.environ.pop("_CLUSTER_ENDPOINT_BASE", None)
@@ -167,6 +182,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         port = settings.bind_address[1]
         settings = settings.replace(endpoint_url=urlsplit(base)._replace(
             netloc=f"{urlsplit(base).hostname}:{port}").geturl())
+    if observer is None:
+        observer = observe.from_settings(settings)
     node = Cluster(settings, register=local_app is not None)
     door = make_door(node, settings, local_app, observer)
     servers = [make_server(listener, door)]
@@ -198,6 +215,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         node.registrar.stop()
     for server in servers:
         server.close()
+    closed = door.going_away()
+    if closed:
+        log.info("closed %d WebSockets with 1001 (going away)", closed)
     for server in servers:
         server.stop(timeout=DRAIN_SECONDS)
     tidy.kill()

@@ -8,15 +8,21 @@ stays in the one process that holds its state - a shared socket alone would scat
 a SockJS session over the workers. This mirrors meteorhacks:cluster's workers.
 
 The parent registers nothing; if it is killed, the children notice and stop.
+
+Metrics: the parent points every worker at one ``PROMETHEUS_MULTIPROC_DIR`` (a temp
+directory it creates and removes, unless one is set already), so any worker's
+``/_cluster/metrics`` sums them all; when a worker dies its live gauges are dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -33,11 +39,16 @@ PARENT_PID_ENV = "_CLUSTER_PARENT_PID"
 
 RESTART_DELAY = 1.0
 
+#: prometheus_client's multi-process directory (read when a worker imports it)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     """The environment of one worker: the parent's settings, one process, a private port."""
     host, _ = settings.bind_address
-    worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None)
+    # The parent writes --port-file (the public port); a worker must not overwrite it.
+    worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None,
+                              port_file=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
     env.update(to_environment(worker))
     if settings.endpoint_url:
@@ -53,6 +64,29 @@ def run_workers(settings: Settings, listener: Any) -> int:
     fd = listener.fileno()
     os.set_inheritable(fd, True)
     env = worker_environment(settings, fd)
+    metrics_dir = env.get(MULTIPROC_ENV)
+    own_metrics_dir = not metrics_dir
+    if own_metrics_dir:
+        metrics_dir = env[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cluster-metrics-")
+    try:
+        return _supervise(settings, listener, env, fd, str(metrics_dir))
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(str(metrics_dir), ignore_errors=True)
+
+
+def _forget_worker(pid: int, metrics_dir: str) -> None:
+    """Drop a dead worker's live gauges (open connections, WebSockets) from the sums."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+    except OSError as exc:
+        log.debug("could not drop the metrics of worker pid %d: %s", pid, exc)
+
+
+def _supervise(settings: Settings, listener: Any, env: dict[str, str], fd: int,
+               metrics_dir: str) -> int:
     argv = [sys.executable, "-m", "cluster", "serve"]
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,6 +106,7 @@ def run_workers(settings: Settings, listener: Any) -> int:
             if child is not None and child.poll() is not None:
                 log.warning("worker %d (pid %d) exited with %s; restarting", slot, child.pid,
                             child.returncode)
+                _forget_worker(child.pid, metrics_dir)
                 stopping.wait(RESTART_DELAY)
                 if not stopping.is_set():
                     spawn(slot)

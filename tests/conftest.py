@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -47,3 +48,13 @@ def sqlite_url(tmp_path: Path) -> str:
     URL path is the file path, as cluster.discovery takes it (``urlsplit(url).path``).
     """
     return f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+
+
+# Hypothesis: brief in the CI suite, longer on demand (HYPOTHESIS_PROFILE=long, tox -e fuzz).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=150, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=10_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

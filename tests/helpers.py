@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,3 +174,257 @@ def status_json(discovery_url: str, *extra: str) -> dict:
 
 def live_endpoints(discovery_url: str) -> set[str]:
     return {row["endpoint"] for row in status_json(discovery_url)["endpoints"] if row["healthy"]}
+
+
+# --- race-free ports: --bind 127.0.0.1:0 --port-file F ------------------------------
+
+
+def read_port_file(path: Path, proc: Proc | None = None, timeout: float = 20.0) -> int:
+    """Wait until ``path`` holds ``HOST:PORT\\n`` (written once the server listens).
+
+    Raises RuntimeError with the process output when ``proc`` exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+        with contextlib.suppress(FileNotFoundError):
+            text = path.read_text()
+            if text.endswith("\n"):  # complete: the newline is written last
+                _host, _, port = text.strip().rpartition(":")
+                return int(port)
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} not written after {timeout}s"
+                       + (f"; output:\n{proc.output()}" if proc is not None else ""))
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None, name: str = "serve",
+                wrapper: Sequence[str] = (), timeout: float = 20.0) -> tuple[Proc, int]:
+    """Start ``cluster serve --bind 127.0.0.1:0 --port-file F *args``; return it and its port.
+
+    The OS picks the port and the server reports it, so no other process can take the
+    port between choosing and binding (which ``free_port()`` cannot promise).
+    ``wrapper`` goes before the command (e.g. ``("prlimit", "--nofile=256")``).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="cluster-port-"))
+    port_file = folder / "port"
+    argv = [*wrapper, *cluster_argv("serve", "--bind", "127.0.0.1:0",
+                                    "--port-file", str(port_file), *args)]
+    proc = Proc(argv, env=env, name=name)
+    try:
+        port = read_port_file(port_file, proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            port_file.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return proc, port
+
+
+@contextlib.contextmanager
+def serving(*args: str, env: dict[str, str] | None = None, name: str = "serve",
+            wrapper: Sequence[str] = ()) -> Iterator[tuple[Proc, int]]:
+    """:func:`start_serve` as a ``with`` block that stops the process by PID."""
+    proc, port = start_serve(*args, env=env, name=name, wrapper=wrapper)
+    try:
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+def start_instance(discovery_url: str, name: str, *extra: str, service: str = "web",
+                   env: dict[str, str] | None = None) -> tuple[Proc, int]:
+    """:func:`instance` on a port the OS picks: `cluster serve --app backend:app`."""
+    full_env = {"CLUSTER_DISCOVERY_URL": discovery_url, "BACKEND_NAME": name}
+    full_env.update(env or {})
+    return start_serve("--service", service, "--app", "backend:app", "--ping-interval", "1",
+                       "--expiry-grace", "1", *extra, env=full_env, name=name)
+
+
+# --- raw HTTP/1.1 on a socket: exactly the bytes a test means -------------------------
+
+
+class RawResponse:
+    """One parsed response: status, headers (names lower-cased, in order), body."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]],
+                 body: bytes) -> None:
+        self.status, self.reason, self.headers, self.body = status, reason, headers, body
+
+    def header(self, name: str) -> str | None:
+        found = [v for k, v in self.headers if k == name.lower()]
+        return found[-1] if found else None
+
+    def __repr__(self) -> str:
+        return f"<RawResponse {self.status} {self.reason!r} body={self.body[:80]!r}>"
+
+
+def parse_responses(data: bytes, head_requests: int = 0) -> tuple[list[RawResponse], bytes]:
+    """Split ``data`` into complete responses; returns them and the unparsed rest.
+
+    Bodies are framed by Content-Length, chunked, or (without either) the end of data;
+    1xx, 204 and 304 responses and the first ``head_requests`` answers have no body.
+    """
+    out: list[RawResponse] = []
+    while data:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        lines = data[:end].decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise ValueError(f"not an HTTP/1 status line: {lines[0]!r}")
+        headers = []
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers.append((key.strip().lower(), value.strip()))
+        status = int(code)
+        rest_data = data[end + 4:]
+        hdrs = dict(headers)
+        if status < 200 or status in (204, 304) or len(out) < head_requests:
+            body, data = b"", rest_data
+        elif "chunked" in hdrs.get("transfer-encoding", "").lower():
+            body, pos = b"", 0
+            while True:
+                line_end = rest_data.find(b"\r\n", pos)
+                if line_end < 0:
+                    return out, data
+                size = int(rest_data[pos:line_end].split(b";")[0], 16)
+                if size == 0:  # then trailer fields, up to an empty line
+                    trailer_end = rest_data.find(b"\r\n\r\n", line_end)
+                    if trailer_end < 0:
+                        return out, data
+                    data = rest_data[trailer_end + 4:]
+                    break
+                if len(rest_data) < line_end + 2 + size + 2:
+                    return out, data
+                body += rest_data[line_end + 2:line_end + 2 + size]
+                pos = line_end + 2 + size + 2
+        elif "content-length" in hdrs:
+            length = int(hdrs["content-length"])
+            if len(rest_data) < length:
+                break
+            body, data = rest_data[:length], rest_data[length:]
+        else:
+            body, data = rest_data, b""
+        if status >= 200:  # interim responses (100 Continue) are skipped
+            out.append(RawResponse(status, reason, headers, body))
+    return out, data
+
+
+def exchange(port: int, data: bytes, timeout: float = 5.0,
+             head_requests: int = 0) -> tuple[list[RawResponse], bool]:
+    """Send ``data`` on a new connection, read until the server closes or ``timeout``.
+
+    Returns the responses and whether the server closed the connection (EOF or reset)
+    within ``timeout``. A send that fails because the server already answered and
+    closed is not an error: what it answered is what counts.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        raw, closed = read_until_close(sock, timeout)
+    responses, _rest = parse_responses(raw, head_requests)
+    return responses, closed
+
+
+def read_until_close(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return b"".join(chunks), False
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0,
+                  head_request: bool = False) -> RawResponse:
+    """Read exactly one response from a keep-alive connection."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        responses, _rest = parse_responses(data, 1 if head_request else 0)
+        if responses and (responses[0].header("content-length") is not None
+                          or "chunked" in (responses[0].header("transfer-encoding") or "")
+                          or head_request or responses[0].status in (204, 304)):
+            return responses[0]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete response after {timeout}s: {data[:200]!r}")
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            if responses:
+                return responses[0]
+            raise ConnectionError(f"closed before a complete response: {data[:200]!r}")
+        data += chunk
+
+
+def request_bytes(method: str = "GET", target: str = "/whoami",
+                  headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
+                  version: str = "HTTP/1.1", host: str = "127.0.0.1") -> bytes:
+    """A well-formed request head (Host first) followed by ``body`` as given."""
+    lines = [f"{method} {target} {version}", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# --- request corpora: tests/request_corpus/{valid,invalid}/NAME.http + NAME.json -------------
+
+REQUESTS = TESTS / "request_corpus"
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[rnt0\\])")
+
+
+def decode_http(text: bytes) -> bytes:
+    r"""The bytes a corpus ``.http`` file stands for.
+
+    Real newlines in the file are layout only and are dropped; ``\r``, ``\n``, ``\t``,
+    ``\0``, ``\xHH`` and ``\\`` are the bytes they name. So a bare LF or CR, a NUL or
+    a byte above 127 is visible in the file instead of hidden in an editor.
+    """
+    table = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"0": b"\0", b"\\": b"\\"}
+
+    def one(match: re.Match[bytes]) -> bytes:
+        code = match.group(1)
+        return bytes([int(code[1:], 16)]) if code[:1] == b"x" else table[code]
+
+    return _ESCAPE.sub(one, text.replace(b"\n", b""))
+
+
+class CorpusCase:
+    """One request of a corpus: its bytes and what a strict HTTP/1.1 server does with it."""
+
+    def __init__(self, kind: str, name: str, raw: bytes, expect: dict) -> None:
+        self.kind, self.name, self.raw, self.expect = kind, name, raw, expect
+
+    def __repr__(self) -> str:
+        return f"<CorpusCase {self.kind}/{self.name}>"
+
+
+def load_corpus(kind: str) -> list[CorpusCase]:
+    """Every case under tests/request_corpus/<kind>/ (``valid`` or ``invalid``), sorted by name."""
+    import json
+
+    folder = REQUESTS / kind
+    cases = []
+    for path in sorted(folder.glob("*.http")):
+        expect = json.loads(path.with_suffix(".json").read_text())
+        cases.append(CorpusCase(kind, path.stem, decode_http(path.read_bytes()), expect))
+    if not cases:
+        raise FileNotFoundError(f"no *.http files under {folder}")
+    return cases

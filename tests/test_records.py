@@ -6,7 +6,14 @@ import datetime as dt
 
 import pytest
 
-from cluster.records import MalformedRecord, endpoint_hash, make_record, parse_record
+from cluster.records import (
+    MalformedRecord,
+    check_record,
+    endpoint_hash,
+    make_record,
+    parse_record,
+    shown,
+)
 from cluster.registry import EndpointTable, parse_documents
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -42,7 +49,6 @@ def test_parse_record_accepts_extra_fields_and_naive_dates():
     ({"serviceName": None}, "serviceName"),
     ({"endpoint": "ftp://x"}, "endpoint"),
     ({"endpoint": "not a url"}, "endpoint"),
-    ({"balancer": "nope"}, "balancer"),
     ({"timestamp": "yesterday"}, "timestamp"),
     ({"pingInterval": -1}, "pingInterval"),
     ({"pingInterval": True}, "pingInterval"),
@@ -72,3 +78,117 @@ def test_table_indexes_by_service_hash_and_balancer():
     assert table.balancers == ("https://lb1",)
     assert table.by_hash[endpoint_hash("http://c:1")].service == "chat"
     assert repr(table) == "<EndpointTable [3 endpoints | 2 services | 1 balancers]>"
+
+
+# --- strict records: what another writer may put in the shared store ---------------
+
+LONG = "http://10.0.0.1:3000/" + "a" * (2 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    ("http://10.0.0.1:70000", "port out of range|not a valid URL"),
+    ("http://10.0.0.1:0", "port out of range"),
+    ("http://10.0.0.1:", "port out of range"),
+    ("http://10.0.0.1:3000\r\nX-Injected: 1", "whitespace, control"),
+    ("http://10.0.0.1:3000/\x00", "whitespace, control"),
+    ("http://10.0.0.1:3000/\u2028", "non-ASCII"),
+    ("http://web 1:3000", "whitespace"),
+    (LONG, "longer than 2048"),
+    ("http://user:secret@10.0.0.1:3000", "credentials"),
+    ("http://@10.0.0.1:3000", "credentials"),
+    ("http://10.0.0.1:3000/?x=1", "query or a fragment"),
+    ("http://10.0.0.1:3000#top", "query or a fragment"),
+    ("http://:3000", "no valid host"),
+    ("http://a%0d.example:3000", "no valid host"),
+    ("http://[zz::1]:3000", "not a valid URL|no valid host"),
+    ("javascript://10.0.0.1:3000", "not an http"),
+    ("//10.0.0.1:3000", "not an http"),
+    (12345, "not a string"),
+    (None, "not a string"),
+])
+def test_endpoint_urls_are_checked_strictly(endpoint, problem):
+    with pytest.raises(MalformedRecord, match=problem):
+        parse_record(doc(endpoint=endpoint))
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://10.0.0.1:3000", "https://app.example.com", "http://[::1]:8080/",
+    "http://web_1.internal:1", "https://b.example.com:65535/prefix",
+])
+def test_ordinary_endpoint_urls_are_accepted(endpoint):
+    assert parse_record(doc(endpoint=endpoint)).url == endpoint.rstrip("/")
+
+
+@pytest.mark.parametrize("ping", [99, 3_600_001, 1e15, float("nan"), float("inf"), 0, "5000"])
+def test_ping_interval_must_be_between_100ms_and_an_hour(ping):
+    with pytest.raises(MalformedRecord, match="pingInterval"):
+        parse_record(doc(pingInterval=ping))
+
+
+@pytest.mark.parametrize("ping", [100, 3_600_000, 2500.5])
+def test_ping_interval_bounds_are_inclusive(ping):
+    assert parse_record(doc(pingInterval=ping)).ping_interval == ping / 1000
+
+
+@pytest.mark.parametrize("service", ["web app", "", "a" * 129, "web\n", "wéb", "a/b", 7, None])
+def test_service_names_use_a_restricted_set(service):
+    with pytest.raises(MalformedRecord, match="serviceName"):
+        parse_record(doc(serviceName=service))
+
+
+@pytest.mark.parametrize("service", ["web", "a" * 128, "api.v2:blue-green_1"])
+def test_ordinary_service_names_are_accepted(service):
+    assert parse_record(doc(serviceName=service)).service == service
+
+
+def test_a_heartbeat_far_ahead_of_the_store_clock_is_not_believed():
+    with pytest.raises(MalformedRecord, match="ahead of the store"):
+        parse_record(doc(timestamp=NOW + dt.timedelta(hours=2)), now=NOW)
+    assert parse_record(doc(timestamp=NOW + dt.timedelta(minutes=5)), now=NOW)
+
+
+@pytest.mark.parametrize("balancer", ["nope", "http://lb:99999", "http://u:p@lb", "http://l b"])
+def test_a_bad_balancer_is_dropped_and_the_endpoint_kept(balancer):
+    endpoint, problem = check_record(doc(balancer=balancer))
+    assert endpoint.url == "http://10.0.0.1:3000" and endpoint.balancer is None
+    assert problem is not None and problem.startswith("balancer ")
+    assert problem.endswith("balancer ignored, endpoint kept")
+
+
+def test_empty_balancer_means_none_without_a_problem():
+    assert check_record(doc(balancer="")) == (parse_record(doc()), None)
+
+
+def test_problem_texts_are_escaped_and_truncated():
+    _, problems = parse_documents([doc(endpoint=LONG + "\r\n"),
+                                   doc(endpoint="http://x:1\r\nForged: line", _id="id\n1")])
+    assert len(problems) == 2
+    for identity, problem in problems:
+        for text in (identity, problem):
+            assert "\r" not in text and "\n" not in text and len(text) < 400, text
+    assert "\\r\\n" in problems[1][1] and problems[1][0] == "'id\\n1'"
+
+
+def test_shown_keeps_long_values_apart():
+    a, b = shown("x" * 500 + "a"), shown("x" * 500 + "b")
+    assert a != b and len(a) < 260 and "(503 chars, sha1 " in a
+    assert shown("ok") == "'ok'"
+
+
+def test_balancers_serve_only_their_own_service():
+    docs = [doc(endpoint="http://a:1", balancer="https://lb-web"),
+            doc(endpoint="http://c:1", serviceName="evil", balancer="https://evil.example")]
+    table = EndpointTable.build(NOW, parse_documents(docs)[0], grace=1.0)
+    assert table.balancers_by_service == {"web": ("https://lb-web",),
+                                          "evil": ("https://evil.example",)}
+    assert set(table.balancers) == {"https://lb-web", "https://evil.example"}
+
+
+def test_credentials_never_reach_a_problem_text():
+    endpoint = "http://admin:hunter2@10.0.0.1:3000"
+    _, problems = parse_documents([doc(endpoint=endpoint), doc(endpoint=endpoint, _id="x",
+                                                               balancer="https://u:pw@lb")])
+    assert len(problems) == 2
+    for identity, problem in problems:
+        assert "hunter2" not in identity + problem and "pw@" not in identity + problem
+    assert "//***@10.0.0.1:3000" in problems[0][0]

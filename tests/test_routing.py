@@ -310,3 +310,103 @@ def test_balancer_never_picks_itself_from_the_table():
     policy = Policy(service=None, ui_service="web", self_hash=ME.hash, has_local_app=False)
     counts = spread(policy, WEB)
     assert counts == {A.url: 150, B.url: 150}
+
+
+# --- panic mode: ejected endpoints are tried when nothing else is left ------------------
+
+BALANCER_ONLY = Policy(service=None, ui_service="web", self_hash=None, has_local_app=False)
+
+
+def test_ejected_endpoints_are_avoided_while_others_live():
+    for point in (0.0, 0.5, 0.99):
+        d = route(RequestView(), table(A, B), BALANCER_ONLY, rand=lambda p=point: p,
+                  ejected=frozenset({A.hash}))
+        assert isinstance(d, Proxy) and d.endpoint == B
+
+
+def test_panic_when_every_endpoint_is_ejected():
+    seen = set()
+    for point in (0.0, 0.99):
+        d = route(RequestView(), table(A, B), BALANCER_ONLY, rand=lambda p=point: p,
+                  ejected=frozenset({A.hash, B.hash}))
+        assert isinstance(d, Proxy)
+        seen.add(d.endpoint)
+    assert seen == {A, B}
+
+
+def test_panic_never_picks_an_endpoint_already_tried():
+    d = route(RequestView(), table(A, B), BALANCER_ONLY, exclude=frozenset({A.hash}),
+              ejected=frozenset({A.hash, B.hash}), rand=lambda: 0.0)
+    assert isinstance(d, Proxy) and d.endpoint == B
+    d = route(RequestView(), table(A, B), BALANCER_ONLY, exclude=frozenset({A.hash, B.hash}),
+              ejected=frozenset({A.hash, B.hash}))
+    assert isinstance(d, Reply) and d.status == 503
+
+
+def test_panic_honours_the_sticky_cookie():
+    request = RequestView(cookie_header=f"{cookie_name('web')}={B.hash}")
+    d = route(request, table(A, B), BALANCER_ONLY, rand=lambda: 0.0,
+              ejected=frozenset({A.hash, B.hash}))
+    assert isinstance(d, Proxy) and d.endpoint == B and d.set_cookie is None
+
+
+def test_self_serves_before_panic():
+    d = route(RequestView(), WEB, POLICY, rand=lambda: 0.99, ejected=frozenset({A.hash, B.hash}))
+    assert isinstance(d, Serve)
+
+
+def test_sockjs_info_panics_too():
+    d = route(RequestView(path="/sockjs/info"), table(A), BALANCER_ONLY,
+              ejected=frozenset({A.hash}))
+    assert isinstance(d, SockJSInfo) and d.endpoint == A
+
+
+# --- session paths that would leave the SockJS prefix -------------------------------
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/web/../../admin", ""),
+    ("/web/1/../admin", "/cluster-ddp/{h}/web/1/../admin"),
+    ("/web/../../admin", "/cluster-ddp/{h}/web/..%2f..%2fadmin"),
+    ("/web/../admin", "/cluster-ddp/{h}/web/%2E%2e/admin"),
+    ("/web/./x", "/cluster-ddp/{h}/web/%2e/x"),
+    ("/web/.", ""),
+    ("/web/a/b", "/cluster-ddp/{h}/web/a%2Fb"),
+    ("/web/a\\b", "/cluster-ddp/{h}/web/a%5cb"),
+    ("/web/a\\..\\b", ""),
+    ("/web/a%2fb", "/cluster-ddp/{h}/web/a%252fb"),
+])
+def test_session_paths_with_dot_segments_or_encoded_slashes_are_400(path, raw):
+    request = RequestView(path=f"/cluster-ddp/{A.hash}{path}",
+                          raw_target=raw.replace("{h}", A.hash))
+    d = route(request, WEB, POLICY)
+    assert isinstance(d, Reply) and d.status == 400
+
+
+@pytest.mark.parametrize("rest", ["/1/abc/xhr_send", "/iframe.html", "/1/a.b/websocket",
+                                  "/1/..x/eventsource", "/1/x../jsonp"])
+def test_ordinary_session_paths_pass(rest):
+    request = RequestView(path=f"/cluster-ddp/{A.hash}/web{rest}", query="c=1",
+                          raw_target=f"/cluster-ddp/{A.hash}/web{rest}?c=1&p=..%2f")
+    d = route(request, WEB, POLICY)
+    assert d == Proxy(A, f"/sockjs{rest}?c=1", retry=False)
+
+
+# --- balancers serve only their own service ---------------------------------------------
+
+
+def test_sockjs_base_url_never_uses_another_services_balancer():
+    foreign = ep("http://10.0.0.66:1", service="evil", balancer="https://evil.example")
+    request = RequestView(path="/sockjs/info", host="front.example:80")
+    for point in (0.0, 0.5, 0.99):
+        d = route(request, table(A, foreign), BALANCER_ONLY, rand=lambda p=point: p)
+        assert isinstance(d, SockJSInfo)
+        assert d.base_url == f"http://front.example:80/cluster-ddp/{A.hash}/web"
+
+
+def test_sockjs_base_url_may_use_a_sibling_endpoints_balancer():
+    sibling = ep("http://10.0.0.4:3000", balancer="https://lb-web.example")
+    request = RequestView(path="/sockjs/info", cookie_header=f"{cookie_name('web')}={A.hash}")
+    d = route(request, table(A, sibling), BALANCER_ONLY, rand=lambda: 0.0)
+    assert isinstance(d, SockJSInfo) and d.endpoint == A
+    assert d.base_url == f"https://lb-web.example/cluster-ddp/{A.hash}/web"

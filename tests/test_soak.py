@@ -81,6 +81,8 @@ def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_ur
                 mongo_server.start()
         stop.set()
         client.join(30)
+        print(f"soak {SECONDS:.0f}s: {sum(statuses.values())} GETs, {len(failures)} failed, "
+              f"{rounds} rounds of churn, {rounds // 10} database restarts")
         assert statuses[200] > 100
         assert failures == [], f"{len(failures)} failed of {sum(statuses.values())}: " \
                                f"{Counter(failures).most_common(5)}"

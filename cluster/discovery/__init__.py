@@ -20,7 +20,7 @@ def open_store(url: str | None, timeout: float = 5.0) -> DiscoveryStore:
     if not url:
         from cluster.discovery.embedded import EmbeddedStore
 
-        return EmbeddedStore(None)
+        return EmbeddedStore(None, timeout=timeout)
     scheme = urlsplit(url).scheme
     if scheme in ("mongodb", "mongodb+srv"):
         from cluster.discovery.mongo import MongoStore
@@ -29,5 +29,5 @@ def open_store(url: str | None, timeout: float = 5.0) -> DiscoveryStore:
     if scheme == "sqlite":
         from cluster.discovery.embedded import EmbeddedStore
 
-        return EmbeddedStore(urlsplit(url).path or None)
+        return EmbeddedStore(urlsplit(url).path or None, timeout=timeout)
     raise ConfigError("--discovery-url (CLUSTER_DISCOVERY_URL)", f"unknown scheme {scheme!r}")

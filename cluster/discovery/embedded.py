@@ -3,6 +3,15 @@
 sqlite3 calls block the thread they run on. Under gevent they run in the hub's thread
 pool, so a file locked by another process waits there and never stalls the server.
 The store's clock is this host's clock, shared by every process that can open the file.
+
+Many processes start together on one file (``cluster demo``, ``--workers-count 8``), so
+start-up is made safe for concurrent openers rather than retried past as an outage:
+each process keeps one connection; WAL mode is switched on only by the first opener
+that finds the file in another mode (it is a property of the file, so the others just
+see it); ``CREATE TABLE IF NOT EXISTS`` tolerates a concurrent creator; and the few
+SQLITE_BUSY answers that SQLite gives without waiting on its busy timeout (a journal
+mode switch or WAL recovery under way in another process) are retried inside the
+store, with a short backoff, until the store's timeout.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -29,6 +40,9 @@ CREATE TABLE IF NOT EXISTS cluster_endpoints (
     PRIMARY KEY (service, endpoint)
 )
 """
+
+#: SQLite's primary result codes for "another connection holds the lock"
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 def default_path() -> Path:
@@ -53,30 +67,102 @@ def _off_the_hub(fn: Callable[[], T]) -> T:
     return fn()
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Is ``exc`` SQLite saying "locked by another connection, try again"?"""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
 class EmbeddedStore(DiscoveryStore):
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, timeout: float = 5.0) -> None:
         self.path = Path(path) if path else default_path()
         self.description = f"sqlite://{self.path}"
-        self._ready = False
+        self.timeout = timeout
+        #: this process's one connection, opened on first use and kept
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file in use
+        # Serialises this process's callers (greenlets or threads) on that connection;
+        # taken by the caller, so a waiting greenlet yields instead of holding a thread.
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            # Switching to WAL takes an exclusive lock without waiting on the busy
+            # timeout, so only the process that finds the file in another mode asks.
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is not None and self._file_identity() != self._identity:
+            # The file was removed or replaced (someone reset the store): a connection
+            # kept open would go on using the old one, unseen by newer instances.
+            self._conn.close()
+            self._conn = None
+        if self._conn is None:
+            self._conn = self._connect()
+            self._identity = self._file_identity()
+        return work(self._conn)
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        def call() -> T | sqlite3.Error | OSError:
+            # The error travels back as a value, not an exception: gevent's thread pool
+            # prints a traceback for every exception raised in a worker thread, which
+            # made an unreadable store log dozens of them per second.
             try:
-                if not self._ready:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None)
-                try:
-                    if not self._ready:
-                        conn.execute("PRAGMA journal_mode=WAL")
-                        conn.execute(_SCHEMA)
-                        self._ready = True
-                    return work(conn)
-                finally:
-                    conn.close()
+                return self._attempt(work)
             except (sqlite3.Error, OSError) as exc:
-                raise DiscoveryError(f"{self.description}: {exc}") from exc
+                if not (isinstance(exc, sqlite3.Error) and is_busy(exc)):
+                    # the file may come back empty (deleted, restored, replaced):
+                    # connect and set the schema up again on the next call
+                    self._drop_connection()
+                return exc
 
-        return _off_the_hub(call)
+        with self._lock:
+            while True:
+                result = _off_the_hub(call)
+                if isinstance(result, sqlite3.Error):
+                    if not is_busy(result) or time.monotonic() + delay > deadline:
+                        raise DiscoveryError(f"{self.description}: {result}")
+                elif isinstance(result, OSError):
+                    raise DiscoveryError(f"{self.description}: {result}")
+                else:
+                    return result
+                # Sleeps in the caller (a greenlet under gevent), not in a pool thread.
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 0.25)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
 
     def heartbeat(self, record: Mapping[str, Any]) -> None:
         document = json.dumps(dict(record))

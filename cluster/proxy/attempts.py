@@ -41,19 +41,22 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             gave_up: Callable[[D], bool] = lambda decision: False) -> T:
     """``send(pick(tried))`` until it succeeds or may not try again; raises the last
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
-    decision sends to (None for one that needs no endpoint); ``node.eject(endpoint)``
-    is called for an endpoint that refused the connection. ``first``: a decision
+    decision sends to (None for one that needs no endpoint); ``node.eject(endpoint,
+    reason=...)`` is called for an endpoint that refused the connection. ``first``: a decision
     already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
     true for a decision that says no endpoint is left (then the last failure is
-    raised instead, so a client sees 502, not a misleading 503)."""
+    raised instead when an endpoint broke, so a client sees 502, not a misleading 503)."""
     tried: set[str] = set()
     failed = first
     last: UpstreamError | None = None
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
-            if last is not None and endpoint_of(decision) is None and gave_up(decision):
-                raise last  # nobody left to try: the failure, not "no live endpoint"
+            if last is not None and not getattr(last, "unreachable", False) \
+                    and endpoint_of(decision) is None and gave_up(decision):
+                # nobody left after an endpoint broke (or failed TLS): say so (502), not
+                # "no live endpoint"; when none could be reached the 503 is the truth
+                raise last
             try:
                 return send(decision)
             except UpstreamError as error:
@@ -64,7 +67,7 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         if endpoint is None:
             raise exc
         if exc.retryable:
-            node.eject(endpoint)
+            node.eject(endpoint, reason=exc.reason)
         again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
                                   and not exc.answered)
         if not again or len(tried) >= retries:

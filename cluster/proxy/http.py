@@ -67,7 +67,7 @@ from cluster.http1 import (
     parse_response_head,
     response_framing,
 )
-from cluster.proxy.relay import Forwarding, request_head
+from cluster.proxy.relay import Forwarding, open_after_stale, request_head
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
@@ -251,9 +251,11 @@ class HttpForwarder:
         if body:
             out += body
         conn = None if streamed else pool.acquire(endpoint_url)
+        resent = False
         while True:
-            if conn is None:
-                conn = pool.open(endpoint_url)  # UpstreamConnectError: nothing sent
+            if conn is None:  # UpstreamConnectError: nothing sent (see open_after_stale)
+                conn = open_after_stale(pool, endpoint_url, resent, method,
+                                        head.has_body)
             try:
                 if streamed:
                     early = self._send_streamed(conn, out, stream, length, head.chunked)
@@ -266,6 +268,7 @@ class HttpForwarder:
                           endpoint_url)
                 conn.close()
                 conn = None
+                resent = True
             except BaseException:
                 conn.close()
                 raise

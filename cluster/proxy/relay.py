@@ -32,7 +32,13 @@ import time
 from typing import Any
 
 from cluster.conn import BODY, NONE, UPSTREAM, ClientConn
-from cluster.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from cluster.errors import (
+    RequestError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from cluster.http1 import (
     CHUNKED,
     CRLF,
@@ -48,6 +54,7 @@ from cluster.http1 import (
     without_field,
 )
 from cluster.netio import send_all, wait_recv, wait_recv_into
+from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
@@ -146,16 +153,20 @@ class Exchange:
         """Send the head and the body; ``body`` is the whole body when it is already
         here (None: stream it from the client as its framing says).
 
-        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout.
+        Raises UpstreamConnectError (nothing sent), UpstreamBroken, UpstreamTimeout;
+        the client's own faults are not the endpoint's: RequestError 400 for a malformed
+        chunked body, OSError when the client left in the middle of its body.
         """
         self.started = time.monotonic()
         client = self.client
         pool = self.pool
         streamed = body is None
         conn = None if streamed else pool.acquire(self.url)
+        resent = False
         while True:
             if conn is None:
-                conn = pool.open(self.url)
+                conn = open_after_stale(pool, self.url, resent, self.head.method,
+                                        self.head.has_body)
             self.upstream = conn
             client.upstream = conn
             try:
@@ -175,6 +186,10 @@ class Exchange:
                 log.debug("%s: pooled connection was closed, resending on a new one", self.url)
                 conn.close()
                 conn = None
+                resent = True
+            except (RequestError, _ClientGone):
+                conn.close()  # no 502, no retry, no warning about the endpoint
+                raise
             except UpstreamError:
                 conn.close()
                 raise
@@ -216,7 +231,7 @@ class Exchange:
                     send_all(sock, data)
                     left -= len(data)
         except ChunkError as exc:
-            raise _ClientGone(f"bad chunked body: {exc}") from None
+            raise RequestError(400, f"bad chunked body: {exc}") from None
         except OSError as exc:
             if isinstance(exc, _ClientGone):
                 raise
@@ -418,6 +433,21 @@ class Exchange:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,
+                     has_body: bool) -> Connection:
+    """A new connection to ``url``. After a pooled connection was found closed under a
+    request (``resent``), a refusal is no longer "nothing was sent": the endpoint may
+    have taken the request and died. Then only a replayable request may go elsewhere;
+    for any other it is a 502 (UpstreamBroken), never a resend to another endpoint."""
+    try:
+        return pool.open(url)
+    except UpstreamConnectError as exc:
+        if resent and not replayable(method, has_body):
+            raise UpstreamBroken(url, f"closed the connection, then refused a new one "
+                                      f"({exc.reason})") from None
+        raise
 
 
 class _ClientGone(OSError):

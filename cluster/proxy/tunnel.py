@@ -19,7 +19,9 @@ nginx equivalent::
     proxy_read_timeout 1d;   # here: no idle timeout once upgraded
 
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake).
+a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake);
+the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
+was being relayed at that instant (only at shutdown; the client reconnects either way).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 CHUNK = 65536
 _READ, _WRITE = 1, 2
+#: WebSocket close frames with status 1001 (going away): unmasked towards the client,
+#: masked (with a zero key, which leaves the payload as it is) towards the server.
+CLOSE_TO_CLIENT = b"\x88\x02\x03\xe9"
+CLOSE_TO_SERVER = b"\x88\x82\x00\x00\x00\x00\x03\xe9"
 
 
 def _raw(sock: Any) -> Any:
@@ -108,6 +114,7 @@ class _Direction:
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
+        self.reader = self.writer = None
         self.pending = b""
 
 
@@ -136,6 +143,21 @@ class Tunnel:
     def start(self) -> None:
         for way in self.ways:
             way.reader.start(way.readable)
+
+    def going_away(self) -> None:
+        """This instance is stopping: a WebSocket close frame with 1001 (going away)
+        to each end, then close. The client reconnects, to a live instance."""
+        if self.closed:
+            return
+        for way in self.ways:
+            way.stop()
+        for raw, frame in ((self.ways[0].src, CLOSE_TO_CLIENT),
+                           (self.ways[1].src, CLOSE_TO_SERVER)):
+            try:
+                raw.send(frame)
+            except OSError:
+                pass
+        self.close()
 
     def close(self) -> None:
         if self.closed:

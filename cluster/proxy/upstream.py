@@ -144,7 +144,9 @@ def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
         return _tls_context().wrap_socket(sock, server_hostname=target.host)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise UpstreamConnectError(target.url, f"TLS handshake failed: {exc}") from exc
+        error = UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")
+        error.unreachable = False
+        raise error from exc
 
 
 _TLS: list[Any] = []

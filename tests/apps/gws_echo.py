@@ -1,0 +1,42 @@
+"""A gevent-websocket app as its users write it: it reads ``environ['wsgi.websocket']``.
+
+Served by ``cluster serve --app gws_echo:app`` with ``BACKEND_NAME`` naming the instance.
+The front door must hand it a socket when the instance serves an upgrade itself (no
+gevent-websocket handler of its own is configured anywhere).
+
+On any path, a WebSocket echoes every message with its own type; the text ``cmd:name``
+is answered with the instance name. Plain HTTP: ``/whoami`` -> the name; anything else
+-> 426, which is what the app says when no socket was handed to it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from geventwebsocket.exceptions import WebSocketError
+
+NAME = os.environ.get("BACKEND_NAME", "gws")
+
+
+def app(environ, start_response):
+    ws = environ.get("wsgi.websocket")
+    if ws is None:
+        if environ.get("PATH_INFO") == "/whoami":
+            body, status = NAME.encode(), "200 OK"
+        else:
+            body, status = b"expected a WebSocket (wsgi.websocket missing)", "426 Upgrade Required"
+        start_response(status, [("Content-Type", "text/plain"),
+                                ("Content-Length", str(len(body)))])
+        return [body]
+    while True:
+        try:
+            message = ws.receive()
+        except WebSocketError:
+            break
+        if message is None:  # closed by the client
+            break
+        if message == "cmd:name":
+            ws.send(NAME)
+        else:  # str goes out as text, bytes/bytearray as binary
+            ws.send(message, binary=not isinstance(message, str))
+    return []

@@ -1,0 +1,84 @@
+"""Access-log lines: the combined format plus upstream, times and retries; JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cluster.accesslog import AccessLogObserver, combined_line, from_settings, json_line
+from cluster.config import Settings
+from cluster.errors import ConfigError
+from cluster.observe import RequestRecord
+
+COMBINED = re.compile(
+    r'^(?P<remote>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>(?:[^"\\]|\\.)*)" '
+    r'(?P<status>\d+) (?P<sent>\d+|-) "(?P<referer>(?:[^"\\]|\\.)*)" '
+    r'"(?P<agent>(?:[^"\\]|\\.)*)" upstream=(?P<upstream>\S+) '
+    r'upstream_time=(?P<upstream_time>\d+\.\d{3}) total_time=(?P<total_time>\d+\.\d{3}) '
+    r'retries=(?P<retries>\d+)(?P<ws> websocket=1)?$'
+)
+
+
+def proxied(**changes) -> RequestRecord:
+    fields = dict(remote="10.0.0.9", method="GET", target="/a?b=1", version="HTTP/1.1",
+                  status=200, sent=345, endpoint="http://127.0.0.1:8001", service="web",
+                  upstream_seconds=0.0123, total_seconds=0.0150, retries=1,
+                  referer="http://x/", user_agent='agent "quoted"')
+    fields.update(changes)
+    return RequestRecord(**fields)
+
+
+def test_combined_line_carries_upstream_times_and_retries():
+    line = combined_line(proxied(), "29/Nov/2026:08:16:41 +0000")
+    match = COMBINED.match(line.rstrip("\n"))
+    assert match, line
+    assert match["request"] == "GET /a?b=1 HTTP/1.1"
+    assert (match["status"], match["sent"], match["upstream"]) == (
+        "200", "345", "http://127.0.0.1:8001")
+    assert (match["upstream_time"], match["total_time"], match["retries"]) == (
+        "0.012", "0.015", "1")
+    assert match["agent"] == 'agent \\"quoted\\"'
+    assert match["ws"] is None
+
+
+def test_control_characters_cannot_forge_a_line():
+    line = combined_line(proxied(target="/x\r\nfake 200", user_agent=""), "t")
+    assert line.count("\n") == 1
+    assert "\\x0d\\x0a" in line and '"-"' in line
+
+
+def test_json_line_has_every_field():
+    data = json.loads(json_line(proxied(websocket=True, status=101, sent=0), 0.0))
+    assert data["upstream"] == "http://127.0.0.1:8001"
+    assert (data["status"], data["retries"], data["websocket"]) == (101, 1, True)
+    assert data["upstream_time"] == pytest.approx(0.0123)
+    assert data["total_time"] == pytest.approx(0.015)
+
+
+def test_lines_are_appended_to_the_file(tmp_path):
+    path = tmp_path / "access.log"
+    path.write_text("earlier line\n")
+    settings = Settings.load(args=[], env={}, access_log="combined",
+                             access_log_file=str(path))
+    observer = from_settings(settings)
+    assert observer is not None
+    observer.request_done(proxied())
+    observer.request_done(proxied(endpoint="local", upstream_seconds=0.0, retries=0))
+    observer.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "earlier line"
+    assert [COMBINED.match(x)["upstream"] for x in lines[1:]] == [
+        "http://127.0.0.1:8001", "local"]
+    assert from_settings(Settings.load(args=[], env={})) is None
+
+
+def test_unwritable_file_is_a_setting_error(tmp_path):
+    with pytest.raises(ConfigError, match="--access-log-file"):
+        AccessLogObserver("json", str(tmp_path / "missing" / "access.log"))
+
+
+def test_bad_format_is_a_setting_error():
+    with pytest.raises(ConfigError, match="--access-log"):
+        Settings.load(args=[], env={}, access_log="apache")

@@ -1,0 +1,110 @@
+"""The admin pages: who may read them, and what status, metrics and dashboard say."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.accesslog import AccessLogObserver
+from cluster.admin import Admin, dashboard_html
+from cluster.config import Settings
+from cluster.metrics import MetricsObserver
+from cluster.node import Cluster
+from cluster.observe import Observers, RequestRecord
+from helpers import free_port
+
+TOKEN = "s3cret-token-0123456789"
+
+
+@pytest.fixture
+def node(sqlite_url):
+    settings = Settings.load(args=[], env={}, discovery_url=sqlite_url, service="web",
+                             bind=f"127.0.0.1:{free_port()}", ping_interval=1.0,
+                             trusted_proxies="127.0.0.1,10.1.0.0/16", admin_token=TOKEN)
+    node = Cluster(settings).start(wait=5)
+    yield node
+    node.close()
+
+
+def done(endpoint: str, status: int = 200) -> RequestRecord:
+    return RequestRecord("127.0.0.1", "GET", "/", "HTTP/1.1", status, 10, endpoint, "web",
+                         0.001 if endpoint != "local" else 0.0, 0.002, 0, "", "")
+
+
+def test_trusted_addresses_networks_or_the_token(node):
+    admin = Admin(node, node.settings, MetricsObserver())
+    assert admin.allowed("127.0.0.1", "")
+    assert admin.allowed("10.1.200.3", "")
+    assert not admin.allowed("10.2.0.1", "")
+    assert not admin.allowed("not-an-address", "")
+    assert admin.allowed("192.0.2.1", f"token={TOKEN}")
+    assert admin.allowed("192.0.2.1", "", f"Bearer {TOKEN}")
+    assert admin.allowed("192.0.2.1", "", f"bearer {TOKEN}")
+    assert not admin.allowed("192.0.2.1", "token=wrong")
+    assert not admin.allowed("192.0.2.1", "", "Bearer " + TOKEN[:-1])
+    assert not admin.allowed("192.0.2.1", "")
+    no_token = Admin(node, node.settings.replace(admin_token=None), MetricsObserver())
+    assert not no_token.allowed("192.0.2.1", f"token={TOKEN}")
+    assert admin.handles("/_cluster") and admin.handles("/_cluster/metrics")
+    assert not admin.handles("/_clusterx")
+
+
+def test_status_has_table_health_and_traffic(node):
+    metrics = MetricsObserver()
+    admin = Admin(node, node.settings, Observers([AccessLogObserver("json", "/dev/null"),
+                                                  metrics]))
+    for _ in range(4):
+        metrics.request_done(done("local"))
+    metrics.request_done(done("local", 500))
+    metrics.connection_opened()
+    metrics.sample()
+    status, content_type, body = admin.respond("/_cluster/status", "")
+    assert (status, content_type) == (200, "application/json")
+    data = json.loads(body)
+    assert data["endpoint"] == node.self_url and data["store_failing"] is False
+    (row,) = data["endpoints"]
+    assert row["self"] and row["endpoint"] == node.self_url and not row["ejected"]
+    assert (row["traffic"]["requests"], row["traffic"]["errors"]) == (5, 1)
+    assert data["served"]["requests"] == 5
+    assert data["connections"] == 1
+    assert data["discovery"]["refreshed_age"] < 5
+
+
+def test_ejected_endpoints_say_why(node):
+    metrics = MetricsObserver()
+    admin = Admin(node, node.settings, metrics)
+    me = node.table.endpoints[0]
+    node.eject(me, 30)
+    metrics.ejected(me.url, "connection refused")
+    (row,) = json.loads(admin.respond("/_cluster/status", "")[2])["endpoints"]
+    assert row["ejected"] and row["ejected_reason"] == "connection refused"
+
+
+def test_metrics_page_is_prometheus_text(node):
+    metrics = MetricsObserver()
+    admin = Admin(node, node.settings, metrics)
+    metrics.request_done(done("http://127.0.0.1:1"))
+    status, content_type, body = admin.respond("/_cluster/metrics", "")
+    assert status == 200 and content_type.startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"cluster_requests", "cluster_upstream_latency_seconds",
+            "cluster_discovery_refresh_age_seconds", "cluster_open_connections"} <= names
+
+
+def test_dashboard_is_self_contained_and_renders_from_inlined_status(node):
+    admin = Admin(node, node.settings, MetricsObserver())
+    for path in ("/_cluster/", "/_cluster"):
+        status, content_type, body = admin.respond(path, "")
+        assert (status, content_type) == (200, "text/html; charset=utf-8")
+    page = body.decode()
+    assert not re.search(r"""(src|href)\s*=|@import|<link|url\(""", page, re.I)
+    assert node.self_url in page  # the first status is inlined
+    assert admin.respond("/_cluster/nothing", "")[0] == 404
+
+
+def test_inlined_status_cannot_close_the_script():
+    page = dashboard_html("/_cluster", {"service": "</script><script>alert(1)</script>"})
+    assert page.decode().count("</script>") == 1

@@ -1,0 +1,648 @@
+"""The front door's bounds, against real `cluster serve` processes and raw sockets.
+
+Each case sends exact bytes and checks what a client relies on: the status, and whether
+the connection is closed afterwards (``recv`` returns ``b""``) where RFC 9112 says so, so
+that nothing after a refused head is ever read as a second request.
+
+Two doors get the same bytes: one serving the test backend itself (``local``) and a
+balancer-only one relaying to a registered instance (``front``). The request corpora in
+tests/request_corpus/ (shared with tests/test_http1.py) give the framing and syntax cases; the
+limit cases are built here from the limits the servers are started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import selectors
+import socket
+import time
+from typing import Iterator
+
+import pytest
+
+from helpers import (
+    CorpusCase,
+    Path,
+    Proc,
+    RawResponse,
+    cluster_argv,
+    exchange,
+    load_corpus,
+    parse_responses,
+    read_port_file,
+    read_response,
+    read_until_close,
+    request_bytes,
+    start_instance,
+    start_serve,
+    wait_until,
+)
+
+REQUEST_LINE, HEADER_LINE, HEAD_SIZE, HEADER_COUNT = 1024, 512, 4096, 100
+LIMITS = ("--max-request-line", str(REQUEST_LINE), "--max-header-line", str(HEADER_LINE),
+          "--max-head-size", str(HEAD_SIZE), "--max-header-count", str(HEADER_COUNT))
+#: long enough that a close seen by a test is the door's answer, not an idle timeout
+PATIENT = ("--header-timeout", "10", "--keepalive-timeout", "30", "--write-timeout", "1",
+           "--ping-interval", "1", "--expiry-grace", "1")
+WRITE_TIMEOUT = 1.0
+CLOSE_WAIT = 4.0  # seconds a test waits for a close the door owes at once
+FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+class Door:
+    """A running `cluster serve` and the name its backend answers /whoami with."""
+
+    def __init__(self, proc: Proc, port: int, name: str) -> None:
+        self.proc, self.port, self.name = proc, port, name
+
+    def __repr__(self) -> str:
+        return f"<Door {self.name} :{self.port}>"
+
+
+def status_view(port: int) -> dict:
+    """GET /_cluster/status on a connection of its own that is closed after."""
+    responses, _ = exchange(port, request_bytes(target="/_cluster/status",
+                                                headers=[("Connection", "close")]))
+    assert responses and responses[0].status == 200, responses
+    return json.loads(responses[0].body)
+
+
+def stop_clean(proc: Proc) -> None:
+    """Stop by PID; the door must still be alive and must never have logged a traceback."""
+    alive = proc.poll() is None
+    proc.stop()
+    output = proc.output()
+    assert alive, f"{proc} died during the tests:\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-5000:]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite://{tmp_path_factory.mktemp('door') / 'discovery.sqlite3'}"
+
+
+@pytest.fixture(scope="module")
+def local(store: str) -> Iterator[Door]:
+    proc, port = start_serve("--service", "doorlocal", "--app", "backend:app", *LIMITS,
+                             *PATIENT, name="local",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "local"})
+    try:
+        yield Door(proc, port, "local")
+    finally:
+        stop_clean(proc)
+
+
+@pytest.fixture(scope="module")
+def front(store: str) -> Iterator[Door]:
+    """A balancer-only door with the same limits, in front of one registered instance.
+
+    The instance behind it accepts larger heads: the door adds forwarding headers, and
+    these tests are about the front's own limits.
+    """
+    member, member_port = start_instance(store, "member", "--max-header-count", "200",
+                                         "--max-head-size", "131072", service="doorproxied")
+    proc = None
+    try:
+        proc, port = start_serve("--ui-service", "doorproxied", *LIMITS, *PATIENT,
+                                 name="front", env={"CLUSTER_DISCOVERY_URL": store})
+        wait_until(lambda: any(e["service"] == "doorproxied"
+                               for e in status_view(port)["endpoints"]),
+                   timeout=15, what="the front sees the member")
+        yield Door(proc, port, "member")
+    finally:
+        if proc is not None:
+            stop_clean(proc)
+        stop_clean(member)
+
+
+@pytest.fixture(params=["local", "front"])
+def door(request: pytest.FixtureRequest) -> Door:
+    return request.getfixturevalue(request.param)
+
+
+def only_response(responses: list[RawResponse], raw: bytes) -> RawResponse:
+    assert len(responses) == 1, f"expected one response to {raw[:300]!r}, got {responses}"
+    return responses[0]
+
+
+def assert_refused(door: Door, raw: bytes, status: int) -> None:
+    """``raw`` gets exactly one response, ``status``, and the connection is closed."""
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    got = only_response(responses, raw)
+    assert got.status == status, f"{raw[:300]!r}: expected {status}, got {got}"
+    assert closed, f"{raw[:300]!r}: connection left open after {status}"
+
+
+def assert_served(door: Door, raw: bytes) -> RawResponse:
+    """``raw`` is answered 200 by the backend and the connection serves the next request."""
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert len(responses) == 2, f"{raw[:300]!r}: expected two responses, got {responses}"
+    assert responses[0].status == 200, f"{raw[:300]!r}: {responses[0]}"
+    assert responses[1].status == 200 and responses[1].body == door.name.encode()
+    assert closed
+    return responses[0]
+
+
+# --- the corpora --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", load_corpus("invalid"), ids=lambda c: c.name)
+def test_invalid_head_gets_its_status_and_nothing_after_it_is_read(door: Door,
+                                                                   case: CorpusCase) -> None:
+    """The bytes after a refused head (a GET /smuggled in most cases, then a GET /whoami)
+    are never answered when the door must close."""
+    statuses = case.expect["status"]
+    statuses = statuses if isinstance(statuses, list) else [statuses]
+    responses, closed = exchange(door.port, case.raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    if not responses:
+        assert None in statuses and closed, \
+            f"{case.name}: no response to {case.raw!r} (expected {statuses})"
+        return
+    first = responses[0]
+    assert first.status in statuses, f"{case.name}: {case.raw!r} -> {first}, expected {statuses}"
+    if case.expect["close"]:
+        assert len(responses) == 1, f"{case.name}: answered after {first.status}: {responses}"
+        assert closed, f"{case.name}: connection left open after {first.status}"
+    for later in responses[1:]:
+        assert b"smuggled" not in later.body
+
+
+@pytest.mark.parametrize("case", load_corpus("valid"), ids=lambda c: c.name)
+def test_valid_head_is_served_and_the_connection_frames_the_next_one(door: Door,
+                                                                     case: CorpusCase) -> None:
+    keep_alive = case.expect["keep_alive"]
+    data = case.raw + (FOLLOW_UP if keep_alive else b"")
+    head = 1 if case.expect["method"] == "HEAD" else 0
+    responses, closed = exchange(door.port, data, timeout=CLOSE_WAIT, head_requests=head)
+    assert responses, f"{case.name}: no response to {case.raw!r}"
+    first = responses[0]
+    served = case.expect["served"]
+    if served is not None:
+        assert first.status == served, f"{case.name}: {case.raw!r} -> {first}"
+    else:  # a valid request the app may not know: any answer but a server error
+        assert first.status < 500 or first.status == 501, f"{case.name}: {first}"
+    if "body" in case.expect:
+        assert first.body == case.expect["body"].encode("latin-1"), f"{case.name}: {first}"
+    if keep_alive:
+        assert len(responses) == 2, f"{case.name}: expected 2 responses, got {responses}"
+        assert (responses[1].status, responses[1].body) == (200, door.name.encode())
+    else:
+        assert len(responses) == 1, f"{case.name}: {responses}"
+    assert closed, f"{case.name}: not closed after Connection: close"
+
+
+# --- framing: the cases named in the issue, spelled out -------------------------------
+
+
+def test_body_that_looks_like_a_request_is_not_a_second_request(door: Door) -> None:
+    smuggled = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    raw = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(smuggled)) + smuggled
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [400], responses
+    assert closed
+
+
+def test_content_length_with_chunked_is_refused_and_closed(door: Door) -> None:
+    assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
+
+
+@pytest.mark.parametrize("value", ["+5", "0_5", "-1", "1 0", "5, 6"])
+def test_content_length_that_is_not_plain_digits_is_refused(door: Door, value: str) -> None:
+    assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+                         + value.encode() + b"\r\n\r\nhelloworld", 400)
+
+
+def test_content_length_surrounded_by_whitespace_is_that_length(door: Door) -> None:
+    got = assert_served(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length:  5 \r\n\r\nhello")
+    assert got.body == b"hello"
+
+
+def chunked(body: bytes, sizes: list[int]) -> bytes:
+    """``body`` in chunks of the given sizes (cycled), with an extension now and then."""
+    out, pos, i = [], 0, 0
+    while pos < len(body):
+        piece = body[pos:pos + sizes[i % len(sizes)]]
+        ext = b";n=%d" % i if i % 3 == 0 else b""
+        out.append(b"%x%s\r\n%s\r\n" % (len(piece), ext, piece))
+        pos, i = pos + len(piece), i + 1
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+def test_chunked_upload_arrives_whole_and_the_next_request_is_served(door: Door) -> None:
+    body = os.urandom(300_000)
+    raw = (b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + chunked(body, [1, 4096, 65536, 17, 100_000]))
+    got = assert_served(door, raw)
+    assert json.loads(got.body) == {"sha256": hashlib.sha256(body).hexdigest(),
+                                    "bytes": len(body)}
+    echo = assert_served(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"x" * 999, [7]))
+    assert echo.body == b"x" * 999
+
+
+def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> None:
+    """A bad chunked body, or a client that vanishes mid-body, is the client's fault: the
+    endpoint behind the front stays in its picks."""
+    bad = (b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\nzz\r\n")
+    _responses, closed = exchange(front.port, bad, timeout=CLOSE_WAIT)
+    assert closed  # its status is the corpus' business (invalid/chunk_size_invalid)
+    with socket.create_connection(("127.0.0.1", front.port)) as sock:
+        sock.sendall(b"POST /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000"
+                     b"\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert status_view(front.port)["ejected"] == []
+    responses, _ = exchange(front.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"member")]
+
+
+def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
+    raw = b"".join(b"GET /echo-%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(20))
+    raw += b"".join(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n%03d"
+                    % i for i in range(20))
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=10)
+    assert [r.status for r in responses] == [404] * 20 + [200] * 21, responses
+    assert [r.body for r in responses[20:40]] == [b"%03d" % i for i in range(20)]
+    assert closed
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 100 Continue\r\n"), data
+        sock.sendall(b"hello")
+        rest = data[data.index(b"\r\n\r\n") + 4:]
+        while not parse_responses(rest)[0]:
+            chunk = sock.recv(4096)
+            assert chunk, rest
+            rest += chunk
+        got = parse_responses(rest)[0][0]
+    assert (got.status, got.body) == (200, b"hello")
+
+
+@pytest.mark.parametrize("target", ["/whoami", "/chunked?n=2&delay=0", "/download?size=100000",
+                                    "/status/404"])
+def test_head_gets_the_head_of_a_get_and_no_content(door: Door, target: str) -> None:
+    """RFC 9110 9.3.2; a body after it would be read as the start of the next response."""
+    raw = request_bytes("HEAD", target) + FOLLOW_UP
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(raw)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data, head_requests=1)
+    assert rest == b"" and closed, data
+    assert [(r.status, r.body) for r in responses][1:] == [(200, door.name.encode())], data
+    assert responses[0].status == (404 if target.startswith("/status") else 200)
+    assert responses[0].body == b""
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /whoami HTTP/1.1\nHost: 127.0.0.1\n\n",
+    b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\nX-Mixed: 1\r\n\r\n",
+], ids=["bare-lf", "mixed"])
+def test_bare_lf_line_endings_are_refused(door: Door, raw: bytes) -> None:
+    """RFC 9112 2.2 lets a recipient accept a bare LF as a line end; this door does not
+    (cluster/http1.py: a bare-LF head is a 400, not guessed at) and closes, so nothing
+    after it is read as a second request."""
+    assert_refused(door, raw, 400)
+
+
+# --- limits --------------------------------------------------------------------------
+
+
+def request_line_of(length: int) -> bytes:
+    """A GET /whoami request whose request line (without CRLF) is ``length`` bytes."""
+    fixed = len("GET /whoami?pad= HTTP/1.1")
+    return request_bytes(target="/whoami?pad=" + "a" * (length - fixed))
+
+
+def header_line_of(length: int) -> bytes:
+    """A request with one field line (without CRLF) of ``length`` bytes."""
+    return request_bytes(headers=[("X-Long", "b" * (length - len("X-Long: ")))])
+
+
+def head_of(size: int, width: int = 80) -> bytes:
+    """A request head of exactly ``size`` bytes (terminator included), in field lines of
+    about ``width`` bytes: each line and the field count stay within their limits."""
+    base = request_bytes()
+    fields: list[tuple[str, str]] = []
+    left = size - len(base)
+    while left > 0:
+        line = min(left, width)
+        if line < len("X-F999: ") + 2 + 1:  # too short for a field: widen the previous one
+            name, value = fields.pop()
+            left += len(name) + 2 + len(value) + 2
+            line = left
+        name = f"X-F{len(fields)}"
+        fields.append((name, "c" * (line - len(name) - 4)))
+        left -= line
+    raw = request_bytes(headers=fields)
+    assert len(raw) == size and len(fields) + 1 < HEADER_COUNT
+    assert all(len(f"{k}: {v}") <= HEADER_LINE for k, v in fields)
+    return raw
+
+
+def test_request_line_limit(door: Door) -> None:
+    assert_served(door, request_line_of(REQUEST_LINE - 2))
+    assert_refused(door, request_line_of(REQUEST_LINE + 1), 414)
+    assert_refused(door, request_line_of(REQUEST_LINE * 8), 414)
+
+
+def test_header_line_limit(door: Door) -> None:
+    assert_served(door, header_line_of(HEADER_LINE - 2))
+    assert_refused(door, header_line_of(HEADER_LINE + 1), 431)
+    assert_refused(door, header_line_of(HEADER_LINE * 64), 431)
+
+
+def test_head_size_limit(door: Door) -> None:
+    assert_served(door, head_of(HEAD_SIZE - 4))
+    assert_refused(door, head_of(HEAD_SIZE + 5), 431)
+    assert_refused(door, head_of(HEAD_SIZE * 4, width=400), 431)
+
+
+def test_many_cookie_lines_are_bounded_by_the_head_size(door: Door) -> None:
+    """99 Cookie lines of 100 bytes each: every line and the count are within limits,
+    the head is not."""
+    cookies = [("Cookie", f"c{i:02d}=" + "v" * 88) for i in range(99)]
+    assert all(len(f"{k}: {v}") <= HEADER_LINE for k, v in cookies)
+    assert_refused(door, request_bytes(headers=cookies), 431)
+
+
+def test_header_count_limit(door: Door) -> None:
+    fields = [(f"X-N{i}", "1") for i in range(HEADER_COUNT - 1)]  # plus Host
+    assert_served(door, request_bytes(headers=fields))
+    assert_refused(door, request_bytes(headers=[*fields, ("X-One-More", "1")]), 431)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(door: Door) -> None:
+    """A 50 MB download the client never reads: the door gives up after the write
+    timeout instead of holding the connection (and the app's greenlet) forever."""
+    size = 50_000_000
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(request_bytes(target=f"/download?size={size}"))
+        time.sleep(WRITE_TIMEOUT + 1.5)
+        data, closed = read_until_close(sock, 3)
+    assert closed and len(data) < size // 2, (len(data), closed)
+    responses, _ = exchange(door.port, FOLLOW_UP)  # and the door carries on
+    assert [(r.status, r.body) for r in responses] == [(200, door.name.encode())]
+
+
+# --- timeouts: slowloris, idle keep-alive ----------------------------------------------
+
+HEADER_TIMEOUT, KEEPALIVE_TIMEOUT = 2.0, 1.0
+
+
+@pytest.fixture(scope="module")
+def impatient(store: str) -> Iterator[Door]:
+    proc, port = start_serve("--service", "doortimeouts", "--app", "backend:app",
+                             "--header-timeout", str(HEADER_TIMEOUT),
+                             "--keepalive-timeout", str(KEEPALIVE_TIMEOUT),
+                             name="impatient",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "impatient"})
+    try:
+        yield Door(proc, port, "impatient")
+    finally:
+        stop_clean(proc)
+
+
+def test_slowloris_connections_are_closed_after_the_header_timeout(impatient: Door) -> None:
+    head = request_bytes(headers=[("X-Slow", "s" * 200)])
+    count = 50
+    socks = [socket.create_connection(("127.0.0.1", impatient.port)) for _ in range(count)]
+    opened = time.monotonic()
+    sel = selectors.DefaultSelector()
+    for i, sock in enumerate(socks):
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, i)
+    received: dict[int, bytes] = {i: b"" for i in range(count)}
+    closed_at: dict[int, float] = {}
+    normal_took = None
+    try:
+        offset = 0
+        next_tick = opened
+        while len(closed_at) < count and time.monotonic() - opened < HEADER_TIMEOUT + 4:
+            now = time.monotonic()
+            if now >= next_tick:  # one more byte on every open connection
+                for i, sock in enumerate(socks):
+                    if i not in closed_at:
+                        try:
+                            sock.send(head[offset:offset + 1])
+                        except OSError:
+                            pass  # the door closed it; the read side records when
+                offset, next_tick = offset + 1, next_tick + 1.0
+            if normal_took is None and now - opened > 1.2:  # a normal client, mid-attack
+                started = time.monotonic()
+                responses, _ = exchange(impatient.port, FOLLOW_UP, timeout=5)
+                normal_took = time.monotonic() - started
+                assert [(r.status, r.body) for r in responses] == [(200, b"impatient")]
+            for key, _ in sel.select(timeout=max(0.0, min(0.05, next_tick - now))):
+                i = key.data
+                try:
+                    chunk = socks[i].recv(4096)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    received[i] += chunk
+                else:
+                    closed_at[i] = time.monotonic() - opened
+                    sel.unregister(socks[i])
+    finally:
+        sel.close()
+        for sock in socks:
+            sock.close()
+    assert len(closed_at) == count, f"{count - len(closed_at)} slow connections still open"
+    assert max(closed_at.values()) <= HEADER_TIMEOUT + 1.5, sorted(closed_at.values())
+    assert min(closed_at.values()) >= HEADER_TIMEOUT - 0.5, sorted(closed_at.values())
+    answers = {data[:12] for data in received.values()}
+    assert answers <= {b"", b"HTTP/1.1 408"}, answers
+    assert b"HTTP/1.1 408" in answers, "a partial head gets 408 before the close"
+    assert normal_took is not None and normal_took < 1.0, normal_took
+
+
+def test_partial_head_gets_408_and_a_silent_connection_is_closed(impatient: Door) -> None:
+    partial = socket.create_connection(("127.0.0.1", impatient.port))
+    silent = socket.create_connection(("127.0.0.1", impatient.port))
+    started = time.monotonic()
+    with partial, silent:
+        partial.sendall(b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        data, closed = read_until_close(partial, HEADER_TIMEOUT + 3)
+        assert closed and data.startswith(b"HTTP/1.1 408"), data
+        assert time.monotonic() - started <= HEADER_TIMEOUT + 1.5
+        data, closed = read_until_close(silent, HEADER_TIMEOUT + 3)
+        assert closed and data == b"", data
+        assert time.monotonic() - started <= HEADER_TIMEOUT + 1.5
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(impatient: Door) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port)) as sock:
+        sock.sendall(request_bytes())
+        assert read_response(sock).body == b"impatient"
+        idle_from = time.monotonic()
+        data, closed = read_until_close(sock, KEEPALIVE_TIMEOUT + 3)
+        idle = time.monotonic() - idle_from
+    assert closed and data == b"", data
+    assert KEEPALIVE_TIMEOUT - 0.3 <= idle <= KEEPALIVE_TIMEOUT + 0.8, idle
+
+
+def test_active_keep_alive_connection_stays_open(impatient: Door) -> None:
+    """Requests every 0.3 s for longer than both timeouts: each head is timed on its own."""
+    with socket.create_connection(("127.0.0.1", impatient.port)) as sock:
+        started = time.monotonic()
+        served = 0
+        while time.monotonic() - started < HEADER_TIMEOUT + KEEPALIVE_TIMEOUT:
+            sock.sendall(request_bytes())
+            got = read_response(sock)
+            assert (got.status, got.body) == (200, b"impatient")
+            served += 1
+            time.sleep(0.3)
+    assert served >= 8
+
+
+# --- the connection cap -----------------------------------------------------------------
+
+
+def test_past_the_connection_cap_a_short_503_while_existing_connections_carry_on(
+        store: str) -> None:
+    cap = 20
+    proc, port = start_serve("--service", "doorcap", "--app", "backend:app",
+                             "--max-connections", str(cap), "--header-timeout", "8",
+                             name="capped",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "capped"})
+    socks: list[socket.socket] = []
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]
+        time.sleep(0.5)  # accepted, normally; which one is refused is the door's order
+        socks.append(socket.create_connection(("127.0.0.1", port)))
+        sel = selectors.DefaultSelector()
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        ready = {key.fileobj for key, _ in sel.select(timeout=3)}
+        time.sleep(0.3)  # any other answer would be here by now
+        ready |= {key.fileobj for key, _ in sel.select(timeout=0)}
+        sel.close()
+        assert len(ready) == 1, f"{len(ready)} of {cap + 1} connections were answered"
+        refused = ready.pop()
+        assert isinstance(refused, socket.socket)
+        data, closed = read_until_close(refused, 3)
+        assert closed and data.startswith(b"HTTP/1.1 503"), data
+        assert len(data) < 512, data
+        socks.remove(refused)
+        refused.close()
+        for sock in socks:  # the ones inside the cap still work
+            sock.sendall(request_bytes())
+            got = read_response(sock)
+            assert (got.status, got.body) == (200, b"capped")
+        socks.pop().close()  # one leaves: a newcomer gets its place
+
+        def newcomer_served() -> bool:
+            responses, _ = exchange(port, FOLLOW_UP, timeout=3)
+            return bool(responses) and responses[0].status == 200
+        wait_until(newcomer_served, timeout=3, interval=0.1, what="a freed slot")
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_clean(proc)
+
+
+# --- --bind HOST:0 --port-file ---------------------------------------------------------
+
+
+def test_port_zero_is_bound_reported_in_the_port_file_and_logged(tmp_path: Path,
+                                                                 store: str) -> None:
+    port_file = tmp_path / "sub" / "port"
+    port_file.parent.mkdir()
+    proc = Proc(cluster_argv("serve", "--ui-service", "nothing", "--bind", "127.0.0.1:0",
+                             "--port-file", str(port_file)),
+                env={"CLUSTER_DISCOVERY_URL": store}, name="portfile")
+    try:
+        port = read_port_file(port_file, proc)
+        assert port_file.read_text() == f"127.0.0.1:{port}\n"
+        assert port != 0
+        responses, _ = exchange(port, request_bytes(target="/_cluster/status",
+                                                    headers=[("Connection", "close")]))
+        assert responses[0].status == 200
+        wait_until(lambda: f"127.0.0.1:{port}" in proc.output(), timeout=5,
+                   what="the log names the bound address")
+    finally:
+        stop_clean(proc)
+
+
+# --- a low descriptor limit --------------------------------------------------------------
+
+
+def test_silent_connections_under_a_low_descriptor_limit_do_not_break_the_instance(
+        store: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 and hard >= 1024:  # this test process needs ~330 descriptors itself
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    env = {"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "lowfd"}
+    proc, port = start_serve("--service", "doorlowfd", "--app", "backend:app",
+                             "--max-connections", "auto", "--header-timeout", "2",
+                             "--ping-interval", "1", "--expiry-grace", "1", name="lowfd",
+                             env=env, wrapper=("prlimit", "--nofile=256:256"))
+    other = None
+    socks: list[socket.socket] = []
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        # meanwhile another instance of the service registers: discovery must see it
+        other, _ = start_instance(store, "lowfd2", service="doorlowfd")
+        refused = held = 0
+        sel = selectors.DefaultSelector()
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        answered: set[socket.socket] = set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                data, closed = read_until_close(sock, 1)
+                assert closed and (data == b"" or data.startswith(b"HTTP/1.1 503")), data
+                refused += 1
+                answered.add(sock)
+                sel.unregister(sock)
+        sel.close()
+        held = len(socks) - len(answered)
+        assert refused > 0, "300 connections under 256 descriptors: some must be refused"
+        # a normal client meanwhile: a clean answer, never a hang or a reset
+        responses, _ = exchange(port, FOLLOW_UP, timeout=5)
+        assert responses and responses[0].status in (200, 503), responses
+        # after the header timeout the held ones are gone and everything works
+        for sock in socks:
+            sock.close()
+        socks = []
+
+        def sees_both() -> bool:
+            responses, _ = exchange(port, request_bytes(target="/_cluster/status",
+                                                        headers=[("Connection", "close")]),
+                                    timeout=5)
+            if not responses or responses[0].status != 200:
+                return False
+            names = {e["endpoint"] for e in json.loads(responses[0].body)["endpoints"]
+                     if e["service"] == "doorlowfd"}
+            return len(names) == 2
+        wait_until(sees_both, timeout=10, what="discovery lists both instances")
+        assert held <= 256, held
+        output = proc.output()
+        assert "Too many open files" not in output and "EMFILE" not in output, output[-3000:]
+    finally:
+        for sock in socks:
+            sock.close()
+        if other is not None:
+            stop_clean(other)
+        stop_clean(proc)

@@ -1,0 +1,114 @@
+"""Ejection that heals, through a real balancer-only `cluster serve`: an endpoint that
+comes back serves again within a second or two, not --eject-seconds later, and when
+every endpoint is ejected the balancer tries them anyway (panic mode)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+import requests
+
+from cluster.records import endpoint_hash
+from helpers import Proc, cluster_argv, free_port, instance, wait_port, wait_until
+
+EJECT_SECONDS = 30  # far longer than any wait below: healing must not wait for it
+
+
+def front_status(base: str) -> dict:
+    return requests.get(base + "/_cluster/status", timeout=5).json()
+
+
+def whoami(base: str) -> str:
+    response = requests.get(base + "/whoami", timeout=10)  # no cookie: a fresh pick
+    return response.text if response.status_code == 200 else str(response.status_code)
+
+
+def seconds_until_served_by(base: str, name: str, limit: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if whoami(base) == name:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"{name} not served within {limit}s")
+
+
+@contextlib.contextmanager
+def two_members_and_front(mongo_url: str):
+    ports = [free_port(), free_port()]
+    front_port = free_port()
+    members = {f"m{n}": instance(mongo_url, port, f"m{n}") for n, port in enumerate(ports)}
+    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind",
+                              f"127.0.0.1:{front_port}", "--ping-interval", "1",
+                              "--expiry-grace", "1", "--eject-seconds", str(EJECT_SECONDS)),
+                 env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
+    base = f"http://127.0.0.1:{front_port}"
+
+    retired: list[Proc] = []
+
+    def restart(name: str) -> None:
+        """A new process on the same port; the old one may still be draining."""
+        retired.append(members[name])
+        n = int(name[1:])
+        deadline = time.monotonic() + 5
+        while True:  # the old listener closes right after deregistering
+            proc = members[name] = instance(mongo_url, ports[n], name)
+            with contextlib.suppress(RuntimeError):  # exited: the port was not free yet
+                wait_port(ports[n], timeout=5, proc=proc)
+                time.sleep(0.2)
+                if proc.poll() is None:
+                    return
+            retired.append(proc)
+            assert time.monotonic() < deadline, f"{name} could not restart: {proc.output()}"
+            time.sleep(0.1)
+
+    try:
+        for proc, port in zip(members.values(), ports):
+            wait_port(port, proc=proc)
+        wait_port(front_port, proc=front)
+        wait_until(lambda: len(front_status(base)["endpoints"]) == 2, timeout=10)
+        hashes = {f"m{n}": endpoint_hash(f"http://127.0.0.1:{p}") for n, p in enumerate(ports)}
+        yield base, members, hashes, restart, front
+    finally:
+        front.stop()
+        for proc in [*members.values(), *retired]:
+            proc.stop()
+
+
+def test_a_restarted_endpoint_serves_again_at_once(mongo_url):
+    with two_members_and_front(mongo_url) as (base, members, hashes, restart, front):
+        # SIGKILL: the record lingers for ping + grace, so requests find m1 dead and
+        # the balancer ejects it (each such request is retried on m0).
+        members["m1"].kill()
+        wait_until(lambda: (whoami(base), hashes["m1"] in front_status(base)["ejected"])[1],
+                   timeout=5, what="m1 ejected")
+        restart("m1")
+        healed = seconds_until_served_by(base, "m1", 3.0)
+        print(f"after SIGKILL: m1 served again {healed:.2f}s after it listened")
+        assert healed < 2.0
+
+        # SIGTERM (deregister, drain) and a restart on the same port within a second
+        # (pooled connections may still reach the draining m1: that is its drain)
+        members["m1"].signal(signal.SIGTERM)
+        time.sleep(0.5)
+        restart("m1")
+        healed = seconds_until_served_by(base, "m1", 3.0)
+        print(f"after SIGTERM: m1 served again {healed:.2f}s after it listened")
+        assert healed < 2.0
+        assert front.poll() is None and "Traceback" not in front.output()
+
+
+def test_with_every_endpoint_ejected_requests_succeed_once_one_is_back(mongo_url):
+    with two_members_and_front(mongo_url) as (base, members, hashes, restart, front):
+        members["m0"].kill()
+        members["m1"].kill()
+        wait_until(lambda: (whoami(base), set(front_status(base)["ejected"])
+                            == set(hashes.values()))[1], timeout=5, what="both ejected")
+        restart("m0")
+        healed = seconds_until_served_by(base, "m0", 3.0)
+        print(f"both ejected: m0 served {healed:.2f}s after it listened")
+        assert healed < 1.5
+        for _ in range(20):
+            assert whoami(base) == "m0"
+        assert front.poll() is None and "Traceback" not in front.output()

@@ -1,0 +1,133 @@
+"""Hostile input from the discovery store and from outside clients, against a real
+`cluster serve` balancer: poisoned records are skipped with one escaped warning each,
+a foreign service's balancer is never handed out, and session paths cannot escape."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import socket
+import time
+from collections import Counter
+
+import pymongo
+import requests
+
+from cluster.records import COLLECTION, endpoint_hash
+from helpers import (
+    Proc,
+    backend,
+    cluster_argv,
+    free_port,
+    instance,
+    running,
+    wait_port,
+    wait_until,
+)
+
+COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
+
+
+@contextlib.contextmanager
+def member_and_front(mongo_url: str):
+    """One `web` member (m0) and a balancer-only front: (member URL, front process, URL)."""
+    member_port, front_port = free_port(), free_port()
+    member = instance(mongo_url, member_port, "m0")
+    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind",
+                              f"127.0.0.1:{front_port}", *COMMON),
+                 env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
+    try:
+        wait_port(member_port, proc=member)
+        wait_port(front_port, proc=front)
+        base = f"http://127.0.0.1:{front_port}"
+        wait_until(lambda: requests.get(base + "/whoami", timeout=5).text == "m0", timeout=10)
+        yield f"http://127.0.0.1:{member_port}", front, base
+    finally:
+        front.stop()
+        member.stop()
+
+
+def poisoned_records(trap: str) -> list[dict]:
+    """The issue's cases; each would have reached the trap (or the logs) before."""
+    now = dt.datetime.now(dt.timezone.utc)
+    port = trap.rsplit(":", 1)[1]
+
+    def rec(endpoint: str, service: str = "web", **extra) -> dict:
+        return {"serviceName": service, "endpoint": endpoint,
+                "endpointHash": endpoint_hash(endpoint), "balancer": None,
+                "timestamp": now, "pingInterval": 60000, **extra}
+
+    return [
+        rec("http://127.0.0.1:70000"),                                   # port out of range
+        rec(f"{trap}\r\n2026-01-01 00:00:00,000 WARNING forged line"),  # CR/LF
+        rec(f"{trap}/" + "a" * (2 * 1024 * 1024)),                       # a 2 MB URL
+        rec(f"{trap}/never-expires", pingInterval=1e15,                  # never expires
+            timestamp=now - dt.timedelta(days=1)),
+        rec(f"http://127.0.0.2:{port}", service="web app"),              # a space
+        rec(f"http://admin:hunter2@127.0.0.1:{port}"),                   # credentials
+    ]
+
+
+def test_poisoned_records_are_skipped_with_one_warning_each(mongo_url):
+    trap_port = free_port()
+    trap = f"http://127.0.0.1:{trap_port}"
+    with running(backend(trap_port, name="trap"), port=trap_port), \
+            member_and_front(mongo_url) as (member, front, base):
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        try:
+            coll = client.get_default_database()[COLLECTION]
+            coll.insert_many(poisoned_records(trap))
+            # a valid record of an unrelated service whose balancer must not serve `web`
+            evil = f"http://127.0.0.2:{trap_port}"
+            coll.insert_one({"serviceName": "evil", "endpoint": evil,
+                             "endpointHash": endpoint_hash(evil),
+                             "balancer": "https://evil.example", "pingInterval": 60000,
+                             "timestamp": dt.datetime.now(dt.timezone.utc)})
+            wait_until(lambda: front.output().count("skipping malformed discovery record")
+                       >= 6, timeout=10, what="six warnings")
+            time.sleep(1.5)  # three more refreshes: still six, not six per refresh
+            served = Counter(requests.get(base + "/whoami", timeout=5).text for _ in range(100))
+            assert served == {"m0": 100}
+            info = requests.get(base + "/sockjs/info", timeout=5).json()
+            assert info["base_url"] == f"{base}/cluster-ddp/{endpoint_hash(member)}/web"
+            table = requests.get(base + "/_cluster/status", timeout=5).json()
+            assert [e["endpoint"] for e in table["endpoints"]] == [evil, member]
+        finally:
+            client.close()
+        logs = front.output()
+        assert logs.count("skipping malformed discovery record") == 6, logs[-3000:]
+        assert "forged line" in logs  # shown, escaped, on the warning's own line
+        assert not any(line.startswith("2026-01-01") for line in logs.splitlines())
+        assert max(len(line) for line in logs.splitlines()) < 1000
+        assert "hunter2" not in logs and "//***@127.0.0.1" in logs  # credentials redacted
+        assert front.poll() is None and "Traceback" not in logs
+
+
+def raw_request_from(address: str, port: int, target: str) -> bytes:
+    """One request from ``address`` (bound before connecting), the response's first line."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_session_path_escape_from_outside_is_400(mongo_url):
+    with member_and_front(mongo_url) as (member, front, base):
+        port = int(base.rsplit(":", 1)[1])
+        prefix = f"/cluster-ddp/{endpoint_hash(member)}/web"
+        for rest in ("/..%2f..%2fadmin", "/%2e%2E/%2e%2e/admin", "/a%5c..%5cadmin",
+                     "/../../admin"):
+            assert raw_request_from("127.0.0.2", port, prefix + rest).startswith(
+                b"HTTP/1.1 400 "), rest
+        # an ordinary session path still reaches the endpoint's SockJS prefix
+        line = raw_request_from("127.0.0.2", port, prefix + "/info")
+        assert line.startswith(b"HTTP/1.1 200 "), line
+        assert front.poll() is None and "Traceback" not in front.output()

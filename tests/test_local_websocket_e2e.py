@@ -1,0 +1,166 @@
+"""WebSocket apps served by `cluster serve` itself: the front door hands them the socket.
+
+Each app runs as two `cluster serve --app ...` instances (``a`` and ``b``) of one service
+sharing a discovery store. The sticky cookie ``cluster-endpoint::<service>=<hash>`` picks
+the instance: pinned to the instance the client connects to, the upgrade is served
+locally (the door gives the app ``environ['wsgi.websocket']``); pinned to the other one,
+it is tunnelled there and served locally by that instance. The apps answer with their
+instance name, so each test knows who served it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import pytest
+import requests
+import socketio
+import websocket
+from websocket import ABNF
+
+from helpers import Proc, start_serve, wait_until
+
+COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
+
+
+class Cluster:
+    """Instances ``a`` and ``b`` of ``service`` and a balancer-only ``front``."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.procs: list[Proc] = []
+        self.ports: dict[str, int] = {}
+        self.hashes: dict[str, str] = {}
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def cookie(self, name: str) -> str:
+        return f"cluster-endpoint::{self.service}={self.hashes[name]}"
+
+
+def view(base: str) -> dict:
+    return requests.get(base + "/_cluster/status", timeout=5).json()
+
+
+@contextlib.contextmanager
+def cluster_of(app: str, service: str, store: str) -> Iterator[Cluster]:
+    """Two instances serving ``app`` and a balancer-only front, all stopped by PID."""
+    cluster = Cluster(service)
+    try:
+        for name in ("a", "b"):
+            proc, port = start_serve("--service", service, "--app", app, *COMMON,
+                                     env={"CLUSTER_DISCOVERY_URL": store,
+                                          "BACKEND_NAME": name}, name=f"{service}-{name}")
+            cluster.procs.append(proc)
+            cluster.ports[name] = port
+        proc, port = start_serve("--ui-service", service, *COMMON, name=f"{service}-front",
+                                 env={"CLUSTER_DISCOVERY_URL": store})
+        cluster.procs.append(proc)
+        cluster.ports["front"] = port
+        for name in ("a", "b"):
+            cluster.hashes[name] = view(cluster.url(name))["hash"]
+        wait_until(lambda: all(
+            {e["hash"] for e in view(cluster.url(n))["endpoints"]} >= set(cluster.hashes.values())
+            for n in ("a", "b", "front")), timeout=15, what="every instance sees both")
+        yield cluster
+    finally:
+        outputs = []
+        for proc in cluster.procs:
+            alive = proc.poll() is None
+            proc.stop()
+            outputs.append((proc, alive, proc.output()))
+    for proc, alive, output in outputs:
+        assert alive, f"{proc} died:\n{output[-3000:]}"
+        assert "Traceback" not in output, f"{proc}:\n{output[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite://{tmp_path_factory.mktemp('ws') / 'discovery.sqlite3'}"
+
+
+# --- gevent-websocket ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gws(store: str) -> Iterator[Cluster]:
+    with cluster_of("gws_echo:app", "gws", store) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_gevent_websocket_app_echoes_text_and_binary(gws: Cluster, pick: str) -> None:
+    ws = websocket.create_connection(gws.url("a").replace("http", "ws", 1) + "/echo",
+                                     cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+        ws.send("héllo")
+        assert ws.recv_data() == (ABNF.OPCODE_TEXT, "héllo".encode())
+        blob = os.urandom(70_000)  # over 64 KiB: a 64-bit payload length
+        ws.send_binary(blob)
+        assert ws.recv_data() == (ABNF.OPCODE_BINARY, blob)
+        for i in range(20):
+            ws.send(f"m{i}")
+            assert ws.recv() == f"m{i}"
+    finally:
+        ws.close()
+
+
+def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
+    got = requests.get(gws.url("a") + "/whoami", headers={"Cookie": gws.cookie("b")},
+                       timeout=5)
+    assert (got.status_code, got.text) == (200, "b")
+    got = requests.get(gws.url("a") + "/not-a-socket", timeout=5)
+    assert got.status_code == 426  # the app's own answer: no socket was handed to it
+
+
+# --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
+
+
+@pytest.fixture(scope="module", params=["sio_app:app", "flask_sio_app:app"],
+                ids=["python-socketio", "flask-socketio"])
+def sio(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    service = "sio" if request.param.startswith("sio") else "flasksio"
+    with cluster_of(request.param, service, store) as cluster:
+        yield cluster
+
+
+def echo_twenty(client: socketio.Client) -> set[str]:
+    names = set()
+    for i in range(20):
+        got = client.call("echo", {"n": i}, timeout=10)
+        assert got["data"] == {"n": i}
+        assert got["transport"] == "websocket", got
+        names.add(got["name"])
+    return names
+
+
+@pytest.mark.parametrize("via, pick", [("a", "a"), ("a", "b"), ("front", "b")],
+                         ids=["local-pick", "remote-pick", "balancer-only-front"])
+def test_socketio_client_upgrades_to_websocket(sio: Cluster, via: str, pick: str) -> None:
+    client = socketio.Client(reconnection=False)
+    try:
+        client.connect(sio.url(via), headers={"Cookie": sio.cookie(pick)}, wait_timeout=10)
+        assert client.transport() == "websocket"
+        assert echo_twenty(client) == {pick}
+    finally:
+        client.disconnect()
+
+
+def test_socketio_without_a_cookie_sticks_to_the_instance_the_front_picked(
+        sio: Cluster) -> None:
+    """The balancer picks on the first polling request and sets the cookie; the client
+    keeps it for the later polls and the upgrade, so one instance serves the session."""
+    client = socketio.Client(reconnection=False)
+    try:
+        client.connect(sio.url("front"), wait_timeout=10)
+        assert client.transport() == "websocket"
+        names = echo_twenty(client)
+        assert len(names) == 1 and names <= {"a", "b"}, names
+    finally:
+        client.disconnect()
+

@@ -1,0 +1,270 @@
+"""Metrics and access logs of real `cluster serve` processes, with real traffic.
+
+- `/_cluster/metrics`, parsed with prometheus_client's own parser, moves exactly with
+  the requests sent: one process, and `--workers-count 2` (summed over the workers);
+- the access log has the right line for a local request, a proxied one, one retried
+  after a refusing endpoint, and a proxied WebSocket; lifecycle events are logged once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import requests
+import websocket
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.records import endpoint_hash
+from helpers import (
+    TESTS,
+    Proc,
+    cluster_argv,
+    free_port,
+    python,
+    wait_port,
+    wait_until,
+)
+
+COOKIE = "cluster-endpoint::web"
+
+
+def serve(discovery_url: str, tmp: Path, name: str, *extra: str,
+          app: str = "backend:app") -> tuple[Proc, str]:
+    """`cluster serve` of the test backend on a port of the OS's choosing."""
+    port_file = tmp / f"{name}.port"
+    proc = Proc(cluster_argv("serve", "--service", "web", "--app", app,
+                             "--bind", "127.0.0.1:0", "--port-file", str(port_file),
+                             "--ping-interval", "1", "--expiry-grace", "1", *extra),
+                env={"CLUSTER_DISCOVERY_URL": discovery_url, "BACKEND_NAME": name}, name=name)
+    try:
+        wait_until(lambda: port_file.exists() or proc.poll() is not None, timeout=30,
+                   what=f"{name}'s port file")
+        assert proc.poll() is None, proc.output()
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, "http://" + port_file.read_text().strip()
+
+
+def metrics(base: str) -> dict[tuple[str, tuple], float]:
+    text = requests.get(base + "/_cluster/metrics", timeout=10).text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def total(found: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in found.items()
+               if n == name and all((k, val) in ls for k, val in labels.items()))
+
+
+def live_endpoints(base: str) -> list[str]:
+    return [e["endpoint"] for e in requests.get(base + "/_cluster/status", timeout=5)
+            .json()["endpoints"]]
+
+
+def test_metrics_move_with_the_traffic_of_one_process(sqlite_url, tmp_path):
+    proc, base = serve(sqlite_url, tmp_path, "solo")
+    try:
+        wait_until(lambda: live_endpoints(base) == [base], timeout=10, what="registration")
+        before = metrics(base)
+        for _ in range(25):
+            assert requests.get(base + "/whoami", timeout=5).status_code == 200
+        for _ in range(5):
+            assert requests.get(base + "/status/503", timeout=5).status_code == 503
+        after = metrics(base)
+        moved = {code: total(after, "cluster_requests_total", endpoint="local", code=code)
+                 - total(before, "cluster_requests_total", endpoint="local", code=code)
+                 for code in ("2xx", "5xx")}
+        assert moved == {"2xx": 25, "5xx": 5}
+        # the first scrape itself was answered by cluster ("-"), as a 2xx of no service
+        assert total(after, "cluster_requests_total", endpoint="-", code="2xx") >= 1
+        assert total(after, "cluster_open_connections") >= 1  # the scrape's own
+        assert 0 <= total(after, "cluster_discovery_refresh_age_seconds") < 5
+        assert total(after, "cluster_discovery_errors_total") == 0
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def test_metrics_of_two_workers_are_summed(sqlite_url, tmp_path):
+    proc, base = serve(sqlite_url, tmp_path, "pair", "--workers-count", "2",
+                       app="cluster.demo:app")
+    try:
+        wait_until(lambda: len(live_endpoints(base)) == 2, timeout=20, what="two workers")
+        before = metrics(base)
+        pids = set()
+        for _ in range(40):  # no cookie: spread over both workers (served or passed on)
+            response = requests.get(base + "/whoami", timeout=5)
+            assert response.status_code == 200
+            pids.add(response.json()["pid"])
+        assert len(pids) == 2
+        after = metrics(base)  # whichever worker answers, the sum over both
+        served = (total(after, "cluster_requests_total", endpoint="local", code="2xx")
+                  - total(before, "cluster_requests_total", endpoint="local", code="2xx"))
+        assert served == 40
+        per_worker = {}
+        for worker in live_endpoints(base):  # each worker's own status page
+            data = requests.get(worker + "/_cluster/status", timeout=5).json()
+            assert data["multiprocess"] is True
+            per_worker[worker] = data["served"]["requests"]
+        assert all(n > 0 for n in per_worker.values()), per_worker
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "Traceback" not in output and "WARNING" not in output, output
+
+
+class Sidecar:
+    """A `cluster register` record for an endpoint served by another program."""
+
+    def __init__(self, discovery_url: str, url: str, name: str) -> None:
+        self.proc = Proc(cluster_argv("register", "--service", "web", "--endpoint-url", url,
+                                      "--ping-interval", "1"),
+                         env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=name)
+
+
+def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tmp_path):
+    log_file = tmp_path / "access.log"
+    echo_port, dead_port = free_port(), free_port()
+    echo_url, dead_url = f"http://127.0.0.1:{echo_port}", f"http://127.0.0.1:{dead_port}"
+    echo = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(echo_port)),
+                name="echo")
+    procs = [echo]
+    try:
+        wait_port(echo_port, proc=echo)
+        procs.append(Sidecar(sqlite_url, echo_url, "sc-echo").proc)
+        procs.append(Sidecar(sqlite_url, dead_url, "sc-dead").proc)  # nothing listens there
+        front, base = serve(sqlite_url, tmp_path, "front", "--access-log", "json",
+                            "--access-log-file", str(log_file))
+        procs.append(front)
+        wait_until(lambda: len(live_endpoints(base)) == 3, timeout=15, what="three records")
+
+        def sticky(url: str) -> dict[str, str]:
+            return {COOKIE: endpoint_hash(url)}
+
+        local = requests.get(base + "/whoami?n=1", cookies=sticky(base), timeout=5)
+        assert local.headers["X-Served-By"] == "front"
+        proxied = requests.get(base + "/closes?id=none", cookies=sticky(echo_url), timeout=5)
+        assert proxied.status_code == 404  # ws_echo's own answer: it was proxied there
+        retried = requests.get(base + "/whoami?n=2", cookies=sticky(dead_url), timeout=5)
+        assert retried.status_code == 200
+        ws = websocket.create_connection(base.replace("http", "ws", 1) + "/ws?id=t1",
+                                         cookie=f"{COOKIE}={endpoint_hash(echo_url)}",
+                                         timeout=10)
+        ws.send("ping")
+        assert ws.recv() == "ping"
+        ws.close()
+
+        def lines() -> dict[str, dict]:
+            found = {}
+            for line in log_file.read_text().splitlines():
+                entry = json.loads(line)
+                found[entry["target"]] = entry
+            return found
+
+        logged = wait_until(lambda: (lambda f: f if "/ws?id=t1" in f else None)(lines()),
+                            timeout=10, what="the WebSocket's line")
+        line = logged["/whoami?n=1"]
+        assert (line["upstream"], line["status"], line["retries"]) == ("local", 200, 0)
+        assert line["upstream_time"] == 0 and line["total_time"] > 0
+        line = logged["/closes?id=none"]
+        assert (line["upstream"], line["status"], line["retries"]) == (echo_url, 404, 0)
+        assert 0 < line["upstream_time"] <= line["total_time"]
+        line = logged["/whoami?n=2"]
+        assert line["status"] == 200 and line["retries"] == 1
+        assert line["upstream"] in ("local", echo_url) and line["upstream"] != dead_url
+        line = logged["/ws?id=t1"]
+        assert (line["upstream"], line["status"], line["websocket"]) == (echo_url, 101, True)
+        assert line["method"] == "GET" and line["remote"] == "127.0.0.1"
+
+        found = metrics(base)
+        assert total(found, "cluster_retries_total", endpoint=dead_url, reason="connect") == 1
+        assert total(found, "cluster_ejections_total", endpoint=dead_url) == 1
+        status = requests.get(base + "/_cluster/status", timeout=5).json()
+        (dead,) = [e for e in status["endpoints"] if e["endpoint"] == dead_url]
+        assert dead["ejected"] and "refused" in dead["ejected_reason"], dead
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    output = front.output()
+    # lifecycle events, once each, at info level (the ejection is a warning)
+    assert output.count(f"INFO cluster.registry [{front.pid}] registered web at {base}") == 1
+    assert output.count(f"endpoint joined: web {dead_url}") == 1
+    assert output.count(f"ejecting web {dead_url}") == 1
+    assert "stopping: deregistering, then draining" in output
+    assert "Traceback" not in output
+
+
+def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
+    from test_balancing_e2e import start_runner
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_runner("gunicorn", sqlite_url, port, tmp_path)  # -w 2, cluster.gunicorn
+    try:
+        wait_port(port, proc=proc)
+        wait_until(lambda: live_endpoints(base) == [base], timeout=20, what="registration")
+        before = metrics(base)
+        pids = {requests.get(base + "/whoami", timeout=5).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2
+        after = metrics(base)
+        served = (total(after, "cluster_requests_total", endpoint="local", code="2xx")
+                  - total(before, "cluster_requests_total", endpoint="local", code="2xx"))
+        assert served == 40
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def test_admin_pages_by_token_under_another_prefix(sqlite_url, tmp_path):
+    token = "t0ken-for-the-admin-pages"
+    # loopback is not trusted here: only the token opens the pages
+    proc, base = serve(sqlite_url, tmp_path, "guarded", "--admin-prefix", "/ops",
+                       "--admin-token", token, "--trusted-proxies", "192.0.2.1")
+    try:
+        wait_until(lambda: requests.get(base + "/ops/status", timeout=5,
+                                        params={"token": token}).status_code == 200,
+                   timeout=10, what="the status page")
+        assert requests.get(base + "/ops/status", timeout=5).status_code == 401
+        assert requests.get(base + "/ops/status?token=wrong", timeout=5).status_code == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        page = requests.get(base + "/ops/", headers=bearer, timeout=5)
+        assert page.status_code == 200 and "cluster dashboard" in page.text
+        assert 'const PREFIX = "/ops";' in page.text  # it refreshes from /ops/status
+        assert requests.get(base + "/ops/metrics", headers=bearer, timeout=5).ok
+        # the old path is the app's again
+        mine = requests.get(base + "/_cluster/status", timeout=5)
+        assert mine.headers.get("X-Served-By") == "guarded"
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def test_local_websocket_is_counted_open_and_logged_when_it_ends(sqlite_url, tmp_path):
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "gws", "--access-log", "json",
+                       "--access-log-file", str(log_file), app="gws_echo:app")
+    try:
+        wait_until(lambda: live_endpoints(base) == [base], timeout=10, what="registration")
+        ws = websocket.create_connection(base.replace("http", "ws", 1) + "/echo", timeout=10)
+        try:
+            ws.send("hi")
+            assert ws.recv() == "hi"
+            assert total(metrics(base), "cluster_open_websockets", endpoint="local") == 1
+            status = requests.get(base + "/_cluster/status", timeout=5).json()
+            assert status["websockets"] == 1
+        finally:
+            ws.close()
+        wait_until(lambda: total(metrics(base), "cluster_open_websockets") == 0, timeout=10,
+                   what="the WebSocket counted closed")
+        (line,) = [json.loads(x) for x in log_file.read_text().splitlines()
+                   if json.loads(x)["target"] == "/echo"]
+        assert (line["upstream"], line["status"], line["websocket"]) == ("local", 101, True)
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()

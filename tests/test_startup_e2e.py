@@ -1,0 +1,69 @@
+"""A clean start: `cluster demo` and `cluster serve --workers-count 8` on the embedded
+store (many processes opening one new SQLite file at once) log no WARNING at all.
+Concurrent start-up must be handled, not retried past: the watcher's refresh interval
+(where a "works again after" warning would appear) is waited out before stopping."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from helpers import Proc, cluster_argv, free_port, status_json, wait_port, wait_until
+
+#: the watcher refreshes every ping/2 s: 2.5 s with the default ping interval of 5 s
+REFRESH = 2.5
+
+
+def consecutive_free_ports(count: int) -> int:
+    for _ in range(50):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def test_demo_starts_without_a_warning(tmp_path):
+    port = consecutive_free_ports(3)
+    # No CLUSTER_DISCOVERY_URL: the default embedded file under a new XDG_STATE_HOME.
+    demo = Proc(cluster_argv("demo", "--bind", f"127.0.0.1:{port}"),
+                env={"XDG_STATE_HOME": str(tmp_path / "state")},
+                name="demo")
+    try:
+        wait_until(lambda: "dashboard: " in demo.output() or demo.poll() is not None,
+                   timeout=60, what="the demo's dashboard line")
+        assert demo.poll() is None, demo.output()
+        time.sleep(REFRESH + 1)
+        assert demo.stop() == 0
+        output = demo.output()
+        assert f"dashboard: http://127.0.0.1:{port}/_cluster/" in output
+        assert "WARNING" not in output and "Traceback" not in output, output
+    finally:
+        demo.stop()
+
+
+def test_eight_workers_start_without_a_warning(sqlite_url):
+    port = free_port()
+    server = Proc(cluster_argv("serve", "--workers-count", "8", "--service", "web",
+                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}"),
+                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers8")
+    try:
+        wait_port(port, proc=server, timeout=60)
+        wait_until(lambda: len(status_json(sqlite_url)["endpoints"]) == 8, timeout=60,
+                   interval=0.5, what="eight worker records")
+        time.sleep(REFRESH + 1)
+        assert server.stop(timeout=30) == 0
+        output = server.output()
+        assert output.count("] registered web at") == 8, output
+        assert "WARNING" not in output and "Traceback" not in output, output
+    finally:
+        server.stop()
