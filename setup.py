@@ -21,14 +21,18 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "gunicorn": ["gunicorn>=21.2"],
+        # gunicorn's gevent worker imports `packaging` (gunicorn 23+) without requiring it
+        "gunicorn": ["gunicorn>=21.2", "packaging"],
         "test": [
             "pytest>=7.4",
             "pytest-timeout>=2.1",
             "gunicorn>=21.2",
+            "packaging",
             "websocket-client>=1.6",
-            "python-socketio>=5.8",
-            "flask-socketio>=5.3",
+            # the real-time tests and examples (tests/sio, examples/)
+            "python-socketio[client]>=5.8",
+            "Flask>=2.2",
+            "Flask-SocketIO>=5.3",
             "hypothesis>=6.80",
         ],
     },

@@ -10,7 +10,10 @@ this list, so they cannot drift apart. Precedence: flag > environment > file > d
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
@@ -160,6 +163,20 @@ def _file_path(raw: str) -> str:
     return _text(raw)
 
 
+def _directory(raw: str) -> str:
+    """An existing folder, made absolute (workers start elsewhere)."""
+    value = os.path.abspath(os.path.expanduser(_text(raw)))
+    if not os.path.isdir(value):
+        raise ValueError(f"{raw.strip()!r} is not a folder")
+    return value
+
+
+def _path_list(raw: str) -> tuple[str, ...]:
+    """Comma list of folders, made absolute from the folder cluster was started in."""
+    return tuple(os.path.abspath(os.path.expanduser(p.strip()))
+                 for p in raw.split(",") if p.strip())
+
+
 def _access_log(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ACCESS_LOG_FORMATS:
@@ -193,6 +210,64 @@ def _module_callable(raw: str) -> str:
     if not module or not sep or not attr:
         raise ValueError(f"{raw!r} is not module:callable")
     return raw.strip()
+
+
+@dataclass(frozen=True)
+class EndpointChoice:
+    """This instance's endpoint URL and, for the start-up log, how it was chosen."""
+
+    url: str
+    reason: str
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def store_host(discovery_url: str | None) -> tuple[str, int] | None:
+    """(host, port) of the first host of a MongoDB URL, or None for a store on this host.
+
+    The embedded store, and a MongoDB whose first host is a loopback address, are local.
+    A host name is resolved; one that resolves only to loopback addresses is local too.
+    """
+    if not discovery_url or not discovery_url.startswith(("mongodb://", "mongodb+srv://")):
+        return None
+    rest = discovery_url.split("://", 1)[1]
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0].rpartition("@")[2]
+    first = authority.split(",")[0]
+    if first.startswith("["):
+        host, _, tail = first[1:].partition("]")
+        port_text = tail.lstrip(":")
+    else:
+        host, _, port_text = first.partition(":")
+    port = int(port_text) if port_text.isdigit() else 27017
+    if not host or _is_loopback(host):
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a name: local when every address it has is loopback
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return (host, port)  # unresolvable now: route_address reports it
+        if infos and all(_is_loopback(str(info[4][0])) for info in infos):
+            return None
+    return (host, port)
+
+
+def route_address(host: str, port: int) -> str:
+    """This host's address on the route toward ``host``: the local address of a UDP
+    socket connect()ed there (connecting a datagram socket sends no packet).
+    Raises OSError when the name does not resolve or there is no route."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.connect(address)
+        return str(sock.getsockname()[0])
 
 
 def setting(
@@ -273,6 +348,20 @@ class Settings:
         _module_callable,
         "the local WSGI app as module:callable; unset: balancer only",
         "MODULE:CALLABLE",
+    )
+    chdir: str | None = setting(
+        None,
+        _directory,
+        "change to this folder before importing --app (as gunicorn's --chdir); the "
+        "current folder is always searched first",
+        "DIR",
+    )
+    pythonpath: tuple[str, ...] = setting(
+        (),
+        _path_list,
+        "comma list of folders put in front of the module search path before importing "
+        "--app (as gunicorn's --pythonpath)",
+        "DIR,DIR",
     )
     connect_timeout: float = setting(
         5.0, _positive_seconds, "seconds to connect to an endpoint", "SECONDS"
@@ -388,15 +477,49 @@ class Settings:
 
     @property
     def own_endpoint_url(self) -> str:
-        """The configured endpoint URL, or one made from --bind."""
+        """The URL this instance registers (see :meth:`endpoint_choice`)."""
+        return self.endpoint_choice().url
+
+    def endpoint_choice(self, strict: bool = True) -> EndpointChoice:
+        """The configured endpoint URL, or one made from --bind and the store's place.
+
+        With a store on another host and no --endpoint-url, a wildcard bind registers
+        the local address of the route toward the store (other hosts reach us the way
+        we reach it), and a loopback bind is refused: every other host would proxy to
+        its *own* loopback port. ``strict=False`` (observers, which register nothing)
+        falls back to 127.0.0.1 instead of raising :class:`ConfigError`.
+        """
         if self.endpoint_url:
-            return self.endpoint_url
+            return EndpointChoice(self.endpoint_url, "set by --endpoint-url")
         host, port = self.bind_address
+        store = store_host(self.discovery_url)
         if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
+            if store is None:
+                host, why = "127.0.0.1", "from --bind, the store is on this host"
+            else:
+                try:
+                    host = route_address(*store)
+                    why = f"the local address of the route to the store host {store[0]}"
+                except OSError as exc:
+                    if strict:
+                        raise ConfigError(
+                            "--endpoint-url (CLUSTER_ENDPOINT_URL)",
+                            f"not set, and no route to the discovery store host {store[0]} "
+                            f"to take this host's address from ({exc.strerror or exc})",
+                        ) from None
+                    host, why = "127.0.0.1", "from --bind (no route to the store)"
+        else:
+            why = "from --bind"
+            if strict and store is not None and _is_loopback(host):
+                raise ConfigError(
+                    "--endpoint-url (CLUSTER_ENDPOINT_URL)",
+                    f"not set, and --bind {self.bind} would register a loopback endpoint "
+                    f"while the discovery store {store[0]} is on another host; bind "
+                    "0.0.0.0 or a routable address, or set --endpoint-url",
+                )
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}"
+        return EndpointChoice(f"http://{host}:{port}", why)
 
     @property
     def connection_cap(self) -> int:

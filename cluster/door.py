@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
@@ -138,6 +139,66 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         super().__init__(listener, application, **kwargs)
         self.door = door
         self._handed_off: set[Any] = set()
+        # One descriptor held in reserve: when accept() fails for want of descriptors,
+        # it is given up for a moment to accept the waiting client and tell it 503,
+        # instead of leaving it in the backlog (the listener would stay readable and
+        # the accept loop spin) or printing gevent's traceback.
+        self._spare: int | None = _open_spare()
+        self._shedding_logged = 0.0
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._shed_one()
+            return None
+
+    def _shed_one(self) -> None:
+        """Out of descriptors: answer one waiting client 503 using the spare one."""
+        door = self.door
+        now = time.monotonic()
+        if now - self._shedding_logged > 10:
+            self._shedding_logged = now
+            log.warning("out of file descriptors with %d connections open: answering new "
+                        "ones 503 (lower --max-connections or raise the limit)", door.active)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        try:
+            client, _ = self.socket._sock.accept()
+        except OSError:
+            client = None
+        if client is not None:
+            door.observer.connection_refused()
+            try:
+                client.setblocking(False)
+                client.send(_OVER_CAP)
+            except OSError:
+                pass
+            client.close()
+        self._spare = _open_spare()
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        """Count the connection as soon as it is accepted (gevent accepts up to
+        ``max_accept`` at a time before any handler runs): past the cap it is answered
+        503 and closed here, without a greenlet."""
+        door = self.door
+        if door.active >= door.cap:
+            door.observer.connection_refused()
+            try:
+                sock._sock.send(_OVER_CAP)
+            except OSError:
+                pass
+            sock.close()
+            return
+        door.active += 1
+        try:
+            super().do_handle(sock, address)
+        except BaseException:
+            door.active -= 1
+            raise
 
     def do_close(self, sock: Any, *args: Any) -> None:
         if sock in self._handed_off:  # a tunnel owns it now and closes it when done
@@ -145,18 +206,16 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             return
         sock.close()
 
+    def close(self) -> None:
+        super().close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
     def handle(self, sock: Any, address: Any) -> None:
         door = self.door
-        if door.active >= door.cap:
-            door.observer.connection_refused()
-            try:
-                sock.sendall(_OVER_CAP)
-            except OSError:
-                pass
-            return
         set_nodelay(sock)
         conn = ClientConn(sock, address, door.settings.write_timeout)
-        door.active += 1
         door.sweeper.add(conn)
         door.observer.connection_opened()
         try:
@@ -171,11 +230,18 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 conn.upstream.close()
 
 
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
 class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines")
+                 "outcome", "fwd_host", "fwd_lines", "body")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -240,6 +306,7 @@ class Connection:
         started = time.monotonic()
         self.request = self.view(head)
         self.head = head
+        self.body: bytes | None = _UNREAD
         state = self.outcome = _Outcome()
         view = self.request
         admin = door.admin
@@ -375,13 +442,20 @@ class Connection:
         out = request_head(head, path_qs, target.hostport.encode(),
                            self.forwarded_lines(head),
                            door.hop.line(head.method, path_qs), framing, upgrade)
-        body: bytes | None = b""
-        if head.chunked or (head.content_length > len(conn.buf)) or \
-                head.content_length > 65536:
-            body = None  # streamed from the client
-        elif head.content_length > 0:
-            body = bytes(conn.buf[:head.content_length])
-            del conn.buf[:head.content_length]
+        body = self.body
+        if body is _UNREAD:
+            # Taken once per request: every attempt (another endpoint after a refused
+            # connect) sends the same bytes. A streamed body is read only after the
+            # connect succeeded, so nothing of it is gone when an attempt is refused.
+            if head.chunked or (head.content_length > len(conn.buf)) or \
+                    head.content_length > 65536:
+                body = None  # streamed from the client
+            elif head.content_length > 0:
+                body = bytes(conn.buf[:head.content_length])
+                del conn.buf[:head.content_length]
+            else:
+                body = b""
+            self.body = body
         exchange = Exchange(conn, head, door.pool, endpoint.url)
         if upgrade:
             exchange.send_request(out, b"")
@@ -520,6 +594,8 @@ class Connection:
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
 _NOTHING_TRIED: frozenset[str] = frozenset()
+#: Connection.body before the request's body was looked at (b"" is "no body")
+_UNREAD = b"\0unread"
 
 
 class _Pumped:
@@ -758,6 +834,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         super().finalize_headers()
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
+        if self.close_connection and self.code != 101 and not any(
+                name.lower() == b"connection" for name, _ in self.response_headers):
+            # Say that this connection ends here (RFC 9112 9.6): a client that asked for
+            # close, or an HTTP/1.0 one, must not try to reuse it.
+            self.response_headers.append((b"Connection", b"close"))
 
     def _write_with_headers(self, data: bytes) -> None:
         super()._write_with_headers(b"" if self.command == "HEAD" else data)

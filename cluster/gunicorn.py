@@ -2,22 +2,30 @@
 
 This module is a gunicorn config module. It selects :class:`Worker` (gunicorn's
 gevent worker whose server is cluster's front door, :mod:`cluster.door`) and sets
-these hooks:
+the hooks that make every worker process a cluster member of its own, as ``cluster
+serve --workers-count`` does and as meteorhacks:cluster's workers do:
 
-- ``when_ready`` (arbiter, once): starts one ``cluster register`` sidecar process that
-  registers the server's endpoint and heartbeats while the server answers. One record
-  per server, however many workers, and a worker recycling does not touch it.
-- ``on_exit`` (arbiter): stops the sidecar by PID, which removes the record at once.
+- ``post_worker_init`` (each worker, after gevent has monkey-patched it): opens a
+  private listening socket on the bound host (port chosen by the OS), registers it as
+  this worker's endpoint and makes the worker's front door around the app, serving
+  both sockets. A request reaching the shared port is routed like any other (sticky
+  cookie, ``/cluster-ddp/<hash>/``), so a Socket.IO or SockJS session stays in the one
+  worker that holds its state instead of being scattered by the kernel over the workers.
+- The shared port is only a way in: it is not registered (a record for it would send
+  sessions to whichever worker the kernel picks). Announce it with
+  ``CLUSTER_BALANCER_URL`` when browsers reach it directly. ``CLUSTER_ENDPOINT_URL``,
+  when set, gives the scheme and host of the workers' endpoints; each keeps its port.
+- A worker that stops (SIGTERM, ``max_requests`` recycling, gunicorn's HUP, its
+  arbiter dying however it dies) deregisters at once, then drains; its replacement
+  registers before it serves. ``max_requests`` is honoured (gunicorn's pywsgi worker
+  ignores it on its own); it counts the requests the worker's app serves.
 - metrics: unless ``PROMETHEUS_MULTIPROC_DIR`` is set, ``when_ready`` makes a temp
   directory for prometheus_client's multi-process mode (removed by ``on_exit``), so
   every worker's ``/_cluster/metrics`` sums all workers; ``child_exit`` drops a dead
   worker's live gauges.
-- ``post_worker_init`` (each worker, after gevent has monkey-patched it): makes the
-  worker's front door around the app, with an observing (non-registering) node.
 
-The arbiter is never monkey-patched, so nothing here imports pymongo there: the
-sidecar owns the store connection. Settings come from ``CLUSTER_*`` variables; the
-endpoint URL defaults to gunicorn's first bound address. To combine with your own
+The arbiter is never monkey-patched and registers nothing, so nothing here imports
+pymongo there, and no process of ours can outlive it. To combine with your own
 config file: ``from cluster.gunicorn import *`` at its top.
 """
 
@@ -26,8 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import subprocess
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -40,7 +47,8 @@ log = logging.getLogger(__name__)
 
 worker_class = "cluster.gunicorn.Worker"
 
-_SIDECAR: dict[str, subprocess.Popen[bytes]] = {}
+#: seconds between a worker's checks of its own ``alive`` flag and of its arbiter
+WATCH_INTERVAL = 0.1
 _METRICS_DIR: dict[str, str] = {}
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -56,43 +64,13 @@ class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
     wsgi_handler = Handler
 
 
-def _endpoint_url(address: Any) -> str:
-    """CLUSTER_ENDPOINT_URL, else the URL of gunicorn's first bound address."""
-    from cluster.config import Settings
-
-    settings = Settings.load(args=[])
-    if settings.endpoint_url:
-        return settings.endpoint_url
-    if isinstance(address, tuple):
-        return settings.replace(bind=f"{address[0]}:{address[1]}").own_endpoint_url
-    raise RuntimeError("set CLUSTER_ENDPOINT_URL: gunicorn is bound to a unix socket")
-
-
-def _health_url(address: Any) -> str:
-    host, port = address[0], address[1]
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    from cluster.config import Settings
-
-    return f"http://{host}:{port}{Settings.load(args=[]).admin_prefix}/status"
-
-
 def when_ready(server: Any) -> None:
     # Before any worker is forked, so each imports prometheus_client in multi-process mode.
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = tempfile.mkdtemp(
             prefix="cluster-metrics-")
-    address = server.LISTENERS[0].cfg_addr if server.LISTENERS else None
-    endpoint = _endpoint_url(address)
-    os.environ["CLUSTER_ENDPOINT_URL"] = endpoint  # the workers inherit the same identity
-    argv = [sys.executable, "-m", "cluster", "register", "--endpoint-url", endpoint]
-    if isinstance(address, tuple):
-        argv += ["--health-url", _health_url(address)]
-    _SIDECAR["proc"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    server.log.info("cluster: registering %s through sidecar pid %s", endpoint,
-                    _SIDECAR["proc"].pid)
+    server.log.info("cluster: each worker registers an endpoint of its own; "
+                    "the shared port is not registered")
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -108,39 +86,144 @@ def on_exit(server: Any) -> None:
     own = _METRICS_DIR.pop("own", None)
     if own is not None:
         shutil.rmtree(own, ignore_errors=True)
-    proc = _SIDECAR.pop("proc", None)
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    server.log.info("cluster: deregistered (sidecar pid %s exited %s)", proc.pid,
-                    proc.returncode)
+
+
+def _private_listener(worker: Any) -> socket.socket:
+    """A listening socket of this worker alone, on the host gunicorn is bound to."""
+    host = "127.0.0.1"
+    family = socket.AF_INET
+    if worker.sockets:
+        bound = worker.sockets[0]
+        if bound.family in (socket.AF_INET, socket.AF_INET6):
+            host, family = bound.getsockname()[0], bound.family
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(worker.cfg.backlog)
+    return sock
+
+
+def _worker_settings(port: int, host: str) -> Any:
+    """The worker's settings: CLUSTER_* variables, its private port as its endpoint."""
+    from urllib.parse import urlsplit
+
+    from cluster.config import Settings
+
+    settings = Settings.load(args=[])
+    bind_host = f"[{host}]" if ":" in host else host
+    if settings.endpoint_url:
+        base = urlsplit(settings.endpoint_url)
+        name = base.hostname or "127.0.0.1"
+        name = f"[{name}]" if ":" in name else name
+        endpoint = base._replace(netloc=f"{name}:{port}", path="").geturl()
+        return settings.replace(endpoint_url=endpoint, bind=f"{bind_host}:{port}")
+    settings = settings.replace(bind=f"{bind_host}:{port}")
+    return settings.replace(endpoint_url=settings.own_endpoint_url)
 
 
 def post_worker_init(worker: Any) -> None:
+    """Make this worker's door; a bad setting is one line and a stop, not a traceback
+    (exit status 3 is gunicorn's "worker failed to boot": the arbiter stops too)."""
+    from cluster.errors import ConfigError
+
+    try:
+        _init_worker(worker)
+    except ConfigError as exc:
+        worker.log.error("cluster: %s", exc)
+        sys.exit(3)
+
+
+def _init_worker(worker: Any) -> None:
     import functools
 
+    import gevent
+
     from cluster import observe
-    from cluster.config import Settings
     from cluster.door import DoorServer
+    from cluster.errors import DiscoveryError
     from cluster.node import Cluster
     from cluster.server import make_door
 
-    settings = Settings.load(args=[])
-    node = Cluster(settings, register=False).start()
+    listener = _private_listener(worker)
+    worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
+    host, port = listener.getsockname()[:2]
+    settings = _worker_settings(port, host)
+    node = Cluster(settings, register=bool(settings.service))
+    if node.registrar is not None:
+        try:  # registered before serving, so a HUP's new worker is known when it serves
+            node.registrar.beat()
+        except DiscoveryError as exc:
+            worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s", exc)
+    node.start(wait=settings.connect_timeout)
+    if node.registrar is not None and node.registrar.beats:
+        # Let every peer read this record before handing out cookies that name it
+        # (see cluster.workers.settle); connections wait in the listen backlogs.
+        gevent.sleep(node.watcher.refresh_interval + 0.1)
+    worker.wsgi = _Recycling(worker.wsgi, worker)
     door = make_door(node, settings, worker.wsgi, observe.from_settings(settings))
     worker.cluster_door = door
     worker.server_class = functools.partial(DoorServer, door=door)
-    worker.log.info("cluster: worker %s balancing %s as %s", worker.pid, settings.service,
+    gevent.spawn(_watch, worker, node)
+    worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,
                     node.self_url)
 
 
+class _Recycling:
+    """The wrapped app, counting requests to honour gunicorn's ``max_requests``."""
+
+    def __init__(self, app: Any, worker: Any) -> None:
+        self.app = app
+        self.worker = worker
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        worker = self.worker
+        worker.nr += 1
+        if worker.nr >= worker.max_requests and worker.alive:
+            worker.log.info("Autorestarting worker after current request.")
+            worker.alive = False
+        return self.app(environ, start_response)
+
+
+def _watch(worker: Any, node: Any) -> None:
+    """Deregister as soon as the worker starts stopping, or its arbiter is gone.
+
+    gunicorn's run loop notices either within a second and then drains; the record
+    must go first, so that no new request is sent to a worker that is leaving.
+    """
+    import gevent
+    import gevent.event
+
+    while worker.alive and os.getppid() == worker.ppid:
+        gevent.sleep(WATCH_INTERVAL)
+    if os.getppid() != worker.ppid:
+        worker.log.warning("cluster: arbiter %s is gone; worker %s stops", worker.ppid,
+                           worker.pid)
+        worker.alive = False
+    if node.registrar is not None:
+        node.registrar.stop()
+    # gunicorn's drain waits for every connection of its pools; idle keep-alive ones
+    # would hold it to --graceful-timeout
+    from cluster.workers import close_idle_connections
+
+    close_idle_connections(worker.cluster_door, gevent.event.Event())
+
+
 def worker_exit(server: Any, worker: Any) -> None:
+    """In the worker process (and in the arbiter for a worker that vanished, where
+    there is nothing to close): close the door and the member, which deregisters if
+    ``_watch`` has not yet."""
     door = getattr(worker, "cluster_door", None)
     if door is not None:
         door.close()
+        registrar = door.node.registrar
+        if registrar is not None:
+            # _watch may have begun deregistering and been cut short by gunicorn's own
+            # exit on a dead arbiter (sys.exit in notify): remove the record here too.
+            from cluster.errors import DiscoveryError
+
+            try:
+                registrar.store.remove(registrar.record["serviceName"],
+                                       registrar.record["endpoint"])
+            except DiscoveryError as exc:
+                worker.log.warning("cluster: could not deregister (it expires): %s", exc)
         door.node.close()

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from cluster.config import Settings
 from cluster.discovery import DiscoveryStore, open_store
+from cluster.errors import DiscoveryError
 from cluster.records import Endpoint, endpoint_hash
 from cluster.registry import EndpointTable, Registrar, Watcher
 
@@ -52,12 +53,25 @@ class Cluster:
         )
         s = self.settings
         self.store: DiscoveryStore = open_store(s.discovery_url, timeout=s.connect_timeout)
-        self.self_url = s.own_endpoint_url
+        registering = register and bool(s.service)
+        #: how self_url was chosen, for the start-up log; raises ConfigError for a
+        #: loopback endpoint with a remote store when this instance registers
+        self.endpoint_choice = s.endpoint_choice(strict=registering)
+        self.self_url = self.endpoint_choice.url
         self.self_hash = endpoint_hash(self.self_url)
+        # With a cluster secret, read only the records of the services this instance
+        # routes to (plus every balancer's; endpoints() of another service adds it).
+        # Without one, hop markers are checked by peer address, which needs every
+        # member's record.
+        services = None
+        if s.secret:
+            services = frozenset(x for x in (s.service, s.own_ui_service, *s.public_services)
+                                 if x) or None
         self.watcher = Watcher(
             self.store,
             grace=s.expiry_grace,
             refresh_interval=max(0.1, min(s.ping_interval / 2, 5.0)),
+            services=services,
         )
         self.registrar: Registrar | None = None
         if register and s.service:
@@ -120,7 +134,17 @@ class Cluster:
         return self.watcher.table
 
     def endpoints(self, service: str) -> tuple[Endpoint, ...]:
-        return self.table.by_service.get(service, ())
+        """Live endpoints of ``service`` (its records are read from now on)."""
+        found = self.table.by_service.get(service)
+        if found is None and self._started:
+            services = self.watcher.services
+            if services is not None and service not in services:
+                try:
+                    self.watcher.want(service)
+                except DiscoveryError as exc:
+                    log.warning("could not read the endpoints of %s: %s", service, exc)
+                found = self.table.by_service.get(service)
+        return found or ()
 
     # --- passive health -----------------------------------------------------------
 
@@ -137,8 +161,12 @@ class Cluster:
         now = time.monotonic()
         table = self.table
         listed = table.by_hash.get(endpoint.hash)
+        # The store's clock now, estimated from its last read: a heartbeat stamped later
+        # than this was written after the failure, by an instance that is back.
+        read_at = self.watcher.read_at
+        store_now = table.now + dt.timedelta(seconds=max(0.0, now - read_at) if read_at else 0.0)
         seen = max(endpoint.timestamp, listed.timestamp if listed else endpoint.timestamp,
-                   table.now)
+                   store_now)
         with self._lock:
             current = self._ejections.get(endpoint.hash)
             if current is not None and current.until > now:
@@ -174,10 +202,11 @@ class Cluster:
         An ejection ends when it times out, when the endpoint's record shows a
         heartbeat newer than the ejection (a restarted instance registers at once),
         or when the endpoint leaves the table (should it come back, that is a new
-        registration). A known weak spot: ``seen`` is the store's clock at the last
-        table refresh, so a heartbeat that landed between that refresh and the
-        failure can readmit an endpoint once, early; that costs one refused connect,
-        retried elsewhere, and the next ejection lasts twice as long.
+        registration). ``seen`` estimates the store's clock at the ejection from its
+        last read plus the time since; a slow read makes it an underestimate, so a
+        heartbeat that landed during that read can still readmit an endpoint early,
+        once: that costs one refused connect, retried elsewhere, and the next
+        ejection lasts twice as long.
         """
         if not self._ejections:
             return _NONE_EJECTED

@@ -16,12 +16,13 @@ import logging
 import random
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
-from cluster.discovery.base import DiscoveryStore
+from cluster.discovery.base import Change, DiscoveryStore, Membership, wanted
 from cluster.errors import DiscoveryError
 from cluster.records import (
     BALANCER_IGNORED,
@@ -252,6 +253,8 @@ class Registrar(_Loop):
         self.beats = 0
         self._registered = False
         self._stopped = False
+        self._beat_failed = False
+        self._last_beat = 0.0
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -266,7 +269,15 @@ class Registrar(_Loop):
                 self.store.remove(self.record["serviceName"], self.record["endpoint"])
                 self._registered = False
             return
-        self.store.heartbeat(self.record)
+        # Announce a join (membership log) when the record may have been missing or
+        # expired for the others: the first beat, and the first after a failure or a gap.
+        now = time.monotonic()
+        rejoin = (not self._registered or self._beat_failed
+                  or now - self._last_beat > 1.5 * self.ping_interval)
+        self._beat_failed = True
+        self.store.heartbeat(self.record, announce=rejoin)
+        self._beat_failed = False
+        self._last_beat = now
         if not self._registered:
             log.info("registered %s at %s in %s", self.record["serviceName"],
                      self.record["endpoint"], self.store.description)
@@ -303,29 +314,86 @@ class Registrar(_Loop):
                         self.record["endpoint"], exc)
 
 
+#: a watcher further behind the membership log than this reads the records instead
+MAX_LOG_STEP = 32
+#: the slow full read that catches anything the log missed (the reaper already turns
+#: expiries and other writers' joins into entries, so this is only a backstop): every
+#: this many seconds and 0.5 s more per known record, so that N watchers' resyncs cost
+#: O(N) store work, not O(N²) (1,000 records: every 9 minutes or so)
+RESYNC_SECONDS = 60.0
+RESYNC_PER_RECORD = 0.5
+
+
+@dataclass
+class WatchStats:
+    """What a watcher asked of the store (for benchmarks and tests)."""
+
+    refreshes: int = 0
+    full_reads: int = 0
+    log_reads: int = 0
+    scans: int = 0
+    announced: int = 0
+
+
 class Watcher(_Loop):
-    """Keeps :attr:`table` current; on a store outage keeps the last known table."""
+    """Keeps :attr:`table` current; on a store outage keeps the last known table.
+
+    With a store that keeps a membership log (``store.changelog``) a refresh reads one
+    small document, plus the log entries since the last refresh when membership changed:
+    O(changes), not O(records). The records themselves are read on the first refresh,
+    when the log cannot be followed, after a store outage, and every
+    :data:`RESYNC_SECONDS` (more with many records). One watcher in the cluster holds the
+    *reaper* lease: it also reads every record on each refresh and announces in the log
+    what no registrar announces: expiries, and the joins of other writers (Meteor).
+    Other stores are read whole on every refresh.
+    """
 
     name = "cluster-watcher"
 
-    def __init__(self, store: DiscoveryStore, grace: float, refresh_interval: float) -> None:
+    def __init__(self, store: DiscoveryStore, grace: float, refresh_interval: float,
+                 services: frozenset[str] | None = None, reap: bool = True,
+                 member_id: str | None = None) -> None:
         super().__init__()
         self.store = store
         self.grace = grace
         self.refresh_interval = refresh_interval
+        #: services whose records this watcher reads (plus every balancer); None: all
+        self.services = services
+        self.reap = reap
+        self.member_id = member_id or f"{uuid.uuid4().hex[:12]}"
         self.table = EndpointTable()
         self.outage = _OutageLog("reading the records", store)
         self.refreshed = threading.Event()
         #: time.time() of the last successful read (0.0: none yet); metrics show its age
         self.refreshed_at = 0.0
+        self.read_at = 0.0
+        self.stats = WatchStats()
+        self.reaping = False
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
+        self._lock = threading.RLock()
+        self._known: dict[str, Endpoint] = {}
+        self._epoch: int | None = None  # None: the records must be read
+        self._next_resync = 0.0
+        self._lease_seen: tuple[Membership, float] = (Membership(), time.monotonic())
+        self._steady_since = time.monotonic()
 
     def __repr__(self) -> str:
-        return f"<Watcher {self.table!r}{' [store failing]' if self.outage.failing else ''}>"
+        role = " [reaper]" if self.reaping else ""
+        return (f"<Watcher {self.table!r}{role}"
+                f"{' [store failing]' if self.outage.failing else ''}>")
+
+    def want(self, service: str) -> None:
+        """Also read ``service``'s records from now on (read them at once)."""
+        with self._lock:
+            if self.services is None or service in self.services:
+                return
+            self.services = self.services | {service}
+            self._epoch = None
+        self.refresh()
 
     def refresh(self) -> EndpointTable:
-        """Read the store once and swap the table; raises DiscoveryError.
+        """Bring the table up to date once; raises DiscoveryError.
 
         Right after a store outage every heartbeat is stale, because nobody could
         write; expiring them all would empty the table just as the store returns. So
@@ -333,24 +401,154 @@ class Watcher(_Loop):
         good table stay while their record exists, giving their heartbeats time to
         land. A record that was deleted (a graceful stop) still goes at once.
         """
-        snapshot = self.store.snapshot()
+        with self._lock:
+            self.stats.refreshes += 1
+            if not self.store.changelog or self.outage.failing:
+                # the first read after an outage is a full one (see _read_records)
+                self._read_records()
+            else:
+                self._follow_log()
+            self.refreshed_at = time.time()
+            self.refreshed.set()
+            return self.table
+
+    # --- reading -------------------------------------------------------------------
+
+    def _read_records(self, epoch: int | None = None, every: bool = False) -> list[Endpoint]:
+        """Read the records (of our services, or ``every`` one) and rebuild the table."""
+        snapshot = self.store.snapshot(None if every else self.services)
+        self.read_at = time.monotonic()
+        self.stats.full_reads += 1
         if self.outage.failing:
             # The first good read after an outage. The shelter starts now, not before
             # the read: a read can block for the store's whole timeout while it comes
             # back, and a window opened before it would be over when it returns.
             longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
             self._shelter_until = time.monotonic() + longest + self.grace
+            self._steady_since = time.monotonic()
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
         self._warn_once(problems)
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
+        self._known = dict(table.by_hash)
+        self._swap(table)
+        self._epoch = epoch
+        spread = RESYNC_SECONDS + RESYNC_PER_RECORD * len(self._known)
+        self._next_resync = time.monotonic() + spread * random.uniform(0.8, 1.2)
+        return endpoints
+
+    def _follow_log(self) -> None:
+        membership = self.store.membership()
+        if self.reap:
+            self._reaper_duty(membership)
+        epoch = membership.epoch
+        sheltering = time.monotonic() < self._shelter_until
+        if self.reaping:
+            self._reap(membership)
+        elif (self._epoch is None or sheltering or epoch < self._epoch
+              or epoch - self._epoch > MAX_LOG_STEP or time.monotonic() >= self._next_resync):
+            self._read_records(epoch)
+        elif epoch > self._epoch:
+            changes = self.store.changes(self._epoch + 1, epoch)
+            self.stats.log_reads += 1
+            if changes is None:  # pruned, or not written yet: read the records
+                self._read_records(epoch)
+            else:
+                self._apply(changes, membership.renewed)
+                self._epoch = epoch
+
+    def _apply(self, changes: Iterable[Change], now: dt.datetime | None) -> None:
+        known = dict(self._known)
+        for change in changes:
+            doc = change.document
+            if change.kind == "leave":
+                for key in [k for k, e in known.items()
+                            if (e.service, e.url) == (change.service, change.endpoint.rstrip("/"))]:
+                    del known[key]
+            elif doc is not None and wanted(doc, self.services):
+                # the same strict check as a full read (records.check_record)
+                parsed, problems = parse_documents([doc], now)
+                fresh = [p for p in problems if p not in self._warned]
+                self._warned.update(fresh)
+                self._report(fresh)
+                for endpoint in parsed:
+                    known[endpoint.hash] = endpoint
+        self._known = known
+        self._publish(now or self.table.now)
+
+    def _publish(self, now: dt.datetime) -> None:
+        """Make a table of the known endpoints: the log (and the reaper) said they live."""
+        self.read_at = time.monotonic()  # ``now`` is the store's clock as of the log read
+        self._swap(EndpointTable.build(now, self._known.values(), self.grace,
+                                       frozenset(self._known)))
+
+    def _swap(self, table: EndpointTable) -> None:
         self._log_changes(self.table, table)
         self.table = table
-        self.refreshed_at = time.time()
-        self.refreshed.set()
-        return table
+
+    # --- the reaper ------------------------------------------------------------------
+
+    def _reaper_duty(self, seen: Membership) -> None:
+        """Hold, renew or take over the reaper lease (taken when its holder stops renewing)."""
+        if self.reaping:
+            if not self.store.renew_reaper(self.member_id):
+                log.info("no longer the reaper of %s", self.store.description)
+                self.reaping = False
+                self._epoch = None
+            return
+        now = time.monotonic()
+        previous, since = self._lease_seen
+        if (seen.reaper, seen.renewed) != (previous.reaper, previous.renewed):
+            self._lease_seen = (seen, now)
+            if seen.reaper is not None:
+                return
+        # renewed at every refresh of its holder: three refreshes without one, it is gone
+        lapsed = now - since > max(3 * self.refresh_interval, 1.0)
+        if (seen.reaper is None or lapsed) and self.store.claim_reaper(self.member_id, seen):
+            log.info("reaping for %s: this instance reads every record once per refresh "
+                     "and announces expiries and other writers' joins",
+                     self.store.description)
+            self.reaping = True
+
+    def _reap(self, membership: Membership) -> None:
+        """Read every record; announce the joins and leaves nobody announced."""
+        self.stats.scans += 1
+        scope = self.services  # what self._known covers (a new reaper's own services)
+        epoch = self._epoch
+        fresh = epoch is None  # nothing known to compare with: announce no joins
+        self.services = None
+        if epoch is not None and membership.epoch > epoch:
+            self._apply(self.store.changes(epoch + 1, membership.epoch) or [],
+                        membership.renewed)
+        before = self._known
+        endpoints = self._read_records(membership.epoch, every=True)
+        now = self.table.now
+        present = {e.hash for e in endpoints}
+        # Expire only after reading well for a ping interval plus grace: after an outage
+        # nobody could heartbeat, and their records need time to come back.
+        longest = max((e.ping_interval for e in endpoints), default=0.0)
+        steady = time.monotonic() - self._steady_since >= longest + self.grace
+        for key, endpoint in self.table.by_hash.items():
+            in_scope = scope is None or endpoint.service in scope or bool(endpoint.balancer)
+            if key not in before and not fresh and in_scope:
+                self._announce("join", endpoint.service, endpoint.url,
+                               _record_of(endpoint))
+        for key, endpoint in before.items():
+            if key in self.table.by_hash:
+                continue
+            if key not in present or steady:
+                self._announce("leave", endpoint.service, endpoint.url)
+            else:  # stale but not yet announced: keep it until we are steady
+                self._known[key] = endpoint
+        if len(self._known) != len(self.table.by_hash):
+            self._publish(now)
+
+    def _announce(self, kind: str, service: str, url: str,
+                  document: Mapping[str, Any] | None = None) -> None:
+        self.store.announce(kind, service, url, document)
+        self.stats.announced += 1
 
     def _warn_once(self, problems: list[tuple[str, str]]) -> None:
         """One warning per bad record, not one per refresh.
@@ -359,12 +557,16 @@ class Watcher(_Loop):
         cannot grow without bound under a writer that keeps adding new bad records.
         """
         current = set(problems)
-        for identity, problem in sorted(current - self._warned):
+        self._report(sorted(current - self._warned))
+        self._warned = current
+
+    @staticmethod
+    def _report(problems: Iterable[tuple[str, str]]) -> None:
+        for identity, problem in problems:
             if problem.endswith(BALANCER_IGNORED):
                 log.warning("malformed balancer in discovery record %s: %s", identity, problem)
             else:
                 log.warning("skipping malformed discovery record %s: %s", identity, problem)
-        self._warned = current
 
     @staticmethod
     def _log_changes(old: EndpointTable, new: EndpointTable) -> None:
@@ -385,3 +587,11 @@ class Watcher(_Loop):
             else:
                 self.outage.succeeded()
             self._stopping.wait(self.refresh_interval)
+
+
+def _record_of(endpoint: Endpoint) -> dict[str, Any]:
+    """The meteorhacks-shaped record of an endpoint, for a join announced by the reaper."""
+    record = make_record(endpoint.service, endpoint.url, endpoint.balancer,
+                         endpoint.ping_interval)
+    record["timestamp"] = endpoint.timestamp
+    return record

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
+from gevent.pool import Pool
 from gevent.server import _tcp_listener
 
 from cluster import observe
@@ -31,7 +32,16 @@ from cluster.errors import ConfigError
 from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
-from cluster.workers import PARENT_PID_ENV, SHARED_FD_ENV, run_workers, watch_parent
+from cluster.workers import (
+    PARENT_PID_ENV,
+    SHARED_FD_ENV,
+    close_idle_connections,
+    handle_sighup,
+    notify_ready,
+    run_workers,
+    settle,
+    watch_parent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +56,28 @@ def configure_logging(level: str) -> None:
     )
 
 
-def load_app(spec: str) -> WSGIApp:
+def import_path(chdir: str | None = None, pythonpath: tuple[str, ...] = ()) -> None:
+    """Make ``--app`` importable as under gunicorn: ``--chdir`` first, then the current
+    folder and ``--pythonpath`` in front of ``sys.path``.
+
+    The ``cluster`` console script's ``sys.path[0]`` is its own bin folder, not the
+    folder it was started from, so without this ``--app mod:app`` next to ``mod.py``
+    would not import.
+    """
+    if chdir:
+        os.chdir(chdir)
+    for folder in [*reversed(pythonpath), os.getcwd()]:
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+
+
+def load_app(spec: str, settings: Settings | None = None) -> WSGIApp:
     """Import ``module:callable``; raises ConfigError naming --app."""
+    if settings is not None:
+        import_path(settings.chdir, settings.pythonpath)
+    else:
+        import_path()
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -114,6 +144,10 @@ def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
 
 
 def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
+    # A pool, unbounded, only so that stop() can wait for the requests in flight (the
+    # drain of a SIGTERM or of a SIGHUP reload): without one gevent does not track the
+    # handlers and the process exits under them.
+    kwargs.setdefault("spawn", Pool(None))
     return DoorServer(listener, door.local_app, door=door, log=None,
                       error_log=logging.getLogger("cluster.server"), **kwargs)
 
@@ -168,12 +202,15 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     ``--log-level debug``), see :func:`cluster.observe.from_settings`.
     """
     if local_app is None and settings.app:
-        local_app = load_app(settings.app)
+        local_app = load_app(settings.app, settings)
     if local_app is not None and not settings.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     raise_descriptor_limit()
     listener, settings = listen(settings)
     if settings.workers_count > 1:
+        # Refuse a loopback endpoint with a remote store here, once, rather than in
+        # every worker (which the supervisor would restart forever).
+        settings.endpoint_choice(strict=local_app is not None)
         write_port_file(settings)  # the shared public port: it queues until workers accept
         return run_workers(settings, listener)
     shared = _inherited_listener()
@@ -193,6 +230,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
     parent = os.environ.pop(PARENT_PID_ENV, None)
+    handle_sighup(worker=parent is not None)
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
     node.start()
@@ -201,14 +239,17 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     # per-request garbage stop rescanning it (fewer and shorter pauses, lower p99).
     gc.collect()
     gc.freeze()
-    for server in servers:
-        server.start()
+    servers[0].start()
+    if shared is not None:
+        settle(node)  # peers must know this worker before it hands out cookies naming it
+        servers[1].start()
     tidy = gevent.spawn(_tidy_pools, door, stopping)
     write_port_file(settings)
-    log.info("serving %s on http://%s%s (endpoint %s, discovery %s)",
+    log.info("serving %s on http://%s%s (endpoint %s: %s; discovery %s)",
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
-             node.store.description)
+             node.endpoint_choice.reason, node.store.description)
+    notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:
@@ -218,8 +259,12 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     closed = door.going_away()
     if closed:
         log.info("closed %d WebSockets with 1001 (going away)", closed)
+    drained = gevent.event.Event()
+    idle_closer = gevent.spawn(close_idle_connections, door, drained)
     for server in servers:
         server.stop(timeout=DRAIN_SECONDS)
+    drained.set()
+    idle_closer.join(1)
     tidy.kill()
     door.close()
     node.close()

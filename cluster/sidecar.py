@@ -2,11 +2,17 @@
 
 So a Node, Go or Meteor backend joins the cluster without a line of Python: the
 record lives while the program answers its health check, and goes on SIGTERM.
+
+Started by another program with ``_CLUSTER_PARENT_PID`` in its environment, it also
+stops (and removes the record) when that parent is gone, however it died, so no
+sidecar keeps announcing an endpoint nobody serves. Store failures are one warning
+per outage (see :class:`~cluster.registry.Registrar`), never a traceback per beat.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import gevent
@@ -17,6 +23,7 @@ from cluster.config import Settings
 from cluster.discovery import open_store
 from cluster.errors import ConfigError
 from cluster.registry import Registrar
+from cluster.workers import PARENT_PID_ENV, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,9 @@ def register(settings: Settings, health_url: str | None = None) -> int:
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent and parent.isdigit():
+        gevent.spawn(watch_parent, int(parent), stopping)
     registrar.start()
     log.info("keeping %s %s registered in %s", settings.service, settings.endpoint_url,
              store.description)

@@ -7,7 +7,16 @@ port is routed like any other (sticky cookie, ``/cluster-ddp/<hash>/``), so a se
 stays in the one process that holds its state - a shared socket alone would scatter
 a SockJS session over the workers. This mirrors meteorhacks:cluster's workers.
 
-The parent registers nothing; if it is killed, the children notice and stop.
+Supervision policy:
+
+- A worker that dies is restarted after a delay that doubles with each death in a row
+  (0.5 s, 1 s, 2 s ... up to 30 s), one log line per step, so a crash-looping worker
+  (a bad deploy, a missing file) neither burns a core nor floods the log. A worker
+  that stayed up for :data:`STABLE_SECONDS` starts again from the shortest delay.
+- SIGHUP replaces the workers one by one: a new worker is started (loading the code
+  anew), and only once it listens and is registered is the old one sent SIGTERM, on
+  which it deregisters and drains. If the new one does not come up, the old one stays.
+- The parent registers nothing; if it is killed, the children notice and stop.
 
 Metrics: the parent points every worker at one ``PROMETHEUS_MULTIPROC_DIR`` (a temp
 directory it creates and removes, unless one is set already), so any worker's
@@ -24,20 +33,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
+import gevent.select
 
 from cluster.config import Settings, to_environment
+from cluster.conn import IDLE
+
+if TYPE_CHECKING:
+    from cluster.door import Door
+    from cluster.node import Cluster
 
 log = logging.getLogger(__name__)
 
 #: environment handed to a worker: the inherited public socket and its parent
 SHARED_FD_ENV = "_CLUSTER_SHARED_FD"
 PARENT_PID_ENV = "_CLUSTER_PARENT_PID"
+#: write end of a pipe on which a worker started by a reload says it is ready
+READY_FD_ENV = "_CLUSTER_READY_FD"
 
-RESTART_DELAY = 1.0
+#: first restart delay; it doubles with each death in a row, up to MAX_RESTART_DELAY
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+#: a worker up this long is healthy again: its next restart delay is the first one
+STABLE_SECONDS = 10.0
+#: how long a reload waits for a new worker to listen and register
+READY_TIMEOUT = 60.0
+#: how long stopping waits for the workers' drain before SIGKILL
+STOP_TIMEOUT = 20.0
+
+
+def restart_delay(failures: int) -> float:
+    """The delay before restarting a worker that died ``failures`` times in a row."""
+    return min(MAX_RESTART_DELAY, RESTART_DELAY * 2.0 ** max(0, failures - 1))
+
 
 #: prometheus_client's multi-process directory (read when a worker imports it)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -59,72 +91,249 @@ def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     return env
 
 
-def run_workers(settings: Settings, listener: Any) -> int:
-    """Supervise the workers until SIGTERM/SIGINT; returns the exit status."""
-    fd = listener.fileno()
-    os.set_inheritable(fd, True)
-    env = worker_environment(settings, fd)
-    metrics_dir = env.get(MULTIPROC_ENV)
-    own_metrics_dir = not metrics_dir
-    if own_metrics_dir:
-        metrics_dir = env[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cluster-metrics-")
-    try:
-        return _supervise(settings, listener, env, fd, str(metrics_dir))
-    finally:
-        if own_metrics_dir:
-            shutil.rmtree(str(metrics_dir), ignore_errors=True)
+@dataclass
+class _Slot:
+    """One worker position: its process, when it started, its deaths in a row."""
+
+    index: int
+    child: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
 
 
-def _forget_worker(pid: int, metrics_dir: str) -> None:
-    """Drop a dead worker's live gauges (open connections, WebSockets) from the sums."""
-    from prometheus_client import multiprocess
+class Supervisor:
+    """Starts, restarts (with back-off) and reloads the workers of one public socket."""
 
-    try:
-        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-    except OSError as exc:
-        log.debug("could not drop the metrics of worker pid %d: %s", pid, exc)
+    def __init__(self, settings: Settings, listener: Any, metrics_dir: str | None = None
+                 ) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.fd = listener.fileno()
+        os.set_inheritable(self.fd, True)
+        self.env = worker_environment(settings, self.fd)
+        self.metrics_dir = metrics_dir or self.env.get(MULTIPROC_ENV)
+        if self.metrics_dir:
+            self.env[MULTIPROC_ENV] = self.metrics_dir
+        self.argv = [sys.executable, "-m", "cluster", "serve"]
+        self.slots = [_Slot(i) for i in range(settings.workers_count)]
+        #: old workers told to stop by a reload, draining; reaped, never restarted
+        self.retiring: list[subprocess.Popen[bytes]] = []
+        self.stopping = gevent.event.Event()
+        self.reload_wanted = gevent.event.Event()
+
+    def __repr__(self) -> str:
+        alive = sum(1 for s in self.slots if s.child is not None and s.child.poll() is None)
+        return (f"<Supervisor [{alive}/{len(self.slots)} workers | "
+                f"{len(self.retiring)} retiring]>")
+
+    def _start(self, ready_fd: int | None = None) -> subprocess.Popen[bytes]:
+        env = self.env
+        fds: tuple[int, ...] = (self.fd,)
+        if ready_fd is not None:
+            env = dict(env, **{READY_FD_ENV: str(ready_fd)})
+            fds = (self.fd, ready_fd)
+        return subprocess.Popen(self.argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL)
+
+    def spawn(self, slot: _Slot) -> None:
+        slot.child = self._start()
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        log.info("worker %d started (pid %d)", slot.index, slot.child.pid)
+
+    def check(self, slot: _Slot, now: float) -> None:
+        """Notice a dead worker and schedule its restart; restart it when due."""
+        child = slot.child
+        if child is not None and child.poll() is not None:
+            uptime = now - slot.started
+            if uptime >= STABLE_SECONDS:
+                slot.failures = 0
+            slot.failures += 1
+            delay = restart_delay(slot.failures)
+            slot.child, slot.restart_at = None, now + delay
+            self.forget(child.pid)
+            log.warning("worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs%s",
+                        slot.index, child.pid, child.returncode, uptime, delay,
+                        f" (died {slot.failures} times in a row)" if slot.failures > 1 else "")
+        if slot.child is None and slot.restart_at is not None and now >= slot.restart_at:
+            self.spawn(slot)
+
+    def forget(self, pid: int) -> None:
+        """Drop a dead worker's live gauges (open connections, WebSockets) from the sums."""
+        if not self.metrics_dir:
+            return
+        from prometheus_client import multiprocess
+
+        try:
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            log.debug("could not drop the metrics of worker pid %d: %s", pid, exc)
+
+    def reload(self) -> None:
+        """Replace each worker by a new one, one at a time, with no request lost."""
+        log.info("reloading %d workers one by one", len(self.slots))
+        for slot in self.slots:
+            if self.stopping.is_set():
+                return
+            read_fd, write_fd = os.pipe()
+            try:
+                new = self._start(write_fd)
+            finally:
+                os.close(write_fd)
+            try:
+                ready = self._wait_ready(new, read_fd)
+            finally:
+                os.close(read_fd)
+            if ready is None:
+                log.error("reload: the new worker (pid %d) did not come up; keeping worker %d "
+                          "and stopping the reload", new.pid, slot.index)
+                _terminate([new], timeout=5.0)
+                return
+            old, slot.child, slot.started, slot.failures = slot.child, new, time.monotonic(), 0
+            slot.restart_at = None
+            log.info("reload: worker %d is now pid %d (%s)", slot.index, new.pid, ready)
+            if old is not None and old.poll() is None:
+                old.send_signal(signal.SIGTERM)  # it deregisters, then drains
+                self.retiring.append(old)
+        log.info("reload done")
+
+    def _wait_ready(self, child: subprocess.Popen[bytes], read_fd: int) -> str | None:
+        """The new worker's ready line, or None if it died or took too long."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        data = b""
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if child.poll() is not None:
+                return None
+            readable, _, _ = gevent.select.select([read_fd], [], [], 0.2)
+            if readable:
+                chunk = os.read(read_fd, 512)
+                if not chunk:
+                    return None
+                data += chunk
+                if b"\n" in data:
+                    return data.decode(errors="replace").strip()
+        return None
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT; returns the exit status."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self.stopping.set)
+        gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
+        for slot in self.slots:
+            self.spawn(slot)
+        log.info("%d workers share http://%s (SIGHUP reloads them one by one)",
+                 len(self.slots), self.settings.bind)
+        while not self.stopping.wait(0.2):
+            if self.reload_wanted.is_set():
+                self.reload_wanted.clear()
+                self.reload()
+            now = time.monotonic()
+            for slot in self.slots:
+                self.check(slot, now)
+            for gone in [c for c in self.retiring if c.poll() is not None]:
+                self.forget(gone.pid)
+                self.retiring.remove(gone)
+        log.info("stopping %d workers", len(self.slots))
+        children = [s.child for s in self.slots if s.child is not None] + self.retiring
+        _terminate(children, timeout=STOP_TIMEOUT)
+        self.listener.close()
+        return 0
 
 
-def _supervise(settings: Settings, listener: Any, env: dict[str, str], fd: int,
-               metrics_dir: str) -> int:
-    argv = [sys.executable, "-m", "cluster", "serve"]
-    stopping = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
-    children: list[subprocess.Popen[bytes] | None] = [None] * settings.workers_count
-
-    def spawn(slot: int) -> None:
-        children[slot] = subprocess.Popen(argv, env=env, pass_fds=(fd,),
-                                          stdin=subprocess.DEVNULL)
-        log.info("worker %d started (pid %d)", slot, children[slot].pid)  # type: ignore[union-attr]
-
-    for slot in range(settings.workers_count):
-        spawn(slot)
-    log.info("%d workers share http://%s", settings.workers_count, settings.bind)
-    while not stopping.wait(0.5):
-        for slot, child in enumerate(children):
-            if child is not None and child.poll() is not None:
-                log.warning("worker %d (pid %d) exited with %s; restarting", slot, child.pid,
-                            child.returncode)
-                _forget_worker(child.pid, metrics_dir)
-                stopping.wait(RESTART_DELAY)
-                if not stopping.is_set():
-                    spawn(slot)
-    log.info("stopping %d workers", len(children))
+def _terminate(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM each, wait up to ``timeout`` in all, then SIGKILL what is left."""
     for child in children:
-        if child is not None and child.poll() is None:
+        if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout
     for child in children:
-        if child is None:
-            continue
         try:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait(5)
-    listener.close()
-    return 0
+
+
+def run_workers(settings: Settings, listener: Any) -> int:
+    """Supervise the workers until SIGTERM/SIGINT; returns the exit status."""
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    own_metrics_dir = None if metrics_dir else tempfile.mkdtemp(prefix="cluster-metrics-")
+    try:
+        return Supervisor(settings, listener, metrics_dir or own_metrics_dir).run()
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def settle(node: Cluster, timeout: float = 10.0) -> None:
+    """Wait until this worker is registered and every peer has refreshed its table once.
+
+    A worker that served the shared port at once would hand out sticky cookies naming
+    itself before the other workers' tables had its record; a peer would then treat
+    such a cookie as unknown and serve the request itself ("Invalid session" for a
+    Socket.IO poll). One refresh interval after the first heartbeat, every live peer
+    has read the record. Without a store it gives up after ``timeout``.
+    """
+    registrar = node.registrar
+    deadline = time.monotonic() + timeout
+    while registrar is not None and registrar.beats == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    if registrar is not None and registrar.beats:
+        gevent.sleep(node.watcher.refresh_interval + 0.1)
+
+
+def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
+    """In a worker started by a reload: tell the parent it listens and is registered.
+
+    Waits (up to ``timeout``) for the first heartbeat to land, so that the old worker
+    is only stopped once this one can be found; without a store it says ready anyway:
+    it serves the shared port all the same.
+    """
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    registrar = node.registrar
+    deadline = time.monotonic() + timeout
+    while registrar is not None and registrar.beats == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    try:
+        os.write(int(fd), f"ready {node.self_url}\n".encode())
+    except OSError as exc:  # the parent gave up waiting: it stops this worker itself
+        log.debug("could not report readiness: %s", exc)
+    finally:
+        os.close(int(fd))
+
+
+def close_idle_connections(door: Door, done: gevent.event.Event,
+                           interval: float = 0.1) -> None:
+    """While draining, close keep-alive connections waiting for their next request.
+
+    nginx does the same on a graceful stop: the drain then lasts as long as the
+    requests in flight, not as long as idle clients (a peer's pooled connections, a
+    browser's keep-alive) keep their sockets open. A client whose idle connection is
+    closed opens a new one, which reaches a process that still accepts.
+    """
+    while True:
+        for conn in list(door.sweeper.conns):
+            if conn.phase == IDLE and not conn.buf:
+                conn.close()
+        if done.wait(interval):
+            return
+
+
+def handle_sighup(worker: bool) -> None:
+    """SIGHUP in a process that is not a supervisor: never die of it.
+
+    A worker leaves reloading to its parent (a HUP sent to the whole process group, as
+    a closing terminal does, must not kill the workers under the reload). A single
+    process cannot start its own replacement: it says so and keeps serving.
+    """
+    if worker:
+        gevent.signal_handler(signal.SIGHUP, lambda: None)
+        return
+    gevent.signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: reloading without a failed request needs --workers-count 2 or "
+        "more (a supervisor starts the new code before stopping the old)"))
 
 
 def watch_parent(parent_pid: int, stopping: gevent.event.Event) -> None:

@@ -130,3 +130,56 @@ def test_readme_settings_table_is_generated_from_the_settings_table():
     begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
     section = readme[readme.index(begin) + len(begin):readme.index(end)]
     assert section == config.settings_markdown()
+
+
+# --- the endpoint an instance registers, across hosts ---------------------------------
+
+
+def test_wildcard_bind_with_a_remote_store_registers_the_route_address():
+    # connect() on a UDP socket sends nothing: this only asks the kernel for the route.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 27017))
+        expected = probe.getsockname()[0]
+    choice = Settings(bind="0.0.0.0:4000",
+                      discovery_url="mongodb://user:pw@192.0.2.1:27017,192.0.2.9/db").endpoint_choice()
+    assert choice.url == f"http://{expected}:4000"
+    assert "192.0.2.1" in choice.reason
+
+
+@pytest.mark.parametrize("url", [
+    None, "sqlite:///tmp/x.sqlite3", "mongodb://127.0.0.1:27017/db",
+    "mongodb://localhost/db?replicaSet=rs0", "mongodb://[::1]:27017,10.0.0.1/db",
+])
+def test_a_store_on_this_host_keeps_the_loopback_default(url):
+    assert Settings(bind="0.0.0.0:4000", discovery_url=url).own_endpoint_url == \
+        "http://127.0.0.1:4000"
+    assert Settings(bind="127.0.0.1:4000", discovery_url=url).own_endpoint_url == \
+        "http://127.0.0.1:4000"
+
+
+def test_loopback_endpoint_with_a_remote_store_is_refused_unless_explicit():
+    remote = "mongodb://192.0.2.1:27017/db"
+    with pytest.raises(ConfigError, match=r"--endpoint-url .*loopback.*192\.0\.2\.1"):
+        Settings(bind="127.0.0.1:4000", discovery_url=remote).endpoint_choice()
+    explicit = Settings(bind="127.0.0.1:4000", discovery_url=remote,
+                        endpoint_url="http://127.0.0.1:4000")
+    assert explicit.own_endpoint_url == "http://127.0.0.1:4000"
+    # an observer registers nothing, so it is not refused
+    assert Settings(bind="127.0.0.1:4000", discovery_url=remote).endpoint_choice(
+        strict=False).url == "http://127.0.0.1:4000"
+
+
+def test_cluster_serve_refuses_a_loopback_endpoint_with_a_remote_store_in_one_line():
+    from helpers import cluster_argv
+
+    result = subprocess.run(
+        cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                     "--bind", "127.0.0.1:0", "--discovery-url", "mongodb://192.0.2.1/db"),
+        capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'apps'}"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--endpoint-url" in lines[0] and "loopback" in lines[0], lines

@@ -646,3 +646,17 @@ def test_silent_connections_under_a_low_descriptor_limit_do_not_break_the_instan
         if other is not None:
             stop_clean(other)
         stop_clean(proc)
+
+
+@pytest.mark.parametrize("door", ["local", "front"], indirect=True)
+@pytest.mark.parametrize("ask", [("HTTP/1.1", "close"), ("HTTP/1.0", "")])
+def test_a_connection_that_ends_says_so(door: Door, ask: tuple[str, str]) -> None:
+    """Connection: close (or HTTP/1.0 without keep-alive) gets Connection: close back,
+    from the local app as from a proxied endpoint, and then the connection ends."""
+    version, connection = ask
+    headers = [("Connection", connection)] if connection else []
+    raw = request_bytes(headers=headers, version=version)
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    got = only_response(responses, raw)
+    assert got.status == 200 and closed
+    assert (got.header("connection") or "").lower() == "close", got

@@ -157,3 +157,17 @@ def test_service_client_tries_ejected_endpoints_when_nothing_else_is_left(node):
     assert client._endpoint(frozenset()) in (A, B)
     with pytest.raises(NoEndpoint):
         client._endpoint(frozenset({A.hash, B.hash}))
+
+
+def test_a_heartbeat_from_before_the_failure_does_not_readmit(node):
+    # the table was read at NOW; the failure comes 0.4 s later by the same clock
+    show(node, dataclasses.replace(A, timestamp=NOW - dt.timedelta(seconds=0.5)), B)
+    node.watcher.read_at = node.clock.now
+    node.clock.now += 0.4
+    node.eject(A)
+    before = NOW + dt.timedelta(seconds=0.2)  # landed after the read, before the failure
+    show(node, dataclasses.replace(A, timestamp=before), B, now=before)
+    assert node.ejected() == {A.hash}
+    after = NOW + dt.timedelta(seconds=0.6)  # written after the failure: it is back
+    show(node, dataclasses.replace(A, timestamp=after), B, now=after)
+    assert node.ejected() == frozenset()

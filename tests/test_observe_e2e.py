@@ -208,7 +208,9 @@ def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
     proc = start_runner("gunicorn", sqlite_url, port, tmp_path)  # -w 2, cluster.gunicorn
     try:
         wait_port(port, proc=proc)
-        wait_until(lambda: live_endpoints(base) == [base], timeout=20, what="registration")
+        # each gunicorn worker registers a private endpoint; the shared port is not one
+        wait_until(lambda: len(live_endpoints(base)) == 2 and base not in live_endpoints(base),
+                   timeout=20, what="registration")
         before = metrics(base)
         pids = {requests.get(base + "/whoami", timeout=5).json()["pid"] for _ in range(40)}
         assert len(pids) == 2

@@ -3,6 +3,18 @@
 Stores keep meteorhacks-shaped documents keyed by (serviceName, endpoint) and stamp
 them with their *own* clock; readers judge age against that same clock, so clock skew
 between hosts can neither expire a live endpoint nor keep a dead one.
+
+Reading every record on every refresh makes the store's work grow with the square of the
+cluster (N instances each reading N records). Stores that keep a *membership log*
+(``changelog = True``, see :mod:`cluster.discovery.mongo`) let watchers read one small
+document per refresh instead, and the records themselves only when membership changed:
+
+- ``membership()``: a counter (the epoch) bumped with every join and leave, and the lease
+  of the *reaper*, the one instance that reads every record once per refresh to turn
+  expiries and foreign writers' joins (Meteor instances know no log) into log entries;
+- ``changes(first, last)``: the log entries in that range, each a join (with the record)
+  or a leave;
+- ``announce()``: append an entry; registrars announce their own joins and leaves.
 """
 
 from __future__ import annotations
@@ -15,10 +27,32 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class StoreSnapshot:
-    """All documents of the store, and the store's clock when they were read."""
+    """The documents read from the store, and the store's clock when they were read."""
 
     now: dt.datetime
     documents: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The membership document: its epoch and who reaps (``renewed`` changes with
+    every renewal of the lease; a value that stops changing means the reaper is gone)."""
+
+    epoch: int = 0
+    reaper: str | None = None
+    renewed: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the membership log."""
+
+    seq: int
+    kind: str  # "join" or "leave"
+    service: str
+    endpoint: str
+    #: the record as of the join (meteorhacks shape, with the store's timestamp)
+    document: dict[str, Any] | None = None
 
 
 class DiscoveryStore(abc.ABC):
@@ -26,21 +60,55 @@ class DiscoveryStore(abc.ABC):
 
     #: shown by ``cluster status`` and in logs; never includes credentials
     description: str = ""
+    #: True when membership(), changes(), announce() and the reaper lease work
+    changelog: bool = False
 
     @abc.abstractmethod
-    def heartbeat(self, record: Mapping[str, Any]) -> None:
-        """Upsert ``record`` by (serviceName, endpoint), timestamped by the store."""
+    def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
+        """Upsert ``record`` by (serviceName, endpoint), timestamped by the store.
+
+        With a membership log, a new record (or ``announce``: the record may have
+        expired meanwhile) is announced as a join.
+        """
 
     @abc.abstractmethod
     def remove(self, service: str, endpoint: str) -> None:
-        """Delete the record of (service, endpoint), if any."""
+        """Delete the record of (service, endpoint), if any (announced as a leave)."""
 
     @abc.abstractmethod
-    def snapshot(self) -> StoreSnapshot:
-        """Every record, with the store's current time."""
+    def snapshot(self, services: frozenset[str] | None = None) -> StoreSnapshot:
+        """The records of ``services`` plus every balancer's (all when None), with the
+        store's current time."""
+
+    # --- the membership log (stores with ``changelog = True``) ---------------------
+
+    def membership(self) -> Membership:
+        raise NotImplementedError
+
+    def changes(self, first: int, last: int) -> list[Change] | None:
+        """Entries ``first..last``; None when one is missing (pruned or not written yet)."""
+        raise NotImplementedError
+
+    def announce(self, kind: str, service: str, endpoint: str,
+                 document: Mapping[str, Any] | None = None) -> int:
+        """Append a join or leave; returns its sequence number."""
+        raise NotImplementedError
+
+    def claim_reaper(self, me: str, seen: Membership) -> bool:
+        """Take the reaper lease if it is still as ``seen`` (a lapsed or absent holder)."""
+        raise NotImplementedError
+
+    def renew_reaper(self, me: str) -> bool:
+        """Renew the lease; False when someone else holds it now."""
+        raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store is not used afterwards."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
+
+
+def wanted(doc: Mapping[str, Any], services: frozenset[str] | None) -> bool:
+    """Whether a watcher interested in ``services`` keeps ``doc`` (balancers always)."""
+    return services is None or doc.get("serviceName") in services or bool(doc.get("balancer"))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-from cluster.discovery.base import DiscoveryStore, StoreSnapshot
+from cluster.discovery.base import DiscoveryStore, StoreSnapshot, wanted
 from cluster.errors import DiscoveryError
 
 T = TypeVar("T")
@@ -164,7 +164,7 @@ class EmbeddedStore(DiscoveryStore):
         with self._lock:
             self._drop_connection()
 
-    def heartbeat(self, record: Mapping[str, Any]) -> None:
+    def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
         document = json.dumps(dict(record))
 
         def work(conn: sqlite3.Connection) -> None:
@@ -185,7 +185,9 @@ class EmbeddedStore(DiscoveryStore):
             )
         )
 
-    def snapshot(self) -> StoreSnapshot:
+    def snapshot(self, services: frozenset[str] | None = None) -> StoreSnapshot:
+        # One host's handful of instances: every refresh reads the whole (small) table;
+        # there is no membership log (changelog = False).
         def work(conn: sqlite3.Connection) -> StoreSnapshot:
             rows = conn.execute("SELECT document, timestamp FROM cluster_endpoints").fetchall()
             now = dt.datetime.fromtimestamp(time.time(), dt.timezone.utc)
@@ -195,7 +197,7 @@ class EmbeddedStore(DiscoveryStore):
                     document = json.loads(text)
                 except ValueError:
                     document = {"document": text}  # reported as malformed by the reader
-                if isinstance(document, dict):
+                if isinstance(document, dict) and wanted(document, services):
                     document["timestamp"] = dt.datetime.fromtimestamp(stamp, dt.timezone.utc)
                     documents.append(document)
             return StoreSnapshot(now=now, documents=documents)

@@ -1,7 +1,17 @@
-"""MongoDB discovery store (pymongo), in the meteorhacks:cluster shape.
+"""MongoDB discovery store (pymongo), in the meteorhacks:cluster shape, with a membership log.
 
 pymongo does its I/O on sockets and its monitors on threads, both cooperative once
 gevent has monkey-patched them; entry points patch before importing this module.
+
+Besides ``clusterEndpoints`` (one record per endpoint, the meteorhacks shape) two small
+collections make a refresh cost O(changes) (see :mod:`cluster.discovery.base`):
+``clusterMembership`` holds one document (``_id: "membership"``: the epoch and the reaper
+lease) and ``clusterChanges`` the log, one document per entry (``_id: "c<seq>"``, the last
+:data:`LOG_LENGTH` kept). Every steady-state operation addresses one document by ``_id``:
+the one lookup every MongoDB-protocol server serves from an index (FerretDB's SQLite
+backend pushes down nothing else), so a heartbeat or a refresh costs the same with 10 or
+5,000 records. Our own records get ``_id: "<serviceName>@<endpoint>"`` for that reason;
+records of other writers keep theirs.
 """
 
 from __future__ import annotations
@@ -11,13 +21,23 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import pymongo
-from pymongo.errors import ConfigurationError, PyMongoError
+from pymongo.errors import ConfigurationError, DuplicateKeyError, PyMongoError
 
-from cluster.discovery.base import DiscoveryStore, StoreSnapshot
+from cluster.discovery.base import Change, DiscoveryStore, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
 from cluster.records import COLLECTION
 
 DEFAULT_DATABASE = "cluster"
+MEMBERSHIP = "clusterMembership"
+CHANGES = "clusterChanges"
+MEMBERSHIP_ID = "membership"
+#: log entries kept; a watcher further behind reads the records instead
+LOG_LENGTH = 1000
+
+
+def record_id(service: str, endpoint: str) -> str:
+    """The ``_id`` of our own record of (service, endpoint)."""
+    return f"{service}@{endpoint}"
 
 
 def _redacted(url: str) -> str:
@@ -47,29 +67,48 @@ class MongoStore(DiscoveryStore):
         except (ConfigurationError, ValueError) as exc:
             raise ConfigError("--discovery-url (CLUSTER_DISCOVERY_URL)", str(exc)) from None
         self._collection = database[COLLECTION]
+        self._membership = database[MEMBERSHIP]
+        self._changes = database[CHANGES]
         self.description = f"{_redacted(url)} ({database.name}.{COLLECTION})"
 
-    def heartbeat(self, record: Mapping[str, Any]) -> None:
-        selector = {"serviceName": record["serviceName"], "endpoint": record["endpoint"]}
+    changelog = True
+
+    def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
+        service, endpoint = record["serviceName"], record["endpoint"]
+        key = record_id(service, endpoint)
         try:
-            self._collection.update_one(
-                selector,
+            result = self._collection.update_one(
+                {"_id": key},
                 {"$set": dict(record), "$currentDate": {"timestamp": True}},
                 upsert=True,
             )
+            if result.upserted_id is not None or announce:
+                # A record of this endpoint written before it had an _id of ours (an
+                # older version, a restart) would be a duplicate: drop it once, here.
+                self._collection.delete_many(
+                    {"serviceName": service, "endpoint": endpoint, "_id": {"$ne": key}})
+                written = self._collection.find_one({"_id": key})  # with the store's time
+                self.announce("join", service, endpoint, written or record)
         except PyMongoError as exc:
             raise DiscoveryError(f"heartbeat to {self.description} failed: {exc}") from exc
 
     def remove(self, service: str, endpoint: str) -> None:
         try:
-            self._collection.delete_many({"serviceName": service, "endpoint": endpoint})
+            deleted = self._collection.delete_many(
+                {"serviceName": service, "endpoint": endpoint}).deleted_count
+            if deleted:
+                self.announce("leave", service, endpoint)
         except PyMongoError as exc:
             raise DiscoveryError(f"removal from {self.description} failed: {exc}") from exc
 
-    def snapshot(self) -> StoreSnapshot:
+    def snapshot(self, services: frozenset[str] | None = None) -> StoreSnapshot:
+        query: dict[str, Any] = {}
+        if services is not None:
+            query = {"$or": [{"serviceName": {"$in": sorted(services)}},
+                             {"balancer": {"$type": "string"}}]}
         try:
             hello = self._client.admin.command("hello")
-            documents = list(self._collection.find({}))
+            documents = list(self._collection.find(query))
         except PyMongoError as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
         now = hello.get("localTime")
@@ -79,6 +118,82 @@ class MongoStore(DiscoveryStore):
         elif now.tzinfo is None:
             now = now.replace(tzinfo=dt.timezone.utc)
         return StoreSnapshot(now=now, documents=documents)
+
+    # --- the membership log -----------------------------------------------------------
+
+    def membership(self) -> Membership:
+        try:
+            doc = self._membership.find_one({"_id": MEMBERSHIP_ID})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+        if not doc:
+            return Membership()
+        epoch, reaper, renewed = doc.get("epoch"), doc.get("reaper"), doc.get("renewed")
+        return Membership(
+            epoch=epoch if isinstance(epoch, int) else 0,
+            reaper=reaper if isinstance(reaper, str) else None,
+            renewed=renewed if isinstance(renewed, dt.datetime) else None,
+        )
+
+    def changes(self, first: int, last: int) -> list[Change] | None:
+        found = []
+        try:
+            for seq in range(first, last + 1):
+                doc = self._changes.find_one({"_id": f"c{seq}"})
+                if doc is None or doc.get("kind") not in ("join", "leave"):
+                    return None
+                record = {k: v for k, v in doc.items() if k not in ("_id", "kind")}
+                found.append(Change(seq, doc["kind"], str(doc.get("serviceName")),
+                                    str(doc.get("endpoint")),
+                                    record if doc["kind"] == "join" else None))
+        except PyMongoError as exc:
+            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+        return found
+
+    def announce(self, kind: str, service: str, endpoint: str,
+                 document: Mapping[str, Any] | None = None) -> int:
+        # A join entry is the record itself (meteorhacks shape, with the store's
+        # timestamp) plus its kind, so watchers need not read the record.
+        entry: dict[str, Any] = {k: v for k, v in (document or {}).items() if k != "_id"}
+        entry.update(kind=kind, serviceName=service, endpoint=endpoint)
+        try:
+            for _ in range(8):
+                meta = self._membership.find_one_and_update(
+                    {"_id": MEMBERSHIP_ID}, {"$inc": {"epoch": 1}}, upsert=True,
+                    return_document=pymongo.ReturnDocument.AFTER)
+                seq = int(meta["epoch"]) if meta else 0
+                try:
+                    # insert, never overwrite: a server whose $inc is not atomic
+                    # (FerretDB) may hand two writers one number; the second takes another
+                    self._changes.insert_one({"_id": f"c{seq}", **entry})
+                except DuplicateKeyError:
+                    continue
+                self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
+                return seq
+        except PyMongoError as exc:
+            raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
+        raise DiscoveryError(f"announcing to {self.description} failed: no free entry")
+
+    def claim_reaper(self, me: str, seen: Membership) -> bool:
+        query: dict[str, Any] = {"_id": MEMBERSHIP_ID, "reaper": seen.reaper}
+        query["renewed"] = seen.renewed if seen.renewed is not None else {"$exists": False}
+        try:
+            if seen.epoch == 0 and seen.reaper is None and seen.renewed is None:
+                self._membership.update_one({"_id": MEMBERSHIP_ID},
+                                            {"$setOnInsert": {"epoch": 0}}, upsert=True)
+            result = self._membership.update_one(
+                query, {"$set": {"reaper": me}, "$currentDate": {"renewed": True}})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"claiming the reaper lease failed: {exc}") from exc
+        return result.matched_count == 1
+
+    def renew_reaper(self, me: str) -> bool:
+        try:
+            result = self._membership.update_one(
+                {"_id": MEMBERSHIP_ID, "reaper": me}, {"$currentDate": {"renewed": True}})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"renewing the reaper lease failed: {exc}") from exc
+        return result.matched_count == 1
 
     def close(self) -> None:
         self._client.close()

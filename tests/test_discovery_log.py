@@ -1,0 +1,159 @@
+"""The membership log on a real MongoDB-protocol server: refreshes cost O(changes).
+
+Watchers and registrars are driven by hand (``refresh()``, ``beat()``), so each step is
+one refresh and the store work it caused is counted exactly (``Watcher.stats``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pymongo
+import pytest
+
+from cluster.discovery import open_store
+from cluster.records import COLLECTION, endpoint_hash
+from cluster.registry import Registrar, Watcher
+
+PING, GRACE = 0.5, 0.5
+
+
+@pytest.fixture
+def stores(mongo_url):
+    opened = []
+
+    def make():
+        store = open_store(mongo_url, timeout=3)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def registrar(store, port: int, service: str = "web", balancer: str | None = None):
+    return Registrar(store, service, f"http://127.0.0.1:{port}", balancer, PING)
+
+
+def urls(watcher: Watcher) -> set[str]:
+    return {e.url for e in watcher.table.endpoints}
+
+
+def test_steady_refreshes_read_no_records_and_joins_and_leaves_come_from_the_log(stores):
+    regs = [registrar(stores(), 4000 + i) for i in range(3)]
+    for r in regs:
+        r.beat()
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher.refresh()
+    assert reaper.reaping and not watcher.reaping
+    assert len(urls(watcher)) == 3
+    reads = watcher.stats.full_reads
+    for _ in range(5):
+        for r in regs:
+            r.beat()
+        watcher.refresh()
+        reaper.refresh()
+    assert watcher.stats.full_reads == reads  # five refreshes, no record read
+    assert watcher.stats.log_reads == 0
+    # a join: announced by its registrar, read from the log at the next refresh
+    newcomer = registrar(stores(), 4010)
+    newcomer.beat()
+    watcher.refresh()
+    assert "http://127.0.0.1:4010" in urls(watcher)
+    assert (watcher.stats.full_reads, watcher.stats.log_reads) == (reads, 1)
+    # a leave (graceful stop): the same
+    regs[0].stop()
+    watcher.refresh()
+    assert "http://127.0.0.1:4000" not in urls(watcher)
+    assert (watcher.stats.full_reads, watcher.stats.log_reads) == (reads, 2)
+
+
+def test_a_crash_is_announced_by_the_reaper_within_ping_plus_grace(stores):
+    live, crashing = registrar(stores(), 4100), registrar(stores(), 4101)
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    live.beat()
+    crashing.beat()
+    last_beat = time.monotonic()
+    reaper.refresh()
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4100", "http://127.0.0.1:4101"}
+    # the reaper announces expiries only once it has read well for a ping plus grace
+    seen_gone = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and seen_gone is None:
+        live.beat()
+        reaper.refresh()
+        watcher.refresh()
+        if "http://127.0.0.1:4101" not in urls(watcher):
+            seen_gone = time.monotonic() - last_beat
+        time.sleep(PING / 4)
+    assert seen_gone is not None
+    assert urls(watcher) == {"http://127.0.0.1:4100"}
+    # expiry at ping + grace after the last beat, plus the reaper's and the watcher's
+    # refresh (here a quarter ping each) and the reaper's settling time after its start
+    assert seen_gone < PING + GRACE + PING + 0.5, seen_gone
+    # and it comes back when it heartbeats again (announced as a rejoin after a gap)
+    crashing.beat()
+    watcher.refresh()
+    assert "http://127.0.0.1:4101" in urls(watcher)
+
+
+def test_foreign_writers_joins_are_announced_by_the_reaper(stores, mongo_url):
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher.refresh()
+    reads = watcher.stats.full_reads
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        now = client.admin.command("hello")["localTime"]
+        client.get_default_database()[COLLECTION].insert_one({  # as a Meteor app writes it
+            "serviceName": "web", "endpoint": "http://127.0.0.1:4200",
+            "endpointHash": endpoint_hash("http://127.0.0.1:4200"), "balancer": None,
+            "pingInterval": 5000, "timestamp": now})
+    finally:
+        client.close()
+    watcher.refresh()
+    assert urls(watcher) == set()  # nobody announced it yet
+    reaper.refresh()
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4200"}
+    assert watcher.stats.full_reads == reads
+
+
+def test_the_lease_moves_when_the_reaper_stops_and_the_new_one_expires_records(stores):
+    crashed = registrar(stores(), 4250)
+    crashed.beat()  # and never again
+    first = Watcher(stores(), GRACE, 0.2)
+    second = Watcher(stores(), GRACE, 0.2, services=frozenset({"web"}))
+    first.refresh()
+    second.refresh()
+    assert first.reaping and not second.reaping
+    assert urls(second) == {"http://127.0.0.1:4250"}
+    deadline = time.monotonic() + 6
+    while urls(second) and time.monotonic() < deadline:  # `first` renews no more
+        second.refresh()
+        time.sleep(0.1)
+    assert second.reaping and urls(second) == set()
+    first.refresh()  # it notices the lease is gone at its next renewal
+    assert not first.reaping
+    assert urls(first) == set()  # and follows the log: the expiry reached it too
+
+
+def test_a_watcher_reads_only_its_services_and_every_balancer(stores):
+    registrar(stores(), 4300, "web").beat()
+    registrar(stores(), 4301, "api").beat()
+    registrar(stores(), 4302, "admin", balancer="http://127.0.0.1:4302").beat()
+    reaper = Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher = Watcher(stores(), GRACE, PING / 2, services=frozenset({"web"}))
+    watcher.refresh()
+    assert watcher.table.services() == ("admin", "web")
+    registrar(stores(), 4303, "api").beat()  # a join of another service is not kept
+    registrar(stores(), 4304, "web").beat()
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4300", "http://127.0.0.1:4302",
+                             "http://127.0.0.1:4304"}
+    watcher.want("api")  # library code asked for another service: read it now
+    assert len(watcher.table.by_service["api"]) == 2

@@ -1,0 +1,158 @@
+"""gunicorn -w 2 with ``cluster.gunicorn``: one record per worker, kept right.
+
+Each worker registers a private endpoint of its own (so a session stays in one
+worker, see test_workers_realtime_e2e.py); the shared port is not registered. These
+tests check that the records follow the workers through recycling (``max_requests``),
+gunicorn's HUP reload under load, a graceful stop, and the arbiter's SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+from helpers import ROOT, Proc, free_port, python, status_json, wait_port, wait_until
+from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
+
+
+def gunicorn(tmp: Path, discovery_url: str, port: int, *extra: str,
+             app: str = "cluster.demo:app") -> Proc:
+    env = {"CLUSTER_DISCOVERY_URL": discovery_url, "CLUSTER_SERVICE": "web",
+           "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(tmp)]),
+           "CLUSTER_TEST_MARKER": str(tmp)}
+    return Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                       "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3",
+                       "--control-socket", str(tmp / "gunicorn.ctl"), *extra, app),
+                env=env, name=f"gunicorn-{port}")
+
+
+def live(discovery_url: str) -> set[str]:
+    return {r["endpoint"] for r in status_json(discovery_url)["endpoints"] if r["healthy"]}
+
+
+def every_record(discovery_url: str) -> set[str]:
+    return {r["endpoint"] for r in status_json(discovery_url, "--all")["endpoints"]}
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_each_worker_registers_and_recycled_workers_hand_over(tmp_path):
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = gunicorn(tmp_path, discovery, port, "--max-requests", "15",
+                    "--max-requests-jitter", "0")
+    try:
+        wait_port(port, proc=proc)
+        first = wait_until(lambda: live(discovery) if len(live(discovery)) == 2 else None,
+                           timeout=15, what="a record per worker")
+        assert url not in first, "the shared port is a way in, not an endpoint"
+        assert every_record(discovery) == first
+
+        statuses: Counter[int] = Counter()
+        pids: set[int] = set()
+
+        def recycled() -> bool:  # a worker recycles after 15 requests it served or relayed
+            for _ in range(10):
+                response = requests.get(url + "/whoami", timeout=10)
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    pids.add(response.json()["pid"])
+            return len(pids) >= 4
+
+        wait_until(recycled, timeout=20, interval=0.2, what="both workers recycled")
+        assert set(statuses) == {200}, statuses
+        now = wait_until(lambda: live(discovery) if len(live(discovery)) == 2
+                         and every_record(discovery) == live(discovery) else None,
+                         timeout=15, what="two records, none stale")
+        assert now != first  # the replacements registered, the recycled ones left at once
+
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert every_record(discovery) == set(), "a graceful stop removes every record"
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_sigkill_of_the_arbiter_leaves_no_process_and_no_record(tmp_path):
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    port = free_port()
+    proc = gunicorn(tmp_path, discovery, port)
+    try:
+        wait_port(port, proc=proc)
+        wait_until(lambda: len(live(discovery)) == 2, timeout=15, what="a record per worker")
+        kids = children(proc.pid)
+        assert len(kids) == 2, kids
+        marker = f"CLUSTER_TEST_MARKER={tmp_path}".encode()
+        for kid in kids:
+            assert marker in Path(f"/proc/{kid}/environ").read_bytes()
+
+        proc.kill()  # SIGKILL, as the OOM killer would
+        wait_until(lambda: not any(alive(k) for k in kids), timeout=5,
+                   what="the arbiter's workers to stop")
+        assert every_record(discovery) == set(), "they deregistered on the way out"
+    finally:
+        proc.stop()
+
+
+def test_hup_reload_loads_new_code_with_no_failed_request(tmp_path):
+    (tmp_path / "versioned.py").write_text(VERSIONED_APP.format(version=1))
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    port = free_port()
+    proc = gunicorn(tmp_path, discovery, port, app="versioned:app")
+    try:
+        wait_port(port, proc=proc)
+        old_records = wait_until(lambda: live(discovery) if len(live(discovery)) == 2
+                                 else None, timeout=15, what="a record per worker")
+        old = children(proc.pid)
+        results, versions = reload_under_load(proc, f"http://127.0.0.1:{port}",
+                                              tmp_path / "versioned.py", proc.pid, old)
+        assert set(results) == {200}, results
+        assert versions[1] > 0 and versions[2] > 0, versions
+        wait_until(lambda: len(every_record(discovery)) == 2
+                   and not every_record(discovery) & old_records, timeout=10,
+                   what="the new workers' records only")
+        assert proc.poll() is None and "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_a_bad_setting_stops_gunicorn_with_one_line(tmp_path):
+    """A worker that cannot start its door for a bad setting says so in one line, and
+    gunicorn stops (exit status 3 is its "worker failed to boot"): no traceback."""
+    import subprocess
+    import sys
+
+    app = tmp_path / "one_app.py"
+    app.write_text("def app(environ, start_response):\n"
+                   "    start_response('200 OK', [('Content-Length', '2')])\n"
+                   "    return [b'ok']\n")
+    env = {**os.environ, "CLUSTER_SERVICE": "web", "PYTHONPATH": f"{ROOT}:{tmp_path}",
+           # a remote store with a loopback bind: a loopback endpoint would be refused
+           "CLUSTER_DISCOVERY_URL": "mongodb://198.18.9.9:1/x"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "1",
+         "-b", "127.0.0.1:0", "one_app:app"], env=env, capture_output=True, text=True,
+        timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "cluster: --endpoint-url (CLUSTER_ENDPOINT_URL)" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
