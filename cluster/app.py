@@ -21,7 +21,7 @@ from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.hop import HopMarker
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
-from cluster.proxy.attempts import attempt, replayable
+from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
 from cluster.routing import (
@@ -155,7 +155,8 @@ class ClusterApp:
                            gave_up=_no_endpoint_left)
         except UpstreamError as failure:
             log.warning("%s %s failed: %s", request.method, request.path, failure)
-            return reply(start_response, failure.status, f"upstream {failure.reason}")
+            status, text = client_answer(failure, self.policy.ui_service or "")
+            return reply(start_response, status, text)
 
     def status(self) -> dict[str, Any]:
         """This instance's view: its identity, its table, what it has ejected."""

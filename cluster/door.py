@@ -47,7 +47,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
-from cluster.proxy.attempts import attempt, replayable
+from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
 from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
@@ -336,8 +336,8 @@ class Connection:
             if exc.answered or state.sent:
                 keep = False  # part of an answer went out: cut the connection
             else:
-                keep = self.reply(head, state, exc.status, f"upstream {exc.reason}\n".encode(),
-                                  close=True)
+                status, text = client_answer(exc, self.door.policy.ui_service or "")
+                keep = self.reply(head, state, status, text.encode() + b"\n", close=True)
         finally:
             if door.observer is not NULL_OBSERVER:
                 self.record(head, state, started)

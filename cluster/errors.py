@@ -34,6 +34,11 @@ class UpstreamError(ClusterError):
     #: True once part of the endpoint's answer reached the client: nothing may be
     #: retried or replayed, and no error page can be sent any more.
     answered = False
+    #: True when the endpoint answered, but wrongly (a malformed or oversized head, a
+    #: certificate that does not verify): when nobody is left to try, the client is told
+    #: that (502), not "no live endpoint" (503), which is the truth only when none could
+    #: be reached or all went away.
+    misbehaved = False
 
     def __init__(self, endpoint: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {reason}")
@@ -45,13 +50,16 @@ class UpstreamConnectError(UpstreamError):
     """The endpoint refused or did not accept the connection; no byte was sent."""
 
     retryable = True
-    #: False when the endpoint was reached but the connection could not be used (a TLS
-    #: certificate that does not verify): a 502 with its reason, not "nobody there".
-    unreachable = True
 
 
 class UpstreamBroken(UpstreamError):
     """The endpoint closed or garbled the exchange after the request was sent."""
+
+
+def misbehaving(error: UpstreamError) -> UpstreamError:
+    """``error``, marked as an endpoint's wrong answer (see UpstreamError.misbehaved)."""
+    error.misbehaved = True
+    return error
 
 
 class UpstreamTimeout(UpstreamError):

@@ -141,7 +141,7 @@ def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_p
             for proc in procs[1:]:
                 proc.kill()
             response = requests.get(base + "/whoami", timeout=10)
-            assert response.status_code == 503
+            assert response.status_code == 503, (response.text, front.output()[-3000:])
             assert "web" in response.text and "Traceback" not in response.text
             # and it stays a clean 503 once the records have expired
             wait_until(lambda: view(base)["endpoints"] == [], timeout=10)

@@ -34,6 +34,18 @@ def replayable(method: str | bytes, has_body: bool) -> bool:
     return not has_body and method in REPLAYABLE_METHODS
 
 
+def client_answer(error: UpstreamError, service: str) -> tuple[int, str]:
+    """(status, text) to tell a client whose request got nowhere.
+
+    Endpoints that could not be reached at all (refused, or silent, on connect) mean no
+    live endpoint: 503, as when the table has none. An endpoint that answered wrongly,
+    broke off or was too slow is the upstream's failure: its own 502 or 504.
+    """
+    if error.retryable and not error.misbehaved:
+        return 503, f"no live endpoint for service {service!r} (last: {error.reason})"
+    return error.status, f"upstream {error.reason}"
+
+
 def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             endpoint_of: Callable[[D], Any], node: Any, retries: int,
             may_replay: bool, on_retry: Callable[[Any, UpstreamError], None] | None = None,
@@ -45,17 +57,18 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     reason=...)`` is called for an endpoint that refused the connection. ``first``: a decision
     already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
     true for a decision that says no endpoint is left (then the last failure is
-    raised instead when an endpoint broke, so a client sees 502, not a misleading 503)."""
+    raised instead when an endpoint answered wrongly, so a client sees 502, not a
+    misleading 503)."""
     tried: set[str] = set()
     failed = first
     last: UpstreamError | None = None
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
-            if last is not None and not getattr(last, "unreachable", False) \
-                    and endpoint_of(decision) is None and gave_up(decision):
-                # nobody left after an endpoint broke (or failed TLS): say so (502), not
-                # "no live endpoint"; when none could be reached the 503 is the truth
+            if last is not None and last.misbehaved and endpoint_of(decision) is None \
+                    and gave_up(decision):
+                # nobody left after an endpoint answered wrongly: say so (502), not "no
+                # live endpoint"; when none could be reached the 503 is the truth
                 raise last
             try:
                 return send(decision)

@@ -53,7 +53,7 @@ import socket as stdsocket
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
-from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout
+from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, misbehaving
 from cluster.http1 import (
     CHUNKED,
     FIXED,
@@ -330,7 +330,8 @@ class HttpForwarder:
             end, sep = find_response_head(buf)
             if end < 0:
                 if len(buf) > MAX_HEAD:
-                    raise UpstreamBroken(url, f"response head larger than {MAX_HEAD} bytes")
+                    raise misbehaving(UpstreamBroken(
+                        url, f"response head larger than {MAX_HEAD} bytes"))
                 try:
                     data = sock.recv(RECV_SIZE)
                 except stdsocket.timeout as exc:
@@ -347,13 +348,14 @@ class HttpForwarder:
                 got = True
                 buf += data
                 if len(buf) > MAX_HEAD and find_response_head(buf)[0] < 0:
-                    raise UpstreamBroken(url, f"response head larger than {MAX_HEAD} bytes")
+                    raise misbehaving(UpstreamBroken(
+                        url, f"response head larger than {MAX_HEAD} bytes"))
                 continue
             raw = buf[:end] if sep == 4 else crlf_head(buf[:end])
             try:
                 head = parse_response_head(raw)
             except ValueError as exc:
-                raise UpstreamBroken(url, str(exc)) from None
+                raise misbehaving(UpstreamBroken(url, str(exc))) from None
             buf = buf[end + sep:]
             if head.code >= 200:
                 break

@@ -38,6 +38,7 @@ from cluster.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
+    misbehaving,
 )
 from cluster.http1 import (
     CHUNKED,
@@ -250,7 +251,8 @@ class Exchange:
             end = buf.find(HEAD_END)
             while end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
-                    raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+                    raise misbehaving(UpstreamBroken(self.url,
+                                                     "response head larger than 64 KiB"))
                 client.expect(UPSTREAM, self.pool.read_timeout)
                 try:
                     data = wait_recv(conn.sock, RECV_SIZE)
@@ -267,12 +269,14 @@ class Exchange:
                 buf += data
                 end = buf.find(HEAD_END)
             if end > MAX_RESPONSE_HEAD:
-                raise UpstreamBroken(self.url, "response head larger than 64 KiB")
+                raise misbehaving(UpstreamBroken(self.url,
+                                                 "response head larger than 64 KiB"))
             raw = buf[:end]
             try:
                 response = parse_response_head(raw)
             except ValueError as exc:
-                raise UpstreamBroken(self.url, f"malformed response head: {exc}") from None
+                raise misbehaving(UpstreamBroken(self.url, f"malformed response head: {exc}")) \
+                    from None
             buf = buf[end + 4:]
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break

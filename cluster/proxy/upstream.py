@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from gevent import socket as gsocket
 
-from cluster.errors import UpstreamConnectError
+from cluster.errors import UpstreamConnectError, misbehaving
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,8 @@ def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
         return _tls_context().wrap_socket(sock, server_hostname=target.host)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        error = UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")
-        error.unreachable = False
-        raise error from exc
+        raise misbehaving(UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")) \
+            from exc
 
 
 _TLS: list[Any] = []
