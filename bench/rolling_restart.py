@@ -15,36 +15,12 @@ Every process is started here and stopped by PID; the temp dir is removed at the
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
+from bed import ROOT, Bed, free_port, wrk, wrk_result
 
 
 def main() -> int:
@@ -53,66 +29,29 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=4.0)
     parser.add_argument("--code", type=Path, default=ROOT)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="rolling-"))
-    env = dict(os.environ, PYTHONPATH=f"{args.code}:{ROOT / 'tests' / 'apps'}",
-               CLUSTER_DISCOVERY_URL=f"sqlite://{tmp / 'd.sqlite3'}")
-    common = ["--ping-interval", "1", "--expiry-grace", "1", "--log-level", "warning"]
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        log = open(tmp / f"{name}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed at exit
-        proc = subprocess.Popen([sys.executable, "-m", "cluster", *argv], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp))
-        procs.append(proc)
-        return proc
-
-    def member(port: int, name: str) -> subprocess.Popen[bytes]:
-        while True:  # the old process may hold the port for a moment after SIGTERM
-            proc = start(["serve", "--service", "web", "--app", "backend:app", "--bind",
-                          f"127.0.0.1:{port}", *common], name)
-            if wait_port(port, proc) and (time.sleep(0.2) or proc.poll() is None):
-                return proc
-            time.sleep(0.1)
-
+    bed = Bed(code=args.code, prefix="rolling-")
     try:
         ports = [free_port(), free_port()]
-        members = [member(p, f"m{n}") for n, p in enumerate(ports)]
+        members = [bed.member(p, f"m{n}") for n, p in enumerate(ports)]
         front_port = free_port()
-        front = start(["serve", "--ui-service", "web", "--bind", f"127.0.0.1:{front_port}",
-                       *common], "front")
-        wait_port(front_port, front)
+        bed.front(front_port)
         time.sleep(2)  # every table complete
         duration = int(args.steps * (1 + args.pause) + 4)
-        wrk = subprocess.Popen(["wrk", "-t1", "-c20", f"-d{duration}s",
-                                f"http://127.0.0.1:{front_port}/whoami"],
-                               stdout=subprocess.PIPE, text=True)
+        load = wrk(f"http://127.0.0.1:{front_port}/whoami", 20, duration)
         time.sleep(2)
         for step in range(args.steps):
             n = step % len(members)
             members[n].send_signal(signal.SIGTERM)
             time.sleep(1.0)
-            members[n] = member(ports[n], f"m{n}")
+            members[n] = bed.member(ports[n], f"m{n}")
             time.sleep(args.pause)
-        out, _ = wrk.communicate(timeout=duration + 30)
-        total = re.search(r"(\d+) requests in", out)
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        errors = re.search(r"Socket errors: (.*)", out)
+        result = wrk_result(load, timeout=duration + 30)
         print(f"code={args.code} steps={args.steps} pause={args.pause}s "
-              f"requests={total.group(1) if total else '?'} "
-              f"non-2xx={non2xx.group(1) if non2xx else 0} "
-              f"socket-errors={errors.group(1) if errors else 'none'}")
+              f"requests={result.requests} non-2xx={result.non2xx} "
+              f"socket-errors={result.errors_text()}")
         return 0
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        bed.close()
 
 
 if __name__ == "__main__":

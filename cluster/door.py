@@ -91,12 +91,17 @@ class Door:
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
+        #: how long a request that found every endpoint dead waits for a newer table:
+        #: about two refreshes of the watcher
+        self.table_wait = min(2.0, 2 * node.watcher.refresh_interval + 0.1)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
         self.websockets = 0
         #: every open WebSocket, as an object with going_away() (for a graceful stop)
         self.open_websockets: set[Any] = set()
+        #: set by going_away(): a WebSocket that opens after it is closed at once
+        self.stopping = False
         self._retained_for: Any = None
 
     def __repr__(self) -> str:
@@ -109,7 +114,10 @@ class Door:
 
     def going_away(self) -> int:
         """Close every WebSocket with 1001 (going away), so clients reconnect to a live
-        instance; returns how many. Called when this instance stops."""
+        instance; returns how many. Called when this instance stops. One that opens
+        later (an upgrade on a connection that was open before the stop) is closed with
+        1001 as soon as it opens, not cut without a close frame when the drain ends."""
+        self.stopping = True
         sockets = list(self.open_websockets)
         for socket in sockets:
             try:
@@ -241,7 +249,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines", "body")
+                 "outcome", "fwd_host", "fwd_lines", "body", "waited")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -307,6 +315,7 @@ class Connection:
         self.request = self.view(head)
         self.head = head
         self.body: bytes | None = _UNREAD
+        self.waited = False
         state = self.outcome = _Outcome()
         view = self.request
         admin = door.admin
@@ -353,7 +362,16 @@ class Connection:
         door = self.door
         node = door.node
         # tried: never again; ejected: only when nothing else is left (panic mode)
-        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
+        decision = route(self.request, node.table, door.policy, tried,
+                         ejected=node.ejected())
+        if _no_endpoint_left(decision) and not self.waited and (tried or node.ejected()):
+            # Every endpoint we know failed: wait once for a newer table (see
+            # Cluster.wait_for_new_table) before answering 503.
+            self.waited = True
+            if node.wait_for_new_table(door.table_wait):
+                decision = route(self.request, node.table, door.policy, tried,
+                                 ejected=node.ejected())
+        return decision
 
     def send(self, decision: Any) -> bool:
         head = self.head
@@ -508,9 +526,13 @@ class Connection:
             tunnel = Tunnel(conn.sock, upstream.sock, closed)
             door.open_websockets.add(tunnel)
             tunnel.start()
+            if door.stopping:
+                tunnel.going_away()
         else:
             pumped = _Pumped(conn.sock, upstream.sock)
             door.open_websockets.add(pumped)
+            if door.stopping:
+                pumped.going_away()
             try:
                 pump(conn.sock, upstream.sock)
             finally:
@@ -864,6 +886,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         local = _LocalWebSocket(self.websocket, conn)
         door.open_websockets.add(local)
         door.observer.websocket_opened("local")
+        if door.stopping:
+            local.going_away()  # the app's first receive() sees the socket end
         try:
             super().run_websocket()
         finally:

@@ -314,8 +314,10 @@ class Registrar(_Loop):
                         self.record["endpoint"], exc)
 
 
-#: a watcher further behind the membership log than this reads the records instead
+#: log entries a watcher reads per lookup batch; further behind than MAX_LOG_LAG
+#: (entries may have been pruned) it reads the records instead
 MAX_LOG_STEP = 32
+MAX_LOG_LAG = 500
 #: the slow full read that catches anything the log missed (the reaper already turns
 #: expiries and other writers' joins into entries, so this is only a backstop): every
 #: this many seconds and 0.5 s more per known record, so that N watchers' resyncs cost
@@ -434,7 +436,8 @@ class Watcher(_Loop):
         table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
         self._known = dict(table.by_hash)
         self._swap(table)
-        self._epoch = epoch
+        if epoch is None or self._epoch is None or epoch > self._epoch:
+            self._epoch = epoch  # never back: the hint may trail what we already applied
         spread = RESYNC_SECONDS + RESYNC_PER_RECORD * len(self._known)
         self._next_resync = time.monotonic() + spread * random.uniform(0.8, 1.2)
         return endpoints
@@ -447,17 +450,29 @@ class Watcher(_Loop):
         sheltering = time.monotonic() < self._shelter_until
         if self.reaping:
             self._reap(membership)
-        elif (self._epoch is None or sheltering or epoch < self._epoch
-              or epoch - self._epoch > MAX_LOG_STEP or time.monotonic() >= self._next_resync):
+        elif (self._epoch is None or sheltering or epoch - self._epoch > MAX_LOG_LAG
+              or time.monotonic() >= self._next_resync):
             self._read_records(epoch)
-        elif epoch > self._epoch:
-            changes = self.store.changes(self._epoch + 1, epoch)
+        else:
+            self._follow(self._epoch, membership)
+
+    def _follow(self, epoch: int, membership: Membership) -> None:
+        """Apply the entries after ``epoch`` (one lookup when there are none).
+
+        The epoch is only a hint (it may trail the log), so the log is read forward
+        to its first missing entry."""
+        for _ in range(MAX_LOG_LAG // MAX_LOG_STEP + 1):
+            changes = self.store.changes(epoch + 1, MAX_LOG_STEP)
+            if changes is None:  # an entry we cannot read: read the records
+                self._read_records(membership.epoch)
+                return
+            if not changes:
+                return
             self.stats.log_reads += 1
-            if changes is None:  # pruned, or not written yet: read the records
-                self._read_records(epoch)
-            else:
-                self._apply(changes, membership.renewed)
-                self._epoch = epoch
+            self._apply(changes, membership.renewed)
+            epoch = self._epoch = changes[-1].seq
+            if len(changes) < MAX_LOG_STEP:
+                return
 
     def _apply(self, changes: Iterable[Change], now: dt.datetime | None) -> None:
         known = dict(self._known)
@@ -518,10 +533,9 @@ class Watcher(_Loop):
         scope = self.services  # what self._known covers (a new reaper's own services)
         epoch = self._epoch
         fresh = epoch is None  # nothing known to compare with: announce no joins
+        if epoch is not None:
+            self._follow(epoch, membership)
         self.services = None
-        if epoch is not None and membership.epoch > epoch:
-            self._apply(self.store.changes(epoch + 1, membership.epoch) or [],
-                        membership.renewed)
         before = self._known
         endpoints = self._read_records(membership.epoch, every=True)
         now = self.table.now

@@ -157,3 +157,28 @@ def test_a_watcher_reads_only_its_services_and_every_balancer(stores):
                              "http://127.0.0.1:4304"}
     watcher.want("api")  # library code asked for another service: read it now
     assert len(watcher.table.by_service["api"]) == 2
+
+
+def test_concurrent_announcements_fill_the_log_without_gaps_or_losses(stores):
+    """FerretDB's $inc loses concurrent increments; entries are numbered by inserting
+    them, so none is lost or overwritten and the log has no holes."""
+    import threading
+
+    writers = [stores() for _ in range(4)]
+
+    def announce(n: int) -> None:
+        for i in range(10):
+            writers[n % 4].announce("join", "web", f"http://127.0.0.1:{5000 + n * 10 + i}",
+                                    {"serviceName": "web", "pingInterval": 500})
+
+    threads = [threading.Thread(target=announce, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    entries = writers[0].changes(1, 500)
+    assert entries is not None and [e.seq for e in entries] == list(range(1, 81))
+    assert len({e.endpoint for e in entries}) == 80
+    assert [e.seq for e in writers[0].changes(75, 10)] == [75, 76, 77, 78, 79, 80]
+    assert [e.seq for e in writers[0].changes(1, 10)] == list(range(1, 11))  # a batch
+    assert writers[0].membership().epoch >= 70  # the epoch is a hint that may trail

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 
 import requests
@@ -79,3 +80,84 @@ def test_stopping_balancer_and_endpoint_close_websockets_with_1001(tmp_path: Pat
     for proc in (front, local):
         assert "Traceback" not in proc.output(), proc.output()
 
+
+
+def _raw_upgrade(path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def _read_until(sock: socket.socket, marker: bytes, limit: float = TIMEOUT) -> bytes:
+    sock.settimeout(limit)
+    data = b""
+    while marker not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def test_upgrade_through_a_front_never_rides_a_pooled_connection(tmp_path: Path) -> None:
+    """A pooled connection may lead to an endpoint that is stopping (it finishes what
+    comes in on open connections but accepts no new ones): it would take the WebSocket
+    and cut it when its drain ends. An upgrade gets a new connection, which a stopping
+    endpoint refuses, so it goes to a live one."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    port = _free_port()
+    endpoint = Proc(python(str(TESTS / "apps" / "bad_endpoint.py"), "--port", str(port)),
+                    name="bad-endpoint")
+    sidecar = Proc(cluster_argv("register", "--service", "bad", "--endpoint-url",
+                                f"http://127.0.0.1:{port}", "--ping-interval", "1"),
+                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "bad")
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{front_port}/ok",
+                                        timeout=5).status_code == 200,
+                   timeout=TIMEOUT, what="the balancer to see the endpoint")
+        assert endpoint.output().count("accepted") == 1  # that connection is pooled now
+        with socket.create_connection(("127.0.0.1", front_port), timeout=TIMEOUT) as client:
+            client.sendall(_raw_upgrade("/ws"))
+            assert _read_until(client, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+            lines = endpoint.output().splitlines()
+        assert "upgrade on 2" in lines and "accepted 2" in lines, lines
+    finally:
+        for proc in (front, sidecar, endpoint):
+            proc.stop()
+    assert "Traceback" not in front.output(), front.output()
+
+
+def test_websocket_opened_during_the_drain_is_closed_with_1001(tmp_path: Path) -> None:
+    """An upgrade on a connection opened before the stop (the stop closes idle
+    connections, not ones in the middle of a request head) is served, then closed with
+    1001 at once instead of being cut without a close frame when the drain ends."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    local, port = serve(tmp_path, "local", discovery, "--service", "web",
+                        "--app", "gws_echo:app")
+    held: websocket.WebSocket | None = None
+    late = socket.socket()
+    try:
+        held = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
+        late.connect(("127.0.0.1", port))
+        upgrade = _raw_upgrade("/")
+        late.sendall(upgrade[:20])  # the head has begun: not an idle connection
+        local.signal(signal.SIGTERM)
+        assert close_code(held) == 1001
+        wait_until(lambda: "closed 1 WebSockets with 1001" in local.output(),
+                   timeout=TIMEOUT, what="the stop to close the open WebSocket")
+        late.sendall(upgrade[20:])
+        started = time.monotonic()
+        answer = _read_until(late, b"going away", limit=5)
+        head, _, frame = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), answer
+        assert frame[:1] == b"\x88" and frame[2:4] == b"\x03\xe9", answer  # close, 1001
+        assert time.monotonic() - started < 2
+        late.close()
+        assert local.wait(TIMEOUT) == 0
+    finally:
+        if held is not None:
+            held.shutdown()
+        late.close()
+        local.stop()
+    assert "Traceback" not in local.output(), local.output()

@@ -43,6 +43,9 @@ def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_ur
 
     statuses: Counter[int] = Counter()
     failures: list[str] = []
+    failed_at: list[float] = []  # seconds since start, to tell churn from store restarts
+    restarts: list[tuple[float, float]] = []  # (stopped, started) seconds since start
+    began = time.monotonic()
     stop = threading.Event()
 
     def traffic() -> None:
@@ -53,8 +56,10 @@ def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_ur
                 statuses[response.status_code] += 1
                 if response.status_code != 200:
                     failures.append(f"{response.status_code} {response.text.strip()}")
+                    failed_at.append(time.monotonic() - began)
             except requests.RequestException as exc:
                 failures.append(repr(exc))
+                failed_at.append(time.monotonic() - began)
             session.cookies.clear()  # spread over every endpoint, not one
 
     try:
@@ -76,16 +81,21 @@ def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_ur
                 victim.signal(rng.choice([signal.SIGKILL, signal.SIGTERM]))
             add_member()
             if rounds % 10 == 0:
+                stopped = time.monotonic() - began
                 mongo_server.stop()
                 time.sleep(rng.uniform(2.0, 8.0))
                 mongo_server.start()
+                restarts.append((stopped, time.monotonic() - began))
         stop.set()
         client.join(30)
         print(f"soak {SECONDS:.0f}s: {sum(statuses.values())} GETs, {len(failures)} failed, "
               f"{rounds} rounds of churn, {rounds // 10} database restarts")
         assert statuses[200] > 100
-        assert failures == [], f"{len(failures)} failed of {sum(statuses.values())}: " \
-                               f"{Counter(failures).most_common(5)}"
+        assert failures == [], (
+            f"{len(failures)} failed of {sum(statuses.values())}: "
+            f"{Counter(failures).most_common(5)}; failures in seconds "
+            f"{sorted(Counter(int(t) for t in failed_at).items())}; store down (s) "
+            f"{[(round(a, 1), round(b, 1)) for a, b in restarts]}")
         assert front.poll() is None and "Traceback" not in front.output()
     finally:
         stop.set()

@@ -9,11 +9,12 @@ cluster (N instances each reading N records). Stores that keep a *membership log
 (``changelog = True``, see :mod:`cluster.discovery.mongo`) let watchers read one small
 document per refresh instead, and the records themselves only when membership changed:
 
-- ``membership()``: a counter (the epoch) bumped with every join and leave, and the lease
+- ``membership()``: the number of the latest log entry (the epoch, a hint that may trail
+  the log by an entry or two) and the lease
   of the *reaper*, the one instance that reads every record once per refresh to turn
   expiries and foreign writers' joins (Meteor instances know no log) into log entries;
-- ``changes(first, last)``: the log entries in that range, each a join (with the record)
-  or a leave;
+- ``changes(first, limit)``: the log entries from ``first`` on, each a join (with the
+  record) or a leave;
 - ``announce()``: append an entry; registrars announce their own joins and leaves.
 """
 
@@ -85,8 +86,9 @@ class DiscoveryStore(abc.ABC):
     def membership(self) -> Membership:
         raise NotImplementedError
 
-    def changes(self, first: int, last: int) -> list[Change] | None:
-        """Entries ``first..last``; None when one is missing (pruned or not written yet)."""
+    def changes(self, first: int, limit: int) -> list[Change] | None:
+        """Up to ``limit`` entries from ``first`` on, in order, ending before the first
+        one not (yet) written; None when one cannot be read (read the records instead)."""
         raise NotImplementedError
 
     def announce(self, kind: str, service: str, endpoint: str,

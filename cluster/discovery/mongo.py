@@ -77,16 +77,18 @@ class MongoStore(DiscoveryStore):
         service, endpoint = record["serviceName"], record["endpoint"]
         key = record_id(service, endpoint)
         try:
-            result = self._collection.update_one(
-                {"_id": key},
-                {"$set": dict(record), "$currentDate": {"timestamp": True}},
-                upsert=True,
-            )
-            if result.upserted_id is not None or announce:
-                # A record of this endpoint written before it had an _id of ours (an
-                # older version, a restart) would be a duplicate: drop it once, here.
+            # The store's clock from hello, then the whole record replaced by _id: on
+            # FerretDB an update (even by _id) scans the collection, a replacement
+            # does not, so a heartbeat costs the same with 10 or 5,000 records.
+            now = self._store_time()
+            result = self._collection.replace_one(
+                {"_id": key}, {**record, "timestamp": now}, upsert=True)
+            if result.upserted_id is not None:
+                # A record of this endpoint written before it had an _id of ours (by an
+                # older version) would be a duplicate: drop it once, here.
                 self._collection.delete_many(
                     {"serviceName": service, "endpoint": endpoint, "_id": {"$ne": key}})
+            if result.upserted_id is not None or announce:
                 written = self._collection.find_one({"_id": key})  # with the store's time
                 self.announce("join", service, endpoint, written or record)
         except PyMongoError as exc:
@@ -100,6 +102,13 @@ class MongoStore(DiscoveryStore):
                 self.announce("leave", service, endpoint)
         except PyMongoError as exc:
             raise DiscoveryError(f"removal from {self.description} failed: {exc}") from exc
+
+    def _store_time(self) -> dt.datetime:
+        now = self._client.admin.command("hello").get("localTime")
+        if not isinstance(now, dt.datetime):
+            # Every MongoDB since 2.x and FerretDB answer localTime; this is a last resort.
+            return dt.datetime.now(dt.timezone.utc)
+        return now if now.tzinfo else now.replace(tzinfo=dt.timezone.utc)
 
     def snapshot(self, services: frozenset[str] | None = None) -> StoreSnapshot:
         query: dict[str, Any] = {}
@@ -135,20 +144,24 @@ class MongoStore(DiscoveryStore):
             renewed=renewed if isinstance(renewed, dt.datetime) else None,
         )
 
-    def changes(self, first: int, last: int) -> list[Change] | None:
-        found = []
+    def changes(self, first: int, limit: int) -> list[Change] | None:
+        found: list[Change] = []  # None only for an entry that is not ours: read records
         try:
-            for seq in range(first, last + 1):
-                doc = self._changes.find_one({"_id": f"c{seq}"})
-                if doc is None or doc.get("kind") not in ("join", "leave"):
+            while True:
+                if len(found) == limit:
+                    return found
+                doc = self._changes.find_one({"_id": f"c{first + len(found)}"})
+                if doc is None:
+                    return found
+                kind = doc.get("kind")
+                if kind not in ("join", "leave"):
                     return None
                 record = {k: v for k, v in doc.items() if k not in ("_id", "kind")}
-                found.append(Change(seq, doc["kind"], str(doc.get("serviceName")),
+                found.append(Change(first + len(found), kind, str(doc.get("serviceName")),
                                     str(doc.get("endpoint")),
-                                    record if doc["kind"] == "join" else None))
+                                    record if kind == "join" else None))
         except PyMongoError as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
-        return found
 
     def announce(self, kind: str, service: str, endpoint: str,
                  document: Mapping[str, Any] | None = None) -> int:
@@ -157,30 +170,60 @@ class MongoStore(DiscoveryStore):
         entry: dict[str, Any] = {k: v for k, v in (document or {}).items() if k != "_id"}
         entry.update(kind=kind, serviceName=service, endpoint=endpoint)
         try:
-            for _ in range(8):
-                meta = self._membership.find_one_and_update(
-                    {"_id": MEMBERSHIP_ID}, {"$inc": {"epoch": 1}}, upsert=True,
-                    return_document=pymongo.ReturnDocument.AFTER)
-                seq = int(meta["epoch"]) if meta else 0
+            # The entry's number is taken by inserting it: a unique _id is the one
+            # atomic step every MongoDB-protocol server offers (FerretDB's $inc loses
+            # concurrent increments). Start after the epoch, which trails the log.
+            seq = self.membership().epoch
+            for _ in range(100):
+                seq = self._log_end(seq)
                 try:
-                    # insert, never overwrite: a server whose $inc is not atomic
-                    # (FerretDB) may hand two writers one number; the second takes another
                     self._changes.insert_one({"_id": f"c{seq}", **entry})
-                except DuplicateKeyError:
+                    break
+                except DuplicateKeyError:  # taken meanwhile: look again from there
                     continue
-                self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
-                return seq
+            else:
+                raise DiscoveryError(f"announcing to {self.description} failed: "
+                                     "no free log entry")
+            try:
+                self._membership.update_one({"_id": MEMBERSHIP_ID},
+                                            {"$max": {"epoch": seq}}, upsert=True)
+            except DuplicateKeyError:  # created concurrently: now it exists
+                self._membership.update_one({"_id": MEMBERSHIP_ID}, {"$max": {"epoch": seq}})
+            self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
         except PyMongoError as exc:
             raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
-        raise DiscoveryError(f"announcing to {self.description} failed: no free entry")
+        return seq
+
+    def _log_end(self, known: int) -> int:
+        """The first free entry number after ``known`` (a written one, or 0): gallop,
+        then bisect, with lookups by _id, so a trailing epoch costs O(log lag)."""
+
+        def taken(seq: int) -> bool:
+            return self._changes.find_one({"_id": f"c{seq}"}, projection={"_id": 1}) \
+                is not None
+
+        low, step = known, 1  # low: taken (or 0)
+        while taken(low + step):
+            low, step = low + step, step * 2
+        high = low + step  # free
+        while high - low > 1:
+            middle = (low + high) // 2
+            if taken(middle):
+                low = middle
+            else:
+                high = middle
+        return high
 
     def claim_reaper(self, me: str, seen: Membership) -> bool:
         query: dict[str, Any] = {"_id": MEMBERSHIP_ID, "reaper": seen.reaper}
         query["renewed"] = seen.renewed if seen.renewed is not None else {"$exists": False}
         try:
             if seen.epoch == 0 and seen.reaper is None and seen.renewed is None:
-                self._membership.update_one({"_id": MEMBERSHIP_ID},
-                                            {"$setOnInsert": {"epoch": 0}}, upsert=True)
+                try:
+                    self._membership.update_one({"_id": MEMBERSHIP_ID},
+                                                {"$setOnInsert": {"epoch": 0}}, upsert=True)
+                except DuplicateKeyError:
+                    pass  # created concurrently
             result = self._membership.update_one(
                 query, {"$set": {"reaper": me}, "$currentDate": {"renewed": True}})
         except PyMongoError as exc:

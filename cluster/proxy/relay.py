@@ -162,7 +162,12 @@ class Exchange:
         client = self.client
         pool = self.pool
         streamed = body is None
-        conn = None if streamed else pool.acquire(self.url)
+        # A WebSocket gets a connection of its own: a pooled one may lead to an endpoint
+        # that is stopping (it finishes requests on open connections but accepts no new
+        # ones), which would take the upgrade and then end it with the drain; a new
+        # connection is refused there and the upgrade goes to another endpoint.
+        fresh = streamed or self.head.is_websocket
+        conn = None if fresh else pool.acquire(self.url)
         resent = False
         while True:
             if conn is None:

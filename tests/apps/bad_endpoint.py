@@ -12,6 +12,8 @@ Scripts (by request path):
   /nocontent a 204, then (0.2 s later) a body
   /garbage   not HTTP at all
   /ok        a plain 200
+  /ws        a 101 (a WebSocket upgrade taken), logged as ``upgrade on N`` (the
+             connection's number); then the connection stays open until the peer closes
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def serve(conn: socket.socket, number: int) -> None:
                 buf += data
             head, _, buf = buf.partition(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].split(b"?")[0]
+            if path == b"/ws":
+                say(f"upgrade on {number}")
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+                while conn.recv(65536):
+                    pass
+                say(f"closed-by-peer {number}")
+                return
             conn.sendall(SCRIPTS.get(path, SCRIPTS[b"/ok"]))
             if path in LATE:
                 time.sleep(0.2)
