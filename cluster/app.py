@@ -35,14 +35,12 @@ from cluster.routing import (
     Status,
     route,
 )
-from cluster.sockjs import rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
 
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
-
-_MAX_INFO_BYTES = 64 * 1024
 
 
 def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Policy:
@@ -246,7 +244,7 @@ def _read_limited(body: Iterable[bytes]) -> bytes:
     try:
         for chunk in body:
             size += len(chunk)
-            if size > _MAX_INFO_BYTES:
+            if size > MAX_INFO_BYTES:
                 raise UpstreamBroken("sockjs info", "response larger than 64 KiB")
             chunks.append(chunk)
     finally:

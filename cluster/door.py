@@ -29,12 +29,13 @@ import errno
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from cluster.app import WSGIApp
 from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -61,13 +62,10 @@ from cluster.routing import (
     Status,
     route,
 )
-from cluster.sockjs import rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-_MAX_INFO_BYTES = 64 * 1024
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -91,9 +89,11 @@ class Door:
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
-        #: how long a request that found every endpoint dead waits for a newer table:
-        #: about two refreshes of the watcher
-        self.table_wait = min(2.0, 2 * node.watcher.refresh_interval + 0.1)
+        #: how long a request that found every endpoint dead waits for a table with a
+        #: live one: long enough for a replacement to register (a ping interval, plus
+        #: grace) and be read (a refresh), at most 3 s
+        self.table_wait = min(3.0, s.ping_interval + s.expiry_grace
+                              + node.watcher.refresh_interval)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -365,12 +365,15 @@ class Connection:
         decision = route(self.request, node.table, door.policy, tried,
                          ejected=node.ejected())
         if _no_endpoint_left(decision) and not self.waited and (tried or node.ejected()):
-            # Every endpoint we know failed: wait once for a newer table (see
-            # Cluster.wait_for_new_table) before answering 503.
+            # Every endpoint we know failed: wait, a bounded while, for a table that
+            # offers another (see Cluster.wait_for_new_table) before answering 503.
             self.waited = True
-            if node.wait_for_new_table(door.table_wait):
+            deadline = time.monotonic() + door.table_wait
+            while node.wait_for_new_table(deadline - time.monotonic()):
                 decision = route(self.request, node.table, door.policy, tried,
                                  ejected=node.ejected())
+                if not _no_endpoint_left(decision):
+                    break
         return decision
 
     def send(self, decision: Any) -> bool:
@@ -579,7 +582,7 @@ class Connection:
             exchange.send_request(out, b"")
             assert exchange.response is not None
             code = exchange.response.code
-            body = read_small_body(exchange, _MAX_INFO_BYTES)
+            body = read_small_body(exchange, MAX_INFO_BYTES)
         status, payload, ctype = rewrite_info(code, body, decision.base_url,
                                               decision.endpoint.url if decision.endpoint
                                               else "local app")

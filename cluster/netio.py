@@ -29,26 +29,20 @@ def is_plain(sock: Any) -> bool:
 
 def wait_recv(sock: Any, size: int) -> bytes:
     """Wait until ``sock`` is readable, then read up to ``size`` bytes (b"" at EOF)."""
-    if type(sock) is not gsocket.socket:
-        return sock.recv(size)  # type: ignore[no-any-return]
-    raw = sock._sock
-    hub = get_hub()
-    while True:
-        event = sock._read_event
-        if event is None:
-            raise _CLOSED
-        hub.wait(event)
-        try:
-            return raw.recv(size)  # type: ignore[no-any-return]
-        except BlockingIOError:
-            continue  # woken without data (spurious): wait again
+    data: bytes = _read_after_wait(sock, "recv", size)
+    return data
 
 
 def wait_recv_into(sock: Any, view: memoryview) -> int:
     """Like :func:`wait_recv`, into ``view`` (a reused buffer: no allocation per read)."""
+    got: int = _read_after_wait(sock, "recv_into", view)
+    return got
+
+
+def _read_after_wait(sock: Any, method: str, arg: Any) -> Any:
     if type(sock) is not gsocket.socket:
-        return sock.recv_into(view)  # type: ignore[no-any-return]
-    raw = sock._sock
+        return getattr(sock, method)(arg)
+    read = getattr(sock._sock, method)
     hub = get_hub()
     while True:
         event = sock._read_event
@@ -56,9 +50,9 @@ def wait_recv_into(sock: Any, view: memoryview) -> int:
             raise _CLOSED
         hub.wait(event)
         try:
-            return raw.recv_into(view)  # type: ignore[no-any-return]
+            return read(arg)
         except BlockingIOError:
-            continue
+            continue  # woken without data (spurious): wait again
 
 
 def send_all(sock: Any, data: bytes | bytearray | memoryview) -> None:

@@ -205,7 +205,7 @@ class Cluster:
         table then turns a 503 into a served request.
         """
         table = self.watcher.table
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + max(0.0, seconds)
         while self.watcher.table is table and time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         return self.watcher.table is not table

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 JSON = b"application/json; charset=UTF-8"
+#: An info answer larger than this is refused (it is a small JSON object).
+MAX_INFO_BYTES = 64 * 1024
 
 
 def rewrite_info(code: int, body: bytes, base_url: str, where: str) -> tuple[int, bytes, bytes]:
