@@ -89,11 +89,6 @@ class Door:
         self.forwarding = Forwarding(frozenset(s.trusted_proxies))
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.retries = s.retries
-        #: how long a request that found every endpoint dead waits for a table with a
-        #: live one: long enough for a replacement to register (a ping interval, plus
-        #: grace) and be read (a refresh), at most 3 s
-        self.table_wait = min(3.0, s.ping_interval + s.expiry_grace
-                              + node.watcher.refresh_interval)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -249,7 +244,7 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines", "body", "waited")
+                 "outcome", "fwd_host", "fwd_lines", "body")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -315,7 +310,6 @@ class Connection:
         self.request = self.view(head)
         self.head = head
         self.body: bytes | None = _UNREAD
-        self.waited = False
         state = self.outcome = _Outcome()
         view = self.request
         admin = door.admin
@@ -362,19 +356,7 @@ class Connection:
         door = self.door
         node = door.node
         # tried: never again; ejected: only when nothing else is left (panic mode)
-        decision = route(self.request, node.table, door.policy, tried,
-                         ejected=node.ejected())
-        if _no_endpoint_left(decision) and not self.waited and (tried or node.ejected()):
-            # Every endpoint we know failed: wait, a bounded while, for a table that
-            # offers another (see Cluster.wait_for_new_table) before answering 503.
-            self.waited = True
-            deadline = time.monotonic() + door.table_wait
-            while node.wait_for_new_table(deadline - time.monotonic()):
-                decision = route(self.request, node.table, door.policy, tried,
-                                 ejected=node.ejected())
-                if not _no_endpoint_left(decision):
-                    break
-        return decision
+        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
 
     def send(self, decision: Any) -> bool:
         head = self.head

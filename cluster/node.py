@@ -196,20 +196,6 @@ class Cluster:
             log.info("%s %s back in rotation: %s", e.service, e.url, reason)
         return ejection is not None
 
-    def wait_for_new_table(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for the watcher to publish another table; True if it did.
-
-        For a request that found every known endpoint of its service dead: right after
-        a store outage the table can hold only endpoints that died during it, while
-        their replacements register as the store comes back. A short wait for the next
-        table then turns a 503 into a served request.
-        """
-        table = self.watcher.table
-        deadline = time.monotonic() + max(0.0, seconds)
-        while self.watcher.table is table and time.monotonic() < deadline:
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        return self.watcher.table is not table
-
     def ejected(self) -> frozenset[str]:
         """Hashes of the endpoints currently ejected (cheap when there are none).
 
