@@ -29,13 +29,12 @@ import errno
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.app import WSGIApp
 from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -65,6 +64,11 @@ from cluster.routing import (
 from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
 
 log = logging.getLogger(__name__)
+
+# Declared here, not imported from cluster.app: under gunicorn the arbiter imports this
+# module (for LocalHandler) before it sets PROMETHEUS_MULTIPROC_DIR, and cluster.app
+# would pull in prometheus_client too early for the workers' metrics to be shared.
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
