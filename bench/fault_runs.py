@@ -32,6 +32,7 @@ Each prints a markdown table row and the exact command that made it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import signal
@@ -40,7 +41,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bed import ROOT, Bed, WrkResult, free_port, wrk, wrk_result
 from faultload import HttpLoad, WsFleet, WsStats
@@ -134,10 +135,22 @@ def _bed_with_fronts(bed: Bed, app: str, fronts: int) -> tuple[list[int], list[A
     return ports, members, front_ports
 
 
-def rolling(args: argparse.Namespace) -> Outcome:
-    """3 instances restarted one by one, under HTTP load and WebSockets through 2 fronts."""
-    outcome = Outcome("rolling")
-    bed = Bed(prefix="faults-rolling-")
+@dataclass
+class Loaded:
+    """A bed of 3 instances and 2 fronts under HTTP load and WebSocket clients."""
+
+    bed: Bed
+    ports: list[int]
+    members: list[Any]
+    fronts: list[int]
+
+
+@contextlib.contextmanager
+def under_load(args: argparse.Namespace, outcome: Outcome, prefix: str) -> Iterator[Loaded]:
+    """Set the bed up, start the load, let it settle; after the fault (the body), keep the
+    load ``--tail`` seconds and put its figures into ``outcome``. Everything is stopped
+    and removed however the body ends."""
+    bed = Bed(prefix=prefix)
     load: Load | None = None
     fleet: WsFleet | None = None
     try:
@@ -146,63 +159,50 @@ def rolling(args: argparse.Namespace) -> Outcome:
         fleet.start()
         load = Load(args.http, fronts, args.connections)
         time.sleep(args.settle)
-        gaps = []
-        for step in range(args.rounds * INSTANCES):
-            began = time.monotonic()
-            n = step % INSTANCES
-            members[n].send_signal(signal.SIGTERM)
-            members[n].wait(20)  # drained: its requests done, its WebSockets closed
-            members[n] = bed.member(ports[n], f"m{n}", app="gws_echo:app")
-            gaps.append(time.monotonic() - began)
-            time.sleep(max(0.0, args.cadence - (time.monotonic() - began)))
+        yield Loaded(bed, ports, members, fronts)
         time.sleep(args.tail)
         load.finish(outcome)
         load = None
         outcome.ws = fleet.finish()
         fleet = None
-        outcome.notes["restarts"] = len(gaps)
-        outcome.notes["slowest restart"] = f"{max(gaps):.1f} s" if gaps else "-"
         outcome.tracebacks = bed.tracebacks()
-        return outcome
     finally:
         if load is not None:
             load.abort()
         if fleet is not None:
             fleet.finish(5)
         bed.close()
+
+
+def rolling(args: argparse.Namespace) -> Outcome:
+    """3 instances restarted one by one, under HTTP load and WebSockets through 2 fronts."""
+    outcome = Outcome("rolling")
+    with under_load(args, outcome, "faults-rolling-") as run:
+        gaps = []
+        for step in range(args.rounds * INSTANCES):
+            began = time.monotonic()
+            n = step % INSTANCES
+            run.members[n].send_signal(signal.SIGTERM)
+            run.members[n].wait(20)  # drained: its requests done, its WebSockets closed
+            run.members[n] = run.bed.member(run.ports[n], f"m{n}", app="gws_echo:app")
+            gaps.append(time.monotonic() - began)
+            time.sleep(max(0.0, args.cadence - (time.monotonic() - began)))
+    outcome.notes["restarts"] = len(gaps)
+    outcome.notes["slowest restart"] = f"{max(gaps):.1f} s" if gaps else "-"
+    return outcome
 
 
 def kill(args: argparse.Namespace) -> Outcome:
     """SIGKILL of one instance under load; it comes back ``--down`` seconds later."""
     outcome = Outcome("kill")
-    bed = Bed(prefix="faults-kill-")
-    load: Load | None = None
-    fleet: WsFleet | None = None
-    try:
-        ports, members, fronts = _bed_with_fronts(bed, "gws_echo:app", 2)
-        fleet = WsFleet([f"ws://127.0.0.1:{port}/ws" for port in fronts], args.ws_clients)
-        fleet.start()
-        load = Load(args.http, fronts, args.connections)
-        time.sleep(args.settle)
-        members[0].send_signal(signal.SIGKILL)
-        members[0].wait(10)
+    with under_load(args, outcome, "faults-kill-") as run:
+        run.members[0].send_signal(signal.SIGKILL)
+        run.members[0].wait(10)
         time.sleep(args.down)
-        members[0] = bed.member(ports[0], "m0", app="gws_echo:app")
-        time.sleep(args.tail)
-        load.finish(outcome)
-        load = None
-        outcome.ws = fleet.finish()
-        fleet = None
-        bound = args.connections * len(fronts) if args.http == "wrk" else len(fronts)
-        outcome.notes["in-flight bound"] = bound
-        outcome.tracebacks = bed.tracebacks()
-        return outcome
-    finally:
-        if load is not None:
-            load.abort()
-        if fleet is not None:
-            fleet.finish(5)
-        bed.close()
+        run.members[0] = run.bed.member(run.ports[0], "m0", app="gws_echo:app")
+    bound = args.connections * len(run.fronts) if args.http == "wrk" else len(run.fronts)
+    outcome.notes["in-flight bound"] = bound
+    return outcome
 
 
 def store(args: argparse.Namespace) -> Outcome:
