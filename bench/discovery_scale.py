@@ -2,8 +2,9 @@
 
 Each simulated instance is a real :class:`~cluster.registry.Registrar` and a real
 :class:`~cluster.registry.Watcher` (their own loops, greenlets under gevent) against one
-real FerretDB; many instances share a process and a few pymongo clients. Two designs run
-in the same invocation, on the same store binary:
+real FerretDB (``--backend``: its SQLite backend, the test suite's, or its PostgreSQL
+backend, FerretDB's production one); many instances share a process and a few pymongo
+clients. Two designs run in the same invocation, on the same store:
 
 - ``today``: the design before the membership log (every watcher reads every record,
   ``find({})``, every half ping interval; a heartbeat updates by
@@ -18,8 +19,9 @@ registrars and 40 watchers for the log;
 for today's design 50 registrars and 5,000/N watchers, as each of its operations reads
 or scans every record); the other records are written once with a timestamp 50 minutes ahead,
 so they cost what any record costs to read and never expire. Three windows of
-``--window`` seconds measure the store's CPU (utime + stime of the FerretDB process, from
-``/proc/PID/stat``) with the registrars alone, plus the first watcher (with the log: the
+``--window`` seconds measure the store's CPU (utime + stime of the FerretDB process, and
+with PostgreSQL of the postmaster and its backends, from ``/proc/PID/stat``) with the
+registrars alone, plus the first watcher (with the log: the
 reaper), plus the others; with the work each did, that gives the store CPU per heartbeat,
 per reaper scan (or first watcher's refresh) and per refresh, and so the store CPU that
 all N instances need at the design's rates (heartbeat every ping interval, refresh every
@@ -27,9 +29,12 @@ half; for the log also each watcher's slow resync). Commands and documents per s
 those the simulated instances exchanged (pymongo command monitoring). Then a join, a
 graceful leave and a crash (a registrar that stops beating and keeps its record) are
 timed until every simulated watcher's table shows them; for today's design at large N
-those watchers are few, on a store that is *not* saturated, so they flatter it.
+those watchers are few, on a store that is *not* saturated, so they flatter it. A
+crash is also timed from the crashed registrar's last heartbeat (``crash_beat_s``): the
+record expires ping + grace after it, then the reaper and every watcher refresh.
 
     python bench/discovery_scale.py                     # 10, 100, 1000, 5000; ~6 minutes
+    python bench/discovery_scale.py --backend postgresql  # needs Debian's postgresql
     python bench/discovery_scale.py --sizes 10,100 --window 5
 
 The machine is shared: keep runs short, and compare rows of the same run.
@@ -125,16 +130,24 @@ class TodayStore(MongoStore):
         return super().snapshot(None)  # find({}), as before
 
 
-def store_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+def store_cpu(server: MongoServer) -> float:
+    """CPU seconds of the store's processes (children reaped meanwhile included)."""
+    total = 0
+    for pid in server.store_pids():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a PostgreSQL backend that just exited: its parent counts it
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
 
 
 class Phase:
     """Store CPU, commands and documents, and the work done, over one window."""
 
-    def __init__(self, pid: int, registrars: list[Registrar], watchers: list[Watcher]):
-        self.pid, self.registrars, self.watchers = pid, registrars, watchers
+    def __init__(self, server: MongoServer, registrars: list[Registrar],
+                 watchers: list[Watcher]):
+        self.server, self.registrars, self.watchers = server, registrars, watchers
 
     def _work(self) -> tuple[int, int, int]:
         beats = sum(r.beats for r in self.registrars)
@@ -143,10 +156,10 @@ class Phase:
         return beats, refreshes, scans
 
     def run(self, seconds: float) -> dict[str, float]:
-        cpu0, (ops0, docs0), work0 = store_cpu(self.pid), COUNTER.total(), self._work()
+        cpu0, (ops0, docs0), work0 = store_cpu(self.server), COUNTER.total(), self._work()
         t0 = time.monotonic()
         gevent.sleep(seconds)
-        cpu1, (ops1, docs1), work1 = store_cpu(self.pid), COUNTER.total(), self._work()
+        cpu1, (ops1, docs1), work1 = store_cpu(self.server), COUNTER.total(), self._work()
         span = time.monotonic() - t0
         return {"cpu": cpu1 - cpu0, "seconds": span, "ops": (ops1 - ops0) / span,
                 "docs": (docs1 - docs0) / span, "beats": work1[0] - work0[0],
@@ -213,7 +226,6 @@ def run_one(server: MongoServer, design: str, n: int, window: float,
                   for i in range(run_r)]
     watchers = [Watcher(stores[i % CLIENTS], GRACE, REFRESH, services=frozenset({"web"}))
                 for i in range(run_w)]
-    pid = server.pid or 0
     extra: list[Registrar] = []
     try:
         # start spread over one ping interval, as instances of a real cluster are
@@ -222,18 +234,18 @@ def run_one(server: MongoServer, design: str, n: int, window: float,
         quiet_until(lambda: all(r.beats for r in registrars), 120)
         gevent.sleep(PING)
         note(f"{design} {n}: {len(registrars)} registrars beating")
-        a = Phase(pid, registrars, []).run(window)  # heartbeats only
+        a = Phase(server, registrars, []).run(window)  # heartbeats only
         watchers[0].start()  # the first watcher (with a log: the reaper)
         watchers[0].refreshed.wait(60)
         gevent.sleep(REFRESH)
         note(f"{design} {n}: first watcher read")
-        b = Phase(pid, registrars, watchers[:1]).run(window)
+        b = Phase(server, registrars, watchers[:1]).run(window)
         for loop in watchers[1:]:
             gevent.spawn_later(random.uniform(0, REFRESH), loop.start)
         quiet_until(lambda: all(w.refreshed.is_set() for w in watchers), 120)
         gevent.sleep(REFRESH)
         note(f"{design} {n}: {len(watchers)} watchers read")
-        c = Phase(pid, registrars, watchers).run(window)
+        c = Phase(server, registrars, watchers).run(window)
         note(f"{design} {n}: measured; join, leave, crash")
         # CPU per operation, from the three windows
         per_beat = a["cpu"] / max(1, a["beats"])
@@ -255,7 +267,8 @@ def run_one(server: MongoServer, design: str, n: int, window: float,
             resync_share = per_first * (n - 1) / (RESYNC_SECONDS + RESYNC_PER_RECORD * n)
             demand += resync_share
         result: dict[str, Any] = {
-            "design": design, "instances": n, "registrars_run": run_r, "watchers_run": run_w,
+            "backend": server.backend, "design": design, "instances": n,
+            "registrars_run": run_r, "watchers_run": run_w,
             "store_cpu_measured": c["cpu"] / c["seconds"], "store_cpu_needed": demand,
             "commands_per_s": c["ops"], "documents_per_s": c["docs"],
             "ms_per_heartbeat": per_beat * 1000, "ms_per_refresh": per_refresh * 1000,
@@ -273,12 +286,14 @@ def run_one(server: MongoServer, design: str, n: int, window: float,
         crasher = Registrar(stores[1], "web", "http://192.0.2.2:8000", None, PING)
         extra.append(crasher)
         crasher.start()
-        result["crash_s"] = None
+        result["crash_s"] = result["crash_beat_s"] = None
         if seen_everywhere(watchers, "http://192.0.2.2:8000", True, event_timeout):
             crasher._stopping.set()  # stops beating, keeps its record: a crash
             crasher._stopped = True
             result["crash_s"] = seen_everywhere(watchers, "http://192.0.2.2:8000", False,
                                                 PING + GRACE + event_timeout)
+            if result["crash_s"] is not None:  # from its last heartbeat
+                result["crash_beat_s"] = time.monotonic() - crasher._last_beat
         return result
     finally:
         loops = [*watchers, *registrars, *extra]
@@ -298,16 +313,18 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| instances | design | run (registrars / watchers) | store CPU needed (cores) | "
-            "measured store CPU | commands/s | documents/s | ms per refresh | "
-            "join s | leave s | crash s |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "measured store CPU | ms per heartbeat | ms per refresh | commands/s | "
+            "documents/s | join s | leave s | crash s | crash s after last beat |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: | ---: |"]
     for r in results:
         rows.append(
             f"| {r['instances']:,} | {r['design']} | {r['registrars_run']:,} / "
             f"{r['watchers_run']:,} | **{r['store_cpu_needed']:.3f}** | "
-            f"{r['store_cpu_measured']:.3f} | {r['commands_per_s']:,.0f} | "
-            f"{r['documents_per_s']:,.0f} | {r['ms_per_refresh']:.2f} | "
-            f"{fmt(r['join_s'])} | {fmt(r['leave_s'])} | {fmt(r['crash_s'])} |")
+            f"{r['store_cpu_measured']:.3f} | {r['ms_per_heartbeat']:.2f} | "
+            f"{r['ms_per_refresh']:.2f} | {r['commands_per_s']:,.0f} | "
+            f"{r['documents_per_s']:,.0f} | {fmt(r['join_s'])} | {fmt(r['leave_s'])} | "
+            f"{fmt(r['crash_s'])} | {fmt(r['crash_beat_s'])} |")
     return "\n".join(rows)
 
 
@@ -318,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=8.0,
                         help="seconds of each measurement (default 8)")
     parser.add_argument("--event-timeout", type=float, default=20.0)
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="FerretDB's backend (postgresql: a throwaway PostgreSQL, "
+                             "Debian's postgresql package)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     # SIGTERM: leave through the `with` below, so FerretDB is stopped too
@@ -326,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     designs = args.designs.split(",")
     started = dt.datetime.now(dt.timezone.utc)
     results = []
-    with MongoServer.launch(use_env=False) as server:
-        print(f"store: {server!r}; ping {PING:g}s, grace {GRACE:g}s, "
+    with MongoServer.launch(use_env=False, backend=args.backend) as server:
+        print(f"store: {server!r} ({server.backend} backend); ping {PING:g}s, grace {GRACE:g}s, "
               f"window {args.window:g}s", flush=True)
         for n in sizes:
             for design in designs:
