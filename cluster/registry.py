@@ -331,6 +331,8 @@ class WatchStats:
     """What a watcher asked of the store (for benchmarks and tests)."""
 
     refreshes: int = 0
+    #: single-document lookups by _id: the membership document and log entries
+    lookups: int = 0
     full_reads: int = 0
     log_reads: int = 0
     scans: int = 0
@@ -341,8 +343,8 @@ class Watcher(_Loop):
     """Keeps :attr:`table` current; on a store outage keeps the last known table.
 
     With a store that keeps a membership log (``store.changelog``) a refresh reads one
-    small document, plus the log entries since the last refresh when membership changed:
-    O(changes), not O(records). The records themselves are read on the first refresh,
+    small document (the epoch), plus the log entries since the last refresh when the
+    epoch moved: O(changes), not O(records). The records themselves are read on the first refresh,
     when the log cannot be followed, after a store outage, and every
     :data:`RESYNC_SECONDS` (more with many records). One watcher in the cluster holds the
     *reaper* lease: it also reads every record on each refresh and announces in the log
@@ -444,6 +446,7 @@ class Watcher(_Loop):
 
     def _follow_log(self) -> None:
         membership = self.store.membership()
+        self.stats.lookups += 1
         if self.reap:
             self._reaper_duty(membership)
         epoch = membership.epoch
@@ -453,7 +456,10 @@ class Watcher(_Loop):
         elif (self._epoch is None or sheltering or epoch - self._epoch > MAX_LOG_LAG
               or time.monotonic() >= self._next_resync):
             self._read_records(epoch)
-        else:
+        elif epoch > self._epoch:
+            # Membership changed. An entry whose epoch bump has not landed yet waits for
+            # the next refresh; one whose bump was lost (its writer died in between) for
+            # the reaper, which moves the epoch to the end of the log at every scan.
             self._follow(self._epoch, membership)
 
     def _follow(self, epoch: int, membership: Membership) -> None:
@@ -463,6 +469,9 @@ class Watcher(_Loop):
         to its first missing entry."""
         for _ in range(MAX_LOG_LAG // MAX_LOG_STEP + 1):
             changes = self.store.changes(epoch + 1, MAX_LOG_STEP)
+            # one lookup per entry, and one for the first missing entry
+            self.stats.lookups += 1 if changes is None else len(changes) + (
+                len(changes) < MAX_LOG_STEP)
             if changes is None:  # an entry we cannot read: read the records
                 self._read_records(membership.epoch)
                 return
@@ -534,7 +543,9 @@ class Watcher(_Loop):
         epoch = self._epoch
         fresh = epoch is None  # nothing known to compare with: announce no joins
         if epoch is not None:
-            self._follow(epoch, membership)
+            self._follow(epoch, membership)  # to the end of the log, past the epoch
+            if self._epoch is not None and self._epoch > membership.epoch:
+                self.store.advance_epoch(self._epoch)  # a lost bump: see _follow_log
         self.services = None
         before = self._known
         endpoints = self._read_records(membership.epoch, every=True)
@@ -591,6 +602,22 @@ class Watcher(_Loop):
             e = new.by_hash[came]
             log.info("endpoint joined: %s %s", e.service, e.url)
 
+    def pause(self) -> float:
+        """Seconds until the next refresh: the refresh interval, except that the reaper
+        wakes just after the first record it saw alive expires (at most four times as
+        often). A crash then enters the log at its expiry, and reaches every watcher
+        within one refresh of it, as when every watcher judged the records itself."""
+        table = self.table
+        if not self.reaping or not table.endpoints:
+            return self.refresh_interval
+        deadlines = [e.ping_interval + self.grace - e.age(table.now)
+                     for e in table.endpoints]
+        alive = [d for d in deadlines if d > 0]  # the expired ones are being settled
+        if not alive:
+            return self.refresh_interval
+        until = min(alive) - (time.monotonic() - self.read_at) + 0.05
+        return max(self.refresh_interval / 4, min(self.refresh_interval, until))
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -600,7 +627,7 @@ class Watcher(_Loop):
                 self.outage.failed(exc)
             else:
                 self.outage.succeeded()
-            self._stopping.wait(self.refresh_interval)
+            self._stopping.wait(self.pause())
 
 
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:

@@ -182,3 +182,121 @@ def test_concurrent_announcements_fill_the_log_without_gaps_or_losses(stores):
     assert [e.seq for e in writers[0].changes(75, 10)] == [75, 76, 77, 78, 79, 80]
     assert [e.seq for e in writers[0].changes(1, 10)] == list(range(1, 11))  # a batch
     assert writers[0].membership().epoch >= 70  # the epoch is a hint that may trail
+
+
+def test_a_steady_refresh_is_one_lookup_and_a_lost_epoch_bump_is_repaired_by_the_reaper(
+        stores, mongo_url):
+    """Watchers read the log only when the epoch moved; an entry whose writer died before
+    moving the epoch is picked up after the reaper's next scan moves it."""
+    member = registrar(stores(), 4400)
+    member.beat()
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher.refresh()
+    lookups, reads = watcher.stats.lookups, watcher.stats.full_reads
+    for _ in range(4):
+        member.beat()
+        watcher.refresh()
+    assert watcher.stats.lookups - lookups == 4  # the membership document, nothing else
+    assert watcher.stats.full_reads == reads
+    # a record and its join entry, written by an announcer that died before moving
+    # the epoch
+    epoch = watcher.store.membership().epoch
+    end = len(watcher.store.changes(1, 500) or [])
+    assert end >= epoch
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        now = client.admin.command("hello")["localTime"]
+        record = {"serviceName": "web", "endpoint": "http://127.0.0.1:4401",
+                  "endpointHash": endpoint_hash("http://127.0.0.1:4401"), "balancer": None,
+                  "pingInterval": 60000, "timestamp": now}
+        database = client.get_default_database()
+        database[COLLECTION].insert_one(dict(record))
+        database["clusterChanges"].insert_one({"_id": f"c{end + 1}", "kind": "join",
+                                               **record})
+    finally:
+        client.close()
+    watcher.refresh()
+    assert "http://127.0.0.1:4401" not in urls(watcher)  # the epoch did not move
+    reaper.refresh()  # reads the log to its end and moves the epoch there
+    assert reaper.store.membership().epoch >= end + 1
+    watcher.refresh()
+    assert "http://127.0.0.1:4401" in urls(watcher)
+    assert watcher.stats.full_reads == reads
+
+
+def test_the_reaper_wakes_at_the_first_expiry_not_at_its_next_refresh(stores):
+    """With a long refresh interval the reaper still announces a crash right after the
+    record expires: crashes reach watchers within ping + grace plus one refresh."""
+    crashing, live = registrar(stores(), 4500), registrar(stores(), 4501)
+    live.start()
+    watcher = Watcher(stores(), GRACE, 0.2)
+    reaper = Watcher(stores(), GRACE, 2.0)  # would wake 2 s after its first read
+    try:
+        crashing.beat()  # the last heartbeat: it expires ping + grace (1 s) from now
+        last_beat = time.monotonic()
+        reaper.start()
+        assert reaper.refreshed.wait(5)
+        assert reaper.reaping and reaper.pause() < 1.1  # not its 2 s refresh interval
+        watcher.start()
+        seen_gone = None
+        while time.monotonic() - last_beat < 5 and seen_gone is None:
+            if watcher.refreshed.is_set() and "http://127.0.0.1:4500" not in urls(watcher):
+                seen_gone = time.monotonic() - last_beat
+            time.sleep(0.02)
+        assert seen_gone is not None
+        # expiry (1 s), the reaper's wake-up (+0.05 s), one watcher refresh (0.2 s)
+        assert seen_gone < PING + GRACE + 0.6, seen_gone
+        assert urls(watcher) == {"http://127.0.0.1:4501"}
+    finally:
+        for loop in (watcher, reaper, live):
+            loop.stop()
+
+
+def test_a_record_deleted_by_someone_else_comes_back_at_the_next_heartbeat(
+        stores, mongo_url):
+    member = registrar(stores(), 4600)
+    member.beat()
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4600"}
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        client.get_default_database()[COLLECTION].delete_many({})  # an operator's cleanup
+    finally:
+        client.close()
+    reaper.refresh()  # the record is gone: announced as a leave
+    watcher.refresh()
+    assert urls(watcher) == set()
+    member.beat()  # the replacement by _id creates it again and announces the join
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4600"}
+    reaper.refresh()
+    assert urls(reaper) == {"http://127.0.0.1:4600"}
+
+
+def test_without_a_reaper_a_meteor_record_is_picked_up_by_the_slow_resync(
+        stores, mongo_url, monkeypatch):
+    import cluster.registry
+
+    monkeypatch.setattr(cluster.registry, "RESYNC_SECONDS", 0.5)
+    monkeypatch.setattr(cluster.registry, "RESYNC_PER_RECORD", 0.0)
+    watcher = Watcher(stores(), GRACE, PING / 2, reap=False)
+    watcher.refresh()
+    reads = watcher.stats.full_reads
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        now = client.admin.command("hello")["localTime"]
+        client.get_default_database()[COLLECTION].insert_one({  # as a Meteor app writes it
+            "serviceName": "web", "endpoint": "http://127.0.0.1:4700",
+            "endpointHash": endpoint_hash("http://127.0.0.1:4700"), "balancer": None,
+            "pingInterval": 60000, "timestamp": now})
+    finally:
+        client.close()
+    watcher.refresh()
+    assert urls(watcher) == set() and watcher.stats.full_reads == reads
+    time.sleep(0.65)  # the resync is due 0.4-0.6 s after the last full read
+    watcher.refresh()
+    assert urls(watcher) == {"http://127.0.0.1:4700"}
+    assert watcher.stats.full_reads == reads + 1

@@ -96,6 +96,10 @@ class DiscoveryStore(abc.ABC):
         """Append a join or leave; returns its sequence number."""
         raise NotImplementedError
 
+    def advance_epoch(self, seq: int) -> None:
+        """Raise the epoch to ``seq`` (never lower it): the reaper repairs a lost bump."""
+        raise NotImplementedError
+
     def claim_reaper(self, me: str, seen: Membership) -> bool:
         """Take the reaper lease if it is still as ``seen`` (a lapsed or absent holder)."""
         raise NotImplementedError

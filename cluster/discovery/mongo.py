@@ -199,15 +199,24 @@ class MongoStore(DiscoveryStore):
             else:
                 raise DiscoveryError(f"announcing to {self.description} failed: "
                                      "no free log entry")
+            self.advance_epoch(seq)
+            self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
+        return seq
+
+    def advance_epoch(self, seq: int) -> None:
+        # Watchers read the log only when the epoch moved, so every entry is followed
+        # by this bump ($max: concurrent writers never move it back).
+        try:
             try:
                 self._membership.update_one({"_id": MEMBERSHIP_ID},
                                             {"$max": {"epoch": seq}}, upsert=True)
             except DuplicateKeyError:  # created concurrently: now it exists
                 self._membership.update_one({"_id": MEMBERSHIP_ID}, {"$max": {"epoch": seq}})
-            self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
         except PyMongoError as exc:
-            raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
-        return seq
+            raise DiscoveryError(f"advancing the epoch of {self.description} failed: "
+                                 f"{exc}") from exc
 
     def _log_end(self, known: int) -> int:
         """The first free entry number after ``known`` (a written one, or 0): gallop,
