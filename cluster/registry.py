@@ -381,6 +381,7 @@ class Watcher(_Loop):
         self._next_resync = 0.0
         self._lease_seen: tuple[Membership, float] = (Membership(), time.monotonic())
         self._steady_since = time.monotonic()
+        self._early_scan = float("-inf")  # time.monotonic() of the last early scan
 
     def __repr__(self) -> str:
         role = " [reaper]" if self.reaping else ""
@@ -604,11 +605,14 @@ class Watcher(_Loop):
 
     def pause(self) -> float:
         """Seconds until the next refresh: the refresh interval, except that the reaper
-        wakes just after the first record it saw alive expires (at most four times as
-        often). A crash then enters the log at its expiry, and reaches every watcher
-        within one refresh of it, as when every watcher judged the records itself."""
+        wakes just after the first record it saw alive expires. A crash then enters the
+        log at its expiry, and reaches every watcher within one refresh of it, as when
+        every watcher judged the records itself. At most one such early scan per refresh
+        interval, so that many expiries close together (a host lost) cost at most twice
+        the usual scans."""
         table = self.table
-        if not self.reaping or not table.endpoints:
+        if (not self.reaping or not table.endpoints
+                or time.monotonic() - self._early_scan < self.refresh_interval):
             return self.refresh_interval
         deadlines = [e.ping_interval + self.grace - e.age(table.now)
                      for e in table.endpoints]
@@ -616,7 +620,7 @@ class Watcher(_Loop):
         if not alive:
             return self.refresh_interval
         until = min(alive) - (time.monotonic() - self.read_at) + 0.05
-        return max(self.refresh_interval / 4, min(self.refresh_interval, until))
+        return max(0.05, min(self.refresh_interval, until))
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -627,7 +631,10 @@ class Watcher(_Loop):
                 self.outage.failed(exc)
             else:
                 self.outage.succeeded()
-            self._stopping.wait(self.pause())
+            pause = self.pause()
+            self._stopping.wait(pause)
+            if pause < self.refresh_interval:
+                self._early_scan = time.monotonic()
 
 
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:

@@ -248,6 +248,8 @@ def test_the_reaper_wakes_at_the_first_expiry_not_at_its_next_refresh(stores):
         # expiry (1 s), the reaper's wake-up (+0.05 s), one watcher refresh (0.2 s)
         assert seen_gone < PING + GRACE + 0.6, seen_gone
         assert urls(watcher) == {"http://127.0.0.1:4501"}
+        # one early scan per refresh interval at most: the next waits the full interval
+        assert reaper.pause() == 2.0
     finally:
         for loop in (watcher, reaper, live):
             loop.stop()
