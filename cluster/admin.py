@@ -137,6 +137,8 @@ class Admin:
                 "ejected": e.hash in ejected,
                 "ejected_reason": reasons.get(e.url, ("", 0.0))[0] if e.hash in ejected else "",
                 "traffic": seen or _idle(),
+                # as published in its record (cluster.load); None: unknown
+                "load": e.load.to_doc() if e.load is not None else None,
             }
             endpoints.append(row)
         if local is not None and not any(r["self"] for r in endpoints):
@@ -167,6 +169,10 @@ class Admin:
             "websockets": sum(int(t["websockets"]) for t in _all_traffic(endpoints, traffic)),
             "served": local or _idle(),
             "other_traffic": traffic,
+            # this instance's own load now (its record has it as of the last material move)
+            "load": registrar.load().to_doc() if registrar is not None and registrar.load
+            else None,
+            "placement": self.settings.placement,
         }
 
 
@@ -233,7 +239,7 @@ code { font-size:12px; }
 <table id="endpoints"><thead><tr><th>service</th><th>endpoint</th><th>balancer</th>
 <th class="num">heartbeat</th><th>health</th><th class="num">requests</th>
 <th class="num">req/s</th><th class="num">errors</th><th class="num">websockets</th>
-</tr></thead><tbody></tbody></table>
+<th class="num">load</th></tr></thead><tbody></tbody></table>
 <h2>Services</h2>
 <table id="services"><thead><tr><th>service</th><th class="num">live endpoints</th>
 <th>balancers</th><th class="num">req/s from here</th></tr></thead><tbody></tbody></table>
@@ -252,6 +258,10 @@ function el(tag, attrs, ...kids) {
 }
 function age(s) {
   return s == null ? "-" : (s < 120 ? s.toFixed(1) + "s" : Math.round(s / 60) + "m");
+}
+function loadText(l) {
+  return l == null ? "-" : l.sockets + " ws, " + l.inflight + " req, " +
+    l.serviceMs.toFixed(1) + " ms";
 }
 function pct(x) { return (100 * x).toFixed(x > 0 && x < 0.01 ? 2 : 1) + "%"; }
 function card(k, v, cls) {
@@ -293,7 +303,8 @@ function render(d) {
       el("td", {"class": "num"}, age(r.age)), health,
       el("td", {"class": "num requests"}, t.requests), rateCell,
       el("td", {"class": "num"}, pct(t.error_rate)),
-      el("td", {"class": "num"}, t.websockets));
+      el("td", {"class": "num"}, t.websockets),
+      el("td", {"class": "num load"}, loadText(r.load)));
   }));
   const services = document.querySelector("#services tbody");
   services.replaceChildren(...d.services.map(s => {

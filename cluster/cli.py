@@ -75,6 +75,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
                 "service": e.service, "endpoint": e.url, "hash": e.hash,
                 "balancer": e.balancer, "age": round(e.age(snapshot.now), 3),
                 "pingInterval": e.ping_interval, "healthy": healthy,
+                "load": e.load.to_doc() if e.load is not None else None,
             })
     live = [r for r in rows if r["healthy"]]
     return {
@@ -91,6 +92,13 @@ def _age(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else str(dt.timedelta(seconds=int(seconds)))
 
 
+def _load(load: dict[str, Any] | None) -> str:
+    """An endpoint's published load, short: WebSockets, requests in progress, service time."""
+    if load is None:
+        return "-"
+    return f"{load['sockets']} ws, {load['inflight']} req, {load['serviceMs']:.1f} ms"
+
+
 def table_lines(data: dict[str, Any],
                 rates: dict[str, tuple[float, float] | None] | None = None) -> list[str]:
     """The ``cluster status`` table; with ``rates`` (endpoint -> (requests/s, error
@@ -100,14 +108,15 @@ def table_lines(data: dict[str, Any],
         lines.append("no live endpoints")
     else:
         headers: tuple[str, ...] = ("SERVICE", "ENDPOINT", "HASH", "BALANCER", "HEARTBEAT",
-                                    "STATE")
+                                    "STATE", "LOAD")
         if rates is not None:
             headers += ("REQ/S", "ERRORS")
         table: list[tuple[str, ...]] = [headers]
         for r in data["endpoints"]:
             row: tuple[str, ...] = (
                 r["service"], r["endpoint"], r["hash"][:10], r["balancer"] or "-",
-                _age(r["age"]) + " ago", "live" if r["healthy"] else "expired")
+                _age(r["age"]) + " ago", "live" if r["healthy"] else "expired",
+                _load(r.get("load")))
             if rates is not None:
                 seen = rates.get(r["endpoint"])
                 row += ("-", "-") if seen is None else (f"{seen[0]:.1f}", f"{100 * seen[1]:.1f}%")

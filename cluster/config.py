@@ -33,6 +33,9 @@ from cluster.records import (
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOG_FORMATS = ("off", "combined", "json")
+PLACEMENTS = ("load", "random")
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False}
 COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
@@ -191,6 +194,37 @@ def _token(raw: str) -> str:
     return value
 
 
+def _placement(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PLACEMENTS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(PLACEMENTS)}")
+    return value
+
+
+def _switch(raw: str) -> bool:
+    value = _SWITCH.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"{raw!r} is not on or off")
+    return value
+
+
+def _margin(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if not 1.0 < value <= 100.0:  # NaN fails this too
+        raise ValueError(f"{raw} is outside 1..100 (more than 1: a share above the mean)")
+    return value
+
+
+def _rate(raw: str) -> float:
+    value = _positive_seconds(raw.strip()) if raw.strip() else 0.0
+    if value > 100_000:
+        raise ValueError(f"{raw} is more than 100000 per second")
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -329,6 +363,35 @@ class Settings:
         "share of requests this instance serves itself, 0..1 (1: a fair share, "
         "0: proxy everything)",
         "W",
+    )
+    placement: str = setting(
+        "load",
+        _placement,
+        "how a new session (no sticky cookie) picks its endpoint: load (the less loaded "
+        "of two random endpoints, by the load each publishes plus this balancer's own "
+        "recent placements) or random (uniform, as meteorhacks:cluster)",
+        "load|random",
+    )
+    rebalance: bool = setting(
+        False,
+        _switch,
+        "close some of this instance's WebSockets with 1001 while it holds more than "
+        "--rebalance-margin times its service's mean (after a newcomer joins), so their "
+        "clients reconnect to less loaded instances",
+        "on|off",
+    )
+    rebalance_margin: float = setting(
+        1.25,
+        _margin,
+        "rebalancing starts above this many times the mean WebSockets per instance of "
+        "the service, and stops at the mean",
+        "X",
+    )
+    rebalance_rate: float = setting(
+        10.0,
+        _rate,
+        "most WebSockets closed per second while rebalancing",
+        "N",
     )
     workers_count: int = setting(
         1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
@@ -581,8 +644,15 @@ def to_environment(settings: Settings) -> dict[str, str]:
         value = getattr(settings, spec.name)
         if value is None:
             continue
-        env[env_of(spec.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
+        env[env_of(spec.name)] = _shown(value)
     return env
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as its flag takes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def fields() -> Iterator[dataclasses.Field[Any]]:
@@ -660,7 +730,7 @@ def build_parser(
     parser.raise_errors = raise_errors
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _shown(default)
         parser.add_argument(
             flag_of(spec.name),
             env_var=env_of(spec.name),
@@ -722,7 +792,7 @@ def example_config() -> str:
     ]
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _shown(default)
         lines.append(f"# {spec.metadata['help']}  [{env_of(spec.name)}]")
         key = spec.name.replace("_", "-")
         lines.append(f"# {key} = {'' if shown in (None, ()) else shown}")
@@ -735,7 +805,7 @@ def settings_markdown() -> str:
     rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _shown(default)
         shown = "" if shown in (None, "", ()) else f"`{shown}`"
         rows.append(f"| `{flag_of(spec.name)}` | `{env_of(spec.name)}` | {shown} | "
                     f"{spec.metadata['help']} |")

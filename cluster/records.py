@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from cluster.load import Load, parse_load
+
 COLLECTION = "clusterEndpoints"
 
 
@@ -42,6 +44,10 @@ SERVICE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
 #: ends the problem text of a record kept without its malformed balancer
 BALANCER_IGNORED = "balancer ignored, endpoint kept"
+#: ends the problem text of a record kept without its malformed load figures
+LOAD_IGNORED = "load ignored, endpoint kept"
+#: what every problem of a record that is kept ends with
+KEPT = "endpoint kept"
 #: how much of a hostile value a log line or a problem text shows
 SHOWN_CHARS = 200
 
@@ -141,6 +147,8 @@ class Endpoint:
     balancer: str | None
     timestamp: dt.datetime
     ping_interval: float  # seconds
+    #: the load it published (cluster.load); None: unknown (none, or a malformed one)
+    load: Load | None = None
 
     def age(self, now: dt.datetime) -> float:
         """Seconds since the last heartbeat, by the store's clock."""
@@ -194,6 +202,15 @@ def check_record(
             balancer = check_url(balancer, "balancer").rstrip("/")
         except MalformedRecord as exc:
             balancer, problem = None, f"{exc}; {BALANCER_IGNORED}"
+    load = None
+    if "load" in doc:
+        try:
+            load = parse_load(doc["load"])
+        except ValueError as exc:
+            # Load only steers placement: an endpoint with an unknown load is still a
+            # live endpoint (placement treats it as average), so it is kept.
+            text = f"{exc} ({shown(doc['load'], 60)}); {LOAD_IGNORED}"
+            problem = text if problem is None else f"{problem}; {text}"
     # The hash is recomputed rather than trusted: routing by a hash that does not
     # match the URL would send sessions to the wrong place.
     endpoint = Endpoint(
@@ -203,6 +220,7 @@ def check_record(
         balancer=balancer or None,
         timestamp=timestamp,
         ping_interval=float(ping) / 1000.0,
+        load=load,
     )
     return endpoint, problem
 
@@ -216,13 +234,19 @@ def record_identity(doc: Mapping[str, Any]) -> str:
 
 
 def make_record(
-    service: str, endpoint_url: str, balancer_url: str | None, ping_interval: float
+    service: str, endpoint_url: str, balancer_url: str | None, ping_interval: float,
+    load: Load | None = None,
 ) -> dict[str, Any]:
-    """The document an instance writes for itself (timestamp set by the store)."""
-    return {
+    """The document an instance writes for itself (timestamp set by the store).
+
+    ``load`` goes in an extra field that meteorhacks' readers ignore."""
+    record: dict[str, Any] = {
         "serviceName": service,
         "endpoint": endpoint_url,
         "endpointHash": endpoint_hash(endpoint_url),
         "balancer": balancer_url,
         "pingInterval": int(round(ping_interval * 1000)),
     }
+    if load is not None:
+        record["load"] = load.to_doc()
+    return record

@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cluster.discovery.base import Change, DiscoveryStore, Membership, wanted
 from cluster.errors import DiscoveryError
+from cluster.load import Load, moved
 from cluster.records import (
     BALANCER_IGNORED,
+    KEPT,
     Endpoint,
     MalformedRecord,
     check_record,
@@ -255,6 +257,10 @@ class Registrar(_Loop):
         self._stopped = False
         self._beat_failed = False
         self._last_beat = 0.0
+        #: this instance's load now (cluster.load), set by its front door; None: none
+        self.load: Callable[[], Load] | None = None
+        #: the load the record carries in the store
+        self.published: Load | None = None
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -274,9 +280,18 @@ class Registrar(_Loop):
         now = time.monotonic()
         rejoin = (not self._registered or self._beat_failed
                   or now - self._last_beat > 1.5 * self.ping_interval)
+        # The load is rewritten only when it moved materially, and then announced like a
+        # join, so watchers that follow the membership log see it (cluster.load).
+        current = self.load() if self.load is not None else None
+        changed = current is not None and moved(self.published, current)
+        if changed:
+            assert current is not None
+            self.record["load"] = current.to_doc()
         self._beat_failed = True
-        self.store.heartbeat(self.record, announce=rejoin)
+        self.store.heartbeat(self.record, announce=rejoin or changed)
         self._beat_failed = False
+        if changed:
+            self.published = current
         self._last_beat = now
         if not self._registered:
             log.info("registered %s at %s in %s", self.record["serviceName"],
@@ -577,8 +592,9 @@ class Watcher(_Loop):
     @staticmethod
     def _report(problems: Iterable[tuple[str, str]]) -> None:
         for identity, problem in problems:
-            if problem.endswith(BALANCER_IGNORED):
-                log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            if problem.endswith(KEPT):
+                what = "balancer" if problem.endswith(BALANCER_IGNORED) else "load"
+                log.warning("malformed %s in discovery record %s: %s", what, identity, problem)
             else:
                 log.warning("skipping malformed discovery record %s: %s", identity, problem)
 
@@ -606,6 +622,6 @@ class Watcher(_Loop):
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:
     """The meteorhacks-shaped record of an endpoint, for a join announced by the reaper."""
     record = make_record(endpoint.service, endpoint.url, endpoint.balancer,
-                         endpoint.ping_interval)
+                         endpoint.ping_interval, endpoint.load)
     record["timestamp"] = endpoint.timestamp
     return record

@@ -205,6 +205,8 @@ class Reply:
 
 
 Decision = Union[Serve, Proxy, SockJSInfo, Status, Reply]
+#: an endpoint's load by its hash, lower is less loaded (cluster.placement makes one)
+Scores = Callable[[str], float]
 
 
 def cookie_name(service: str) -> str:
@@ -219,6 +221,7 @@ def route(
     rand: Callable[[], float] = random.random,
     *,
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
     """Decide what to do with ``request``.
 
@@ -226,7 +229,9 @@ def route(
     ``ejected`` holds those passively ejected, left out while anything else of the
     service is live but tried anyway when nothing else is (a panic mode, as Envoy's
     panic threshold: a guess at a recovered endpoint beats a certain 503). ``rand``
-    returns floats in [0, 1).
+    returns floats in [0, 1). ``load`` scores endpoints by hash (lower: less loaded;
+    see cluster.placement): with it a new session is placed by the power of two
+    choices, without it uniformly at random (by weight).
     """
     if request.path.startswith(DDP_PREFIX):
         return _route_session(request, table, policy)
@@ -241,11 +246,12 @@ def route(
         return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:
-        return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected)
+        return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected,
+                                  load)
     service = policy.ui_service
     if service is None:
         return Serve() if policy.has_local_app else Reply(503, "no service configured")
-    return _route_sticky(request, table, policy, service, exclude, rand, ejected)
+    return _route_sticky(request, table, policy, service, exclude, rand, ejected, load)
 
 
 _Picked = Union[tuple[Union[Endpoint, None], bool, Union[tuple[str, str], None]], Reply]
@@ -259,14 +265,15 @@ def _pick(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> _Picked:
     """:func:`_pick_from` without the ejected endpoints, or with them when nothing else
     of the service is left (panic mode); ``exclude`` is never picked."""
     if ejected:
-        picked = _pick_from(request, table, policy, service, exclude | ejected, rand)
+        picked = _pick_from(request, table, policy, service, exclude | ejected, rand, load)
         if not isinstance(picked, Reply):
             return picked
-    return _pick_from(request, table, policy, service, exclude, rand)
+    return _pick_from(request, table, policy, service, exclude, rand, load)
 
 
 def _pick_from(
@@ -276,12 +283,13 @@ def _pick_from(
     service: str,
     exclude: frozenset[str],
     rand: Callable[[], float],
+    load: Scores | None = None,
 ) -> _Picked:
     """(endpoint, local, cookie-to-set) for ``service``, or a Reply when none is live.
 
     The sticky cookie wins while its endpoint is live and not excluded; otherwise a
-    weighted random pick where this instance weighs ``self_weight`` and every other
-    endpoint weighs 1, as in meteorhacks:cluster.
+    new placement among the candidates, where this instance weighs ``self_weight`` and
+    every other endpoint weighs 1, as in meteorhacks:cluster (see :func:`place`).
     """
     local_ok = policy.has_local_app and service == policy.service and policy.self_hash is not None
     self_hash = policy.self_hash if local_ok else None
@@ -310,13 +318,61 @@ def _pick_from(
             # self weight 0 with no one else alive: serving beats a 503.
             return None, True, (name, self_hash)
         return Reply(503, f"no live endpoint for service {service!r}")
-    point = rand() * total
-    if point < self_weight:
+    index = place(others, self_hash if self_weight > 0 else None, self_weight, rand, load)
+    if index < 0:
         assert self_hash is not None
         return None, True, (name, self_hash)
-    index = min(int(point - self_weight), len(others) - 1)
     chosen = others[index]
     return chosen, False, (name, chosen.hash)
+
+
+def _draw(count: int, self_weight: float, rand: Callable[[], float],
+          skip: int | None = None) -> int:
+    """One weighted draw: -1 for this instance (weight ``self_weight``), else the index
+    of one of ``count`` others (weight 1 each), never ``skip``."""
+    total = self_weight + count
+    if skip is not None:
+        total -= self_weight if skip < 0 else 1.0
+        if skip < 0:
+            self_weight = 0.0
+    point = rand() * total
+    if point < self_weight:
+        return -1
+    index = min(int(point - self_weight), count - 1)
+    if skip is not None and skip >= 0 and index >= skip:
+        index = min(index + 1, count - 1)
+    return index
+
+
+def place(
+    others: Sequence[Endpoint],
+    self_hash: str | None,
+    self_weight: float,
+    rand: Callable[[], float],
+    load: Scores | None = None,
+) -> int:
+    """Where a new session goes: -1 for this instance, else an index into ``others``.
+
+    Without ``load``: a weighted random draw. With it, the power of two choices: two
+    different candidates drawn by weight, the one with the lower load per unit of
+    weight wins (a tie: the first drawn). Two random candidates rather than the least
+    loaded of all: balancers that see the same slightly stale loads would otherwise all
+    send their next sessions to the same endpoint (herding). ``self_hash`` None: this
+    instance is not a candidate. ``others`` must not be empty unless this one is.
+    """
+    weight = self_weight if self_hash is not None else 0.0
+    first = _draw(len(others), weight, rand)
+    if load is None or len(others) + (1 if weight > 0 else 0) < 2:
+        return first
+    second = _draw(len(others), weight, rand, skip=first)
+
+    def per_weight(index: int) -> float:
+        if index < 0:
+            assert self_hash is not None
+            return load(self_hash) / weight
+        return load(others[index].hash)
+
+    return second if per_weight(second) < per_weight(first) else first
 
 
 def _route_sticky(
@@ -327,8 +383,9 @@ def _route_sticky(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
-    picked = _pick(request, table, policy, service, exclude, rand, ejected)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
     endpoint, local, set_cookie = picked
@@ -358,10 +415,11 @@ def _route_sockjs_info(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
     if not service or not policy.reachable(service):
         return Reply(403, f"service {service!r} is not public here")
-    picked = _pick(request, table, policy, service, exclude, rand, ejected)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
     endpoint, local, _ = picked

@@ -140,7 +140,9 @@ def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
     metrics = observe.find(observer, MetricsObserver)
     if metrics is not None:
         metrics.watch(node)  # discovery gauges and request rates, once a second
-    return Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
+    door = Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
+    door.start()
+    return door
 
 
 def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
