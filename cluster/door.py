@@ -123,8 +123,10 @@ class Door:
         self.rebalancer: Rebalancer | None = None
         if getattr(s, "rebalance", False) and local_app is not None and policy.service \
                 and policy.self_hash:
+            refresh = getattr(getattr(node, "watcher", None), "refresh_interval", 0.5)
             self.rebalancer = Rebalancer(node, policy.service, policy.self_hash, self.load,
-                                         s.rebalance_margin, s.rebalance_rate)
+                                         s.rebalance_margin, s.rebalance_rate,
+                                         settle=2 * s.ping_interval + refresh)
 
     def __repr__(self) -> str:
         return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "

@@ -9,7 +9,9 @@ it is down to the mean as it stood when it began (a thermostat: starting above t
 margin and stopping at the mean keeps small differences from causing churn, and the
 mean is held because the others' figures lag the sockets in flight). Their clients
 reconnect through a balancer, which places them by load (cluster.placement), mostly
-on the newcomer.
+on the newcomer. An imbalance must last ``settle`` seconds (two heartbeats and a
+refresh) before anything is closed: while sessions pour in, an instance's live count
+runs ahead of the others' published figures, and that is no reason to move anyone.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ class Rebalancer:
     """The loop that sheds this instance's WebSockets (see the module docstring)."""
 
     def __init__(self, node: Any, service: str, self_hash: str, load: LocalLoad,
-                 margin: float, rate: float) -> None:
+                 margin: float, rate: float, settle: float = 2.5) -> None:
         self.node = node
         self.service = service
         self.self_hash = self_hash
         self.load = load
         self.margin = margin
         self.rate = rate
+        self.settle = settle
+        #: since when (time.monotonic()) this instance has been above the margin
+        self.over_since: float | None = None
         #: the count an episode sheds down to (None: balanced)
         self.target: int | None = None
         self.closed = 0
@@ -82,30 +87,41 @@ class Rebalancer:
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
                 log.exception("rebalancing step failed")
 
-    def _others(self, endpoints: Sequence[Endpoint]) -> list[int] | None:
-        """The other instances' advertised WebSockets; None when this one is not listed."""
-        if not any(e.hash == self.self_hash for e in endpoints):
+    def _figures(self, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]] | None:
+        """(this instance's published WebSockets, the others' published ones whose load
+        is known); None while this instance is not listed with a load."""
+        own = [e for e in endpoints if e.hash == self.self_hash]
+        if not own or own[0].load is None:
             return None
-        return [e.load.sockets for e in endpoints
-                if e.hash != self.self_hash and e.load is not None]
+        return own[0].load.sockets, [e.load.sockets for e in endpoints
+                                     if e.hash != self.self_hash and e.load is not None]
 
     def step(self) -> int:
         """One look: close what the rate allows; returns how many were closed."""
         now = time.monotonic()
         elapsed, self._last = now - self._last, now
-        others = self._others(self.node.table.by_service.get(self.service, ()))
+        figures = self._figures(self.node.table.by_service.get(self.service, ()))
         own = len(self.load.websockets)
         if self.target is None:
             self._budget = 0.0
-            target = shed_target(own, others or [], self.margin)
-            if target is None or others is None:
+            # Published figures on both sides: they lag the sockets alike, where this
+            # instance's live count would run ahead of the others' while sessions pour in.
+            target = shed_target(figures[0], figures[1], self.margin) if figures else None
+            if target is None or figures is None:
+                self.over_since = None
                 return 0
+            if self.over_since is None:
+                self.over_since = now
+            if now - self.over_since < self.settle:
+                return 0
+            self.over_since = None
             self.target, self._episode_closed = target, 0
+            others = figures[1]
             log.info("rebalancing: %d WebSockets here, %.1f on average over %d instances "
                      "of %s; closing up to %g/s with 1001 until %d", own,
-                     (own + sum(others)) / (len(others) + 1), len(others) + 1,
+                     (figures[0] + sum(others)) / (len(others) + 1), len(others) + 1,
                      self.service, self.rate, target)
-        if own <= self.target or others is None:
+        if own <= self.target or figures is None:
             log.info("rebalanced: closed %d WebSockets, %d left here",
                      self._episode_closed, own)
             self.target = None
