@@ -121,6 +121,7 @@ class Rebalancer:
                      "of %s; closing up to %g/s with 1001 until %d", own,
                      (figures[0] + sum(others)) / (len(others) + 1), len(others) + 1,
                      self.service, self.rate, target)
+            return 0  # the rate's budget counts from now
         if own <= self.target or figures is None:
             log.info("rebalanced: closed %d WebSockets, %d left here",
                      self._episode_closed, own)
