@@ -21,6 +21,7 @@ from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.hop import HopMarker
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
+from cluster.placement import Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
@@ -99,6 +100,15 @@ class ClusterApp:
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.observer = observer
         self.admin = Admin(node, s, observer)
+        #: new sessions placed by load (cluster.placement); here without live figures
+        #: of its own (this adapter does not see its WebSockets end), so this instance's
+        #: own placements count on top of its record, like anyone's
+        self.placement: Placement | None = None
+        if s.placement == "load":
+            self.placement = Placement(None, None,
+                                       read_at=lambda: node.watcher.read_at,
+                                       lag=node.watcher.refresh_interval,
+                                       max_age=2 * s.ping_interval + node.watcher.refresh_interval)
 
     def __repr__(self) -> str:
         return f"<ClusterApp {self.node!r} {self.forwarder!r}>"
@@ -130,7 +140,19 @@ class ClusterApp:
 
         def pick(tried: frozenset[str]) -> Any:
             # tried: never again; ejected: only when nothing else is left (panic mode)
-            return route(request, node.table, self.policy, tried, ejected=node.ejected())
+            table = node.table
+            placement = self.placement
+            if placement is None:
+                return route(request, table, self.policy, tried, ejected=node.ejected())
+            decision = route(request, table, self.policy, tried, ejected=node.ejected(),
+                             load=placement.scores(table))
+            cookie = getattr(decision, "set_cookie", None)
+            if cookie is not None:
+                placement.placed(cookie[1])  # a new session went there
+            elif isinstance(decision, SockJSInfo):
+                placement.placed(decision.endpoint.hash if decision.endpoint is not None
+                                 else self.policy.self_hash or "")
+            return decision
 
         def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):

@@ -529,12 +529,17 @@ class Connection:
         return keep
 
     def tunnel(self, exchange: Exchange, state: _Outcome) -> bool:
-        """After the endpoint's 101: pass its answer on verbatim, then tunnel."""
+        """After the endpoint's 101: pass its answer on verbatim (but for the load
+        figure meant for this balancer), then tunnel."""
         conn = self.conn
         upstream = exchange.upstream
         assert upstream is not None
         door = self.door
-        conn.send(exchange.raw_head + b"\r\n\r\n" + upstream.buf)
+        raw_head = exchange.raw_head
+        figure = None
+        if _LOAD_FIELD in raw_head:
+            figure, raw_head = _load_field(raw_head)
+        conn.send(raw_head + b"\r\n\r\n" + upstream.buf)
         early = bytes(conn.buf)
         conn.buf.clear()
         if early:
@@ -547,11 +552,8 @@ class Connection:
         url = exchange.url
         door.websockets += 1
         door.observer.websocket_opened(url)
-        if door.placement is not None and state.endpoint is not None and \
-                exchange.response is not None:
-            figure = _load_field(exchange.response.fields)
-            if figure is not None:
-                door.placement.heard(state.endpoint.hash, figure)
+        if figure is not None and door.placement is not None and state.endpoint is not None:
+            door.placement.heard(state.endpoint.hash, figure)
         upstream.sock.settimeout(None)
 
         if Tunnel.supports(conn.sock, upstream.sock):
@@ -733,15 +735,20 @@ def _no_endpoint_left(decision: Any) -> bool:
 _LOAD_FIELD = b"\r\n" + LOAD_HEADER.encode("ascii") + b":"
 
 
-def _load_field(fields: bytes) -> float | None:
-    """The X-Cluster-Load figure of a 101's field lines, if it has a sane one."""
-    at = fields.find(_LOAD_FIELD)
+def _load_field(raw_head: bytes) -> tuple[float | None, bytes]:
+    """The X-Cluster-Load figure of a 101's head (None: absent or not a sane count), and
+    the head without that field: it is for this balancer, not for the client."""
+    at = raw_head.find(_LOAD_FIELD)
     if at < 0:
-        return None
-    value = fields[at + len(_LOAD_FIELD):].split(b"\r\n", 1)[0].strip()
+        return None, raw_head
+    start = at + len(_LOAD_FIELD)
+    end = raw_head.find(b"\r\n", start)
+    end = len(raw_head) if end < 0 else end
+    value = raw_head[start:end].strip()
+    rest = raw_head[:at] + raw_head[end:]
     if not value.isdigit() or len(value) > 8:
-        return None
-    return float(value)
+        return None, rest
+    return float(value), rest
 
 
 def _field(head: RequestHead, name: bytes) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 
+import websocket
+
 from helpers import wait_until
-from wsfleet import Fleet, bed
+from wsfleet import Client, Fleet, bed
 
 SOCKETS = 300
 #: sockets opened per second: a busy minute's arrivals, faster than heartbeats (1 s)
@@ -29,6 +31,9 @@ def test_300_websockets_through_three_balancers_spread_within_10_percent(mongo_u
             assert sorted(counts) == ["i0", "i1", "i2"], counts
             for count in counts.values():
                 assert abs(count - mean) <= 0.10 * mean, (counts, made.outputs())
+            # the live figure an instance sends its balancer on the 101 goes no further,
+            # and a client that is not a cluster member never gets it
+            assert not any("x-cluster-load" in c.headers for c in fleet.clients)
             # Each instance counts the same sockets itself, and publishes them
             # (its record changes once they moved by 2 and 10 %).
             for name, (_, port) in made.instances.items():
@@ -39,6 +44,15 @@ def test_300_websockets_through_three_balancers_spread_within_10_percent(mongo_u
                 for row in made.status(made.balancers[0][1])["endpoints"]
                 if row["endpoint"].endswith(f":{port}") and row["load"]),
                 timeout=10, what="the balancers to read the published loads")
+            direct = Client(-1)
+            assert direct.connect(made.instances["i0"][1]) == "i0"
+            assert direct.ws is not None and "x-cluster-load" not in direct.headers
+            direct.ws.close()
+            # a member (here: a trusted address with the hop marker) learns the live count
+            member = websocket.create_connection(f"ws://127.0.0.1:{made.instances['i1'][1]}/",
+                                                 header=["X-Cluster-Hop: 1"], timeout=10)
+            assert member.getheaders()["x-cluster-load"] == str(counts["i1"] + 1)
+            member.close()
         finally:
             fleet.close()
 

@@ -95,10 +95,12 @@ class Client:
         self.home = ""
         self.homes: list[str] = []
         self.closes: list[int] = []
+        self.headers: dict[str, str] = {}
 
     def connect(self, port: int, timeout: float = 10.0) -> str:
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/c{self.number}",
                                          timeout=timeout)
+        self.headers = {k.lower(): v for k, v in (ws.getheaders() or {}).items()}
         ws.send("cmd:name")
         self.home = str(ws.recv())
         self.homes.append(self.home)
