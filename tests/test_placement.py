@@ -348,3 +348,17 @@ def test_bad_placement_settings_are_one_line_errors(flag, value):
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and flag in lines[0], result.stderr
+
+
+def test_cluster_status_table_shows_the_load():
+    from cluster.cli import table_lines
+
+    row = {"service": "web", "endpoint": A.url, "hash": A.hash, "balancer": None,
+           "age": 0.5, "healthy": True}
+    data = {"store": "s", "endpoints": [dict(row, load={"sockets": 12, "inflight": 1,
+                                                       "serviceMs": 3.25}),
+                                        dict(row, load=None)],
+            "balancers": [], "malformed": []}
+    lines = table_lines(data)
+    assert lines[1].split()[-1] == "LOAD"
+    assert lines[2].endswith("live   12 ws, 1 req, 3.2 ms") and lines[3].endswith("live   -")
