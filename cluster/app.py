@@ -146,9 +146,11 @@ class ClusterApp:
                 return route(request, table, self.policy, tried, ejected=node.ejected())
             decision = route(request, table, self.policy, tried, ejected=node.ejected(),
                              load=placement.scores(table))
+            # a new WebSocket counts where it went until that endpoint's figure has it
             cookie = getattr(decision, "set_cookie", None)
             if cookie is not None:
-                placement.placed(cookie[1])  # a new session went there
+                if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ):
+                    placement.placed(cookie[1])
             elif isinstance(decision, SockJSInfo):
                 placement.placed(decision.endpoint.hash if decision.endpoint is not None
                                  else self.policy.self_hash or "")

@@ -400,9 +400,11 @@ class Connection:
             return route(self.request, table, door.policy, tried, ejected=node.ejected())
         decision = route(self.request, table, door.policy, tried, ejected=node.ejected(),
                          load=placement.scores(table))
+        # A new long-lived session counts where it went until that endpoint's figure
+        # has it; a plain request counts only while it runs, as in the figures (inflight)
         if type(decision) is Proxy:
-            if decision.set_cookie is not None:
-                placement.placed(decision.endpoint.hash)  # a new session went there
+            if decision.set_cookie is not None and self.head.is_websocket:
+                placement.placed(decision.endpoint.hash)
         elif type(decision) is SockJSInfo and decision.endpoint is not None:
             placement.placed(decision.endpoint.hash)  # its session will follow
         return decision

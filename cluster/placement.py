@@ -1,8 +1,10 @@
 """The load view a balancer places new sessions by (routing.place's ``load``).
 
-An endpoint's score is the last figure this balancer knows for it plus the sessions
-it placed there since that figure: a balancer that opened ten WebSockets to an
-endpoint a moment ago must not wait for the endpoint's next heartbeat to know it.
+An endpoint's score is the last figure this balancer knows for it plus the long-lived
+sessions (WebSockets, SockJS sessions) it placed there since that figure; a plain
+request counts only while it runs, in the figures' ``inflight``. A balancer that opened
+ten WebSockets to an endpoint a moment ago must not wait for the endpoint's next
+heartbeat to know it.
 The figure comes from one of two places, whichever is newer:
 
 - the load the endpoint advertised in its record (cluster.load). A record read at
