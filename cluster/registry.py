@@ -26,6 +26,7 @@ from cluster.discovery.base import Change, DiscoveryStore, Membership, wanted
 from cluster.errors import DiscoveryError
 from cluster.records import (
     BALANCER_IGNORED,
+    FIELD_IGNORED,
     Endpoint,
     MalformedRecord,
     check_record,
@@ -242,10 +243,12 @@ class Registrar(_Loop):
         balancer_url: str | None,
         ping_interval: float,
         healthy: Callable[[], bool] | None = None,
+        version: str = "",
     ) -> None:
         super().__init__()
         self.store = store
-        self.record = make_record(service, endpoint_url, balancer_url, ping_interval)
+        self.record = make_record(service, endpoint_url, balancer_url, ping_interval,
+                                  version=version)
         self.ping_interval = ping_interval
         #: a sidecar's check of the program it registers; the record lives only while True
         self.healthy = healthy
@@ -255,6 +258,20 @@ class Registrar(_Loop):
         self._stopped = False
         self._beat_failed = False
         self._last_beat = 0.0
+        #: the record changed (drain): the next beat announces it as a join
+        self._changed = False
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.record.get("draining"))
+
+    def drain(self) -> None:
+        """Mark the record as draining and write it at once, announced as a join so
+        that watchers following the membership log read the new record. When the
+        store fails the next heartbeat tries again; raises DiscoveryError."""
+        self.record = {**self.record, "draining": True}
+        self._changed = True
+        self.beat()
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -272,11 +289,14 @@ class Registrar(_Loop):
         # Announce a join (membership log) when the record may have been missing or
         # expired for the others: the first beat, and the first after a failure or a gap.
         now = time.monotonic()
-        rejoin = (not self._registered or self._beat_failed
+        rejoin = (not self._registered or self._beat_failed or self._changed
                   or now - self._last_beat > 1.5 * self.ping_interval)
         self._beat_failed = True
-        self.store.heartbeat(self.record, announce=rejoin)
+        record = self.record
+        self.store.heartbeat(record, announce=rejoin)
         self._beat_failed = False
+        if record is self.record:
+            self._changed = False
         self._last_beat = now
         if not self._registered:
             log.info("registered %s at %s in %s", self.record["serviceName"],
@@ -579,6 +599,8 @@ class Watcher(_Loop):
         for identity, problem in problems:
             if problem.endswith(BALANCER_IGNORED):
                 log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            elif problem.endswith(FIELD_IGNORED):
+                log.warning("malformed field in discovery record %s: %s", identity, problem)
             else:
                 log.warning("skipping malformed discovery record %s: %s", identity, problem)
 
@@ -606,6 +628,7 @@ class Watcher(_Loop):
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:
     """The meteorhacks-shaped record of an endpoint, for a join announced by the reaper."""
     record = make_record(endpoint.service, endpoint.url, endpoint.balancer,
-                         endpoint.ping_interval)
+                         endpoint.ping_interval, draining=endpoint.draining,
+                         version=endpoint.version)
     record["timestamp"] = endpoint.timestamp
     return record
