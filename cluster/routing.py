@@ -303,19 +303,27 @@ class Member:
     draining: bool
 
 
-_MEMBERS: dict[tuple[str, int],
-               tuple[EndpointTable, Policy, dict[str, Member], bool]] = {}
+@dataclass(frozen=True)
+class ServiceView:
+    """What the candidate filter needs of one service in one table: its members by
+    hash, and whether they are *uniform* (none draining, one version, ``version``)."""
+
+    found: Mapping[str, Member]
+    uniform: bool
+    version: str
+    version_cookie: str
 
 
-def members(table: EndpointTable, policy: Policy,
-            service: str) -> tuple[dict[str, Member], bool]:
-    """The service's members by hash, and whether they are *uniform* (none draining, one
-    version: nothing to filter). Remembered for the latest table of each (service,
-    policy): a new session should not cost a pass over the endpoints."""
+_VIEWS: dict[tuple[str, int], tuple[EndpointTable, Policy, ServiceView]] = {}
+
+
+def service_view(table: EndpointTable, policy: Policy, service: str) -> ServiceView:
+    """The :class:`ServiceView` of ``service``, remembered for the latest table of each
+    (service, policy): a request should not cost a pass over the endpoints."""
     key = (service, id(policy))  # hashing a Policy per request would cost more
-    cached = _MEMBERS.get(key)
+    cached = _VIEWS.get(key)
     if cached is not None and cached[0] is table and cached[1] is policy:
-        return cached[2], cached[3]
+        return cached[2]
     found = {e.hash: Member(e.hash, e.version, e.draining)
              for e in table.by_service.get(service, ())}
     self_hash = policy.self_hash
@@ -323,12 +331,14 @@ def members(table: EndpointTable, policy: Policy,
         own = found.get(self_hash)
         found[self_hash] = Member(self_hash, own.version if own else policy.app_version,
                                   policy.draining or (own is not None and own.draining))
-    uniform = (not any(m.draining for m in found.values())
-               and len({m.version for m in found.values()}) <= 1)
-    if len(_MEMBERS) > 64:  # policies are few; tables replace each other
-        _MEMBERS.clear()
-    _MEMBERS[key] = (table, policy, found, uniform)
-    return found, uniform
+    present = {m.version for m in found.values()}
+    uniform = not any(m.draining for m in found.values()) and len(present) <= 1
+    view = ServiceView(found, uniform, next(iter(present)) if len(present) == 1 else "",
+                       VERSION_COOKIE_PREFIX + service)
+    if len(_VIEWS) > 64:  # policies are few; tables replace each other
+        _VIEWS.clear()
+    _VIEWS[key] = (table, policy, view)
+    return view
 
 
 def candidates(found: Mapping[str, Member], exclude: frozenset[str], session_version: str,
@@ -370,24 +380,27 @@ def _pick_session(
     session is treated as gone). A session that must move keeps its version while that
     version has live endpoints (:func:`candidates`).
     """
-    found, uniform = members(table, policy, service)
-    version_name = VERSION_COOKIE_PREFIX + service
+    view = service_view(table, policy, service)
+    version_name = view.version_cookie
     session_version = request.cookie(version_name) or ""
-    if uniform and (not session_version or any(
-            m.version == session_version for m in found.values())):
-        leave_out = exclude  # nothing to filter (the usual case)
-    else:
-        wanted = request.cookie(COOKIE_PREFIX + service)
-        kept = found.get(wanted or "")
-        if kept is not None and kept.hash not in exclude and (
-                not session_version or kept.version == session_version):
-            leave_out = exclude  # _pick_from follows the cookie
-        else:
-            keep = candidates(found, exclude, session_version, policy, rand)
-            leave_out = exclude | (found.keys() - keep)
-            if wanted:
-                leave_out = leave_out | {wanted}
-    picked = _pick_from(request, table, policy, service, frozenset(leave_out), rand)
+    if view.uniform and (not session_version or session_version == view.version):
+        # nothing to filter (the usual case)
+        picked = _pick_from(request, table, policy, service, exclude, rand)
+        if isinstance(picked, Reply) or session_version == view.version:
+            return picked if isinstance(picked, Reply) else (*picked, None)
+        return (*picked, (version_name, view.version))
+    found = view.found
+    wanted = request.cookie(COOKIE_PREFIX + service)
+    kept = found.get(wanted or "")
+    leave_out = exclude
+    if kept is None or kept.hash in exclude or (
+            session_version and kept.version != session_version):
+        keep = candidates(found, exclude, session_version, policy, rand)
+        leave_out = exclude | (found.keys() - keep)
+        if wanted:
+            leave_out = leave_out | {wanted}
+    # else: _pick_from follows the cookie
+    picked = _pick_from(request, table, policy, service, leave_out, rand)
     if isinstance(picked, Reply):
         return picked
     endpoint, local, set_cookie = picked
