@@ -52,6 +52,8 @@ class Drain:
         """Begin draining (False: it had begun already). Never raises: a store that
         fails now gets the record at the next heartbeat."""
         if self.since is not None or self.stopping.is_set():
+            log.info("drain asked again (%s): %s", why,
+                     "stopping already" if self.stopping.is_set() else repr(self))
             return False
         self.since = time.time()
         door = self.door
