@@ -438,16 +438,12 @@ class Watcher(_Loop):
 
     def _read_records(self, epoch: int | None = None, every: bool = False) -> list[Endpoint]:
         """Read the records (of our services, or ``every`` one) and rebuild the table."""
+        asked_at = time.monotonic()
         snapshot = self.store.snapshot(None if every else self.services)
         self.read_at = time.monotonic()
         self.stats.full_reads += 1
-        if self.outage.failing:
-            # The first good read after an outage. The shelter starts now, not before
-            # the read: a read can block for the store's whole timeout while it comes
-            # back, and a window opened before it would be over when it returns.
-            longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
-            self._shelter_until = time.monotonic() + longest + self.grace
-            self._steady_since = time.monotonic()
+        if self.outage.failing or self._stalled(asked_at):
+            self._recovering()
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
         self._warn_once(problems)
         keep: frozenset[str] = frozenset()
@@ -462,8 +458,28 @@ class Watcher(_Loop):
         self._next_resync = time.monotonic() + spread * random.uniform(0.8, 1.2)
         return endpoints
 
+    def _stalled(self, asked_at: float) -> bool:
+        """Whether the store took long enough to answer a call made at ``asked_at`` for
+        heartbeats to go stale meanwhile, without failing anyone (a stopped process, a
+        GC pause, an election, a read that waited out server selection): then it is a
+        recovery all the same."""
+        return time.monotonic() - asked_at > self.grace / 2
+
+    def _recovering(self) -> None:
+        """The first good read after an outage or a stall: shelter the known endpoints.
+
+        The shelter starts now, not before the read: a read can block for the store's
+        whole timeout while it comes back, and a window opened before it would be over
+        when it returns."""
+        longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+        self._shelter_until = time.monotonic() + longest + self.grace
+        self._steady_since = time.monotonic()
+
     def _follow_log(self) -> None:
+        asked_at = time.monotonic()
         membership = self.store.membership()
+        if self._stalled(asked_at):
+            self._recovering()
         if self.reap:
             self._reaper_duty(membership)
         epoch = membership.epoch
