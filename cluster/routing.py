@@ -2,7 +2,9 @@
 
 No sockets, no clock, no globals: ``route()`` takes a :class:`RequestView`, the
 current :class:`~cluster.registry.EndpointTable`, this instance's :class:`Policy` and
-a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere.
+a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere. (One
+memo: :func:`service_view` remembers what it derived from the latest table; the
+answer is the same with or without it.)
 
 What it replaces in nginx terms: ``upstream`` with ``sticky cookie`` (the
 ``cluster-endpoint::<service>`` cookie), ``proxy_next_upstream error timeout`` (the
