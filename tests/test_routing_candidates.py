@@ -242,3 +242,14 @@ def test_candidates_directly():
     assert candidates(found, frozenset({"a"}), "1", policy, lambda: 0.0) == {"c"}
     assert candidates(found, frozenset({"a", "c"}), "1", policy, lambda: 0.0) == {"d"}
     assert candidates(found, frozenset("abcd"), "", policy, lambda: 0.0) == frozenset()
+
+
+def test_a_new_table_is_read_afresh_by_the_same_policy():
+    """The per-table memo never answers for another table or another policy."""
+    assert spread(table(OLD1, OLD2)) == {OLD1.url: 150, OLD2.url: 150}
+    assert spread(table(OLD1, dataclasses.replace(OLD2, draining=True))) == {OLD1.url: 300}
+    drained_self = Policy(service="web", ui_service="web", self_hash=OLD1.hash, draining=True)
+    live_self = dataclasses.replace(drained_self, draining=False)
+    same = table(OLD1, OLD2)
+    assert spread(same, drained_self) == {OLD2.url: 300}
+    assert spread(same, live_self) == {"self": 150, OLD2.url: 150}
