@@ -399,9 +399,7 @@ def _pick_session(
             session_version and kept.version != session_version):
         keep = candidates(found, exclude, session_version, policy, rand)
         leave_out = exclude | (found.keys() - keep)
-        if wanted:
-            leave_out = leave_out | {wanted}
-    # else: _pick_from follows the cookie
+    # _pick_from follows the cookie when its endpoint is (still) a candidate
     picked = _pick_from(request, table, policy, service, leave_out, rand)
     if isinstance(picked, Reply):
         return picked

@@ -253,3 +253,37 @@ def test_a_new_table_is_read_afresh_by_the_same_policy():
     same = table(OLD1, OLD2)
     assert spread(same, drained_self) == {OLD2.url: 300}
     assert spread(same, live_self) == {"self": 150, OLD2.url: 150}
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VERSIONS = st.sampled_from(["", "1.2.0", "1.3.0", "2.0"])
+
+
+@given(st.lists(st.tuples(_VERSIONS, st.booleans()), min_size=1, max_size=6),
+       st.sampled_from(["", "1.2.0", "1.3.0", "9"]), st.integers(0, 7),
+       st.floats(0, 0.999))
+def test_properties_of_the_pick(shape, session_version, cookie_index, point):
+    """Whatever the table: never a draining endpoint for a new pick while another is
+    usable; a session keeps its live endpoint; a session whose endpoint is gone stays
+    on its version while that version has a live, non-draining endpoint."""
+    endpoints = [ep(f"http://10.0.1.{i}:3000", v, d) for i, (v, d) in enumerate(shape)]
+    tbl = table(*endpoints)
+    sticky = endpoints[cookie_index] if cookie_index < len(endpoints) else None
+    cookie = cookies(sticky.hash if sticky else endpoint_hash("http://gone:1"),
+                     session_version or None)
+    d = route(RequestView(cookie_header=cookie), tbl, BALANCER, rand=lambda: point)
+    assert isinstance(d, Proxy)
+    if sticky is not None and (not session_version or sticky.version == session_version):
+        assert d.endpoint == sticky
+        return
+    if any(not e.draining for e in endpoints):
+        assert not d.endpoint.draining
+    if session_version and any(e.version == session_version and not e.draining
+                               for e in endpoints):
+        assert d.endpoint.version == session_version
+    else:  # a new session, or one whose version has no live endpoint left
+        newest = versions.newest({e.version for e in endpoints if not e.draining}
+                                 or {e.version for e in endpoints})
+        assert d.endpoint.version == newest
