@@ -2,7 +2,9 @@
 
 Three instances of version 1 (each with a --pid-file slot) behind a balancer-only front,
 FerretDB as the store; the script replaces them one by one with version 2 (start the
-new one, wait until it is in the table, drain the old one, wait for it to exit).
+new one, wait until it is in the table, drain the old one, wait for it to exit). Echo
+WebSocket clients connected through the front see only 1001 closes, get back in, and
+lose no message (bench/faultload.py's clients).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import requests
 from cluster.cli import process_alive
 from drainload import HttpLoad
 from helpers import ROOT, start_serve, status_json, wait_until
+
+sys.path.insert(0, str(ROOT / "bench"))
+from faultload import WsFleet  # noqa: E402
 
 TIMEOUT = 15
 INSTANCE = ("--service", "web", "--app", "gws_echo:app", "--ping-interval", "1",
@@ -45,6 +50,7 @@ def test_rolling_deploy_of_three_instances_under_load(mongo_url: str, tmp_path: 
     slots = [str(tmp_path / f"web-{i}.pid") for i in range(3)]
     old = []
     new_pids: list[int] = []
+    fleet: WsFleet | None = None
     try:
         for i, pid_file in enumerate(slots):
             proc, _ = start_serve(*INSTANCE, "--app-version", "1", "--pid-file", pid_file,
@@ -56,6 +62,8 @@ def test_rolling_deploy_of_three_instances_under_load(mongo_url: str, tmp_path: 
         wait_until(lambda: len(requests.get(f"http://127.0.0.1:{front_port}/_cluster/status",
                                             timeout=5).json()["endpoints"]) == 3,
                    timeout=TIMEOUT, what="the front to see the three instances")
+        fleet = WsFleet([f"ws://127.0.0.1:{front_port}/"], 6)
+        fleet.start(timeout=TIMEOUT)
         with HttpLoad(front_port, clients=3) as load:
             time.sleep(0.5)
             deploy = subprocess.run(
@@ -71,7 +79,11 @@ def test_rolling_deploy_of_three_instances_under_load(mongo_url: str, tmp_path: 
             time.sleep(0.5)
             tail = time.monotonic()
             time.sleep(0.5)
+        ws = fleet.finish(timeout=TIMEOUT)
         assert load.stats.failed == 0, load.stats.failures
+        assert set(ws.closes) == {"1001"}, ws.closes_text()  # each old socket went away
+        assert ws.connected_at_end == 6 and ws.lost == 0 and ws.wrong == 0, \
+            (ws.connected_at_end, ws.sent, ws.echoed, dict(ws.errors))
         assert load.stats.requests > 100
         assert load.stats.by(tail) and set(load.stats.by(tail)) == {"v2"}
         assert "done: 3 instances upgraded" in deploy.stdout
@@ -81,6 +93,8 @@ def test_rolling_deploy_of_three_instances_under_load(mongo_url: str, tmp_path: 
         rows = [r for r in status_json(mongo_url)["endpoints"] if r["healthy"]]
         assert len(rows) == 3 and {r["version"] for r in rows} == {"2"}
     finally:
+        if fleet is not None:
+            fleet.stop.set()
         started = {p.pid for p in old}
         for slot in slots:  # whatever the script started, even if it failed half-way
             text = Path(slot).read_text().strip() if Path(slot).exists() else ""
