@@ -56,6 +56,9 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         balancer_url=settings.balancer_url,
         trusted_proxies=frozenset(settings.trusted_proxies),
         admin_prefix=settings.admin_prefix + "/",
+        app_version=settings.own_app_version,
+        version_order=settings.version_order,
+        version_weights=settings.version_weights,
     )
 
 
@@ -134,7 +137,8 @@ class ClusterApp:
         if not hop and self.admin.handles(request.path):
             # Trusted networks, or anyone with --admin-token (else the app's own path).
             answer = self.admin.answer(request.path, request.remote_addr, request.query,
-                                       str(environ.get("HTTP_AUTHORIZATION", "")))
+                                       str(environ.get("HTTP_AUTHORIZATION", "")),
+                                       request.method)
             if answer is not None:
                 return reply_bytes(start_response, answer[0], answer[2], answer[1])
 
@@ -162,7 +166,8 @@ class ClusterApp:
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
             if isinstance(decision, Status):
-                status, ctype, body = self.admin.respond(request.path, request.query)
+                status, ctype, body = self.admin.respond(request.path, request.query,
+                                                         request.method)
                 return reply_bytes(start_response, status, body, ctype)
             if isinstance(decision, SockJSInfo):
                 return self._sockjs_info(decision, environ, start_response)
@@ -195,12 +200,13 @@ class ClusterApp:
         assert self.local_app is not None
         if decision.path is not None:
             environ = dict(environ, PATH_INFO=decision.path)
-        if decision.set_cookie is None:
+        cookies = [_cookie_header(c) for c in (decision.set_cookie, decision.set_version)
+                   if c is not None]
+        if not cookies:
             return self.local_app(environ, start_response)
-        cookie = _cookie_header(decision.set_cookie)
 
         def with_cookie(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
-            return start_response(status, [*headers, cookie], *exc)
+            return start_response(status, [*headers, *cookies], *exc)
 
         return self.local_app(environ, with_cookie)
 
@@ -215,6 +221,8 @@ class ClusterApp:
         headers = response.headers
         if decision.set_cookie is not None:
             headers = [*headers, _cookie_header(decision.set_cookie)]
+        if decision.set_version is not None:
+            headers = [*headers, _cookie_header(decision.set_version)]
         start_response(response.status, headers)
         body: Iterable[bytes] = response.body
         return body

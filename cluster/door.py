@@ -354,7 +354,7 @@ class Connection:
         if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
             # Before routing: trusted networks, or anyone with --admin-token.
             answer = admin.answer(view.path, view.remote_addr, view.query,
-                                  _field(head, b"authorization"))
+                                  _field(head, b"authorization"), view.method)
             if answer is not None:
                 try:
                     return self.reply(head, state, answer[0], answer[2], answer[1].encode())
@@ -421,7 +421,7 @@ class Connection:
             return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
         if isinstance(decision, Status):
             view = self.request
-            status, ctype, body = self.door.admin.respond(view.path, view.query)
+            status, ctype, body = self.door.admin.respond(view.path, view.query, view.method)
             return self.reply(head, state, status, body, ctype.encode())
         state.endpoint = decision.endpoint
         return self.sockjs_info(head, decision, state)
@@ -524,6 +524,8 @@ class Connection:
         extra = b""
         if decision.set_cookie is not None:
             extra = _cookie_line(decision.set_cookie)
+        if decision.set_version is not None:
+            extra += _cookie_line(decision.set_version)
         try:
             keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
         finally:
@@ -595,6 +597,8 @@ class Connection:
             handler.connection = self
         if decision.set_cookie is not None:
             app = _with_cookie(app, _cookie_header(decision.set_cookie))
+        if decision.set_version is not None:
+            app = _with_cookie(app, _cookie_header(decision.set_version))
         load = door.load
         began = load.started()
         try:

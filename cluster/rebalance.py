@@ -89,12 +89,14 @@ class Rebalancer:
 
     def _figures(self, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]] | None:
         """(this instance's published WebSockets, the others' published ones whose load
-        is known); None while this instance is not listed with a load."""
+        is known); None while this instance is not listed with a load, or drains.
+        Draining instances are not counted: their sessions are leaving anyway."""
         own = [e for e in endpoints if e.hash == self.self_hash]
-        if not own or own[0].load is None:
+        if not own or own[0].load is None or own[0].draining:
             return None
         return own[0].load.sockets, [e.load.sockets for e in endpoints
-                                     if e.hash != self.self_hash and e.load is not None]
+                                     if e.hash != self.self_hash and e.load is not None
+                                     and not e.draining]
 
     def step(self) -> int:
         """One look: close what the rate allows; returns how many were closed."""

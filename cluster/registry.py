@@ -27,7 +27,7 @@ from cluster.errors import DiscoveryError
 from cluster.load import Load, moved
 from cluster.records import (
     BALANCER_IGNORED,
-    KEPT,
+    FIELD_IGNORED,
     Endpoint,
     MalformedRecord,
     check_record,
@@ -244,10 +244,12 @@ class Registrar(_Loop):
         balancer_url: str | None,
         ping_interval: float,
         healthy: Callable[[], bool] | None = None,
+        version: str = "",
     ) -> None:
         super().__init__()
         self.store = store
-        self.record = make_record(service, endpoint_url, balancer_url, ping_interval)
+        self.record = make_record(service, endpoint_url, balancer_url, ping_interval,
+                                  version=version)
         self.ping_interval = ping_interval
         #: a sidecar's check of the program it registers; the record lives only while True
         self.healthy = healthy
@@ -261,6 +263,20 @@ class Registrar(_Loop):
         self.load: Callable[[], Load] | None = None
         #: the load the record carries in the store
         self.published: Load | None = None
+        #: the record changed (drain): the next beat announces it as a join
+        self._changed = False
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.record.get("draining"))
+
+    def drain(self) -> None:
+        """Mark the record as draining and write it at once, announced as a join so
+        that watchers following the membership log read the new record. When the
+        store fails the next heartbeat tries again; raises DiscoveryError."""
+        self.record = {**self.record, "draining": True}
+        self._changed = True
+        self.beat()
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -278,7 +294,7 @@ class Registrar(_Loop):
         # Announce a join (membership log) when the record may have been missing or
         # expired for the others: the first beat, and the first after a failure or a gap.
         now = time.monotonic()
-        rejoin = (not self._registered or self._beat_failed
+        rejoin = (not self._registered or self._beat_failed or self._changed
                   or now - self._last_beat > 1.5 * self.ping_interval)
         # The load is rewritten only when it moved materially, and then announced like a
         # join, so watchers that follow the membership log see it (cluster.load).
@@ -286,10 +302,13 @@ class Registrar(_Loop):
         changed = current is not None and moved(self.published, current)
         if changed:
             assert current is not None
-            self.record["load"] = current.to_doc()
+            self.record = {**self.record, "load": current.to_doc()}
         self._beat_failed = True
-        self.store.heartbeat(self.record, announce=rejoin or changed)
+        record = self.record
+        self.store.heartbeat(record, announce=rejoin or changed)
         self._beat_failed = False
+        if record is self.record:
+            self._changed = False
         if changed:
             self.published = current
         self._last_beat = now
@@ -608,9 +627,10 @@ class Watcher(_Loop):
     @staticmethod
     def _report(problems: Iterable[tuple[str, str]]) -> None:
         for identity, problem in problems:
-            if problem.endswith(KEPT):
-                what = "balancer" if problem.endswith(BALANCER_IGNORED) else "load"
-                log.warning("malformed %s in discovery record %s: %s", what, identity, problem)
+            if problem.endswith(BALANCER_IGNORED):
+                log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            elif problem.endswith(FIELD_IGNORED):
+                log.warning("malformed field in discovery record %s: %s", identity, problem)
             else:
                 log.warning("skipping malformed discovery record %s: %s", identity, problem)
 
@@ -638,6 +658,7 @@ class Watcher(_Loop):
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:
     """The meteorhacks-shaped record of an endpoint, for a join announced by the reaper."""
     record = make_record(endpoint.service, endpoint.url, endpoint.balancer,
-                         endpoint.ping_interval, endpoint.load)
+                         endpoint.ping_interval, draining=endpoint.draining,
+                         version=endpoint.version, load=endpoint.load)
     record["timestamp"] = endpoint.timestamp
     return record

@@ -2,12 +2,20 @@
 
 No sockets, no clock, no globals: ``route()`` takes a :class:`RequestView`, the
 current :class:`~cluster.registry.EndpointTable`, this instance's :class:`Policy` and
-a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere.
+a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere. (One
+memo: :func:`service_view` remembers what it derived from the latest table; the
+answer is the same with or without it.)
 
 What it replaces in nginx terms: ``upstream`` with ``sticky cookie`` (the
 ``cluster-endpoint::<service>`` cookie), ``proxy_next_upstream error timeout`` (the
 ``exclude`` set: endpoints already tried or passively ejected), and a ``location
 /cluster-ddp/`` per endpoint that pins a SockJS session to one server.
+
+Before a new session is placed, :func:`candidates` leaves out draining endpoints and
+keeps one app version (the session's own while it has live endpoints, else the newest
+or a canary draw, see cluster/versions.py); ``_pick_from`` then chooses among what is
+left. A session's version travels in a second cookie, ``cluster-version::<service>``,
+so the first stays exactly meteorhacks' (an endpoint hash).
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 from urllib.parse import quote
 
+from cluster import versions
 from cluster.records import Endpoint
 from cluster.registry import EndpointTable
 
 HOP_HEADER = "X-Cluster-Hop"
 HOP_ENVIRON = "HTTP_X_CLUSTER_HOP"
 COOKIE_PREFIX = "cluster-endpoint::"
+#: the session's app version, next to the meteorhacks-shaped endpoint cookie
+VERSION_COOKIE_PREFIX = "cluster-version::"
 DDP_PREFIX = "/cluster-ddp/"
 #: this instance's own view of the cluster, for operators on trusted addresses only
 STATUS_PATH = "/_cluster/status"
@@ -150,6 +161,14 @@ class Policy:
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
     #: --admin-prefix with a trailing slash: where the operator pages live
     admin_prefix: str = ADMIN_PREFIX
+    #: this instance drains (its record says so too, one table refresh later)
+    draining: bool = False
+    #: the app version this instance runs ("": none)
+    app_version: str = ""
+    #: --version-order, oldest first (empty: version sort)
+    version_order: tuple[str, ...] = ()
+    #: --version-weights as (version, weight) pairs (empty: the newest version)
+    version_weights: tuple[tuple[str, float], ...] = ()
 
     def reachable(self, service: str) -> bool:
         """Outside clients may reach public services and the UI service only."""
@@ -166,6 +185,8 @@ class Serve:
 
     path: str | None = None
     set_cookie: tuple[str, str] | None = None
+    #: the session's version cookie, when it must be set or changed
+    set_version: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,8 @@ class Proxy:
     path_qs: str
     set_cookie: tuple[str, str] | None = None
     retry: bool = True
+    #: the session's version cookie, when it must be set or changed
+    set_version: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +277,10 @@ def route(
     return _route_sticky(request, table, policy, service, exclude, rand, ejected, load)
 
 
-_Picked = Union[tuple[Union[Endpoint, None], bool, Union[tuple[str, str], None]], Reply]
+_Cookie = Union[tuple[str, str], None]
+_Picked = Union[tuple[Union[Endpoint, None], bool, _Cookie], Reply]
+#: (endpoint or None for the local app, local, endpoint cookie, version cookie)
+_Session = Union[tuple[Union[Endpoint, None], bool, _Cookie, _Cookie], Reply]
 
 
 def _pick(
@@ -266,14 +292,132 @@ def _pick(
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
     load: Scores | None = None,
-) -> _Picked:
-    """:func:`_pick_from` without the ejected endpoints, or with them when nothing else
-    of the service is left (panic mode); ``exclude`` is never picked."""
+) -> _Session:
+    """:func:`_pick_session` without the ejected endpoints, or with them when nothing
+    else of the service is left (panic mode); ``exclude`` is never picked."""
     if ejected:
-        picked = _pick_from(request, table, policy, service, exclude | ejected, rand, load)
+        picked = _pick_session(request, table, policy, service, exclude | ejected, rand,
+                               load)
         if not isinstance(picked, Reply):
             return picked
-    return _pick_from(request, table, policy, service, exclude, rand, load)
+    return _pick_session(request, table, policy, service, exclude, rand, load)
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the candidate filter knows of one endpoint of a service (this instance
+    included, also before its own record is in the table)."""
+
+    hash: str
+    version: str
+    draining: bool
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """What the candidate filter needs of one service in one table: its members by
+    hash, and whether they are *uniform* (none draining, one version, ``version``)."""
+
+    found: Mapping[str, Member]
+    uniform: bool
+    version: str
+    version_cookie: str
+
+
+_VIEWS: dict[tuple[str, int], tuple[EndpointTable, Policy, ServiceView]] = {}
+
+
+def service_view(table: EndpointTable, policy: Policy, service: str) -> ServiceView:
+    """The :class:`ServiceView` of ``service``, remembered for the latest table of each
+    (service, policy): a request should not cost a pass over the endpoints."""
+    key = (service, id(policy))  # hashing a Policy per request would cost more
+    cached = _VIEWS.get(key)
+    if cached is not None and cached[0] is table and cached[1] is policy:
+        return cached[2]
+    found = {e.hash: Member(e.hash, e.version, e.draining)
+             for e in table.by_service.get(service, ())}
+    self_hash = policy.self_hash
+    if policy.has_local_app and service == policy.service and self_hash is not None:
+        own = found.get(self_hash)
+        found[self_hash] = Member(self_hash, own.version if own else policy.app_version,
+                                  policy.draining or (own is not None and own.draining))
+    present = {m.version for m in found.values()}
+    uniform = not any(m.draining for m in found.values()) and len(present) <= 1
+    view = ServiceView(found, uniform, next(iter(present)) if len(present) == 1 else "",
+                       VERSION_COOKIE_PREFIX + service)
+    if len(_VIEWS) > 64:  # policies are few; tables replace each other
+        _VIEWS.clear()
+    _VIEWS[key] = (table, policy, view)
+    return view
+
+
+def candidates(found: Mapping[str, Member], exclude: frozenset[str], session_version: str,
+               policy: Policy, rand: Callable[[], float]) -> frozenset[str]:
+    """The hashes a new pick may choose from (empty only when nothing is left).
+
+    Draining endpoints are left out unless every usable one drains (a draining
+    endpoint beats a 503). A session whose version is known (``session_version``) keeps
+    it while that version has a usable endpoint that is not draining; otherwise one
+    version is chosen among the rest: the newest, or by ``--version-weights``.
+    """
+    usable = [m for m in found.values() if m.hash not in exclude]
+    if not usable:
+        return frozenset()
+    live = [m for m in usable if not m.draining] or usable
+    if session_version:
+        same = [m for m in live if m.version == session_version and not m.draining]
+        if same:
+            return frozenset(m.hash for m in same)
+    present = {m.version for m in live}
+    if len(present) > 1:
+        chosen = versions.choose(present, policy.version_order, policy.version_weights, rand)
+        live = [m for m in live if m.version == chosen]
+    return frozenset(m.hash for m in live)
+
+
+def _pick_session(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+    load: Scores | None = None,
+) -> _Session:
+    """Keep the session where it is, else filter the candidates, then :func:`_pick_from`.
+
+    The sticky endpoint is kept while it lives (draining or not) and runs the session's
+    version (an endpoint that now runs another version is a restarted process: the
+    session is treated as gone). A session that must move keeps its version while that
+    version has live endpoints (:func:`candidates`).
+    """
+    view = service_view(table, policy, service)
+    version_name = view.version_cookie
+    session_version = request.cookie(version_name) or ""
+    if view.uniform and (not session_version or session_version == view.version):
+        # nothing to filter (the usual case)
+        picked = _pick_from(request, table, policy, service, exclude, rand, load)
+        if isinstance(picked, Reply) or session_version == view.version:
+            return picked if isinstance(picked, Reply) else (*picked, None)
+        return (*picked, (version_name, view.version))
+    found = view.found
+    wanted = request.cookie(COOKIE_PREFIX + service)
+    kept = found.get(wanted or "")
+    leave_out = exclude
+    if kept is None or kept.hash in exclude or (
+            session_version and kept.version != session_version):
+        keep = candidates(found, exclude, session_version, policy, rand)
+        leave_out = exclude | (found.keys() - keep)
+    # _pick_from follows the cookie when its endpoint is (still) a candidate
+    picked = _pick_from(request, table, policy, service, leave_out, rand, load)
+    if isinstance(picked, Reply):
+        return picked
+    endpoint, local, set_cookie = picked
+    chosen = found.get(policy.self_hash or "") if local else None
+    version = chosen.version if chosen is not None else (
+        endpoint.version if endpoint is not None else policy.app_version)
+    set_version = (version_name, version) if version != session_version else None
+    return endpoint, local, set_cookie, set_version
 
 
 def _pick_from(
@@ -388,11 +532,11 @@ def _route_sticky(
     picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
-    endpoint, local, set_cookie = picked
+    endpoint, local, set_cookie, set_version = picked
     if local:
-        return Serve(set_cookie=set_cookie)
+        return Serve(set_cookie=set_cookie, set_version=set_version)
     assert endpoint is not None
-    return Proxy(endpoint, request.path_qs, set_cookie=set_cookie)
+    return Proxy(endpoint, request.path_qs, set_cookie=set_cookie, set_version=set_version)
 
 
 def _sockjs_info_service(path: str, policy: Policy) -> str | None:
@@ -422,7 +566,7 @@ def _route_sockjs_info(
     picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
-    endpoint, local, _ = picked
+    endpoint, local, _, _ = picked
     if local:
         own = table.by_hash.get(policy.self_hash or "")
         balancer = _balancer_for(own, service, request, table, policy, rand)

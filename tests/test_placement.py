@@ -23,7 +23,7 @@ SELF = "http://10.0.0.1:3000"
 
 def ep(url: str, load: Load | None = None, stamp: dt.datetime = NOW,
        service: str = "web") -> Endpoint:
-    return Endpoint(service, url, endpoint_hash(url), None, stamp, 5.0, load)
+    return Endpoint(service, url, endpoint_hash(url), None, stamp, 5.0, load=load)
 
 
 def table(*endpoints: Endpoint) -> EndpointTable:
@@ -220,7 +220,7 @@ def test_endpoints_that_left_are_forgotten():
 
 
 def test_load_round_trips_through_the_record():
-    record = make_record("web", A.url, None, 5.0, Load(12, 3, 4.5))
+    record = make_record("web", A.url, None, 5.0, load=Load(12, 3, 4.5))
     assert record["load"] == {"sockets": 12, "inflight": 3, "serviceMs": 4.5}
     endpoint, problem = check_record({**record, "timestamp": NOW})
     assert problem is None and endpoint.load == Load(12, 3, 4.5)
@@ -354,7 +354,7 @@ def test_cluster_status_table_shows_the_load():
     from cluster.cli import table_lines
 
     row = {"service": "web", "endpoint": A.url, "hash": A.hash, "balancer": None,
-           "age": 0.5, "healthy": True}
+           "age": 0.5, "healthy": True, "draining": False, "version": ""}
     data = {"store": "s", "endpoints": [dict(row, load={"sockets": 12, "inflight": 1,
                                                        "serviceMs": 3.25}),
                                         dict(row, load=None)],
