@@ -85,6 +85,7 @@ def test_status_table_shows_version_and_draining() -> None:
                                                            "version": ""}],
                          "balancers": [], "malformed": []})
     assert lines[1].split() == ["SERVICE", "ENDPOINT", "HASH", "VERSION", "BALANCER",
-                                "HEARTBEAT", "STATE"]
-    assert lines[2].split()[3] == "1.3" and lines[2].split()[-1] == "draining"
-    assert lines[3].split()[3] == "-" and lines[3].split()[-1] == "live"
+                                "HEARTBEAT", "STATE", "LOAD"]
+    # columns: ..., HEARTBEAT ("0.5s ago": two words), STATE, LOAD ("-": none published)
+    assert lines[2].split()[3] == "1.3" and lines[2].split()[-2:] == ["draining", "-"]
+    assert lines[3].split()[3] == "-" and lines[3].split()[-2:] == ["live", "-"]

@@ -41,8 +41,11 @@ def test_drain_under_load_loses_nothing_and_closes_sockets_with_1001(
             proc, ports[name] = start_serve(*common, "--pid-file", str(tmp_path / f"{name}.pid"),
                                             env={**env, "BACKEND_NAME": name}, name=name)
             procs.append(proc)
+        # Uniform placement: before the drain, a must take new sessions while it holds
+        # more sockets than b and c, which placement by load (rightly) would not do.
         front, front_port = start_serve("--ui-service", "web", "--ping-interval", "1",
-                                        "--expiry-grace", "1", env=env, name="front")
+                                        "--expiry-grace", "1", "--placement", "random",
+                                        env=env, name="front")
         procs.append(front)
         wait_until(lambda: len(_status(front_port)["endpoints"]) == 3, timeout=TIMEOUT,
                    what="the front to see the three instances")
