@@ -7,9 +7,14 @@ these sockets lives in :mod:`cluster.http1` (heads and framing) and
 :mod:`cluster.proxy.relay`; the front door, the WSGI forwarder and the WebSocket bridge
 all connect through here, so an https endpoint works for each of them.
 
-A pooled connection is checked before reuse with a non-blocking peek: one that is
-readable (bytes the endpoint sent after its response: they would be taken for the next
-client's response) or closed is thrown away, never handed out.
+A pooled connection idle for more than :data:`RECHECK_AFTER` is checked before reuse
+with a non-blocking peek: one that is readable (bytes the endpoint sent after its
+response: they would be taken for the next client's response) or closed is thrown away,
+never handed out. One that went idle a moment ago, after a response read to its
+framed end, is handed out without the peek (a system call and an exception on every
+request of a busy balancer): bytes the endpoint sends later are no more likely then than
+in the moment between a peek and the next response, and a close in that moment is what
+the relay's resend on a fresh connection is for.
 
 Timeouts are socket timeouts: the connect timeout while connecting, then the read
 timeout for every later send and recv. That is exactly an idle timeout ("silent for
@@ -38,12 +43,14 @@ _PEEK = int(stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)  # an int: enum arithme
 #: it (nginx's upstream ``keepalive_timeout`` is 60 s), and a reused connection that
 #: the upstream closes under us costs a retry or, for a streamed body, an error.
 IDLE_TIMEOUT = 30.0
+#: Seconds after its release within which a connection is reused without a peek.
+RECHECK_AFTER = 0.02
 
 
 class Target:
     """Where an endpoint URL points: parsed once, then cached by the pool."""
 
-    __slots__ = ("url", "host", "port", "hostport", "family", "literal", "tls")
+    __slots__ = ("url", "host", "port", "hostport", "hostport_b", "family", "literal", "tls")
 
     def __init__(self, url: str) -> None:
         try:
@@ -59,6 +66,7 @@ class Target:
         self.host: str = parts.hostname
         self.port: int = port or (443 if self.tls else 80)
         self.hostport = parts.netloc.rsplit("@", 1)[-1]
+        self.hostport_b = self.hostport.encode("latin-1")
         try:
             ip = ipaddress.ip_address(self.host)
         except ValueError:
@@ -201,10 +209,11 @@ class Pool:
         stack = self._idle.get(url)
         if not stack:
             return None
-        oldest_ok = time.monotonic() - IDLE_TIMEOUT
+        now = time.monotonic()
         while stack:
             conn = stack.pop()
-            if conn.idle_since >= oldest_ok and conn.usable():
+            idle = now - conn.idle_since
+            if idle < RECHECK_AFTER or (idle < IDLE_TIMEOUT and conn.usable()):
                 conn.reused = True
                 return conn
             conn.close()
