@@ -35,17 +35,19 @@ from urllib.parse import unquote_to_bytes
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
+from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
 from cluster.http1 import (
+    HEAD_END,
     Limits,
     RequestHead,
     find_head_end,
     parse_request_head,
     simple_response,
 )
+from cluster.netio import wait_recv
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
@@ -281,10 +283,25 @@ class Connection:
         conn = self.conn
         buf = conn.buf
         limits = self.door.limits
-        if buf:
+        if not buf and conn.requests:
+            # A keep-alive client between requests: wait for the next one, which nearly
+            # always arrives whole in one read and is parsed straight from it.
+            conn.phase = IDLE
+            conn.deadline = time.monotonic() + keepalive_timeout if keepalive_timeout else 0.0
+            data = wait_recv(conn.sock, RECV_SIZE)
+            if not data:
+                return None
+            end = data.find(HEAD_END)
+            if 0 <= end <= limits.head_size and (
+                    len(data) <= limits.request_line
+                    or data.find(b"\r\n", 0, limits.request_line + 2) >= 0):
+                conn.phase = NONE
+                conn.deadline = 0.0
+                if end + 4 < len(data):
+                    buf += data[end + 4:]
+                return parse_request_head(data[:end], limits)
+            buf += data
             conn.expect(HEAD, header_timeout)
-        elif conn.requests:
-            conn.expect(IDLE, keepalive_timeout)
         else:
             conn.expect(HEAD, header_timeout)
         while True:
@@ -295,10 +312,8 @@ class Connection:
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if not conn.fill(wait_first=conn.phase == IDLE):
+            if not conn.fill():
                 return None
-            if conn.phase == IDLE:
-                conn.expect(HEAD, header_timeout)
         conn.phase = NONE
         conn.deadline = 0.0
         raw = bytes(buf[:end - 4])

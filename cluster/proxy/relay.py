@@ -158,34 +158,37 @@ class Exchange:
         the client's own faults are not the endpoint's: RequestError 400 for a malformed
         chunked body, OSError when the client left in the middle of its body.
         """
-        self.started = time.monotonic()
+        started = self.started = time.monotonic()
         client = self.client
         pool = self.pool
+        head = self.head
         streamed = body is None
         # A WebSocket gets a connection of its own: a pooled one may lead to an endpoint
         # that is stopping (it finishes requests on open connections but accepts no new
         # ones), which would take the upgrade and then end it with the drain; a new
         # connection is refused there and the upgrade goes to another endpoint.
-        fresh = streamed or self.head.is_websocket
+        fresh = streamed or head.is_websocket
         conn = None if fresh else pool.acquire(self.url)
         resent = False
         while True:
             if conn is None:
-                conn = open_after_stale(pool, self.url, resent, self.head.method,
-                                        self.head.has_body)
+                conn = open_after_stale(pool, self.url, resent, head.method, head.has_body)
             self.upstream = conn
             client.upstream = conn
             try:
-                if self.head.expect_continue and (streamed or body):
-                    self.head.expect_continue = False
+                if head.expect_continue and (streamed or body):
+                    head.expect_continue = False
                     client.send(CONTINUE)
-                client.expect(UPSTREAM, pool.read_timeout)
+                # From here until the response head is in, the read timeout applies
+                # (the sweeper answers 504 past it).
+                client.phase = UPSTREAM
+                client.deadline = started + pool.read_timeout if pool.read_timeout else 0.0
                 if streamed:
                     send_all(conn.sock, out_head)
                     self._stream_body(conn)
+                    client.expect(UPSTREAM, pool.read_timeout)
                 else:
                     send_all(conn.sock, out_head + body if body else out_head)
-                client.phase = NONE
                 self._read_head(conn)
                 return
             except _Stale:
@@ -193,6 +196,7 @@ class Exchange:
                 conn.close()
                 conn = None
                 resent = True
+                started = time.monotonic()
             except (RequestError, _ClientGone):
                 conn.close()  # no 502, no retry, no warning about the endpoint
                 raise
@@ -202,6 +206,8 @@ class Exchange:
             except OSError as exc:
                 conn.close()
                 raise self._error(exc, "sending the request") from None
+            finally:
+                client.phase = NONE
 
     def _error(self, exc: BaseException, doing: str) -> UpstreamError:
         if self.client.timed_out:
@@ -248,30 +254,33 @@ class Exchange:
             client.phase = NONE
 
     def _read_head(self, conn: Connection) -> None:
-        """Read the response head (skipping interim 1xx but 101) into self.response."""
+        """Read the response head (skipping interim 1xx but 101) into self.response.
+        The caller has set the client's phase and deadline for the wait."""
         client = self.client
         buf = conn.buf
         conn.buf = b""
+        sock = conn.sock
+        waited = False
         while True:
             end = buf.find(HEAD_END)
             while end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     raise misbehaving(UpstreamBroken(self.url,
                                                      "response head larger than 64 KiB"))
-                client.expect(UPSTREAM, self.pool.read_timeout)
+                if waited:  # the read timeout is per read: silent for that long
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                waited = True
                 try:
-                    data = wait_recv(conn.sock, RECV_SIZE)
+                    data = wait_recv(sock, RECV_SIZE)
                 except OSError as exc:
                     if not buf and conn.reused and not client.timed_out:
                         raise _Stale() from None
                     raise self._error(exc, "reading the response head") from None
-                finally:
-                    client.phase = NONE
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
                     raise UpstreamBroken(self.url, "closed the connection before answering")
-                buf += data
+                buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
             if end > MAX_RESPONSE_HEAD:
                 raise misbehaving(UpstreamBroken(self.url,
@@ -343,7 +352,8 @@ class Exchange:
                 if len(buf) > length:
                     pool_it = False  # bytes past the response: never hand them to anyone
                 self._to_client(out + first)
-                self._relay_fixed(conn, length - len(first))
+                if length > len(first):
+                    self._relay_fixed(conn, length - len(first))
             elif mode == CHUNKED:
                 self._relay_chunked(conn, out, buf, dechunk)
                 if conn.buf:
