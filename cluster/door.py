@@ -250,7 +250,8 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines", "body")
+                 "outcome", "fwd_host", "fwd_lines", "body", "last_raw", "last_head",
+                 "last_view")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -260,6 +261,11 @@ class Connection:
         self.tunnelled = False
         self.fwd_host = b""
         self.fwd_lines: list[bytes] | None = None
+        #: the last request head as received and parsed, and its view (a keep-alive
+        #: client that sends the same head again gets both without a parse)
+        self.last_raw = b""
+        self.last_head: RequestHead | None = None
+        self.last_view: RequestView | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -299,7 +305,7 @@ class Connection:
                 conn.deadline = 0.0
                 if end + 4 < len(data):
                     buf += data[end + 4:]
-                return parse_request_head(data[:end], limits)
+                return self.parse(data[:end], limits)
             buf += data
             conn.expect(HEAD, header_timeout)
         else:
@@ -318,7 +324,23 @@ class Connection:
         conn.deadline = 0.0
         raw = bytes(buf[:end - 4])
         del buf[:end]
-        return parse_request_head(raw, limits)
+        return self.parse(raw, limits)
+
+    def parse(self, raw: bytes, limits: Limits) -> RequestHead:
+        """parse_request_head, or the last head again when ``raw`` is the same bytes.
+        A head is not changed once parsed, but for ``expect_continue`` (cleared once
+        the 100 is sent): a head that asks for one is parsed afresh every time."""
+        if raw == self.last_raw and self.last_head is not None:
+            return self.last_head
+        head = parse_request_head(raw, limits)
+        if head.expect_continue:
+            self.last_raw = b""
+            self.last_head = None
+        else:
+            self.last_raw = raw
+            self.last_head = head
+        self.last_view = None
+        return head
 
     # --- one request --------------------------------------------------------------
 
@@ -395,7 +417,16 @@ class Connection:
         return self.sockjs_info(head, decision, state)
 
     def view(self, head: RequestHead) -> RequestView:
-        """What routing looks at; the hop marker counts only if it proves membership."""
+        """What routing looks at; the hop marker counts only if it proves membership.
+        Kept with the last head, unless it has a marker (whose check depends on the
+        clock or the table)."""
+        if head is self.last_head and not head.hop:
+            if self.last_view is None:
+                self.last_view = self._view(head)
+            return self.last_view
+        return self._view(head)
+
+    def _view(self, head: RequestHead) -> RequestView:
         target = head.target.decode("latin-1")
         path, _, query = target.partition("?")
         if "%" in path:

@@ -342,15 +342,37 @@ def _status_line(first: bytes) -> tuple[int, bytes, bool]:
     return known
 
 
+#: Response heads parsed lately, by their bytes: an endpoint answering the same resource
+#: sends the same head until its Date changes (once a second). The parse is a pure
+#: function of those bytes and a ResponseHead is immutable, so a hit is exact. Bounded
+#: in entries and in the size of a head kept.
+_RESPONSES: dict[bytes, ResponseHead] = {}
+_RESPONSES_MAX = 256
+_RESPONSE_KEPT_MAX = 2048
+
+
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse a response head (status line up to, not including, the blank line).
 
     Raises ValueError for anything a careful proxy must not pass on: a bad status line,
     a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
-    Runs once per proxied response, hence the targeted searches rather than a loop
-    over every line, and a short way for the usual head (at most one Content-Length,
-    at most one ``Connection: keep-alive`` or ``close``, no other hop-by-hop field).
+    Runs once per proxied response, hence the memo of recent heads, the targeted
+    searches rather than a loop over every line, and a short way for the usual head (at
+    most one Content-Length, at most one ``Connection: keep-alive`` or ``close``, no
+    other hop-by-hop field).
     """
+    known = _RESPONSES.get(head)
+    if known is not None:
+        return known
+    parsed = _parse_response_head(head)
+    if len(head) <= _RESPONSE_KEPT_MAX:
+        if len(_RESPONSES) >= _RESPONSES_MAX:
+            _RESPONSES.clear()
+        _RESPONSES[head] = parsed
+    return parsed
+
+
+def _parse_response_head(head: bytes) -> ResponseHead:
     eol = head.find(CRLF)
     first, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])  # block: CRLF...
     code, status_line, http11 = _status_line(first)
