@@ -251,7 +251,7 @@ class Connection:
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
                  "outcome", "fwd_host", "fwd_lines", "body", "last_raw", "last_head",
-                 "last_view")
+                 "last_view", "made")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -266,6 +266,8 @@ class Connection:
         self.last_raw = b""
         self.last_head: RequestHead | None = None
         self.last_view: RequestView | None = None
+        #: the last head sent upstream: (request head, target, host:port, hop line, bytes)
+        self.made: tuple[RequestHead, bytes, bytes, bytes, bytes] | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -456,13 +458,13 @@ class Connection:
         observer = self.door.observer
         if observer is NULL_OBSERVER:
             return
-        endpoint = state.endpoint.url if state.endpoint is not None else state.where
-        observer.request_done(RequestRecord(
-            self.conn.peer, head.method.decode("latin-1"), head.target.decode("latin-1"),
-            head.version.decode("latin-1"), state.status, state.sent, endpoint,
-            state.endpoint.service if state.endpoint is not None else state.service,
+        endpoint = state.endpoint
+        observer.request_done(RequestRecord.of_head(
+            head, self.conn.peer, state.status, state.sent,
+            endpoint.url if endpoint is not None else state.where,
+            endpoint.service if endpoint is not None else state.service,
             state.upstream_seconds, time.monotonic() - started, state.retries,
-            _field(head, b"referer"), _field(head, b"user-agent"), state.websocket))
+            state.websocket))
 
     # --- answers ----------------------------------------------------------------------
 
@@ -483,18 +485,25 @@ class Connection:
         door = self.door
         conn = self.conn
         endpoint = decision.endpoint
-        target = door.pool.target(endpoint.url)
+        hostport = door.pool.target(endpoint.url).hostport_b
         path_qs = decision.path_qs.encode("latin-1")
         upgrade = head.is_websocket
-        if head.chunked:
-            framing = b"Transfer-Encoding: chunked"
-        elif head.content_length >= 0 and (head.content_length or head.method not in _BODILESS):
-            framing = b"Content-Length: %d" % head.content_length
+        hop = door.hop.line(head.method, path_qs)
+        made = self.made
+        if made is not None and made[0] is head and made[1] == path_qs and \
+                made[2] == hostport and made[3] == hop:
+            out = made[4]  # the same head to the same place: the same bytes
         else:
-            framing = b""
-        out = request_head(head, path_qs, target.hostport.encode(),
-                           self.forwarded_lines(head),
-                           door.hop.line(head.method, path_qs), framing, upgrade)
+            if head.chunked:
+                framing = b"Transfer-Encoding: chunked"
+            elif head.content_length >= 0 and (head.content_length or
+                                               head.method not in _BODILESS):
+                framing = b"Content-Length: %d" % head.content_length
+            else:
+                framing = b""
+            out = request_head(head, path_qs, hostport, self.forwarded_lines(head), hop,
+                               framing, upgrade)
+            self.made = (head, path_qs, hostport, hop, out)
         body = self.body
         if body is _UNREAD:
             # Taken once per request: every attempt (another endpoint after a refused
