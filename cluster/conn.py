@@ -115,6 +115,19 @@ class ClientConn:
             self.sock.sendall(memoryview(data)[sent:])
             self.phase, self.deadline = phase, deadline
 
+    def send_pair(self, first: bytes, second: bytes | memoryview) -> None:
+        """Send ``first`` then ``second`` with one system call when the socket takes
+        both (no joined copy of a large ``second``); as :meth:`send` otherwise."""
+        try:
+            sent = self.raw.sendmsg((first, second))
+        except BlockingIOError:
+            sent = 0
+        if sent < len(first):
+            self.send(memoryview(first)[sent:])
+            self.send(second)
+        elif sent < len(first) + len(second):
+            self.send(memoryview(second)[sent - len(first):])
+
     def close(self) -> None:
         try:
             self.sock.close()

@@ -67,6 +67,8 @@ RECV_SIZE = 65536
 #: Request bodies up to this size that are already in the buffer are kept for a resend.
 RESEND_LIMIT = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Body bytes read with a response head are kept as a view, not a copy, from this size.
+_VIEW_FROM = 8192
 _VALID_PROTO = (b"http", b"https")
 
 
@@ -257,7 +259,7 @@ class Exchange:
         """Read the response head (skipping interim 1xx but 101) into self.response.
         The caller has set the client's phase and deadline for the wait."""
         client = self.client
-        buf = conn.buf
+        buf = bytes(conn.buf)  # bytes here (no copy)
         conn.buf = b""
         sock = conn.sock
         waited = False
@@ -291,11 +293,14 @@ class Exchange:
             except ValueError as exc:
                 raise misbehaving(UpstreamBroken(self.url, f"malformed response head: {exc}")) \
                     from None
-            buf = buf[end + 4:]
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break
             # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
-        conn.buf = buf
+            buf = buf[end + 4:]
+        # The body bytes that came with the head: a large piece is not copied out of the
+        # read, only viewed (relay_response sends it as it is, or copies it to scan it).
+        end += 4
+        conn.buf = buf[end:] if len(buf) - end < _VIEW_FROM else memoryview(buf)[end:]
         self.raw_head = raw
         self.response = response
         self.upstream_seconds = time.monotonic() - self.started
@@ -351,11 +356,15 @@ class Exchange:
                 first = buf[:length]
                 if len(buf) > length:
                     pool_it = False  # bytes past the response: never hand them to anyone
-                self._to_client(out + first)
+                if len(first) < _VIEW_FROM:
+                    self._to_client(out + first)
+                else:  # head and a large first piece in one call, without joining them
+                    self.client.send_pair(out, first)
+                    self.sent += len(out) + len(first)
                 if length > len(first):
                     self._relay_fixed(conn, length - len(first))
             elif mode == CHUNKED:
-                self._relay_chunked(conn, out, buf, dechunk)
+                self._relay_chunked(conn, out, bytes(buf), dechunk)
                 if conn.buf:
                     pool_it = False
             else:
@@ -480,7 +489,7 @@ def read_small_body(exchange: Exchange, limit: int) -> bytes:
     conn = exchange.upstream
     assert response is not None and conn is not None
     mode, length = response_framing(exchange.head.method, response)
-    buf = conn.buf
+    buf = bytes(conn.buf)
     try:
         if mode == NO_BODY:
             return b""

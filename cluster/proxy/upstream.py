@@ -85,7 +85,8 @@ class Connection:
     def __init__(self, sock: Any, target: Target) -> None:
         self.sock = sock
         self.target = target
-        self.buf = b""
+        #: bytes read past the last response head (a view of a large read)
+        self.buf: bytes | memoryview = b""
         self.idle_since = 0.0
         self.reused = False
 
