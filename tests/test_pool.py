@@ -34,12 +34,22 @@ def pooled(listener: socket.socket, url: str) -> tuple[Pool, upstream.Connection
 def test_a_connection_released_a_moment_ago_is_handed_out_again(endpoint) -> None:
     pool, conn, server_side = pooled(*endpoint)
     try:
-        again = pool.acquire(endpoint[1])
+        again = pool.acquire(endpoint[1], trust_recent=True)
         assert again is conn and again.reused
         assert pool.acquire(endpoint[1]) is None  # checked out: nobody else gets it
     finally:
         conn.close()
         server_side.close()
+
+
+def test_only_a_replayable_request_skips_the_peek_of_a_fresh_release(endpoint) -> None:
+    # The endpoint closes the connection right after the response: a request that may
+    # not be moved elsewhere once sent must not get it, however recent the release.
+    pool, conn, server_side = pooled(*endpoint)
+    server_side.close()
+    time.sleep(0.002)  # the FIN is in, well within RECHECK_AFTER
+    assert pool.acquire(endpoint[1]) is None
+    assert conn.sock.fileno() < 0
 
 
 def test_an_idle_connection_the_endpoint_closed_is_thrown_away(endpoint) -> None:
