@@ -3,7 +3,9 @@
 - ``/_cluster/`` the live dashboard: one HTML page with its script and style inline (no
   external assets), refreshing itself from the JSON twin every 1.5 s;
 - ``/_cluster/status`` this instance's view as JSON (its table, health, traffic);
-- ``/_cluster/metrics`` Prometheus text (summed over the workers when several).
+- ``/_cluster/metrics`` Prometheus text (summed over the workers when several);
+- ``POST /_cluster/drain`` drain this instance (``cluster drain --url``): what SIGUSR2
+  does, for operators who reach it over HTTP.
 
 Who may read them (:meth:`Admin.allowed`): addresses in ``--trusted-proxies`` (exact
 addresses or networks such as ``10.0.0.0/8``), or anyone presenting ``--admin-token``
@@ -18,7 +20,7 @@ import ipaddress
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs
 
 from cluster.config import Settings
@@ -53,6 +55,11 @@ class Admin:
             else:
                 self._exact.add(entry)
         self._token = settings.admin_token.encode() if settings.admin_token else None
+        #: starts this instance's drain (True: it starts now, False: it had started);
+        #: None where the way of running has no drain (library mode, gunicorn)
+        self.drain: Callable[[], bool] | None = None
+        #: whether this instance drains, and when it started (time.time())
+        self.draining_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Admin {self.prefix} {'token' if self._token else 'trusted only'}>"
@@ -90,20 +97,22 @@ class Admin:
     # --- pages ------------------------------------------------------------------------
 
     def answer(self, path: str, remote: str, query: str,
-               authorization: str = "") -> Response | None:
+               authorization: str = "", method: str = "GET") -> Response | None:
         """For an admin path (:meth:`handles`): the page if the client may read it, 401
         if a token would open it, None when it is an ordinary request for the app."""
         if self.allowed(remote, query, authorization):
-            return self.respond(path, query)
+            return self.respond(path, query, method)
         if self._token is not None:
             return 401, TEXT, b"admin token required (?token= or Authorization: Bearer)\n"
         return None
 
-    def respond(self, path: str, query: str) -> Response:
+    def respond(self, path: str, query: str, method: str = "GET") -> Response:
         """(status, content type, body) for an admin path, once :meth:`allowed`."""
         if not self.handles(path):
             return 404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode()
         sub = path[len(self.prefix):]
+        if sub in ("/drain", "/drain/"):
+            return self.start_drain(method)
         if sub in ("", "/"):
             return 200, HTML, dashboard_html(self.prefix, self.status())
         if sub in ("/status", "/status/"):
@@ -114,6 +123,17 @@ class Admin:
             content_type, body = self.metrics.exposition()
             return 200, content_type, body
         return 404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode()
+
+    def start_drain(self, method: str) -> Response:
+        """``POST /drain``: start draining (202), or say it had started (200)."""
+        if method != "POST":
+            return 405, TEXT, b"POST to drain this instance\n"
+        if self.drain is None:
+            return 501, TEXT, b"this instance cannot drain (only `cluster serve` can)\n"
+        started = self.drain()
+        body = {"draining": True, "started": started, "drain_seconds":
+                self.settings.drain_seconds, "endpoint": self.node.self_url}
+        return (202 if started else 200), JSON, json.dumps(body).encode()
 
     def status(self) -> dict[str, Any]:
         """This instance's view: identity, table, health, and its own traffic."""
@@ -134,9 +154,12 @@ class Admin:
                 "service": e.service, "endpoint": e.url, "hash": e.hash,
                 "balancer": e.balancer, "age": round(e.age(table.now), 3),
                 "pingInterval": e.ping_interval, "self": is_self,
+                "draining": e.draining, "version": e.version,
                 "ejected": e.hash in ejected,
                 "ejected_reason": reasons.get(e.url, ("", 0.0))[0] if e.hash in ejected else "",
                 "traffic": seen or _idle(),
+                # as published in its record (cluster.load); None: unknown
+                "load": e.load.to_doc() if e.load is not None else None,
             }
             endpoints.append(row)
         if local is not None and not any(r["self"] for r in endpoints):
@@ -145,6 +168,10 @@ class Admin:
             "service": node.settings.service,
             "endpoint": node.self_url,
             "hash": node.self_hash,
+            "version": node.settings.own_app_version,
+            "draining": self.draining_since is not None,
+            "draining_for": round(time.time() - self.draining_since, 3)
+            if self.draining_since is not None else None,
             "pid": os.getpid(),
             # several processes answer this address (--workers-count, gunicorn -w):
             # the counts below are this one's; /metrics sums them all
@@ -167,6 +194,10 @@ class Admin:
             "websockets": sum(int(t["websockets"]) for t in _all_traffic(endpoints, traffic)),
             "served": local or _idle(),
             "other_traffic": traffic,
+            # this instance's own load now (its record has it as of the last material move)
+            "load": registrar.load().to_doc() if registrar is not None and registrar.load
+            else None,
+            "placement": self.settings.placement,
         }
 
 
@@ -230,10 +261,10 @@ code { font-size:12px; }
 <main>
 <div class="cards" id="cards"></div>
 <h2>Endpoints</h2>
-<table id="endpoints"><thead><tr><th>service</th><th>endpoint</th><th>balancer</th>
-<th class="num">heartbeat</th><th>health</th><th class="num">requests</th>
+<table id="endpoints"><thead><tr><th>service</th><th>endpoint</th><th>version</th>
+<th>balancer</th><th class="num">heartbeat</th><th>health</th><th class="num">requests</th>
 <th class="num">req/s</th><th class="num">errors</th><th class="num">websockets</th>
-</tr></thead><tbody></tbody></table>
+<th class="num">load</th></tr></thead><tbody></tbody></table>
 <h2>Services</h2>
 <table id="services"><thead><tr><th>service</th><th class="num">live endpoints</th>
 <th>balancers</th><th class="num">req/s from here</th></tr></thead><tbody></tbody></table>
@@ -253,6 +284,10 @@ function el(tag, attrs, ...kids) {
 function age(s) {
   return s == null ? "-" : (s < 120 ? s.toFixed(1) + "s" : Math.round(s / 60) + "m");
 }
+function loadText(l) {
+  return l == null ? "-" : l.sockets + " ws, " + l.inflight + " req, " +
+    l.serviceMs.toFixed(1) + " ms";
+}
 function pct(x) { return (100 * x).toFixed(x > 0 && x < 0.01 ? 2 : 1) + "%"; }
 function card(k, v, cls) {
   return el("div", {"class": "card"}, el("div", {"class": "v " + (cls || "")}, v),
@@ -260,7 +295,9 @@ function card(k, v, cls) {
 }
 function render(d) {
   document.getElementById("who").textContent =
-    (d.service || "balancer only") + " @ " + d.endpoint + " (pid " + d.pid + ")";
+    (d.service || "balancer only") + " @ " + d.endpoint +
+    (d.version ? " version " + d.version : "") + " (pid " + d.pid + ")" +
+    (d.draining ? " draining" : "");
   document.getElementById("store").textContent = "discovery: " + d.store;
   const cards = document.getElementById("cards");
   const rate = d.endpoints.reduce((a, r) => a + r.traffic.rate, 0) +
@@ -283,17 +320,20 @@ function render(d) {
     const health = r.ejected
       ? el("td", {"class": "health bad"},
            "ejected" + (r.ejected_reason ? ": " + r.ejected_reason : ""))
+      : r.draining ? el("td", {"class": "health warn"}, "draining")
       : el("td", {"class": "health ok"}, "live");
     const width = Math.round(40 * t.rate / top);
     const bar = el("span", {"class": "bar", "style": "width:" + width + "px"});
     const rateCell = el("td", {"class": "num rate"}, t.rate.toFixed(1));
     rateCell.append(bar);
     return el("tr", {"data-endpoint": r.endpoint, "data-requests": t.requests},
-      el("td", {}, r.service), name, el("td", {}, r.balancer || "-"),
+      el("td", {}, r.service), name, el("td", {"class": "version"}, r.version || "-"),
+      el("td", {}, r.balancer || "-"),
       el("td", {"class": "num"}, age(r.age)), health,
       el("td", {"class": "num requests"}, t.requests), rateCell,
       el("td", {"class": "num"}, pct(t.error_rate)),
-      el("td", {"class": "num"}, t.websockets));
+      el("td", {"class": "num"}, t.websockets),
+      el("td", {"class": "num load"}, loadText(r.load)));
   }));
   const services = document.querySelector("#services tbody");
   services.replaceChildren(...d.services.map(s => {

@@ -21,6 +21,7 @@ from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.hop import HopMarker
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
+from cluster.placement import Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.http import HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
@@ -55,6 +56,9 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         balancer_url=settings.balancer_url,
         trusted_proxies=frozenset(settings.trusted_proxies),
         admin_prefix=settings.admin_prefix + "/",
+        app_version=settings.own_app_version,
+        version_order=settings.version_order,
+        version_weights=settings.version_weights,
     )
 
 
@@ -99,6 +103,15 @@ class ClusterApp:
         self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
         self.observer = observer
         self.admin = Admin(node, s, observer)
+        #: new sessions placed by load (cluster.placement); here without live figures
+        #: of its own (this adapter does not see its WebSockets end), so this instance's
+        #: own placements count on top of its record, like anyone's
+        self.placement: Placement | None = None
+        if s.placement == "load":
+            self.placement = Placement(None, None,
+                                       read_at=lambda: node.watcher.read_at,
+                                       lag=node.watcher.refresh_interval,
+                                       max_age=2 * s.ping_interval + node.watcher.refresh_interval)
 
     def __repr__(self) -> str:
         return f"<ClusterApp {self.node!r} {self.forwarder!r}>"
@@ -124,13 +137,28 @@ class ClusterApp:
         if not hop and self.admin.handles(request.path):
             # Trusted networks, or anyone with --admin-token (else the app's own path).
             answer = self.admin.answer(request.path, request.remote_addr, request.query,
-                                       str(environ.get("HTTP_AUTHORIZATION", "")))
+                                       str(environ.get("HTTP_AUTHORIZATION", "")),
+                                       request.method)
             if answer is not None:
                 return reply_bytes(start_response, answer[0], answer[2], answer[1])
 
         def pick(tried: frozenset[str]) -> Any:
             # tried: never again; ejected: only when nothing else is left (panic mode)
-            return route(request, node.table, self.policy, tried, ejected=node.ejected())
+            table = node.table
+            placement = self.placement
+            if placement is None:
+                return route(request, table, self.policy, tried, ejected=node.ejected())
+            decision = route(request, table, self.policy, tried, ejected=node.ejected(),
+                             load=placement.scores(table))
+            # a new WebSocket counts where it went until that endpoint's figure has it
+            cookie = getattr(decision, "set_cookie", None)
+            if cookie is not None:
+                if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ):
+                    placement.placed(cookie[1])
+            elif isinstance(decision, SockJSInfo):
+                placement.placed(decision.endpoint.hash if decision.endpoint is not None
+                                 else self.policy.self_hash or "")
+            return decision
 
         def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):
@@ -138,7 +166,8 @@ class ClusterApp:
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
             if isinstance(decision, Status):
-                status, ctype, body = self.admin.respond(request.path, request.query)
+                status, ctype, body = self.admin.respond(request.path, request.query,
+                                                         request.method)
                 return reply_bytes(start_response, status, body, ctype)
             if isinstance(decision, SockJSInfo):
                 return self._sockjs_info(decision, environ, start_response)
@@ -171,12 +200,13 @@ class ClusterApp:
         assert self.local_app is not None
         if decision.path is not None:
             environ = dict(environ, PATH_INFO=decision.path)
-        if decision.set_cookie is None:
+        cookies = [_cookie_header(c) for c in (decision.set_cookie, decision.set_version)
+                   if c is not None]
+        if not cookies:
             return self.local_app(environ, start_response)
-        cookie = _cookie_header(decision.set_cookie)
 
         def with_cookie(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
-            return start_response(status, [*headers, cookie], *exc)
+            return start_response(status, [*headers, *cookies], *exc)
 
         return self.local_app(environ, with_cookie)
 
@@ -191,6 +221,8 @@ class ClusterApp:
         headers = response.headers
         if decision.set_cookie is not None:
             headers = [*headers, _cookie_header(decision.set_cookie)]
+        if decision.set_version is not None:
+            headers = [*headers, _cookie_header(decision.set_version)]
         start_response(response.status, headers)
         body: Iterable[bytes] = response.body
         return body

@@ -1,4 +1,4 @@
-"""``cluster serve | status | register``.
+"""``cluster serve | status | register | drain``.
 
 Every user-facing failure ends here as one line on stderr and an exit status:
 2 for a bad setting, 1 for a store that cannot be reached; never a traceback.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -39,6 +41,8 @@ def main(argv: Sequence[str]) -> int:
             from cluster.demo_runner import run_demo
 
             return run_demo(settings, namespace.instances)
+        if command == "drain":
+            return drain(settings, pid=namespace.pid, url=namespace.url, wait=namespace.wait)
         if command == "register":
             from cluster.server import configure_logging
             from cluster.sidecar import register
@@ -75,6 +79,8 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
                 "service": e.service, "endpoint": e.url, "hash": e.hash,
                 "balancer": e.balancer, "age": round(e.age(snapshot.now), 3),
                 "pingInterval": e.ping_interval, "healthy": healthy,
+                "draining": e.draining, "version": e.version,
+                "load": e.load.to_doc() if e.load is not None else None,
             })
     live = [r for r in rows if r["healthy"]]
     return {
@@ -91,6 +97,13 @@ def _age(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else str(dt.timedelta(seconds=int(seconds)))
 
 
+def _load(load: dict[str, Any] | None) -> str:
+    """An endpoint's published load, short: WebSockets, requests in progress, service time."""
+    if load is None:
+        return "-"
+    return f"{load['sockets']} ws, {load['inflight']} req, {load['serviceMs']:.1f} ms"
+
+
 def table_lines(data: dict[str, Any],
                 rates: dict[str, tuple[float, float] | None] | None = None) -> list[str]:
     """The ``cluster status`` table; with ``rates`` (endpoint -> (requests/s, error
@@ -99,15 +112,16 @@ def table_lines(data: dict[str, Any],
     if not data["endpoints"]:
         lines.append("no live endpoints")
     else:
-        headers: tuple[str, ...] = ("SERVICE", "ENDPOINT", "HASH", "BALANCER", "HEARTBEAT",
-                                    "STATE")
+        headers: tuple[str, ...] = ("SERVICE", "ENDPOINT", "HASH", "VERSION", "BALANCER",
+                                    "HEARTBEAT", "STATE", "LOAD")
         if rates is not None:
             headers += ("REQ/S", "ERRORS")
         table: list[tuple[str, ...]] = [headers]
         for r in data["endpoints"]:
+            state = "expired" if not r["healthy"] else "draining" if r["draining"] else "live"
             row: tuple[str, ...] = (
-                r["service"], r["endpoint"], r["hash"][:10], r["balancer"] or "-",
-                _age(r["age"]) + " ago", "live" if r["healthy"] else "expired")
+                r["service"], r["endpoint"], r["hash"][:10], r["version"] or "-",
+                r["balancer"] or "-", _age(r["age"]) + " ago", state, _load(r.get("load")))
             if rates is not None:
                 seen = rates.get(r["endpoint"])
                 row += ("-", "-") if seen is None else (f"{seen[0]:.1f}", f"{100 * seen[1]:.1f}%")
@@ -183,3 +197,82 @@ def watch(settings: Settings, show_all: bool = False, interval: float = 1.0) -> 
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 0
+
+
+#: how often ``cluster drain --wait`` looks whether the instance is gone
+WAIT_INTERVAL = 0.2
+
+
+def drain(settings: Settings, pid: int | None = None, url: str | None = None,
+          wait: bool = False) -> int:
+    """``cluster drain``: SIGUSR2 to ``pid`` (default: the one in --pid-file), or
+    ``POST url/_cluster/drain``; with ``wait``, return once the instance has stopped."""
+    if url is not None:
+        return _drain_url(settings, url.rstrip("/"), wait)
+    if pid is None:
+        pid = _read_pid(settings.pid_file)
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except ProcessLookupError:
+        raise ConfigError("--pid", f"no process {pid}") from None
+    except PermissionError:
+        raise ConfigError("--pid", f"not allowed to signal process {pid}") from None
+    print(f"draining process {pid} (SIGUSR2)"
+          f"{'; waiting for it to stop' if wait else ''}", flush=True)
+    while wait and process_alive(pid):
+        time.sleep(WAIT_INTERVAL)
+    if wait:
+        print(f"process {pid} has stopped")
+    return 0
+
+
+def _read_pid(path: str | None) -> int:
+    if not path:
+        raise ConfigError("--pid-file (CLUSTER_PID_FILE)",
+                          "say which instance to drain: --pid, --pid-file or --url")
+    try:
+        with open(path, encoding="ascii") as found:
+            text = found.read().strip()
+    except OSError as exc:
+        raise ConfigError("--pid-file (CLUSTER_PID_FILE)",
+                          f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError("--pid-file (CLUSTER_PID_FILE)", f"{path} holds no PID")
+    return int(text)
+
+
+def process_alive(pid: int) -> bool:
+    """Is ``pid`` a running process (not gone, not a zombie waiting for its parent)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: the signal test is all we have
+
+
+def _drain_url(settings: Settings, url: str, wait: bool) -> int:
+    import requests
+
+    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    target = f"{url}{settings.admin_prefix}/drain"
+    try:
+        response = requests.post(target, headers=headers, timeout=settings.connect_timeout)
+    except requests.RequestException as exc:
+        raise DiscoveryError(f"could not reach {target}: {exc}") from None
+    if response.status_code not in (200, 202):
+        raise ConfigError("--url", f"{target} answered {response.status_code}: "
+                                   f"{response.text.strip()[:200]}")
+    print(f"{url} is draining" + (" (it already was)" if response.status_code == 200 else "")
+          + ("; waiting for its record to leave the table" if wait else ""), flush=True)
+    endpoint = response.json().get("endpoint", url)
+    while wait and any(r["endpoint"] == endpoint for r in status_rows(settings)["endpoints"]):
+        time.sleep(WAIT_INTERVAL)
+    if wait:
+        print(f"{endpoint} has left the table")
+    return 0

@@ -28,17 +28,25 @@ from cluster.records import (
     MalformedRecord,
     check_service,
     check_url,
+    check_version,
 )
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOG_FORMATS = ("off", "combined", "json")
+PLACEMENTS = ("load", "random")
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False}
 COMMANDS = {
     "serve": "run an instance: register, heartbeat, watch, serve and balance",
     "status": "print services, endpoints, balancers and heartbeat ages",
     "register": "register and heartbeat an endpoint served by another program",
     "demo": "run three instances of the demo app on this host and show them balancing",
+    "drain": "tell a running instance to drain: no new sessions, then close its "
+             "WebSockets with 1001 and stop",
 }
+#: where the app version comes from when --app-version is unset
+APP_VERSION_ENV = "APP_VERSION"
 
 
 # --- value parsers: each takes the raw string and raises ValueError(problem) -----
@@ -122,6 +130,54 @@ def _count(raw: str) -> int:
     return value
 
 
+def _non_negative_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number of seconds") from None
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{raw} must not be negative")
+    return value
+
+
+def _version(raw: str) -> str:
+    value = raw.strip()
+    try:
+        return check_version(value)
+    except MalformedRecord:
+        raise ValueError(f"{value!r} must be 1-64 of A-Z a-z 0-9 . _ + ~ -") from None
+
+
+def _version_list(raw: str) -> tuple[str, ...]:
+    listed = tuple(_version(part) for part in raw.split(",") if part.strip())
+    if len(set(listed)) != len(listed):
+        raise ValueError("lists a version twice")
+    return listed
+
+
+def _version_weights(raw: str) -> tuple[tuple[str, float], ...]:
+    pairs: list[tuple[str, float]] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        version, sep, weight = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r} is not VERSION=WEIGHT")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"weight {weight.strip()!r} of {version.strip()!r} is not a "
+                             "number") from None
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"weight {weight.strip()} of {version.strip()!r} must be 0 or more")
+        pairs.append((_version(version), value))
+    if len({v for v, _ in pairs}) != len(pairs):
+        raise ValueError("weighs a version twice")
+    if pairs and not any(w > 0 for _, w in pairs):
+        raise ValueError("every weight is 0")
+    return tuple(pairs)
+
+
 def _workers(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return os.cpu_count() or 1
@@ -188,6 +244,37 @@ def _token(raw: str) -> str:
     value = raw.strip()
     if len(value) < 16:
         raise ValueError("must be at least 16 characters (it opens the admin pages)")
+    return value
+
+
+def _placement(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PLACEMENTS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(PLACEMENTS)}")
+    return value
+
+
+def _switch(raw: str) -> bool:
+    value = _SWITCH.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"{raw!r} is not on or off")
+    return value
+
+
+def _margin(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if not 1.0 < value <= 100.0:  # NaN fails this too
+        raise ValueError(f"{raw} is outside 1..100 (more than 1: a share above the mean)")
+    return value
+
+
+def _rate(raw: str) -> float:
+    value = _positive_seconds(raw.strip()) if raw.strip() else 0.0
+    if value > 100_000:
+        raise ValueError(f"{raw} is more than 100000 per second")
     return value
 
 
@@ -330,6 +417,70 @@ class Settings:
         "0: proxy everything)",
         "W",
     )
+    placement: str = setting(
+        "load",
+        _placement,
+        "how a new session (no sticky cookie) picks its endpoint: load (the less loaded "
+        "of two random endpoints, by the load each publishes plus this balancer's own "
+        "recent placements) or random (uniform, as meteorhacks:cluster)",
+        "load|random",
+    )
+    rebalance: bool = setting(
+        False,
+        _switch,
+        "close some of this instance's WebSockets with 1001 while it holds more than "
+        "--rebalance-margin times its service's mean (after a newcomer joins), so their "
+        "clients reconnect to less loaded instances",
+        "on|off",
+    )
+    rebalance_margin: float = setting(
+        1.25,
+        _margin,
+        "rebalancing starts above this many times the mean WebSockets per instance of "
+        "the service, and stops at the mean",
+        "X",
+    )
+    rebalance_rate: float = setting(
+        10.0,
+        _rate,
+        "most WebSockets closed per second while rebalancing",
+        "N",
+    )
+    app_version: str | None = setting(
+        None,
+        _version,
+        f"app version this instance advertises in its record, for version-aware routing "
+        f"(unset: ${APP_VERSION_ENV}, else none)",
+        "VERSION",
+    )
+    version_order: tuple[str, ...] = setting(
+        (),
+        _version_list,
+        "comma list of app versions, oldest first: new sessions go to the newest with live "
+        "endpoints (unset, and for unlisted versions: version sort)",
+        "V1,V2",
+    )
+    version_weights: tuple[tuple[str, float], ...] = setting(
+        (),
+        _version_weights,
+        "canary split of new sessions by app version, e.g. 1.2.0=90,1.3.0=10 (unset: all "
+        "to the newest version)",
+        "V=W,V=W",
+    )
+    drain_seconds: float = setting(
+        30.0,
+        _non_negative_seconds,
+        "seconds a draining instance (cluster drain, SIGUSR2) keeps serving the sessions it "
+        "has before it closes its WebSockets with 1001 and stops",
+        "SECONDS",
+    )
+    drain_close_seconds: float = setting(
+        5.0,
+        _non_negative_seconds,
+        "seconds over which a draining instance spreads the 1001 closes of its WebSockets, "
+        "so their clients do not all reconnect at once",
+        "SECONDS",
+    )
     workers_count: int = setting(
         1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
     )
@@ -403,6 +554,12 @@ class Settings:
         None,
         _file_path,
         "write the bound host:port to this file once listening (for --bind HOST:0)",
+        "PATH",
+    )
+    pid_file: str | None = setting(
+        None,
+        _file_path,
+        "write this process's PID to this file once listening (cluster drain reads it)",
         "PATH",
     )
     header_timeout: float = setting(
@@ -542,6 +699,16 @@ class Settings:
     def own_ui_service(self) -> str | None:
         return self.ui_service or self.service
 
+    @property
+    def own_app_version(self) -> str:
+        """--app-version, else $APP_VERSION when it is a valid version, else none."""
+        if self.app_version:
+            return self.app_version
+        try:
+            return check_version(os.environ.get(APP_VERSION_ENV, "").strip())
+        except MalformedRecord:
+            return ""
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -581,8 +748,17 @@ def to_environment(settings: Settings) -> dict[str, str]:
         value = getattr(settings, spec.name)
         if value is None:
             continue
-        env[env_of(spec.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
+        env[env_of(spec.name)] = _raw(value)
     return env
+
+
+def _raw(value: Any) -> str:
+    """A setting's value as the text its parser reads back."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(f"{v[0]}={v[1]:g}" if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
 
 
 def fields() -> Iterator[dataclasses.Field[Any]]:
@@ -660,7 +836,7 @@ def build_parser(
     parser.raise_errors = raise_errors
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _raw(default)
         parser.add_argument(
             flag_of(spec.name),
             env_var=env_of(spec.name),
@@ -683,6 +859,17 @@ def build_parser(
         parser.add_argument(
             "--instances", type=int, default=3, help="how many instances to start (default 3)"
         )
+    if command == "drain":
+        parser.add_argument("--pid", type=int, metavar="PID",
+                            help="the instance's process (SIGUSR2); default: --pid-file")
+        parser.add_argument(
+            "--url", metavar="URL",
+            help="the instance's URL: POST URL/_cluster/drain (from --trusted-proxies, "
+                 "or with --admin-token) instead of a signal")
+        parser.add_argument(
+            "--wait", action="store_true",
+            help="return only once the instance has stopped (its process exited, or with "
+                 "--url its record left the table)")
     if command == "register":
         parser.add_argument(
             "--health-url",
@@ -722,7 +909,7 @@ def example_config() -> str:
     ]
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _raw(default)
         lines.append(f"# {spec.metadata['help']}  [{env_of(spec.name)}]")
         key = spec.name.replace("_", "-")
         lines.append(f"# {key} = {'' if shown in (None, ()) else shown}")
@@ -735,7 +922,7 @@ def settings_markdown() -> str:
     rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for spec in fields():
         default = spec.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = default if default in (None, "", ()) else _raw(default)
         shown = "" if shown in (None, "", ()) else f"`{shown}`"
         rows.append(f"| `{flag_of(spec.name)}` | `{env_of(spec.name)}` | {shown} | "
                     f"{spec.metadata['help']} |")

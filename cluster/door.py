@@ -47,12 +47,15 @@ from cluster.http1 import (
     parse_request_head,
     simple_response,
 )
+from cluster.load import LocalLoad
 from cluster.netio import wait_recv
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
+from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
 from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import Pool
+from cluster.rebalance import Rebalancer
 from cluster.routing import (
     Policy,
     Proxy,
@@ -104,12 +107,41 @@ class Door:
         #: set by going_away(): a WebSocket that opens after it is closed at once
         self.stopping = False
         self._retained_for: Any = None
+        #: this instance's own load, published in its record (cluster.load)
+        self.load = LocalLoad()
+        registrar = getattr(node, "registrar", None)
+        if registrar is not None:
+            registrar.load = self.load.current
+        #: new sessions placed by load (cluster.placement); None: uniformly at random
+        self.placement: Placement | None = None
+        if getattr(s, "placement", "load") == "load":
+            watcher = getattr(node, "watcher", None)
+            lag = getattr(watcher, "refresh_interval", 0.5)
+            self.placement = Placement(policy.self_hash if local_app is not None else None,
+                                       self.load.current,
+                                       read_at=lambda: getattr(watcher, "read_at", 0.0),
+                                       lag=lag, max_age=2 * s.ping_interval + lag)
+        #: sheds WebSockets to newcomers (--rebalance on; started by start())
+        self.rebalancer: Rebalancer | None = None
+        if getattr(s, "rebalance", False) and local_app is not None and policy.service \
+                and policy.self_hash:
+            refresh = getattr(getattr(node, "watcher", None), "refresh_interval", 0.5)
+            self.rebalancer = Rebalancer(node, policy.service, policy.self_hash, self.load,
+                                         s.rebalance_margin, s.rebalance_rate,
+                                         settle=2 * s.ping_interval + refresh)
 
     def __repr__(self) -> str:
         return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "
                 f"{self.pool.state()}]>")
 
+    def start(self) -> None:
+        """Start the door's own loop (rebalancing, when it is on)."""
+        if self.rebalancer is not None:
+            self.rebalancer.start()
+
     def close(self) -> None:
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         self.sweeper.stop()
         self.pool.close()
 
@@ -119,6 +151,8 @@ class Door:
         later (an upgrade on a connection that was open before the stop) is closed with
         1001 as soon as it opens, not cut without a close frame when the drain ends."""
         self.stopping = True
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         sockets = list(self.open_websockets)
         for socket in sockets:
             try:
@@ -359,7 +393,7 @@ class Connection:
         if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
             # Before routing: trusted networks, or anyone with --admin-token.
             answer = admin.answer(view.path, view.remote_addr, view.query,
-                                  _field(head, b"authorization"))
+                                  _field(head, b"authorization"), view.method)
             if answer is not None:
                 try:
                     return self.reply(head, state, answer[0], answer[2], answer[1].encode())
@@ -398,8 +432,21 @@ class Connection:
     def pick(self, tried: frozenset[str]) -> Any:
         door = self.door
         node = door.node
-        # tried: never again; ejected: only when nothing else is left (panic mode)
-        return route(self.request, node.table, door.policy, tried, ejected=node.ejected())
+        table = node.table
+        placement = door.placement
+        if placement is None:
+            # tried: never again; ejected: only when nothing else is left (panic mode)
+            return route(self.request, table, door.policy, tried, ejected=node.ejected())
+        decision = route(self.request, table, door.policy, tried, ejected=node.ejected(),
+                         load=placement.scores(table))
+        # A new long-lived session counts where it went until that endpoint's figure
+        # has it; a plain request counts only while it runs, as in the figures (inflight)
+        if type(decision) is Proxy:
+            if decision.set_cookie is not None and self.head.is_websocket:
+                placement.placed(decision.endpoint.hash)
+        elif type(decision) is SockJSInfo and decision.endpoint is not None:
+            placement.placed(decision.endpoint.hash)  # its session will follow
+        return decision
 
     def send(self, decision: Any) -> bool:
         head = self.head
@@ -413,7 +460,7 @@ class Connection:
             return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
         if isinstance(decision, Status):
             view = self.request
-            status, ctype, body = self.door.admin.respond(view.path, view.query)
+            status, ctype, body = self.door.admin.respond(view.path, view.query, view.method)
             return self.reply(head, state, status, body, ctype.encode())
         state.endpoint = decision.endpoint
         return self.sockjs_info(head, decision, state)
@@ -532,6 +579,8 @@ class Connection:
         extra = b""
         if decision.set_cookie is not None:
             extra = _cookie_line(decision.set_cookie)
+        if decision.set_version is not None:
+            extra += _cookie_line(decision.set_version)
         try:
             keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
         finally:
@@ -539,12 +588,17 @@ class Connection:
         return keep
 
     def tunnel(self, exchange: Exchange, state: _Outcome) -> bool:
-        """After the endpoint's 101: pass its answer on verbatim, then tunnel."""
+        """After the endpoint's 101: pass its answer on verbatim (but for the load
+        figure meant for this balancer), then tunnel."""
         conn = self.conn
         upstream = exchange.upstream
         assert upstream is not None
         door = self.door
-        conn.send(exchange.raw_head + b"\r\n\r\n" + upstream.buf)
+        raw_head = exchange.raw_head
+        figure = None
+        if _LOAD_FIELD in raw_head:
+            figure, raw_head = _load_field(raw_head)
+        conn.send(raw_head + b"\r\n\r\n" + upstream.buf)
         early = bytes(conn.buf)
         conn.buf.clear()
         if early:
@@ -557,6 +611,8 @@ class Connection:
         url = exchange.url
         door.websockets += 1
         door.observer.websocket_opened(url)
+        if figure is not None and door.placement is not None and state.endpoint is not None:
+            door.placement.heard(state.endpoint.hash, figure)
         upstream.sock.settimeout(None)
 
         if Tunnel.supports(conn.sock, upstream.sock):
@@ -596,8 +652,15 @@ class Connection:
             handler.connection = self
         if decision.set_cookie is not None:
             app = _with_cookie(app, _cookie_header(decision.set_cookie))
-        keep = handler.run(head, app, decision.path,
-                           self.conn.peer in door.forwarding.trusted)
+        if decision.set_version is not None:
+            app = _with_cookie(app, _cookie_header(decision.set_version))
+        load = door.load
+        began = load.started()
+        try:
+            keep = handler.run(head, app, decision.path,
+                               self.conn.peer in door.forwarding.trusted)
+        finally:
+            load.finished(began, handler.websocket_used)
         state.status = handler.code or 0
         state.sent = handler.response_length
         state.where = "local"
@@ -728,6 +791,25 @@ def _endpoint_of(decision: Any) -> Any:
 
 def _no_endpoint_left(decision: Any) -> bool:
     return isinstance(decision, Reply) and decision.status == 503
+
+
+_LOAD_FIELD = b"\r\n" + LOAD_HEADER.encode("ascii") + b":"
+
+
+def _load_field(raw_head: bytes) -> tuple[float | None, bytes]:
+    """The X-Cluster-Load figure of a 101's head (None: absent or not a sane count), and
+    the head without that field: it is for this balancer, not for the client."""
+    at = raw_head.find(_LOAD_FIELD)
+    if at < 0:
+        return None, raw_head
+    start = at + len(_LOAD_FIELD)
+    end = raw_head.find(b"\r\n", start)
+    end = len(raw_head) if end < 0 else end
+    value = raw_head[start:end].strip()
+    rest = raw_head[:at] + raw_head[end:]
+    if not value.isdigit() or len(value) > 8:
+        return None, rest
+    return float(value), rest
 
 
 def _field(head: RequestHead, name: bytes) -> str:
@@ -913,6 +995,18 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         if self.command != "HEAD":
             super()._write(data)
 
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        """pywsgi's; a WebSocket's 101 to a verified cluster member also carries this
+        instance's live WebSocket count, so the balancer that opened it knows it at
+        once (cluster.placement), not a heartbeat later."""
+        if status[:3] == "101":
+            connection = getattr(self, "connection", None)
+            if connection is not None and connection.request.hop:
+                count = len(connection.door.load.websockets) + 1  # this one too
+                headers = [*headers, (LOAD_HEADER, str(count))]
+        return super().start_response(status, headers, exc_info)
+
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
         own logger, and nothing at all without one."""
@@ -929,6 +1023,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         door.websockets += 1
         local = _LocalWebSocket(self.websocket, conn)
         door.open_websockets.add(local)
+        door.load.websockets[local] = time.monotonic()
         door.observer.websocket_opened("local")
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end
@@ -937,6 +1032,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         finally:
             door.websockets -= 1
             door.open_websockets.discard(local)
+            door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
 
 

@@ -76,7 +76,8 @@ class Cluster:
         self.registrar: Registrar | None = None
         if register and s.service:
             self.registrar = Registrar(
-                self.store, s.service, self.self_url, s.balancer_url, s.ping_interval
+                self.store, s.service, self.self_url, s.balancer_url, s.ping_interval,
+                version=s.own_app_version,
             )
         self._ejections: dict[str, _Ejection] = {}
         #: hash -> (strikes, when the last ejection ended), for the backoff

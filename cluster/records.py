@@ -6,6 +6,11 @@ A record is one document per endpoint in the ``clusterEndpoints`` collection::
 
 ``timestamp`` is the store's own clock at the last heartbeat and ``pingInterval`` is
 in milliseconds, so Meteor instances and ours can read each other's records.
+
+Our instances may add fields that meteorhacks ignores: ``draining`` (true while the
+instance takes no new sessions before it stops), ``appVersion`` (the app version it
+runs, for version-aware routing) and ``load`` (its load, for placement: cluster.load).
+A record without them is a live, unversioned endpoint of unknown load.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+
+from cluster.load import Load, parse_load
 
 COLLECTION = "clusterEndpoints"
 
@@ -40,8 +47,15 @@ MAX_PING_MS = 3_600_000
 MAX_FUTURE = dt.timedelta(hours=1)
 SERVICE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
+#: ends the problem text of a record kept without one of its malformed optional fields
+FIELD_IGNORED = "ignored, endpoint kept"
 #: ends the problem text of a record kept without its malformed balancer
-BALANCER_IGNORED = "balancer ignored, endpoint kept"
+BALANCER_IGNORED = "balancer " + FIELD_IGNORED
+#: an app version: what ``appVersion`` and ``--app-version`` may hold (cookie-safe, and
+#: free of the ``=`` and ``,`` that ``--version-weights`` uses)
+APP_VERSION = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
+#: ends the problem text of a record kept without its malformed load figures
+LOAD_IGNORED = "load " + FIELD_IGNORED
 #: how much of a hostile value a log line or a problem text shows
 SHOWN_CHARS = 200
 
@@ -123,6 +137,14 @@ def is_http_url(url: object) -> bool:
     return True
 
 
+def check_version(version: object) -> str:
+    """``version`` when it is a usable app version; raises :class:`MalformedRecord`."""
+    if not isinstance(version, str) or APP_VERSION.fullmatch(version) is None:
+        raise MalformedRecord(
+            f"appVersion {shown(version, 60)} is not 1-64 of A-Z a-z 0-9 . _ + ~ -")
+    return version
+
+
 def check_service(name: object) -> str:
     """``name`` when it is a usable service name; raises :class:`MalformedRecord`."""
     if not isinstance(name, str) or SERVICE_NAME.fullmatch(name) is None:
@@ -141,6 +163,12 @@ class Endpoint:
     balancer: str | None
     timestamp: dt.datetime
     ping_interval: float  # seconds
+    #: takes no new sessions: it is about to stop (record field ``draining``)
+    draining: bool = False
+    #: the app version it runs, "" when it does not say (record field ``appVersion``)
+    version: str = ""
+    #: the load it published (cluster.load); None: unknown (none, or a malformed one)
+    load: Load | None = None
 
     def age(self, now: dt.datetime) -> float:
         """Seconds since the last heartbeat, by the store's clock."""
@@ -166,12 +194,14 @@ def parse_record(doc: Mapping[str, Any], now: dt.datetime | None = None) -> Endp
 def check_record(
     doc: Mapping[str, Any], now: dt.datetime | None = None
 ) -> tuple[Endpoint, str | None]:
-    """(endpoint, problem with its balancer or None); raises :class:`MalformedRecord`.
+    """(endpoint, problems with its optional fields or None); raises :class:`MalformedRecord`.
 
     Policy for a bad ``balancer`` URL: the endpoint itself passed every check, and the
     balancer only names where browsers should open SockJS sessions, so the endpoint
     is kept and the balancer dropped (the service's other balancers, or this instance,
-    stand in); the problem is returned so the caller warns once. ``now`` is the
+    stand in); the problem is returned so the caller warns once. A malformed
+    ``draining``, ``appVersion`` or ``load`` (fields only our instances write) is
+    dropped the same way: not draining, no version, load unknown. ``now`` is the
     store's clock: a heartbeat more than an hour ahead of it would never expire.
     """
     service = check_service(doc.get("serviceName"))
@@ -188,12 +218,35 @@ def check_record(
         raise MalformedRecord(
             f"pingInterval {shown(ping, 60)} is not {MIN_PING_MS}..{MAX_PING_MS} ms")
     balancer = doc.get("balancer")
-    problem = None
+    problems: list[str] = []
     if balancer is not None and balancer != "":  # meteorhacks writes null or nothing
         try:
             balancer = check_url(balancer, "balancer").rstrip("/")
         except MalformedRecord as exc:
-            balancer, problem = None, f"{exc}; {BALANCER_IGNORED}"
+            balancer = None
+            problems.append(f"{exc}; {BALANCER_IGNORED}")
+    draining = doc.get("draining", False)
+    if not isinstance(draining, bool):
+        problems.append(f"draining {shown(draining, 60)} is not true or false; draining "
+                        f"{FIELD_IGNORED}")
+        draining = False
+    version = doc.get("appVersion")
+    if version is None or version == "":
+        version = ""
+    else:
+        try:
+            version = check_version(version)
+        except MalformedRecord as exc:
+            version = ""
+            problems.append(f"{exc}; appVersion {FIELD_IGNORED}")
+    load = None
+    if "load" in doc:
+        try:
+            load = parse_load(doc["load"])
+        except ValueError as exc:
+            # Load only steers placement: an endpoint with an unknown load is still a
+            # live endpoint (placement treats it as average), so it is kept.
+            problems.append(f"{exc} ({shown(doc['load'], 60)}); {LOAD_IGNORED}")
     # The hash is recomputed rather than trusted: routing by a hash that does not
     # match the URL would send sessions to the wrong place.
     endpoint = Endpoint(
@@ -203,8 +256,11 @@ def check_record(
         balancer=balancer or None,
         timestamp=timestamp,
         ping_interval=float(ping) / 1000.0,
+        draining=draining,
+        version=version,
+        load=load,
     )
-    return endpoint, problem
+    return endpoint, "; ".join(problems) or None
 
 
 def record_identity(doc: Mapping[str, Any]) -> str:
@@ -216,13 +272,25 @@ def record_identity(doc: Mapping[str, Any]) -> str:
 
 
 def make_record(
-    service: str, endpoint_url: str, balancer_url: str | None, ping_interval: float
+    service: str, endpoint_url: str, balancer_url: str | None, ping_interval: float,
+    *, draining: bool = False, version: str = "", load: Load | None = None,
 ) -> dict[str, Any]:
-    """The document an instance writes for itself (timestamp set by the store)."""
-    return {
+    """The document an instance writes for itself (timestamp set by the store).
+
+    ``draining``, ``appVersion`` and ``load`` are written only when set, so an instance
+    that uses none of them writes exactly meteorhacks' record (which ignores them).
+    """
+    record: dict[str, Any] = {
         "serviceName": service,
         "endpoint": endpoint_url,
         "endpointHash": endpoint_hash(endpoint_url),
         "balancer": balancer_url,
         "pingInterval": int(round(ping_interval * 1000)),
     }
+    if draining:
+        record["draining"] = True
+    if version:
+        record["appVersion"] = version
+    if load is not None:
+        record["load"] = load.to_doc()
+    return record

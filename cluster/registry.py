@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 from cluster.discovery.base import Change, DiscoveryStore, Membership, wanted
 from cluster.errors import DiscoveryError
+from cluster.load import Load, moved
 from cluster.records import (
     BALANCER_IGNORED,
+    FIELD_IGNORED,
     Endpoint,
     MalformedRecord,
     check_record,
@@ -242,10 +244,12 @@ class Registrar(_Loop):
         balancer_url: str | None,
         ping_interval: float,
         healthy: Callable[[], bool] | None = None,
+        version: str = "",
     ) -> None:
         super().__init__()
         self.store = store
-        self.record = make_record(service, endpoint_url, balancer_url, ping_interval)
+        self.record = make_record(service, endpoint_url, balancer_url, ping_interval,
+                                  version=version)
         self.ping_interval = ping_interval
         #: a sidecar's check of the program it registers; the record lives only while True
         self.healthy = healthy
@@ -255,6 +259,24 @@ class Registrar(_Loop):
         self._stopped = False
         self._beat_failed = False
         self._last_beat = 0.0
+        #: this instance's load now (cluster.load), set by its front door; None: none
+        self.load: Callable[[], Load] | None = None
+        #: the load the record carries in the store
+        self.published: Load | None = None
+        #: the record changed (drain): the next beat announces it as a join
+        self._changed = False
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.record.get("draining"))
+
+    def drain(self) -> None:
+        """Mark the record as draining and write it at once, announced as a join so
+        that watchers following the membership log read the new record. When the
+        store fails the next heartbeat tries again; raises DiscoveryError."""
+        self.record = {**self.record, "draining": True}
+        self._changed = True
+        self.beat()
 
     def __repr__(self) -> str:
         state = "failing" if self.outage.failing else "ok"
@@ -272,11 +294,23 @@ class Registrar(_Loop):
         # Announce a join (membership log) when the record may have been missing or
         # expired for the others: the first beat, and the first after a failure or a gap.
         now = time.monotonic()
-        rejoin = (not self._registered or self._beat_failed
+        rejoin = (not self._registered or self._beat_failed or self._changed
                   or now - self._last_beat > 1.5 * self.ping_interval)
+        # The load is rewritten only when it moved materially, and then announced like a
+        # join, so watchers that follow the membership log see it (cluster.load).
+        current = self.load() if self.load is not None else None
+        changed = current is not None and moved(self.published, current)
+        if changed:
+            assert current is not None
+            self.record = {**self.record, "load": current.to_doc()}
         self._beat_failed = True
-        self.store.heartbeat(self.record, announce=rejoin)
+        record = self.record
+        self.store.heartbeat(record, announce=rejoin or changed)
         self._beat_failed = False
+        if record is self.record:
+            self._changed = False
+        if changed:
+            self.published = current
         self._last_beat = now
         if not self._registered:
             log.info("registered %s at %s in %s", self.record["serviceName"],
@@ -418,16 +452,12 @@ class Watcher(_Loop):
 
     def _read_records(self, epoch: int | None = None, every: bool = False) -> list[Endpoint]:
         """Read the records (of our services, or ``every`` one) and rebuild the table."""
+        asked_at = time.monotonic()
         snapshot = self.store.snapshot(None if every else self.services)
         self.read_at = time.monotonic()
         self.stats.full_reads += 1
-        if self.outage.failing:
-            # The first good read after an outage. The shelter starts now, not before
-            # the read: a read can block for the store's whole timeout while it comes
-            # back, and a window opened before it would be over when it returns.
-            longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
-            self._shelter_until = time.monotonic() + longest + self.grace
-            self._steady_since = time.monotonic()
+        if self.outage.failing or self._stalled(asked_at):
+            self._recovering()
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
         self._warn_once(problems)
         keep: frozenset[str] = frozenset()
@@ -442,8 +472,28 @@ class Watcher(_Loop):
         self._next_resync = time.monotonic() + spread * random.uniform(0.8, 1.2)
         return endpoints
 
+    def _stalled(self, asked_at: float) -> bool:
+        """Whether the store took long enough to answer a call made at ``asked_at`` for
+        heartbeats to go stale meanwhile, without failing anyone (a stopped process, a
+        GC pause, an election, a read that waited out server selection): then it is a
+        recovery all the same."""
+        return time.monotonic() - asked_at > self.grace / 2
+
+    def _recovering(self) -> None:
+        """The first good read after an outage or a stall: shelter the known endpoints.
+
+        The shelter starts now, not before the read: a read can block for the store's
+        whole timeout while it comes back, and a window opened before it would be over
+        when it returns."""
+        longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+        self._shelter_until = time.monotonic() + longest + self.grace
+        self._steady_since = time.monotonic()
+
     def _follow_log(self) -> None:
+        asked_at = time.monotonic()
         membership = self.store.membership()
+        if self._stalled(asked_at):
+            self._recovering()
         if self.reap:
             self._reaper_duty(membership)
         epoch = membership.epoch
@@ -579,6 +629,8 @@ class Watcher(_Loop):
         for identity, problem in problems:
             if problem.endswith(BALANCER_IGNORED):
                 log.warning("malformed balancer in discovery record %s: %s", identity, problem)
+            elif problem.endswith(FIELD_IGNORED):
+                log.warning("malformed field in discovery record %s: %s", identity, problem)
             else:
                 log.warning("skipping malformed discovery record %s: %s", identity, problem)
 
@@ -606,6 +658,7 @@ class Watcher(_Loop):
 def _record_of(endpoint: Endpoint) -> dict[str, Any]:
     """The meteorhacks-shaped record of an endpoint, for a join announced by the reaper."""
     record = make_record(endpoint.service, endpoint.url, endpoint.balancer,
-                         endpoint.ping_interval)
+                         endpoint.ping_interval, draining=endpoint.draining,
+                         version=endpoint.version, load=endpoint.load)
     record["timestamp"] = endpoint.timestamp
     return record

@@ -2,12 +2,20 @@
 
 No sockets, no clock, no globals: ``route()`` takes a :class:`RequestView`, the
 current :class:`~cluster.registry.EndpointTable`, this instance's :class:`Policy` and
-a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere.
+a random source, and returns a :class:`Decision`. Moving bytes lives elsewhere. (One
+memo: :func:`service_view` remembers what it derived from the latest table; the
+answer is the same with or without it.)
 
 What it replaces in nginx terms: ``upstream`` with ``sticky cookie`` (the
 ``cluster-endpoint::<service>`` cookie), ``proxy_next_upstream error timeout`` (the
 ``exclude`` set: endpoints already tried or passively ejected), and a ``location
 /cluster-ddp/`` per endpoint that pins a SockJS session to one server.
+
+Before a new session is placed, :func:`candidates` leaves out draining endpoints and
+keeps one app version (the session's own while it has live endpoints, else the newest
+or a canary draw, see cluster/versions.py); ``_pick_from`` then chooses among what is
+left. A session's version travels in a second cookie, ``cluster-version::<service>``,
+so the first stays exactly meteorhacks' (an endpoint hash).
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 from urllib.parse import quote
 
+from cluster import versions
 from cluster.records import Endpoint
 from cluster.registry import EndpointTable
 
 HOP_HEADER = "X-Cluster-Hop"
 HOP_ENVIRON = "HTTP_X_CLUSTER_HOP"
 COOKIE_PREFIX = "cluster-endpoint::"
+#: the session's app version, next to the meteorhacks-shaped endpoint cookie
+VERSION_COOKIE_PREFIX = "cluster-version::"
 DDP_PREFIX = "/cluster-ddp/"
 #: this instance's own view of the cluster, for operators on trusted addresses only
 STATUS_PATH = "/_cluster/status"
@@ -150,6 +161,14 @@ class Policy:
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
     #: --admin-prefix with a trailing slash: where the operator pages live
     admin_prefix: str = ADMIN_PREFIX
+    #: this instance drains (its record says so too, one table refresh later)
+    draining: bool = False
+    #: the app version this instance runs ("": none)
+    app_version: str = ""
+    #: --version-order, oldest first (empty: version sort)
+    version_order: tuple[str, ...] = ()
+    #: --version-weights as (version, weight) pairs (empty: the newest version)
+    version_weights: tuple[tuple[str, float], ...] = ()
 
     def reachable(self, service: str) -> bool:
         """Outside clients may reach public services and the UI service only."""
@@ -166,6 +185,8 @@ class Serve:
 
     path: str | None = None
     set_cookie: tuple[str, str] | None = None
+    #: the session's version cookie, when it must be set or changed
+    set_version: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,8 @@ class Proxy:
     path_qs: str
     set_cookie: tuple[str, str] | None = None
     retry: bool = True
+    #: the session's version cookie, when it must be set or changed
+    set_version: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +228,8 @@ class Reply:
 
 
 Decision = Union[Serve, Proxy, SockJSInfo, Status, Reply]
+#: an endpoint's load by its hash, lower is less loaded (cluster.placement makes one)
+Scores = Callable[[str], float]
 
 
 def cookie_name(service: str) -> str:
@@ -219,6 +244,7 @@ def route(
     rand: Callable[[], float] = random.random,
     *,
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
     """Decide what to do with ``request``.
 
@@ -226,7 +252,9 @@ def route(
     ``ejected`` holds those passively ejected, left out while anything else of the
     service is live but tried anyway when nothing else is (a panic mode, as Envoy's
     panic threshold: a guess at a recovered endpoint beats a certain 503). ``rand``
-    returns floats in [0, 1).
+    returns floats in [0, 1). ``load`` scores endpoints by hash (lower: less loaded;
+    see cluster.placement): with it a new session is placed by the power of two
+    choices, without it uniformly at random (by weight).
     """
     if request.path.startswith(DDP_PREFIX):
         return _route_session(request, table, policy)
@@ -241,14 +269,18 @@ def route(
         return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:
-        return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected)
+        return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected,
+                                  load)
     service = policy.ui_service
     if service is None:
         return Serve() if policy.has_local_app else Reply(503, "no service configured")
-    return _route_sticky(request, table, policy, service, exclude, rand, ejected)
+    return _route_sticky(request, table, policy, service, exclude, rand, ejected, load)
 
 
-_Picked = Union[tuple[Union[Endpoint, None], bool, Union[tuple[str, str], None]], Reply]
+_Cookie = Union[tuple[str, str], None]
+_Picked = Union[tuple[Union[Endpoint, None], bool, _Cookie], Reply]
+#: (endpoint or None for the local app, local, endpoint cookie, version cookie)
+_Session = Union[tuple[Union[Endpoint, None], bool, _Cookie, _Cookie], Reply]
 
 
 def _pick(
@@ -259,14 +291,133 @@ def _pick(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
-) -> _Picked:
-    """:func:`_pick_from` without the ejected endpoints, or with them when nothing else
-    of the service is left (panic mode); ``exclude`` is never picked."""
+    load: Scores | None = None,
+) -> _Session:
+    """:func:`_pick_session` without the ejected endpoints, or with them when nothing
+    else of the service is left (panic mode); ``exclude`` is never picked."""
     if ejected:
-        picked = _pick_from(request, table, policy, service, exclude | ejected, rand)
+        picked = _pick_session(request, table, policy, service, exclude | ejected, rand,
+                               load)
         if not isinstance(picked, Reply):
             return picked
-    return _pick_from(request, table, policy, service, exclude, rand)
+    return _pick_session(request, table, policy, service, exclude, rand, load)
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the candidate filter knows of one endpoint of a service (this instance
+    included, also before its own record is in the table)."""
+
+    hash: str
+    version: str
+    draining: bool
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """What the candidate filter needs of one service in one table: its members by
+    hash, and whether they are *uniform* (none draining, one version, ``version``)."""
+
+    found: Mapping[str, Member]
+    uniform: bool
+    version: str
+    version_cookie: str
+
+
+_VIEWS: dict[tuple[str, int], tuple[EndpointTable, Policy, ServiceView]] = {}
+
+
+def service_view(table: EndpointTable, policy: Policy, service: str) -> ServiceView:
+    """The :class:`ServiceView` of ``service``, remembered for the latest table of each
+    (service, policy): a request should not cost a pass over the endpoints."""
+    key = (service, id(policy))  # hashing a Policy per request would cost more
+    cached = _VIEWS.get(key)
+    if cached is not None and cached[0] is table and cached[1] is policy:
+        return cached[2]
+    found = {e.hash: Member(e.hash, e.version, e.draining)
+             for e in table.by_service.get(service, ())}
+    self_hash = policy.self_hash
+    if policy.has_local_app and service == policy.service and self_hash is not None:
+        own = found.get(self_hash)
+        found[self_hash] = Member(self_hash, own.version if own else policy.app_version,
+                                  policy.draining or (own is not None and own.draining))
+    present = {m.version for m in found.values()}
+    uniform = not any(m.draining for m in found.values()) and len(present) <= 1
+    view = ServiceView(found, uniform, next(iter(present)) if len(present) == 1 else "",
+                       VERSION_COOKIE_PREFIX + service)
+    if len(_VIEWS) > 64:  # policies are few; tables replace each other
+        _VIEWS.clear()
+    _VIEWS[key] = (table, policy, view)
+    return view
+
+
+def candidates(found: Mapping[str, Member], exclude: frozenset[str], session_version: str,
+               policy: Policy, rand: Callable[[], float]) -> frozenset[str]:
+    """The hashes a new pick may choose from (empty only when nothing is left).
+
+    Draining endpoints are left out unless every usable one drains (a draining
+    endpoint beats a 503). A session whose version is known (``session_version``) keeps
+    it while that version has a usable endpoint that is not draining; otherwise one
+    version is chosen among the rest: the newest, or by ``--version-weights``.
+    """
+    usable = [m for m in found.values() if m.hash not in exclude]
+    if not usable:
+        return frozenset()
+    live = [m for m in usable if not m.draining] or usable
+    if session_version:
+        same = [m for m in live if m.version == session_version and not m.draining]
+        if same:
+            return frozenset(m.hash for m in same)
+    present = {m.version for m in live}
+    if len(present) > 1:
+        chosen = versions.choose(present, policy.version_order, policy.version_weights, rand)
+        live = [m for m in live if m.version == chosen]
+    return frozenset(m.hash for m in live)
+
+
+def _pick_session(
+    request: RequestView,
+    table: EndpointTable,
+    policy: Policy,
+    service: str,
+    exclude: frozenset[str],
+    rand: Callable[[], float],
+    load: Scores | None = None,
+) -> _Session:
+    """Keep the session where it is, else filter the candidates, then :func:`_pick_from`.
+
+    The sticky endpoint is kept while it lives (draining or not) and runs the session's
+    version (an endpoint that now runs another version is a restarted process: the
+    session is treated as gone). A session that must move keeps its version while that
+    version has live endpoints (:func:`candidates`).
+    """
+    view = service_view(table, policy, service)
+    version_name = view.version_cookie
+    session_version = request.cookie(version_name) or ""
+    if view.uniform and (not session_version or session_version == view.version):
+        # nothing to filter (the usual case)
+        picked = _pick_from(request, table, policy, service, exclude, rand, load)
+        if isinstance(picked, Reply) or session_version == view.version:
+            return picked if isinstance(picked, Reply) else (*picked, None)
+        return (*picked, (version_name, view.version))
+    found = view.found
+    wanted = request.cookie(COOKIE_PREFIX + service)
+    kept = found.get(wanted or "")
+    leave_out = exclude
+    if kept is None or kept.hash in exclude or (
+            session_version and kept.version != session_version):
+        keep = candidates(found, exclude, session_version, policy, rand)
+        leave_out = exclude | (found.keys() - keep)
+    # _pick_from follows the cookie when its endpoint is (still) a candidate
+    picked = _pick_from(request, table, policy, service, leave_out, rand, load)
+    if isinstance(picked, Reply):
+        return picked
+    endpoint, local, set_cookie = picked
+    chosen = found.get(policy.self_hash or "") if local else None
+    version = chosen.version if chosen is not None else (
+        endpoint.version if endpoint is not None else policy.app_version)
+    set_version = (version_name, version) if version != session_version else None
+    return endpoint, local, set_cookie, set_version
 
 
 def _pick_from(
@@ -276,12 +427,13 @@ def _pick_from(
     service: str,
     exclude: frozenset[str],
     rand: Callable[[], float],
+    load: Scores | None = None,
 ) -> _Picked:
     """(endpoint, local, cookie-to-set) for ``service``, or a Reply when none is live.
 
     The sticky cookie wins while its endpoint is live and not excluded; otherwise a
-    weighted random pick where this instance weighs ``self_weight`` and every other
-    endpoint weighs 1, as in meteorhacks:cluster.
+    new placement among the candidates, where this instance weighs ``self_weight`` and
+    every other endpoint weighs 1, as in meteorhacks:cluster (see :func:`place`).
     """
     local_ok = policy.has_local_app and service == policy.service and policy.self_hash is not None
     self_hash = policy.self_hash if local_ok else None
@@ -310,13 +462,61 @@ def _pick_from(
             # self weight 0 with no one else alive: serving beats a 503.
             return None, True, (name, self_hash)
         return Reply(503, f"no live endpoint for service {service!r}")
-    point = rand() * total
-    if point < self_weight:
+    index = place(others, self_hash if self_weight > 0 else None, self_weight, rand, load)
+    if index < 0:
         assert self_hash is not None
         return None, True, (name, self_hash)
-    index = min(int(point - self_weight), len(others) - 1)
     chosen = others[index]
     return chosen, False, (name, chosen.hash)
+
+
+def _draw(count: int, self_weight: float, rand: Callable[[], float],
+          skip: int | None = None) -> int:
+    """One weighted draw: -1 for this instance (weight ``self_weight``), else the index
+    of one of ``count`` others (weight 1 each), never ``skip``."""
+    total = self_weight + count
+    if skip is not None:
+        total -= self_weight if skip < 0 else 1.0
+        if skip < 0:
+            self_weight = 0.0
+    point = rand() * total
+    if point < self_weight:
+        return -1
+    index = min(int(point - self_weight), count - 1)
+    if skip is not None and skip >= 0 and index >= skip:
+        index = min(index + 1, count - 1)
+    return index
+
+
+def place(
+    others: Sequence[Endpoint],
+    self_hash: str | None,
+    self_weight: float,
+    rand: Callable[[], float],
+    load: Scores | None = None,
+) -> int:
+    """Where a new session goes: -1 for this instance, else an index into ``others``.
+
+    Without ``load``: a weighted random draw. With it, the power of two choices: two
+    different candidates drawn by weight, the one with the lower load per unit of
+    weight wins (a tie: the first drawn). Two random candidates rather than the least
+    loaded of all: balancers that see the same slightly stale loads would otherwise all
+    send their next sessions to the same endpoint (herding). ``self_hash`` None: this
+    instance is not a candidate. ``others`` must not be empty unless this one is.
+    """
+    weight = self_weight if self_hash is not None else 0.0
+    first = _draw(len(others), weight, rand)
+    if load is None or len(others) + (1 if weight > 0 else 0) < 2:
+        return first
+    second = _draw(len(others), weight, rand, skip=first)
+
+    def per_weight(index: int) -> float:
+        if index < 0:
+            assert self_hash is not None
+            return load(self_hash) / weight
+        return load(others[index].hash)
+
+    return second if per_weight(second) < per_weight(first) else first
 
 
 def _route_sticky(
@@ -327,15 +527,16 @@ def _route_sticky(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
-    picked = _pick(request, table, policy, service, exclude, rand, ejected)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
-    endpoint, local, set_cookie = picked
+    endpoint, local, set_cookie, set_version = picked
     if local:
-        return Serve(set_cookie=set_cookie)
+        return Serve(set_cookie=set_cookie, set_version=set_version)
     assert endpoint is not None
-    return Proxy(endpoint, request.path_qs, set_cookie=set_cookie)
+    return Proxy(endpoint, request.path_qs, set_cookie=set_cookie, set_version=set_version)
 
 
 def _sockjs_info_service(path: str, policy: Policy) -> str | None:
@@ -358,13 +559,14 @@ def _route_sockjs_info(
     exclude: frozenset[str],
     rand: Callable[[], float],
     ejected: frozenset[str] = frozenset(),
+    load: Scores | None = None,
 ) -> Decision:
     if not service or not policy.reachable(service):
         return Reply(403, f"service {service!r} is not public here")
-    picked = _pick(request, table, policy, service, exclude, rand, ejected)
+    picked = _pick(request, table, policy, service, exclude, rand, ejected, load)
     if isinstance(picked, Reply):
         return picked
-    endpoint, local, _ = picked
+    endpoint, local, _, _ = picked
     if local:
         own = table.by_hash.get(policy.self_hash or "")
         balancer = _balancer_for(own, service, request, table, policy, rand)

@@ -4,7 +4,8 @@ Call :func:`serve` only from an entry point that has monkey-patched first
 (:mod:`cluster.entry`, ``python -m cluster``, ``scripts/cluster-instance``).
 
 Shutdown order on SIGTERM/SIGINT: deregister (so no new request is sent here), stop
-accepting, let open requests finish for a while, then close what is left.
+accepting, let open requests finish for a while, then close what is left. SIGUSR2 (or
+``POST /_cluster/drain``) drains first (cluster.drain), then stops the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cluster.admin import Admin
 from cluster.app import WSGIApp, policy_for
 from cluster.config import Settings
 from cluster.door import Door, DoorServer
+from cluster.drain import Drain
 from cluster.errors import ConfigError
 from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
@@ -121,6 +123,34 @@ def write_port_file(settings: Settings) -> None:
                           f"cannot write {settings.port_file}: {exc.strerror or exc}") from None
 
 
+def write_pid_file(settings: Settings) -> None:
+    """Write this process's PID to --pid-file, atomically."""
+    if not settings.pid_file:
+        return
+    tmp = f"{settings.pid_file}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as out:
+            out.write(f"{os.getpid()}\n")
+        os.replace(tmp, settings.pid_file)
+    except OSError as exc:
+        raise ConfigError("--pid-file (CLUSTER_PID_FILE)",
+                          f"cannot write {settings.pid_file}: {exc.strerror or exc}") from None
+
+
+def remove_pid_file(settings: Settings) -> None:
+    """Remove --pid-file if it still names this process (a successor started by a
+    rolling deploy may have written its own PID there meanwhile)."""
+    if not settings.pid_file:
+        return
+    try:
+        with open(settings.pid_file, encoding="ascii") as found:
+            mine = found.read().strip() == str(os.getpid())
+        if mine:
+            os.unlink(settings.pid_file)
+    except OSError:
+        pass
+
+
 def raise_descriptor_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard one: each proxied connection holds two."""
     try:
@@ -140,7 +170,9 @@ def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
     metrics = observe.find(observer, MetricsObserver)
     if metrics is not None:
         metrics.watch(node)  # discovery gauges and request rates, once a second
-    return Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
+    door = Door(node, policy, settings, local_app, Admin(node, settings, observer), observer)
+    door.start()
+    return door
 
 
 def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
@@ -212,7 +244,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         # every worker (which the supervisor would restart forever).
         settings.endpoint_choice(strict=local_app is not None)
         write_port_file(settings)  # the shared public port: it queues until workers accept
-        return run_workers(settings, listener)
+        write_pid_file(settings)  # the supervisor's: it passes SIGUSR2 on to the workers
+        try:
+            return run_workers(settings, listener)
+        finally:
+            remove_pid_file(settings)
     shared = _inherited_listener()
     base = os.environ.pop("_CLUSTER_ENDPOINT_BASE", None)
     if shared is not None and base:
@@ -229,6 +265,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    drain = Drain(door, node, stopping, settings.drain_seconds, settings.drain_close_seconds)
+    door.admin.drain = lambda: drain.start("POST " + settings.admin_prefix + "/drain")
+    gevent.signal_handler(signal.SIGUSR2, lambda: drain.start("SIGUSR2"))
     parent = os.environ.pop(PARENT_PID_ENV, None)
     handle_sighup(worker=parent is not None)
     if parent:
@@ -245,6 +284,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         servers[1].start()
     tidy = gevent.spawn(_tidy_pools, door, stopping)
     write_port_file(settings)
+    if shared is None:  # a worker: the supervisor wrote its own
+        write_pid_file(settings)
     log.info("serving %s on http://%s%s (endpoint %s: %s; discovery %s)",
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
@@ -266,8 +307,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     drained.set()
     idle_closer.join(1)
     tidy.kill()
+    drain.cancel()
     door.close()
     node.close()
+    if shared is None:
+        remove_pid_file(settings)
     return 0
 
 

@@ -121,6 +121,10 @@ class Supervisor:
         self.retiring: list[subprocess.Popen[bytes]] = []
         self.stopping = gevent.event.Event()
         self.reload_wanted = gevent.event.Event()
+        #: SIGUSR2: every worker drains (cluster.drain); none is restarted, and the
+        #: supervisor exits once they all have
+        self.drain_wanted = gevent.event.Event()
+        self.draining = False
 
     def __repr__(self) -> str:
         alive = sum(1 for s in self.slots if s.child is not None and s.child.poll() is None)
@@ -197,6 +201,14 @@ class Supervisor:
                 self.retiring.append(old)
         log.info("reload done")
 
+    def drain(self) -> None:
+        """Pass SIGUSR2 on to every worker: each drains, then stops; none is restarted."""
+        self.draining = True
+        live = [s.child for s in self.slots if s.child is not None and s.child.poll() is None]
+        log.info("draining %d workers (SIGUSR2 to each); they stop when drained", len(live))
+        for child in live + [c for c in self.retiring if c.poll() is None]:
+            child.send_signal(signal.SIGUSR2)
+
     def _wait_ready(self, child: subprocess.Popen[bytes], read_fd: int) -> str | None:
         """The new worker's ready line, or None if it died or took too long."""
         deadline = time.monotonic() + READY_TIMEOUT
@@ -219,11 +231,19 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.stopping.set)
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
+        gevent.signal_handler(signal.SIGUSR2, self.drain_wanted.set)
         for slot in self.slots:
             self.spawn(slot)
         log.info("%d workers share http://%s (SIGHUP reloads them one by one)",
                  len(self.slots), self.settings.bind)
         while not self.stopping.wait(0.2):
+            if self.drain_wanted.is_set() and not self.draining:
+                self.drain()
+            if self.draining:
+                if all(s.child is None or s.child.poll() is not None for s in self.slots):
+                    log.info("every worker has drained and stopped")
+                    break
+                continue
             if self.reload_wanted.is_set():
                 self.reload_wanted.clear()
                 self.reload()

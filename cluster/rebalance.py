@@ -1,0 +1,146 @@
+"""Rebalancing of long-lived connections (``--rebalance on``): shed WebSockets to newcomers.
+
+WebSockets stay where they first landed, so after a scale-up the new instance gets only
+new sessions while the old ones stay loaded for hours. With rebalancing on, an
+instance whose own WebSockets exceed ``--rebalance-margin`` times the mean of its
+service (its live count against the others' advertised loads, cluster.load) closes
+its oldest ones with 1001 (going away), at most ``--rebalance-rate`` per second, until
+it is down to the mean as it stood when it began (a thermostat: starting above the
+margin and stopping at the mean keeps small differences from causing churn, and the
+mean is held because the others' figures lag the sockets in flight). Their clients
+reconnect through a balancer, which places them by load (cluster.placement), mostly
+on the newcomer. An imbalance must last ``settle`` seconds (two heartbeats and a
+refresh) before anything is closed: while sessions pour in, an instance's live count
+runs ahead of the others' published figures, and that is no reason to move anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any, Sequence
+
+from cluster.load import LocalLoad
+from cluster.records import Endpoint
+
+log = logging.getLogger(__name__)
+
+#: seconds between two looks at the balance
+TICK = 0.25
+
+
+def shed_target(own: int, others: Sequence[int], margin: float) -> int | None:
+    """The count to shed down to, or None when ``own`` is within ``margin`` of the mean.
+
+    ``others``: the WebSockets of the service's other instances whose load is known.
+    """
+    if not others:
+        return None
+    mean = (own + sum(others)) / (len(others) + 1)
+    if own > margin * mean and own - mean >= 1:
+        return math.ceil(mean)
+    return None
+
+
+class Rebalancer:
+    """The loop that sheds this instance's WebSockets (see the module docstring)."""
+
+    def __init__(self, node: Any, service: str, self_hash: str, load: LocalLoad,
+                 margin: float, rate: float, settle: float = 2.5) -> None:
+        self.node = node
+        self.service = service
+        self.self_hash = self_hash
+        self.load = load
+        self.margin = margin
+        self.rate = rate
+        self.settle = settle
+        #: since when (time.monotonic()) this instance has been above the margin
+        self.over_since: float | None = None
+        #: the count an episode sheds down to (None: balanced)
+        self.target: int | None = None
+        self.closed = 0
+        self._budget = 0.0
+        self._last = time.monotonic()
+        self._episode_closed = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = f"shedding to {self.target}" if self.target is not None else "balanced"
+        return f"<Rebalancer {self.service} [{state} | closed {self.closed}]>"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cluster-rebalancer",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(TICK):
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
+                log.exception("rebalancing step failed")
+
+    def _figures(self, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]] | None:
+        """(this instance's published WebSockets, the others' published ones whose load
+        is known); None while this instance is not listed with a load, or drains.
+        Draining instances are not counted: their sessions are leaving anyway."""
+        own = [e for e in endpoints if e.hash == self.self_hash]
+        if not own or own[0].load is None or own[0].draining:
+            return None
+        return own[0].load.sockets, [e.load.sockets for e in endpoints
+                                     if e.hash != self.self_hash and e.load is not None
+                                     and not e.draining]
+
+    def step(self) -> int:
+        """One look: close what the rate allows; returns how many were closed."""
+        now = time.monotonic()
+        elapsed, self._last = now - self._last, now
+        figures = self._figures(self.node.table.by_service.get(self.service, ()))
+        own = len(self.load.websockets)
+        if self.target is None:
+            self._budget = 0.0
+            # Published figures on both sides: they lag the sockets alike, where this
+            # instance's live count would run ahead of the others' while sessions pour in.
+            target = shed_target(figures[0], figures[1], self.margin) if figures else None
+            if target is None or figures is None:
+                self.over_since = None
+                return 0
+            if self.over_since is None:
+                self.over_since = now
+            if now - self.over_since < self.settle:
+                return 0
+            self.over_since = None
+            self.target, self._episode_closed = target, 0
+            others = figures[1]
+            log.info("rebalancing: %d WebSockets here, %.1f on average over %d instances "
+                     "of %s; closing up to %g/s with 1001 until %d", own,
+                     (figures[0] + sum(others)) / (len(others) + 1), len(others) + 1,
+                     self.service, self.rate, target)
+            return 0  # the rate's budget counts from now
+        if own <= self.target or figures is None:
+            log.info("rebalanced: closed %d WebSockets, %d left here",
+                     self._episode_closed, own)
+            self.target = None
+            return 0
+        self._budget = min(self._budget + self.rate * elapsed, max(1.0, self.rate))
+        count = min(int(self._budget), own - self.target)
+        if count <= 0:
+            return 0
+        self._budget -= count
+        oldest = list(self.load.websockets)[:count]
+        for socket in oldest:
+            self.load.websockets.pop(socket, None)  # counted as gone from now on
+            try:
+                socket.going_away()
+            except Exception:  # noqa: BLE001 - one bad socket must not stop the others
+                log.debug("closing a WebSocket failed", exc_info=True)
+        self.closed += len(oldest)
+        self._episode_closed += len(oldest)
+        return len(oldest)

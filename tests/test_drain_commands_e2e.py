@@ -1,0 +1,91 @@
+"""The ways to drain: `cluster drain --pid-file` of a `cluster serve --workers-count 2` (the
+supervisor passes SIGUSR2 on to each worker, both records say draining, then both leave
+and the supervisor exits 0), `cluster drain --url` (POST /_cluster/drain), and what
+`cluster status` and the status page show."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, cluster_argv, start_serve, status_json, wait_until
+
+TIMEOUT = 15
+
+
+@pytest.mark.timeout(40)
+def test_drain_of_a_supervisor_drains_every_worker(sqlite_url: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "web.pid"
+    parent, _ = start_serve("--service", "web", "--app", "gws_echo:app", "--workers-count", "2",
+                            "--ping-interval", "1", "--expiry-grace", "1",
+                            "--drain-seconds", "1.5", "--drain-close-seconds", "0.2",
+                            "--pid-file", str(pid_file),
+                            env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="supervisor")
+    try:
+        wait_until(lambda: len(status_json(sqlite_url)["endpoints"]) == 2, timeout=TIMEOUT,
+                   what="both workers to register")
+        assert pid_file.read_text().strip() == str(parent.pid)
+        drain = subprocess.Popen(cluster_argv("drain", "--pid-file", str(pid_file), "--wait"),
+                                 cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: [r["draining"] for r in status_json(sqlite_url)["endpoints"]]
+                       == [True, True], timeout=TIMEOUT,
+                       what="both workers' records to say draining")
+            out, _ = drain.communicate(timeout=TIMEOUT)
+        finally:
+            if drain.poll() is None:
+                drain.kill()
+                drain.wait()
+        assert drain.returncode == 0, out
+        assert parent.wait(TIMEOUT) == 0
+        assert status_json(sqlite_url)["endpoints"] == []
+        assert not pid_file.exists()  # removed by the supervisor on its way out
+        output = parent.output()
+        assert output.count("draining (SIGUSR2)") == 2, output
+        assert "every worker has drained and stopped" in output
+    finally:
+        parent.stop()
+    assert "Traceback" not in parent.output(), parent.output()
+
+
+@pytest.mark.timeout(40)
+def test_drain_over_http_and_the_status_page(sqlite_url: str) -> None:
+    import requests
+
+    proc, port = start_serve("--service", "web", "--app", "gws_echo:app", "--ping-interval", "1",
+                             "--expiry-grace", "1", "--drain-seconds", "1", "--app-version",
+                             "2.0", env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="web")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: status_json(sqlite_url)["endpoints"], timeout=TIMEOUT,
+                   what="the instance to register")
+        assert requests.get(f"{base}/_cluster/drain", timeout=5).status_code == 405
+        before = requests.get(f"{base}/_cluster/status", timeout=5).json()
+        assert before["version"] == "2.0" and before["draining"] is False
+        drain = subprocess.run(cluster_argv("drain", "--url", base, "--wait"), cwd=ROOT,
+                               env={"PYTHONPATH": str(ROOT), "CLUSTER_DISCOVERY_URL": sqlite_url},
+                               capture_output=True, text=True, timeout=TIMEOUT)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        assert f"{base} is draining" in drain.stdout and "has left the table" in drain.stdout
+        assert proc.wait(TIMEOUT) == 0
+        assert "draining (POST /_cluster/drain)" in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_status_table_shows_version_and_draining() -> None:
+    from cluster.cli import table_lines
+
+    row = {"service": "web", "endpoint": "http://10.0.0.1:1", "hash": "ab" * 20,
+           "balancer": None, "age": 0.5, "healthy": True, "draining": True, "version": "1.3"}
+    lines = table_lines({"store": "x", "endpoints": [row, {**row, "draining": False,
+                                                           "version": ""}],
+                         "balancers": [], "malformed": []})
+    assert lines[1].split() == ["SERVICE", "ENDPOINT", "HASH", "VERSION", "BALANCER",
+                                "HEARTBEAT", "STATE", "LOAD"]
+    # columns: ..., HEARTBEAT ("0.5s ago": two words), STATE, LOAD ("-": none published)
+    assert lines[2].split()[3] == "1.3" and lines[2].split()[-2:] == ["draining", "-"]
+    assert lines[3].split()[3] == "-" and lines[3].split()[-2:] == ["live", "-"]

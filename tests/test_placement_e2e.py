@@ -1,0 +1,92 @@
+"""Sessions placed by load across balancers, and rebalanced after a scale-up (issue 11).
+
+Real processes: echo instances (tests/apps/gws_echo.py) under `cluster serve`, reached
+through balancer-only instances, with FerretDB as the discovery store. Clients are
+tests/wsfleet.py's: each knows which instance holds it and reconnects through a
+random balancer after a 1001 close.
+"""
+
+from __future__ import annotations
+
+import time
+
+import websocket
+
+from helpers import status_json, wait_until
+from wsfleet import Client, Fleet, bed
+
+SOCKETS = 300
+#: sockets opened per second: a burst, far faster than heartbeats (1 s) publish loads
+RATE = 150
+
+
+def test_300_websockets_through_three_balancers_spread_within_10_percent(mongo_url):
+    with bed(mongo_url, instances=3, balancers=3) as made:
+        fleet = Fleet([port for _, port in made.balancers])
+        try:
+            fleet.open(SOCKETS, RATE)
+            assert fleet.errors == []
+            counts = fleet.counts()
+            mean = SOCKETS / 3
+            assert sorted(counts) == ["i0", "i1", "i2"], counts
+            for count in counts.values():
+                assert abs(count - mean) <= 0.10 * mean, (counts, made.outputs())
+            # the live figure an instance sends its balancer on the 101 goes no further,
+            # and a client that is not a cluster member never gets it
+            assert not any("x-cluster-load" in c.headers for c in fleet.clients)
+            # Each instance counts the same sockets itself, and publishes them
+            # (its record changes once they moved by 2 and 10 %).
+            for name, (_, port) in made.instances.items():
+                assert made.status(port)["load"]["sockets"] == counts[name]
+            wait_until(lambda: all(
+                abs(row["load"]["sockets"] - counts[name]) <= max(2, 0.1 * counts[name])
+                for name, (_, port) in made.instances.items()
+                for row in made.status(made.balancers[0][1])["endpoints"]
+                if row["endpoint"].endswith(f":{port}") and row["load"]),
+                timeout=10, what="the balancers to read the published loads")
+            # `cluster status` shows the published loads too
+            rows = status_json(mongo_url)["endpoints"]
+            published = sorted(r["load"]["sockets"] for r in rows if r["service"] == "echo")
+            assert sum(published) >= SOCKETS - 3 * max(2, 0.1 * mean), rows
+            direct = Client(-1)
+            direct.connect(made.instances["i0"][1])  # i0 may place it elsewhere: no matter
+            assert direct.ws is not None and "x-cluster-load" not in direct.headers
+            direct.ws.close()
+            # a member (here: a trusted address with the hop marker) learns the live count
+            member = websocket.create_connection(f"ws://127.0.0.1:{made.instances['i1'][1]}/",
+                                                 header=["X-Cluster-Hop: 1"], timeout=10)
+            assert member.getheaders()["x-cluster-load"] == str(counts["i1"] + 1)
+            member.close()
+        finally:
+            fleet.close()
+
+
+def test_a_newcomer_gets_a_share_of_websockets_by_rebalancing(mongo_url):
+    rebalance = ("--rebalance", "on", "--rebalance-rate", "20")
+    with bed(mongo_url, 3, 3, *rebalance) as made:
+        fleet = Fleet([port for _, port in made.balancers])
+        try:
+            fleet.open(SOCKETS, RATE)
+            fleet.poll(3.5)  # nothing moves while the spread is within the margin
+            assert fleet.errors == []
+            assert all(client.closes == [] for client in fleet.clients)
+            made.instance("i3", *rebalance)
+            deadline = time.monotonic() + 20  # the configured time, with margin
+            while fleet.counts().get("i3", 0) < 0.20 * SOCKETS:
+                assert time.monotonic() < deadline, (fleet.counts(), made.outputs())
+                fleet.poll(0.5)
+            fleet.poll(1.0)  # let the last reconnections land
+            counts = fleet.counts()
+            assert sum(counts.values()) == SOCKETS, counts
+            assert counts["i3"] >= 0.20 * SOCKETS, counts
+            assert fleet.errors == [], fleet.errors
+            moved = [c for c in fleet.clients if len(c.homes) > 1]
+            assert moved
+            for client in fleet.clients:
+                # a client moved only after a 1001, once per move, and came back
+                assert client.closes == [1001] * (len(client.homes) - 1)
+                assert client.ws is not None
+            # the newcomer was never shed from; the old ones shed
+            assert not any("i3" in c.homes[:-1] for c in moved)
+        finally:
+            fleet.close()
