@@ -115,18 +115,20 @@ class ClientConn:
             self.sock.sendall(memoryview(data)[sent:])
             self.phase, self.deadline = phase, deadline
 
-    def send_pair(self, first: bytes, second: bytes | memoryview) -> None:
-        """Send ``first`` then ``second`` with one system call when the socket takes
-        both (no joined copy of a large ``second``); as :meth:`send` otherwise."""
+    def send_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Send ``parts`` in order with one system call when the socket takes them all
+        (no joined copy of large pieces); the rest as :meth:`send` does."""
         try:
-            sent = self.raw.sendmsg((first, second))
+            sent = self.raw.sendmsg(parts)
         except BlockingIOError:
             sent = 0
-        if sent < len(first):
-            self.send(memoryview(first)[sent:])
-            self.send(second)
-        elif sent < len(first) + len(second):
-            self.send(memoryview(second)[sent - len(first):])
+        for part in parts:
+            size = len(part)
+            if sent >= size:
+                sent -= size
+                continue
+            self.send(memoryview(part)[sent:] if sent else part)
+            sent = 0
 
     def close(self) -> None:
         try:

@@ -54,7 +54,7 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
-from cluster.netio import send_all, wait_recv, wait_recv_into
+from cluster.netio import is_plain, send_all, wait_recv, wait_recv_into
 from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
@@ -356,13 +356,21 @@ class Exchange:
                 first = buf[:length]
                 if len(buf) > length:
                     pool_it = False  # bytes past the response: never hand them to anyone
+                left = length - len(first)
+                more = _ready(conn, left) if left and len(first) >= _VIEW_FROM else b""
                 if len(first) < _VIEW_FROM:
                     self._to_client(out + first)
-                else:  # head and a large first piece in one call, without joining them
-                    self.client.send_pair(out, first)
-                    self.sent += len(out) + len(first)
-                if length > len(first):
-                    self._relay_fixed(conn, length - len(first))
+                else:
+                    # The head, the large first piece and whatever else of the body is
+                    # already here in one call, without joining them.
+                    parts: list[bytes | memoryview] = [out, first]
+                    if more:
+                        parts.append(more)
+                        left -= len(more)
+                    self.client.send_parts(parts)
+                    self.sent += len(out) + len(first) + len(more)
+                if left > 0:
+                    self._relay_fixed(conn, left)
             elif mode == CHUNKED:
                 self._relay_chunked(conn, out, bytes(buf), dechunk)
                 if conn.buf:
@@ -457,6 +465,22 @@ class Exchange:
             if not data:
                 return
             self._to_client(data)
+
+
+def _ready(conn: Connection, size: int) -> bytes:
+    """Up to ``size`` bytes already in ``conn``'s socket, without waiting (b"": none yet,
+    or not a plain socket). The rest of a large body is usually there by the time its
+    first piece is read: taken now, it goes out in the same send as the first piece,
+    rather than after another trip through the event loop and a send of its own."""
+    if not is_plain(conn.sock):
+        return b""
+    try:
+        data: bytes = conn.sock._sock.recv(min(size, RECV_SIZE))
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError:
+        return b""  # the read that follows reports the connection's end as a cut body
+    return data  # b"" at EOF: the read that follows sees it again and reports the cut
 
 
 class _Stale(Exception):
