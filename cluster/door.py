@@ -35,11 +35,12 @@ from urllib.parse import unquote_to_bytes
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.conn import HEAD, IDLE, NONE, TUNNEL, ClientConn, Sweeper
+from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
 from cluster.http1 import (
+    HEAD_END,
     Limits,
     RequestHead,
     find_head_end,
@@ -47,6 +48,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
+from cluster.netio import wait_recv
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -282,7 +284,8 @@ class Connection:
     """One client connection's request loop."""
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
-                 "outcome", "fwd_host", "fwd_lines", "body")
+                 "outcome", "fwd_host", "fwd_lines", "body", "last_raw", "last_head",
+                 "last_view", "made")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -292,6 +295,13 @@ class Connection:
         self.tunnelled = False
         self.fwd_host = b""
         self.fwd_lines: list[bytes] | None = None
+        #: the last request head as received and parsed, and its view (a keep-alive
+        #: client that sends the same head again gets both without a parse)
+        self.last_raw = b""
+        self.last_head: RequestHead | None = None
+        self.last_view: RequestView | None = None
+        #: the last head sent upstream: (request head, target, host:port, hop line, bytes)
+        self.made: tuple[RequestHead, bytes, bytes, bytes, bytes] | None = None
 
     def serve(self) -> None:
         door = self.door
@@ -315,10 +325,25 @@ class Connection:
         conn = self.conn
         buf = conn.buf
         limits = self.door.limits
-        if buf:
+        if not buf and conn.requests:
+            # A keep-alive client between requests: wait for the next one, which nearly
+            # always arrives whole in one read and is parsed straight from it.
+            conn.phase = IDLE
+            conn.deadline = time.monotonic() + keepalive_timeout if keepalive_timeout else 0.0
+            data = wait_recv(conn.sock, RECV_SIZE)
+            if not data:
+                return None
+            end = data.find(HEAD_END)
+            if 0 <= end <= limits.head_size and (
+                    len(data) <= limits.request_line
+                    or data.find(b"\r\n", 0, limits.request_line + 2) >= 0):
+                conn.phase = NONE
+                conn.deadline = 0.0
+                if end + 4 < len(data):
+                    buf += data[end + 4:]
+                return self.parse(data[:end], limits)
+            buf += data
             conn.expect(HEAD, header_timeout)
-        elif conn.requests:
-            conn.expect(IDLE, keepalive_timeout)
         else:
             conn.expect(HEAD, header_timeout)
         while True:
@@ -329,15 +354,29 @@ class Connection:
             end = find_head_end(buf, limits.head_size) if buf else -1
             if end >= 0:
                 break
-            if not conn.fill(wait_first=conn.phase == IDLE):
+            if not conn.fill():
                 return None
-            if conn.phase == IDLE:
-                conn.expect(HEAD, header_timeout)
         conn.phase = NONE
         conn.deadline = 0.0
         raw = bytes(buf[:end - 4])
         del buf[:end]
-        return parse_request_head(raw, limits)
+        return self.parse(raw, limits)
+
+    def parse(self, raw: bytes, limits: Limits) -> RequestHead:
+        """parse_request_head, or the last head again when ``raw`` is the same bytes.
+        A head is not changed once parsed, but for ``expect_continue`` (cleared once
+        the 100 is sent): a head that asks for one is parsed afresh every time."""
+        if raw == self.last_raw and self.last_head is not None:
+            return self.last_head
+        head = parse_request_head(raw, limits)
+        if head.expect_continue:
+            self.last_raw = b""
+            self.last_head = None
+        else:
+            self.last_raw = raw
+            self.last_head = head
+        self.last_view = None
+        return head
 
     # --- one request --------------------------------------------------------------
 
@@ -427,7 +466,16 @@ class Connection:
         return self.sockjs_info(head, decision, state)
 
     def view(self, head: RequestHead) -> RequestView:
-        """What routing looks at; the hop marker counts only if it proves membership."""
+        """What routing looks at; the hop marker counts only if it proves membership.
+        Kept with the last head, unless it has a marker (whose check depends on the
+        clock or the table)."""
+        if head is self.last_head and not head.hop:
+            if self.last_view is None:
+                self.last_view = self._view(head)
+            return self.last_view
+        return self._view(head)
+
+    def _view(self, head: RequestHead) -> RequestView:
         target = head.target.decode("latin-1")
         path, _, query = target.partition("?")
         if "%" in path:
@@ -457,13 +505,13 @@ class Connection:
         observer = self.door.observer
         if observer is NULL_OBSERVER:
             return
-        endpoint = state.endpoint.url if state.endpoint is not None else state.where
-        observer.request_done(RequestRecord(
-            self.conn.peer, head.method.decode("latin-1"), head.target.decode("latin-1"),
-            head.version.decode("latin-1"), state.status, state.sent, endpoint,
-            state.endpoint.service if state.endpoint is not None else state.service,
+        endpoint = state.endpoint
+        observer.request_done(RequestRecord.of_head(
+            head, self.conn.peer, state.status, state.sent,
+            endpoint.url if endpoint is not None else state.where,
+            endpoint.service if endpoint is not None else state.service,
             state.upstream_seconds, time.monotonic() - started, state.retries,
-            _field(head, b"referer"), _field(head, b"user-agent"), state.websocket))
+            state.websocket))
 
     # --- answers ----------------------------------------------------------------------
 
@@ -484,18 +532,25 @@ class Connection:
         door = self.door
         conn = self.conn
         endpoint = decision.endpoint
-        target = door.pool.target(endpoint.url)
+        hostport = door.pool.target(endpoint.url).hostport_b
         path_qs = decision.path_qs.encode("latin-1")
         upgrade = head.is_websocket
-        if head.chunked:
-            framing = b"Transfer-Encoding: chunked"
-        elif head.content_length >= 0 and (head.content_length or head.method not in _BODILESS):
-            framing = b"Content-Length: %d" % head.content_length
+        hop = door.hop.line(head.method, path_qs)
+        made = self.made
+        if made is not None and made[0] is head and made[1] == path_qs and \
+                made[2] == hostport and made[3] == hop:
+            out = made[4]  # the same head to the same place: the same bytes
         else:
-            framing = b""
-        out = request_head(head, path_qs, target.hostport.encode(),
-                           self.forwarded_lines(head),
-                           door.hop.line(head.method, path_qs), framing, upgrade)
+            if head.chunked:
+                framing = b"Transfer-Encoding: chunked"
+            elif head.content_length >= 0 and (head.content_length or
+                                               head.method not in _BODILESS):
+                framing = b"Content-Length: %d" % head.content_length
+            else:
+                framing = b""
+            out = request_head(head, path_qs, hostport, self.forwarded_lines(head), hop,
+                               framing, upgrade)
+            self.made = (head, path_qs, hostport, hop, out)
         body = self.body
         if body is _UNREAD:
             # Taken once per request: every attempt (another endpoint after a refused

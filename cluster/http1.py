@@ -317,16 +317,17 @@ def _field_value(block: bytes, low: bytes, at: int) -> tuple[bytes, int]:
     return block[colon + 1:end].strip(b" \t"), end
 
 
-def parse_response_head(head: bytes) -> ResponseHead:
-    """Parse a response head (status line up to, not including, the blank line).
+#: Status lines seen before: (code, status line to send, HTTP/1.1). Endpoints send few
+#: distinct ones, and the regex, the reason lookup and the rewrite cost more than a
+#: lookup; bounded, as an endpoint could send a new reason every time.
+_STATUS_LINES: dict[bytes, tuple[int, bytes, bool]] = {}
 
-    Raises ValueError for anything a careful proxy must not pass on: a bad status line,
-    a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
-    Runs once per proxied response, hence the targeted searches rather than a loop
-    over every line.
-    """
-    eol = head.find(CRLF)
-    first, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])  # block: CRLF...
+
+def _status_line(first: bytes) -> tuple[int, bytes, bool]:
+    """(code, status line as passed on, HTTP/1.1) of a response's first line."""
+    known = _STATUS_LINES.get(first)
+    if known is not None:
+        return known
     match = _STATUS_LINE.fullmatch(first)
     if match is None:
         raise ValueError(f"bad status line {first[:40]!r}")
@@ -335,11 +336,86 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status_line = first if reason else b"HTTP/1.1 " + code_b + b" " + _reason(code)
     if minor == b"0":
         status_line = b"HTTP/1.1" + status_line[8:]
+    known = (code, status_line, minor == b"1")
+    if len(_STATUS_LINES) < 256:
+        _STATUS_LINES[first] = known
+    return known
+
+
+#: Response heads parsed lately, by their bytes: an endpoint answering the same resource
+#: sends the same head until its Date changes (once a second). The parse is a pure
+#: function of those bytes and a ResponseHead is immutable, so a hit is exact. Bounded
+#: in entries and in the size of a head kept.
+_RESPONSES: dict[bytes, ResponseHead] = {}
+_RESPONSES_MAX = 256
+_RESPONSE_KEPT_MAX = 2048
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse a response head (status line up to, not including, the blank line).
+
+    Raises ValueError for anything a careful proxy must not pass on: a bad status line,
+    a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
+    Runs once per proxied response, hence the memo of recent heads, the targeted
+    searches rather than a loop over every line, and a short way for the usual head (at
+    most one Content-Length, at most one ``Connection: keep-alive`` or ``close``, no
+    other hop-by-hop field).
+    """
+    known = _RESPONSES.get(head)
+    if known is not None:
+        return known
+    parsed = _parse_response_head(head)
+    if len(head) <= _RESPONSE_KEPT_MAX:
+        if len(_RESPONSES) >= _RESPONSES_MAX:
+            _RESPONSES.clear()
+        _RESPONSES[head] = parsed
+    return parsed
+
+
+def _parse_response_head(head: bytes) -> ResponseHead:
+    eol = head.find(CRLF)
+    first, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])  # block: CRLF...
+    code, status_line, http11 = _status_line(first)
     if not block:
-        return ResponseHead(code, status_line, b"", -1, False, b"", minor == b"1", b"")
+        return ResponseHead(code, status_line, b"", -1, False, b"", http11, b"")
     if not _FIELD_BLOCK(block):
         raise ValueError("malformed header line in the response")
     low = block.lower()
+    if b"\r\ntransfer-encoding:" in low or _RARE_HOP.search(low):
+        return _parse_fields(code, status_line, http11, block, low)
+    length = -1
+    at = low.find(b"\r\ncontent-length:")
+    if at >= 0:
+        end = low.find(CRLF, at + 17)
+        if end < 0:
+            end = len(low)
+        value = block[at + 17:end].strip(b" \t")
+        if not value.isdigit() or len(value) > 18 or \
+                low.find(b"\r\ncontent-length:", end) >= 0:
+            return _parse_fields(code, status_line, http11, block, low)
+        length = int(value)
+    at = low.find(b"\r\nconnection:")
+    if at < 0:
+        return ResponseHead(code, status_line, block, length, False, b"", http11, b"")
+    end = low.find(CRLF, at + 13)
+    if end < 0:
+        end = len(low)
+    value = low[at + 13:end].strip(b" \t")
+    if value == b"keep-alive":
+        keep = True
+    elif value == b"close":
+        keep = False
+    else:
+        return _parse_fields(code, status_line, http11, block, low)
+    if low.find(b"\r\nconnection:", end) >= 0:
+        return _parse_fields(code, status_line, http11, block, low)
+    return ResponseHead(code, status_line, block[:at] + block[end:], length, False, b"",
+                        keep, b"")
+
+
+def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
+                  low: bytes) -> ResponseHead:
+    """parse_response_head for any valid field block (``low``: it in lower case)."""
     length = -1
     at = low.find(b"\r\ncontent-length:")
     while at >= 0:
@@ -383,14 +459,14 @@ def parse_response_head(head: bytes) -> ResponseHead:
         parts.append(block[pos:])
         fields = b"".join(parts)
     if connection:
-        keep = b"close" not in connection if minor == b"1" else b"keep-alive" in connection
+        keep = b"close" not in connection if http11 else b"keep-alive" in connection
         named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
         if named and fields:  # fields named by Connection are hop-by-hop too
             drop = set(named)
             fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]
                               if f.partition(b":")[0].lower() not in drop)
     else:
-        keep = minor == b"1"
+        keep = http11
     chunked = bool(transfer) and transfer[-1] == b"chunked"
     return ResponseHead(code, status_line, fields, length, chunked, raw_transfer, keep,
                         upgrade)

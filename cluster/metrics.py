@@ -1,19 +1,21 @@
 """Prometheus metrics, and the per-endpoint request rates the dashboard shows.
 
 :class:`MetricsObserver` is the :class:`~cluster.observe.Observer` the front door
-reports to. Its hot hook, :meth:`~MetricsObserver.request_done`, is one dict lookup of
-cached label children plus two increments (see docs/benchmarks.md for its cost);
-everything that can wait (request rates, the age of the last discovery refresh, the
-discovery error count) is done once a second by a sampler thread (a greenlet under
-gevent).
+reports to. Its hot hook, :meth:`~MetricsObserver.request_done`, is one dict lookup and
+a few plain integer increments: in a single process the Prometheus values (each
+``inc`` takes a lock, a Python-level one under gevent) are brought up to date only when
+someone reads them (a scrape flushes first) and once a second by the sampler. Everything
+else that can wait (request rates, the age of the last discovery refresh, the discovery
+error count) is also done by that sampler thread (a greenlet under gevent).
 
 Several processes: prometheus_client's multi-process mode is on when
 ``PROMETHEUS_MULTIPROC_DIR`` is set before ``prometheus_client`` is imported: each
 process writes its values to files there and :func:`exposition` sums them, so any
 worker's ``/_cluster/metrics`` shows the whole server. ``cluster serve
 --workers-count N`` sets it for its workers (a temporary directory it removes); under
-gunicorn ``cluster.gunicorn`` does the same. The request *rates* of the status page
-stay per process (each worker shows its own).
+gunicorn ``cluster.gunicorn`` does the same. In that mode every request is written
+through at once (another process's scrape cannot flush this one's counts). The request
+*rates* of the status page stay per process (each worker shows its own).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +78,44 @@ class _Traffic:
         self.websockets = 0
 
 
+class _Tally:
+    """One (service, endpoint, status): its Prometheus children, and the requests and
+    upstream times counted since they were last brought up to date (:meth:`flush`)."""
+
+    __slots__ = ("counter", "traffic", "error", "latency", "bounds", "count", "buckets",
+                 "seconds")
+
+    def __init__(self, counter: Any, traffic: _Traffic, error: bool, latency: Any) -> None:
+        self.counter = counter
+        self.traffic = traffic
+        self.error = error
+        self.latency = latency
+        # The histogram child's bucket bounds and values (prometheus_client keeps them
+        # in _upper_bounds, _buckets and _sum, as every version since 0.0.x has); when
+        # they are not there, observations go through observe() one by one.
+        self.bounds: tuple[float, ...] = ()
+        if latency is not None and all(hasattr(latency, name) for name in (
+                "_upper_bounds", "_buckets", "_sum")):
+            self.bounds = tuple(latency._upper_bounds)
+        self.count = 0
+        self.buckets = [0] * len(self.bounds)
+        self.seconds = 0.0
+
+    def flush(self) -> None:
+        count, self.count = self.count, 0
+        if count:
+            self.counter.inc(count)
+        if self.seconds:
+            seconds, self.seconds = self.seconds, 0.0
+            latency = self.latency
+            latency._sum.inc(seconds)
+            buckets = self.buckets
+            for i, n in enumerate(buckets):
+                if n:
+                    buckets[i] = 0
+                    latency._buckets[i].inc(n)
+
+
 class MetricsObserver(Observer):
     """Counts what the door reports, as Prometheus metrics and per-endpoint rates."""
 
@@ -115,8 +156,7 @@ class MetricsObserver(Observer):
         self.discovery_errors = Counter(
             "cluster_discovery_errors", "Failed reads of, and heartbeats to, the "
             "discovery store", ["operation"], registry=r)
-        # (service, endpoint, status) -> (counter child, traffic, is error, latency child)
-        self._children: dict[tuple[str, str, int], tuple[Any, _Traffic, bool, Any]] = {}
+        self._children: dict[tuple[str, str, int], _Tally] = {}
         self._traffic: dict[str, _Traffic] = {}
         self.open_connections = 0
         self.refused_connections = 0
@@ -138,31 +178,49 @@ class MetricsObserver(Observer):
 
     def request_done(self, record: RequestRecord) -> None:
         key = (record.service, record.endpoint, record.status)
-        entry = self._children.get(key)
-        if entry is None:
-            entry = self._child(key)
-        counter, traffic, error, latency = entry
-        counter.inc()
+        tally = self._children.get(key)
+        if tally is None:
+            tally = self._child(key)
+        traffic = tally.traffic
         traffic.requests += 1
-        if error:
+        if tally.error:
             traffic.errors += 1
-        if latency is not None and record.upstream_seconds:
-            latency.observe(record.upstream_seconds)
+        seconds = record.upstream_seconds
+        if self.multiprocess:
+            tally.counter.inc()
+            if tally.latency is not None and seconds:
+                tally.latency.observe(seconds)
+            return
+        # Plain counts, brought into the Prometheus values by flush(). Only greenlets
+        # of one hub call this (the door), so the increments need no lock.
+        tally.count += 1
+        if tally.latency is not None and seconds:
+            if tally.bounds:
+                tally.buckets[bisect_left(tally.bounds, seconds)] += 1
+                tally.seconds += seconds
+            else:
+                tally.latency.observe(seconds)
 
-    def _child(self, key: tuple[str, str, int]) -> tuple[Any, _Traffic, bool, Any]:
+    def flush(self) -> None:
+        """Bring the Prometheus values up to date with the requests counted since."""
+        for tally in list(self._children.values()):
+            if tally.count or tally.seconds:
+                tally.flush()
+
+    def _child(self, key: tuple[str, str, int]) -> _Tally:
         service, endpoint, status = key
         traffic = self._traffic.get(endpoint)
         if traffic is None:
             traffic = self._traffic[endpoint] = _Traffic()
         proxied = endpoint not in ("local", "-")
-        entry = (
+        tally = _Tally(
             self.requests.labels(service, endpoint, status_class(status)),
             traffic,
             status >= 500 or status == 0,
             self.upstream_latency.labels(service) if proxied else None,
         )
-        self._children[key] = entry
-        return entry
+        self._children[key] = tally
+        return tally
 
     def connection_opened(self) -> None:
         self.open_connections += 1
@@ -211,6 +269,7 @@ class MetricsObserver(Observer):
 
     def stop(self) -> None:
         self._stopping.set()
+        self.flush()
 
     def _run(self) -> None:
         while not self._stopping.wait(SAMPLE_INTERVAL):
@@ -219,6 +278,7 @@ class MetricsObserver(Observer):
     def sample(self, now: float | None = None) -> None:
         """Update the discovery gauges and the request rates (called once a second)."""
         now = time.monotonic() if now is None else now
+        self.flush()
         node = self._node
         if node is not None:
             self._sample_discovery(node)
@@ -266,6 +326,7 @@ class MetricsObserver(Observer):
     def exposition(self) -> tuple[str, bytes]:
         """(content type, body) of the Prometheus text format; in multi-process mode
         the sum over every process that wrote to the directory."""
+        self.flush()
         if self._node is not None:
             self._sample_discovery(self._node)
         if self.multiprocess:

@@ -8,7 +8,7 @@ Times are seconds from ``time.monotonic()``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from cluster.config import Settings
@@ -16,21 +16,35 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class RequestRecord:
-    """One finished request, as the access log and the metrics see it."""
+class HeadLike(Protocol):
+    """What a record reads from a request head (cluster.http1.RequestHead)."""
 
-    __slots__ = ("remote", "method", "target", "version", "status", "sent", "endpoint",
-                 "service", "upstream_seconds", "total_seconds", "retries", "referer",
-                 "user_agent", "websocket")
+    method: bytes
+    target: bytes
+    version: bytes
+    fields: list[bytes]
+
+
+class RequestRecord:
+    """One finished request, as the access log and the metrics see it.
+
+    The door makes one per request with :meth:`of_head`: the request line's parts, the
+    Referer and the User-Agent are then decoded from the head only when someone reads
+    them (an access log does; the metrics never do).
+    """
+
+    __slots__ = ("remote", "_method", "_target", "_version", "status", "sent", "endpoint",
+                 "service", "upstream_seconds", "total_seconds", "retries", "_referer",
+                 "_user_agent", "websocket", "_head")
 
     def __init__(self, remote: str, method: str, target: str, version: str, status: int,
                  sent: int, endpoint: str, service: str, upstream_seconds: float,
                  total_seconds: float, retries: int, referer: str, user_agent: str,
                  websocket: bool = False) -> None:
         self.remote = remote
-        self.method = method
-        self.target = target
-        self.version = version  # "HTTP/1.1"
+        self._method: str | None = method
+        self._target: str | None = target
+        self._version: str | None = version  # "HTTP/1.1"
         self.status = status  # 0 when no response was sent (client gone)
         self.sent = sent  # response bytes written to the client (body and head)
         self.endpoint = endpoint  # endpoint URL, "local" or "-" (answered by cluster)
@@ -38,9 +52,72 @@ class RequestRecord:
         self.upstream_seconds = upstream_seconds  # connect to response head; 0 if local
         self.total_seconds = total_seconds
         self.retries = retries  # other endpoints tried before this answer
-        self.referer = referer
-        self.user_agent = user_agent
+        self._referer: str | None = referer
+        self._user_agent: str | None = user_agent
         self.websocket = websocket
+        self._head: HeadLike | None = None
+
+    @classmethod
+    def of_head(cls, head: HeadLike, remote: str, status: int, sent: int, endpoint: str,
+                service: str, upstream_seconds: float, total_seconds: float, retries: int,
+                websocket: bool = False) -> RequestRecord:
+        """A record whose request line and Referer/User-Agent come from ``head``."""
+        record = cls.__new__(cls)
+        record.remote = remote
+        record._method = record._target = record._version = None
+        record._referer = record._user_agent = None
+        record.status = status
+        record.sent = sent
+        record.endpoint = endpoint
+        record.service = service
+        record.upstream_seconds = upstream_seconds
+        record.total_seconds = total_seconds
+        record.retries = retries
+        record.websocket = websocket
+        record._head = head
+        return record
+
+    @property
+    def method(self) -> str:
+        if self._method is None:
+            assert self._head is not None
+            self._method = self._head.method.decode("latin-1")
+        return self._method
+
+    @property
+    def target(self) -> str:
+        if self._target is None:
+            assert self._head is not None
+            self._target = self._head.target.decode("latin-1")
+        return self._target
+
+    @property
+    def version(self) -> str:
+        if self._version is None:
+            assert self._head is not None
+            self._version = self._head.version.decode("latin-1")
+        return self._version
+
+    @property
+    def referer(self) -> str:
+        if self._referer is None:
+            self._referer = self._field(b"referer")
+        return self._referer
+
+    @property
+    def user_agent(self) -> str:
+        if self._user_agent is None:
+            self._user_agent = self._field(b"user-agent")
+        return self._user_agent
+
+    def _field(self, name: bytes) -> str:
+        """The first value of header field ``name`` in the head ("" when absent)."""
+        if self._head is not None:
+            for line in self._head.fields:
+                key, _, value = line.partition(b":")
+                if key.lower() == name:
+                    return value.strip().decode("latin-1")
+        return ""
 
 
 class Observer:

@@ -57,6 +57,22 @@ def test_json_line_has_every_field():
     assert data["total_time"] == pytest.approx(0.015)
 
 
+def test_a_record_of_a_parsed_head_reads_the_same_as_one_given_its_fields():
+    # The door's records decode the request line, Referer and User-Agent from the head
+    # only when a log asks for them: the lines must not change.
+    from cluster.http1 import parse_request_head
+
+    head = parse_request_head(b"GET /a?b=1 HTTP/1.1\r\nHost: h\r\nreferer:  http://x/ \r\n"
+                              b"User-Agent: agent \"quoted\"\r\nReferer: http://second/")
+    lazy = RequestRecord.of_head(head, "10.0.0.9", 200, 345, "http://127.0.0.1:8001", "web",
+                                 0.0123, 0.0150, 1)
+    assert combined_line(lazy, "t") == combined_line(proxied(), "t")
+    assert json_line(lazy, 0.0) == json_line(proxied(), 0.0)
+    bare = RequestRecord.of_head(parse_request_head(b"GET / HTTP/1.0"), "", 0, 0, "-", "",
+                                 0.0, 0.0, 0)
+    assert (bare.referer, bare.user_agent, bare.version) == ("", "", "HTTP/1.0")
+
+
 def test_lines_are_appended_to_the_file(tmp_path):
     path = tmp_path / "access.log"
     path.write_text("earlier line\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import time
@@ -91,6 +92,29 @@ def view(url: str) -> dict:
     return requests.get(url + "/_cluster/status", timeout=5).json()
 
 
+def served_by_each(url: str, count: int) -> Counter:
+    """Who served each of ``count`` identical cookie-less requests sent one after another
+    on one keep-alive connection (the door parses a repeated head once: it must still
+    route every request anew)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    seen: Counter = Counter()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        buf = b""
+        for _ in range(count):
+            sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: front\r\n\r\n")
+            while b"\r\n\r\n" not in buf:
+                buf += sock.recv(65536)
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(buf) < length:
+                buf += sock.recv(65536)
+            body, buf = buf[:length], buf[length:]
+            seen[json.loads(body)["pid"]] += 1
+    return seen
+
+
 def served_by(response: requests.Response) -> int:
     """The process that served: an instance, or one gunicorn worker."""
     assert response.status_code == 200, response.text
@@ -112,6 +136,8 @@ def test_three_instances_spread_without_cookie_and_stick_with_it(runner, sqlite_
                          for _ in range(300))
         assert len(spread) == processes
         assert min(spread.values()) >= 150 // processes, spread  # each at least half its share
+        kept = served_by_each(front, 150)
+        assert len(kept) == processes and min(kept.values()) >= 75 // processes, kept
 
         session = requests.Session()
         first = session.get(front + "/whoami", timeout=10)

@@ -147,3 +147,29 @@ def test_multiprocess_mode_sums_the_processes(tmp_path):
             found[(s.name, tuple(sorted(s.labels.items())))] = s.value
     assert value(found, "cluster_requests_total", service="web", endpoint="local",
                  code="2xx") == 12
+
+
+def test_counted_latencies_land_in_the_buckets_observe_would_pick():
+    # request_done counts in plain integers and a scrape flushes them: the histogram
+    # must read exactly as if every time had gone through Histogram.observe.
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from cluster.metrics import LATENCY_BUCKETS
+
+    times = [0.0005, 0.0004999, 0.00051, 0.005, 1.0, 30.0, 61.0, 0.25, 0.25, 1e-9]
+    m = MetricsObserver()
+    for t in times:
+        m.request_done(record(200, "http://127.0.0.1:8001", upstream=t))
+    found = samples(m)
+    reference = Histogram("ref", "", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    for t in times:
+        reference.observe(t)
+    for s in reference.collect()[0].samples:
+        if s.name == "ref_bucket":
+            assert value(found, "cluster_upstream_latency_seconds_bucket", service="web",
+                         le=s.labels["le"]) == s.value, s
+    assert value(found, "cluster_upstream_latency_seconds_sum", service="web") == \
+        pytest.approx(sum(times))
+    m.request_done(record(200, "http://127.0.0.1:8001", upstream=0.002))  # after a flush
+    assert value(samples(m), "cluster_upstream_latency_seconds_count", service="web") == \
+        len(times) + 1

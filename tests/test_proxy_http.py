@@ -316,6 +316,20 @@ def test_expect_100_continue(st: Stack, size: int) -> None:
         assert "Expect" not in seen["headers"]
 
 
+def test_the_same_head_again_asks_for_100_continue_again(st: Stack) -> None:
+    # The door keeps a keep-alive client's last parsed head for when the same bytes come
+    # again; sending the 100 marks a head as answered, so such heads are never kept.
+    with raw(st.port) as client:
+        for _ in range(3):
+            client.send(request("POST", "/headers", "Content-Length: 2",
+                                "Expect: 100-continue"))
+            assert client.head()[0] == "HTTP/1.1 100 Continue"
+            client.send(b"ab")
+            status, headers = client.head()
+            assert status == "HTTP/1.1 200 OK"
+            client.exactly(int(header(headers, "Content-Length")[0]))
+
+
 @pytest.mark.parametrize("sse", [False, True])
 def test_streamed_response_arrives_piece_by_piece(st: Stack, sse: bool) -> None:
     # The backend produces piece i only after /release was called i times, so reading

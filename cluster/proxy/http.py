@@ -324,7 +324,7 @@ class HttpForwarder:
     def _response(self, conn: Connection, method: str, early: bool) -> UpstreamResponse:
         url = conn.target.url
         sock = conn.sock
-        buf = conn.buf
+        buf = bytes(conn.buf)  # always bytes here: no copy
         got = bool(buf)
         while True:  # until a final (non-1xx) response head
             end, sep = find_response_head(buf)

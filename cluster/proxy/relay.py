@@ -54,7 +54,7 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
-from cluster.netio import send_all, wait_recv, wait_recv_into
+from cluster.netio import is_plain, send_all, wait_recv, wait_recv_into
 from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
@@ -67,6 +67,8 @@ RECV_SIZE = 65536
 #: Request bodies up to this size that are already in the buffer are kept for a resend.
 RESEND_LIMIT = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Body bytes read with a response head are kept as a view, not a copy, from this size.
+_VIEW_FROM = 8192
 _VALID_PROTO = (b"http", b"https")
 
 
@@ -158,34 +160,37 @@ class Exchange:
         the client's own faults are not the endpoint's: RequestError 400 for a malformed
         chunked body, OSError when the client left in the middle of its body.
         """
-        self.started = time.monotonic()
+        started = self.started = time.monotonic()
         client = self.client
         pool = self.pool
+        head = self.head
         streamed = body is None
         # A WebSocket gets a connection of its own: a pooled one may lead to an endpoint
         # that is stopping (it finishes requests on open connections but accepts no new
         # ones), which would take the upgrade and then end it with the drain; a new
         # connection is refused there and the upgrade goes to another endpoint.
-        fresh = streamed or self.head.is_websocket
-        conn = None if fresh else pool.acquire(self.url)
+        fresh = streamed or head.is_websocket
+        conn = None if fresh else pool.acquire(self.url, replayable(head.method, head.has_body))
         resent = False
         while True:
             if conn is None:
-                conn = open_after_stale(pool, self.url, resent, self.head.method,
-                                        self.head.has_body)
+                conn = open_after_stale(pool, self.url, resent, head.method, head.has_body)
             self.upstream = conn
             client.upstream = conn
             try:
-                if self.head.expect_continue and (streamed or body):
-                    self.head.expect_continue = False
+                if head.expect_continue and (streamed or body):
+                    head.expect_continue = False
                     client.send(CONTINUE)
-                client.expect(UPSTREAM, pool.read_timeout)
+                # From here until the response head is in, the read timeout applies
+                # (the sweeper answers 504 past it).
+                client.phase = UPSTREAM
+                client.deadline = started + pool.read_timeout if pool.read_timeout else 0.0
                 if streamed:
                     send_all(conn.sock, out_head)
                     self._stream_body(conn)
+                    client.expect(UPSTREAM, pool.read_timeout)
                 else:
                     send_all(conn.sock, out_head + body if body else out_head)
-                client.phase = NONE
                 self._read_head(conn)
                 return
             except _Stale:
@@ -193,6 +198,7 @@ class Exchange:
                 conn.close()
                 conn = None
                 resent = True
+                started = time.monotonic()
             except (RequestError, _ClientGone):
                 conn.close()  # no 502, no retry, no warning about the endpoint
                 raise
@@ -202,6 +208,8 @@ class Exchange:
             except OSError as exc:
                 conn.close()
                 raise self._error(exc, "sending the request") from None
+            finally:
+                client.phase = NONE
 
     def _error(self, exc: BaseException, doing: str) -> UpstreamError:
         if self.client.timed_out:
@@ -248,30 +256,33 @@ class Exchange:
             client.phase = NONE
 
     def _read_head(self, conn: Connection) -> None:
-        """Read the response head (skipping interim 1xx but 101) into self.response."""
+        """Read the response head (skipping interim 1xx but 101) into self.response.
+        The caller has set the client's phase and deadline for the wait."""
         client = self.client
-        buf = conn.buf
+        buf = bytes(conn.buf)  # bytes here (no copy)
         conn.buf = b""
+        sock = conn.sock
+        waited = False
         while True:
             end = buf.find(HEAD_END)
             while end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     raise misbehaving(UpstreamBroken(self.url,
                                                      "response head larger than 64 KiB"))
-                client.expect(UPSTREAM, self.pool.read_timeout)
+                if waited:  # the read timeout is per read: silent for that long
+                    client.expect(UPSTREAM, self.pool.read_timeout)
+                waited = True
                 try:
-                    data = wait_recv(conn.sock, RECV_SIZE)
+                    data = wait_recv(sock, RECV_SIZE)
                 except OSError as exc:
                     if not buf and conn.reused and not client.timed_out:
                         raise _Stale() from None
                     raise self._error(exc, "reading the response head") from None
-                finally:
-                    client.phase = NONE
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
                     raise UpstreamBroken(self.url, "closed the connection before answering")
-                buf += data
+                buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
             if end > MAX_RESPONSE_HEAD:
                 raise misbehaving(UpstreamBroken(self.url,
@@ -282,11 +293,14 @@ class Exchange:
             except ValueError as exc:
                 raise misbehaving(UpstreamBroken(self.url, f"malformed response head: {exc}")) \
                     from None
-            buf = buf[end + 4:]
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break
             # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
-        conn.buf = buf
+            buf = buf[end + 4:]
+        # The body bytes that came with the head: a large piece is not copied out of the
+        # read, only viewed (relay_response sends it as it is, or copies it to scan it).
+        end += 4
+        conn.buf = buf[end:] if len(buf) - end < _VIEW_FROM else memoryview(buf)[end:]
         self.raw_head = raw
         self.response = response
         self.upstream_seconds = time.monotonic() - self.started
@@ -342,10 +356,23 @@ class Exchange:
                 first = buf[:length]
                 if len(buf) > length:
                     pool_it = False  # bytes past the response: never hand them to anyone
-                self._to_client(out + first)
-                self._relay_fixed(conn, length - len(first))
+                left = length - len(first)
+                more = _ready(conn, left) if left and len(first) >= _VIEW_FROM else b""
+                if len(first) < _VIEW_FROM:
+                    self._to_client(out + first)
+                else:
+                    # The head, the large first piece and whatever else of the body is
+                    # already here in one call, without joining them.
+                    parts: list[bytes | memoryview] = [out, first]
+                    if more:
+                        parts.append(more)
+                        left -= len(more)
+                    self.client.send_parts(parts)
+                    self.sent += len(out) + len(first) + len(more)
+                if left > 0:
+                    self._relay_fixed(conn, left)
             elif mode == CHUNKED:
-                self._relay_chunked(conn, out, buf, dechunk)
+                self._relay_chunked(conn, out, bytes(buf), dechunk)
                 if conn.buf:
                     pool_it = False
             else:
@@ -440,6 +467,22 @@ class Exchange:
             self._to_client(data)
 
 
+def _ready(conn: Connection, size: int) -> bytes:
+    """Up to ``size`` bytes already in ``conn``'s socket, without waiting (b"": none yet,
+    or not a plain socket). The rest of a large body is usually there by the time its
+    first piece is read: taken now, it goes out in the same send as the first piece,
+    rather than after another trip through the event loop and a send of its own."""
+    if not is_plain(conn.sock):
+        return b""
+    try:
+        data: bytes = conn.sock._sock.recv(min(size, RECV_SIZE))
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError:
+        return b""  # the read that follows reports the connection's end as a cut body
+    return data  # b"" at EOF: the read that follows sees it again and reports the cut
+
+
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
 
@@ -470,7 +513,7 @@ def read_small_body(exchange: Exchange, limit: int) -> bytes:
     conn = exchange.upstream
     assert response is not None and conn is not None
     mode, length = response_framing(exchange.head.method, response)
-    buf = conn.buf
+    buf = bytes(conn.buf)
     try:
         if mode == NO_BODY:
             return b""

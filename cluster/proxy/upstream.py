@@ -9,7 +9,16 @@ all connect through here, so an https endpoint works for each of them.
 
 A pooled connection is checked before reuse with a non-blocking peek: one that is
 readable (bytes the endpoint sent after its response: they would be taken for the next
-client's response) or closed is thrown away, never handed out.
+client's response) or closed is thrown away, never handed out. For a request that may
+be replayed (a bodiless GET, HEAD or OPTIONS) one that went idle less than
+:data:`RECHECK_AFTER` ago, after a response read to its framed end, is handed out
+without the peek (a system call and an exception on every request of a busy
+balancer): bytes the endpoint sends later are no more likely then than in the moment
+between a peek and the next response, and if the endpoint closed it meanwhile the relay
+resends on a fresh connection, or moves the request to another endpoint, exactly as the
+peek would have led it to. Any other request gets the peek: found closed only after it
+was sent, it could not be moved to another endpoint (the first one may have acted on
+it), and a deploy that stops an endpoint would turn into 502s.
 
 Timeouts are socket timeouts: the connect timeout while connecting, then the read
 timeout for every later send and recv. That is exactly an idle timeout ("silent for
@@ -38,12 +47,14 @@ _PEEK = int(stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)  # an int: enum arithme
 #: it (nginx's upstream ``keepalive_timeout`` is 60 s), and a reused connection that
 #: the upstream closes under us costs a retry or, for a streamed body, an error.
 IDLE_TIMEOUT = 30.0
+#: Seconds after its release within which a connection may be reused without a peek.
+RECHECK_AFTER = 0.02
 
 
 class Target:
     """Where an endpoint URL points: parsed once, then cached by the pool."""
 
-    __slots__ = ("url", "host", "port", "hostport", "family", "literal", "tls")
+    __slots__ = ("url", "host", "port", "hostport", "hostport_b", "family", "literal", "tls")
 
     def __init__(self, url: str) -> None:
         try:
@@ -59,6 +70,7 @@ class Target:
         self.host: str = parts.hostname
         self.port: int = port or (443 if self.tls else 80)
         self.hostport = parts.netloc.rsplit("@", 1)[-1]
+        self.hostport_b = self.hostport.encode("latin-1")
         try:
             ip = ipaddress.ip_address(self.host)
         except ValueError:
@@ -77,7 +89,8 @@ class Connection:
     def __init__(self, sock: Any, target: Target) -> None:
         self.sock = sock
         self.target = target
-        self.buf = b""
+        #: bytes read past the last response head (a view of a large read)
+        self.buf: bytes | memoryview = b""
         self.idle_since = 0.0
         self.reused = False
 
@@ -196,15 +209,19 @@ class Pool:
             self._targets[url] = target
         return target
 
-    def acquire(self, url: str) -> Connection | None:
-        """An idle connection to ``url`` recent enough to reuse, or None."""
+    def acquire(self, url: str, trust_recent: bool = False) -> Connection | None:
+        """An idle connection to ``url`` recent enough to reuse, or None. With
+        ``trust_recent`` (for replayable requests) one released less than
+        :data:`RECHECK_AFTER` ago is handed out without the peek."""
         stack = self._idle.get(url)
         if not stack:
             return None
-        oldest_ok = time.monotonic() - IDLE_TIMEOUT
+        now = time.monotonic()
         while stack:
             conn = stack.pop()
-            if conn.idle_since >= oldest_ok and conn.usable():
+            idle = now - conn.idle_since
+            if (idle < RECHECK_AFTER and trust_recent) or \
+                    (idle < IDLE_TIMEOUT and conn.usable()):
                 conn.reused = True
                 return conn
             conn.close()

@@ -1,0 +1,80 @@
+"""The endpoint connection pool (cluster/proxy/upstream.py) over real loopback sockets:
+what it hands out again, and what it throws away."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator
+
+import pytest
+
+from cluster.proxy import upstream
+from cluster.proxy.upstream import Pool
+
+
+@pytest.fixture()
+def endpoint() -> Iterator[tuple[socket.socket, str]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def pooled(listener: socket.socket, url: str) -> tuple[Pool, upstream.Connection,
+                                                       socket.socket]:
+    pool = Pool(1.0, 5.0, 4, timers=False)
+    conn = pool.open(url)
+    server_side, _ = listener.accept()
+    pool.release(conn)
+    return pool, conn, server_side
+
+
+def test_a_connection_released_a_moment_ago_is_handed_out_again(endpoint) -> None:
+    pool, conn, server_side = pooled(*endpoint)
+    try:
+        again = pool.acquire(endpoint[1], trust_recent=True)
+        assert again is conn and again.reused
+        assert pool.acquire(endpoint[1]) is None  # checked out: nobody else gets it
+    finally:
+        conn.close()
+        server_side.close()
+
+
+def test_only_a_replayable_request_skips_the_peek_of_a_fresh_release(endpoint) -> None:
+    # The endpoint closes the connection right after the response: a request that may
+    # not be moved elsewhere once sent must not get it, however recent the release.
+    pool, conn, server_side = pooled(*endpoint)
+    server_side.close()
+    time.sleep(0.002)  # the FIN is in, well within RECHECK_AFTER
+    assert pool.acquire(endpoint[1]) is None
+    assert conn.sock.fileno() < 0
+
+
+def test_an_idle_connection_the_endpoint_closed_is_thrown_away(endpoint) -> None:
+    pool, conn, server_side = pooled(*endpoint)
+    server_side.close()
+    time.sleep(upstream.RECHECK_AFTER + 0.05)  # idle long enough to be checked
+    assert pool.acquire(endpoint[1]) is None
+    assert conn.sock.fileno() < 0  # closed, not left open
+
+
+def test_an_idle_connection_with_bytes_past_its_response_is_thrown_away(endpoint) -> None:
+    pool, conn, server_side = pooled(*endpoint)
+    try:
+        server_side.sendall(b"HTTP/1.1 200 OK\r\n")  # out of step: not anyone's answer
+        time.sleep(upstream.RECHECK_AFTER + 0.05)
+        assert pool.acquire(endpoint[1]) is None
+    finally:
+        server_side.close()
+
+
+def test_a_connection_idle_past_the_idle_timeout_is_not_reused(endpoint, monkeypatch) -> None:
+    pool, conn, server_side = pooled(*endpoint)
+    try:
+        monkeypatch.setattr(upstream, "IDLE_TIMEOUT", 0.01)
+        time.sleep(upstream.RECHECK_AFTER + 0.05)
+        assert pool.acquire(endpoint[1]) is None
+    finally:
+        server_side.close()
