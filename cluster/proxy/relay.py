@@ -170,7 +170,7 @@ class Exchange:
         # ones), which would take the upgrade and then end it with the drain; a new
         # connection is refused there and the upgrade goes to another endpoint.
         fresh = streamed or head.is_websocket
-        conn = None if fresh else pool.acquire(self.url, replayable(head.method, head.has_body))
+        conn = None if fresh else pool.acquire(self.url)
         resent = False
         while True:
             if conn is None:
