@@ -352,6 +352,9 @@ class Registrar(_Loop):
 #: (entries may have been pruned) it reads the records instead
 MAX_LOG_STEP = 32
 MAX_LOG_LAG = 500
+#: a store call this many times slower than the usual refresh (and over half the
+#: grace) is a stall the store came back from (Watcher._stalled)
+STALL_FACTOR = 4.0
 #: the slow full read that catches anything the log missed (the reaper already turns
 #: expiries and other writers' joins into entries, so this is only a backstop): every
 #: this many seconds and 0.5 s more per known record, so that N watchers' resyncs cost
@@ -416,6 +419,7 @@ class Watcher(_Loop):
         self._lease_seen: tuple[Membership, float] = (Membership(), time.monotonic())
         self._steady_since = time.monotonic()
         self._early_scan = float("-inf")  # time.monotonic() of the last early scan
+        self._usual = 0.0  # seconds: a moving average of good refreshes (0.0: none yet)
 
     def __repr__(self) -> str:
         role = " [reaper]" if self.reaping else ""
@@ -442,11 +446,14 @@ class Watcher(_Loop):
         """
         with self._lock:
             self.stats.refreshes += 1
+            began = time.monotonic()
             if not self.store.changelog or self.outage.failing:
                 # the first read after an outage is a full one (see _read_records)
                 self._read_records()
             else:
                 self._follow_log()
+            took = time.monotonic() - began
+            self._usual = took if not self._usual else 0.8 * self._usual + 0.2 * took
             self.refreshed_at = time.time()
             self.refreshed.set()
             return self.table
@@ -479,8 +486,14 @@ class Watcher(_Loop):
         """Whether the store took long enough to answer a call made at ``asked_at`` for
         heartbeats to go stale meanwhile, without failing anyone (a stopped process, a
         GC pause, an election, a read that waited out server selection): then it is a
-        recovery all the same."""
-        return time.monotonic() - asked_at > self.grace / 2
+        recovery all the same.
+
+        Slow means slow for this store too: several times its usual refresh. A store
+        that is slow all along (a distant link) lets heartbeats land as late as it
+        answers reads, and a shelter opened again at every refresh would keep dead
+        endpoints for ever."""
+        took = time.monotonic() - asked_at
+        return took > self.grace / 2 and took > STALL_FACTOR * self._usual
 
     def _recovering(self) -> None:
         """The first good read after an outage or a stall: shelter the known endpoints.

@@ -1,17 +1,23 @@
 """The table survives the moment a store comes back, even when the read that sees it
 come back blocked for a while (pymongo waits for server selection): the endpoints it
-knew stay while their records exist, for a ping interval plus grace from that read."""
+knew stay while their records exist, for a ping interval plus grace from that read. The
+same after a store that stalled without failing anyone; but a store that is slow all
+along still expires a crashed endpoint."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
+import toxiproxy
 from cluster.discovery import open_store
 from cluster.registry import Registrar, Watcher
+from helpers import Proc, free_port, wait_port
 
 
 @pytest.mark.timeout(120)
@@ -97,3 +103,63 @@ def test_endpoints_stay_through_a_store_that_stalled(mongo_server, mongo_url, re
         watcher.stop()
         store.close()
         writer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, mongo_url):
+    """A store behind a slow link (every answer 0.4 s late, more than half the grace):
+    only the first slow refresh is a recovery; after that, a crashed endpoint expires as
+    usual and a live one stays."""
+    api, listen = free_port(), free_port()
+    proxy = Proc([str(toxiproxy.build()), "-host", "127.0.0.1", "-port", str(api)],
+                 name="toxiproxy")
+    try:
+        wait_port(api, proc=proxy)
+        toxi = toxiproxy.Toxiproxy(f"http://127.0.0.1:{api}", lambda f, *a, **k: f(*a, **k))
+        toxi.proxy("store", f"127.0.0.1:{listen}", f"127.0.0.1:{mongo_server.port}")
+        toxi.toxic("store", "latency", latency=400)
+        name = urlsplit(mongo_url).path
+        slow_url = f"mongodb://127.0.0.1:{listen}{name}?directConnection=true"
+        store = open_store(slow_url, timeout=8)
+        writer = open_store(mongo_url, timeout=8)
+        live, crashed = "http://127.0.0.1:9", "http://127.0.0.1:10"
+        doomed = Registrar(writer, "web", crashed, None, ping_interval=1.0)
+        crash = threading.Event()
+
+        def beat_until_the_crash() -> None:
+            while not crash.wait(0.5):
+                doomed.beat()
+
+        beating = threading.Thread(target=beat_until_the_crash, daemon=True)
+        registrar = Registrar(writer, "web", live, None, ping_interval=1.0)
+        watcher = Watcher(store, grace=0.5, refresh_interval=0.1)
+        try:
+            beating.start()
+            registrar.start()
+            watcher.start()
+            deadline = time.monotonic() + 20
+            while {e.url for e in watcher.table.endpoints} != {live, crashed}:
+                assert time.monotonic() < deadline, "never saw both"
+                time.sleep(0.05)
+            time.sleep(2.0)  # both stay while they heartbeat, however slow the reads
+            assert {e.url for e in watcher.table.endpoints} == {live, crashed}
+            crash.set()  # its record stays, and grows stale
+            beating.join(5)
+            refreshes = watcher.stats.refreshes
+            deadline = time.monotonic() + 20
+            while {e.url for e in watcher.table.endpoints} != {live}:
+                assert time.monotonic() < deadline, (
+                    f"the crashed endpoint never expired behind a slow store: "
+                    f"{[e.url for e in watcher.table.endpoints]}")
+                time.sleep(0.05)
+            assert watcher.stats.refreshes > refreshes and not watcher.outage.failing
+            time.sleep(3.0)  # and the live one stays, its heartbeats landing as ever
+            assert {e.url for e in watcher.table.endpoints} == {live}
+        finally:
+            crash.set()
+            registrar.stop()
+            watcher.stop()
+            store.close()
+            writer.close()
+    finally:
+        proxy.stop()
