@@ -61,6 +61,7 @@ class Placement:
         #: hash -> (figure, monotonic time it is as of, from a record or not)
         self.figures: dict[str, tuple[float, float, bool]] = {}
         self._table: EndpointTable | None = None
+        self._score: Callable[[str], float] | None = None
         self._stamps: dict[str, dt.datetime] = {}
 
     def __repr__(self) -> str:
@@ -93,9 +94,16 @@ class Placement:
             times.popleft()
 
     def scores(self, table: EndpointTable) -> Callable[[str], float]:
-        """The score of each endpoint of ``table`` by hash (routing.Scores)."""
-        if table is not self._table:
+        """The score of each endpoint of ``table`` by hash (routing.Scores).
+
+        Made once per table, not per request: it reads the live dicts, which only
+        :meth:`_rebase` replaces."""
+        if table is not self._table or self._score is None:
             self._rebase(table)
+            self._score = self._scorer()
+        return self._score
+
+    def _scorer(self) -> Callable[[str], float]:
         figures = self.figures
         opened = self.opened
         own = self.self_hash
