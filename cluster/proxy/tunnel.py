@@ -191,8 +191,10 @@ def _pump(src: Any, dst: Any) -> int:
             else:
                 dst.sendall(data)
             moved += len(data)
-    except OSError:
-        pass  # reset, broken pipe, or the other pump closed the socket under us
+    except (OSError, ValueError):
+        # reset, broken pipe, or the other pump closed the socket under us (gevent's
+        # TLS socket says that with ValueError: "Read on closed or unwrapped SSL socket")
+        pass
     finally:
         _close(src)
         _close(dst)
