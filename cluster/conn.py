@@ -37,7 +37,8 @@ class ClientConn:
     """One accepted client connection."""
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
-                 "timed_out", "requests", "hub", "write_timeout", "_relay", "__weakref__")
+                 "timed_out", "requests", "hub", "write_timeout", "_relay", "small_answers",
+                 "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -53,6 +54,8 @@ class ClientConn:
         self.hub = get_hub()
         self.write_timeout = write_timeout
         self._relay: memoryview | None = None
+        #: the last answer relayed was small (relay.py batches the sends of small ones)
+        self.small_answers = True
 
     def relay_buffer(self) -> memoryview:
         """A buffer for moving body bytes, made once per connection that needs one."""
