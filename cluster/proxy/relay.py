@@ -56,7 +56,7 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
-from cluster.netio import is_plain, send_all, wait_recv, wait_recv_into
+from cluster.netio import is_plain, send_all
 from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
 
@@ -265,7 +265,7 @@ class Exchange:
         client = self.client
         buf = bytes(conn.buf)  # bytes here (no copy)
         conn.buf = b""
-        sock = conn.sock
+        reader = conn.reader
         waited = False
         while True:
             end = buf.find(HEAD_END)
@@ -277,7 +277,7 @@ class Exchange:
                     client.expect(UPSTREAM, self.pool.read_timeout)
                 waited = True
                 try:
-                    data = wait_recv(sock, RECV_SIZE)
+                    data = reader.recv(RECV_SIZE)
                 except OSError as exc:
                     if not buf and conn.reused and not client.timed_out:
                         raise _Stale() from None
@@ -405,7 +405,7 @@ class Exchange:
         client = self.client
         client.expect(UPSTREAM, self.pool.read_timeout)
         try:
-            data = wait_recv(conn.sock, RECV_SIZE)
+            data = conn.reader.recv(RECV_SIZE)
         except OSError as exc:
             error = self._error(exc, f"response body cut after {done} bytes")
             error.answered = True
@@ -420,12 +420,12 @@ class Exchange:
         client = self.client
         buf = client.relay_buffer()
         size = len(buf)
-        sock = conn.sock
+        reader = conn.reader
         timeout = self.pool.read_timeout
         while left > 0:
             client.expect(UPSTREAM, timeout)
             try:
-                got = wait_recv_into(sock, buf[:left] if left < size else buf)
+                got = reader.recv_into(buf[:left] if left < size else buf)
             except OSError as exc:
                 error = self._error(exc, f"response body cut {left} bytes before its end")
                 error.answered = True
