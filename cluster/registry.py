@@ -763,8 +763,9 @@ class Watcher(_Loop):
         interval, so that many expiries close together (a host lost) cost at most twice
         the usual scans."""
         table = self.table
-        if not self.reaping and self._late:  # wake when the first late record expires
-            until = min(at for at, _ in self._late.values()) - time.monotonic()
+        late = list(self._late.values())  # one copy: want() may refresh meanwhile
+        if not self.reaping and late:  # wake when the first late record expires
+            until = min(at for at, _ in late) - time.monotonic()
             return max(0.01, min(self.refresh_interval, until))
         if (not self.reaping or not table.endpoints
                 or time.monotonic() - self._early_scan < self.refresh_interval):
