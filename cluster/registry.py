@@ -644,11 +644,10 @@ class Watcher(_Loop):
             else:  # not quite expired by the store's clock: look again when it is
                 left = found[0].ping_interval + self.grace - found[0].age(store_now)
                 self._late[key] = (time.monotonic() + left + 0.02, record)
-        if len(known) != len(self._known):
-            self._known = known
+        dropped = len(known) != len(self._known)
+        self._known = known
+        if dropped:
             self._publish(store_now)
-        else:
-            self._known = known
 
     # --- the reaper ------------------------------------------------------------------
 
