@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
-from cluster.discovery.base import Change, DiscoveryStore, Membership, wanted
+from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, wanted
 from cluster.errors import DiscoveryError
 from cluster.load import Load, moved
 from cluster.records import (
@@ -361,6 +361,10 @@ STALL_FACTOR = 4.0
 #: O(N) store work, not O(N²) (1,000 records: every 9 minutes or so)
 RESYNC_SECONDS = 60.0
 RESYNC_PER_RECORD = 0.5
+#: the reaper lists a record as late when its heartbeat is this many seconds overdue
+#: (a quarter of the grace when that is less); late records listed at most
+LATE_AFTER = 0.5
+MAX_LATE = 64
 
 
 @dataclass
@@ -386,6 +390,10 @@ class Watcher(_Loop):
     :data:`RESYNC_SECONDS` (more with many records). One watcher in the cluster holds the
     *reaper* lease: it also reads every record on each refresh and announces in the log
     what no registrar announces: expiries, and the joins of other writers (Meteor).
+    It also lists the records whose heartbeat is overdue in the membership document,
+    and every watcher checks such a record when it would expire and drops its endpoint
+    then: a crash leaves every table at its expiry, as when each watcher read every
+    record, not up to a refresh after the reaper's announcement.
     Other stores are read whole on every refresh.
     """
 
@@ -420,6 +428,9 @@ class Watcher(_Loop):
         self._steady_since = time.monotonic()
         self._early_scan = float("-inf")  # time.monotonic() of the last early scan
         self._usual = 0.0  # seconds: a moving average of good refreshes (0.0: none yet)
+        #: endpoint hash -> (time.monotonic() when its record expires, the reaper's note)
+        self._late: dict[str, tuple[float, Late]] = {}
+        self._listed_late: tuple[Late, ...] | None = None  # None: list them at the next scan
 
     def __repr__(self) -> str:
         role = " [reaper]" if self.reaping else ""
@@ -517,14 +528,17 @@ class Watcher(_Loop):
         sheltering = time.monotonic() < self._shelter_until
         if self.reaping:
             self._reap(membership)
-        elif (self._epoch is None or sheltering or epoch - self._epoch > MAX_LOG_LAG
-              or time.monotonic() >= self._next_resync):
+            return
+        if (self._epoch is None or sheltering or epoch - self._epoch > MAX_LOG_LAG
+                or time.monotonic() >= self._next_resync):
             self._read_records(epoch)
         elif epoch > self._epoch:
             # Membership changed. An entry whose epoch bump has not landed yet waits for
             # the next refresh; one whose bump was lost (its writer died in between) for
             # the reaper, which moves the epoch to the end of the log at every scan.
             self._follow(self._epoch, membership)
+        self._note_late(membership.late)
+        self._expire_due()
 
     def _follow(self, epoch: int, membership: Membership) -> None:
         """Apply the entries after ``epoch`` (one lookup when there are none).
@@ -576,6 +590,65 @@ class Watcher(_Loop):
         self._log_changes(self.table, table)
         self.table = table
 
+    def _steady(self, endpoints: Iterable[Endpoint]) -> bool:
+        """Whether the store has been read well for a ping interval plus grace: after an
+        outage nobody could heartbeat, and records need that long to come back."""
+        longest = max((e.ping_interval for e in endpoints), default=0.0)
+        return time.monotonic() - self._steady_since >= longest + self.grace
+
+    # --- late records ----------------------------------------------------------------
+
+    def _note_late(self, late: tuple[Late, ...]) -> None:
+        """Remember when each known endpoint the reaper listed as late expires."""
+        if not late:
+            self._late = {}
+            return
+        by_identity = {(e.service, e.url): key for key, e in self._known.items()}
+        store_now, now = self.store.clock(), time.monotonic()
+        noted: dict[str, tuple[float, Late]] = {}
+        for record in late:
+            key = by_identity.get((record.service, record.endpoint.rstrip("/")))
+            if key is None or record.timestamp < self._known[key].timestamp:
+                continue  # not ours, or we know of a later heartbeat
+            endpoint = self._known[key]
+            expires = record.timestamp + dt.timedelta(
+                seconds=endpoint.ping_interval + self.grace)
+            # just after it, so that the store's clock agrees it has expired
+            noted[key] = (now + (expires - store_now).total_seconds() + 0.02, record)
+        self._late = noted
+
+    def _expire_due(self) -> None:
+        """Drop the late endpoints whose record has expired by now, each checked with
+        one lookup (it may have beaten since the reaper's scan)."""
+        now = time.monotonic()
+        due = {key: note for key, note in self._late.items() if note[0] <= now}
+        if not due:
+            return
+        for key in due:
+            del self._late[key]
+        if now < self._shelter_until or not self._steady(self._known.values()):
+            return  # heartbeats may still be landing: the reaper decides when steady
+        store_now = self.store.clock()
+        known = dict(self._known)
+        for key, (_, record) in due.items():
+            if key not in known:
+                continue
+            document = self.store.record(record.service, record.endpoint)
+            self.stats.lookups += 1
+            found = [e for e in parse_documents([document], store_now)[0] if e.hash == key] \
+                if document is not None else []
+            if not found or not found[0].is_healthy(store_now, self.grace):
+                del known[key]
+            elif found[0].timestamp > record.timestamp:
+                known[key] = found[0]  # it beat again meanwhile
+            else:  # not quite expired by the store's clock: look again when it is
+                left = found[0].ping_interval + self.grace - found[0].age(store_now)
+                self._late[key] = (time.monotonic() + left + 0.02, record)
+        dropped = len(known) != len(self._known)
+        self._known = known
+        if dropped:
+            self._publish(store_now)
+
     # --- the reaper ------------------------------------------------------------------
 
     def _reaper_duty(self, seen: Membership) -> None:
@@ -585,6 +658,7 @@ class Watcher(_Loop):
                 log.info("no longer the reaper of %s", self.store.description)
                 self.reaping = False
                 self._epoch = None
+                self._listed_late = None
             return
         now = time.monotonic()
         previous, since = self._lease_seen
@@ -617,8 +691,7 @@ class Watcher(_Loop):
         present = {e.hash for e in endpoints}
         # Expire only after reading well for a ping interval plus grace: after an outage
         # nobody could heartbeat, and their records need time to come back.
-        longest = max((e.ping_interval for e in endpoints), default=0.0)
-        steady = time.monotonic() - self._steady_since >= longest + self.grace
+        steady = self._steady(endpoints)
         for key, endpoint in self.table.by_hash.items():
             in_scope = scope is None or endpoint.service in scope or bool(endpoint.balancer)
             if key not in before and not fresh and in_scope:
@@ -633,6 +706,18 @@ class Watcher(_Loop):
                 self._known[key] = endpoint
         if len(self._known) != len(self.table.by_hash):
             self._publish(now)
+        self._list_late(now if steady else None)
+
+    def _list_late(self, now: dt.datetime | None) -> None:
+        """List the records whose heartbeat is overdue at ``now`` (none when None) in the
+        membership document, when the list changed; watchers drop them at expiry."""
+        overdue = () if now is None else sorted(
+            (e for e in self.table.endpoints
+             if e.age(now) > e.ping_interval + min(LATE_AFTER, self.grace / 4)),
+            key=lambda e: e.timestamp)
+        late = tuple(Late(e.service, e.url, e.timestamp) for e in overdue[:MAX_LATE])
+        if late != self._listed_late and self.store.publish_late(self.member_id, late):
+            self._listed_late = late
 
     def _announce(self, kind: str, service: str, url: str,
                   document: Mapping[str, Any] | None = None) -> None:
@@ -669,13 +754,18 @@ class Watcher(_Loop):
             log.info("endpoint joined: %s %s", e.service, e.url)
 
     def pause(self) -> float:
-        """Seconds until the next refresh: the refresh interval, except that the reaper
-        wakes just after the first record it saw alive expires. A crash then enters the
+        """Seconds until the next refresh: the refresh interval, except that a watcher
+        wakes when the first record listed as late expires, and the reaper just after
+        the first record it saw alive expires. A crash then enters the
         log at its expiry, and reaches every watcher within one refresh of it, as when
         every watcher judged the records itself. At most one such early scan per refresh
         interval, so that many expiries close together (a host lost) cost at most twice
         the usual scans."""
         table = self.table
+        late = list(self._late.values())  # one copy: want() may refresh meanwhile
+        if not self.reaping and late:  # wake when the first late record expires
+            until = min(at for at, _ in late) - time.monotonic()
+            return max(0.01, min(self.refresh_interval, until))
         if (not self.reaping or not table.endpoints
                 or time.monotonic() - self._early_scan < self.refresh_interval):
             return self.refresh_interval

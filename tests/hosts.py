@@ -75,6 +75,15 @@ def ip(*args: str, check: bool = True) -> str:
     return done.stdout
 
 
+def nft(host: Host, ruleset: str, *args: str) -> str:
+    """Run ``nft ARGS`` in ``host`` (``nft -f -`` reading ``ruleset`` when no ARGS)."""
+    done = subprocess.run(host.argv(["nft", *(args or ("-f", "-"))]), input=ruleset,
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise BedError(f"nft in {host.name}: {done.stderr.strip()}")
+    return done.stdout
+
+
 def check_environment() -> None:
     """Raise BedError unless we can make namespaces (root and iproute2)."""
     if shutil.which("ip") is None:
@@ -203,6 +212,29 @@ class Host:
     def link(self, up: bool) -> None:
         """Plug or unplug this host's cable: its port on the bridge goes up or down."""
         ip("-n", self.bed.switch, "link", "set", self.port, "up" if up else "down")
+
+    def lose(self, percent: int) -> None:
+        """Drop ``percent`` % of the packets this host sends and receives on its cable, at
+        random (0: none again). An nftables rule in the host's namespace: this machine's
+        kernel has no netem qdisc, but nftables' ``numgen random`` drops real packets, so
+        TCP retransmits as it would over a lossy link."""
+        if shutil.which("nft") is None:
+            raise BedError("packet loss on the bed needs nftables (`nft`); "
+                           "scripts/run-tests installs it")
+        nft(self, "delete table inet cluster_loss" if percent == 0 else
+            "table inet cluster_loss {\n"
+            f" chain inbound {{ type filter hook input priority 0; policy accept;"
+            f' iifname "eth0" numgen random mod 100 < {percent} counter drop; }}\n'
+            f" chain outbound {{ type filter hook output priority 0; policy accept;"
+            f' oifname "eth0" numgen random mod 100 < {percent} counter drop; }}\n'
+            "}\n")
+
+    def dropped(self) -> int:
+        """Packets dropped by :meth:`lose` so far, both ways."""
+        listing = json.loads(nft(self, "", "--json", "list", "table", "inet", "cluster_loss"))
+        return sum(expr["counter"]["packets"]
+                   for item in listing["nftables"] if "rule" in item
+                   for expr in item["rule"]["expr"] if "counter" in expr)
 
     def status(self, port: int = INSTANCE_PORT) -> dict[str, Any]:
         """The instance's own view (/_cluster/status), asked over this host's loopback."""

@@ -302,3 +302,137 @@ def test_without_a_reaper_a_meteor_record_is_picked_up_by_the_slow_resync(
     watcher.refresh()
     assert urls(watcher) == {"http://127.0.0.1:4700"}
     assert watcher.stats.full_reads == reads + 1
+
+
+def _seen_gone(watchers, url: str, since: float, limit: float) -> list[float | None]:
+    """Seconds after ``since`` at which each watcher's table lost ``url`` (None: never)."""
+    seen: list[float | None] = [None] * len(watchers)
+    while time.monotonic() - since < limit and None in seen:
+        for i, watcher in enumerate(watchers):
+            if seen[i] is None and url not in urls(watcher):
+                seen[i] = time.monotonic() - since
+        time.sleep(0.01)
+    return seen
+
+
+def test_every_watcher_drops_a_crashed_endpoint_when_its_record_expires(stores, mongo_url):
+    """The reaper lists overdue records in the membership document; each watcher checks
+    such a record when it expires and drops it then, not at its first refresh after the
+    reaper's announcement. Two crashes half a refresh interval apart, one of them a
+    Meteor-shaped record with its own _id: with the announcement alone, one of the two
+    would reach the watchers at least a quarter of a second late."""
+    ping, grace, refresh = 1.0, 3.0, 1.0  # records expire 4 s after their last beat
+    live = Registrar(stores(), "web", "http://127.0.0.1:4800", None, ping)
+    crashing = Registrar(stores(), "web", "http://127.0.0.1:4801", None, ping)
+    reaper = Watcher(stores(), grace, 0.25)
+    followers = [Watcher(stores(), grace, refresh) for _ in range(2)]
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000, tz_aware=True)
+    try:
+        live.start()
+        crashing.beat()
+        reaper.start()
+        assert reaper.refreshed.wait(5) and reaper.reaping
+        for follower in followers:
+            follower.start()
+            assert follower.refreshed.wait(5)
+        meteor_url = "http://127.0.0.1:4802"
+        for _ in range(8):  # stay steady for ping + grace
+            crashing.beat()
+            time.sleep(0.5)
+        crashing.beat()  # its last heartbeat
+        crashed_at = time.monotonic()
+        time.sleep(refresh / 2)
+        client.get_default_database()[COLLECTION].insert_one({  # written once by Meteor
+            "serviceName": "web", "endpoint": meteor_url,
+            "endpointHash": endpoint_hash(meteor_url), "balancer": None,
+            "pingInterval": int(ping * 1000),
+            "timestamp": client.admin.command("hello")["localTime"]})
+        meteor_at = time.monotonic()
+        reaper_seen = time.monotonic()
+        while meteor_url not in urls(followers[0]) and time.monotonic() - reaper_seen < 3:
+            time.sleep(0.01)  # announced by the reaper as a foreign join
+        assert meteor_url in urls(followers[1]) or meteor_url in urls(followers[0])
+        ours = _seen_gone(followers, "http://127.0.0.1:4801", crashed_at, 8)
+        theirs = _seen_gone(followers, meteor_url, meteor_at, 8)
+        expiry = ping + grace
+        for seen in ours + theirs:
+            assert seen is not None
+            assert expiry - 0.05 < seen < expiry + 0.3, (ours, theirs)
+        for follower in followers:
+            assert urls(follower) == {"http://127.0.0.1:4800"}
+    finally:
+        for loop in (*followers, reaper, live):
+            loop.stop()
+        client.close()
+
+
+def test_a_late_record_that_beats_again_before_it_expires_stays_everywhere(stores):
+    ping, grace = 1.0, 3.0
+    slow = Registrar(stores(), "web", "http://127.0.0.1:4850", None, ping)
+    reaper = Watcher(stores(), grace, 0.25)
+    follower = Watcher(stores(), grace, 1.0)
+    try:
+        slow.beat()
+        reaper.start()
+        assert reaper.refreshed.wait(5)
+        follower.start()
+        assert follower.refreshed.wait(5)
+        for _ in range(8):
+            slow.beat()
+            time.sleep(0.5)
+        slow.beat()
+        paused_at = time.monotonic()
+        listed = False
+        # silent for 3.9 s (late after 1.5 s), then it beats just before expiring
+        while time.monotonic() - paused_at < 3.9:
+            listed = listed or bool(reaper.store.membership().late)
+            assert "http://127.0.0.1:4850" in urls(follower)
+            time.sleep(0.01)
+        slow.beat()
+        while time.monotonic() - paused_at < 6:
+            assert "http://127.0.0.1:4850" in urls(follower)
+            time.sleep(0.01)
+        assert listed  # the reaper did list it as late
+    finally:
+        for loop in (follower, reaper):
+            loop.stop()
+        slow.stop()
+
+
+def test_a_forged_or_malformed_late_list_drops_no_live_endpoint(stores, mongo_url):
+    """Anyone who can write the store can write the membership document: a late list
+    naming a live endpoint with an old heartbeat makes watchers look, not drop it."""
+    member = registrar(stores(), 4900)
+    member.beat()
+    reaper, watcher = Watcher(stores(), GRACE, PING / 2), Watcher(stores(), GRACE, PING / 2)
+    reaper.refresh()
+    watcher.refresh()
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000, tz_aware=True)
+    try:
+        membership = client.get_default_database()["clusterMembership"]
+        old = client.admin.command("hello")["localTime"].replace(year=2020)
+        began = time.monotonic()
+        while time.monotonic() - began < PING + GRACE:  # steady for a ping plus grace
+            member.beat()
+            reaper.refresh()
+            watcher.refresh()
+            time.sleep(PING / 4)
+        looked = []
+        known = watcher.table.endpoints[0].timestamp  # expired by now, were it not beating
+        for late in ([{"serviceName": "web", "endpoint": "http://127.0.0.1:4900",
+                       "timestamp": known}],
+                     [{"serviceName": "web", "endpoint": "http://127.0.0.1:4900",
+                       "timestamp": old}],
+                     "junk", [1, {"serviceName": 5}, {"endpoint": None}]):
+            member.beat()
+            reaper.refresh()  # keeps the lease
+            membership.update_one({"_id": "membership"}, {"$set": {"late": late}})
+            lookups = watcher.stats.lookups
+            watcher.refresh()
+            looked.append(watcher.stats.lookups - lookups)
+            assert urls(watcher) == {"http://127.0.0.1:4900"}
+        # the first forged entry was checked (the membership document, then the record);
+        # one older than what the watcher knows and the malformed ones were skipped
+        assert looked == [2, 1, 1, 1]
+    finally:
+        client.close()

@@ -186,11 +186,12 @@ def test_partition_expires_the_cut_host_which_keeps_serving_and_all_agree_after(
     assert time.monotonic() - started < 15
 
 
-def test_latency_and_resets_between_hosts_and_to_the_store(the_bed, store):
+def test_latency_loss_and_resets_between_hosts_and_to_the_store(the_bed, store):
     """WAN-like links through toxiproxy on the `wan` host: h1 and h2 reach the store
-    through it, and h2's endpoint is reached through it. A grace of two pings absorbs
-    heartbeats slowed by a few round trips; --secret signs the hop marker, since h2's
-    requests arrive from the proxy's address."""
+    through it, and h2's endpoint is reached through it; then packet loss on h2's cable
+    (nftables, tests/hosts.py). A grace of two pings absorbs heartbeats slowed by a few
+    round trips; --secret signs the hop marker, since h2's requests arrive from the
+    proxy's address."""
     wan = the_bed["wan"]
     server = wan.start([str(build_toxiproxy()), "-host", wan.address, "-port", str(API_PORT)],
                        name="wan-toxiproxy")
@@ -246,6 +247,20 @@ def test_latency_and_resets_between_hosts_and_to_the_store(the_bed, store):
         assert endpoints_seen_on(h1) == both
         time.sleep(0.3)
     toxi.clear("store_h2")
+    # 4. loss: h2 drops 10 % of the packets it sends and receives, on its link to the
+    # store and on the one its requests come in by; TCP retransmits, nothing fails
+    h2 = the_bed["h2"]
+    h2.lose(10)
+    try:
+        assert requests_succeed(16) == {"h1", "h2"}
+        deadline = time.monotonic() + 4 * PING
+        while time.monotonic() < deadline:  # its heartbeats still land in time
+            assert endpoints_seen_on(h1) == both
+            time.sleep(0.3)
+        assert requests_succeed(8)
+        assert h2.dropped() > 0  # packets were lost
+    finally:
+        h2.lose(0)
 
 
 def endpoints_seen_on(host: Host, port: int = 8200) -> set[str]:

@@ -15,7 +15,11 @@ document per refresh instead, and the records themselves only when membership ch
   expiries and foreign writers' joins (Meteor instances know no log) into log entries;
 - ``changes(first, limit)``: the log entries from ``first`` on, each a join (with the
   record) or a leave;
-- ``announce()``: append an entry; registrars announce their own joins and leaves.
+- ``announce()``: append an entry; registrars announce their own joins and leaves;
+- ``publish_late()``: the reaper lists in the membership document the records whose
+  heartbeat is overdue (:class:`Late`), so that every watcher drops a crashed endpoint
+  at the moment its record expires (checked with ``record()``), not one refresh after
+  the reaper announced it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ class Membership:
     epoch: int = 0
     reaper: str | None = None
     renewed: dt.datetime | None = None
+    #: records the reaper saw with an overdue heartbeat, as of its last scan
+    late: tuple[Late, ...] = ()
+
+
+@dataclass(frozen=True)
+class Late:
+    """A record whose heartbeat the reaper saw overdue: it expires at ``timestamp`` plus
+    its ping interval plus grace unless it beats again."""
+
+    service: str
+    endpoint: str
+    #: its last heartbeat, by the store's clock
+    timestamp: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,20 @@ class DiscoveryStore(abc.ABC):
     def renew_reaper(self, me: str) -> bool:
         """Renew the lease; False when someone else holds it now."""
         raise NotImplementedError
+
+    def publish_late(self, me: str, late: tuple[Late, ...]) -> bool:
+        """Replace the overdue records listed in the membership document (the reaper
+        ``me`` only); False when someone else holds the lease now."""
+        raise NotImplementedError
+
+    def record(self, service: str, endpoint: str) -> dict[str, Any] | None:
+        """The record of (service, endpoint), or None: one lookup, to check a record
+        listed as late before dropping its endpoint."""
+        raise NotImplementedError
+
+    def clock(self) -> dt.datetime:
+        """The store's current time (what its timestamps are judged against)."""
+        return dt.datetime.now(dt.timezone.utc)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store is not used afterwards."""

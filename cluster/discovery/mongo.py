@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pymongo
 from pymongo.errors import ConfigurationError, DuplicateKeyError, PyMongoError
 
-from cluster.discovery.base import Change, DiscoveryStore, Membership, StoreSnapshot
+from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
 from cluster.records import COLLECTION
 
@@ -157,6 +157,7 @@ class MongoStore(DiscoveryStore):
             epoch=epoch if isinstance(epoch, int) else 0,
             reaper=reaper if isinstance(reaper, str) else None,
             renewed=renewed if isinstance(renewed, dt.datetime) else None,
+            late=_late_of(doc.get("late")),
         )
 
     def changes(self, first: int, limit: int) -> list[Change] | None:
@@ -262,5 +263,51 @@ class MongoStore(DiscoveryStore):
             raise DiscoveryError(f"renewing the reaper lease failed: {exc}") from exc
         return result.matched_count == 1
 
+    def publish_late(self, me: str, late: tuple[Late, ...]) -> bool:
+        listed = [{"serviceName": r.service, "endpoint": r.endpoint, "timestamp": r.timestamp}
+                  for r in late]
+        try:
+            result = self._membership.update_one(
+                {"_id": MEMBERSHIP_ID, "reaper": me}, {"$set": {"late": listed}})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"listing late records in {self.description} failed: "
+                                 f"{exc}") from exc
+        return result.matched_count == 1
+
+    def record(self, service: str, endpoint: str) -> dict[str, Any] | None:
+        try:
+            found = self._collection.find_one({"_id": record_id(service, endpoint)})
+            if found is None:  # another writer's (Meteor's) record has its own _id
+                found = self._collection.find_one(
+                    {"serviceName": service, "endpoint": {"$in": [endpoint, endpoint + "/"]}})
+        except PyMongoError as exc:
+            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+        return found
+
+    def clock(self) -> dt.datetime:
+        try:
+            return self._store_time()
+        except PyMongoError as exc:
+            raise DiscoveryError(f"reading the clock of {self.description} failed: "
+                                 f"{exc}") from exc
+
     def close(self) -> None:
         self._client.close()
+
+
+def _late_of(listed: Any) -> tuple[Late, ...]:
+    """The late records of the membership document; entries of another shape are
+    skipped (a watcher then waits for the reaper's announcement, as without them)."""
+    if not isinstance(listed, list):
+        return ()
+    late = []
+    for entry in listed:
+        if not isinstance(entry, dict):
+            continue
+        service, endpoint, stamp = (entry.get("serviceName"), entry.get("endpoint"),
+                                    entry.get("timestamp"))
+        if isinstance(service, str) and isinstance(endpoint, str) and \
+                isinstance(stamp, dt.datetime):
+            stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)
+            late.append(Late(service, endpoint, stamp))
+    return tuple(late)
