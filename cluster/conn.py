@@ -11,16 +11,14 @@ bookkeeping; a sweep per half second costs a loop over the open connections.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import weakref
 from typing import Any
 
 import gevent
-from gevent import get_hub
 
-from cluster.netio import wait_recv
+from cluster.netio import Reader
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +28,13 @@ RECV_SIZE = 65536
 NONE, HEAD, IDLE, BODY, WRITE, UPSTREAM, TUNNEL = range(7)
 PHASE_NAMES = ("none", "head", "idle", "body", "write", "upstream", "tunnel")
 
-_CLOSED = OSError(errno.EBADF, "connection closed")
-
 
 class ClientConn:
     """One accepted client connection."""
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
-                 "timed_out", "requests", "hub", "write_timeout", "_relay", "__weakref__")
+                 "timed_out", "requests", "write_timeout", "_relay", "small_answers", "reader",
+                 "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -50,9 +47,11 @@ class ClientConn:
         self.upstream: Any = None  # the endpoint connection in use, for the sweeper
         self.timed_out = False  # the sweeper closed the endpoint connection
         self.requests = 0
-        self.hub = get_hub()
+        self.reader = Reader(sock)
         self.write_timeout = write_timeout
         self._relay: memoryview | None = None
+        #: the last answer relayed was small (relay.py batches the sends of small ones)
+        self.small_answers = True
 
     def relay_buffer(self) -> memoryview:
         """A buffer for moving body bytes, made once per connection that needs one."""
@@ -76,15 +75,12 @@ class ClientConn:
             try:
                 return raw.recv(RECV_SIZE)  # type: ignore[no-any-return]
             except BlockingIOError:
-                event = self.sock._read_event
-                if event is None:
-                    raise _CLOSED from None
-                self.hub.wait(event)
+                self.reader.wait()
 
     def fill(self, wait_first: bool = False) -> bool:
         """Append what arrives to ``buf``; False at EOF. ``wait_first`` when nothing is
         likely to be there yet (a keep-alive client between requests)."""
-        data = wait_recv(self.sock, RECV_SIZE) if wait_first else self.recv()
+        data = self.reader.recv(RECV_SIZE) if wait_first else self.recv()
         if not data:
             return False
         self.buf += data

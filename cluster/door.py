@@ -48,7 +48,6 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import wait_recv
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -330,7 +329,7 @@ class Connection:
             # always arrives whole in one read and is parsed straight from it.
             conn.phase = IDLE
             conn.deadline = time.monotonic() + keepalive_timeout if keepalive_timeout else 0.0
-            data = wait_recv(conn.sock, RECV_SIZE)
+            data = conn.reader.recv(RECV_SIZE)
             if not data:
                 return None
             end = data.find(HEAD_END)
@@ -614,6 +613,8 @@ class Connection:
         if figure is not None and door.placement is not None and state.endpoint is not None:
             door.placement.heard(state.endpoint.hash, figure)
         upstream.sock.settimeout(None)
+        conn.reader.disarm()  # the tunnel reads both sockets its own way from here
+        upstream.reader.disarm()
 
         if Tunnel.supports(conn.sock, upstream.sock):
             def closed() -> None:
@@ -939,6 +940,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
+        # The app may read the socket its own way (environ, hijack): no kept watcher.
+        self.connection.conn.reader.disarm()
         self.hijacked = False
         self.websocket_used = False
         self.command = head.method.decode("latin-1")

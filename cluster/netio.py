@@ -10,6 +10,11 @@ read (three system calls), which cost more than the rest of a small proxied requ
 Only plain gevent TCP sockets take the fast path (it uses ``_sock`` and
 ``_read_event``, there since gevent 1.x; tests/test_websocket.py checks they still
 are); anything else (TLS) goes through its own methods.
+
+A connection read over and over (a front-door client, a pooled endpoint connection)
+waits through a :class:`Reader`, which leaves the socket's read watcher running
+between waits: gevent starts and stops it around every wait, and each restart costs a
+failing ``epoll_ctl`` (libev re-adds a descriptor the kernel still holds).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from gevent import get_hub
 from gevent import socket as gsocket
+from greenlet import getcurrent
 
 _CLOSED = OSError(errno.EBADF, "socket closed")
 
@@ -53,6 +59,87 @@ def _read_after_wait(sock: Any, method: str, arg: Any) -> Any:
             return read(arg)
         except BlockingIOError:
             continue  # woken without data (spurious): wait again
+
+
+class Reader:
+    """Waits for one socket to be readable, then reads it, keeping its read watcher
+    running from one wait to the next.
+
+    While nobody waits, a watcher that fires (bytes or EOF the reader did not ask for
+    yet: a pooled connection the endpoint closed, a pipelined request) stops itself
+    until the next wait, so the loop never spins on it. It is gevent's own watcher of
+    the socket, so closing the socket still wakes the waiting greenlet with an error
+    (gevent's ``cancel_wait`` calls :meth:`throw`), as the sweeper needs. One greenlet
+    reads through it at a time; nothing may read the socket with gevent's own
+    ``recv`` while it is armed (gevent refuses two waiters on one watcher): hand the
+    socket over with :meth:`disarm` first.
+    """
+
+    __slots__ = ("sock", "hub", "waiting")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.hub = get_hub()
+        self.waiting: Any = None  # the greenlet in wait(), if any
+
+    def recv(self, size: int) -> bytes:
+        """Wait until readable, then read up to ``size`` bytes (b"" at EOF)."""
+        sock = self.sock
+        if type(sock) is not gsocket.socket:
+            return sock.recv(size)  # type: ignore[no-any-return]
+        while True:
+            self.wait()
+            try:
+                return sock._sock.recv(size)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                continue  # woken without data (spurious): wait again
+
+    def recv_into(self, view: memoryview) -> int:
+        """Like :meth:`recv`, into ``view``."""
+        sock = self.sock
+        if type(sock) is not gsocket.socket:
+            return sock.recv_into(view)  # type: ignore[no-any-return]
+        while True:
+            self.wait()
+            try:
+                return sock._sock.recv_into(view)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                continue
+
+    def wait(self) -> None:
+        """Until the socket is readable (a plain gevent socket); OSError once closed."""
+        event = self.sock._read_event
+        if event is None:
+            raise _CLOSED
+        if not event.active:
+            event.start(self._fired)
+        self.waiting = getcurrent()
+        try:
+            self.hub.switch()
+        finally:
+            self.waiting = None
+
+    def _fired(self) -> None:
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.switch()
+            return
+        event = self.sock._read_event
+        if event is not None:
+            event.stop()
+
+    def throw(self, *args: Any) -> None:
+        """gevent's ``cancel_wait`` when the socket is closed: raise in the waiter."""
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.throw(*args)
+
+    def disarm(self) -> None:
+        """Stop the watcher, before something else reads the socket its own way."""
+        event = getattr(self.sock, "_read_event", None)
+        if event is not None and self.waiting is None and \
+                getattr(event.callback, "__self__", None) is self:
+            event.stop()
 
 
 def send_all(sock: Any, data: bytes | bytearray | memoryview) -> None:

@@ -33,6 +33,7 @@ from gevent import socket as gsocket
 from gevent.monkey import get_original
 
 from cluster.errors import UpstreamConnectError, misbehaving
+from cluster.netio import Reader
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,12 @@ class Target:
 class Connection:
     """One TCP connection to an endpoint, with the bytes read past the last message."""
 
-    __slots__ = ("sock", "target", "buf", "idle_since", "reused", "_poller")
+    __slots__ = ("sock", "target", "buf", "idle_since", "reused", "_poller", "reader")
 
     def __init__(self, sock: Any, target: Target) -> None:
         self.sock = sock
+        #: reads through a kept watcher (the front door's relay; see cluster.netio)
+        self.reader = Reader(sock)
         self.target = target
         #: bytes read past the last response head (a view of a large read)
         self.buf: bytes | memoryview = b""
