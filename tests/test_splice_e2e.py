@@ -190,3 +190,24 @@ def test_a_body_that_stalls_is_cut_after_the_read_timeout(balancer) -> None:
     assert closed and READ_TIMEOUT * 0.9 < took < READ_TIMEOUT + 2, took
     assert data.partition(b"\r\n\r\n")[2] == pattern(CUT_LENGTH)[:CUT_SENT]
     wait_until(lambda: proc.output().count(line) == before + 1, timeout=5, what="the warning")
+
+
+def test_more_large_answers_at_once_than_pipes_all_arrive_whole(balancer) -> None:
+    """Clients that do not read at first keep their answers' pipes busy; past
+    cluster.proxy.pipes.LIMIT the others are copied. Every body still arrives whole."""
+    _, port, _ = balancer
+    size, count = 1_000_003, 12
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.sendall(request_bytes(target=f"/size/{size}"))
+            socks.append(sock)
+        time.sleep(0.5)  # every answer waits for its client in the middle of the body
+        for sock in socks:
+            response = read_response(sock, timeout=10)
+            assert (response.status, response.body == pattern(size)) == (200, True)
+    finally:
+        for sock in socks:
+            sock.close()
