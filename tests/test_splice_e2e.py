@@ -140,8 +140,8 @@ def pipes_of(pid: int) -> int:
                for fd in os.listdir(fds) if os.path.exists(f"{fds}/{fd}"))
 
 
-# Around the thresholds of relay.py (first read 16 KiB, splice from 16 KiB left).
-SIZES = [1000, 16_000, 16_384 + 300, 40_000, 65_536, 1_000_003, 65_536]
+# Around the thresholds of relay.py (first read 8 KiB, splice from 16 KiB left).
+SIZES = [1000, 8_000, 20_000, 24_576 + 300, 40_000, 65_536, 1_000_003, 65_536]
 
 
 def test_spliced_bodies_arrive_whole_and_in_order(balancer) -> None:
@@ -200,8 +200,10 @@ def test_more_large_answers_at_once_than_pipes_all_arrive_whole(balancer) -> Non
     socks = []
     try:
         for _ in range(count):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock = socket.socket()  # a small window from the start, not shrunk later
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
             sock.sendall(request_bytes(target=f"/size/{size}"))
             socks.append(sock)
         time.sleep(0.5)  # every answer waits for its client in the middle of the body

@@ -26,6 +26,10 @@ Policy choices and known weak spots:
 - A small request, and a small answer that is all here, is sent once the other
   connections ready in the same pass of the event loop have run (:func:`_after_others`):
   fewer wake-ups of the processes on the other end, no wait when nothing else is ready.
+- Between plain TCP sockets, the rest of a large Content-Length body (past the first
+  8 KiB read with the head) goes endpoint -> pipe -> client with ``os.splice``
+  (:meth:`Exchange._splice_fixed`, cluster/proxy/pipes.py) and never enters Python;
+  TLS endpoints, chunked and until-close bodies are copied through Python as before.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ RECV_SIZE = 65536
 HEAD_READ = RECV_SIZE + 16384
 #: The first read of an answer when its body may be spliced (both sockets plain TCP):
 #: the head and the start of the body; the rest of a large body never enters Python.
-SPLICE_HEAD_READ = 16384
+#: (Smaller measured better at 64 KiB: 16 KiB cost 1.8 µs more per answer.)
+SPLICE_HEAD_READ = 8192
 #: A Content-Length body with at least this much left after the first read is moved
 #: endpoint -> pipe -> client with os.splice (cluster.proxy.pipes), not copied.
 SPLICE_FROM = 16384
@@ -90,6 +95,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VIEW_FROM = 8192
 _VALID_PROTO = (b"http", b"https")
 _SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+_SPLICING = pipes.AVAILABLE
 
 
 class Forwarding:
@@ -286,9 +292,8 @@ class Exchange:
         conn.buf = b""
         reader = conn.reader
         waited = False
-        # Both ends plain sockets: read little, splice the rest of a large body.
-        splice = self.splice = pipes.AVAILABLE and is_plain(conn.sock) and \
-            is_plain(client.sock)
+        # A plain endpoint socket: read little, splice the rest of a large body.
+        splice = self.splice = conn.plain and _SPLICING
         size = SPLICE_HEAD_READ if splice else HEAD_READ
         while True:
             end = buf.find(HEAD_END)
@@ -384,7 +389,7 @@ class Exchange:
                 if len(buf) > length:
                     pool_it = False  # bytes past the response: never hand them to anyone
                 left = length - len(first)
-                if left >= SPLICE_FROM and self.splice and \
+                if left >= SPLICE_FROM and self.splice and is_plain(client.sock) and \
                         self._splice_fixed(conn, out, first, left):
                     left = 0
                 elif len(first) < _VIEW_FROM and not (left and self.splice):
