@@ -682,7 +682,8 @@ class Settings:
     def connection_cap(self) -> int:
         """--max-connections, or with 'auto' as many as the descriptor limit allows:
         a proxied connection holds two descriptors (client and endpoint), and 64 are
-        kept for the store, the listener, logs and new upstream connects."""
+        kept for the store, the listener, logs, new upstream connects and the pipes
+        large answers are spliced through (at most 16: cluster.proxy.pipes)."""
         if self.max_connections:
             return self.max_connections
         try:

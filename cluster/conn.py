@@ -111,11 +111,12 @@ class ClientConn:
             self.sock.sendall(memoryview(data)[sent:])
             self.phase, self.deadline = phase, deadline
 
-    def send_parts(self, parts: list[bytes | memoryview]) -> None:
+    def send_parts(self, parts: list[bytes | memoryview], flags: int = 0) -> None:
         """Send ``parts`` in order with one system call when the socket takes them all
-        (no joined copy of large pieces); the rest as :meth:`send` does."""
+        (no joined copy of large pieces); the rest as :meth:`send` does. ``flags``
+        (MSG_MORE) apply to that one call."""
         try:
-            sent = self.raw.sendmsg(parts)
+            sent = self.raw.sendmsg(parts, (), flags)
         except BlockingIOError:
             sent = 0
         for part in parts:

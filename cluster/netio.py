@@ -142,6 +142,15 @@ class Reader:
             event.stop()
 
 
+def wait_writable(sock: Any) -> None:
+    """Until a plain gevent socket can take more bytes; OSError once it is closed
+    (closing it wakes the waiter, as for reads: the sweeper relies on that)."""
+    event = sock._write_event
+    if event is None:
+        raise _CLOSED
+    get_hub().wait(event)
+
+
 def send_all(sock: Any, data: bytes | bytearray | memoryview) -> None:
     """``sendall`` that tries one direct send first (it nearly always takes it all)."""
     if type(sock) is not gsocket.socket:

@@ -33,7 +33,7 @@ from gevent import socket as gsocket
 from gevent.monkey import get_original
 
 from cluster.errors import UpstreamConnectError, misbehaving
-from cluster.netio import Reader
+from cluster.netio import Reader, is_plain
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,15 @@ class Target:
 class Connection:
     """One TCP connection to an endpoint, with the bytes read past the last message."""
 
-    __slots__ = ("sock", "target", "buf", "idle_since", "reused", "_poller", "reader")
+    __slots__ = ("sock", "target", "buf", "idle_since", "reused", "_poller", "reader",
+                 "plain")
 
     def __init__(self, sock: Any, target: Target) -> None:
         self.sock = sock
         #: reads through a kept watcher (the front door's relay; see cluster.netio)
         self.reader = Reader(sock)
+        #: a plain TCP socket (not TLS): its bytes may be spliced (cluster.proxy.relay)
+        self.plain = is_plain(sock)
         self.target = target
         #: bytes read past the last response head (a view of a large read)
         self.buf: bytes | memoryview = b""
