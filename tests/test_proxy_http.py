@@ -39,6 +39,7 @@ from cluster.proxy.http import HttpForwarder, request_target
 from helpers import (
     TESTS,
     Proc,
+    accept_forever,
     backend,
     cluster_argv,
     free_port,
@@ -421,16 +422,9 @@ class ScriptedUpstream:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread = threading.Thread(target=accept_forever,
+                                       args=(self.listener, self._serve), daemon=True)
         self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

@@ -24,6 +24,7 @@ import pytest
 
 from helpers import (
     Proc,
+    accept_forever,
     cluster_argv,
     exchange,
     get,
@@ -80,15 +81,8 @@ class Endpoint:
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.scripts: dict[str, Callable[[socket.socket], None]] = {
             "/cut": _cut, "/stall": _stall}
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=accept_forever, args=(self.listener, self._serve),
+                         daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
