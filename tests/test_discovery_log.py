@@ -40,6 +40,18 @@ def urls(watcher: Watcher) -> set[str]:
     return {e.url for e in watcher.table.endpoints}
 
 
+def write_meteor_record(mongo_url: str, url: str, ping_ms: int) -> None:
+    """Insert a record as a Meteor app writes it: its own _id, announced in no log."""
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        now = client.admin.command("hello")["localTime"]
+        client.get_default_database()[COLLECTION].insert_one({
+            "serviceName": "web", "endpoint": url, "endpointHash": endpoint_hash(url),
+            "balancer": None, "pingInterval": ping_ms, "timestamp": now})
+    finally:
+        client.close()
+
+
 def test_steady_refreshes_read_no_records_and_joins_and_leaves_come_from_the_log(stores):
     regs = [registrar(stores(), 4000 + i) for i in range(3)]
     for r in regs:
@@ -105,15 +117,7 @@ def test_foreign_writers_joins_are_announced_by_the_reaper(stores, mongo_url):
     reaper.refresh()
     watcher.refresh()
     reads = watcher.stats.full_reads
-    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
-    try:
-        now = client.admin.command("hello")["localTime"]
-        client.get_default_database()[COLLECTION].insert_one({  # as a Meteor app writes it
-            "serviceName": "web", "endpoint": "http://127.0.0.1:4200",
-            "endpointHash": endpoint_hash("http://127.0.0.1:4200"), "balancer": None,
-            "pingInterval": 5000, "timestamp": now})
-    finally:
-        client.close()
+    write_meteor_record(mongo_url, "http://127.0.0.1:4200", 5000)
     watcher.refresh()
     assert urls(watcher) == set()  # nobody announced it yet
     reaper.refresh()
@@ -287,15 +291,7 @@ def test_without_a_reaper_a_meteor_record_is_picked_up_by_the_slow_resync(
     watcher = Watcher(stores(), GRACE, PING / 2, reap=False)
     watcher.refresh()
     reads = watcher.stats.full_reads
-    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
-    try:
-        now = client.admin.command("hello")["localTime"]
-        client.get_default_database()[COLLECTION].insert_one({  # as a Meteor app writes it
-            "serviceName": "web", "endpoint": "http://127.0.0.1:4700",
-            "endpointHash": endpoint_hash("http://127.0.0.1:4700"), "balancer": None,
-            "pingInterval": 60000, "timestamp": now})
-    finally:
-        client.close()
+    write_meteor_record(mongo_url, "http://127.0.0.1:4700", 60000)
     watcher.refresh()
     assert urls(watcher) == set() and watcher.stats.full_reads == reads
     time.sleep(0.65)  # the resync is due 0.4-0.6 s after the last full read
@@ -326,7 +322,6 @@ def test_every_watcher_drops_a_crashed_endpoint_when_its_record_expires(stores, 
     crashing = Registrar(stores(), "web", "http://127.0.0.1:4801", None, ping)
     reaper = Watcher(stores(), grace, 0.25)
     followers = [Watcher(stores(), grace, refresh) for _ in range(2)]
-    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000, tz_aware=True)
     try:
         live.start()
         crashing.beat()
@@ -342,11 +337,7 @@ def test_every_watcher_drops_a_crashed_endpoint_when_its_record_expires(stores, 
         crashing.beat()  # its last heartbeat
         crashed_at = time.monotonic()
         time.sleep(refresh / 2)
-        client.get_default_database()[COLLECTION].insert_one({  # written once by Meteor
-            "serviceName": "web", "endpoint": meteor_url,
-            "endpointHash": endpoint_hash(meteor_url), "balancer": None,
-            "pingInterval": int(ping * 1000),
-            "timestamp": client.admin.command("hello")["localTime"]})
+        write_meteor_record(mongo_url, meteor_url, int(ping * 1000))  # and never again
         meteor_at = time.monotonic()
         reaper_seen = time.monotonic()
         while meteor_url not in urls(followers[0]) and time.monotonic() - reaper_seen < 3:
@@ -363,7 +354,6 @@ def test_every_watcher_drops_a_crashed_endpoint_when_its_record_expires(stores, 
     finally:
         for loop in (*followers, reaper, live):
             loop.stop()
-        client.close()
 
 
 def test_a_late_record_that_beats_again_before_it_expires_stays_everywhere(stores):
