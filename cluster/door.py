@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import binascii
 import errno
 import logging
 import os
@@ -1009,6 +1010,26 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                 count = len(connection.door.load.websockets) + 1  # this one too
                 headers = [*headers, (LOAD_HEADER, str(count))]
         return super().start_response(status, headers, exc_info)
+
+    def upgrade_websocket(self) -> Any:
+        """gevent-websocket's, with its refusals made clean answers. As released it
+        returns them as ``str`` bodies (a TypeError and a 500, or nothing at all, once
+        pywsgi writes them) and lets a key that is not base64 raise (binascii.Error: a
+        traceback and a 500): each is its status here (400, or 426 for a missing
+        version). An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8), as when the
+        request is routed elsewhere (RequestHead.is_websocket): the app gets a plain
+        request, not gevent-websocket's '402 Bad Request'."""
+        if self.request_version != "HTTP/1.1":
+            return None
+        try:
+            result = super().upgrade_websocket()
+        except binascii.Error:
+            self.start_response("400 Bad Request", [])
+            return [b"Invalid Sec-WebSocket-Key"]
+        if result:
+            result = [part.encode("latin-1") if isinstance(part, str) else part
+                      for part in result]
+        return result
 
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's

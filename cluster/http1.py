@@ -116,9 +116,10 @@ class RequestHead:
 
     @property
     def is_websocket(self) -> bool:
-        """GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC 6455 4.1)."""
+        """An HTTP/1.1 GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC
+        6455 4.1; RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored)."""
         return (self.method == b"GET" and b"upgrade" in self.connection
-                and b"websocket" in self.upgrade.lower())
+                and b"websocket" in self.upgrade.lower() and self.version == b"HTTP/1.1")
 
     def header_pairs(self) -> list[tuple[str, str]]:
         """Every field as (name, value) strings, for a WSGI environ: the end-to-end ones
