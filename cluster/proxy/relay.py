@@ -327,6 +327,8 @@ class Exchange:
                     from None
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break
+            if response.code == 101:  # RFC 9110 15.2.2: only to a request that asked
+                raise misbehaving(UpstreamBroken(self.url, "101 to a request without Upgrade"))
             # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
             buf = buf[end + 4:]
         # The body bytes that came with the head: a large piece is not copied out of the
@@ -363,7 +365,7 @@ class Exchange:
                 dechunk = True  # an HTTP/1.0 client cannot read chunks: end by closing
                 client_keep = False
             else:
-                framing = b"\r\nTransfer-Encoding: chunked"
+                framing = b"\r\nTransfer-Encoding: " + _codings(response.transfer)
         elif mode == FIXED or mode == NO_BODY:
             if response.code in (204, 304) and response.length >= 0 and head.method != b"HEAD":
                 fields = without_field(fields, b"content-length")
@@ -567,7 +569,7 @@ class Exchange:
             try:
                 used, pieces = scanner.feed(buf)
             except ChunkError as exc:
-                error = UpstreamBroken(self.url, f"garbled chunked body: {exc}")
+                error = misbehaving(UpstreamBroken(self.url, f"garbled chunked body: {exc}"))
                 error.answered = not first
                 raise error from None
             data = b"".join(pieces) if dechunk else buf[:used]
@@ -591,6 +593,16 @@ class Exchange:
             if not data:
                 return
             self._to_client(data)
+
+
+def _codings(transfer: bytes) -> bytes:
+    """The Transfer-Encoding to pass on for a chunked answer: ``chunked``, or the
+    endpoint's own list when it has another coding ("gzip, chunked": the data inside
+    the chunks is gzip, which the client must be told)."""
+    if transfer != b"chunked" and any(t.strip(b" \t").lower() not in (b"chunked", b"")
+                                      for t in transfer.split(b",")):
+        return transfer
+    return b"chunked"
 
 
 def _ready(conn: Connection, size: int) -> bytes:
