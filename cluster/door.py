@@ -870,24 +870,36 @@ class _Reader:
     """The client connection as the file pywsgi's handler and gevent-websocket read
     (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
 
-    __slots__ = ("conn", "closed")
+    __slots__ = ("conn", "closed", "ended")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
         self.closed = False
+        #: the client's side ended (EOF, or closed by the sweeper) while the app read
+        self.ended = False
+
+    def _fill(self) -> bool:
+        try:
+            if self.conn.fill():
+                return True
+        except OSError:
+            self.ended = True
+            raise
+        self.ended = True
+        return False
 
     def read(self, size: int = -1) -> bytes:
         conn = self.conn
         buf = conn.buf
         if size is None or size < 0:
-            while conn.fill():
+            while self._fill():
                 pass
             data = bytes(buf)
             buf.clear()
             return data
         while len(buf) < size:
             self._expect()
-            if not conn.fill():
+            if not self._fill():
                 break
         data = bytes(buf[:size])
         del buf[:size]
@@ -901,7 +913,7 @@ class _Reader:
             if eol >= 0 or (0 <= size <= len(buf)):
                 break
             self._expect()
-            if not conn.fill():
+            if not self._fill():
                 eol = len(buf) - 1
                 break
         end = eol + 1 if eol >= 0 else len(buf)
@@ -1030,6 +1042,18 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             result = [part.encode("latin-1") if isinstance(part, str) else part
                       for part in result]
         return result
+
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        """pywsgi's (a traceback and a 500), but for a client that left, or was closed
+        for silence, in the middle of its request body: the app's read raised OSError
+        ("unexpected end of file..."), nobody is there to answer, and an upload cut
+        short is no server error. One line, as for a relayed body."""
+        if isinstance(v, OSError) and getattr(self.rfile, "ended", False):
+            log.info("client %s left in the middle of its request body (%s %s): %s",
+                     self.connection.conn.peer, self.command, self.path[:200], v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
 
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's

@@ -263,6 +263,30 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
 
 
+@pytest.mark.parametrize("start", [
+    b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
+    b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
+], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("how", ["leaves", "goes-silent"])
+def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: str) -> None:
+    """A client that leaves in the middle of its body, or stops sending it for the write
+    timeout, makes the local app's read raise: one log line, no traceback, no 500 sent
+    into a connection nobody reads, and the door serves on."""
+    before = local.proc.output()
+    with socket.create_connection(("127.0.0.1", local.port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n" + start)
+        if how == "goes-silent":
+            data, closed = read_until_close(sock, WRITE_TIMEOUT + CLOSE_WAIT)
+            assert closed and b"500" not in data, data
+        else:
+            time.sleep(0.2)
+    wait_until(lambda: "in the middle of its request body" in local.proc.output()[len(before):],
+               timeout=CLOSE_WAIT, what="the log line")
+    assert "Traceback" not in local.proc.output()[len(before):]
+    responses, _ = exchange(local.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"local")]
+
+
 def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
     raw = b"".join(b"GET /echo-%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(20))
     raw += b"".join(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n%03d"
