@@ -14,6 +14,8 @@ heads here, so they agree on what a message is. Every rule a request breaks rais
 - Request line longer than the limit: 414; a header line, the head, or the field count
   over its limit: 431. A bare CR or LF, a NUL, obsolete line folding or a space before
   the colon: 400.
+- No Host in an HTTP/1.1 request, two Host lines, or a Host value that is not
+  ``host[:port]``: 400 (RFC 9112 3.2).
 
 Policy choices: heads must use CRLF (a bare-LF head is a 400, not guessed at); leading
 empty lines before a request line are skipped (RFC 9112 2.2); targets may carry
@@ -41,6 +43,11 @@ _FIELD_BLOCK = re.compile(
 _RARE_HOP = re.compile(rb"\r\n(?:keep-alive|te|trailer|upgrade|proxy-[^:\r]*):")
 _REQUEST_LINE = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])").fullmatch
+# RFC 9112 3.2: Host = uri-host [ ":" port ] (RFC 3986 3.2.2: an IP literal in brackets,
+# or a reg-name of unreserved, pct-encoded and sub-delims characters); a value that is
+# not gets 400, as it would otherwise reach the app's links and the endpoint as it is.
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]+)(?::[0-9]*)?").fullmatch
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 #: Response bodies by framing.
@@ -262,6 +269,8 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         # _DROP: hop-by-hop (Keep-Alive, TE, Trailer) and Proxy (httpoxy)
     if hosts != 1 and (hosts > 1 or version == b"HTTP/1.1"):
         raise RequestError(400, "a request needs exactly one Host header")
+    if req.host and not _HOST_VALUE(req.host):
+        raise RequestError(400, "invalid Host header")
     if transfer:
         if lengths:
             raise RequestError(400, "both Content-Length and Transfer-Encoding")
@@ -532,6 +541,8 @@ class ChunkError(ValueError):
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 _MAX_SIZE_LINE = 4096
 _MAX_TRAILER = 65536
+_MAX_CHUNK = 2 ** 63 - 1
+_CHUNK_LINE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 
 
 class ChunkedScanner:
@@ -590,7 +601,14 @@ class ChunkedScanner:
                 digits = line.split(b";", 1)[0].rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ChunkError(f"bad chunk size {line[:20]!r}")
+                # Passed on byte for byte, so nothing another parser reads otherwise: a
+                # bare CR or other control byte in an extension (a line end to some), a
+                # size past 2**63 - 1 (negative where sizes are signed 64-bit integers).
+                if not _CHUNK_LINE(line):
+                    raise ChunkError(f"control byte in a chunk line {line[:20]!r}")
                 self.remaining = int(digits, 16)
+                if self.remaining > _MAX_CHUNK:
+                    raise ChunkError(f"chunk size past 2**63 - 1 {line[:20]!r}")
                 self.state = _DATA if self.remaining else _TRAILER
             elif state == _DATA_END:
                 if line:
