@@ -19,7 +19,9 @@ heads here, so they agree on what a message is. Every rule a request breaks rais
 
 Policy choices: heads must use CRLF (a bare-LF head is a 400, not guessed at); leading
 empty lines before a request line are skipped (RFC 9112 2.2); targets may carry
-non-ASCII bytes (clients send raw UTF-8 paths and pywsgi accepted them).
+non-ASCII bytes (clients send raw UTF-8 paths and pywsgi accepted them); an
+absolute-form target becomes the origin form and its authority the Host (RFC 9112
+3.2.2).
 """
 
 from __future__ import annotations
@@ -269,6 +271,8 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         # _DROP: hop-by-hop (Keep-Alive, TE, Trailer) and Proxy (httpoxy)
     if hosts != 1 and (hosts > 1 or version == b"HTTP/1.1"):
         raise RequestError(400, "a request needs exactly one Host header")
+    if target[:1] != b"/" and target[:8].lower().startswith((b"http://", b"https://")):
+        _origin_form(req)
     if req.host and not _HOST_VALUE(req.host):
         raise RequestError(400, "invalid Host header")
     if transfer:
@@ -292,6 +296,23 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         elif b"keep-alive" in req.connection:
             req.keep_alive = True
     return req
+
+
+def _origin_form(req: RequestHead) -> None:
+    """An absolute-form target (``http://host/path?q``) as the origin form ``/path?q``
+    with that host as Host: RFC 9112 3.2.2 makes a server accept it and use its
+    authority instead of any Host field. Routing, the app and the endpoint then see
+    the path they would for the origin form, not a path starting with ``http:``."""
+    target = req.target
+    start = target.index(b"//") + 2
+    end = start
+    while end < len(target) and target[end] not in b"/?":
+        end += 1
+    req.host = target[start:end]
+    rest = target[end:]
+    req.target = rest if rest[:1] == b"/" else b"/" + rest
+    if not req.host:
+        raise RequestError(400, "absolute-form target without a host")
 
 
 class ResponseHead(NamedTuple):

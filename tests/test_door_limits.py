@@ -206,6 +206,16 @@ def test_body_that_looks_like_a_request_is_not_a_second_request(door: Door) -> N
     assert closed
 
 
+def test_absolute_form_reaches_the_app_as_the_origin_form(door: Door) -> None:
+    """RFC 9112 3.2.2: the path the app sees is /headers, and the host is the target's
+    authority, not the Host field (a path starting with 'http:' was a 404)."""
+    got = assert_served(door, b"GET http://127.0.0.1/headers?x=1 HTTP/1.1\r\n"
+                              b"Host: other.example\r\n\r\n")
+    seen = json.loads(got.body)
+    assert (seen["path"], seen["query"], seen["headers"]["Host"]) == \
+        ("/headers", "x=1", "127.0.0.1")
+
+
 def test_content_length_with_chunked_is_refused_and_closed(door: Door) -> None:
     assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
