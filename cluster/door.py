@@ -950,6 +950,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
 
     connection: Connection
     websocket_used = False
+    body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -970,8 +971,32 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.close_connection = not head.keep_alive
         self.environ = self.get_environ()
         self.application = app
+        self.body_sent = 0
         self.handle_one_response()
+        if self.provided_content_length is not None and self.command != "HEAD" and \
+                self.code not in (101, 204, 304) and not self.hijacked and \
+                self.body_sent != _declared(self.provided_content_length):
+            # fewer bytes than the app's Content-Length (or one that is no number): the
+            # client waits for the rest, and would take the next answer for it
+            log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
+                        "closing the connection", self.command, self.path[:200],
+                        self.body_sent, self.provided_content_length[:40])
+            self.close_connection = True
         return not self.close_connection and not self.rfile.closed
+
+    def write(self, data: bytes) -> None:
+        """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
+        bytes than it says). Bytes past it would reach a keep-alive client as the start
+        of its next response: they are dropped, and the connection closed after this
+        response (see :meth:`run`)."""
+        length = self.provided_content_length
+        if length is not None and data and self.command != "HEAD":
+            room = _declared(length) - self.body_sent
+            if len(data) > room:
+                data = data[:max(room, 0)]
+                self.body_sent += 1  # never equal to the declared length again
+        self.body_sent += len(data)
+        super().write(data)
 
     def _sendall(self, data: bytes) -> None:
         """pywsgi's, through the door's send: a client that reads nothing for
@@ -998,6 +1023,17 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         super().finalize_headers()
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
+        headers = self.response_headers
+        if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
+                any(name.lower() == b"content-length" for name, _ in headers):
+            # An app that framed its body itself (a hop-by-hop field PEP 3333 leaves to
+            # the server), and pywsgi added a Content-Length: never both (RFC 9112 6.1;
+            # a proxy in front would pick one and desync). The app's framing goes out,
+            # and the connection ends with the response.
+            self.response_headers = [(name, value) for name, value in headers
+                                     if name.lower() != b"content-length"]
+            self.provided_content_length = None
+            self.close_connection = True
         if self.close_connection and self.code != 101 and not any(
                 name.lower() == b"connection" for name, _ in self.response_headers):
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
@@ -1082,6 +1118,12 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
+
+
+def _declared(content_length: str) -> int:
+    """An app's Content-Length value as a number (-1: not a number at all)."""
+    value = content_length.strip()
+    return int(value) if value.isdigit() else -1
 
 
 _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",

@@ -297,6 +297,39 @@ def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: 
     assert [(r.status, r.body) for r in responses] == [(200, b"local")]
 
 
+@pytest.mark.parametrize("said, sent", [(2, 7), (10, 5)], ids=["more", "fewer"])
+def test_an_app_that_breaks_its_own_content_length_does_not_desync_the_connection(
+        door: Door, said: int, sent: int) -> None:
+    """PEP 3333: never more bytes than the app's Content-Length. Bytes past it would be
+    read as the next response; a body short of it would swallow the next response. The
+    client gets the declared length at most, and a close where the body fell short."""
+    raw = request_bytes(target=f"/wrong-length?said={said}&sent={sent}") + FOLLOW_UP
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(raw)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed, data
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nContent-Length: %d\r\n" % said in head
+    if sent > said:
+        assert rest[:said] == b"x" * said
+        after = rest[said:]  # nothing, or the answer to the next request
+        assert after == b"" or (after.startswith(b"HTTP/1.1 200 ")
+                                and after.endswith(b"\r\n\r\n" + door.name.encode())), data
+    else:
+        assert rest == b"x" * sent, data  # cut, and closed: the client knows
+
+
+def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(door: Door) -> None:
+    """RFC 9112 6.1: Content-Length never beside Transfer-Encoding (pywsgi added one to the
+    app's own 'Transfer-Encoding: chunked'); the app's framing goes out, then a close."""
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(request_bytes(target="/self-chunked"))
+        data, _closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data)
+    assert [(r.status, r.body) for r in responses] == [(200, b"hello")] and rest == b"", data
+    assert responses[0].header("content-length") is None, data
+
+
 def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
     raw = b"".join(b"GET /echo-%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(20))
     raw += b"".join(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n%03d"
