@@ -973,6 +973,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.application = app
         self.body_sent = 0
         self.handle_one_response()
+        if self.code != 101 and head.is_websocket:
+            # A refused handshake ends the connection, as when the upgrade is relayed:
+            # what the client sends next may be frames, not a request.
+            self.close_connection = True
         if self.provided_content_length is not None and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and not self.hijacked and \
                 self.body_sent != _declared(self.provided_content_length):
