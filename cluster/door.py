@@ -346,14 +346,16 @@ class Connection:
             conn.expect(HEAD, header_timeout)
         else:
             conn.expect(HEAD, header_timeout)
+        seen = 0  # bytes of buf searched already (each fill searches only the new ones)
         while True:
             # Before the head size: a request line longer than both is still a 414.
             if len(buf) > limits.request_line and \
                     buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
                 raise RequestError(414, "request line too long")
-            end = find_head_end(buf, limits.head_size) if buf else -1
+            end = find_head_end(buf, limits.head_size, max(seen - 3, 0)) if buf else -1
             if end >= 0:
                 break
+            seen = len(buf)
             if not conn.fill():
                 return None
         conn.phase = NONE

@@ -156,13 +156,16 @@ class RequestHead:
         return pairs
 
 
-def find_head_end(buf: bytes | bytearray, limit: int) -> int:
+def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Index just past the blank line ending the head in ``buf``, or -1 for "need more".
 
     Raises RequestError 431 once ``buf`` holds more than ``limit`` bytes without an end,
     and 400 for a head that ends with bare LFs (it would never be found otherwise).
+    ``start``: where to look from, for a caller that looked before: the length of
+    ``buf`` then, less 3 (a blank line may have started in the bytes seen already).
+    Without it, a head trickled in byte by byte is searched whole once per byte.
     """
-    end = buf.find(HEAD_END)
+    end = buf.find(HEAD_END, start)
     if end >= 0:
         if end > limit:
             raise RequestError(431, "request head too large")
@@ -171,7 +174,7 @@ def find_head_end(buf: bytes | bytearray, limit: int) -> int:
     # ``buf`` already; refusing it then would depend on how the bytes arrived.
     if len(buf) > limit + 3:
         raise RequestError(431, "request head too large")
-    if b"\n\n" in buf or b"\n\r\n" in buf:
+    if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
         raise RequestError(400, "bare LF in the request head")
     return -1
 
