@@ -979,28 +979,30 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # A refused handshake ends the connection, as when the upgrade is relayed:
             # what the client sends next may be frames, not a request.
             self.close_connection = True
-        if self.provided_content_length is not None and self.command != "HEAD" and \
+        length = self.provided_content_length
+        if length is not None and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and not self.hijacked and \
-                self.body_sent != _declared(self.provided_content_length):
+                not 0 <= _declared(length) <= self.body_sent:
             # fewer bytes than the app's Content-Length (or one that is no number): the
             # client waits for the rest, and would take the next answer for it
             log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
                         "closing the connection", self.command, self.path[:200],
-                        self.body_sent, self.provided_content_length[:40])
+                        self.body_sent, length[:40])
             self.close_connection = True
         return not self.close_connection and not self.rfile.closed
 
     def write(self, data: bytes) -> None:
         """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
         bytes than it says). Bytes past it would reach a keep-alive client as the start
-        of its next response: they are dropped, and the connection closed after this
-        response (see :meth:`run`)."""
+        of its next response: they are dropped (the response as sent is whole)."""
         length = self.provided_content_length
         if length is not None and data and self.command != "HEAD":
             room = _declared(length) - self.body_sent
-            if len(data) > room:
-                data = data[:max(room, 0)]
-                self.body_sent += 1  # never equal to the declared length again
+            if len(data) > room >= 0:
+                log.warning("%s %s: the app gave more body bytes than its Content-Length: "
+                            "%s; dropping %d", self.command, self.path[:200], length[:40],
+                            len(data) - room)
+                data = data[:room]
         self.body_sent += len(data)
         super().write(data)
 
