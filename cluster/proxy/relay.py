@@ -331,6 +331,13 @@ class Exchange:
                 raise misbehaving(UpstreamBroken(self.url, "101 to a request without Upgrade"))
             # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
             buf = buf[end + 4:]
+        if response.transfer and response.transfer.lower() != b"chunked" and \
+                _codings(response.transfer) != [b"chunked"]:
+            # Only chunked is asked for (the client's TE is not passed on, RFC 9110
+            # 10.1.4): gzip data passed as content, or a coding clients cannot read
+            # (http.client, h11 know only chunked), is worse than a 502 (as nginx).
+            raise misbehaving(UpstreamBroken(
+                self.url, f"Transfer-Encoding {response.transfer[:60]!r}: not plain chunked"))
         # The body bytes that came with the head: a large piece is not copied out of the
         # read, only viewed (relay_response sends it as it is, or copies it to scan it).
         end += 4
@@ -365,7 +372,7 @@ class Exchange:
                 dechunk = True  # an HTTP/1.0 client cannot read chunks: end by closing
                 client_keep = False
             else:
-                framing = b"\r\nTransfer-Encoding: " + _codings(response.transfer)
+                framing = b"\r\nTransfer-Encoding: chunked"
         elif mode == FIXED or mode == NO_BODY:
             if response.code in (204, 304) and response.length >= 0 and head.method != b"HEAD":
                 fields = without_field(fields, b"content-length")
@@ -595,14 +602,9 @@ class Exchange:
             self._to_client(data)
 
 
-def _codings(transfer: bytes) -> bytes:
-    """The Transfer-Encoding to pass on for a chunked answer: ``chunked``, or the
-    endpoint's own list when it has another coding ("gzip, chunked": the data inside
-    the chunks is gzip, which the client must be told)."""
-    if transfer != b"chunked" and any(t.strip(b" \t").lower() not in (b"chunked", b"")
-                                      for t in transfer.split(b",")):
-        return transfer
-    return b"chunked"
+def _codings(transfer: bytes) -> list[bytes]:
+    """The transfer codings of a Transfer-Encoding value, lower-case, in order."""
+    return [t.strip(b" \t").lower() for t in transfer.split(b",") if t.strip(b" \t")]
 
 
 def _ready(conn: Connection, size: int) -> bytes:
