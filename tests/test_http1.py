@@ -105,6 +105,25 @@ def test_invalid_corpus(case: CorpusCase) -> None:
     assert outcome(case.raw) in statuses
 
 
+@pytest.mark.parametrize("target, origin, host", [
+    (b"http://a.example/x?y=1", b"/x?y=1", b"a.example"),
+    (b"HTTPS://a.example:8443", b"/", b"a.example:8443"),
+    (b"http://a.example?q", b"/?q", b"a.example"),
+])
+def test_absolute_form_is_the_origin_form_with_its_authority_as_host(
+        target: bytes, origin: bytes, host: bytes) -> None:
+    """RFC 9112 3.2.2: the authority of an absolute-form target wins over Host."""
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: other.example")
+    assert (head.target, head.host) == (origin, host)
+
+
+@pytest.mark.parametrize("target", [b"http:///x", b"http://user@a.example/x"])
+def test_absolute_form_without_a_valid_host_is_refused(target: bytes) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: a.example")
+    assert caught.value.status == 400
+
+
 # --- limits, exactly at and just past each one ----------------------------------------
 
 

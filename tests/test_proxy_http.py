@@ -46,6 +46,7 @@ from helpers import (
     get,
     python,
     running,
+    start_serve,
     wait_until,
 )
 
@@ -537,6 +538,81 @@ def test_body_cut_midway_aborts_the_client_connection(scripted, path: str) -> No
     wait_until(lambda: proxy.output().count(line) >= before + 2, what="the warnings")
     assert proxy.output().count(line) == before + 2
     assert "Traceback" not in proxy.output()
+
+
+# --- the same misbehaviour behind the front door (cluster serve, balancer only) ----------
+
+
+def _switch_and_wait(conn: socket.socket) -> None:
+    """A 101 to a request that asked for no upgrade, on a connection left open."""
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    with contextlib.suppress(OSError):
+        conn.recv(1)  # until the proxy closes (or TIMEOUT)
+
+
+DOOR_SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
+    "/switch-kept": _switch_and_wait,
+    "/garbled-chunk": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+    "/gzip-chunked": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nGZZ\r\n0\r\n\r\n"),
+    "/gzip-only": lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZZ"),
+    "/chunked-twice": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"),
+    "/chunked": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, int]]:
+    """A balancer-only `cluster serve` whose one endpoint is a ScriptedUpstream (put in
+    its store by a `cluster register` sidecar); the default read timeout (300 s)."""
+    upstream = ScriptedUpstream(DOOR_SCRIPTS)
+    env = {"CLUSTER_DISCOVERY_URL":
+           f"sqlite://{tmp_path_factory.mktemp('scripted') / 'discovery.sqlite3'}"}
+    try:
+        with running(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                  upstream.url, "--ping-interval", "1"), env=env):
+            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
+                                     name="balancer")
+            try:
+                wait_until(lambda: get(f"http://127.0.0.1:{port}/_cluster/status")
+                           .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
+                yield proc, port
+            finally:
+                proc.stop()
+            assert "Traceback" not in proc.output()
+    finally:
+        upstream.close()
+
+
+@pytest.mark.parametrize("path", ["/switch-kept", "/garbled-chunk", "/gzip-chunked",
+                                  "/gzip-only", "/chunked-twice"])
+def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> None:
+    """A 101 nobody asked for is not an interim answer to wait past (RFC 9110 15.2.2),
+    and a chunked body garbled from its first byte is the endpoint's fault: 502 at
+    once, not a wait for the read timeout or a misleading 503 "no live endpoint". So is
+    a transfer coding other than one chunked: the client's TE is not passed on, so none
+    was asked for (RFC 9110 10.1.4); 'gzip, chunked' went out as plain chunked, the
+    gzip bytes as content."""
+    _, port = scripted_door
+    started = time.monotonic()
+    resp = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+    assert resp.status_code == 502, (resp.status_code, resp.text)
+    assert time.monotonic() - started < 5
+
+
+def test_plain_chunked_answers_pass_on_one_connection(scripted_door) -> None:
+    _, port = scripted_door
+    with raw(port) as client:
+        for _ in range(2):
+            client.send(request("GET", "/chunked"))
+            status, headers = client.head()
+            assert status == "HTTP/1.1 200 OK"
+            assert header(headers, "Transfer-Encoding") == ["chunked"]
+            assert client.chunk() == b"abc" and client.chunk() == b""
 
 
 # --- large transfers and memory ------------------------------------------------------
