@@ -36,6 +36,7 @@ from urllib.parse import unquote_to_bytes
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -129,19 +130,24 @@ class Door:
             self.rebalancer = Rebalancer(node, policy.service, policy.self_hash, self.load,
                                          s.rebalance_margin, s.rebalance_rate,
                                          settle=2 * s.ping_interval + refresh)
+        self.busy_poll: BusyPoll | None = None
 
     def __repr__(self) -> str:
         return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "
                 f"{self.pool.state()}]>")
 
     def start(self) -> None:
-        """Start the door's own loop (rebalancing, when it is on)."""
+        """Start the door's own loops (rebalancing, busy polling: when they are on), in
+        the thread whose event loop serves the door."""
         if self.rebalancer is not None:
             self.rebalancer.start()
+        self.busy_poll = start_busy_poll(getattr(self.settings, "busy_poll", 0))
 
     def close(self) -> None:
         if self.rebalancer is not None:
             self.rebalancer.stop()
+        if self.busy_poll is not None:
+            self.busy_poll.stop()
         self.sweeper.stop()
         self.pool.close()
 
