@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
+import gevent
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
@@ -76,6 +77,8 @@ log = logging.getLogger(__name__)
 # would pull in prometheus_client too early for the workers' metrics to be shared.
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+#: how often the door closes pooled connections nobody will reuse (see Door.tidy)
+TIDY_SECONDS = 2.0
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -131,21 +134,25 @@ class Door:
                                          s.rebalance_margin, s.rebalance_rate,
                                          settle=2 * s.ping_interval + refresh)
         self.busy_poll: BusyPoll | None = None
+        self._tidier: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
         return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "
                 f"{self.pool.state()}]>")
 
     def start(self) -> None:
-        """Start the door's own loops (rebalancing, busy polling: when they are on), in
-        the thread whose event loop serves the door."""
+        """Start the door's own loops (tidying the pool; rebalancing and busy polling
+        when they are on), in the thread whose event loop serves the door."""
         if self.rebalancer is not None:
             self.rebalancer.start()
         self.busy_poll = start_busy_poll(getattr(self.settings, "busy_poll", 0))
+        self._tidier = gevent.spawn(self._tidy_forever)
 
     def close(self) -> None:
         if self.rebalancer is not None:
             self.rebalancer.stop()
+        if self._tidier is not None:
+            self._tidier.kill(block=False)
         if self.busy_poll is not None:
             self.busy_poll.stop()
         self.sweeper.stop()
@@ -168,11 +175,21 @@ class Door:
         return len(sockets)
 
     def tidy(self) -> None:
-        """Close pooled connections of endpoints that left the table."""
+        """Close pooled connections of endpoints that left the table, and the idle ones
+        their endpoint closed (every TIDY_SECONDS, from :meth:`start`)."""
         table = self.node.table
         if table is not self._retained_for:
             self._retained_for = table
             self.pool.retain(e.url for e in table.endpoints)
+        self.pool.reap()
+
+    def _tidy_forever(self) -> None:
+        while True:
+            gevent.sleep(TIDY_SECONDS)
+            try:
+                self.tidy()
+            except Exception:  # noqa: BLE001 - a housekeeping loop must not die
+                log.exception("tidying the endpoint connection pool failed")
 
 
 class DoorServer(WSGIServer):  # type: ignore[misc]

@@ -9,6 +9,7 @@ a real TCP server in this process that answers each request path with a fixed sc
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -840,3 +841,70 @@ def test_request_target() -> None:
                            "QUERY_STRING": "q=1&r"}) == "/a%20b/%C3%A9?q=1&r"
     assert request_target({"SCRIPT_NAME": "/app", "PATH_INFO": ""}) == "/app"
     assert request_target({"PATH_INFO": ""}) == "/"
+
+
+def close_wait_sockets(pid: int) -> int:
+    """TCP sockets of process ``pid`` whose peer has closed (CLOSE-WAIT), from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                count += fields[3] == "08" and fields[9] in inodes
+    return count
+
+
+def test_pooled_connections_an_endpoint_closes_do_not_linger(tmp_path) -> None:
+    """An endpoint that closes idle keep-alive connections soon (many servers do, after
+    a few seconds): the balancer's pooled ends must not sit in CLOSE-WAIT holding
+    descriptors until some request happens to pop them; the door reaps them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_then_close(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(4096)
+                if not piece:
+                    return
+                data += piece
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            time.sleep(0.3)  # the endpoint's own keep-alive timeout
+
+    threading.Thread(target=accept_forever, args=(listener, answer_then_close),
+                     daemon=True).start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    env = {"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"}
+    try:
+        with running(cluster_argv("register", "--service", "web", "--endpoint-url", endpoint,
+                                  "--ping-interval", "1"), env=env):
+            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
+                                     name="balancer")
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_until(lambda: get(base + "/_cluster/status").json()["endpoints"],
+                           timeout=TIMEOUT, what="endpoint registered")
+
+                def one(_: int) -> int:
+                    return requests.get(base + "/x", timeout=10).status_code
+
+                with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                    assert list(pool.map(one, range(20))) == [200] * 20
+                wait_until(lambda: close_wait_sockets(proc.pid) > 0, timeout=5,
+                           what="the endpoint closed pooled connections")
+                wait_until(lambda: close_wait_sockets(proc.pid) == 0, timeout=6,
+                           what="the balancer closed its ends")
+                assert requests.get(base + "/x", timeout=10).status_code == 200
+            finally:
+                proc.stop()
+            assert "Traceback" not in proc.output()
+    finally:
+        listener.close()
