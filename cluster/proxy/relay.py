@@ -489,19 +489,24 @@ class Exchange:
             return False
         rfd, wfd = pipe
         client = self.client
-        up = conn.sock
-        down = client.sock
         empty = False
         try:
             # What is already in the socket, without waiting; the head then goes out
             # with MSG_MORE so that it leaves in one segment with those bytes.
             try:
-                moved = os.splice(up.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
+                moved = os.splice(conn.sock._sock.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
             except OSError:  # nothing yet, or the end: the wait below sees it again
                 moved = 0
             parts: list[bytes | memoryview] = [out, first] if first else [out]
-            client.send_parts(parts, MSG_MORE if moved else 0)
-            self.sent += len(out) + len(first)
+            size = len(out) + len(first)
+            try:
+                sent = client.raw.sendmsg(parts, (), MSG_MORE if moved else 0)
+            except BlockingIOError:
+                sent = 0
+            if sent < size:
+                client.send_rest(parts, sent)
+            self.sent += size
+            down = client.raw
             while True:
                 if moved:
                     left -= moved
@@ -513,7 +518,7 @@ class Exchange:
                             phase, deadline = client.phase, client.deadline
                             client.expect(WRITE, client.write_timeout)
                             try:
-                                wait_writable(down)
+                                wait_writable(client.sock)
                             finally:
                                 client.phase, client.deadline = phase, deadline
                             continue
@@ -536,7 +541,7 @@ class Exchange:
         up = conn.sock
         while True:
             try:
-                moved = os.splice(up.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
+                moved = os.splice(up._sock.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
             except BlockingIOError:
                 client.expect(UPSTREAM, self.pool.read_timeout)
                 try:
