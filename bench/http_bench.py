@@ -203,18 +203,19 @@ def wait_listed(server: Server, endpoint: str, workdir: Path, timeout: float = 3
 
 @contextlib.contextmanager
 def cluster_balancer(workdir: Path, endpoint: str, name: str = "cluster",
-                     launcher: list[str] | None = None) -> Iterator[Server]:
+                     launcher: list[str] | None = None,
+                     options: tuple[str, ...] = ()) -> Iterator[Server]:
     """A balancer-only `cluster serve --ui-service web` on CPU 0 and a `cluster register`
     sidecar (CPU 1) putting ``endpoint`` in a temp SQLite store as service web; yields
     the balancer once its status lists the endpoint. ``launcher``: the argv that runs
-    `cluster` (default ``python -m cluster``)."""
+    `cluster` (default ``python -m cluster``); ``options``: more `serve` flags."""
     env = {"CLUSTER_DISCOVERY_URL": f"sqlite:///{workdir / (name + '.sqlite3')}"}
     port_file = workdir / f"{name}.port"
     run = launcher or cluster_argv()
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(launched(
             [*run, "serve", "--ui-service", SERVICE, "--bind", "127.0.0.1:0",
-             "--port-file", str(port_file)],
+             "--port-file", str(port_file), *options],
             workdir, name, PROXY_CPU, port_file=port_file, env=env))
         stack.enter_context(launched(
             cluster_argv("register", "--service", SERVICE, "--endpoint-url", endpoint,

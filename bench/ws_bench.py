@@ -2,7 +2,8 @@
 the balancer's memory per idle proxied WebSocket.
 
     python bench/ws_bench.py [--duration 5] [--rounds 4] [--connections 50]
-                             [--client go|python] [--idle 2000] [--no-nginx]
+                             [--client go|python] [--idle 2000] [--busy-poll 50]
+                             [--no-nginx]
 
 The method of bench/http_bench.py (issue 7), on a 2-core machine:
 
@@ -11,6 +12,9 @@ The method of bench/http_bench.py (issue 7), on a 2-core machine:
   on CPU 0, discovery in a temp SQLite file, the echo server registered as service
   ``web`` by the ``cluster register`` sidecar (CPU 1); started through a tiny launcher
   that raises RLIMIT_NOFILE to the hard limit first;
+- a second such balancer with ``--busy-poll 50`` (``--busy-poll N``: another window;
+  0: skip it), measured in the same rounds: its loop polls instead of sleeping after
+  I/O, so messages stop having to wake CPU 0 (see cluster/busypoll.py);
 - nginx as a WebSocket proxy on CPU 0 (bench/nginx_ws_proxy.conf: 1 worker, no
   buffering), the reference for what a proxy costs in this layout (``--no-nginx``: skip);
 - the load generator on CPU 1: ``--connections`` WebSockets doing ping-pong of 32-byte
@@ -110,10 +114,12 @@ def rtt_run(client: str, workdir: Path, port: int, args: argparse.Namespace,
             raise RuntimeError(f"the {client} load generator failed: {ready!r}")
         cpu0 = {name: hb.cpu_seconds(pid) for name, pid in watched.items()}
         cores0 = hb.core_times()
+        irq0 = interrupts()
         proc.stdin.write(b"go\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
         line = proc.stdout.readline()  # type: ignore[union-attr]
         cores1 = hb.core_times()
+        irq1 = interrupts()
         cpu1 = {name: hb.cpu_seconds(pid) for name, pid in watched.items()}
         if proc.wait(30) != 0 or not line:
             raise RuntimeError(f"the {client} load generator exited with {proc.returncode}")
@@ -126,9 +132,22 @@ def rtt_run(client: str, workdir: Path, port: int, args: argparse.Namespace,
     result = {"rate": done["trips"] / done["elapsed"], "client_us": done["cpu"] * 1e6 / trips,
               "busy0": hb.busy_percent(cores0, cores1, PROXY_CPU),
               "busy1": hb.busy_percent(cores0, cores1, LOAD_CPU)}
+    for key in irq1:
+        result[key] = (irq1[key] - irq0[key]) / trips
     for name in watched:
         result[f"{name}_us"] = (cpu1[name] - cpu0[name]) * 1e6 / trips
     return result
+
+
+def interrupts() -> dict[str, int]:
+    """Function-call and reschedule interrupts received by each core, from /proc/interrupts."""
+    out = {}
+    for line in Path("/proc/interrupts").read_text().splitlines():
+        name, *rest = line.split()
+        if name in ("CAL:", "RES:"):
+            for cpu in (0, 1):
+                out[f"{name[:3].lower()}{cpu}"] = int(rest[cpu])
+    return out
 
 
 # -- idle memory ------------------------------------------------------------------------
@@ -170,7 +189,7 @@ def settle(predicate, timeout: float = 60.0) -> bool:
 
 # -- the run ----------------------------------------------------------------------------
 
-MODES = ("direct", "cluster", "nginx")
+MODES = ("direct", "cluster", "busy", "nginx")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]], dict]:
@@ -178,7 +197,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
         subprocess.run(["go", "build", "-o", str(workdir / "ws_load"),
                         str(BENCH / "ws_load.go")], check=True, cwd=str(workdir),
                        env=dict(os.environ, CGO_ENABLED="0"))
-    modes = [m for m in MODES if m != "nginx" or args.nginx]
+    modes = [m for m in MODES
+             if (m != "nginx" or args.nginx) and (m != "busy" or args.busy_poll)]
     with contextlib.ExitStack() as stack:
         echo_port = hb.free_port()  # ws_echo.py takes a fixed port
         echo = stack.enter_context(hb.launched(
@@ -189,6 +209,12 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
             launcher=[sys.executable, "-c", wim.LAUNCHER]))
         ports = {"direct": echo_port, "cluster": balancer.port}
         watched = {"echo": echo.pid, "cluster": balancer.pid}
+        if args.busy_poll:
+            busy = stack.enter_context(hb.cluster_balancer(
+                workdir, f"http://127.0.0.1:{echo_port}", name="ws-cluster-busy",
+                launcher=[sys.executable, "-c", wim.LAUNCHER],
+                options=("--busy-poll", str(args.busy_poll))))
+            ports["busy"], watched["busy"] = busy.port, busy.pid
         if args.nginx:
             hb.nginx_dirs(workdir)
             nginx_port = hb.free_port()
@@ -224,8 +250,9 @@ def verdict(ok: bool) -> str:
 def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
     add = lines.append
-    proxies = [m for m in ("cluster", "nginx") if m in rounds]
-    names = {"cluster": "**cluster serve**", "nginx": "nginx"}
+    proxies = [m for m in ("cluster", "busy", "nginx") if m in rounds]
+    names = {"cluster": "**cluster serve**",
+             "busy": f"**cluster serve --busy-poll {args.busy_poll}**", "nginx": "nginx"}
 
     def ratio(mode: str, base: str = "direct") -> float:
         pairs = zip(rounds[base], rounds[mode])
@@ -247,13 +274,20 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
     row("client CPU µs per round trip", lambda m: f"{med(rounds[m], 'client_us'):.1f}")
     row("CPU 0 / CPU 1 busy", lambda m: f"{med(rounds[m], 'busy0'):.0f}% / "
         f"{med(rounds[m], 'busy1'):.0f}%")
+    row("interrupts per round trip to CPU 0 / CPU 1 (function call + reschedule)",
+        lambda m: f"{med(rounds[m], 'cal0') + med(rounds[m], 'res0'):.2f} / "
+        f"{med(rounds[m], 'cal1') + med(rounds[m], 'res1'):.2f}")
     add("")
-    got = ratio("cluster")
-    add(f"- echo round trips through the balancer vs direct: {got:.2f} "
-        f"(target ≥ {TARGET_RATIO:g}): {verdict(got >= TARGET_RATIO)}"
-        + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the balancer "
-           f"makes {ratio('cluster', 'nginx'):.2f} of nginx's rate" if "nginx" in rounds
-           else ""))
+    for mode in ("cluster", "busy"):
+        if mode not in rounds:
+            continue
+        got = ratio(mode)
+        flags = "" if mode == "cluster" else f" with --busy-poll {args.busy_poll}"
+        add(f"- echo round trips through the balancer{flags} vs direct: {got:.2f} "
+            f"(target ≥ {TARGET_RATIO:g}): {verdict(got >= TARGET_RATIO)}"
+            + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the "
+               f"balancer makes {ratio(mode, 'nginx'):.2f} of nginx's rate"
+               if "nginx" in rounds else ""))
     if idle:
         per = idle["per_socket"]
         add(f"- balancer memory per idle proxied WebSocket: {per:,.0f} bytes "
@@ -276,6 +310,8 @@ def main() -> None:
                         help="the load generator (default: go when installed)")
     parser.add_argument("--idle", type=int, default=2000,
                         help="idle WebSockets for the memory figure (0: skip)")
+    parser.add_argument("--busy-poll", type=int, default=50, metavar="MICROSECONDS",
+                        help="also measure a balancer run with --busy-poll (0: skip it)")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false",
                         help="skip nginx as a WebSocket proxy (the reference)")
     parser.add_argument("--load", type=int, metavar="PORT", help=argparse.SUPPRESS)

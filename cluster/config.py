@@ -208,6 +208,14 @@ def _max_connections(raw: str) -> int:
     return _count(raw)
 
 
+def _busy_poll(raw: str) -> int:
+    value = _count(raw)
+    if value > 1000:
+        raise ValueError(f"{raw} is more than 1000 microseconds (the window is to bridge "
+                         "the gaps between messages, not to keep a core busy)")
+    return value
+
+
 def _secret(raw: str) -> str:
     value = raw.strip()
     if len(value) < 16:
@@ -586,6 +594,14 @@ class Settings:
         "concurrent client connections per process; past it a short 503 (auto: from "
         "the descriptor limit)",
         "N",
+    )
+    busy_poll: int = setting(
+        0,
+        _busy_poll,
+        "microseconds the event loop keeps polling, instead of sleeping, after I/O: "
+        "saves waking a halted core per message at the cost of CPU (0: off, at most "
+        "1000; for a balancer with a core to itself, see docs/benchmarks.md)",
+        "MICROSECONDS",
     )
     max_request_line: int = setting(
         8192, _size, "longest request line in bytes (longer: 414)", "BYTES"

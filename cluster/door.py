@@ -25,6 +25,7 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
+import binascii
 import errno
 import logging
 import os
@@ -32,9 +33,11 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
+import gevent
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
@@ -74,6 +77,8 @@ log = logging.getLogger(__name__)
 # would pull in prometheus_client too early for the workers' metrics to be shared.
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+#: how often the door closes pooled connections nobody will reuse (see Door.tidy)
+TIDY_SECONDS = 2.0
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -128,19 +133,28 @@ class Door:
             self.rebalancer = Rebalancer(node, policy.service, policy.self_hash, self.load,
                                          s.rebalance_margin, s.rebalance_rate,
                                          settle=2 * s.ping_interval + refresh)
+        self.busy_poll: BusyPoll | None = None
+        self._tidier: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
         return (f"<Door [connections: {self.active} | websockets: {self.websockets} | "
                 f"{self.pool.state()}]>")
 
     def start(self) -> None:
-        """Start the door's own loop (rebalancing, when it is on)."""
+        """Start the door's own loops (tidying the pool; rebalancing and busy polling
+        when they are on), in the thread whose event loop serves the door."""
         if self.rebalancer is not None:
             self.rebalancer.start()
+        self.busy_poll = start_busy_poll(getattr(self.settings, "busy_poll", 0))
+        self._tidier = gevent.spawn(self._tidy_forever)
 
     def close(self) -> None:
         if self.rebalancer is not None:
             self.rebalancer.stop()
+        if self._tidier is not None:
+            self._tidier.kill(block=False)
+        if self.busy_poll is not None:
+            self.busy_poll.stop()
         self.sweeper.stop()
         self.pool.close()
 
@@ -161,11 +175,21 @@ class Door:
         return len(sockets)
 
     def tidy(self) -> None:
-        """Close pooled connections of endpoints that left the table."""
+        """Close pooled connections of endpoints that left the table, and the idle ones
+        their endpoint closed (every TIDY_SECONDS, from :meth:`start`)."""
         table = self.node.table
         if table is not self._retained_for:
             self._retained_for = table
             self.pool.retain(e.url for e in table.endpoints)
+        self.pool.reap()
+
+    def _tidy_forever(self) -> None:
+        while True:
+            gevent.sleep(TIDY_SECONDS)
+            try:
+                self.tidy()
+            except Exception:  # noqa: BLE001 - a housekeeping loop must not die
+                log.exception("tidying the endpoint connection pool failed")
 
 
 class DoorServer(WSGIServer):  # type: ignore[misc]
@@ -345,14 +369,16 @@ class Connection:
             conn.expect(HEAD, header_timeout)
         else:
             conn.expect(HEAD, header_timeout)
+        seen = 0  # bytes of buf searched already (each fill searches only the new ones)
         while True:
             # Before the head size: a request line longer than both is still a 414.
             if len(buf) > limits.request_line and \
                     buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
                 raise RequestError(414, "request line too long")
-            end = find_head_end(buf, limits.head_size) if buf else -1
+            end = find_head_end(buf, limits.head_size, max(seen - 3, 0)) if buf else -1
             if end >= 0:
                 break
+            seen = len(buf)
             if not conn.fill():
                 return None
         conn.phase = NONE
@@ -869,24 +895,36 @@ class _Reader:
     """The client connection as the file pywsgi's handler and gevent-websocket read
     (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
 
-    __slots__ = ("conn", "closed")
+    __slots__ = ("conn", "closed", "ended")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
         self.closed = False
+        #: the client's side ended (EOF, or closed by the sweeper) while the app read
+        self.ended = False
+
+    def _fill(self) -> bool:
+        try:
+            if self.conn.fill():
+                return True
+        except OSError:
+            self.ended = True
+            raise
+        self.ended = True
+        return False
 
     def read(self, size: int = -1) -> bytes:
         conn = self.conn
         buf = conn.buf
         if size is None or size < 0:
-            while conn.fill():
+            while self._fill():
                 pass
             data = bytes(buf)
             buf.clear()
             return data
         while len(buf) < size:
             self._expect()
-            if not conn.fill():
+            if not self._fill():
                 break
         data = bytes(buf[:size])
         del buf[:size]
@@ -900,7 +938,7 @@ class _Reader:
             if eol >= 0 or (0 <= size <= len(buf)):
                 break
             self._expect()
-            if not conn.fill():
+            if not self._fill():
                 eol = len(buf) - 1
                 break
         end = eol + 1 if eol >= 0 else len(buf)
@@ -937,6 +975,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
 
     connection: Connection
     websocket_used = False
+    body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -957,8 +996,38 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.close_connection = not head.keep_alive
         self.environ = self.get_environ()
         self.application = app
+        self.body_sent = 0
         self.handle_one_response()
+        if self.code != 101 and head.is_websocket:
+            # A refused handshake ends the connection, as when the upgrade is relayed:
+            # what the client sends next may be frames, not a request.
+            self.close_connection = True
+        length = self.provided_content_length
+        if length is not None and self.command != "HEAD" and \
+                self.code not in (101, 204, 304) and not self.hijacked and \
+                not 0 <= _declared(length) <= self.body_sent:
+            # fewer bytes than the app's Content-Length (or one that is no number): the
+            # client waits for the rest, and would take the next answer for it
+            log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
+                        "closing the connection", self.command, self.path[:200],
+                        self.body_sent, length[:40])
+            self.close_connection = True
         return not self.close_connection and not self.rfile.closed
+
+    def write(self, data: bytes) -> None:
+        """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
+        bytes than it says). Bytes past it would reach a keep-alive client as the start
+        of its next response: they are dropped (the response as sent is whole)."""
+        length = self.provided_content_length
+        if length is not None and data and self.command != "HEAD":
+            room = _declared(length) - self.body_sent
+            if len(data) > room >= 0:
+                log.warning("%s %s: the app gave more body bytes than its Content-Length: "
+                            "%s; dropping %d", self.command, self.path[:200], length[:40],
+                            len(data) - room)
+                data = data[:room]
+        self.body_sent += len(data)
+        super().write(data)
 
     def _sendall(self, data: bytes) -> None:
         """pywsgi's, through the door's send: a client that reads nothing for
@@ -985,6 +1054,17 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         super().finalize_headers()
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
+        headers = self.response_headers
+        if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
+                any(name.lower() == b"content-length" for name, _ in headers):
+            # An app that framed its body itself (a hop-by-hop field PEP 3333 leaves to
+            # the server), and pywsgi added a Content-Length: never both (RFC 9112 6.1;
+            # a proxy in front would pick one and desync). The app's framing goes out,
+            # and the connection ends with the response.
+            self.response_headers = [(name, value) for name, value in headers
+                                     if name.lower() != b"content-length"]
+            self.provided_content_length = None
+            self.close_connection = True
         if self.close_connection and self.code != 101 and not any(
                 name.lower() == b"connection" for name, _ in self.response_headers):
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
@@ -1009,6 +1089,38 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                 count = len(connection.door.load.websockets) + 1  # this one too
                 headers = [*headers, (LOAD_HEADER, str(count))]
         return super().start_response(status, headers, exc_info)
+
+    def upgrade_websocket(self) -> Any:
+        """gevent-websocket's, with its refusals made clean answers. As released it
+        returns them as ``str`` bodies (a TypeError and a 500, or nothing at all, once
+        pywsgi writes them) and lets a key that is not base64 raise (binascii.Error: a
+        traceback and a 500): each is its status here (400, or 426 for a missing
+        version). An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8), as when the
+        request is routed elsewhere (RequestHead.is_websocket): the app gets a plain
+        request, not gevent-websocket's '402 Bad Request'."""
+        if self.request_version != "HTTP/1.1":
+            return None
+        try:
+            result = super().upgrade_websocket()
+        except binascii.Error:
+            self.start_response("400 Bad Request", [])
+            return [b"Invalid Sec-WebSocket-Key"]
+        if result:
+            result = [part.encode("latin-1") if isinstance(part, str) else part
+                      for part in result]
+        return result
+
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        """pywsgi's (a traceback and a 500), but for a client that left, or was closed
+        for silence, in the middle of its request body: the app's read raised OSError
+        ("unexpected end of file..."), nobody is there to answer, and an upload cut
+        short is no server error. One line, as for a relayed body."""
+        if isinstance(v, OSError) and getattr(self.rfile, "ended", False):
+            log.info("client %s left in the middle of its request body (%s %s): %s",
+                     self.connection.conn.peer, self.command, self.path[:200], v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
 
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's
@@ -1037,6 +1149,12 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
+
+
+def _declared(content_length: str) -> int:
+    """An app's Content-Length value as a number (-1: not a number at all)."""
+    value = content_length.strip()
+    return int(value) if value.isdigit() else -1
 
 
 _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",

@@ -14,10 +14,14 @@ heads here, so they agree on what a message is. Every rule a request breaks rais
 - Request line longer than the limit: 414; a header line, the head, or the field count
   over its limit: 431. A bare CR or LF, a NUL, obsolete line folding or a space before
   the colon: 400.
+- No Host in an HTTP/1.1 request, two Host lines, or a Host value that is not
+  ``host[:port]``: 400 (RFC 9112 3.2).
 
 Policy choices: heads must use CRLF (a bare-LF head is a 400, not guessed at); leading
 empty lines before a request line are skipped (RFC 9112 2.2); targets may carry
-non-ASCII bytes (clients send raw UTF-8 paths and pywsgi accepted them).
+non-ASCII bytes (clients send raw UTF-8 paths and pywsgi accepted them); an
+absolute-form target becomes the origin form and its authority the Host (RFC 9112
+3.2.2).
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ _FIELD_BLOCK = re.compile(
 _RARE_HOP = re.compile(rb"\r\n(?:keep-alive|te|trailer|upgrade|proxy-[^:\r]*):")
 _REQUEST_LINE = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])").fullmatch
+# RFC 9112 3.2: Host = uri-host [ ":" port ] (RFC 3986 3.2.2: an IP literal in brackets,
+# or a reg-name of unreserved, pct-encoded and sub-delims characters); a value that is
+# not gets 400, as it would otherwise reach the app's links and the endpoint as it is.
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]+)(?::[0-9]*)?").fullmatch
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 #: Response bodies by framing.
@@ -116,9 +125,10 @@ class RequestHead:
 
     @property
     def is_websocket(self) -> bool:
-        """GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC 6455 4.1)."""
+        """An HTTP/1.1 GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC
+        6455 4.1; RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored)."""
         return (self.method == b"GET" and b"upgrade" in self.connection
-                and b"websocket" in self.upgrade.lower())
+                and b"websocket" in self.upgrade.lower() and self.version == b"HTTP/1.1")
 
     def header_pairs(self) -> list[tuple[str, str]]:
         """Every field as (name, value) strings, for a WSGI environ: the end-to-end ones
@@ -146,13 +156,16 @@ class RequestHead:
         return pairs
 
 
-def find_head_end(buf: bytes | bytearray, limit: int) -> int:
+def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
     """Index just past the blank line ending the head in ``buf``, or -1 for "need more".
 
     Raises RequestError 431 once ``buf`` holds more than ``limit`` bytes without an end,
     and 400 for a head that ends with bare LFs (it would never be found otherwise).
+    ``start``: where to look from, for a caller that looked before: the length of
+    ``buf`` then, less 3 (a blank line may have started in the bytes seen already).
+    Without it, a head trickled in byte by byte is searched whole once per byte.
     """
-    end = buf.find(HEAD_END)
+    end = buf.find(HEAD_END, start)
     if end >= 0:
         if end > limit:
             raise RequestError(431, "request head too large")
@@ -161,7 +174,7 @@ def find_head_end(buf: bytes | bytearray, limit: int) -> int:
     # ``buf`` already; refusing it then would depend on how the bytes arrived.
     if len(buf) > limit + 3:
         raise RequestError(431, "request head too large")
-    if b"\n\n" in buf or b"\n\r\n" in buf:
+    if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
         raise RequestError(400, "bare LF in the request head")
     return -1
 
@@ -261,6 +274,10 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         # _DROP: hop-by-hop (Keep-Alive, TE, Trailer) and Proxy (httpoxy)
     if hosts != 1 and (hosts > 1 or version == b"HTTP/1.1"):
         raise RequestError(400, "a request needs exactly one Host header")
+    if target[:1] != b"/" and target[:8].lower().startswith((b"http://", b"https://")):
+        _origin_form(req)
+    if req.host and not _HOST_VALUE(req.host):
+        raise RequestError(400, "invalid Host header")
     if transfer:
         if lengths:
             raise RequestError(400, "both Content-Length and Transfer-Encoding")
@@ -282,6 +299,23 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         elif b"keep-alive" in req.connection:
             req.keep_alive = True
     return req
+
+
+def _origin_form(req: RequestHead) -> None:
+    """An absolute-form target (``http://host/path?q``) as the origin form ``/path?q``
+    with that host as Host: RFC 9112 3.2.2 makes a server accept it and use its
+    authority instead of any Host field. Routing, the app and the endpoint then see
+    the path they would for the origin form, not a path starting with ``http:``."""
+    target = req.target
+    start = target.index(b"//") + 2
+    end = start
+    while end < len(target) and target[end] not in b"/?":
+        end += 1
+    req.host = target[start:end]
+    rest = target[end:]
+    req.target = rest if rest[:1] == b"/" else b"/" + rest
+    if not req.host:
+        raise RequestError(400, "absolute-form target without a host")
 
 
 class ResponseHead(NamedTuple):
@@ -531,6 +565,8 @@ class ChunkError(ValueError):
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 _MAX_SIZE_LINE = 4096
 _MAX_TRAILER = 65536
+_MAX_CHUNK = 2 ** 63 - 1
+_CHUNK_LINE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 
 
 class ChunkedScanner:
@@ -589,7 +625,14 @@ class ChunkedScanner:
                 digits = line.split(b";", 1)[0].rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ChunkError(f"bad chunk size {line[:20]!r}")
+                # Passed on byte for byte, so nothing another parser reads otherwise: a
+                # bare CR or other control byte in an extension (a line end to some), a
+                # size past 2**63 - 1 (negative where sizes are signed 64-bit integers).
+                if not _CHUNK_LINE(line):
+                    raise ChunkError(f"control byte in a chunk line {line[:20]!r}")
                 self.remaining = int(digits, 16)
+                if self.remaining > _MAX_CHUNK:
+                    raise ChunkError(f"chunk size past 2**63 - 1 {line[:20]!r}")
                 self.state = _DATA if self.remaining else _TRAILER
             elif state == _DATA_END:
                 if line:

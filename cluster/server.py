@@ -282,7 +282,6 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if shared is not None:
         settle(node)  # peers must know this worker before it hands out cookies naming it
         servers[1].start()
-    tidy = gevent.spawn(_tidy_pools, door, stopping)
     write_port_file(settings)
     if shared is None:  # a worker: the supervisor wrote its own
         write_pid_file(settings)
@@ -306,19 +305,12 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         server.stop(timeout=DRAIN_SECONDS)
     drained.set()
     idle_closer.join(1)
-    tidy.kill()
     drain.cancel()
     door.close()
     node.close()
     if shared is None:
         remove_pid_file(settings)
     return 0
-
-
-def _tidy_pools(door: Door, stopping: gevent.event.Event) -> None:
-    """Close pooled connections to endpoints that left the table, every few seconds."""
-    while not stopping.wait(2.0):
-        door.tidy()
 
 
 def _inherited_listener() -> Any:

@@ -76,6 +76,8 @@ def test_endpoint_url_defaults_from_bind():
     (["--workers-count", "many"], {}, "--workers-count"),
     (["--bind", "nowhere"], {}, "--bind"),
     (["--log-level", "loud"], {}, "--log-level"),
+    (["--busy-poll", "5000"], {}, "--busy-poll"),
+    ([], {"CLUSTER_BUSY_POLL": "-1"}, "CLUSTER_BUSY_POLL"),
     (["--app", "no_colon"], {}, "--app"),
     (["--app", "no_such_module_xyz:app", "--service", "web", "--bind", "127.0.0.1:0"], {},
      "--app"),

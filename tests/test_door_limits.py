@@ -206,6 +206,16 @@ def test_body_that_looks_like_a_request_is_not_a_second_request(door: Door) -> N
     assert closed
 
 
+def test_absolute_form_reaches_the_app_as_the_origin_form(door: Door) -> None:
+    """RFC 9112 3.2.2: the path the app sees is /headers, and the host is the target's
+    authority, not the Host field (a path starting with 'http:' was a 404)."""
+    got = assert_served(door, b"GET http://127.0.0.1/headers?x=1 HTTP/1.1\r\n"
+                              b"Host: other.example\r\n\r\n")
+    seen = json.loads(got.body)
+    assert (seen["path"], seen["query"], seen["headers"]["Host"]) == \
+        ("/headers", "x=1", "127.0.0.1")
+
+
 def test_content_length_with_chunked_is_refused_and_closed(door: Door) -> None:
     assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
@@ -261,6 +271,63 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     assert status_view(front.port)["ejected"] == []
     responses, _ = exchange(front.port, FOLLOW_UP)
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
+
+
+@pytest.mark.parametrize("start", [
+    b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
+    b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
+], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("how", ["leaves", "goes-silent"])
+def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: str) -> None:
+    """A client that leaves in the middle of its body, or stops sending it for the write
+    timeout, makes the local app's read raise: one log line, no traceback, no 500 sent
+    into a connection nobody reads, and the door serves on."""
+    before = local.proc.output()
+    with socket.create_connection(("127.0.0.1", local.port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n" + start)
+        if how == "goes-silent":
+            data, closed = read_until_close(sock, WRITE_TIMEOUT + CLOSE_WAIT)
+            assert closed and b"500" not in data, data
+        else:
+            time.sleep(0.2)
+    wait_until(lambda: "in the middle of its request body" in local.proc.output()[len(before):],
+               timeout=CLOSE_WAIT, what="the log line")
+    assert "Traceback" not in local.proc.output()[len(before):]
+    responses, _ = exchange(local.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"local")]
+
+
+@pytest.mark.parametrize("said, sent", [(2, 7), (10, 5)], ids=["more", "fewer"])
+def test_an_app_that_breaks_its_own_content_length_does_not_desync_the_connection(
+        door: Door, said: int, sent: int) -> None:
+    """PEP 3333: never more bytes than the app's Content-Length. Bytes past it would be
+    read as the next response (they are dropped, and the next request is answered); a
+    body short of it would swallow the next response (the connection is closed)."""
+    raw = request_bytes(target=f"/wrong-length?said={said}&sent={sent}") + FOLLOW_UP
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(raw)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed, data
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nContent-Length: %d\r\n" % said in head
+    if sent > said:
+        assert rest[:said] == b"x" * said
+        after = rest[said:]  # the answer to the next request
+        assert after.startswith(b"HTTP/1.1 200 ") and \
+            after.endswith(b"\r\n\r\n" + door.name.encode()), data
+    else:
+        assert rest == b"x" * sent, data  # cut, and closed: the client knows
+
+
+def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(door: Door) -> None:
+    """RFC 9112 6.1: Content-Length never beside Transfer-Encoding (pywsgi added one to the
+    app's own 'Transfer-Encoding: chunked'); the app's framing goes out, then a close."""
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(request_bytes(target="/self-chunked"))
+        data, _closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data)
+    assert [(r.status, r.body) for r in responses] == [(200, b"hello")] and rest == b"", data
+    assert responses[0].header("content-length") is None, data
 
 
 def test_pipelined_requests_are_answered_in_order(door: Door) -> None:

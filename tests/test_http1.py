@@ -105,6 +105,25 @@ def test_invalid_corpus(case: CorpusCase) -> None:
     assert outcome(case.raw) in statuses
 
 
+@pytest.mark.parametrize("target, origin, host", [
+    (b"http://a.example/x?y=1", b"/x?y=1", b"a.example"),
+    (b"HTTPS://a.example:8443", b"/", b"a.example:8443"),
+    (b"http://a.example?q", b"/?q", b"a.example"),
+])
+def test_absolute_form_is_the_origin_form_with_its_authority_as_host(
+        target: bytes, origin: bytes, host: bytes) -> None:
+    """RFC 9112 3.2.2: the authority of an absolute-form target wins over Host."""
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: other.example")
+    assert (head.target, head.host) == (origin, host)
+
+
+@pytest.mark.parametrize("target", [b"http:///x", b"http://user@a.example/x"])
+def test_absolute_form_without_a_valid_host_is_refused(target: bytes) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: a.example")
+    assert caught.value.status == 400
+
+
 # --- limits, exactly at and just past each one ----------------------------------------
 
 
@@ -291,6 +310,35 @@ def test_a_head_ending_in_bare_lfs_is_refused_not_waited_for() -> None:
         with pytest.raises(RequestError) as info:
             find_head_end(raw, LIMITS.head_size)
         assert info.value.status == 400
+
+
+def incremental_search(raw: bytes, piece: int) -> tuple[int, int]:
+    """The door's read loop over ``raw`` arriving ``piece`` bytes per read: each search
+    starts 3 bytes before what the last one saw. (index found or -1, reads)."""
+    buf, seen, reads = bytearray(), 0, 0
+    while len(buf) < len(raw):
+        buf += raw[len(buf):len(buf) + piece]
+        reads += 1
+        end = find_head_end(buf, LIMITS.head_size, max(seen - 3, 0))
+        if end >= 0:
+            return end, reads
+        seen = len(buf)
+    return -1, reads
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 4, 5, 7])
+def test_searching_only_the_new_bytes_finds_what_a_whole_search_finds(piece: int) -> None:
+    """A head trickled in is searched from a little before the last read's end, not
+    whole after each read (quadratic in its size: a 60 KB head sent a byte at a time
+    cost the door seconds of CPU); however the reads split the blank line or a bare LF,
+    the outcome is the same as for the head in one piece."""
+    raw = request(fields=[("X-Pad", "p" * 40)]) + b"GET /next HTTP/1.1\r\n"
+    assert incremental_search(raw, piece)[0] == find_head_end(raw, LIMITS.head_size)
+    for bare in (b"GET / HTTP/1.1\nHost: h\n\nrest", b"GET / HTTP/1.1\r\nHost: h\n\r\nrest"):
+        with pytest.raises(RequestError) as info:
+            incremental_search(bare, piece)
+        assert info.value.status == 400
+    assert incremental_search(raw[:raw.index(b"\r\n\r\n") + 3], piece)[0] == -1
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 import pytest
@@ -20,7 +21,7 @@ import socketio
 import websocket
 from websocket import ABNF
 
-from helpers import Proc, start_serve, wait_until
+from helpers import Proc, read_until_close, start_serve, wait_until
 
 COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
 
@@ -116,6 +117,50 @@ def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
     assert (got.status_code, got.text) == (200, "b")
     got = requests.get(gws.url("a") + "/not-a-socket", timeout=5)
     assert got.status_code == 426  # the app's own answer: no socket was handed to it
+
+
+HANDSHAKE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def handshake(port: int, cookie: str, version: str = "HTTP/1.1",
+              **changes: str | None) -> tuple[bytes, bool]:
+    """What a WebSocket handshake with ``changes`` to its fields (None: left out), sent on
+    a raw socket, is answered, up to the close (True) or two seconds."""
+    fields = {**HANDSHAKE, **{k.replace("_", "-"): v for k, v in changes.items()}}
+    lines = [f"GET /echo {version}", "Host: 127.0.0.1", f"Cookie: {cookie}"]
+    lines += [f"{k}: {v}" for k, v in fields.items() if v is not None]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return read_until_close(sock, 2.0)
+
+
+@pytest.mark.parametrize("changes, status", [
+    ({"Sec-WebSocket-Key": "short"}, b"400"),  # not base64: binascii.Error
+    ({"Sec-WebSocket-Key": "c2hvcnQ="}, b"400"),  # base64, but not 16 bytes
+    ({"Sec-WebSocket-Key": None}, b"400"),
+    ({"Sec-WebSocket-Version": None}, b"426"),
+], ids=["key-not-base64", "key-not-16-bytes", "no-key", "no-version"])
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_a_bad_handshake_gets_its_status_not_a_500(gws: Cluster, pick: str, changes: dict,
+                                                   status: bytes) -> None:
+    """gevent-websocket refuses these with str bodies (or raises): the door must still
+    answer its status, with no traceback, and the instance stays up. The connection
+    ends there, served here or not: what the client sends next may be frames."""
+    data, closed = handshake(gws.ports["a"], gws.cookie(pick), **changes)
+    assert data.startswith(b"HTTP/1.1 " + status + b" "), data[:200]
+    assert closed
+    for proc in gws.procs:
+        assert proc.poll() is None and "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
+    """RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored, wherever it is served;
+    the app answers it as plain HTTP (426: no socket was handed to it)."""
+    data, _closed = handshake(gws.ports["a"], gws.cookie(pick), version="HTTP/1.0")
+    assert data.startswith(b"HTTP/1.1 426 "), data[:200]
+    assert b"wsgi.websocket missing" in data
 
 
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------

@@ -91,3 +91,32 @@ def test_a_connection_idle_past_the_idle_timeout_is_not_reused(endpoint, monkeyp
         assert pool.acquire(endpoint[1]) is None
     finally:
         server_side.close()
+
+
+def test_reaping_closes_the_idle_connections_their_endpoint_closed(endpoint) -> None:
+    """The door reaps its pool every few seconds (Door.tidy): an idle connection the
+    endpoint closed would otherwise keep a descriptor in CLOSE-WAIT until reused."""
+    listener, url = endpoint
+    pool = Pool(1.0, 5.0, 4, timers=False)
+    conns = [pool.open(url) for _ in range(3)]
+    sides = {}
+    for _ in conns:
+        side, peer = listener.accept()
+        sides[peer] = side
+    by_conn = [sides[c.sock.getsockname()] for c in conns]
+    for conn in conns:
+        pool.release(conn)
+    try:
+        by_conn[0].close()
+        by_conn[1].close()
+        time.sleep(0.05)
+        assert pool.reap() == 2
+        assert [c.sock.fileno() < 0 for c in conns] == [True, True, False]
+        assert pool.reap() == 0  # the live one stays
+        assert pool.acquire(url) is conns[2]
+    finally:
+        for side in by_conn:
+            side.close()
+        for conn in conns:
+            conn.close()
+        pool.close()

@@ -9,6 +9,7 @@ a real TCP server in this process that answers each request path with a fixed sc
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -46,6 +47,7 @@ from helpers import (
     get,
     python,
     running,
+    start_serve,
     wait_until,
 )
 
@@ -571,6 +573,81 @@ def test_body_cut_midway_aborts_the_client_connection(scripted, path: str) -> No
     assert "Traceback" not in proxy.output()
 
 
+# --- the same misbehaviour behind the front door (cluster serve, balancer only) ----------
+
+
+def _switch_and_wait(conn: socket.socket) -> None:
+    """A 101 to a request that asked for no upgrade, on a connection left open."""
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    with contextlib.suppress(OSError):
+        conn.recv(1)  # until the proxy closes (or TIMEOUT)
+
+
+DOOR_SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
+    "/switch-kept": _switch_and_wait,
+    "/garbled-chunk": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+    "/gzip-chunked": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nGZZ\r\n0\r\n\r\n"),
+    "/gzip-only": lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZZ"),
+    "/chunked-twice": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"),
+    "/chunked": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, int]]:
+    """A balancer-only `cluster serve` whose one endpoint is a ScriptedUpstream (put in
+    its store by a `cluster register` sidecar); the default read timeout (300 s)."""
+    upstream = ScriptedUpstream(DOOR_SCRIPTS)
+    env = {"CLUSTER_DISCOVERY_URL":
+           f"sqlite://{tmp_path_factory.mktemp('scripted') / 'discovery.sqlite3'}"}
+    try:
+        with running(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                  upstream.url, "--ping-interval", "1"), env=env):
+            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
+                                     name="balancer")
+            try:
+                wait_until(lambda: get(f"http://127.0.0.1:{port}/_cluster/status")
+                           .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
+                yield proc, port
+            finally:
+                proc.stop()
+            assert "Traceback" not in proc.output()
+    finally:
+        upstream.close()
+
+
+@pytest.mark.parametrize("path", ["/switch-kept", "/garbled-chunk", "/gzip-chunked",
+                                  "/gzip-only", "/chunked-twice"])
+def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> None:
+    """A 101 nobody asked for is not an interim answer to wait past (RFC 9110 15.2.2),
+    and a chunked body garbled from its first byte is the endpoint's fault: 502 at
+    once, not a wait for the read timeout or a misleading 503 "no live endpoint". So is
+    a transfer coding other than one chunked: the client's TE is not passed on, so none
+    was asked for (RFC 9110 10.1.4); 'gzip, chunked' went out as plain chunked, the
+    gzip bytes as content."""
+    _, port = scripted_door
+    started = time.monotonic()
+    resp = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+    assert resp.status_code == 502, (resp.status_code, resp.text)
+    assert time.monotonic() - started < 5
+
+
+def test_plain_chunked_answers_pass_on_one_connection(scripted_door) -> None:
+    _, port = scripted_door
+    with raw(port) as client:
+        for _ in range(2):
+            client.send(request("GET", "/chunked"))
+            status, headers = client.head()
+            assert status == "HTTP/1.1 200 OK"
+            assert header(headers, "Transfer-Encoding") == ["chunked"]
+            assert client.chunk() == b"abc" and client.chunk() == b""
+
+
 # --- large transfers and memory ------------------------------------------------------
 
 
@@ -796,3 +873,70 @@ def test_request_target() -> None:
                            "QUERY_STRING": "q=1&r"}) == "/a%20b/%C3%A9?q=1&r"
     assert request_target({"SCRIPT_NAME": "/app", "PATH_INFO": ""}) == "/app"
     assert request_target({"PATH_INFO": ""}) == "/"
+
+
+def close_wait_sockets(pid: int) -> int:
+    """TCP sockets of process ``pid`` whose peer has closed (CLOSE-WAIT), from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                count += fields[3] == "08" and fields[9] in inodes
+    return count
+
+
+def test_pooled_connections_an_endpoint_closes_do_not_linger(tmp_path) -> None:
+    """An endpoint that closes idle keep-alive connections soon (many servers do, after
+    a few seconds): the balancer's pooled ends must not sit in CLOSE-WAIT holding
+    descriptors until some request happens to pop them; the door reaps them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_then_close(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(4096)
+                if not piece:
+                    return
+                data += piece
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            time.sleep(0.3)  # the endpoint's own keep-alive timeout
+
+    threading.Thread(target=accept_forever, args=(listener, answer_then_close),
+                     daemon=True).start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    env = {"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"}
+    try:
+        with running(cluster_argv("register", "--service", "web", "--endpoint-url", endpoint,
+                                  "--ping-interval", "1"), env=env):
+            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
+                                     name="balancer")
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_until(lambda: get(base + "/_cluster/status").json()["endpoints"],
+                           timeout=TIMEOUT, what="endpoint registered")
+
+                def one(_: int) -> int:
+                    return requests.get(base + "/x", timeout=10).status_code
+
+                with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                    assert list(pool.map(one, range(20))) == [200] * 20
+                wait_until(lambda: close_wait_sockets(proc.pid) > 0, timeout=5,
+                           what="the endpoint closed pooled connections")
+                wait_until(lambda: close_wait_sockets(proc.pid) == 0, timeout=6,
+                           what="the balancer closed its ends")
+                assert requests.get(base + "/x", timeout=10).status_code == 200
+            finally:
+                proc.stop()
+            assert "Traceback" not in proc.output()
+    finally:
+        listener.close()

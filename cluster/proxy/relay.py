@@ -327,8 +327,17 @@ class Exchange:
                     from None
             if response.code >= 200 or (response.code == 101 and self.head.upgrade):
                 break
+            if response.code == 101:  # RFC 9110 15.2.2: only to a request that asked
+                raise misbehaving(UpstreamBroken(self.url, "101 to a request without Upgrade"))
             # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
             buf = buf[end + 4:]
+        if response.transfer and response.transfer.lower() != b"chunked" and \
+                _codings(response.transfer) != [b"chunked"]:
+            # Only chunked is asked for (the client's TE is not passed on, RFC 9110
+            # 10.1.4): gzip data passed as content, or a coding clients cannot read
+            # (http.client, h11 know only chunked), is worse than a 502 (as nginx).
+            raise misbehaving(UpstreamBroken(
+                self.url, f"Transfer-Encoding {response.transfer[:60]!r}: not plain chunked"))
         # The body bytes that came with the head: a large piece is not copied out of the
         # read, only viewed (relay_response sends it as it is, or copies it to scan it).
         end += 4
@@ -556,7 +565,7 @@ class Exchange:
             try:
                 used, pieces = scanner.feed(buf)
             except ChunkError as exc:
-                error = UpstreamBroken(self.url, f"garbled chunked body: {exc}")
+                error = misbehaving(UpstreamBroken(self.url, f"garbled chunked body: {exc}"))
                 error.answered = not first
                 raise error from None
             data = b"".join(pieces) if dechunk else buf[:used]
@@ -620,6 +629,11 @@ def _relayed_head(response: ResponseHead, head: RequestHead, client_keep: bool,
         framing += b"\r\nConnection: keep-alive"
     out = response.status_line + fields + framing + extra + HEAD_END
     return mode, length, dechunk, client_keep, out
+
+
+def _codings(transfer: bytes) -> list[bytes]:
+    """The transfer codings of a Transfer-Encoding value, lower-case, in order."""
+    return [t.strip(b" \t").lower() for t in transfer.split(b",") if t.strip(b" \t")]
 
 
 def _ready(conn: Connection, size: int) -> bytes:

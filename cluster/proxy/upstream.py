@@ -255,6 +255,23 @@ class Pool:
             self._targets.pop(url, None)
         return closed
 
+    def reap(self) -> int:
+        """Close the idle connections the endpoint closed meanwhile, or that idled past
+        IDLE_TIMEOUT: unreaped, each holds a descriptor (in CLOSE-WAIT) until a request
+        to that endpoint happens to pop it, up to ``max_idle`` per endpoint. Returns how
+        many were closed."""
+        oldest_ok = time.monotonic() - IDLE_TIMEOUT
+        closed = 0
+        for stack in self._idle.values():
+            keep = [c for c in stack if c.idle_since >= oldest_ok and c.usable()]
+            if len(keep) < len(stack):
+                for conn in stack:
+                    if conn not in keep:
+                        conn.close()
+                        closed += 1
+                stack[:] = keep
+        return closed
+
     def close(self) -> None:
         """Close every idle connection; checked-out ones close when their request ends."""
         self.closed = True

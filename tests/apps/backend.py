@@ -120,6 +120,13 @@ def app(environ, start_response):
             start_response(f"{code} X", [("X-Served-By", NAME), ("ETag", '"v1"')])
             return [b""]
         return reply(f"status {code}", status=f"{code} X")
+    if path == "/wrong-length":  # an app bug: a Content-Length that is not what it sends
+        said, sent = int(query["said"]), int(query["sent"])
+        start_response("200 OK", [("Content-Length", str(said)), ("X-Served-By", NAME)])
+        return [b"x" * sent]
+    if path == "/self-chunked":  # an app bug: it frames its body itself (hop-by-hop)
+        start_response("200 OK", [("Transfer-Encoding", "chunked"), ("X-Served-By", NAME)])
+        return [b"5\r\nhello\r\n0\r\n\r\n"]
     if path == "/cookies":
         return reply("cookies", extra=[("Set-Cookie", "a=1; Path=/"),
                                        ("Set-Cookie", "b=2; Path=/")])
