@@ -279,6 +279,38 @@ def test_head_204_304_have_no_body_on_a_kept_alive_connection(st: Stack) -> None
             assert client.exactly(7) == b"backend"
 
 
+@pytest.fixture(scope="module")
+def product() -> Iterator[Stack]:
+    with stack(via="cluster") as s:
+        yield s
+
+
+@pytest.mark.parametrize("path", ["/whoami", "/download?size=100000"])
+def test_one_answer_gets_each_client_its_own_connection_field(product: Stack,
+                                                              path: str) -> None:
+    # The proxy reuses the head it made for an endpoint head it saw before: clients that
+    # keep their connection, close it or speak HTTP/1.0 get the same answer in turn, each
+    # with the Connection field (and the end of connection) its request asked for.
+    asks = [("HTTP/1.1", "", None), ("HTTP/1.1", "close", "close"),
+            ("HTTP/1.0", "keep-alive", "keep-alive"), ("HTTP/1.1", "", None),
+            ("HTTP/1.0", "", "close")]
+    for version, connection, expected in asks:
+        with raw(product.port) as client:
+            lines = [f"GET {path} {version}", "Host: test.example"]
+            lines += [f"Connection: {connection}"] if connection else []
+            for _ in range(2):
+                client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+                status, headers = client.head()
+                assert status.endswith("200 OK"), (version, connection, status)
+                fields = [v.lower() for v in header(headers, "Connection")]
+                assert fields == ([expected] if expected else []), (version, connection)
+                size = int(header(headers, "Content-Length")[0])
+                client.exactly(size)
+                if expected == "close":
+                    assert client.until_close() == b""
+                    break
+
+
 def test_request_body_with_content_length(st: Stack) -> None:
     small = b"hello \x00\xff" * 100
     resp = requests.post(f"{st.url}/echo", data=small, timeout=TIMEOUT)

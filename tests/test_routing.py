@@ -78,6 +78,19 @@ def test_first_response_sets_the_sticky_cookie():
     assert d.set_cookie == (cookie_name("web"), B.hash)
 
 
+def test_a_decision_names_the_endpoint_record_of_its_own_table():
+    # Decisions are reused for the same arguments (routing._proxy): a newer table's
+    # record of the same endpoint (here: a later heartbeat) must be the one a decision
+    # made from that table carries, and the older one for the older table.
+    newer = dataclasses.replace(B, ping_interval=7.0)
+    old_table, new_table = table(ME, A, B), table(ME, A, newer)
+    for tbl, record in ((old_table, B), (new_table, newer), (old_table, B)):
+        d = route(RequestView(), tbl, POLICY, rand=lambda: 0.99)
+        assert isinstance(d, Proxy) and d.endpoint is record
+    again = route(RequestView(), old_table, POLICY, rand=lambda: 0.99)
+    assert again == route(RequestView(), old_table, POLICY, rand=lambda: 0.99)
+
+
 def test_cookie_keeps_requests_on_one_endpoint():
     request = RequestView(cookie_header=f"a=1; {cookie_name('web')}={A.hash}; z=2")
     for point in (0.0, 0.5, 0.99):

@@ -360,31 +360,15 @@ class Exchange:
         assert response is not None and conn is not None
         client = self.client
         head = self.head
-        mode, length = response_framing(head.method, response)
-        fields = response.fields
-        old_client = head.version == b"HTTP/1.0"
-        dechunk = False
-        framing = b""
-        if mode == CHUNKED:
-            if response.length >= 0:
-                fields = without_field(fields, b"content-length")
-            if old_client:
-                dechunk = True  # an HTTP/1.0 client cannot read chunks: end by closing
-                client_keep = False
-            else:
-                framing = b"\r\nTransfer-Encoding: chunked"
-        elif mode == FIXED or mode == NO_BODY:
-            if response.code in (204, 304) and response.length >= 0 and head.method != b"HEAD":
-                fields = without_field(fields, b"content-length")
-        else:  # until close
-            client_keep = False
-            if response.transfer:
-                framing = b"\r\nTransfer-Encoding: " + response.transfer
-        if not client_keep:
-            framing += b"\r\nConnection: close"
-        elif old_client:
-            framing += b"\r\nConnection: keep-alive"
-        out = response.status_line + fields + framing + extra + HEAD_END
+        key = (self.raw_head, head.method, head.version, client_keep, extra)
+        known = _RELAYED.get(key)
+        if known is None:
+            known = _relayed_head(response, head, client_keep, extra)
+            if len(self.raw_head) <= _RELAYED_KEPT_MAX:
+                if len(_RELAYED) >= _RELAYED_MAX:
+                    _RELAYED.clear()
+                _RELAYED[key] = known
+        mode, length, dechunk, client_keep, out = known
         buf = conn.buf
         conn.buf = b""
         pool_it = response.keep_alive and head.method != b"HEAD"
@@ -498,19 +482,24 @@ class Exchange:
             return False
         rfd, wfd = pipe
         client = self.client
-        up = conn.sock
-        down = client.sock
         empty = False
         try:
             # What is already in the socket, without waiting; the head then goes out
             # with MSG_MORE so that it leaves in one segment with those bytes.
             try:
-                moved = os.splice(up.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
+                moved = os.splice(conn.sock._sock.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
             except OSError:  # nothing yet, or the end: the wait below sees it again
                 moved = 0
             parts: list[bytes | memoryview] = [out, first] if first else [out]
-            client.send_parts(parts, MSG_MORE if moved else 0)
-            self.sent += len(out) + len(first)
+            size = len(out) + len(first)
+            try:
+                sent = client.raw.sendmsg(parts, (), MSG_MORE if moved else 0)
+            except BlockingIOError:
+                sent = 0
+            if sent < size:
+                client.send_rest(parts, sent)
+            self.sent += size
+            down = client.raw
             while True:
                 if moved:
                     left -= moved
@@ -522,7 +511,7 @@ class Exchange:
                             phase, deadline = client.phase, client.deadline
                             client.expect(WRITE, client.write_timeout)
                             try:
-                                wait_writable(down)
+                                wait_writable(client.sock)
                             finally:
                                 client.phase, client.deadline = phase, deadline
                             continue
@@ -545,7 +534,7 @@ class Exchange:
         up = conn.sock
         while True:
             try:
-                moved = os.splice(up.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
+                moved = os.splice(up._sock.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
             except BlockingIOError:
                 client.expect(UPSTREAM, self.pool.read_timeout)
                 try:
@@ -600,6 +589,46 @@ class Exchange:
             if not data:
                 return
             self._to_client(data)
+
+
+#: The head sent to the client and how to relay the body, by (the endpoint's head as
+#: received, the request's method and version, the client's keep-alive, the added
+#: lines): endpoints send the same head over and over (nginx until its Date changes).
+_RELAYED: dict[tuple[bytes, bytes, bytes, bool, bytes], tuple[int, int, bool, bool, bytes]] = {}
+_RELAYED_MAX = 256
+_RELAYED_KEPT_MAX = 2048
+
+
+def _relayed_head(response: ResponseHead, head: RequestHead, client_keep: bool,
+                  extra: bytes) -> tuple[int, int, bool, bool, bytes]:
+    """(mode, length, dechunk, client_keep, head to send) for ``response`` to a client
+    that sent ``head`` (see Exchange.relay_response)."""
+    mode, length = response_framing(head.method, response)
+    fields = response.fields
+    old_client = head.version == b"HTTP/1.0"
+    dechunk = False
+    framing = b""
+    if mode == CHUNKED:
+        if response.length >= 0:
+            fields = without_field(fields, b"content-length")
+        if old_client:
+            dechunk = True  # an HTTP/1.0 client cannot read chunks: end by closing
+            client_keep = False
+        else:
+            framing = b"\r\nTransfer-Encoding: chunked"
+    elif mode == FIXED or mode == NO_BODY:
+        if response.code in (204, 304) and response.length >= 0 and head.method != b"HEAD":
+            fields = without_field(fields, b"content-length")
+    else:  # until close
+        client_keep = False
+        if response.transfer:
+            framing = b"\r\nTransfer-Encoding: " + response.transfer
+    if not client_keep:
+        framing += b"\r\nConnection: close"
+    elif old_client:
+        framing += b"\r\nConnection: keep-alive"
+    out = response.status_line + fields + framing + extra + HEAD_END
+    return mode, length, dechunk, client_keep, out
 
 
 def _codings(transfer: bytes) -> list[bytes]:
