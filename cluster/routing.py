@@ -540,6 +540,8 @@ def _route_sticky(
 
 
 _PROXIES: dict[tuple[int, str, _Cookie, _Cookie], Proxy] = {}
+#: longer paths are not kept: 4,096 entries of 8 KiB request lines would hold 32 MiB
+_PROXIES_PATH_MAX = 512
 
 
 def _proxy(endpoint: Endpoint, path_qs: str, set_cookie: _Cookie, set_version: _Cookie) -> Proxy:
@@ -550,10 +552,11 @@ def _proxy(endpoint: Endpoint, path_qs: str, set_cookie: _Cookie, set_version: _
     key = (id(endpoint), path_qs, set_cookie, set_version)
     made = _PROXIES.get(key)
     if made is None:
-        if len(_PROXIES) >= 4096:
-            _PROXIES.clear()
-        made = _PROXIES[key] = Proxy(endpoint, path_qs, set_cookie=set_cookie,
-                                     set_version=set_version)
+        made = Proxy(endpoint, path_qs, set_cookie=set_cookie, set_version=set_version)
+        if len(path_qs) <= _PROXIES_PATH_MAX:  # long, one-off targets: not kept
+            if len(_PROXIES) >= 4096:
+                _PROXIES.clear()
+            _PROXIES[key] = made
     return made
 
 

@@ -91,6 +91,21 @@ def test_a_decision_names_the_endpoint_record_of_its_own_table():
     assert again == route(RequestView(), old_table, POLICY, rand=lambda: 0.99)
 
 
+def test_decisions_for_long_one_off_paths_are_not_kept():
+    """The reuse of decisions is bounded in memory: a path past 512 bytes (each could
+    be 8 KiB, and an attacker can send a new one per request) is decided afresh."""
+    from cluster import routing
+
+    routing._PROXIES.clear()
+    long_path = "/" + "x" * 2000
+    d = route(RequestView(path=long_path), WEB, POLICY, rand=lambda: 0.99)
+    assert isinstance(d, Proxy) and d.path_qs == long_path
+    assert not routing._PROXIES
+    short = route(RequestView(path="/short"), WEB, POLICY, rand=lambda: 0.99)
+    assert len(routing._PROXIES) == 1
+    assert route(RequestView(path="/short"), WEB, POLICY, rand=lambda: 0.99) is short
+
+
 def test_cookie_keeps_requests_on_one_endpoint():
     request = RequestView(cookie_header=f"a=1; {cookie_name('web')}={A.hash}; z=2")
     for point in (0.0, 0.5, 0.99):
