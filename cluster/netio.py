@@ -88,17 +88,7 @@ class Reader:
         if type(sock) is not gsocket.socket:
             return sock.recv(size)  # type: ignore[no-any-return]
         while True:
-            # wait(), inline: this runs twice per proxied request
-            event = sock._read_event
-            if event is None:
-                raise _CLOSED
-            if not event.active:
-                event.start(self._fired)
-            self.waiting = getcurrent()
-            try:
-                self.hub.switch()
-            finally:
-                self.waiting = None
+            self.wait()
             try:
                 return sock._sock.recv(size)  # type: ignore[no-any-return]
             except BlockingIOError:
