@@ -119,11 +119,6 @@ class ClientConn:
             sent = self.raw.sendmsg(parts, (), flags)
         except BlockingIOError:
             sent = 0
-        self.send_rest(parts, sent)
-
-    def send_rest(self, parts: list[bytes | memoryview], sent: int) -> None:
-        """Send what is left of ``parts`` after a ``sendmsg`` that took ``sent`` bytes,
-        as :meth:`send` does (waiting within the write timeout)."""
         for part in parts:
             size = len(part)
             if sent >= size:

@@ -35,20 +35,8 @@ def is_plain(sock: Any) -> bool:
 
 def wait_recv(sock: Any, size: int) -> bytes:
     """Wait until ``sock`` is readable, then read up to ``size`` bytes (b"" at EOF)."""
-    data: bytes = _read_after_wait(sock, "recv", size)
-    return data
-
-
-def wait_recv_into(sock: Any, view: memoryview) -> int:
-    """Like :func:`wait_recv`, into ``view`` (a reused buffer: no allocation per read)."""
-    got: int = _read_after_wait(sock, "recv_into", view)
-    return got
-
-
-def _read_after_wait(sock: Any, method: str, arg: Any) -> Any:
     if type(sock) is not gsocket.socket:
-        return getattr(sock, method)(arg)
-    read = getattr(sock._sock, method)
+        return sock.recv(size)  # type: ignore[no-any-return]
     hub = get_hub()
     while True:
         event = sock._read_event
@@ -56,7 +44,7 @@ def _read_after_wait(sock: Any, method: str, arg: Any) -> Any:
             raise _CLOSED
         hub.wait(event)
         try:
-            return read(arg)
+            return sock._sock.recv(size)  # type: ignore[no-any-return]
         except BlockingIOError:
             continue  # woken without data (spurious): wait again
 

@@ -490,15 +490,8 @@ class Exchange:
                 moved = os.splice(conn.sock._sock.fileno(), wfd, left, flags=_SPLICE_NONBLOCK)
             except OSError:  # nothing yet, or the end: the wait below sees it again
                 moved = 0
-            parts: list[bytes | memoryview] = [out, first] if first else [out]
-            size = len(out) + len(first)
-            try:
-                sent = client.raw.sendmsg(parts, (), MSG_MORE if moved else 0)
-            except BlockingIOError:
-                sent = 0
-            if sent < size:
-                client.send_rest(parts, sent)
-            self.sent += size
+            client.send_parts([out, first] if first else [out], MSG_MORE if moved else 0)
+            self.sent += len(out) + len(first)
             down = client.raw
             while True:
                 if moved:
