@@ -3,7 +3,7 @@ the balancer's memory per idle proxied WebSocket.
 
     python bench/ws_bench.py [--duration 5] [--rounds 4] [--connections 50]
                              [--client go|python] [--idle 2000] [--busy-poll 50]
-                             [--no-nginx]
+                             [--no-nginx] [--no-relay]
 
 The method of bench/http_bench.py (issue 7), on a 2-core machine:
 
@@ -17,6 +17,10 @@ The method of bench/http_bench.py (issue 7), on a 2-core machine:
   I/O, so messages stop having to wake CPU 0 (see cluster/busypoll.py);
 - nginx as a WebSocket proxy on CPU 0 (bench/nginx_ws_proxy.conf: 1 worker, no
   buffering), the reference for what a proxy costs in this layout (``--no-nginx``: skip);
+- bench/ws_relay.c on CPU 0, built with ``cc`` at each run: a relay that only moves
+  bytes, busy polling with the same window (``--no-relay``: skip). What it makes is
+  what moving each message through another core leaves of the direct rate, before any
+  work of a proxy's own;
 - the load generator on CPU 1: ``--connections`` WebSockets doing ping-pong of 32-byte
   text messages for ``--duration`` seconds, direct to the echo server, through the
   balancer and through nginx, in ``--rounds`` interleaved rounds. ``--client go``
@@ -189,7 +193,7 @@ def settle(predicate, timeout: float = 60.0) -> bool:
 
 # -- the run ----------------------------------------------------------------------------
 
-MODES = ("direct", "cluster", "busy", "nginx")
+MODES = ("direct", "cluster", "busy", "nginx", "relay")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]], dict]:
@@ -197,8 +201,11 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
         subprocess.run(["go", "build", "-o", str(workdir / "ws_load"),
                         str(BENCH / "ws_load.go")], check=True, cwd=str(workdir),
                        env=dict(os.environ, CGO_ENABLED="0"))
-    modes = [m for m in MODES
-             if (m != "nginx" or args.nginx) and (m != "busy" or args.busy_poll)]
+    if args.relay:
+        subprocess.run([args.relay, "-O2", "-o", str(workdir / "ws_relay"),
+                        str(BENCH / "ws_relay.c")], check=True)
+    skipped = {"nginx": not args.nginx, "busy": not args.busy_poll, "relay": not args.relay}
+    modes = [m for m in MODES if not skipped.get(m)]
     with contextlib.ExitStack() as stack:
         echo_port = hb.free_port()  # ws_echo.py takes a fixed port
         echo = stack.enter_context(hb.launched(
@@ -223,6 +230,12 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
                               UPSTREAM_PORT=echo_port),
                 workdir, "ws-nginx", PROXY_CPU, port=nginx_port))
             ports["nginx"], watched["nginx"] = nginx_port, nginx.pid
+        if args.relay:
+            relay_port = hb.free_port()
+            relay = stack.enter_context(hb.launched(
+                [str(workdir / "ws_relay"), str(relay_port), str(echo_port),
+                 str(args.busy_poll)], workdir, "ws-relay", PROXY_CPU, port=relay_port))
+            ports["relay"], watched["relay"] = relay_port, relay.pid
         proxy = Proxy("cluster", balancer.pid, balancer.port)
         proxy.set_idle()
         rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -250,9 +263,10 @@ def verdict(ok: bool) -> str:
 def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
     add = lines.append
-    proxies = [m for m in ("cluster", "busy", "nginx") if m in rounds]
+    proxies = [m for m in ("cluster", "busy", "nginx", "relay") if m in rounds]
     names = {"cluster": "**cluster serve**",
-             "busy": f"**cluster serve --busy-poll {args.busy_poll}**", "nginx": "nginx"}
+             "busy": f"**cluster serve --busy-poll {args.busy_poll}**", "nginx": "nginx",
+             "relay": f"bench/ws_relay.c, window {args.busy_poll} µs"}
 
     def ratio(mode: str, base: str = "direct") -> float:
         pairs = zip(rounds[base], rounds[mode])
@@ -288,6 +302,12 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
             + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the "
                f"balancer makes {ratio(mode, 'nginx'):.2f} of nginx's rate"
                if "nginx" in rounds else ""))
+    if "relay" in rounds:
+        add(f"- bench/ws_relay.c (only moves bytes; the same busy polling) vs direct: "
+            f"{ratio('relay'):.2f}: what this layout leaves a proxy on CPU 0 that relays "
+            "each message as it comes"
+            + (f"; the balancer with --busy-poll {args.busy_poll} makes "
+               f"{ratio('busy', 'relay'):.2f} of its rate" if "busy" in rounds else ""))
     if idle:
         per = idle["per_socket"]
         add(f"- balancer memory per idle proxied WebSocket: {per:,.0f} bytes "
@@ -314,6 +334,9 @@ def main() -> None:
                         help="also measure a balancer run with --busy-poll (0: skip it)")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false",
                         help="skip nginx as a WebSocket proxy (the reference)")
+    parser.add_argument("--no-relay", dest="relay", action="store_const", const=None,
+                        default=shutil.which("cc"),
+                        help="skip bench/ws_relay.c (skipped anyway without a C compiler)")
     parser.add_argument("--load", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
