@@ -111,6 +111,34 @@ def test_gevent_websocket_app_echoes_text_and_binary(gws: Cluster, pick: str) ->
         ws.close()
 
 
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: str) -> None:
+    """A close frame is a 2-byte code, then the reason (RFC 6455 5.5.1). As released,
+    gevent-websocket's close(code, message) writes the message alone, so its echo of a
+    client's close (or an app's own close) reaches the client with the reason's first
+    two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
+    status code')."""
+    url = gws.url("a").replace("http", "ws", 1) + "/echo"
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+        ws.send_close(4001, b"client done")
+        frame = ws.recv_frame()
+        assert frame.opcode == ABNF.OPCODE_CLOSE
+        assert frame.data == (4001).to_bytes(2, "big") + b"client done", frame.data
+    finally:
+        ws.shutdown()
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:close 4003 bye now")
+        frame = ws.recv_frame()
+        assert frame.opcode == ABNF.OPCODE_CLOSE
+        assert frame.data == (4003).to_bytes(2, "big") + b"bye now", frame.data
+    finally:
+        ws.shutdown()
+
+
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
     got = requests.get(gws.url("a") + "/whoami", headers={"Cookie": gws.cookie("b")},
                        timeout=5)
