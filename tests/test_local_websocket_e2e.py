@@ -117,7 +117,7 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     gevent-websocket's close(code, message) writes the message alone, so its echo of a
     client's close (or an app's own close) reaches the client with the reason's first
     two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
-    status code')."""
+    status code'), Chromium reports code 25209 ("by" of "bytearray(b'...')")."""
     url = gws.url("a").replace("http", "ws", 1) + "/echo"
     ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
     try:
