@@ -1201,8 +1201,16 @@ _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forward
 
 
 def _pairs_for_app(head: RequestHead, trusted: bool) -> list[tuple[str, str]]:
-    """The header fields the local app sees: forwarded ones only from trusted peers."""
+    """The header fields the local app sees: forwarded ones only from trusted peers;
+    an Upgrade the door ignores (not a WebSocket handshake: HTTP/1.0, a body...) not
+    at all, as a relayed request's endpoint would not see it (hop-by-hop). Else an app
+    that upgrades on its own (engine.io) sets out to, finds no socket, and raises."""
     pairs = head.header_pairs()
     if not trusted:
         pairs = [p for p in pairs if p[0].lower() not in _FORWARDED_NAMES]
+    if head.upgrade and not head.is_websocket:
+        tokens = ", ".join(t.decode("latin-1") for t in head.connection if t != b"upgrade")
+        pairs = [p for p in pairs if p[0].lower() not in ("upgrade", "connection")]
+        if tokens:
+            pairs.append(("Connection", tokens))
     return pairs

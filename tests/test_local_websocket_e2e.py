@@ -191,6 +191,26 @@ def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
     assert b"wsgi.websocket missing" in data
 
 
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_upgrade_with_a_body_is_a_plain_request(gws: Cluster, pick: str) -> None:
+    """A handshake is a GET without a body (RFC 6455 4.1). With one, where the frames
+    begin is a matter of opinion: relayed, the body was dropped while the head sent on
+    still announced it (an endpoint that reads it would take the first frame bytes
+    for it); served here, gevent-websocket read the body as frames. The Upgrade is
+    ignored instead (RFC 9110 7.8 allows it), wherever it is served: the app answers a
+    plain request, its body read as a body, and the connection carries on."""
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        lines = ["GET /echo HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {gws.cookie(pick)}",
+                 *(f"{k}: {v}" for k, v in HANDSHAKE.items()), "Content-Length: 5"]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\nhello").encode()
+                     + f"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {gws.cookie(pick)}"
+                       "\r\n\r\n".encode())
+        data, _closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 426 "), data[:200]
+    assert b"wsgi.websocket missing" in data
+    assert data.endswith(b"\r\n\r\n" + pick.encode()), data[-200:]
+
+
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
 
 
@@ -222,6 +242,22 @@ def test_socketio_client_upgrades_to_websocket(sio: Cluster, via: str, pick: str
         assert echo_twenty(client) == {pick}
     finally:
         client.disconnect()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_http10_upgrade_reaches_socketio_as_a_plain_request(sio: Cluster, pick: str) -> None:
+    """The door ignores an HTTP/1.0 Upgrade (RFC 9110 7.8). Relayed, Upgrade and
+    Connection go no further (hop-by-hop) and engine.io answers its own 400; served
+    here, the app must not see them either, or engine.io sets out to upgrade, finds no
+    socket and raises (a 500 and a traceback in the instance's log)."""
+    with socket.create_connection(("127.0.0.1", sio.ports["a"]), timeout=5) as sock:
+        lines = ["GET /socket.io/?EIO=4&transport=websocket HTTP/1.0", "Host: 127.0.0.1",
+                 f"Cookie: {sio.cookie(pick)}", *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data, _closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 400 "), data[:300]
+    for proc in sio.procs:
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
 
 
 def test_socketio_without_a_cookie_sticks_to_the_instance_the_front_picked(
