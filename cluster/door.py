@@ -544,7 +544,9 @@ class Connection:
 
     def reply(self, head: RequestHead, state: _Outcome, status: int, body: bytes,
               ctype: bytes = b"text/plain; charset=utf-8", close: bool = False) -> bool:
-        keep = head.keep_alive and not close and not head.has_body
+        # a WebSocket handshake answered here is refused (not a 101): the connection
+        # ends, as for any refusal, since what follows its head may be frames
+        keep = head.keep_alive and not close and not head.has_body and not head.is_websocket
         data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
                                close=not keep)
         if head.method == b"HEAD":  # same head as a GET would get, without the body

@@ -211,6 +211,22 @@ def test_an_upgrade_with_a_body_is_a_plain_request(gws: Cluster, pick: str) -> N
     assert data.endswith(b"\r\n\r\n" + pick.encode()), data[-200:]
 
 
+def test_a_handshake_cluster_answers_itself_ends_the_connection(gws: Cluster) -> None:
+    """The status page answering a WebSocket handshake refuses it like any non-101:
+    the connection ends there (what the client sent after the head may be frames, which
+    a kept connection would read as its next request head)."""
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        lines = ["GET /_cluster/status HTTP/1.1", "Host: 127.0.0.1",
+                 *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+        frame = ABNF.create_frame("GET / HTTP/1.1", ABNF.OPCODE_TEXT).format()
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + frame)
+        data, closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    head = data.partition(b"\r\n\r\n")[0]
+    assert b"Connection: close" in head and closed, head
+    assert data.count(b"HTTP/1.1 ") == 1, data[-300:]
+
+
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
 
 
