@@ -799,7 +799,9 @@ class _WebSocket(WebSocket):  # type: ignore[misc]
             reason = bytes(message or b"")
         payload = b""  # no code, or one that may not be sent (1005, 1006, 1015...)
         if isinstance(code, int) and 1000 <= code <= 4999 and code not in _UNSENDABLE:
-            payload = code.to_bytes(2, "big") + reason[:123]
+            # a control frame holds 125 bytes: the reason is cut there, on a character
+            payload = code.to_bytes(2, "big") + \
+                reason[:123].decode("utf-8", "ignore").encode("utf-8")
         try:
             self.send_frame(payload, opcode=self.OPCODE_CLOSE)
         except WebSocketError:

@@ -137,6 +137,14 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
         assert frame.data == (4003).to_bytes(2, "big") + b"bye now", frame.data
     finally:
         ws.shutdown()
+    # a reason longer than a control frame holds (125 bytes) is cut on a character
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:close 4004 " + "é" * 100)
+        frame = ws.recv_frame()
+        assert frame.data == (4004).to_bytes(2, "big") + ("é" * 61).encode(), frame.data
+    finally:
+        ws.shutdown()
 
 
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
