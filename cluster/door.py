@@ -35,7 +35,9 @@ from urllib.parse import unquote_to_bytes
 
 import gevent
 from gevent.pywsgi import WSGIServer
+from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import MSG_ALREADY_CLOSED, WebSocket
 
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
@@ -542,7 +544,9 @@ class Connection:
 
     def reply(self, head: RequestHead, state: _Outcome, status: int, body: bytes,
               ctype: bytes = b"text/plain; charset=utf-8", close: bool = False) -> bool:
-        keep = head.keep_alive and not close and not head.has_body
+        # a WebSocket handshake answered here is refused (not a 101): the connection
+        # ends, as for any refusal, since what follows its head may be frames
+        keep = head.keep_alive and not close and not head.has_body and not head.is_websocket
         data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
                                close=not keep)
         if head.method == b"HEAD":  # same head as a GET would get, without the body
@@ -770,6 +774,42 @@ class _Pumped:
             except OSError:
                 pass
             sock.close()
+
+
+#: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+class _WebSocket(WebSocket):  # type: ignore[misc]
+    """gevent-websocket's WebSocket with a close frame as RFC 6455 5.5.1 has it: the
+    2-byte code, then the reason. As released, ``close(code, message)`` writes the
+    message alone (and ``str()`` of it when it is bytes): its echo of a client's close,
+    and an app's own ``close(4000, "why")``, reach the client with the reason's first
+    two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
+    status code'), Chromium's close event says code 25209, reason "tearray(b'...')"."""
+
+    __slots__ = ()
+
+    def close(self, code: int | None = 1000, message: Any = b"") -> None:
+        if self.closed:
+            self.current_app.on_close(MSG_ALREADY_CLOSED)
+        if isinstance(message, str):
+            reason = message.encode("utf-8")
+        else:
+            reason = bytes(message or b"")
+        payload = b""  # no code, or one that may not be sent (1005, 1006, 1015...)
+        if isinstance(code, int) and 1000 <= code <= 4999 and code not in _UNSENDABLE:
+            # a control frame holds 125 bytes: the reason is cut there, on a character
+            payload = code.to_bytes(2, "big") + \
+                reason[:123].decode("utf-8", "ignore").encode("utf-8")
+        try:
+            self.send_frame(payload, opcode=self.OPCODE_CLOSE)
+        except WebSocketError:
+            pass  # the socket is being closed anyway
+        finally:  # as gevent-websocket's close() leaves it (its slots, unknown to mypy)
+            for name, value in (("closed", True), ("stream", None), ("raw_write", None),
+                                ("raw_read", None), ("environ", None)):
+                setattr(self, name, value)
 
 
 class _LocalWebSocket:
@@ -1105,6 +1145,9 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         except binascii.Error:
             self.start_response("400 Bad Request", [])
             return [b"Invalid Sec-WebSocket-Key"]
+        websocket = self.environ.get("wsgi.websocket")
+        if type(websocket) is WebSocket:
+            websocket.__class__ = _WebSocket  # same slots: only close() differs
         if result:
             result = [part.encode("latin-1") if isinstance(part, str) else part
                       for part in result]
@@ -1162,8 +1205,16 @@ _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forward
 
 
 def _pairs_for_app(head: RequestHead, trusted: bool) -> list[tuple[str, str]]:
-    """The header fields the local app sees: forwarded ones only from trusted peers."""
+    """The header fields the local app sees: forwarded ones only from trusted peers;
+    an Upgrade the door ignores (not a WebSocket handshake: HTTP/1.0, a body...) not
+    at all, as a relayed request's endpoint would not see it (hop-by-hop). Else an app
+    that upgrades on its own (engine.io) sets out to, finds no socket, and raises."""
     pairs = head.header_pairs()
     if not trusted:
         pairs = [p for p in pairs if p[0].lower() not in _FORWARDED_NAMES]
+    if head.upgrade and not head.is_websocket:
+        tokens = ", ".join(t.decode("latin-1") for t in head.connection if t != b"upgrade")
+        pairs = [p for p in pairs if p[0].lower() not in ("upgrade", "connection")]
+        if tokens:
+            pairs.append(("Connection", tokens))
     return pairs

@@ -125,10 +125,13 @@ class RequestHead:
 
     @property
     def is_websocket(self) -> bool:
-        """An HTTP/1.1 GET with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC
-        6455 4.1; RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored)."""
+        """An HTTP/1.1 GET with ``Upgrade: websocket`` and ``Connection: upgrade`` and no
+        body (RFC 6455 4.1; RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored,
+        and a server may ignore any other: with a body, whether the frames begin after it
+        or at it is a matter of opinion between two servers, so it is not an upgrade)."""
         return (self.method == b"GET" and b"upgrade" in self.connection
-                and b"websocket" in self.upgrade.lower() and self.version == b"HTTP/1.1")
+                and b"websocket" in self.upgrade.lower() and self.version == b"HTTP/1.1"
+                and not self.has_body)
 
     def header_pairs(self) -> list[tuple[str, str]]:
         """Every field as (name, value) strings, for a WSGI environ: the end-to-end ones

@@ -111,6 +111,42 @@ def test_gevent_websocket_app_echoes_text_and_binary(gws: Cluster, pick: str) ->
         ws.close()
 
 
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: str) -> None:
+    """A close frame is a 2-byte code, then the reason (RFC 6455 5.5.1). As released,
+    gevent-websocket's close(code, message) writes the message alone, so its echo of a
+    client's close (or an app's own close) reaches the client with the reason's first
+    two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
+    status code'), Chromium reports code 25209 ("by" of "bytearray(b'...')")."""
+    url = gws.url("a").replace("http", "ws", 1) + "/echo"
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+        ws.send_close(4001, b"client done")
+        frame = ws.recv_frame()
+        assert frame.opcode == ABNF.OPCODE_CLOSE
+        assert frame.data == (4001).to_bytes(2, "big") + b"client done", frame.data
+    finally:
+        ws.shutdown()
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:close 4003 bye now")
+        frame = ws.recv_frame()
+        assert frame.opcode == ABNF.OPCODE_CLOSE
+        assert frame.data == (4003).to_bytes(2, "big") + b"bye now", frame.data
+    finally:
+        ws.shutdown()
+    # a reason longer than a control frame holds (125 bytes) is cut on a character
+    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:close 4004 " + "é" * 100)
+        frame = ws.recv_frame()
+        assert frame.data == (4004).to_bytes(2, "big") + ("é" * 61).encode(), frame.data
+    finally:
+        ws.shutdown()
+
+
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
     got = requests.get(gws.url("a") + "/whoami", headers={"Cookie": gws.cookie("b")},
                        timeout=5)
@@ -163,6 +199,42 @@ def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
     assert b"wsgi.websocket missing" in data
 
 
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_upgrade_with_a_body_is_a_plain_request(gws: Cluster, pick: str) -> None:
+    """A handshake is a GET without a body (RFC 6455 4.1). With one, where the frames
+    begin is a matter of opinion: relayed, the body was dropped while the head sent on
+    still announced it (an endpoint that reads it would take the first frame bytes
+    for it); served here, gevent-websocket read the body as frames. The Upgrade is
+    ignored instead (RFC 9110 7.8 allows it), wherever it is served: the app answers a
+    plain request, its body read as a body, and the connection carries on."""
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        lines = ["GET /echo HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {gws.cookie(pick)}",
+                 *(f"{k}: {v}" for k, v in HANDSHAKE.items()), "Content-Length: 5"]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\nhello").encode()
+                     + f"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {gws.cookie(pick)}"
+                       "\r\n\r\n".encode())
+        data, _closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 426 "), data[:200]
+    assert b"wsgi.websocket missing" in data
+    assert data.endswith(b"\r\n\r\n" + pick.encode()), data[-200:]
+
+
+def test_a_handshake_cluster_answers_itself_ends_the_connection(gws: Cluster) -> None:
+    """The status page answering a WebSocket handshake refuses it like any non-101:
+    the connection ends there (what the client sent after the head may be frames, which
+    a kept connection would read as its next request head)."""
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        lines = ["GET /_cluster/status HTTP/1.1", "Host: 127.0.0.1",
+                 *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+        frame = ABNF.create_frame("GET / HTTP/1.1", ABNF.OPCODE_TEXT).format()
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + frame)
+        data, closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    head = data.partition(b"\r\n\r\n")[0]
+    assert b"Connection: close" in head and closed, head
+    assert data.count(b"HTTP/1.1 ") == 1, data[-300:]
+
+
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
 
 
@@ -194,6 +266,22 @@ def test_socketio_client_upgrades_to_websocket(sio: Cluster, via: str, pick: str
         assert echo_twenty(client) == {pick}
     finally:
         client.disconnect()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_http10_upgrade_reaches_socketio_as_a_plain_request(sio: Cluster, pick: str) -> None:
+    """The door ignores an HTTP/1.0 Upgrade (RFC 9110 7.8). Relayed, Upgrade and
+    Connection go no further (hop-by-hop) and engine.io answers its own 400; served
+    here, the app must not see them either, or engine.io sets out to upgrade, finds no
+    socket and raises (a 500 and a traceback in the instance's log)."""
+    with socket.create_connection(("127.0.0.1", sio.ports["a"]), timeout=5) as sock:
+        lines = ["GET /socket.io/?EIO=4&transport=websocket HTTP/1.0", "Host: 127.0.0.1",
+                 f"Cookie: {sio.cookie(pick)}", *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data, _closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 400 "), data[:300]
+    for proc in sio.procs:
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
 
 
 def test_socketio_without_a_cookie_sticks_to_the_instance_the_front_picked(

@@ -5,7 +5,8 @@ The front door must hand it a socket when the instance serves an upgrade itself 
 gevent-websocket handler of its own is configured anywhere).
 
 On any path, a WebSocket echoes every message with its own type; the text ``cmd:name``
-is answered with the instance name. Plain HTTP: ``/whoami`` -> the name; anything else
+is answered with the instance name, ``cmd:close C R`` closes with code C and reason R
+(gevent-websocket's ``close(code, message)``). Plain HTTP: ``/whoami`` -> the name; anything else
 -> 426, which is what the app says when no socket was handed to it.
 """
 
@@ -37,6 +38,10 @@ def app(environ, start_response):
             break
         if message == "cmd:name":
             ws.send(NAME)
+        elif isinstance(message, str) and message.startswith("cmd:close "):
+            _, code, reason = message.split(" ", 2)
+            ws.close(int(code), reason)
+            break
         else:  # str goes out as text, bytes/bytearray as binary
             ws.send(message, binary=not isinstance(message, str))
     return []
