@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -115,6 +116,10 @@ def _positive_seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number of seconds") from None
+    # inf and nan parse as floats but are no time to wait: nan passed every check below
+    # it, inf crashed --ping-interval's range check with a traceback
+    if not math.isfinite(value):
+        raise ValueError(f"{raw.strip()} is not a finite number of seconds")
     if value <= 0:
         raise ValueError(f"{raw} must be more than 0 seconds")
     return value
@@ -135,7 +140,9 @@ def _non_negative_seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number of seconds") from None
-    if not value >= 0:  # NaN too
+    if not math.isfinite(value):
+        raise ValueError(f"{raw.strip()} is not a finite number of seconds")
+    if not value >= 0:
         raise ValueError(f"{raw} must not be negative")
     return value
 
@@ -178,12 +185,21 @@ def _version_weights(raw: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+#: most worker processes per core: the supervisor forks every one at start, so a typo
+#: (100000) would exhaust the host's memory and process table instead of failing
+MAX_WORKERS_PER_CORE = 8
+
+
 def _workers(raw: str) -> int:
+    cores = os.cpu_count() or 1
     if raw.strip().lower() == "auto":
-        return os.cpu_count() or 1
+        return cores
     value = _count(raw)
     if value < 1:
         raise ValueError("must be at least 1 or 'auto'")
+    if value > MAX_WORKERS_PER_CORE * cores:
+        raise ValueError(f"{value} is more than {MAX_WORKERS_PER_CORE} per core "
+                         f"({MAX_WORKERS_PER_CORE * cores} on this host; 'auto' is one per core)")
     return value
 
 
@@ -490,7 +506,9 @@ class Settings:
         "SECONDS",
     )
     workers_count: int = setting(
-        1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
+        1, _workers,
+        "worker processes of `cluster serve` (N, at most 8 per core, or auto: one per core)",
+        "N",
     )
     ping_interval: float = setting(
         5.0, _ping_seconds, "seconds between heartbeats", "SECONDS"
