@@ -94,6 +94,13 @@ def _discovery_url(raw: str) -> str:
             f"unknown discovery scheme {scheme + '://' if scheme else value!r}"
             " (expected mongodb://, mongodb+srv:// or sqlite:///path)"
         )
+    if scheme == "sqlite":
+        # sqlite://name has a host and no path: it used to fall back silently to the
+        # default file, so instances meant to share another store never met
+        parts = urlsplit(value)
+        if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
+            raise ValueError(f"{value!r} names no file: sqlite:///absolute/path/to/file "
+                             "(three slashes)")
     return value
 
 

@@ -109,6 +109,16 @@ def test_too_many_workers_is_refused_before_any_is_started(tmp_path):
     assert config._workers(str(8 * (os.cpu_count() or 1))) == 8 * (os.cpu_count() or 1)
 
 
+@pytest.mark.parametrize("url", ["sqlite://relative", "sqlite://", "sqlite:file.db"])
+def test_a_sqlite_url_without_an_absolute_path_is_refused(url):
+    """It used to open the default embedded store instead, silently: instances meant to
+    share another file would each see only the default one's members."""
+    result = run_cluster("status", "--discovery-url", url)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr
+
+
 def test_unknown_config_file_key_is_an_error(tmp_path):
     conf = tmp_path / "c.conf"
     conf.write_text("servce = typo\n")
