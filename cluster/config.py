@@ -578,7 +578,8 @@ class Settings:
     secret: str | None = setting(
         None,
         _secret,
-        "shared secret of the cluster: signs the hop marker between instances (unset: the "
+        "shared secret of the cluster, at least 16 characters: signs the hop marker "
+        "between instances (unset: the "
         "marker is honoured only from live endpoints' addresses and --trusted-proxies)",
         "TEXT",
         secret=True,
@@ -650,8 +651,8 @@ class Settings:
     admin_token: str | None = setting(
         None,
         _token,
-        "token that opens the admin pages from any address (?token=… or "
-        "Authorization: Bearer …)",
+        "token, at least 16 characters, that opens the admin pages from any address "
+        "(?token=… or Authorization: Bearer …)",
         "TEXT",
         secret=True,
     )
