@@ -108,6 +108,12 @@ def _service_list(raw: str) -> tuple[str, ...]:
     return tuple(_service_name(part) for part in raw.split(",") if part.strip())
 
 
+def _trusted_list(raw: str) -> tuple[str, ...]:
+    from cluster.trust import check_entry
+
+    return tuple(check_entry(p) for p in raw.split(",") if p.strip())
+
+
 def _fraction(raw: str) -> float:
     try:
         value = float(raw)
@@ -571,8 +577,9 @@ class Settings:
     )
     trusted_proxies: tuple[str, ...] = setting(
         ("127.0.0.1", "::1"),
-        lambda raw: tuple(p.strip() for p in raw.split(",") if p.strip()),
-        "addresses whose X-Forwarded-Proto/-Host are believed",
+        _trusted_list,
+        "addresses or networks (10.0.0.0/8) whose X-Forwarded-*, hop marker and admin "
+        "page requests are believed",
         "ADDR,ADDR",
     )
     secret: str | None = setting(

@@ -87,6 +87,9 @@ def test_endpoint_url_defaults_from_bind():
     ([], {"CLUSTER_HEADER_TIMEOUT": "nan"}, "CLUSTER_HEADER_TIMEOUT"),
     (["--connect-timeout", "inf"], {}, "--connect-timeout"),
     (["--drain-seconds", "inf"], {}, "--drain-seconds"),
+    # a typo in an address was dropped silently (loopback then no longer trusted)
+    (["--trusted-proxies", "999.1.1.1"], {}, "--trusted-proxies"),
+    ([], {"CLUSTER_TRUSTED_PROXIES": "10.0.0.0/33"}, "CLUSTER_TRUSTED_PROXIES"),
 ])
 def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     result = run_cluster("serve", *args, env=env)
