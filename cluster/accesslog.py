@@ -76,14 +76,29 @@ def json_line(record: RequestRecord, now: float) -> str:
     }, separators=(",", ":")) + "\n"
 
 
+def without_admin_token(target: str, admin_prefix: str) -> str:
+    """``target`` with the value of a ``token`` query field under the admin prefix
+    replaced by ``-``: the admin token opens the dashboard from anywhere, and log files
+    are read (and shipped) by more people than those who may hold it."""
+    path, sep, query = target.partition("?")
+    if not sep or not (path == admin_prefix or path.startswith(admin_prefix + "/")):
+        return target
+    fields = query.split("&")
+    safe = [f"{f.partition('=')[0]}=-" if f.partition("=")[0] == "token" else f
+            for f in fields]
+    return target if safe == fields else f"{path}?{'&'.join(safe)}"
+
+
 class AccessLogObserver(Observer):
     """Writes one line per finished request (and per ended WebSocket)."""
 
-    def __init__(self, style: str, path: str | None = None) -> None:
+    def __init__(self, style: str, path: str | None = None,
+                 admin_prefix: str | None = None) -> None:
         """``style`` is ``combined`` or ``json``; raises ConfigError if ``path`` cannot
-        be opened."""
+        be opened. Under ``admin_prefix`` a ``token`` query field is logged as ``-``."""
         self.style = style
         self.path = path
+        self.admin_prefix = admin_prefix
         if path:
             try:
                 self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -105,6 +120,9 @@ class AccessLogObserver(Observer):
         return f"<AccessLogObserver {self.style} to {self.path or 'stdout'}>"
 
     def request_done(self, record: RequestRecord) -> None:
+        if self.admin_prefix and "token=" in record.target:
+            # the record is this request's own; nothing after the log reads its target
+            record._target = without_admin_token(record.target, self.admin_prefix)
         line = self._format(record, time.time()).encode("utf-8", "replace")
         try:
             os.write(self.fd, line)
@@ -121,4 +139,5 @@ def from_settings(settings: Settings) -> AccessLogObserver | None:
     """The access log the settings ask for, or None (``--access-log off``)."""
     if settings.access_log == "off":
         return None
-    return AccessLogObserver(settings.access_log, settings.access_log_file)
+    return AccessLogObserver(settings.access_log, settings.access_log_file,
+                             settings.admin_prefix)

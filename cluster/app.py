@@ -37,6 +37,7 @@ from cluster.routing import (
     route,
 )
 from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
+from cluster.trust import trusted_peers
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         public_services=frozenset(settings.public_services),
         sockjs_prefix=settings.sockjs_prefix,
         balancer_url=settings.balancer_url,
-        trusted_proxies=frozenset(settings.trusted_proxies),
+        trusted_proxies=trusted_peers(settings.trusted_proxies),
         admin_prefix=settings.admin_prefix + "/",
         app_version=settings.own_app_version,
         version_order=settings.version_order,
@@ -97,10 +98,10 @@ class ClusterApp:
         self.policy = policy_for(s, node.self_hash, local_app is not None)
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
                                        read_timeout=s.read_timeout,
-                                       trusted_proxies=frozenset(s.trusted_proxies))
+                                       trusted_proxies=trusted_peers(s.trusted_proxies))
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
         self.retries = s.retries
-        self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
+        self.hop = HopMarker(s.secret, trusted_peers(s.trusted_proxies))
         self.observer = observer
         self.admin = Admin(node, s, observer)
         #: new sessions placed by load (cluster.placement); here without live figures

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -93,11 +94,24 @@ def _discovery_url(raw: str) -> str:
             f"unknown discovery scheme {scheme + '://' if scheme else value!r}"
             " (expected mongodb://, mongodb+srv:// or sqlite:///path)"
         )
+    if scheme == "sqlite":
+        # sqlite://name has a host and no path: it used to fall back silently to the
+        # default file, so instances meant to share another store never met
+        parts = urlsplit(value)
+        if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
+            raise ValueError(f"{value!r} names no file: sqlite:///absolute/path/to/file "
+                             "(three slashes)")
     return value
 
 
 def _service_list(raw: str) -> tuple[str, ...]:
     return tuple(_service_name(part) for part in raw.split(",") if part.strip())
+
+
+def _trusted_list(raw: str) -> tuple[str, ...]:
+    from cluster.trust import check_entry
+
+    return tuple(check_entry(p) for p in raw.split(",") if p.strip())
 
 
 def _fraction(raw: str) -> float:
@@ -115,6 +129,10 @@ def _positive_seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number of seconds") from None
+    # inf and nan parse as floats but are no time to wait: nan passed every check below
+    # it, inf crashed --ping-interval's range check with a traceback
+    if not math.isfinite(value):
+        raise ValueError(f"{raw.strip()} is not a finite number of seconds")
     if value <= 0:
         raise ValueError(f"{raw} must be more than 0 seconds")
     return value
@@ -135,7 +153,9 @@ def _non_negative_seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number of seconds") from None
-    if not value >= 0:  # NaN too
+    if not math.isfinite(value):
+        raise ValueError(f"{raw.strip()} is not a finite number of seconds")
+    if not value >= 0:
         raise ValueError(f"{raw} must not be negative")
     return value
 
@@ -178,12 +198,21 @@ def _version_weights(raw: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+#: most worker processes per core: the supervisor forks every one at start, so a typo
+#: (100000) would exhaust the host's memory and process table instead of failing
+MAX_WORKERS_PER_CORE = 8
+
+
 def _workers(raw: str) -> int:
+    cores = os.cpu_count() or 1
     if raw.strip().lower() == "auto":
-        return os.cpu_count() or 1
+        return cores
     value = _count(raw)
     if value < 1:
         raise ValueError("must be at least 1 or 'auto'")
+    if value > MAX_WORKERS_PER_CORE * cores:
+        raise ValueError(f"{value} is more than {MAX_WORKERS_PER_CORE} per core "
+                         f"({MAX_WORKERS_PER_CORE * cores} on this host; 'auto' is one per core)")
     return value
 
 
@@ -490,7 +519,9 @@ class Settings:
         "SECONDS",
     )
     workers_count: int = setting(
-        1, _workers, "worker processes of `cluster serve` (N or auto)", "N"
+        1, _workers,
+        "worker processes of `cluster serve` (N, at most 8 per core, or auto: one per core)",
+        "N",
     )
     ping_interval: float = setting(
         5.0, _ping_seconds, "seconds between heartbeats", "SECONDS"
@@ -546,14 +577,16 @@ class Settings:
     )
     trusted_proxies: tuple[str, ...] = setting(
         ("127.0.0.1", "::1"),
-        lambda raw: tuple(p.strip() for p in raw.split(",") if p.strip()),
-        "addresses whose X-Forwarded-Proto/-Host are believed",
+        _trusted_list,
+        "addresses or networks (10.0.0.0/8) whose X-Forwarded-*, hop marker and admin "
+        "page requests are believed",
         "ADDR,ADDR",
     )
     secret: str | None = setting(
         None,
         _secret,
-        "shared secret of the cluster: signs the hop marker between instances (unset: the "
+        "shared secret of the cluster, at least 16 characters: signs the hop marker "
+        "between instances (unset: the "
         "marker is honoured only from live endpoints' addresses and --trusted-proxies)",
         "TEXT",
         secret=True,
@@ -625,8 +658,8 @@ class Settings:
     admin_token: str | None = setting(
         None,
         _token,
-        "token that opens the admin pages from any address (?token=… or "
-        "Authorization: Bearer …)",
+        "token, at least 16 characters, that opens the admin pages from any address "
+        "(?token=… or Authorization: Bearer …)",
         "TEXT",
         secret=True,
     )

@@ -71,6 +71,7 @@ from cluster.routing import (
     route,
 )
 from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
+from cluster.trust import trusted_peers
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class Door:
         # Idle connections kept per endpoint: enough for every client of a busy balancer
         # to find one (nginx's "keepalive" in an upstream block).
         self.pool = Pool(s.connect_timeout, s.read_timeout, 256, timers=False)
-        self.forwarding = Forwarding(frozenset(s.trusted_proxies))
-        self.hop = HopMarker(s.secret, frozenset(s.trusted_proxies))
+        self.forwarding = Forwarding(trusted_peers(s.trusted_proxies))
+        self.hop = HopMarker(s.secret, trusted_peers(s.trusted_proxies))
         self.retries = s.retries
         self.cap = s.connection_cap
         self.sweeper = Sweeper()

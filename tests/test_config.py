@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,14 @@ def test_endpoint_url_defaults_from_bind():
     (["--app", "no_colon"], {}, "--app"),
     (["--app", "no_such_module_xyz:app", "--service", "web", "--bind", "127.0.0.1:0"], {},
      "--app"),
+    # inf and nan parse as floats: inf was a traceback, nan was accepted as a timeout
+    (["--ping-interval", "inf"], {}, "--ping-interval"),
+    ([], {"CLUSTER_HEADER_TIMEOUT": "nan"}, "CLUSTER_HEADER_TIMEOUT"),
+    (["--connect-timeout", "inf"], {}, "--connect-timeout"),
+    (["--drain-seconds", "inf"], {}, "--drain-seconds"),
+    # a typo in an address was dropped silently (loopback then no longer trusted)
+    (["--trusted-proxies", "999.1.1.1"], {}, "--trusted-proxies"),
+    ([], {"CLUSTER_TRUSTED_PROXIES": "10.0.0.0/33"}, "CLUSTER_TRUSTED_PROXIES"),
 ])
 def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     result = run_cluster("serve", *args, env=env)
@@ -88,6 +97,29 @@ def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert names in lines[0] and "Traceback" not in result.stderr
+
+
+def test_too_many_workers_is_refused_before_any_is_started(tmp_path):
+    """A typo such as 100000 must not fork that many processes: it is one line, exit 2,
+    from a config file too (the form a typo most likely lives in)."""
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"workers-count = {8 * (os.cpu_count() or 1) + 1}\nbind = 127.0.0.1:0\n")
+    result = run_cluster("serve", "-c", str(conf))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--workers-count" in lines[0], result.stderr
+    # the cap itself is served: 8 per core starts
+    assert config._workers(str(8 * (os.cpu_count() or 1))) == 8 * (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("url", ["sqlite://relative", "sqlite://", "sqlite:file.db"])
+def test_a_sqlite_url_without_an_absolute_path_is_refused(url):
+    """It used to open the default embedded store instead, silently: instances meant to
+    share another file would each see only the default one's members."""
+    result = run_cluster("status", "--discovery-url", url)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr
 
 
 def test_unknown_config_file_key_is_an_error(tmp_path):

@@ -247,6 +247,31 @@ def test_admin_pages_by_token_under_another_prefix(sqlite_url, tmp_path):
     assert "Traceback" not in proc.output()
 
 
+def test_access_log_does_not_write_the_admin_token(sqlite_url, tmp_path):
+    """?token=… opens the admin pages from anywhere: it must not land in a log file that
+    others read. The app's own query fields are logged as sent."""
+    token = "t0ken-for-the-admin-pages"
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "logged", "--admin-token", token,
+                       "--trusted-proxies", "192.0.2.1", "--access-log", "combined",
+                       "--access-log-file", str(log_file))
+    try:
+        wait_until(lambda: requests.get(base + "/_cluster/status", timeout=5,
+                                        params={"token": token}).status_code == 200,
+                   timeout=10, what="the status page")
+        assert requests.get(base + f"/_cluster/?a=1&token={token}", timeout=5).ok
+        requests.get(base + "/search?token=app-field", timeout=5)  # the app answers
+        wait_until(lambda: "/search" in log_file.read_text(), timeout=5,
+                   what="the access log lines")
+    finally:
+        proc.stop()
+    text = log_file.read_text()
+    assert token not in text and token not in proc.output()
+    assert '"GET /_cluster/status?token=- HTTP/1.1" 200' in text, text
+    assert '"GET /_cluster/?a=1&token=- HTTP/1.1" 200' in text, text
+    assert "/search?token=app-field " in text, text
+
+
 def test_local_websocket_is_counted_open_and_logged_when_it_ends(sqlite_url, tmp_path):
     log_file = tmp_path / "access.log"
     proc, base = serve(sqlite_url, tmp_path, "gws", "--access-log", "json",

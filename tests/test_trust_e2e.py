@@ -139,6 +139,27 @@ def test_forwarded_headers_from_outside_are_replaced(tmp_path: Path) -> None:
         assert seen["X-Forwarded-Proto"] == "http"
 
 
+def test_a_trusted_network_is_trusted_for_forwarded_headers_too(tmp_path: Path) -> None:
+    """--trusted-proxies 127.0.0.0/8 (a network, as the README shows) opened the admin
+    pages but the forwarded headers compared the peer as a string: a proxy in the
+    network had its X-Forwarded-For replaced, by the local app and by a balancer."""
+    with web_and_api(tmp_path, "--trusted-proxies", "127.0.0.0/8") as (web_port, api_port,
+                                                                        _):
+        claims = ("X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: https")
+        # OUTSIDE (127.0.0.2) is in the network: the local app sees its claims
+        _, _, body = raw_get(web_port, "/headers", claims)
+        seen = json.loads(body)["headers"]
+        assert json.loads(body)["name"] == "web"
+        assert seen["X-Forwarded-For"] == "203.0.113.9", seen
+        assert seen["X-Forwarded-Proto"] == "https", seen
+        # and a balancer keeps them, adding the peer it saw
+        _, _, body = raw_get(api_port, "/headers", claims)
+        seen = json.loads(body)["headers"]
+        assert json.loads(body)["name"] == "web"
+        assert seen["X-Forwarded-For"] == f"203.0.113.9, {OUTSIDE}", seen
+        assert seen["X-Forwarded-Proto"] == "https", seen
+
+
 def test_sockjs_base_url_takes_no_scheme_but_http_or_https(tmp_path: Path) -> None:
     with web_and_api(tmp_path) as (web_port, _api, _):
         _, _, body = raw_get(web_port, "/sockjs/info", ("X-Forwarded-Proto: javascript",),
