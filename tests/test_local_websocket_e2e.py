@@ -118,33 +118,29 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     client's close (or an app's own close) reaches the client with the reason's first
     two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
     status code'), Chromium reports code 25209 ("by" of "bytearray(b'...')")."""
-    url = gws.url("a").replace("http", "ws", 1) + "/echo"
-    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
-    try:
-        ws.send("cmd:name")
-        assert ws.recv() == pick
-        ws.send_close(4001, b"client done")
-        frame = ws.recv_frame()
-        assert frame.opcode == ABNF.OPCODE_CLOSE
-        assert frame.data == (4001).to_bytes(2, "big") + b"client done", frame.data
-    finally:
-        ws.shutdown()
-    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
-    try:
-        ws.send("cmd:close 4003 bye now")
-        frame = ws.recv_frame()
-        assert frame.opcode == ABNF.OPCODE_CLOSE
-        assert frame.data == (4003).to_bytes(2, "big") + b"bye now", frame.data
-    finally:
-        ws.shutdown()
+    def close_frame_after(message: str | None = None, close: tuple[int, bytes] = (0, b"")) -> bytes:
+        ws = websocket.create_connection(gws.url("a").replace("http", "ws", 1) + "/echo",
+                                         cookie=gws.cookie(pick), timeout=10)
+        try:
+            ws.send("cmd:name")
+            assert ws.recv() == pick
+            if message is None:
+                ws.send_close(*close)
+            else:
+                ws.send(message)
+            frame = ws.recv_frame()
+            assert frame.opcode == ABNF.OPCODE_CLOSE
+            return frame.data
+        finally:
+            ws.shutdown()
+
+    code = (4001).to_bytes(2, "big")
+    assert close_frame_after(close=(4001, b"client done")) == code + b"client done"
+    code = (4003).to_bytes(2, "big")
+    assert close_frame_after("cmd:close 4003 bye now") == code + b"bye now"
     # a reason longer than a control frame holds (125 bytes) is cut on a character
-    ws = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
-    try:
-        ws.send("cmd:close 4004 " + "é" * 100)
-        frame = ws.recv_frame()
-        assert frame.data == (4004).to_bytes(2, "big") + ("é" * 61).encode(), frame.data
-    finally:
-        ws.shutdown()
+    code = (4004).to_bytes(2, "big")
+    assert close_frame_after("cmd:close 4004 " + "é" * 100) == code + ("é" * 61).encode()
 
 
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
