@@ -184,7 +184,13 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
         try:
             for proc, port in zip(procs, ports):
                 wait_port(port, proc=proc)
-            wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=10)
+            try:
+                wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=20,
+                           what="the front to list the three instances")
+            except TimeoutError as exc:  # seen once in CI: say what each process said
+                outputs = "\n".join(f"--- {p}:\n{p.output()[-2000:]}" for p in (front, *procs))
+                raise AssertionError(f"{exc}; front lists {view(base)['endpoints']}\n"
+                                     f"{outputs}") from None
             marker = tmp_path / "died-get"
             response = requests.get(base + f"/die-once?marker={marker}", timeout=10)
             # the endpoint that got it first died without answering; another answered
