@@ -98,10 +98,10 @@ class ClusterApp:
         self.policy = policy_for(s, node.self_hash, local_app is not None)
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
                                        read_timeout=s.read_timeout,
-                                       trusted_proxies=trusted_peers(s.trusted_proxies))
+                                       trusted_proxies=self.policy.trusted_proxies)
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
         self.retries = s.retries
-        self.hop = HopMarker(s.secret, trusted_peers(s.trusted_proxies))
+        self.hop = HopMarker(s.secret, self.policy.trusted_proxies)
         self.observer = observer
         self.admin = Admin(node, s, observer)
         #: new sessions placed by load (cluster.placement); here without live figures

@@ -31,6 +31,7 @@ from cluster.records import (
     check_url,
     check_version,
 )
+from cluster.trust import check_entry
 
 DISCOVERY_SCHEMES = ("mongodb", "mongodb+srv", "sqlite")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -109,8 +110,6 @@ def _service_list(raw: str) -> tuple[str, ...]:
 
 
 def _trusted_list(raw: str) -> tuple[str, ...]:
-    from cluster.trust import check_entry
-
     return tuple(check_entry(p) for p in raw.split(",") if p.strip())
 
 
@@ -124,15 +123,20 @@ def _fraction(raw: str) -> float:
     return value
 
 
-def _positive_seconds(raw: str) -> float:
+def _seconds(raw: str) -> float:
+    """A finite number of seconds: inf and nan parse as floats but are no time to wait
+    (nan passed every range check, inf crashed --ping-interval's with a traceback)."""
     try:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number of seconds") from None
-    # inf and nan parse as floats but are no time to wait: nan passed every check below
-    # it, inf crashed --ping-interval's range check with a traceback
     if not math.isfinite(value):
         raise ValueError(f"{raw.strip()} is not a finite number of seconds")
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    value = _seconds(raw)
     if value <= 0:
         raise ValueError(f"{raw} must be more than 0 seconds")
     return value
@@ -149,13 +153,8 @@ def _count(raw: str) -> int:
 
 
 def _non_negative_seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{raw!r} is not a number of seconds") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{raw.strip()} is not a finite number of seconds")
-    if not value >= 0:
+    value = _seconds(raw)
+    if value < 0:
         raise ValueError(f"{raw} must not be negative")
     return value
 

@@ -102,8 +102,9 @@ class Door:
         # Idle connections kept per endpoint: enough for every client of a busy balancer
         # to find one (nginx's "keepalive" in an upstream block).
         self.pool = Pool(s.connect_timeout, s.read_timeout, 256, timers=False)
-        self.forwarding = Forwarding(trusted_peers(s.trusted_proxies))
-        self.hop = HopMarker(s.secret, trusted_peers(s.trusted_proxies))
+        trusted = trusted_peers(s.trusted_proxies)
+        self.forwarding = Forwarding(trusted)
+        self.hop = HopMarker(s.secret, trusted)
         self.retries = s.retries
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
