@@ -210,19 +210,18 @@ def read_port_file(path: Path, proc: Proc | None = None, timeout: float = 20.0) 
                        + (f"; output:\n{proc.output()}" if proc is not None else ""))
 
 
-def start_serve(*args: str, env: dict[str, str] | None = None, name: str = "serve",
-                wrapper: Sequence[str] = (), timeout: float = 20.0) -> tuple[Proc, int]:
-    """Start ``cluster serve --bind 127.0.0.1:0 --port-file F *args``; return it and its port.
+def start_reporting(argv_with_port_file: Callable[[Path], Sequence[str]], *,
+                    env: dict[str, str] | None = None, name: str = "proc",
+                    timeout: float = 20.0) -> tuple[Proc, int]:
+    """Start a process that binds a port the OS picks and writes it to a port file.
 
-    The OS picks the port and the server reports it, so no other process can take the
-    port between choosing and binding (which ``free_port()`` cannot promise).
-    ``wrapper`` goes before the command (e.g. ``("prlimit", "--nofile=256")``).
+    ``argv_with_port_file(path)`` gives the argv that writes ``HOST:PORT\\n`` to ``path``.
+    No other process can take the port between choosing and binding, which
+    ``free_port()`` cannot promise. Returns the process and its port.
     """
     folder = Path(tempfile.mkdtemp(prefix="cluster-port-"))
     port_file = folder / "port"
-    argv = [*wrapper, *cluster_argv("serve", "--bind", "127.0.0.1:0",
-                                    "--port-file", str(port_file), *args)]
-    proc = Proc(argv, env=env, name=name)
+    proc = Proc(argv_with_port_file(port_file), env=env, name=name)
     try:
         port = read_port_file(port_file, proc, timeout)
     except BaseException:
@@ -234,6 +233,45 @@ def start_serve(*args: str, env: dict[str, str] | None = None, name: str = "serv
         with contextlib.suppress(OSError):
             folder.rmdir()
     return proc, port
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None, name: str = "serve",
+                wrapper: Sequence[str] = (), timeout: float = 20.0) -> tuple[Proc, int]:
+    """Start ``cluster serve --bind 127.0.0.1:0 --port-file F *args``; return it and its port.
+
+    ``wrapper`` goes before the command (e.g. ``("prlimit", "--nofile=256")``).
+    """
+    return start_reporting(
+        lambda port_file: [*wrapper, *cluster_argv("serve", "--bind", "127.0.0.1:0",
+                                                   "--port-file", str(port_file), *args)],
+        env=env, name=name, timeout=timeout)
+
+
+def start_app(script: str, *args: str, env: dict[str, str] | None = None,
+              name: str = "", timeout: float = 20.0) -> tuple[Proc, int]:
+    """Start a test app of tests/apps (``backend.py``, ``ws_echo.py``...) on a port the
+    OS picks (``--port 0 --port-file F``); return it and its port."""
+    return start_reporting(
+        lambda port_file: python(str(TESTS / "apps" / script), *args, "--port", "0",
+                                 "--port-file", str(port_file)),
+        env=env, name=name or Path(script).stem, timeout=timeout)
+
+
+def start_backend(name: str = "backend", env: dict[str, str] | None = None) -> tuple[Proc, int]:
+    """tests/apps/backend.py on its own (plain pywsgi) on a port the OS picks."""
+    return start_app("backend.py", "--name", name, env=env, name=name)
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where every connection is refused for the whole block.
+
+    The socket is bound but never listens: the kernel answers a connect with RST, and
+    no other process can take the port meanwhile (a closed ``free_port()`` can be).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from helpers import (
     free_port,
     instance,
     python,
+    start_instance,
+    start_reporting,
     status_json,
     wait_port,
     wait_until,
@@ -213,15 +215,17 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
 
 
 def test_library_mode_wrap_registers_balances_and_deregisters(sqlite_url):
-    lib_port = free_port()
-    lib = Proc(python(str(ROOT / "tests" / "apps" / "library_app.py"), str(lib_port)),
-               env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
-               name="library")
-    other_port = free_port()
-    other = instance(sqlite_url, other_port, "served")
+    lib, lib_port = start_reporting(
+        lambda port_file: python(str(ROOT / "tests" / "apps" / "library_app.py"),
+                                 str(port_file)),
+        env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
+        name="library")
     try:
-        wait_port(lib_port, proc=lib)
-        wait_port(other_port, proc=other)
+        other, other_port = start_instance(sqlite_url, "served")
+    except BaseException:
+        lib.stop()
+        raise
+    try:
         lib_url = f"http://127.0.0.1:{lib_port}"
         wait_until(lambda: len(view(lib_url)["endpoints"]) == 2, timeout=10)
         seen = Counter(requests.get(lib_url + "/whoami", timeout=5).text for _ in range(60))

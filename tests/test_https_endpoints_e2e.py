@@ -17,7 +17,7 @@ import pytest
 import requests
 import websocket
 
-from helpers import TESTS, Proc, cluster_argv, python, wait_port, wait_until
+from helpers import TESTS, Proc, cluster_argv, python, start_reporting, wait_port, wait_until
 
 TIMEOUT = 15
 
@@ -73,13 +73,11 @@ def front_door(tmp: Path, discovery: str, cert: Path) -> tuple[Proc, int]:
 def library_front(discovery: str, cert: Path) -> tuple[Proc, int]:
     """tests/apps/library_app.py: cluster.wrap() under a plain gevent WSGIServer, whose
     UI service is `sec`, so it proxies through the WSGI adapter."""
-    port = _free_port()
-    proc = Proc(python(str(TESTS / "apps" / "library_app.py"), str(port)),
-                env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert),
-                     "CLUSTER_UI_SERVICE": "sec", "CLUSTER_SELF_WEIGHT": "0"},
-                name="library")
-    wait_port(port, proc=proc)
-    return proc, port
+    return start_reporting(
+        lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file)),
+        env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert),
+             "CLUSTER_UI_SERVICE": "sec", "CLUSTER_SELF_WEIGHT": "0"},
+        name="library")
 
 
 @pytest.mark.parametrize("way", ["door", "wsgi-adapter"])

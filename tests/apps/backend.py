@@ -168,12 +168,16 @@ def main() -> None:
 
     from gevent.pywsgi import WSGIServer
 
+    from portfile import add_port_arguments, report_port
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    add_port_arguments(parser)
     parser.add_argument("--name", default=NAME)
     args = parser.parse_args()
     NAME = args.name
     server = WSGIServer(("127.0.0.1", args.port), app, log=None)
+    server.init_socket()
+    report_port(server.address, args.port_file)
     import signal
 
     import gevent

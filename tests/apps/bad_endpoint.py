@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from portfile import add_port_arguments, report_port
+
 STOLEN = b"HTTP/1.1 200 OK\r\nSet-Cookie: stolen=1\r\nContent-Length: 6\r\n\r\nstolen"
 # Sent a moment after the script, so they sit unread in a pooled connection.
 LATE = {b"/extra": STOLEN, b"/nocontent": b"stolen"}
@@ -72,9 +74,10 @@ def serve(conn: socket.socket, number: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    add_port_arguments(parser)
     args = parser.parse_args()
     listener = socket.create_server(("127.0.0.1", args.port))
+    report_port(listener.getsockname(), args.port_file)
     say("listening")
     number = 0
     while True:

@@ -26,6 +26,7 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 from cluster.errors import UpstreamError  # noqa: E402
 from cluster.handler import ClusterHandler  # noqa: E402
 from cluster.proxy.http import HttpForwarder, request_target  # noqa: E402
+from portfile import add_port_arguments, report_port  # noqa: E402
 
 REASONS = {502: "Bad Gateway", 504: "Gateway Timeout"}
 
@@ -53,7 +54,7 @@ def make_app(forwarder: HttpForwarder, upstream: str) -> Callable[..., Iterable[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    add_port_arguments(parser)
     parser.add_argument("--upstream", required=True, help="http://host:port")
     parser.add_argument("--connect-timeout", type=float, default=5.0)
     parser.add_argument("--read-timeout", type=float, default=300.0)
@@ -65,6 +66,8 @@ def main() -> None:
     server = WSGIServer(("127.0.0.1", args.port), make_app(forwarder, args.upstream),
                         handler_class=ClusterHandler,
                         log="default" if args.access_log else None)
+    server.init_socket()
+    report_port(server.address, args.port_file)
     gevent.signal_handler(signal.SIGTERM, server.stop)
     try:
         server.serve_forever()

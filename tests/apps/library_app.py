@@ -1,6 +1,7 @@
 """An app that uses cluster as a library, as the README shows: wrap, serve, close.
 
-``python tests/apps/library_app.py PORT`` with CLUSTER_* settings in the environment.
+``python tests/apps/library_app.py PORT_FILE`` with CLUSTER_* settings in the environment:
+it listens on a port the OS chooses and writes ``127.0.0.1:PORT`` to PORT_FILE.
 """
 
 from gevent import monkey
@@ -8,6 +9,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
@@ -15,6 +17,7 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 
 import cluster  # noqa: E402
 from cluster.handler import ClusterHandler  # noqa: E402
+from portfile import report_port  # noqa: E402
 
 
 def hello(environ, start_response):
@@ -24,10 +27,11 @@ def hello(environ, start_response):
 
 
 def main() -> None:
-    port = int(sys.argv[1])
+    listener = socket.create_server(("127.0.0.1", 0))  # gevent's socket (patched)
+    port = listener.getsockname()[1]
     application = cluster.wrap(hello, service="web", endpoint_url=f"http://127.0.0.1:{port}")
-    server = WSGIServer(("127.0.0.1", port), application, handler_class=ClusterHandler,
-                        log=None)
+    server = WSGIServer(listener, application, handler_class=ClusterHandler, log=None)
+    report_port(listener.getsockname(), sys.argv[1])
     gevent.signal_handler(signal.SIGTERM, server.stop)
     try:
         server.serve_forever()

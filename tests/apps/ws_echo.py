@@ -33,6 +33,8 @@ from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
+from portfile import add_port_arguments, report_port
+
 PROTOCOL = "echo.v2"
 CLOSES: dict[str, dict[str, object]] = {}
 
@@ -170,7 +172,7 @@ def main() -> None:
     from gevent.pywsgi import WSGIServer
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    add_port_arguments(parser)
     parser.add_argument("--certfile", help="serve https/wss with this certificate")
     parser.add_argument("--keyfile")
     args = parser.parse_args()
@@ -178,6 +180,8 @@ def main() -> None:
     tls = {"certfile": args.certfile, "keyfile": args.keyfile} if args.certfile else {}
     server = WSGIServer(("127.0.0.1", args.port), app, handler_class=EchoHandler,
                         log=None, backlog=4096, **tls)
+    server.init_socket()
+    report_port(server.address, args.port_file)
     gevent.signal_handler(signal.SIGTERM, server.stop, 1)
     server.serve_forever()
 

@@ -19,6 +19,7 @@ import os
 
 from cluster.errors import UpstreamError
 from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
+from portfile import add_port_arguments, report_port
 
 HOP_HEADER = ("X-Cluster-Hop", "forward-only")
 log = logging.getLogger("ws_forward_only")
@@ -75,7 +76,7 @@ def main() -> None:
     from cluster.handler import ClusterHandler
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    add_port_arguments(parser)
     parser.add_argument("--backend", required=True)
     parser.add_argument("--connect-timeout", type=float, default=5.0)
     parser.add_argument("--handshake-timeout", type=float, default=10.0)
@@ -88,6 +89,8 @@ def main() -> None:
                              handshake_timeout=args.handshake_timeout)
     server = WSGIServer(("127.0.0.1", args.port), make_app(args.backend, bridge),
                         handler_class=ClusterHandler, log=None, backlog=4096)
+    server.init_socket()
+    report_port(server.address, args.port_file)
     gevent.signal_handler(signal.SIGTERM, server.stop, 1)
     server.serve_forever()
 
