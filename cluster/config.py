@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import configargparse
 
+from cluster import __version__
 from cluster.errors import ConfigError
 from cluster.records import (
     MAX_PING_MS,
@@ -883,6 +884,9 @@ def build_parser(
         ignore_unknown_config_file_keys=False,
     )
     parser.raise_errors = raise_errors
+    # Explicit, or argparse would read --version as an ambiguous prefix of --version-order.
+    parser.add_argument("--version", action="version", version=f"cluster {__version__}",
+                        help="print the version and exit")
     for spec in fields():
         default = spec.default
         shown = default if default in (None, "", ()) else _raw(default)

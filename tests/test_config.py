@@ -140,6 +140,21 @@ def test_help_lists_every_setting_with_its_environment_name():
         assert command in text
 
 
+@pytest.mark.parametrize("command", [None, "serve", "status"])
+def test_version_prints_the_package_version(command):
+    import cluster
+
+    result = run_cluster(*([command] if command else []), "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"cluster {cluster.__version__}\n"
+    assert cluster.__version__ == setup_version()
+
+
+def setup_version() -> str:
+    text = (ROOT / "setup.py").read_text()
+    return text.split('version="', 1)[1].split('"', 1)[0]
+
+
 def test_example_config_is_generated_from_the_settings_table():
     assert (ROOT / "conf" / "cluster.conf").read_text() == config.example_config()
 
