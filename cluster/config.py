@@ -648,6 +648,11 @@ class Settings:
     max_header_count: int = setting(
         100, _count, "most request header fields (more: 431)", "N"
     )
+    max_websocket_message: int = setting(
+        16 * 1024 * 1024, _size,
+        "largest WebSocket message a local app receives, in bytes (larger: the socket "
+        "is closed with 1009 before the message is read)", "BYTES"
+    )
     admin_prefix: str = setting(
         "/_cluster",
         _path_prefix,

@@ -35,10 +35,9 @@ from urllib.parse import unquote_to_bytes
 
 import gevent
 from gevent.pywsgi import WSGIServer
-from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import MSG_ALREADY_CLOSED, WebSocket
 
+from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
@@ -778,42 +777,6 @@ class _Pumped:
             sock.close()
 
 
-#: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
-_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
-
-
-class _WebSocket(WebSocket):  # type: ignore[misc]
-    """gevent-websocket's WebSocket with a close frame as RFC 6455 5.5.1 has it: the
-    2-byte code, then the reason. As released, ``close(code, message)`` writes the
-    message alone (and ``str()`` of it when it is bytes): its echo of a client's close,
-    and an app's own ``close(4000, "why")``, reach the client with the reason's first
-    two bytes as the code: websockets and Node's ws fail the connection (1006, 'invalid
-    status code'), Chromium's close event says code 25209, reason "tearray(b'...')"."""
-
-    __slots__ = ()
-
-    def close(self, code: int | None = 1000, message: Any = b"") -> None:
-        if self.closed:
-            self.current_app.on_close(MSG_ALREADY_CLOSED)
-        if isinstance(message, str):
-            reason = message.encode("utf-8")
-        else:
-            reason = bytes(message or b"")
-        payload = b""  # no code, or one that may not be sent (1005, 1006, 1015...)
-        if isinstance(code, int) and 1000 <= code <= 4999 and code not in _UNSENDABLE:
-            # a control frame holds 125 bytes: the reason is cut there, on a character
-            payload = code.to_bytes(2, "big") + \
-                reason[:123].decode("utf-8", "ignore").encode("utf-8")
-        try:
-            self.send_frame(payload, opcode=self.OPCODE_CLOSE)
-        except WebSocketError:
-            pass  # the socket is being closed anyway
-        finally:  # as gevent-websocket's close() leaves it (its slots, unknown to mypy)
-            for name, value in (("closed", True), ("stream", None), ("raw_write", None),
-                                ("raw_read", None), ("environ", None)):
-                setattr(self, name, value)
-
-
 class _LocalWebSocket:
     """A WebSocket served by the local app (gevent-websocket), as the stop sees it."""
 
@@ -1148,8 +1111,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             self.start_response("400 Bad Request", [])
             return [b"Invalid Sec-WebSocket-Key"]
         websocket = self.environ.get("wsgi.websocket")
-        if type(websocket) is WebSocket:
-            websocket.__class__ = _WebSocket  # same slots: only close() differs
+        if websocket is not None:
+            adopt(websocket, self.connection.door.settings.max_websocket_message)
         if result:
             result = [part.encode("latin-1") if isinstance(part, str) else part
                       for part in result]

@@ -1,0 +1,163 @@
+"""The WebSocket a local app gets (``environ['wsgi.websocket']``), fit for hostile clients.
+
+It is gevent-websocket's ``WebSocket``, so apps, Flask-Sockets, python-socketio and
+Flask-SocketIO use it as they would under gevent-websocket's own handler. As released,
+that class
+
+- unmasks every frame byte by byte and checks text with a UTF-8 automaton written in
+  Python (unless the optional wsaccel is installed): one 16 MiB message held the whole
+  process, and every other client of it, for 1.5-2.7 s;
+- takes a message of any size: a frame header may announce 2^63 bytes, and
+  continuation frames grow a message without end;
+- accepts unmasked frames from a client (RFC 6455 5.1: the server must close);
+- writes a close frame's reason without its code.
+
+Here unmasking is one XOR of two big integers and text is checked by CPython's UTF-8
+decoder (both in C), a message past ``--max-websocket-message`` closes the socket with
+1009 before its payload is read, an unmasked frame closes it with 1002, and close frames
+carry their code.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+from geventwebsocket.exceptions import ProtocolError, WebSocketError
+from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
+
+#: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+#: RFC 6455 7.4.1: "a message that is too big for it to process"
+MESSAGE_TOO_BIG = 1009
+
+_TEXT, _BINARY, _CONTINUATION = WebSocket.OPCODE_TEXT, WebSocket.OPCODE_BINARY, \
+    WebSocket.OPCODE_CONTINUATION
+
+
+class MessageTooBig(Exception):
+    """A message grew past the limit. Not a WebSocketError: gevent-websocket's receive()
+    closes those with 1000 (a socket error) or 1002 (a ProtocolError); this one gets 1009."""
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455 5.3), in C."""
+    size = len(payload)
+    if not size:
+        return b""
+    key = (mask * (size // 4 + 1))[:size]
+    mixed = int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")
+    return mixed.to_bytes(size, "little")
+
+
+class MessageCheck:
+    """Stands where gevent-websocket keeps its UTF-8 validator (the object's slots are
+    fixed, so the state lives here): checks text incrementally with CPython's decoder,
+    and counts each message's bytes against the limit as its frame headers arrive."""
+
+    __slots__ = ("limit", "size", "_decoder", "_total")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0  # bytes of the message being read, announced so far
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._total = 0
+
+    def admit(self, header: Header) -> None:
+        """Raise MessageTooBig when ``header``'s frame would take its message past the
+        limit, before its payload is read."""
+        if header.opcode in (_TEXT, _BINARY):
+            self.size = header.length
+        elif header.opcode == _CONTINUATION:
+            self.size += header.length
+        else:
+            return  # control frames: at most 125 bytes, checked by Header
+        if self.size > self.limit:
+            raise MessageTooBig(f"message of {self.size} bytes or more, "
+                                f"limit {self.limit}")
+
+    # gevent-websocket's validator interface: reset() per message, validate() per piece
+
+    def reset(self) -> None:
+        self._decoder.reset()
+        self._total = 0
+
+    def validate(self, data: bytes) -> tuple[bool, bool, int, int]:
+        """(valid, ends on a whole character, index in ``data``, index in the message)."""
+        try:
+            self._decoder.decode(data, False)
+        except UnicodeDecodeError as exc:
+            return False, False, exc.start, self._total + exc.start
+        pending = self._decoder.getstate()[0]
+        if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0":
+            # a surrogate's first two bytes: CPython waits for the third to say so,
+            # the automaton it replaces fails at once (the same verdict a frame sooner)
+            return False, False, len(data), self._total + len(data)
+        self._total += len(data)
+        return True, not pending, len(data), self._total
+
+
+class AppWebSocket(WebSocket):  # type: ignore[misc]
+    """gevent-websocket's WebSocket with the fixes above; see :func:`adopt`."""
+
+    __slots__ = ()
+
+    def read_frame(self) -> tuple[Header, bytes]:
+        header = Header.decode_header(self.stream)
+        if header.flags:
+            raise ProtocolError("reserved bits set without an extension")
+        if not header.mask:
+            raise ProtocolError("unmasked frame from a client")
+        self.utf8validator.admit(header)
+        if not header.length:
+            return header, b""
+        try:
+            payload = self.raw_read(header.length)
+        except OSError:
+            payload = b""
+        if len(payload) != header.length:
+            raise WebSocketError("Unexpected EOF reading frame payload")
+        return header, unmask(payload, header.mask)
+
+    def receive(self) -> Any:
+        """gevent-websocket's: the next message, or None once the socket is closed."""
+        try:
+            return super().receive()
+        except MessageTooBig:
+            self.close(MESSAGE_TOO_BIG, "message too big")
+            return None
+
+    def close(self, code: int | None = 1000, message: Any = b"") -> None:
+        """A close frame as RFC 6455 5.5.1 has it: the 2-byte code, then the reason.
+        As released, ``close(code, message)`` writes the message alone: its echo of a
+        client's close, and an app's own ``close(4000, "why")``, reach the client with
+        the reason's first two bytes as the code (websockets and Node's ws fail the
+        connection, Chromium reports code 25209)."""
+        if self.closed:
+            self.current_app.on_close(MSG_ALREADY_CLOSED)
+        if isinstance(message, str):
+            reason = message.encode("utf-8")
+        else:
+            reason = bytes(message or b"")
+        payload = b""  # no code, or one that may not be sent (1005, 1006, 1015...)
+        if isinstance(code, int) and 1000 <= code <= 4999 and code not in _UNSENDABLE:
+            # a control frame holds 125 bytes: the reason is cut there, on a character
+            payload = code.to_bytes(2, "big") + \
+                reason[:123].decode("utf-8", "ignore").encode("utf-8")
+        try:
+            self.send_frame(payload, opcode=self.OPCODE_CLOSE)
+        except WebSocketError:
+            pass  # the socket is being closed anyway
+        finally:  # as gevent-websocket's close() leaves it (its slots, unknown to mypy)
+            for name, value in (("closed", True), ("stream", None), ("raw_write", None),
+                                ("raw_read", None), ("environ", None)):
+                setattr(self, name, value)
+
+
+def adopt(websocket: Any, max_message: int) -> None:
+    """Make gevent-websocket's freshly made WebSocket a :class:`AppWebSocket` (same
+    slots, so the class can be swapped: the handler builds the object itself)."""
+    if type(websocket) is WebSocket:
+        websocket.__class__ = AppWebSocket
+        websocket.utf8validator = MessageCheck(max_message)

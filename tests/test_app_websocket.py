@@ -1,0 +1,292 @@
+"""The WebSocket a local app gets from the door (cluster/app_websocket.py), under hostile
+and heavy messages: unmasked in C, text checked in C, a message size limit (1009), an
+unmasked client frame refused (1002).
+
+The e2e tests run a gevent-websocket app (tests/apps/gws_echo.py) as two `cluster serve`
+instances with ``--max-websocket-message 65536`` and send raw frames, so each test says
+exactly which bytes a hostile client sends; the app is reached on the instance itself
+and through the other one (the tunnel relays; the serving instance enforces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from geventwebsocket.utf8validator import Utf8Validator
+from geventwebsocket.websocket import Header
+
+from cluster.app_websocket import MessageCheck, unmask
+from helpers import read_until_close, start_serve, wait_until
+
+LIMIT = 65536
+TEXT, BINARY, CONTINUATION, CLOSE = 0x1, 0x2, 0x0, 0x8
+
+
+# --- pure logic ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 7, 8, 9, 125, 126, 65536, 70_001])
+def test_unmask_is_the_rfc_xor(size: int) -> None:
+    payload, mask = os.urandom(size), os.urandom(4)
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert unmask(payload, mask) == expected
+    assert unmask(expected, mask) == payload
+
+
+def _samples() -> list[bytes]:
+    rng = random.Random(7)
+    crafted = [b"", b"ascii", "héllo wörld €𝄞".encode(), b"\xc0\xaf", b"\xe0\x80\xaf",
+               b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xff",
+               b"\x80", b"a\xe2\x82", b"\xe2\x82\xac", b"\xf0\x9d\x84\x9e", b"\xf0\x9d",
+               "€".encode() * 3 + b"\xe2"]
+    alphabet = [b"a", "é".encode(), "€".encode(), "𝄞".encode(), b"\xe2", b"\x82", b"\xed",
+                b"\xa0", b"\xf4", b"\x90", b"\xc0", b"\xff"]
+    made = [b"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+            for _ in range(3000)]
+    return crafted + made
+
+
+def test_message_check_agrees_with_gevent_websockets_validator_piece_by_piece() -> None:
+    """Same verdict as the pure-Python automaton it replaces, on valid and invalid
+    UTF-8 cut into pieces anywhere (frames may split a character)."""
+    rng = random.Random(11)
+    for data in _samples():
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 3)))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        ours, theirs = MessageCheck(LIMIT), Utf8Validator()
+        ours.reset()
+        theirs.reset()
+        for piece in pieces:
+            mine, reference = ours.validate(piece), theirs.validate(piece)
+            assert mine[0] == reference[0], (data, pieces)
+            if not reference[0]:
+                break
+            assert mine[1] == reference[1], (data, pieces)
+
+
+def _header(opcode: int, length: int) -> Header:
+    return Header(fin=True, opcode=opcode, flags=0, length=length)
+
+
+def test_message_check_counts_a_message_over_its_frames() -> None:
+    check = MessageCheck(100)
+    check.admit(_header(BINARY, 60))
+    check.admit(_header(0x9, 125))  # a ping between the pieces does not count
+    check.admit(_header(CONTINUATION, 40))
+    with pytest.raises(Exception, match="limit 100"):
+        check.admit(_header(CONTINUATION, 1))
+    check.admit(_header(TEXT, 100))  # a new message starts the count again
+    with pytest.raises(Exception, match="limit 100"):
+        check.admit(_header(BINARY, 2 ** 63 - 1))
+
+
+# --- e2e: two `cluster serve` instances of the gevent-websocket echo app ---------------
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+        self.hashes: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    import requests
+
+    store = f"sqlite://{tmp_path_factory.mktemp('appws') / 'discovery.sqlite3'}"
+    found = Pair()
+    procs = []
+    try:
+        for name in ("a", "b"):
+            proc, port = start_serve("--service", "gws", "--app", "gws_echo:app",
+                                     "--ping-interval", "1", "--expiry-grace", "1",
+                                     "--max-websocket-message", str(LIMIT),
+                                     env={"CLUSTER_DISCOVERY_URL": store,
+                                          "BACKEND_NAME": name}, name=f"appws-{name}")
+            procs.append(proc)
+            found.ports[name] = port
+        for name, port in found.ports.items():
+            found.hashes[name] = requests.get(f"http://127.0.0.1:{port}/_cluster/status",
+                                              timeout=5).json()["hash"]
+        wait_until(lambda: {e["hash"] for e in requests.get(
+            f"http://127.0.0.1:{found.ports['a']}/_cluster/status", timeout=5).json()
+            ["endpoints"]} >= set(found.hashes.values()), timeout=15,
+            what="a sees both instances")
+        yield found
+    finally:
+        outputs = []
+        for proc in procs:
+            alive = proc.poll() is None
+            proc.stop()
+            outputs.append((proc, alive, proc.output()))
+    for proc, alive, output in outputs:
+        assert alive, f"{proc} died:\n{output[-3000:]}"
+        assert "Traceback" not in output, f"{proc}:\n{output[-5000:]}"
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
+          announced: int | None = None) -> bytes:
+    """One client frame; ``announced`` puts another length in the header than sent."""
+    length = len(payload) if announced is None else announced
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if masked else 0
+    if length < 126:
+        head = struct.pack("!BB", first, bit | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", first, bit | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, length)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + unmask(payload, mask)
+
+
+class Conn:
+    """A raw WebSocket client connection to instance ``a``, pinned to ``pick``."""
+
+    def __init__(self, pair: Pair, pick: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", pair.ports["a"]), timeout=10)
+        self.sock.sendall(
+            b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Cookie: cluster-endpoint::gws=" + pair.hashes[pick].encode() + b"\r\n\r\n")
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            assert chunk, self.buffer
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+
+    def _take(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError(f"closed with {self.buffer[:200]!r}")
+            self.buffer += chunk
+        taken, self.buffer = self.buffer[:size], self.buffer[size:]
+        return taken
+
+    def read_frame(self) -> tuple[int, bytes]:
+        first, second = self._take(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._take(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._take(8))[0]
+        assert not second & 0x80, "a server's frames are not masked"
+        return first & 0x0F, self._take(length)
+
+    def close_code(self) -> tuple[int, bytes]:
+        """The close frame the server sends next, then the end of the connection."""
+        opcode, payload = self.read_frame()
+        assert opcode == CLOSE, (opcode, payload[:100])
+        rest, closed = read_until_close(self.sock, 5)
+        assert closed, "the connection stays open after the close frame"
+        return struct.unpack("!H", payload[:2])[0], payload[2:]
+
+    def name(self) -> str:
+        self.sock.sendall(frame(TEXT, b"cmd:name"))
+        opcode, payload = self.read_frame()
+        return payload.decode()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@contextlib.contextmanager
+def connected(pair: Pair, pick: str) -> Iterator[Conn]:
+    conn = Conn(pair, pick)
+    try:
+        assert conn.name() == pick
+        yield conn
+    finally:
+        conn.close()
+
+
+PICKS = pytest.mark.parametrize("pick", ["a", "b"],
+                                ids=["served-here", "through-another-instance"])
+
+
+@PICKS
+def test_a_message_at_the_limit_is_echoed_whole(pair: Pair, pick: str) -> None:
+    with connected(pair, pick) as conn:
+        blob = os.urandom(LIMIT)
+        conn.sock.sendall(frame(BINARY, blob))
+        assert conn.read_frame() == (BINARY, blob)
+        text = ("é€𝄞" * (LIMIT // 9)).encode()
+        conn.sock.sendall(frame(TEXT, text[:1001], fin=False))  # splits a character
+        conn.sock.sendall(frame(CONTINUATION, text[1001:]))
+        assert conn.read_frame() == (TEXT, text)
+
+
+@PICKS
+@pytest.mark.parametrize("frames", [
+    [frame(BINARY, bytes(LIMIT + 1))],
+    [frame(TEXT, b"x" * 30000, fin=False), frame(CONTINUATION, b"y" * 30000, fin=False),
+     frame(CONTINUATION, b"z" * 30000)],
+    [frame(BINARY, b"", announced=2 ** 62)],  # only the header: the payload never comes
+], ids=["one-frame", "three-frames", "announced-2**62"])
+def test_a_message_past_the_limit_closes_with_1009(pair: Pair, pick: str,
+                                                   frames: list[bytes]) -> None:
+    with connected(pair, pick) as conn:
+        for data in frames:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                conn.sock.sendall(data)
+        assert conn.close_code() == (1009, b"message too big")
+    with connected(pair, pick) as conn:  # the instance serves on
+        conn.sock.sendall(frame(TEXT, b"still here"))
+        assert conn.read_frame() == (TEXT, b"still here")
+
+
+@PICKS
+def test_an_unmasked_client_frame_closes_with_1002(pair: Pair, pick: str) -> None:
+    with connected(pair, pick) as conn:
+        conn.sock.sendall(frame(TEXT, b"not masked", masked=False))
+        assert conn.close_code()[0] == 1002
+
+
+@PICKS
+def test_invalid_utf8_text_closes_with_1007(pair: Pair, pick: str) -> None:
+    with connected(pair, pick) as conn:
+        conn.sock.sendall(frame(TEXT, b"ok \xed\xa0\x80 surrogate"))
+        assert conn.close_code()[0] == 1007
+
+
+def test_a_16_mib_message_is_echoed_whole_under_the_default_limit(tmp_path: Path) -> None:
+    """The default limit (16 MiB) admits a 16 MiB message, text or binary, and unmasks
+    it right; one byte more is refused."""
+    store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc, port = start_serve("--service", "gws", "--app", "gws_echo:app",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "a"},
+                             name="appws-default")
+    try:
+        import requests
+
+        pair = Pair()
+        pair.ports["a"] = port
+        pair.hashes["a"] = requests.get(f"http://127.0.0.1:{port}/_cluster/status",
+                                        timeout=5).json()["hash"]
+        with connected(pair, "a") as conn:
+            blob = os.urandom(16 << 20)
+            conn.sock.sendall(frame(BINARY, blob))
+            assert conn.read_frame() == (BINARY, blob)
+            text = ("é" * (8 << 20)).encode()
+            conn.sock.sendall(frame(TEXT, text))
+            assert conn.read_frame() == (TEXT, text)
+            conn.sock.sendall(frame(BINARY, b"", announced=(16 << 20) + 1))
+            assert conn.close_code() == (1009, b"message too big")
+    finally:
+        alive = proc.poll() is None
+        proc.stop()
+    assert alive and "Traceback" not in proc.output(), proc.output()[-3000:]
