@@ -3,6 +3,7 @@ reconnect to a live instance: both tunnels it carries and sockets its own app se
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -12,25 +13,31 @@ from pathlib import Path
 import requests
 import websocket
 
-from helpers import TESTS, Proc, cluster_argv, python, wait_port, wait_until
+from helpers import Proc, cluster_argv, start_app, start_serve, wait_until
 
 TIMEOUT = 15
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def serve(stops: contextlib.ExitStack, name: str, discovery: str, *args: str) -> tuple[
+        Proc, int]:
+    """`cluster serve` on a port the OS picks, stopped by PID when ``stops`` ends."""
+    proc, port = start_serve("--ping-interval", "1", *args,
+                             env={"CLUSTER_DISCOVERY_URL": discovery}, name=name)
+    stops.callback(proc.stop)
+    return proc, port
 
 
-def serve(tmp: Path, name: str, discovery: str, *args: str) -> tuple[Proc, int]:
-    port_file = tmp / f"{name}.port"
-    proc = Proc(cluster_argv("serve", "--bind", "127.0.0.1:0", "--port-file", str(port_file),
-                             "--ping-interval", "1", *args),
-                env={"CLUSTER_DISCOVERY_URL": discovery}, name=name)
-    text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
-                      what=f"{name}'s port file")
-    return proc, int(text.strip().rsplit(":", 1)[1])
+def registered(stops: contextlib.ExitStack, script: str, service: str,
+               discovery: str) -> tuple[Proc, int, Proc]:
+    """A test app of tests/apps on a port the OS picks and a `cluster register` sidecar
+    that lists it as ``service``: (app, its port, sidecar), stopped when ``stops`` ends."""
+    app, port = start_app(script, name=script.removesuffix(".py"))
+    stops.callback(app.stop)
+    sidecar = Proc(cluster_argv("register", "--service", service, "--endpoint-url",
+                                f"http://127.0.0.1:{port}", "--ping-interval", "1"),
+                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+    stops.callback(sidecar.stop)
+    return app, port, sidecar
 
 
 def close_code(ws: websocket.WebSocket) -> int:
@@ -43,26 +50,21 @@ def close_code(ws: websocket.WebSocket) -> int:
 
 def test_stopping_balancer_and_endpoint_close_websockets_with_1001(tmp_path: Path) -> None:
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    echo_port = _free_port()
-    echo = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(echo_port)),
-                name="echo")
-    sidecar = Proc(cluster_argv("register", "--service", "ws", "--endpoint-url",
-                                f"http://127.0.0.1:{echo_port}", "--ping-interval", "1"),
-                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
-    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "ws")
-    local, local_port = serve(tmp_path, "local", discovery, "--service", "lib",
-                              "--app", "library_door_app:hello")
-    sockets: list[websocket.WebSocket] = []
-    try:
-        wait_port(echo_port, proc=echo)
+    with contextlib.ExitStack() as stops:  # sockets released, then local, front, ...
+        registered(stops, "ws_echo.py", "ws", discovery)
+        front, front_port = serve(stops, "front", discovery, "--ui-service", "ws")
+        local, local_port = serve(stops, "local", discovery, "--service", "lib",
+                                  "--app", "library_door_app:hello")
         wait_until(lambda: requests.get(f"http://127.0.0.1:{front_port}/_cluster/status",
                                         timeout=5).json()["endpoints"],
                    timeout=TIMEOUT, what="the balancer to see the echo server")
+        # the server closes them: shutdown() just releases the socket
         tunnelled = websocket.create_connection(f"ws://127.0.0.1:{front_port}/x",
                                                 timeout=TIMEOUT)
+        stops.callback(tunnelled.shutdown)
         served = websocket.create_connection(f"ws://127.0.0.1:{local_port}/",
                                              timeout=TIMEOUT)
-        sockets += [tunnelled, served]
+        stops.callback(served.shutdown)
         for ws in (tunnelled, served):
             ws.send("before")
             assert ws.recv() == "before"
@@ -72,11 +74,6 @@ def test_stopping_balancer_and_endpoint_close_websockets_with_1001(tmp_path: Pat
         assert close_code(served) == 1001
         assert front.wait(TIMEOUT) == 0 and local.wait(TIMEOUT) == 0
         assert "closed 1 WebSockets with 1001" in front.output()
-    finally:
-        for ws in sockets:
-            ws.shutdown()  # the server closed already: just release the socket
-        for proc in (front, local, sidecar, echo):
-            proc.stop()
     for proc in (front, local):
         assert "Traceback" not in proc.output(), proc.output()
 
@@ -105,14 +102,9 @@ def test_upgrade_through_a_front_never_rides_a_pooled_connection(tmp_path: Path)
     and cut it when its drain ends. An upgrade gets a new connection, which a stopping
     endpoint refuses, so it goes to a live one."""
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    port = _free_port()
-    endpoint = Proc(python(str(TESTS / "apps" / "bad_endpoint.py"), "--port", str(port)),
-                    name="bad-endpoint")
-    sidecar = Proc(cluster_argv("register", "--service", "bad", "--endpoint-url",
-                                f"http://127.0.0.1:{port}", "--ping-interval", "1"),
-                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
-    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "bad")
-    try:
+    with contextlib.ExitStack() as stops:  # front stopped first, the endpoint last
+        endpoint, _, _ = registered(stops, "bad_endpoint.py", "bad", discovery)
+        front, front_port = serve(stops, "front", discovery, "--ui-service", "bad")
         wait_until(lambda: requests.get(f"http://127.0.0.1:{front_port}/ok",
                                         timeout=5).status_code == 200,
                    timeout=TIMEOUT, what="the balancer to see the endpoint")
@@ -122,9 +114,6 @@ def test_upgrade_through_a_front_never_rides_a_pooled_connection(tmp_path: Path)
             assert _read_until(client, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
             lines = endpoint.output().splitlines()
         assert "upgrade on 2" in lines and "accepted 2" in lines, lines
-    finally:
-        for proc in (front, sidecar, endpoint):
-            proc.stop()
     assert "Traceback" not in front.output(), front.output()
 
 
@@ -133,8 +122,9 @@ def test_websocket_opened_during_the_drain_is_closed_with_1001(tmp_path: Path) -
     connections, not ones in the middle of a request head) is served, then closed with
     1001 at once instead of being cut without a close frame when the drain ends."""
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    local, port = serve(tmp_path, "local", discovery, "--service", "web",
-                        "--app", "gws_echo:app")
+    local, port = start_serve("--ping-interval", "1", "--service", "web",
+                              "--app", "gws_echo:app",
+                              env={"CLUSTER_DISCOVERY_URL": discovery}, name="local")
     held: websocket.WebSocket | None = None
     late = socket.socket()
     try:

@@ -8,7 +8,6 @@ given to the cluster processes as SSL_CERT_FILE (OpenSSL's own variable).
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -17,15 +16,18 @@ import pytest
 import requests
 import websocket
 
-from helpers import TESTS, Proc, cluster_argv, python, start_reporting, wait_port, wait_until
+from helpers import (
+    TESTS,
+    Proc,
+    cluster_argv,
+    python,
+    start_app,
+    start_reporting,
+    start_serve,
+    wait_until,
+)
 
 TIMEOUT = 15
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +47,24 @@ def tls_endpoint(tmp: Path, certificate: tuple[Path, Path]) -> Iterator[str]:
     """A wss/https echo server registered as service `sec`; yields the discovery URL."""
     cert, key = certificate
     discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
-    port = _free_port()
-    server = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(port),
-                         "--certfile", str(cert), "--keyfile", str(key)), name="tls-echo")
-    sidecar = Proc(cluster_argv("register", "--service", "sec", "--endpoint-url",
-                                f"https://localhost:{port}", "--ping-interval", "1"),
-                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+    server, port = start_app("ws_echo.py", "--certfile", str(cert), "--keyfile", str(key),
+                             name="tls-echo")
     try:
-        wait_port(port, proc=server)
-        yield discovery
+        sidecar = Proc(cluster_argv("register", "--service", "sec", "--endpoint-url",
+                                    f"https://localhost:{port}", "--ping-interval", "1"),
+                       env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+        try:
+            yield discovery
+        finally:
+            sidecar.stop()
     finally:
-        sidecar.stop()
         server.stop()
 
 
-def front_door(tmp: Path, discovery: str, cert: Path) -> tuple[Proc, int]:
-    port_file = tmp / "front.port"
-    proc = Proc(cluster_argv("serve", "--ui-service", "sec", "--bind", "127.0.0.1:0",
-                             "--port-file", str(port_file)),
-                env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert)},
-                name="front")
-    text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
-                      what="the port file")
-    return proc, int(text.strip().rsplit(":", 1)[1])
+def front_door(discovery: str, cert: Path) -> tuple[Proc, int]:
+    return start_serve("--ui-service", "sec",
+                       env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert)},
+                       name="front")
 
 
 def library_front(discovery: str, cert: Path) -> tuple[Proc, int]:
@@ -85,7 +82,7 @@ def test_https_endpoint_http_and_websocket(tmp_path: Path, certificate: tuple[Pa
                                            way: str) -> None:
     cert, _ = certificate
     with tls_endpoint(tmp_path, certificate) as discovery:
-        proc, port = (front_door(tmp_path, discovery, cert) if way == "door"
+        proc, port = (front_door(discovery, cert) if way == "door"
                       else library_front(discovery, cert))
         try:
             url = f"http://127.0.0.1:{port}"
@@ -111,7 +108,7 @@ def test_untrusted_certificate_is_a_clean_502(tmp_path: Path,
     """Without the test CA the endpoint's certificate does not verify: 502, and the
     endpoint is not used, rather than talking to an impostor."""
     with tls_endpoint(tmp_path, certificate) as discovery:
-        proc, port = front_door(tmp_path, discovery, Path("/nonexistent-ca.pem"))
+        proc, port = front_door(discovery, Path("/nonexistent-ca.pem"))
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until(lambda: requests.get(url + "/_cluster/status", timeout=5)

@@ -41,12 +41,13 @@ from helpers import (
     TESTS,
     Proc,
     accept_forever,
-    backend,
     cluster_argv,
-    free_port,
     get,
     python,
+    refused_port,
     running,
+    start_app,
+    start_reporting,
     start_serve,
     wait_until,
 )
@@ -58,8 +59,34 @@ GIB = 1024 * MIB
 RSS_BUDGET_KIB = 32 * 1024
 
 
-def forward_only(port: int, upstream: str, *extra: str) -> list[str]:
-    return python(str(FORWARD), "--port", str(port), "--upstream", upstream, *extra)
+@contextlib.contextmanager
+def app(script: str, *args: str, name: str = "") -> Iterator[tuple[Proc, int]]:
+    """A test app of tests/apps on a port the OS picks (its port file says which),
+    stopped by PID when the block ends."""
+    proc, port = start_app(script, *args, name=name)
+    try:
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def forward_only(upstream: str, *extra: str) -> Iterator[tuple[Proc, int]]:
+    """tests/apps/forward_only.py in front of ``upstream``."""
+    with app(FORWARD.name, "--upstream", upstream, *extra, name="proxy") as proxy:
+        yield proxy
+
+
+def backend_again(port: int, name: str) -> Proc:
+    """tests/apps/backend.py restarted on the port an earlier one had, so a proxy that
+    knows that address reaches the new one (returned once it listens). The port is
+    free only while no backend runs: another process could take it in that restart
+    window, a race the test accepts because a known address is what it is about."""
+    proc, _ = start_reporting(
+        lambda port_file: python(str(TESTS / "apps" / "backend.py"), "--name", name,
+                                 "--port", str(port), "--port-file", str(port_file)),
+        name=name)
+    return proc
 
 
 class Stack:
@@ -81,24 +108,25 @@ def stack(*extra: str, via: str = "forwarder") -> Iterator[Stack]:
     ``cluster register`` sidecar put in a fresh embedded store, so the bytes take the
     product's whole path (routing, app, forwarder, handler).
     """
-    bport, pport = free_port(), free_port()
-    upstream = f"http://127.0.0.1:{bport}"
-    with running(backend(bport), port=bport):
+    with app("backend.py", name="backend") as (_, bport):
+        upstream = f"http://127.0.0.1:{bport}"
         if via == "forwarder":
-            with running(forward_only(pport, upstream, *extra), port=pport,
-                         name="proxy") as proxy:
+            with forward_only(upstream, *extra) as (proxy, pport):
                 yield Stack(bport, pport, proxy)
             return
         with tempfile.TemporaryDirectory() as tmp:
             env = {"CLUSTER_DISCOVERY_URL": f"sqlite:///{tmp}/discovery.sqlite3"}
             with running(cluster_argv("register", "--service", "web", "--endpoint-url",
-                                      upstream, "--ping-interval", "1"), env=env), \
-                    running(cluster_argv("serve", "--ui-service", "web", "--bind",
-                                         f"127.0.0.1:{pport}", "--ping-interval", "1", *extra),
-                            port=pport, env=env, name="balancer") as proxy:
-                wait_until(lambda: get(f"http://127.0.0.1:{pport}/_cluster/status")
-                           .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
-                yield Stack(bport, pport, proxy)
+                                      upstream, "--ping-interval", "1"), env=env):
+                proxy, pport = start_serve("--ui-service", "web", "--ping-interval", "1",
+                                           *extra, env=env, name="balancer")
+                try:
+                    wait_until(lambda: get(f"http://127.0.0.1:{pport}/_cluster/status")
+                               .json()["endpoints"], timeout=TIMEOUT,
+                               what="endpoint registered")
+                    yield Stack(bport, pport, proxy)
+                finally:
+                    proxy.stop()
 
 
 @pytest.fixture(scope="module", params=["forwarder", "cluster"])
@@ -413,8 +441,7 @@ def test_client_abandoning_a_download_leaks_no_socket(st: Stack) -> None:
 
 
 def test_refused_endpoint_is_502() -> None:
-    port, dead = free_port(), free_port()
-    with running(forward_only(port, f"http://127.0.0.1:{dead}"), port=port):
+    with refused_port() as dead, forward_only(f"http://127.0.0.1:{dead}") as (_, port):
         resp = get(f"http://127.0.0.1:{port}/whoami")
     assert resp.status_code == 502
     assert "connect failed" in resp.text
@@ -429,20 +456,31 @@ def test_silent_endpoint_is_504() -> None:
 
 
 def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
-    bport, pport = free_port(), free_port()
-    url = f"http://127.0.0.1:{pport}"
-    with running(forward_only(pport, f"http://127.0.0.1:{bport}"), port=pport) as proxy:
-        for method in ("GET", "POST"):
-            with running(backend(bport), port=bport):
-                first = requests.request(method, f"{url}/headers", data=b"x",
-                                         timeout=TIMEOUT).json()["remote_port"]
-            # the backend is gone: the pooled connection to it is closed
-            with running(backend(bport, name="second"), port=bport):
-                resp = requests.request(method, f"{url}/headers", data=b"x", timeout=TIMEOUT)
-                assert resp.status_code == 200, resp.text
-                assert resp.json()["name"] == "second"
-                assert resp.json()["remote_port"] != first
-        assert "Traceback" not in proxy.output()
+    current, bport = start_app("backend.py", "--name", "backend", name="backend")
+    try:
+        with forward_only(f"http://127.0.0.1:{bport}") as (proxy, pport):
+            url = f"http://127.0.0.1:{pport}"
+            for method in ("GET", "POST"):
+                if current.poll() is not None:  # stopped by the round before
+                    current = backend_again(bport, "backend")
+                try:
+                    first = requests.request(method, f"{url}/headers", data=b"x",
+                                             timeout=TIMEOUT).json()["remote_port"]
+                finally:
+                    current.stop()
+                # the backend is gone: the pooled connection to it is closed
+                current = backend_again(bport, "second")
+                try:
+                    resp = requests.request(method, f"{url}/headers", data=b"x",
+                                            timeout=TIMEOUT)
+                    assert resp.status_code == 200, resp.text
+                    assert resp.json()["name"] == "second"
+                    assert resp.json()["remote_port"] != first
+                finally:
+                    current.stop()
+            assert "Traceback" not in proxy.output()
+    finally:
+        current.stop()
 
 
 # --- upstream misbehaviour, from a scripted server ------------------------------------
@@ -509,9 +547,8 @@ SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[tuple[ScriptedUpstream, Proc, str]]:
     upstream = ScriptedUpstream(SCRIPTS)
-    port = free_port()
     try:
-        with running(forward_only(port, upstream.url), port=port, name="proxy") as proxy:
+        with forward_only(upstream.url) as (proxy, port):
             yield upstream, proxy, f"http://127.0.0.1:{port}"
     finally:
         upstream.close()
@@ -806,8 +843,8 @@ def test_forwarder_add_headers_replace_incoming_ones(st: Stack) -> None:
 
 def test_forwarder_errors_say_whether_a_retry_is_safe(st: Stack) -> None:
     forwarder = HttpForwarder(connect_timeout=2)
-    dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(UpstreamConnectError) as info:
+    with refused_port() as dead_port, pytest.raises(UpstreamConnectError) as info:
+        dead = f"http://127.0.0.1:{dead_port}"
         forwarder.forward(environ(), dead, "/")
     assert info.value.retryable and info.value.status == 502
     assert info.value.endpoint == dead

@@ -16,28 +16,26 @@ from typing import Iterator
 
 import pytest
 
-from helpers import TESTS, Proc, cluster_argv, python, wait_until
+from helpers import Proc, cluster_argv, start_app, start_serve, wait_until
 
 OUTSIDE = "127.0.0.2"
 SECRET = "correct horse battery staple"
 TIMEOUT = 15
 
 
-def serve(tmp: Path, name: str, discovery: str, *args: str, env: dict | None = None) -> tuple[
-        Proc, int]:
-    """Start `cluster serve` on a port of the OS's choosing; return it and its port."""
-    port_file = tmp / f"{name}.port"
-    proc = Proc(cluster_argv("serve", "--bind", "127.0.0.1:0", "--port-file", str(port_file),
-                             "--ping-interval", "1", "--expiry-grace", "1", *args),
-                env={"CLUSTER_DISCOVERY_URL": discovery, "BACKEND_NAME": name, **(env or {})},
-                name=name)
-    try:
-        text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
-                          what=f"{name}'s port file")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError(proc.output()) from None
-    return proc, int(text.strip().rsplit(":", 1)[1])
+def serve(stops: contextlib.ExitStack, name: str, discovery: str, *args: str,
+          env: dict | None = None) -> tuple[Proc, int]:
+    """Start `cluster serve` on a port of the OS's choosing; return it and its port.
+
+    ``stops`` stops it by PID when its block ends, so a later start that fails still
+    stops this one.
+    """
+    proc, port = start_serve("--ping-interval", "1", "--expiry-grace", "1", *args,
+                             env={"CLUSTER_DISCOVERY_URL": discovery, "BACKEND_NAME": name,
+                                  **(env or {})},
+                             name=name)
+    stops.callback(proc.stop)
+    return proc, port
 
 
 def raw_get(port: int, path: str, headers: tuple[str, ...] = (), source: str = OUTSIDE,
@@ -70,17 +68,14 @@ def web_and_api(tmp: Path, *extra: str) -> Iterator[tuple[int, int, str]]:
     """Service `web` (backend app "web") and service `api` (backend app "api") whose
     UI service is `web`: a client of api's instance is proxied to web."""
     discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
-    web, web_port = serve(tmp, "web", discovery, "--service", "web", "--app", "backend:app",
-                          *extra)
-    api, api_port = serve(tmp, "api", discovery, "--service", "api", "--ui-service", "web",
-                          "--app", "backend:app", *extra)
-    try:
+    with contextlib.ExitStack() as stops:  # api stopped first, then web
+        _, web_port = serve(stops, "web", discovery, "--service", "web", "--app",
+                            "backend:app", *extra)
+        _, api_port = serve(stops, "api", discovery, "--service", "api", "--ui-service",
+                            "web", "--app", "backend:app", *extra)
         wait_until(lambda: raw_get(api_port, "/whoami", source="127.0.0.1")[2] == b"web",
                    timeout=TIMEOUT, what="api's instance to see web")
         yield web_port, api_port, discovery
-    finally:
-        api.stop()
-        web.stop()
 
 
 @pytest.mark.parametrize("extra", [(), ("--secret", SECRET)], ids=["by-address", "signed"])
@@ -174,28 +169,18 @@ def test_sockjs_base_url_takes_no_scheme_but_http_or_https(tmp_path: Path) -> No
 def behind_balancer(tmp: Path, *extra: str) -> Iterator[tuple[int, Proc, Proc]]:
     """The misbehaving endpoint registered as service `bad`, a balancer in front."""
     discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
-    port = _free_port()
-    endpoint = Proc(python(str(TESTS / "apps" / "bad_endpoint.py"), "--port", str(port)),
-                    name="bad-endpoint")
-    sidecar = Proc(cluster_argv("register", "--service", "bad", "--endpoint-url",
-                                f"http://127.0.0.1:{port}", "--ping-interval", "1"),
-                   env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
-    front, front_port = serve(tmp, "front", discovery, "--ui-service", "bad", *extra)
-    try:
+    with contextlib.ExitStack() as stops:  # stopped front first, endpoint last
+        endpoint, port = start_app("bad_endpoint.py", name="bad-endpoint")
+        stops.callback(endpoint.stop)
+        sidecar = Proc(cluster_argv("register", "--service", "bad", "--endpoint-url",
+                                    f"http://127.0.0.1:{port}", "--ping-interval", "1"),
+                       env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+        stops.callback(sidecar.stop)
+        front, front_port = serve(stops, "front", discovery, "--ui-service", "bad", *extra)
         wait_until(lambda: raw_get(front_port, "/ok", source="127.0.0.1")[0] == 200,
                    timeout=TIMEOUT, what="the balancer to see the endpoint")
         yield front_port, endpoint, sidecar
-    finally:
-        front.stop()
-        sidecar.stop()
-        endpoint.stop()
     assert "Traceback" not in front.output(), front.output()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.parametrize("script", ["/extra", "/nocontent"])
@@ -229,11 +214,10 @@ def test_pooled_connections_of_departed_endpoints_are_closed(tmp_path: Path) -> 
 
 def test_client_that_stops_reading_is_cut_and_its_upstream_released(tmp_path: Path) -> None:
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    web, web_port = serve(tmp_path, "web", discovery, "--service", "web", "--app",
-                          "backend:app")
-    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "web",
-                              "--write-timeout", "1")
-    try:
+    with contextlib.ExitStack() as stops:  # front stopped first, then web
+        serve(stops, "web", discovery, "--service", "web", "--app", "backend:app")
+        front, front_port = serve(stops, "front", discovery, "--ui-service", "web",
+                                  "--write-timeout", "1")
         wait_until(lambda: raw_get(front_port, "/whoami")[2] == b"web", timeout=TIMEOUT,
                    what="the balancer to see web")
         with socket.socket() as sock:
@@ -249,18 +233,14 @@ def test_client_that_stops_reading_is_cut_and_its_upstream_released(tmp_path: Pa
             assert got < 256 << 20  # cut, not delivered in full
         # the balancer still serves, and said nothing louder than a line
         assert raw_get(front_port, "/whoami")[2] == b"web"
-    finally:
-        front.stop()
-        web.stop()
     assert "Traceback" not in front.output(), front.output()
 
 
 def test_client_aborts_leave_no_traceback(tmp_path: Path) -> None:
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    web, web_port = serve(tmp_path, "web", discovery, "--service", "web", "--app",
-                          "backend:app")
-    front, front_port = serve(tmp_path, "front", discovery, "--ui-service", "web")
-    try:
+    with contextlib.ExitStack() as stops:  # front stopped first, then web
+        web, _ = serve(stops, "web", discovery, "--service", "web", "--app", "backend:app")
+        front, front_port = serve(stops, "front", discovery, "--ui-service", "web")
         wait_until(lambda: raw_get(front_port, "/whoami")[2] == b"web", timeout=TIMEOUT,
                    what="the balancer to see web")
         for path in ("/slow?seconds=0.5", "/download?size=33554432", "/whoami") * 20:
@@ -270,8 +250,5 @@ def test_client_aborts_leave_no_traceback(tmp_path: Path) -> None:
             sock.close()  # RST mid-request
         time.sleep(1.5)
         assert raw_get(front_port, "/whoami")[2] == b"web"
-    finally:
-        front.stop()
-        web.stop()
     for proc in (front, web):
         assert "Traceback" not in proc.output(), proc.output()

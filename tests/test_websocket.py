@@ -25,29 +25,41 @@ from cluster.proxy.websocket import (
     parse_response_head,
     upgrade_request_head,
 )
-from helpers import TESTS, free_port, get, python, running, wait_until
+from helpers import TESTS, Proc, get, refused_port, start_app, wait_until
 
 ECHO = TESTS / "apps" / "ws_echo.py"
 FORWARD = TESTS / "apps" / "ws_forward_only.py"
 TIMEOUT = 10  # generous: a hang fails, a slow machine does not
 
 
-def forward_only(port: int, backend: str, *extra: str) -> list[str]:
-    return python(str(FORWARD), "--port", str(port), "--backend", backend, *extra)
+@contextlib.contextmanager
+def app(script: str, *args: str) -> Iterator[tuple[Proc, int]]:
+    """A test app of tests/apps on a port the OS picks (its port file says which),
+    stopped by PID when the block ends."""
+    proc, port = start_app(script, *args)
+    try:
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def forward_only(backend: str, *extra: str) -> Iterator[tuple[Proc, int]]:
+    """tests/apps/ws_forward_only.py in front of ``backend``."""
+    with app(FORWARD.name, "--backend", backend, *extra) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    port = free_port()
-    with running(python(str(ECHO), "--port", str(port)), port=port):
+    with app(ECHO.name) as (_, port):
         yield port
 
 
 @pytest.fixture(scope="module")
 def proxy(echo_port: int) -> Iterator[str]:
     """host:port of a forward-only proxy in front of the echo server."""
-    port = free_port()
-    with running(forward_only(port, f"http://127.0.0.1:{echo_port}"), port=port) as proc:
+    with forward_only(f"http://127.0.0.1:{echo_port}") as (proc, port):
         yield f"127.0.0.1:{port}"
         output = proc.output()
     # Hijacked connections must end quietly: no error page attempt, no traceback.
@@ -251,8 +263,7 @@ def test_refused_upgrade_reaches_client_as_403(proxy: str) -> None:
 
 
 def test_unreachable_endpoint_gives_502() -> None:
-    port, dead = free_port(), free_port()  # nothing listens on `dead`
-    with running(forward_only(port, f"http://127.0.0.1:{dead}"), port=port):
+    with refused_port() as dead, forward_only(f"http://127.0.0.1:{dead}") as (_, port):
         with pytest.raises(websocket.WebSocketBadStatusException) as info:
             websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
         assert info.value.status_code == 502
@@ -265,9 +276,7 @@ def test_silent_endpoint_gives_504() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel completes connects; nobody ever reads
         dead = silent.getsockname()[1]
-        port = free_port()
-        with running(forward_only(port, f"http://127.0.0.1:{dead}",
-                                  "--handshake-timeout", "0.5"), port=port):
+        with forward_only(f"http://127.0.0.1:{dead}", "--handshake-timeout", "0.5") as (_, port):
             with pytest.raises(websocket.WebSocketBadStatusException) as info:
                 websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
             assert info.value.status_code == 504

@@ -7,6 +7,7 @@ path from routing decision to frame pumping, not a stand-in proxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -16,19 +17,21 @@ import websocket
 from websocket import ABNF
 
 from cluster.records import endpoint_hash
-from helpers import TESTS, Proc, cluster_argv, free_port, python, wait_port, wait_until
+from helpers import Proc, cluster_argv, start_app, start_serve, wait_until
 
 
 class EchoMember:
     def __init__(self, discovery_url: str, name: str) -> None:
-        self.port = free_port()
+        self.server, self.port = start_app("ws_echo.py", name=name)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(self.port)),
-                           name=name)
-        wait_port(self.port, proc=self.server)
-        self.sidecar = Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
-                                         self.url, "--ping-interval", "1"),
-                            env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=f"sc-{name}")
+        try:
+            self.sidecar = Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                             self.url, "--ping-interval", "1"),
+                                env={"CLUSTER_DISCOVERY_URL": discovery_url},
+                                name=f"sc-{name}")
+        except BaseException:
+            self.server.stop()
+            raise
 
     def stop(self) -> None:
         self.sidecar.stop()
@@ -37,21 +40,18 @@ class EchoMember:
 
 @pytest.fixture
 def cluster_ws(sqlite_url):
-    members = [EchoMember(sqlite_url, f"echo{n}") for n in (1, 2)]
-    port = free_port()
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{port}",
-                              "--ping-interval", "1"),
-                 env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="balancer")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_port(port, proc=front)
+    with contextlib.ExitStack() as stops:  # a failed start still stops what started
+        members = []
+        for n in (1, 2):
+            members.append(EchoMember(sqlite_url, f"echo{n}"))
+            stops.callback(members[-1].stop)
+        front, port = start_serve("--ui-service", "web", "--ping-interval", "1",
+                                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="balancer")
+        stops.callback(front.stop)
+        base = f"http://127.0.0.1:{port}"
         wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)
                                .json()["endpoints"]) == 2, timeout=10)
         yield base, members, front
-    finally:
-        front.stop()
-        for m in members:
-            m.stop()
     assert "Traceback" not in front.output()
 
 
