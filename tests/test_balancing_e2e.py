@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import time
@@ -16,42 +17,65 @@ import requests
 from helpers import (
     ROOT,
     Proc,
-    cluster_argv,
-    free_port,
-    instance,
     python,
+    read_port_file,
     start_instance,
     start_reporting,
+    start_serve,
     status_json,
-    wait_port,
     wait_until,
 )
 
 COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
 
 
-def start_runner(runner: str, discovery_url: str, port: int, tmp: Path) -> Proc:
-    """One instance of the demo app, started the way ``runner`` names."""
+GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
+
+
+def start_gunicorn(argv: list[str], env: dict[str, str], name: str,
+                   timeout: float = 20.0) -> tuple[Proc, int]:
+    """gunicorn bound to ``127.0.0.1:0``: the port the OS gave it, from the line it logs
+    (``Listening at: http://127.0.0.1:PORT (PID)``); gunicorn has no port file."""
+    proc = Proc(argv, env=env, name=name)
+    try:
+        found = wait_until(lambda: proc.poll() is not None
+                           or GUNICORN_LISTENING.search(proc.output()),
+                           timeout=timeout, interval=0.02, what=f"{name} to listen")
+        if not isinstance(found, re.Match):
+            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, int(found.group(1))
+
+
+def start_runner(runner: str, discovery_url: str, n: int, tmp: Path) -> tuple[Proc, int]:
+    """Instance ``n`` of the demo app, started the way ``runner`` names, on a port the
+    OS picks: the process and its port, once it listens."""
     env = {"CLUSTER_DISCOVERY_URL": discovery_url}
+    name = f"{runner}-{n}"
     if runner == "serve":
-        argv = cluster_argv("serve", "--service", "web", "--app", "cluster.demo:app",
-                            "--bind", f"127.0.0.1:{port}", *COMMON)
-    elif runner == "script":
-        conf = tmp / f"instance-{port}.conf"
-        conf.write_text(
-            "service = web\napp = cluster.demo:app\n"
-            f"bind = 127.0.0.1:{port}\nping-interval = 1\nexpiry-grace = 1\n"
-        )
-        argv = python(str(ROOT / "scripts" / "cluster-instance"), "-c", str(conf))
-    elif runner == "gunicorn":
+        return start_serve("--service", "web", "--app", "cluster.demo:app", *COMMON,
+                           env=env, name=name)
+    if runner == "script":
+        def script_argv(port_file: Path) -> list[str]:
+            conf = tmp / f"instance-{n}.conf"
+            conf.write_text(
+                "service = web\napp = cluster.demo:app\n"
+                f"bind = 127.0.0.1:0\nport-file = {port_file}\n"
+                "ping-interval = 1\nexpiry-grace = 1\n"
+            )
+            return python(str(ROOT / "scripts" / "cluster-instance"), "-c", str(conf))
+
+        return start_reporting(script_argv, env=env, name=name)
+    if runner == "gunicorn":
         env.update(CLUSTER_SERVICE="web", CLUSTER_PING_INTERVAL="1", CLUSTER_EXPIRY_GRACE="1")
-        argv = python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
-                      "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
-                      "--control-socket", str(tmp / f"gunicorn-{port}.ctl"),
-                      "cluster.demo:app")
-    else:  # pragma: no cover
-        raise ValueError(runner)
-    return Proc(argv, env=env, name=f"{runner}-{port}")
+        return start_gunicorn(
+            python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                   "-b", "127.0.0.1:0", "--graceful-timeout", "5",
+                   "--control-socket", str(tmp / f"gunicorn-{n}.ctl"), "cluster.demo:app"),
+            env=env, name=name)
+    raise ValueError(runner)  # pragma: no cover
 
 
 def records_per_member(runner: str) -> int:
@@ -61,13 +85,14 @@ def records_per_member(runner: str) -> int:
 
 @contextlib.contextmanager
 def members(runner: str, discovery_url: str, count: int, tmp: Path):
-    ports = [free_port() for _ in range(count)]
-    procs = [start_runner(runner, discovery_url, port, tmp) for port in ports]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    procs: list[Proc] = []
+    urls: list[str] = []
     records = count * records_per_member(runner)
     try:
-        for proc, port in zip(procs, ports):
-            wait_port(port, proc=proc)
+        for n in range(count):  # each listens before the next starts
+            proc, port = start_runner(runner, discovery_url, n, tmp)
+            procs.append(proc)
+            urls.append(f"http://127.0.0.1:{port}")
         wait_until(lambda: all(len(view(u)["endpoints"]) == records for u in urls),
                    timeout=20, what="every instance sees every other")
         yield procs, urls
@@ -79,12 +104,9 @@ def members(runner: str, discovery_url: str, count: int, tmp: Path):
 @contextlib.contextmanager
 def balancer_front(discovery_url: str):
     """A balancer-only instance for the `web` service: (process, base URL)."""
-    port = free_port()
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{port}",
-                              *COMMON), env={"CLUSTER_DISCOVERY_URL": discovery_url},
-                 name="front")
+    front, port = start_serve("--ui-service", "web", *COMMON,
+                              env={"CLUSTER_DISCOVERY_URL": discovery_url}, name="front")
     try:
-        wait_port(port, proc=front)
         yield front, f"http://127.0.0.1:{port}"
     finally:
         front.stop()
@@ -181,11 +203,10 @@ def test_killed_endpoint_costs_no_request_and_none_left_is_503(sqlite_url, tmp_p
 
 def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_path):
     with balancer_front(sqlite_url) as (front, base):
-        ports = [free_port() for _ in range(3)]
-        procs = [instance(sqlite_url, port, f"b{n}") for n, port in enumerate(ports)]
+        procs: list[Proc] = []
         try:
-            for proc, port in zip(procs, ports):
-                wait_port(port, proc=proc)
+            for n in range(3):
+                procs.append(start_instance(sqlite_url, f"b{n}")[0])
             try:
                 wait_until(lambda: len(view(base)["endpoints"]) == 3, timeout=20,
                            what="the front to list the three instances")
@@ -247,13 +268,10 @@ def test_library_mode_make_server_uses_the_door(sqlite_url, tmp_path):
     lib = Proc(python(str(ROOT / "tests" / "apps" / "library_door_app.py"), str(port_file)),
                env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
                name="library-door")
-    other_port = free_port()
-    other = instance(sqlite_url, other_port, "served")
+    other: Proc | None = None
     try:
-        text = wait_until(lambda: port_file.exists() and port_file.read_text(), timeout=20,
-                          what="the library's port file")
-        lib_port = int(text.strip().rsplit(":", 1)[1])
-        wait_port(other_port, proc=other)
+        lib_port = read_port_file(port_file, lib)
+        other, other_port = start_instance(sqlite_url, "served")
         lib_url = f"http://127.0.0.1:{lib_port}"
         wait_until(lambda: len(view(lib_url)["endpoints"]) == 2, timeout=10)
         seen = Counter(requests.get(lib_url + "/whoami", timeout=5).text for _ in range(60))
@@ -270,7 +288,8 @@ def test_library_mode_make_server_uses_the_door(sqlite_url, tmp_path):
         assert [r["endpoint"] for r in rows] == [f"http://127.0.0.1:{other_port}"]
     finally:
         lib.stop()
-        other.stop()
+        if other is not None:
+            other.stop()
     assert "Traceback" not in lib.output(), lib.output()
 
 
@@ -278,11 +297,13 @@ def test_post_moves_with_its_body_when_an_endpoint_refuses(sqlite_url):
     """A POST whose first pick refuses the connection goes to another endpoint with the
     same body (the body is read once per request, not once per attempt)."""
     with balancer_front(sqlite_url) as (front, base):
-        ports = [free_port() for _ in range(2)]
-        procs = [instance(sqlite_url, port, f"b{n}") for n, port in enumerate(ports)]
+        procs: list[Proc] = []
+        ports: list[int] = []
         try:
-            for proc, port in zip(procs, ports):
-                wait_port(port, proc=proc)
+            for n in range(2):
+                proc, port = start_instance(sqlite_url, f"b{n}")
+                procs.append(proc)
+                ports.append(port)
             wait_until(lambda: len(view(base)["endpoints"]) == 2, timeout=10)
             dead = next(e["hash"] for e in view(base)["endpoints"]
                         if e["endpoint"].endswith(f":{ports[0]}"))

@@ -14,12 +14,13 @@ import requests
 from cluster.records import COLLECTION, endpoint_hash
 from helpers import (
     ROOT,
+    Proc,
     cluster_argv,
-    free_port,
-    instance,
     live_endpoints,
+    start_backend,
+    start_instance,
+    start_serve,
     status_json,
-    wait_port,
     wait_until,
 )
 
@@ -29,14 +30,14 @@ GRACE = 1.0
 
 @contextlib.contextmanager
 def instances(discovery_url: str, count: int, **kwargs):
-    ports = [free_port() for _ in range(count)]
-    procs = [instance(discovery_url, port, f"i{n}", **kwargs) for n, port in enumerate(ports)]
+    started: list[tuple[Proc, str]] = []
     try:
-        for proc, port in zip(procs, ports):
-            wait_port(port, proc=proc)
-        yield list(zip(procs, [f"http://127.0.0.1:{p}" for p in ports]))
+        for n in range(count):  # each listens before the next starts
+            proc, port = start_instance(discovery_url, f"i{n}", **kwargs)
+            started.append((proc, f"http://127.0.0.1:{port}"))
+        yield started
     finally:
-        for proc in procs:
+        for proc, _url in started:
             proc.stop()
 
 
@@ -111,11 +112,9 @@ def test_database_outage_keeps_tables_and_everything_recovers(mongo_server, mong
 
 
 def test_foreign_record_is_used_and_malformed_one_is_skipped(mongo_url):
-    backend_port = free_port()
+    meteor, backend_port = start_backend("meteor")
     foreign = f"http://127.0.0.1:{backend_port}"
-    from helpers import backend, running
-
-    with running(backend(backend_port, name="meteor"), port=backend_port):
+    try:
         client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
         try:
             coll = client.get_default_database()[COLLECTION]
@@ -146,20 +145,22 @@ def test_foreign_record_is_used_and_malformed_one_is_skipped(mongo_url):
                 assert proc.poll() is None
         finally:
             client.close()
+    finally:
+        meteor.stop()
 
 
 def test_embedded_default_needs_no_server(tmp_path):
     """With no discovery URL, instances on one host find each other through a file."""
     env = {"XDG_STATE_HOME": str(tmp_path / "state")}
-    ports = [free_port(), free_port()]
-    from helpers import Proc
-
-    procs = [Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
-                               "--bind", f"127.0.0.1:{p}", "--ping-interval", "1"),
-                  env={**env, "BACKEND_NAME": f"e{n}"}) for n, p in enumerate(ports)]
+    procs: list[Proc] = []
+    ports: list[int] = []
     try:
-        for proc, port in zip(procs, ports):
-            wait_port(port, proc=proc)
+        for n in range(2):
+            proc, port = start_serve("--service", "web", "--app", "backend:app",
+                                     "--ping-interval", "1",
+                                     env={**env, "BACKEND_NAME": f"e{n}"}, name=f"e{n}")
+            procs.append(proc)
+            ports.append(port)
         wait_until((tmp_path / "state" / "cluster" / "discovery.sqlite3").exists, timeout=5,
                    what="the embedded store in the per-user state directory")
         urls = [f"http://127.0.0.1:{p}" for p in ports]

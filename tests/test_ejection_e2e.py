@@ -12,7 +12,7 @@ import time
 import requests
 
 from cluster.records import endpoint_hash
-from helpers import Proc, cluster_argv, free_port, instance, wait_port, wait_until
+from helpers import Proc, instance, start_instance, start_serve, wait_port, wait_until
 
 EJECT_SECONDS = 30  # far longer than any wait below: healing must not wait for it
 
@@ -37,19 +37,19 @@ def seconds_until_served_by(base: str, name: str, limit: float) -> float:
 
 @contextlib.contextmanager
 def two_members_and_front(mongo_url: str):
-    ports = [free_port(), free_port()]
-    front_port = free_port()
-    members = {f"m{n}": instance(mongo_url, port, f"m{n}") for n, port in enumerate(ports)}
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind",
-                              f"127.0.0.1:{front_port}", "--ping-interval", "1",
-                              "--expiry-grace", "1", "--eject-seconds", str(EJECT_SECONDS)),
-                 env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
-    base = f"http://127.0.0.1:{front_port}"
-
+    members: dict[str, Proc] = {}
+    ports: list[int] = []
     retired: list[Proc] = []
+    front: Proc | None = None
 
     def restart(name: str) -> None:
-        """A new process on the same port; the old one may still be draining."""
+        """A new process on the same port; the old one may still be draining.
+
+        The port was the OS's pick at the first start (its port file) and is bound
+        again by number: the test is that the balancer heals on a known address. Only
+        in the restart window could another process take it (the loop below then fails
+        with what the instance said).
+        """
         retired.append(members[name])
         n = int(name[1:])
         deadline = time.monotonic() + 5
@@ -65,14 +65,20 @@ def two_members_and_front(mongo_url: str):
             time.sleep(0.1)
 
     try:
-        for proc, port in zip(members.values(), ports):
-            wait_port(port, proc=proc)
-        wait_port(front_port, proc=front)
+        for n in range(2):
+            members[f"m{n}"], port = start_instance(mongo_url, f"m{n}")
+            ports.append(port)
+        front, front_port = start_serve(
+            "--ui-service", "web", "--ping-interval", "1", "--expiry-grace", "1",
+            "--eject-seconds", str(EJECT_SECONDS),
+            env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
+        base = f"http://127.0.0.1:{front_port}"
         wait_until(lambda: len(front_status(base)["endpoints"]) == 2, timeout=10)
         hashes = {f"m{n}": endpoint_hash(f"http://127.0.0.1:{p}") for n, p in enumerate(ports)}
         yield base, members, hashes, restart, front
     finally:
-        front.stop()
+        if front is not None:
+            front.stop()
         for proc in [*members.values(), *retired]:
             proc.stop()
 

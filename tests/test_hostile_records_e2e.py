@@ -14,16 +14,7 @@ import pymongo
 import requests
 
 from cluster.records import COLLECTION, endpoint_hash
-from helpers import (
-    Proc,
-    backend,
-    cluster_argv,
-    free_port,
-    instance,
-    running,
-    wait_port,
-    wait_until,
-)
+from helpers import Proc, start_backend, start_instance, start_serve, wait_until
 
 COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
 
@@ -35,21 +26,30 @@ def member_and_front(mongo_url: str):
     The member's process is ``front.member``: records nobody announced (written straight
     into the store, as here) are read by whichever instance holds the reaper lease.
     """
-    member_port, front_port = free_port(), free_port()
-    member = instance(mongo_url, member_port, "m0")
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind",
-                              f"127.0.0.1:{front_port}", *COMMON),
-                 env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
+    member, member_port = start_instance(mongo_url, "m0")
+    front: Proc | None = None
     try:
-        wait_port(member_port, proc=member)
-        wait_port(front_port, proc=front)
+        front, front_port = start_serve("--ui-service", "web", *COMMON,
+                                        env={"CLUSTER_DISCOVERY_URL": mongo_url},
+                                        name="front")
         base = f"http://127.0.0.1:{front_port}"
         wait_until(lambda: requests.get(base + "/whoami", timeout=5).text == "m0", timeout=10)
         front.member = member  # type: ignore[attr-defined]
         yield f"http://127.0.0.1:{member_port}", front, base
     finally:
-        front.stop()
+        if front is not None:
+            front.stop()
         member.stop()
+
+
+@contextlib.contextmanager
+def trap_backend():
+    """The test backend as "trap", where no request must arrive: its port, then stopped."""
+    proc, port = start_backend("trap")
+    try:
+        yield port
+    finally:
+        proc.stop()
 
 
 def poisoned_records(trap: str) -> list[dict]:
@@ -74,10 +74,8 @@ def poisoned_records(trap: str) -> list[dict]:
 
 
 def test_poisoned_records_are_skipped_with_one_warning_each(mongo_url):
-    trap_port = free_port()
-    trap = f"http://127.0.0.1:{trap_port}"
-    with running(backend(trap_port, name="trap"), port=trap_port), \
-            member_and_front(mongo_url) as (member, front, base):
+    with trap_backend() as trap_port, member_and_front(mongo_url) as (member, front, base):
+        trap = f"http://127.0.0.1:{trap_port}"
         client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
         try:
             coll = client.get_default_database()[COLLECTION]

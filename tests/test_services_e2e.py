@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 
@@ -14,9 +15,10 @@ from helpers import (
     Proc,
     backend,
     cluster_argv,
-    free_port,
     live_endpoints,
     python,
+    start_backend,
+    start_serve,
     wait_port,
     wait_until,
 )
@@ -26,16 +28,18 @@ class Member:
     """A test backend process registered by a `cluster register` sidecar."""
 
     def __init__(self, discovery_url: str, service: str, name: str) -> None:
-        self.port = free_port()
+        self.server, self.port = start_backend(name)
         self.url = f"http://127.0.0.1:{self.port}"
         self.hash = endpoint_hash(self.url)
-        self.server = Proc(backend(self.port, name=name), name=name)
-        wait_port(self.port, proc=self.server)
-        self.sidecar = Proc(
-            cluster_argv("register", "--service", service, "--endpoint-url", self.url,
-                         "--health-url", self.url + "/whoami", "--ping-interval", "1",
-                         "--expiry-grace", "1"),
-            env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=f"sidecar-{name}")
+        try:
+            self.sidecar = Proc(
+                cluster_argv("register", "--service", service, "--endpoint-url", self.url,
+                             "--health-url", self.url + "/whoami", "--ping-interval", "1",
+                             "--expiry-grace", "1"),
+                env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=f"sidecar-{name}")
+        except BaseException:
+            self.server.stop()
+            raise
 
     def stop(self) -> None:
         self.sidecar.stop()
@@ -43,12 +47,10 @@ class Member:
 
 
 def balancer(discovery_url: str, *args: str) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc(cluster_argv("serve", "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
-                             "--expiry-grace", "1", *args),
-                env={"CLUSTER_DISCOVERY_URL": discovery_url, "BACKEND_NAME": "front"},
-                name="balancer")
-    wait_port(port, proc=proc)
+    proc, port = start_serve("--ping-interval", "1", "--expiry-grace", "1", *args,
+                             env={"CLUSTER_DISCOVERY_URL": discovery_url,
+                                  "BACKEND_NAME": "front"},
+                             name="balancer")
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -57,11 +59,14 @@ def view(url: str) -> dict:
 
 
 def test_public_services_reachable_internal_ones_refused(mongo_url):
-    chat = Member(mongo_url, "chat", "chat1")
-    billing = Member(mongo_url, "billing", "billing1")
-    front, url = balancer(mongo_url, "--service", "web", "--app", "backend:app",
-                          "--public-services", "chat")
-    try:
+    with contextlib.ExitStack() as stack:
+        chat = Member(mongo_url, "chat", "chat1")
+        stack.callback(chat.stop)
+        billing = Member(mongo_url, "billing", "billing1")
+        stack.callback(billing.stop)
+        front, url = balancer(mongo_url, "--service", "web", "--app", "backend:app",
+                              "--public-services", "chat")
+        stack.callback(front.stop)
         wait_until(lambda: len(view(url)["endpoints"]) == 3, timeout=10)
         info = requests.get(url + "/chat/sockjs/info?t=1", timeout=5)
         assert info.status_code == 200
@@ -78,16 +83,16 @@ def test_public_services_reachable_internal_ones_refused(mongo_url):
         assert gone.status_code == 404
         # the instance's own service is reachable as always
         assert requests.get(url + "/whoami", timeout=5).text == "front"
-    finally:
-        front.stop()
-        chat.stop()
-        billing.stop()
 
 
 def test_ui_service_is_served_by_proxying(mongo_url):
     ui = Member(mongo_url, "ui", "ui1")
-    api, url = balancer(mongo_url, "--service", "api", "--app", "backend:app",
-                        "--ui-service", "ui")
+    try:
+        api, url = balancer(mongo_url, "--service", "api", "--app", "backend:app",
+                            "--ui-service", "ui")
+    except BaseException:
+        ui.stop()
+        raise
     try:
         wait_until(lambda: len(view(url)["endpoints"]) == 2, timeout=10)
         for _ in range(10):
@@ -107,6 +112,9 @@ def test_sidecar_keeps_the_record_while_healthy_and_removes_it_on_sigterm(sqlite
         wait_until(lambda: live_endpoints(sqlite_url) == set(), timeout=5,
                    what="record removed after the failed health check")
         assert member.sidecar.poll() is None
+        # The program comes back on the port it had (the OS's pick at its first start,
+        # bound again by number): the sidecar checks that one address. Only in the
+        # restart window could another process take it.
         member.server = Proc(backend(member.port, name="s1"), name="s1")
         wait_port(member.port, proc=member.server)
         wait_until(lambda: live_endpoints(sqlite_url) == {member.url}, timeout=5,
@@ -119,7 +127,12 @@ def test_sidecar_keeps_the_record_while_healthy_and_removes_it_on_sigterm(sqlite
 
 
 def test_discover_fails_over_within_one_ping_interval(mongo_url):
-    members = [Member(mongo_url, "search", f"s{n}") for n in (1, 2)]
+    members = [Member(mongo_url, "search", "s1")]
+    try:
+        members.append(Member(mongo_url, "search", "s2"))
+    except BaseException:
+        members[0].stop()
+        raise
     caller = subprocess.Popen(
         python(str(TESTS / "apps" / "discover_caller.py"), "search"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
