@@ -294,6 +294,28 @@ def start_instance(discovery_url: str, name: str, *extra: str, service: str = "w
                        "--expiry-grace", "1", *extra, env=full_env, name=name)
 
 
+#: gunicorn's line once it listens: ``Listening at: http://127.0.0.1:PORT (PID)``
+GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
+
+
+def gunicorn_port(proc: Proc, timeout: float = 20.0) -> int:
+    """The port a gunicorn started with ``-b 127.0.0.1:0`` bound, read from its log.
+
+    gunicorn cannot write a port file, but it logs the address it listens on (before
+    forking its workers; connections queue until one accepts). Raises RuntimeError
+    with the output when gunicorn exits first; the caller still stops ``proc``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = GUNICORN_LISTENING.search(proc.output())
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{proc} logged no 'Listening at' after {timeout}s:\n{proc.output()}")
+
+
 # --- raw HTTP/1.1 on a socket: exactly the bytes a test means -------------------------
 
 

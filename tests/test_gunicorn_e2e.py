@@ -15,20 +15,21 @@ from pathlib import Path
 
 import requests
 
-from helpers import ROOT, Proc, free_port, python, status_json, wait_port, wait_until
+from helpers import ROOT, Proc, gunicorn_port, python, status_json, wait_until
 from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
 
 
-def gunicorn(tmp: Path, discovery_url: str, port: int, *extra: str,
+def gunicorn(tmp: Path, discovery_url: str, *extra: str,
              app: str = "cluster.demo:app") -> Proc:
+    """gunicorn -w 2 on a port the OS picks: read it with ``gunicorn_port(proc)``."""
     env = {"CLUSTER_DISCOVERY_URL": discovery_url, "CLUSTER_SERVICE": "web",
            "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(tmp)]),
            "CLUSTER_TEST_MARKER": str(tmp)}
     return Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
-                       "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3",
+                       "-b", "127.0.0.1:0", "--graceful-timeout", "3",
                        "--control-socket", str(tmp / "gunicorn.ctl"), *extra, app),
-                env=env, name=f"gunicorn-{port}")
+                env=env, name="gunicorn")
 
 
 def live(discovery_url: str) -> set[str]:
@@ -56,12 +57,9 @@ def alive(pid: int) -> bool:
 
 def test_each_worker_registers_and_recycled_workers_hand_over(tmp_path):
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = gunicorn(tmp_path, discovery, port, "--max-requests", "15",
-                    "--max-requests-jitter", "0")
+    proc = gunicorn(tmp_path, discovery, "--max-requests", "15", "--max-requests-jitter", "0")
     try:
-        wait_port(port, proc=proc)
+        url = f"http://127.0.0.1:{gunicorn_port(proc)}"
         first = wait_until(lambda: live(discovery) if len(live(discovery)) == 2 else None,
                            timeout=15, what="a record per worker")
         assert url not in first, "the shared port is a way in, not an endpoint"
@@ -95,10 +93,9 @@ def test_each_worker_registers_and_recycled_workers_hand_over(tmp_path):
 
 def test_sigkill_of_the_arbiter_leaves_no_process_and_no_record(tmp_path):
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    port = free_port()
-    proc = gunicorn(tmp_path, discovery, port)
+    proc = gunicorn(tmp_path, discovery)
     try:
-        wait_port(port, proc=proc)
+        gunicorn_port(proc)  # listening: its workers come next
         wait_until(lambda: len(live(discovery)) == 2, timeout=15, what="a record per worker")
         kids = children(proc.pid)
         assert len(kids) == 2, kids
@@ -117,10 +114,9 @@ def test_sigkill_of_the_arbiter_leaves_no_process_and_no_record(tmp_path):
 def test_hup_reload_loads_new_code_with_no_failed_request(tmp_path):
     (tmp_path / "versioned.py").write_text(VERSIONED_APP.format(version=1))
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    port = free_port()
-    proc = gunicorn(tmp_path, discovery, port, app="versioned:app")
+    proc = gunicorn(tmp_path, discovery, app="versioned:app")
     try:
-        wait_port(port, proc=proc)
+        port = gunicorn_port(proc)
         old_records = wait_until(lambda: live(discovery) if len(live(discovery)) == 2
                                  else None, timeout=15, what="a record per worker")
         old = children(proc.pid)

@@ -14,7 +14,7 @@ import venv
 import pytest
 import requests
 
-from helpers import ROOT, Proc, free_port, wait_port, wait_until
+from helpers import ROOT, Proc, gunicorn_port, wait_until
 
 APP = '''
 def application(environ, start_response):
@@ -41,16 +41,15 @@ def test_the_gunicorn_extra_runs_the_readme_command_in_a_fresh_virtualenv(tmp_pa
     (app_dir / "wsgi.py").write_text(APP)
     (app_dir / "__init__.py").write_text("")
 
-    port = free_port()
-    # The README's command, with a port of our own and two workers.
+    # The README's command, on a port the OS picks (gunicorn logs it) and two workers.
     env = {"CLUSTER_SERVICE": "web",
            "CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}",
            "PYTHONPATH": "", "PATH": f"{bin_dir}:/usr/bin:/bin"}
     proc = Proc([str(bin_dir / "gunicorn"), "-c", "python:cluster.gunicorn", "-w", "2",
-                 "-b", f"127.0.0.1:{port}", "--control-socket", str(tmp_path / "g.ctl"),
+                 "-b", "127.0.0.1:0", "--control-socket", str(tmp_path / "g.ctl"),
                  "myproject.wsgi:application"], env=env, cwd=tmp_path, name="fresh-gunicorn")
     try:
-        wait_port(port, proc=proc, timeout=30)
+        port = gunicorn_port(proc, timeout=30)
         response = wait_until(lambda: _get(port), timeout=15, what="a 200")
         assert response.text == "hello from a fresh install"
         assert "cluster-endpoint::web" in response.headers.get("Set-Cookie", "")

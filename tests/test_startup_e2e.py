@@ -8,15 +8,21 @@ from __future__ import annotations
 import socket
 import time
 
-from helpers import Proc, cluster_argv, free_port, status_json, wait_port, wait_until
+from helpers import Proc, cluster_argv, free_port, start_serve, status_json, wait_until
 
 #: the watcher refreshes every ping/2 s: 2.5 s with the default ping interval of 5 s
 REFRESH = 2.5
 
 
 def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that were free a moment ago.
+
+    `cluster demo --bind HOST:PORT` needs PORT and the next two, which no port file
+    can give: so this one test picks ports and hopes (another process may take one
+    before the demo binds it; the demo then exits at once, "cannot listen on ...").
+    """
     for _ in range(50):
-        first = free_port()
+        first = free_port()  # picked, then closed: the demo needs three in a row
         sockets = []
         try:
             for port in range(first, first + count):
@@ -52,12 +58,11 @@ def test_demo_starts_without_a_warning(tmp_path):
 
 
 def test_eight_workers_start_without_a_warning(sqlite_url):
-    port = free_port()
-    server = Proc(cluster_argv("serve", "--workers-count", "8", "--service", "web",
-                               "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}"),
-                  env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers8")
+    server, _port = start_serve("--workers-count", "8", "--service", "web",
+                                "--app", "cluster.demo:app",
+                                env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers8",
+                                timeout=60)
     try:
-        wait_port(port, proc=server, timeout=60)
         wait_until(lambda: len(status_json(sqlite_url)["endpoints"]) == 8, timeout=60,
                    interval=0.5, what="eight worker records")
         time.sleep(REFRESH + 1)

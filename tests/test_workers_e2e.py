@@ -8,7 +8,7 @@ from collections import Counter
 
 import requests
 
-from helpers import Proc, cluster_argv, free_port, status_json, wait_port, wait_until
+from helpers import Proc, start_serve, status_json, wait_until
 
 
 def pids_behind(url: str, session: requests.Session | None = None, count: int = 60) -> Counter:
@@ -21,19 +21,18 @@ def pids_behind(url: str, session: requests.Session | None = None, count: int = 
     return pids
 
 
-def two_workers(discovery_url: str, port: int) -> Proc:
-    return Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
-                             "--app", "cluster.demo:app", "--bind", f"127.0.0.1:{port}",
-                             "--ping-interval", "1", "--expiry-grace", "1"),
-                env={"CLUSTER_DISCOVERY_URL": discovery_url}, name="workers")
+def two_workers(discovery_url: str) -> tuple[Proc, int]:
+    """Two workers behind one public port the OS picks (the supervisor reports it)."""
+    return start_serve("--workers-count", "2", "--service", "web",
+                       "--app", "cluster.demo:app", "--ping-interval", "1",
+                       "--expiry-grace", "1",
+                       env={"CLUSTER_DISCOVERY_URL": discovery_url}, name="workers")
 
 
 def test_workers_share_the_port_register_each_and_are_supervised(sqlite_url):
-    port = free_port()
+    parent, port = two_workers(sqlite_url)
     url = f"http://127.0.0.1:{port}"
-    parent = two_workers(sqlite_url, port)
     try:
-        wait_port(port, proc=parent)
         rows = wait_until(lambda: [r for r in status_json(sqlite_url)["endpoints"]
                                    if r["healthy"]] if len(status_json(sqlite_url)["endpoints"])
                           == 2 else None, timeout=10, what="two worker records")
@@ -69,10 +68,8 @@ def test_workers_share_the_port_register_each_and_are_supervised(sqlite_url):
 
 
 def test_workers_stop_when_their_parent_is_killed(sqlite_url):
-    port = free_port()
-    parent = two_workers(sqlite_url, port)
+    parent, port = two_workers(sqlite_url)
     try:
-        wait_port(port, proc=parent)
         pids = set(pids_behind(f"http://127.0.0.1:{port}"))
         parent.kill()
 

@@ -24,7 +24,7 @@ import requests
 import requests.adapters
 import socketio
 
-from helpers import ROOT, Proc, cluster_argv, free_port, python, status_json, wait_port, wait_until
+from helpers import ROOT, Proc, gunicorn_port, python, start_serve, status_json, wait_until
 
 SOCKETIO = ROOT / "tests" / "sio"
 ECHOES = 50
@@ -37,44 +37,51 @@ def app_env(discovery_url: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(SOCKETIO)])}
 
 
-def start(runner: str, discovery_url: str, tmp: Path) -> tuple[list[Proc], str, int]:
-    """The processes of ``runner``, the URL clients use, and how many records it makes."""
+def start(runner: str, discovery_url: str, tmp: Path, procs: list[Proc]) -> list[int]:
+    """Start the processes of ``runner``, each on a port the OS picks, into ``procs``
+    (the caller stops them, also those started before one fails to start); return
+    their public ports, listening. Clients use the first one."""
     env = app_env(discovery_url)
     common = ["--service", "chat", "--app", "sio_app:app", "--ping-interval", "1",
               "--expiry-grace", "1"]
+    ports: list[int] = []
     if runner == "two-instances":
-        ports = [free_port(), free_port()]
-        procs = [Proc(cluster_argv("serve", *common, "--bind", f"127.0.0.1:{p}"), env=env,
-                      name=f"sio-{p}") for p in ports]
-        return procs, f"http://127.0.0.1:{ports[0]}", 2
-    port = free_port()
-    if runner == "workers":
-        argv = cluster_argv("serve", *common, "--workers-count", "2", "--bind",
-                            f"127.0.0.1:{port}")
+        for index in range(2):
+            proc, port = start_serve(*common, env=env, name=f"sio-{index}", timeout=30)
+            procs.append(proc)
+            ports.append(port)
+    elif runner == "workers":
+        proc, port = start_serve(*common, "--workers-count", "2", env=env, name=runner,
+                                 timeout=30)
+        procs.append(proc)
+        ports.append(port)
     else:
         env.update(CLUSTER_SERVICE="chat", CLUSTER_PING_INTERVAL="1", CLUSTER_EXPIRY_GRACE="1")
-        argv = python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
-                      "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3",
-                      "--control-socket", str(tmp / "gunicorn.ctl"), "sio_app:app")
-    return [Proc(argv, env=env, name=runner)], f"http://127.0.0.1:{port}", 2
+        proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                           "-b", "127.0.0.1:0", "--graceful-timeout", "3",
+                           "--control-socket", str(tmp / "gunicorn.ctl"), "sio_app:app"),
+                    env=env, name=runner)
+        procs.append(proc)
+        ports.append(gunicorn_port(proc, timeout=30))
+    return ports
 
 
 @pytest.fixture(scope="module", params=RUNNERS)
 def cluster_of(request, tmp_path_factory) -> Iterator[tuple[str, list[Proc]]]:
     tmp = tmp_path_factory.mktemp(request.param)
     discovery_url = f"sqlite://{tmp / 'discovery.sqlite3'}"
-    procs, url, records = start(request.param, discovery_url, tmp)
+    records = 2  # two instances, two workers: a record each
+    procs: list[Proc] = []
     try:
-        port = int(url.rsplit(":", 1)[1])
-        for proc in procs:
-            wait_port(port if len(procs) == 1 else _port_of(proc), proc=proc, timeout=30)
+        ports = start(request.param, discovery_url, tmp, procs)
+        url = f"http://127.0.0.1:{ports[0]}"
         wait_until(lambda: len([r for r in status_json(discovery_url)["endpoints"]
                                 if r["healthy"]]) == records, timeout=20,
                    what=f"{records} records")
-        if len(procs) > 1:  # separate instances: each has read the other's record
-            wait_until(lambda: all(len(requests.get(f"http://127.0.0.1:{_port_of(p)}"
+        if len(ports) > 1:  # separate instances: each has read the other's record
+            wait_until(lambda: all(len(requests.get(f"http://127.0.0.1:{p}"
                                                     "/_cluster/status", timeout=5)
-                                       .json()["endpoints"]) == records for p in procs),
+                                       .json()["endpoints"]) == records for p in ports),
                        timeout=10, what="every instance sees every other")
         yield url, procs
     finally:
@@ -84,10 +91,6 @@ def cluster_of(request, tmp_path_factory) -> Iterator[tuple[str, list[Proc]]]:
         output = proc.output()
         assert "Invalid session" not in output, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
-
-
-def _port_of(proc: Proc) -> int:
-    return int(proc.name.rsplit("-", 1)[1])
 
 
 class OneConnectionPerRequest(requests.adapters.HTTPAdapter):

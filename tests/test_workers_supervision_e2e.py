@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 
 from cluster import workers
-from helpers import Proc, cluster_argv, free_port, status_json, wait_port, wait_until
+from helpers import Proc, cluster_argv, start_serve, status_json, wait_until
 
 VERSIONED_APP = '''
 import json, os
@@ -67,17 +67,15 @@ def test_restart_delay_doubles_up_to_a_ceiling_and_resets_after_a_stable_run():
 def test_a_crash_looping_worker_backs_off_while_the_other_serves(tmp_path):
     (tmp_path / "crashy.py").write_text(CRASHY_APP)
     crash_file = tmp_path / "broken"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+    parent, port = start_serve("--workers-count", "2", "--service", "web",
                                "--app", "crashy:app", "--pythonpath", str(tmp_path),
-                               "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
-                               "--expiry-grace", "1"),
-                  env={"CLUSTER_DISCOVERY_URL": discovery, "CRASH_FILE": str(crash_file)},
-                  name="crashy")
+                               "--ping-interval", "1", "--expiry-grace", "1",
+                               env={"CLUSTER_DISCOVERY_URL": discovery,
+                                    "CRASH_FILE": str(crash_file)},
+                               name="crashy")
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_port(port, proc=parent)
         wait_until(lambda: len(status_json(discovery)["endpoints"]) == 2, timeout=15,
                    what="two workers registered")
         (victim,) = started_pids(parent.output(), 0)
@@ -162,16 +160,13 @@ def reload_under_load(proc: Proc, url: str, app_file: Path, hup_pid: int,
 def test_sighup_replaces_workers_one_by_one_with_no_failed_request(tmp_path):
     app_file = tmp_path / "versioned.py"
     app_file.write_text(VERSIONED_APP.format(version=1))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+    parent, port = start_serve("--workers-count", "2", "--service", "web",
                                "--app", "versioned:app", "--pythonpath", str(tmp_path),
-                               "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
-                               "--expiry-grace", "1"),
-                  env={"CLUSTER_DISCOVERY_URL": discovery}, name="reload")
+                               "--ping-interval", "1", "--expiry-grace", "1",
+                               env={"CLUSTER_DISCOVERY_URL": discovery}, name="reload")
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_port(port, proc=parent)
         wait_until(lambda: len(status_json(discovery)["endpoints"]) == 2, timeout=15,
                    what="two workers registered")
         old = set(started_pids(parent.output(), 0) + started_pids(parent.output(), 1))
@@ -235,16 +230,14 @@ def test_a_sidecar_outlives_neither_its_store_nor_its_parent(tmp_path):
 def test_a_reload_whose_new_code_does_not_start_keeps_the_old_workers(tmp_path):
     app_file = tmp_path / "versioned.py"
     app_file.write_text(VERSIONED_APP.format(version=1))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    parent = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+    parent, port = start_serve("--workers-count", "2", "--service", "web",
                                "--app", "versioned:app", "--pythonpath", str(tmp_path),
-                               "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
-                               "--expiry-grace", "1"),
-                  env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.sqlite3'}"},
-                  name="bad-reload")
+                               "--ping-interval", "1", "--expiry-grace", "1",
+                               env={"CLUSTER_DISCOVERY_URL":
+                                    f"sqlite://{tmp_path / 'd.sqlite3'}"},
+                               name="bad-reload")
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_port(port, proc=parent)
         assert requests.get(url + "/", timeout=5).json()["version"] == 1
         original = set(started_pids(parent.output(), 0) + started_pids(parent.output(), 1))
         app_file.write_text("this is not python\n")
@@ -260,13 +253,10 @@ def test_a_reload_whose_new_code_does_not_start_keeps_the_old_workers(tmp_path):
 
 
 def test_sighup_to_a_single_process_is_a_warning_not_a_death(tmp_path):
-    port = free_port()
-    proc = Proc(cluster_argv("serve", "--service", "web", "--app", "cluster.demo:app",
-                             "--bind", f"127.0.0.1:{port}"),
-                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.sqlite3'}"},
-                name="single")
+    proc, port = start_serve("--service", "web", "--app", "cluster.demo:app",
+                             env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.sqlite3'}"},
+                             name="single")
     try:
-        wait_port(port, proc=proc)
         proc.signal(signal.SIGHUP)
         wait_until(lambda: "SIGHUP ignored" in proc.output(), timeout=10, what="the warning")
         assert requests.get(f"http://127.0.0.1:{port}/whoami", timeout=5).status_code == 200
