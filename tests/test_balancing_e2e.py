@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import socket
 import time
@@ -17,6 +16,7 @@ import requests
 from helpers import (
     ROOT,
     Proc,
+    gunicorn_port,
     python,
     read_port_file,
     start_instance,
@@ -29,24 +29,14 @@ from helpers import (
 COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
 
 
-GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
-
-
-def start_gunicorn(argv: list[str], env: dict[str, str], name: str,
-                   timeout: float = 20.0) -> tuple[Proc, int]:
-    """gunicorn bound to ``127.0.0.1:0``: the port the OS gave it, from the line it logs
-    (``Listening at: http://127.0.0.1:PORT (PID)``); gunicorn has no port file."""
+def start_gunicorn(argv: list[str], env: dict[str, str], name: str) -> tuple[Proc, int]:
+    """gunicorn bound to ``127.0.0.1:0`` and the port it logged (helpers.gunicorn_port)."""
     proc = Proc(argv, env=env, name=name)
     try:
-        found = wait_until(lambda: proc.poll() is not None
-                           or GUNICORN_LISTENING.search(proc.output()),
-                           timeout=timeout, interval=0.02, what=f"{name} to listen")
-        if not isinstance(found, re.Match):
-            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+        return proc, gunicorn_port(proc)
     except BaseException:
         proc.stop()
         raise
-    return proc, int(found.group(1))
 
 
 def start_runner(runner: str, discovery_url: str, n: int, tmp: Path) -> tuple[Proc, int]:
