@@ -14,19 +14,23 @@ from cluster.config import Settings
 from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
 from cluster.observe import Observers, RequestRecord
-from helpers import free_port
+from helpers import refused_port
 
 TOKEN = "s3cret-token-0123456789"
 
 
 @pytest.fixture
 def node(sqlite_url):
-    settings = Settings.load(args=[], env={}, discovery_url=sqlite_url, service="web",
-                             bind=f"127.0.0.1:{free_port()}", ping_interval=1.0,
-                             trusted_proxies="127.0.0.1,10.1.0.0/16", admin_token=TOKEN)
-    node = Cluster(settings).start(wait=5)
-    yield node
-    node.close()
+    """A node in this process: it registers a URL but serves nothing there. The port is
+    held (refusing) for the whole test, so no other process answers the prober that
+    tries an ejected endpoint, and the ejection stays as the test made it."""
+    with refused_port() as port:
+        settings = Settings.load(args=[], env={}, discovery_url=sqlite_url, service="web",
+                                 bind=f"127.0.0.1:{port}", ping_interval=1.0,
+                                 trusted_proxies="127.0.0.1,10.1.0.0/16", admin_token=TOKEN)
+        node = Cluster(settings).start(wait=5)
+        yield node
+        node.close()
 
 
 def done(endpoint: str, status: int = 200) -> RequestRecord:

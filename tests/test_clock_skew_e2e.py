@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from cluster.records import COLLECTION
-from helpers import Proc, cluster_argv, free_port, wait_port, wait_until
+from helpers import Proc, start_instance, wait_until
 
 # Preloaded directly rather than through the `faketime` wrapper, which forks: the PID we
 # hold must be the instance's own, so stopping it by PID really stops it.
@@ -25,17 +25,12 @@ FAKETIME_LIB = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so
 
 
 def skewed_instance(mongo_url: str, name: str, skew: str | None) -> tuple[Proc, str]:
-    port = free_port()
-    argv = cluster_argv("serve", "--service", "web", "--app", "backend:app",
-                        "--bind", f"127.0.0.1:{port}", "--ping-interval", "1",
-                        "--expiry-grace", "1")
-    env = {"CLUSTER_DISCOVERY_URL": mongo_url, "BACKEND_NAME": name}
+    env: dict[str, str] = {}
     if skew:
         # gevent's timers run on the monotonic clock; only wall-clock time is skewed.
         env.update(LD_PRELOAD=str(FAKETIME_LIB), FAKETIME=skew,
                    FAKETIME_DONT_FAKE_MONOTONIC="1")
-    proc = Proc(argv, env=env, name=name)
-    wait_port(port, proc=proc)
+    proc, port = start_instance(mongo_url, name, env=env)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -56,11 +51,15 @@ def test_skewed_clocks_see_the_truth(mongo_url):
     if FAKETIME_LIB is None:
         pytest.fail("needs Debian's faketime: apt-get install faketime (scripts/run-tests "
                     "installs it)")
-    behind, url_behind = skewed_instance(mongo_url, "behind", "-1h")
-    ahead, url_ahead = skewed_instance(mongo_url, "ahead", "+1h")
-    normal, url_normal = skewed_instance(mongo_url, "normal", None)
-    procs = [behind, ahead, normal]
-    try:
+    procs: list[Proc] = []
+    urls: list[str] = []
+    try:  # a failed start stops those already started
+        for name, skew in (("behind", "-1h"), ("ahead", "+1h"), ("normal", None)):
+            proc, url = skewed_instance(mongo_url, name, skew)
+            procs.append(proc)
+            urls.append(url)
+        behind, ahead, normal = procs
+        url_behind, url_ahead, url_normal = urls
         everyone = {url_behind, url_ahead, url_normal}
         for url in everyone:
             wait_until(lambda u=url: view(u) == everyone, timeout=10,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import Proc, cluster_argv, free_port, wait_until
+from helpers import Proc, cluster_argv, refused_port, wait_until
 from test_observe_e2e import live_endpoints, serve
 
 ROW = re.compile(r'<tr data-endpoint="([^"]+)" data-requests="(\d+)"')
@@ -109,9 +109,17 @@ def test_dashboard_shows_the_endpoints_and_moving_counts(three_under_traffic, tm
     print(f"dashboard screenshot: {shot}")
 
 
-def test_status_watch_redraws_with_rates_until_ctrl_c(three_under_traffic, sqlite_url):
+@pytest.fixture
+def dead_port():
+    """A port where connections are refused for the whole test (bound, never listening)."""
+    with refused_port() as port:
+        yield port
+
+
+def test_status_watch_redraws_with_rates_until_ctrl_c(three_under_traffic, sqlite_url,
+                                                      dead_port):
     urls = three_under_traffic
-    dead = f"http://127.0.0.1:{free_port()}"  # a record whose status page cannot answer
+    dead = f"http://127.0.0.1:{dead_port}"  # a record whose status page cannot answer
     sidecar = Proc(cluster_argv("register", "--service", "web", "--endpoint-url", dead,
                                 "--ping-interval", "1"),
                    env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sc-dead")

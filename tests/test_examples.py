@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import requests
 import socketio
 import websocket
 
-from helpers import ROOT, Proc, free_port, status_json, wait_port, wait_until
+from helpers import ROOT, Proc, read_port_file, status_json, wait_until
 
 EXAMPLES = ROOT / "examples"
 CLUSTER = Path(sys.executable).with_name("cluster")
@@ -26,14 +27,20 @@ CLUSTER = Path(sys.executable).with_name("cluster")
 
 def serve(folder: Path, discovery_url: str, *args: str,
           cwd: Path | None = None) -> tuple[Proc, str]:
-    """``cluster serve ARGS`` from ``folder`` on a port of its own: (process, URL)."""
+    """``cluster serve ARGS`` from ``folder`` on a port the OS picks: (process, URL)."""
     assert CLUSTER.exists(), f"the cluster console script is not installed beside {sys.executable}"
-    port = free_port()
-    proc = Proc([str(CLUSTER), "serve", *args, "--bind", f"127.0.0.1:{port}",
-                 "--ping-interval", "1", "--expiry-grace", "1"],
-                env={"CLUSTER_DISCOVERY_URL": discovery_url, "PYTHONPATH": str(ROOT)},
-                cwd=cwd or folder, name=f"{folder.name}-{port}")
-    wait_port(port, proc=proc, timeout=30)
+    with tempfile.TemporaryDirectory(prefix="cluster-port-") as folder_of_port:
+        port_file = Path(folder_of_port) / "port"
+        proc = Proc([str(CLUSTER), "serve", *args, "--bind", "127.0.0.1:0",
+                     "--port-file", str(port_file), "--ping-interval", "1",
+                     "--expiry-grace", "1"],
+                    env={"CLUSTER_DISCOVERY_URL": discovery_url, "PYTHONPATH": str(ROOT)},
+                    cwd=cwd or folder, name=folder.name)
+        try:
+            port = read_port_file(port_file, proc, timeout=30)
+        except BaseException:
+            proc.stop()
+            raise
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -99,8 +106,10 @@ def test_gevent_websocket_echo(sqlite_url):
 def test_flask_app_calls_another_service_through_discover(sqlite_url):
     folder = EXAMPLES / "discover"
     api, api_url = serve(folder, sqlite_url, "--service", "api", "--app", "api:app")
-    web, web_url = serve(folder, sqlite_url, "--service", "web", "--app", "web:app")
-    try:
+    procs = [api]
+    try:  # a failed start of web still stops api
+        web, web_url = serve(folder, sqlite_url, "--service", "web", "--app", "web:app")
+        procs.append(web)
         wait_until(lambda: len(status_json(sqlite_url)["endpoints"]) == 2, timeout=15,
                    what="api and web registered")
         page = requests.get(web_url + "/", timeout=10).json()
@@ -111,7 +120,7 @@ def test_flask_app_calls_another_service_through_discover(sqlite_url):
         wait_until(lambda: requests.get(web_url + "/", timeout=10).status_code == 503,
                    timeout=15, what="a clean 503 once api is gone")
     finally:
-        clean(api, web)
+        clean(*procs)
 
 
 def test_chdir_and_pythonpath_find_the_app_elsewhere(sqlite_url, tmp_path):

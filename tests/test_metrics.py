@@ -14,7 +14,7 @@ from cluster.config import Settings
 from cluster.metrics import MetricsObserver, status_class
 from cluster.node import Cluster
 from cluster.observe import RequestRecord
-from helpers import ROOT, free_port
+from helpers import ROOT, refused_port
 
 
 def record(status: int = 200, endpoint: str = "local", service: str = "web",
@@ -102,23 +102,25 @@ def test_rates_cover_the_last_seconds():
 
 
 def test_discovery_refresh_age_and_errors_come_from_the_node(sqlite_url):
-    port = free_port()
-    settings = Settings.load(args=[], env={}, discovery_url=sqlite_url, service="web",
-                             bind=f"127.0.0.1:{port}", ping_interval=1.0)
-    node = Cluster(settings).start(wait=5)
-    try:
-        m = MetricsObserver()
-        m.watch(node)
-        assert node.watcher.refreshed_at > 0
-        node.watcher.outage.failed(RuntimeError("store gone"))  # what a failed read records
-        m.sample()
-        found = samples(m)
-        assert 0 <= value(found, "cluster_discovery_refresh_age_seconds") < 5
-        assert value(found, "cluster_discovery_errors_total", operation="read") == 1
-        assert value(found, "cluster_discovery_errors_total", operation="heartbeat") == 0
-        m.stop()
-    finally:
-        node.close()
+    # The node registers this URL and serves nothing there: the port is held, refusing,
+    # for the whole test, so no other process can be there either.
+    with refused_port() as port:
+        settings = Settings.load(args=[], env={}, discovery_url=sqlite_url, service="web",
+                                 bind=f"127.0.0.1:{port}", ping_interval=1.0)
+        node = Cluster(settings).start(wait=5)
+        try:
+            m = MetricsObserver()
+            m.watch(node)
+            assert node.watcher.refreshed_at > 0
+            node.watcher.outage.failed(RuntimeError("store gone"))  # what a failed read records
+            m.sample()
+            found = samples(m)
+            assert 0 <= value(found, "cluster_discovery_refresh_age_seconds") < 5
+            assert value(found, "cluster_discovery_errors_total", operation="read") == 1
+            assert value(found, "cluster_discovery_errors_total", operation="heartbeat") == 0
+            m.stop()
+        finally:
+            node.close()
 
 
 _WORKER = """

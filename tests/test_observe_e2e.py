@@ -9,24 +9,27 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import requests
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.records import endpoint_hash
 from helpers import (
-    TESTS,
     Proc,
     cluster_argv,
-    free_port,
     python,
-    wait_port,
+    refused_port,
+    start_app,
     wait_until,
 )
 
 COOKIE = "cluster-endpoint::web"
+#: what gunicorn's arbiter logs once its shared socket listens
+GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
 
 
 def serve(discovery_url: str, tmp: Path, name: str, *extra: str,
@@ -128,15 +131,20 @@ class Sidecar:
                          env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=name)
 
 
-def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tmp_path):
+@pytest.fixture
+def dead_port():
+    """A port where connections are refused for the whole test (bound, never listening)."""
+    with refused_port() as port:
+        yield port
+
+
+def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tmp_path,
+                                                                  dead_port):
     log_file = tmp_path / "access.log"
-    echo_port, dead_port = free_port(), free_port()
+    echo, echo_port = start_app("ws_echo.py", name="echo")
     echo_url, dead_url = f"http://127.0.0.1:{echo_port}", f"http://127.0.0.1:{dead_port}"
-    echo = Proc(python(str(TESTS / "apps" / "ws_echo.py"), "--port", str(echo_port)),
-                name="echo")
     procs = [echo]
     try:
-        wait_port(echo_port, proc=echo)
         procs.append(Sidecar(sqlite_url, echo_url, "sc-echo").proc)
         procs.append(Sidecar(sqlite_url, dead_url, "sc-dead").proc)  # nothing listens there
         front, base = serve(sqlite_url, tmp_path, "front", "--access-log", "json",
@@ -200,14 +208,30 @@ def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tm
     assert "Traceback" not in output
 
 
-def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
-    from test_balancing_e2e import start_runner
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_runner("gunicorn", sqlite_url, port, tmp_path)  # -w 2, cluster.gunicorn
+def start_gunicorn(discovery_url: str, tmp: Path) -> tuple[Proc, int]:
+    """gunicorn -w 2 with cluster.gunicorn, the demo app, on a port the OS picks (read
+    from the arbiter's "Listening at" line)."""
+    env = {"CLUSTER_DISCOVERY_URL": discovery_url, "CLUSTER_SERVICE": "web",
+           "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"}
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                       "-b", "127.0.0.1:0", "--graceful-timeout", "5",
+                       "--control-socket", str(tmp / "gunicorn.ctl"), "cluster.demo:app"),
+                env=env, name="gunicorn")
     try:
-        wait_port(port, proc=proc)
+        found = wait_until(lambda: GUNICORN_LISTENING.search(proc.output())
+                           or proc.poll() is not None, timeout=20, what="gunicorn listening")
+        if not isinstance(found, re.Match):
+            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, int(found[1])
+
+
+def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
+    proc, port = start_gunicorn(sqlite_url, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
         # each gunicorn worker registers a private endpoint; the shared port is not one
         wait_until(lambda: len(live_endpoints(base)) == 2 and base not in live_endpoints(base),
                    timeout=20, what="registration")

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 import requests
 
-from helpers import Proc, cluster_argv, free_port, instance, wait_port, wait_until
+from helpers import Proc, start_instance, start_serve, wait_until
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 
@@ -27,19 +27,14 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 @pytest.mark.timeout(SECONDS + 180)
 def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_url):
     rng = random.Random(7)
-    front_port = free_port()
-    front = Proc(cluster_argv("serve", "--ui-service", "web", "--bind",
-                              f"127.0.0.1:{front_port}", "--ping-interval", "1",
-                              "--expiry-grace", "1"),
-                 env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
+    front, front_port = start_serve("--ui-service", "web", "--ping-interval", "1",
+                                    "--expiry-grace", "1",
+                                    env={"CLUSTER_DISCOVERY_URL": mongo_url}, name="front")
     base = f"http://127.0.0.1:{front_port}"
     members: list[Proc] = []
 
     def add_member() -> None:
-        port = free_port()
-        proc = instance(mongo_url, port, f"m{len(members)}")
-        wait_port(port, proc=proc)
-        members.append(proc)
+        members.append(start_instance(mongo_url, f"m{len(members)}")[0])
 
     statuses: Counter[int] = Counter()
     failures: list[str] = []
@@ -63,7 +58,6 @@ def test_churn_and_database_restarts_under_steady_traffic(mongo_server, mongo_ur
             session.cookies.clear()  # spread over every endpoint, not one
 
     try:
-        wait_port(front_port, proc=front)
         for _ in range(3):
             add_member()
         wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)

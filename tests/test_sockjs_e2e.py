@@ -38,7 +38,15 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from helpers import ROOT, Proc, cluster_argv, free_port, wait_port, wait_until
+from helpers import (
+    ROOT,
+    Proc,
+    cluster_argv,
+    free_port,
+    start_reporting,
+    start_serve,
+    wait_until,
+)
 
 SOCKJS = ROOT / "tests" / "sockjs"
 NODE = shutil.which("node") or "node"
@@ -165,47 +173,93 @@ def start_sidecar(setup: Setup, name: str, discovery_url: str) -> Proc:
     return Proc(argv, env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=f"sidecar-{name}")
 
 
+def start_own_balancer(discovery_url: str, index: int) -> tuple[Proc, int]:
+    """A balancer whose ``--balancer-url`` names its own port: that port must be known
+    before it starts, so it is picked with ``free_port()``. If another process takes it
+    meanwhile, `cluster serve` exits ("cannot listen on ...: Address already in use") and
+    is started again on another port; the port file is written only once *this* process
+    listens, so a foreign listener on the port is never mistaken for it."""
+    for _attempt in range(3):
+        port = free_port()  # needed before the start: see above
+        try:
+            return start_reporting(
+                lambda port_file, p=port: cluster_argv(
+                    "serve", "--ui-service", "web", "--bind", f"127.0.0.1:{p}",
+                    "--port-file", str(port_file), "--balancer-url", f"http://127.0.0.1:{p}",
+                    "--log-level", "debug", *COMMON),
+                env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=f"balancer-{index}")
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc):
+                raise
+    raise RuntimeError("three ports taken in a row: something else is wrong")
+
+
+def start_nginx(directory: Path, balancer_ports: list[int]) -> tuple[Proc, int]:
+    """nginx before the balancers. nginx cannot bind port 0 ("invalid port"), so its
+    port is picked with ``free_port()``; if another process takes it before nginx binds,
+    nginx gives up ("still could not bind()") and it is retried on another port. Ready
+    means its pid file holds its PID: nginx writes it only after binding its port."""
+    directory.mkdir()
+    pid_file = directory / "nginx.pid"
+    for _attempt in range(3):
+        port = free_port()  # nginx cannot report a port it picked: see above
+        conf = render_nginx(directory, port, balancer_ports)
+        error_log = directory / "error.log"
+        error_log.unlink(missing_ok=True)
+        nginx = Proc([NGINX, "-p", str(directory), "-c", str(conf), "-e", str(error_log)],
+                     name="nginx")
+        try:
+            wait_until(lambda n=nginx: n.poll() is not None or (
+                pid_file.exists() and pid_file.read_text().strip() == str(n.pid)),
+                timeout=PATIENCE, what="nginx's pid file")
+        except BaseException:
+            nginx.stop()
+            raise
+        if nginx.poll() is None:
+            return nginx, port
+        nginx.stop()
+        said = error_log.read_text() if error_log.exists() else ""
+        if "Address already in use" not in said:
+            raise RuntimeError(f"nginx exited with {nginx.returncode}:\n{said}\n"
+                               f"{nginx.output()}")
+    raise RuntimeError("three ports taken in a row: something else is wrong")
+
+
 @contextlib.contextmanager
 def sockjs_cluster(mode: str, discovery_url: str, tmp: Path) -> Iterator[Setup]:
     require_node_packages()
-    server_ports = {"s1": free_port(), "s2": free_port()}
-    balancer_ports = [free_port(), free_port()]
-    front_port = free_port()
-    setup = Setup(
-        mode=mode, front=f"http://127.0.0.1:{front_port}",
-        balancers=[f"http://127.0.0.1:{p}" for p in balancer_ports], balancer_procs=[],
-        urls={name: f"http://127.0.0.1:{p}" for name, p in server_ports.items()},
-        nginx_dir=tmp / "nginx",
-    )
     procs: list[Proc] = []
     try:
-        for name, port in server_ports.items():
-            proc = Proc([NODE, str(SOCKJS / "server.js"), "--port", str(port), "--name", name],
-                        cwd=SOCKJS, name=f"sockjs-{name}")
+        servers, urls = {}, {}
+        for name in ("s1", "s2"):
+            proc, port = start_reporting(
+                lambda port_file, n=name: [NODE, str(SOCKJS / "server.js"), "--port", "0",
+                                           "--port-file", str(port_file), "--name", n],
+                name=f"sockjs-{name}")
             procs.append(proc)
-            setup.servers[name] = proc
-        for port, url in zip(balancer_ports, setup.balancers):
-            argv = cluster_argv("serve", "--ui-service", "web", "--bind", f"127.0.0.1:{port}",
-                                "--log-level", "debug", *COMMON)
-            if mode == "own":
-                argv += ["--balancer-url", url]
-            proc = Proc(argv, env={"CLUSTER_DISCOVERY_URL": discovery_url},
-                        name=f"balancer-{port}")
-            procs.append(proc)
-            setup.balancer_procs.append(proc)
-        setup.nginx_dir.mkdir()
-        conf = render_nginx(setup.nginx_dir, front_port, balancer_ports)
-        nginx = Proc([NGINX, "-p", str(setup.nginx_dir), "-c", str(conf),
-                      "-e", str(setup.nginx_dir / "error.log")], name="nginx")
-        procs.append(nginx)
-        for name, port in server_ports.items():
-            wait_port(port, proc=setup.servers[name])
+            servers[name], urls[name] = proc, f"http://127.0.0.1:{port}"
             # each server tells its own name, the one it prefixes its echoes with
-            assert requests.get(setup.urls[name] + "/name", timeout=10).text == name
-        for port, proc in zip(balancer_ports, setup.balancer_procs):
-            wait_port(port, proc=proc)
-        wait_port(front_port, proc=nginx)
-        for name in server_ports:
+            assert requests.get(urls[name] + "/name", timeout=10).text == name
+        balancer_procs, balancer_ports = [], []
+        for index in range(2):
+            if mode == "own":
+                proc, port = start_own_balancer(discovery_url, index)
+            else:
+                proc, port = start_serve("--ui-service", "web", "--log-level", "debug",
+                                         *COMMON, env={"CLUSTER_DISCOVERY_URL": discovery_url},
+                                         name=f"balancer-{index}")
+            procs.append(proc)
+            balancer_procs.append(proc)
+            balancer_ports.append(port)
+        nginx, front_port = start_nginx(tmp / "nginx", balancer_ports)
+        procs.append(nginx)
+        setup = Setup(
+            mode=mode, front=f"http://127.0.0.1:{front_port}",
+            balancers=[f"http://127.0.0.1:{p}" for p in balancer_ports],
+            balancer_procs=balancer_procs, urls=urls, servers=servers,
+            nginx_dir=tmp / "nginx",
+        )
+        for name in urls:
             proc = start_sidecar(setup, name, discovery_url)
             procs.append(proc)
             setup.sidecars[name] = proc

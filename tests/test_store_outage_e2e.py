@@ -10,18 +10,16 @@ from pathlib import Path
 
 import requests
 
-from helpers import free_port, instance, wait_port, wait_until
+from helpers import start_instance, wait_until
 
 
 def test_unreadable_sqlite_store_is_one_warning_and_one_recovery_line(tmp_path: Path):
     store = tmp_path / "discovery.sqlite3"
     aside = tmp_path / "aside"
     aside.mkdir()
-    port = free_port()
+    proc, port = start_instance(f"sqlite://{store}", "s0")
     url = f"http://127.0.0.1:{port}"
-    proc = instance(f"sqlite://{store}", port, "s0")
     try:
-        wait_port(port, proc=proc)
         wait_until(lambda: "endpoint joined" in proc.output(), timeout=10)
         for round_ in range(2):  # two outages: one warning and one recovery line each
             # As root, chmod 000 does not stop sqlite: put a directory in the file's place

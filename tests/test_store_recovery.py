@@ -13,11 +13,12 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 import toxiproxy
 from cluster.discovery import open_store
 from cluster.registry import Registrar, Watcher
-from helpers import Proc, free_port, wait_port
+from helpers import Proc, free_port, wait_until
 
 
 @pytest.mark.timeout(120)
@@ -105,18 +106,55 @@ def test_endpoints_stay_through_a_store_that_stalled(mongo_server, mongo_url, re
         writer.close()
 
 
+def _toxiproxy_answers(api: int) -> bool:
+    try:
+        response = requests.get(f"http://127.0.0.1:{api}/version", timeout=1)
+    except requests.RequestException:
+        return False
+    return response.ok and "X-Toxiproxy-Request-Id" in response.headers
+
+
+def start_toxiproxy() -> tuple[Proc, int]:
+    """toxiproxy's server and its API port.
+
+    It binds ``-port 0`` but logs "127.0.0.1:0", not the port it got, so the API port
+    is picked with ``free_port()``. If another process takes it first, toxiproxy logs
+    "address already in use" and idles: that start is stopped and another port tried.
+    Ready means toxiproxy itself answers (its request-id header) and bound the port.
+    """
+    taken = "address already in use"
+    for _attempt in range(3):
+        api = free_port()  # toxiproxy cannot report a port it picked: see above
+        proc = Proc([str(toxiproxy.build()), "-host", "127.0.0.1", "-port", str(api)],
+                    name="toxiproxy")
+        try:
+            wait_until(lambda p=proc, a=api: p.poll() is not None or taken in p.output()
+                       or _toxiproxy_answers(a), timeout=20, what="toxiproxy's API")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
+        except BaseException:
+            proc.stop()
+            raise
+        if taken not in proc.output():
+            return proc, api
+        proc.stop()
+    raise RuntimeError("three ports taken in a row: something else is wrong")
+
+
 @pytest.mark.timeout(120)
 def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, mongo_url):
     """A store behind a slow link (every answer 0.4 s late, more than half the grace):
     only the first slow refresh is a recovery; after that, a crashed endpoint expires as
     usual and a live one stays."""
-    api, listen = free_port(), free_port()
-    proxy = Proc([str(toxiproxy.build()), "-host", "127.0.0.1", "-port", str(api)],
-                 name="toxiproxy")
+    proxy, api = start_toxiproxy()
     try:
-        wait_port(api, proc=proxy)
+        # the link listens on a port the OS picks; the API answers with it
+        created = requests.post(f"http://127.0.0.1:{api}/proxies", timeout=5, json={
+            "name": "store", "listen": "127.0.0.1:0",
+            "upstream": f"127.0.0.1:{mongo_server.port}", "enabled": True})
+        assert created.status_code == 201, (created.status_code, created.text)
+        listen = int(created.json()["listen"].rpartition(":")[2])
         toxi = toxiproxy.Toxiproxy(f"http://127.0.0.1:{api}", lambda f, *a, **k: f(*a, **k))
-        toxi.proxy("store", f"127.0.0.1:{listen}", f"127.0.0.1:{mongo_server.port}")
         toxi.toxic("store", "latency", latency=400)
         name = urlsplit(mongo_url).path
         slow_url = f"mongodb://127.0.0.1:{listen}{name}?directConnection=true"

@@ -1,12 +1,17 @@
 'use strict';
 // A real SockJS server (the `sockjs` npm package) for tests/test_sockjs_e2e.py.
 //
-//   node server.js --port PORT --name NAME
+//   node server.js --port PORT --name NAME [--port-file FILE]
+//
+// --port 0 (the default) binds a port the OS picks; --port-file then tells it: the file
+// gets "127.0.0.1:PORT\n" once the server listens (written whole, through a rename), as
+// `cluster serve --port-file` and the Python test apps write it.
 //
 // Prefix /sockjs. Every message is echoed back as "NAME|message", so the client can tell
 // which server holds its session. GET /name answers NAME as plain text (how the test
 // learns a server's name without a session). Every request is logged on stdout.
 
+const fs = require('fs');
 const http = require('http');
 const sockjs = require('sockjs');
 
@@ -17,8 +22,9 @@ function arg(name, fallback) {
 
 const port = Number(arg('port', '0'));
 const name = arg('name', 'sockjs');
-if (!port) {
-  console.error('usage: node server.js --port PORT --name NAME');
+const portFile = arg('port-file', null);
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  console.error('usage: node server.js --port PORT --name NAME [--port-file FILE]');
   process.exit(2);
 }
 
@@ -47,7 +53,15 @@ const server = http.createServer((req, res) => {
 });
 echo.installHandlers(server);
 
-server.listen(port, '127.0.0.1', () => console.log(`[${name}] listening on 127.0.0.1:${port}`));
+server.listen(port, '127.0.0.1', () => {
+  const bound = server.address().port;
+  if (portFile) {
+    const tmp = `${portFile}.${process.pid}.tmp`;
+    fs.writeFileSync(tmp, `127.0.0.1:${bound}\n`);
+    fs.renameSync(tmp, portFile);
+  }
+  console.log(`[${name}] listening on 127.0.0.1:${bound}`);
+});
 
 for (const sig of ['SIGTERM', 'SIGINT']) {
   process.on(sig, () => {
