@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from cluster.records import endpoint_hash
 from helpers import (
     Proc,
     cluster_argv,
-    python,
     refused_port,
     start_app,
     wait_until,
@@ -29,9 +27,6 @@ from helpers import (
 
 COOKIE = "cluster-endpoint::web"
 #: what gunicorn's arbiter logs once its shared socket listens
-GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
-
-
 def serve(discovery_url: str, tmp: Path, name: str, *extra: str,
           app: str = "backend:app") -> tuple[Proc, str]:
     """`cluster serve` of the test backend on a port of the OS's choosing."""
@@ -208,28 +203,10 @@ def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tm
     assert "Traceback" not in output
 
 
-def start_gunicorn(discovery_url: str, tmp: Path) -> tuple[Proc, int]:
-    """gunicorn -w 2 with cluster.gunicorn, the demo app, on a port the OS picks (read
-    from the arbiter's "Listening at" line)."""
-    env = {"CLUSTER_DISCOVERY_URL": discovery_url, "CLUSTER_SERVICE": "web",
-           "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"}
-    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
-                       "-b", "127.0.0.1:0", "--graceful-timeout", "5",
-                       "--control-socket", str(tmp / "gunicorn.ctl"), "cluster.demo:app"),
-                env=env, name="gunicorn")
-    try:
-        found = wait_until(lambda: GUNICORN_LISTENING.search(proc.output())
-                           or proc.poll() is not None, timeout=20, what="gunicorn listening")
-        if not isinstance(found, re.Match):
-            raise RuntimeError(f"{proc} exited with {proc.returncode}:\n{proc.output()}")
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, int(found[1])
-
-
 def test_metrics_of_gunicorn_workers_are_summed(sqlite_url, tmp_path):
-    proc, port = start_gunicorn(sqlite_url, tmp_path)
+    from test_balancing_e2e import start_runner
+
+    proc, port = start_runner("gunicorn", sqlite_url, 0, tmp_path)  # -w 2, cluster.gunicorn
     base = f"http://127.0.0.1:{port}"
     try:
         # each gunicorn worker registers a private endpoint; the shared port is not one
