@@ -10,6 +10,7 @@ from typing import Iterator
 
 import pytest
 
+from helpers import refused_port
 from mongo_server import MongoServer
 
 APPS = Path(__file__).resolve().parent / "apps"
@@ -58,3 +59,10 @@ settings.register_profile("ci", max_examples=150, deadline=None, database=None,
 settings.register_profile("long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port where connections are refused for the whole test (bound, never listening)."""
+    with refused_port() as port:
+        yield port

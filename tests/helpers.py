@@ -257,6 +257,16 @@ def start_app(script: str, *args: str, env: dict[str, str] | None = None,
         env=env, name=name or Path(script).stem, timeout=timeout)
 
 
+@contextlib.contextmanager
+def app_running(script: str, *args: str, name: str = "") -> Iterator[tuple[Proc, int]]:
+    """:func:`start_app` as a ``with`` block that stops the process by PID."""
+    proc, port = start_app(script, *args, name=name)
+    try:
+        yield proc, port
+    finally:
+        proc.stop()
+
+
 def start_backend(name: str = "backend", env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """tests/apps/backend.py on its own (plain pywsgi) on a port the OS picks."""
     return start_app("backend.py", "--name", name, env=env, name=name)

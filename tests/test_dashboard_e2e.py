@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import Proc, cluster_argv, refused_port, wait_until
+from helpers import Proc, cluster_argv, wait_until
 from test_observe_e2e import live_endpoints, serve
 
 ROW = re.compile(r'<tr data-endpoint="([^"]+)" data-requests="(\d+)"')
@@ -107,13 +107,6 @@ def test_dashboard_shows_the_endpoints_and_moving_counts(three_under_traffic, tm
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     print(f"dashboard screenshot: {shot}")
-
-
-@pytest.fixture
-def dead_port():
-    """A port where connections are refused for the whole test (bound, never listening)."""
-    with refused_port() as port:
-        yield port
 
 
 def test_status_watch_redraws_with_rates_until_ctrl_c(three_under_traffic, sqlite_url,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import requests
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +19,6 @@ from cluster.records import endpoint_hash
 from helpers import (
     Proc,
     cluster_argv,
-    refused_port,
     start_app,
     wait_until,
 )
@@ -124,13 +122,6 @@ class Sidecar:
         self.proc = Proc(cluster_argv("register", "--service", "web", "--endpoint-url", url,
                                       "--ping-interval", "1"),
                          env={"CLUSTER_DISCOVERY_URL": discovery_url}, name=name)
-
-
-@pytest.fixture
-def dead_port():
-    """A port where connections are refused for the whole test (bound, never listening)."""
-    with refused_port() as port:
-        yield port
 
 
 def test_access_log_lines_for_local_proxied_retried_and_websocket(sqlite_url, tmp_path,

@@ -41,6 +41,7 @@ from helpers import (
     TESTS,
     Proc,
     accept_forever,
+    app_running,
     cluster_argv,
     get,
     python,
@@ -60,20 +61,9 @@ RSS_BUDGET_KIB = 32 * 1024
 
 
 @contextlib.contextmanager
-def app(script: str, *args: str, name: str = "") -> Iterator[tuple[Proc, int]]:
-    """A test app of tests/apps on a port the OS picks (its port file says which),
-    stopped by PID when the block ends."""
-    proc, port = start_app(script, *args, name=name)
-    try:
-        yield proc, port
-    finally:
-        proc.stop()
-
-
-@contextlib.contextmanager
 def forward_only(upstream: str, *extra: str) -> Iterator[tuple[Proc, int]]:
     """tests/apps/forward_only.py in front of ``upstream``."""
-    with app(FORWARD.name, "--upstream", upstream, *extra, name="proxy") as proxy:
+    with app_running(FORWARD.name, "--upstream", upstream, *extra, name="proxy") as proxy:
         yield proxy
 
 
@@ -108,7 +98,7 @@ def stack(*extra: str, via: str = "forwarder") -> Iterator[Stack]:
     ``cluster register`` sidecar put in a fresh embedded store, so the bytes take the
     product's whole path (routing, app, forwarder, handler).
     """
-    with app("backend.py", name="backend") as (_, bport):
+    with app_running("backend.py", name="backend") as (_, bport):
         upstream = f"http://127.0.0.1:{bport}"
         if via == "forwarder":
             with forward_only(upstream, *extra) as (proxy, pport):

@@ -25,7 +25,7 @@ from cluster.proxy.websocket import (
     parse_response_head,
     upgrade_request_head,
 )
-from helpers import TESTS, Proc, get, refused_port, start_app, wait_until
+from helpers import TESTS, Proc, app_running, get, refused_port, wait_until
 
 ECHO = TESTS / "apps" / "ws_echo.py"
 FORWARD = TESTS / "apps" / "ws_forward_only.py"
@@ -33,26 +33,15 @@ TIMEOUT = 10  # generous: a hang fails, a slow machine does not
 
 
 @contextlib.contextmanager
-def app(script: str, *args: str) -> Iterator[tuple[Proc, int]]:
-    """A test app of tests/apps on a port the OS picks (its port file says which),
-    stopped by PID when the block ends."""
-    proc, port = start_app(script, *args)
-    try:
-        yield proc, port
-    finally:
-        proc.stop()
-
-
-@contextlib.contextmanager
 def forward_only(backend: str, *extra: str) -> Iterator[tuple[Proc, int]]:
     """tests/apps/ws_forward_only.py in front of ``backend``."""
-    with app(FORWARD.name, "--backend", backend, *extra) as proxy:
+    with app_running(FORWARD.name, "--backend", backend, *extra) as proxy:
         yield proxy
 
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    with app(ECHO.name) as (_, port):
+    with app_running(ECHO.name) as (_, port):
         yield port
 
 
