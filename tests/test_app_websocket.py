@@ -23,7 +23,8 @@ from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
 from cluster.app_websocket import MessageCheck, unmask
-from helpers import read_until_close, start_serve, wait_until
+from helpers import read_until_close, start_serve
+from test_local_websocket_e2e import Cluster, cluster_of
 
 LIMIT = 65536
 TEXT, BINARY, CONTINUATION, CLOSE = 0x1, 0x2, 0x0, 0x8
@@ -90,45 +91,12 @@ def test_message_check_counts_a_message_over_its_frames() -> None:
 # --- e2e: two `cluster serve` instances of the gevent-websocket echo app ---------------
 
 
-class Pair:
-    def __init__(self) -> None:
-        self.ports: dict[str, int] = {}
-        self.hashes: dict[str, str] = {}
-
-
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    import requests
-
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     store = f"sqlite://{tmp_path_factory.mktemp('appws') / 'discovery.sqlite3'}"
-    found = Pair()
-    procs = []
-    try:
-        for name in ("a", "b"):
-            proc, port = start_serve("--service", "gws", "--app", "gws_echo:app",
-                                     "--ping-interval", "1", "--expiry-grace", "1",
-                                     "--max-websocket-message", str(LIMIT),
-                                     env={"CLUSTER_DISCOVERY_URL": store,
-                                          "BACKEND_NAME": name}, name=f"appws-{name}")
-            procs.append(proc)
-            found.ports[name] = port
-        for name, port in found.ports.items():
-            found.hashes[name] = requests.get(f"http://127.0.0.1:{port}/_cluster/status",
-                                              timeout=5).json()["hash"]
-        wait_until(lambda: {e["hash"] for e in requests.get(
-            f"http://127.0.0.1:{found.ports['a']}/_cluster/status", timeout=5).json()
-            ["endpoints"]} >= set(found.hashes.values()), timeout=15,
-            what="a sees both instances")
-        yield found
-    finally:
-        outputs = []
-        for proc in procs:
-            alive = proc.poll() is None
-            proc.stop()
-            outputs.append((proc, alive, proc.output()))
-    for proc, alive, output in outputs:
-        assert alive, f"{proc} died:\n{output[-3000:]}"
-        assert "Traceback" not in output, f"{proc}:\n{output[-5000:]}"
+    with cluster_of("gws_echo:app", "gws", store, "--max-websocket-message",
+                    str(LIMIT)) as cluster:
+        yield cluster
 
 
 def frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
@@ -152,7 +120,7 @@ def frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
 class Conn:
     """A raw WebSocket client connection to instance ``a``, pinned to ``pick``."""
 
-    def __init__(self, pair: Pair, pick: str) -> None:
+    def __init__(self, pair: Cluster, pick: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", pair.ports["a"]), timeout=10)
         self.sock.sendall(
             b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -205,7 +173,7 @@ class Conn:
 
 
 @contextlib.contextmanager
-def connected(pair: Pair, pick: str) -> Iterator[Conn]:
+def connected(pair: Cluster, pick: str) -> Iterator[Conn]:
     conn = Conn(pair, pick)
     try:
         assert conn.name() == pick
@@ -219,7 +187,7 @@ PICKS = pytest.mark.parametrize("pick", ["a", "b"],
 
 
 @PICKS
-def test_a_message_at_the_limit_is_echoed_whole(pair: Pair, pick: str) -> None:
+def test_a_message_at_the_limit_is_echoed_whole(pair: Cluster, pick: str) -> None:
     with connected(pair, pick) as conn:
         blob = os.urandom(LIMIT)
         conn.sock.sendall(frame(BINARY, blob))
@@ -237,7 +205,7 @@ def test_a_message_at_the_limit_is_echoed_whole(pair: Pair, pick: str) -> None:
      frame(CONTINUATION, b"z" * 30000)],
     [frame(BINARY, b"", announced=2 ** 62)],  # only the header: the payload never comes
 ], ids=["one-frame", "three-frames", "announced-2**62"])
-def test_a_message_past_the_limit_closes_with_1009(pair: Pair, pick: str,
+def test_a_message_past_the_limit_closes_with_1009(pair: Cluster, pick: str,
                                                    frames: list[bytes]) -> None:
     with connected(pair, pick) as conn:
         for data in frames:
@@ -250,14 +218,14 @@ def test_a_message_past_the_limit_closes_with_1009(pair: Pair, pick: str,
 
 
 @PICKS
-def test_an_unmasked_client_frame_closes_with_1002(pair: Pair, pick: str) -> None:
+def test_an_unmasked_client_frame_closes_with_1002(pair: Cluster, pick: str) -> None:
     with connected(pair, pick) as conn:
         conn.sock.sendall(frame(TEXT, b"not masked", masked=False))
         assert conn.close_code()[0] == 1002
 
 
 @PICKS
-def test_invalid_utf8_text_closes_with_1007(pair: Pair, pick: str) -> None:
+def test_invalid_utf8_text_closes_with_1007(pair: Cluster, pick: str) -> None:
     with connected(pair, pick) as conn:
         conn.sock.sendall(frame(TEXT, b"ok \xed\xa0\x80 surrogate"))
         assert conn.close_code()[0] == 1007
@@ -273,7 +241,7 @@ def test_a_16_mib_message_is_echoed_whole_under_the_default_limit(tmp_path: Path
     try:
         import requests
 
-        pair = Pair()
+        pair = Cluster("gws")
         pair.ports["a"] = port
         pair.hashes["a"] = requests.get(f"http://127.0.0.1:{port}/_cluster/status",
                                         timeout=5).json()["hash"]

@@ -47,12 +47,13 @@ def view(base: str) -> dict:
 
 
 @contextlib.contextmanager
-def cluster_of(app: str, service: str, store: str) -> Iterator[Cluster]:
-    """Two instances serving ``app`` and a balancer-only front, all stopped by PID."""
+def cluster_of(app: str, service: str, store: str, *extra: str) -> Iterator[Cluster]:
+    """Two instances serving ``app`` (with ``extra`` settings) and a balancer-only front,
+    all stopped by PID."""
     cluster = Cluster(service)
     try:
         for name in ("a", "b"):
-            proc, port = start_serve("--service", service, "--app", app, *COMMON,
+            proc, port = start_serve("--service", service, "--app", app, *COMMON, *extra,
                                      env={"CLUSTER_DISCOVERY_URL": store,
                                           "BACKEND_NAME": name}, name=f"{service}-{name}")
             cluster.procs.append(proc)
