@@ -52,6 +52,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
+from cluster.netio import let_others_run
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -896,6 +897,11 @@ class _Empty:
         pass
 
 
+#: a read of this much and more lets the process's other connections be served (a
+#: client sending at full speed never makes the read wait, so it would not otherwise)
+LONG_READ = 1 << 20
+
+
 class _Reader:
     """The client connection as the file pywsgi's handler and gevent-websocket read
     (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
@@ -927,11 +933,16 @@ class _Reader:
             data = bytes(buf)
             buf.clear()
             return data
+        pause_at = len(buf) + LONG_READ
         while len(buf) < size:
             self._expect()
             if not self._fill():
                 break
-        data = bytes(buf[:size])
+            if len(buf) >= pause_at:  # a big message or body arriving at full speed
+                let_others_run()
+                pause_at = len(buf) + LONG_READ
+        with memoryview(buf) as view:
+            data = bytes(view[:size])
         del buf[:size]
         return data
 

@@ -22,11 +22,20 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from gevent import get_hub
+from gevent import get_hub, sleep
 from gevent import socket as gsocket
 from greenlet import getcurrent
 
 _CLOSED = OSError(errno.EBADF, "socket closed")
+
+
+def let_others_run() -> None:
+    """Wait for the event loop's next turn, in which it polls I/O: for a greenlet in a
+    long stretch of work (a big message), so the process's other connections are
+    served in between. ``sleep(0)`` may resume before any I/O is polled (gevent runs
+    the callbacks it adds in the same turn); ``idle()`` may wait without end on a busy
+    process; a timer, however short, fires after the next poll."""
+    sleep(1e-6)
 
 
 def is_plain(sock: Any) -> bool:

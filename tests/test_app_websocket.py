@@ -22,7 +22,7 @@ import pytest
 from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
-from cluster.app_websocket import MessageCheck, unmask
+from cluster.app_websocket import UNMASK_PIECE, MessageCheck, unmask, unmask_cooperatively
 from helpers import read_until_close, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of
 
@@ -39,6 +39,11 @@ def test_unmask_is_the_rfc_xor(size: int) -> None:
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert unmask(payload, mask) == expected
     assert unmask(expected, mask) == payload
+
+
+def test_a_large_payload_is_unmasked_in_pieces_with_the_same_result() -> None:
+    payload, mask = os.urandom(3 * UNMASK_PIECE + 5), os.urandom(4)
+    assert bytes(unmask_cooperatively(payload, mask)) == unmask(payload, mask)
 
 
 def _samples() -> list[bytes]:
