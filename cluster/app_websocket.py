@@ -43,9 +43,10 @@ class MessageTooBig(Exception):
     closes those with 1000 (a socket error) or 1002 (a ProtocolError); this one gets 1009."""
 
 
-#: unmasked this much at a time, other connections served in between (a multiple of
-#: 4, so each piece starts at the mask's first byte): about 4 ms of CPU each
-UNMASK_PIECE = 1 << 20
+#: a big message is unmasked and checked this much at a time, the process's other
+#: connections served in between (a multiple of 4, so each piece starts at the mask's
+#: first byte): about 4 ms of CPU each
+PIECE = 1 << 20
 
 
 def unmask(payload: bytes | memoryview, mask: bytes) -> bytes:
@@ -62,12 +63,12 @@ def unmask_cooperatively(payload: bytes, mask: bytes) -> bytes | bytearray:
     """:func:`unmask` piece by piece, yielding to other greenlets between pieces, so a
     16 MiB message does not hold every other client of the process for its whole
     unmasking (about 70 ms)."""
-    if len(payload) <= UNMASK_PIECE:
+    if len(payload) <= PIECE:
         return unmask(payload, mask)
     view = memoryview(payload)
     plain = bytearray()
-    for start in range(0, len(payload), UNMASK_PIECE):
-        plain += unmask(view[start:start + UNMASK_PIECE], mask)
+    for start in range(0, len(payload), PIECE):
+        plain += unmask(view[start:start + PIECE], mask)
         let_others_run()
     return plain
 
@@ -106,10 +107,15 @@ class MessageCheck:
 
     def validate(self, data: bytes) -> tuple[bool, bool, int, int]:
         """(valid, ends on a whole character, index in ``data``, index in the message)."""
-        try:
-            self._decoder.decode(data, False)
-        except UnicodeDecodeError as exc:
-            return False, False, exc.start, self._total + exc.start
+        view = memoryview(data)
+        for start in range(0, len(data), PIECE):
+            if start:
+                let_others_run()
+            try:
+                self._decoder.decode(view[start:start + PIECE], False)
+            except UnicodeDecodeError as exc:
+                at = start + exc.start
+                return False, False, at, self._total + at
         pending = self._decoder.getstate()[0]
         if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0":
             # a surrogate's first two bytes: CPython waits for the third to say so,

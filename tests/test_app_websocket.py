@@ -22,7 +22,7 @@ import pytest
 from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
-from cluster.app_websocket import UNMASK_PIECE, MessageCheck, unmask, unmask_cooperatively
+from cluster.app_websocket import PIECE, MessageCheck, unmask, unmask_cooperatively
 from helpers import read_until_close, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of
 
@@ -42,8 +42,17 @@ def test_unmask_is_the_rfc_xor(size: int) -> None:
 
 
 def test_a_large_payload_is_unmasked_in_pieces_with_the_same_result() -> None:
-    payload, mask = os.urandom(3 * UNMASK_PIECE + 5), os.urandom(4)
+    payload, mask = os.urandom(3 * PIECE + 5), os.urandom(4)
     assert bytes(unmask_cooperatively(payload, mask)) == unmask(payload, mask)
+
+
+def test_a_large_text_is_checked_in_pieces_with_the_same_verdict() -> None:
+    text = ("é" * PIECE).encode()  # 2 MiB: two pieces, a character across none
+    check = MessageCheck(LIMIT)
+    assert check.validate(text) == (True, True, len(text), len(text))
+    check.reset()
+    broken = text[:PIECE + 1] + b"\xff" + text[PIECE + 2:]  # the é at PIECE, cut
+    assert check.validate(broken)[:3] == (False, False, PIECE)
 
 
 def _samples() -> list[bytes]:
