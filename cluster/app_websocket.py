@@ -21,8 +21,10 @@ carry their code.
 from __future__ import annotations
 
 import codecs
+import socket
 from typing import Any
 
+import gevent
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
@@ -152,7 +154,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         try:
             return super().receive()
         except MessageTooBig:
+            rfile, sock = self.handler.rfile, self.handler.socket
             self.close(MESSAGE_TOO_BIG, "message too big")
+            linger(rfile, sock)
             return None
 
     def close(self, code: int | None = 1000, message: Any = b"") -> None:
@@ -180,6 +184,25 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             for name, value in (("closed", True), ("stream", None), ("raw_write", None),
                                 ("raw_read", None), ("environ", None)):
                 setattr(self, name, value)
+
+
+#: how long a refused client may go on sending before its connection is closed anyway
+LINGER_SECONDS = 5.0
+
+
+def linger(rfile: Any, sock: Any) -> None:
+    """After a close frame sent in the middle of the client's message: end our side
+    (FIN) and read what the client still sends, the rest of the message and its close
+    frame, until it closes too or LINGER_SECONDS pass. A socket closed with bytes
+    unread sends a reset instead, which can overtake the close frame: the client
+    would see 1006 (abnormal closure), not 1009."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(LINGER_SECONDS, False):
+            while len(rfile.read(65536)) == 65536:
+                pass
+    except OSError:
+        pass
 
 
 def adopt(websocket: Any, max_message: int) -> None:

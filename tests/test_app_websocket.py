@@ -11,10 +11,13 @@ and through the other one (the tunnel relays; the serving instance enforces).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +30,7 @@ from helpers import read_until_close, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of
 
 LIMIT = 65536
+SIO = Path(__file__).resolve().parent / "sio"
 TEXT, BINARY, CONTINUATION, CLOSE = 0x1, 0x2, 0x0, 0x8
 
 
@@ -218,7 +222,9 @@ def test_a_message_at_the_limit_is_echoed_whole(pair: Cluster, pick: str) -> Non
     [frame(TEXT, b"x" * 30000, fin=False), frame(CONTINUATION, b"y" * 30000, fin=False),
      frame(CONTINUATION, b"z" * 30000)],
     [frame(BINARY, b"", announced=2 ** 62)],  # only the header: the payload never comes
-], ids=["one-frame", "three-frames", "announced-2**62"])
+    # still being sent when refused: the close frame must not be lost to a reset
+    [frame(BINARY, bytes(8 << 20))],
+], ids=["one-frame", "three-frames", "announced-2**62", "8-MiB"])
 def test_a_message_past_the_limit_closes_with_1009(pair: Cluster, pick: str,
                                                    frames: list[bytes]) -> None:
     with connected(pair, pick) as conn:
@@ -229,6 +235,26 @@ def test_a_message_past_the_limit_closes_with_1009(pair: Cluster, pick: str,
     with connected(pair, pick) as conn:  # the instance serves on
         conn.sock.sendall(frame(TEXT, b"still here"))
         assert conn.read_frame() == (TEXT, b"still here")
+
+
+@PICKS
+@pytest.mark.parametrize("size", [LIMIT, 5_000_000])
+def test_nodes_ws_client_gets_the_echo_or_1009(pair: Cluster, pick: str, size: int) -> None:
+    """A real client (node's ws) sending a message past the limit gets the close frame
+    with 1009, not a reset: the instance reads the rest of the message before it
+    closes (else the reset overtook the close frame and ws reported 1006)."""
+    if not (SIO / "node_modules" / "ws").is_dir() or not shutil.which("node"):
+        pytest.fail(f"node or its ws package is missing: run `npm ci` in {SIO}")
+    done = subprocess.run(
+        ["node", str(SIO / "ws_send.js"), pair.url("a").replace("http", "ws", 1) +
+         "/echo", str(size), pair.cookie(pick)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "NODE_PATH": str(SIO / "node_modules")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout)
+    if size <= LIMIT:
+        assert seen == {"echo": size, "close": 1000, "reason": ""}, seen
+    else:
+        assert seen == {"close": 1009, "reason": "message too big"}, seen
 
 
 @PICKS

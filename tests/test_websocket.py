@@ -456,6 +456,70 @@ def test_pump_fast_path_on_gevent_sockets_and_close_from_other_direction() -> No
             sock.close()
 
 
+def _tunnel_between_socketpairs():
+    """A Tunnel between (client, endpoint) ends of two gevent socket pairs; returns the
+    tunnel, the far ends (client, endpoint) and the list its on_close appends to."""
+    from gevent import socket as gsocket
+
+    from cluster.proxy.tunnel import Tunnel
+
+    client, near_client = gsocket.socketpair()
+    near_endpoint, endpoint = gsocket.socketpair()
+    closed: list[bool] = []
+    tunnel = Tunnel(near_client, near_endpoint, lambda: closed.append(True))
+    tunnel.start()
+    return tunnel, client, endpoint, closed
+
+
+def test_tunnel_passes_a_half_close_on_and_relays_the_other_way_until_it_ends() -> None:
+    """A server that closes a WebSocket first (RFC 6455 7.1.1) ends its sending; the
+    client must still get every byte and the EOF, and what the client sends after that
+    (the rest of a message, its close frame) must still reach the server. Closing the
+    whole tunnel at the first EOF reset the client's connection instead."""
+    import gevent
+
+    tunnel, client, endpoint, closed = _tunnel_between_socketpairs()
+    try:
+        with gevent.Timeout(TIMEOUT):
+            endpoint.sendall(b"close frame")
+            endpoint.shutdown(socket.SHUT_WR)
+            assert _read_until(client, b"", lambda b: False) == b"close frame"  # then EOF
+            blob = os.urandom(300_000)
+            client.sendall(blob)
+            client.shutdown(socket.SHUT_WR)
+            assert _read_until(endpoint, b"", lambda b: False) == blob
+            while not closed:
+                gevent.sleep(0.01)
+        assert tunnel.closed and closed == [True]
+    finally:
+        for sock in (client, endpoint):
+            sock.close()
+
+
+def test_tunnel_half_closed_by_one_side_closes_when_the_other_stays_silent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import gevent
+
+    from cluster.proxy import tunnel as tunnel_module
+
+    monkeypatch.setattr(tunnel_module, "HALF_CLOSED_SECONDS", 0.3)
+    tunnel, client, endpoint, closed = _tunnel_between_socketpairs()
+    try:
+        with gevent.Timeout(TIMEOUT):
+            endpoint.shutdown(socket.SHUT_WR)
+            assert client.recv(10) == b""
+            began = time.monotonic()
+            while not closed:
+                gevent.sleep(0.01)
+            assert time.monotonic() - began >= 0.2
+            assert endpoint.recv(10) == b""  # the tunnel closed the endpoint's side too
+    finally:
+        for sock in (client, endpoint):
+            sock.close()
+
+
 def test_cluster_handler_leaves_no_reference_cycle() -> None:
     """The hijack hook in the environ must not keep finished connections alive until
     the cycle collector runs (at 10,000 connections that is real memory)."""

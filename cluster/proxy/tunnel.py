@@ -18,15 +18,22 @@ nginx equivalent::
     proxy_set_header Connection "upgrade";
     proxy_read_timeout 1d;   # here: no idle timeout once upgraded
 
+A side that ends its sending (EOF) is passed on as such (``shutdown(SHUT_WR)`` of the
+other socket) while the other way goes on, as nginx does for upgraded connections: a
+server that closes a WebSocket first (RFC 6455 7.1.1) then reads the client's last
+bytes and its close frame, and the client gets the close frame instead of a reset. The
+tunnel closes once both ways ended, or HALF_CLOSED_SECONDS after the first did.
+
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake);
-the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
-was being relayed at that instant (only at shutdown; the client reconnects either way).
+TLS tunnels (the two greenlets) still end on the first EOF; the 1001 frames of
+:meth:`Tunnel.going_away` could land in the middle of a frame that was being relayed at
+that instant (only at shutdown; the client reconnects either way).
 """
 
 from __future__ import annotations
 
 import logging
+from socket import SHUT_WR
 from typing import Any, Callable
 
 import gevent
@@ -38,6 +45,8 @@ from cluster.netio import send_all, wait_recv
 log = logging.getLogger(__name__)
 
 CHUNK = 65536
+#: how long one way may stay open after the other ended
+HALF_CLOSED_SECONDS = 5.0
 _READ, _WRITE = 1, 2
 #: WebSocket close frames with status 1001 (going away): unmasked towards the client,
 #: masked (with a zero key, which leaves the payload as it is) towards the server.
@@ -62,7 +71,7 @@ def _close(sock: Any) -> None:
 class _Direction:
     """One way of a tunnel: read ``src``, write ``dst``."""
 
-    __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel")
+    __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel", "ended")
 
     def __init__(self, tunnel: Tunnel, src: Any, dst: Any, loop: Any) -> None:
         self.tunnel = tunnel
@@ -71,6 +80,7 @@ class _Direction:
         self.reader = loop.io(src.fileno(), _READ)
         self.writer: Any = None
         self.pending = b""
+        self.ended = False  # src sent EOF, passed on to dst
 
     def readable(self) -> None:
         try:
@@ -78,9 +88,10 @@ class _Direction:
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
             self.tunnel.close()
+            return
+        if not data:
+            self.tunnel.ended(self)
             return
         try:
             sent = self.dst.send(data)
@@ -123,7 +134,7 @@ class Tunnel:
     then closes both and calls ``on_close``. Runs from the event loop: :meth:`start`
     returns at once."""
 
-    __slots__ = ("a", "b", "loop", "ways", "on_close", "closed")
+    __slots__ = ("a", "b", "loop", "ways", "on_close", "closed", "timer")
 
     def __init__(self, a: Any, b: Any, on_close: Callable[[], None]) -> None:
         self.a = a
@@ -135,6 +146,7 @@ class Tunnel:
         assert raw_a is not None and raw_b is not None, "use pump() for TLS sockets"
         self.ways = (_Direction(self, raw_a, raw_b, self.loop),
                      _Direction(self, raw_b, raw_a, self.loop))
+        self.timer: Any = None
 
     @staticmethod
     def supports(a: Any, b: Any) -> bool:
@@ -159,10 +171,29 @@ class Tunnel:
                 pass
         self.close()
 
+    def ended(self, way: _Direction) -> None:
+        """``way``'s source sent EOF: pass it on, keep the other way going (bounded)."""
+        way.ended = True
+        way.reader.stop()
+        try:
+            way.dst.shutdown(SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        if all(w.ended for w in self.ways):
+            self.close()
+        elif self.timer is None:
+            self.timer = self.loop.timer(HALF_CLOSED_SECONDS)
+            self.timer.start(self.close)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None
         for way in self.ways:
             way.stop()
         _close(self.a)
