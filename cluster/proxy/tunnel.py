@@ -130,9 +130,9 @@ class _Direction:
 
 
 class Tunnel:
-    """Pumps bytes between gevent sockets ``a`` and ``b`` until either side closes;
-    then closes both and calls ``on_close``. Runs from the event loop: :meth:`start`
-    returns at once."""
+    """Pumps bytes between gevent sockets ``a`` and ``b`` until both ways ended (or
+    one ended HALF_CLOSED_SECONDS ago, or a socket failed); then closes both and calls
+    ``on_close``. Runs from the event loop: :meth:`start` returns at once."""
 
     __slots__ = ("a", "b", "loop", "ways", "on_close", "closed", "timer")
 
