@@ -90,6 +90,8 @@ def test_endpoint_url_defaults_from_bind():
     # a typo in an address was dropped silently (loopback then no longer trusted)
     (["--trusted-proxies", "999.1.1.1"], {}, "--trusted-proxies"),
     ([], {"CLUSTER_TRUSTED_PROXIES": "10.0.0.0/33"}, "CLUSTER_TRUSTED_PROXIES"),
+    (["--max-websocket-message", "16M"], {}, "--max-websocket-message"),
+    ([], {"CLUSTER_MAX_WEBSOCKET_MESSAGE": "100"}, "CLUSTER_MAX_WEBSOCKET_MESSAGE"),
 ])
 def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     result = run_cluster("serve", *args, env=env)
