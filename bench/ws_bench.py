@@ -207,10 +207,12 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
     skipped = {"nginx": not args.nginx, "busy": not args.busy_poll, "relay": not args.relay}
     modes = [m for m in MODES if not skipped.get(m)]
     with contextlib.ExitStack() as stack:
-        echo_port = hb.free_port()  # ws_echo.py takes a fixed port
+        echo_port_file = workdir / "ws-echo.port"
         echo = stack.enter_context(hb.launched(
             [sys.executable, str(hb.ROOT / "tests" / "apps" / "ws_echo.py"),
-             "--port", str(echo_port)], workdir, "ws-echo", LOAD_CPU, port=echo_port))
+             "--port", "0", "--port-file", str(echo_port_file)], workdir, "ws-echo",
+            LOAD_CPU, port_file=echo_port_file))
+        echo_port = echo.port
         balancer = stack.enter_context(hb.cluster_balancer(
             workdir, f"http://127.0.0.1:{echo_port}", name="ws-cluster",
             launcher=[sys.executable, "-c", wim.LAUNCHER]))
