@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from cluster.app_websocket import unmask  # noqa: E402
-from helpers import Proc, cluster_argv, python, read_port_file  # noqa: E402
+from helpers import Proc, cluster_argv, python, start_reporting  # noqa: E402
 
 PLAIN = """\
 import sys
@@ -58,15 +58,10 @@ server.serve_forever()
 
 
 def start(name: str, argv_for: Callable[[Path], list[str]], tmp: Path) -> tuple[Proc, int]:
-    port_file = tmp / f"{name}.port"
-    proc = Proc(["taskset", "-c", "0", *argv_for(port_file)], name=name,
-                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp / 'd.sqlite3'}",
-                     "BACKEND_NAME": name})
-    try:
-        return proc, read_port_file(port_file, proc)
-    except BaseException:
-        proc.stop()
-        raise
+    """``argv_for(port_file)`` pinned to CPU 0; the process and the port it reported."""
+    return start_reporting(lambda port_file: ["taskset", "-c", "0", *argv_for(port_file)],
+                           env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp / 'd.sqlite3'}",
+                                "BACKEND_NAME": name}, name=name)
 
 
 def frame(opcode: int, payload: bytes) -> bytes:

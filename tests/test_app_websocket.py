@@ -27,7 +27,7 @@ from geventwebsocket.websocket import Header
 
 from cluster.app_websocket import PIECE, MessageCheck, unmask, unmask_cooperatively
 from helpers import read_until_close, start_serve
-from test_local_websocket_e2e import Cluster, cluster_of
+from test_local_websocket_e2e import Cluster, cluster_of, view
 
 LIMIT = 65536
 SIO = Path(__file__).resolve().parent / "sio"
@@ -279,12 +279,9 @@ def test_a_16_mib_message_is_echoed_whole_under_the_default_limit(tmp_path: Path
                              env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "a"},
                              name="appws-default")
     try:
-        import requests
-
         pair = Cluster("gws")
         pair.ports["a"] = port
-        pair.hashes["a"] = requests.get(f"http://127.0.0.1:{port}/_cluster/status",
-                                        timeout=5).json()["hash"]
+        pair.hashes["a"] = view(pair.url("a"))["hash"]
         with connected(pair, "a") as conn:
             blob = os.urandom(16 << 20)
             conn.sock.sendall(frame(BINARY, blob))
