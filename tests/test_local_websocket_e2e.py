@@ -268,6 +268,34 @@ def test_a_handshake_cluster_answers_itself_ends_the_connection(gws: Cluster) ->
     assert data.count(b"HTTP/1.1 ") == 1, data[-300:]
 
 
+# --- Flask-Sockets ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flask_sockets(store: str) -> Iterator[Cluster]:
+    with cluster_of("flask_sockets_app:app", "fsockets", store) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_flask_sockets_app_echoes(flask_sockets: Cluster, pick: str) -> None:
+    ws = websocket.create_connection(flask_sockets.url("a").replace("http", "ws", 1) + "/echo",
+                                     cookie=flask_sockets.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+        blob = os.urandom(70_000)
+        ws.send_binary(blob)
+        assert ws.recv_data() == (ABNF.OPCODE_BINARY, blob)
+        ws.send("héllo")
+        assert ws.recv() == "héllo"
+    finally:
+        ws.close()
+    got = requests.get(flask_sockets.url("a") + "/whoami",
+                       headers={"Cookie": flask_sockets.cookie(pick)}, timeout=5)
+    assert (got.status_code, got.text) == (200, pick)
+
+
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
 
 
