@@ -17,7 +17,11 @@ Policy choices and known weak spots:
 - ``Expect: 100-continue`` is answered by this instance once the endpoint is connected,
   and not forwarded; the endpoint gets the body straight after the head.
 - A request body is sent whole before the response is read. An endpoint that answers
-  early (413) and closes is handled: its answer is read after the failed send.
+  early (413) and closes is handled: its answer is read after the failed send, and the
+  client connection ends after it (the rest of the body is never read as requests), at
+  once, without a lingering close (as after a malformed request).
+- The read timeout bounds the wait for a whole response head (from the end of the
+  request, and afresh after each interim answer), and each read of a body after it.
 - A small request (no body, or one already in the buffer) found a pooled connection
   closed under it is resent once on a fresh connection; a streamed body is not, so it
   always goes over a fresh connection.
@@ -164,7 +168,7 @@ class Exchange:
     """One request's trip to one endpoint (tried again by attempts.py on another)."""
 
     __slots__ = ("client", "head", "pool", "url", "upstream", "raw_head", "response",
-                 "started", "upstream_seconds", "sent", "splice")
+                 "started", "upstream_seconds", "sent", "splice", "cut")
 
     def __init__(self, client: ClientConn, head: RequestHead, pool: Pool, url: str) -> None:
         self.client = client
@@ -178,6 +182,7 @@ class Exchange:
         self.upstream_seconds = 0.0
         self.sent = 0  # bytes written to the client
         self.splice = False  # the answer's body may be spliced (see _read_head)
+        self.cut = False  # the request body was not all sent (the endpoint answered early)
 
     def send_request(self, out_head: bytes, body: bytes | None) -> None:
         """Send the head and the body; ``body`` is the whole body when it is already
@@ -279,6 +284,9 @@ class Exchange:
             if isinstance(exc, _ClientGone):
                 raise
             # The endpoint may have answered early (413) and closed: read its answer.
+            # The rest of the client's body is still to come on the client connection,
+            # so that connection ends after the answer (see relay_response).
+            self.cut = True
             log.debug("%s: sending the body failed (%s); reading an early answer", self.url,
                       exc)
         finally:
@@ -360,6 +368,12 @@ class Exchange:
         assert response is not None and conn is not None
         client = self.client
         head = self.head
+        if self.cut:
+            # An early answer: what is left of the request body would be read as the
+            # next request (a desync a front proxy could be used to smuggle requests
+            # through), and the endpoint connection is out of step. Neither is kept.
+            client_keep = False
+            response = response._replace(keep_alive=False)
         key = (self.raw_head, head.method, head.version, client_keep, extra)
         known = _RELAYED.get(key)
         if known is None:
