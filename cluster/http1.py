@@ -516,7 +516,11 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
         fields = b"".join(parts)
     if connection:
         keep = b"close" not in connection if http11 else b"keep-alive" in connection
-        named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
+        # Content-Length is for every recipient (RFC 9110 7.6.1 forbids naming it): were
+        # it dropped, the client would get an answer without framing on a kept
+        # connection, and read the next answer as the rest of this one.
+        named = [t for t in connection
+                 if t not in (b"close", b"keep-alive", b"upgrade", b"content-length")]
         if named and fields:  # fields named by Connection are hop-by-hop too
             drop = set(named)
             fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]

@@ -732,6 +732,8 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"HTTP/1.1 200\r\nX-Obs: caf\xe9 \xff\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2, c=3\r\n"
         b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
         b"Content-Length: 2\r\n\r\nok"),
+    "/named-length": _answer(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Named\r\n"
+                             b"X-Named: 1\r\nContent-Length: 5\r\n\r\nhello"),
     "/bare-lf": _answer(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nok"),
     "/bare-lf-crlf-body": _answer(b"HTTP/1.1 200 OK\nContent-Length: 6\nX-A: 1\n\nab\r\n\r\n"),
     "/h2c-switch": _answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
@@ -950,8 +952,9 @@ def test_new_long_status_lines_are_not_kept(scripted_door) -> None:
 def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None:
     """A status line without a reason gets the standard one; obs-text in a value and
     each Set-Cookie line pass as they came; fields the endpoint named in Connection,
-    Keep-Alive and Connection itself do not; a 101 to an upgrade passes with the
-    frames that came with it."""
+    Keep-Alive and Connection itself do not, but for a Content-Length named there
+    (passed on with it, the client would read the next answer as this one's body); a
+    101 to an upgrade passes with the frames that came with it."""
     _, port, _ = scripted_door
     with raw(port) as client:
         client.send(request("GET", "/passed-on"))
@@ -962,6 +965,14 @@ def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None
     assert [c for c in header(headers, "Set-Cookie")
             if not c.startswith("cluster-endpoint::")] == ["a=1", "b=2, c=3"]
     assert not {"x-secret", "keep-alive", "connection"} & {k.lower() for k, _ in headers}
+    with raw(port) as client:  # Content-Length is never hop-by-hop, even when named so
+        client.send(request("GET", "/named-length"))
+        status, headers = client.head()
+        assert (header(headers, "Content-Length"), header(headers, "X-Named")) == (["5"], [])
+        assert client.exactly(5) == b"hello"
+        client.send(request("GET", "/next"))  # the same connection carries another answer
+        status, headers = client.head()
+        assert (status, read_body(client, headers)) == ("HTTP/1.1 200 OK", b"next")
     with raw(port) as client:
         client.send(request("GET", "/ws-frames", "Upgrade: websocket", "Connection: Upgrade",
                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
