@@ -732,6 +732,8 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"HTTP/1.1 200\r\nX-Obs: caf\xe9 \xff\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2, c=3\r\n"
         b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
         b"Content-Length: 2\r\n\r\nok"),
+    "/interim": _answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                        b"Link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
     "/named-length": _answer(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Named\r\n"
                              b"X-Named: 1\r\nContent-Length: 5\r\n\r\nhello"),
     "/bare-lf": _answer(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nok"),
@@ -950,7 +952,8 @@ def test_new_long_status_lines_are_not_kept(scripted_door) -> None:
 
 
 def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None:
-    """A status line without a reason gets the standard one; obs-text in a value and
+    """Interim answers stay here, for HTTP/1.1 and HTTP/1.0 clients alike. A status
+    line without a reason gets the standard one; obs-text in a value and
     each Set-Cookie line pass as they came; fields the endpoint named in Connection,
     Keep-Alive and Connection itself do not, but for a Content-Length named there
     (passed on with it, the client would read the next answer as this one's body); a
@@ -965,6 +968,13 @@ def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None
     assert [c for c in header(headers, "Set-Cookie")
             if not c.startswith("cluster-endpoint::")] == ["a=1", "b=2, c=3"]
     assert not {"x-secret", "keep-alive", "connection"} & {k.lower() for k, _ in headers}
+    for version in ("HTTP/1.1", "HTTP/1.0"):  # interim answers are not passed on
+        with raw(port) as client:
+            client.send(f"GET /interim {version}\r\nHost: x\r\n\r\n".encode())
+            status, headers = client.head()
+            assert (status, read_body(client, headers)) == ("HTTP/1.1 200 OK", b"ok")
+            if version == "HTTP/1.0":
+                assert client.until_close() == b""  # nothing else, then closed
     with raw(port) as client:  # Content-Length is never hop-by-hop, even when named so
         client.send(request("GET", "/named-length"))
         status, headers = client.head()
