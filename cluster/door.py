@@ -29,6 +29,7 @@ import binascii
 import errno
 import logging
 import os
+import socket as _socket
 import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
@@ -237,11 +238,14 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             os.close(self._spare)
             self._spare = None
         try:
-            client, _ = self.socket._sock.accept()
+            # self.socket is the listener as gevent keeps it (a stdlib-level socket):
+            # _accept() gives the new descriptor without wrapping it in a gevent socket
+            fd, _ = self.socket._accept()
         except OSError:
-            client = None
-        if client is not None:
+            fd = None
+        if fd is not None:
             door.observer.connection_refused()
+            client = _socket.socket(fileno=fd)
             try:
                 client.setblocking(False)
                 client.send(_OVER_CAP)
@@ -294,8 +298,10 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             pass  # the client went away, or the sweeper closed it: nothing to answer
         finally:
             door.sweeper.discard(conn)
-            door.active -= 1
-            door.observer.connection_closed()
+            if conn.sock not in self._handed_off:
+                # (a tunnel holds its two descriptors on: it counts until it closes)
+                door.active -= 1
+                door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
 
@@ -649,14 +655,19 @@ class Connection:
         upstream.reader.disarm()
 
         if Tunnel.supports(conn.sock, upstream.sock):
+            # The tunnel keeps the client connection (and its endpoint's): it stays one
+            # of the --max-connections until it closes, or WebSockets past the cap would
+            # take descriptors until accept() and connect() fail.
             def closed() -> None:
                 door.websockets -= 1
+                door.active -= 1
                 door.open_websockets.discard(tunnel)
                 door.observer.websocket_closed(url)
+                door.observer.connection_closed()
 
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            tunnel = Tunnel(conn.sock, upstream.sock, closed)
             door.open_websockets.add(tunnel)
             tunnel.start()
             if door.stopping:

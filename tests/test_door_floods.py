@@ -1,0 +1,178 @@
+"""The front door against clients that try to exhaust descriptors or time.
+
+Real `cluster serve` processes and raw sockets, as tests/test_door_limits.py: each test
+asserts what a client relies on while another client misbehaves (its own connection is
+answered, in time, and the instance keeps its descriptors and never prints a traceback).
+Longer floods with figures are in bench/door_floods.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import socket
+from typing import Iterator
+
+import pytest
+
+from helpers import (
+    Proc,
+    exchange,
+    request_bytes,
+    start_serve,
+    wait_until,
+)
+
+FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+QUICK = ("--ping-interval", "1", "--expiry-grace", "1")
+
+
+def stop_clean(proc: Proc) -> str:
+    """Stop by PID; it must have been alive and never have printed a traceback."""
+    alive = proc.poll() is None
+    proc.stop()
+    output = proc.output()
+    assert alive, f"{proc} died during the test:\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-5000:]
+    return output
+
+
+def status_view(port: int) -> dict:
+    responses, _ = exchange(port, request_bytes(target="/_cluster/status",
+                                                headers=[("Connection", "close")]))
+    assert responses and responses[0].status == 200, responses
+    return json.loads(responses[0].body)
+
+
+def descriptors(proc: Proc) -> int:
+    return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite://{tmp_path_factory.mktemp('floods') / 'discovery.sqlite3'}"
+
+
+@pytest.fixture(scope="module")
+def ws_member(store: str) -> Iterator[tuple[Proc, int]]:
+    """An instance of service ``wsflood`` whose app echoes WebSocket messages."""
+    proc, port = start_serve("--service", "wsflood", "--app", "gws_echo:app", *QUICK,
+                             name="wsmember",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "wsm"})
+    try:
+        yield proc, port
+    finally:
+        stop_clean(proc)
+
+
+def start_front(store: str, *args: str, wrapper: tuple[str, ...] = ()) -> tuple[Proc, int]:
+    """A balancer-only instance in front of ``wsflood``, once it sees the member."""
+    proc, port = start_serve("--ui-service", "wsflood", *QUICK, *args, name="front",
+                             env={"CLUSTER_DISCOVERY_URL": store}, wrapper=wrapper)
+    try:
+        wait_until(lambda: any(e["service"] == "wsflood"
+                               for e in status_view(port)["endpoints"]),
+                   timeout=15, what="the front sees the member")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def open_websocket(port: int) -> tuple[socket.socket, bytes]:
+    """A raw WebSocket handshake: the socket and the status line it got."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            piece = sock.recv(4096)
+        except ConnectionResetError:
+            piece = b""
+        if not piece:
+            break
+        data += piece
+    return sock, data.split(b"\r\n", 1)[0]
+
+
+def echoes(sock: socket.socket) -> bool:
+    sock.sendall(b"\x81\x82\x00\x00\x00\x00hi")  # masked (zero key) text "hi"
+    return sock.recv(100) == b"\x81\x02hi"
+
+
+def test_websockets_through_a_balancer_count_against_its_connection_cap(
+        store: str, ws_member: tuple[Proc, int]) -> None:
+    """A tunnelled WebSocket holds its client's descriptor (and one to the endpoint):
+    it is one of --max-connections until it closes. Past the cap a 503; the open ones
+    carry on; one that closes makes room."""
+    cap = 10
+    proc, port = start_front(store, "--max-connections", str(cap))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            sock, status = open_websocket(port)
+            socks.append(sock)
+            assert status == b"HTTP/1.1 101 Switching Protocols", status
+        extra, status = open_websocket(port)
+        with extra:
+            assert status.startswith(b"HTTP/1.1 503"), status
+        assert all(echoes(sock) for sock in socks)
+        socks.pop().close()
+
+        def a_newcomer_is_let_in() -> bool:
+            sock, status = open_websocket(port)
+            if status.startswith(b"HTTP/1.1 101"):
+                socks.append(sock)
+                return True
+            sock.close()
+            return False
+        wait_until(a_newcomer_is_let_in, timeout=5, what="a freed place")
+        assert echoes(socks[-1])
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_clean(proc)
+
+
+def test_out_of_descriptors_is_a_503_not_a_traceback_nor_an_ejection(
+        store: str, ws_member: tuple[Proc, int]) -> None:
+    """--max-connections set above what the descriptor limit holds: new clients get a
+    short 503 (accept and connect both fail with EMFILE), the healthy endpoint is not
+    ejected for this instance's own shortage, and the open WebSockets carry on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 and hard >= 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    proc, port = start_front(store, "--max-connections", "1000",
+                             wrapper=("prlimit", "--nofile=96:96"))
+    socks: list[socket.socket] = []
+    try:
+        statuses: dict[bytes, int] = {}
+        for _ in range(60):  # 2 descriptors each: past 96 well before the end
+            sock, status = open_websocket(port)
+            statuses[status[:12]] = statuses.get(status[:12], 0) + 1
+            if status.startswith(b"HTTP/1.1 101"):
+                socks.append(sock)
+            else:
+                sock.close()
+        assert set(statuses) <= {b"HTTP/1.1 101", b"HTTP/1.1 503", b""}, statuses
+        assert statuses.get(b"HTTP/1.1 503"), statuses
+        assert socks and all(echoes(sock) for sock in socks)
+        for sock in socks:
+            sock.close()
+        socks = []
+        wait_until(lambda: status_view(port)["websockets"] == 0, timeout=5,
+                   what="the tunnels are gone")
+        sock, status = open_websocket(port)  # room again: the endpoint is still in use
+        with sock:
+            assert status.startswith(b"HTTP/1.1 101"), status
+            assert echoes(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+        output = stop_clean(proc)
+    assert "ejecting" not in output, output[-3000:]
