@@ -53,7 +53,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import let_others_run
+from cluster.netio import Turns, let_others_run
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -83,6 +83,8 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: how often the door closes pooled connections nobody will reuse (see Door.tidy)
 TIDY_SECONDS = 2.0
+#: pipelined requests served in a row before the other connections get a turn
+PIPELINE_TURN = 16
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -340,6 +342,7 @@ class Connection:
         door = self.door
         conn = self.conn
         settings = door.settings
+        pipelined = 0
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
@@ -348,6 +351,14 @@ class Connection:
                 conn.requests += 1
                 if not self.one_request(head):  # RequestError too: a bad relayed body
                     return
+                if conn.buf:
+                    # The next request is here already: a client pipelining faster than
+                    # it is answered never makes this loop wait. Every PIPELINE_TURN
+                    # requests the process's other connections get a turn.
+                    pipelined += 1
+                    if pipelined >= PIPELINE_TURN:
+                        pipelined = 0
+                        let_others_run()
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
@@ -908,34 +919,43 @@ class _Empty:
         pass
 
 
-#: a read of this much and more lets the process's other connections be served (a
-#: client sending at full speed never makes the read wait, so it would not otherwise)
-LONG_READ = 1 << 20
-
-
 class _Reader:
     """The client connection as the file pywsgi's handler and gevent-websocket read
-    (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
+    (``read``, ``readline``, ``read1``); bytes come from the door's buffer first.
 
-    __slots__ = ("conn", "closed", "ended")
+    A client that sends faster than the app takes its bytes never makes a read wait:
+    every read lets the process's other connections have a turn once
+    :data:`~cluster.netio.SLICE` has passed (:class:`~cluster.netio.Turns`), so one
+    upload (a body of 1-byte chunks, a large message) cannot hold them all."""
+
+    __slots__ = ("conn", "closed", "ended", "turns")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
         self.closed = False
         #: the client's side ended (EOF, or closed by the sweeper) while the app read
         self.ended = False
+        self.turns = Turns()
 
     def _fill(self) -> bool:
+        conn = self.conn
         try:
-            if self.conn.fill():
-                return True
+            try:
+                data = conn.raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = conn.reader.recv(RECV_SIZE)  # a wait: the others had their turn
+                self.turns.restart()
         except OSError:
             self.ended = True
             raise
+        if data:
+            conn.buf += data
+            return True
         self.ended = True
         return False
 
     def read(self, size: int = -1) -> bytes:
+        self.turns.check()
         conn = self.conn
         buf = conn.buf
         if size is None or size < 0:
@@ -944,20 +964,18 @@ class _Reader:
             data = bytes(buf)
             buf.clear()
             return data
-        pause_at = len(buf) + LONG_READ
         while len(buf) < size:
             self._expect()
             if not self._fill():
                 break
-            if len(buf) >= pause_at:  # a big message or body arriving at full speed
-                let_others_run()
-                pause_at = len(buf) + LONG_READ
+            self.turns.check()  # a large body or message arriving at full speed
         with memoryview(buf) as view:
             data = bytes(view[:size])
         del buf[:size]
         return data
 
     def readline(self, size: int = -1) -> bytes:
+        self.turns.check()
         conn = self.conn
         buf = conn.buf
         while True:

@@ -13,6 +13,8 @@ import json
 import os
 import resource
 import socket
+import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -20,6 +22,7 @@ import pytest
 from helpers import (
     Proc,
     exchange,
+    read_until_close,
     request_bytes,
     start_serve,
     wait_until,
@@ -176,3 +179,52 @@ def test_out_of_descriptors_is_a_503_not_a_traceback_nor_an_ejection(
             sock.close()
         output = stop_clean(proc)
     assert "ejecting" not in output, output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def local(store: str) -> Iterator[tuple[Proc, int]]:
+    """An instance serving the test backend itself."""
+    proc, port = start_serve("--service", "floodlocal", "--app", "backend:app", *QUICK,
+                             name="local",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "local"})
+    try:
+        yield proc, port
+    finally:
+        stop_clean(proc)
+
+
+def whoami_seconds(port: int) -> float:
+    started = time.monotonic()
+    responses, _ = exchange(port, FOLLOW_UP, timeout=30)
+    assert [(r.status, r.body) for r in responses] == [(200, b"local")], responses
+    return time.monotonic() - started
+
+
+def test_a_body_of_tiny_chunks_sent_at_full_speed_does_not_hold_other_clients(
+        local: tuple[Proc, int]) -> None:
+    """400,000 one-byte chunks (2.4 MB), sent as fast as the app reads them: about two
+    seconds of the app's reading, during which every other client of the process used
+    to wait (the reads never had to wait for the socket, so nothing else ran)."""
+    _, port = local
+    count = 400_000
+    body = b"1\r\nx\r\n" * count + b"0\r\n\r\n"
+    answer: list[bytes] = []
+
+    def upload() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+            answer.append(read_until_close(sock, 60)[0])
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    waits = []
+    time.sleep(0.2)
+    while uploader.is_alive():
+        waits.append(whoami_seconds(port))
+        time.sleep(0.05)
+    uploader.join()
+    assert answer and answer[0].startswith(b"HTTP/1.1 200"), answer
+    assert b'"bytes": %d' % count in answer[0], answer[0][-200:]
+    assert max(waits) < 0.5, f"other clients waited {max(waits):.2f} s: {sorted(waits)[-5:]}"
+    assert len(waits) >= 3, f"the upload took too little time to measure anything: {waits}"

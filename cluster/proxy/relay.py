@@ -66,7 +66,7 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
-from cluster.netio import is_plain, send_all, wait_writable
+from cluster.netio import Turns, is_plain, send_all, wait_writable
 from cluster.proxy import pipes
 from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
@@ -250,10 +250,13 @@ class Exchange:
         client = self.client
         head = self.head
         sock = conn.sock
+        # a body sent and taken at full speed never waits: the others get turns
+        turns = Turns()
         try:
             if head.chunked:
                 scanner = ChunkedScanner()
                 while not scanner.done:
+                    turns.check()
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
                         if not client.fill():
@@ -265,6 +268,7 @@ class Exchange:
             else:
                 left = head.content_length
                 while left > 0:
+                    turns.check()
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
                     data = client.take(min(left, RECV_SIZE))
