@@ -40,7 +40,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
-from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
+from cluster.conn import BODY, HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
@@ -938,13 +938,26 @@ class _Reader:
         self.turns = Turns()
 
     def _fill(self) -> bool:
+        """Read what the client sent into the buffer (False at EOF). A wait for it is
+        bounded by --write-timeout (the sweeper closes a client silent for that long
+        in the middle of its body), but for an upgraded connection's (no idle timeout
+        once upgraded, by design). Only the wait: an app that works on after reading
+        its body keeps its client however long it takes."""
         conn = self.conn
         try:
             try:
                 data = conn.raw.recv(RECV_SIZE)
             except BlockingIOError:
-                data = conn.reader.recv(RECV_SIZE)  # a wait: the others had their turn
-                self.turns.restart()
+                if conn.phase == TUNNEL:
+                    data = conn.reader.recv(RECV_SIZE)
+                else:
+                    conn.expect(BODY, conn.write_timeout)
+                    try:
+                        data = conn.reader.recv(RECV_SIZE)
+                    finally:
+                        conn.phase = NONE
+                        conn.deadline = 0.0
+                self.turns.restart()  # a wait: the others had their turn
         except OSError:
             self.ended = True
             raise
@@ -965,7 +978,6 @@ class _Reader:
             buf.clear()
             return data
         while len(buf) < size:
-            self._expect()
             if not self._fill():
                 break
             self.turns.check()  # a large body or message arriving at full speed
@@ -982,7 +994,6 @@ class _Reader:
             eol = buf.find(b"\n")
             if eol >= 0 or (0 <= size <= len(buf)):
                 break
-            self._expect()
             if not self._fill():
                 eol = len(buf) - 1
                 break
@@ -1002,13 +1013,6 @@ class _Reader:
             return conn.raw.recv(size if size > 0 else 65536)  # type: ignore[no-any-return]
         except BlockingIOError:
             return b""
-
-    def _expect(self) -> None:
-        conn = self.conn
-        if conn.phase != TUNNEL:
-            from cluster.conn import BODY
-
-            conn.expect(BODY, conn.write_timeout)
 
     def close(self) -> None:
         self.closed = True

@@ -9,6 +9,7 @@ Longer floods with figures are in bench/door_floods.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ from helpers import (
 
 FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 QUICK = ("--ping-interval", "1", "--expiry-grace", "1")
+WRITE_TIMEOUT = 1.0
 
 
 def stop_clean(proc: Proc) -> str:
@@ -185,7 +187,7 @@ def test_out_of_descriptors_is_a_503_not_a_traceback_nor_an_ejection(
 def local(store: str) -> Iterator[tuple[Proc, int]]:
     """An instance serving the test backend itself."""
     proc, port = start_serve("--service", "floodlocal", "--app", "backend:app", *QUICK,
-                             name="local",
+                             "--write-timeout", str(WRITE_TIMEOUT), name="local",
                              env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "local"})
     try:
         yield proc, port
@@ -228,3 +230,38 @@ def test_a_body_of_tiny_chunks_sent_at_full_speed_does_not_hold_other_clients(
     assert b'"bytes": %d' % count in answer[0], answer[0][-200:]
     assert max(waits) < 0.5, f"other clients waited {max(waits):.2f} s: {sorted(waits)[-5:]}"
     assert len(waits) >= 3, f"the upload took too little time to measure anything: {waits}"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_an_app_that_works_on_after_reading_its_body_keeps_its_client(
+        local: tuple[Proc, int], framing: str) -> None:
+    """--write-timeout bounds a wait for the client's body, not the app's work after
+    it: the client of an upload the app reads whole and then handles for longer than
+    that gets its answer (it used to be cut off by the sweeper, with no answer)."""
+    _, port = local
+    body = os.urandom(300_000)  # more than one read: the app's reads wait for the rest
+    if framing == "length":
+        raw = request_bytes("POST", f"/upload?then={WRITE_TIMEOUT + 1}",
+                            headers=[("Connection", "close"),
+                                     ("Content-Length", str(len(body)))], body=body)
+    else:
+        raw = (f"POST /upload?then={WRITE_TIMEOUT + 1} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + \
+            b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    responses, _ = exchange(port, raw, timeout=WRITE_TIMEOUT + 5)
+    assert [r.status for r in responses] == [200], responses
+    assert json.loads(responses[0].body) == {"sha256": hashlib.sha256(body).hexdigest(),
+                                             "bytes": len(body)}
+
+
+def test_a_body_that_stops_coming_is_cut_after_the_write_timeout(
+        local: tuple[Proc, int]) -> None:
+    """The other side of it: a client silent in the middle of its body is let go."""
+    _, port = local
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: 10000000\r\n\r\n" + bytes(100_000))
+        started = time.monotonic()
+        data, closed = read_until_close(sock, WRITE_TIMEOUT + 3)
+    assert closed and data == b"", data
+    assert time.monotonic() - started < WRITE_TIMEOUT + 1.0
