@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 import gevent
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt
@@ -46,6 +46,8 @@ from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_
 from cluster.hop import HopMarker
 from cluster.http1 import (
     HEAD_END,
+    ChunkedScanner,
+    ChunkError,
     Limits,
     RequestHead,
     find_head_end,
@@ -928,7 +930,7 @@ class _Reader:
     :data:`~cluster.netio.SLICE` has passed (:class:`~cluster.netio.Turns`), so one
     upload (a body of 1-byte chunks, a large message) cannot hold them all."""
 
-    __slots__ = ("conn", "closed", "ended", "turns")
+    __slots__ = ("conn", "closed", "ended", "turns", "chunks", "bad")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
@@ -936,6 +938,28 @@ class _Reader:
         #: the client's side ended (EOF, or closed by the sweeper) while the app read
         self.ended = False
         self.turns = Turns()
+        #: a chunked request body's framing, checked as pywsgi reads it (None: not one)
+        self.chunks: ChunkedScanner | None = None
+        #: why that body broke its framing ("": it did not); every read then fails
+        self.bad = ""
+
+    def _check(self, data: bytes) -> None:
+        """Hold a chunked body read by pywsgi to the rules a relayed one is held to
+        (cluster.http1.ChunkedScanner): pywsgi bounds each line, not the trailer
+        section, so a client could send trailer lines for as long as it liked, each
+        parsed byte by byte. A break is pywsgi's own bad-input error, raised again by
+        every later read (pywsgi would go on reading to discard the body): a 400, and
+        the connection closed."""
+        scanner = self.chunks
+        assert scanner is not None
+        try:
+            scanner.feed(data)
+        except ChunkError as exc:
+            self.chunks = None
+            self.bad = f"bad chunked body: {exc}"
+            raise _InvalidClientInput(self.bad) from None
+        if scanner.done:
+            self.chunks = None
 
     def _fill(self) -> bool:
         """Read what the client sent into the buffer (False at EOF). A wait for it is
@@ -968,6 +992,8 @@ class _Reader:
         return False
 
     def read(self, size: int = -1) -> bytes:
+        if self.bad:
+            raise _InvalidClientInput(self.bad)
         self.turns.check()
         conn = self.conn
         buf = conn.buf
@@ -984,9 +1010,13 @@ class _Reader:
         with memoryview(buf) as view:
             data = bytes(view[:size])
         del buf[:size]
+        if self.chunks is not None:
+            self._check(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
+        if self.bad:
+            raise _InvalidClientInput(self.bad)
         self.turns.check()
         conn = self.conn
         buf = conn.buf
@@ -1002,6 +1032,8 @@ class _Reader:
             end = size
         data = bytes(buf[:end])
         del buf[:end]
+        if self.chunks is not None:
+            self._check(data)
         return data
 
     def read1(self, size: int = -1) -> bytes:
@@ -1042,6 +1074,9 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.requestline = f"{self.command} {target} {self.request_version}"
         self.headers = RequestHeaders(_pairs_for_app(head, trusted))
         self.content_length = head.content_length if head.content_length >= 0 else None
+        rfile = self.rfile
+        rfile.chunks = ChunkedScanner() if head.chunked else None
+        rfile.bad = ""
         self.close_connection = not head.keep_alive
         self.environ = self.get_environ()
         self.application = app

@@ -265,3 +265,30 @@ def test_a_body_that_stops_coming_is_cut_after_the_write_timeout(
         data, closed = read_until_close(sock, WRITE_TIMEOUT + 3)
     assert closed and data == b"", data
     assert time.monotonic() - started < WRITE_TIMEOUT + 1.0
+
+
+@pytest.mark.parametrize("abuse", ["endless-trailers", "long-extension"])
+def test_a_chunked_body_the_app_reads_is_held_to_the_relays_bounds(
+        local: tuple[Proc, int], abuse: str) -> None:
+    """The local app's chunked bodies get the limits a relayed one gets (64 KiB of
+    trailers, 4 KiB per chunk line): a 400 and the connection closed, at once. pywsgi
+    bounds only each line, so trailer lines used to be taken for as long as a client
+    sent them, each parsed byte by byte (8.5 MB of them: 37 s of CPU, then a 200)."""
+    _, port = local
+    if abuse == "endless-trailers":
+        body = b"1\r\nx\r\n0\r\n" + (b"X-Trailer: " + b"t" * 80 + b"\r\n") * 20_000
+    else:
+        body = b"1;" + b"e" * 6000 + b"\r\nx\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.monotonic()
+        try:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it was all sent: what is asserted is the answer
+        data, closed = read_until_close(sock, 10)
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert closed
+    assert time.monotonic() - started < 3
+    responses, _ = exchange(port, FOLLOW_UP)  # and the instance serves on
+    assert [r.status for r in responses] == [200]
