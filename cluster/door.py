@@ -302,6 +302,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             pass  # the client went away, or the sweeper closed it: nothing to answer
         finally:
             door.sweeper.discard(conn)
+            conn.release()
             if conn.sock not in self._handed_off:
                 # (a tunnel holds its two descriptors on: it counts until it closes)
                 door.active -= 1
@@ -930,7 +931,7 @@ class _Reader:
     :data:`~cluster.netio.SLICE` has passed (:class:`~cluster.netio.Turns`), so one
     upload (a body of 1-byte chunks, a large message) cannot hold them all."""
 
-    __slots__ = ("conn", "closed", "ended", "turns", "chunks", "bad")
+    __slots__ = ("conn", "closed", "ended", "turns", "chunks", "bad", "in_message")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
@@ -942,6 +943,8 @@ class _Reader:
         self.chunks: ChunkedScanner | None = None
         #: why that body broke its framing ("": it did not); every read then fails
         self.bad = ""
+        #: a local WebSocket is reading a frame's payload (app_websocket sets it)
+        self.in_message = False
 
     def _check(self, data: bytes) -> None:
         """Hold a chunked body read by pywsgi to the rules a relayed one is held to
@@ -964,22 +967,24 @@ class _Reader:
     def _fill(self) -> bool:
         """Read what the client sent into the buffer (False at EOF). A wait for it is
         bounded by --write-timeout (the sweeper closes a client silent for that long
-        in the middle of its body), but for an upgraded connection's (no idle timeout
-        once upgraded, by design). Only the wait: an app that works on after reading
-        its body keeps its client however long it takes."""
+        in the middle of its body, or of a WebSocket frame: a message held half-read
+        holds its bytes), but an upgraded connection's wait between frames (no idle
+        timeout once upgraded, by design). Only the wait: an app that works on after
+        reading its body keeps its client however long it takes."""
         conn = self.conn
         try:
             try:
                 data = conn.raw.recv(RECV_SIZE)
             except BlockingIOError:
-                if conn.phase == TUNNEL:
+                phase = conn.phase
+                if phase == TUNNEL and not self.in_message:
                     data = conn.reader.recv(RECV_SIZE)
                 else:
                     conn.expect(BODY, conn.write_timeout)
                     try:
                         data = conn.reader.recv(RECV_SIZE)
                     finally:
-                        conn.phase = NONE
+                        conn.phase = phase
                         conn.deadline = 0.0
                 self.turns.restart()  # a wait: the others had their turn
         except OSError:

@@ -292,3 +292,49 @@ def test_a_chunked_body_the_app_reads_is_held_to_the_relays_bounds(
     assert time.monotonic() - started < 3
     responses, _ = exchange(port, FOLLOW_UP)  # and the instance serves on
     assert [r.status for r in responses] == [200]
+
+
+def rss_kib(proc: Proc) -> int:
+    with open(f"/proc/{proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_websocket_message_that_stops_halfway_is_dropped_and_its_memory_freed(
+        store: str) -> None:
+    """Between messages an upgraded connection has no timeout (by design), but in the
+    middle of a frame a client silent for --write-timeout is let go: ten clients that
+    announce 8 MiB messages and stop after 4 MiB used to hold 40 MiB for ever. Once
+    they are closed the process gives the memory back (the connection's objects refer
+    to each other: without freeing the buffer it waited for a full collection)."""
+    proc, port = start_serve("--service", "floodws", "--app", "gws_echo:app", *QUICK,
+                             "--write-timeout", str(WRITE_TIMEOUT), name="localws",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "lws"})
+    socks: list[socket.socket] = []
+    try:
+        idle, status = open_websocket(port)
+        socks.append(idle)
+        assert status.startswith(b"HTTP/1.1 101") and echoes(idle)
+        before = rss_kib(proc)
+        header = b"\x82\xff" + (8 << 20).to_bytes(8, "big") + b"\0\0\0\0"
+        for _ in range(10):
+            sock, status = open_websocket(port)
+            socks.append(sock)
+            assert status.startswith(b"HTTP/1.1 101"), status
+            sock.sendall(header + bytes(4 << 20))
+        sent = time.monotonic()
+        wait_until(lambda: rss_kib(proc) > before + 30_000, timeout=5,
+                   what="the instance reads the halves")
+        for sock in socks[1:]:
+            data, closed = read_until_close(sock, WRITE_TIMEOUT + 5)
+            assert closed, data
+        assert time.monotonic() - sent < WRITE_TIMEOUT + 2.5
+        wait_until(lambda: rss_kib(proc) < before + 10_000, timeout=3,
+                   what=f"the memory back (from {before} KiB)")
+        assert echoes(idle)  # idle far longer than the write timeout, and served
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_clean(proc)
