@@ -23,6 +23,7 @@ import pytest
 from helpers import (
     Proc,
     exchange,
+    read_response,
     read_until_close,
     request_bytes,
     start_serve,
@@ -118,15 +119,24 @@ def test_websockets_through_a_balancer_count_against_its_connection_cap(
     cap = 10
     proc, port = start_front(store, "--max-connections", str(cap))
     socks: list[socket.socket] = []
+    ask_status = request_bytes(target="/_cluster/status")
     try:
-        for _ in range(cap):
+        # an operator's keep-alive connection, opened first: one of the cap as well
+        watcher = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(watcher)
+        watcher.sendall(ask_status)
+        assert read_response(watcher).status == 200
+        for _ in range(cap - 1):
             sock, status = open_websocket(port)
             socks.append(sock)
             assert status == b"HTTP/1.1 101 Switching Protocols", status
         extra, status = open_websocket(port)
         with extra:
             assert status.startswith(b"HTTP/1.1 503"), status
-        assert all(echoes(sock) for sock in socks)
+        assert all(echoes(sock) for sock in socks[1:])
+        watcher.sendall(ask_status)  # the instance still answers on an open connection
+        seen = json.loads(read_response(watcher).body)
+        assert (seen["connections"], seen["websockets"]) == (cap, cap - 1), seen
         socks.pop().close()
 
         def a_newcomer_is_let_in() -> bool:
