@@ -348,3 +348,40 @@ def test_a_websocket_message_that_stops_halfway_is_dropped_and_its_memory_freed(
         for sock in socks:
             sock.close()
         stop_clean(proc)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_client_reset_in_the_middle_of_a_relayed_body_frees_both_connections(
+        store: str, framing: str) -> None:
+    """A client that resets its connection halfway through a body the balancer relays:
+    the balancer drops the endpoint connection at once. It used to take the reset for
+    the endpoint's failure and wait for an early answer, which the endpoint, waiting
+    for the rest of the body, gave only after its own --write-timeout: both
+    descriptors (and the endpoint's request) held for that long, for every reset."""
+    member, _ = start_serve("--service", "floodbody", "--app", "backend:app", *QUICK,
+                            "--write-timeout", "30", name="bodymember",
+                            env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "bm"})
+    front = None
+    try:
+        front, port = start_serve("--ui-service", "floodbody", *QUICK, name="bodyfront",
+                                  env={"CLUSTER_DISCOVERY_URL": store})
+        wait_until(lambda: any(e["service"] == "floodbody"
+                               for e in status_view(port)["endpoints"]),
+                   timeout=15, what="the front sees the member")
+        baseline = descriptors(front)
+        framing_line = (b"Transfer-Encoding: chunked\r\n\r\n4000\r\n" if framing == "chunked"
+                        else b"Content-Length: 1000000\r\n\r\n")
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing_line +
+                         bytes(10_000))
+            time.sleep(0.05)  # relayed, and the endpoint is reading it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()  # a reset
+        wait_until(lambda: descriptors(front) <= baseline + 1 and
+                   status_view(port)["connections"] == 1,
+                   timeout=3, what=f"the balancer's descriptors back to {baseline}")
+    finally:
+        if front is not None:
+            stop_clean(front)
+        stop_clean(member)
