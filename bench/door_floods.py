@@ -18,6 +18,8 @@ GET /_cluster/status (connections, websockets). Cases (``--only`` picks some):
 - ``tiny-chunks``: a chunked body of 1-byte chunks sent as fast as the instance takes
   it (8 s), and a 3 GB Content-Length upload: the longest wait of other clients'
   GET /_cluster/status meanwhile (every 0.1 s).
+- ``chunk-memory``: a body of 2,000,000 1-byte chunks to ``local``'s /echo, which reads
+  it whole (``wsgi.input.read()``): peak RSS.
 - ``pipeline``: 200,000 pipelined GETs written by a client that never reads: RSS, the
   others' longest wait, and when the connection is closed.
 - ``chunk-abuse``: a 100 KB chunk extension, a 100 KB trailer line, a 100-digit size,
@@ -208,6 +210,39 @@ def big_upload(port: int, megabytes: int) -> str:
         took = time.monotonic() - started
         sock.recv(15)
     return f"{megabytes} MB Content-Length upload in {took:.1f} s; others: {worst(waits)}"
+
+
+def chunk_memory(port: int, pid: int, count: int) -> dict:
+    """A body of ``count`` 1-byte chunks to /echo, which reads it whole: peak RSS."""
+    before = rss_kib(pid)
+    peak = [before]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kib(pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n" + b"1\r\nx\r\n" * count + b"0\r\n\r\n")
+            answered = 0
+            while True:
+                piece = sock.recv(1 << 20)
+                if not piece:
+                    break
+                answered += len(piece)
+    finally:
+        done.set()
+        watcher.join()
+    grew = peak[0] - before
+    return {"grew_kib": grew,
+            "text": f"{count} 1-byte chunks read whole by the app: RSS {before} -> peak "
+                    f"{peak[0]} KiB (+{grew // 1024} MiB for {count / 1e6:.1f} MB of data); "
+                    f"answer {answered} bytes"}
 
 
 def pipeline(port: int, pid: int, count: int) -> dict:
@@ -407,7 +442,7 @@ def start(bed: Bed, write_timeout: float) -> tuple[dict[str, int], dict[str, int
     return ports, pids
 
 
-CASES = ("slow-body", "tiny-chunks", "pipeline", "chunk-abuse", "ws-cap", "ws-half",
+CASES = ("slow-body", "tiny-chunks", "chunk-memory", "pipeline", "chunk-abuse", "ws-cap", "ws-half",
          "resets", "idle")
 
 
@@ -439,6 +474,9 @@ def main() -> None:
             for name, port in (("local", local), ("front", front)):
                 print(f"tiny-chunks {name}: {tiny_chunks(port, 8)}", flush=True)
                 print(f"big-upload {name}: {big_upload(port, 3000)}", flush=True)
+        if "chunk-memory" in only:
+            figures = chunk_memory(local, pids["local"], 2_000_000)
+            print(f"chunk-memory local: {figures['text']}", flush=True)
         if "pipeline" in only:
             for name, port in (("local", local), ("front", front)):
                 print(f"pipeline {name}: {pipeline(port, pids[name], 200_000)['text']}",
