@@ -43,7 +43,7 @@ def let_others_run() -> None:
 #: sent faster than it is handled: a read and a send that never block) runs before it
 #: lets the process's other connections have a turn. Without it, one client uploading
 #: a body of 1-byte chunks held every other client of the process for the whole body.
-SLICE = 0.02
+SLICE = 0.005
 
 
 class Turns:
