@@ -141,10 +141,20 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         self.utf8validator.admit(header)
         if not header.length:
             return header, b""
+        # In the middle of a frame the door bounds each wait for the client by
+        # --write-timeout (between frames there is no timeout): a client that announces
+        # a large message and stops would otherwise hold what it sent for ever.
+        rfile = self.handler.rfile
+        bounded = hasattr(rfile, "in_message")
+        if bounded:
+            rfile.in_message = True
         try:
             payload = self.raw_read(header.length)
         except OSError:
             payload = b""
+        finally:
+            if bounded:
+                rfile.in_message = False
         if len(payload) != header.length:
             raise WebSocketError("Unexpected EOF reading frame payload")
         return header, unmask_cooperatively(payload, header.mask)

@@ -618,14 +618,15 @@ class Settings:
     write_timeout: float = setting(
         60.0,
         _positive_seconds,
-        "seconds a client may refuse to read before its connection is closed",
+        "seconds a client may refuse to read, or stay silent in the middle of a request "
+        "body or a WebSocket frame, before its connection is closed",
         "SECONDS",
     )
     max_connections: int = setting(
         0,
         _max_connections,
-        "concurrent client connections per process; past it a short 503 (auto: from "
-        "the descriptor limit)",
+        "concurrent client connections per process, WebSockets included; past it a "
+        "short 503 (auto: from the descriptor limit)",
         "N",
     )
     busy_poll: int = setting(

@@ -13,11 +13,16 @@ pure :func:`~cluster.routing.route`, then do one of
 - answer itself (a short status, SockJS info, the status page).
 
 Bounds, all settings: a whole head within ``--header-timeout``, an idle keep-alive
-within ``--keepalive-timeout``, a client that stops reading within
-``--write-timeout``, head sizes (414/431), and at most ``--max-connections`` open
-client connections per process (past it a short 503 and close, so descriptors are
-never exhausted). nginx equivalents: ``client_header_timeout``, ``keepalive_timeout``,
-``send_timeout``, ``large_client_header_buffers``, ``worker_connections``.
+within ``--keepalive-timeout``, a client that stops reading, or stops in the middle of
+a body or of a local WebSocket's frame, within ``--write-timeout``, head sizes
+(414/431), and at most ``--max-connections`` open client connections per process,
+tunnelled WebSockets included (past it a short 503 and close, so descriptors are never
+exhausted). nginx equivalents: ``client_header_timeout``, ``keepalive_timeout``,
+``send_timeout`` and ``client_body_timeout``, ``large_client_header_buffers``,
+``worker_connections``. A client that sends faster than it is served never makes a
+read wait: it gets turns of at most :data:`cluster.netio.SLICE` (the local app's
+reader, the relay of a streamed body) or PIPELINE_TURN requests, then the process's
+other connections are served.
 
 :class:`DoorServer` is a ``gevent.pywsgi.WSGIServer`` whose connection handler is the
 door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
@@ -29,22 +34,25 @@ import binascii
 import errno
 import logging
 import os
+import socket as _socket
 import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 import gevent
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
-from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
+from cluster.conn import BODY, HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
 from cluster.http1 import (
     HEAD_END,
+    ChunkedScanner,
+    ChunkError,
     Limits,
     RequestHead,
     find_head_end,
@@ -52,7 +60,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import let_others_run
+from cluster.netio import Turns, let_others_run
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -82,6 +90,8 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: how often the door closes pooled connections nobody will reuse (see Door.tidy)
 TIDY_SECONDS = 2.0
+#: pipelined requests served in a row before the other connections get a turn
+PIPELINE_TURN = 16
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -237,11 +247,14 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             os.close(self._spare)
             self._spare = None
         try:
-            client, _ = self.socket._sock.accept()
+            # self.socket is the listener as gevent keeps it (a stdlib-level socket):
+            # _accept() gives the new descriptor without wrapping it in a gevent socket
+            fd, _ = self.socket._accept()
         except OSError:
-            client = None
-        if client is not None:
+            fd = None
+        if fd is not None:
             door.observer.connection_refused()
+            client = _socket.socket(fileno=fd)
             try:
                 client.setblocking(False)
                 client.send(_OVER_CAP)
@@ -294,8 +307,11 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             pass  # the client went away, or the sweeper closed it: nothing to answer
         finally:
             door.sweeper.discard(conn)
-            door.active -= 1
-            door.observer.connection_closed()
+            conn.release()
+            if conn.sock not in self._handed_off:
+                # (a tunnel holds its two descriptors on: it counts until it closes)
+                door.active -= 1
+                door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
 
@@ -334,6 +350,7 @@ class Connection:
         door = self.door
         conn = self.conn
         settings = door.settings
+        pipelined = 0
         while True:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
@@ -342,6 +359,14 @@ class Connection:
                 conn.requests += 1
                 if not self.one_request(head):  # RequestError too: a bad relayed body
                     return
+                if conn.buf:
+                    # The next request is here already: a client pipelining faster than
+                    # it is answered never makes this loop wait. Every PIPELINE_TURN
+                    # requests the process's other connections get a turn.
+                    pipelined += 1
+                    if pipelined >= PIPELINE_TURN:
+                        pipelined = 0
+                        let_others_run()
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
@@ -649,14 +674,19 @@ class Connection:
         upstream.reader.disarm()
 
         if Tunnel.supports(conn.sock, upstream.sock):
+            # The tunnel keeps the client connection (and its endpoint's): it stays one
+            # of the --max-connections until it closes, or WebSockets past the cap would
+            # take descriptors until accept() and connect() fail.
             def closed() -> None:
                 door.websockets -= 1
+                door.active -= 1
                 door.open_websockets.discard(tunnel)
                 door.observer.websocket_closed(url)
+                door.observer.connection_closed()
 
+            tunnel = Tunnel(conn.sock, upstream.sock, closed)
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
-            tunnel = Tunnel(conn.sock, upstream.sock, closed)
             door.open_websockets.add(tunnel)
             tunnel.start()
             if door.stopping:
@@ -897,34 +927,87 @@ class _Empty:
         pass
 
 
-#: a read of this much and more lets the process's other connections be served (a
-#: client sending at full speed never makes the read wait, so it would not otherwise)
-LONG_READ = 1 << 20
+_ONE_BYTE = tuple(bytes((value,)) for value in range(256))
 
 
 class _Reader:
     """The client connection as the file pywsgi's handler and gevent-websocket read
-    (``read``, ``readline``, ``read1``); bytes come from the door's buffer first."""
+    (``read``, ``readline``, ``read1``); bytes come from the door's buffer first.
 
-    __slots__ = ("conn", "closed", "ended")
+    A client that sends faster than the app takes its bytes never makes a read wait:
+    every read lets the process's other connections have a turn once
+    :data:`~cluster.netio.SLICE` has passed (:class:`~cluster.netio.Turns`), so one
+    upload (a body of 1-byte chunks, a large message) cannot hold them all."""
+
+    __slots__ = ("conn", "closed", "ended", "turns", "chunks", "bad", "in_message")
 
     def __init__(self, conn: ClientConn) -> None:
         self.conn = conn
         self.closed = False
         #: the client's side ended (EOF, or closed by the sweeper) while the app read
         self.ended = False
+        self.turns = Turns()
+        #: a chunked request body's framing, checked as pywsgi reads it (None: not one)
+        self.chunks: ChunkedScanner | None = None
+        #: why that body broke its framing ("": it did not); every read then fails
+        self.bad = ""
+        #: a local WebSocket is reading a frame's payload (app_websocket sets it)
+        self.in_message = False
+
+    def _check(self, data: bytes) -> None:
+        """Hold a chunked body read by pywsgi to the rules a relayed one is held to
+        (cluster.http1.ChunkedScanner): pywsgi bounds each line, not the trailer
+        section, so a client could send trailer lines for as long as it liked, each
+        parsed byte by byte. A break is pywsgi's own bad-input error, raised again by
+        every later read (pywsgi would go on reading to discard the body): a 400, and
+        the connection closed."""
+        scanner = self.chunks
+        assert scanner is not None
+        try:
+            scanner.feed(data)
+        except ChunkError as exc:
+            self.chunks = None
+            self.bad = f"bad chunked body: {exc}"
+            raise _InvalidClientInput(self.bad) from None
+        if scanner.done:
+            self.chunks = None
 
     def _fill(self) -> bool:
+        """Read what the client sent into the buffer (False at EOF). A wait for it is
+        bounded by --write-timeout (the sweeper closes a client silent for that long
+        in the middle of its body, or of a WebSocket frame: a message held half-read
+        holds its bytes), but an upgraded connection's wait between frames (no idle
+        timeout once upgraded, by design). Only the wait: an app that works on after
+        reading its body keeps its client however long it takes."""
+        conn = self.conn
         try:
-            if self.conn.fill():
-                return True
+            try:
+                data = conn.raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                phase = conn.phase
+                if phase == TUNNEL and not self.in_message:
+                    data = conn.reader.recv(RECV_SIZE)
+                else:
+                    conn.expect(BODY, conn.write_timeout)
+                    try:
+                        data = conn.reader.recv(RECV_SIZE)
+                    finally:
+                        conn.phase = phase
+                        conn.deadline = 0.0
+                self.turns.restart()  # a wait: the others had their turn
         except OSError:
             self.ended = True
             raise
+        if data:
+            conn.buf += data
+            return True
         self.ended = True
         return False
 
     def read(self, size: int = -1) -> bytes:
+        if self.bad:
+            raise _InvalidClientInput(self.bad)
+        self.turns.check()
         conn = self.conn
         buf = conn.buf
         if size is None or size < 0:
@@ -933,27 +1016,33 @@ class _Reader:
             data = bytes(buf)
             buf.clear()
             return data
-        pause_at = len(buf) + LONG_READ
         while len(buf) < size:
-            self._expect()
             if not self._fill():
                 break
-            if len(buf) >= pause_at:  # a big message or body arriving at full speed
-                let_others_run()
-                pause_at = len(buf) + LONG_READ
-        with memoryview(buf) as view:
-            data = bytes(view[:size])
+            self.turns.check()  # a large body or message arriving at full speed
+        if size == 1:
+            # pywsgi reads chunk framing a byte at a time, and a body of 1-byte chunks
+            # as 1-byte pieces it keeps in a list: one shared object per byte value,
+            # not a new 33-byte one per byte (a 2 MB body of them took 260 MB)
+            data = _ONE_BYTE[buf[0]] if buf else b""
+        else:
+            with memoryview(buf) as view:
+                data = bytes(view[:size])
         del buf[:size]
+        if self.chunks is not None:
+            self._check(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
+        if self.bad:
+            raise _InvalidClientInput(self.bad)
+        self.turns.check()
         conn = self.conn
         buf = conn.buf
         while True:
             eol = buf.find(b"\n")
             if eol >= 0 or (0 <= size <= len(buf)):
                 break
-            self._expect()
             if not self._fill():
                 eol = len(buf) - 1
                 break
@@ -962,6 +1051,8 @@ class _Reader:
             end = size
         data = bytes(buf[:end])
         del buf[:end]
+        if self.chunks is not None:
+            self._check(data)
         return data
 
     def read1(self, size: int = -1) -> bytes:
@@ -973,13 +1064,6 @@ class _Reader:
             return conn.raw.recv(size if size > 0 else 65536)  # type: ignore[no-any-return]
         except BlockingIOError:
             return b""
-
-    def _expect(self) -> None:
-        conn = self.conn
-        if conn.phase != TUNNEL:
-            from cluster.conn import BODY
-
-            conn.expect(BODY, conn.write_timeout)
 
     def close(self) -> None:
         self.closed = True
@@ -1009,6 +1093,9 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.requestline = f"{self.command} {target} {self.request_version}"
         self.headers = RequestHeaders(_pairs_for_app(head, trusted))
         self.content_length = head.content_length if head.content_length >= 0 else None
+        rfile = self.rfile
+        rfile.chunks = ChunkedScanner() if head.chunked else None
+        rfile.bad = ""
         self.close_connection = not head.keep_alive
         self.environ = self.get_environ()
         self.application = app

@@ -52,6 +52,14 @@ class UpstreamConnectError(UpstreamError):
     retryable = True
 
 
+class OutOfDescriptors(UpstreamError):
+    """This instance could not open a socket to the endpoint: its own descriptors ran
+    out (EMFILE, ENFILE). The endpoint is not at fault: it is neither ejected nor
+    swapped for another (which would fail the same way); the client gets a 503."""
+
+    status = 503
+
+
 class UpstreamBroken(UpstreamError):
     """The endpoint closed or garbled the exchange after the request was sent."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, TypeVar
 
-from cluster.errors import UpstreamBroken, UpstreamError
+from cluster.errors import OutOfDescriptors, UpstreamBroken, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def client_answer(error: UpstreamError, service: str) -> tuple[int, str]:
     live endpoint: 503, as when the table has none. An endpoint that answered wrongly,
     broke off or was too slow is the upstream's failure: its own 502 or 504.
     """
+    if isinstance(error, OutOfDescriptors):
+        return 503, error.reason
     if error.retryable and not error.misbehaved:
         return 503, f"no live endpoint for service {service!r} (last: {error.reason})"
     return error.status, f"upstream {error.reason}"

@@ -45,7 +45,7 @@ import logging
 import os
 import time
 from socket import MSG_MORE
-from typing import Any
+from typing import Any, Callable
 
 from gevent import sleep
 
@@ -75,7 +75,7 @@ from cluster.http1 import (
     response_framing,
     without_field,
 )
-from cluster.netio import is_plain, send_all, wait_writable
+from cluster.netio import Turns, is_plain, send_all, wait_writable
 from cluster.proxy import pipes
 from cluster.proxy.attempts import replayable
 from cluster.proxy.upstream import Connection, Pool
@@ -260,13 +260,16 @@ class Exchange:
         client = self.client
         head = self.head
         sock = conn.sock
+        # a body sent and taken at full speed never waits: the others get turns
+        turns = Turns()
         try:
             if head.chunked:
                 scanner = ChunkedScanner()
                 while not scanner.done:
+                    turns.check()
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
-                        if not client.fill():
+                        if not _from_client(client.fill):
                             raise _ClientGone("client closed in the middle of its body")
                     used, _ = scanner.feed(bytes(client.buf))
                     client.expect(UPSTREAM, self.pool.read_timeout)
@@ -275,9 +278,10 @@ class Exchange:
             else:
                 left = head.content_length
                 while left > 0:
+                    turns.check()
                     if not client.buf:
                         client.expect(BODY, client.write_timeout)
-                    data = client.take(min(left, RECV_SIZE))
+                    data = _from_client(client.take, min(left, RECV_SIZE))
                     if not data:
                         raise _ClientGone("client closed in the middle of its body")
                     client.expect(UPSTREAM, self.pool.read_timeout)
@@ -730,6 +734,18 @@ def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,
 
 class _ClientGone(OSError):
     """The client went away or broke its body's framing while we relayed it."""
+
+
+def _from_client(read: Callable[..., Any], *args: Any) -> Any:
+    """``read(*args)`` from the client; its failure (a reset, or the sweeper closing a
+    client silent in the middle of its body) is _ClientGone. Taken for the endpoint's,
+    it was followed by a wait for the endpoint's early answer: the endpoint, still
+    waiting for the rest of the body, held both connections for its own timeout."""
+    try:
+        return read(*args)
+    except OSError as exc:
+        raise _ClientGone(f"client connection lost in the middle of its body: {exc}") \
+            from None
 
 
 def read_small_body(exchange: Exchange, limit: int) -> bytes:

@@ -21,6 +21,7 @@ no timer object per request the way ``gevent.Timeout`` would on this hot path.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import select
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 from gevent import socket as gsocket
 from gevent.monkey import get_original
 
-from cluster.errors import UpstreamConnectError, misbehaving
+from cluster.errors import OutOfDescriptors, UpstreamConnectError, misbehaving
 from cluster.netio import Reader, is_plain
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ def connect(target: Target, connect_timeout: float, read_timeout: float | None) 
         raise UpstreamConnectError(target.url, f"connect timed out after {connect_timeout}s") \
             from exc
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise OutOfDescriptors(target.url, "no socket for it: this instance is out of "
+                                               "file descriptors") from exc
         raise UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}") from exc
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
     if target.tls:

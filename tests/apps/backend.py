@@ -4,11 +4,12 @@ Run alone: ``python tests/apps/backend.py --port 9000 --name b1``.
 As a cluster member's local app: ``cluster serve --app backend:app`` with
 ``BACKEND_NAME`` in the environment (tests/apps is on PYTHONPATH).
 
-Routes: /whoami, /headers, /echo (request body back), /upload (sha256 of the body),
-/download?size=N (deterministic bytes), /chunked?n=&delay=, /sse?n=&delay=,
-/slow?seconds=, /status/CODE, /cookies (several Set-Cookie), /hop (hop-by-hop response
-headers), /gate?key=&n=[&sse=1] (streams piece i only after /release?key= was called i
-times: proves pieces travel one by one without timing anything).
+Routes: /whoami, /headers, /echo (request body back), /upload[?then=SECONDS] (sha256 of
+the body, after sleeping that long), /download?size=N (deterministic bytes),
+/chunked?n=&delay=, /sse?n=&delay=, /slow?seconds=, /status/CODE, /cookies (several
+Set-Cookie), /hop (hop-by-hop response headers), /gate?key=&n=[&sse=1] (streams piece i
+only after /release?key= was called i times: proves pieces travel one by one without
+timing anything).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def app(environ, start_response):
                 break
             digest.update(chunk)
             total += len(chunk)
+        time.sleep(float(query.get("then", "0")))  # work on after reading the body
         return reply(json.dumps({"sha256": digest.hexdigest(), "bytes": total}),
                      ctype="application/json")
     if path == "/download":
