@@ -10,12 +10,16 @@ that class
 - takes a message of any size: a frame header may announce 2^63 bytes, and
   continuation frames grow a message without end;
 - accepts unmasked frames from a client (RFC 6455 5.1: the server must close);
-- writes a close frame's reason without its code.
+- writes a close frame's reason without its code;
+- checks a client's close frame loosely (RFC 6455 5.5.1, 7.4): echoes codes 5000 and
+  up, and a reason cut in the middle of a character, refuses 1012-1014 (registered
+  since: service restart, try again later, bad gateway).
 
 Here unmasking is one XOR of two big integers and text is checked by CPython's UTF-8
 decoder (both in C), a message past ``--max-websocket-message`` closes the socket with
-1009 before its payload is read, an unmasked frame closes it with 1002, and close frames
-carry their code.
+1009 before its payload is read, an unmasked frame or a length with its top bit set
+closes it with 1002, and close frames carry their code and are checked as Autobahn's
+testsuite expects.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from cluster.netio import let_others_run
 
 #: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+#: close codes a client may send: RFC 6455 7.4.1's, 1012-1014 (IANA registry), and
+#: 3000-4999 (libraries, applications); Autobahn 7.7 and 7.9 test both sides
+_RECEIVABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)})
 
 #: RFC 6455 7.4.1: "a message that is too big for it to process"
 MESSAGE_TOO_BIG = 1009
@@ -138,6 +146,8 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             raise ProtocolError("reserved bits set without an extension")
         if not header.mask:
             raise ProtocolError("unmasked frame from a client")
+        if header.length >> 63:
+            raise ProtocolError("payload length with its most significant bit set")
         self.utf8validator.admit(header)
         if not header.length:
             return header, b""
@@ -158,6 +168,25 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             self.close(MESSAGE_TOO_BIG, "message too big")
             linger(rfile, sock)
             return None
+
+    def handle_close(self, header: Header, payload: bytes | bytearray) -> None:
+        """The client's close frame, echoed (RFC 6455 5.5.1) when it is well formed: no
+        payload, or a code a client may send and a reason that is whole UTF-8. Else
+        the connection fails: 1002, or 1007 for the reason (receive() closes)."""
+        if not payload:
+            self.close(1000, b"")
+            return
+        if len(payload) < 2:
+            raise ProtocolError("a close frame of one byte")
+        reason = bytes(payload[2:])
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnicodeError("a close reason that is not UTF-8") from None
+        code = int.from_bytes(payload[:2], "big")
+        if code not in _RECEIVABLE:
+            raise ProtocolError(f"close code {code}")
+        self.close(code, reason)
 
     def close(self, code: int | None = 1000, message: Any = b"") -> None:
         """A close frame as RFC 6455 5.5.1 has it: the 2-byte code, then the reason.

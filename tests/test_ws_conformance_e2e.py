@@ -1,0 +1,268 @@
+"""RFC 6455 conformance of the WebSocket a local app gets, as a hostile client sees it.
+
+Autobahn|Testsuite's categories (framing, pings, reserved bits and opcodes,
+fragmentation, UTF-8, close handling), written as raw frames against two real
+`cluster serve` instances of the gevent-websocket echo app (tests/apps/gws_echo.py):
+each case runs on the instance the client connected to, and on the other one through
+the transparent tunnel, which must pass every frame and the close handshake as they
+are and end both TCP sides promptly. Where the RFC leaves the choice to the server,
+the expectation is what Autobahn marks OK.
+
+Each case sends its frames at once and then expects the frames it lists; a case whose
+list does not end with a close frame then closes the socket itself (1000, echoed).
+After the close frame the server must end the TCP connection within a second, with
+nothing after the close frame, and the process serves the next client (the fixture
+also checks that no instance died or logged a traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from typing import Iterator
+
+import pytest
+
+from test_app_websocket import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    LIMIT,
+    PICKS,
+    TEXT,
+    Conn,
+    frame,
+)
+from test_local_websocket_e2e import Cluster, cluster_of
+
+PING, PONG = 0x9, 0xA
+RSV1, RSV2, RSV3 = 0x40, 0x20, 0x10
+#: how soon the server must end the TCP connection after its close frame
+PROMPT = 1.0
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    store = f"sqlite://{tmp_path_factory.mktemp('wsconf') / 'discovery.sqlite3'}"
+    with cluster_of("gws_echo:app", "gws", store, "--max-websocket-message",
+                    str(LIMIT)) as cluster:
+        yield cluster
+
+
+def close(code: int, reason: bytes = b"") -> bytes:
+    return frame(CLOSE, struct.pack("!H", code) + reason)
+
+
+def text(data: bytes | str, fin: bool = True) -> bytes:
+    return frame(TEXT, data.encode() if isinstance(data, str) else data, fin=fin)
+
+
+def more(data: bytes | str, fin: bool = True) -> bytes:
+    return frame(CONTINUATION, data.encode() if isinstance(data, str) else data, fin=fin)
+
+
+def stretched(opcode: int, payload: bytes, width: int) -> bytes:
+    """A masked frame whose length takes ``width`` extra bytes (2 or 8) even when fewer
+    would do (RFC 6455 5.2 asks the sender for the minimal encoding)."""
+    mask = b"\x01\x02\x03\x04"
+    size = struct.pack("!BH" if width == 2 else "!BQ", 0x80 | (126 if width == 2 else 127),
+                       len(payload))
+    return bytes([0x80 | opcode]) + size + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+#: what the server answers: a frame as (opcode, payload), or FAILS(code) for a close
+#: frame whose code alone is checked
+Reply = tuple[int, bytes]
+
+
+def FAILS(code: int) -> Reply:  # noqa: N802 - reads as a constant in the tables
+    return (CLOSE, struct.pack("!H", code))
+
+
+def ECHO(code: int, reason: bytes = b"") -> Reply:  # noqa: N802
+    return (CLOSE, struct.pack("!H", code) + reason)
+
+
+NORMAL = ECHO(1000)
+PAYLOAD_125 = bytes(range(125))
+Case = tuple[list[bytes], list[Reply]]
+
+CONTROL: dict[str, Case] = {
+    "ping-0": ([frame(PING, b"")], [(PONG, b"")]),
+    "ping-125": ([frame(PING, PAYLOAD_125)], [(PONG, PAYLOAD_125)]),
+    "ping-126": ([frame(PING, bytes(126))], [FAILS(1002)]),
+    "ping-fragmented": ([frame(PING, b"frag", fin=False), more(b"ment")], [FAILS(1002)]),
+    "pong-fragmented": ([frame(PONG, b"frag", fin=False), more(b"ment")], [FAILS(1002)]),
+    "close-fragmented": ([frame(CLOSE, b"\x03\xe8", fin=False), more(b"")], [FAILS(1002)]),
+    "unsolicited-pong": ([frame(PONG, b"unasked"), text("after")], [(TEXT, b"after")]),
+    "pings-between-fragments": (
+        [text("frag", fin=False), frame(PING, b"p1"), more("me", fin=False),
+         frame(PING, b"p2"), more("nt")],
+        [(PONG, b"p1"), (PONG, b"p2"), (TEXT, b"fragment")]),
+    "ping-burst": ([frame(PING, b"%d" % i) for i in range(100)] + [text("done")],
+                   [(PONG, b"%d" % i) for i in range(100)] + [(TEXT, b"done")]),
+}
+
+RESERVED: dict[str, Case] = {
+    "rsv1-text": ([frame(TEXT | RSV1, b"x")], [FAILS(1002)]),
+    "rsv2-after-a-text": ([text("ok"), frame(TEXT | RSV2, b"x"), frame(PING, b"p")],
+                          [(TEXT, b"ok"), FAILS(1002)]),
+    "rsv3-text": ([frame(TEXT | RSV3, b"x")], [FAILS(1002)]),
+    "rsv1+3-binary": ([frame(BINARY | RSV1 | RSV3, b"x")], [FAILS(1002)]),
+    "rsv2+3-ping": ([frame(PING | RSV2 | RSV3, b"x")], [FAILS(1002)]),
+    "rsv-all-close": ([frame(CLOSE | RSV1 | RSV2 | RSV3, b"\x03\xe8")], [FAILS(1002)]),
+    **{f"opcode-{op:#x}": ([frame(op, b"x" * op)], [FAILS(1002)])
+       for op in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF)},
+    "opcode-0x5-after-a-text": ([text("ok"), frame(5, b""), frame(PING, b"p")],
+                                [(TEXT, b"ok"), FAILS(1002)]),
+}
+
+FRAGMENTS: dict[str, Case] = {
+    "continuation-unstarted": ([more("x")], [FAILS(1002)]),
+    "continuation-unstarted-nofin": ([more("x", fin=False), more("y")], [FAILS(1002)]),
+    "text-inside-text": ([text("a", fin=False), text("b")], [FAILS(1002)]),
+    "binary-inside-text": ([text("a", fin=False), frame(BINARY, b"b")], [FAILS(1002)]),
+    "empty-fragments": ([text("", fin=False), more("", fin=False), more("")], [(TEXT, b"")]),
+    "empty-first-and-last": ([frame(BINARY, b"", fin=False), more(b"\0\1", fin=False),
+                              more(b"")], [(BINARY, b"\0\1")]),
+    "one-byte-fragments": ([text("a", fin=False)] + [more(bytes([97 + i % 26]), fin=False)
+                                                     for i in range(1, 299)] + [more("!")],
+                           [(TEXT, bytes(97 + i % 26 for i in range(299)) + b"!")]),
+}
+
+_MUSIC = "𝄞".encode()
+_KOSME = "κόσμε".encode()
+UTF8: dict[str, Case] = {
+    **{f"invalid-{name}": ([text(data)], [FAILS(1007)]) for name, data in {
+        "ff": b"ab\xff", "overlong": b"\xc0\xaf", "surrogate": _KOSME + b"\xed\xa0\x80ed",
+        "past-u10ffff": b"\xf4\x90\x80\x80", "five-bytes": b"\xf8\x88\x80\x80\x80",
+        "cut-at-the-end": b"abc\xe2\x82"}.items()},
+    "invalid-across-fragments": ([text(_KOSME + b"\xf4", fin=False), more(b"\x90\x80\x80ed")],
+                                 [FAILS(1007)]),
+    "cut-at-the-end-of-fragments": ([text("ab", fin=False), more(b"\xe2\x82")], [FAILS(1007)]),
+    # fail fast: the rest of the message never comes
+    "fail-fast-first-fragment": ([text(b"ok\xff", fin=False)], [FAILS(1007)]),
+    "fail-fast-split-prefix": ([text(b"ok\xf4", fin=False), more(b"\x90", fin=False)],
+                               [FAILS(1007)]),
+    "fail-fast-surrogate-prefix": ([text(b"\xed", fin=False), more(b"\xa0", fin=False)],
+                                   [FAILS(1007)]),
+    "valid-split-characters": ([text(_KOSME[:3], fin=False), more(_KOSME[3:8], fin=False),
+                                more(_KOSME[8:])], [(TEXT, _KOSME)]),
+    "valid-4-byte-char-in-4-frames": ([text(_MUSIC[:1], fin=False)] +
+                                      [more(_MUSIC[i:i + 1], fin=i == 3) for i in (1, 2, 3)],
+                                      [(TEXT, _MUSIC)]),
+}
+
+CLOSING: dict[str, Case] = {
+    "close-empty": ([frame(CLOSE, b"")], [NORMAL]),
+    "close-1-byte": ([frame(CLOSE, b"\x03")], [FAILS(1002)]),
+    **{f"close-invalid-{code}": ([close(code)], [FAILS(1002)])
+       for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535)},
+    **{f"close-valid-{code}": ([close(code, b"bye")], [ECHO(code, b"bye")])
+       for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+                    3000, 3999, 4000, 4999)},
+    "close-reason-123": ([close(1000, b"r" * 123)], [ECHO(1000, b"r" * 123)]),
+    "close-reason-124": ([close(1000, b"r" * 124)], [FAILS(1002)]),
+    "close-reason-invalid": ([close(1000, _KOSME + b"\xed\xa0\x80")], [FAILS(1007)]),
+    "close-reason-cut": ([close(1000, _KOSME[:3])], [FAILS(1007)]),
+    "data-after-close": ([close(1000), text("ignored"), frame(PING, b"ignored")], [NORMAL]),
+    "close-twice": ([close(1000), close(1001)], [NORMAL]),
+    "close-between-fragments": ([text("frag", fin=False), close(1000), more("ment")],
+                                [NORMAL]),
+}
+
+FRAMING: dict[str, Case] = {
+    **{f"binary-{size}": ([frame(BINARY, bytes(size))], [(BINARY, bytes(size))])
+       for size in (0, 125, 126, 127, 65535, 65536)},
+    "length-msb-set": ([frame(BINARY, b"", announced=(1 << 63) + 5)], [FAILS(1002)]),
+    "length-16-bit-for-5": ([stretched(TEXT, b"hello", 2)], [(TEXT, b"hello")]),
+    "length-64-bit-for-5": ([stretched(BINARY, b"hello", 8)], [(BINARY, b"hello")]),
+    "ping-length-16-bit": ([stretched(PING, b"hello", 2)], [FAILS(1002)]),
+    "unmasked-ping": ([frame(PING, b"p", masked=False)], [FAILS(1002)]),
+}
+
+CASES = {**CONTROL, **RESERVED, **FRAGMENTS, **UTF8, **CLOSING, **FRAMING}
+
+
+@contextlib.contextmanager
+def opened(pair: Cluster, pick: str) -> Iterator[Conn]:
+    """A connection pinned to ``pick``, after a round trip that shows the instance serves."""
+    conn = Conn(pair, pick)
+    try:
+        assert conn.name() == pick
+        conn.sock.settimeout(3)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        yield conn
+    finally:
+        conn.close()
+
+
+def replies(conn: Conn, count: int) -> list[Reply]:
+    """Up to ``count`` frames, fewer when a close frame (the last) or the end comes first."""
+    got: list[Reply] = []
+    with contextlib.suppress(EOFError, socket.timeout, ConnectionResetError):
+        while len(got) < count and (not got or got[-1][0] != CLOSE):
+            got.append(conn.read_frame())
+    return got
+
+
+def ends_promptly(conn: Conn) -> None:
+    """After its close frame the server ends the TCP connection at once, with nothing
+    more and with a FIN, not a reset (which can destroy the close frame before the
+    client reads it: node's ws then reports 1006)."""
+    began = time.monotonic()
+    rest = b""
+    with contextlib.suppress(socket.timeout):
+        while chunk := conn.sock.recv(65536):
+            rest += chunk
+    took = time.monotonic() - began
+    assert conn.buffer + rest == b"" and not chunk, "more after the close frame"
+    assert took < PROMPT, f"the connection ended {took:.2f} s after the close frame"
+
+
+def matches(got: list[Reply], want: list[Reply]) -> bool:
+    """Frames as expected; a FAILS(code) close frame may carry a reason."""
+    if len(got) != len(want):
+        return False
+    return all(g == w or (w[0] == CLOSE == g[0] and len(w[1]) == 2 and g[1][:2] == w[1])
+               for g, w in zip(got, want))
+
+
+def run(pair: Cluster, pick: str, case: str) -> None:
+    frames, want = CASES[case]
+    with opened(pair, pick) as conn:
+        for data in frames:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sock.sendall(data)
+        got = replies(conn, len(want))
+        assert matches(got, want), (got, want)
+        if want[-1][0] != CLOSE:
+            conn.sock.sendall(close(1000))
+            assert replies(conn, 1) == [NORMAL]
+        ends_promptly(conn)
+
+
+@PICKS
+@pytest.mark.parametrize("case", list(CASES))
+def test_rfc6455_case(pair: Cluster, pick: str, case: str) -> None:
+    run(pair, pick, case)
+
+
+def _chopped(conn: Conn, data: bytes) -> None:
+    for i in range(len(data)):
+        conn.sock.sendall(data[i:i + 1])
+        time.sleep(0.001)
+
+
+@PICKS
+def test_frames_chopped_into_single_bytes(pair: Cluster, pick: str) -> None:
+    """Autobahn 2.6 and 5.x with chops: a frame may come a byte at a time."""
+    with opened(pair, pick) as conn:
+        _chopped(conn, frame(PING, PAYLOAD_125) + text("chop", fin=False) + more("ped"))
+        assert replies(conn, 2) == [(PONG, PAYLOAD_125), (TEXT, b"chopped")]
+        _chopped(conn, close(1000, b"done"))
+        assert replies(conn, 1) == [ECHO(1000, b"done")]
+        ends_promptly(conn)
