@@ -13,13 +13,17 @@ that class
 - writes a close frame's reason without its code;
 - checks a client's close frame loosely (RFC 6455 5.5.1, 7.4): echoes codes 5000 and
   up, and a reason cut in the middle of a character, refuses 1012-1014 (registered
-  since: service restart, try again later, bad gateway).
+  since: service restart, try again later, bad gateway);
+- ends the TCP connection with bytes of the client unread: the kernel sends a reset,
+  which can overtake the close frame (node's ws reports 1006, not the code).
 
 Here unmasking is one XOR of two big integers and text is checked by CPython's UTF-8
 decoder (both in C), a message past ``--max-websocket-message`` closes the socket with
 1009 before its payload is read, an unmasked frame or a length with its top bit set
-closes it with 1002, and close frames carry their code and are checked as Autobahn's
-testsuite expects.
+closes it with 1002, close frames carry their code and are checked as Autobahn's
+testsuite expects, and after the close frame our side of the connection ends (FIN) at
+once while :func:`linger` reads what the client still sends (the door calls it when
+the app returns).
 """
 
 from __future__ import annotations
@@ -164,9 +168,7 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         try:
             return super().receive()
         except MessageTooBig:
-            rfile, sock = self.handler.rfile, self.handler.socket
             self.close(MESSAGE_TOO_BIG, "message too big")
-            linger(rfile, sock)
             return None
 
     def handle_close(self, header: Header, payload: bytes | bytearray) -> None:
@@ -194,7 +196,8 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         client's close, and an app's own ``close(4000, "why")``, reach the client with
         the reason's first two bytes as the code (websockets and Node's ws fail the
         connection, Chromium reports code 25209)."""
-        if self.closed:
+        was_open = not self.closed
+        if not was_open:
             self.current_app.on_close(MSG_ALREADY_CLOSED)
         if isinstance(message, str):
             reason = message.encode("utf-8")
@@ -207,7 +210,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 reason[:123].decode("utf-8", "ignore").encode("utf-8")
         try:
             self.send_frame(payload, opcode=self.OPCODE_CLOSE)
-        except WebSocketError:
+            if was_open:  # nothing may follow a close frame: the client sees the end
+                self.handler.socket.shutdown(socket.SHUT_WR)  # now, not when the app returns
+        except OSError:  # WebSocketError too
             pass  # the socket is being closed anyway
         finally:  # as gevent-websocket's close() leaves it (its slots, unknown to mypy)
             for name, value in (("closed", True), ("stream", None), ("raw_write", None),
@@ -215,16 +220,17 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 setattr(self, name, value)
 
 
-#: how long a refused client may go on sending before its connection is closed anyway
+#: how long a client may go on sending after our close frame before its connection is
+#: closed anyway
 LINGER_SECONDS = 5.0
 
 
 def linger(rfile: Any, sock: Any) -> None:
-    """After a close frame sent in the middle of the client's message: end our side
-    (FIN) and read what the client still sends, the rest of the message and its close
-    frame, until it closes too or LINGER_SECONDS pass. A socket closed with bytes
-    unread sends a reset instead, which can overtake the close frame: the client
-    would see 1006 (abnormal closure), not 1009."""
+    """Once the app is done with its WebSocket (our close frame sent): end our side
+    (FIN) and read what the client still sends (the rest of a message, frames sent
+    before it saw our close, its close frame) until it closes too or LINGER_SECONDS
+    pass. A socket closed with bytes unread sends a reset instead, which can overtake
+    the close frame: node's ws, still sending, reports 1006 instead of the code."""
     try:
         sock.shutdown(socket.SHUT_WR)
         with gevent.Timeout(LINGER_SECONDS, False):

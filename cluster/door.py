@@ -37,7 +37,7 @@ import gevent
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.app_websocket import adopt
+from cluster.app_websocket import adopt, linger
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
@@ -1162,12 +1162,13 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end
         try:
-            super().run_websocket()
+            super().run_websocket()  # the app, then a close frame if it sent none
         finally:
             door.websockets -= 1
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
+            linger(self.rfile, self.socket)  # a FIN, not a reset that loses the close
 
 
 def _declared(content_length: str) -> int:

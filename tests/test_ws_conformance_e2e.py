@@ -18,19 +18,26 @@ also checks that no instance died or logged a traceback).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
 import time
 from typing import Iterator
 
 import pytest
+import requests
 
+from helpers import wait_until
 from test_app_websocket import (
     BINARY,
     CLOSE,
     CONTINUATION,
     LIMIT,
     PICKS,
+    SIO,
     TEXT,
     Conn,
     frame,
@@ -265,4 +272,84 @@ def test_frames_chopped_into_single_bytes(pair: Cluster, pick: str) -> None:
         assert replies(conn, 2) == [(PONG, PAYLOAD_125), (TEXT, b"chopped")]
         _chopped(conn, close(1000, b"done"))
         assert replies(conn, 1) == [ECHO(1000, b"done")]
+        ends_promptly(conn)
+
+
+def open_connections(pair: Cluster) -> dict[str, float]:
+    """Each instance's client connections (this metrics request included)."""
+    seen = {}
+    for name in ("a", "b"):
+        metrics = requests.get(pair.url(name) + "/_cluster/metrics", timeout=5).text
+        seen[name] = next(float(line.split()[-1]) for line in metrics.splitlines()
+                          if line.startswith("cluster_open_connections "))
+    return seen
+
+
+def test_both_instances_let_go_of_the_connection_at_once(pair: Cluster) -> None:
+    """Through the tunnel, whoever closes: instance ``a`` (the tunnel) and ``b`` (the
+    app) both close their sockets as soon as the client has (not HALF_CLOSED_SECONDS
+    or LINGER_SECONDS later)."""
+    before = open_connections(pair)
+    for case in ("close-valid-1000", "ping-126", "fail-fast-first-fragment",
+                 "data-after-close"):
+        run(pair, "b", case)
+    with opened(pair, "b") as conn:
+        conn.sock.sendall(text("cmd:close 4000 bye"))
+        assert replies(conn, 1) == [ECHO(4000, b"bye")]
+        ends_promptly(conn)
+    wait_until(lambda: open_connections(pair) == before, timeout=PROMPT, interval=0.05,
+               what=f"connections back to {before}")
+
+
+@PICKS
+@pytest.mark.parametrize("first, want", [
+    (frame(TEXT | RSV1, b"x"), FAILS(1002)), (text(b"\xff"), FAILS(1007)),
+    (close(999), FAILS(1002)), (text("cmd:close 4000 kick"), ECHO(4000, b"kick")),
+], ids=["rsv1", "invalid-utf8", "close-999", "app-closes"])
+def test_a_close_while_the_client_still_sends(pair: Cluster, pick: str, first: bytes,
+                                              want: Reply) -> None:
+    """The server closes (fails the connection, or the app closes it) while the client
+    has more bytes on the way, as Autobahn sends its frames: they are read and dropped
+    until the client closes, and the connection ends with a FIN. Closed with bytes
+    unread, it ended with a reset, which can overtake the close frame."""
+    with opened(pair, pick) as conn:
+        flood = b"".join(frame(BINARY, bytes(60000)) for _ in range(40))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, socket.timeout):
+            conn.sock.sendall(first + flood)
+        assert matches(replies(conn, 1), [want])
+        ends_promptly(conn)
+
+
+@PICKS
+def test_nodes_ws_client_gets_the_apps_close_while_it_sends(pair: Cluster, pick: str) -> None:
+    """The app closes (4000) while node's ws is still sending a 5 MB message: ws reports
+    the app's code and reason, not 1006 (as it did when the instance reset the
+    connection with the message unread)."""
+    if not (SIO / "node_modules" / "ws").is_dir() or not shutil.which("node"):
+        pytest.fail(f"node or its ws package is missing: run `npm ci` in {SIO}")
+    done = subprocess.run(
+        ["node", str(SIO / "ws_send.js"), pair.url("a").replace("http", "ws", 1) + "/echo",
+         "5000000", pair.cookie(pick), "cmd:close 4000 kick"], capture_output=True,
+        text=True, timeout=60, env={**os.environ, "NODE_PATH": str(SIO / "node_modules")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"close": 4000, "reason": "kick"}, done.stdout
+
+
+@PICKS
+@pytest.mark.parametrize("command, want", [
+    ("cmd:close 4003 bye now", ECHO(4003, b"bye now")),
+    ("cmd:close 1000 ", ECHO(1000)),
+    ("cmd:return", NORMAL),
+], ids=["app-closes-4003", "app-closes-1000", "app-returns"])
+@pytest.mark.parametrize("answer", [True, False], ids=["client-answers", "client-silent"])
+def test_the_app_ends_the_socket(pair: Cluster, pick: str, command: str, want: Reply,
+                                 answer: bool) -> None:
+    """An app's close(code, reason) reaches the client whole, an app that just returns
+    closes with 1000, and the TCP connection then ends at once, whether the client
+    answers with its close frame (RFC 6455 5.5.1) or not."""
+    with opened(pair, pick) as conn:
+        conn.sock.sendall(text(command))
+        assert replies(conn, 1) == [want]
+        if answer:
+            conn.sock.sendall(frame(CLOSE, want[1][:2]))
         ends_promptly(conn)
