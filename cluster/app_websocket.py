@@ -7,6 +7,8 @@ that class
 - unmasks every frame byte by byte and checks text with a UTF-8 automaton written in
   Python (unless the optional wsaccel is installed): one 16 MiB message held the whole
   process, and every other client of it, for 1.5-2.7 s;
+- checks text only once a whole frame came (an invalid first byte of a 16 MiB frame,
+  or of one whose rest never comes, waits for it), checks it again, then decodes it;
 - takes a message of any size: a frame header may announce 2^63 bytes, and
   continuation frames grow a message without end;
 - accepts unmasked frames from a client (RFC 6455 5.1: the server must close);
@@ -17,13 +19,13 @@ that class
 - ends the TCP connection with bytes of the client unread: the kernel sends a reset,
   which can overtake the close frame (node's ws reports 1006, not the code).
 
-Here unmasking is one XOR of two big integers and text is checked by CPython's UTF-8
-decoder (both in C), a message past ``--max-websocket-message`` closes the socket with
-1009 before its payload is read, an unmasked frame or a length with its top bit set
-closes it with 1002, close frames carry their code and are checked as Autobahn's
-testsuite expects, and after the close frame our side of the connection ends (FIN) at
-once while :func:`linger` reads what the client still sends (the door calls it when
-the app returns).
+Here unmasking is one XOR of two big integers and text is decoded by CPython's UTF-8
+decoder (both in C) as it arrives, which is its check; a message past
+``--max-websocket-message`` closes the socket with 1009 before its payload is read, an
+unmasked frame or a length with its top bit set closes it with 1002, close frames carry
+their code and are checked as Autobahn's testsuite expects, and after the close frame
+our side of the connection ends (FIN) at once while :func:`linger` reads what the
+client still sends (the door calls it when the app returns).
 """
 
 from __future__ import annotations
@@ -89,35 +91,56 @@ def unmask_cooperatively(payload: bytes, mask: bytes) -> bytes | bytearray:
 
 class MessageCheck:
     """Stands where gevent-websocket keeps its UTF-8 validator (the object's slots are
-    fixed, so the state lives here): checks text incrementally with CPython's decoder,
-    and counts each message's bytes against the limit as its frame headers arrive."""
+    fixed, so the state lives here): follows each message over its frame headers (the
+    order of its frames, its size against the limit, text or not), and decodes text
+    incrementally with CPython's decoder, which is the UTF-8 check."""
 
-    __slots__ = ("limit", "size", "_decoder", "_total")
+    __slots__ = ("limit", "size", "text", "open", "parts", "_decoder", "_total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0  # bytes of the message being read, announced so far
+        self.text = False  # the message being read is text
+        self.open = False  # a message was started and not finished (FIN) yet
+        self.parts: list[str] = []  # the text message so far, decoded
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._total = 0
 
-    def admit(self, header: Header) -> None:
-        """Raise MessageTooBig when ``header``'s frame would take its message past the
-        limit, before its payload is read."""
+    def admit(self, header: Header) -> bool:
+        """Check ``header``'s frame against its message before its payload is read: out
+        of order (RFC 6455 5.4) it raises ProtocolError, past the limit MessageTooBig.
+        True when its payload is text."""
         if header.opcode in (_TEXT, _BINARY):
+            if self.open:
+                raise ProtocolError("a new message before the fragmented one ended")
             self.size = header.length
+            self.text = header.opcode == _TEXT
+            self.reset()
         elif header.opcode == _CONTINUATION:
+            if not self.open:
+                raise ProtocolError("a continuation frame with no message started")
             self.size += header.length
         else:
-            return  # control frames: at most 125 bytes, checked by Header
+            return False  # control frames: at most 125 bytes, checked by Header
+        self.open = not header.fin
         if self.size > self.limit:
             raise MessageTooBig(f"message of {self.size} bytes or more, "
                                 f"limit {self.limit}")
+        return self.text
+
+    def finish(self) -> str:
+        """The text message, ended: UnicodeError when it ends inside a character."""
+        if self._decoder.getstate()[0]:
+            raise UnicodeError("text message ends inside a character")
+        text, self.parts = "".join(self.parts), []
+        return text
 
     # gevent-websocket's validator interface: reset() per message, validate() per piece
 
     def reset(self) -> None:
         self._decoder.reset()
         self._total = 0
+        self.parts = []
 
     def validate(self, data: bytes) -> tuple[bool, bool, int, int]:
         """(valid, ends on a whole character, index in ``data``, index in the message)."""
@@ -126,7 +149,7 @@ class MessageCheck:
             if start:
                 let_others_run()
             try:
-                self._decoder.decode(view[start:start + PIECE], False)
+                self.parts.append(self._decoder.decode(view[start:start + PIECE], False))
             except UnicodeDecodeError as exc:
                 at = start + exc.start
                 return False, False, at, self._total + at
@@ -152,8 +175,11 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             raise ProtocolError("unmasked frame from a client")
         if header.length >> 63:
             raise ProtocolError("payload length with its most significant bit set")
-        self.utf8validator.admit(header)
+        text = self.utf8validator.admit(header)
         if not header.length:
+            return header, b""
+        if text:  # decoded into the MessageCheck as it arrives: no payload here
+            self.read_text(header.length, header.mask)
             return header, b""
         try:
             payload = self.raw_read(header.length)
@@ -162,6 +188,48 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         if len(payload) != header.length:
             raise WebSocketError("Unexpected EOF reading frame payload")
         return header, unmask_cooperatively(payload, header.mask)
+
+    def read_text(self, length: int, mask: bytes) -> None:
+        """A text frame's payload, unmasked and decoded (into the MessageCheck) as its
+        bytes arrive: invalid UTF-8 fails the connection at once, not once the rest of
+        the frame came (which may be never; Autobahn 6.4.3-4 want it so)."""
+        read_some, check = self.handler.rfile.read_some, self.utf8validator
+        done = 0
+        while done < length:
+            piece = read_some(min(length - done, PIECE))
+            if not piece:
+                raise WebSocketError("Unexpected EOF reading frame payload")
+            turn = done % 4  # the mask byte this piece starts at
+            if not check.validate(unmask(piece, mask[turn:] + mask[:turn]))[0]:
+                raise UnicodeError("invalid UTF-8 in a text message")
+            if done // PIECE != (done + len(piece)) // PIECE:
+                let_others_run()  # a big message arriving at full speed: a MiB at a time
+            done += len(piece)
+
+    def read_message(self) -> Any:
+        """gevent-websocket's: frames up to a whole message (control frames answered
+        between them). The order of frames was checked, and text decoded, as they came
+        (MessageCheck, read_text): once, where gevent-websocket checks it twice and
+        then decodes it."""
+        message = bytearray()
+        while True:
+            header, payload = self.read_frame()
+            opcode = header.opcode
+            if opcode == self.OPCODE_PING:
+                self.handle_ping(header, payload)
+            elif opcode == self.OPCODE_PONG:
+                self.handle_pong(header, payload)
+            elif opcode == self.OPCODE_CLOSE:
+                self.handle_close(header, payload)
+                return None
+            elif opcode not in (_TEXT, _BINARY, _CONTINUATION):
+                raise ProtocolError(f"reserved opcode {opcode}")
+            else:
+                message += payload  # (text frames: b"")
+                if header.fin:
+                    break
+        check = self.utf8validator
+        return check.finish() if check.text else message
 
     def receive(self) -> Any:
         """gevent-websocket's: the next message, or None once the socket is closed."""

@@ -946,6 +946,15 @@ class _Reader:
         del buf[:size]
         return data
 
+    def read_some(self, size: int) -> bytes:
+        """Up to ``size`` bytes: what is buffered, else what the next receive brings (b""
+        at EOF). A WebSocket text frame is checked as it arrives (cluster.app_websocket)."""
+        if not self.conn.buf:
+            self._expect()
+            if not self._fill():
+                return b""
+        return self.read(min(size, len(self.conn.buf)))
+
     def readline(self, size: int = -1) -> bytes:
         conn = self.conn
         buf = conn.buf

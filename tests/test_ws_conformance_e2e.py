@@ -156,6 +156,11 @@ UTF8: dict[str, Case] = {
                                [FAILS(1007)]),
     "fail-fast-surrogate-prefix": ([text(b"\xed", fin=False), more(b"\xa0", fin=False)],
                                    [FAILS(1007)]),
+    # fail fast inside one frame: its announced rest never comes (Autobahn 6.4.3-4)
+    "fail-fast-inside-a-frame": ([frame(TEXT, _KOSME + b"\xf4\x90\x80\x80",
+                                        announced=len(_KOSME) + 10)], [FAILS(1007)]),
+    "fail-fast-inside-a-frame-surrogate": ([frame(TEXT, b"ok\xed\xa0", announced=10)],
+                                           [FAILS(1007)]),
     "valid-split-characters": ([text(_KOSME[:3], fin=False), more(_KOSME[3:8], fin=False),
                                 more(_KOSME[8:])], [(TEXT, _KOSME)]),
     "valid-4-byte-char-in-4-frames": ([text(_MUSIC[:1], fin=False)] +
