@@ -358,3 +358,19 @@ def test_the_app_ends_the_socket(pair: Cluster, pick: str, command: str, want: R
         if answer:
             conn.sock.sendall(frame(CLOSE, want[1][:2]))
         ends_promptly(conn)
+
+
+@PICKS
+def test_a_client_that_resets_while_its_messages_are_echoed(pair: Cluster, pick: str) -> None:
+    """The echo app's send() meets the reset (gevent-websocket raises WebSocketError,
+    which the app, as most, does not catch): one line in the log, not a traceback, and
+    the instance serves on."""
+    for _ in range(3):
+        with opened(pair, pick) as conn:
+            with contextlib.suppress(OSError):
+                conn.sock.sendall(text("x" * 30000) * 50)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with opened(pair, pick):
+        pass
+    for proc in pair.procs:
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
