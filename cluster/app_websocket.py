@@ -169,6 +169,8 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
 
     def read_frame(self) -> tuple[Header, bytes | bytearray]:
         header = Header.decode_header(self.stream)
+        if self.closed:  # by another greenlet while this one waited (its reads are gone)
+            raise WebSocketError(MSG_ALREADY_CLOSED)
         if header.flags:
             raise ProtocolError("reserved bits set without an extension")
         if not header.mask:

@@ -374,3 +374,18 @@ def test_a_client_that_resets_while_its_messages_are_echoed(pair: Cluster, pick:
         pass
     for proc in pair.procs:
         assert "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
+@PICKS
+def test_the_app_closes_from_another_greenlet(pair: Cluster, pick: str) -> None:
+    """An app closes while its reading greenlet waits in receive() (as engineio's writer
+    does): the client's answering close frame wakes that receive(), which returns None
+    (a TypeError escaped it: the close had dropped the socket's read function)."""
+    with opened(pair, pick) as conn:
+        conn.sock.sendall(text("cmd:close-later 4001 later"))
+        assert replies(conn, 1) == [ECHO(4001, b"later")]
+        conn.sock.sendall(close(4001))
+        ends_promptly(conn)
+    time.sleep(0.1)
+    for proc in pair.procs:
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
