@@ -33,6 +33,7 @@ setup(
             "python-socketio[client]>=5.8",
             "Flask>=2.2",
             "Flask-SocketIO>=5.3",
+            "Flask-Sockets>=0.2.1",
             "hypothesis>=6.80",
         ],
     },

@@ -18,13 +18,14 @@ from typing import Any, Callable, Iterable
 from cluster.admin import Admin
 from cluster.config import Settings
 from cluster.errors import UpstreamBroken, UpstreamError
+from cluster.handler import HIJACK_KEY, ClusterHandler, is_websocket_upgrade
 from cluster.hop import HopMarker
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
 from cluster.placement import Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.http import HttpForwarder
-from cluster.proxy.websocket import WebSocketBridge, is_websocket_upgrade
+from cluster.proxy.websocket import WebSocketBridge
 from cluster.routing import (
     HOP_ENVIRON,
     Policy,
@@ -203,6 +204,16 @@ class ClusterApp:
             environ = dict(environ, PATH_INFO=decision.path)
         cookies = [_cookie_header(c) for c in (decision.set_cookie, decision.set_version)
                    if c is not None]
+        if "HTTP_UPGRADE" in environ and "wsgi.websocket" not in environ:
+            if is_websocket_upgrade(environ):
+                # Served here: under ClusterHandler the handshake is answered now that
+                # the route is known.
+                handler = getattr(environ.get(HIJACK_KEY), "__self__", None)
+                if isinstance(handler, ClusterHandler):
+                    return handler.serve_websocket(self.local_app, cookies,
+                                                   self.node.settings.max_websocket_message)
+            else:
+                environ = _without_upgrade(environ)
         if not cookies:
             return self.local_app(environ, start_response)
 
@@ -261,6 +272,20 @@ class ClusterApp:
             if close is not None:
                 close()
         return captured.get("status", "500 Internal Server Error"), body
+
+
+def _without_upgrade(environ: dict[str, Any]) -> dict[str, Any]:
+    """``environ`` without an Upgrade that is ignored (HTTP/1.0, a body: RFC 9110 7.8),
+    as a relayed request's endpoint would get it (hop-by-hop) and as the front door
+    gives it: else an app that upgrades on its own (engine.io) sets out to, finds no
+    socket, and raises."""
+    environ = dict(environ)
+    del environ["HTTP_UPGRADE"]
+    tokens = [token for token in str(environ.pop("HTTP_CONNECTION", "")).split(",")
+              if token.strip() and token.strip().lower() != "upgrade"]
+    if tokens:
+        environ["HTTP_CONNECTION"] = ",".join(tokens)
+    return environ
 
 
 def _endpoint_of(decision: Any) -> Any:

@@ -19,6 +19,10 @@ serve --workers-count`` does and as meteorhacks:cluster's workers do:
   arbiter dying however it dies) deregisters at once, then drains; its replacement
   registers before it serves. ``max_requests`` is honoured (gunicorn's pywsgi worker
   ignores it on its own); it counts the requests the worker's app serves.
+- gunicorn's request limits apply to the door: ``--limit-request-line``,
+  ``--limit-request-field_size``, ``--limit-request-fields``, ``--keep-alive`` and
+  ``--worker-connections``, when set (flag or config file) and their ``CLUSTER_*``
+  counterpart is not (see :data:`GUNICORN_LIMITS`).
 - metrics: unless ``PROMETHEUS_MULTIPROC_DIR`` is set, ``when_ready`` makes a temp
   directory for prometheus_client's multi-process mode (removed by ``on_exit``), so
   every worker's ``/_cluster/metrics`` sums all workers; ``child_exit`` drops a dead
@@ -103,13 +107,56 @@ def _private_listener(worker: Any) -> socket.socket:
     return sock
 
 
-def _worker_settings(port: int, host: str) -> Any:
-    """The worker's settings: CLUSTER_* variables, its private port as its endpoint."""
+#: gunicorn settings the front door takes over, each as the cluster setting it is:
+#: (gunicorn's name, cluster's). Applied when set to other than gunicorn's default and
+#: the cluster setting's CLUSTER_* variable is not set (that one is cluster's own, so it
+#: wins). gunicorn's 0 ("no limit") for a line leaves the whole head's bound
+#: (--max-head-size); --keep-alive 0 (no keep-alive) has no door equivalent and is not
+#: applied (a warning says so).
+GUNICORN_LIMITS = (
+    ("limit_request_line", "max_request_line"),
+    ("limit_request_field_size", "max_header_line"),
+    ("limit_request_fields", "max_header_count"),
+    ("keepalive", "keepalive_timeout"),
+    ("worker_connections", "max_connections"),
+)
+
+
+def apply_gunicorn_limits(settings: Any, cfg: Any, env: Any = os.environ,
+                          warn: Any = log.warning) -> Any:
+    """``settings`` with the gunicorn limits of :data:`GUNICORN_LIMITS` that ``cfg``
+    sets; a value cluster refuses is a ConfigError naming gunicorn's setting."""
+    from cluster.config import _field, env_of
+    from cluster.errors import ConfigError
+
+    changes: dict[str, Any] = {}
+    for name, field in GUNICORN_LIMITS:
+        item = getattr(cfg, "settings", {}).get(name)
+        if item is None or item.value == item.default or env_of(field) in env:
+            continue
+        value = item.value
+        if value == 0 and name == "keepalive":
+            warn("cluster: gunicorn's keepalive 0 (no keep-alive) is not applied: idle "
+                 "connections close after %s s (CLUSTER_KEEPALIVE_TIMEOUT)",
+                 settings.keepalive_timeout)
+            continue
+        if value == 0 and name.startswith("limit_request_"):
+            value = settings.max_head_size
+        try:
+            changes[field] = _field(field).metadata["parse"](str(value))
+        except ValueError as exc:
+            raise ConfigError(f"gunicorn's {name} ({value})", str(exc)) from None
+    return settings.replace(**changes)
+
+
+def _worker_settings(port: int, host: str, cfg: Any = None) -> Any:
+    """The worker's settings: CLUSTER_* variables and gunicorn's limits, its private
+    port as its endpoint."""
     from urllib.parse import urlsplit
 
     from cluster.config import Settings
 
-    settings = Settings.load(args=[])
+    settings = apply_gunicorn_limits(Settings.load(args=[]), cfg)
     bind_host = f"[{host}]" if ":" in host else host
     if settings.endpoint_url:
         base = urlsplit(settings.endpoint_url)
@@ -147,7 +194,7 @@ def _init_worker(worker: Any) -> None:
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
     host, port = listener.getsockname()[:2]
-    settings = _worker_settings(port, host)
+    settings = _worker_settings(port, host, worker.cfg)
     node = Cluster(settings, register=bool(settings.service))
     if node.registrar is not None:
         try:  # registered before serving, so a HUP's new worker is known when it serves
@@ -162,6 +209,11 @@ def _init_worker(worker: Any) -> None:
     worker.wsgi = _Recycling(worker.wsgi, worker)
     door = make_door(node, settings, worker.wsgi, observe.from_settings(settings))
     worker.cluster_door = door
+    # gunicorn gives each listener a pool of worker_connections greenlets and stops
+    # accepting when it is full: connections past it would wait in the backlog, not
+    # get the door's 503 (silent ones would hold the worker until their header
+    # timeout). The door's cap (per process, from --worker-connections when set) rules.
+    worker.worker_connections = door.cap + 1
     worker.server_class = functools.partial(DoorServer, door=door)
     gevent.spawn(_watch, worker, node)
     worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,

@@ -4,7 +4,9 @@ Three things stock pywsgi lacks: TCP_NODELAY on accepted sockets (without it Nag
 meets delayed ACKs when a response goes out in two sends: ~40 ms per small keep-alive
 response, gevent issue #1233), access to the raw client socket, and a way to take the
 connection away from pywsgi for an upgraded protocol (WebSocket) so that a byte pump
-owns it and pywsgi neither writes a response nor reads another request.
+owns it and pywsgi neither writes a response nor reads another request. For
+``cluster.wrap()``, whose routing runs inside the application, also the WebSocket
+handshake of an upgrade served here (:meth:`ClusterHandler.serve_websocket`).
 
 And three cuts in pywsgi's own per-request cost, which dominates a proxied request
 (measured in docs/benchmarks.md): the response head goes out in the same ``send`` as
@@ -14,10 +16,13 @@ the ``email`` package; no access-log line is formatted when there is no access l
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import logging
 import re
 import socket
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
@@ -38,6 +43,9 @@ MAX_HEADER_LINE = 65536
 MAX_HEADERS = 100
 #: A first body piece up to this size rides in the same ``send`` as the response head.
 ONESEND_MAX = 65536
+#: WebSocket versions accepted, gevent-websocket's (its handler serves the door's apps)
+WEBSOCKET_VERSIONS = ("13", "8", "7")
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 #: pywsgi's "no access log" object (``log=None``); if gevent renames it, we just log.
@@ -193,6 +201,16 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
+        if environ["wsgi.input"] is self.rfile and (
+                self.content_length not in (None, "", "0")
+                or "HTTP_TRANSFER_ENCODING" in environ):
+            # pywsgi gives a request with an Upgrade the raw socket file as its input, and
+            # after the response still skips its Content-Length from that file: a body
+            # read through it was skipped twice, the next request's first bytes lost.
+            # With a body the Upgrade is ignored (cluster.proxy.websocket
+            # .is_websocket_upgrade): the body is read as any other.
+            environ["wsgi.input"] = self.wsgi_input
+            environ["wsgi.input_terminated"] = True
         return environ
 
     def hijack(self, status: str = "101 Switching Protocols") -> tuple[Any, bytes]:
@@ -219,6 +237,41 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         self._orig_status = status
         self.response_headers: list[tuple[bytes, bytes]] = []
         return self.socket, early
+
+    def serve_websocket(self, app: Callable[..., Iterable[bytes]],
+                        headers: Iterable[tuple[str, str]], max_message: int) -> list[bytes]:
+        """Answer this WebSocket handshake and run ``app`` with ``environ['wsgi.websocket']``
+        as gevent-websocket's own handler would (the hardened object of
+        cluster.app_websocket). For cluster.wrap(), whose routing picks the local app from
+        inside the application call: the 101 goes out only then, so a handshake routed
+        elsewhere is still the bridge's to take. ``headers`` go on the 101 as well."""
+        from geventwebsocket.websocket import Stream, WebSocket
+
+        from cluster.app_websocket import adopt
+
+        environ = self.environ
+        self.close_connection = True  # after a refusal, what comes next may be frames
+        status, fields, body = handshake_answer(environ, getattr(app, "app_protocol", None))
+        if body:
+            self.start_response(status, [("Content-Type", "text/plain"), *fields])
+            return [body]
+        self.start_response(status, [*fields, *headers])
+        self._write_with_headers(b"")
+        self.hijacked = True  # the socket is the WebSocket's now: pywsgi adds nothing
+        websocket = WebSocket(environ, Stream(self), self)
+        adopt(websocket, max_message)
+        environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+        environ["wsgi.websocket"] = websocket
+        try:
+            result = app(environ, _no_response)
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not websocket.closed:
+                websocket.close()
+            environ["wsgi.websocket"] = None
+        return []
 
     def _write_with_headers(self, data: bytes) -> None:
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
@@ -247,6 +300,18 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         else:
             self._sendall(head)
             self._write(data)
+
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        environ = self.environ  # pywsgi's class default is None
+        if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
+                is_websocket_upgrade(environ):
+            # A refused handshake ends the connection, as the front door's do: what the
+            # client sends next may be frames, which a kept connection would read as
+            # its next request head.
+            self.close_connection = True
+            if not any(name.lower() == b"connection" for name, _ in self.response_headers):
+                self.response_headers.append((b"Connection", b"close"))
 
     def log_request(self) -> None:
         """Skip formatting a line nobody writes (``log=None``); else log as the base
@@ -281,3 +346,59 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             environ = getattr(self, "environ", None)
             if environ is not None:
                 environ.pop(HIJACK_KEY, None)
+
+
+def _no_response(*args: Any) -> Callable[[bytes], None]:
+    """start_response for an app on a WebSocket: it has nothing left to answer."""
+    return lambda data: None
+
+
+def handshake_answer(environ: dict[str, Any], choose: Callable[[str], Any] | None = None
+                     ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status, header fields, body) answering the WebSocket handshake in ``environ``: a
+    101 with an empty body, or the refusal gevent-websocket's handler gives (426 with no
+    version, 400 for another version or a key that is not 16 bytes of base64). ``choose``
+    is an app's ``app_protocol(path)``, gevent-websocket's way to pick a subprotocol."""
+    version = str(environ.get("HTTP_SEC_WEBSOCKET_VERSION") or "").strip()
+    offered = ", ".join(WEBSOCKET_VERSIONS)
+    if not version:
+        return "426 Upgrade Required", [("Sec-WebSocket-Version", offered)], \
+            b"No WebSocket version given\n"
+    if version not in WEBSOCKET_VERSIONS:
+        return "400 Bad Request", [("Sec-WebSocket-Version", offered)], \
+            b"Unsupported WebSocket version\n"
+    key = str(environ.get("HTTP_SEC_WEBSOCKET_KEY") or "").strip()
+    try:
+        nonce = base64.b64decode(key.encode("latin-1"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        nonce = b""
+    if len(nonce) != 16:
+        return "400 Bad Request", [], b"Invalid Sec-WebSocket-Key\n"
+    accept = base64.b64encode(hashlib.sha1((key + _WEBSOCKET_GUID).encode("latin-1"))
+                              .digest()).decode("latin-1")
+    fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+              ("Sec-WebSocket-Accept", accept)]
+    if choose is not None:
+        protocol = choose(str(environ.get("PATH_INFO", "")))
+        offers = {part.strip() for part in
+                  str(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")).split(",")}
+        if protocol and protocol in offers:
+            fields.append(("Sec-WebSocket-Protocol", protocol))
+    return "101 Switching Protocols", fields, b""
+
+
+def is_websocket_upgrade(environ: dict[str, Any]) -> bool:
+    """True for an HTTP/1.1 ``GET`` with ``Upgrade: websocket`` and ``Connection: upgrade``
+    and no body (RFC 6455 4.1). The Upgrade of an HTTP/1.0 request, or of one with a
+    body, is ignored (RFC 9110 7.8), as by the front door (RequestHead.is_websocket)."""
+    if environ.get("REQUEST_METHOD") != "GET" or \
+            environ.get("SERVER_PROTOCOL", "HTTP/1.1") != "HTTP/1.1" or \
+            environ.get("CONTENT_LENGTH") not in (None, "", "0") or \
+            "HTTP_TRANSFER_ENCODING" in environ:
+        return False
+    upgrade = _tokens(environ.get("HTTP_UPGRADE", ""))
+    return "websocket" in upgrade and "upgrade" in _tokens(environ.get("HTTP_CONNECTION", ""))
+
+
+def _tokens(value: str) -> set[str]:
+    return {part.strip().lower() for part in value.split(",") if part.strip()}

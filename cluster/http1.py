@@ -356,8 +356,12 @@ def _field_value(block: bytes, low: bytes, at: int) -> tuple[bytes, int]:
 
 #: Status lines seen before: (code, status line to send, HTTP/1.1). Endpoints send few
 #: distinct ones, and the regex, the reason lookup and the rewrite cost more than a
-#: lookup; bounded, as an endpoint could send a new reason every time.
+#: lookup; bounded in entries and in the length of a line kept (an endpoint could send
+#: a new reason every time, each of up to 64 KiB), and emptied when full, so that lines
+#: seen first do not keep the usual ones out for good.
 _STATUS_LINES: dict[bytes, tuple[int, bytes, bool]] = {}
+_STATUS_LINES_MAX = 256
+_STATUS_KEPT_MAX = 128
 
 
 def _status_line(first: bytes) -> tuple[int, bytes, bool]:
@@ -374,10 +378,21 @@ def _status_line(first: bytes) -> tuple[int, bytes, bool]:
     if minor == b"0":
         status_line = b"HTTP/1.1" + status_line[8:]
     known = (code, status_line, minor == b"1")
-    if len(_STATUS_LINES) < 256:
+    if len(first) <= _STATUS_KEPT_MAX:
+        if len(_STATUS_LINES) >= _STATUS_LINES_MAX:
+            _STATUS_LINES.clear()
         _STATUS_LINES[first] = known
     return known
 
+
+#: Most fields in a response head: past it the head is refused (502). Envoy and HAProxy
+#: stop at about 100 by default, and http.client (requests) refuses more than 100; this
+#: leaves apps room (many Set-Cookie lines) while thousands, all within the 64 KiB head
+#: limit, are a broken or hostile endpoint, not an answer to pass on.
+MAX_RESPONSE_FIELDS = 500
+#: Most interim (1xx) answers before the final one: an endpoint that sends 100 or 103
+#: forever never answers; past this many it is a 502 rather than a request held open.
+MAX_INTERIM = 100
 
 #: Response heads parsed lately, by their bytes: an endpoint answering the same resource
 #: sends the same head until its Date changes (once a second). The parse is a pure
@@ -392,7 +407,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     """Parse a response head (status line up to, not including, the blank line).
 
     Raises ValueError for anything a careful proxy must not pass on: a bad status line,
-    a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length.
+    a malformed field (bare CR/LF, NUL, obs-fold), a bad or conflicting Content-Length,
+    more than MAX_RESPONSE_FIELDS fields.
     Runs once per proxied response, hence the memo of recent heads, the targeted
     searches rather than a loop over every line, and a short way for the usual head (at
     most one Content-Length, at most one ``Connection: keep-alive`` or ``close``, no
@@ -415,6 +431,9 @@ def _parse_response_head(head: bytes) -> ResponseHead:
     code, status_line, http11 = _status_line(first)
     if not block:
         return ResponseHead(code, status_line, b"", -1, False, b"", http11, b"")
+    # a field line is at least 4 bytes (CRLF, a name, a colon): count only past that
+    if len(block) > 4 * MAX_RESPONSE_FIELDS and block.count(CRLF) > MAX_RESPONSE_FIELDS:
+        raise ValueError(f"more than {MAX_RESPONSE_FIELDS} fields in the response head")
     if not _FIELD_BLOCK(block):
         raise ValueError("malformed header line in the response")
     low = block.lower()
@@ -497,7 +516,11 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
         fields = b"".join(parts)
     if connection:
         keep = b"close" not in connection if http11 else b"keep-alive" in connection
-        named = [t for t in connection if t not in (b"close", b"keep-alive", b"upgrade")]
+        # Content-Length is for every recipient (RFC 9110 7.6.1 forbids naming it): were
+        # it dropped, the client would get an answer without framing on a kept
+        # connection, and read the next answer as the rest of this one.
+        named = [t for t in connection
+                 if t not in (b"close", b"keep-alive", b"upgrade", b"content-length")]
         if named and fields:  # fields named by Connection are hop-by-hop too
             drop = set(named)
             fields = b"".join(CRLF + f for f in fields.split(CRLF)[1:]
@@ -505,6 +528,12 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
     else:
         keep = http11
     chunked = bool(transfer) and transfer[-1] == b"chunked"
+    if transfer and (length >= 0 or not http11):
+        # RFC 9112 6.3: Transfer-Encoding wins over a Content-Length, but the two
+        # together (or Transfer-Encoding in HTTP/1.0, 6.1) are how a response is split
+        # or smuggled: once the body is read by the chunked framing, the connection is
+        # not trusted with another request.
+        keep = False
     return ResponseHead(code, status_line, fields, length, chunked, raw_transfer, keep,
                         upgrade)
 

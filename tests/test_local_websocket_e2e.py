@@ -21,7 +21,7 @@ import socketio
 import websocket
 from websocket import ABNF
 
-from helpers import Proc, read_until_close, start_serve, wait_until
+from helpers import TESTS, Proc, python, read_until_close, start_reporting, start_serve, wait_until
 
 COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
 
@@ -46,16 +46,31 @@ def view(base: str) -> dict:
     return requests.get(base + "/_cluster/status", timeout=5).json()
 
 
+def start_wrapped(app: str, service: str, store: str, name: str) -> tuple[Proc, int]:
+    """tests/apps/library_app.py: ``app`` made a member of ``service`` by cluster.wrap()
+    under a plain gevent WSGIServer with ClusterHandler (library mode under a server of
+    one's own, not the front door)."""
+    return start_reporting(
+        lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file), app),
+        env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name, "CLUSTER_SERVICE": service,
+             "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"},
+        name=f"{service}-{name}")
+
+
 @contextlib.contextmanager
-def cluster_of(app: str, service: str, store: str, *extra: str) -> Iterator[Cluster]:
-    """Two instances serving ``app`` (with ``extra`` settings) and a balancer-only front,
-    all stopped by PID."""
+def cluster_of(app: str, service: str, store: str, *extra: str,
+               wrapped: bool = False) -> Iterator[Cluster]:
+    """Two instances serving ``app`` (with ``extra`` settings; ``wrapped``: through
+    :func:`start_wrapped`) and a balancer-only front, all stopped by PID."""
     cluster = Cluster(service)
     try:
         for name in ("a", "b"):
-            proc, port = start_serve("--service", service, "--app", app, *COMMON, *extra,
-                                     env={"CLUSTER_DISCOVERY_URL": store,
-                                          "BACKEND_NAME": name}, name=f"{service}-{name}")
+            if wrapped:
+                proc, port = start_wrapped(app, service, store, name)
+            else:
+                proc, port = start_serve("--service", service, "--app", app, *COMMON, *extra,
+                                         env={"CLUSTER_DISCOVERY_URL": store,
+                                              "BACKEND_NAME": name}, name=f"{service}-{name}")
             cluster.procs.append(proc)
             cluster.ports[name] = port
         proc, port = start_serve("--ui-service", service, *COMMON, name=f"{service}-front",
@@ -87,9 +102,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 # --- gevent-websocket ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gws(store: str) -> Iterator[Cluster]:
-    with cluster_of("gws_echo:app", "gws", store) as cluster:
+@pytest.fixture(scope="module", params=["serve", "wrap"],
+                ids=["cluster-serve", "cluster.wrap-under-WSGIServer"])
+def gws(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    wrapped = request.param == "wrap"
+    with cluster_of("gws_echo:app", "wgws" if wrapped else "gws", store,
+                    wrapped=wrapped) as cluster:
         yield cluster
 
 
@@ -142,6 +160,24 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     # a reason longer than a control frame holds (125 bytes) is cut on a character
     code = (4004).to_bytes(2, "big")
     assert close_frame_after("cmd:close 4004 " + "é" * 100) == code + ("é" * 61).encode()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_the_101_is_a_bare_switch(gws: Cluster, pick: str) -> None:
+    """RFC 6455 4.2.2: the accept key, Upgrade and Connection; no body framing (a
+    Content-Length or chunked coding would tell the client a body follows)."""
+    lines = ["GET /echo HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {gws.cookie(pick)}",
+             *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 4096:
+            data += sock.recv(4096) or b"(closed)"
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 101 "), data[:300]
+    assert b"\r\nsec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=" in head, head
+    assert b"\r\nupgrade: websocket" in head and b"\r\nconnection: upgrade" in head, head
+    assert b"content-length" not in head and b"transfer-encoding" not in head, head
 
 
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
@@ -232,12 +268,44 @@ def test_a_handshake_cluster_answers_itself_ends_the_connection(gws: Cluster) ->
     assert data.count(b"HTTP/1.1 ") == 1, data[-300:]
 
 
+# --- Flask-Sockets ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flask_sockets(store: str) -> Iterator[Cluster]:
+    with cluster_of("flask_sockets_app:app", "fsockets", store) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_flask_sockets_app_echoes(flask_sockets: Cluster, pick: str) -> None:
+    ws = websocket.create_connection(flask_sockets.url("a").replace("http", "ws", 1) + "/echo",
+                                     cookie=flask_sockets.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+        blob = os.urandom(70_000)
+        ws.send_binary(blob)
+        assert ws.recv_data() == (ABNF.OPCODE_BINARY, blob)
+        ws.send("héllo")
+        assert ws.recv() == "héllo"
+    finally:
+        ws.close()
+    got = requests.get(flask_sockets.url("a") + "/whoami",
+                       headers={"Cookie": flask_sockets.cookie(pick)}, timeout=5)
+    assert (got.status_code, got.text) == (200, pick)
+
+
 # --- python-socketio and Flask-SocketIO, async_mode='gevent' -----------------------------
 
 
-@pytest.fixture(scope="module", params=["sio_app:app", "flask_sio_app:app"],
-                ids=["python-socketio", "flask-socketio"])
+@pytest.fixture(scope="module", params=["sio_app:app", "flask_sio_app:app", "wrapped"],
+                ids=["python-socketio", "flask-socketio", "python-socketio-cluster.wrap"])
 def sio(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    if request.param == "wrapped":
+        with cluster_of("sio_app:app", "wsio", store, wrapped=True) as cluster:
+            yield cluster
+        return
     service = "sio" if request.param.startswith("sio") else "flasksio"
     with cluster_of(request.param, service, store) as cluster:
         yield cluster

@@ -13,10 +13,12 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -30,6 +32,7 @@ from cluster.errors import UpstreamConnectError
 from cluster.http1 import (
     CHUNKED,
     FIXED,
+    MAX_RESPONSE_FIELDS,
     NO_BODY,
     UNTIL_CLOSE,
     crlf_head,
@@ -477,10 +480,18 @@ def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
 
 
 class ScriptedUpstream:
-    """A real TCP server answering each request with the script for its path."""
+    """A real TCP server answering each request with the script for its path.
 
-    def __init__(self, scripts: dict[str, Callable[[socket.socket], None]]) -> None:
+    A script that returns True keeps the connection: the next request on it is read
+    and answered by its own script (a keep-alive endpoint, so the proxy may pool the
+    connection). :attr:`seen` lists (connection number, path) of every request read,
+    which shows whether two requests shared a connection. Request bodies are not read.
+    """
+
+    def __init__(self, scripts: dict[str, Callable[[socket.socket], bool | None]]) -> None:
         self.scripts = scripts
+        self.seen: list[tuple[int, str]] = []
+        self._numbers = itertools.count(1)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -489,17 +500,26 @@ class ScriptedUpstream:
         self.thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        number = next(self._numbers)
         with conn:
             conn.settimeout(TIMEOUT)
             buf = b""
             with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    path = head.split(b" ", 2)[1].decode()
+                    self.seen.append((number, path))
+                    if not self.scripts[path](conn):
                         return
-                    buf += data
-                path = buf.split(b" ", 2)[1].decode()
-                self.scripts[path](conn)
+
+    def connection_of(self, path: str) -> int:
+        """The connection that carried the last request for ``path``."""
+        return [number for number, seen in self.seen if seen == path][-1]
 
     def close(self) -> None:
         self.listener.close()
@@ -514,7 +534,7 @@ def _until_close(conn: socket.socket) -> None:
     conn.sendall(b"second")
 
 
-SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
+SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/until-close": _until_close,
     "/interim": lambda c: c.sendall(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
@@ -610,7 +630,69 @@ def _switch_and_wait(conn: socket.socket) -> None:
         conn.recv(1)  # until the proxy closes (or TIMEOUT)
 
 
-DOOR_SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
+def _answer(data: bytes, keep: bool = True) -> Callable[[socket.socket], bool]:
+    """A script that sends ``data`` and keeps the connection (``keep``) for the next one."""
+    def script(conn: socket.socket) -> bool:
+        conn.sendall(data)
+        return keep
+    return script
+
+
+#: Set once _then_late has sent its late bytes.
+LATE = threading.Event()
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+
+
+def _then_late(data: bytes) -> Callable[[socket.socket], bool]:
+    """``data``, then, once the proxy has had time to take the answer as complete, a
+    response nobody asked for, on a connection kept open."""
+    def script(conn: socket.socket) -> bool:
+        conn.sendall(data)
+        time.sleep(0.05)
+        conn.sendall(SMUGGLED)
+        LATE.set()
+        return True
+    return script
+
+
+def _early_refusal(conn: socket.socket) -> None:
+    """Answer at once, without reading the request body, and reset the connection."""
+    conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n")
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _trickle(conn: socket.socket) -> None:
+    """A response head one byte at a time, each well within the read timeout (2 s)."""
+    with contextlib.suppress(OSError):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 60:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.2)
+
+
+def _endless_interim(conn: socket.socket) -> None:
+    """103 Early Hints, again and again, and never a final answer."""
+    with contextlib.suppress(OSError):
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" * 50)
+
+
+_REASONS = itertools.count()
+
+
+def _long_reason(conn: socket.socket) -> bool:
+    """A status line of 60 kB, with a reason never sent before (a request id in it)."""
+    reason = b"%08d" % next(_REASONS) + b"r" * 60_000
+    conn.sendall(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok")
+    return True
+
+
+def _huge_head(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 500_000)  # 4 MB
+
+
+DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/switch-kept": _switch_and_wait,
     "/garbled-chunk": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
@@ -622,25 +704,75 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], None]] = {
         b"3\r\nabc\r\n0\r\n\r\n"),
     "/chunked": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    # malformed heads and framing: 502 (RFC 9112 6.3, 5.2; RFC 9110 15)
+    "/length-twice": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n"
+                             b"hello"),
+    "/length-list": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"),
+    "/length-plus": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello"),
+    "/length-hex": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello"),
+    "/length-empty": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nhello"),
+    "/nul": _answer(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok"),
+    "/bare-cr": _answer(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\nok"),
+    "/obs-fold": _answer(b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok"),
+    "/status-99": _answer(b"HTTP/1.1 99 X\r\nContent-Length: 2\r\n\r\nok"),
+    "/status-1000": _answer(b"HTTP/1.1 1000 X\r\nContent-Length: 2\r\n\r\nok"),
+    "/status-abc": _answer(b"HTTP/1.1 abc X\r\nContent-Length: 2\r\n\r\nok"),
+    "/chunk-overflow": _answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"ffffffffffffffff1\r\nabc\r\n0\r\n\r\n"),
+    "/huge-head": _huge_head,
+    "/many-fields": _answer(b"HTTP/1.1 200 OK\r\n" + b"".join(
+        b"X-F%d: v\r\n" % i for i in range(3000)) + b"Content-Length: 2\r\n\r\nok"),
+    "/endless-interim": _endless_interim,
+    "/trickle": _trickle,
+    "/early": _early_refusal,
+    # answers passed on
+    "/next": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"),
+    "/long-reason": _long_reason,
+    "/passed-on": _answer(
+        b"HTTP/1.1 200\r\nX-Obs: caf\xe9 \xff\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2, c=3\r\n"
+        b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Content-Length: 2\r\n\r\nok"),
+    "/interim": _answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                        b"Link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    "/named-length": _answer(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Named\r\n"
+                             b"X-Named: 1\r\nContent-Length: 5\r\n\r\nhello"),
+    "/bare-lf": _answer(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nok"),
+    "/bare-lf-crlf-body": _answer(b"HTTP/1.1 200 OK\nContent-Length: 6\nX-A: 1\n\nab\r\n\r\n"),
+    "/h2c-switch": _answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                           b"Connection: Upgrade\r\n\r\n"),
+    "/ws-frames": _answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\n\r\n\x81\x05hello", keep=False),
+    # bytes past a complete answer, or a connection that must not carry another one
+    "/excess-length": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + SMUGGLED),
+    "/excess-late": _then_late(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    "/excess-chunked": _answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"5\r\nhello\r\n0\r\n\r\n" + SMUGGLED),
+    "/excess-204": _answer(b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\nsmuggled"),
+    "/excess-head": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"),
+    "/length-and-chunked": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    "/upstream-close": _answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                               b"Content-Length: 5\r\n\r\nhello"),  # yet kept open
 }
 
 
 @pytest.fixture(scope="module")
-def scripted_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, int]]:
+def scripted_door(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[Proc, int, ScriptedUpstream]]:
     """A balancer-only `cluster serve` whose one endpoint is a ScriptedUpstream (put in
-    its store by a `cluster register` sidecar); the default read timeout (300 s)."""
+    its store by a `cluster register` sidecar), with a read timeout of 2 s."""
     upstream = ScriptedUpstream(DOOR_SCRIPTS)
     env = {"CLUSTER_DISCOVERY_URL":
            f"sqlite://{tmp_path_factory.mktemp('scripted') / 'discovery.sqlite3'}"}
     try:
         with running(cluster_argv("register", "--service", "web", "--endpoint-url",
                                   upstream.url, "--ping-interval", "1"), env=env):
-            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
-                                     name="balancer")
+            proc, port = start_serve("--ui-service", "web", "--ping-interval", "1",
+                                     "--read-timeout", "2", env=env, name="balancer")
             try:
                 wait_until(lambda: get(f"http://127.0.0.1:{port}/_cluster/status")
                            .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
-                yield proc, port
+                yield proc, port, upstream
             finally:
                 proc.stop()
             assert "Traceback" not in proc.output()
@@ -648,24 +780,47 @@ def scripted_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
         upstream.close()
 
 
-@pytest.mark.parametrize("path", ["/switch-kept", "/garbled-chunk", "/gzip-chunked",
-                                  "/gzip-only", "/chunked-twice"])
+@pytest.mark.parametrize("path", [
+    "/switch-kept", "/garbled-chunk", "/gzip-chunked", "/gzip-only", "/chunked-twice",
+    "/length-twice", "/length-list", "/length-plus", "/length-hex", "/length-empty", "/nul",
+    "/bare-cr", "/obs-fold", "/status-99", "/status-1000", "/status-abc", "/chunk-overflow",
+    "/huge-head", "/many-fields", "/endless-interim"])
 def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> None:
     """A 101 nobody asked for is not an interim answer to wait past (RFC 9110 15.2.2),
     and a chunked body garbled from its first byte is the endpoint's fault: 502 at
     once, not a wait for the read timeout or a misleading 503 "no live endpoint". So is
     a transfer coding other than one chunked: the client's TE is not passed on, so none
     was asked for (RFC 9110 10.1.4); 'gzip, chunked' went out as plain chunked, the
-    gzip bytes as content."""
-    _, port = scripted_door
+    gzip bytes as content. So are a Content-Length that is not one number, a head a
+    field parser could read two ways (NUL, bare CR, obs-fold), a status outside three
+    digits, a head past 64 KiB or with thousands of fields, and interim answers that
+    never end: each with the balancer's memory unchanged, and the next request served."""
+    proc, port, _ = scripted_door
+    before = rss_kib(proc.pid)
     started = time.monotonic()
     resp = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
     assert resp.status_code == 502, (resp.status_code, resp.text)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 1.5
+    assert rss_kib(proc.pid) - before < 4096
+    assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
+
+
+@pytest.mark.parametrize("method, upgrade", [("GET", "h2c"), ("POST", "websocket")])
+def test_a_101_to_an_upgrade_not_passed_on_is_a_502(scripted_door, method: str,
+                                                    upgrade: str) -> None:
+    """Only a WebSocket upgrade (a GET without a body) reaches the endpoint with its
+    Upgrade field: a 101 to any other request answers a question nobody put to it.
+    Passed on, the client would switch protocols on a connection the balancer still
+    reads as HTTP/1.1, and the switched endpoint connection would be pooled."""
+    _, port, _ = scripted_door
+    with raw(port) as client:
+        client.send(request(method, "/h2c-switch", f"Upgrade: {upgrade}",
+                            "Connection: Upgrade", "Content-Length: 0"))
+        assert client.head()[0] == "HTTP/1.1 502 Bad Gateway"
 
 
 def test_plain_chunked_answers_pass_on_one_connection(scripted_door) -> None:
-    _, port = scripted_door
+    _, port, _ = scripted_door
     with raw(port) as client:
         for _ in range(2):
             client.send(request("GET", "/chunked"))
@@ -673,6 +828,167 @@ def test_plain_chunked_answers_pass_on_one_connection(scripted_door) -> None:
             assert status == "HTTP/1.1 200 OK"
             assert header(headers, "Transfer-Encoding") == ["chunked"]
             assert client.chunk() == b"abc" and client.chunk() == b""
+
+
+def read_body(client: Raw, headers: list[tuple[str, str]], method: str = "GET") -> bytes:
+    """The body of a response whose head ``client`` just read."""
+    if method == "HEAD":
+        return b""
+    if header(headers, "Transfer-Encoding") == ["chunked"]:
+        return b"".join(iter(client.chunk, b""))
+    length = header(headers, "Content-Length")
+    return client.exactly(int(length[0])) if length else b""  # b"": a 204
+
+
+@pytest.mark.parametrize("path, method, reused", [
+    ("/next", "GET", True),  # the control: a clean answer's connection is pooled
+    ("/excess-length", "GET", False), ("/excess-late", "GET", False),
+    ("/excess-chunked", "GET", False), ("/excess-204", "GET", False),
+    ("/excess-head", "HEAD", False), ("/length-and-chunked", "GET", False),
+    ("/upstream-close", "GET", False)])
+def test_bytes_past_an_answer_never_reach_the_next_client(scripted_door, path: str,
+                                                          method: str, reused: bool) -> None:
+    """Bytes an endpoint sends past the end of its answer (more than its Content-Length,
+    a second response nobody asked for, a body after a 204 or a HEAD), now or a moment
+    later, would be read as the answer to whatever request next uses that pooled
+    connection: another client's. Such a connection is never pooled, nor one whose
+    framing was in doubt (Content-Length with Transfer-Encoding, RFC 9112 6.3) or that
+    the endpoint said it would close."""
+    _, port, upstream = scripted_door
+    LATE.clear()
+    with raw(port) as first:
+        first.send(request(method, path))
+        status, headers = first.head()
+        assert status.startswith("HTTP/1.1 2"), status
+        assert read_body(first, headers, method) in (b"hello", b"next", b"")
+        assert not header(headers, "Content-Length") or not header(headers,
+                                                                   "Transfer-Encoding")
+        first_connection = upstream.connection_of(path)
+    if path == "/excess-late":
+        assert LATE.wait(TIMEOUT)
+        time.sleep(0.1)  # on its way over loopback
+    with raw(port) as second:  # another client, to the same endpoint
+        second.send(request("GET", "/next"))
+        status, headers = second.head()
+        assert (status, read_body(second, headers)) == ("HTTP/1.1 200 OK", b"next")
+    assert (upstream.connection_of("/next") == first_connection) is reused
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_early_answer_ends_the_client_connection(scripted_door, chunked: bool) -> None:
+    """An endpoint that answers before reading the whole request body (a 413) and
+    resets: the answer reaches the client, and the client connection ends there. The
+    rest of that body must never be read as requests of their own: a front proxy that
+    sent it as one body would see them answered (request smuggling)."""
+    _, port, upstream = scripted_door
+    smuggled = request("GET", "/next") * 3
+    if chunked:
+        head = request("POST", "/early", "Transfer-Encoding: chunked")
+        first = b"%x\r\n" % (10 + len(smuggled)) + b"b" * 10
+        tail = smuggled + b"\r\n0\r\n\r\n"
+    else:
+        head = request("POST", "/early", f"Content-Length: {10 + len(smuggled)}")
+        first, tail = b"b" * 10, smuggled
+    before = len(upstream.seen)
+    with raw(port) as client:
+        client.send(head)  # the body is streamed: none of it came with the head
+        wait_until(lambda: len(upstream.seen) > before, what="the endpoint answered")
+        time.sleep(0.2)  # the answer and the reset reach the balancer
+        client.send(first)  # its relay to the endpoint fails: the early answer is read
+        status, headers = client.head()
+        assert status == "HTTP/1.1 413 Content Too Large"
+        assert header(headers, "Connection") == ["close"]
+        assert client.exactly(8) == b"too big\n"
+        rest = b""
+        with contextlib.suppress(OSError):
+            client.send(tail)
+            rest = client.until_close()
+    assert rest == b""
+    assert [path for _, path in upstream.seen[before:]] == ["/early"]
+
+
+def test_a_response_head_trickled_in_is_bounded_by_the_read_timeout(scripted_door) -> None:
+    """The read timeout bounds the wait for a whole response head, not each read of
+    it: an endpoint sending its head a byte every 0.2 s never stays silent for 2 s, yet
+    the client gets its 504 after 2 s, not when (if ever) the head is complete."""
+    _, port, _ = scripted_door
+    started = time.monotonic()
+    resp = requests.get(f"http://127.0.0.1:{port}/trickle", timeout=10)
+    assert resp.status_code == 504, (resp.status_code, resp.text)
+    assert 1.5 < time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("path, body", [("/bare-lf", b"ok"),
+                                        ("/bare-lf-crlf-body", b"ab\r\n\r\n")])
+def test_bare_lf_response_heads_are_tolerated_behind_the_door(scripted_door, path: str,
+                                                             body: bytes) -> None:
+    """RFC 9112 2.2 lets a recipient take a bare LF for a line end; the README promises
+    it for endpoints' answers. On a kept connection nothing but the head's end says
+    where the head stops: looking for CRLF CRLF alone waited for the read timeout."""
+    _, port, _ = scripted_door
+    with raw(port) as client:
+        for _ in range(2):
+            client.send(request("GET", path))
+            status, headers = client.head()
+            assert status == "HTTP/1.1 200 OK"
+            assert header(headers, "X-A") == ["1"]
+            assert read_body(client, headers) == body
+
+
+def test_new_long_status_lines_are_not_kept(scripted_door) -> None:
+    """The balancer remembers status lines it parsed (endpoints send few distinct ones);
+    an endpoint that sends a new 60 kB reason phrase each time must not make it keep
+    them: 300 such answers once grew it by 14 MB for good."""
+    proc, port, _ = scripted_door
+    with raw(port) as client:
+        client.send(request("GET", "/long-reason"))  # the first: buffers of that size
+        assert client.head()[0].startswith("HTTP/1.1 200 ") and client.exactly(2) == b"ok"
+        before = rss_kib(proc.pid)
+        for _ in range(300):
+            client.send(request("GET", "/long-reason"))
+            status, headers = client.head()
+            assert len(status) > 60_000 and client.exactly(2) == b"ok"
+    assert rss_kib(proc.pid) - before < 4096
+
+
+def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None:
+    """Interim answers stay here, for HTTP/1.1 and HTTP/1.0 clients alike. A status
+    line without a reason gets the standard one; obs-text in a value and
+    each Set-Cookie line pass as they came; fields the endpoint named in Connection,
+    Keep-Alive and Connection itself do not, but for a Content-Length named there
+    (passed on with it, the client would read the next answer as this one's body); a
+    101 to an upgrade passes with the frames that came with it."""
+    _, port, _ = scripted_door
+    with raw(port) as client:
+        client.send(request("GET", "/passed-on"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 200 OK"
+        assert read_body(client, headers) == b"ok"
+    assert header(headers, "X-Obs") == ["caf\xe9 \xff"]
+    assert [c for c in header(headers, "Set-Cookie")
+            if not c.startswith("cluster-endpoint::")] == ["a=1", "b=2, c=3"]
+    assert not {"x-secret", "keep-alive", "connection"} & {k.lower() for k, _ in headers}
+    for version in ("HTTP/1.1", "HTTP/1.0"):  # interim answers are not passed on
+        with raw(port) as client:
+            client.send(f"GET /interim {version}\r\nHost: x\r\n\r\n".encode())
+            status, headers = client.head()
+            assert (status, read_body(client, headers)) == ("HTTP/1.1 200 OK", b"ok")
+            if version == "HTTP/1.0":
+                assert client.until_close() == b""  # nothing else, then closed
+    with raw(port) as client:  # Content-Length is never hop-by-hop, even when named so
+        client.send(request("GET", "/named-length"))
+        status, headers = client.head()
+        assert (header(headers, "Content-Length"), header(headers, "X-Named")) == (["5"], [])
+        assert client.exactly(5) == b"hello"
+        client.send(request("GET", "/next"))  # the same connection carries another answer
+        status, headers = client.head()
+        assert (status, read_body(client, headers)) == ("HTTP/1.1 200 OK", b"next")
+    with raw(port) as client:
+        client.send(request("GET", "/ws-frames", "Upgrade: websocket", "Connection: Upgrade",
+                            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                            "Sec-WebSocket-Version: 13"))
+        assert client.head()[0] == "HTTP/1.1 101 Switching Protocols"
+        assert client.until_close() == b"\x81\x05hello"
 
 
 # --- large transfers and memory ------------------------------------------------------
@@ -892,6 +1208,19 @@ def test_body_mode() -> None:
     # a final coding other than chunked: the body runs until the endpoint closes
     assert mode(b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip") == \
         (UNTIL_CLOSE, -1)
+    # chunked wins over a Content-Length, but such a connection is not reused (RFC 9112
+    # 6.3), nor one with Transfer-Encoding in HTTP/1.0 (6.1)
+    assert not chunked.keep_alive
+    assert not _parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n"
+                           b"Transfer-Encoding: chunked").keep_alive
+    assert _parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked").keep_alive
+
+
+def test_response_field_count_is_bounded() -> None:
+    fields = b"".join(b"\r\nX-F%d: v" % i for i in range(MAX_RESPONSE_FIELDS))
+    assert len(_parse_head(b"HTTP/1.1 200 OK" + fields).field_pairs()) == MAX_RESPONSE_FIELDS
+    with pytest.raises(ValueError, match="fields"):
+        _parse_head(b"HTTP/1.1 200 OK" + fields + b"\r\nA:")
 
 
 def test_request_target() -> None:

@@ -19,9 +19,9 @@ import pytest
 import websocket
 from websocket import ABNF
 
+from cluster.handler import is_websocket_upgrade
 from cluster.proxy.websocket import (
     WebSocketBridge,
-    is_websocket_upgrade,
     parse_response_head,
     upgrade_request_head,
 )
@@ -329,6 +329,21 @@ def test_is_websocket_upgrade(method: str, upgrade: str, connection: str,
                               expected: bool) -> None:
     environ = {"REQUEST_METHOD": method, "HTTP_UPGRADE": upgrade,
                "HTTP_CONNECTION": connection}
+    assert is_websocket_upgrade(environ) is expected
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ({"SERVER_PROTOCOL": "HTTP/1.1", "CONTENT_LENGTH": ""}, True),
+    ({"SERVER_PROTOCOL": "HTTP/1.1", "CONTENT_LENGTH": "0"}, True),
+    ({"SERVER_PROTOCOL": "HTTP/1.0"}, False),
+    ({"CONTENT_LENGTH": "5"}, False),
+    ({"HTTP_TRANSFER_ENCODING": "chunked"}, False),
+], ids=["http11", "length-0", "http10", "a-body", "chunked-body"])
+def test_an_upgrade_of_http10_or_with_a_body_is_ignored(extra: dict, expected: bool) -> None:
+    """RFC 9110 7.8 lets a server ignore an Upgrade; the front door does for these, and
+    so does the WSGI adapter (cluster.wrap), so both route them as plain requests."""
+    environ = {"REQUEST_METHOD": "GET", "HTTP_UPGRADE": "websocket",
+               "HTTP_CONNECTION": "Upgrade", **extra}
     assert is_websocket_upgrade(environ) is expected
 
 

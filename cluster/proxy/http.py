@@ -57,6 +57,7 @@ from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, misbe
 from cluster.http1 import (
     CHUNKED,
     FIXED,
+    MAX_INTERIM,
     NO_BODY,
     UNTIL_CLOSE,
     ChunkedScanner,
@@ -326,6 +327,7 @@ class HttpForwarder:
         sock = conn.sock
         buf = bytes(conn.buf)  # always bytes here: no copy
         got = bool(buf)
+        interim = 0
         while True:  # until a final (non-1xx) response head
             end, sep = find_response_head(buf)
             if end < 0:
@@ -361,7 +363,11 @@ class HttpForwarder:
                 break
             if head.code == 101:
                 raise UpstreamBroken(url, "switched protocols without being asked to")
-            # 100 Continue, 102, 103 Early Hints: interim, skipped.
+            # 100 Continue, 102, 103 Early Hints: interim, skipped, but not forever.
+            interim += 1
+            if interim > MAX_INTERIM:
+                raise misbehaving(UpstreamBroken(
+                    url, f"more than {MAX_INTERIM} interim (1xx) answers"))
         mode, length = response_framing(method.encode("latin-1"), head)
         if head.transfer and not head.chunked:
             raise UpstreamBroken(url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}")

@@ -17,11 +17,17 @@ Policy choices and known weak spots:
 - ``Expect: 100-continue`` is answered by this instance once the endpoint is connected,
   and not forwarded; the endpoint gets the body straight after the head.
 - A request body is sent whole before the response is read. An endpoint that answers
-  early (413) and closes is handled: its answer is read after the failed send.
+  early (413) and closes is handled: its answer is read after the failed send, and the
+  client connection ends after it (the rest of the body is never read as requests), at
+  once, without a lingering close (as after a malformed request).
+- The read timeout bounds the wait for a whole response head (from the end of the
+  request, and afresh after each interim answer), and each read of a body after it.
 - A small request (no body, or one already in the buffer) found a pooled connection
   closed under it is resent once on a fresh connection; a streamed body is not, so it
   always goes over a fresh connection.
-- Interim 1xx answers (100, 103) are not passed on; a 101 is, for upgrades only.
+- Interim 1xx answers (100, 103) are not passed on, and more than
+  :data:`~cluster.http1.MAX_INTERIM` of them is a 502; a 101 is, for WebSocket
+  upgrades only (the only Upgrade passed on).
 - A connection that carried a HEAD is not pooled (some servers send a body anyway).
 - A small request, and a small answer that is all here, is sent once the other
   connections ready in the same pass of the event loop have run (:func:`_after_others`):
@@ -57,11 +63,14 @@ from cluster.http1 import (
     CRLF,
     FIXED,
     HEAD_END,
+    MAX_INTERIM,
     NO_BODY,
     ChunkedScanner,
     ChunkError,
     RequestHead,
     ResponseHead,
+    crlf_head,
+    find_response_head,
     parse_response_head,
     response_framing,
     without_field,
@@ -164,7 +173,7 @@ class Exchange:
     """One request's trip to one endpoint (tried again by attempts.py on another)."""
 
     __slots__ = ("client", "head", "pool", "url", "upstream", "raw_head", "response",
-                 "started", "upstream_seconds", "sent", "splice")
+                 "started", "upstream_seconds", "sent", "splice", "cut")
 
     def __init__(self, client: ClientConn, head: RequestHead, pool: Pool, url: str) -> None:
         self.client = client
@@ -178,6 +187,7 @@ class Exchange:
         self.upstream_seconds = 0.0
         self.sent = 0  # bytes written to the client
         self.splice = False  # the answer's body may be spliced (see _read_head)
+        self.cut = False  # the request body was not all sent (the endpoint answered early)
 
     def send_request(self, out_head: bytes, body: bytes | None) -> None:
         """Send the head and the body; ``body`` is the whole body when it is already
@@ -279,6 +289,9 @@ class Exchange:
             if isinstance(exc, _ClientGone):
                 raise
             # The endpoint may have answered early (413) and closed: read its answer.
+            # The rest of the client's body is still to come on the client connection,
+            # so that connection ends after the answer (see relay_response).
+            self.cut = True
             log.debug("%s: sending the body failed (%s); reading an early answer", self.url,
                       exc)
         finally:
@@ -291,19 +304,20 @@ class Exchange:
         buf = bytes(conn.buf)  # bytes here (no copy)
         conn.buf = b""
         reader = conn.reader
-        waited = False
+        interim = 0
         # A plain endpoint socket: read little, splice the rest of a large body.
         splice = self.splice = conn.plain and _SPLICING
         size = SPLICE_HEAD_READ if splice else HEAD_READ
         while True:
+            sep = 4  # the length of the blank line ending the head
             end = buf.find(HEAD_END)
+            # The deadline is not moved while a head comes in: the read timeout bounds
+            # the wait for the whole head, so a head trickled in a byte at a time ends
+            # in a 504 too (the body's reads each get the read timeout, nginx-like).
             while end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     raise misbehaving(UpstreamBroken(self.url,
                                                      "response head larger than 64 KiB"))
-                if waited:  # the read timeout is per read: silent for that long
-                    client.expect(UPSTREAM, self.pool.read_timeout)
-                waited = True
                 try:
                     data = reader.recv(size)
                 except OSError as exc:
@@ -316,21 +330,33 @@ class Exchange:
                     raise UpstreamBroken(self.url, "closed the connection before answering")
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
+                if end < 0 and b"\n\n" in buf:  # a head whose lines end in bare LF
+                    end, sep = find_response_head(buf)
             if end > MAX_RESPONSE_HEAD:
                 raise misbehaving(UpstreamBroken(self.url,
                                                  "response head larger than 64 KiB"))
-            raw = buf[:end]
+            raw = buf[:end] if sep == 4 else crlf_head(buf[:end])
             try:
                 response = parse_response_head(raw)
             except ValueError as exc:
-                raise misbehaving(UpstreamBroken(self.url, f"malformed response head: {exc}")) \
-                    from None
-            if response.code >= 200 or (response.code == 101 and self.head.upgrade):
+                raw, response, end, sep = _bare_lf_head(self.url, buf, end, sep, exc)
+            if response.code >= 200 or (response.code == 101 and self.head.is_websocket):
                 break
-            if response.code == 101:  # RFC 9110 15.2.2: only to a request that asked
+            if response.code == 101:
+                # RFC 9110 15.2.2: only to a request that asked, and only a WebSocket
+                # upgrade is passed on (h2c, or an Upgrade on a POST, is not): relayed as
+                # an answer, the client would switch protocols on a connection the door
+                # still reads as HTTP/1.1, and the endpoint connection would be pooled.
                 raise misbehaving(UpstreamBroken(self.url, "101 to a request without Upgrade"))
-            # 100 Continue, 103 Early Hints: not passed on (see the module docstring)
-            buf = buf[end + 4:]
+            # 100 Continue, 103 Early Hints: not passed on (see the module docstring). Each
+            # says the endpoint is alive, so the next head gets the read timeout afresh;
+            # an endless stream of them is bounded by their number.
+            interim += 1
+            if interim > MAX_INTERIM:
+                raise misbehaving(UpstreamBroken(
+                    self.url, f"more than {MAX_INTERIM} interim (1xx) answers"))
+            client.expect(UPSTREAM, self.pool.read_timeout)
+            buf = buf[end + sep:]
         if response.transfer and response.transfer.lower() != b"chunked" and \
                 _codings(response.transfer) != [b"chunked"]:
             # Only chunked is asked for (the client's TE is not passed on, RFC 9110
@@ -340,7 +366,7 @@ class Exchange:
                 self.url, f"Transfer-Encoding {response.transfer[:60]!r}: not plain chunked"))
         # The body bytes that came with the head: a large piece is not copied out of the
         # read, only viewed (relay_response sends it as it is, or copies it to scan it).
-        end += 4
+        end += sep
         conn.buf = buf[end:] if len(buf) - end < _VIEW_FROM else memoryview(buf)[end:]
         self.raw_head = raw
         self.response = response
@@ -360,6 +386,12 @@ class Exchange:
         assert response is not None and conn is not None
         client = self.client
         head = self.head
+        if self.cut:
+            # An early answer: what is left of the request body would be read as the
+            # next request (a desync a front proxy could be used to smuggle requests
+            # through), and the endpoint connection is out of step. Neither is kept.
+            client_keep = False
+            response = response._replace(keep_alive=False)
         key = (self.raw_head, head.method, head.version, client_keep, extra)
         known = _RELAYED.get(key)
         if known is None:
@@ -622,6 +654,23 @@ def _relayed_head(response: ResponseHead, head: RequestHead, client_keep: bool,
         framing += b"\r\nConnection: keep-alive"
     out = response.status_line + fields + framing + extra + HEAD_END
     return mode, length, dechunk, client_keep, out
+
+
+def _bare_lf_head(url: str, buf: bytes, end: int, sep: int,
+                  error: ValueError) -> tuple[bytes, ResponseHead, int, int]:
+    """(head, its parse, end, blank line length) for a head in ``buf`` that failed to
+    parse as the one ending at ``end``: one whose lines end in bare LF may end before a
+    CRLF CRLF in its body (RFC 9112 2.2 lets a recipient accept bare LF; the forwarder
+    does too). Looked for only after a failure, so a usual head costs nothing more.
+    Raises the misbehaving UpstreamBroken for ``error`` when it is not such a head."""
+    bare, bare_sep = find_response_head(buf) if sep == 4 else (-1, 0)
+    if 0 <= bare < end:
+        raw = crlf_head(buf[:bare])
+        try:
+            return raw, parse_response_head(raw), bare, bare_sep
+        except ValueError as exc:
+            error = exc
+    raise misbehaving(UpstreamBroken(url, f"malformed response head: {error}")) from None
 
 
 def _codings(transfer: bytes) -> list[bytes]:

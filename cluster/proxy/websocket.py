@@ -29,7 +29,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from cluster.errors import UpstreamBroken, UpstreamTimeout
-from cluster.handler import HIJACK_KEY
+from cluster.handler import HIJACK_KEY, is_websocket_upgrade  # noqa: F401 (re-exported)
 from cluster.http1 import (
     CHUNKED,
     FIXED,
@@ -60,18 +60,6 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 VIA = "1.1 cluster"
-
-
-def is_websocket_upgrade(environ: dict[str, Any]) -> bool:
-    """True for ``GET`` with ``Upgrade: websocket`` and ``Connection: upgrade`` (RFC 6455 4.1)."""
-    if environ.get("REQUEST_METHOD") != "GET":
-        return False
-    upgrade = _tokens(environ.get("HTTP_UPGRADE", ""))
-    return "websocket" in upgrade and "upgrade" in _tokens(environ.get("HTTP_CONNECTION", ""))
-
-
-def _tokens(value: str) -> set[str]:
-    return {part.strip().lower() for part in value.split(",") if part.strip()}
 
 
 _FORWARDING: dict[frozenset[str], Forwarding] = {}
