@@ -195,7 +195,10 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         """A text frame's payload, unmasked and decoded (into the MessageCheck) as its
         bytes arrive: invalid UTF-8 fails the connection at once, not once the rest of
         the frame came (which may be never; Autobahn 6.4.3-4 want it so)."""
-        read_some, check = self.handler.rfile.read_some, self.utf8validator
+        rfile, check = self.handler.rfile, self.utf8validator
+        # what is buffered, else one receive: the door's reader has read_some, pywsgi's
+        # buffered socket file (cluster.wrap() under ClusterHandler) read1
+        read_some = getattr(rfile, "read_some", None) or rfile.read1
         done = 0
         while done < length:
             piece = read_some(min(length - done, PIECE))
