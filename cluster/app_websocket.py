@@ -7,15 +7,25 @@ that class
 - unmasks every frame byte by byte and checks text with a UTF-8 automaton written in
   Python (unless the optional wsaccel is installed): one 16 MiB message held the whole
   process, and every other client of it, for 1.5-2.7 s;
+- checks text only once a whole frame came (an invalid first byte of a 16 MiB frame,
+  or of one whose rest never comes, waits for it), checks it again, then decodes it;
 - takes a message of any size: a frame header may announce 2^63 bytes, and
   continuation frames grow a message without end;
 - accepts unmasked frames from a client (RFC 6455 5.1: the server must close);
-- writes a close frame's reason without its code.
+- writes a close frame's reason without its code;
+- checks a client's close frame loosely (RFC 6455 5.5.1, 7.4): echoes codes 5000 and
+  up, and a reason cut in the middle of a character, refuses 1012-1014 (registered
+  since: service restart, try again later, bad gateway);
+- ends the TCP connection with bytes of the client unread: the kernel sends a reset,
+  which can overtake the close frame (node's ws reports 1006, not the code).
 
-Here unmasking is one XOR of two big integers and text is checked by CPython's UTF-8
-decoder (both in C), a message past ``--max-websocket-message`` closes the socket with
-1009 before its payload is read, an unmasked frame closes it with 1002, and close frames
-carry their code.
+Here unmasking is one XOR of two big integers and text is decoded by CPython's UTF-8
+decoder (both in C) as it arrives, which is its check; a message past
+``--max-websocket-message`` closes the socket with 1009 before its payload is read, an
+unmasked frame or a length with its top bit set closes it with 1002, close frames carry
+their code and are checked as Autobahn's testsuite expects, and after the close frame
+our side of the connection ends (FIN) at once while :func:`linger` reads what the
+client still sends (the door calls it when the app returns).
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ from cluster.netio import let_others_run
 
 #: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+#: close codes a client may send: RFC 6455 7.4.1's, 1012-1014 (IANA registry), and
+#: 3000-4999 (libraries, applications); Autobahn 7.7 and 7.9 test both sides
+_RECEIVABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)})
 
 #: RFC 6455 7.4.1: "a message that is too big for it to process"
 MESSAGE_TOO_BIG = 1009
@@ -77,35 +91,56 @@ def unmask_cooperatively(payload: bytes, mask: bytes) -> bytes | bytearray:
 
 class MessageCheck:
     """Stands where gevent-websocket keeps its UTF-8 validator (the object's slots are
-    fixed, so the state lives here): checks text incrementally with CPython's decoder,
-    and counts each message's bytes against the limit as its frame headers arrive."""
+    fixed, so the state lives here): follows each message over its frame headers (the
+    order of its frames, its size against the limit, text or not), and decodes text
+    incrementally with CPython's decoder, which is the UTF-8 check."""
 
-    __slots__ = ("limit", "size", "_decoder", "_total")
+    __slots__ = ("limit", "size", "text", "open", "parts", "_decoder", "_total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0  # bytes of the message being read, announced so far
+        self.text = False  # the message being read is text
+        self.open = False  # a message was started and not finished (FIN) yet
+        self.parts: list[str] = []  # the text message so far, decoded
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._total = 0
 
-    def admit(self, header: Header) -> None:
-        """Raise MessageTooBig when ``header``'s frame would take its message past the
-        limit, before its payload is read."""
+    def admit(self, header: Header) -> bool:
+        """Check ``header``'s frame against its message before its payload is read: out
+        of order (RFC 6455 5.4) it raises ProtocolError, past the limit MessageTooBig.
+        True when its payload is text."""
         if header.opcode in (_TEXT, _BINARY):
+            if self.open:
+                raise ProtocolError("a new message before the fragmented one ended")
             self.size = header.length
+            self.text = header.opcode == _TEXT
+            self.reset()
         elif header.opcode == _CONTINUATION:
+            if not self.open:
+                raise ProtocolError("a continuation frame with no message started")
             self.size += header.length
         else:
-            return  # control frames: at most 125 bytes, checked by Header
+            return False  # control frames: at most 125 bytes, checked by Header
+        self.open = not header.fin
         if self.size > self.limit:
             raise MessageTooBig(f"message of {self.size} bytes or more, "
                                 f"limit {self.limit}")
+        return self.text
+
+    def finish(self) -> str:
+        """The text message, ended: UnicodeError when it ends inside a character."""
+        if self._decoder.getstate()[0]:
+            raise UnicodeError("text message ends inside a character")
+        text, self.parts = "".join(self.parts), []
+        return text
 
     # gevent-websocket's validator interface: reset() per message, validate() per piece
 
     def reset(self) -> None:
         self._decoder.reset()
         self._total = 0
+        self.parts = []
 
     def validate(self, data: bytes) -> tuple[bool, bool, int, int]:
         """(valid, ends on a whole character, index in ``data``, index in the message)."""
@@ -114,7 +149,7 @@ class MessageCheck:
             if start:
                 let_others_run()
             try:
-                self._decoder.decode(view[start:start + PIECE], False)
+                self.parts.append(self._decoder.decode(view[start:start + PIECE], False))
             except UnicodeDecodeError as exc:
                 at = start + exc.start
                 return False, False, at, self._total + at
@@ -134,11 +169,15 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
 
     def read_frame(self) -> tuple[Header, bytes | bytearray]:
         header = Header.decode_header(self.stream)
+        if self.closed:  # by another greenlet while this one waited (its reads are gone)
+            raise WebSocketError(MSG_ALREADY_CLOSED)
         if header.flags:
             raise ProtocolError("reserved bits set without an extension")
         if not header.mask:
             raise ProtocolError("unmasked frame from a client")
-        self.utf8validator.admit(header)
+        if header.length >> 63:
+            raise ProtocolError("payload length with its most significant bit set")
+        text = self.utf8validator.admit(header)
         if not header.length:
             return header, b""
         # In the middle of a frame the door bounds each wait for the client by
@@ -149,9 +188,13 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         if bounded:
             rfile.in_message = True
         try:
-            payload = self.raw_read(header.length)
-        except OSError:
-            payload = b""
+            if text:  # decoded into the MessageCheck as it arrives: no payload here
+                self.read_text(header.length, header.mask)
+                return header, b""
+            try:
+                payload = self.raw_read(header.length)
+            except OSError:
+                payload = b""
         finally:
             if bounded:
                 rfile.in_message = False
@@ -159,15 +202,77 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             raise WebSocketError("Unexpected EOF reading frame payload")
         return header, unmask_cooperatively(payload, header.mask)
 
+    def read_text(self, length: int, mask: bytes) -> None:
+        """A text frame's payload, unmasked and decoded (into the MessageCheck) as its
+        bytes arrive: invalid UTF-8 fails the connection at once, not once the rest of
+        the frame came (which may be never; Autobahn 6.4.3-4 want it so)."""
+        rfile, check = self.handler.rfile, self.utf8validator
+        # what is buffered, else one receive: the door's reader has read_some, pywsgi's
+        # buffered socket file (cluster.wrap() under ClusterHandler) read1
+        read_some = getattr(rfile, "read_some", None) or rfile.read1
+        done = 0
+        while done < length:
+            piece = read_some(min(length - done, PIECE))
+            if not piece:
+                raise WebSocketError("Unexpected EOF reading frame payload")
+            turn = done % 4  # the mask byte this piece starts at
+            if not check.validate(unmask(piece, mask[turn:] + mask[:turn]))[0]:
+                raise UnicodeError("invalid UTF-8 in a text message")
+            if done // PIECE != (done + len(piece)) // PIECE:
+                let_others_run()  # a big message arriving at full speed: a MiB at a time
+            done += len(piece)
+
+    def read_message(self) -> Any:
+        """gevent-websocket's: frames up to a whole message (control frames answered
+        between them). The order of frames was checked, and text decoded, as they came
+        (MessageCheck, read_text): once, where gevent-websocket checks it twice and
+        then decodes it."""
+        message = bytearray()
+        while True:
+            header, payload = self.read_frame()
+            opcode = header.opcode
+            if opcode == self.OPCODE_PING:
+                self.handle_ping(header, payload)
+            elif opcode == self.OPCODE_PONG:
+                self.handle_pong(header, payload)
+            elif opcode == self.OPCODE_CLOSE:
+                self.handle_close(header, payload)
+                return None
+            elif opcode not in (_TEXT, _BINARY, _CONTINUATION):
+                raise ProtocolError(f"reserved opcode {opcode}")
+            else:
+                message += payload  # (text frames: b"")
+                if header.fin:
+                    break
+        check = self.utf8validator
+        return check.finish() if check.text else message
+
     def receive(self) -> Any:
         """gevent-websocket's: the next message, or None once the socket is closed."""
         try:
             return super().receive()
         except MessageTooBig:
-            rfile, sock = self.handler.rfile, self.handler.socket
             self.close(MESSAGE_TOO_BIG, "message too big")
-            linger(rfile, sock)
             return None
+
+    def handle_close(self, header: Header, payload: bytes | bytearray) -> None:
+        """The client's close frame, echoed (RFC 6455 5.5.1) when it is well formed: no
+        payload, or a code a client may send and a reason that is whole UTF-8. Else
+        the connection fails: 1002, or 1007 for the reason (receive() closes)."""
+        if not payload:
+            self.close(1000, b"")
+            return
+        if len(payload) < 2:
+            raise ProtocolError("a close frame of one byte")
+        reason = bytes(payload[2:])
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnicodeError("a close reason that is not UTF-8") from None
+        code = int.from_bytes(payload[:2], "big")
+        if code not in _RECEIVABLE:
+            raise ProtocolError(f"close code {code}")
+        self.close(code, reason)
 
     def close(self, code: int | None = 1000, message: Any = b"") -> None:
         """A close frame as RFC 6455 5.5.1 has it: the 2-byte code, then the reason.
@@ -175,7 +280,8 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         client's close, and an app's own ``close(4000, "why")``, reach the client with
         the reason's first two bytes as the code (websockets and Node's ws fail the
         connection, Chromium reports code 25209)."""
-        if self.closed:
+        was_open = not self.closed
+        if not was_open:
             self.current_app.on_close(MSG_ALREADY_CLOSED)
         if isinstance(message, str):
             reason = message.encode("utf-8")
@@ -188,7 +294,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 reason[:123].decode("utf-8", "ignore").encode("utf-8")
         try:
             self.send_frame(payload, opcode=self.OPCODE_CLOSE)
-        except WebSocketError:
+            if was_open:  # nothing may follow a close frame: the client sees the end
+                self.handler.socket.shutdown(socket.SHUT_WR)  # now, not when the app returns
+        except OSError:  # WebSocketError too
             pass  # the socket is being closed anyway
         finally:  # as gevent-websocket's close() leaves it (its slots, unknown to mypy)
             for name, value in (("closed", True), ("stream", None), ("raw_write", None),
@@ -196,16 +304,17 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 setattr(self, name, value)
 
 
-#: how long a refused client may go on sending before its connection is closed anyway
+#: how long a client may go on sending after our close frame before its connection is
+#: closed anyway
 LINGER_SECONDS = 5.0
 
 
 def linger(rfile: Any, sock: Any) -> None:
-    """After a close frame sent in the middle of the client's message: end our side
-    (FIN) and read what the client still sends, the rest of the message and its close
-    frame, until it closes too or LINGER_SECONDS pass. A socket closed with bytes
-    unread sends a reset instead, which can overtake the close frame: the client
-    would see 1006 (abnormal closure), not 1009."""
+    """Once the app is done with its WebSocket (our close frame sent): end our side
+    (FIN) and read what the client still sends (the rest of a message, frames sent
+    before it saw our close, its close frame) until it closes too or LINGER_SECONDS
+    pass. A socket closed with bytes unread sends a reset instead, which can overtake
+    the close frame: node's ws, still sending, reports 1006 instead of the code."""
     try:
         sock.shutdown(socket.SHUT_WR)
         with gevent.Timeout(LINGER_SECONDS, False):

@@ -41,9 +41,10 @@ from urllib.parse import unquote_to_bytes
 
 import gevent
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
+from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.app_websocket import adopt
+from cluster.app_websocket import adopt, linger
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import BODY, HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
@@ -1033,6 +1034,13 @@ class _Reader:
             self._check(data)
         return data
 
+    def read_some(self, size: int) -> bytes:
+        """Up to ``size`` bytes: what is buffered, else what the next receive brings (b""
+        at EOF). A WebSocket text frame is checked as it arrives (cluster.app_websocket)."""
+        if not self.conn.buf and not self._fill():  # in a frame: bounded (in_message)
+            return b""
+        return self.read(min(size, len(self.conn.buf)))
+
     def readline(self, size: int = -1) -> bytes:
         if self.bad:
             raise _InvalidClientInput(self.bad)
@@ -1220,10 +1228,18 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         """pywsgi's (a traceback and a 500), but for a client that left, or was closed
         for silence, in the middle of its request body: the app's read raised OSError
         ("unexpected end of file..."), nobody is there to answer, and an upload cut
-        short is no server error. One line, as for a relayed body."""
+        short is no server error. One line, as for a relayed body. Likewise for a
+        WebSocket app that let gevent-websocket's WebSocketError out ("Socket is dead":
+        the client reset the connection while the app sent): most apps do not catch it,
+        and the socket's end is the client's doing."""
         if isinstance(v, OSError) and getattr(self.rfile, "ended", False):
             log.info("client %s left in the middle of its request body (%s %s): %s",
                      self.connection.conn.peer, self.command, self.path[:200], v)
+            self.close_connection = True
+            return
+        if self.websocket_used and isinstance(v, WebSocketError):
+            log.info("client %s: WebSocket %s ended in the app: %s",
+                     self.connection.conn.peer, self.path[:200], v)
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
@@ -1249,12 +1265,13 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end
         try:
-            super().run_websocket()
+            super().run_websocket()  # the app, then a close frame if it sent none
         finally:
             door.websockets -= 1
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
+            linger(self.rfile, self.socket)  # a FIN, not a reset that loses the close
 
 
 def _declared(content_length: str) -> int:

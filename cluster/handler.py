@@ -247,7 +247,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         elsewhere is still the bridge's to take. ``headers`` go on the 101 as well."""
         from geventwebsocket.websocket import Stream, WebSocket
 
-        from cluster.app_websocket import adopt
+        from cluster.app_websocket import adopt, linger
 
         environ = self.environ
         self.close_connection = True  # after a refusal, what comes next may be frames
@@ -271,7 +271,21 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             if not websocket.closed:
                 websocket.close()
             environ["wsgi.websocket"] = None
+            linger(self.rfile, self.socket)  # a FIN, not a reset that loses the close
         return []
+
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        """pywsgi's (a traceback), but one line for a WebSocket app served here that let
+        gevent-websocket's WebSocketError out ("Socket is dead": the client reset the
+        connection while the app sent), as the door does."""
+        from geventwebsocket.exceptions import WebSocketError
+
+        if self.hijacked and isinstance(v, WebSocketError):
+            log.info("client %s: WebSocket %s ended in the app: %s",
+                     self.client_address, str(self.path)[:200], v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
 
     def _write_with_headers(self, data: bytes) -> None:
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.

@@ -90,15 +90,15 @@ def test_message_check_agrees_with_gevent_websockets_validator_piece_by_piece() 
             assert mine[1] == reference[1], (data, pieces)
 
 
-def _header(opcode: int, length: int) -> Header:
-    return Header(fin=True, opcode=opcode, flags=0, length=length)
+def _header(opcode: int, length: int, fin: bool = True) -> Header:
+    return Header(fin=fin, opcode=opcode, flags=0, length=length)
 
 
 def test_message_check_counts_a_message_over_its_frames() -> None:
     check = MessageCheck(100)
-    check.admit(_header(BINARY, 60))
+    check.admit(_header(BINARY, 60, fin=False))
     check.admit(_header(0x9, 125))  # a ping between the pieces does not count
-    check.admit(_header(CONTINUATION, 40))
+    check.admit(_header(CONTINUATION, 40, fin=False))
     with pytest.raises(Exception, match="limit 100"):
         check.admit(_header(CONTINUATION, 1))
     check.admit(_header(TEXT, 100))  # a new message starts the count again

@@ -6,14 +6,18 @@ gevent-websocket handler of its own is configured anywhere).
 
 On any path, a WebSocket echoes every message with its own type; the text ``cmd:name``
 is answered with the instance name, ``cmd:close C R`` closes with code C and reason R
-(gevent-websocket's ``close(code, message)``). Plain HTTP: ``/whoami`` -> the name; anything else
--> 426, which is what the app says when no socket was handed to it.
+(gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
+another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
+without closing.
+Plain HTTP: ``/whoami`` -> the name; anything else -> 426, which is what the app says
+when no socket was handed to it.
 """
 
 from __future__ import annotations
 
 import os
 
+import gevent
 from geventwebsocket.exceptions import WebSocketError
 
 NAME = os.environ.get("BACKEND_NAME", "gws")
@@ -38,9 +42,14 @@ def app(environ, start_response):
             break
         if message == "cmd:name":
             ws.send(NAME)
+        elif isinstance(message, str) and message.startswith("cmd:close-later "):
+            _, code, reason = message.split(" ", 2)
+            gevent.spawn_later(0.05, ws.close, int(code), reason)
         elif isinstance(message, str) and message.startswith("cmd:close "):
             _, code, reason = message.split(" ", 2)
             ws.close(int(code), reason)
+            break
+        elif message == "cmd:return":
             break
         else:  # str goes out as text, bytes/bytearray as binary
             ws.send(message, binary=not isinstance(message, str))
