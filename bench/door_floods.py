@@ -38,7 +38,6 @@ GET /_cluster/status (connections, websockets). Cases (``--only`` picks some):
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import socket
@@ -50,8 +49,11 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bed import Bed, free_port, wait_port  # noqa: E402
+
+from helpers import raw_websocket  # noqa: E402
 
 GET = b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -111,23 +113,6 @@ def worst(waits: list[float]) -> str:
 def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def websocket(port: int) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade"
-                 f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        try:
-            piece = sock.recv(4096)
-        except OSError:
-            piece = b""
-        if not piece:
-            break
-        data += piece
-    return sock, data[:12]
 
 
 def closed_within(sock: socket.socket, seconds: float) -> float | None:
@@ -314,7 +299,8 @@ def ws_cap(port: int, pid: int, count: int) -> str:
     statuses: dict[bytes, int] = {}
     socks = []
     for _ in range(count):
-        sock, got = websocket(port)
+        sock, got = raw_websocket(port, timeout=10)
+        got = got[:12]
         statuses[got] = statuses.get(got, 0) + 1
         if got == b"HTTP/1.1 101":
             socks.append(sock)
@@ -342,7 +328,7 @@ def ws_half(port: int, pid: int, count: int, write_timeout: float) -> str:
     half = bytes(8 << 20)
     socks = []
     for _ in range(count):
-        sock, _ = websocket(port)
+        sock, _ = raw_websocket(port, timeout=10)
         sock.sendall(header + half)
         socks.append(sock)
     time.sleep(1)
@@ -377,7 +363,7 @@ def resets(port: int, pid: int, count: int, modes: list[str]) -> dict:
                 sock.recv(1000)
             else:  # an upgraded WebSocket in the middle of a frame
                 sock.close()
-                sock, _ = websocket(port)
+                sock, _ = raw_websocket(port, timeout=10)
                 sock.sendall(b"\x82\xff" + (1 << 20).to_bytes(8, "big") + b"\0\0\0\0" +
                              bytes(1000))
             if i % 50 == 0:

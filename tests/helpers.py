@@ -6,6 +6,7 @@ is stopped (SIGTERM, then SIGKILL) by the fixture or ``with`` block that made it
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -510,3 +511,24 @@ def load_corpus(kind: str) -> list[CorpusCase]:
     if not cases:
         raise FileNotFoundError(f"no *.http files under {folder}")
     return cases
+
+
+def raw_websocket(port: int, path: str = "/ws", timeout: float = 5.0
+                  ) -> tuple[socket.socket, bytes]:
+    """A WebSocket handshake on a raw socket: the socket (the caller closes it) and the
+    status line of the answer (b"" when the connection ended first)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            piece = sock.recv(4096)
+        except OSError:
+            piece = b""
+        if not piece:
+            break
+        data += piece
+    return sock, data.split(b"\r\n", 1)[0]

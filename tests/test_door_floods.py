@@ -8,7 +8,6 @@ Longer floods with figures are in bench/door_floods.py.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -23,33 +22,18 @@ import pytest
 from helpers import (
     Proc,
     exchange,
+    raw_websocket,
     read_response,
     read_until_close,
     request_bytes,
     start_serve,
     wait_until,
 )
+from test_door_limits import status_view, stop_clean
 
 FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 QUICK = ("--ping-interval", "1", "--expiry-grace", "1")
 WRITE_TIMEOUT = 1.0
-
-
-def stop_clean(proc: Proc) -> str:
-    """Stop by PID; it must have been alive and never have printed a traceback."""
-    alive = proc.poll() is None
-    proc.stop()
-    output = proc.output()
-    assert alive, f"{proc} died during the test:\n{output[-3000:]}"
-    assert "Traceback" not in output, output[-5000:]
-    return output
-
-
-def status_view(port: int) -> dict:
-    responses, _ = exchange(port, request_bytes(target="/_cluster/status",
-                                                headers=[("Connection", "close")]))
-    assert responses and responses[0].status == 200, responses
-    return json.loads(responses[0].body)
 
 
 def descriptors(proc: Proc) -> int:
@@ -87,25 +71,6 @@ def start_front(store: str, *args: str, wrapper: tuple[str, ...] = ()) -> tuple[
     return proc, port
 
 
-def open_websocket(port: int) -> tuple[socket.socket, bytes]:
-    """A raw WebSocket handshake: the socket and the status line it got."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                 f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        try:
-            piece = sock.recv(4096)
-        except ConnectionResetError:
-            piece = b""
-        if not piece:
-            break
-        data += piece
-    return sock, data.split(b"\r\n", 1)[0]
-
-
 def echoes(sock: socket.socket) -> bool:
     sock.sendall(b"\x81\x82\x00\x00\x00\x00hi")  # masked (zero key) text "hi"
     return sock.recv(100) == b"\x81\x02hi"
@@ -127,10 +92,10 @@ def test_websockets_through_a_balancer_count_against_its_connection_cap(
         watcher.sendall(ask_status)
         assert read_response(watcher).status == 200
         for _ in range(cap - 1):
-            sock, status = open_websocket(port)
+            sock, status = raw_websocket(port)
             socks.append(sock)
             assert status == b"HTTP/1.1 101 Switching Protocols", status
-        extra, status = open_websocket(port)
+        extra, status = raw_websocket(port)
         with extra:
             assert status.startswith(b"HTTP/1.1 503"), status
         assert all(echoes(sock) for sock in socks[1:])
@@ -140,7 +105,7 @@ def test_websockets_through_a_balancer_count_against_its_connection_cap(
         socks.pop().close()
 
         def a_newcomer_is_let_in() -> bool:
-            sock, status = open_websocket(port)
+            sock, status = raw_websocket(port)
             if status.startswith(b"HTTP/1.1 101"):
                 socks.append(sock)
                 return True
@@ -168,7 +133,7 @@ def test_out_of_descriptors_is_a_503_not_a_traceback_nor_an_ejection(
     try:
         statuses: dict[bytes, int] = {}
         for _ in range(60):  # 2 descriptors each: past 96 well before the end
-            sock, status = open_websocket(port)
+            sock, status = raw_websocket(port)
             statuses[status[:12]] = statuses.get(status[:12], 0) + 1
             if status.startswith(b"HTTP/1.1 101"):
                 socks.append(sock)
@@ -182,7 +147,7 @@ def test_out_of_descriptors_is_a_503_not_a_traceback_nor_an_ejection(
         socks = []
         wait_until(lambda: status_view(port)["websockets"] == 0, timeout=5,
                    what="the tunnels are gone")
-        sock, status = open_websocket(port)  # room again: the endpoint is still in use
+        sock, status = raw_websocket(port)  # room again: the endpoint is still in use
         with sock:
             assert status.startswith(b"HTTP/1.1 101"), status
             assert echoes(sock)
@@ -324,13 +289,13 @@ def test_a_websocket_message_that_stops_halfway_is_dropped_and_its_memory_freed(
                              env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "lws"})
     socks: list[socket.socket] = []
     try:
-        idle, status = open_websocket(port)
+        idle, status = raw_websocket(port)
         socks.append(idle)
         assert status.startswith(b"HTTP/1.1 101") and echoes(idle)
         before = rss_kib(proc)
         header = b"\x82\xff" + (8 << 20).to_bytes(8, "big") + b"\0\0\0\0"
         for _ in range(10):
-            sock, status = open_websocket(port)
+            sock, status = raw_websocket(port)
             socks.append(sock)
             assert status.startswith(b"HTTP/1.1 101"), status
             sock.sendall(header + bytes(4 << 20))

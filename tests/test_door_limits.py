@@ -70,13 +70,14 @@ def status_view(port: int) -> dict:
     return json.loads(responses[0].body)
 
 
-def stop_clean(proc: Proc) -> None:
+def stop_clean(proc: Proc) -> str:
     """Stop by PID; the door must still be alive and must never have logged a traceback."""
     alive = proc.poll() is None
     proc.stop()
     output = proc.output()
     assert alive, f"{proc} died during the tests:\n{output[-3000:]}"
     assert "Traceback" not in output, output[-5000:]
+    return output
 
 
 @pytest.fixture(scope="module")
