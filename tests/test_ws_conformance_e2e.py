@@ -64,15 +64,6 @@ def pair(request: pytest.FixtureRequest,
         yield cluster
 
 
-def half_close_relayed(pair: Cluster, pick: str) -> None:
-    """Skip through the library-mode bridge (cluster.wrap() relaying to another
-    instance): it ends both ways on the first EOF (cluster/proxy/websocket.py, known
-    weak spot), so a client still sending, or answering our close frame, may get a
-    reset; the door's tunnel does not."""
-    if getattr(pair, "wrapped", False) and pick == "b":
-        pytest.skip("cluster.wrap()'s bridge ends both ways on the first EOF")
-
-
 def close(code: int, reason: bytes = b"") -> bytes:
     return frame(CLOSE, struct.pack("!H", code) + reason)
 
@@ -334,7 +325,6 @@ def test_a_close_while_the_client_still_sends(pair: Cluster, pick: str, first: b
     has more bytes on the way, as Autobahn sends its frames: they are read and dropped
     until the client closes, and the connection ends with a FIN. Closed with bytes
     unread, it ended with a reset, which can overtake the close frame."""
-    half_close_relayed(pair, pick)
     with opened(pair, pick) as conn:
         flood = b"".join(frame(BINARY, bytes(60000)) for _ in range(40))
         with contextlib.suppress(BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -348,7 +338,6 @@ def test_nodes_ws_client_gets_the_apps_close_while_it_sends(pair: Cluster, pick:
     """The app closes (4000) while node's ws is still sending a 5 MB message: ws reports
     the app's code and reason, not 1006 (as it did when the instance reset the
     connection with the message unread)."""
-    half_close_relayed(pair, pick)
     if not (SIO / "node_modules" / "ws").is_dir() or not shutil.which("node"):
         pytest.fail(f"node or its ws package is missing: run `npm ci` in {SIO}")
     done = subprocess.run(
@@ -371,8 +360,6 @@ def test_the_app_ends_the_socket(pair: Cluster, pick: str, command: str, want: R
     """An app's close(code, reason) reaches the client whole, an app that just returns
     closes with 1000, and the TCP connection then ends at once, whether the client
     answers with its close frame (RFC 6455 5.5.1) or not."""
-    if answer:
-        half_close_relayed(pair, pick)
     with opened(pair, pick) as conn:
         conn.sock.sendall(text(command))
         assert replies(conn, 1) == [want]
@@ -402,7 +389,6 @@ def test_the_app_closes_from_another_greenlet(pair: Cluster, pick: str) -> None:
     """An app closes while its reading greenlet waits in receive() (as engineio's writer
     does): the client's answering close frame wakes that receive(), which returns None
     (a TypeError escaped it: the close had dropped the socket's read function)."""
-    half_close_relayed(pair, pick)
     with opened(pair, pick) as conn:
         conn.sock.sendall(text("cmd:close-later 4001 later"))
         assert replies(conn, 1) == [ECHO(4001, b"later")]

@@ -2,7 +2,9 @@
 
 The upgrade request goes upstream as an HTTP/1.1 request head; if the endpoint answers
 ``101``, that answer is copied to the client verbatim and from then on bytes are pumped
-both ways, one greenlet per direction, until either side closes. Frames are never
+both ways by the front door's :class:`~cluster.proxy.tunnel.Tunnel` (a half-close is
+passed on), or for TLS sockets by one greenlet per direction until either side closes.
+Frames are never
 parsed, so text, binary, fragments, ping/pong, close codes and reasons, subprotocols
 and extensions pass exactly as the two ends wrote them. Any other answer (403, 404...)
 reaches the client as an ordinary HTTP response.
@@ -15,9 +17,8 @@ nginx equivalent::
     proxy_read_timeout 1d;   # here: no idle timeout at all once upgraded
 
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-a peer that half-closes ends the whole tunnel (WebSocket has its own close handshake, so
-nothing that speaks it needs half-open TCP); https endpoints use the default TLS context
-and are not covered by the end-to-end tests.
+over TLS a peer that half-closes ends the whole tunnel; https endpoints use the default
+TLS context.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 from typing import Any, Callable, Iterable, Sequence
 
 import gevent
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 from cluster.errors import UpstreamBroken, UpstreamTimeout
 from cluster.handler import HIJACK_KEY, is_websocket_upgrade  # noqa: F401 (re-exported)
@@ -40,7 +41,7 @@ from cluster.http1 import (
 )
 from cluster.http1 import parse_response_head as parse_head
 from cluster.proxy.relay import Forwarding, request_head
-from cluster.proxy.tunnel import _close, _pump
+from cluster.proxy.tunnel import Tunnel, _close, _pump
 from cluster.proxy.upstream import Target, connect
 
 log = logging.getLogger(__name__)
@@ -311,13 +312,22 @@ class WebSocketBridge:
         return [body]
 
     def _tunnel(self, client: Any, upstream: Any, endpoint_url: str) -> None:
-        """Pump both ways: client->endpoint in a new greenlet, endpoint->client in this
-        one (the request's own greenlet would otherwise sit idle in a join, holding its
-        stack anyway); returns when both directions are done.
+        """Pump both ways until both are done. Plain sockets go through the front
+        door's :class:`~cluster.proxy.tunnel.Tunnel`, which passes a half-close on (a
+        client still sending after the endpoint closed, or answering its close frame,
+        is not reset); this greenlet waits for it. TLS sockets, which cannot be
+        half-closed, are pumped client->endpoint in a new greenlet and endpoint->client
+        in this one, and end on the first EOF.
 
         spawn_raw rather than spawn: a Greenlet records its spawning stack and tree
         (about 3.8 KB each, measured), which an idle tunnel has no use for.
         """
+        if Tunnel.supports(client, upstream):
+            ended = Event()
+            Tunnel(client, upstream, ended.set).start()
+            ended.wait()
+            log.debug("websocket to %s closed", endpoint_url)
+            return
         sent: AsyncResult = AsyncResult()
         gevent.spawn_raw(_pump_into, client, upstream, sent)
         down = 0
