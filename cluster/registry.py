@@ -321,6 +321,7 @@ class Registrar(_Loop):
     def _run(self) -> None:
         backoff = 0.0
         while not self._stopping.is_set():
+            started = time.monotonic()
             try:
                 self.beat()
             except DiscoveryError as exc:
@@ -332,7 +333,10 @@ class Registrar(_Loop):
                 continue
             backoff = 0.0
             self.outage.succeeded()
-            self._stopping.wait(self.ping_interval)
+            # One beat per ping interval, start to start: a beat slowed by a lossy link
+            # does not also push back the next one, so a record's age stays within one
+            # interval plus one write's delay (measured by the store's time at sending).
+            self._stopping.wait(max(0.0, self.ping_interval - (time.monotonic() - started)))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop heartbeating and delete the record at once (best effort; idempotent)."""

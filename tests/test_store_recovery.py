@@ -6,6 +6,7 @@ along still expires a crashed endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -141,11 +142,10 @@ def start_toxiproxy() -> tuple[Proc, int]:
     raise RuntimeError("three ports taken in a row: something else is wrong")
 
 
-@pytest.mark.timeout(120)
-def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, mongo_url):
-    """A store behind a slow link (every answer 0.4 s late, more than half the grace):
-    only the first slow refresh is a recovery; after that, a crashed endpoint expires as
-    usual and a live one stays."""
+@contextlib.contextmanager
+def slow_link(mongo_server, mongo_url, latency_ms: int, streams=("downstream",)):
+    """A mongodb:// URL to the test store through toxiproxy, every answer (and, with
+    "upstream" in ``streams``, every request) ``latency_ms`` late."""
     proxy, api = start_toxiproxy()
     try:
         # the link listens on a port the OS picks; the API answers with it
@@ -155,9 +155,20 @@ def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, m
         assert created.status_code == 201, (created.status_code, created.text)
         listen = int(created.json()["listen"].rpartition(":")[2])
         toxi = toxiproxy.Toxiproxy(f"http://127.0.0.1:{api}", lambda f, *a, **k: f(*a, **k))
-        toxi.toxic("store", "latency", latency=400)
+        for stream in streams:
+            toxi.toxic("store", "latency", stream, latency=latency_ms)
         name = urlsplit(mongo_url).path
-        slow_url = f"mongodb://127.0.0.1:{listen}{name}?directConnection=true"
+        yield f"mongodb://127.0.0.1:{listen}{name}?directConnection=true"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, mongo_url):
+    """A store behind a slow link (every answer 0.4 s late, more than half the grace):
+    only the first slow refresh is a recovery; after that, a crashed endpoint expires as
+    usual and a live one stays."""
+    with slow_link(mongo_server, mongo_url, 400) as slow_url:
         store = open_store(slow_url, timeout=8)
         writer = open_store(mongo_url, timeout=8)
         live, crashed = "http://127.0.0.1:9", "http://127.0.0.1:10"
@@ -199,5 +210,36 @@ def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, m
             watcher.stop()
             store.close()
             writer.close()
-    finally:
-        proxy.stop()
+
+
+@pytest.mark.timeout(60)
+def test_heartbeats_keep_their_interval_over_a_slow_link(mongo_server, mongo_url):
+    """Every answer of the store comes 0.2 s late: heartbeats still go one per ping
+    interval, start to start, so the record's age (the store's time at sending) stays
+    within about the interval. Waiting a full interval after each write made the gap
+    between two beats 1.2 s and more, every beat then counted as a rejoin and announced
+    itself (seven round trips), and it settled at one heartbeat every 2.4 s; on a lossy
+    link, live endpoints expired with a grace of two intervals (tests/test_hosts_e2e.py).
+    Announcing beats still cascade when seven round trips exceed 1.5 intervals."""
+    with slow_link(mongo_server, mongo_url, 200) as slow_url:
+        writer = open_store(slow_url, timeout=8)
+        registrar = Registrar(writer, "web", "http://127.0.0.1:9", None, ping_interval=1.0)
+        try:
+            registrar.start()
+            deadline = time.monotonic() + 20
+            while registrar.beats < 3:  # past the first writes, which also announce
+                assert time.monotonic() < deadline, f"{registrar.beats} beats"
+                time.sleep(0.01)
+            ends = []  # when each beat's write came back
+            seen = registrar.beats
+            while len(ends) < 9:
+                assert time.monotonic() < deadline + 15, f"{len(ends)} beats"
+                if registrar.beats != seen:
+                    seen = registrar.beats
+                    ends.append(time.monotonic())
+                time.sleep(0.005)
+            spacing = (ends[-1] - ends[0]) / (len(ends) - 1)
+            assert spacing < 1.1, f"a heartbeat every {spacing:.2f} s, not every 1.0 s"
+        finally:
+            registrar.stop()
+            writer.close()
