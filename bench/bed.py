@@ -17,11 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "tests" / "apps"
+#: a line of cluster's log format: time, level, logger, [pid], message
+_LOG_LINE = re.compile(r"\S+ \S+ (?P<level>[A-Z]+) \S+ \[\d+\] (?P<message>.*)")
 
 
 def free_port() -> int:
@@ -98,6 +101,20 @@ class Bed:
             if at >= 0:
                 found.append(f"{path.name}:\n{text[max(0, at - 300):at + 2000]}")
         return found
+
+    def warnings(self, most: int = 8) -> list[str]:
+        """The most frequent warning and error lines of the logs, each with its count and
+        the log it came from most, timestamps, pids and numbers left out: what went
+        wrong when a run failed."""
+        shapes: Counter[tuple[str, str]] = Counter()
+        for path in self.logs:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            name = path.stem.rpartition("-")[0]
+            for line in text.splitlines():
+                found = _LOG_LINE.match(line)
+                if found and found["level"] in ("WARNING", "ERROR", "CRITICAL"):
+                    shapes[(name, re.sub(r"\d+", "N", found["message"])[:200])] += 1
+        return [f"{n}x {name}: {message}" for (name, message), n in shapes.most_common(most)]
 
     def close(self) -> None:
         """SIGTERM every live process by PID, SIGKILL what is left, remove the temp dir."""

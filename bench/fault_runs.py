@@ -124,6 +124,13 @@ class Load:
                 proc.wait(5)
 
 
+def _read_logs(bed: Bed, outcome: Outcome) -> None:
+    """Tracebacks, and when requests failed, the warnings that say why."""
+    outcome.tracebacks = bed.tracebacks()
+    if outcome.http_failed:
+        outcome.http_failures += "; the logs said: " + "; ".join(bed.warnings())
+
+
 def _bed_with_fronts(bed: Bed, app: str, fronts: int) -> tuple[list[int], list[Any], list[int]]:
     ports = [free_port() for _ in range(INSTANCES)]
     members = [bed.member(port, f"m{n}", app=app) for n, port in enumerate(ports)]
@@ -165,7 +172,7 @@ def under_load(args: argparse.Namespace, outcome: Outcome, prefix: str) -> Itera
         load = None
         outcome.ws = fleet.finish()
         fleet = None
-        outcome.tracebacks = bed.tracebacks()
+        _read_logs(bed, outcome)
     finally:
         if load is not None:
             load.abort()
@@ -241,7 +248,7 @@ def store(args: argparse.Namespace) -> Outcome:
             f"{recovered:.1f} s after the store came back; at the end all {len(views)} list "
             f"{min(len(v['endpoints']) for v in views)} endpoints, store_failing "
             f"{str(any(v['store_failing'] for v in views)).lower()}")
-        outcome.tracebacks = bed.tracebacks()
+        _read_logs(bed, outcome)
         return outcome
     finally:
         if load is not None:
