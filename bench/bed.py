@@ -103,9 +103,9 @@ class Bed:
         return found
 
     def warnings(self, most: int = 8) -> list[str]:
-        """The most frequent warning and error lines of the logs, each with its count and
-        the log it came from most, timestamps, pids and numbers left out: what went
-        wrong when a run failed."""
+        """The most frequent warning and error lines of the logs by process name ("m0",
+        "front"), each with its count, numbers left out so that lines of one shape
+        count together: what went wrong when a run failed."""
         shapes: Counter[tuple[str, str]] = Counter()
         for path in self.logs:
             text = path.read_text(errors="replace") if path.exists() else ""
