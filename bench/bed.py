@@ -27,10 +27,20 @@ APPS = ROOT / "tests" / "apps"
 _LOG_LINE = re.compile(r"\S+ \S+ (?P<level>[A-Z]+) \S+ \[\d+\] (?P<message>.*)")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, never one this process was given before: two
+    calls in a row can get the same port from the OS (bound and closed each time),
+    and two members of one bed then fought over it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
