@@ -41,7 +41,6 @@ from urllib.parse import unquote_to_bytes
 
 import gevent
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
-from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt, linger
@@ -1228,18 +1227,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         """pywsgi's (a traceback and a 500), but for a client that left, or was closed
         for silence, in the middle of its request body: the app's read raised OSError
         ("unexpected end of file..."), nobody is there to answer, and an upload cut
-        short is no server error. One line, as for a relayed body. Likewise for a
-        WebSocket app that let gevent-websocket's WebSocketError out ("Socket is dead":
-        the client reset the connection while the app sent): most apps do not catch it,
-        and the socket's end is the client's doing."""
+        short is no server error. One line, as for a relayed body. (A WebSocket app's
+        WebSocketError: ClusterHandler.handle_error.)"""
         if isinstance(v, OSError) and getattr(self.rfile, "ended", False):
             log.info("client %s left in the middle of its request body (%s %s): %s",
                      self.connection.conn.peer, self.command, self.path[:200], v)
-            self.close_connection = True
-            return
-        if self.websocket_used and isinstance(v, WebSocketError):
-            log.info("client %s: WebSocket %s ended in the app: %s",
-                     self.connection.conn.peer, self.path[:200], v)
             self.close_connection = True
             return
         super().handle_error(t, v, tb)

@@ -277,10 +277,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         """pywsgi's (a traceback), but one line for a WebSocket app served here that let
         gevent-websocket's WebSocketError out ("Socket is dead": the client reset the
-        connection while the app sent), as the door does."""
+        connection while the app sent): most apps do not catch it, and the socket's end
+        is the client's doing. The socket is the app's once hijacked here, or once
+        gevent-websocket's handler ran it (``websocket_used``: the door's handler)."""
         from geventwebsocket.exceptions import WebSocketError
 
-        if self.hijacked and isinstance(v, WebSocketError):
+        serving = self.hijacked or getattr(self, "websocket_used", False)
+        if serving and isinstance(v, WebSocketError):
             log.info("client %s: WebSocket %s ended in the app: %s",
                      self.client_address, str(self.path)[:200], v)
             self.close_connection = True

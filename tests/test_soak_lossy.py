@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from hosts import Bed, BedError, bed, wait_for
+from hosts import Bed, BedError, bed, endpoints_seen, wait_for
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "300")) * 0.4
 PING, GRACE = 1.0, 3.0  # as tests/test_hosts_e2e.py on its WAN links: see the README
@@ -40,8 +40,8 @@ def test_a_host_losing_a_tenth_of_its_packets(the_bed: Bed) -> None:
                       "--connect-timeout", "2", "--read-timeout", "10")
     h1, h2 = the_bed["h1"], the_bed["h2"]
     h2_url = f"http://{h2.address}:8000"
-    wait_for(lambda: {r["endpoint"] for r in h1.status()["endpoints"]}
-             == {f"http://{h1.address}:8000", h2_url}, 20, "h1 to see both")
+    wait_for(lambda: endpoints_seen(h1) == {f"http://{h1.address}:8000", h2_url}, 20,
+             "h1 to see both")
     served: Counter[str] = Counter()
     failures: list[str] = []
     ages: list[float] = []
