@@ -24,7 +24,7 @@ decoder (both in C) as it arrives, which is its check; a message past
 ``--max-websocket-message`` closes the socket with 1009 before its payload is read, an
 unmasked frame or a length with its top bit set closes it with 1002, close frames carry
 their code and are checked as Autobahn's testsuite expects, and after the close frame
-our side of the connection ends (FIN) at once while :func:`linger` reads what the
+our side of the connection ends (FIN) at once while :func:`cluster.netio.linger` reads what the
 client still sends (the door calls it when the app returns).
 """
 
@@ -34,7 +34,6 @@ import codecs
 import socket
 from typing import Any
 
-import gevent
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
@@ -302,26 +301,6 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             for name, value in (("closed", True), ("stream", None), ("raw_write", None),
                                 ("raw_read", None), ("environ", None)):
                 setattr(self, name, value)
-
-
-#: how long a client may go on sending after our close frame before its connection is
-#: closed anyway
-LINGER_SECONDS = 5.0
-
-
-def linger(rfile: Any, sock: Any) -> None:
-    """Once the app is done with its WebSocket (our close frame sent): end our side
-    (FIN) and read what the client still sends (the rest of a message, frames sent
-    before it saw our close, its close frame) until it closes too or LINGER_SECONDS
-    pass. A socket closed with bytes unread sends a reset instead, which can overtake
-    the close frame: node's ws, still sending, reports 1006 instead of the code."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        with gevent.Timeout(LINGER_SECONDS, False):
-            while len(rfile.read(65536)) == 65536:
-                pass
-    except OSError:
-        pass
 
 
 def adopt(websocket: Any, max_message: int) -> None:

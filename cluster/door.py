@@ -43,7 +43,7 @@ import gevent
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 
-from cluster.app_websocket import adopt, linger
+from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.conn import BODY, HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
 from cluster.errors import RequestError, UpstreamError
@@ -60,7 +60,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import Turns, let_others_run
+from cluster.netio import Turns, let_others_run, linger
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -258,6 +258,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             try:
                 client.setblocking(False)
                 client.send(_OVER_CAP)
+                client.recv(RECV_SIZE)  # as in do_handle
             except OSError:
                 pass
             client.close()
@@ -272,6 +273,8 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             door.observer.connection_refused()
             try:
                 sock._sock.send(_OVER_CAP)
+                # what came already (the head): closed unread, it would make a reset
+                sock._sock.recv(RECV_SIZE)
             except OSError:
                 pass
             sock.close()
@@ -302,7 +305,9 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         door.sweeper.add(conn)
         door.observer.connection_opened()
         try:
-            Connection(self, conn).serve()
+            if Connection(self, conn).serve():
+                conn.expect(NONE, 0)  # no sweep of the last phase's deadline meanwhile
+                linger(sock, conn.reader.recv)
         except OSError:
             pass  # the client went away, or the sweeper closed it: nothing to answer
         finally:
@@ -346,7 +351,10 @@ class Connection:
         #: the last head sent upstream: (request head, target, host:port, hop line, bytes)
         self.made: tuple[RequestHead, bytes, bytes, bytes, bytes] | None = None
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Answer requests until the connection is to end. True when the client may
+        still be sending (a refused head, a body the answer did not wait for, requests
+        pipelined behind the last): the caller closes lingering."""
         door = self.door
         conn = self.conn
         settings = door.settings
@@ -355,10 +363,10 @@ class Connection:
             try:
                 head = self.read_head(settings.header_timeout, settings.keepalive_timeout)
                 if head is None:
-                    return
+                    return False
                 conn.requests += 1
                 if not self.one_request(head):  # RequestError too: a bad relayed body
-                    return
+                    return not self.outcome.websocket and (head.has_body or bool(conn.buf))
                 if conn.buf:
                     # The next request is here already: a client pipelining faster than
                     # it is answered never makes this loop wait. Every PIPELINE_TURN
@@ -371,7 +379,7 @@ class Connection:
                 log.info("bad request from %s: %s", conn.peer, exc)
                 conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
                                           close=True))
-                return
+                return True
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
         conn = self.conn
@@ -1263,7 +1271,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
-            linger(self.rfile, self.socket)  # a FIN, not a reset that loses the close
+            linger(self.socket, self.rfile.read)  # a FIN, not a reset that loses the close
 
 
 def _declared(content_length: str) -> int:

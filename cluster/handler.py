@@ -247,7 +247,8 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         elsewhere is still the bridge's to take. ``headers`` go on the 101 as well."""
         from geventwebsocket.websocket import Stream, WebSocket
 
-        from cluster.app_websocket import adopt, linger
+        from cluster.app_websocket import adopt
+        from cluster.netio import linger
 
         environ = self.environ
         self.close_connection = True  # after a refusal, what comes next may be frames
@@ -271,7 +272,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             if not websocket.closed:
                 websocket.close()
             environ["wsgi.websocket"] = None
-            linger(self.rfile, self.socket)  # a FIN, not a reset that loses the close
+            linger(self.socket, self.rfile.read)  # a FIN, not a reset that loses the close
         return []
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:

@@ -20,9 +20,11 @@ failing ``epoll_ctl`` (libev re-adds a descriptor the kernel still holds).
 from __future__ import annotations
 
 import errno
+import socket
 from time import monotonic
-from typing import Any
+from typing import Any, Callable
 
+import gevent
 from gevent import get_hub, sleep
 from gevent import socket as gsocket
 from greenlet import getcurrent
@@ -64,6 +66,28 @@ class Turns:
         if monotonic() - self.since >= SLICE:
             let_others_run()
             self.since = monotonic()
+
+
+#: how long a peer may go on sending after our last answer before its connection is
+#: closed anyway
+LINGER_SECONDS = 5.0
+
+
+def linger(sock: Any, read: Callable[[int], bytes], seconds: float = LINGER_SECONDS) -> None:
+    """After a last answer the peer may not have waited for: end our side (FIN), then
+    read and drop what it still sends (the rest of a body we did not want, a
+    WebSocket's last frames) until it closes too or ``seconds`` pass. A socket closed
+    with bytes unread sends a reset instead, and the reset can overtake the answer:
+    Python's http.client, still uploading, reports "connection reset by peer" rather
+    than the 503, and node's ws, still sending, 1006 rather than the close code
+    (RFC 9112 9.6: a server that closes SHOULD close lingering)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(seconds, False):
+            while read(65536):
+                pass
+    except OSError:
+        pass
 
 
 def is_plain(sock: Any) -> bool:

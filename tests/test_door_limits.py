@@ -13,6 +13,7 @@ limit cases are built here from the limits the servers are started with.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import resource
@@ -728,3 +729,63 @@ def test_a_connection_that_ends_says_so(door: Door, ask: tuple[str, str]) -> Non
     got = only_response(responses, raw)
     assert got.status == 200 and closed
     assert (got.header("connection") or "").lower() == "close", got
+
+
+# --- closing while the client still sends ---------------------------------------------
+
+UPLOAD = 20_000_000  # more than loopback's socket buffers hold between the two ends
+
+
+@pytest.fixture(scope="module")
+def unserved(store: str) -> Iterator[Door]:
+    """A balancer for a service nobody serves: the door answers every request 503."""
+    proc, port = start_serve("--ui-service", "doornobody", *PATIENT, name="unserved",
+                             env={"CLUSTER_DISCOVERY_URL": store})
+    try:
+        yield Door(proc, port, "")
+    finally:
+        stop_clean(proc)
+
+
+def test_an_upload_answered_before_its_body_is_read_gets_the_answer_not_a_reset(
+        unserved: Door) -> None:
+    """Python's http.client sends the whole body before it reads a byte: a door that
+    answered 503 and closed with the body unread made the kernel send a reset, and the
+    client saw "connection reset by peer" instead of the 503 (so did urllib)."""
+    conn = http.client.HTTPConnection("127.0.0.1", unserved.port, timeout=10)
+    try:
+        conn.request("POST", "/upload", body=b"x" * UPLOAD)
+        response = conn.getresponse()
+        assert response.status == 503
+        assert (response.getheader("Connection") or "").lower() == "close"
+        assert b"no live endpoint" in response.read()
+    finally:
+        conn.close()
+
+
+def test_a_refused_head_with_a_body_behind_it_gets_its_status_and_a_clean_close(
+        door: Door) -> None:
+    """The door refuses the head (Content-Length with chunked) while the body is still
+    coming: the client can send it all, then reads the 400 and an end of stream."""
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" % UPLOAD)
+        sock.sendall(b"x" * UPLOAD)  # a reset would fail this, or the read below
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed and data.startswith(b"HTTP/1.1 400 "), data[:200]
+
+
+def test_a_client_that_never_stops_sending_is_closed_in_the_end(unserved: Door) -> None:
+    """Draining is bounded (LINGER_SECONDS, 5 s): a client sending without end does not
+    hold its connection."""
+    with socket.create_connection(("127.0.0.1", unserved.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000000"
+                     b"\r\n\r\n")
+        started = time.monotonic()
+        piece = b"x" * 65536
+        with pytest.raises(OSError):  # the door closed: a reset now, as it should be
+            while time.monotonic() - started < 20:
+                sock.sendall(piece)
+                time.sleep(0.01)
+        elapsed = time.monotonic() - started
+    assert 4 < elapsed < 10, elapsed

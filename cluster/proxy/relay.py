@@ -18,8 +18,9 @@ Policy choices and known weak spots:
   and not forwarded; the endpoint gets the body straight after the head.
 - A request body is sent whole before the response is read. An endpoint that answers
   early (413) and closes is handled: its answer is read after the failed send, and the
-  client connection ends after it (the rest of the body is never read as requests), at
-  once, without a lingering close (as after a malformed request).
+  client connection ends after it (the rest of the body is never read as requests),
+  closing lingering (the door drains what the client still sends, as after a malformed
+  request).
 - The read timeout bounds the wait for a whole response head (from the end of the
   request, and afresh after each interim answer), and each read of a body after it.
 - A small request (no body, or one already in the buffer) found a pooled connection
