@@ -16,6 +16,9 @@ heads here, so they agree on what a message is. Every rule a request breaks rais
   the colon: 400.
 - No Host in an HTTP/1.1 request, two Host lines, or a Host value that is not
   ``host[:port]``: 400 (RFC 9112 3.2).
+- A request target that is neither the origin form (``/path``), the absolute form
+  (``http://host/path``) nor ``OPTIONS *``: 400 (RFC 9112 3.2); CONNECT: 501.
+- Bytes that cannot begin a request line (a TLS handshake): 400 as soon as they arrive.
 
 Policy choices: heads must use CRLF (a bare-LF head is a 400, not guessed at); leading
 empty lines before a request line are skipped (RFC 9112 2.2); targets may carry
@@ -35,6 +38,9 @@ CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+#: what the first byte of a request line can be: a method's (token) or an empty line's
+_METHOD_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                          b"abcdefghijklmnopqrstuvwxyz\r")
 # name ":" value, where the value holds no CR, LF or NUL (tabs and obs-text are fine)
 _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*").fullmatch
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+").fullmatch
@@ -179,6 +185,14 @@ def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
         raise RequestError(431, "request head too large")
     if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
         raise RequestError(400, "bare LF in the request head")
+    if not start:
+        first = 0  # past the empty lines a request may start with (RFC 9112 2.2)
+        while buf[first:first + 2] == CRLF:
+            first += 2
+        if first < len(buf) and buf[first] not in _METHOD_BYTES:
+            # Not the start of a request line: a TLS handshake sent to a plain port
+            # (its first byte is 0x16) gets its 400 now, not after the header timeout.
+            raise RequestError(400, "not an HTTP/1 request")
     return -1
 
 
@@ -277,8 +291,16 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         # _DROP: hop-by-hop (Keep-Alive, TE, Trailer) and Proxy (httpoxy)
     if hosts != 1 and (hosts > 1 or version == b"HTTP/1.1"):
         raise RequestError(400, "a request needs exactly one Host header")
-    if target[:1] != b"/" and target[:8].lower().startswith((b"http://", b"https://")):
-        _origin_form(req)
+    if method == b"CONNECT":
+        # A tunnel to anywhere is not what a balancer is for; passed on, an app's 200
+        # would put any proxy in front of this one into tunnel mode for the connection.
+        raise RequestError(501, "CONNECT is not supported")
+    if target[:1] != b"/":
+        if target[:8].lower().startswith((b"http://", b"https://")):
+            _origin_form(req)
+        elif target != b"*" or method != b"OPTIONS":
+            # RFC 9112 3.2: the origin form, the absolute form, or OPTIONS *
+            raise RequestError(400, "invalid request target")
     if req.host and not _HOST_VALUE(req.host):
         raise RequestError(400, "invalid Host header")
     if transfer:

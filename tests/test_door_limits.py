@@ -19,6 +19,7 @@ import os
 import resource
 import selectors
 import socket
+import ssl
 import time
 from typing import Iterator
 
@@ -729,6 +730,23 @@ def test_a_connection_that_ends_says_so(door: Door, ask: tuple[str, str]) -> Non
     got = only_response(responses, raw)
     assert got.status == 200 and closed
     assert (got.header("connection") or "").lower() == "close", got
+
+
+def test_a_tls_handshake_at_the_plain_port_gets_400_at_once(door: Door) -> None:
+    """A client speaking TLS to the plain port (https:// for an http:// URL) gets 400 as
+    soon as its ClientHello arrives. Before, the door waited for a request line that
+    never came, and the client hung for the whole header timeout (10 s here)."""
+    outgoing = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing,
+                                                server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()  # writes the ClientHello, then wants the server's answer
+    client_hello = outgoing.read()
+    assert client_hello[:1] == b"\x16", client_hello[:16]  # a TLS handshake record
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(client_hello)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed and data.startswith(b"HTTP/1.1 400 "), data[:200]
 
 
 # --- closing while the client still sends ---------------------------------------------

@@ -175,6 +175,20 @@ def test_head_size_at_the_limit_and_one_past() -> None:
     assert info.value.status == 431
 
 
+@pytest.mark.parametrize("start", [b"", b"G", b"GET /x HT", b"\r", b"\r\n", b"\r\nPOS"])
+def test_the_start_of_a_request_needs_more(start: bytes) -> None:
+    assert find_head_end(start, LIMITS.head_size) == -1
+
+
+@pytest.mark.parametrize("start", [b"\x16\x03\x01\x02\x00\x01", b"\r\n\x16\x03", b" GET",
+                                   b"\x00", b"\xff\xfe"])
+def test_bytes_that_cannot_start_a_request_line_are_refused_at_once(start: bytes) -> None:
+    """A TLS ClientHello (0x16...) and the like: no request line will ever come."""
+    with pytest.raises(RequestError) as info:
+        find_head_end(start, LIMITS.head_size)
+    assert info.value.status == 400
+
+
 def test_an_incomplete_head_past_the_limit_is_431_and_within_it_needs_more() -> None:
     partial = b"GET / HTTP/1.1\r\nX-A: " + b"a" * LIMITS.head_size
     assert find_head_end(partial[:LIMITS.head_size], LIMITS.head_size) == -1
