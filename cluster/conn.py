@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 65536
 
 # What a connection is waiting for; the sweeper acts on an expired deadline by phase.
-NONE, HEAD, IDLE, BODY, WRITE, UPSTREAM, TUNNEL = range(7)
-PHASE_NAMES = ("none", "head", "idle", "body", "write", "upstream", "tunnel")
+NONE, HEAD, IDLE, BODY, WRITE, UPSTREAM, TUNNEL, LINGER = range(8)
+PHASE_NAMES = ("none", "head", "idle", "body", "write", "upstream", "tunnel", "linger")
 
 
 class ClientConn:

@@ -45,7 +45,17 @@ from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
-from cluster.conn import BODY, HEAD, IDLE, NONE, RECV_SIZE, TUNNEL, ClientConn, Sweeper
+from cluster.conn import (
+    BODY,
+    HEAD,
+    IDLE,
+    LINGER,
+    NONE,
+    RECV_SIZE,
+    TUNNEL,
+    ClientConn,
+    Sweeper,
+)
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
@@ -306,7 +316,8 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         door.observer.connection_opened()
         try:
             if Connection(self, conn).serve():
-                conn.expect(NONE, 0)  # no sweep of the last phase's deadline meanwhile
+                # (linger bounds itself; a drain closes it at once, as an idle one)
+                conn.expect(LINGER, 0)
                 linger(sock, conn.reader.recv)
         except OSError:
             pass  # the client went away, or the sweeper closed it: nothing to answer

@@ -41,7 +41,7 @@ import gevent.event
 import gevent.select
 
 from cluster.config import Settings, to_environment
-from cluster.conn import IDLE
+from cluster.conn import IDLE, LINGER
 
 if TYPE_CHECKING:
     from cluster.door import Door
@@ -326,7 +326,8 @@ def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
 
 def close_idle_connections(door: Door, done: gevent.event.Event,
                            interval: float = 0.1) -> None:
-    """While draining, close keep-alive connections waiting for their next request.
+    """While draining, close keep-alive connections waiting for their next request,
+    and those only draining what a client still sends after its last answer.
 
     nginx does the same on a graceful stop: the drain then lasts as long as the
     requests in flight, not as long as idle clients (a peer's pooled connections, a
@@ -335,7 +336,7 @@ def close_idle_connections(door: Door, done: gevent.event.Event,
     """
     while True:
         for conn in list(door.sweeper.conns):
-            if conn.phase == IDLE and not conn.buf:
+            if (conn.phase == IDLE and not conn.buf) or conn.phase == LINGER:
                 conn.close()
         if done.wait(interval):
             return
