@@ -321,6 +321,18 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
 
     def finalize_headers(self) -> None:
         super().finalize_headers()
+        headers = self.response_headers
+        if not self.response_use_chunked and self.command != "HEAD" and \
+                self.code not in (101, 204, 304) and \
+                not any(name.lower() == b"content-length" for name, _ in headers):
+            # A streamed body to an HTTP/1.0 client (no chunks for it) ends when the
+            # connection does. pywsgi has said keep-alive already to one that asked for
+            # it (ab -k), which would then wait for the end of the body forever.
+            self.close_connection = True
+            self.response_headers = [(name, value) for name, value in headers
+                                     if name.lower() != b"connection"]
+            self.response_headers.append((b"Connection", b"close"))
+            return
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
                 is_websocket_upgrade(environ):

@@ -749,6 +749,20 @@ def test_a_tls_handshake_at_the_plain_port_gets_400_at_once(door: Door) -> None:
     assert closed and data.startswith(b"HTTP/1.1 400 "), data[:200]
 
 
+def test_a_streamed_body_to_an_http_1_0_keep_alive_client_ends_with_the_connection(
+        door: Door) -> None:
+    """No chunks for HTTP/1.0: a body without a length ends when the connection does, so
+    the answer says close (not the keep-alive the client asked for) and closes."""
+    raw = b"GET /chunked?n=3&delay=0 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(raw)
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert closed, data[:300]
+    assert b"\r\nConnection: close" in head and b"keep-alive" not in head.lower(), head
+    assert body.count(b"\n") == 3 and b"Transfer-Encoding" not in head, data[:300]
+
+
 # --- closing while the client still sends ---------------------------------------------
 
 UPLOAD = 20_000_000  # more than loopback's socket buffers hold between the two ends
