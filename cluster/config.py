@@ -216,11 +216,16 @@ def _workers(raw: str) -> int:
     return value
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:80``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bind(raw: str) -> str:
     host, sep, port = raw.strip().rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{raw!r} is not host:port")
-    return f"{host.strip('[]') or '0.0.0.0'}:{int(port)}"
+    return host_port(host.strip("[]") or "0.0.0.0", int(port))
 
 
 def _size(raw: str) -> int:
@@ -685,7 +690,7 @@ class Settings:
     @property
     def bind_address(self) -> tuple[str, int]:
         host, _, port = self.bind.rpartition(":")
-        return host, int(port)
+        return host.strip("[]"), int(port)
 
     @property
     def own_endpoint_url(self) -> str:

@@ -17,7 +17,7 @@ import time
 
 import requests
 
-from cluster.config import Settings
+from cluster.config import Settings, host_port
 
 
 def run_demo(settings: Settings, instances: int = 3) -> int:
@@ -34,9 +34,9 @@ def run_demo(settings: Settings, instances: int = 3) -> int:
         base += ["--discovery-url", settings.discovery_url]
     try:
         for port in ports:
-            children.append(subprocess.Popen([*base, "--bind", f"{host}:{port}"],
+            children.append(subprocess.Popen([*base, "--bind", host_port(host, port)],
                                              stdin=subprocess.DEVNULL))
-        urls = [f"http://{host}:{port}" for port in ports]
+        urls = [f"http://{host_port(host, port)}" for port in ports]
         _wait_for(urls, children)
         print(f"\n{instances} instances of the demo app, each one a balancer:")
         for url in urls:

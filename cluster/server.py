@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +28,7 @@ from gevent.server import _tcp_listener
 from cluster import observe
 from cluster.admin import Admin
 from cluster.app import WSGIApp, policy_for
-from cluster.config import Settings
+from cluster.config import Settings, host_port
 from cluster.door import Door, DoorServer
 from cluster.drain import Drain
 from cluster.errors import ConfigError
@@ -100,12 +101,13 @@ def listen(settings: Settings) -> tuple[Any, Settings]:
     (and into ``--port-file``, so whoever started us learns it without a race)."""
     host, port = settings.bind_address
     try:
-        sock = _tcp_listener((host, port), backlog=2048, reuse_addr=True)
+        sock = _tcp_listener((host, port), backlog=2048, reuse_addr=True,
+                             family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise ConfigError("--bind (CLUSTER_BIND)", f"cannot listen on {settings.bind}: "
                           f"{exc.strerror or exc}") from None
     if port == 0:
-        settings = settings.replace(bind=f"{host}:{sock.getsockname()[1]}")
+        settings = settings.replace(bind=host_port(host, sock.getsockname()[1]))
     return sock, settings
 
 
@@ -216,7 +218,7 @@ def make_cluster_server(app: WSGIApp | None, listener: Any = None,
         listener, resolved = listen(resolved)
     elif not settings.get("endpoint_url") and not resolved.endpoint_url:
         address = listener.getsockname() if hasattr(listener, "getsockname") else listener
-        resolved = resolved.replace(bind=f"{address[0]}:{address[1]}")
+        resolved = resolved.replace(bind=host_port(address[0], address[1]))
     if app is not None and not resolved.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     node = Cluster(resolved, register=app is not None).start()

@@ -40,7 +40,7 @@ import gevent
 import gevent.event
 import gevent.select
 
-from cluster.config import Settings, to_environment
+from cluster.config import Settings, host_port, to_environment
 from cluster.conn import IDLE, LINGER
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     """The environment of one worker: the parent's settings, one process, a private port."""
     host, _ = settings.bind_address
     # The parent writes --port-file (the public port); a worker must not overwrite it.
-    worker = settings.replace(workers_count=1, bind=f"{host}:0", endpoint_url=None,
+    worker = settings.replace(workers_count=1, bind=host_port(host, 0), endpoint_url=None,
                               port_file=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
     env.update(to_environment(worker))

@@ -652,6 +652,45 @@ def test_port_zero_is_bound_reported_in_the_port_file_and_logged(tmp_path: Path,
         stop_clean(proc)
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_an_ipv6_bind_serves_and_balances_over_ipv6(tmp_path: Path, store: str) -> None:
+    """--bind [::1]:0 listens on IPv6 (it used to fail: "Address family for hostname not
+    supported"), the port file and the endpoint URL bracket the address, and a balancer
+    on ::1 relays to a member on ::1."""
+    member, _ = start_instance(store, "six", "--bind", "[::1]:0", service="doorsix")
+    front = None
+    try:
+        port_file = tmp_path / "port"
+        front = Proc(cluster_argv("serve", "--ui-service", "doorsix", "--bind", "[::1]:0",
+                                  "--port-file", str(port_file)),
+                     env={"CLUSTER_DISCOVERY_URL": store}, name="front6")
+        port = read_port_file(port_file, front)
+        assert port_file.read_text() == f"[::1]:{port}\n"
+
+        def whoami() -> bytes | None:
+            with socket.create_connection(("::1", port), timeout=5) as sock:
+                sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: [::1]\r\nConnection: close"
+                             b"\r\n\r\n")
+                data, _ = read_until_close(sock, CLOSE_WAIT)
+            return data if data.startswith(b"HTTP/1.1 200 ") else None
+        answer = wait_until(whoami, timeout=15, what="the front relays to the member")
+        assert answer.endswith(b"\r\n\r\nsix"), answer
+        assert f"http://[::1]:{port}" in front.output()
+    finally:
+        if front is not None:
+            stop_clean(front)
+        stop_clean(member)
+
+
 # --- a low descriptor limit --------------------------------------------------------------
 
 
