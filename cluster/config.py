@@ -537,7 +537,8 @@ class Settings:
         "an endpoint whose heartbeat is older than its ping interval plus this is dead",
         "SECONDS",
     )
-    bind: str = setting("127.0.0.1:8000", _bind, "host:port to listen on", "HOST:PORT")
+    bind: str = setting("127.0.0.1:8000", _bind, "host:port to listen on ([::1]:8000 for IPv6)",
+                        "HOST:PORT")
     app: str | None = setting(
         None,
         _module_callable,
