@@ -735,9 +735,7 @@ class Settings:
                     f"while the discovery store {store[0]} is on another host; bind "
                     "0.0.0.0 or a routable address, or set --endpoint-url",
                 )
-        if ":" in host:
-            host = f"[{host}]"
-        return EndpointChoice(f"http://{host}:{port}", why)
+        return EndpointChoice(f"http://{host_port(host, port)}", why)
 
     @property
     def connection_cap(self) -> int:

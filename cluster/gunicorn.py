@@ -154,17 +154,15 @@ def _worker_settings(port: int, host: str, cfg: Any = None) -> Any:
     port as its endpoint."""
     from urllib.parse import urlsplit
 
-    from cluster.config import Settings
+    from cluster.config import Settings, host_port
 
     settings = apply_gunicorn_limits(Settings.load(args=[]), cfg)
-    bind_host = f"[{host}]" if ":" in host else host
     if settings.endpoint_url:
         base = urlsplit(settings.endpoint_url)
-        name = base.hostname or "127.0.0.1"
-        name = f"[{name}]" if ":" in name else name
-        endpoint = base._replace(netloc=f"{name}:{port}", path="").geturl()
-        return settings.replace(endpoint_url=endpoint, bind=f"{bind_host}:{port}")
-    settings = settings.replace(bind=f"{bind_host}:{port}")
+        endpoint = base._replace(netloc=host_port(base.hostname or "127.0.0.1", port),
+                                 path="").geturl()
+        return settings.replace(endpoint_url=endpoint, bind=host_port(host, port))
+    settings = settings.replace(bind=host_port(host, port))
     return settings.replace(endpoint_url=settings.own_endpoint_url)
 
 
