@@ -256,7 +256,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if shared is not None and base:
         port = settings.bind_address[1]
         settings = settings.replace(endpoint_url=urlsplit(base)._replace(
-            netloc=f"{urlsplit(base).hostname}:{port}").geturl())
+            netloc=host_port(urlsplit(base).hostname or "127.0.0.1", port)).geturl())
     if observer is None:
         observer = observe.from_settings(settings)
     node = Cluster(settings, register=local_app is not None)

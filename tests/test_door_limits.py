@@ -691,6 +691,36 @@ def test_an_ipv6_bind_serves_and_balances_over_ipv6(tmp_path: Path, store: str) 
         stop_clean(member)
 
 
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_workers_keep_an_ipv6_endpoint_url_in_brackets(tmp_path: Path, store: str) -> None:
+    """--workers-count with --endpoint-url http://[::1]:PORT: each worker registers the
+    configured host with its own port, still in brackets (it registered http://::1:N)."""
+    port_file = tmp_path / "port"
+    proc = Proc(cluster_argv("serve", "--service", "doorsixw", "--app", "backend:app",
+                             "--workers-count", "2", "--bind", "[::1]:0",
+                             "--endpoint-url", "http://[::1]:9", "--port-file", str(port_file),
+                             "--ping-interval", "1", "--expiry-grace", "1"),
+                env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "sixw"}, name="sixw")
+    try:
+        port = read_port_file(port_file, proc)
+
+        def two_workers() -> list[str] | None:
+            with socket.create_connection(("::1", port), timeout=5) as sock:
+                sock.sendall(b"GET /_cluster/status HTTP/1.1\r\nHost: [::1]\r\n"
+                             b"Connection: close\r\n\r\n")
+                data, _ = read_until_close(sock, CLOSE_WAIT)
+            if not data.startswith(b"HTTP/1.1 200 "):
+                return None
+            urls = [e["endpoint"] for e in json.loads(data.partition(b"\r\n\r\n")[2])[
+                "endpoints"] if e["service"] == "doorsixw"]
+            return urls if len(urls) == 2 else None
+        urls = wait_until(two_workers, timeout=15, what="both workers registered")
+        assert all(url.startswith("http://[::1]:") and not url.endswith(":9") for url in urls), \
+            urls
+    finally:
+        stop_clean(proc)
+
+
 # --- a low descriptor limit --------------------------------------------------------------
 
 
