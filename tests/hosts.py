@@ -375,6 +375,19 @@ def bed(names: Sequence[str]) -> Iterator[Bed]:
         made.close()
 
 
+@contextlib.contextmanager
+def bed_or_fail(names: Sequence[str]) -> Iterator[Bed]:
+    """:func:`bed` for a test fixture: a machine that cannot build one (not root, no
+    iproute2) fails the test with how to get what is missing, never skips it."""
+    import pytest
+
+    try:
+        with bed(names) as made:
+            yield made
+    except BedError as exc:
+        pytest.fail(str(exc))
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str,
              interval: float = 0.2) -> T:
     """Poll ``predicate`` until truthy; return it, or raise TimeoutError naming ``what``."""

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from hosts import INSTANCE_PORT, Bed, BedError, Host, bed, endpoints_seen, wait_for
+from hosts import INSTANCE_PORT, Bed, Host, bed_or_fail, endpoints_seen, wait_for
 from toxiproxy import API_PORT, Toxiproxy
 from toxiproxy import build as build_toxiproxy
 
@@ -24,11 +24,8 @@ MEMBERS = ("h1", "h2", "h3")
 
 @pytest.fixture(scope="module")
 def the_bed() -> Iterator[Bed]:
-    try:
-        with bed(["store", "h1", "h2", "h3", "client", "wan"]) as made:
-            yield made
-    except BedError as exc:  # not root or no iproute2: say how to get them, never skip
-        pytest.fail(str(exc))
+    with bed_or_fail(["store", "h1", "h2", "h3", "client", "wan"]) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

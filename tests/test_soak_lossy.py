@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from hosts import Bed, BedError, bed, endpoints_seen, wait_for
+from hosts import Bed, bed_or_fail, endpoints_seen, wait_for
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "300")) * 0.4
 PING, GRACE = 1.0, 3.0  # as tests/test_hosts_e2e.py on its WAN links: see the README
@@ -24,11 +24,8 @@ PING, GRACE = 1.0, 3.0  # as tests/test_hosts_e2e.py on its WAN links: see the R
 
 @pytest.fixture(scope="module")
 def the_bed() -> Iterator[Bed]:
-    try:
-        with bed(["store", "h1", "h2", "client"]) as made:
-            yield made
-    except BedError as exc:  # not root or no iproute2: say how to get them, never skip
-        pytest.fail(str(exc))
+    with bed_or_fail(["store", "h1", "h2", "client"]) as made:
+        yield made
 
 
 @pytest.mark.soak
