@@ -661,7 +661,11 @@ def ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+#: scripts/run-tests turns IPv6 on for the loopback when it is off, so CI runs these
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+
+
+@needs_ipv6
 def test_an_ipv6_bind_serves_and_balances_over_ipv6(tmp_path: Path, store: str) -> None:
     """--bind [::1]:0 listens on IPv6 (it used to fail: "Address family for hostname not
     supported"), the port file and the endpoint URL bracket the address, and a balancer
@@ -691,7 +695,7 @@ def test_an_ipv6_bind_serves_and_balances_over_ipv6(tmp_path: Path, store: str) 
         stop_clean(member)
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+@needs_ipv6
 def test_workers_keep_an_ipv6_endpoint_url_in_brackets(tmp_path: Path, store: str) -> None:
     """--workers-count with --endpoint-url http://[::1]:PORT: each worker registers the
     configured host with its own port, still in brackets (it registered http://::1:N)."""
