@@ -23,15 +23,21 @@ from typing import Callable
 
 from cluster.config import Settings
 from cluster.errors import ConfigError
-from cluster.observe import Observer, RequestRecord
+from cluster.observe import Observer, RequestRecord, without_admin_token
 
-_ESCAPES = {i: f"\\x{i:02x}" for i in range(0x20)}
-_ESCAPES.update({0x7F: "\\x7f", ord('"'): '\\"', ord("\\"): "\\\\"})
+#: nginx's escaping: controls, DEL and every byte above ASCII as \xHH. The fields are
+#: bytes read as latin-1, one character each; a C1 control (NEL, CSI) written raw would
+#: end a line or move a terminal for whoever reads the log
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0x100))}
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 
 
 def quoted(text: str) -> str:
     """A header value for inside double quotes, escaped as nginx does ("-" if empty)."""
-    return text.translate(_ESCAPES) if text else "-"
+    if not text:
+        return "-"
+    text = text.translate(_ESCAPES)
+    return text if text.isascii() else text.encode("ascii", "backslashreplace").decode()
 
 
 class _Clock:
@@ -76,19 +82,6 @@ def json_line(record: RequestRecord, now: float) -> str:
     }, separators=(",", ":")) + "\n"
 
 
-def without_admin_token(target: str, admin_prefix: str) -> str:
-    """``target`` with the value of a ``token`` query field under the admin prefix
-    replaced by ``-``: the admin token opens the dashboard from anywhere, and log files
-    are read (and shipped) by more people than those who may hold it."""
-    path, sep, query = target.partition("?")
-    if not sep or not (path == admin_prefix or path.startswith(admin_prefix + "/")):
-        return target
-    fields = query.split("&")
-    safe = [f"{f.partition('=')[0]}=-" if f.partition("=")[0] == "token" else f
-            for f in fields]
-    return target if safe == fields else f"{path}?{'&'.join(safe)}"
-
-
 class AccessLogObserver(Observer):
     """Writes one line per finished request (and per ended WebSocket)."""
 
@@ -120,7 +113,7 @@ class AccessLogObserver(Observer):
         return f"<AccessLogObserver {self.style} to {self.path or 'stdout'}>"
 
     def request_done(self, record: RequestRecord) -> None:
-        if self.admin_prefix and "token=" in record.target:
+        if self.admin_prefix and "?" in record.target:
             # the record is this request's own; nothing after the log reads its target
             record._target = without_admin_token(record.target, self.admin_prefix)
         line = self._format(record, time.time()).encode("utf-8", "replace")

@@ -10,29 +10,46 @@
 Who may read them (:meth:`Admin.allowed`): addresses in ``--trusted-proxies`` (exact
 addresses or networks such as ``10.0.0.0/8``), or anyone presenting ``--admin-token``
 as ``?token=`` or ``Authorization: Bearer``, compared in constant time. Without a token
-setting, a request from elsewhere is an ordinary request for the app.
+setting, a request from elsewhere is an ordinary request for the app. A request that a
+trusted proxy forwarded (X-Forwarded-For, Forwarded, X-Real-IP) is judged by the
+addresses it was forwarded for too: a proxy on the loopback in front of the instance
+would otherwise open the pages to everyone behind it.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 from urllib.parse import parse_qs
 
 from cluster.config import Settings
 from cluster.metrics import MetricsObserver
 from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer, find
+from cluster.trust import peer_address, trusted_peers
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"
 TEXT = "text/plain; charset=utf-8"
 
-Response = tuple[int, str, bytes]
+
+class Response(NamedTuple):
+    status: int
+    content_type: str
+    body: bytes
+    #: further header fields (Allow for a 405, WWW-Authenticate for a 401)
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_READ_METHODS = ("GET", "HEAD")
+_READ_ONLY = Response(405, TEXT, b"the admin pages answer GET and HEAD\n",
+                      (("Allow", "GET, HEAD"),))
+_TOKEN_REQUIRED = Response(401, TEXT,
+                           b"admin token required (?token= or Authorization: Bearer)\n",
+                           (("WWW-Authenticate", 'Bearer realm="cluster admin"'),))
 
 
 class Admin:
@@ -44,16 +61,7 @@ class Admin:
         self.settings = settings
         self.prefix = settings.admin_prefix
         self.metrics = find(observer, MetricsObserver)
-        self._exact: set[str] = set()
-        self._networks: list[Any] = []
-        for entry in settings.trusted_proxies:
-            if "/" in entry:
-                try:
-                    self._networks.append(ipaddress.ip_network(entry, strict=False))
-                except ValueError:
-                    continue
-            else:
-                self._exact.add(entry)
+        self._trusted = trusted_peers(settings.trusted_proxies)
         self._token = settings.admin_token.encode() if settings.admin_token else None
         #: starts this instance's drain (True: it starts now, False: it had started);
         #: None where the way of running has no drain (library mode, gunicorn)
@@ -70,20 +78,15 @@ class Admin:
         """Is ``path`` one of the admin paths (the prefix itself or under it)?"""
         return path == self.prefix or path.startswith(self.prefix + "/")
 
-    def trusted(self, remote: str) -> bool:
-        if remote in self._exact:
-            return True
-        if self._networks:
-            try:
-                address = ipaddress.ip_address(remote)
-            except ValueError:
-                return False
-            return any(address in network for network in self._networks)
-        return False
+    def trusted(self, remote: str, forwarded_for: Sequence[str] = ()) -> bool:
+        """A trusted peer, and every address it forwarded the request for trusted too."""
+        trusted = self._trusted
+        return peer_address(remote) in trusted and all(a in trusted for a in forwarded_for)
 
-    def allowed(self, remote: str, query: str, authorization: str = "") -> bool:
-        """May this request read the admin pages? Trusted address, or the token."""
-        if self.trusted(remote):
+    def allowed(self, remote: str, query: str, authorization: str = "",
+                forwarded_for: Sequence[str] = ()) -> bool:
+        """May this request read the admin pages? Trusted addresses, or the token."""
+        if self.trusted(remote, forwarded_for):
             return True
         if self._token is None:
             return False
@@ -96,44 +99,56 @@ class Admin:
 
     # --- pages ------------------------------------------------------------------------
 
-    def answer(self, path: str, remote: str, query: str,
-               authorization: str = "", method: str = "GET") -> Response | None:
+    def answer(self, path: str, remote: str, query: str, authorization: str = "",
+               method: str = "GET", forwarded_for: Sequence[str] = (),
+               origin: str = "") -> Response | None:
         """For an admin path (:meth:`handles`): the page if the client may read it, 401
         if a token would open it, None when it is an ordinary request for the app."""
-        if self.allowed(remote, query, authorization):
-            return self.respond(path, query, method)
+        if self.allowed(remote, query, authorization, forwarded_for):
+            return self.respond(path, query, method, origin)
         if self._token is not None:
-            return 401, TEXT, b"admin token required (?token= or Authorization: Bearer)\n"
+            return _TOKEN_REQUIRED
         return None
 
-    def respond(self, path: str, query: str, method: str = "GET") -> Response:
-        """(status, content type, body) for an admin path, once :meth:`allowed`."""
+    def respond(self, path: str, query: str, method: str = "GET",
+                origin: str = "") -> Response:
+        """The answer for an admin path, once :meth:`allowed`."""
         if not self.handles(path):
-            return 404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode()
+            return Response(404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode())
         sub = path[len(self.prefix):]
         if sub in ("/drain", "/drain/"):
-            return self.start_drain(method)
+            return self.start_drain(method, origin)
+        if sub not in ("", "/", "/status", "/status/", "/metrics"):
+            return Response(404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode())
+        if method not in _READ_METHODS:
+            return _READ_ONLY
         if sub in ("", "/"):
-            return 200, HTML, dashboard_html(self.prefix, self.status())
+            return Response(200, HTML, dashboard_html(self.prefix, self.status()))
         if sub in ("/status", "/status/"):
-            return 200, JSON, json.dumps(self.status()).encode()
-        if sub == "/metrics":
-            if self.metrics is None:
-                return 404, TEXT, b"metrics are off in this process\n"
-            content_type, body = self.metrics.exposition()
-            return 200, content_type, body
-        return 404, TEXT, f"no admin page {path} (try {self.prefix}/)\n".encode()
+            return Response(200, JSON, json.dumps(self.status()).encode())
+        if self.metrics is None:
+            return Response(404, TEXT, b"metrics are off in this process\n")
+        content_type, body = self.metrics.exposition()
+        return Response(200, content_type, body)
 
-    def start_drain(self, method: str) -> Response:
-        """``POST /drain``: start draining (202), or say it had started (200)."""
+    def start_drain(self, method: str, origin: str = "") -> Response:
+        """``POST /drain``: start draining (202), or say it had started (200).
+
+        Refused (403) with an ``Origin`` field, which browsers send with every POST:
+        a page from anywhere, open in a browser on a trusted host, could otherwise
+        drain the instance (the CLI and curl send none)."""
         if method != "POST":
-            return 405, TEXT, b"POST to drain this instance\n"
+            return Response(405, TEXT, b"POST to drain this instance\n", (("Allow", "POST"),))
+        if origin:
+            return Response(403, TEXT, b"a drain is not taken from a browser page "
+                            b"(the request has an Origin field)\n")
         if self.drain is None:
-            return 501, TEXT, b"this instance cannot drain (only `cluster serve` can)\n"
+            return Response(501, TEXT,
+                            b"this instance cannot drain (only `cluster serve` can)\n")
         started = self.drain()
         body = {"draining": True, "started": started, "drain_seconds":
                 self.settings.drain_seconds, "endpoint": self.node.self_url}
-        return (202 if started else 200), JSON, json.dumps(body).encode()
+        return Response(202 if started else 200, JSON, json.dumps(body).encode())
 
     def status(self) -> dict[str, Any]:
         """This instance's view: identity, table, health, and its own traffic."""
@@ -212,9 +227,16 @@ def _all_traffic(endpoints: list[dict[str, Any]],
 
 def dashboard_html(prefix: str, initial: dict[str, Any]) -> bytes:
     """The dashboard page with the first status inlined (it renders before any fetch)."""
-    data = json.dumps(initial).replace("</", "<\\/")
-    page = _PAGE.replace("__PREFIX__", json.dumps(prefix)).replace("__INITIAL__", data)
-    return page.encode()
+    page = _PAGE.replace("__PREFIX__", _script_json(prefix))
+    return page.replace("__INITIAL__", _script_json(initial)).encode()
+
+
+def _script_json(value: Any) -> str:
+    """JSON that stays inside its ``<script>``: ``<`` escaped, not only ``</`` (a
+    record's ``<!--<script>`` would put the HTML parser in a state where the page's
+    own ``</script>`` no longer ends it, and the dashboard would stay blank)."""
+    return (json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
 
 
 _PAGE = """<!doctype html>

@@ -16,6 +16,7 @@ from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
 from cluster.admin import Admin
+from cluster.admin import Response as AdminResponse
 from cluster.config import Settings
 from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.handler import HIJACK_KEY, ClusterHandler, is_websocket_upgrade
@@ -34,11 +35,10 @@ from cluster.routing import (
     RequestView,
     Serve,
     SockJSInfo,
-    Status,
     route,
 )
 from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
-from cluster.trust import trusted_peers
+from cluster.trust import forwarded_clients, peer_address, trusted_peers
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
         sockjs_prefix=settings.sockjs_prefix,
         balancer_url=settings.balancer_url,
         trusted_proxies=trusted_peers(settings.trusted_proxies),
-        admin_prefix=settings.admin_prefix + "/",
         app_version=settings.own_app_version,
         version_order=settings.version_order,
         version_weights=settings.version_weights,
@@ -75,7 +74,7 @@ def reply(start_response: StartResponse, status: int, body: str,
 
 
 def reply_bytes(start_response: StartResponse, status: int, data: bytes,
-                content_type: str) -> list[bytes]:
+                content_type: str, extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
@@ -83,9 +82,14 @@ def reply_bytes(start_response: StartResponse, status: int, data: bytes,
     start_response(
         f"{status} {phrase}",
         [("Content-Type", content_type), ("Content-Length", str(len(data))),
-         ("Cache-Control", "no-store")],
+         ("Cache-Control", "no-store"), *extra],
     )
     return [data]
+
+
+def admin_reply(start_response: StartResponse, page: AdminResponse) -> list[bytes]:
+    return reply_bytes(start_response, page.status, page.body, page.content_type,
+                       page.headers)
 
 
 class ClusterApp:
@@ -132,17 +136,22 @@ class ClusterApp:
             hop = self.hop.verify(marker.encode("latin-1"),
                                   str(environ.get("REQUEST_METHOD", "GET")).encode("latin-1"),
                                   request_target(environ).encode("latin-1"),
-                                  str(environ.get("REMOTE_ADDR") or ""), node.table)
+                                  peer_address(str(environ.get("REMOTE_ADDR") or "")),
+                                  node.table)
         if marker is not None and not hop:
             environ.pop(HOP_ENVIRON, None)  # an unproven marker reaches no app
         request = RequestView.from_environ(environ, hop=hop)
         if not hop and self.admin.handles(request.path):
             # Trusted networks, or anyone with --admin-token (else the app's own path).
+            get = environ.get
             answer = self.admin.answer(request.path, request.remote_addr, request.query,
-                                       str(environ.get("HTTP_AUTHORIZATION", "")),
-                                       request.method)
+                                       str(get("HTTP_AUTHORIZATION", "")), request.method,
+                                       forwarded_clients(str(get("HTTP_X_FORWARDED_FOR", "")),
+                                                         str(get("HTTP_FORWARDED", "")),
+                                                         str(get("HTTP_X_REAL_IP", ""))),
+                                       str(get("HTTP_ORIGIN", "")))
             if answer is not None:
-                return reply_bytes(start_response, answer[0], answer[2], answer[1])
+                return admin_reply(start_response, answer)
 
         def pick(tried: frozenset[str]) -> Any:
             # tried: never again; ejected: only when nothing else is left (panic mode)
@@ -167,10 +176,6 @@ class ClusterApp:
                 return self._serve(decision, environ, start_response)
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
-            if isinstance(decision, Status):
-                status, ctype, body = self.admin.respond(request.path, request.query,
-                                                         request.method)
-                return reply_bytes(start_response, status, body, ctype)
             if isinstance(decision, SockJSInfo):
                 return self._sockjs_info(decision, environ, start_response)
             return self._proxy(decision, environ, start_response)

@@ -19,6 +19,7 @@ from typing import Any
 import gevent
 
 from cluster.netio import Reader
+from cluster.trust import peer_address
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ClientConn:
         self.sock = sock
         self.raw = sock._sock  # the OS socket, non-blocking (gevent made it so)
         self.address = address
-        self.peer: str = address[0] if isinstance(address, tuple) else ""
+        self.peer: str = peer_address(address[0]) if isinstance(address, tuple) else ""
         self.buf = bytearray()
         self.deadline = 0.0  # 0: none
         self.phase = NONE

@@ -36,7 +36,7 @@ import logging
 import os
 import socket as _socket
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -85,11 +85,13 @@ from cluster.routing import (
     RequestView,
     Serve,
     SockJSInfo,
-    Status,
     route,
 )
 from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
-from cluster.trust import trusted_peers
+from cluster.trust import forwarded_clients, trusted_peers
+
+if TYPE_CHECKING:
+    from cluster.admin import Response as AdminResponse
 
 log = logging.getLogger(__name__)
 
@@ -466,10 +468,15 @@ class Connection:
         if view.path.startswith(admin.prefix) and not view.hop and admin.handles(view.path):
             # Before routing: trusted networks, or anyone with --admin-token.
             answer = admin.answer(view.path, view.remote_addr, view.query,
-                                  _field(head, b"authorization"), view.method)
+                                  _field(head, b"authorization"), view.method,
+                                  forwarded_clients(
+                                      head.forwarded_for.decode("latin-1"),
+                                      head.forwarded.decode("latin-1"),
+                                      head.real_ip.decode("latin-1")),
+                                  _field(head, b"origin"))
             if answer is not None:
                 try:
-                    return self.reply(head, state, answer[0], answer[2], answer[1].encode())
+                    return self.admin_reply(head, state, answer)
                 finally:
                     self.record(head, state, started)
         try:
@@ -531,10 +538,6 @@ class Connection:
             return self.serve_local(head, decision, state)
         if isinstance(decision, Reply):
             return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
-        if isinstance(decision, Status):
-            view = self.request
-            status, ctype, body = self.door.admin.respond(view.path, view.query, view.method)
-            return self.reply(head, state, status, body, ctype.encode())
         state.endpoint = decision.endpoint
         return self.sockjs_info(head, decision, state)
 
@@ -588,13 +591,18 @@ class Connection:
 
     # --- answers ----------------------------------------------------------------------
 
+    def admin_reply(self, head: RequestHead, state: _Outcome, page: AdminResponse) -> bool:
+        return self.reply(head, state, page.status, page.body, page.content_type.encode(),
+                          extra=tuple(f"{k}: {v}".encode("latin-1") for k, v in page.headers))
+
     def reply(self, head: RequestHead, state: _Outcome, status: int, body: bytes,
-              ctype: bytes = b"text/plain; charset=utf-8", close: bool = False) -> bool:
+              ctype: bytes = b"text/plain; charset=utf-8", close: bool = False,
+              extra: tuple[bytes, ...] = ()) -> bool:
         # a WebSocket handshake answered here is refused (not a 101): the connection
         # ends, as for any refusal, since what follows its head may be frames
         keep = head.keep_alive and not close and not head.has_body and not head.is_websocket
         data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
-                               close=not keep)
+                               close=not keep, extra=extra)
         if head.method == b"HEAD":  # same head as a GET would get, without the body
             data = data.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body), 1)
         self.conn.send(data)

@@ -9,6 +9,7 @@ Times are seconds from ``time.monotonic()``.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, TypeVar
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 if TYPE_CHECKING:
     from cluster.config import Settings
@@ -152,18 +153,41 @@ class Observer:
 NULL_OBSERVER = Observer()
 
 
+def without_admin_token(target: str, admin_prefix: str) -> str:
+    """``target`` with the value of a ``token`` query field under the admin prefix
+    replaced by ``-``: the admin token opens the dashboard from anywhere, and log files
+    are read (and shipped) by more people than those who may hold it. The path and the
+    field's name are matched percent-decoded, as the door and ``parse_qs`` read them
+    (``/%5Fcluster/status?tok%65n=…`` opens the pages too)."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    seen = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+    if not (seen == admin_prefix or seen.startswith(admin_prefix + "/")):
+        return target
+    fields = query.split("&")
+    safe = [f"{name}=-" if unquote_plus(name) == "token" else f
+            for f in fields for name in (f.partition("=")[0],)]
+    return target if safe == fields else f"{path}?{'&'.join(safe)}"
+
+
 class DebugAccessLog(Observer):
     """One line per request on the ``cluster.access`` logger at debug level (what
-    ``--log-level debug`` shows)."""
+    ``--log-level debug`` shows); a ``token`` query field under ``admin_prefix`` is
+    written as ``-``, as in the access log."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin_prefix: str | None = None) -> None:
         import logging
 
         self.log = logging.getLogger("cluster.access")
+        self.admin_prefix = admin_prefix
 
     def request_done(self, record: RequestRecord) -> None:
+        target = record.target
+        if self.admin_prefix and "?" in target:
+            target = without_admin_token(target, self.admin_prefix)
         self.log.debug('%s "%s %s %s" %d %d %s %.6f', record.remote, record.method,
-                       record.target, record.version, record.status, record.sent,
+                       target, record.version, record.status, record.sent,
                        record.endpoint, record.total_seconds)
 class Observers(Observer):
     """Fan-out: every hook called on each of several observers, in order."""
@@ -241,5 +265,5 @@ def from_settings(settings: Settings) -> Observer:
     if access is not None:
         observers.append(access)
     elif settings.log_level == "debug":
-        observers.append(DebugAccessLog())
+        observers.append(DebugAccessLog(settings.admin_prefix))
     return combine(observers)

@@ -16,6 +16,9 @@ keeps one app version (the session's own while it has live endpoints, else the n
 or a canary draw, see cluster/versions.py); ``_pick_from`` then chooses among what is
 left. A session's version travels in a second cookie, ``cluster-version::<service>``,
 so the first stays exactly meteorhacks' (an endpoint hash).
+
+The admin pages (``--admin-prefix``) are not routed: cluster.admin answers them before
+``route()`` for the clients it lets in, and to everyone else they are the app's paths.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from urllib.parse import quote
 from cluster import versions
 from cluster.records import Endpoint
 from cluster.registry import EndpointTable
+from cluster.trust import peer_address
 
 HOP_HEADER = "X-Cluster-Hop"
 HOP_ENVIRON = "HTTP_X_CLUSTER_HOP"
@@ -35,10 +39,6 @@ COOKIE_PREFIX = "cluster-endpoint::"
 #: the session's app version, next to the meteorhacks-shaped endpoint cookie
 VERSION_COOKIE_PREFIX = "cluster-version::"
 DDP_PREFIX = "/cluster-ddp/"
-#: this instance's own view of the cluster, for operators on trusted addresses only
-STATUS_PATH = "/_cluster/status"
-#: every operator page (status, dashboard, metrics) lives under this prefix
-ADMIN_PREFIX = "/_cluster/"
 
 
 class RequestView:
@@ -106,7 +106,7 @@ class RequestView:
             host=get("HTTP_HOST") or get("SERVER_NAME"),
             forwarded_proto=get("HTTP_X_FORWARDED_PROTO"),
             forwarded_host=get("HTTP_X_FORWARDED_HOST"),
-            remote_addr=get("REMOTE_ADDR"),
+            remote_addr=peer_address(get("REMOTE_ADDR")),
             raw_target=get("RAW_URI"),
         )
 
@@ -159,8 +159,6 @@ class Policy:
     sockjs_prefix: str = "/sockjs"
     balancer_url: str | None = None
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
-    #: --admin-prefix with a trailing slash: where the operator pages live
-    admin_prefix: str = ADMIN_PREFIX
     #: this instance drains (its record says so too, one table refresh later)
     draining: bool = False
     #: the app version this instance runs ("": none)
@@ -215,11 +213,6 @@ class SockJSInfo:
 
 
 @dataclass(frozen=True)
-class Status:
-    """Answer with an operator page (cluster.admin): the status JSON and the like."""
-
-
-@dataclass(frozen=True)
 class Reply:
     """Answer here with a short text body."""
 
@@ -227,7 +220,7 @@ class Reply:
     body: str
 
 
-Decision = Union[Serve, Proxy, SockJSInfo, Status, Reply]
+Decision = Union[Serve, Proxy, SockJSInfo, Reply]
 #: an endpoint's load by its hash, lower is less loaded (cluster.placement makes one)
 Scores = Callable[[str], float]
 
@@ -264,9 +257,6 @@ def route(
         # never gets the status page: that would answer a client the first hop did
         # not trust, and hide the app's own page of that name.)
         return Serve() if policy.has_local_app else Reply(502, "this instance has no local app")
-    if request.path.startswith(policy.admin_prefix) and \
-            request.remote_addr in policy.trusted_proxies:
-        return Status()
     info = _sockjs_info_service(request.path, policy)
     if info is not None:
         return _route_sockjs_info(request, table, policy, info, exclude, rand, ejected,

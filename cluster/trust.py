@@ -68,3 +68,35 @@ def check_entry(raw: str) -> str:
     except ValueError:
         raise ValueError(f"{entry!r} is not an IP address or network") from None
     return entry
+
+
+def peer_address(address: str) -> str:
+    """The address as ``--trusted-proxies`` writes it: an IPv4 client of a dual-stack
+    listener (``--bind [::]:PORT``) arrives as ``::ffff:127.0.0.1``, and would match
+    neither ``127.0.0.1`` nor ``127.0.0.0/8``."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def forwarded_clients(x_forwarded_for: str, forwarded: str, real_ip: str) -> list[str]:
+    """Every address a request says it was forwarded for (``X-Forwarded-For``,
+    ``Forwarded: for=``, ``X-Real-IP``), ports and brackets taken off; an entry that
+    is not an address (``unknown``, an obfuscated ``_name``) is kept as written, so it
+    is never trusted."""
+    found = [e for e in x_forwarded_for.split(",") if e.strip()]
+    for element in forwarded.replace(";", ",").split(","):
+        key, _, value = element.strip().partition("=")
+        if key.strip().lower() == "for":
+            found.append(value.strip().strip('"'))
+    if real_ip.strip():
+        found.append(real_ip)
+    return [peer_address(_without_port(e.strip())) for e in found]
+
+
+def _without_port(entry: str) -> str:
+    if entry.startswith("["):  # [v6]:port or [v6]
+        return entry[1:].partition("]")[0]
+    if entry.count(":") == 1:  # v4:port
+        return entry.partition(":")[0]
+    return entry

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -532,3 +533,16 @@ def raw_websocket(port: int, path: str = "/ws", timeout: float = 5.0
             break
         data += piece
     return sock, data.split(b"\r\n", 1)[0]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+#: scripts/run-tests turns IPv6 on for the loopback when it is off, so CI runs these
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")

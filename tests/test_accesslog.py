@@ -49,6 +49,40 @@ def test_control_characters_cannot_forge_a_line():
     assert "\\x0d\\x0a" in line and '"-"' in line
 
 
+def test_bytes_above_ascii_are_escaped_as_nginx_does():
+    """The fields are bytes read as latin-1: written as UTF-8 they were mojibake, and
+    C1 controls (NEL ends a line for str.splitlines, CSI moves a terminal) went raw."""
+    raw = "/caf\xc3\xa9\x85x\x9b[2J\x7f"  # /café in UTF-8 bytes, NEL, CSI, DEL
+    line = combined_line(proxied(target=raw, user_agent="\xff"), "t")
+    assert line.isascii() and len(line.splitlines()) == 1
+    assert "/caf\\xc3\\xa9\\x85x\\x9b[2J\\x7f" in line and '"\\xff"' in line
+
+
+def test_the_admin_token_is_not_logged_in_any_spelling():
+    """The door percent-decodes the path and parse_qs the field name: each spelling
+    that opens the pages must be hidden."""
+    from cluster.observe import without_admin_token as hide
+
+    token = "S3CRETTOKEN0123456789"
+    for target in (f"/_cluster/status?token={token}", f"/%5Fcluster/status?token={token}",
+                   f"/_cluster/status?tok%65n={token}&a=1", f"/_cluster?a=1&token={token}",
+                   f"/%5f%63luster/?t%6Fken={token}"):
+        assert token not in hide(target, "/_cluster"), target
+    assert hide("/_cluster/status?a=1", "/_cluster") == "/_cluster/status?a=1"
+    assert hide(f"/app?token={token}", "/_cluster") == f"/app?token={token}"
+
+
+def test_the_debug_access_log_hides_the_admin_token_too(caplog):
+    from cluster.observe import DebugAccessLog
+
+    log = DebugAccessLog("/_cluster")
+    with caplog.at_level("DEBUG", logger="cluster.access"):
+        log.request_done(proxied(target="/_cluster/status?token=S3CRETTOKEN0123456789"))
+        log.request_done(proxied(target="/app?token=mine"))
+    assert "S3CRET" not in caplog.text and "/_cluster/status?token=-" in caplog.text
+    assert "/app?token=mine" in caplog.text
+
+
 def test_json_line_has_every_field():
     data = json.loads(json_line(proxied(websocket=True, status=101, sent=0), 0.0))
     assert data["upstream"] == "http://127.0.0.1:8001"

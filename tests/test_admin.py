@@ -65,7 +65,7 @@ def test_status_has_table_health_and_traffic(node):
     metrics.request_done(done("local", 500))
     metrics.connection_opened()
     metrics.sample()
-    status, content_type, body = admin.respond("/_cluster/status", "")
+    status, content_type, body, _ = admin.respond("/_cluster/status", "")
     assert (status, content_type) == (200, "application/json")
     data = json.loads(body)
     assert data["endpoint"] == node.self_url and data["store_failing"] is False
@@ -91,7 +91,7 @@ def test_metrics_page_is_prometheus_text(node):
     metrics = MetricsObserver()
     admin = Admin(node, node.settings, metrics)
     metrics.request_done(done("http://127.0.0.1:1"))
-    status, content_type, body = admin.respond("/_cluster/metrics", "")
+    status, content_type, body, _ = admin.respond("/_cluster/metrics", "")
     assert status == 200 and content_type.startswith("text/plain")
     names = {f.name for f in text_string_to_metric_families(body.decode())}
     assert {"cluster_requests", "cluster_upstream_latency_seconds",
@@ -101,7 +101,7 @@ def test_metrics_page_is_prometheus_text(node):
 def test_dashboard_is_self_contained_and_renders_from_inlined_status(node):
     admin = Admin(node, node.settings, MetricsObserver())
     for path in ("/_cluster/", "/_cluster"):
-        status, content_type, body = admin.respond(path, "")
+        status, content_type, body, _ = admin.respond(path, "")
         assert (status, content_type) == (200, "text/html; charset=utf-8")
     page = body.decode()
     assert not re.search(r"""(src|href)\s*=|@import|<link|url\(""", page, re.I)
@@ -112,3 +112,77 @@ def test_dashboard_is_self_contained_and_renders_from_inlined_status(node):
 def test_inlined_status_cannot_close_the_script():
     page = dashboard_html("/_cluster", {"service": "</script><script>alert(1)</script>"})
     assert page.decode().count("</script>") == 1
+
+
+def test_a_record_cannot_blank_the_dashboard():
+    """``<!--<script>`` in a value puts the HTML parser where the page's own
+    ``</script>`` no longer ends the script: nothing would run. No ``<`` may reach it."""
+    hostile = {"endpoint": "http://127.0.0.1:9/<!--<script>", "x": "a&b>c"}
+    page = dashboard_html("/_cluster", hostile).decode()
+    script = page[page.index("const INITIAL = "):page.index("let fetches")]
+    assert "<" not in script and ">" not in script and "&" not in script
+    assert json.loads(script[len("const INITIAL = "):].strip().rstrip(";")) == hostile
+
+
+def test_a_request_forwarded_for_an_untrusted_client_is_judged_by_that_client(node):
+    """A proxy on a trusted address (nginx on the loopback) forwards for everyone
+    behind it: every address it forwarded for must be trusted too."""
+    admin = Admin(node, node.settings.replace(admin_token=None), MetricsObserver())
+    assert admin.allowed("127.0.0.1", "", forwarded_for=["10.1.0.7", "127.0.0.1"])
+    for chain in (["203.0.113.9"], ["127.0.0.1", "203.0.113.9"], ["unknown"], ["_hidden"]):
+        assert not admin.allowed("127.0.0.1", "", forwarded_for=chain), chain
+        assert admin.answer("/_cluster/status", "127.0.0.1", "", forwarded_for=chain) is None
+    with_token = Admin(node, node.settings, MetricsObserver())
+    assert with_token.allowed("127.0.0.1", f"token={TOKEN}", forwarded_for=["203.0.113.9"])
+    assert with_token.answer("/_cluster/status", "127.0.0.1", "",
+                             forwarded_for=["203.0.113.9"]).status == 401
+
+
+def test_forwarded_clients_reads_every_forwarding_field():
+    from cluster.trust import forwarded_clients
+
+    assert forwarded_clients("", "", "") == []
+    assert forwarded_clients(" 1.2.3.4, 127.0.0.1:80 ,[::1]:5", "", "") == [
+        "1.2.3.4", "127.0.0.1", "::1"]
+    assert forwarded_clients("", 'for=192.0.2.60;proto=http, For="[2001:db8::1]:4711", '
+                                 "for=unknown;by=x", "") == ["192.0.2.60", "2001:db8::1",
+                                                             "unknown"]
+    assert forwarded_clients("", "", "::ffff:10.0.0.1") == ["10.0.0.1"]
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4(node):
+    from cluster.trust import peer_address
+
+    assert peer_address("::ffff:127.0.0.1") == "127.0.0.1"
+    assert peer_address("::ffff:7f00:1") == "::ffff:7f00:1"  # as written by no kernel
+    assert peer_address("::1") == "::1" and peer_address("10.1.0.1") == "10.1.0.1"
+    admin = Admin(node, node.settings, MetricsObserver())
+    assert admin.allowed("::ffff:127.0.0.1", "") and admin.allowed("::ffff:10.1.2.3", "")
+    assert not admin.allowed("::ffff:10.2.0.1", "")
+
+
+def test_admin_answers_say_what_they_allow_and_how_to_authenticate(node):
+    admin = Admin(node, node.settings, MetricsObserver())
+    for path in ("/_cluster/", "/_cluster/status", "/_cluster/metrics"):
+        for method in ("POST", "DELETE", "OPTIONS", "PUT"):
+            page = admin.respond(path, "", method)
+            assert (page.status, page.headers) == (405, (("Allow", "GET, HEAD"),)), path
+        assert admin.respond(path, "", "HEAD").status == 200
+    page = admin.respond("/_cluster/drain", "", "GET")
+    assert (page.status, page.headers) == (405, (("Allow", "POST"),))
+    page = admin.answer("/_cluster/status", "192.0.2.1", "")
+    assert page.status == 401 and page.headers[0][0] == "WWW-Authenticate"
+    assert page.headers[0][1].startswith("Bearer ")
+
+
+def test_a_browser_page_cannot_drain_the_instance(node):
+    """Browsers send Origin with every POST: a page from any site, open on a trusted
+    host, could otherwise drain it (cross-site request forgery)."""
+    admin = Admin(node, node.settings, MetricsObserver())
+    drained = []
+    admin.drain = lambda: drained.append(1) or True
+    page = admin.respond("/_cluster/drain", "", "POST", origin="http://evil.example")
+    assert page.status == 403 and not drained
+    page = admin.respond("/_cluster/drain", "", "POST", origin="null")
+    assert page.status == 403 and not drained
+    assert admin.respond("/_cluster/drain", "", "POST").status == 202 and drained == [1]

@@ -33,6 +33,7 @@ from helpers import (
     cluster_argv,
     exchange,
     load_corpus,
+    needs_ipv6,
     parse_responses,
     read_port_file,
     read_response,
@@ -650,19 +651,6 @@ def test_port_zero_is_bound_reported_in_the_port_file_and_logged(tmp_path: Path,
                    what="the log names the bound address")
     finally:
         stop_clean(proc)
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-#: scripts/run-tests turns IPv6 on for the loopback when it is off, so CI runs these
-needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
 
 
 @needs_ipv6

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cluster.records import endpoint_hash
 from helpers import (
     Proc,
     cluster_argv,
+    needs_ipv6,
+    read_port_file,
     start_app,
     wait_until,
 )
@@ -239,6 +242,58 @@ def test_admin_pages_by_token_under_another_prefix(sqlite_url, tmp_path):
     assert "Traceback" not in proc.output()
 
 
+def test_admin_pages_through_a_proxy_a_browser_and_a_dual_stack_bind(sqlite_url, tmp_path):
+    """What a proxy on the loopback forwards for an outside client is the app's (the
+    pages would be open to everyone behind it); a browser page cannot drain the
+    instance; refusals say what is allowed."""
+    proc, base = serve(sqlite_url, tmp_path, "fronted")
+    try:
+        wait_until(lambda: requests.get(base + "/_cluster/status", timeout=5).ok,
+                   timeout=10, what="the status page")
+        for forwarded in ({"X-Forwarded-For": "203.0.113.9"},
+                          {"X-Forwarded-For": "127.0.0.1, 203.0.113.9"},
+                          {"Forwarded": "for=203.0.113.9;proto=https"},
+                          {"X-Real-IP": "203.0.113.9"}):
+            page = requests.get(base + "/_cluster/status", headers=forwarded, timeout=5)
+            assert page.headers.get("X-Served-By") == "fronted", forwarded  # the app's
+            drain = requests.post(base + "/_cluster/drain", headers=forwarded, timeout=5)
+            assert drain.headers.get("X-Served-By") == "fronted", forwarded
+        inside = requests.get(base + "/_cluster/status", timeout=5,
+                              headers={"X-Forwarded-For": "127.0.0.1"})
+        assert inside.status_code == 200 and inside.json()["endpoint"] == base
+        wrong = requests.delete(base + "/_cluster/status", timeout=5)
+        assert (wrong.status_code, wrong.headers.get("Allow")) == (405, "GET, HEAD")
+        wrong = requests.get(base + "/_cluster/drain", timeout=5)
+        assert (wrong.status_code, wrong.headers.get("Allow")) == (405, "POST")
+        page = requests.post(base + "/_cluster/drain", timeout=5,
+                             headers={"Origin": "http://evil.example"})
+        assert page.status_code == 403
+        assert requests.get(base + "/_cluster/status", timeout=5).json()["draining"] is False
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+@needs_ipv6
+def test_an_ipv4_client_of_a_dual_stack_bind_is_trusted_as_ipv4(sqlite_url, tmp_path):
+    """--bind [::]:PORT takes IPv4 clients as ::ffff:127.0.0.1: the default trust of
+    127.0.0.1 must still hold for them (the status page, cluster status --watch)."""
+    port_file = tmp_path / "dual.port"
+    proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                             "--bind", "[::]:0", "--port-file", str(port_file)),
+                env={"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "dual"}, name="dual")
+    try:
+        port = int(read_port_file(port_file, proc))
+        for host in ("127.0.0.1", "[::1]"):
+            url = f"http://{host}:{port}/_cluster/status"
+            page = wait_until(lambda url=url: requests.get(url, timeout=5), timeout=10,
+                              what=url)
+            assert page.status_code == 200 and "X-Served-By" not in page.headers, host
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
 def test_access_log_does_not_write_the_admin_token(sqlite_url, tmp_path):
     """?token=… opens the admin pages from anywhere: it must not land in a log file that
     others read. The app's own query fields are logged as sent."""
@@ -252,6 +307,12 @@ def test_access_log_does_not_write_the_admin_token(sqlite_url, tmp_path):
                                         params={"token": token}).status_code == 200,
                    timeout=10, what="the status page")
         assert requests.get(base + f"/_cluster/?a=1&token={token}", timeout=5).ok
+        # another spelling that opens the pages too (the path and the name are decoded;
+        # http.client sends it as written, requests would normalise it)
+        client = http.client.HTTPConnection(base.removeprefix("http://"), timeout=5)
+        client.request("GET", f"/%5Fcluster/status?tok%65n={token}")
+        assert client.getresponse().status == 200
+        client.close()
         requests.get(base + "/search?token=app-field", timeout=5)  # the app answers
         wait_until(lambda: "/search" in log_file.read_text(), timeout=5,
                    what="the access log lines")
@@ -261,6 +322,7 @@ def test_access_log_does_not_write_the_admin_token(sqlite_url, tmp_path):
     assert token not in text and token not in proc.output()
     assert '"GET /_cluster/status?token=- HTTP/1.1" 200' in text, text
     assert '"GET /_cluster/?a=1&token=- HTTP/1.1" 200' in text, text
+    assert '"GET /%5Fcluster/status?tok%65n=- HTTP/1.1" 200' in text, text
     assert "/search?token=app-field " in text, text
 
 

@@ -70,6 +70,7 @@ from cluster.http1 import (
 )
 from cluster.proxy.relay import Forwarding, open_after_stale, request_head
 from cluster.proxy.upstream import Connection, Pool
+from cluster.trust import peer_address
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class HttpForwarder:
             framing = b""
         streamed = head.chunked or length > BUFFER_LIMIT
         extra = b""
-        forwarded = self.forwarding.lines(head, str(environ.get("REMOTE_ADDR") or ""))
+        forwarded = self.forwarding.lines(head, peer_address(str(environ.get("REMOTE_ADDR") or "")))
         if add_headers:
             extra, names = _added_lines(tuple(add_headers))
             head.fields = [f for f in head.fields

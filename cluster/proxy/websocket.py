@@ -43,6 +43,7 @@ from cluster.http1 import parse_response_head as parse_head
 from cluster.proxy.relay import Forwarding, request_head
 from cluster.proxy.tunnel import Tunnel, _close, _pump
 from cluster.proxy.upstream import Target, connect
+from cluster.trust import peer_address
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def upgrade_request_head(environ: dict[str, Any], path_qs: str, endpoint_host: s
     forwarding = _FORWARDING.get(trusted_proxies)
     if forwarding is None:
         forwarding = _FORWARDING.setdefault(trusted_proxies, Forwarding(trusted_proxies))
-    forwarded = forwarding.lines(head, str(environ.get("REMOTE_ADDR") or ""))
+    forwarded = forwarding.lines(head, peer_address(str(environ.get("REMOTE_ADDR") or "")))
     forwarded = [f for f in forwarded if f.partition(b":")[0].lower() not in names]
     head.fields = [f for f in head.fields if f.partition(b":")[0].lower() not in names]
     if not preserve_host:
