@@ -211,6 +211,8 @@ def drain(settings: Settings, pid: int | None = None, url: str | None = None,
         return _drain_url(settings, url.rstrip("/"), wait)
     if pid is None:
         pid = _read_pid(settings.pid_file)
+    elif pid <= 0:  # kill(2) would signal a process group, or every process
+        raise ConfigError("--pid", f"{pid} is not a process ID")
     try:
         os.kill(pid, signal.SIGUSR2)
     except ProcessLookupError:
@@ -268,9 +270,19 @@ def _drain_url(settings: Settings, url: str, wait: bool) -> int:
     if response.status_code not in (200, 202):
         raise ConfigError("--url", f"{target} answered {response.status_code}: "
                                    f"{response.text.strip()[:200]}")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("draining") is not True:
+        # the app answered: the admin pages are not open to this address (see
+        # --trusted-proxies, --admin-token), or the prefix is another one
+        raise ConfigError("--url", f"{target} is not a cluster instance's drain page (the "
+                                   f"app answered {response.status_code}): check "
+                                   f"--admin-prefix, and --admin-token or --trusted-proxies")
     print(f"{url} is draining" + (" (it already was)" if response.status_code == 200 else "")
           + ("; waiting for its record to leave the table" if wait else ""), flush=True)
-    endpoint = response.json().get("endpoint", url)
+    endpoint = answer.get("endpoint") or url
     while wait and any(r["endpoint"] == endpoint for r in status_rows(settings)["endpoints"]):
         time.sleep(WAIT_INTERVAL)
     if wait:

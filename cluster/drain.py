@@ -59,18 +59,22 @@ class Drain:
         door = self.door
         door.policy = dataclasses.replace(door.policy, draining=True)
         door.admin.draining_since = self.since
-        registrar = self.node.registrar
-        if registrar is not None:
-            try:
-                registrar.drain()
-            except DiscoveryError as exc:
-                log.warning("draining: could not mark the record now (the next heartbeat "
-                            "will): %s", exc)
+        if self.node.registrar is not None:
+            # in a greenlet of its own: a store that is down must not hold up the
+            # answer to `cluster drain --url` (its write waits for the store's timeout)
+            gevent.spawn(self._mark_record)
         log.info("draining (%s): no new sessions here; closing %d WebSockets with 1001 in "
                  "%.3gs over %.3gs, then stopping", why, len(door.open_websockets),
                  self.seconds, self.close_seconds)
         self._runner = gevent.spawn(self._run)
         return True
+
+    def _mark_record(self) -> None:
+        try:
+            self.node.registrar.drain()
+        except DiscoveryError as exc:
+            log.warning("draining: could not mark the record now (the next heartbeat "
+                        "will): %s", exc)
 
     def _run(self) -> None:
         if self.stopping.wait(self.seconds):

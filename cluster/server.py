@@ -165,6 +165,17 @@ def raise_descriptor_limit() -> None:
         pass
 
 
+def drain_every_worker(supervisor: int, drain: Drain, stopping: gevent.event.Event) -> bool:
+    """``POST /_cluster/drain`` to one worker of ``--workers-count``: the supervisor is
+    asked (SIGUSR2), and drains them all. Draining only the worker that took the
+    request would have the supervisor restart it, and the server carry on."""
+    if drain.since is not None or stopping.is_set():
+        return False
+    log.info("drain asked by POST: passing it to the supervisor (pid %d)", supervisor)
+    os.kill(supervisor, signal.SIGUSR2)
+    return True
+
+
 def make_door(node: Cluster, settings: Settings, local_app: WSGIApp | None,
               observer: Observer = NULL_OBSERVER) -> Door:
     policy = policy_for(settings, node.self_hash, local_app is not None)
@@ -274,6 +285,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     handle_sighup(worker=parent is not None)
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
+        door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
     node.start()
     # Everything alive now (modules, the app, settings) lives as long as the process:
     # move it out of the collector's generations so collections triggered by

@@ -16,9 +16,13 @@ TIMEOUT = 15
 
 
 @pytest.mark.timeout(40)
-def test_drain_of_a_supervisor_drains_every_worker(sqlite_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["--pid-file", "--url"])
+def test_drain_of_a_supervisor_drains_every_worker(sqlite_url: str, tmp_path: Path,
+                                                   how: str) -> None:
+    """By the supervisor's PID, or by POST to the shared port: a POST lands on one
+    worker, which passes it to the supervisor (drained alone, it would be restarted)."""
     pid_file = tmp_path / "web.pid"
-    parent, _ = start_serve("--service", "web", "--app", "gws_echo:app", "--workers-count", "2",
+    parent, port = start_serve("--service", "web", "--app", "gws_echo:app", "--workers-count", "2",
                             "--ping-interval", "1", "--expiry-grace", "1",
                             "--drain-seconds", "1.5", "--drain-close-seconds", "0.2",
                             "--pid-file", str(pid_file),
@@ -27,8 +31,10 @@ def test_drain_of_a_supervisor_drains_every_worker(sqlite_url: str, tmp_path: Pa
         wait_until(lambda: len(status_json(sqlite_url)["endpoints"]) == 2, timeout=TIMEOUT,
                    what="both workers to register")
         assert pid_file.read_text().strip() == str(parent.pid)
-        drain = subprocess.Popen(cluster_argv("drain", "--pid-file", str(pid_file), "--wait"),
-                                 cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        target = str(pid_file) if how == "--pid-file" else f"http://127.0.0.1:{port}"
+        drain = subprocess.Popen(cluster_argv("drain", how, target, "--wait"),
+                                 cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                "CLUSTER_DISCOVERY_URL": sqlite_url},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_until(lambda: [r["draining"] for r in status_json(sqlite_url)["endpoints"]]
@@ -46,6 +52,7 @@ def test_drain_of_a_supervisor_drains_every_worker(sqlite_url: str, tmp_path: Pa
         output = parent.output()
         assert output.count("draining (SIGUSR2)") == 2, output
         assert "every worker has drained and stopped" in output
+        assert "restarting" not in output, output
     finally:
         parent.stop()
     assert "Traceback" not in parent.output(), parent.output()
@@ -89,3 +96,69 @@ def test_status_table_shows_version_and_draining() -> None:
     # columns: ..., HEARTBEAT ("0.5s ago": two words), STATE, LOAD ("-": none published)
     assert lines[2].split()[3] == "1.3" and lines[2].split()[-2:] == ["draining", "-"]
     assert lines[3].split()[3] == "-" and lines[3].split()[-2:] == ["live", "-"]
+
+
+@pytest.mark.timeout(40)
+def test_drain_url_of_an_app_that_answers_200_is_an_error_not_a_drain(sqlite_url: str) -> None:
+    """Where the admin pages are closed to the caller the app answers the POST: a 200
+    that is not the drain page must not be reported as a drain (it was, then a
+    JSONDecodeError traceback followed)."""
+    proc, port = start_serve("--service", "web", "--app", "library_app:hello",
+                             "--trusted-proxies", "192.0.2.1",
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="closed")
+    try:
+        drain = subprocess.run(cluster_argv("drain", "--url", f"http://127.0.0.1:{port}"),
+                               cwd=ROOT, env={"PYTHONPATH": str(ROOT),
+                                              "CLUSTER_DISCOVERY_URL": sqlite_url},
+                               capture_output=True, text=True, timeout=TIMEOUT)
+        assert drain.returncode != 0 and drain.stdout == "", drain.stdout
+        (line,) = drain.stderr.strip().splitlines()
+        assert "not a cluster instance's drain page" in line and "--admin-token" in line
+        assert proc.poll() is None
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("pid", ["0", "-1"])
+def test_drain_pid_must_be_a_process_id(pid: str) -> None:
+    """kill(0) signals the caller's process group and kill(-1) every process: run in a
+    session of its own, so a regression could only hit the command itself."""
+    drain = subprocess.run(cluster_argv("drain", "--pid", pid), cwd=ROOT,
+                           env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                           timeout=TIMEOUT, start_new_session=True)
+    assert drain.returncode == 2, drain.stdout + drain.stderr
+    assert drain.stderr.strip().splitlines() == [
+        f"cluster drain: error: --pid: {pid} is not a process ID"], drain.stderr
+
+
+@pytest.mark.timeout(40)
+def test_drain_over_http_answers_at_once_while_the_store_is_stuck(sqlite_url: str) -> None:
+    """The record is marked in the background: a store that cannot take the write (here
+    the SQLite file locked by another writer) must not hold up the answer, which the
+    CLI would take for a failure while the drain goes on (it did, after 5 s)."""
+    import sqlite3
+    import time
+
+    import requests
+
+    proc, port = start_serve("--service", "web", "--app", "gws_echo:app", "--ping-interval", "1",
+                             "--expiry-grace", "1", "--drain-seconds", "30",
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="stuck")
+    base = f"http://127.0.0.1:{port}"
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite://"), isolation_level=None)
+    try:
+        wait_until(lambda: status_json(sqlite_url)["endpoints"], timeout=TIMEOUT,
+                   what="the instance to register")
+        locker.execute("BEGIN EXCLUSIVE")  # every other writer now waits
+        started = time.monotonic()
+        answer = requests.post(f"{base}/_cluster/drain", timeout=10)
+        took = time.monotonic() - started
+        assert answer.status_code == 202 and answer.json()["draining"] is True
+        assert took < 2.0, f"the drain answer took {took:.1f}s"  # the store waits 5 s
+        locker.execute("COMMIT")
+        wait_until(lambda: status_json(sqlite_url)["endpoints"][0]["draining"],
+                   timeout=TIMEOUT, what="the record to say draining once the store can")
+    finally:
+        locker.close()
+        proc.stop()
+    assert "Traceback" not in proc.output()
