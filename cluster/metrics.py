@@ -50,6 +50,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: seconds of history behind the request rates of the status page
 RATE_WINDOW = 5.0
 SAMPLE_INTERVAL = 1.0
+#: an endpoint gone from the table this long (and with no WebSocket open to it here)
+#: loses its series and its status-page row: with ports chosen at each start (--bind
+#: :0, workers, rolling deploys) they would otherwise pile up for the process's life
+FORGET_SECONDS = 300.0
+#: the door's own names, never in the table
+_NOT_ENDPOINTS = ("local", "-")
 
 
 def multiprocess_dir() -> str | None:
@@ -158,6 +164,10 @@ class MetricsObserver(Observer):
             "discovery store", ["operation"], registry=r)
         self._children: dict[tuple[str, str, int], _Tally] = {}
         self._traffic: dict[str, _Traffic] = {}
+        #: endpoint -> the (metric, label values) made for it, to remove when it is gone
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        #: endpoint -> when (monotonic) the sampler first found it missing from the table
+        self._missing_since: dict[str, float] = {}
         self.open_connections = 0
         self.refused_connections = 0
         #: endpoint -> (reason, time.time()) of its latest ejection, for the status page
@@ -213,8 +223,10 @@ class MetricsObserver(Observer):
         if traffic is None:
             traffic = self._traffic[endpoint] = _Traffic()
         proxied = endpoint not in ("local", "-")
+        labels = (service, endpoint, status_class(status))
+        self._series.setdefault(endpoint, set()).add((self.requests, labels))
         tally = _Tally(
-            self.requests.labels(service, endpoint, status_class(status)),
+            self.requests.labels(*labels),
             traffic,
             status >= 500 or status == 0,
             self.upstream_latency.labels(service) if proxied else None,
@@ -240,6 +252,7 @@ class MetricsObserver(Observer):
             traffic = self._traffic[endpoint] = _Traffic()
         traffic.websockets += 1
         self.websockets.labels(endpoint).inc()
+        self._series.setdefault(endpoint, set()).add((self.websockets, (endpoint,)))
 
     def websocket_closed(self, endpoint: str) -> None:
         traffic = self._traffic.get(endpoint)
@@ -249,11 +262,15 @@ class MetricsObserver(Observer):
 
     def retried(self, endpoint: str, reason: str) -> None:
         self.retries.labels(endpoint, reason).inc()
+        series = self._series.setdefault(endpoint, set())
+        series.add((self.retries, (endpoint, reason)))
         if is_replay(reason):
             self.replays.labels(endpoint).inc()
+            series.add((self.replays, (endpoint,)))
 
     def ejected(self, endpoint: str, reason: str) -> None:
         self.ejections.labels(endpoint, reason).inc()
+        self._series.setdefault(endpoint, set()).add((self.ejections, (endpoint, reason)))
         self.ejection_reasons[endpoint] = (reason, time.time())
 
     # --- the once-a-second sampler ---------------------------------------------------
@@ -282,6 +299,7 @@ class MetricsObserver(Observer):
         node = self._node
         if node is not None:
             self._sample_discovery(node)
+            self.forget_departed({e.url for e in node.table.endpoints}, now)
         counts = {ep: (t.requests, t.errors) for ep, t in list(self._traffic.items())}
         self._samples.append((now, counts))
         while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
@@ -295,6 +313,31 @@ class MetricsObserver(Observer):
             rate = done / elapsed if elapsed > 0 else 0.0
             rates[endpoint] = (rate, (errors - before[1]) / done if done else 0.0)
         self._rates = rates
+
+    def forget_departed(self, listed: set[str], now: float) -> None:
+        """Drop what is kept for endpoints missing from ``listed`` (the table's URLs)
+        for :data:`FORGET_SECONDS`. In multi-process mode the shared files keep their
+        values (prometheus_client cannot remove them); the status page forgets."""
+        known = set(self._traffic) | set(self._series) | set(self.ejection_reasons)
+        for endpoint in known:
+            if endpoint in listed or endpoint in _NOT_ENDPOINTS:
+                self._missing_since.pop(endpoint, None)
+                continue
+            since = self._missing_since.setdefault(endpoint, now)
+            traffic = self._traffic.get(endpoint)
+            if now - since < FORGET_SECONDS or (traffic is not None and traffic.websockets):
+                continue
+            for key in [k for k in self._children if k[1] == endpoint]:
+                del self._children[key]
+            for metric, labels in self._series.pop(endpoint, ()):
+                if not self.multiprocess:  # there remove() only warns
+                    try:
+                        metric.remove(*labels)
+                    except KeyError:
+                        pass
+            self._traffic.pop(endpoint, None)
+            self.ejection_reasons.pop(endpoint, None)
+            self._missing_since.pop(endpoint, None)
 
     def _sample_discovery(self, node: Cluster) -> None:
         watcher = node.watcher

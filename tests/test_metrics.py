@@ -175,3 +175,39 @@ def test_counted_latencies_land_in_the_buckets_observe_would_pick():
     m.request_done(record(200, "http://127.0.0.1:8001", upstream=0.002))  # after a flush
     assert value(samples(m), "cluster_upstream_latency_seconds_count", service="web") == \
         len(times) + 1
+
+
+def test_endpoints_gone_from_the_table_are_forgotten_after_a_while():
+    """With ports picked at each start, departed endpoints would pile up as series and
+    status rows for the life of the process."""
+    from cluster.metrics import FORGET_SECONDS
+
+    observer = MetricsObserver()
+    gone, kept, busy = "http://127.0.0.1:1001", "http://127.0.0.1:1002", "http://127.0.0.1:1003"
+    for endpoint in (gone, kept, "local", "-"):
+        observer.request_done(record(200, endpoint, upstream=0.01))
+    observer.retried(gone, "connect")
+    observer.ejected(gone, "refused")
+    observer.websocket_opened(busy)  # a tunnel still open to it
+    listed = {kept}
+    observer.forget_departed(listed, now=100.0)
+    observer.forget_departed(listed, now=100.0 + FORGET_SECONDS - 1)
+    assert gone in observer.traffic() and gone in observer.ejection_reasons
+    observer.forget_departed(listed, now=100.0 + FORGET_SECONDS)
+    traffic = observer.traffic()
+    assert gone not in traffic and gone not in observer.ejection_reasons
+    assert {kept, "local", "-", busy} <= set(traffic)
+    found = samples(observer)
+    assert not [key for key in found if ("endpoint", gone) in key[1]], found
+    assert value(found, "cluster_requests_total", service="web", endpoint=kept, code="2xx") == 1
+    assert value(found, "cluster_open_websockets", endpoint=busy) == 1
+    # back in the table before the time is up: nothing is forgotten
+    observer.request_done(record(200, gone))
+    observer.forget_departed(listed, now=1000.0)
+    observer.forget_departed(listed | {gone}, now=1000.0 + FORGET_SECONDS / 2)
+    observer.forget_departed(listed, now=1000.0 + FORGET_SECONDS)
+    assert gone in observer.traffic()
+    # its WebSocket closed: the busy one goes the next time round
+    observer.websocket_closed(busy)
+    observer.forget_departed(listed, now=1000.0 + 2 * FORGET_SECONDS)
+    assert busy not in observer.traffic()
