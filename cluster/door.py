@@ -57,7 +57,13 @@ from cluster.conn import (
     Sweeper,
 )
 from cluster.errors import RequestError, UpstreamError
-from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
+from cluster.handler import (
+    _NO_ACCESS_LOG,
+    ClusterHandler,
+    RequestHeaders,
+    check_body_piece,
+    set_nodelay,
+)
 from cluster.hop import HopMarker
 from cluster.http1 import (
     HEAD_END,
@@ -1110,6 +1116,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
     connection: Connection
     websocket_used = False
     body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
+    client_left = False  # a send to the client failed during this response
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -1134,6 +1141,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.environ = self.get_environ()
         self.application = app
         self.body_sent = 0
+        self.client_left = False
         self.handle_one_response()
         if self.code != 101 and head.is_websocket:
             # A refused handshake ends the connection, as when the upgrade is relayed:
@@ -1145,9 +1153,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                 not 0 <= _declared(length) <= self.body_sent:
             # fewer bytes than the app's Content-Length (or one that is no number): the
             # client waits for the rest, and would take the next answer for it
-            log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
-                        "closing the connection", self.command, self.path[:200],
-                        self.body_sent, length[:40])
+            if not self.client_left:  # else its own going is the reason, not the app
+                log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
+                            "closing the connection", self.command, self.path[:200],
+                            self.body_sent, length[:40])
             self.close_connection = True
         return not self.close_connection and not self.rfile.closed
 
@@ -1157,14 +1166,17 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         of its next response: they are dropped (the response as sent is whole)."""
         length = self.provided_content_length
         if length is not None and data and self.command != "HEAD":
+            check_body_piece(data)
             room = _declared(length) - self.body_sent
             if len(data) > room >= 0:
                 log.warning("%s %s: the app gave more body bytes than its Content-Length: "
                             "%s; dropping %d", self.command, self.path[:200], length[:40],
                             len(data) - room)
                 data = data[:room]
-        self.body_sent += len(data)
         super().write(data)
+        # counted once sent: a piece refused (no start_response yet) is not part of
+        # the 500 page pywsgi sends next, whose own Content-Length this holds it to
+        self.body_sent += len(data)
 
     def _sendall(self, data: bytes) -> None:
         """pywsgi's, through the door's send: a client that reads nothing for
@@ -1178,6 +1190,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         try:
             connection.conn.send(data)
         except OSError as exc:
+            self.client_left = True
             if exc.errno in self.ignored_socket_errors:
                 raise
             # closed by the sweeper: as unremarkable as a client that went away
@@ -1262,6 +1275,16 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
+
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
+        """pywsgi's, for a chunked body that breaks off or breaks the rules while the
+        app reads it: the client's doing, worth one info line (pywsgi wrote an ERROR
+        with the socket's repr). The 400 pywsgi sends next, if nothing was sent yet."""
+        ended = getattr(self.rfile, "ended", False)
+        log.info("client %s: %s request body (%s %s): %s", self.connection.conn.peer,
+                 "left in the middle of its" if ended else "bad", self.command,
+                 self.path[:200], ex)
+        return "400", b""
 
     def log_request(self) -> None:
         """The server's access log (gunicorn's, under gunicorn), never gevent-websocket's

@@ -291,6 +291,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             return
         super().handle_error(t, v, tb)
 
+    def write(self, data: bytes) -> None:
+        check_body_piece(data)
+        super().write(data)
+
     def _write_with_headers(self, data: bytes) -> None:
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
 
@@ -361,6 +365,11 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # of a WebSocket stream. Just make sure the connection is not reused.
             self.close_connection = True
             return
+        if self.headers_sent and not self.response_length:
+            # the head was being built, nothing went out: the 500 can still be sent
+            # (gevent-websocket's start_response asserts on headers_sent; its failure
+            # here killed the connection's greenlet and the client got nothing)
+            self.headers_sent = False
         super()._send_error_response_if_possible(error_code)
 
     def handle_one_request(self) -> Any:
@@ -376,6 +385,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             environ = getattr(self, "environ", None)
             if environ is not None:
                 environ.pop(HIJACK_KEY, None)
+
+
+def check_body_piece(data: Any) -> None:
+    """PEP 3333: an app's body pieces are bytes. A str reached the socket's send after
+    the head was marked sent, too late for the 500 the app's error deserves. (An empty
+    str passes: gevent-websocket writes one to send the 101's head.)"""
+    if data and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"the app gave a {type(data).__name__} as a piece of its response "
+                        f"body, not bytes (PEP 3333)")
 
 
 def _no_response(*args: Any) -> Callable[[bytes], None]:

@@ -824,6 +824,40 @@ def test_a_streamed_body_to_an_http_1_0_keep_alive_client_ends_with_the_connecti
     assert body.count(b"\n") == 3 and b"Transfer-Encoding" not in head, data[:300]
 
 
+@pytest.mark.parametrize("path", ["/no-start-response", "/str-body"])
+def test_an_app_that_breaks_pep_3333_gets_a_whole_500(store: str, path: str) -> None:
+    """No start_response, or a str for a body piece: a whole 500, locally and through a
+    balancer. The 500 page was cut to 8 bytes of its Content-Length (the refused piece
+    was counted as sent); a str left the client with nothing (the connection's greenlet
+    died on gevent-websocket's assert) and a balancer in front said 503, no endpoint."""
+    member, member_port = start_instance(store, "buggy", service="doorbuggy")
+    front = None
+    try:
+        front, front_port = start_serve("--ui-service", "doorbuggy", *PATIENT, name="buggyfront",
+                                        env={"CLUSTER_DISCOVERY_URL": store})
+        wait_until(lambda: any(e["service"] == "doorbuggy"
+                               for e in status_view(front_port)["endpoints"]),
+                   timeout=15, what="the front sees the member")
+        for port in (member_port, front_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: a\r\n"
+                             b"Connection: close\r\n\r\n")
+                data, closed = read_until_close(sock, CLOSE_WAIT)
+            (error,), rest = parse_responses(data)
+            assert (error.status, error.body, rest) == (500, b"Internal Server Error", b""), \
+                data[:500]
+            assert closed
+    finally:
+        alive = [p.poll() is None for p in (member, front) if p is not None]
+        for proc in (member, front):
+            if proc is not None:
+                proc.stop()
+    assert all(alive)
+    for proc in (member, front):
+        if proc is not None:
+            assert "Greenlet at" not in proc.output(), proc.output()[-3000:]
+
+
 # --- closing while the client still sends ---------------------------------------------
 
 UPLOAD = 20_000_000  # more than loopback's socket buffers hold between the two ends

@@ -321,6 +321,23 @@ def test_a_streamed_body_to_an_http_1_0_keep_alive_client_ends_with_the_connecti
         server.server.stop()
 
 
+def test_a_str_body_piece_gets_a_500_not_an_empty_200() -> None:
+    """PEP 3333 bodies are bytes. Stock pywsgi sends the 200 head and then fails on the
+    str (the client waits for 15 bytes that never come); ClusterHandler refuses the
+    piece before the head goes out, so the app's error is a whole 500."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[str]:
+        start_response("200 OK", [("Content-Length", "15")])
+        return ["a str not bytes"]
+
+    server = Server(app)
+    try:
+        answer = server.exchange(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        server.server.stop()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and body == b"Internal Server Error", answer
+
+
 def test_access_log_written_when_configured() -> None:
     log = Lines()
     server = Server(responses_app, log=log)

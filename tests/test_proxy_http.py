@@ -694,6 +694,7 @@ def _huge_head(conn: socket.socket) -> None:
 
 DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/switch-kept": _switch_and_wait,
+    "/closed": lambda c: None,  # the request read, the connection closed unanswered
     "/garbled-chunk": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
     "/gzip-chunked": lambda c: c.sendall(
@@ -784,7 +785,7 @@ def scripted_door(tmp_path_factory: pytest.TempPathFactory
     "/switch-kept", "/garbled-chunk", "/gzip-chunked", "/gzip-only", "/chunked-twice",
     "/length-twice", "/length-list", "/length-plus", "/length-hex", "/length-empty", "/nul",
     "/bare-cr", "/obs-fold", "/status-99", "/status-1000", "/status-abc", "/chunk-overflow",
-    "/huge-head", "/many-fields", "/endless-interim"])
+    "/huge-head", "/many-fields", "/endless-interim", "/closed"])
 def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> None:
     """A 101 nobody asked for is not an interim answer to wait past (RFC 9110 15.2.2),
     and a chunked body garbled from its first byte is the endpoint's fault: 502 at
@@ -794,7 +795,9 @@ def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> 
     gzip bytes as content. So are a Content-Length that is not one number, a head a
     field parser could read two ways (NUL, bare CR, obs-fold), a status outside three
     digits, a head past 64 KiB or with thousands of fields, and interim answers that
-    never end: each with the balancer's memory unchanged, and the next request served."""
+    never end: each with the balancer's memory unchanged, and the next request served.
+    So is a connection closed unanswered when no other endpoint is left to replay on
+    (it was a 503 "no live endpoint", although the endpoint was up)."""
     proc, port, _ = scripted_door
     before = rss_kib(proc.pid)
     started = time.monotonic()

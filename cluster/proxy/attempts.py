@@ -59,18 +59,18 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     reason=...)`` is called for an endpoint that refused the connection. ``first``: a decision
     already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
     true for a decision that says no endpoint is left (then the last failure is
-    raised instead when an endpoint answered wrongly, so a client sees 502, not a
-    misleading 503)."""
+    raised instead when an endpoint was reached and failed, by answering wrongly or
+    breaking off, so a client sees 502, not a misleading 503)."""
     tried: set[str] = set()
     failed = first
     last: UpstreamError | None = None
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
-            if last is not None and last.misbehaved and endpoint_of(decision) is None \
-                    and gave_up(decision):
-                # nobody left after an endpoint answered wrongly: say so (502), not "no
-                # live endpoint"; when none could be reached the 503 is the truth
+            if last is not None and (last.misbehaved or not last.retryable) and \
+                    endpoint_of(decision) is None and gave_up(decision):
+                # nobody left after an endpoint was reached and failed: say so (502),
+                # not "no live endpoint"; when none could be reached the 503 is the truth
                 raise last
             try:
                 return send(decision)

@@ -126,6 +126,11 @@ def app(environ, start_response):
         said, sent = int(query["said"]), int(query["sent"])
         start_response("200 OK", [("Content-Length", str(said)), ("X-Served-By", NAME)])
         return [b"x" * sent]
+    if path == "/no-start-response":  # an app bug: a body, and never start_response
+        return [b"never started"]
+    if path == "/str-body":  # an app bug: a str where PEP 3333 wants bytes
+        start_response("200 OK", [("Content-Length", "15"), ("X-Served-By", NAME)])
+        return ["a str not bytes"]
     if path == "/self-chunked":  # an app bug: it frames its body itself (hop-by-hop)
         start_response("200 OK", [("Transfer-Encoding", "chunked"), ("X-Served-By", NAME)])
         return [b"5\r\nhello\r\n0\r\n\r\n"]
