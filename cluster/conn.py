@@ -35,7 +35,7 @@ class ClientConn:
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
                  "timed_out", "requests", "write_timeout", "_relay", "small_answers", "reader",
-                 "__weakref__")
+                 "idle_since", "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -45,6 +45,7 @@ class ClientConn:
         self.buf = bytearray()
         self.deadline = 0.0  # 0: none
         self.phase = NONE
+        self.idle_since = 0.0  # time.monotonic() when it last went IDLE
         self.upstream: Any = None  # the endpoint connection in use, for the sweeper
         self.timed_out = False  # the sweeper closed the endpoint connection
         self.requests = 0

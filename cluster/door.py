@@ -408,7 +408,8 @@ class Connection:
             # A keep-alive client between requests: wait for the next one, which nearly
             # always arrives whole in one read and is parsed straight from it.
             conn.phase = IDLE
-            conn.deadline = time.monotonic() + keepalive_timeout if keepalive_timeout else 0.0
+            now = conn.idle_since = time.monotonic()
+            conn.deadline = now + keepalive_timeout if keepalive_timeout else 0.0
             data = conn.reader.recv(RECV_SIZE)
             if not data:
                 return None
@@ -465,6 +466,11 @@ class Connection:
         """Answer ``head``; True when the connection may carry another request."""
         door = self.door
         started = time.monotonic()
+        if door.stopping:
+            # the last request of this connection, and its answer says so: a client
+            # then opens a new one (to a process that still accepts) instead of racing
+            # the close of an idle connection with its next request
+            head.keep_alive = False
         self.request = self.view(head)
         self.head = head
         self.body: bytes | None = _UNREAD

@@ -251,10 +251,14 @@ def _watch(worker: Any, node: Any) -> None:
         worker.alive = False
     if node.registrar is not None:
         node.registrar.stop()
-    # gunicorn's drain waits for every connection of its pools; idle keep-alive ones
-    # would hold it to --graceful-timeout
+    # as cluster serve's stop: answers say Connection: close from now on, WebSockets
+    # close with 1001 (else cut at --graceful-timeout); gunicorn's drain waits for every
+    # connection of its pools, and idle keep-alive ones would hold it to that timeout
     from cluster.workers import close_idle_connections
 
+    closed = worker.cluster_door.going_away()
+    if closed:
+        worker.log.info("cluster: closed %d WebSockets with 1001 (going away)", closed)
     close_idle_connections(worker.cluster_door, gevent.event.Event())
 
 

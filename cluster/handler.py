@@ -344,8 +344,11 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # client sends next may be frames, which a kept connection would read as
             # its next request head.
             self.close_connection = True
-            if not any(name.lower() == b"connection" for name, _ in self.response_headers):
-                self.response_headers.append((b"Connection", b"close"))
+        if self.close_connection and self.code != 101 and \
+                not any(name.lower() == b"connection" for name, _ in self.response_headers):
+            # pywsgi closes an HTTP/1.1 connection after the answer without saying so
+            # (RFC 9112 9.6: it should): a client would take it as reusable
+            self.response_headers.append((b"Connection", b"close"))
 
     def log_request(self) -> None:
         """Skip formatting a line nobody writes (``log=None``); else log as the base

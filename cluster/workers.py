@@ -324,19 +324,29 @@ def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
         os.close(int(fd))
 
 
-def close_idle_connections(door: Door, done: gevent.event.Event,
-                           interval: float = 0.1) -> None:
-    """While draining, close keep-alive connections waiting for their next request,
-    and those only draining what a client still sends after its last answer.
+#: how long a keep-alive connection must have been idle before a stop closes it
+QUIET_SECONDS = 1.0
 
-    nginx does the same on a graceful stop: the drain then lasts as long as the
-    requests in flight, not as long as idle clients (a peer's pooled connections, a
-    browser's keep-alive) keep their sockets open. A client whose idle connection is
-    closed opens a new one, which reaches a process that still accepts.
+
+def close_idle_connections(door: Door, done: gevent.event.Event,
+                           interval: float = 0.1, quiet: float = QUIET_SECONDS) -> None:
+    """While draining, close keep-alive connections waiting for their next request
+    once they have been idle for ``quiet`` seconds, and at once those only draining
+    what a client still sends after its last answer.
+
+    The drain then lasts as long as the requests in flight, not as long as idle
+    clients (a peer's pooled connections, a browser's keep-alive) keep their sockets
+    open; a client whose idle connection is closed opens a new one, which reaches a
+    process that still accepts. Closing a connection idle for a moment only would race
+    a busy client's next request (sent as the close crosses it, it is lost: a reset,
+    or a 502 for a peer that relayed a POST): such a client sends it within ``quiet``,
+    and it is answered with Connection: close (Connection.one_request).
     """
     while True:
+        now = time.monotonic()
         for conn in list(door.sweeper.conns):
-            if (conn.phase == IDLE and not conn.buf) or conn.phase == LINGER:
+            if conn.phase == LINGER or (conn.phase == IDLE and not conn.buf
+                                        and now - conn.idle_since >= quiet):
                 conn.close()
         if done.wait(interval):
             return

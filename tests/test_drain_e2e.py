@@ -115,3 +115,50 @@ def test_drain_under_load_loses_nothing_and_closes_sockets_with_1001(
             proc.stop()
     for proc in procs:
         assert "Traceback" not in proc.output(), proc.output()
+
+
+@pytest.mark.timeout(40)
+def test_a_stop_answers_a_busy_keep_alive_client_and_then_closes(sqlite_url: str) -> None:
+    """A stop closed every idle keep-alive connection at once: a client sending its next
+    request as the close crossed it lost it (a reset, or 'closed without response'),
+    which SIGHUP reloads and gunicorn's max-requests did to busy clients. Now a
+    connection idle for under a second is left to send: its request is answered with
+    Connection: close; one idle for longer is closed."""
+    import signal
+    import socket
+
+    from helpers import parse_responses, read_until_close
+
+    proc, port = start_serve("--service", "web", "--app", "backend:app",
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="stopping")
+    ask = b"GET /whoami HTTP/1.1\r\nHost: a\r\n\r\n"
+    try:
+        wait_until(lambda: status_json(sqlite_url)["endpoints"], timeout=TIMEOUT,
+                   what="the instance to register")
+        quiet = socket.create_connection(("127.0.0.1", port), timeout=10)
+        busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+        for sock in (quiet, busy):
+            sock.sendall(ask)
+            (answer,), _ = parse_responses(sock.recv(65536))
+            assert answer.status == 200 and answer.header("connection") is None
+        time.sleep(1.5)  # the quiet one has been idle for longer than a stop waits
+        busy.sendall(ask)
+        (answer,), _ = parse_responses(busy.recv(65536))
+        assert answer.status == 200
+        proc.signal(signal.SIGTERM)  # deregister, stop accepting, drain
+        wait_until(lambda: "stopping: deregistering" in proc.output(), timeout=TIMEOUT,
+                   what="the stop to begin")
+        time.sleep(0.3)
+        busy.sendall(ask)  # the busy client's next request, during the stop
+        data, closed = read_until_close(busy, 5)
+        (answer,), rest = parse_responses(data)
+        assert (answer.status, answer.header("connection"), rest) == (200, "close", b"")
+        assert closed
+        data, closed = read_until_close(quiet, 5)
+        assert (data, closed) == (b"", True)
+        assert proc.wait(TIMEOUT) == 0
+        quiet.close()
+        busy.close()
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
