@@ -71,6 +71,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
     finally:
         store.close()
     endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
+    problems += snapshot.unreadable
     rows = []
     for e in sorted(endpoints, key=lambda e: (e.service, e.url)):
         healthy = e.is_healthy(snapshot.now, settings.expiry_grace)
