@@ -268,6 +268,8 @@ def _drain_url(settings: Settings, url: str, wait: bool) -> int:
         response = requests.post(target, headers=headers, timeout=settings.connect_timeout)
     except requests.RequestException as exc:
         raise DiscoveryError(f"could not reach {target}: {exc}") from None
+    except ValueError as exc:  # a URL urllib3 cannot parse (LocationParseError)
+        raise ConfigError("--url", f"{target}: {exc}") from None
     if response.status_code not in (200, 202):
         raise ConfigError("--url", f"{target} answered {response.status_code}: "
                                    f"{response.text.strip()[:200]}")

@@ -9,6 +9,7 @@ this list, so they cannot drift apart. Precedence: flag > environment > file > d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import math
@@ -79,6 +80,20 @@ def _http_url(raw: str) -> str:
     except MalformedRecord as exc:
         raise ValueError(str(exc)) from None
     return value.rstrip("/")
+
+
+def _url_option(query: bool = False) -> Callable[[str], str]:
+    """An argparse ``type`` for a command's own URL option (``--url``, ``--health-url``):
+    held to the rules of endpoint URLs, so a bad one is one line, exit status 2."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        try:
+            return check_url(value, query=query)
+        except MalformedRecord as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _ping_seconds(raw: str) -> float:
@@ -926,7 +941,7 @@ def build_parser(
         parser.add_argument("--pid", type=int, metavar="PID",
                             help="the instance's process (SIGUSR2); default: --pid-file")
         parser.add_argument(
-            "--url", metavar="URL",
+            "--url", metavar="URL", type=_url_option(),
             help="the instance's URL: POST URL/_cluster/drain (from --trusted-proxies, "
                  "or with --admin-token) instead of a signal")
         parser.add_argument(
@@ -937,6 +952,7 @@ def build_parser(
         parser.add_argument(
             "--health-url",
             metavar="URL",
+            type=_url_option(query=True),
             help="keep the record only while this URL answers below 500",
         )
     return parser

@@ -234,3 +234,24 @@ def test_cluster_serve_refuses_a_loopback_endpoint_with_a_remote_store_in_one_li
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--endpoint-url" in lines[0] and "loopback" in lines[0], lines
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--endpoint-url", "http://a..b:80"],
+    ["serve", "--balancer-url", f"http://{'a' * 64}.example"],
+    ["drain", "--url", "http://a..b:8000"],
+    ["register", "--health-url", "http://.x:80/health"],
+])
+def test_a_url_whose_host_resolvers_refuse_is_one_line_and_exit_2(args):
+    """An empty or over-long DNS label used to pass, and ended in a traceback (drain,
+    register) or a record no instance could connect to (serve)."""
+    result = run_cluster(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no valid host" in lines[0], result.stderr
+    assert args[-2] in lines[0]
+
+
+def test_a_health_url_may_have_a_query():
+    _, _, namespace = parse_command_line(["register", "--health-url", "http://127.0.0.1:9/h?x=1"])
+    assert namespace.health_url == "http://127.0.0.1:9/h?x=1"

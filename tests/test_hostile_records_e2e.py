@@ -147,6 +147,34 @@ def test_record_with_a_date_out_of_range_costs_one_warning_not_the_watchers(mong
             assert "Traceback" not in logs and "InvalidBSON" not in logs
         assert front.poll() is None
 
+
+def test_records_whose_host_resolvers_refuse_are_skipped(mongo_url):
+    """An empty or over-long DNS label passed the checks: every request routed there
+    raised UnicodeError (IDNA) in the front, and its client's connection was closed
+    without an answer."""
+    hosts = ["a..b", ".x", "a" * 64]
+    with member_and_front(mongo_url) as (member, front, base):
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        try:
+            now = dt.datetime.now(dt.timezone.utc)
+            client.get_default_database()[COLLECTION].insert_many([
+                {"serviceName": "web", "endpoint": f"http://{host}:80",
+                 "endpointHash": endpoint_hash(f"http://{host}:80"), "balancer": None,
+                 "timestamp": now, "pingInterval": 60000} for host in hosts])
+        finally:
+            client.close()
+
+        def warned() -> int:
+            return max(p.output().count("no valid host") for p in (front, front.member))
+
+        wait_until(lambda: warned() >= len(hosts), timeout=15, what="one warning each")
+        time.sleep(1.5)  # the front's table is as new as the reaper's
+        served = Counter(requests.get(base + "/whoami", timeout=5).text for _ in range(40))
+        assert served == {"m0": 40}
+        assert warned() == len(hosts)
+        logs = front.output() + front.member.output()
+        assert "Traceback" not in logs and "UnicodeError" not in logs
+
 def raw_request_from(address: str, port: int, target: str) -> bytes:
     """One request from ``address`` (bound before connecting), the response's first line."""
     with socket.socket() as sock:
