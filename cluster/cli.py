@@ -71,6 +71,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
     finally:
         store.close()
     endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
+    problems += snapshot.unreadable
     rows = []
     for e in sorted(endpoints, key=lambda e: (e.service, e.url)):
         healthy = e.is_healthy(snapshot.now, settings.expiry_grace)
@@ -267,6 +268,8 @@ def _drain_url(settings: Settings, url: str, wait: bool) -> int:
         response = requests.post(target, headers=headers, timeout=settings.connect_timeout)
     except requests.RequestException as exc:
         raise DiscoveryError(f"could not reach {target}: {exc}") from None
+    except ValueError as exc:  # a URL urllib3 cannot parse (LocationParseError)
+        raise ConfigError("--url", f"{target}: {exc}") from None
     if response.status_code not in (200, 202):
         raise ConfigError("--url", f"{target} answered {response.status_code}: "
                                    f"{response.text.strip()[:200]}")

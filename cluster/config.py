@@ -9,12 +9,15 @@ this list, so they cannot drift apart. Precedence: flag > environment > file > d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import io
 import ipaddress
 import math
 import os
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
@@ -79,6 +82,20 @@ def _http_url(raw: str) -> str:
     except MalformedRecord as exc:
         raise ValueError(str(exc)) from None
     return value.rstrip("/")
+
+
+def _url_option(query: bool = False) -> Callable[[str], str]:
+    """An argparse ``type`` for a command's own URL option (``--url``, ``--health-url``):
+    held to the rules of endpoint URLs, so a bad one is one line, exit status 2."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        try:
+            return check_url(value, query=query)
+        except MalformedRecord as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _ping_seconds(raw: str) -> float:
@@ -869,6 +886,63 @@ class _Parser(configargparse.ArgParser):  # type: ignore[misc]
         raise SystemExit(2)
 
 
+#: a config file is a few dozen lines; a larger one is refused rather than read whole
+MAX_CONFIG_BYTES = 1 << 20
+_CONFIG_KEY = re.compile(r"[^:=;#\s]+")
+
+
+def _open_config_file(path: str) -> io.StringIO:
+    """The text of the config file at ``path``; raises ValueError (configargparse makes
+    it one line naming the file, exit status 2). Only a regular file of UTF-8 text:
+    reading /dev/zero or a FIFO would never end, and a binary or UTF-16 file used to
+    end in a UnicodeDecodeError traceback."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file")
+    with open(path, "rb") as found:
+        data = found.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    stream = io.StringIO(text)
+    stream.name = path
+    return stream
+
+
+class _ConfigFileParser(configargparse.DefaultConfigFileParser):  # type: ignore[misc]
+    """configargparse's ``key = value`` lines, stricter where it is silent: a key set
+    twice (the last one won) and a second ``[section]`` (sections are comments to it,
+    so two of them merged) are errors naming the key or section, the line and file."""
+
+    def parse(self, stream: Any) -> Any:
+        name = getattr(stream, "name", "config file")
+        lines = list(stream)
+        first_line: dict[str, int] = {}
+        section: tuple[int, str] | None = None
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if text.startswith("["):
+                if section is not None:
+                    raise configargparse.ConfigFileParserException(
+                        f"{name}: line {number}: {text} follows {section[1]} (line "
+                        f"{section[0]}); sections are not supported, so keep one "
+                        f"settings block per file")
+                section = (number, text)
+                continue
+            key = _CONFIG_KEY.match(text)
+            if not key or text[0] in "#;" or text.startswith("---"):
+                continue
+            setting = key.group().lstrip("-")
+            if setting in first_line:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: line {number}: {setting!r} is set twice (first on line "
+                    f"{first_line[setting]})")
+            first_line[setting] = number
+        return super().parse(io.StringIO("".join(lines)))
+
+
 def build_parser(
     command: str | None,
     raise_errors: bool = False,
@@ -889,6 +963,8 @@ def build_parser(
         default_config_files=[],
         auto_env_var_prefix=None,
         args_for_setting_config_path=["-c", "--config"],
+        config_file_open_func=_open_config_file,
+        config_file_parser_class=_ConfigFileParser,
         config_arg_help_message="config file (key = value lines, see conf/cluster.conf)",
         config_arg_is_required=False,
         ignore_unknown_config_file_keys=False,
@@ -926,7 +1002,7 @@ def build_parser(
         parser.add_argument("--pid", type=int, metavar="PID",
                             help="the instance's process (SIGUSR2); default: --pid-file")
         parser.add_argument(
-            "--url", metavar="URL",
+            "--url", metavar="URL", type=_url_option(),
             help="the instance's URL: POST URL/_cluster/drain (from --trusted-proxies, "
                  "or with --admin-token) instead of a signal")
         parser.add_argument(
@@ -937,6 +1013,7 @@ def build_parser(
         parser.add_argument(
             "--health-url",
             metavar="URL",
+            type=_url_option(query=True),
             help="keep the record only while this URL answers below 500",
         )
     return parser

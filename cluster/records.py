@@ -46,7 +46,10 @@ MAX_PING_MS = 3_600_000
 #: a heartbeat stamped further ahead of the store's clock than this is not believed
 MAX_FUTURE = dt.timedelta(hours=1)
 SERVICE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
+#: one label of a host name (urlsplit lowercases the name); the IDNA codec that name
+#: resolution uses refuses an empty label and one over 63 characters
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+MAX_HOSTNAME_LENGTH = 253
 #: ends the problem text of a record kept without one of its malformed optional fields
 FIELD_IGNORED = "ignored, endpoint kept"
 #: ends the problem text of a record kept without its malformed balancer
@@ -76,12 +79,13 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return f"{text[:limit]}... ({len(text)} chars, sha1 {digest})"
 
 
-def check_url(url: object, what: str = "URL") -> str:
+def check_url(url: object, what: str = "URL", query: bool = False) -> str:
     """``url`` when it is a usable http(s) base URL; raises :class:`MalformedRecord`.
 
     Usable: a string of at most 2 KiB of printable ASCII (no whitespace or control
-    characters), scheme http or https, a host name or IP address, a port (explicit or
-    implied by the scheme) in 1..65535, no credentials, no query and no fragment.
+    characters), scheme http or https, a host name (see :func:`is_host_name`) or IP
+    address, a port (explicit or implied by the scheme) in 1..65535, no credentials,
+    and no query or fragment (unless ``query``: a URL to fetch, not a base URL).
     """
     if not isinstance(url, str):
         raise MalformedRecord(f"{what} {shown(url, 60)} is not a string")
@@ -99,7 +103,7 @@ def check_url(url: object, what: str = "URL") -> str:
         raise MalformedRecord(f"{what} {shown(url)} is not an http(s) URL")
     if "@" in parts.netloc:
         raise MalformedRecord(f"{what} {shown(_redacted(url))} carries credentials")
-    if "?" in url or "#" in url:
+    if not query and ("?" in url or "#" in url):
         raise MalformedRecord(f"{what} {shown(url)} has a query or a fragment")
     if port == 0 or parts.netloc.endswith(":"):
         raise MalformedRecord(f"{what} {shown(url)} has a port out of range")
@@ -125,7 +129,15 @@ def _valid_host(hostname: str | None, netloc: str) -> bool:
         except ValueError:
             return False
         return True
-    return _HOSTNAME.fullmatch(hostname) is not None
+    return is_host_name(hostname)
+
+
+def is_host_name(hostname: str) -> bool:
+    """True for a DNS name (or IPv4 address) that resolvers accept: labels of 1-63 of
+    ``a-z 0-9 _ -``, at most 253 characters in all, one trailing dot allowed."""
+    name = hostname[:-1] if hostname.endswith(".") else hostname
+    return (0 < len(name) <= MAX_HOSTNAME_LENGTH
+            and all(_HOST_LABEL.fullmatch(label) for label in name.split(".")))
 
 
 def is_http_url(url: object) -> bool:

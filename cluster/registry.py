@@ -33,6 +33,7 @@ from cluster.records import (
     check_record,
     make_record,
     record_identity,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,10 @@ def parse_documents(
             endpoint, problem = check_record(doc, now)
         except MalformedRecord as exc:
             problems.append((record_identity(doc), str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one record must not fail every read
+            problems.append((record_identity(doc), f"unreadable ({type(exc).__name__}: "
+                                                   f"{shown(str(exc), 100)})"))
             continue
         endpoints.append(endpoint)
         if problem is not None:
@@ -435,6 +440,8 @@ class Watcher(_Loop):
         #: endpoint hash -> (time.monotonic() when its record expires, the reaper's note)
         self._late: dict[str, tuple[float, Late]] = {}
         self._listed_late: tuple[Late, ...] | None = None  # None: list them at the next scan
+        #: (type, text) of the last unexpected error logged with its traceback
+        self._last_unexpected: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         role = " [reaper]" if self.reaping else ""
@@ -484,7 +491,7 @@ class Watcher(_Loop):
         if self.outage.failing or self._stalled(asked_at):
             self._recovering()
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
-        self._warn_once(problems)
+        self._warn_once(problems + snapshot.unreadable)
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
@@ -757,6 +764,18 @@ class Watcher(_Loop):
             e = new.by_hash[came]
             log.info("endpoint joined: %s %s", e.service, e.url)
 
+    def _unexpected(self, exc: Exception) -> DiscoveryError:
+        """A refresh failed in a way no store error explains (a bug, or input nobody
+        foresaw): a failed refresh all the same, retried with a full read, and the
+        table kept. Its traceback is logged once per distinct error, not per refresh."""
+        seen = (type(exc).__name__, str(exc))
+        if seen != self._last_unexpected:
+            self._last_unexpected = seen
+            log.error("refreshing the endpoint table from %s failed unexpectedly; "
+                      "keeping the last table and retrying", self.store.description,
+                      exc_info=exc)
+        return DiscoveryError(f"unexpected {type(exc).__name__}: {shown(str(exc))}")
+
     def pause(self) -> float:
         """Seconds until the next refresh: the refresh interval, except that a watcher
         wakes when the first record listed as late expires, and the reaper just after
@@ -788,6 +807,9 @@ class Watcher(_Loop):
             except DiscoveryError as exc:
                 self._shelter_until = 0.0
                 self.outage.failed(exc)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any input
+                self._shelter_until = 0.0
+                self.outage.failed(self._unexpected(exc))
             else:
                 self.outage.succeeded()
             pause = self.pause()

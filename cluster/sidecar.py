@@ -32,8 +32,8 @@ def health_check(url: str, timeout: float) -> bool:
     """True while ``url`` answers with a status below 500."""
     try:
         return requests.get(url, timeout=timeout, allow_redirects=False).status_code < 500
-    except requests.RequestException as exc:
-        log.debug("health check %s failed: %s", url, exc)
+    except (requests.RequestException, ValueError) as exc:  # ValueError: a URL
+        log.debug("health check %s failed: %s", url, exc)  # urllib3 cannot parse
         return False
 
 

@@ -234,3 +234,95 @@ def test_cluster_serve_refuses_a_loopback_endpoint_with_a_remote_store_in_one_li
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--endpoint-url" in lines[0] and "loopback" in lines[0], lines
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--endpoint-url", "http://a..b:80"],
+    ["serve", "--balancer-url", f"http://{'a' * 64}.example"],
+    ["drain", "--url", "http://a..b:8000"],
+    ["register", "--health-url", "http://.x:80/health"],
+])
+def test_a_url_whose_host_resolvers_refuse_is_one_line_and_exit_2(args):
+    """An empty or over-long DNS label used to pass, and ended in a traceback (drain,
+    register) or a record no instance could connect to (serve)."""
+    result = run_cluster(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no valid host" in lines[0], result.stderr
+    assert args[-2] in lines[0]
+
+
+def test_a_health_url_may_have_a_query():
+    _, _, namespace = parse_command_line(["register", "--health-url", "http://127.0.0.1:9/h?x=1"])
+    assert namespace.health_url == "http://127.0.0.1:9/h?x=1"
+
+
+@pytest.mark.parametrize("content", [
+    b"service = w\xe9b\n\xff\xfe\n",                # Latin-1, binary
+    "service = web\n".encode("utf-16"),            # UTF-16 with its BOM
+])
+@pytest.mark.parametrize("command", [["status"], ["cluster-instance"]])
+def test_a_config_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, content, command):
+    conf = tmp_path / "c.conf"
+    conf.write_bytes(content)
+    if command == ["cluster-instance"]:
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cluster-instance"),
+                                 "-c", str(conf)], capture_output=True, text=True, cwd=ROOT,
+                                timeout=30)
+    else:
+        result = run_cluster(*command, "-c", str(conf))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(conf) in lines[0] and "not UTF-8" in lines[0], lines
+
+
+def test_a_config_file_with_a_utf8_bom_is_read(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_bytes("\ufeffservice = web\n".encode())
+    _, s, _ = parse_command_line(["status", "-c", str(conf)])
+    assert s.service == "web"
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "directory"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused(tmp_path, path):
+    """/dev/zero was read for ever."""
+    path = str(tmp_path) if path == "directory" else path
+    result = run_cluster("status", "-c", path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and path in lines[0] and "not a regular file" in lines[0]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("service = web\nping-interval = 5\nservice = api\n",
+     "line 3: 'service' is set twice (first on line 1)"),
+    ("service = web\n--service = api\n", "'service' is set twice"),
+    ("[production]\nservice = web\n[staging]\nservice = api\n",
+     "[staging] follows [production] (line 1)"),
+])
+def test_a_key_set_twice_or_a_second_section_is_one_line_and_exit_2(tmp_path, text, problem):
+    """The last value used to win silently, and two sections were merged."""
+    conf = tmp_path / "c.conf"
+    conf.write_text(text)
+    result = run_cluster("status", "-c", str(conf))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(conf) in lines[0] and problem in lines[0], lines
+
+
+def test_one_section_header_is_still_a_comment(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[cluster]\nservice = web\n# service = api\n")
+    _, s, _ = parse_command_line(["status", "-c", str(conf)])
+    assert s.service == "web"
+
+
+@pytest.mark.parametrize("url", [
+    "mongodb://127.0.0.1:1/db?tls=true&tlsCAFile=/nonexistent/ca.pem",
+    "mongodb://127.0.0.1:1/a%00b",
+])
+def test_a_discovery_url_pymongo_refuses_is_one_line_and_exit_2(url):
+    result = run_cluster("status", "--discovery-url", url)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr

@@ -12,6 +12,7 @@ from collections import Counter
 
 import pymongo
 import requests
+from bson import DatetimeMS
 
 from cluster.records import COLLECTION, endpoint_hash
 from helpers import Proc, start_backend, start_instance, start_serve, wait_until
@@ -111,6 +112,68 @@ def test_poisoned_records_are_skipped_with_one_warning_each(mongo_url):
         assert "hunter2" not in logs and "//***@127.0.0.1" in logs  # credentials redacted
         assert front.poll() is None and "Traceback" not in logs
 
+
+
+def test_record_with_a_date_out_of_range_costs_one_warning_not_the_watchers(mongo_url):
+    """A BSON date before year 1 or after 9999 (any int64 is one) made every read of the
+    records fail with InvalidBSON: each instance's watcher died with its table frozen,
+    so an instance started later was never seen."""
+    with member_and_front(mongo_url) as (member, front, base):
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        procs: list[Proc] = []
+        try:
+            bad = "http://127.0.0.1:1/bad-date"
+            client.get_default_database()[COLLECTION].insert_one(
+                {"serviceName": "web", "endpoint": bad, "endpointHash": endpoint_hash(bad),
+                 "balancer": None, "timestamp": DatetimeMS(-(2**62)), "pingInterval": 60000})
+            wait_until(lambda: any("skipping malformed discovery record" in p.output()
+                                   for p in (front, front.member)),  # the reaper reads it
+                       timeout=15, what="the warning")
+            later, _ = start_instance(mongo_url, "m1")
+            procs.append(later)
+
+            def served() -> set[str]:
+                return {requests.get(base + "/whoami", timeout=5).text for _ in range(20)}
+
+            wait_until(lambda: served() == {"m0", "m1"}, timeout=15, what="m0 and m1")
+            time.sleep(1.5)  # more refreshes: still one warning
+        finally:
+            client.close()
+            for proc in procs:
+                proc.stop()
+        for proc in (front, front.member):
+            logs = proc.output()
+            assert logs.count("skipping malformed discovery record") <= 1
+            assert "Traceback" not in logs and "InvalidBSON" not in logs
+        assert front.poll() is None
+
+
+def test_records_whose_host_resolvers_refuse_are_skipped(mongo_url):
+    """An empty or over-long DNS label passed the checks: every request routed there
+    raised UnicodeError (IDNA) in the front, and its client's connection was closed
+    without an answer."""
+    hosts = ["a..b", ".x", "a" * 64]
+    with member_and_front(mongo_url) as (member, front, base):
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        try:
+            now = dt.datetime.now(dt.timezone.utc)
+            client.get_default_database()[COLLECTION].insert_many([
+                {"serviceName": "web", "endpoint": f"http://{host}:80",
+                 "endpointHash": endpoint_hash(f"http://{host}:80"), "balancer": None,
+                 "timestamp": now, "pingInterval": 60000} for host in hosts])
+        finally:
+            client.close()
+
+        def warned() -> int:
+            return max(p.output().count("no valid host") for p in (front, front.member))
+
+        wait_until(lambda: warned() >= len(hosts), timeout=15, what="one warning each")
+        time.sleep(1.5)  # the front's table is as new as the reaper's
+        served = Counter(requests.get(base + "/whoami", timeout=5).text for _ in range(40))
+        assert served == {"m0": 40}
+        assert warned() == len(hosts)
+        logs = front.output() + front.member.output()
+        assert "Traceback" not in logs and "UnicodeError" not in logs
 
 def raw_request_from(address: str, port: int, target: str) -> bytes:
     """One request from ``address`` (bound before connecting), the response's first line."""

@@ -120,3 +120,30 @@ def test_reaping_closes_the_idle_connections_their_endpoint_closed(endpoint) -> 
         for conn in conns:
             conn.close()
         pool.close()
+
+
+@pytest.mark.parametrize("host", ["a..b", ".x", "a" * 64])
+def test_a_host_name_resolvers_refuse_is_a_connect_error_tried_elsewhere(endpoint, host):
+    """getaddrinfo's IDNA codec raises UnicodeError, not OSError, for an empty or
+    over-long label: it escaped the attempt loop and closed the client's connection."""
+    from types import SimpleNamespace
+
+    from cluster.errors import UpstreamConnectError
+    from cluster.proxy.attempts import attempt
+
+    listener, good = endpoint
+    pool = Pool(1.0, 5.0, 4, timers=False)
+    bad = f"http://{host}:80"
+    with pytest.raises(UpstreamConnectError, match="connect failed"):
+        pool.open(bad)
+    ejected: list[str] = []
+    node = SimpleNamespace(eject=lambda e, reason: ejected.append(e.hash))
+    picks = iter([bad, good])
+    conn = attempt(lambda tried: next(picks), pool.open,
+                   endpoint_of=lambda url: SimpleNamespace(hash=url), node=node,
+                   retries=2, may_replay=False)
+    try:
+        assert conn.target.url == good and ejected == [bad]
+    finally:
+        conn.close()
+        listener.accept()[0].close()

@@ -101,6 +101,12 @@ LONG = "http://10.0.0.1:3000/" + "a" * (2 * 1024 * 1024)
     ("http://:3000", "no valid host"),
     ("http://a%0d.example:3000", "no valid host"),
     ("http://[zz::1]:3000", "not a valid URL|no valid host"),
+    # DNS labels resolvers refuse (the IDNA codec raised UnicodeError at connect time)
+    ("http://a..b:80", "no valid host"),
+    ("http://.x:80", "no valid host"),
+    ("http://x..:80", "no valid host"),
+    (f"http://{'a' * 64}.example:80", "no valid host"),
+    (f"http://{'.'.join(['a' * 63] * 4)}:80", "no valid host"),  # 255 chars
     ("javascript://10.0.0.1:3000", "not an http"),
     ("//10.0.0.1:3000", "not an http"),
     (12345, "not a string"),
@@ -114,6 +120,8 @@ def test_endpoint_urls_are_checked_strictly(endpoint, problem):
 @pytest.mark.parametrize("endpoint", [
     "http://10.0.0.1:3000", "https://app.example.com", "http://[::1]:8080/",
     "http://web_1.internal:1", "https://b.example.com:65535/prefix",
+    f"http://{'a' * 63}.example:80", "http://app.example.com.:80",
+    f"http://{'.'.join(['a' * 63] * 3 + ['a' * 61])}:80",  # 253 chars
 ])
 def test_ordinary_endpoint_urls_are_accepted(endpoint):
     assert parse_record(doc(endpoint=endpoint)).url == endpoint.rstrip("/")

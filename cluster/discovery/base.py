@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 
@@ -36,6 +36,9 @@ class StoreSnapshot:
 
     now: dt.datetime
     documents: list[dict[str, Any]]
+    #: (identity, problem) of the entries the store could not turn into a document
+    #: (escaped: records.shown); the reader warns about them as about malformed records
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -147,5 +150,12 @@ class DiscoveryStore(abc.ABC):
 
 
 def wanted(doc: Mapping[str, Any], services: frozenset[str] | None) -> bool:
-    """Whether a watcher interested in ``services`` keeps ``doc`` (balancers always)."""
-    return services is None or doc.get("serviceName") in services or bool(doc.get("balancer"))
+    """Whether a watcher interested in ``services`` keeps ``doc`` (balancers always).
+
+    A document whose ``serviceName`` is not a string is kept: it may be meant for one
+    of ``services``, and the reader's checks skip it with a warning (a list here used
+    to raise TypeError, unhashable, and stop the watcher)."""
+    if services is None or doc.get("balancer"):
+        return True
+    service = doc.get("serviceName")
+    return not isinstance(service, str) or service in services

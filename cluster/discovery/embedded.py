@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from cluster.discovery.base import DiscoveryStore, StoreSnapshot, wanted
 from cluster.errors import DiscoveryError
+from cluster.records import shown
 
 T = TypeVar("T")
 
@@ -195,17 +196,38 @@ class EmbeddedStore(DiscoveryStore):
         # One host's handful of instances: every refresh reads the whole (small) table;
         # there is no membership log (changelog = False).
         def work(conn: sqlite3.Connection) -> StoreSnapshot:
-            rows = conn.execute("SELECT document, timestamp FROM cluster_endpoints").fetchall()
+            rows = conn.execute(
+                "SELECT service, endpoint, document, timestamp FROM cluster_endpoints"
+            ).fetchall()
             now = dt.datetime.fromtimestamp(time.time(), dt.timezone.utc)
-            documents = []
-            for text, stamp in rows:
-                try:
-                    document = json.loads(text)
-                except ValueError:
-                    document = {"document": text}  # reported as malformed by the reader
-                if isinstance(document, dict) and wanted(document, services):
-                    document["timestamp"] = dt.datetime.fromtimestamp(stamp, dt.timezone.utc)
+            documents, unreadable = [], []
+            for service, endpoint, text, stamp in rows:
+                document = _row_document(text, stamp)
+                if isinstance(document, str):
+                    unreadable.append((shown(f"{service}@{endpoint}"), document))
+                elif wanted(document, services):
                     documents.append(document)
-            return StoreSnapshot(now=now, documents=documents)
+            return StoreSnapshot(now=now, documents=documents, unreadable=unreadable)
 
         return self._run(work)
+
+
+def _row_document(text: object, stamp: object) -> dict[str, Any] | str:
+    """The record of one row, with its timestamp; or, for a row no reader could use,
+    what is wrong with it. Any local process can write the file (and SQLite's columns
+    take any type), so a row is input: it must cost one warning, never the read."""
+    try:
+        document = json.loads(text)  # type: ignore[arg-type]
+    except RecursionError:
+        return "document is nested too deeply"
+    except (ValueError, TypeError):
+        return f"document {shown(text, 60)} is not JSON"
+    if not isinstance(document, dict):
+        return f"document is a JSON {type(document).__name__}, not an object"
+    try:
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
+            raise TypeError
+        document["timestamp"] = dt.datetime.fromtimestamp(stamp, dt.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return f"timestamp {shown(stamp, 60)} is not a time"
+    return document

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import pymongo
-from pymongo.errors import ConfigurationError, DuplicateKeyError, PyMongoError
+from bson.errors import BSONError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
@@ -36,6 +37,18 @@ MEMBERSHIP_ID = "membership"
 LOG_LENGTH = 1000
 #: seconds a heartbeat stamps records from the store's clock as last read (hello)
 CLOCK_REFRESH = 30.0
+#: How documents are decoded. Another writer's record is input: a BSON date outside
+#: Python's datetime range (any int64 of milliseconds is a valid BSON date) comes back
+#: as a ``bson.DatetimeMS``, and a string that is not UTF-8 with replacement characters,
+#: so that the record checks reject that one record (cluster.records) where decoding
+#: it would fail the whole read with InvalidBSON, in every instance.
+DECODING: dict[str, Any] = {
+    "tz_aware": True,
+    "datetime_conversion": "DATETIME_AUTO",
+    "unicode_decode_error_handler": "replace",
+}
+#: what a call to the store may raise: the server's errors and the decoder's
+STORE_ERRORS = (PyMongoError, BSONError)
 
 
 def record_id(service: str, endpoint: str) -> str:
@@ -64,10 +77,12 @@ class MongoStore(DiscoveryStore):
                 serverSelectionTimeoutMS=ms,
                 connectTimeoutMS=ms,
                 socketTimeoutMS=ms,
-                tz_aware=True,
+                **DECODING,
             )
             database = self._client.get_default_database(default=DEFAULT_DATABASE)
-        except (ConfigurationError, ValueError) as exc:
+        except (PyMongoError, ValueError, OSError) as exc:
+            # Nothing is connected yet (connect=False): these are the URL's own problems,
+            # a bad option or database name, or a TLS file (tlsCAFile...) it cannot read.
             raise ConfigError("--discovery-url (CLUSTER_DISCOVERY_URL)", str(exc)) from None
         self._collection = database[COLLECTION]
         self._membership = database[MEMBERSHIP]
@@ -95,7 +110,7 @@ class MongoStore(DiscoveryStore):
             if result.upserted_id is not None or announce:
                 written = self._collection.find_one({"_id": key})  # with the store's time
                 self.announce("join", service, endpoint, written or record)
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"heartbeat to {self.description} failed: {exc}") from exc
 
     def remove(self, service: str, endpoint: str) -> None:
@@ -104,7 +119,7 @@ class MongoStore(DiscoveryStore):
                 {"serviceName": service, "endpoint": endpoint}).deleted_count
             if deleted:
                 self.announce("leave", service, endpoint)
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"removal from {self.description} failed: {exc}") from exc
 
     def _store_time(self) -> dt.datetime:
@@ -133,7 +148,7 @@ class MongoStore(DiscoveryStore):
         try:
             hello = self._client.admin.command("hello")
             documents = list(self._collection.find(query))
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
         now = hello.get("localTime")
         if not isinstance(now, dt.datetime):
@@ -148,7 +163,7 @@ class MongoStore(DiscoveryStore):
     def membership(self) -> Membership:
         try:
             doc = self._membership.find_one({"_id": MEMBERSHIP_ID})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
         if not doc:
             return Membership()
@@ -176,7 +191,7 @@ class MongoStore(DiscoveryStore):
                 found.append(Change(first + len(found), kind, str(doc.get("serviceName")),
                                     str(doc.get("endpoint")),
                                     record if kind == "join" else None))
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
 
     def announce(self, kind: str, service: str, endpoint: str,
@@ -202,7 +217,7 @@ class MongoStore(DiscoveryStore):
                                      "no free log entry")
             self.advance_epoch(seq)
             self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
         return seq
 
@@ -215,7 +230,7 @@ class MongoStore(DiscoveryStore):
                                             {"$max": {"epoch": seq}}, upsert=True)
             except DuplicateKeyError:  # created concurrently: now it exists
                 self._membership.update_one({"_id": MEMBERSHIP_ID}, {"$max": {"epoch": seq}})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"advancing the epoch of {self.description} failed: "
                                  f"{exc}") from exc
 
@@ -251,7 +266,7 @@ class MongoStore(DiscoveryStore):
                     pass  # created concurrently
             result = self._membership.update_one(
                 query, {"$set": {"reaper": me}, "$currentDate": {"renewed": True}})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"claiming the reaper lease failed: {exc}") from exc
         return result.matched_count == 1
 
@@ -259,7 +274,7 @@ class MongoStore(DiscoveryStore):
         try:
             result = self._membership.update_one(
                 {"_id": MEMBERSHIP_ID, "reaper": me}, {"$currentDate": {"renewed": True}})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"renewing the reaper lease failed: {exc}") from exc
         return result.matched_count == 1
 
@@ -269,7 +284,7 @@ class MongoStore(DiscoveryStore):
         try:
             result = self._membership.update_one(
                 {"_id": MEMBERSHIP_ID, "reaper": me}, {"$set": {"late": listed}})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"listing late records in {self.description} failed: "
                                  f"{exc}") from exc
         return result.matched_count == 1
@@ -280,19 +295,24 @@ class MongoStore(DiscoveryStore):
             if found is None:  # another writer's (Meteor's) record has its own _id
                 found = self._collection.find_one(
                     {"serviceName": service, "endpoint": {"$in": [endpoint, endpoint + "/"]}})
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
         return found
 
     def clock(self) -> dt.datetime:
         try:
             return self._store_time()
-        except PyMongoError as exc:
+        except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading the clock of {self.description} failed: "
                                  f"{exc}") from exc
 
     def close(self) -> None:
         self._client.close()
+
+
+#: a late record's heartbeat outside these years is not believed (its expiry, a few
+#: seconds later, must not overflow Python's datetime)
+_PLAUSIBLE_YEARS = range(1970, 9999)
 
 
 def _late_of(listed: Any) -> tuple[Late, ...]:
@@ -307,7 +327,7 @@ def _late_of(listed: Any) -> tuple[Late, ...]:
         service, endpoint, stamp = (entry.get("serviceName"), entry.get("endpoint"),
                                     entry.get("timestamp"))
         if isinstance(service, str) and isinstance(endpoint, str) and \
-                isinstance(stamp, dt.datetime):
+                isinstance(stamp, dt.datetime) and stamp.year in _PLAUSIBLE_YEARS:
             stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)
             late.append(Late(service, endpoint, stamp))
     return tuple(late)

@@ -147,6 +147,13 @@ def connect(target: Target, connect_timeout: float, read_timeout: float | None) 
             raise OutOfDescriptors(target.url, "no socket for it: this instance is out of "
                                                "file descriptors") from exc
         raise UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - see below
+        # Resolving a name can fail in other ways than OSError (the IDNA codec's
+        # UnicodeError for a label it refuses, a ValueError for a NUL): that endpoint
+        # cannot be reached, which the attempt loop handles (another is tried, or the
+        # client is answered); escaping from here it closed the client's connection.
+        raise UpstreamConnectError(
+            target.url, f"connect failed: {type(exc).__name__}: {exc}") from exc
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
     if target.tls:
         sock = _wrap_tls(sock, target, connect_timeout)
