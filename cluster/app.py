@@ -246,27 +246,33 @@ class ClusterApp:
 
     def _sockjs_info(self, decision: SockJSInfo, environ: dict[str, Any],
                      start_response: StartResponse) -> Iterable[bytes]:
-        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        """SockJS info from the chosen endpoint, asked with the client's own headers
+        (Origin, Cookie...), passed on with its status and headers, ``base_url``
+        pointing at it."""
         if decision.endpoint is None:
-            status, body = self._local_info(environ, decision.path_qs)
+            status, headers, body = self._local_info(environ, decision.path_qs)
             where = "local app"
         else:
             response = self.forwarder.forward(
                 environ, decision.endpoint.url, decision.path_qs,
                 (self._hop_header(environ, decision.path_qs),))
-            status, body = response.status, _read_limited(response.body)
+            status, headers = response.status, response.headers
+            body = _read_limited(response.body)
             where = decision.endpoint.url
         code = int(status[:3]) if status[:3].isdigit() else 502
-        answer, payload, ctype = rewrite_info(code, body, decision.base_url, where)
-        return reply_bytes(start_response, answer, payload, ctype.decode("latin-1"))
+        answer = rewrite_info(code, headers, body, decision.base_url, where)
+        return reply_bytes(start_response, answer.status, answer.body, answer.content_type,
+                           answer.fields)
 
-    def _local_info(self, environ: dict[str, Any], path_qs: str) -> tuple[str, bytes]:
+    def _local_info(self, environ: dict[str, Any],
+                    path_qs: str) -> tuple[str, list[tuple[str, str]], bytes]:
         assert self.local_app is not None
         path, _, query = path_qs.partition("?")
-        captured: dict[str, str] = {}
+        captured: dict[str, Any] = {}
 
         def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
             captured["status"] = status
+            captured["headers"] = list(headers)
             return lambda data: None
 
         result = self.local_app(dict(environ, PATH_INFO=path, QUERY_STRING=query), capture)
@@ -276,7 +282,8 @@ class ClusterApp:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        return captured.get("status", "500 Internal Server Error"), body
+        return (captured.get("status", "500 Internal Server Error"),
+                captured.get("headers", []), body)
 
 
 def _without_upgrade(environ: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ from cluster.routing import (
     SockJSInfo,
     route,
 )
-from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, Fields, rewrite_info
 from cluster.trust import forwarded_clients, trusted_peers
 
 if TYPE_CHECKING:
@@ -759,30 +759,31 @@ class Connection:
         return keep
 
     def sockjs_info(self, head: RequestHead, decision: SockJSInfo, state: _Outcome) -> bool:
-        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        """SockJS info from the chosen endpoint, asked with the client's own fields
+        (Origin, Cookie...), passed on with its status and fields, ``base_url``
+        pointing at it."""
         if decision.endpoint is None:
-            code, body = self.local_info(head, decision.path_qs)
+            code, fields, body = self.local_info(head, decision.path_qs)
         else:
             door = self.door
             path_qs = decision.path_qs.encode("latin-1")
-            info_head = RequestHead(b"GET", path_qs, b"HTTP/1.1")
-            info_head.host = head.host
-            info_head.cookie = head.cookie
             target = door.pool.target(decision.endpoint.url)
-            out = request_head(info_head, path_qs, target.hostport.encode(),
+            out = request_head(head, path_qs, target.hostport.encode(),
                                door.forwarding.lines(head, self.conn.peer),
                                door.hop.line(b"GET", path_qs), b"")
-            exchange = Exchange(self.conn, info_head, door.pool, decision.endpoint.url)
+            exchange = Exchange(self.conn, head, door.pool, decision.endpoint.url)
             exchange.send_request(out, b"")
             assert exchange.response is not None
             code = exchange.response.code
+            fields = exchange.response.field_pairs()
             body = read_small_body(exchange, MAX_INFO_BYTES)
-        status, payload, ctype = rewrite_info(code, body, decision.base_url,
-                                              decision.endpoint.url if decision.endpoint
-                                              else "local app")
-        return self.reply(head, state, status, payload, ctype)
+        answer = rewrite_info(code, fields, body, decision.base_url,
+                              decision.endpoint.url if decision.endpoint else "local app")
+        extra = tuple(f"{name}: {value}".encode("latin-1") for name, value in answer.fields)
+        return self.reply(head, state, answer.status, answer.body,
+                          answer.content_type.encode("latin-1"), extra=extra)
 
-    def local_info(self, head: RequestHead, path_qs: str) -> tuple[int, bytes]:
+    def local_info(self, head: RequestHead, path_qs: str) -> tuple[int, Fields, bytes]:
         app = self.door.local_app
         assert app is not None
         path, _, query = path_qs.partition("?")
@@ -794,10 +795,11 @@ class Connection:
                    "wsgi.run_once": False, "REMOTE_ADDR": self.conn.peer}
         for name, value in head.header_pairs():
             environ["HTTP_" + name.upper().replace("-", "_")] = value
-        captured: dict[str, str] = {}
+        captured: dict[str, Any] = {}
 
         def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
             captured["status"] = status
+            captured["headers"] = list(headers)
             return lambda data: None
 
         result = app(environ, capture)
@@ -808,7 +810,8 @@ class Connection:
             if close is not None:
                 close()
         status = captured.get("status", "500")
-        return int(status[:3]) if status[:3].isdigit() else 500, body
+        return (int(status[:3]) if status[:3].isdigit() else 500,
+                captured.get("headers", []), body)
 
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
