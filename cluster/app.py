@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 from cluster.admin import Admin
 from cluster.admin import Response as AdminResponse
 from cluster.config import Settings
+from cluster.cookies import cookie_attributes, set_cookie
 from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.handler import HIJACK_KEY, ClusterHandler, is_websocket_upgrade
 from cluster.hop import HopMarker
@@ -63,10 +64,6 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
     )
 
 
-def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
-
-
 def reply(start_response: StartResponse, status: int, body: str,
           content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
     data = (body + ("\n" if content_type.startswith("text/plain") else "")).encode()
@@ -106,6 +103,8 @@ class ClusterApp:
                                        trusted_proxies=self.policy.trusted_proxies)
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
         self.retries = s.retries
+        #: the sticky cookies' attributes (--cookie-samesite)
+        self.cookie_attributes = cookie_attributes(s.cookie_samesite)
         self.hop = HopMarker(s.secret, self.policy.trusted_proxies)
         self.observer = observer
         self.admin = Admin(node, s, observer)
@@ -207,8 +206,8 @@ class ClusterApp:
         assert self.local_app is not None
         if decision.path is not None:
             environ = dict(environ, PATH_INFO=decision.path)
-        cookies = [_cookie_header(c) for c in (decision.set_cookie, decision.set_version)
-                   if c is not None]
+        cookies = [set_cookie(c, self.cookie_attributes)
+                   for c in (decision.set_cookie, decision.set_version) if c is not None]
         if "HTTP_UPGRADE" in environ and "wsgi.websocket" not in environ:
             if is_websocket_upgrade(environ):
                 # Served here: under ClusterHandler the handshake is answered now that
@@ -237,9 +236,9 @@ class ClusterApp:
         response = self.forwarder.forward(environ, url, decision.path_qs, (hop,))
         headers = response.headers
         if decision.set_cookie is not None:
-            headers = [*headers, _cookie_header(decision.set_cookie)]
+            headers = [*headers, set_cookie(decision.set_cookie, self.cookie_attributes)]
         if decision.set_version is not None:
-            headers = [*headers, _cookie_header(decision.set_version)]
+            headers = [*headers, set_cookie(decision.set_version, self.cookie_attributes)]
         start_response(response.status, headers)
         body: Iterable[bytes] = response.body
         return body

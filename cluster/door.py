@@ -56,6 +56,7 @@ from cluster.conn import (
     ClientConn,
     Sweeper,
 )
+from cluster.cookies import cookie_attributes, set_cookie
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import _NO_ACCESS_LOG, ClusterHandler, RequestHeaders, set_nodelay
 from cluster.hop import HopMarker
@@ -128,6 +129,8 @@ class Door:
         self.forwarding = Forwarding(trusted)
         self.hop = HopMarker(s.secret, trusted)
         self.retries = s.retries
+        #: the sticky cookies' attributes (--cookie-samesite)
+        self.cookie_attributes = cookie_attributes(getattr(s, "cookie_samesite", "lax"))
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -661,9 +664,9 @@ class Connection:
             return self.tunnel(exchange, state)
         extra = b""
         if decision.set_cookie is not None:
-            extra = _cookie_line(decision.set_cookie)
+            extra = _cookie_line(decision.set_cookie, door.cookie_attributes)
         if decision.set_version is not None:
-            extra += _cookie_line(decision.set_version)
+            extra += _cookie_line(decision.set_version, door.cookie_attributes)
         try:
             keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
         finally:
@@ -741,9 +744,9 @@ class Connection:
                 self.conn.sock, self.conn.address, self.server, rfile=_Reader(self.conn))
             handler.connection = self
         if decision.set_cookie is not None:
-            app = _with_cookie(app, _cookie_header(decision.set_cookie))
+            app = _with_cookie(app, set_cookie(decision.set_cookie, door.cookie_attributes))
         if decision.set_version is not None:
-            app = _with_cookie(app, _cookie_header(decision.set_version))
+            app = _with_cookie(app, set_cookie(decision.set_version, door.cookie_attributes))
         load = door.load
         began = load.started()
         try:
@@ -914,22 +917,18 @@ def _field(head: RequestHead, name: bytes) -> str:
     return ""
 
 
-def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+_COOKIE_LINES: dict[tuple[tuple[str, str], str], bytes] = {}
 
 
-_COOKIE_LINES: dict[tuple[str, str], bytes] = {}
-
-
-def _cookie_line(cookie: tuple[str, str]) -> bytes:
+def _cookie_line(cookie: tuple[str, str], attributes: str) -> bytes:
     """The Set-Cookie line for a sticky cookie (a few endpoints: made once each)."""
-    line = _COOKIE_LINES.get(cookie)
+    line = _COOKIE_LINES.get((cookie, attributes))
     if line is None:
-        name, value = _cookie_header(cookie)
+        name, value = set_cookie(cookie, attributes)
         line = f"\r\n{name}: {value}".encode("latin-1")
         if len(_COOKIE_LINES) > 4096:  # endpoints come and go: never grow for ever
             _COOKIE_LINES.clear()
-        _COOKIE_LINES[cookie] = line
+        _COOKIE_LINES[(cookie, attributes)] = line
     return line
 
 
