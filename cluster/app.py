@@ -101,7 +101,8 @@ class ClusterApp:
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
                                        read_timeout=s.read_timeout,
                                        trusted_proxies=self.policy.trusted_proxies)
-        self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
+        self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout,
+                                      write_timeout=s.write_timeout)
         self.retries = s.retries
         #: the sticky cookies' attributes (--cookie-samesite)
         self.cookie_attributes = cookie_attributes(s.cookie_samesite)

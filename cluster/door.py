@@ -714,7 +714,8 @@ class Connection:
                 door.observer.websocket_closed(url)
                 door.observer.connection_closed()
 
-            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            tunnel = Tunnel(conn.sock, upstream.sock, closed,
+                            getattr(door.settings, "write_timeout", 0.0))
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
             door.open_websockets.add(tunnel)
@@ -1246,7 +1247,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             return [b"Invalid Sec-WebSocket-Key"]
         websocket = self.environ.get("wsgi.websocket")
         if websocket is not None:
-            adopt(websocket, self.connection.door.settings.max_websocket_message)
+            adopt(websocket, self.connection.door.settings.max_websocket_message,
+                  self.connection.conn.send)
         if result:
             result = [part.encode("latin-1") if isinstance(part, str) else part
                       for part in result]
