@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 from cluster.admin import Admin
 from cluster.admin import Response as AdminResponse
 from cluster.config import Settings
+from cluster.cookies import cookie_attributes, set_cookie
 from cluster.errors import UpstreamBroken, UpstreamError
 from cluster.handler import HIJACK_KEY, ClusterHandler, is_websocket_upgrade
 from cluster.hop import HopMarker
@@ -63,10 +64,6 @@ def policy_for(settings: Settings, self_hash: str, has_local_app: bool) -> Polic
     )
 
 
-def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
-
-
 def reply(start_response: StartResponse, status: int, body: str,
           content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
     data = (body + ("\n" if content_type.startswith("text/plain") else "")).encode()
@@ -104,8 +101,11 @@ class ClusterApp:
         self.forwarder = HttpForwarder(connect_timeout=s.connect_timeout,
                                        read_timeout=s.read_timeout,
                                        trusted_proxies=self.policy.trusted_proxies)
-        self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout)
+        self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout,
+                                      write_timeout=s.write_timeout)
         self.retries = s.retries
+        #: the sticky cookies' attributes (--cookie-samesite)
+        self.cookie_attributes = cookie_attributes(s.cookie_samesite)
         self.hop = HopMarker(s.secret, self.policy.trusted_proxies)
         self.observer = observer
         self.admin = Admin(node, s, observer)
@@ -207,8 +207,8 @@ class ClusterApp:
         assert self.local_app is not None
         if decision.path is not None:
             environ = dict(environ, PATH_INFO=decision.path)
-        cookies = [_cookie_header(c) for c in (decision.set_cookie, decision.set_version)
-                   if c is not None]
+        cookies = [set_cookie(c, self.cookie_attributes)
+                   for c in (decision.set_cookie, decision.set_version) if c is not None]
         if "HTTP_UPGRADE" in environ and "wsgi.websocket" not in environ:
             if is_websocket_upgrade(environ):
                 # Served here: under ClusterHandler the handshake is answered now that
@@ -237,36 +237,42 @@ class ClusterApp:
         response = self.forwarder.forward(environ, url, decision.path_qs, (hop,))
         headers = response.headers
         if decision.set_cookie is not None:
-            headers = [*headers, _cookie_header(decision.set_cookie)]
+            headers = [*headers, set_cookie(decision.set_cookie, self.cookie_attributes)]
         if decision.set_version is not None:
-            headers = [*headers, _cookie_header(decision.set_version)]
+            headers = [*headers, set_cookie(decision.set_version, self.cookie_attributes)]
         start_response(response.status, headers)
         body: Iterable[bytes] = response.body
         return body
 
     def _sockjs_info(self, decision: SockJSInfo, environ: dict[str, Any],
                      start_response: StartResponse) -> Iterable[bytes]:
-        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        """SockJS info from the chosen endpoint, asked with the client's own headers
+        (Origin, Cookie...), passed on with its status and headers, ``base_url``
+        pointing at it."""
         if decision.endpoint is None:
-            status, body = self._local_info(environ, decision.path_qs)
+            status, headers, body = self._local_info(environ, decision.path_qs)
             where = "local app"
         else:
             response = self.forwarder.forward(
                 environ, decision.endpoint.url, decision.path_qs,
                 (self._hop_header(environ, decision.path_qs),))
-            status, body = response.status, _read_limited(response.body)
+            status, headers = response.status, response.headers
+            body = _read_limited(response.body)
             where = decision.endpoint.url
         code = int(status[:3]) if status[:3].isdigit() else 502
-        answer, payload, ctype = rewrite_info(code, body, decision.base_url, where)
-        return reply_bytes(start_response, answer, payload, ctype.decode("latin-1"))
+        answer = rewrite_info(code, headers, body, decision.base_url, where)
+        return reply_bytes(start_response, answer.status, answer.body, answer.content_type,
+                           answer.fields)
 
-    def _local_info(self, environ: dict[str, Any], path_qs: str) -> tuple[str, bytes]:
+    def _local_info(self, environ: dict[str, Any],
+                    path_qs: str) -> tuple[str, list[tuple[str, str]], bytes]:
         assert self.local_app is not None
         path, _, query = path_qs.partition("?")
-        captured: dict[str, str] = {}
+        captured: dict[str, Any] = {}
 
         def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
             captured["status"] = status
+            captured["headers"] = list(headers)
             return lambda data: None
 
         result = self.local_app(dict(environ, PATH_INFO=path, QUERY_STRING=query), capture)
@@ -276,7 +282,8 @@ class ClusterApp:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        return captured.get("status", "500 Internal Server Error"), body
+        return (captured.get("status", "500 Internal Server Error"),
+                captured.get("headers", []), body)
 
 
 def _without_upgrade(environ: dict[str, Any]) -> dict[str, Any]:

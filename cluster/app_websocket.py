@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import codecs
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
@@ -303,9 +303,17 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 setattr(self, name, value)
 
 
-def adopt(websocket: Any, max_message: int) -> None:
+def adopt(websocket: Any, max_message: int,
+          write: Callable[[bytes], None] | None = None) -> None:
     """Make gevent-websocket's freshly made WebSocket a :class:`AppWebSocket` (same
-    slots, so the class can be swapped: the handler builds the object itself)."""
+    slots, so the class can be swapped: the handler builds the object itself).
+
+    ``write`` replaces its socket's ``sendall`` (the door's bounded send: a client that
+    stops reading is let go after --write-timeout, and the app's ``send()`` raises
+    gevent-websocket's WebSocketError, instead of blocking for as long as the client
+    keeps the connection)."""
     if type(websocket) is WebSocket:
         websocket.__class__ = AppWebSocket
         websocket.utf8validator = MessageCheck(max_message)
+        if write is not None:
+            websocket.raw_write = write

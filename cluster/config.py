@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import configargparse
 
 from cluster import __version__
+from cluster.cookies import SAMESITE
 from cluster.errors import ConfigError
 from cluster.records import (
     MAX_PING_MS,
@@ -313,6 +314,13 @@ def _placement(raw: str) -> str:
     return value
 
 
+def _samesite(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in SAMESITE:
+        raise ValueError(f"{raw!r} is not one of {', '.join(SAMESITE)}")
+    return value
+
+
 def _switch(raw: str) -> bool:
     value = _SWITCH.get(raw.strip().lower())
     if value is None:
@@ -597,6 +605,15 @@ class Settings:
     )
     sockjs_prefix: str = setting(
         "/sockjs", _path_prefix, "path prefix of the session protocol (SockJS/DDP)", "PATH"
+    )
+    cookie_samesite: str = setting(
+        "lax",
+        _samesite,
+        "SameSite of the sticky cookies (cluster-endpoint::, cluster-version::): lax, "
+        "strict, or none for browser clients on another site that send credentials "
+        "(cross-site Socket.IO with withCredentials); none adds Secure, so browsers then "
+        "keep the cookie only over https",
+        "lax|strict|none",
     )
     trusted_proxies: tuple[str, ...] = setting(
         ("127.0.0.1", "::1"),

@@ -111,16 +111,20 @@ class ClientConn:
         return data
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of ``data``; a client that does not take it within the write
-        timeout has its connection closed (the caller sees OSError)."""
+        """Send all of ``data``; a client that takes none of it for the write timeout
+        has its connection closed (the caller sees OSError). The deadline starts only
+        when a send would block, and again at each progress: a slow reader of a large
+        message is not cut, one that stopped reading is."""
         try:
             sent = self.raw.send(data)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
             phase, deadline = self.phase, self.deadline
-            self.expect(WRITE, self.write_timeout)
-            self.sock.sendall(memoryview(data)[sent:])
+            rest = memoryview(data)[sent:]
+            while rest:
+                self.expect(WRITE, self.write_timeout)
+                rest = rest[self.sock.send(rest):]
             self.phase, self.deadline = phase, deadline
 
     def send_parts(self, parts: list[bytes | memoryview], flags: int = 0) -> None:

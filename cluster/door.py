@@ -56,6 +56,7 @@ from cluster.conn import (
     ClientConn,
     Sweeper,
 )
+from cluster.cookies import cookie_attributes, set_cookie
 from cluster.errors import RequestError, UpstreamError
 from cluster.handler import (
     _NO_ACCESS_LOG,
@@ -93,7 +94,7 @@ from cluster.routing import (
     SockJSInfo,
     route,
 )
-from cluster.sockjs import MAX_INFO_BYTES, rewrite_info
+from cluster.sockjs import MAX_INFO_BYTES, Fields, rewrite_info
 from cluster.trust import forwarded_clients, trusted_peers
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ class Door:
         self.forwarding = Forwarding(trusted)
         self.hop = HopMarker(s.secret, trusted)
         self.retries = s.retries
+        #: the sticky cookies' attributes (--cookie-samesite)
+        self.cookie_attributes = cookie_attributes(getattr(s, "cookie_samesite", "lax"))
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -673,9 +676,9 @@ class Connection:
             return self.tunnel(exchange, state)
         extra = b""
         if decision.set_cookie is not None:
-            extra = _cookie_line(decision.set_cookie)
+            extra = _cookie_line(decision.set_cookie, door.cookie_attributes)
         if decision.set_version is not None:
-            extra += _cookie_line(decision.set_version)
+            extra += _cookie_line(decision.set_version, door.cookie_attributes)
         try:
             keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
         finally:
@@ -723,7 +726,8 @@ class Connection:
                 door.observer.websocket_closed(url)
                 door.observer.connection_closed()
 
-            tunnel = Tunnel(conn.sock, upstream.sock, closed)
+            tunnel = Tunnel(conn.sock, upstream.sock, closed,
+                            getattr(door.settings, "write_timeout", 0.0))
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
             door.open_websockets.add(tunnel)
@@ -753,9 +757,9 @@ class Connection:
                 self.conn.sock, self.conn.address, self.server, rfile=_Reader(self.conn))
             handler.connection = self
         if decision.set_cookie is not None:
-            app = _with_cookie(app, _cookie_header(decision.set_cookie))
+            app = _with_cookie(app, set_cookie(decision.set_cookie, door.cookie_attributes))
         if decision.set_version is not None:
-            app = _with_cookie(app, _cookie_header(decision.set_version))
+            app = _with_cookie(app, set_cookie(decision.set_version, door.cookie_attributes))
         load = door.load
         began = load.started()
         try:
@@ -771,30 +775,31 @@ class Connection:
         return keep
 
     def sockjs_info(self, head: RequestHead, decision: SockJSInfo, state: _Outcome) -> bool:
-        """SockJS info from the chosen endpoint, with ``base_url`` pointing at it."""
+        """SockJS info from the chosen endpoint, asked with the client's own fields
+        (Origin, Cookie...), passed on with its status and fields, ``base_url``
+        pointing at it."""
         if decision.endpoint is None:
-            code, body = self.local_info(head, decision.path_qs)
+            code, fields, body = self.local_info(head, decision.path_qs)
         else:
             door = self.door
             path_qs = decision.path_qs.encode("latin-1")
-            info_head = RequestHead(b"GET", path_qs, b"HTTP/1.1")
-            info_head.host = head.host
-            info_head.cookie = head.cookie
             target = door.pool.target(decision.endpoint.url)
-            out = request_head(info_head, path_qs, target.hostport.encode(),
+            out = request_head(head, path_qs, target.hostport.encode(),
                                door.forwarding.lines(head, self.conn.peer),
                                door.hop.line(b"GET", path_qs), b"")
-            exchange = Exchange(self.conn, info_head, door.pool, decision.endpoint.url)
+            exchange = Exchange(self.conn, head, door.pool, decision.endpoint.url)
             exchange.send_request(out, b"")
             assert exchange.response is not None
             code = exchange.response.code
+            fields = exchange.response.field_pairs()
             body = read_small_body(exchange, MAX_INFO_BYTES)
-        status, payload, ctype = rewrite_info(code, body, decision.base_url,
-                                              decision.endpoint.url if decision.endpoint
-                                              else "local app")
-        return self.reply(head, state, status, payload, ctype)
+        answer = rewrite_info(code, fields, body, decision.base_url,
+                              decision.endpoint.url if decision.endpoint else "local app")
+        extra = tuple(f"{name}: {value}".encode("latin-1") for name, value in answer.fields)
+        return self.reply(head, state, answer.status, answer.body,
+                          answer.content_type.encode("latin-1"), extra=extra)
 
-    def local_info(self, head: RequestHead, path_qs: str) -> tuple[int, bytes]:
+    def local_info(self, head: RequestHead, path_qs: str) -> tuple[int, Fields, bytes]:
         app = self.door.local_app
         assert app is not None
         path, _, query = path_qs.partition("?")
@@ -806,10 +811,11 @@ class Connection:
                    "wsgi.run_once": False, "REMOTE_ADDR": self.conn.peer}
         for name, value in head.header_pairs():
             environ["HTTP_" + name.upper().replace("-", "_")] = value
-        captured: dict[str, str] = {}
+        captured: dict[str, Any] = {}
 
         def capture(status: str, headers: Any, *exc: Any) -> Callable[[bytes], None]:
             captured["status"] = status
+            captured["headers"] = list(headers)
             return lambda data: None
 
         result = app(environ, capture)
@@ -820,7 +826,8 @@ class Connection:
             if close is not None:
                 close()
         status = captured.get("status", "500")
-        return int(status[:3]) if status[:3].isdigit() else 500, body
+        return (int(status[:3]) if status[:3].isdigit() else 500,
+                captured.get("headers", []), body)
 
 
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
@@ -923,22 +930,18 @@ def _field(head: RequestHead, name: bytes) -> str:
     return ""
 
 
-def _cookie_header(cookie: tuple[str, str]) -> tuple[str, str]:
-    return ("Set-Cookie", f"{cookie[0]}={cookie[1]}; Path=/; HttpOnly; SameSite=Lax")
+_COOKIE_LINES: dict[tuple[tuple[str, str], str], bytes] = {}
 
 
-_COOKIE_LINES: dict[tuple[str, str], bytes] = {}
-
-
-def _cookie_line(cookie: tuple[str, str]) -> bytes:
+def _cookie_line(cookie: tuple[str, str], attributes: str) -> bytes:
     """The Set-Cookie line for a sticky cookie (a few endpoints: made once each)."""
-    line = _COOKIE_LINES.get(cookie)
+    line = _COOKIE_LINES.get((cookie, attributes))
     if line is None:
-        name, value = _cookie_header(cookie)
+        name, value = set_cookie(cookie, attributes)
         line = f"\r\n{name}: {value}".encode("latin-1")
         if len(_COOKIE_LINES) > 4096:  # endpoints come and go: never grow for ever
             _COOKIE_LINES.clear()
-        _COOKIE_LINES[cookie] = line
+        _COOKIE_LINES[(cookie, attributes)] = line
     return line
 
 
@@ -1263,7 +1266,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             return [b"Invalid Sec-WebSocket-Key"]
         websocket = self.environ.get("wsgi.websocket")
         if websocket is not None:
-            adopt(websocket, self.connection.door.settings.max_websocket_message)
+            adopt(websocket, self.connection.door.settings.max_websocket_message,
+                  self.connection.conn.send)
         if result:
             result = [part.encode("latin-1") if isinstance(part, str) else part
                       for part in result]

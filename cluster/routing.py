@@ -578,6 +578,15 @@ def _route_sockjs_info(
     if isinstance(picked, Reply):
         return picked
     endpoint, local, _, _ = picked
+    info_path = policy.sockjs_prefix + "/info"
+    path_qs = f"{info_path}?{request.query}" if request.query else info_path
+    if request.method != "GET":
+        # A CORS preflight (OPTIONS), or a method SockJS refuses (405, HEAD included):
+        # the endpoint's own answer, as any request's; it names no URL to rewrite.
+        if local:
+            return Serve(path=info_path)
+        assert endpoint is not None
+        return Proxy(endpoint, path_qs)
     if local:
         own = table.by_hash.get(policy.self_hash or "")
         balancer = _balancer_for(own, service, request, table, policy, rand)
@@ -586,8 +595,6 @@ def _route_sockjs_info(
         assert endpoint is not None
         balancer = _balancer_for(endpoint, service, request, table, policy, rand)
         target_hash = endpoint.hash
-    info_path = policy.sockjs_prefix + "/info"
-    path_qs = f"{info_path}?{request.query}" if request.query else info_path
     base_url = f"{balancer}{DDP_PREFIX}{target_hash}/{service}"
     return SockJSInfo(None if local else endpoint, path_qs, base_url)
 

@@ -92,6 +92,7 @@ def test_endpoint_url_defaults_from_bind():
     ([], {"CLUSTER_TRUSTED_PROXIES": "10.0.0.0/33"}, "CLUSTER_TRUSTED_PROXIES"),
     (["--max-websocket-message", "16M"], {}, "--max-websocket-message"),
     ([], {"CLUSTER_MAX_WEBSOCKET_MESSAGE": "100"}, "CLUSTER_MAX_WEBSOCKET_MESSAGE"),
+    (["--cookie-samesite", "sometimes"], {}, "--cookie-samesite"),
 ])
 def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     result = run_cluster("serve", *args, env=env)
@@ -99,6 +100,20 @@ def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert names in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("raw, attributes", [
+    ("lax", "Path=/; HttpOnly; SameSite=Lax"),
+    ("Strict", "Path=/; HttpOnly; SameSite=Strict"),
+    ("NONE", "Path=/; HttpOnly; SameSite=None; Secure"),  # browsers require Secure
+])
+def test_cookie_samesite(raw, attributes, monkeypatch):
+    from cluster.cookies import cookie_attributes
+
+    monkeypatch.setenv("CLUSTER_COOKIE_SAMESITE", raw)
+    _, s, _ = parse_command_line(["serve"])
+    assert cookie_attributes(s.cookie_samesite) == attributes
+    assert Settings().cookie_samesite == "lax"
 
 
 def test_too_many_workers_is_refused_before_any_is_started(tmp_path):

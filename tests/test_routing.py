@@ -218,6 +218,17 @@ def test_sockjs_info_falls_back_to_a_live_balancer_then_to_this_instance():
     assert d.base_url == f"http://app.example.com:8080/cluster-ddp/{ME.hash}/web"
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "POST", "DELETE", "HEAD"])
+def test_sockjs_info_other_methods_get_the_endpoints_own_answer(method):
+    """A CORS preflight or a method SockJS refuses: relayed, not rewritten."""
+    d = route(RequestView(method, "/sockjs/info", "t=1"), table(A, ME), POLICY,
+              rand=lambda: 0.9)
+    assert d == Proxy(A, "/sockjs/info?t=1")
+    policy = Policy(**{**POLICY.__dict__, "public_services": frozenset({"web"})})
+    local = route(RequestView(method, "/web/sockjs/info"), table(ME), policy)
+    assert local == Serve(path="/sockjs/info")
+
+
 def test_forwarded_headers_count_only_from_trusted_proxies():
     base = dict(path="/sockjs/info", host="10.0.0.1:3000", forwarded_proto="https",
                 forwarded_host="app.example.com")

@@ -535,6 +535,54 @@ def test_tunnel_half_closed_by_one_side_closes_when_the_other_stays_silent(
             sock.close()
 
 
+def test_tunnel_write_timeout_spares_a_reader_that_progresses_and_not_one_that_stopped(
+) -> None:
+    """A client that reads now and then (every 0.3 s, under the 0.6 s write timeout)
+    keeps its tunnel; once it stops reading, the tunnel closes both sides about one
+    write timeout later (the stall timer runs only while a send is parked)."""
+    import time
+
+    import gevent
+    from gevent import socket as gsocket
+
+    from cluster.proxy.tunnel import Tunnel
+
+    client, near_client = gsocket.socketpair()
+    near_endpoint, endpoint = gsocket.socketpair()
+    closed: list[float] = []
+    Tunnel(near_client, near_endpoint, lambda: closed.append(time.monotonic()), 0.6).start()
+
+    def send_forever() -> None:
+        try:
+            while True:
+                endpoint.sendall(b"y" * 65536)
+        except OSError:
+            pass
+
+    sender = gevent.spawn(send_forever)
+    try:
+        with gevent.Timeout(TIMEOUT):
+            began = time.monotonic()
+            while time.monotonic() - began < 2.0:  # past three write timeouts
+                gevent.sleep(0.3)
+                client.setblocking(False)
+                try:
+                    while client.recv(1 << 20):
+                        pass
+                except BlockingIOError:
+                    pass
+            assert not closed
+            stopped = time.monotonic()
+            while not closed:
+                gevent.sleep(0.05)
+            assert 0.5 <= closed[0] - stopped <= 2.0, closed[0] - stopped
+            sender.join()  # the endpoint's side was closed too: its send failed
+    finally:
+        sender.kill()
+        for sock in (client, endpoint):
+            sock.close()
+
+
 def test_cluster_handler_leaves_no_reference_cycle() -> None:
     """The hijack hook in the environ must not keep finished connections alive until
     the cycle collector runs (at 10,000 connections that is real memory)."""

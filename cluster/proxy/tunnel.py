@@ -24,10 +24,13 @@ server that closes a WebSocket first (RFC 6455 7.1.1) then reads the client's la
 bytes and its close frame, and the client gets the close frame instead of a reset. The
 tunnel closes once both ways ended, or HALF_CLOSED_SECONDS after the first did.
 
+A side that takes nothing of what is sent to it for the write timeout (a client that
+stopped reading) closes the tunnel: the timer for it runs only while a send is parked.
+
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-TLS tunnels (the two greenlets) still end on the first EOF; the 1001 frames of
-:meth:`Tunnel.going_away` could land in the middle of a frame that was being relayed at
-that instant (only at shutdown; the client reconnects either way).
+TLS tunnels (the two greenlets) still end on the first EOF and have no write timeout;
+the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
+was being relayed at that instant (only at shutdown; the client reconnects either way).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def _close(sock: Any) -> None:
 class _Direction:
     """One way of a tunnel: read ``src``, write ``dst``."""
 
-    __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel", "ended")
+    __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel", "ended", "stall",
+                 "moved_at")
 
     def __init__(self, tunnel: Tunnel, src: Any, dst: Any, loop: Any) -> None:
         self.tunnel = tunnel
@@ -81,6 +85,10 @@ class _Direction:
         self.writer: Any = None
         self.pending = b""
         self.ended = False  # src sent EOF, passed on to dst
+        #: runs out when ``dst`` takes nothing of ``pending`` for the write timeout;
+        #: armed only while parked, so a send that does not block costs nothing more
+        self.stall: Any = None
+        self.moved_at = 0.0  # loop time ``dst`` last took bytes while parked
 
     def readable(self) -> None:
         try:
@@ -101,11 +109,40 @@ class _Direction:
             self.tunnel.close()
             return
         if sent < len(data):
-            self.pending = data[sent:]
-            self.reader.stop()
-            if self.writer is None:
-                self.writer = self.tunnel.loop.io(self.dst.fileno(), _WRITE)
-            self.writer.start(self.writable)
+            self.park(data[sent:])
+
+    def park(self, rest: bytes) -> None:
+        """``dst`` is full: keep ``rest``, stop reading until it is taken."""
+        self.pending = rest
+        self.reader.stop()
+        loop = self.tunnel.loop
+        if self.writer is None:
+            self.writer = loop.io(self.dst.fileno(), _WRITE)
+        self.writer.start(self.writable)
+        timeout = self.tunnel.write_timeout
+        if timeout:
+            self.moved_at = loop.now()
+            self.watch_stall(timeout)
+
+    def watch_stall(self, seconds: float) -> None:
+        if self.stall is not None:
+            self.stall.close()
+        self.stall = self.tunnel.loop.timer(seconds)
+        self.stall.start(self.stalled)
+
+    def stalled(self) -> None:
+        """The stall timer ran out: close the tunnel if ``dst`` took nothing since it
+        was armed, else wait for what is left of the timeout from the last progress."""
+        if not self.pending:
+            return
+        timeout = self.tunnel.write_timeout
+        left = self.moved_at + timeout - self.tunnel.loop.now()
+        if left > 0.001:
+            self.watch_stall(left)
+            return
+        log.info("closing a WebSocket tunnel: one side took nothing for %.1fs "
+                 "(--write-timeout)", timeout)
+        self.tunnel.close()
 
     def writable(self) -> None:
         try:
@@ -118,28 +155,35 @@ class _Direction:
         self.pending = self.pending[sent:]
         if not self.pending:
             self.writer.stop()
+            if self.stall is not None:
+                self.stall.stop()
             self.reader.start(self.readable)
+        elif sent:
+            self.moved_at = self.tunnel.loop.now()
 
     def stop(self) -> None:
-        for watcher in (self.reader, self.writer):
+        for watcher in (self.reader, self.writer, self.stall):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        self.reader = self.writer = None
+        self.reader = self.writer = self.stall = None
         self.pending = b""
 
 
 class Tunnel:
     """Pumps bytes between gevent sockets ``a`` and ``b`` until both ways ended (or
-    one ended HALF_CLOSED_SECONDS ago, or a socket failed); then closes both and calls
-    ``on_close``. Runs from the event loop: :meth:`start` returns at once."""
+    one ended HALF_CLOSED_SECONDS ago, or a socket failed, or one side took nothing of
+    what was sent to it for ``write_timeout`` seconds, 0: never); then closes both and
+    calls ``on_close``. Runs from the event loop: :meth:`start` returns at once."""
 
-    __slots__ = ("a", "b", "loop", "ways", "on_close", "closed", "timer")
+    __slots__ = ("a", "b", "loop", "ways", "on_close", "closed", "timer", "write_timeout")
 
-    def __init__(self, a: Any, b: Any, on_close: Callable[[], None]) -> None:
+    def __init__(self, a: Any, b: Any, on_close: Callable[[], None],
+                 write_timeout: float = 0.0) -> None:
         self.a = a
         self.b = b
         self.on_close = on_close
+        self.write_timeout = write_timeout
         self.closed = False
         self.loop = get_hub().loop
         raw_a, raw_b = _raw(a), _raw(b)

@@ -189,14 +189,16 @@ class WebSocketBridge:
     """Tunnels upgraded connections to endpoints; one instance serves a whole process.
 
     ``connect_timeout`` bounds the TCP connect, ``handshake_timeout`` the exchange of
-    upgrade request and response head (and a refusal body). There is no timeout once the
-    tunnel is open.
+    upgrade request and response head (and a refusal body). Once the tunnel is open
+    there is no idle timeout; ``write_timeout`` (0: none) closes a plain-TCP tunnel one
+    side of which takes nothing of what is sent to it for that long.
     """
 
     def __init__(self, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
-                 preserve_host: bool = True) -> None:
+                 preserve_host: bool = True, write_timeout: float = 0.0) -> None:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        self.write_timeout = write_timeout
         #: True: the client's Host goes upstream (as meteorhacks:cluster's http-proxy
         #: does); False: the endpoint's host:port (nginx's default).
         self.preserve_host = preserve_host
@@ -325,7 +327,7 @@ class WebSocketBridge:
         """
         if Tunnel.supports(client, upstream):
             ended = Event()
-            Tunnel(client, upstream, ended.set).start()
+            Tunnel(client, upstream, ended.set, self.write_timeout).start()
             ended.wait()
             log.debug("websocket to %s closed", endpoint_url)
             return

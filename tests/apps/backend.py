@@ -57,10 +57,21 @@ def app(environ, start_response):
         start_response(status, headers)
         return [data]
 
-    if path == "/sockjs/info":  # the shape a SockJS server answers
+    if path == "/sockjs/info":  # the shape (and CORS fields) a SockJS server answers
+        origin = environ.get("HTTP_ORIGIN")
+        cors = [("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin")] \
+            if origin else []
+        if environ["REQUEST_METHOD"] == "OPTIONS":
+            start_response("204 No Content",
+                           [*cors, ("Access-Control-Allow-Methods", "OPTIONS, GET"),
+                            ("X-Served-By", NAME)])
+            return [b""]
+        if environ["REQUEST_METHOD"] != "GET":
+            return reply("", "405 Method Not Allowed", extra=[("Allow", "OPTIONS, GET")])
         return reply(json.dumps({"websocket": True, "cookie_needed": False,
                                  "origins": ["*:*"], "entropy": 42, "server": NAME}),
-                     ctype="application/json; charset=UTF-8")
+                     ctype="application/json; charset=UTF-8", extra=cors)
     if path.startswith("/sockjs/"):
         return reply(f"{NAME} {path}")
     if path == "/die-once":  # the first process to get this dies before answering

@@ -1,0 +1,109 @@
+"""--write-timeout lets go of a WebSocket client that stops reading.
+
+An app that only sends (tests/apps/ws_sender.py, 64 KiB messages) to a client that
+upgraded and never reads: its ``send()`` used to block for as long as the client kept
+the connection, served locally or tunnelled by a balancer. Now a send that makes no
+progress for --write-timeout ends the WebSocket: locally the app's send raises
+gevent-websocket's WebSocketError and the socket closes; a balancer's tunnel closes
+both of its sides (so the endpoint's app sees its socket end too).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import requests
+
+from helpers import start_serve, wait_until
+
+COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
+HANDSHAKE = ("GET /feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+             "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+def table(base: str) -> set[str]:
+    status = requests.get(base + "/_cluster/status", timeout=5).json()
+    return {e["endpoint"] for e in status["endpoints"] if e["service"] == "ws"}
+
+
+def stalled_client(port: int) -> socket.socket:
+    """A client that upgrades, reads the 101's head and then nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(HANDSHAKE.encode())
+    head = b""
+    sock.settimeout(10)
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return sock
+
+
+def drained_to_the_end(sock: socket.socket, limit: int = 64 << 20,
+                       patience: float = 15.0) -> bool:
+    """Read what is there: True once the connection ends (EOF or reset) within
+    ``limit`` bytes, False when the server is still sending (it never let go)."""
+    got = 0
+    deadline = time.monotonic() + patience
+    sock.settimeout(2)
+    try:
+        while got < limit and time.monotonic() < deadline:
+            data = sock.recv(1 << 16)
+            if not data:
+                return True
+            got += len(data)
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        sock.close()
+    return False
+
+
+def test_a_local_app_sending_to_a_client_that_stops_reading_is_let_go(sqlite_url):
+    proc, port = start_serve("--service", "ws", "--app", "ws_sender:app",
+                             "--write-timeout", "1", *COMMON,
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sender")
+    try:
+        client = stalled_client(port)
+        wait_until(lambda: "SENDER stopped" in proc.output(), timeout=15,
+                   what="the app's send() to fail")
+        assert "SENDER stopped after" in proc.output()
+        assert ": WebSocketError" in proc.output(), proc.output()[-2000:]
+        assert drained_to_the_end(client)
+        assert proc.poll() is None
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_a_tunnel_to_a_client_that_stops_reading_is_closed(sqlite_url):
+    env = {"CLUSTER_DISCOVERY_URL": sqlite_url}
+    app, app_port = start_serve("--service", "ws", "--app", "ws_sender:app", *COMMON,
+                                env=env, name="sender")  # the default --write-timeout, 60
+    try:
+        front, front_port = start_serve("--ui-service", "ws", "--write-timeout", "1",
+                                        *COMMON, env=env, name="front")
+    except BaseException:
+        app.stop()
+        raise
+    try:
+        base = f"http://127.0.0.1:{front_port}"
+        wait_until(lambda: table(base), timeout=20, what="the front sees the app")
+        client = stalled_client(front_port)
+        # The front closes both sides of its tunnel: the app's socket ends as well, long
+        # before its own 60 s write timeout.
+        wait_until(lambda: "SENDER stopped" in app.output(), timeout=15,
+                   what="the app's send() to fail once the front let go")
+        assert drained_to_the_end(client)
+        assert "closing a WebSocket tunnel" in front.output(), front.output()[-2000:]
+        for proc in (front, app):
+            assert proc.poll() is None
+            assert "Traceback" not in proc.output()
+    finally:
+        front.stop()
+        app.stop()
