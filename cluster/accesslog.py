@@ -16,6 +16,7 @@ $upstream_response_time $request_time``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -28,6 +29,8 @@ from cluster.observe import Observer, RequestRecord, without_admin_token
 #: nginx's escaping: controls, DEL and every byte above ASCII as \xHH. The fields are
 #: bytes read as latin-1, one character each; a C1 control (NEL, CSI) written raw would
 #: end a line or move a terminal for whoever reads the log
+log = logging.getLogger(__name__)
+
 _ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0x100))}
 _ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 
@@ -121,6 +124,21 @@ class AccessLogObserver(Observer):
             os.write(self.fd, line)
         except OSError:  # a full disk or a closed pipe must not fail the request
             pass
+
+    def reopen(self) -> None:
+        """Open ``--access-log-file`` again (SIGUSR1, after logrotate moved it away),
+        as nginx does; lines written meanwhile went to the moved file. Standard output
+        is left as it is. A file that cannot be opened now keeps the old one."""
+        if not self._own_fd or not self.path:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("could not reopen the access log %s (still writing to the "
+                        "old file): %s", self.path, exc.strerror or exc)
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
 
     def close(self) -> None:
         if self._own_fd:

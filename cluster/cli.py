@@ -66,6 +66,13 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
     from cluster.registry import parse_documents
 
     store = open_store(settings.discovery_url, timeout=settings.connect_timeout)
+    missing = getattr(store, "path", None)
+    if missing is not None and not missing.exists():
+        # reading would create it (and its directories): a mistyped path looked like
+        # an empty cluster, and left a new store behind
+        store.close()
+        raise DiscoveryError(f"no discovery store at {missing}: no instance has used "
+                             f"it (check --discovery-url)")
     try:
         snapshot = store.snapshot()
     finally:
@@ -179,9 +186,15 @@ def endpoint_rates(settings: Settings,
 
 def watch(settings: Settings, show_all: bool = False, interval: float = 1.0) -> int:
     """``cluster status --watch``: the table redrawn in place every second, with each
-    endpoint's request rate, until Ctrl-C."""
+    endpoint's request rate, until Ctrl-C (taken as a signal of the event loop: raised
+    as KeyboardInterrupt inside gevent's hub, it was also printed there)."""
+    import gevent
+    import gevent.event
+
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGINT, stop.set)
     try:
-        while True:
+        while not stop.is_set():
             started = time.monotonic()
             try:
                 data = status_rows(settings, show_all)
@@ -194,10 +207,11 @@ def watch(settings: Settings, show_all: bool = False, interval: float = 1.0) -> 
                          "from each endpoint's status page; Ctrl-C to stop")
             sys.stdout.write(_CLEAR + "\n".join(lines) + "\n")
             sys.stdout.flush()
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        return 0
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:  # a SIGINT before the handler was in place
+        pass
+    sys.stdout.write("\n")
+    return 0
 
 
 #: how often ``cluster drain --wait`` looks whether the instance is gone

@@ -165,6 +165,18 @@ def raise_descriptor_limit() -> None:
         pass
 
 
+def reopen_logs(observer: Any) -> None:
+    """SIGUSR1, as nginx and gunicorn take it: open --access-log-file again (its
+    default action was to kill the process, record and all)."""
+    from cluster.accesslog import AccessLogObserver
+
+    access = observe.find(observer, AccessLogObserver)
+    log.info("SIGUSR1: reopening %s", access.path if access is not None and access.path
+             else "nothing (no --access-log-file)")
+    if access is not None:
+        access.reopen()
+
+
 def drain_every_worker(supervisor: int, drain: Drain, stopping: gevent.event.Event) -> bool:
     """``POST /_cluster/drain`` to one worker of ``--workers-count``: the supervisor is
     asked (SIGUSR2), and drains them all. Draining only the worker that took the
@@ -281,6 +293,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     drain = Drain(door, node, stopping, settings.drain_seconds, settings.drain_close_seconds)
     door.admin.drain = lambda: drain.start("POST " + settings.admin_prefix + "/drain")
     gevent.signal_handler(signal.SIGUSR2, lambda: drain.start("SIGUSR2"))
+    gevent.signal_handler(signal.SIGUSR1, lambda: reopen_logs(observer))
     parent = os.environ.pop(PARENT_PID_ENV, None)
     handle_sighup(worker=parent is not None)
     if parent:

@@ -226,12 +226,19 @@ class Supervisor:
                     return data.decode(errors="replace").strip()
         return None
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: each worker reopens its access log file."""
+        for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
+            if child.poll() is None:
+                child.send_signal(signal.SIGUSR1)
+
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT; returns the exit status."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.stopping.set)
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         gevent.signal_handler(signal.SIGUSR2, self.drain_wanted.set)
+        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
         for slot in self.slots:
             self.spawn(slot)
         log.info("%d workers share http://%s (SIGHUP reloads them one by one)",

@@ -341,3 +341,14 @@ def test_a_discovery_url_pymongo_refuses_is_one_line_and_exit_2(url):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr
+
+
+def test_status_of_a_store_that_does_not_exist_is_an_error_and_creates_nothing(tmp_path):
+    """A mistyped sqlite path read as an empty cluster (exit 0), and `cluster status`
+    left a new store, directories and all, behind."""
+    missing = tmp_path / "typo" / "dir" / "x.sqlite3"
+    result = run_cluster("status", env={"CLUSTER_DISCOVERY_URL": f"sqlite://{missing}"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"no discovery store at {missing}" in line
+    assert not (tmp_path / "typo").exists()

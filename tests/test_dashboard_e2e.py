@@ -133,6 +133,7 @@ def test_status_watch_redraws_with_rates_until_ctrl_c(three_under_traffic, sqlit
         sidecar.stop()
     last = output.split("\x1b[H\x1b[2J")[-1]
     assert "REQ/S" in last and "ERRORS" in last and "Traceback" not in output
+    assert "KeyboardInterrupt" not in output  # gevent's hub printed it on Ctrl-C
     rows = {line.split()[1]: line.split() for line in last.splitlines()
             if line.startswith("web ")}
     assert set(rows) == {*urls, dead}

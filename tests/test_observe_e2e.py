@@ -349,3 +349,59 @@ def test_local_websocket_is_counted_open_and_logged_when_it_ends(sqlite_url, tmp
     finally:
         proc.stop()
     assert "Traceback" not in proc.output()
+
+
+def test_sigusr1_reopens_the_access_log_file_after_rotation(sqlite_url, tmp_path):
+    """logrotate moves the file away and sends SIGUSR1, as for nginx: the next lines go
+    to a new file. SIGUSR1's default action killed the instance, its record left behind."""
+    import signal
+
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "rotated", "--access-log", "combined",
+                       "--access-log-file", str(log_file))
+    try:
+        wait_until(lambda: requests.get(base + "/whoami", timeout=5).ok, timeout=10,
+                   what="the instance")
+        requests.get(base + "/before", timeout=5)
+        wait_until(lambda: "/before" in log_file.read_text(), timeout=5, what="the line")
+        log_file.rename(tmp_path / "access.log.1")
+        proc.signal(signal.SIGUSR1)
+        wait_until(lambda: log_file.exists(), timeout=5, what="a new access log file")
+        requests.get(base + "/after", timeout=5)
+        wait_until(lambda: "/after" in log_file.read_text(), timeout=5,
+                   what="the next line in the new file")
+        assert "/after" not in (tmp_path / "access.log.1").read_text()
+        assert proc.poll() is None and base in live_endpoints(base)
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def test_sigusr1_to_a_supervisor_reopens_every_workers_access_log(sqlite_url, tmp_path):
+    import signal
+
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "rotated2", "--access-log", "combined",
+                       "--access-log-file", str(log_file), "--workers-count", "2")
+    try:
+        wait_until(lambda: len(status_rows(sqlite_url)) == 2, timeout=20,
+                   what="both workers registered")
+        log_file.rename(tmp_path / "access.log.1")
+        proc.signal(signal.SIGUSR1)
+        wait_until(lambda: proc.output().count("SIGUSR1: reopening") == 2, timeout=10,
+                   what="both workers to reopen")
+        for endpoint in status_rows(sqlite_url):  # each worker's own port
+            requests.get(endpoint + "/after", timeout=5)
+        wait_until(lambda: log_file.exists() and log_file.read_text().count("/after") >= 2,
+                   timeout=5, what="the lines in the new file")
+        assert "/after" not in (tmp_path / "access.log.1").read_text()  # none kept the old
+        assert proc.poll() is None
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def status_rows(discovery_url: str) -> list[str]:
+    from helpers import status_json
+
+    return [e["endpoint"] for e in status_json(discovery_url)["endpoints"]]
