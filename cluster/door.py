@@ -763,7 +763,9 @@ class Connection:
         load = door.load
         began = load.started()
         try:
-            keep = handler.run(head, app, decision.path,
+            # forwarded fields from a trusted proxy, or from a member whose hop marker
+            # proved it (across hosts members are seldom in each other's trusted list)
+            keep = handler.run(head, app, decision.path, self.request.hop or
                                self.conn.peer in door.forwarding.trusted)
         finally:
             load.finished(began, handler.websocket_used)
@@ -1337,7 +1339,8 @@ _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forward
 
 
 def _pairs_for_app(head: RequestHead, trusted: bool) -> list[tuple[str, str]]:
-    """The header fields the local app sees: forwarded ones only from trusted peers;
+    """The header fields the local app sees: forwarded ones only from trusted peers
+    (or proven members);
     an Upgrade the door ignores (not a WebSocket handshake: HTTP/1.0, a body...) not
     at all, as a relayed request's endpoint would not see it (hop-by-hop). Else an app
     that upgrades on its own (engine.io) sets out to, finds no socket, and raises."""

@@ -155,6 +155,24 @@ def test_a_trusted_network_is_trusted_for_forwarded_headers_too(tmp_path: Path) 
         assert seen["X-Forwarded-Proto"] == "https", seen
 
 
+@pytest.mark.parametrize("extra", [(), ("--secret", SECRET)], ids=["by-address", "signed"])
+def test_a_member_relaying_keeps_the_clients_address_for_the_app(
+        tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Across hosts the members are not in each other's --trusted-proxies (loopback
+    only, by default): the app behind a relay lost X-Forwarded-For and X-Real-IP, and
+    saw only the balancer's address. A request whose hop marker proves membership
+    (signed, or from an endpoint's address) keeps the fields the member set."""
+    with web_and_api(tmp_path, "--trusted-proxies", "192.0.2.1", *extra) as (_, api_port, _):
+        _, _, body = raw_get(api_port, "/headers", ("X-Forwarded-For: 203.0.113.9",))
+        answer = json.loads(body)
+        seen = answer["headers"]
+        assert answer["name"] == "web"
+        assert seen.get("X-Forwarded-For") == OUTSIDE, seen  # the client's claim replaced
+        assert seen.get("X-Real-Ip") == OUTSIDE, seen
+        assert seen.get("X-Forwarded-Proto") == "http", seen
+        assert "X-Cluster-Hop" not in seen
+
+
 def test_sockjs_base_url_takes_no_scheme_but_http_or_https(tmp_path: Path) -> None:
     with web_and_api(tmp_path) as (web_port, _api, _):
         _, _, body = raw_get(web_port, "/sockjs/info", ("X-Forwarded-Proto: javascript",),
