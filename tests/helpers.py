@@ -249,6 +249,16 @@ def start_serve(*args: str, env: dict[str, str] | None = None, name: str = "serv
         env=env, name=name, timeout=timeout)
 
 
+def start_library_app(env: dict[str, str], *app: str,
+                      name: str = "library") -> tuple[Proc, int]:
+    """tests/apps/library_app.py: cluster.wrap() under a plain gevent WSGIServer (its
+    own ``hello``, or the ``MODULE:APP`` given), on a port the OS picks; CLUSTER_*
+    settings in ``env``."""
+    return start_reporting(
+        lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file), *app),
+        env=env, name=name)
+
+
 def start_app(script: str, *args: str, env: dict[str, str] | None = None,
               name: str = "", timeout: float = 20.0) -> tuple[Proc, int]:
     """Start a test app of tests/apps (``backend.py``, ``ws_echo.py``...) on a port the

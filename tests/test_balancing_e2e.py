@@ -20,6 +20,7 @@ from helpers import (
     python,
     read_port_file,
     start_instance,
+    start_library_app,
     start_reporting,
     start_serve,
     status_json,
@@ -226,11 +227,8 @@ def test_endpoint_dying_mid_request_replays_bodiless_gets_only(sqlite_url, tmp_p
 
 
 def test_library_mode_wrap_registers_balances_and_deregisters(sqlite_url):
-    lib, lib_port = start_reporting(
-        lambda port_file: python(str(ROOT / "tests" / "apps" / "library_app.py"),
-                                 str(port_file)),
-        env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"},
-        name="library")
+    lib, lib_port = start_library_app(
+        {"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_PING_INTERVAL": "1"})
     try:
         other, other_port = start_instance(sqlite_url, "served")
     except BaseException:

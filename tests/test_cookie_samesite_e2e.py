@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import requests
 
-from helpers import TESTS, python, start_instance, start_reporting, start_serve, wait_until
+from helpers import (
+    start_instance,
+    start_library_app,
+    start_serve,
+    wait_until,
+)
 
 COMMON = {"CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"}
 
@@ -40,10 +45,9 @@ def test_cookie_samesite_none_in_door_and_library_mode(sqlite_url):
                                       env={"CLUSTER_DISCOVERY_URL": sqlite_url, **none},
                                       name="door")
         procs.append(door)
-        lib, lib_port = start_reporting(
-            lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file)),
-            env={"CLUSTER_DISCOVERY_URL": sqlite_url, "CLUSTER_SERVICE": "lib",
-                 "CLUSTER_UI_SERVICE": "web", **none}, name="library")
+        lib, lib_port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
+                                           "CLUSTER_SERVICE": "lib",
+                                           "CLUSTER_UI_SERVICE": "web", **none})
         procs.append(lib)
         plain, plain_port = start_serve("--ui-service", "web",
                                         env={"CLUSTER_DISCOVERY_URL": sqlite_url, **COMMON},

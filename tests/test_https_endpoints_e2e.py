@@ -17,12 +17,10 @@ import requests
 import websocket
 
 from helpers import (
-    TESTS,
     Proc,
     cluster_argv,
-    python,
     start_app,
-    start_reporting,
+    start_library_app,
     start_serve,
     wait_until,
 )
@@ -70,11 +68,8 @@ def front_door(discovery: str, cert: Path) -> tuple[Proc, int]:
 def library_front(discovery: str, cert: Path) -> tuple[Proc, int]:
     """tests/apps/library_app.py: cluster.wrap() under a plain gevent WSGIServer, whose
     UI service is `sec`, so it proxies through the WSGI adapter."""
-    return start_reporting(
-        lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file)),
-        env={"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert),
-             "CLUSTER_UI_SERVICE": "sec", "CLUSTER_SELF_WEIGHT": "0"},
-        name="library")
+    return start_library_app({"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert),
+                              "CLUSTER_UI_SERVICE": "sec", "CLUSTER_SELF_WEIGHT": "0"})
 
 
 @pytest.mark.parametrize("way", ["door", "wsgi-adapter"])

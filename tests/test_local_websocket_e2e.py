@@ -21,7 +21,13 @@ import socketio
 import websocket
 from websocket import ABNF
 
-from helpers import TESTS, Proc, python, read_until_close, start_reporting, start_serve, wait_until
+from helpers import (
+    Proc,
+    read_until_close,
+    start_library_app,
+    start_serve,
+    wait_until,
+)
 
 COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
 
@@ -50,10 +56,9 @@ def start_wrapped(app: str, service: str, store: str, name: str) -> tuple[Proc, 
     """tests/apps/library_app.py: ``app`` made a member of ``service`` by cluster.wrap()
     under a plain gevent WSGIServer with ClusterHandler (library mode under a server of
     one's own, not the front door)."""
-    return start_reporting(
-        lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file), app),
-        env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name, "CLUSTER_SERVICE": service,
-             "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"},
+    return start_library_app(
+        {"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name, "CLUSTER_SERVICE": service,
+         "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"}, app,
         name=f"{service}-{name}")
 
 

@@ -20,11 +20,10 @@ import pytest
 import requests
 
 from helpers import (
-    TESTS,
     Proc,
     cluster_argv,
-    python,
     start_instance,
+    start_library_app,
     start_reporting,
     start_serve,
     wait_until,
@@ -84,10 +83,9 @@ def sockjs_behind_balancers(store: str) -> Iterator[tuple[str, list[str]]]:
                                       env={"CLUSTER_DISCOVERY_URL": store, **COMMON},
                                       name="door")
         procs.append(door)
-        library, library_port = start_reporting(
-            lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file)),
-            env={"CLUSTER_DISCOVERY_URL": store, "CLUSTER_SERVICE": "lib",
-                 "CLUSTER_UI_SERVICE": "web", **COMMON}, name="library")
+        library, library_port = start_library_app({"CLUSTER_DISCOVERY_URL": store,
+                                                   "CLUSTER_SERVICE": "lib",
+                                                   "CLUSTER_UI_SERVICE": "web", **COMMON})
         procs.append(library)
         balancers = [f"http://127.0.0.1:{door_port}", f"http://127.0.0.1:{library_port}"]
         wait_until(lambda: all(table(b) == {url} for b in balancers), timeout=30,
@@ -124,11 +122,9 @@ def test_info_of_the_local_app_keeps_its_fields(mode, sqlite_url):
     if mode == "door":
         proc, port = start_instance(sqlite_url, "solo")
     else:
-        proc, port = start_reporting(
-            lambda port_file: python(str(TESTS / "apps" / "library_app.py"), str(port_file),
-                                     "backend:app"),
-            env={"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "solo", **COMMON},
-            name="library")
+        proc, port = start_library_app(
+            {"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "solo", **COMMON},
+            "backend:app")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: table(base), timeout=20, what="the instance in its table")

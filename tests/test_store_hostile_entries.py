@@ -38,6 +38,19 @@ def skipped(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
 
 
+def read_twice(store, caplog, **watcher_options) -> tuple[list[str], list[str]]:
+    """The table's URLs after two refreshes of a new watcher (the second must not warn
+    again), and the warnings logged; the store is closed."""
+    try:
+        watcher = Watcher(store, grace=1.0, refresh_interval=1.0, **watcher_options)
+        with caplog.at_level(logging.WARNING, logger="cluster.registry"):
+            watcher.refresh()
+            watcher.refresh()
+    finally:
+        store.close()
+    return [e.url for e in watcher.table.endpoints], skipped(caplog)
+
+
 @pytest.fixture
 def mongo_db(mongo_url):
     client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
@@ -51,16 +64,8 @@ def test_mongo_records_with_dates_out_of_range_are_skipped_once(mongo_url, mongo
         record("http://127.0.0.1:3002", timestamp=BEFORE_YEAR_1),
         record("http://127.0.0.1:3003", timestamp=AFTER_YEAR_9999),
     ])
-    store = open_store(mongo_url, timeout=3)
-    try:
-        watcher = Watcher(store, grace=1.0, refresh_interval=1.0)
-        with caplog.at_level(logging.WARNING, logger="cluster.registry"):
-            watcher.refresh()
-            watcher.refresh()
-    finally:
-        store.close()
-    assert [e.url for e in watcher.table.endpoints] == [GOOD]
-    warnings = skipped(caplog)
+    urls, warnings = read_twice(open_store(mongo_url, timeout=3), caplog)
+    assert urls == [GOOD]
     assert len(warnings) == 2, warnings
     assert all("timestamp missing or not a date" in w for w in warnings)
 
@@ -136,16 +141,9 @@ def test_embedded_hostile_rows_are_skipped_with_one_warning_each(sqlite_url, cap
         conn.commit()
     finally:
         conn.close()
-    try:
-        # services: as with --secret, which used to raise TypeError for the list
-        watcher = Watcher(store, grace=1.0, refresh_interval=1.0, services=frozenset({"web"}))
-        with caplog.at_level(logging.WARNING, logger="cluster.registry"):
-            watcher.refresh()
-            watcher.refresh()
-    finally:
-        store.close()
-    assert [e.url for e in watcher.table.endpoints] == [GOOD]
-    warnings = skipped(caplog)
+    # services: as with --secret, which used to raise TypeError for the list
+    urls, warnings = read_twice(store, caplog, services=frozenset({"web"}))
+    assert urls == [GOOD]
     assert len(warnings) == len(HOSTILE_ROWS) + 1, warnings
     for endpoint, _, _, problem in HOSTILE_ROWS.values():
         assert any(endpoint in w and problem in w for w in warnings), (problem, warnings)
