@@ -11,6 +11,7 @@ short status. Upstream failures become one log line and a clean status: 502 brok
 
 from __future__ import annotations
 
+import io
 import logging
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
@@ -26,7 +27,7 @@ from cluster.node import Cluster
 from cluster.observe import NULL_OBSERVER, Observer
 from cluster.placement import Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
-from cluster.proxy.http import HttpForwarder
+from cluster.proxy.http import BODY_KEY, HttpForwarder
 from cluster.proxy.websocket import WebSocketBridge
 from cluster.routing import (
     HOP_ENVIRON,
@@ -207,6 +208,11 @@ class ClusterApp:
         assert self.local_app is not None
         if decision.path is not None:
             environ = dict(environ, PATH_INFO=decision.path)
+        taken = environ.pop(BODY_KEY, None)
+        if taken is not None:
+            # an attempt to relay it read the body, and its endpoint refused: the app
+            # reads it from here (it waited on a wsgi.input already read to the end)
+            environ = dict(environ, **{"wsgi.input": io.BytesIO(taken)})
         cookies = [set_cookie(c, self.cookie_attributes)
                    for c in (decision.set_cookie, decision.set_version) if c is not None]
         if "HTTP_UPGRADE" in environ and "wsgi.websocket" not in environ:

@@ -751,6 +751,14 @@ class Connection:
         door = self.door
         app = door.local_app
         assert app is not None
+        body = self.body
+        if body is not _UNREAD and body:
+            # An attempt to relay it took the body from the client's buffer, and its
+            # endpoint refused: the app reads it from there. (It waited for bytes the
+            # client had sent already, until the client or a stop gave up: a sticky
+            # POST to a worker that had just stopped, then served here.)
+            self.conn.buf[:0] = body
+            self.body = _UNREAD
         handler = self.handler
         if handler is None:
             handler = self.handler = self.server.handler_class(

@@ -9,10 +9,20 @@ import re
 import signal
 import time
 
+import pytest
 import requests
 
 from cluster.records import endpoint_hash
-from helpers import Proc, instance, start_instance, start_serve, wait_port, wait_until
+from helpers import (
+    Proc,
+    cluster_argv,
+    instance,
+    start_instance,
+    start_library_app,
+    start_serve,
+    wait_port,
+    wait_until,
+)
 
 EJECT_SECONDS = 30  # far longer than any wait below: healing must not wait for it
 
@@ -123,3 +133,36 @@ def test_with_every_endpoint_ejected_requests_succeed_once_one_is_back(mongo_url
         for _ in range(20):
             assert whoami(base) == "m0"
         assert front.poll() is None and "Traceback" not in front.output()
+
+
+@pytest.mark.parametrize("way", ["door", "library"])
+def test_a_body_taken_for_a_refused_endpoint_reaches_the_local_app(sqlite_url, dead_port,
+                                                                    way):
+    """A sticky POST to an endpoint that refuses (a worker that has just stopped) is
+    served by the local app: its body had been taken from the client's buffer for the
+    relay, and the app waited for it until the client gave up (a reload's 12-17 s
+    stalls, bench/reload_keepalive.py)."""
+    dead = f"http://127.0.0.1:{dead_port}"
+    sidecar = Proc(cluster_argv("register", "--service", "web", "--endpoint-url", dead,
+                                "--ping-interval", "1"),
+                   env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sc-dead")
+    proc = None
+    try:
+        if way == "door":
+            proc, port = start_instance(sqlite_url, "alive")
+        else:  # cluster.wrap() under a server of one's own
+            proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
+                                             "BACKEND_NAME": "alive",
+                                             "CLUSTER_PING_INTERVAL": "1"}, "backend:app")
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)
+                               .json()["endpoints"]) == 2, timeout=15, what="both records")
+        body = bytes(range(256)) * 8
+        answer = requests.post(base + "/echo", data=body, timeout=10,
+                               cookies={"cluster-endpoint::web": endpoint_hash(dead)})
+        assert answer.status_code == 200 and answer.content == body
+        assert answer.headers.get("X-Served-By") == "alive"
+    finally:
+        if proc is not None:
+            proc.stop()
+        sidecar.stop()
