@@ -66,13 +66,14 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
     from cluster.registry import parse_documents
 
     store = open_store(settings.discovery_url, timeout=settings.connect_timeout)
-    missing = getattr(store, "path", None)
-    if missing is not None and not missing.exists():
-        # reading would create it (and its directories): a mistyped path looked like
-        # an empty cluster, and left a new store behind
+    path = getattr(store, "path", None)
+    if path is not None and not path.exists():
+        # Reading would create it, directories and all: a mistyped path left a new
+        # store behind. Nothing has registered there yet (or ever): an empty view,
+        # which says so, as a script polling for the first endpoints expects.
         store.close()
-        raise DiscoveryError(f"no discovery store at {missing}: no instance has used "
-                             f"it (check --discovery-url)")
+        return {"store": store.description, "exists": False, "now": None, "services": [],
+                "balancers": [], "endpoints": [], "malformed": []}
     try:
         snapshot = store.snapshot()
     finally:
@@ -98,6 +99,7 @@ def status_rows(settings: Settings, show_all: bool = False) -> dict[str, Any]:
         "balancers": sorted({r["balancer"] for r in live if r["balancer"]}),
         "endpoints": rows,
         "malformed": [{"record": ident, "problem": why} for ident, why in problems],
+        "exists": True,
     }
 
 
@@ -145,6 +147,9 @@ def table_lines(data: dict[str, Any],
 
 def status(settings: Settings, as_json: bool = False, show_all: bool = False) -> int:
     data = status_rows(settings, show_all)
+    if not data["exists"]:
+        print(f"cluster status: no discovery store at {data['store']} yet: no instance "
+              f"has used it (check --discovery-url)", file=sys.stderr)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
