@@ -740,7 +740,7 @@ class Connection:
             if door.stopping:
                 pumped.going_away()
             try:
-                pump(conn.sock, upstream.sock)
+                pump(conn.sock, upstream.sock, getattr(door.settings, "write_timeout", 0.0))
             finally:
                 door.websockets -= 1
                 door.open_websockets.discard(pumped)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -93,6 +94,40 @@ def test_https_endpoint_http_and_websocket(tmp_path: Path, certificate: tuple[Pa
                 assert ws.recv() == b"\x00\xff"
             finally:
                 ws.close()
+        finally:
+            proc.stop()
+        assert "Traceback" not in proc.output(), proc.output()
+
+
+@pytest.mark.parametrize("way", ["door", "wsgi-adapter"])
+def test_a_tls_tunnel_to_a_client_that_stops_reading_is_closed(
+        tmp_path: Path, certificate: tuple[Path, Path], way: str) -> None:
+    """The tunnel to an https endpoint runs as two greenlets (not the event-loop
+    Tunnel): --write-timeout held there too. The endpoint floods, the client upgraded
+    and reads nothing: the balancer lets go of both sides after 1 s."""
+    from test_ws_write_timeout_e2e import drained_to_the_end, stalled_client
+
+    cert, _ = certificate
+    with tls_endpoint(tmp_path, certificate) as discovery:
+        env = {"CLUSTER_DISCOVERY_URL": discovery, "SSL_CERT_FILE": str(cert)}
+        if way == "door":
+            proc, port = start_serve("--ui-service", "sec", "--write-timeout", "1", env=env,
+                                     name="front")
+        else:
+            proc, port = start_library_app({**env, "CLUSTER_UI_SERVICE": "sec",
+                                            "CLUSTER_SELF_WEIGHT": "0",
+                                            "CLUSTER_WRITE_TIMEOUT": "1"})
+        try:
+            wait_until(lambda: _get(f"http://127.0.0.1:{port}/plain"), timeout=TIMEOUT,
+                       what="the front to reach the https endpoint")
+            client = stalled_client(port, "/feed?flood=1")
+            if way == "door":
+                wait_until(lambda: "closing a WebSocket tunnel" in proc.output(),
+                           timeout=10, what="the front to let go of the stalled client")
+            else:
+                time.sleep(3)  # three write timeouts (library_app.py logs no info lines)
+            assert drained_to_the_end(client)  # then the client finds its end
+            assert proc.poll() is None
         finally:
             proc.stop()
         assert "Traceback" not in proc.output(), proc.output()

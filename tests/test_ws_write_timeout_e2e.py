@@ -28,12 +28,12 @@ def table(base: str) -> set[str]:
     return {e["endpoint"] for e in status["endpoints"] if e["service"] == "ws"}
 
 
-def stalled_client(port: int) -> socket.socket:
+def stalled_client(port: int, path: str = "/feed") -> socket.socket:
     """A client that upgrades, reads the 101's head and then nothing."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(HANDSHAKE.encode())
+    sock.sendall(HANDSHAKE.replace("/feed", path, 1).encode())
     head = b""
     sock.settimeout(10)
     while b"\r\n\r\n" not in head:

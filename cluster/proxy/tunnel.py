@@ -28,7 +28,8 @@ A side that takes nothing of what is sent to it for the write timeout (a client 
 stopped reading) closes the tunnel: the timer for it runs only while a send is parked.
 
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
-TLS tunnels (the two greenlets) still end on the first EOF and have no write timeout;
+TLS tunnels (the two greenlets, :func:`pump`) still end on the first EOF, and their
+write timeout bounds each send of one read, not each wait for progress;
 the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
 was being relayed at that instant (only at shutdown; the client reconnects either way).
 """
@@ -248,11 +249,19 @@ class Tunnel:
             log.exception("tunnel close callback failed")
 
 
-def _pump(src: Any, dst: Any) -> int:
+class _Stalled(Exception):
+    """A send to one side of a pumped tunnel took longer than the write timeout."""
+
+
+def _pump(src: Any, dst: Any, write_timeout: float = 0.0) -> int:
     """Copy ``src`` to ``dst`` until either fails or ``src`` ends; close both; return bytes.
 
     Closing both wakes the other direction's greenlet blocked on its socket (gevent
-    cancels waits on a closed socket), so one closed side ends the whole tunnel.
+    cancels waits on a closed socket), so one closed side ends the whole tunnel. With
+    ``write_timeout``, passing on one read's worth (at most CHUNK bytes) to a ``dst``
+    that takes longer than that ends it too: a client that stopped reading (the
+    :class:`Tunnel`'s timer, for the sockets it cannot pump: TLS). A timer per send,
+    but only on this path: the tunnels to https endpoints.
     """
     moved = 0
     fast = _plain_gevent_socket(src) and _plain_gevent_socket(dst)
@@ -261,7 +270,13 @@ def _pump(src: Any, dst: Any) -> int:
             data = _wait_and_recv(src) if fast else src.recv(CHUNK)
             if not data:
                 break
-            if fast:
+            if write_timeout:
+                with gevent.Timeout(write_timeout, _Stalled):
+                    if fast:
+                        send_all(dst, data)
+                    else:
+                        dst.sendall(data)
+            elif fast:
                 send_all(dst, data)
             else:
                 dst.sendall(data)
@@ -270,6 +285,9 @@ def _pump(src: Any, dst: Any) -> int:
         # reset, broken pipe, or the other pump closed the socket under us (gevent's
         # TLS socket says that with ValueError: "Read on closed or unwrapped SSL socket")
         pass
+    except _Stalled:
+        log.info("closing a WebSocket tunnel: one side took nothing for %.1fs "
+                 "(--write-timeout)", write_timeout)
     finally:
         _close(src)
         _close(dst)
@@ -289,12 +307,12 @@ def _wait_and_recv(sock: Any) -> bytes:
         return b""  # closed by the other direction
 
 
-def pump(a: Any, b: Any) -> None:
+def pump(a: Any, b: Any, write_timeout: float = 0.0) -> None:
     """Both ways with two greenlets (TLS sockets, or a WSGI request that must block
     until the tunnel ends); returns when both are done."""
-    other = gevent.spawn(_pump, a, b)
+    other = gevent.spawn(_pump, a, b, write_timeout)
     try:
-        _pump(b, a)
+        _pump(b, a, write_timeout)
     finally:
         _close(a)
         _close(b)

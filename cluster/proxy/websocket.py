@@ -177,10 +177,10 @@ class _Reader:
         return self.buf[:MAX_REFUSAL_BODY]
 
 
-def _pump_into(src: Any, dst: Any, result: AsyncResult) -> None:
+def _pump_into(src: Any, dst: Any, result: AsyncResult, write_timeout: float = 0.0) -> None:
     moved = 0
     try:
-        moved = _pump(src, dst)
+        moved = _pump(src, dst, write_timeout)
     finally:
         result.set(moved)  # even if _pump failed in an unexpected way: never a hung join
 
@@ -332,10 +332,10 @@ class WebSocketBridge:
             log.debug("websocket to %s closed", endpoint_url)
             return
         sent: AsyncResult = AsyncResult()
-        gevent.spawn_raw(_pump_into, client, upstream, sent)
+        gevent.spawn_raw(_pump_into, client, upstream, sent, self.write_timeout)
         down = 0
         try:
-            down = _pump(upstream, client)
+            down = _pump(upstream, client, self.write_timeout)
         finally:
             _close(client)
             _close(upstream)

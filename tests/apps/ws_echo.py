@@ -77,6 +77,12 @@ def run_socket(ws: WebSocket, environ) -> None:
     info = handshake_info(environ)
     if query.get("greet"):
         ws.send("hello")
+    if query.get("flood"):  # only send, 64 KiB at a time, until a send fails
+        try:
+            while True:
+                ws.send(b"y" * 65536, binary=True)
+        except (WebSocketError, OSError):
+            return
     opcode, message, frames, last_frames = None, bytearray(), 0, 0
     waiting_pong = None
     while True:
