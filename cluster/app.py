@@ -221,8 +221,10 @@ class ClusterApp:
                 # the route is known.
                 handler = getattr(environ.get(HIJACK_KEY), "__self__", None)
                 if isinstance(handler, ClusterHandler):
+                    settings = self.node.settings
                     return handler.serve_websocket(self.local_app, cookies,
-                                                   self.node.settings.max_websocket_message)
+                                                   settings.max_websocket_message,
+                                                   settings.write_timeout)
             else:
                 environ = _without_upgrade(environ)
         if not cookies:

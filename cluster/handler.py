@@ -239,12 +239,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         return self.socket, early
 
     def serve_websocket(self, app: Callable[..., Iterable[bytes]],
-                        headers: Iterable[tuple[str, str]], max_message: int) -> list[bytes]:
+                        headers: Iterable[tuple[str, str]], max_message: int,
+                        write_timeout: float = 0.0) -> list[bytes]:
         """Answer this WebSocket handshake and run ``app`` with ``environ['wsgi.websocket']``
         as gevent-websocket's own handler would (the hardened object of
         cluster.app_websocket). For cluster.wrap(), whose routing picks the local app from
         inside the application call: the 101 goes out only then, so a handshake routed
-        elsewhere is still the bridge's to take. ``headers`` go on the 101 as well."""
+        elsewhere is still the bridge's to take. ``headers`` go on the 101 as well.
+        ``write_timeout`` (--write-timeout, 0: none) bounds each frame's send: the app's
+        ``send()`` to a client that stopped reading then raises WebSocketError."""
         from geventwebsocket.websocket import Stream, WebSocket
 
         from cluster.app_websocket import adopt
@@ -260,7 +263,8 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         self._write_with_headers(b"")
         self.hijacked = True  # the socket is the WebSocket's now: pywsgi adds nothing
         websocket = WebSocket(environ, Stream(self), self)
-        adopt(websocket, max_message)
+        adopt(websocket, max_message,
+              timed_sendall(self.socket, write_timeout) if write_timeout else None)
         environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         environ["wsgi.websocket"] = websocket
         try:
@@ -388,6 +392,28 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             environ = getattr(self, "environ", None)
             if environ is not None:
                 environ.pop(HIJACK_KEY, None)
+
+
+def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
+    """``sock.sendall`` that gives up after ``seconds`` with OSError, and shuts the
+    socket so that what follows (a close frame) fails at once: the frame was cut."""
+    import socket
+
+    import gevent
+
+    def write(data: bytes) -> None:
+        try:
+            with gevent.Timeout(seconds):
+                sock.sendall(data)
+        except gevent.Timeout:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise OSError(f"the client took nothing for {seconds:g}s "
+                          f"(--write-timeout)") from None
+
+    return write
 
 
 def check_body_piece(data: Any) -> None:

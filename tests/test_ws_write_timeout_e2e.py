@@ -15,7 +15,7 @@ import time
 
 import requests
 
-from helpers import start_serve, wait_until
+from helpers import start_library_app, start_serve, wait_until
 
 COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
 HANDSHAKE = ("GET /feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -107,3 +107,20 @@ def test_a_tunnel_to_a_client_that_stops_reading_is_closed(sqlite_url):
     finally:
         front.stop()
         app.stop()
+
+
+def test_a_wrapped_app_sending_to_a_client_that_stops_reading_is_let_go(sqlite_url):
+    """cluster.wrap() under a server of one's own: the local WebSocket writes to that
+    server's socket, not the door's, and had no write timeout at all."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
+                                    "CLUSTER_SERVICE": "ws", "CLUSTER_WRITE_TIMEOUT": "1"},
+                                   "ws_sender:app", name="wrapped-sender")
+    try:
+        client = stalled_client(port)
+        wait_until(lambda: "SENDER stopped" in proc.output(), timeout=15,
+                   what="the app's send() to fail")
+        assert ": WebSocketError" in proc.output(), proc.output()[-2000:]
+        assert drained_to_the_end(client)
+        assert proc.poll() is None
+    finally:
+        proc.stop()
