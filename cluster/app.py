@@ -269,6 +269,10 @@ class ClusterApp:
             where = decision.endpoint.url
         code = int(status[:3]) if status[:3].isdigit() else 502
         answer = rewrite_info(code, headers, body, decision.base_url, where)
+        if not answer.content_type:  # a 204 or 304: the endpoint's fields, nothing added
+            start_response(f"{answer.status} {HTTPStatus(answer.status).phrase}",
+                           answer.fields)
+            return []
         return reply_bytes(start_response, answer.status, answer.body, answer.content_type,
                            answer.fields)
 

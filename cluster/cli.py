@@ -57,6 +57,12 @@ def main(argv: Sequence[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (`cluster status --watch | head`): as
+        # for any Unix tool, that ends the command, without a traceback (and without
+        # Python's own complaint when it flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     raise AssertionError(command)  # pragma: no cover - parse_command_line checked it
 
 

@@ -817,7 +817,10 @@ class Settings:
     ) -> Settings:
         """Settings for library use: keyword overrides > ``args`` > env > defaults.
 
-        Raises :class:`ConfigError` for a bad value.
+        Raises :class:`ConfigError` for a bad value. A keyword given None is left out
+        (its value then comes from ``args``, env or the default); a number or a bool is
+        checked as its text would be (``cookie_samesite=None`` or ``=1`` reached the
+        request path unchecked, and failed there with a traceback).
         """
         parser = build_parser(None, raise_errors=True)
         namespace, _ = parser.parse_known_args(
@@ -827,10 +830,12 @@ class Settings:
         parsed: dict[str, Any] = {}
         for name, value in overrides.items():
             spec = _field(name)
-            if isinstance(value, str):
-                value = _parse_one(spec, value)
-            elif isinstance(value, list):
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple)):
                 value = tuple(value)
+            else:
+                value = _parse_one(spec, value if isinstance(value, str) else _raw(value))
             parsed[name] = value
         return settings.replace(**parsed)
 

@@ -45,7 +45,8 @@ class ClientConn:
         self.buf = bytearray()
         self.deadline = 0.0  # 0: none
         self.phase = NONE
-        self.idle_since = 0.0  # time.monotonic() when it last went IDLE
+        #: time.monotonic() when it last went IDLE, or was accepted
+        self.idle_since = time.monotonic()
         self.upstream: Any = None  # the endpoint connection in use, for the sweeper
         self.timed_out = False  # the sweeper closed the endpoint connection
         self.requests = 0

@@ -45,6 +45,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
+from cluster.config import host_port
 from cluster.conn import (
     BODY,
     HEAD,
@@ -73,6 +74,7 @@ from cluster.http1 import (
     Limits,
     RequestHead,
     find_head_end,
+    head_only_response,
     parse_request_head,
     simple_response,
 )
@@ -576,10 +578,19 @@ class Connection:
         return RequestView(
             head.method.decode("latin-1"), path or "/", query,
             head.cookie.decode("latin-1") if head.cookie else "", hop, "http",
-            head.host.decode("latin-1"),
+            head.host.decode("latin-1") if head.host else self.local_address(),
             head.forwarded_proto.decode("latin-1") if head.forwarded_proto else "",
             head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
             self.conn.peer, target)
+
+    def local_address(self) -> str:
+        """HOST:PORT this connection came in on: the Host of an HTTP/1.0 request that
+        sent none (as a WSGI server's SERVER_NAME; a SockJS base_url was "http:///")."""
+        try:
+            host, port = self.conn.sock.getsockname()[:2]
+        except OSError:
+            return ""
+        return host_port(host, port)
 
     def forwarded_lines(self, head: RequestHead) -> list[bytes]:
         """Forwarding.lines for this connection's peer, kept while a keep-alive client
@@ -806,6 +817,12 @@ class Connection:
         answer = rewrite_info(code, fields, body, decision.base_url,
                               decision.endpoint.url if decision.endpoint else "local app")
         extra = tuple(f"{name}: {value}".encode("latin-1") for name, value in answer.fields)
+        if not answer.content_type:  # a 204 or 304: the endpoint's fields, nothing added
+            keep = head.keep_alive and not head.has_body
+            data = head_only_response(answer.status, extra, close=not keep)
+            self.conn.send(data)
+            state.status, state.sent, state.where = answer.status, len(data), "-"
+            return keep
         return self.reply(head, state, answer.status, answer.body,
                           answer.content_type.encode("latin-1"), extra=extra)
 
@@ -819,7 +836,10 @@ class Connection:
                    "wsgi.url_scheme": "http", "wsgi.input": _Empty(), "wsgi.errors": _Empty(),
                    "wsgi.multithread": False, "wsgi.multiprocess": False,
                    "wsgi.run_once": False, "REMOTE_ADDR": self.conn.peer}
-        for name, value in head.header_pairs():
+        # the fields the local app would see for any request (forwarded ones only from
+        # trusted proxies or proven members)
+        for name, value in _pairs_for_app(head, self.request.hop or
+                                          self.conn.peer in self.door.forwarding.trusted):
             environ["HTTP_" + name.upper().replace("-", "_")] = value
         captured: dict[str, Any] = {}
 

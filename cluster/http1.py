@@ -612,6 +612,15 @@ def simple_response(code: int, body: bytes, content_type: bytes = b"text/plain; 
     return CRLF.join(lines) + HEAD_END + body
 
 
+def head_only_response(code: int, extra: tuple[bytes, ...], close: bool = False) -> bytes:
+    """A response that has no content (204, 304): its status line and ``extra`` fields,
+    nothing added but ``Connection: close``."""
+    lines = [b"HTTP/1.1 %d %s" % (code, _reason(code)), *extra]
+    if close:
+        lines.append(b"Connection: close")
+    return CRLF.join(lines) + HEAD_END
+
+
 class ChunkError(ValueError):
     """A chunked body that breaks the framing rules."""
 

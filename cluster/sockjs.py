@@ -21,6 +21,10 @@ _REMADE = frozenset(("content-length", "transfer-encoding", "content-type", "cac
                      "connection", "keep-alive"))
 
 Fields = list[tuple[str, str]]
+#: statuses whose answer has no content: passed on with the endpoint's own fields (a
+#: 304's Content-Length is the length a 200 would have), none added
+BODILESS = frozenset((204, 304))
+_FRAMING = frozenset(("transfer-encoding", "connection", "keep-alive"))
 
 
 class InfoAnswer(NamedTuple):
@@ -31,6 +35,7 @@ class InfoAnswer(NamedTuple):
     status: int
     fields: Fields
     body: bytes
+    #: "" for a status in BODILESS: the fields are all there is, nothing is added
     content_type: str
 
 
@@ -42,6 +47,12 @@ def rewrite_info(code: int, fields: Fields, body: bytes, base_url: str,
     answer, passed on as it is; a 200 that is not a JSON object is a broken endpoint
     (502).
     """
+    if code in BODILESS:
+        # RFC 9110 8.6: no Content-Length on a 204, and a 304's is the 200's
+        return InfoAnswer(code, [(name, value) for name, value in fields
+                                 if name.lower() not in _FRAMING and
+                                 not (code == 204 and name.lower() == "content-length")],
+                          b"", "")
     kept = [(name, value) for name, value in fields if name.lower() not in _REMADE]
     content_type = next((value for name, value in fields if name.lower() == "content-type"),
                         JSON if code == 200 else TEXT)

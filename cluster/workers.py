@@ -41,7 +41,7 @@ import gevent.event
 import gevent.select
 
 from cluster.config import Settings, host_port, to_environment
-from cluster.conn import IDLE, LINGER
+from cluster.conn import HEAD, IDLE, LINGER
 
 if TYPE_CHECKING:
     from cluster.door import Door
@@ -352,8 +352,10 @@ def close_idle_connections(door: Door, done: gevent.event.Event,
     while True:
         now = time.monotonic()
         for conn in list(door.sweeper.conns):
-            if conn.phase == LINGER or (conn.phase == IDLE and not conn.buf
-                                        and now - conn.idle_since >= quiet):
+            if conn.phase == LINGER or (not conn.buf and now - conn.idle_since >= quiet and (
+                    conn.phase == IDLE or (conn.phase == HEAD and not conn.requests))):
+                # (HEAD with nothing read: a connection opened and never used, as a
+                # browser's preconnect; it held a stop for --header-timeout)
                 conn.close()
         if done.wait(interval):
             return

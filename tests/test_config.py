@@ -362,3 +362,36 @@ def test_status_of_a_store_that_does_not_exist_says_so_and_creates_nothing(tmp_p
     else:
         assert "no live endpoints" in result.stdout
     assert not (tmp_path / "typo").exists()
+
+
+def test_library_keywords_none_is_the_default_and_numbers_are_checked():
+    """cluster.wrap(cookie_samesite=None) and =1 reached the request path unchecked and
+    failed there with a traceback: None now means "not given", other values are
+    checked as their text would be."""
+    s = Settings.load(args=[], env={}, cookie_samesite=None, placement=None, ping_interval=2)
+    assert (s.cookie_samesite, s.placement, s.ping_interval) == ("lax", "load", 2.0)
+    with pytest.raises(ConfigError, match="--cookie-samesite"):
+        Settings.load(args=[], env={}, cookie_samesite=1)
+    with pytest.raises(ConfigError, match="--ping-interval"):
+        Settings.load(args=[], env={}, ping_interval=-1)
+
+
+def test_status_watch_into_a_reader_that_leaves_ends_without_a_traceback(tmp_path):
+    """`cluster status --watch | head -1`: the pipe closes after one line, and the next
+    redraw raised BrokenPipeError with a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
+    env["CLUSTER_DISCOVERY_URL"] = f"sqlite://{tmp_path / 'd.sqlite3'}"
+    watch = subprocess.Popen([sys.executable, "-m", "cluster", "status", "--watch"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        assert watch.stdout is not None and watch.stdout.readline()
+        watch.stdout.close()  # as head does after its line
+        assert watch.wait(15) == 141
+        assert watch.stderr is not None and watch.stderr.read() == b""
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        for stream in (watch.stdout, watch.stderr):
+            if stream is not None:
+                stream.close()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
+import socket
 from typing import Iterator
 
 import pytest
@@ -22,6 +24,7 @@ import requests
 from helpers import (
     Proc,
     cluster_argv,
+    read_until_close,
     start_instance,
     start_library_app,
     start_reporting,
@@ -114,6 +117,15 @@ def test_info_through_door_and_library_answers_as_the_sockjs_server(sqlite_url):
                 {k: v for k, v in raw.items() if k != "entropy"}
             assert re.fullmatch(rf"http://127\.0\.0\.1:\d+/cluster-ddp/{sha1(server)}/web",
                                 info["base_url"]), info
+        # HTTP/1.0 may send no Host: the address the request came in on stands for it
+        # (the door handed out "http:///cluster-ddp/...")
+        door = balancers[0]
+        with socket.create_connection(("127.0.0.1", int(door.rsplit(":", 1)[1])),
+                                      timeout=10) as sock:
+            sock.sendall(b"GET /sockjs/info HTTP/1.0\r\n\r\n")
+            data, _ = read_until_close(sock, 10)
+        info = json.loads(data.partition(b"\r\n\r\n")[2])
+        assert info["base_url"].startswith(f"{door}/cluster-ddp/{sha1(server)}/"), info
 
 
 @pytest.mark.parametrize("mode", ["door", "library"])
@@ -134,6 +146,12 @@ def test_info_of_the_local_app_keeps_its_fields(mode, sqlite_url):
         assert answer.headers["Access-Control-Allow-Credentials"] == "true"
         assert answer.headers["X-Served-By"] == "solo"
         assert answer.json()["base_url"].endswith("/web")
+        # a bodiless answer passes with its own fields and nothing added (RFC 9110 8.6)
+        cached = requests.get(base + "/sockjs/info", timeout=10,
+                              headers={"Origin": ORIGIN, "If-None-Match": '"info"'})
+        assert (cached.status_code, cached.headers.get("ETag")) == (304, '"info"')
+        assert "Content-Type" not in cached.headers, cached.headers
+        assert "Content-Length" not in cached.headers, cached.headers
         preflight = ask(base, "OPTIONS")
         assert preflight.status_code == 204
         assert preflight.headers["Access-Control-Allow-Methods"] == "OPTIONS, GET"

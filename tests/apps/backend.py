@@ -69,6 +69,10 @@ def app(environ, start_response):
             return [b""]
         if environ["REQUEST_METHOD"] != "GET":
             return reply("", "405 Method Not Allowed", extra=[("Allow", "OPTIONS, GET")])
+        if environ.get("HTTP_IF_NONE_MATCH") == '"info"':  # not sockjs's: a bodiless answer
+            start_response("304 Not Modified", [*cors, ("ETag", '"info"'),
+                                                ("X-Served-By", NAME)])
+            return [b""]
         return reply(json.dumps({"websocket": True, "cookie_needed": False,
                                  "origins": ["*:*"], "entropy": 42, "server": NAME}),
                      ctype="application/json; charset=UTF-8", extra=cors)
