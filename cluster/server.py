@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import ipaddress
 import logging
 import os
 import signal
@@ -165,6 +166,25 @@ def raise_descriptor_limit() -> None:
         pass
 
 
+def lone_balancer_warning(settings: Settings, has_local_app: bool) -> str:
+    """What to warn a balancer-only instance, reachable from other hosts, that runs
+    without --secret ("" if nothing): it registers nothing, so no endpoint elsewhere
+    takes it for a member by its address, and its hop marker is ignored there."""
+    if has_local_app or settings.secret or _loopback(settings.bind_address[0]):
+        return ""
+    return ("a balancer-only instance without --secret: it registers nothing, so "
+            "endpoints on other hosts do not take its hop marker (they route its "
+            "requests again, and sessions do not stick); set --secret on every instance, "
+            "or add this host to their --trusted-proxies")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def reopen_logs(observer: Any) -> None:
     """SIGUSR1, as nginx and gunicorn take it: open --access-log-file again (its
     default action was to kill the process, record and all)."""
@@ -283,6 +303,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if observer is None:
         observer = observe.from_settings(settings)
     node = Cluster(settings, register=local_app is not None)
+    warning = lone_balancer_warning(settings, local_app is not None)
+    if warning:
+        log.warning("%s", warning)
     door = make_door(node, settings, local_app, observer)
     servers = [make_server(listener, door)]
     if shared is not None:

@@ -395,3 +395,21 @@ def test_status_watch_into_a_reader_that_leaves_ends_without_a_traceback(tmp_pat
         for stream in (watch.stdout, watch.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_a_balancer_only_instance_reachable_from_other_hosts_is_told_to_set_a_secret():
+    """Without --secret it is no member by address (it registers nothing): endpoints on
+    other hosts ignore its hop marker, route its requests again and set a second sticky
+    cookie (found on a bed of network namespaces)."""
+    from cluster.server import lone_balancer_warning
+
+    def warned(bind: str, has_app: bool = False, **more: str) -> bool:
+        return bool(lone_balancer_warning(
+            Settings.load(args=[], env={}, bind=bind, **more), has_app))
+
+    assert warned("0.0.0.0:8000") and warned("10.0.0.5:8000") and warned("[::]:8000")
+    assert "--secret" in lone_balancer_warning(
+        Settings.load(args=[], env={}, bind="0.0.0.0:8000"), False)
+    assert not warned("0.0.0.0:8000", secret="s" * 16)
+    assert not warned("0.0.0.0:8000", has_app=True)
+    assert not warned("127.0.0.1:8000") and not warned("[::1]:8000")
