@@ -259,6 +259,21 @@ def start_library_app(env: dict[str, str], *app: str,
         env=env, name=name)
 
 
+def start_balancers(store: str, ui_service: str, env: dict[str, str],
+                    procs: list[Proc]) -> tuple[int, int]:
+    """The two kinds of balancer for ``ui_service``: a balancer-only `cluster serve`
+    and a cluster.wrap() app of service ``lib``; both appended to ``procs`` (which the
+    caller stops), their ports returned (door, library)."""
+    door, door_port = start_serve("--ui-service", ui_service,
+                                  env={"CLUSTER_DISCOVERY_URL": store, **env}, name="door")
+    procs.append(door)
+    library, library_port = start_library_app({"CLUSTER_DISCOVERY_URL": store,
+                                               "CLUSTER_SERVICE": "lib",
+                                               "CLUSTER_UI_SERVICE": ui_service, **env})
+    procs.append(library)
+    return door_port, library_port
+
+
 def start_app(script: str, *args: str, env: dict[str, str] | None = None,
               name: str = "", timeout: float = 20.0) -> tuple[Proc, int]:
     """Start a test app of tests/apps (``backend.py``, ``ws_echo.py``...) on a port the

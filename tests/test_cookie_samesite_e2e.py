@@ -12,8 +12,8 @@ from __future__ import annotations
 import requests
 
 from helpers import (
+    start_balancers,
     start_instance,
-    start_library_app,
     start_serve,
     wait_until,
 )
@@ -41,14 +41,7 @@ def test_cookie_samesite_none_in_door_and_library_mode(sqlite_url):
         web, web_port = start_instance(sqlite_url, "web1", "--app-version", "1.0",
                                        env=none)
         procs.append(web)
-        door, door_port = start_serve("--ui-service", "web",
-                                      env={"CLUSTER_DISCOVERY_URL": sqlite_url, **none},
-                                      name="door")
-        procs.append(door)
-        lib, lib_port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
-                                           "CLUSTER_SERVICE": "lib",
-                                           "CLUSTER_UI_SERVICE": "web", **none})
-        procs.append(lib)
+        door_port, lib_port = start_balancers(sqlite_url, "web", none, procs)
         plain, plain_port = start_serve("--ui-service", "web",
                                         env={"CLUSTER_DISCOVERY_URL": sqlite_url, **COMMON},
                                         name="plain")

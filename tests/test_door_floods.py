@@ -29,7 +29,7 @@ from helpers import (
     start_serve,
     wait_until,
 )
-from test_door_limits import status_view, stop_clean
+from test_door_limits import status_view, stop_clean, wait_front_sees
 
 FOLLOW_UP = b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 QUICK = ("--ping-interval", "1", "--expiry-grace", "1")
@@ -62,9 +62,7 @@ def start_front(store: str, *args: str, wrapper: tuple[str, ...] = ()) -> tuple[
     proc, port = start_serve("--ui-service", "wsflood", *QUICK, *args, name="front",
                              env={"CLUSTER_DISCOVERY_URL": store}, wrapper=wrapper)
     try:
-        wait_until(lambda: any(e["service"] == "wsflood"
-                               for e in status_view(port)["endpoints"]),
-                   timeout=15, what="the front sees the member")
+        wait_front_sees(port, "wsflood")
     except BaseException:
         proc.stop()
         raise
@@ -330,9 +328,7 @@ def test_a_client_reset_in_the_middle_of_a_relayed_body_frees_both_connections(
     try:
         front, port = start_serve("--ui-service", "floodbody", *QUICK, name="bodyfront",
                                   env={"CLUSTER_DISCOVERY_URL": store})
-        wait_until(lambda: any(e["service"] == "floodbody"
-                               for e in status_view(port)["endpoints"]),
-                   timeout=15, what="the front sees the member")
+        wait_front_sees(port, "floodbody")
         baseline = descriptors(front)
         framing_line = (b"Transfer-Encoding: chunked\r\n\r\n4000\r\n" if framing == "chunked"
                         else b"Content-Length: 1000000\r\n\r\n")

@@ -73,6 +73,12 @@ def status_view(port: int) -> dict:
     return json.loads(responses[0].body)
 
 
+def wait_front_sees(port: int, service: str) -> None:
+    """Until the balancer on ``port`` has an endpoint of ``service`` in its table."""
+    wait_until(lambda: any(e["service"] == service for e in status_view(port)["endpoints"]),
+               timeout=15, what="the front sees the member")
+
+
 def stop_clean(proc: Proc) -> str:
     """Stop by PID; the door must still be alive and must never have logged a traceback."""
     alive = proc.poll() is None
@@ -112,9 +118,7 @@ def front(store: str) -> Iterator[Door]:
     try:
         proc, port = start_serve("--ui-service", "doorproxied", *LIMITS, *PATIENT,
                                  name="front", env={"CLUSTER_DISCOVERY_URL": store})
-        wait_until(lambda: any(e["service"] == "doorproxied"
-                               for e in status_view(port)["endpoints"]),
-                   timeout=15, what="the front sees the member")
+        wait_front_sees(port, "doorproxied")
         yield Door(proc, port, "member")
     finally:
         if proc is not None:
@@ -835,9 +839,7 @@ def test_an_app_that_breaks_pep_3333_gets_a_whole_500(store: str, path: str) -> 
     try:
         front, front_port = start_serve("--ui-service", "doorbuggy", *PATIENT, name="buggyfront",
                                         env={"CLUSTER_DISCOVERY_URL": store})
-        wait_until(lambda: any(e["service"] == "doorbuggy"
-                               for e in status_view(front_port)["endpoints"]),
-                   timeout=15, what="the front sees the member")
+        wait_front_sees(front_port, "doorbuggy")
         for port in (member_port, front_port):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: a\r\n"

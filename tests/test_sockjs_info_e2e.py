@@ -25,10 +25,10 @@ from helpers import (
     Proc,
     cluster_argv,
     read_until_close,
+    start_balancers,
     start_instance,
     start_library_app,
     start_reporting,
-    start_serve,
     wait_until,
 )
 from test_sockjs_e2e import NODE, SOCKJS, require_node_packages
@@ -82,14 +82,7 @@ def sockjs_behind_balancers(store: str) -> Iterator[tuple[str, list[str]]]:
                                        "--health-url", url + "/sockjs/info",
                                        "--ping-interval", "1"),
                           env={"CLUSTER_DISCOVERY_URL": store}, name="sidecar"))
-        door, door_port = start_serve("--ui-service", "web",
-                                      env={"CLUSTER_DISCOVERY_URL": store, **COMMON},
-                                      name="door")
-        procs.append(door)
-        library, library_port = start_library_app({"CLUSTER_DISCOVERY_URL": store,
-                                                   "CLUSTER_SERVICE": "lib",
-                                                   "CLUSTER_UI_SERVICE": "web", **COMMON})
-        procs.append(library)
+        door_port, library_port = start_balancers(store, "web", COMMON, procs)
         balancers = [f"http://127.0.0.1:{door_port}", f"http://127.0.0.1:{library_port}"]
         wait_until(lambda: all(table(b) == {url} for b in balancers), timeout=30,
                    what="both balancers see the SockJS server")
