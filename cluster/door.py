@@ -138,7 +138,7 @@ class Door:
         self.hop = HopMarker(s.secret, trusted)
         self.retries = s.retries
         #: the sticky cookies' attributes (--cookie-samesite)
-        self.cookie_attributes = cookie_attributes(getattr(s, "cookie_samesite", "lax"))
+        self.cookie_attributes = cookie_attributes(s.cookie_samesite)
         self.cap = s.connection_cap
         self.sweeper = Sweeper()
         self.active = 0
@@ -583,6 +583,12 @@ class Connection:
             head.forwarded_host.decode("latin-1") if head.forwarded_host else "",
             self.conn.peer, target)
 
+    def forwarded_believed(self) -> bool:
+        """May the local app see this request's forwarded fields? From a trusted proxy,
+        or from a member whose hop marker proved it (across hosts members are seldom
+        in each other's --trusted-proxies)."""
+        return self.request.hop or self.conn.peer in self.door.forwarding.trusted
+
     def local_address(self) -> str:
         """HOST:PORT this connection came in on: the Host of an HTTP/1.0 request that
         sent none (as a WSGI server's SERVER_NAME; a SockJS base_url was "http:///")."""
@@ -627,10 +633,14 @@ class Connection:
         # a WebSocket handshake answered here is refused (not a 101): the connection
         # ends, as for any refusal, since what follows its head may be frames
         keep = head.keep_alive and not close and not head.has_body and not head.is_websocket
-        data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
-                               close=not keep, extra=extra)
-        if head.method == b"HEAD":  # same head as a GET would get, without the body
-            data = data.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body), 1)
+        if not ctype:  # a 204 or 304 passed on (SockJS info): its own fields, none added
+            data = head_only_response(status, extra, close=not keep)
+        else:
+            data = simple_response(status, b"" if head.method == b"HEAD" else body, ctype,
+                                   close=not keep, extra=extra)
+            if head.method == b"HEAD":  # same head as a GET would get, without the body
+                data = data.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body),
+                                    1)
         self.conn.send(data)
         state.status = status
         state.sent += len(data)
@@ -738,7 +748,7 @@ class Connection:
                 door.observer.connection_closed()
 
             tunnel = Tunnel(conn.sock, upstream.sock, closed,
-                            getattr(door.settings, "write_timeout", 0.0))
+                            door.settings.write_timeout)
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
             door.open_websockets.add(tunnel)
@@ -751,7 +761,7 @@ class Connection:
             if door.stopping:
                 pumped.going_away()
             try:
-                pump(conn.sock, upstream.sock, getattr(door.settings, "write_timeout", 0.0))
+                pump(conn.sock, upstream.sock, door.settings.write_timeout)
             finally:
                 door.websockets -= 1
                 door.open_websockets.discard(pumped)
@@ -782,10 +792,7 @@ class Connection:
         load = door.load
         began = load.started()
         try:
-            # forwarded fields from a trusted proxy, or from a member whose hop marker
-            # proved it (across hosts members are seldom in each other's trusted list)
-            keep = handler.run(head, app, decision.path, self.request.hop or
-                               self.conn.peer in door.forwarding.trusted)
+            keep = handler.run(head, app, decision.path, self.forwarded_believed())
         finally:
             load.finished(began, handler.websocket_used)
         state.status = handler.code or 0
@@ -817,12 +824,6 @@ class Connection:
         answer = rewrite_info(code, fields, body, decision.base_url,
                               decision.endpoint.url if decision.endpoint else "local app")
         extra = tuple(f"{name}: {value}".encode("latin-1") for name, value in answer.fields)
-        if not answer.content_type:  # a 204 or 304: the endpoint's fields, nothing added
-            keep = head.keep_alive and not head.has_body
-            data = head_only_response(answer.status, extra, close=not keep)
-            self.conn.send(data)
-            state.status, state.sent, state.where = answer.status, len(data), "-"
-            return keep
         return self.reply(head, state, answer.status, answer.body,
                           answer.content_type.encode("latin-1"), extra=extra)
 
@@ -836,10 +837,8 @@ class Connection:
                    "wsgi.url_scheme": "http", "wsgi.input": _Empty(), "wsgi.errors": _Empty(),
                    "wsgi.multithread": False, "wsgi.multiprocess": False,
                    "wsgi.run_once": False, "REMOTE_ADDR": self.conn.peer}
-        # the fields the local app would see for any request (forwarded ones only from
-        # trusted proxies or proven members)
-        for name, value in _pairs_for_app(head, self.request.hop or
-                                          self.conn.peer in self.door.forwarding.trusted):
+        # the fields the local app would see for any request
+        for name, value in _pairs_for_app(head, self.forwarded_believed()):
             environ["HTTP_" + name.upper().replace("-", "_")] = value
         captured: dict[str, Any] = {}
 

@@ -24,6 +24,7 @@ import re
 import socket
 from typing import Any, Callable, Iterable, Iterator
 
+import gevent
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
@@ -397,10 +398,6 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
 def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
     """``sock.sendall`` that gives up after ``seconds`` with OSError, and shuts the
     socket so that what follows (a close frame) fails at once: the frame was cut."""
-    import socket
-
-    import gevent
-
     def write(data: bytes) -> None:
         try:
             with gevent.Timeout(seconds):
