@@ -5,10 +5,14 @@ Concurrent start-up must be handled, not retried past: the watcher's refresh int
 
 from __future__ import annotations
 
+import random
 import socket
 import time
+from pathlib import Path
 
 from helpers import Proc, cluster_argv, free_port, start_serve, status_json, wait_until
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 #: the watcher refreshes every ping/2 s: 2.5 s with the default ping interval of 5 s
 REFRESH = 2.5
@@ -18,11 +22,18 @@ def consecutive_free_ports(count: int) -> int:
     """The first of ``count`` consecutive ports that were free a moment ago.
 
     `cluster demo --bind HOST:PORT` needs PORT and the next two, which no port file
-    can give: so this one test picks ports and hopes (another process may take one
-    before the demo binds it; the demo then exits at once, "cannot listen on ...").
+    can give: so this one test picks ports and hopes. They are picked below the
+    kernel's ephemeral range, which every ``bind(port 0)`` and outgoing connection of
+    the other tests (and of the demo's own pip install) draws from; a pick inside it was
+    taken before the demo bound it ("cannot listen on ...: Address already in use")
+    when other tests ran beside this one.
     """
+    first_ephemeral = int(EPHEMERAL_RANGE.read_text().split()[0])
     for _ in range(50):
-        first = free_port()  # picked, then closed: the demo needs three in a row
+        if first_ephemeral - count > 10_000:
+            first = random.randrange(10_000, first_ephemeral - count)
+        else:
+            first = free_port()  # no room below the range: picked, then closed
         sockets = []
         try:
             for port in range(first, first + count):
