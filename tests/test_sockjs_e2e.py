@@ -52,7 +52,7 @@ SOCKJS = ROOT / "tests" / "sockjs"
 NODE = shutil.which("node") or "node"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 COMMON = ["--ping-interval", "1", "--expiry-grace", "1"]
-MESSAGES = 200
+MESSAGES = 60
 #: generous guards so a broken build fails instead of hanging; not timing assertions
 PATIENCE = 30.0
 
