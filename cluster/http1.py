@@ -495,14 +495,19 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
                   low: bytes) -> ResponseHead:
     """parse_response_head for any valid field block (``low``: it in lower case)."""
     length = -1
+    cut: list[tuple[int, int]] = []
     at = low.find(b"\r\ncontent-length:")
     while at >= 0:
         value, end = _field_value(block, low, at)
         if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
             raise ValueError(f"bad Content-Length {value[:40]!r}")
+        if length >= 0:
+            # The same length again (RFC 9110 8.6 lets a recipient take it as one):
+            # passed on once, as strict parsers (Node's llhttp: "Duplicate
+            # Content-Length") refuse the whole answer otherwise.
+            cut.append((at, end))
         length = int(value)
         at = low.find(b"\r\ncontent-length:", end)
-    cut: list[tuple[int, int]] = []
     connection: list[bytes] = []
     at = low.find(b"\r\nconnection:")
     while at >= 0:

@@ -17,8 +17,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -551,6 +553,8 @@ SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/switch": lambda c: c.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
     "/bare-lf": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\nContent-Length: 6\nX-A: 1\n\nab\r\n\r\n"),
+    "/length-same-twice": lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 02\r\n\r\nok"),
 }
 
 
@@ -735,6 +739,8 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"Content-Length: 2\r\n\r\nok"),
     "/interim": _answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
                         b"Link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    "/length-same-twice": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n"
+                                  b"content-length: 02\r\n\r\nok"),
     "/named-length": _answer(b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Named\r\n"
                              b"X-Named: 1\r\nContent-Length: 5\r\n\r\nhello"),
     "/bare-lf": _answer(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nok"),
@@ -992,6 +998,43 @@ def test_what_an_endpoint_sends_is_passed_on_as_it_should(scripted_door) -> None
                             "Sec-WebSocket-Version: 13"))
         assert client.head()[0] == "HTTP/1.1 101 Switching Protocols"
         assert client.until_close() == b"\x81\x05hello"
+
+
+NODE_GET = """
+require('http').get(process.argv[1], res => {
+  let body = '';
+  res.on('data', d => { body += d; });
+  res.on('end', () => console.log(JSON.stringify({status: res.statusCode, body})));
+}).on('error', e => console.log(JSON.stringify({error: e.message})));
+"""
+
+
+def test_a_content_length_sent_twice_alike_is_passed_on_once(scripted_door,
+                                                             scripted) -> None:
+    """Two Content-Length lines with the same value are one length (RFC 9110 8.6), and
+    passed on as one: with both, Node's http client (llhttp) refused the whole answer
+    ("Duplicate Content-Length"), so a Node service behind the balancer failed on an
+    answer curl and requests read. Behind the door and the WSGI adapter alike; the
+    door's client connection then carries another request."""
+    _, port, _ = scripted_door
+    with raw(port) as client:
+        client.send(request("GET", "/length-same-twice"))
+        status, headers = client.head()
+        assert (status, header(headers, "Content-Length")) == ("HTTP/1.1 200 OK", ["2"])
+        assert (client.exactly(2), header(headers, "X-A")) == (b"ok", ["1"])
+        client.send(request("GET", "/next"))
+        status, headers = client.head()
+        assert (status, read_body(client, headers)) == ("HTTP/1.1 200 OK", b"next")
+    with raw(int(scripted[2].rsplit(":", 1)[1])) as client:
+        client.send(request("GET", "/length-same-twice"))
+        status, headers = client.head()
+        assert (status, header(headers, "Content-Length")) == ("HTTP/1.1 200 OK", ["2"])
+        assert client.exactly(2) == b"ok"
+    if not shutil.which("node"):
+        pytest.fail("node is missing: scripts/run-tests installs it")
+    done = subprocess.run(["node", "-e", NODE_GET, f"http://127.0.0.1:{port}/length-same-twice"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert json.loads(done.stdout) == {"status": 200, "body": "ok"}, done.stdout + done.stderr
 
 
 # --- large transfers and memory ------------------------------------------------------
