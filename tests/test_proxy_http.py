@@ -696,6 +696,14 @@ def _huge_head(conn: socket.socket) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 500_000)  # 4 MB
 
 
+def _info_cut(conn: socket.socket) -> None:
+    """A SockJS info answer reset in the middle of its body."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"websocket\": true")
+    time.sleep(0.1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/switch-kept": _switch_and_wait,
     "/closed": lambda c: None,  # the request read, the connection closed unanswered
@@ -725,6 +733,7 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/chunk-overflow": _answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                b"ffffffffffffffff1\r\nabc\r\n0\r\n\r\n"),
     "/huge-head": _huge_head,
+    "/sockjs/info": _info_cut,
     "/many-fields": _answer(b"HTTP/1.1 200 OK\r\n" + b"".join(
         b"X-F%d: v\r\n" % i for i in range(3000)) + b"Content-Length: 2\r\n\r\nok"),
     "/endless-interim": _endless_interim,
@@ -812,6 +821,25 @@ def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> 
     assert time.monotonic() - started < 1.5
     assert rss_kib(proc.pid) - before < 4096
     assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
+
+
+def test_a_sockjs_info_answer_cut_short_is_a_502(scripted_door) -> None:
+    """The balancer reads an endpoint's SockJS info whole before it answers (it rewrites
+    ``base_url``): an endpoint that resets in the middle of that body has sent the
+    client nothing yet, so the client gets a 502, as from cluster.wrap(). It got its
+    connection closed without a byte, which sockjs-client and curl report as a network
+    failure, not as the endpoint's."""
+    proc, port, upstream = scripted_door
+    line = f"GET /sockjs/info: {upstream.url}: response body cut"
+    before = proc.output().count(line)
+    with raw(port) as client:
+        client.send(request("GET", "/sockjs/info"))
+        status, headers = client.head()
+        assert status == "HTTP/1.1 502 Bad Gateway"
+        assert read_body(client, headers).startswith(b"upstream response body cut")
+    assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
+    wait_until(lambda: proc.output().count(line) > before, what="the warning")
+    assert proc.output().count(line) == before + 1
 
 
 @pytest.mark.parametrize("method, upgrade", [("GET", "h2c"), ("POST", "websocket")])

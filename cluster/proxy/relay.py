@@ -751,7 +751,9 @@ def _from_client(read: Callable[..., Any], *args: Any) -> Any:
 
 def read_small_body(exchange: Exchange, limit: int) -> bytes:
     """The whole body of the answer in ``exchange`` (for SockJS info), at most ``limit``
-    bytes; the endpoint connection is closed afterwards. Raises UpstreamBroken."""
+    bytes; the endpoint connection is closed afterwards. Raises UpstreamBroken, or
+    UpstreamTimeout for a silence past the read timeout (never ``answered``: nothing of
+    this answer has been sent when it fails)."""
     response = exchange.response
     conn = exchange.upstream
     assert response is not None and conn is not None
@@ -790,6 +792,12 @@ def read_small_body(exchange: Exchange, limit: int) -> bytes:
         return buf[:want] if mode == FIXED else buf
     except ChunkError as exc:
         raise UpstreamBroken(exchange.url, f"garbled chunked answer: {exc}") from None
+    except UpstreamError as exc:
+        # A read that failed says "answered" (its bytes would have gone on as they
+        # came), but this body is read whole before anything is sent: the client is
+        # still owed an answer, a 502 or 504, not a connection closed on it unanswered.
+        exc.answered = False
+        raise
     finally:
         conn.close()
         exchange.client.upstream = None
