@@ -565,6 +565,13 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
                         upgrade)
 
 
+def plain_chunked(transfer: bytes) -> bool:
+    """True for a Transfer-Encoding value that is one ``chunked`` and nothing else: the
+    only coding a proxy that does not pass on its client's TE was asked for (RFC 9110
+    10.1.4)."""
+    return transfer.lower() == b"chunked" or _tokens(transfer) == [b"chunked"]
+
+
 def without_field(fields: bytes, name: bytes) -> bytes:
     """``fields`` (a block of CRLF-led lines) without the lines of field ``name``."""
     lname = name.lower()

@@ -66,6 +66,7 @@ from cluster.http1 import (
     find_response_head,
     head_from_environ,
     parse_response_head,
+    plain_chunked,
     response_framing,
 )
 from cluster.proxy.relay import Forwarding, open_after_stale, request_head
@@ -370,8 +371,11 @@ class HttpForwarder:
                 raise misbehaving(UpstreamBroken(
                     url, f"more than {MAX_INTERIM} interim (1xx) answers"))
         mode, length = response_framing(method.encode("latin-1"), head)
-        if head.transfer and not head.chunked:
-            raise UpstreamBroken(url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}")
+        if head.transfer and not plain_chunked(head.transfer):
+            # Only chunked was asked for: 'gzip, chunked' de-chunked and passed on would
+            # give the client gzip bytes as the content, unmarked (a 502, as at the door).
+            raise misbehaving(UpstreamBroken(
+                url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}"))
         headers = head.field_pairs()
         if (mode == CHUNKED or mode == NO_BODY) and head.length >= 0 and method != "HEAD":
             # pywsgi refuses a non-zero Content-Length on 204/304; with chunked framing

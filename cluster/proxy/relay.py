@@ -73,6 +73,7 @@ from cluster.http1 import (
     crlf_head,
     find_response_head,
     parse_response_head,
+    plain_chunked,
     response_framing,
     without_field,
 )
@@ -362,8 +363,7 @@ class Exchange:
                     self.url, f"more than {MAX_INTERIM} interim (1xx) answers"))
             client.expect(UPSTREAM, self.pool.read_timeout)
             buf = buf[end + sep:]
-        if response.transfer and response.transfer.lower() != b"chunked" and \
-                _codings(response.transfer) != [b"chunked"]:
+        if response.transfer and not plain_chunked(response.transfer):
             # Only chunked is asked for (the client's TE is not passed on, RFC 9110
             # 10.1.4): gzip data passed as content, or a coding clients cannot read
             # (http.client, h11 know only chunked), is worse than a 502 (as nginx).
@@ -676,11 +676,6 @@ def _bare_lf_head(url: str, buf: bytes, end: int, sep: int,
         except ValueError as exc:
             error = exc
     raise misbehaving(UpstreamBroken(url, f"malformed response head: {error}")) from None
-
-
-def _codings(transfer: bytes) -> list[bytes]:
-    """The transfer codings of a Transfer-Encoding value, lower-case, in order."""
-    return [t.strip(b" \t").lower() for t in transfer.split(b",") if t.strip(b" \t")]
 
 
 def _ready(conn: Connection, size: int) -> bytes:
