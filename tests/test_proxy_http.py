@@ -827,6 +827,28 @@ def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> 
     assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
 
 
+def test_a_wrong_answer_with_no_other_endpoint_is_one_line_and_no_retry(scripted_door
+                                                                        ) -> None:
+    """A GET whose only endpoint answered wrongly may go to another endpoint, but there
+    is none: the log says what went wrong once, and no retry is counted. It also said
+    "...; trying another endpoint" (untrue) and counted a retry in
+    cluster_retries_total that never happened."""
+    proc, port, upstream = scripted_door
+    start = len(proc.output())
+    resp = requests.get(f"http://127.0.0.1:{port}/status-abc", timeout=10)
+    assert resp.status_code == 502
+    assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
+    lines = wait_until(lambda: [line for line in proc.output()[start:].splitlines()
+                                if upstream.url in line], what="the warning")
+    time.sleep(0.2)  # a second line would be there by now
+    lines = [line for line in proc.output()[start:].splitlines() if upstream.url in line]
+    assert len(lines) == 1 and "GET /status-abc: " in lines[0], lines
+    assert "trying another endpoint" not in lines[0]
+    metrics = requests.get(f"http://127.0.0.1:{port}/_cluster/metrics", timeout=10).text
+    assert not [line for line in metrics.splitlines()
+                if line.startswith("cluster_retries_total{") and upstream.url in line]
+
+
 def test_a_sockjs_info_answer_cut_short_is_a_502(scripted_door) -> None:
     """The balancer reads an endpoint's SockJS info whole before it answers (it rewrites
     ``base_url``): an endpoint that resets in the middle of that body has sent the
