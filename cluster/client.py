@@ -20,8 +20,9 @@ from typing import Any
 import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ConnectTimeout
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError
+from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError, UpstreamError
 from cluster.node import Cluster
 from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
@@ -33,12 +34,19 @@ class NoEndpoint(ClusterError):
     """No live endpoint of the service is known (after trying those that were)."""
 
 
+def _reason(exc: RequestsConnectionError) -> Any:
+    """What urllib3 says went wrong under a requests ConnectionError (None: unknown)."""
+    return getattr(exc.args[0], "reason", None) if exc.args else None
+
+
 def _never_connected(exc: RequestsConnectionError) -> bool:
-    """True when the request never reached the endpoint (refused, or connect timeout)."""
+    """True when the request never reached the endpoint: refused, a connect timeout, or
+    a host name that does not resolve (urllib3 2's NameResolutionError, a subclass of
+    NewConnectionError: matched by its name alone, a POST to such an endpoint failed
+    instead of moving to another one)."""
     if isinstance(exc, ConnectTimeout):
         return True
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError")
+    return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
 
 
 class ServiceClient(requests.Session):
@@ -87,34 +95,51 @@ class ServiceClient(requests.Session):
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
 
-        def send(endpoint: Endpoint) -> requests.Response:
+        def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
+            # None left is a decision too: after an endpoint that was reached and broke
+            # off, the attempt loop raises that failure, not a "no live endpoint" the
+            # caller would take for an empty table
+            try:
+                return self._endpoint(exclude)
+            except NoEndpoint as exc:
+                return exc
+
+        def send(endpoint: Endpoint | NoEndpoint) -> requests.Response:
+            if isinstance(endpoint, NoEndpoint):
+                raise endpoint
             try:
                 return super(ServiceClient, self).request(
                     method, endpoint.url + "/" + target.lstrip("/"), *args, **kwargs)
             except RequestsConnectionError as exc:
                 error: UpstreamConnectError | UpstreamBroken
+                reason = _reason(exc)
+                what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
                 if _never_connected(exc):
-                    error = UpstreamConnectError(endpoint.url, exc.__class__.__name__)
+                    error = UpstreamConnectError(endpoint.url, what)
                 else:
-                    error = UpstreamBroken(endpoint.url, exc.__class__.__name__)
+                    error = UpstreamBroken(endpoint.url, what)
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
-            return attempt(self._endpoint, send, endpoint_of=lambda e: e, node=self.node,
+            return attempt(pick, send, endpoint_of=_endpoint_of, node=self.node,
                            retries=self.attempts - 1,
                            may_replay=replayable(method.upper(), has_body),
-                           on_retry=self._moved)
+                           on_retry=self._moved,
+                           gave_up=lambda decision: isinstance(decision, NoEndpoint))
         except (UpstreamConnectError, UpstreamBroken) as exc:
             if isinstance(exc.__cause__, RequestsConnectionError):
                 raise exc.__cause__ from None
             raise
 
-    def _moved(self, endpoint: Endpoint, exc: Exception) -> None:
-        """The attempt loop moves on: a broken (not refused) endpoint is dropped too."""
+    def _moved(self, endpoint: Endpoint, exc: UpstreamError) -> None:
+        """The attempt loop moves on (and said so): a broken (not refused) endpoint is
+        dropped too."""
         if not isinstance(exc, UpstreamConnectError):
-            self.node.eject(endpoint)
-        log.warning("%s: %s failed (%s), trying another endpoint", self.service,
-                    endpoint.url, exc)
+            self.node.eject(endpoint, reason=exc.reason)
+
+
+def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:
+    return None if isinstance(decision, NoEndpoint) else decision
 
 
 _NODES: dict[str | None, Cluster] = {}
