@@ -8,6 +8,11 @@ request can safely be sent again, sends it there, so callers see no error for an
 endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
 (cluster.proxy.attempts): a request that never reached the endpoint always moves; one
 that did only when it is a bodiless GET, HEAD or OPTIONS.
+
+A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to connect
+and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
+own default is none: a connect to a host that is gone, whose record has not expired
+yet, waited for the kernel to give up, about two minutes, before moving on).
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ class ServiceClient(requests.Session):
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
+        if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
+            settings = self.node.settings
+            kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
 
         def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
             # None left is a decision too: after an endpoint that was reached and broke

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import time
 from typing import Iterator
 
 import pytest
@@ -26,9 +27,10 @@ TIMEOUT = 20
 
 
 @contextlib.contextmanager
-def records(store: str, service: str, *urls: str) -> Iterator[Cluster]:
-    """A sidecar per URL keeping its record of ``service``, and an observing node that
-    sees them all (closed, and the sidecars stopped by PID, at the end)."""
+def records(store: str, service: str, *urls: str, **settings: float) -> Iterator[Cluster]:
+    """A sidecar per URL keeping its record of ``service``, and an observing node (with
+    ``settings``) that sees them all (closed, and the sidecars stopped by PID, at the
+    end)."""
     sidecars: list[Proc] = []
     node = None
     try:
@@ -36,7 +38,7 @@ def records(store: str, service: str, *urls: str) -> Iterator[Cluster]:
             sidecars.append(Proc(cluster_argv("register", "--service", service,
                                               "--endpoint-url", url, "--ping-interval", "1"),
                                  env={"CLUSTER_DISCOVERY_URL": store}, name="sidecar"))
-        node = Cluster(Settings(discovery_url=store, ping_interval=1.0),
+        node = Cluster(Settings(discovery_url=store, ping_interval=1.0, **settings),
                        register=False).start()
         wait_until(lambda: {e.url for e in node.endpoints(service)} == set(urls),
                    timeout=TIMEOUT, what="the records")
@@ -63,6 +65,39 @@ def test_an_endpoint_whose_name_does_not_resolve_is_passed_over(sqlite_url) -> N
                 resp = client.post("/echo", data=b"once", timeout=TIMEOUT)
                 assert (resp.status_code, resp.content) == (200, b"once")
                 assert client.base_url == f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def never_accepting() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect hangs (as to a host that went away without a
+    word): a listener whose queue is full and never accepted from, so the kernel drops
+    every further SYN. Closed at the end of the block."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):  # fills it
+            yield port
+
+
+def test_a_call_without_a_timeout_moves_on_after_the_connect_timeout(sqlite_url) -> None:
+    """A request given no timeout gets the cluster's connect timeout: an endpoint that
+    does not accept (its host gone, its record not yet expired) is left for another one
+    after --connect-timeout, as the README says of every attempt. With requests' default
+    (none) the call waited about two minutes for the kernel to give up the connect."""
+    server, port = start_backend("b1")
+    try:
+        with never_accepting() as silent, records(
+                sqlite_url, "search", f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{silent}", connect_timeout=1.0) as node:
+            for _ in range(4):  # each new client picks its first endpoint at random
+                client = discover("search", node=node)
+                started = time.monotonic()
+                resp = client.get("/whoami")
+                assert (resp.status_code, resp.text) == (200, "b1")
+                assert time.monotonic() - started < 5
     finally:
         server.stop()
 
