@@ -359,7 +359,15 @@ class HttpForwarder:
             try:
                 head = parse_response_head(raw)
             except ValueError as exc:
-                raise misbehaving(UpstreamBroken(url, str(exc))) from None
+                # a CRLF head with a bare LF among its lines (RFC 9112 2.2), or no head
+                error = misbehaving(UpstreamBroken(url, str(exc)))
+                fixed = crlf_head(raw)
+                if fixed == raw:
+                    raise error from None
+                try:
+                    head = parse_response_head(fixed)
+                except ValueError:
+                    raise error from None
             buf = buf[end + sep:]
             if head.code >= 200:
                 break

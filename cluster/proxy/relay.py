@@ -336,8 +336,8 @@ class Exchange:
                     raise UpstreamBroken(self.url, "closed the connection before answering")
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
-                if end < 0 and b"\n\n" in buf:  # a head whose lines end in bare LF
-                    end, sep = find_response_head(buf)
+                if end < 0 and (b"\n\n" in buf or b"\n\r\n" in buf):
+                    end, sep = find_response_head(buf)  # lines that end in bare LF
             if end > MAX_RESPONSE_HEAD:
                 raise misbehaving(UpstreamBroken(self.url,
                                                  "response head larger than 64 KiB"))
@@ -665,11 +665,12 @@ def _bare_lf_head(url: str, buf: bytes, end: int, sep: int,
                   error: ValueError) -> tuple[bytes, ResponseHead, int, int]:
     """(head, its parse, end, blank line length) for a head in ``buf`` that failed to
     parse as the one ending at ``end``: one whose lines end in bare LF may end before a
-    CRLF CRLF in its body (RFC 9112 2.2 lets a recipient accept bare LF; the forwarder
-    does too). Looked for only after a failure, so a usual head costs nothing more.
-    Raises the misbehaving UpstreamBroken for ``error`` when it is not such a head."""
+    CRLF CRLF in its body, or end there with a bare LF among its other lines (RFC 9112
+    2.2 lets a recipient accept bare LF; the forwarder does too). Looked for only after
+    a failure, so a usual head costs nothing more. Raises the misbehaving UpstreamBroken
+    for ``error`` when it is not such a head."""
     bare, bare_sep = find_response_head(buf) if sep == 4 else (-1, 0)
-    if 0 <= bare < end:
+    if 0 <= bare <= end:
         raw = crlf_head(buf[:bare])
         try:
             return raw, parse_response_head(raw), bare, bare_sep
