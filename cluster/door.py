@@ -58,7 +58,7 @@ from cluster.conn import (
     Sweeper,
 )
 from cluster.cookies import cookie_attributes, set_cookie
-from cluster.errors import RequestError, UpstreamError
+from cluster.errors import ClientLeft, RequestError, UpstreamError
 from cluster.handler import (
     _NO_ACCESS_LOG,
     ClusterHandler,
@@ -508,6 +508,10 @@ class Connection:
                                on_retry=self.retried, first=(decision, first),
                                gave_up=_no_endpoint_left)
         except UpstreamError as exc:
+            if isinstance(exc, ClientLeft):  # not the endpoint's fault, nobody to answer
+                log.info("%s %s: %s", head.method.decode("latin-1"),
+                         head.target[:200].decode("latin-1"), exc)
+                return False
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
             if exc.answered or state.sent:

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -788,19 +789,20 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def scripted_door(tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[tuple[Proc, int, ScriptedUpstream]]:
-    """A balancer-only `cluster serve` whose one endpoint is a ScriptedUpstream (put in
-    its store by a `cluster register` sidecar), with a read timeout of 2 s."""
-    upstream = ScriptedUpstream(DOOR_SCRIPTS)
-    env = {"CLUSTER_DISCOVERY_URL":
-           f"sqlite://{tmp_path_factory.mktemp('scripted') / 'discovery.sqlite3'}"}
+@contextlib.contextmanager
+def scripted_balancer(scripts: dict[str, Callable[[socket.socket], bool | None]],
+                      folder: Path, *extra: str
+                      ) -> Iterator[tuple[Proc, int, ScriptedUpstream]]:
+    """A balancer-only `cluster serve` (with ``extra`` settings) whose one endpoint is a
+    ScriptedUpstream of ``scripts`` (put in its store in ``folder`` by a `cluster
+    register` sidecar); no traceback in its log when it stops."""
+    upstream = ScriptedUpstream(scripts)
+    env = {"CLUSTER_DISCOVERY_URL": f"sqlite://{folder / 'discovery.sqlite3'}"}
     try:
         with running(cluster_argv("register", "--service", "web", "--endpoint-url",
                                   upstream.url, "--ping-interval", "1"), env=env):
             proc, port = start_serve("--ui-service", "web", "--ping-interval", "1",
-                                     "--read-timeout", "2", env=env, name="balancer")
+                                     *extra, env=env, name="balancer")
             try:
                 wait_until(lambda: get(f"http://127.0.0.1:{port}/_cluster/status")
                            .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
@@ -810,6 +812,15 @@ def scripted_door(tmp_path_factory: pytest.TempPathFactory
             assert "Traceback" not in proc.output()
     finally:
         upstream.close()
+
+
+@pytest.fixture(scope="module")
+def scripted_door(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[Proc, int, ScriptedUpstream]]:
+    """:func:`scripted_balancer` with DOOR_SCRIPTS and a read timeout of 2 s."""
+    with scripted_balancer(DOOR_SCRIPTS, tmp_path_factory.mktemp("scripted"),
+                           "--read-timeout", "2") as door:
+        yield door
 
 
 @pytest.mark.parametrize("path", [
@@ -980,6 +991,41 @@ def test_an_early_answer_ends_the_client_connection(scripted_door, chunked: bool
             rest = client.until_close()
     assert rest == b""
     assert [path for _, path in upstream.seen[before:]] == ["/early"]
+
+
+def test_a_client_that_gives_up_frees_the_endpoint_at_once(tmp_path: Path) -> None:
+    """A client that closes its connection while the balancer waits for the endpoint
+    (it gave up: a timeout of its own, a user leaving the page) has the endpoint
+    connection closed too, within a second or so, as nginx does (its 499): the request
+    is neither answered, nor replayed on another endpoint, nor blamed on the endpoint in
+    the log. Both connections used to be held until the read timeout (5 minutes by
+    default), so a client that gave up and retried stacked request after request on an
+    endpoint that was stuck."""
+    closed: list[float] = []
+
+    def hold(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        closed.append(time.monotonic())
+
+    scripts = {"/hold": hold, "/next": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n"
+                                               b"\r\nnext")}
+    with scripted_balancer(scripts, tmp_path, "--read-timeout", "60") as (proc, port,
+                                                                          upstream):
+        url = f"http://127.0.0.1:{port}"
+        for round_, method in enumerate(("GET", "POST"), 1):
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.request(method, f"{url}/hold", data=b"x" if method == "POST"
+                                 else None, timeout=0.5)
+            gave_up = time.monotonic()
+            wait_until(lambda n=round_: len(closed) == n, timeout=TIMEOUT,
+                       what="the endpoint connection closed")
+            assert closed[-1] - gave_up < 3
+        assert [path for _, path in upstream.seen] == ["/hold", "/hold"]
+        assert requests.get(f"{url}/next", timeout=TIMEOUT).text == "next"
+        assert upstream.url not in "".join(line for line in proc.output().splitlines()
+                                           if "WARNING" in line)
 
 
 def test_a_response_head_trickled_in_is_bounded_by_the_read_timeout(scripted_door) -> None:

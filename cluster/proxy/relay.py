@@ -52,6 +52,7 @@ from gevent import sleep
 
 from cluster.conn import BODY, NONE, UPSTREAM, WRITE, ClientConn
 from cluster.errors import (
+    ClientLeft,
     RequestError,
     UpstreamBroken,
     UpstreamConnectError,
@@ -253,6 +254,9 @@ class Exchange:
                 client.phase = NONE
 
     def _error(self, exc: BaseException, doing: str) -> UpstreamError:
+        if self.client.gone:
+            return ClientLeft(self.url, f"client {self.client.peer} closed its connection "
+                                        f"({doing})")
         if self.client.timed_out:
             return UpstreamTimeout(self.url, f"no answer within the read timeout ({doing})")
         return UpstreamBroken(self.url, f"{doing}: {exc}")
@@ -327,7 +331,8 @@ class Exchange:
                 try:
                     data = reader.recv(size)
                 except OSError as exc:
-                    if not buf and conn.reused and not client.timed_out:
+                    if not buf and conn.reused and not client.timed_out and \
+                            not client.gone:
                         raise _Stale() from None
                     raise self._error(exc, "reading the response head") from None
                 if not data:
@@ -792,7 +797,8 @@ def read_small_body(exchange: Exchange, limit: int) -> bytes:
         # A read that failed says "answered" (its bytes would have gone on as they
         # came), but this body is read whole before anything is sent: the client is
         # still owed an answer, a 502 or 504, not a connection closed on it unanswered.
-        exc.answered = False
+        if not isinstance(exc, ClientLeft):
+            exc.answered = False
         raise
     finally:
         conn.close()
