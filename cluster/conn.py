@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import struct
 import time
 import weakref
 from typing import Any
@@ -42,8 +43,8 @@ class ClientConn:
     """One accepted client connection."""
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
-                 "timed_out", "gone", "requests", "write_timeout", "_relay", "small_answers",
-                 "reader", "idle_since", "__weakref__")
+                 "timed_out", "gone", "aborted", "requests", "write_timeout", "_relay",
+                 "small_answers", "reader", "idle_since", "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -60,6 +61,7 @@ class ClientConn:
         #: the client closed its connection while waiting for an endpoint: the sweeper
         #: closed the endpoint connection (see Sweeper.left)
         self.gone = False
+        self.aborted = False  # to be closed with a reset (see abort)
         self.requests = 0
         self.reader = Reader(sock)
         self.write_timeout = write_timeout
@@ -154,6 +156,18 @@ class ClientConn:
                 continue
             self.send(memoryview(part)[sent:] if sent else part)
             sent = 0
+
+    def abort(self) -> None:
+        """Have the close that ends this connection send a reset, not a FIN: an answer
+        cut short by its endpoint must not look complete. A body that ends at the close
+        (an endpoint's until-close answer, or a chunked one relayed to an HTTP/1.0 client
+        without its chunks) ended by a FIN is whole as far as the client can tell: curl
+        and requests took a download the endpoint broke off for a good one."""
+        self.aborted = True
+        try:
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:

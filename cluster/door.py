@@ -390,7 +390,10 @@ class Connection:
                     return False
                 conn.requests += 1
                 if not self.one_request(head):  # RequestError too: a bad relayed body
-                    return not self.outcome.websocket and (head.has_body or bool(conn.buf))
+                    # (no lingering close after an aborted answer: its FIN would come
+                    # before the reset)
+                    return not self.outcome.websocket and not conn.aborted and (
+                        head.has_body or bool(conn.buf))
                 if conn.buf:
                     # The next request is here already: a client pipelining faster than
                     # it is answered never makes this loop wait. Every PIPELINE_TURN
@@ -515,7 +518,8 @@ class Connection:
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
             if exc.answered or state.sent:
-                keep = False  # part of an answer went out: cut the connection
+                keep = False  # part of an answer went out: cut the connection,
+                self.conn.abort()  # with a reset, so that it cannot look complete
             else:
                 status, text = client_answer(exc, self.door.policy.ui_service or "")
                 keep = self.reply(head, state, status, text.encode() + b"\n", close=True)

@@ -710,6 +710,15 @@ def _huge_head(conn: socket.socket) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 500_000)  # 4 MB
 
 
+def _then_reset(data: bytes) -> Callable[[socket.socket], None]:
+    """``data`` (an answer begun), then, once it has been relayed, a reset."""
+    def script(conn: socket.socket) -> None:
+        conn.sendall(data)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return script
+
+
 def _info_cut(conn: socket.socket) -> None:
     """A SockJS info answer reset in the middle of its body."""
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -748,6 +757,10 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
                                b"ffffffffffffffff1\r\nabc\r\n0\r\n\r\n"),
     "/huge-head": _huge_head,
     "/sockjs/info": _info_cut,
+    "/until-close-reset": _then_reset(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                                      + b"x" * 5000),
+    "/chunked-reset": _then_reset(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"1388\r\n" + b"x" * 5000 + b"\r\n"),
     "/many-fields": _answer(b"HTTP/1.1 200 OK\r\n" + b"".join(
         b"X-F%d: v\r\n" % i for i in range(3000)) + b"Content-Length: 2\r\n\r\nok"),
     "/endless-interim": _endless_interim,
@@ -870,6 +883,29 @@ def test_a_wrong_answer_with_no_other_endpoint_is_one_line_and_no_retry(scripted
     metrics = requests.get(f"http://127.0.0.1:{port}/_cluster/metrics", timeout=10).text
     assert not [line for line in metrics.splitlines()
                 if line.startswith("cluster_retries_total{") and upstream.url in line]
+
+
+@pytest.mark.parametrize("path", ["/until-close-reset", "/chunked-reset"])
+def test_an_answer_cut_short_never_looks_complete(scripted_door, path: str) -> None:
+    """An endpoint that resets in the middle of a body whose end is the end of the
+    connection (its own until-close answer; a chunked one relayed to an HTTP/1.0 client,
+    which gets it unchunked) has the client connection reset too, not closed: ended by
+    a FIN, the cut body was whole as far as the client could tell, and requests and
+    curl took a broken download for a good one (talking to the endpoint itself, they
+    report the reset)."""
+    _, port, _ = scripted_door
+    url = f"http://127.0.0.1:{port}{path}"
+    if path == "/until-close-reset":
+        with pytest.raises(requests.exceptions.ChunkedEncodingError, match="reset"):
+            requests.get(url, timeout=TIMEOUT).content  # noqa: B018
+    for version in ("HTTP/1.1", "HTTP/1.0"):
+        with raw(port) as client:
+            client.send(f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
+            status, _ = client.head()
+            assert status == "HTTP/1.1 200 OK"
+            with pytest.raises(ConnectionResetError):
+                client.until_close()
+    assert requests.get(f"http://127.0.0.1:{port}/next", timeout=TIMEOUT).text == "next"
 
 
 def test_a_sockjs_info_answer_cut_short_is_a_502(scripted_door) -> None:
