@@ -562,6 +562,7 @@ class Connection:
         if isinstance(decision, Serve):
             return self.serve_local(head, decision, state)
         if isinstance(decision, Reply):
+            state.endpoint = None  # answered here (after an endpoint that refused: a 503)
             return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
         state.endpoint = decision.endpoint
         return self.sockjs_info(head, decision, state)

@@ -887,6 +887,32 @@ def test_a_wrong_answer_with_no_other_endpoint_is_one_line_and_no_retry(scripted
     metrics = requests.get(f"http://127.0.0.1:{port}/_cluster/metrics", timeout=10).text
     assert not [line for line in metrics.splitlines()
                 if line.startswith("cluster_retries_total{") and upstream.url in line]
+    # the 502 is the endpoint's (as for a POST, which may not be replayed)
+    assert f'cluster_requests_total{{code="5xx",endpoint="{upstream.url}",service="web"}}' \
+        in metrics
+
+
+def test_a_503_after_the_only_endpoint_refused_is_the_balancers_own(tmp_path: Path) -> None:
+    """No endpoint could be reached: the 503 is the balancer's own answer ("-" in the
+    access log and the metrics, as the README says), with the ejection as its one line."""
+    env = {"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"}
+    with refused_port() as dead, running(cluster_argv(
+            "register", "--service", "web", "--endpoint-url", f"http://127.0.0.1:{dead}",
+            "--ping-interval", "1"), env=env):
+        proc, port = start_serve("--ui-service", "web", "--ping-interval", "1", env=env,
+                                 name="balancer")
+        try:
+            wait_until(lambda: get(f"http://127.0.0.1:{port}/_cluster/status")
+                       .json()["endpoints"], timeout=TIMEOUT, what="endpoint registered")
+            assert requests.get(f"http://127.0.0.1:{port}/x", timeout=TIMEOUT).status_code == 503
+            line = 'cluster_requests_total{code="5xx",endpoint="-",service=""} 1.0'
+            wait_until(lambda: line in get(f"http://127.0.0.1:{port}/_cluster/metrics").text,
+                       timeout=5, what="the 503 counted as the balancer's")
+            lines = [line for line in proc.output().splitlines()
+                     if str(dead) in line and "WARNING" in line]
+            assert len(lines) == 1 and "ejecting" in lines[0], lines
+        finally:
+            proc.stop()
 
 
 @pytest.mark.parametrize("path, via", [("/until-close-reset", "door"),
