@@ -9,6 +9,10 @@ endpoint that died. "Safely" is decided by the same attempt loop the balancer us
 (cluster.proxy.attempts): a request that never reached the endpoint always moves; one
 that did only when it is a bodiless GET, HEAD or OPTIONS.
 
+A bodiless GET, HEAD or OPTIONS whose connection the endpoint closed before answering
+(a kept connection its idle timeout closed as the request crossed) is first sent again
+once to the same endpoint, on another connection, as at the balancer.
+
 A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to connect
 and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
 own default is none: a connect to a host that is gone, whose record has not expired
@@ -20,12 +24,18 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from http.client import RemoteDisconnected
 from typing import Any
 
 import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ConnectTimeout
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+)
 
 from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError, UpstreamError
 from cluster.node import Cluster
@@ -52,6 +62,18 @@ def _never_connected(exc: RequestsConnectionError) -> bool:
     if isinstance(exc, ConnectTimeout):
         return True
     return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
+
+
+def _closed_unanswered(exc: RequestsConnectionError) -> bool:
+    """True when the endpoint closed or reset the connection before any byte of an
+    answer (urllib3's "Connection aborted."), as when a kept connection is closed by
+    the endpoint's idle timeout just as a request is sent on it."""
+    cause = exc.args[0] if exc.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, ProtocolError) and cause.args[:1] == ("Connection aborted.",) \
+        and len(cause.args) > 1 and isinstance(
+            cause.args[1], (RemoteDisconnected, ConnectionResetError, BrokenPipeError))
 
 
 class ServiceClient(requests.Session):
@@ -112,12 +134,26 @@ class ServiceClient(requests.Session):
             except NoEndpoint as exc:
                 return exc
 
+        may_replay = replayable(method.upper(), has_body)
+
         def send(endpoint: Endpoint | NoEndpoint) -> requests.Response:
             if isinstance(endpoint, NoEndpoint):
                 raise endpoint
+            url = endpoint.url + "/" + target.lstrip("/")
             try:
-                return super(ServiceClient, self).request(
-                    method, endpoint.url + "/" + target.lstrip("/"), *args, **kwargs)
+                try:
+                    return super(ServiceClient, self).request(method, url, *args, **kwargs)
+                except RequestsConnectionError as exc:
+                    if not (may_replay and _closed_unanswered(exc)):
+                        raise
+                    # A kept connection the endpoint closed as the request crossed (its
+                    # idle timeout: Node's is 5 s): sent again, once, on another
+                    # connection to the same endpoint, as the balancer does. It was an
+                    # error for the caller, or a move away from (and an ejection of) a
+                    # healthy endpoint.
+                    log.debug("%s: connection closed unanswered (%s), sending again",
+                              endpoint.url, exc)
+                    return super(ServiceClient, self).request(method, url, *args, **kwargs)
             except RequestsConnectionError as exc:
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
@@ -130,8 +166,7 @@ class ServiceClient(requests.Session):
 
         try:
             return attempt(pick, send, endpoint_of=_endpoint_of, node=self.node,
-                           retries=self.attempts - 1,
-                           may_replay=replayable(method.upper(), has_body),
+                           retries=self.attempts - 1, may_replay=may_replay,
                            on_retry=self._moved,
                            gave_up=lambda decision: isinstance(decision, NoEndpoint))
         except (UpstreamConnectError, UpstreamBroken) as exc:

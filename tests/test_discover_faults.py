@@ -133,3 +133,36 @@ def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> No
                                           f"http://127.0.0.1:{port}") as node:
         with pytest.raises(NoEndpoint):
             discover("refusing", node=node).get("/ok", timeout=TIMEOUT)
+
+
+def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url) -> None:
+    """An endpoint that closes a kept connection just as the next request is sent on it
+    (its idle timeout; here: on every second request of a connection) has a GET sent
+    again on another connection to the same endpoint, as the balancer does: no error,
+    and the client stays on that healthy endpoint. The GET failed with requests'
+    "Remote end closed connection without response", or, with another endpoint known,
+    moved away and ejected this one. A POST is not sent again: it may have taken effect."""
+    answered: set[int] = set()
+
+    def once(conn: socket.socket) -> bool:
+        if id(conn) in answered:
+            return False  # the second request on this connection: closed unanswered
+        answered.add(id(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = ScriptedUpstream({"/once": once})
+    other = ScriptedUpstream({"/once": once})
+    try:
+        with records(sqlite_url, "web", upstream.url, other.url) as node:
+            client = discover("web", node=node)
+            first = client.base_url
+            for _ in range(4):
+                assert client.get("/once", timeout=TIMEOUT).text == "ok"
+            assert client.base_url == first and not node.ejected()
+            # the kept connection has answered one request: the endpoint closes it now
+            with pytest.raises(requests.ConnectionError, match="without response"):
+                client.post("/once", data=b"x", timeout=TIMEOUT)
+    finally:
+        upstream.close()
+        other.close()
