@@ -8,6 +8,15 @@ request can safely be sent again, sends it there, so callers see no error for an
 endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
 (cluster.proxy.attempts): a request that never reached the endpoint always moves; one
 that did only when it is a bodiless GET, HEAD or OPTIONS.
+
+A bodiless GET, HEAD or OPTIONS whose connection the endpoint closed before answering
+(a kept connection its idle timeout closed as the request crossed) is first sent again
+once to the same endpoint, on another connection, as at the balancer.
+
+A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to connect
+and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
+own default is none: a connect to a host that is gone, whose record has not expired
+yet, waited for the kernel to give up, about two minutes, before moving on).
 """
 
 from __future__ import annotations
@@ -15,13 +24,20 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from http.client import RemoteDisconnected
 from typing import Any
 
 import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ConnectTimeout
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+)
 
-from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError
+from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError, UpstreamError
 from cluster.node import Cluster
 from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
@@ -33,12 +49,31 @@ class NoEndpoint(ClusterError):
     """No live endpoint of the service is known (after trying those that were)."""
 
 
+def _reason(exc: RequestsConnectionError) -> Any:
+    """What urllib3 says went wrong under a requests ConnectionError (None: unknown)."""
+    return getattr(exc.args[0], "reason", None) if exc.args else None
+
+
 def _never_connected(exc: RequestsConnectionError) -> bool:
-    """True when the request never reached the endpoint (refused, or connect timeout)."""
+    """True when the request never reached the endpoint: refused, a connect timeout, or
+    a host name that does not resolve (urllib3 2's NameResolutionError, a subclass of
+    NewConnectionError: matched by its name alone, a POST to such an endpoint failed
+    instead of moving to another one)."""
     if isinstance(exc, ConnectTimeout):
         return True
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return type(reason).__name__ in ("NewConnectionError", "ConnectTimeoutError")
+    return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
+
+
+def _closed_unanswered(exc: RequestsConnectionError) -> bool:
+    """True when the endpoint closed or reset the connection before any byte of an
+    answer (urllib3's "Connection aborted."), as when a kept connection is closed by
+    the endpoint's idle timeout just as a request is sent on it."""
+    cause = exc.args[0] if exc.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, ProtocolError) and cause.args[:1] == ("Connection aborted.",) \
+        and len(cause.args) > 1 and isinstance(
+            cause.args[1], (RemoteDisconnected, ConnectionResetError, BrokenPipeError))
 
 
 class ServiceClient(requests.Session):
@@ -86,35 +121,68 @@ class ServiceClient(requests.Session):
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
+        if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
+            settings = self.node.settings
+            kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
 
-        def send(endpoint: Endpoint) -> requests.Response:
+        def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
+            # None left is a decision too: after an endpoint that was reached and broke
+            # off, the attempt loop raises that failure, not a "no live endpoint" the
+            # caller would take for an empty table
             try:
-                return super(ServiceClient, self).request(
-                    method, endpoint.url + "/" + target.lstrip("/"), *args, **kwargs)
+                return self._endpoint(exclude)
+            except NoEndpoint as exc:
+                return exc
+
+        may_replay = replayable(method.upper(), has_body)
+
+        def send(endpoint: Endpoint | NoEndpoint) -> requests.Response:
+            if isinstance(endpoint, NoEndpoint):
+                raise endpoint
+            url = endpoint.url + "/" + target.lstrip("/")
+            try:
+                try:
+                    return super(ServiceClient, self).request(method, url, *args, **kwargs)
+                except RequestsConnectionError as exc:
+                    if not (may_replay and _closed_unanswered(exc)):
+                        raise
+                    # A kept connection the endpoint closed as the request crossed (its
+                    # idle timeout: Node's is 5 s): sent again, once, on another
+                    # connection to the same endpoint, as the balancer does. It was an
+                    # error for the caller, or a move away from (and an ejection of) a
+                    # healthy endpoint.
+                    log.debug("%s: connection closed unanswered (%s), sending again",
+                              endpoint.url, exc)
+                    return super(ServiceClient, self).request(method, url, *args, **kwargs)
             except RequestsConnectionError as exc:
                 error: UpstreamConnectError | UpstreamBroken
+                reason = _reason(exc)
+                what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
                 if _never_connected(exc):
-                    error = UpstreamConnectError(endpoint.url, exc.__class__.__name__)
+                    error = UpstreamConnectError(endpoint.url, what)
                 else:
-                    error = UpstreamBroken(endpoint.url, exc.__class__.__name__)
+                    error = UpstreamBroken(endpoint.url, what)
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
-            return attempt(self._endpoint, send, endpoint_of=lambda e: e, node=self.node,
-                           retries=self.attempts - 1,
-                           may_replay=replayable(method.upper(), has_body),
-                           on_retry=self._moved)
+            return attempt(pick, send, endpoint_of=_endpoint_of, node=self.node,
+                           retries=self.attempts - 1, may_replay=may_replay,
+                           on_retry=self._moved,
+                           gave_up=lambda decision: isinstance(decision, NoEndpoint))
         except (UpstreamConnectError, UpstreamBroken) as exc:
             if isinstance(exc.__cause__, RequestsConnectionError):
                 raise exc.__cause__ from None
             raise
 
-    def _moved(self, endpoint: Endpoint, exc: Exception) -> None:
-        """The attempt loop moves on: a broken (not refused) endpoint is dropped too."""
+    def _moved(self, endpoint: Endpoint, exc: UpstreamError) -> None:
+        """The attempt loop moves on (and said so): a broken (not refused) endpoint is
+        dropped too."""
         if not isinstance(exc, UpstreamConnectError):
-            self.node.eject(endpoint)
-        log.warning("%s: %s failed (%s), trying another endpoint", self.service,
-                    endpoint.url, exc)
+            self.node.eject(endpoint, reason=exc.reason)
+
+
+def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:
+    return None if isinstance(decision, NoEndpoint) else decision
 
 
 _NODES: dict[str | None, Cluster] = {}

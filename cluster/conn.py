@@ -12,11 +12,15 @@ bookkeeping; a sweep per half second costs a loop over the open connections.
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import struct
 import time
 import weakref
 from typing import Any
 
 import gevent
+from gevent.monkey import get_original
 
 from cluster.netio import Reader
 from cluster.trust import peer_address
@@ -24,6 +28,11 @@ from cluster.trust import peer_address
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
+#: what says a client has closed (or reset) its connection: a FIN, a hang-up, an error
+_HUNG_UP = (select.POLLHUP | select.POLLERR | select.POLLNVAL
+            | getattr(select, "POLLRDHUP", 0))
+#: the OS's poll(): gevent's patching hides select.poll, and poll(0) never blocks anyway
+_os_poll = get_original("select", "poll")
 
 # What a connection is waiting for; the sweeper acts on an expired deadline by phase.
 NONE, HEAD, IDLE, BODY, WRITE, UPSTREAM, TUNNEL, LINGER = range(8)
@@ -34,8 +43,8 @@ class ClientConn:
     """One accepted client connection."""
 
     __slots__ = ("sock", "raw", "peer", "address", "buf", "deadline", "phase", "upstream",
-                 "timed_out", "requests", "write_timeout", "_relay", "small_answers", "reader",
-                 "idle_since", "__weakref__")
+                 "timed_out", "gone", "aborted", "requests", "write_timeout", "_relay",
+                 "small_answers", "reader", "idle_since", "__weakref__")
 
     def __init__(self, sock: Any, address: Any, write_timeout: float) -> None:
         self.sock = sock
@@ -49,6 +58,10 @@ class ClientConn:
         self.idle_since = time.monotonic()
         self.upstream: Any = None  # the endpoint connection in use, for the sweeper
         self.timed_out = False  # the sweeper closed the endpoint connection
+        #: the client closed its connection while waiting for an endpoint: the sweeper
+        #: closed the endpoint connection (see Sweeper.left)
+        self.gone = False
+        self.aborted = False  # to be closed with a reset (see abort)
         self.requests = 0
         self.reader = Reader(sock)
         self.write_timeout = write_timeout
@@ -144,6 +157,18 @@ class ClientConn:
             self.send(memoryview(part)[sent:] if sent else part)
             sent = 0
 
+    def abort(self) -> None:
+        """Have the close that ends this connection send a reset, not a FIN: an answer
+        cut short by its endpoint must not look complete. A body that ends at the close
+        (an endpoint's until-close answer, or a chunked one relayed to an HTTP/1.0 client
+        without its chunks) ended by a FIN is whole as far as the client can tell: curl
+        and requests took a download the endpoint broke off for a good one."""
+        self.aborted = True
+        try:
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -155,10 +180,14 @@ class Sweeper:
     """Closes connections past their deadline; one greenlet per server."""
 
     INTERVAL = 0.25
+    #: how often the connections waiting for an endpoint are checked for a client that
+    #: closed its own (one poll for all of them)
+    LEFT_EVERY = 1.0
 
     def __init__(self) -> None:
         self.conns: weakref.WeakSet[ClientConn] = weakref.WeakSet()
         self._greenlet: Any = None
+        self._left_at = 0.0
 
     def __len__(self) -> int:
         return len(self.conns)
@@ -190,7 +219,50 @@ class Sweeper:
                 self._expire(conn)
             except Exception:  # noqa: BLE001 - one bad connection must not stop the sweeps
                 log.exception("closing %r", conn)
+        if now >= self._left_at:
+            self._left_at = now + self.LEFT_EVERY
+            try:
+                self.left()
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("checking for clients that left")
         return len(expired)
+
+    def left(self) -> int:
+        """Close the endpoint connection of each request whose client closed its own
+        while waiting for the endpoint's answer (a head, or the next piece of a body);
+        returns how many.
+
+        As nginx (its 499): the endpoint then stops working for nobody, a client that
+        gave up and retries does not stack requests on an endpoint that is stuck, and
+        neither connection is held until the read timeout (5 minutes by default). A
+        client that has sent more bytes (a pipelined request) has not left. The check
+        is one poll for all of them, once a LEFT_EVERY, never per request.
+        """
+        waiting = {c.raw.fileno(): c for c in list(self.conns)
+                   if c.phase == UPSTREAM and c.upstream is not None and not c.buf
+                   and not c.gone}
+        waiting.pop(-1, None)
+        if not waiting:
+            return 0
+        poller = _os_poll()
+        for fd in waiting:
+            poller.register(fd, _HUNG_UP)
+        closed = 0
+        for fd, _events in poller.poll(0):
+            conn = waiting[fd]
+            try:
+                if conn.raw.recv(1, socket.MSG_PEEK):
+                    continue  # bytes before the end: a client still talking
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass  # reset: gone
+            if conn.phase != UPSTREAM or conn.upstream is None:
+                continue
+            conn.gone = True
+            conn.upstream.close()  # wakes the request with an error: it ends, unanswered
+            closed += 1
+        return closed
 
     @staticmethod
     def _expire(conn: ClientConn) -> None:

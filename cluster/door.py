@@ -58,7 +58,7 @@ from cluster.conn import (
     Sweeper,
 )
 from cluster.cookies import cookie_attributes, set_cookie
-from cluster.errors import RequestError, UpstreamError
+from cluster.errors import ClientLeft, RequestError, UpstreamError
 from cluster.handler import (
     _NO_ACCESS_LOG,
     ClusterHandler,
@@ -390,7 +390,10 @@ class Connection:
                     return False
                 conn.requests += 1
                 if not self.one_request(head):  # RequestError too: a bad relayed body
-                    return not self.outcome.websocket and (head.has_body or bool(conn.buf))
+                    # (no lingering close after an aborted answer: its FIN would come
+                    # before the reset)
+                    return not self.outcome.websocket and not conn.aborted and (
+                        head.has_body or bool(conn.buf))
                 if conn.buf:
                     # The next request is here already: a client pipelining faster than
                     # it is answered never makes this loop wait. Every PIPELINE_TURN
@@ -508,10 +511,15 @@ class Connection:
                                on_retry=self.retried, first=(decision, first),
                                gave_up=_no_endpoint_left)
         except UpstreamError as exc:
+            if isinstance(exc, ClientLeft):  # not the endpoint's fault, nobody to answer
+                log.info("%s %s: %s", head.method.decode("latin-1"),
+                         head.target[:200].decode("latin-1"), exc)
+                return False
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)
             if exc.answered or state.sent:
-                keep = False  # part of an answer went out: cut the connection
+                keep = False  # part of an answer went out: cut the connection,
+                self.conn.abort()  # with a reset, so that it cannot look complete
             else:
                 status, text = client_answer(exc, self.door.policy.ui_service or "")
                 keep = self.reply(head, state, status, text.encode() + b"\n", close=True)
@@ -554,6 +562,7 @@ class Connection:
         if isinstance(decision, Serve):
             return self.serve_local(head, decision, state)
         if isinstance(decision, Reply):
+            state.endpoint = None  # answered here (after an endpoint that refused: a 503)
             return self.reply(head, state, decision.status, decision.body.encode() + b"\n")
         state.endpoint = decision.endpoint
         return self.sockjs_info(head, decision, state)

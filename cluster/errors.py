@@ -76,6 +76,15 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+class ClientLeft(UpstreamError):
+    """The client closed its connection while the endpoint's answer was awaited, and
+    the endpoint connection was closed for it (nginx's 499): nothing is retried,
+    replayed or answered, and the endpoint is not at fault."""
+
+    status = 499
+    answered = True
+
+
 class RequestError(ClusterError):
     """A client's request breaks HTTP/1.1's rules; ``status`` is the answer (400, 414,
     431, 501, 505...). The connection is closed after answering: once framing is in

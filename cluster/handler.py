@@ -22,11 +22,14 @@ import hashlib
 import logging
 import re
 import socket
+import struct
 from typing import Any, Callable, Iterable, Iterator
 
 import gevent
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
+
+from cluster.errors import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +368,18 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     def process_result(self) -> None:
         if self.hijacked:
             return  # the new owner already answered; never append an HTTP response
-        super().process_result()
+        try:
+            super().process_result()
+        except UpstreamError:
+            # An endpoint broke off the body being relayed (cluster.wrap()): pywsgi closes
+            # the connection, and a reset instead of that FIN keeps a body that ends at
+            # the close (for an HTTP/1.0 client) from looking whole, as at the door.
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            raise
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self.hijacked:

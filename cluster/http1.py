@@ -495,14 +495,19 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
                   low: bytes) -> ResponseHead:
     """parse_response_head for any valid field block (``low``: it in lower case)."""
     length = -1
+    cut: list[tuple[int, int]] = []
     at = low.find(b"\r\ncontent-length:")
     while at >= 0:
         value, end = _field_value(block, low, at)
         if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
             raise ValueError(f"bad Content-Length {value[:40]!r}")
+        if length >= 0:
+            # The same length again (RFC 9110 8.6 lets a recipient take it as one):
+            # passed on once, as strict parsers (Node's llhttp: "Duplicate
+            # Content-Length") refuse the whole answer otherwise.
+            cut.append((at, end))
         length = int(value)
         at = low.find(b"\r\ncontent-length:", end)
-    cut: list[tuple[int, int]] = []
     connection: list[bytes] = []
     at = low.find(b"\r\nconnection:")
     while at >= 0:
@@ -558,6 +563,13 @@ def _parse_fields(code: int, status_line: bytes, http11: bool, block: bytes,
         keep = False
     return ResponseHead(code, status_line, fields, length, chunked, raw_transfer, keep,
                         upgrade)
+
+
+def plain_chunked(transfer: bytes) -> bool:
+    """True for a Transfer-Encoding value that is one ``chunked`` and nothing else: the
+    only coding a proxy that does not pass on its client's TE was asked for (RFC 9110
+    10.1.4)."""
+    return transfer.lower() == b"chunked" or _tokens(transfer) == [b"chunked"]
 
 
 def without_field(fields: bytes, name: bytes) -> bytes:
@@ -714,17 +726,26 @@ class ChunkedScanner:
         return pos, pieces
 
 
-def find_response_head(buf: bytes) -> tuple[int, int]:
-    """(end of the head, length of its blank line) in ``buf``, or (-1, 0).
+#: The end of a head's last line and the empty line after it, each ended by LF or CRLF.
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
-    Responses may end their lines with a bare LF (RFC 9112 2.2 lets a recipient accept
-    that; some small servers do it): such a head is passed to :func:`crlf_head` first.
+
+def find_response_head(buf: bytes) -> tuple[int, int]:
+    """(end of the head, length of its last line end and blank line) in ``buf``, or
+    (-1, 0).
+
+    Responses may end their lines with a bare LF, some lines or all of them (RFC 9112
+    2.2 lets a recipient take an LF, with or without a CR before it, for a line end;
+    some small servers do it): such a head is passed to :func:`crlf_head` first. It
+    ends at its first empty line however that line and the one before it end: an
+    ``LF CRLF`` end was never found, and the balancer waited out the read timeout for
+    an answer curl reads at once.
     """
     end = buf.find(HEAD_END)
-    bare = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
-    if bare >= 0:
-        return bare, 2
-    return (end, 4) if end >= 0 else (-1, 0)
+    found = _BLANK_LINE.search(buf, 0, end + 4 if end >= 0 else len(buf))
+    if found is None:
+        return -1, 0
+    return found.start(), found.end() - found.start()
 
 
 def crlf_head(head: bytes) -> bytes:

@@ -60,18 +60,30 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
     true for a decision that says no endpoint is left (then the last failure is
     raised instead when an endpoint was reached and failed, by answering wrongly or
-    breaking off, so a client sees 502, not a misleading 503)."""
+    breaking off, so a client sees 502, not a misleading 503). ``on_retry(endpoint,
+    error)`` and the "trying another endpoint" warning come once the next decision is
+    known to be something other than giving up."""
     tried: set[str] = set()
     failed = first
     last: UpstreamError | None = None
+    last_endpoint: Any = None
     while True:
         if failed is None:
             decision = pick(frozenset(tried))
-            if last is not None and (last.misbehaved or not last.retryable) and \
-                    endpoint_of(decision) is None and gave_up(decision):
-                # nobody left after an endpoint was reached and failed: say so (502),
-                # not "no live endpoint"; when none could be reached the 503 is the truth
-                raise last
+            if last is not None:
+                if endpoint_of(decision) is None and gave_up(decision):
+                    if last.misbehaved or not last.retryable:
+                        # nobody left after an endpoint was reached and failed: say so
+                        # (502), not "no live endpoint"; when none could be reached the
+                        # 503 is the truth
+                        raise last
+                else:
+                    # Said (and counted) only once there is another to try: with none
+                    # left, "trying another endpoint" was a second, untrue line for one
+                    # failure, and a retry counted that never happened.
+                    log.warning("%s; trying another endpoint", last)
+                    if on_retry is not None:
+                        on_retry(last_endpoint, last)
             try:
                 return send(decision)
             except UpstreamError as error:
@@ -89,6 +101,4 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             raise exc
         tried.add(endpoint.hash)
         last = exc
-        log.warning("%s; trying another endpoint", exc)
-        if on_retry is not None:
-            on_retry(endpoint, exc)
+        last_endpoint = endpoint

@@ -66,6 +66,7 @@ from cluster.http1 import (
     find_response_head,
     head_from_environ,
     parse_response_head,
+    plain_chunked,
     response_framing,
 )
 from cluster.proxy.relay import Forwarding, open_after_stale, request_head
@@ -358,7 +359,15 @@ class HttpForwarder:
             try:
                 head = parse_response_head(raw)
             except ValueError as exc:
-                raise misbehaving(UpstreamBroken(url, str(exc))) from None
+                # a CRLF head with a bare LF among its lines (RFC 9112 2.2), or no head
+                error = misbehaving(UpstreamBroken(url, str(exc)))
+                fixed = crlf_head(raw)
+                if fixed == raw:
+                    raise error from None
+                try:
+                    head = parse_response_head(fixed)
+                except ValueError:
+                    raise error from None
             buf = buf[end + sep:]
             if head.code >= 200:
                 break
@@ -370,8 +379,11 @@ class HttpForwarder:
                 raise misbehaving(UpstreamBroken(
                     url, f"more than {MAX_INTERIM} interim (1xx) answers"))
         mode, length = response_framing(method.encode("latin-1"), head)
-        if head.transfer and not head.chunked:
-            raise UpstreamBroken(url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}")
+        if head.transfer and not plain_chunked(head.transfer):
+            # Only chunked was asked for: 'gzip, chunked' de-chunked and passed on would
+            # give the client gzip bytes as the content, unmarked (a 502, as at the door).
+            raise misbehaving(UpstreamBroken(
+                url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}"))
         headers = head.field_pairs()
         if (mode == CHUNKED or mode == NO_BODY) and head.length >= 0 and method != "HEAD":
             # pywsgi refuses a non-zero Content-Length on 204/304; with chunked framing

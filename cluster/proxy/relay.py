@@ -52,6 +52,7 @@ from gevent import sleep
 
 from cluster.conn import BODY, NONE, UPSTREAM, WRITE, ClientConn
 from cluster.errors import (
+    ClientLeft,
     RequestError,
     UpstreamBroken,
     UpstreamConnectError,
@@ -73,6 +74,7 @@ from cluster.http1 import (
     crlf_head,
     find_response_head,
     parse_response_head,
+    plain_chunked,
     response_framing,
     without_field,
 )
@@ -252,6 +254,9 @@ class Exchange:
                 client.phase = NONE
 
     def _error(self, exc: BaseException, doing: str) -> UpstreamError:
+        if self.client.gone:
+            return ClientLeft(self.url, f"client {self.client.peer} closed its connection "
+                                        f"({doing})")
         if self.client.timed_out:
             return UpstreamTimeout(self.url, f"no answer within the read timeout ({doing})")
         return UpstreamBroken(self.url, f"{doing}: {exc}")
@@ -326,7 +331,8 @@ class Exchange:
                 try:
                     data = reader.recv(size)
                 except OSError as exc:
-                    if not buf and conn.reused and not client.timed_out:
+                    if not buf and conn.reused and not client.timed_out and \
+                            not client.gone:
                         raise _Stale() from None
                     raise self._error(exc, "reading the response head") from None
                 if not data:
@@ -335,8 +341,8 @@ class Exchange:
                     raise UpstreamBroken(self.url, "closed the connection before answering")
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
-                if end < 0 and b"\n\n" in buf:  # a head whose lines end in bare LF
-                    end, sep = find_response_head(buf)
+                if end < 0 and (b"\n\n" in buf or b"\n\r\n" in buf):
+                    end, sep = find_response_head(buf)  # lines that end in bare LF
             if end > MAX_RESPONSE_HEAD:
                 raise misbehaving(UpstreamBroken(self.url,
                                                  "response head larger than 64 KiB"))
@@ -362,8 +368,7 @@ class Exchange:
                     self.url, f"more than {MAX_INTERIM} interim (1xx) answers"))
             client.expect(UPSTREAM, self.pool.read_timeout)
             buf = buf[end + sep:]
-        if response.transfer and response.transfer.lower() != b"chunked" and \
-                _codings(response.transfer) != [b"chunked"]:
+        if response.transfer and not plain_chunked(response.transfer):
             # Only chunked is asked for (the client's TE is not passed on, RFC 9110
             # 10.1.4): gzip data passed as content, or a coding clients cannot read
             # (http.client, h11 know only chunked), is worse than a 502 (as nginx).
@@ -665,22 +670,18 @@ def _bare_lf_head(url: str, buf: bytes, end: int, sep: int,
                   error: ValueError) -> tuple[bytes, ResponseHead, int, int]:
     """(head, its parse, end, blank line length) for a head in ``buf`` that failed to
     parse as the one ending at ``end``: one whose lines end in bare LF may end before a
-    CRLF CRLF in its body (RFC 9112 2.2 lets a recipient accept bare LF; the forwarder
-    does too). Looked for only after a failure, so a usual head costs nothing more.
-    Raises the misbehaving UpstreamBroken for ``error`` when it is not such a head."""
+    CRLF CRLF in its body, or end there with a bare LF among its other lines (RFC 9112
+    2.2 lets a recipient accept bare LF; the forwarder does too). Looked for only after
+    a failure, so a usual head costs nothing more. Raises the misbehaving UpstreamBroken
+    for ``error`` when it is not such a head."""
     bare, bare_sep = find_response_head(buf) if sep == 4 else (-1, 0)
-    if 0 <= bare < end:
+    if 0 <= bare <= end:
         raw = crlf_head(buf[:bare])
         try:
             return raw, parse_response_head(raw), bare, bare_sep
         except ValueError as exc:
             error = exc
     raise misbehaving(UpstreamBroken(url, f"malformed response head: {error}")) from None
-
-
-def _codings(transfer: bytes) -> list[bytes]:
-    """The transfer codings of a Transfer-Encoding value, lower-case, in order."""
-    return [t.strip(b" \t").lower() for t in transfer.split(b",") if t.strip(b" \t")]
 
 
 def _ready(conn: Connection, size: int) -> bytes:
@@ -751,7 +752,9 @@ def _from_client(read: Callable[..., Any], *args: Any) -> Any:
 
 def read_small_body(exchange: Exchange, limit: int) -> bytes:
     """The whole body of the answer in ``exchange`` (for SockJS info), at most ``limit``
-    bytes; the endpoint connection is closed afterwards. Raises UpstreamBroken."""
+    bytes; the endpoint connection is closed afterwards. Raises UpstreamBroken, or
+    UpstreamTimeout for a silence past the read timeout (never ``answered``: nothing of
+    this answer has been sent when it fails)."""
     response = exchange.response
     conn = exchange.upstream
     assert response is not None and conn is not None
@@ -790,6 +793,13 @@ def read_small_body(exchange: Exchange, limit: int) -> bytes:
         return buf[:want] if mode == FIXED else buf
     except ChunkError as exc:
         raise UpstreamBroken(exchange.url, f"garbled chunked answer: {exc}") from None
+    except UpstreamError as exc:
+        # A read that failed says "answered" (its bytes would have gone on as they
+        # came), but this body is read whole before anything is sent: the client is
+        # still owed an answer, a 502 or 504, not a connection closed on it unanswered.
+        if not isinstance(exc, ClientLeft):
+            exc.answered = False
+        raise
     finally:
         conn.close()
         exchange.client.upstream = None

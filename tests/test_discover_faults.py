@@ -1,0 +1,168 @@
+"""cluster.discover() against endpoints that fail: what a calling service sees.
+
+Real processes on 127.0.0.1: `cluster register` sidecars put the records in an embedded
+store (as for a program that is not Python), tests/apps/backend.py serves, and a
+:class:`~test_proxy_http.ScriptedUpstream` (a real TCP server in this process) breaks
+off. The caller is a ServiceClient in this process, over a Cluster node of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from typing import Iterator
+
+import pytest
+import requests
+
+from cluster.client import NoEndpoint, discover
+from cluster.config import Settings
+from cluster.node import Cluster
+from helpers import Proc, cluster_argv, refused_port, start_backend, wait_until
+from test_proxy_http import ScriptedUpstream
+
+TIMEOUT = 20
+
+
+@contextlib.contextmanager
+def records(store: str, service: str, *urls: str, **settings: float) -> Iterator[Cluster]:
+    """A sidecar per URL keeping its record of ``service``, and an observing node (with
+    ``settings``) that sees them all (closed, and the sidecars stopped by PID, at the
+    end)."""
+    sidecars: list[Proc] = []
+    node = None
+    try:
+        for url in urls:
+            sidecars.append(Proc(cluster_argv("register", "--service", service,
+                                              "--endpoint-url", url, "--ping-interval", "1"),
+                                 env={"CLUSTER_DISCOVERY_URL": store}, name="sidecar"))
+        node = Cluster(Settings(discovery_url=store, ping_interval=1.0, **settings),
+                       register=False).start()
+        wait_until(lambda: {e.url for e in node.endpoints(service)} == set(urls),
+                   timeout=TIMEOUT, what="the records")
+        yield node
+    finally:
+        if node is not None:
+            node.close()
+        for sidecar in sidecars:
+            sidecar.stop()
+
+
+def test_an_endpoint_whose_name_does_not_resolve_is_passed_over(sqlite_url) -> None:
+    """A record whose host name does not resolve (a host gone from DNS) is a connect
+    failure like a refusal (the README's promise): nothing was sent, so even a POST
+    moves to another endpoint. urllib3 2 reports it as NameResolutionError, which was
+    taken for a failure after sending: the POST failed whenever the client had picked
+    that endpoint first (about one call in two here)."""
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "search", f"http://127.0.0.1:{port}",
+                     "http://no-such-host.invalid:8000") as node:
+            for _ in range(10):  # each new client picks its first endpoint at random
+                client = discover("search", node=node)
+                resp = client.post("/echo", data=b"once", timeout=TIMEOUT)
+                assert (resp.status_code, resp.content) == (200, b"once")
+                assert client.base_url == f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def never_accepting() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect hangs (as to a host that went away without a
+    word): a listener whose queue is full and never accepted from, so the kernel drops
+    every further SYN. Closed at the end of the block."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):  # fills it
+            yield port
+
+
+def test_a_call_without_a_timeout_moves_on_after_the_connect_timeout(sqlite_url) -> None:
+    """A request given no timeout gets the cluster's connect timeout: an endpoint that
+    does not accept (its host gone, its record not yet expired) is left for another one
+    after --connect-timeout, as the README says of every attempt. With requests' default
+    (none) the call waited about two minutes for the kernel to give up the connect."""
+    server, port = start_backend("b1")
+    try:
+        with never_accepting() as silent, records(
+                sqlite_url, "search", f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{silent}", connect_timeout=1.0) as node:
+            for _ in range(4):  # each new client picks its first endpoint at random
+                client = discover("search", node=node)
+                started = time.monotonic()
+                resp = client.get("/whoami")
+                assert (resp.status_code, resp.text) == (200, "b1")
+                assert time.monotonic() - started < 5
+    finally:
+        server.stop()
+
+
+def _reset(conn: socket.socket) -> None:
+    """The request read, then a reset instead of an answer."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> None:
+    """A GET whose only endpoint took the request and reset (or answered garbage) may be
+    replayed, but there is no other endpoint: the caller gets requests' own error for
+    what happened, as it would calling the endpoint directly. It got NoEndpoint "no
+    live endpoint of service", the answer for an empty table, about an endpoint that is
+    up. An endpoint that refuses is still NoEndpoint: none could be reached."""
+    upstream = ScriptedUpstream({
+        "/reset": _reset,
+        "/garbage": lambda c: c.sendall(b"SSH-2.0-not-http\r\n\r\n"),
+        "/ok": lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    })
+    try:
+        with records(sqlite_url, "web", upstream.url) as node:
+            client = discover("web", node=node)
+            with pytest.raises(requests.ConnectionError) as reset:
+                client.get("/reset", timeout=TIMEOUT)
+            assert not isinstance(reset.value, NoEndpoint)
+            with pytest.raises(requests.ConnectionError, match="BadStatusLine"):
+                client.get("/garbage", timeout=TIMEOUT)
+            assert client.get("/ok", timeout=TIMEOUT).text == "ok"
+    finally:
+        upstream.close()
+    with refused_port() as port, records(sqlite_url, "refusing",
+                                          f"http://127.0.0.1:{port}") as node:
+        with pytest.raises(NoEndpoint):
+            discover("refusing", node=node).get("/ok", timeout=TIMEOUT)
+
+
+def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url) -> None:
+    """An endpoint that closes a kept connection just as the next request is sent on it
+    (its idle timeout; here: on every second request of a connection) has a GET sent
+    again on another connection to the same endpoint, as the balancer does: no error,
+    and the client stays on that healthy endpoint. The GET failed with requests'
+    "Remote end closed connection without response", or, with another endpoint known,
+    moved away and ejected this one. A POST is not sent again: it may have taken effect."""
+    answered: set[int] = set()
+
+    def once(conn: socket.socket) -> bool:
+        if id(conn) in answered:
+            return False  # the second request on this connection: closed unanswered
+        answered.add(id(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = ScriptedUpstream({"/once": once})
+    other = ScriptedUpstream({"/once": once})
+    try:
+        with records(sqlite_url, "web", upstream.url, other.url) as node:
+            client = discover("web", node=node)
+            first = client.base_url
+            for _ in range(4):
+                assert client.get("/once", timeout=TIMEOUT).text == "ok"
+            assert client.base_url == first and not node.ejected()
+            # the kept connection has answered one request: the endpoint closes it now
+            with pytest.raises(requests.ConnectionError, match="without response"):
+                client.post("/once", data=b"x", timeout=TIMEOUT)
+    finally:
+        upstream.close()
+        other.close()
