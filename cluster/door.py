@@ -1181,6 +1181,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.body_sent = 0
         self.client_left = False
         self.handle_one_response()
+        if rfile.chunks is not None:
+            # The chunked body's end was never reached (pywsgi refused a chunk line, and
+            # the app answered anyway): where the next request starts is unknown, and
+            # what follows is the client's body, not a request.
+            self.close_connection = True
         if self.code != 101 and head.is_websocket:
             # A refused handshake ends the connection, as when the upgrade is relayed:
             # what the client sends next may be frames, not a request.

@@ -342,6 +342,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
                                      if name.lower() != b"connection"]
             self.response_headers.append((b"Connection", b"close"))
             return
+        if self.body_broken():
+            # The app answers a request whose chunked body pywsgi refused (its read raised
+            # and the app made a 400 or 500 of it): the connection ends with this answer.
+            self.close_connection = True
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
                 is_websocket_upgrade(environ):
@@ -384,9 +388,21 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         self.hijacked = False
         return super().handle_one_request()
 
+    def body_broken(self) -> bool:
+        """pywsgi refused a line of this request's chunked body (a chunk size with a
+        space, over 16 digits...) while the app read it."""
+        return bool(getattr(getattr(self, "wsgi_input", None), "_chunked_input_error", False))
+
     def handle_one_response(self) -> None:
         try:
             super().handle_one_response()
+            if self.body_broken():
+                # An app that catches the read error and answers (as frameworks do, with
+                # a 400 or a 500) leaves pywsgi reading its next request from the middle
+                # of the broken body, which pywsgi does not skip: bytes the client sent as
+                # chunk data would be served as a request of their own (smuggled past
+                # any proxy in front, which took them for a body). The connection ends.
+                self.close_connection = True
         finally:
             # The bound method in the environ is a handler -> environ -> handler cycle:
             # break it so a finished connection is freed by refcounting, not by the gc.

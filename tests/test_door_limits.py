@@ -40,6 +40,7 @@ from helpers import (
     read_until_close,
     request_bytes,
     start_instance,
+    start_library_app,
     start_serve,
     wait_until,
 )
@@ -279,6 +280,41 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     assert status_view(front.port)["ejected"] == []
     responses, _ = exchange(front.port, FOLLOW_UP)
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
+
+
+#: chunk data that is a request of its own, behind a chunk-size line pywsgi refuses
+SMUGGLED = b"GET /headers?smuggled=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def library(store: str) -> Iterator[Door]:
+    """cluster.wrap() serving the test backend under a plain pywsgi server."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "library",
+                                    "CLUSTER_SERVICE": "doorlibrary"}, "backend:app")
+    try:
+        yield Door(proc, port, "library")
+    finally:
+        stop_clean(proc)
+
+
+@pytest.mark.parametrize("size", [b"%x \r\n" % len(SMUGGLED), b"%017x" % len(SMUGGLED)],
+                         ids=["space-after-size", "17-digits"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_chunk_data_behind_a_size_line_pywsgi_refused_is_never_served_as_a_request(
+        request: pytest.FixtureRequest, where: str, size: bytes) -> None:
+    """pywsgi refuses the size line while the app reads the body; an app that catches
+    the error and answers (as frameworks do) left pywsgi reading the next request from
+    the middle of the body, which it does not skip: the chunk data was served as a
+    request of its own, and through a balancer its answer was the next client's."""
+    door = request.getfixturevalue(where)
+    raw = (b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+           b"\r\n" + size + SMUGGLED + b"\r\n0\r\n\r\n")
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert responses and closed, responses
+    assert responses[0].status == 400, responses
+    assert not any(b"smuggled" in r.body for r in responses), responses
+    # a connection that says nothing of its end must not end: the answer said it would
+    assert responses[0].header("connection") == "close" or len(responses) == 2, responses
 
 
 @pytest.mark.parametrize("start", [
