@@ -28,6 +28,8 @@ import gevent
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
+from cluster.http1 import simple_response
+
 log = logging.getLogger(__name__)
 
 #: environ key holding the accepted client socket (gunicorn uses 'gunicorn.socket').
@@ -49,12 +51,54 @@ WEBSOCKET_VERSIONS = ("13", "8", "7")
 _WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+#: a control character in a field value (HTAB is allowed), as the front door refuses them
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 #: pywsgi's "no access log" object (``log=None``); if gevent renames it, we just log.
 _NO_ACCESS_LOG: Any = getattr(pywsgi, "_NoopLog", ())
 
 
 class BadRequestHeaders(ValueError):
-    """A malformed request head. A ValueError, so pywsgi answers 400 and logs one line."""
+    """A malformed request head. A ValueError, so pywsgi answers 400 and logs one line.
+    ``status``: what to answer instead (501 for a transfer coding not implemented)."""
+
+    status = 400
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def check_framing(headers: RequestHeaders, version: str) -> None:
+    """Hold a request's body framing to the front door's rules (cluster.http1), for
+    pywsgi under ``cluster.wrap()``: Transfer-Encoding whose only coding is ``chunked``
+    (any other, or one before it: 400 or 501; with a Content-Length, or in HTTP/1.0:
+    400), a Content-Length of plain digits. pywsgi reads a body as chunked only when the
+    field is exactly ``chunked``, drops a Content-Length that comes with it, and takes
+    ``+5`` or ``1_0`` as numbers: a body framed one way by a proxy in front and another
+    way here is how requests are smuggled. A valid chunked field is left as the one
+    word pywsgi reads."""
+    transfer: list[str] = []
+    length = None
+    for name, value in headers.fields:
+        key = name.lower()
+        if key == "transfer-encoding":
+            tokens = [t.strip(" \t").lower() for t in value.split(",") if t.strip(" \t")]
+            transfer.extend(tokens or [""])
+        elif key == "content-length":
+            length = value
+    if transfer:
+        if length is not None:
+            raise BadRequestHeaders("both Content-Length and Transfer-Encoding")
+        if transfer[-1] != "chunked":
+            raise BadRequestHeaders("Transfer-Encoding does not end in chunked")
+        if len(transfer) > 1:
+            raise BadRequestHeaders("unsupported transfer coding", 501)
+        if version == "HTTP/1.0":
+            raise BadRequestHeaders("Transfer-Encoding in an HTTP/1.0 request")
+        headers.replace("Transfer-Encoding", "chunked")
+    elif length is not None and not (length.isascii() and length.isdigit()
+                                     and len(length) <= 18):
+        raise BadRequestHeaders("bad Content-Length")
 
 
 class RequestHeaders:
@@ -94,6 +138,12 @@ class RequestHeaders:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._first
 
+    def replace(self, name: str, value: str) -> None:
+        """Every line of field ``name`` as one line of ``value``."""
+        del self[name]
+        self.fields.append((name, value))
+        self._first[name.lower()] = value
+
     def __delitem__(self, name: str) -> None:
         key = name.lower()
         self._first.pop(key, None)
@@ -124,9 +174,9 @@ def read_headers(rfile: Any) -> RequestHeaders:
         if text[:1] in (" ", "\t"):
             raise BadRequestHeaders("obsolete header line folding")
         name, sep, value = text.partition(":")
-        if not sep or not _TOKEN(name) or "\r" in value or "\0" in value:
+        if not sep or not _TOKEN(name) or _CONTROL(value):
             raise BadRequestHeaders(f"malformed header line {text[:60]!r}")
-        value = value.strip()
+        value = value.strip(" \t")
         if name.lower() == "content-length":
             if length is not None and value != length:
                 raise BadRequestHeaders("conflicting Content-Length headers")
@@ -177,8 +227,20 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         super().handle()
 
     def MessageClass(self, rfile: Any, *_: Any) -> RequestHeaders:  # noqa: N802
-        """Request headers without the ``email`` package (pywsgi's costliest step)."""
-        return read_headers(rfile)
+        """Request headers without the ``email`` package (pywsgi's costliest step), their
+        body framing checked (:func:`check_framing`)."""
+        headers = read_headers(rfile)
+        check_framing(headers, self.request_version)
+        return headers
+
+    def _handle_client_error(self, ex: Exception) -> Any:
+        """pywsgi's (one log line and a 400), with the status a malformed head calls
+        for when it is another (501)."""
+        answer = super()._handle_client_error(ex)
+        status = ex.status if isinstance(ex, BadRequestHeaders) else 400
+        if status != 400:
+            return str(status), simple_response(status, f"{ex}\n".encode(), close=True)
+        return answer
 
     def _headers(self) -> Iterator[tuple[str, str]]:
         """(environ key, value) per header field, the keys pywsgi makes: HTTP_*, minus

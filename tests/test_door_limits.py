@@ -317,6 +317,16 @@ def test_chunk_data_behind_a_size_line_pywsgi_refused_is_never_served_as_a_reque
     assert responses[0].header("connection") == "close" or len(responses) == 2, responses
 
 
+def test_under_cluster_wrap_a_body_framed_two_ways_is_refused_and_closed(library: Door) -> None:
+    """pywsgi (cluster.wrap()'s server) dropped the Content-Length, read the chunks, and
+    served the request behind them: with a proxy in front that goes by the length, the
+    classic CL.TE smuggle. The door's answer: 400, and the connection ends."""
+    raw = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED))) + SMUGGLED
+    responses, closed = exchange(library.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [400] and closed, responses
+
+
 @pytest.mark.parametrize("start", [
     b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
     b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
