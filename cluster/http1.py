@@ -273,7 +273,9 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         elif kind == _HOP:
             req.hop = value
         elif kind == _EXPECT:
-            if value.lower() == b"100-continue":
+            # RFC 9110 10.1.1: ignored in an HTTP/1.0 request (15.2: no 1xx to a 1.0
+            # client, which would take the 100 for its answer)
+            if value.lower() == b"100-continue" and version == b"HTTP/1.1":
                 req.expect_continue = True
         elif kind == _XFF:
             req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for \

@@ -414,6 +414,26 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> 
     assert (got.status, got.body) == (200, b"hello")
 
 
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_an_http_1_0_client_gets_no_100_continue(request: pytest.FixtureRequest,
+                                                 where: str) -> None:
+    """RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
+    (15.2: no 1xx to a 1.0 client). The client takes the first status line it reads
+    for its answer: a 100 was a bodiless answer, and the real one garbage after it."""
+    door = request.getfixturevalue(where)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            early = sock.recv(4096)
+            pytest.fail(f"sent before the body: {early!r}")
+        sock.sendall(b"hello")
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nhello"), data
+    assert closed
+
+
 @pytest.mark.parametrize("target", ["/whoami", "/chunked?n=2&delay=0", "/download?size=100000",
                                     "/status/404"])
 def test_head_gets_the_head_of_a_get_and_no_content(door: Door, target: str) -> None:

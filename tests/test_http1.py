@@ -269,6 +269,19 @@ def test_keep_alive(version: str, connection: str | None, keep_alive: bool) -> N
     assert head.keep_alive is keep_alive
 
 
+@pytest.mark.parametrize("version, value, expects", [
+    ("HTTP/1.1", "100-continue", True),
+    ("HTTP/1.1", "100-Continue", True),
+    ("HTTP/1.1", "something-else", False),
+    ("HTTP/1.0", "100-continue", False),  # RFC 9110 10.1.1: ignored in HTTP/1.0
+])
+def test_expect_100_continue(version: str, value: str, expects: bool) -> None:
+    head, _ = parse(f"POST / {version}\r\nHost: h\r\nExpect: {value}\r\n"
+                    f"Content-Length: 1\r\n\r\nx".encode())
+    assert head.expect_continue is expects
+    assert (("Expect", "100-continue") in head.header_pairs()) is expects
+
+
 def test_websocket_upgrade_is_recognised_only_as_rfc_6455_says() -> None:
     def head(method: str, connection: str, upgrade: str) -> RequestHead:
         raw = (f"{method} /ws HTTP/1.1\r\nHost: h\r\nConnection: {connection}\r\n"
