@@ -687,7 +687,9 @@ class ChunkedScanner:
             if state == _SIZE:
                 if len(line) > _MAX_SIZE_LINE:  # also when it arrived in one piece
                     raise ChunkError("chunk line too long")
-                digits = line.split(b";", 1)[0].rstrip(b" \t")
+                digits, semicolon, _ = line.partition(b";")
+                if semicolon:  # BWS may come before an extension's ";", nowhere else
+                    digits = digits.rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ChunkError(f"bad chunk size {line[:20]!r}")
                 # Passed on byte for byte, so nothing another parser reads otherwise: a

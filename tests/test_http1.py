@@ -549,6 +549,12 @@ def test_chunked_scan_does_not_depend_on_how_bytes_arrive(body: bytes, size: int
     assert (consumed, decoded, done) == (len(wire), body, True)
 
 
+def test_whitespace_before_a_chunk_extension_is_allowed() -> None:
+    """RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name ... )."""
+    wire = b"5 ; a = b\r\nhello\r\n0\t;x\r\n\r\n"
+    assert scan(wire + b"rest", []) == (len(wire), b"hello", True)
+
+
 def test_chunked_body_byte_by_byte() -> None:
     wire = chunked(b"hello world", 3, trailer=b"T: 1\r\n")
     assert scan(wire + b"rest", [1] * len(wire)) == (len(wire), b"hello world", True)
@@ -560,6 +566,8 @@ def test_chunked_body_byte_by_byte() -> None:
     b"-5\r\nhello\r\n0\r\n\r\n",
     b"0x5\r\nhello\r\n0\r\n\r\n",
     b" 5\r\nhello\r\n0\r\n\r\n",
+    b"5 \r\nhello\r\n0\r\n\r\n",  # BWS only before an extension (RFC 9112 7.1.1)
+    b"5\t\r\nhello\r\n0\r\n\r\n",
     b"\r\nhello\r\n0\r\n\r\n",
     b"5\nhello\r\n0\r\n\r\n",
     b"3\r\nhello\r\n0\r\n\r\n",
