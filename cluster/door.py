@@ -1240,13 +1240,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
         self.response_length += len(data)
 
-    # A response to HEAD is the head a GET would get, without its content (RFC 9110
-    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
-    # read as the start of its next response.
+    # A response to HEAD is the head a GET would get, without its content: ClusterHandler
+    # sends no body after it (RFC 9110 9.3.2).
     def finalize_headers(self) -> None:
         super().finalize_headers()
-        if self.command == "HEAD":
-            self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
         if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
                 any(name.lower() == b"content-length" for name, _ in headers):
@@ -1263,13 +1260,6 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
             # close, or an HTTP/1.0 one, must not try to reuse it.
             self.response_headers.append((b"Connection", b"close"))
-
-    def _write_with_headers(self, data: bytes) -> None:
-        super()._write_with_headers(b"" if self.command == "HEAD" else data)
-
-    def _write(self, data: bytes) -> None:
-        if self.command != "HEAD":
-            super()._write(data)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:

@@ -371,7 +371,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
 
         pywsgi sends the head and the body separately; a send that wakes the peer is
-        the costliest call of a small response (see docs/benchmarks.md)."""
+        the costliest call of a small response (see docs/benchmarks.md).
+
+        A response to HEAD is the head a GET would get, without its content (RFC 9110
+        9.3.2): pywsgi sends whatever the app returns, which a keep-alive client reads
+        as the start of its next response (under cluster.wrap() as under the door)."""
+        if self.command == "HEAD":
+            data = b""
         self.headers_sent = True
         self.finalize_headers()
         head = bytearray(b"HTTP/1.1 ")
@@ -395,8 +401,14 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             self._sendall(head)
             self._write(data)
 
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":  # no content after a HEAD's head (_write_with_headers)
+            super()._write(data)
+
     def finalize_headers(self) -> None:
         super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
         if not self.response_use_chunked and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and \
