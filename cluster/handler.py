@@ -352,13 +352,23 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         gevent-websocket's WebSocketError out ("Socket is dead": the client reset the
         connection while the app sent): most apps do not catch it, and the socket's end
         is the client's doing. The socket is the app's once hijacked here, or once
-        gevent-websocket's handler ran it (``websocket_used``: the door's handler)."""
+        gevent-websocket's handler ran it (``websocket_used``: the door's handler).
+
+        One line too for a client that left in the middle of its request body, which
+        the app's read of it raises (pywsgi's "unexpected end of file while ..."): an
+        upload cut short is no server error, and a traceback per request would let any
+        client fill the log (the door's handler says so the same way)."""
         from geventwebsocket.exceptions import WebSocketError
 
         serving = self.hijacked or getattr(self, "websocket_used", False)
         if serving and isinstance(v, WebSocketError):
             log.info("client %s: WebSocket %s ended in the app: %s",
                      self.client_address, str(self.path)[:200], v)
+            self.close_connection = True
+            return
+        if isinstance(v, OSError) and str(v).startswith("unexpected end of file while"):
+            log.info("client %s left in the middle of its request body (%s %s): %s",
+                     self.client_address, self.command, str(self.path)[:200], v)
             self.close_connection = True
             return
         super().handle_error(t, v, tb)

@@ -351,6 +351,24 @@ def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: 
     assert [(r.status, r.body) for r in responses] == [(200, b"local")]
 
 
+@pytest.mark.parametrize("start", [
+    b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
+    b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
+], ids=["content-length", "chunked"])
+def test_an_upload_cut_short_under_cluster_wrap_is_no_traceback(library: Door,
+                                                                start: bytes) -> None:
+    """As at the door: the app's read raises, and pywsgi logged a traceback for it (any
+    client could write one per request)."""
+    before = len(library.proc.output())
+    with socket.create_connection(("127.0.0.1", library.port)) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + start)
+        time.sleep(0.2)
+    time.sleep(0.5)  # the read fails at the client's FIN; pywsgi wrote its traceback then
+    assert "Traceback" not in library.proc.output()[before:]  # (its log is at warning)
+    responses, _ = exchange(library.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"library")]
+
+
 @pytest.mark.parametrize("said, sent", [(2, 7), (10, 5)], ids=["more", "fewer"])
 def test_an_app_that_breaks_its_own_content_length_does_not_desync_the_connection(
         door: Door, said: int, sent: int) -> None:
