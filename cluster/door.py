@@ -667,7 +667,12 @@ class Connection:
                 framing = b"Content-Length: %d" % head.content_length
             else:
                 framing = b""
-            out = request_head(head, path_qs, hostport, self.forwarded_lines(head), hop,
+            # No Host (HTTP/1.0) or an empty one: the authority the client reached is this
+            # connection's address (RFC 9112 3.3), as the local app's SERVER_NAME says;
+            # the endpoint's own address would send its links past the balancer.
+            authority = hostport if head.host else (
+                self.local_address().encode("latin-1") or hostport)
+            out = request_head(head, path_qs, authority, self.forwarded_lines(head), hop,
                                framing, upgrade)
             self.made = (head, path_qs, hostport, hop, out)
         body = self.body

@@ -225,6 +225,35 @@ def test_absolute_form_reaches_the_app_as_the_origin_form(door: Door) -> None:
         ("/headers", "x=1", "127.0.0.1")
 
 
+@pytest.mark.parametrize("raw", [b"GET /headers HTTP/1.0\r\n\r\n",
+                                 b"GET /headers HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n"],
+                         ids=["http10-no-host", "empty-host"])
+def test_a_relayed_request_without_a_host_names_the_address_it_came_in_by(front: Door,
+                                                                          raw: bytes) -> None:
+    """RFC 9112 3.3: the authority is then the address the client connected to, as the
+    local app's SERVER_NAME is; the endpoint saw its own address, and built its links
+    (redirects, absolute URLs) past the balancer, to an address clients may not reach."""
+    responses, _ = exchange(front.port, raw, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [200], responses
+    assert json.loads(responses[0].body)["headers"]["Host"] == f"127.0.0.1:{front.port}"
+
+
+def test_a_request_without_a_host_relayed_by_cluster_wrap_names_its_server(
+        front: Door, store: str) -> None:
+    """The same through a cluster.wrap() balancer (pywsgi's SERVER_NAME and its port)."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": store, "CLUSTER_SERVICE": "doorwrap",
+                                    "CLUSTER_UI_SERVICE": "doorproxied",
+                                    "CLUSTER_SELF_WEIGHT": "0"})
+    try:
+        wait_until(lambda: exchange(port, FOLLOW_UP)[0][0].body == b"member", timeout=15,
+                   what="the wrap() balancer relays to the member")
+        responses, _ = exchange(port, b"GET /headers HTTP/1.0\r\n\r\n", timeout=CLOSE_WAIT)
+        host = json.loads(responses[0].body)["headers"]["Host"]
+        assert host.endswith(f":{port}"), host
+    finally:
+        stop_clean(proc)
+
+
 def test_content_length_with_chunked_is_refused_and_closed(door: Door) -> None:
     assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
