@@ -1315,6 +1315,12 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             return
         super().handle_error(t, v, tb)
 
+    def body_broken(self) -> bool:
+        """pywsgi refused the chunked body, or the door's scanner did (every read of it
+        fails from then on): the answer says the connection ends. (Outside a door, as in
+        a plain pywsgi server, the reader is pywsgi's own.)"""
+        return bool(getattr(self.rfile, "bad", "")) or super().body_broken()
+
     def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
         """pywsgi's, for a chunked body that breaks off or breaks the rules while the
         app reads it: the client's doing, worth one info line (pywsgi wrote an ERROR

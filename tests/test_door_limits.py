@@ -346,6 +346,18 @@ def test_chunk_data_behind_a_size_line_pywsgi_refused_is_never_served_as_a_reque
     assert responses[0].header("connection") == "close" or len(responses) == 2, responses
 
 
+def test_an_answer_to_a_body_the_doors_scanner_refused_says_the_connection_ends(
+        local: Door) -> None:
+    """A control byte in a chunk extension: pywsgi skips extensions unread, the door's
+    scanner refuses the line, the app's read raises and it answers 400 anyway. The
+    connection then ends (RFC 9112 9.6: and the answer says so)."""
+    raw = (b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+           b"\r\n%x;a\x01\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n0\r\n\r\n")
+    responses, closed = exchange(local.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [400] and closed, responses
+    assert responses[0].header("connection") == "close", responses[0].headers
+
+
 def test_under_cluster_wrap_a_body_framed_two_ways_is_refused_and_closed(library: Door) -> None:
     """pywsgi (cluster.wrap()'s server) dropped the Content-Length, read the chunks, and
     served the request behind them: with a proxy in front that goes by the length, the
