@@ -264,11 +264,17 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
-        if self.request_version != "HTTP/1.1" and "HTTP_EXPECT" in environ:
-            # pywsgi answers 100-continue whatever the version; an HTTP/1.0 client takes
-            # it for its answer (RFC 9110 10.1.1: the expectation is ignored; 15.2: no 1xx
-            # to a 1.0 client)
-            self.wsgi_input.socket = None
+        expect = environ.get("HTTP_EXPECT")
+        if expect is not None:
+            if self.request_version != "HTTP/1.1":
+                # pywsgi answers 100-continue whatever the version; an HTTP/1.0 client
+                # takes it for its answer (RFC 9110 10.1.1: the expectation is ignored;
+                # 15.2: no 1xx to a 1.0 client)
+                self.wsgi_input.socket = None
+            elif expect.lower() == "100-continue":
+                # case-insensitive (RFC 9110 10.1.1), as the door reads it; pywsgi
+                # answered only the lower-case spelling, and the client waited
+                self.wsgi_input.socket = self.socket
         if environ["wsgi.input"] is self.rfile and (
                 self.content_length not in (None, "", "0")
                 or "HTTP_TRANSFER_ENCODING" in environ):

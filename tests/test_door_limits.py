@@ -453,9 +453,15 @@ def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
     assert closed
 
 
-def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> None:
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+@pytest.mark.parametrize("value", [b"100-continue", b"100-Continue"])
+def test_expect_100_continue_is_answered_before_the_body_is_sent(
+        request: pytest.FixtureRequest, where: str, value: bytes) -> None:
+    """Its value is case-insensitive (RFC 9110 10.1.1): pywsgi under cluster.wrap()
+    answered only '100-continue', and the client waited for nothing."""
+    door = request.getfixturevalue(where)
     with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: " + value + b"\r\n"
                      b"Content-Length: 5\r\n\r\n")
         data = b""
         while b"\r\n\r\n" not in data:
