@@ -676,7 +676,12 @@ class Connection:
                 framing = b"Content-Length: %d" % head.content_length
             else:
                 framing = b""
-            out = request_head(head, path_qs, hostport, self.forwarded_lines(head), hop,
+            # No Host (HTTP/1.0) or an empty one: the authority the client reached is this
+            # connection's address (RFC 9112 3.3), as the local app's SERVER_NAME says;
+            # the endpoint's own address would send its links past the balancer.
+            authority = hostport if head.host else (
+                self.local_address().encode("latin-1") or hostport)
+            out = request_head(head, path_qs, authority, self.forwarded_lines(head), hop,
                                framing, upgrade)
             self.made = (head, path_qs, hostport, hop, out)
         body = self.body
@@ -1190,6 +1195,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.body_sent = 0
         self.client_left = False
         self.handle_one_response()
+        if rfile.chunks is not None:
+            # The chunked body's end was never reached (pywsgi refused a chunk line, and
+            # the app answered anyway): where the next request starts is unknown, and
+            # what follows is the client's body, not a request.
+            self.close_connection = True
         if self.code != 101 and head.is_websocket:
             # A refused handshake ends the connection, as when the upgrade is relayed:
             # what the client sends next may be frames, not a request.
@@ -1244,13 +1254,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
         self.response_length += len(data)
 
-    # A response to HEAD is the head a GET would get, without its content (RFC 9110
-    # 9.3.2); pywsgi sends whatever the app returns, which a keep-alive client would
-    # read as the start of its next response.
+    # A response to HEAD is the head a GET would get, without its content: ClusterHandler
+    # sends no body after it (RFC 9110 9.3.2).
     def finalize_headers(self) -> None:
         super().finalize_headers()
-        if self.command == "HEAD":
-            self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
         if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
                 any(name.lower() == b"content-length" for name, _ in headers):
@@ -1267,13 +1274,6 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
             # close, or an HTTP/1.0 one, must not try to reuse it.
             self.response_headers.append((b"Connection", b"close"))
-
-    def _write_with_headers(self, data: bytes) -> None:
-        super()._write_with_headers(b"" if self.command == "HEAD" else data)
-
-    def _write(self, data: bytes) -> None:
-        if self.command != "HEAD":
-            super()._write(data)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:
@@ -1323,6 +1323,12 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
+
+    def body_broken(self) -> bool:
+        """pywsgi refused the chunked body, or the door's scanner did (every read of it
+        fails from then on): the answer says the connection ends. (Outside a door, as in
+        a plain pywsgi server, the reader is pywsgi's own.)"""
+        return bool(getattr(self.rfile, "bad", "")) or super().body_broken()
 
     def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
         """pywsgi's, for a chunked body that breaks off or breaks the rules while the

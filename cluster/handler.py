@@ -30,6 +30,7 @@ from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
 
 from cluster.errors import UpstreamError
+from cluster.http1 import simple_response
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,54 @@ WEBSOCKET_VERSIONS = ("13", "8", "7")
 _WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+#: a control character in a field value (HTAB is allowed), as the front door refuses them
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 #: pywsgi's "no access log" object (``log=None``); if gevent renames it, we just log.
 _NO_ACCESS_LOG: Any = getattr(pywsgi, "_NoopLog", ())
 
 
 class BadRequestHeaders(ValueError):
-    """A malformed request head. A ValueError, so pywsgi answers 400 and logs one line."""
+    """A malformed request head. A ValueError, so pywsgi answers 400 and logs one line.
+    ``status``: what to answer instead (501 for a transfer coding not implemented)."""
+
+    status = 400
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def check_framing(headers: RequestHeaders, version: str) -> None:
+    """Hold a request's body framing to the front door's rules (cluster.http1), for
+    pywsgi under ``cluster.wrap()``: Transfer-Encoding whose only coding is ``chunked``
+    (any other, or one before it: 400 or 501; with a Content-Length, or in HTTP/1.0:
+    400), a Content-Length of plain digits. pywsgi reads a body as chunked only when the
+    field is exactly ``chunked``, drops a Content-Length that comes with it, and takes
+    ``+5`` or ``1_0`` as numbers: a body framed one way by a proxy in front and another
+    way here is how requests are smuggled. A valid chunked field is left as the one
+    word pywsgi reads."""
+    transfer: list[str] = []
+    length = None
+    for name, value in headers.fields:
+        key = name.lower()
+        if key == "transfer-encoding":
+            tokens = [t.strip(" \t").lower() for t in value.split(",") if t.strip(" \t")]
+            transfer.extend(tokens or [""])
+        elif key == "content-length":
+            length = value
+    if transfer:
+        if length is not None:
+            raise BadRequestHeaders("both Content-Length and Transfer-Encoding")
+        if transfer[-1] != "chunked":
+            raise BadRequestHeaders("Transfer-Encoding does not end in chunked")
+        if len(transfer) > 1:
+            raise BadRequestHeaders("unsupported transfer coding", 501)
+        if version == "HTTP/1.0":
+            raise BadRequestHeaders("Transfer-Encoding in an HTTP/1.0 request")
+        headers.replace("Transfer-Encoding", "chunked")
+    elif length is not None and not (length.isascii() and length.isdigit()
+                                     and len(length) <= 18):
+        raise BadRequestHeaders("bad Content-Length")
 
 
 class RequestHeaders:
@@ -97,6 +140,12 @@ class RequestHeaders:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._first
 
+    def replace(self, name: str, value: str) -> None:
+        """Every line of field ``name`` as one line of ``value``."""
+        del self[name]
+        self.fields.append((name, value))
+        self._first[name.lower()] = value
+
     def __delitem__(self, name: str) -> None:
         key = name.lower()
         self._first.pop(key, None)
@@ -127,9 +176,9 @@ def read_headers(rfile: Any) -> RequestHeaders:
         if text[:1] in (" ", "\t"):
             raise BadRequestHeaders("obsolete header line folding")
         name, sep, value = text.partition(":")
-        if not sep or not _TOKEN(name) or "\r" in value or "\0" in value:
+        if not sep or not _TOKEN(name) or _CONTROL(value):
             raise BadRequestHeaders(f"malformed header line {text[:60]!r}")
-        value = value.strip()
+        value = value.strip(" \t")
         if name.lower() == "content-length":
             if length is not None and value != length:
                 raise BadRequestHeaders("conflicting Content-Length headers")
@@ -180,8 +229,20 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         super().handle()
 
     def MessageClass(self, rfile: Any, *_: Any) -> RequestHeaders:  # noqa: N802
-        """Request headers without the ``email`` package (pywsgi's costliest step)."""
-        return read_headers(rfile)
+        """Request headers without the ``email`` package (pywsgi's costliest step), their
+        body framing checked (:func:`check_framing`)."""
+        headers = read_headers(rfile)
+        check_framing(headers, self.request_version)
+        return headers
+
+    def _handle_client_error(self, ex: Exception) -> Any:
+        """pywsgi's (one log line and a 400), with the status a malformed head calls
+        for when it is another (501)."""
+        answer = super()._handle_client_error(ex)
+        status = ex.status if isinstance(ex, BadRequestHeaders) else 400
+        if status != 400:
+            return str(status), simple_response(status, f"{ex}\n".encode(), close=True)
+        return answer
 
     def _headers(self) -> Iterator[tuple[str, str]]:
         """(environ key, value) per header field, the keys pywsgi makes: HTTP_*, minus
@@ -205,6 +266,17 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
+        expect = environ.get("HTTP_EXPECT")
+        if expect is not None:
+            if self.request_version != "HTTP/1.1":
+                # pywsgi answers 100-continue whatever the version; an HTTP/1.0 client
+                # takes it for its answer (RFC 9110 10.1.1: the expectation is ignored;
+                # 15.2: no 1xx to a 1.0 client)
+                self.wsgi_input.socket = None
+            elif expect.lower() == "100-continue":
+                # case-insensitive (RFC 9110 10.1.1), as the door reads it; pywsgi
+                # answered only the lower-case spelling, and the client waited
+                self.wsgi_input.socket = self.socket
         if environ["wsgi.input"] is self.rfile and (
                 self.content_length not in (None, "", "0")
                 or "HTTP_TRANSFER_ENCODING" in environ):
@@ -288,13 +360,23 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         gevent-websocket's WebSocketError out ("Socket is dead": the client reset the
         connection while the app sent): most apps do not catch it, and the socket's end
         is the client's doing. The socket is the app's once hijacked here, or once
-        gevent-websocket's handler ran it (``websocket_used``: the door's handler)."""
+        gevent-websocket's handler ran it (``websocket_used``: the door's handler).
+
+        One line too for a client that left in the middle of its request body, which
+        the app's read of it raises (pywsgi's "unexpected end of file while ..."): an
+        upload cut short is no server error, and a traceback per request would let any
+        client fill the log (the door's handler says so the same way)."""
         from geventwebsocket.exceptions import WebSocketError
 
         serving = self.hijacked or getattr(self, "websocket_used", False)
         if serving and isinstance(v, WebSocketError):
             log.info("client %s: WebSocket %s ended in the app: %s",
                      self.client_address, str(self.path)[:200], v)
+            self.close_connection = True
+            return
+        if isinstance(v, OSError) and str(v).startswith("unexpected end of file while"):
+            log.info("client %s left in the middle of its request body (%s %s): %s",
+                     self.client_address, self.command, str(self.path)[:200], v)
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
@@ -307,7 +389,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
 
         pywsgi sends the head and the body separately; a send that wakes the peer is
-        the costliest call of a small response (see docs/benchmarks.md)."""
+        the costliest call of a small response (see docs/benchmarks.md).
+
+        A response to HEAD is the head a GET would get, without its content (RFC 9110
+        9.3.2): pywsgi sends whatever the app returns, which a keep-alive client reads
+        as the start of its next response (under cluster.wrap() as under the door)."""
+        if self.command == "HEAD":
+            data = b""
         self.headers_sent = True
         self.finalize_headers()
         head = bytearray(b"HTTP/1.1 ")
@@ -331,8 +419,14 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             self._sendall(head)
             self._write(data)
 
+    def _write(self, data: bytes) -> None:
+        if self.command != "HEAD":  # no content after a HEAD's head (_write_with_headers)
+            super()._write(data)
+
     def finalize_headers(self) -> None:
         super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
         if not self.response_use_chunked and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and \
@@ -345,6 +439,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
                                      if name.lower() != b"connection"]
             self.response_headers.append((b"Connection", b"close"))
             return
+        if self.body_broken():
+            # The app answers a request whose chunked body pywsgi refused (its read raised
+            # and the app made a 400 or 500 of it): the connection ends with this answer.
+            self.close_connection = True
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
                 is_websocket_upgrade(environ):
@@ -398,9 +496,21 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         self.hijacked = False
         return super().handle_one_request()
 
+    def body_broken(self) -> bool:
+        """pywsgi refused a line of this request's chunked body (a chunk size with a
+        space, over 16 digits...) while the app read it."""
+        return bool(getattr(getattr(self, "wsgi_input", None), "_chunked_input_error", False))
+
     def handle_one_response(self) -> None:
         try:
             super().handle_one_response()
+            if self.body_broken():
+                # An app that catches the read error and answers (as frameworks do, with
+                # a 400 or a 500) leaves pywsgi reading its next request from the middle
+                # of the broken body, which pywsgi does not skip: bytes the client sent as
+                # chunk data would be served as a request of their own (smuggled past
+                # any proxy in front, which took them for a body). The connection ends.
+                self.close_connection = True
         finally:
             # The bound method in the environ is a handler -> environ -> handler cycle:
             # break it so a finished connection is freed by refcounting, not by the gc.

@@ -273,7 +273,9 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
         elif kind == _HOP:
             req.hop = value
         elif kind == _EXPECT:
-            if value.lower() == b"100-continue":
+            # RFC 9110 10.1.1: ignored in an HTTP/1.0 request (15.2: no 1xx to a 1.0
+            # client, which would take the 100 for its answer)
+            if value.lower() == b"100-continue" and version == b"HTTP/1.1":
                 req.expect_continue = True
         elif kind == _XFF:
             req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for \
@@ -697,7 +699,9 @@ class ChunkedScanner:
             if state == _SIZE:
                 if len(line) > _MAX_SIZE_LINE:  # also when it arrived in one piece
                     raise ChunkError("chunk line too long")
-                digits = line.split(b";", 1)[0].rstrip(b" \t")
+                digits, semicolon, _ = line.partition(b";")
+                if semicolon:  # BWS may come before an extension's ";", nowhere else
+                    digits = digits.rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ChunkError(f"bad chunk size {line[:20]!r}")
                 # Passed on byte for byte, so nothing another parser reads otherwise: a

@@ -40,6 +40,7 @@ from helpers import (
     read_until_close,
     request_bytes,
     start_instance,
+    start_library_app,
     start_serve,
     wait_until,
 )
@@ -224,6 +225,35 @@ def test_absolute_form_reaches_the_app_as_the_origin_form(door: Door) -> None:
         ("/headers", "x=1", "127.0.0.1")
 
 
+@pytest.mark.parametrize("raw", [b"GET /headers HTTP/1.0\r\n\r\n",
+                                 b"GET /headers HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n"],
+                         ids=["http10-no-host", "empty-host"])
+def test_a_relayed_request_without_a_host_names_the_address_it_came_in_by(front: Door,
+                                                                          raw: bytes) -> None:
+    """RFC 9112 3.3: the authority is then the address the client connected to, as the
+    local app's SERVER_NAME is; the endpoint saw its own address, and built its links
+    (redirects, absolute URLs) past the balancer, to an address clients may not reach."""
+    responses, _ = exchange(front.port, raw, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [200], responses
+    assert json.loads(responses[0].body)["headers"]["Host"] == f"127.0.0.1:{front.port}"
+
+
+def test_a_request_without_a_host_relayed_by_cluster_wrap_names_its_server(
+        front: Door, store: str) -> None:
+    """The same through a cluster.wrap() balancer (pywsgi's SERVER_NAME and its port)."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": store, "CLUSTER_SERVICE": "doorwrap",
+                                    "CLUSTER_UI_SERVICE": "doorproxied",
+                                    "CLUSTER_SELF_WEIGHT": "0"})
+    try:
+        wait_until(lambda: exchange(port, FOLLOW_UP)[0][0].body == b"member", timeout=15,
+                   what="the wrap() balancer relays to the member")
+        responses, _ = exchange(port, b"GET /headers HTTP/1.0\r\n\r\n", timeout=CLOSE_WAIT)
+        host = json.loads(responses[0].body)["headers"]["Host"]
+        assert host.endswith(f":{port}"), host
+    finally:
+        stop_clean(proc)
+
+
 def test_content_length_with_chunked_is_refused_and_closed(door: Door) -> None:
     assert_refused(door, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
@@ -281,6 +311,63 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
 
 
+#: chunk data that is a request of its own, behind a chunk-size line pywsgi refuses
+SMUGGLED = b"GET /headers?smuggled=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def library(store: str) -> Iterator[Door]:
+    """cluster.wrap() serving the test backend under a plain pywsgi server."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "library",
+                                    "CLUSTER_SERVICE": "doorlibrary"}, "backend:app")
+    try:
+        yield Door(proc, port, "library")
+    finally:
+        stop_clean(proc)
+
+
+@pytest.mark.parametrize("size", [b"%x \r\n" % len(SMUGGLED), b"%017x" % len(SMUGGLED)],
+                         ids=["space-after-size", "17-digits"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_chunk_data_behind_a_size_line_pywsgi_refused_is_never_served_as_a_request(
+        request: pytest.FixtureRequest, where: str, size: bytes) -> None:
+    """pywsgi refuses the size line while the app reads the body; an app that catches
+    the error and answers (as frameworks do) left pywsgi reading the next request from
+    the middle of the body, which it does not skip: the chunk data was served as a
+    request of its own, and through a balancer its answer was the next client's."""
+    door = request.getfixturevalue(where)
+    raw = (b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+           b"\r\n" + size + SMUGGLED + b"\r\n0\r\n\r\n")
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert responses and closed, responses
+    assert responses[0].status == 400, responses
+    assert not any(b"smuggled" in r.body for r in responses), responses
+    # a connection that says nothing of its end must not end: the answer said it would
+    assert responses[0].header("connection") == "close" or len(responses) == 2, responses
+
+
+def test_an_answer_to_a_body_the_doors_scanner_refused_says_the_connection_ends(
+        local: Door) -> None:
+    """A control byte in a chunk extension: pywsgi skips extensions unread, the door's
+    scanner refuses the line, the app's read raises and it answers 400 anyway. The
+    connection then ends (RFC 9112 9.6: and the answer says so)."""
+    raw = (b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+           b"\r\n%x;a\x01\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n0\r\n\r\n")
+    responses, closed = exchange(local.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [400] and closed, responses
+    assert responses[0].header("connection") == "close", responses[0].headers
+
+
+def test_under_cluster_wrap_a_body_framed_two_ways_is_refused_and_closed(library: Door) -> None:
+    """pywsgi (cluster.wrap()'s server) dropped the Content-Length, read the chunks, and
+    served the request behind them: with a proxy in front that goes by the length, the
+    classic CL.TE smuggle. The door's answer: 400, and the connection ends."""
+    raw = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED))) + SMUGGLED
+    responses, closed = exchange(library.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [400] and closed, responses
+
+
 @pytest.mark.parametrize("start", [
     b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
     b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
@@ -303,6 +390,24 @@ def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: 
     assert "Traceback" not in local.proc.output()[len(before):]
     responses, _ = exchange(local.port, FOLLOW_UP)
     assert [(r.status, r.body) for r in responses] == [(200, b"local")]
+
+
+@pytest.mark.parametrize("start", [
+    b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
+    b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
+], ids=["content-length", "chunked"])
+def test_an_upload_cut_short_under_cluster_wrap_is_no_traceback(library: Door,
+                                                                start: bytes) -> None:
+    """As at the door: the app's read raises, and pywsgi logged a traceback for it (any
+    client could write one per request)."""
+    before = len(library.proc.output())
+    with socket.create_connection(("127.0.0.1", library.port)) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + start)
+        time.sleep(0.2)
+    time.sleep(0.5)  # the read fails at the client's FIN; pywsgi wrote its traceback then
+    assert "Traceback" not in library.proc.output()[before:]  # (its log is at warning)
+    responses, _ = exchange(library.port, FOLLOW_UP)
+    assert [(r.status, r.body) for r in responses] == [(200, b"library")]
 
 
 @pytest.mark.parametrize("said, sent", [(2, 7), (10, 5)], ids=["more", "fewer"])
@@ -348,9 +453,15 @@ def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
     assert closed
 
 
-def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> None:
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+@pytest.mark.parametrize("value", [b"100-continue", b"100-Continue"])
+def test_expect_100_continue_is_answered_before_the_body_is_sent(
+        request: pytest.FixtureRequest, where: str, value: bytes) -> None:
+    """Its value is case-insensitive (RFC 9110 10.1.1): pywsgi under cluster.wrap()
+    answered only '100-continue', and the client waited for nothing."""
+    door = request.getfixturevalue(where)
     with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: " + value + b"\r\n"
                      b"Content-Length: 5\r\n\r\n")
         data = b""
         while b"\r\n\r\n" not in data:
@@ -368,10 +479,34 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(door: Door) -> 
     assert (got.status, got.body) == (200, b"hello")
 
 
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_an_http_1_0_client_gets_no_100_continue(request: pytest.FixtureRequest,
+                                                 where: str) -> None:
+    """RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
+    (15.2: no 1xx to a 1.0 client). The client takes the first status line it reads
+    for its answer: a 100 was a bodiless answer, and the real one garbage after it."""
+    door = request.getfixturevalue(where)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            early = sock.recv(4096)
+            pytest.fail(f"sent before the body: {early!r}")
+        sock.sendall(b"hello")
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nhello"), data
+    assert closed
+
+
 @pytest.mark.parametrize("target", ["/whoami", "/chunked?n=2&delay=0", "/download?size=100000",
                                     "/status/404"])
-def test_head_gets_the_head_of_a_get_and_no_content(door: Door, target: str) -> None:
-    """RFC 9110 9.3.2; a body after it would be read as the start of the next response."""
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_head_gets_the_head_of_a_get_and_no_content(request: pytest.FixtureRequest,
+                                                    where: str, target: str) -> None:
+    """RFC 9110 9.3.2; a body after it would be read as the start of the next response
+    (pywsgi under cluster.wrap() sent it)."""
+    door = request.getfixturevalue(where)
     raw = request_bytes("HEAD", target) + FOLLOW_UP
     with socket.create_connection(("127.0.0.1", door.port)) as sock:
         sock.sendall(raw)

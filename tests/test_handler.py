@@ -196,7 +196,6 @@ VALID = [
     b"GET / HTTP/1.1\r\nContent-Type: a\r\ncontent-type: b\r\nX-E:\r\nX-S:  s  \r\n\r\n",
     b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Type: t/x\r\n\r\nabc",
     b"POST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-    b"POST /e HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n0\r\n\r\n",
     b"GET / HTTP/1.1\nHost: a\nX-N: 1\n\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-U: \xe9t\xe9\r\nX-C: a:b\r\n\r\n",
     b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
@@ -218,6 +217,8 @@ BAD = [
     b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
     b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
     b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-Ctl: a\x01b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-Del: a\x7fb\r\n\r\n",
     b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (MAX_HEADER_LINE + 10) + b"\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
 ]
@@ -233,6 +234,64 @@ def test_bad_request_heads_get_a_clean_400(raw: bytes, capsys: Any) -> None:
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert len(server.errors.lines) == 1 and "Traceback" not in server.errors.lines[0]
     assert "Traceback" not in capsys.readouterr().err
+
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@pytest.mark.parametrize("fields, body, status", [
+    # RFC 9112 6.1: a server MUST close after such a request; stock pywsgi dropped the
+    # Content-Length, read the chunks and served what followed them
+    (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n", 400),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"0\r\n\r\n", 400),
+    # codings pywsgi ignored (no body: the chunks were read as the next request)
+    (b"Transfer-Encoding: chunked, chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 501),
+    (b"Transfer-Encoding: gzip, chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 501),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+     b"3\r\nabc\r\n0\r\n\r\n", 501),
+    (b"Transfer-Encoding: xchunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+    (b'Transfer-Encoding: "chunked"\r\n', b"3\r\nabc\r\n0\r\n\r\n", 400),
+    (b"Transfer-Encoding: chunked;q=1\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+    # what str.strip() took for whitespace: read as chunked here, unknown elsewhere
+    (b"Transfer-Encoding: \x0bchunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+    (b"Transfer-Encoding: chunked\x0c\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+    (b"Transfer-Encoding: \xa0chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+    # int() reads these as numbers
+    (b"Content-Length: +3\r\n", b"abc", 400),
+    (b"Content-Length: 0_3\r\n", b"abc", 400),
+    (b"Content-Length: 99999999999999999999\r\n", b"abc", 400),
+], ids=["cl-te", "te-cl", "chunked-twice", "gzip-chunked", "two-lines", "xchunked",
+        "quoted", "parameter", "vtab", "formfeed", "nbsp", "plus", "underscore", "huge"])
+def test_a_body_a_proxy_could_frame_another_way_is_refused(fields: bytes, body: bytes,
+                                                           status: int) -> None:
+    """cluster.wrap()'s server holds body framing to the front door's rules: the answer
+    is the door's status, the connection ends, and nothing after the head is served."""
+    server = Server(environ_app)
+    try:
+        answer = server.exchange(b"POST /e HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n" + body
+                                 + SMUGGLED)
+    finally:
+        server.server.stop()
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert len(server.errors.lines) == 1 and "Traceback" not in server.errors.lines[0]
+
+
+@pytest.mark.parametrize("value", [b"chunked ", b"\tChunked", b",chunked", b"CHUNKED, "])
+def test_chunked_spelled_any_valid_way_is_read_as_chunked(value: bytes) -> None:
+    """RFC 9110 5.6.1 lists and case-insensitive codings: what the front door reads as
+    chunked, pywsgi (which wants exactly 'chunked') now reads so too."""
+    server = Server(environ_app)
+    try:
+        answer = server.exchange(b"POST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + value
+                                 + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n" + SMUGGLED)
+    finally:
+        server.server.stop()
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ")
+    seen = json.loads(rest[:rest.index(b"}") + 1])
+    assert (seen["body"], seen["HTTP_TRANSFER_ENCODING"]) == ("abc", "chunked")
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and b"/smuggled" in answer
 
 
 def test_raw_uri_keeps_the_request_target(servers: tuple[Server, Server]) -> None:

@@ -269,6 +269,19 @@ def test_keep_alive(version: str, connection: str | None, keep_alive: bool) -> N
     assert head.keep_alive is keep_alive
 
 
+@pytest.mark.parametrize("version, value, expects", [
+    ("HTTP/1.1", "100-continue", True),
+    ("HTTP/1.1", "100-Continue", True),
+    ("HTTP/1.1", "something-else", False),
+    ("HTTP/1.0", "100-continue", False),  # RFC 9110 10.1.1: ignored in HTTP/1.0
+])
+def test_expect_100_continue(version: str, value: str, expects: bool) -> None:
+    head, _ = parse(f"POST / {version}\r\nHost: h\r\nExpect: {value}\r\n"
+                    f"Content-Length: 1\r\n\r\nx".encode())
+    assert head.expect_continue is expects
+    assert (("Expect", "100-continue") in head.header_pairs()) is expects
+
+
 def test_websocket_upgrade_is_recognised_only_as_rfc_6455_says() -> None:
     def head(method: str, connection: str, upgrade: str) -> RequestHead:
         raw = (f"{method} /ws HTTP/1.1\r\nHost: h\r\nConnection: {connection}\r\n"
@@ -536,6 +549,12 @@ def test_chunked_scan_does_not_depend_on_how_bytes_arrive(body: bytes, size: int
     assert (consumed, decoded, done) == (len(wire), body, True)
 
 
+def test_whitespace_before_a_chunk_extension_is_allowed() -> None:
+    """RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name ... )."""
+    wire = b"5 ; a = b\r\nhello\r\n0\t;x\r\n\r\n"
+    assert scan(wire + b"rest", []) == (len(wire), b"hello", True)
+
+
 def test_chunked_body_byte_by_byte() -> None:
     wire = chunked(b"hello world", 3, trailer=b"T: 1\r\n")
     assert scan(wire + b"rest", [1] * len(wire)) == (len(wire), b"hello world", True)
@@ -547,6 +566,8 @@ def test_chunked_body_byte_by_byte() -> None:
     b"-5\r\nhello\r\n0\r\n\r\n",
     b"0x5\r\nhello\r\n0\r\n\r\n",
     b" 5\r\nhello\r\n0\r\n\r\n",
+    b"5 \r\nhello\r\n0\r\n\r\n",  # BWS only before an extension (RFC 9112 7.1.1)
+    b"5\t\r\nhello\r\n0\r\n\r\n",
     b"\r\nhello\r\n0\r\n\r\n",
     b"5\nhello\r\n0\r\n\r\n",
     b"3\r\nhello\r\n0\r\n\r\n",

@@ -53,6 +53,7 @@ import socket as stdsocket
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
+from cluster.config import host_port
 from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, misbehaving
 from cluster.http1 import (
     CHUNKED,
@@ -246,11 +247,18 @@ class HttpForwarder:
             forwarded = [f for f in forwarded if f.partition(b":")[0].lower() not in names]
             if b"host" in names:  # the added Host replaces the client's
                 head.host = b""
-        out = request_head(head, head.target, target.hostport.encode("latin-1"), forwarded,
-                           extra, framing)
+        authority = target.hostport.encode("latin-1")
+        if not head.host and environ.get("SERVER_NAME"):
+            # No Host (HTTP/1.0) or an empty one: the authority the client reached is this
+            # server's (RFC 9112 3.3), as the local app's SERVER_NAME and SERVER_PORT say,
+            # not the endpoint's, which would send its links past this balancer.
+            port = str(environ.get("SERVER_PORT") or "")
+            name = str(environ["SERVER_NAME"])
+            authority = (host_port(name, int(port)) if port.isdigit() else name).encode(
+                "latin-1")
+        out = request_head(head, head.target, authority, forwarded, extra, framing)
         if add_headers and b"host" in names:
-            out = out.replace(b"\r\nHost: " + target.hostport.encode("latin-1") + b"\r\n",
-                              b"\r\n", 1)
+            out = out.replace(b"\r\nHost: " + authority + b"\r\n", b"\r\n", 1)
         if body:
             out += body
         conn = None if streamed else pool.acquire(endpoint_url)

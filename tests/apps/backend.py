@@ -4,7 +4,8 @@ Run alone: ``python tests/apps/backend.py --port 9000 --name b1``.
 As a cluster member's local app: ``cluster serve --app backend:app`` with
 ``BACKEND_NAME`` in the environment (tests/apps is on PYTHONPATH).
 
-Routes: /whoami, /headers, /echo (request body back), /upload[?then=SECONDS] (sha256 of
+Routes: /whoami, /headers, /echo (request body back), /read-or-400 (the same, and a 400
+when the body cannot be read, as frameworks answer), /upload[?then=SECONDS] (sha256 of
 the body, after sleeping that long), /download?size=N (deterministic bytes),
 /chunked?n=&delay=, /sse?n=&delay=, /slow?seconds=, /status/CODE, /cookies (several
 Set-Cookie), /hop (hop-by-hop response headers), /gate?key=&n=[&sse=1] (streams piece i
@@ -98,6 +99,12 @@ def app(environ, start_response):
     if path == "/echo":
         body = environ["wsgi.input"].read()
         return reply(body, ctype=environ.get("CONTENT_TYPE") or "application/octet-stream")
+    if path == "/read-or-400":  # as frameworks do: a body that cannot be read is a 400
+        try:
+            body = environ["wsgi.input"].read()
+        except OSError as exc:
+            return reply(f"unreadable body: {exc}", status="400 Bad Request")
+        return reply(body)
     if path == "/upload":
         digest, total = hashlib.sha256(), 0
         stream = environ["wsgi.input"]
