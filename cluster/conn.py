@@ -188,6 +188,8 @@ class Sweeper:
         self.conns: weakref.WeakSet[ClientConn] = weakref.WeakSet()
         self._greenlet: Any = None
         self._left_at = 0.0
+        #: what was waiting for an endpoint at the last check: connection -> request number
+        self._waited: dict[ClientConn, int] = {}
 
     def __len__(self) -> int:
         return len(self.conns)
@@ -237,10 +239,19 @@ class Sweeper:
         neither connection is held until the read timeout (5 minutes by default). A
         client that has sent more bytes (a pipelined request) has not left. The check
         is one poll for all of them, once a LEFT_EVERY, never per request.
+
+        Only a request already waiting at the check before is looked at (it has waited
+        LEFT_EVERY at least): a client that closes its sending side once its request is
+        sent (a shell script's `nc -N`) gets every quick answer, whenever the sweep
+        falls, and loses only a slow one, as under nginx.
         """
-        waiting = {c.raw.fileno(): c for c in list(self.conns)
-                   if c.phase == UPSTREAM and c.upstream is not None and not c.buf
-                   and not c.gone}
+        before = self._waited
+        now_waiting = {c: c.requests for c in list(self.conns)
+                       if c.phase == UPSTREAM and c.upstream is not None and not c.buf
+                       and not c.gone}
+        self._waited = now_waiting
+        waiting = {c.raw.fileno(): c for c, number in now_waiting.items()
+                   if before.get(c) == number}
         waiting.pop(-1, None)
         if not waiting:
             return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import time
 from pathlib import Path
@@ -184,8 +185,9 @@ def test_sockjs_base_url_takes_no_scheme_but_http_or_https(tmp_path: Path) -> No
 
 
 @contextlib.contextmanager
-def behind_balancer(tmp: Path, *extra: str) -> Iterator[tuple[int, Proc, Proc]]:
-    """The misbehaving endpoint registered as service `bad`, a balancer in front."""
+def behind_balancer(tmp: Path, *extra: str) -> Iterator[tuple[int, Proc, Proc, Proc]]:
+    """The misbehaving endpoint registered as service `bad`, a balancer in front:
+    (the balancer's port, the endpoint, its sidecar, the balancer)."""
     discovery = f"sqlite://{tmp / 'discovery.sqlite3'}"
     with contextlib.ExitStack() as stops:  # stopped front first, endpoint last
         endpoint, port = start_app("bad_endpoint.py", name="bad-endpoint")
@@ -197,14 +199,14 @@ def behind_balancer(tmp: Path, *extra: str) -> Iterator[tuple[int, Proc, Proc]]:
         front, front_port = serve(stops, "front", discovery, "--ui-service", "bad", *extra)
         wait_until(lambda: raw_get(front_port, "/ok", source="127.0.0.1")[0] == 200,
                    timeout=TIMEOUT, what="the balancer to see the endpoint")
-        yield front_port, endpoint, sidecar
+        yield front_port, endpoint, sidecar, front
     assert "Traceback" not in front.output(), front.output()
 
 
 @pytest.mark.parametrize("script", ["/extra", "/nocontent"])
 def test_bytes_after_a_response_never_reach_another_client(tmp_path: Path,
                                                           script: str) -> None:
-    with behind_balancer(tmp_path) as (port, endpoint, _):
+    with behind_balancer(tmp_path) as (port, endpoint, _, _):
         for _ in range(5):
             status, fields, body = raw_get(port, script)
             assert (status, body) in ((200, b"ok"), (204, b"")), (status, body)
@@ -216,18 +218,44 @@ def test_bytes_after_a_response_never_reach_another_client(tmp_path: Path,
 
 
 def test_malformed_answer_to_a_get_is_502_not_503(tmp_path: Path) -> None:
-    with behind_balancer(tmp_path) as (port, _, _):
+    with behind_balancer(tmp_path) as (port, _, _, _):
         status, _, body = raw_get(port, "/garbage")
         assert status == 502, body
 
 
 def test_pooled_connections_of_departed_endpoints_are_closed(tmp_path: Path) -> None:
-    with behind_balancer(tmp_path) as (port, endpoint, sidecar):
+    with behind_balancer(tmp_path) as (port, endpoint, sidecar, _):
         raw_get(port, "/ok")  # leaves one idle pooled connection to the endpoint
         assert "closed-by-peer" not in endpoint.output()
         sidecar.stop()  # deregisters: the endpoint leaves the table
         wait_until(lambda: "closed-by-peer" in endpoint.output(), timeout=10,
                    what="the balancer to close its pooled connection")
+
+
+@pytest.mark.parametrize("script", ["/hold", "/hold-body"])
+def test_a_client_that_leaves_ends_its_wait_for_the_endpoint(tmp_path: Path,
+                                                              script: str) -> None:
+    """A long poll whose browser left (a closed tab): its endpoint connection is closed,
+    as nginx does, instead of held until the endpoint answers; and a stop right after
+    has no request left to wait for (it waited out its whole drain, 10 s)."""
+    with behind_balancer(tmp_path) as (port, endpoint, _, front):
+        # Half-closed after sending, an answer within a second still comes, whenever
+        # the once-a-second check falls (nginx would cut it): three tries, each 0.6 s.
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        client.sendall(f"GET {script} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: "holding" in endpoint.output(), timeout=TIMEOUT,
+                   what="the request at the endpoint")
+        client.close()
+        wait_until(lambda: "closed-by-peer" in endpoint.output().partition("holding")[2],
+                   timeout=5, what="the balancer to close the endpoint connection")
+        assert raw_get(port, "/ok")[0] == 200  # and it serves on
+        front.signal(signal.SIGTERM)
+        assert front.wait(5) == 0, front.output()
 
 
 def test_client_that_stops_reading_is_cut_and_its_upstream_released(tmp_path: Path) -> None:

@@ -14,6 +14,10 @@ Scripts (by request path):
   /ok        a plain 200
   /ws        a 101 (a WebSocket upgrade taken), logged as ``upgrade on N`` (the
              connection's number); then the connection stays open until the peer closes
+  /late      a plain 200, 0.6 s late
+  /hold      no answer (a long poll), logged as ``holding N``; the connection stays
+             open until the peer closes
+  /hold-body the head and 10 of 100 body bytes, logged as ``holding N``; then as /hold
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ SCRIPTS = {
     b"/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
 }
 
+HOLD = {b"/hold": b"",
+        b"/hold-body": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"}
+
 
 def say(line: str) -> None:
     sys.stdout.write(line + "\n")
@@ -54,6 +61,13 @@ def serve(conn: socket.socket, number: int) -> None:
                 buf += data
             head, _, buf = buf.partition(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].split(b"?")[0]
+            if path in HOLD:
+                conn.sendall(HOLD[path])
+                say(f"holding {number}")
+                while conn.recv(65536):
+                    pass
+                say(f"closed-by-peer {number}")
+                return
             if path == b"/ws":
                 say(f"upgrade on {number}")
                 conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -62,6 +76,8 @@ def serve(conn: socket.socket, number: int) -> None:
                     pass
                 say(f"closed-by-peer {number}")
                 return
+            if path == b"/late":
+                time.sleep(0.6)
             conn.sendall(SCRIPTS.get(path, SCRIPTS[b"/ok"]))
             if path in LATE:
                 time.sleep(0.2)
