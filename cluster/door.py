@@ -728,9 +728,7 @@ class Connection:
         assert upstream is not None
         door = self.door
         raw_head = exchange.raw_head
-        figure = None
-        if _LOAD_FIELD in raw_head:
-            figure, raw_head = _load_field(raw_head)
+        figure, raw_head = _load_field(raw_head)
         conn.send(raw_head + b"\r\n\r\n" + upstream.buf)
         early = bytes(conn.buf)
         conn.buf.clear()
@@ -945,23 +943,25 @@ def _no_endpoint_left(decision: Any) -> bool:
     return isinstance(decision, Reply) and decision.status == 503
 
 
-_LOAD_FIELD = b"\r\n" + LOAD_HEADER.encode("ascii") + b":"
+_LOAD_FIELD = b"\r\n" + LOAD_HEADER.lower().encode("ascii") + b":"
 
 
 def _load_field(raw_head: bytes) -> tuple[float | None, bytes]:
     """The X-Cluster-Load figure of a 101's head (None: absent or not a sane count), and
-    the head without that field: it is for this balancer, not for the client."""
-    at = raw_head.find(_LOAD_FIELD)
-    if at < 0:
-        return None, raw_head
-    start = at + len(_LOAD_FIELD)
-    end = raw_head.find(b"\r\n", start)
-    end = len(raw_head) if end < 0 else end
-    value = raw_head[start:end].strip()
-    rest = raw_head[:at] + raw_head[end:]
-    if not value.isdigit() or len(value) > 8:
-        return None, rest
-    return float(value), rest
+    the head without that field, in any case and however many times: it is for this
+    balancer, not for the client (a proxy between may have changed the name's case)."""
+    figure = None
+    at = raw_head.lower().find(_LOAD_FIELD)
+    while at >= 0:
+        start = at + len(_LOAD_FIELD)
+        end = raw_head.find(b"\r\n", start)
+        end = len(raw_head) if end < 0 else end
+        value = raw_head[start:end].strip()
+        raw_head = raw_head[:at] + raw_head[end:]
+        if figure is None and value.isdigit() and len(value) <= 8:
+            figure = float(value)
+        at = raw_head.lower().find(_LOAD_FIELD, at)
+    return figure, raw_head
 
 
 def _field(head: RequestHead, name: bytes) -> str:

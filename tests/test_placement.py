@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from cluster.door import _load_field
 from cluster.load import Load, LocalLoad, moved, parse_load
 from cluster.placement import Placement
 from cluster.rebalance import Rebalancer, shed_target
@@ -362,3 +363,18 @@ def test_cluster_status_table_shows_the_load():
     lines = table_lines(data)
     assert lines[1].split()[-1] == "LOAD"
     assert lines[2].endswith("live   12 ws, 1 req, 3.2 ms") and lines[3].endswith("live   -")
+
+
+@pytest.mark.parametrize("head, figure, left", [
+    (b"HTTP/1.1 101 Switching\r\nX-Cluster-Load: 12\r\nUpgrade: websocket",
+     12.0, b"HTTP/1.1 101 Switching\r\nUpgrade: websocket"),
+    (b"HTTP/1.1 101 Switching\r\nx-cluster-load: 7", 7.0, b"HTTP/1.1 101 Switching"),
+    (b"HTTP/1.1 101 Switching\r\nX-CLUSTER-LOAD: many\r\nX-Cluster-Load: 3\r\nA: b",
+     3.0, b"HTTP/1.1 101 Switching\r\nA: b"),
+    (b"HTTP/1.1 101 Switching\r\nUpgrade: websocket", None,
+     b"HTTP/1.1 101 Switching\r\nUpgrade: websocket"),
+])
+def test_the_load_field_of_a_101_is_read_and_never_passed_on(head, figure, left):
+    """In any case and however often it comes: a proxy between may change a name's
+    case, and what is left would reach the client."""
+    assert _load_field(head) == (figure, left)
