@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
+import gevent.socket
 from gevent.pool import Pool
 from gevent.server import _tcp_listener
 
@@ -178,6 +179,29 @@ def lone_balancer_warning(settings: Settings, has_local_app: bool) -> str:
             "or add this host to their --trusted-proxies")
 
 
+def unreachable_endpoint(url: str, timeout: float) -> str:
+    """Why this host cannot open a TCP connection to the endpoint ``url`` ("" if it can).
+
+    Checked once the instance listens (before it accepts: the kernel completes the
+    handshake, and the door later takes the closed connection off the backlog before
+    any client's): an --endpoint-url with a mistyped port or host registered an address
+    where nothing answers, silently (every other instance then tried it, was refused
+    and ejected it, again and again).
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        conn = gevent.socket.create_connection((parts.hostname or "", port), timeout=timeout)
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    conn.close()
+    return ""
+
+
+#: the longest the start-up check of the endpoint waits for a connection
+ENDPOINT_CHECK_SECONDS = 2.0
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -322,6 +346,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
         door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
+    unreachable = "" if node.registrar is None else unreachable_endpoint(
+        node.self_url, min(settings.connect_timeout, ENDPOINT_CHECK_SECONDS))
     node.start()
     # Everything alive now (modules, the app, settings) lives as long as the process:
     # move it out of the collector's generations so collections triggered by
@@ -339,6 +365,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
              node.endpoint_choice.reason, node.store.description)
+    if unreachable:
+        log.warning("endpoint %s (%s) does not accept connections from this host (%s): "
+                    "other instances cannot reach this one; check --endpoint-url "
+                    "(CLUSTER_ENDPOINT_URL)", node.self_url, node.endpoint_choice.reason,
+                    unreachable)
     notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
