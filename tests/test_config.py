@@ -158,6 +158,19 @@ def test_help_lists_every_setting_with_its_environment_name():
         assert command in text
 
 
+def test_help_describes_the_config_file_as_it_is_read(tmp_path):
+    """--help said "Config file syntax allows: ... stuff=[a,b,c]" (configargparse's
+    text, with a dead short link), and such a line stopped the program instead."""
+    text = " ".join(run_cluster("serve", "--help").stdout.split())
+    assert "stuff=[a,b,c]" not in text and "goo.gl" not in text, text
+    assert "public-services = a,b" in text, text
+    conf = tmp_path / "c.conf"
+    conf.write_text("# as --help says\npublic-services = a,b\n")
+    result = run_cluster("status", "--json", "-c", str(conf),
+                         "--discovery-url", f"sqlite://{tmp_path / 'none.sqlite3'}")
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("command", [None, "serve", "status"])
 def test_version_prints_the_package_version(command):
     import cluster
