@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
-from helpers import refused_port, serving, wait_until
+import requests
+
+from helpers import Proc, gunicorn_port, python, refused_port, serving, wait_until
 
 SAID = "does not accept connections from this host"
 
@@ -35,3 +37,22 @@ def test_a_reachable_endpoint_says_nothing(sqlite_url):
         wait_until(lambda: "registered web" in proc.output(), timeout=15)
         time.sleep(1.0)
         assert SAID not in proc.output() and "WARNING" not in proc.output(), proc.output()
+
+
+def test_gunicorn_workers_warn_of_an_endpoint_host_nobody_answers_on(tmp_path, sqlite_url):
+    """Under gunicorn CLUSTER_ENDPOINT_URL gives the workers' host (each keeps its own
+    port): a host the workers do not listen on (127.0.0.2, with gunicorn bound to
+    127.0.0.1) is one warning per worker, and the workers serve."""
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "1",
+                       "-b", "127.0.0.1:0", "--control-socket", str(tmp_path / "g.ctl"),
+                       "backend:app"),
+                env={"CLUSTER_SERVICE": "web", "CLUSTER_DISCOVERY_URL": sqlite_url,
+                     "CLUSTER_ENDPOINT_URL": "http://127.0.0.2:8000"}, name="gunicorn")
+    try:
+        port = gunicorn_port(proc)
+        wait_until(lambda: SAID in proc.output(), timeout=20, what="the endpoint warning")
+        assert "http://127.0.0.2:" in proc.output()
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()
