@@ -56,3 +56,20 @@ def test_gunicorn_workers_warn_of_an_endpoint_host_nobody_answers_on(tmp_path, s
     finally:
         proc.stop()
     assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_second_instance_given_the_first_ones_endpoint_url_is_told(sqlite_url):
+    """The typical way to get two instances with one endpoint URL: CLUSTER_ENDPOINT_URL
+    exported once, a second instance started on another port. They heartbeat one record,
+    and the first to stop deletes it under the other; the second now says so at start."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 name="first") as (first, port), \
+            serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                    env={"CLUSTER_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
+                    name="second") as (second, second_port):
+        said = "is another process's port on this host"
+        wait_until(lambda: said in second.output(), timeout=15, what="the duplicate warning")
+        lines = [line for line in second.output().splitlines() if said in line]
+        assert len(lines) == 1 and f"127.0.0.1:{second_port}" in lines[0], lines
+        assert second.poll() is None and first.poll() is None
+        assert "WARNING" not in first.output(), first.output()
