@@ -108,6 +108,9 @@ def _ping_seconds(raw: str) -> float:
 
 def _discovery_url(raw: str) -> str:
     value = raw.strip()
+    if not value:  # said "unknown discovery scheme ''" (an uncommented `discovery-url =`)
+        raise ValueError("is empty: leave it unset for the embedded store of this host, "
+                         "or give mongodb://… or sqlite:///path")
     scheme = urlsplit(value).scheme
     if scheme not in DISCOVERY_SCHEMES:
         raise ValueError(

@@ -70,6 +70,7 @@ def test_endpoint_url_defaults_from_bind():
     (["--endpoint-url", "localhost:3000"], {}, "--endpoint-url"),
     (["--endpoint-url", "http://"], {}, "--endpoint-url"),
     ([], {"CLUSTER_DISCOVERY_URL": "redis://x"}, "CLUSTER_DISCOVERY_URL"),
+    ([], {"CLUSTER_DISCOVERY_URL": ""}, "leave it unset for the embedded store"),
     (["-c", "/nonexistent/cluster.conf"], {}, "/nonexistent/cluster.conf"),
     (["--ping-interval", "0"], {}, "--ping-interval"),
     (["--ping-interval", "7200"], {}, "--ping-interval"),
