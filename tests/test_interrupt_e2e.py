@@ -52,6 +52,26 @@ def _wait_for_library(pid: int, name: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"{name} was never loaded by {pid}")
 
 
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def _group(pgid: int) -> list[str]:
+    """The live processes of process group ``pgid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":  # field 5 of stat: the group
+            found.append(stat.parent.name)
+    return found
+
+
 def _ctrl_c(proc: subprocess.Popen[bytes]) -> str:
     os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -83,20 +103,19 @@ def test_ctrl_c_while_the_demo_starts_stops_it_quietly(tmp_path):
     port = consecutive_free_ports(3)
     proc = _start([sys.executable, "-m", "cluster", "demo", "--bind", f"127.0.0.1:{port}"],
                   env={"XDG_STATE_HOME": str(tmp_path / "state")}, cwd=tmp_path)
-    # the instances have started importing: Ctrl-C reaches them and the runner at once
+    # the instances are importing gevent: Ctrl-C reaches them and the runner at once
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                  text=True).stdout.split()
+        children = _children(proc.pid)
         if len(children) == 3:
             break
         time.sleep(0.005)
     assert len(children) == 3, children
-    _wait_for_library(int(children[-1]), "greenlet")
+    for child in children:  # each past Python's own start-up (a Ctrl-C there is Python's)
+        _wait_for_library(int(child), "greenlet")
     output = _ctrl_c(proc)
     time.sleep(0.5)  # the runner waited for its children; nothing of the group is left
-    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True,
-                          text=True).stdout.split()
+    left = _group(proc.pid)
     for pid in left:
         os.kill(int(pid), signal.SIGKILL)
     assert not left, left
