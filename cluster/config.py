@@ -108,6 +108,9 @@ def _ping_seconds(raw: str) -> float:
 
 def _discovery_url(raw: str) -> str:
     value = raw.strip()
+    if not value:  # said "unknown discovery scheme ''" (an uncommented `discovery-url =`)
+        raise ValueError("is empty: leave it unset for the embedded store of this host, "
+                         "or give mongodb://… or sqlite:///path")
     scheme = urlsplit(value).scheme
     if scheme not in DISCOVERY_SCHEMES:
         raise ValueError(
@@ -937,6 +940,13 @@ class _ConfigFileParser(configargparse.DefaultConfigFileParser):  # type: ignore
     """configargparse's ``key = value`` lines, stricter where it is silent: a key set
     twice (the last one won) and a second ``[section]`` (sections are comments to it,
     so two of them merged) are errors naming the key or section, the line and file."""
+
+    def get_syntax_description(self) -> str:
+        # configargparse's own ("stuff=[a,b,c]", a shortened link) promised lists,
+        # which no setting here takes: a comma list is one value (a,b)
+        return ("Config file syntax: one 'key = value' per line, the key a flag without "
+                "'--' (bind = 0.0.0.0:8000), lists as commas (public-services = a,b), "
+                "'#' comments, each key at most once.")
 
     def parse(self, stream: Any) -> Any:
         name = getattr(stream, "name", "config file")

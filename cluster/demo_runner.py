@@ -37,7 +37,8 @@ def run_demo(settings: Settings, instances: int = 3) -> int:
             children.append(subprocess.Popen([*base, "--bind", host_port(host, port)],
                                              stdin=subprocess.DEVNULL))
         urls = [f"http://{host_port(host, port)}" for port in ports]
-        _wait_for(urls, children)
+        if not _wait_for(urls, children, stopping):
+            return 130  # Ctrl-C (or SIGTERM) before the instances were up
         print(f"\n{instances} instances of the demo app, each one a balancer:")
         for url in urls:
             print(f"  {url}/")
@@ -81,16 +82,23 @@ def _demo_traffic(urls: list[str], stopping: threading.Event) -> None:
             pass  # an instance stopping; the next request goes elsewhere
 
 
-def _wait_for(urls: list[str], children: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for(urls: list[str], children: list[subprocess.Popen[bytes]],
+              stopping: threading.Event) -> bool:
+    """True once every instance sees them all; False if asked to stop meanwhile (Ctrl-C
+    reaches the instances too: their exits are then no failure to report)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if stopping.is_set():
+            return False
         if any(child.poll() is not None for child in children):
+            if stopping.wait(0.2):  # the signal that stopped the child, not yet handled here
+                return False
             raise SystemExit("an instance exited at start; see its message above")
         try:
             views = [requests.get(u + "/_cluster/status", timeout=2).json() for u in urls]
             if all(len(v["endpoints"]) == len(urls) for v in views):
-                return
+                return True
         except requests.RequestException:
             pass
-        time.sleep(0.2)
+        stopping.wait(0.2)
     raise SystemExit("the instances did not find each other within 30 s")

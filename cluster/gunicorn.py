@@ -187,13 +187,20 @@ def _init_worker(worker: Any) -> None:
     from cluster.door import DoorServer
     from cluster.errors import DiscoveryError
     from cluster.node import Cluster
-    from cluster.server import make_door
+    from cluster.server import ENDPOINT_CHECK_SECONDS, make_door, unreachable_endpoint
 
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
     host, port = listener.getsockname()[:2]
     settings = _worker_settings(port, host, worker.cfg)
     node = Cluster(settings, register=bool(settings.service))
+    if node.registrar is not None:  # as cluster serve: a mistyped CLUSTER_ENDPOINT_URL host
+        why = unreachable_endpoint(node.self_url, min(settings.connect_timeout,
+                                                      ENDPOINT_CHECK_SECONDS))
+        if why:
+            worker.log.warning("cluster: endpoint %s does not accept connections from this "
+                               "host (%s): other instances cannot reach this worker; check "
+                               "CLUSTER_ENDPOINT_URL", node.self_url, why)
     if node.registrar is not None:
         try:  # registered before serving, so a HUP's new worker is known when it serves
             node.registrar.beat()

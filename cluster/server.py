@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
+import gevent.socket
 from gevent.pool import Pool
 from gevent.server import _tcp_listener
 
@@ -178,6 +179,55 @@ def lone_balancer_warning(settings: Settings, has_local_app: bool) -> str:
             "or add this host to their --trusted-proxies")
 
 
+def unreachable_endpoint(url: str, timeout: float) -> str:
+    """Why this host cannot open a TCP connection to the endpoint ``url`` ("" if it can).
+
+    Checked once the instance listens (before it accepts: the kernel completes the
+    handshake, and the door later takes the closed connection off the backlog before
+    any client's): an --endpoint-url with a mistyped port or host registered an address
+    where nothing answers, silently (every other instance then tried it, was refused
+    and ejected it, again and again).
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        conn = gevent.socket.create_connection((parts.hostname or "", port), timeout=timeout)
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    conn.close()
+    return ""
+
+
+#: the longest the start-up check of the endpoint waits for a connection
+ENDPOINT_CHECK_SECONDS = 2.0
+
+
+def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
+    """Is ``url`` a port of this host other than the one this instance listens on?
+
+    Then the connection to it (which succeeded) reached another process: typically a
+    second instance started with the first one's --endpoint-url (an exported
+    CLUSTER_ENDPOINT_URL). Both heartbeat one record, and the first to stop deletes it
+    under the other. An address is this host's when a socket can be bound to it.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if port == bound[1] or not parts.hostname:
+        return False
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _type, _proto, _name, address in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address[0], 0))
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -322,6 +372,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
         door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
+    unreachable = "" if node.registrar is None else unreachable_endpoint(
+        node.self_url, min(settings.connect_timeout, ENDPOINT_CHECK_SECONDS))
+    elsewhere = (node.registrar is not None and not unreachable
+                 and endpoint_of_another_process(node.self_url, settings.bind_address))
     node.start()
     # Everything alive now (modules, the app, settings) lives as long as the process:
     # move it out of the collector's generations so collections triggered by
@@ -339,6 +393,17 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
              settings.service or "(balancer only)", settings.bind,
              " and the shared public socket" if shared is not None else "", node.self_url,
              node.endpoint_choice.reason, node.store.description)
+    if unreachable:
+        log.warning("endpoint %s (%s) does not accept connections from this host (%s): "
+                    "other instances cannot reach this one; check --endpoint-url "
+                    "(CLUSTER_ENDPOINT_URL)", node.self_url, node.endpoint_choice.reason,
+                    unreachable)
+    if elsewhere:
+        log.warning("endpoint %s (%s) is another process's port on this host (this one "
+                    "listens on %s): two instances with one endpoint URL share one record, "
+                    "and the first to stop removes it; give each its own --endpoint-url "
+                    "(CLUSTER_ENDPOINT_URL), unless a proxy there forwards to this one",
+                    node.self_url, node.endpoint_choice.reason, settings.bind)
     notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)

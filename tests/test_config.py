@@ -70,6 +70,7 @@ def test_endpoint_url_defaults_from_bind():
     (["--endpoint-url", "localhost:3000"], {}, "--endpoint-url"),
     (["--endpoint-url", "http://"], {}, "--endpoint-url"),
     ([], {"CLUSTER_DISCOVERY_URL": "redis://x"}, "CLUSTER_DISCOVERY_URL"),
+    ([], {"CLUSTER_DISCOVERY_URL": ""}, "leave it unset for the embedded store"),
     (["-c", "/nonexistent/cluster.conf"], {}, "/nonexistent/cluster.conf"),
     (["--ping-interval", "0"], {}, "--ping-interval"),
     (["--ping-interval", "7200"], {}, "--ping-interval"),
@@ -156,6 +157,19 @@ def test_help_lists_every_setting_with_its_environment_name():
         assert config.env_of(spec.name) in text.replace("CLUSTER_ ", "CLUSTER_")
     for command in config.COMMANDS:
         assert command in text
+
+
+def test_help_describes_the_config_file_as_it_is_read(tmp_path):
+    """--help said "Config file syntax allows: ... stuff=[a,b,c]" (configargparse's
+    text, with a dead short link), and such a line stopped the program instead."""
+    text = " ".join(run_cluster("serve", "--help").stdout.split())
+    assert "stuff=[a,b,c]" not in text and "goo.gl" not in text, text
+    assert "public-services = a,b" in text, text
+    conf = tmp_path / "c.conf"
+    conf.write_text("# as --help says\npublic-services = a,b\n")
+    result = run_cluster("status", "--json", "-c", str(conf),
+                         "--discovery-url", f"sqlite://{tmp_path / 'none.sqlite3'}")
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("command", [None, "serve", "status"])

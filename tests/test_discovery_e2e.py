@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -172,3 +173,44 @@ def test_embedded_default_needs_no_server(tmp_path):
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_a_replica_set_url_listing_several_hosts_works(mongo_url):
+    """The README's production URL names every member with its port
+    (mongodb://db1:27017,db2:27017,db3:27017/cluster?replicaSet=rs0): the store's log
+    description read the port of "27017,db2:27017,..." and every command stopped with a
+    ValueError traceback. Here the real server is the first seed and a refused port the
+    second, as a member that is down."""
+    from helpers import refused_port
+
+    head, sep, tail = mongo_url.partition("://")
+    hosts, slash, rest = tail.partition("/")
+    with refused_port() as dead:
+        url = f"{head}{sep}{hosts},127.0.0.1:{dead}{slash}{rest}"
+        proc, port = start_serve("--service", "web", "--app", "backend:app",
+                                 "--ping-interval", str(PING), "--expiry-grace", str(GRACE),
+                                 env={"CLUSTER_DISCOVERY_URL": url}, name="rs-url")
+        try:
+            wait_until(lambda: f"http://127.0.0.1:{port}" in live_endpoints(url), timeout=20,
+                       what="the instance in the table, read with the same URL")
+            assert f"{hosts},127.0.0.1:{dead}" in proc.output()  # the log names both hosts
+        finally:
+            proc.stop()
+        assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_mongodb_url_with_no_server_is_one_short_line():
+    """No server at the URL: one line naming the store and the refusal, not pymongo's
+    dump of its topology (hundreds of characters of server descriptions)."""
+    from helpers import refused_port
+
+    with refused_port() as dead:
+        result = subprocess.run(
+            cluster_argv("status", "--connect-timeout", "1",
+                         "--discovery-url", f"mongodb://127.0.0.1:{dead}/cluster"),
+            capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"127.0.0.1:{dead}" in result.stderr and "refused" in result.stderr, result.stderr
+    assert "Topology Description" not in result.stderr, result.stderr

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pymongo
 from bson.errors import BSONError
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
 
 from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
@@ -51,17 +51,30 @@ DECODING: dict[str, Any] = {
 STORE_ERRORS = (PyMongoError, BSONError)
 
 
+def _why(exc: BaseException) -> str:
+    """The error's text, one line, without pymongo's topology dump: a server selection
+    timeout (no server answers the URL) appends ", Timeout: 5.0s, Topology Description:
+    <...>" with every server's state, several hundred characters on every log line."""
+    text = str(exc)
+    cut = text.find(", Timeout: ")
+    if isinstance(exc, ServerSelectionTimeoutError) and cut > 0:
+        return text[:cut]
+    return text
+
+
 def record_id(service: str, endpoint: str) -> str:
     """The ``_id`` of our own record of (service, endpoint)."""
     return f"{service}@{endpoint}"
 
 
 def _redacted(url: str) -> str:
+    """The URL for logs: its hosts, ports and database, without credentials or options.
+
+    A replica set's URL lists several hosts (``mongodb://db1:27017,db2:27017/cluster``),
+    whose ports urlsplit cannot read (it raised, a traceback in every way of running).
+    """
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 class MongoStore(DiscoveryStore):
@@ -111,7 +124,7 @@ class MongoStore(DiscoveryStore):
                 written = self._collection.find_one({"_id": key})  # with the store's time
                 self.announce("join", service, endpoint, written or record)
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"heartbeat to {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"heartbeat to {self.description} failed: {_why(exc)}") from exc
 
     def remove(self, service: str, endpoint: str) -> None:
         try:
@@ -120,7 +133,7 @@ class MongoStore(DiscoveryStore):
             if deleted:
                 self.announce("leave", service, endpoint)
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"removal from {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"removal from {self.description} failed: {_why(exc)}") from exc
 
     def _store_time(self) -> dt.datetime:
         """The store's clock, without a round trip most of the time: hello's localTime,
@@ -149,7 +162,7 @@ class MongoStore(DiscoveryStore):
             hello = self._client.admin.command("hello")
             documents = list(self._collection.find(query))
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"reading {self.description} failed: {_why(exc)}") from exc
         now = hello.get("localTime")
         if not isinstance(now, dt.datetime):
             # Every MongoDB since 2.x and FerretDB answer localTime; this is a last resort.
@@ -164,7 +177,7 @@ class MongoStore(DiscoveryStore):
         try:
             doc = self._membership.find_one({"_id": MEMBERSHIP_ID})
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"reading {self.description} failed: {_why(exc)}") from exc
         if not doc:
             return Membership()
         epoch, reaper, renewed = doc.get("epoch"), doc.get("reaper"), doc.get("renewed")
@@ -192,7 +205,7 @@ class MongoStore(DiscoveryStore):
                                     str(doc.get("endpoint")),
                                     record if kind == "join" else None))
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"reading {self.description} failed: {_why(exc)}") from exc
 
     def announce(self, kind: str, service: str, endpoint: str,
                  document: Mapping[str, Any] | None = None) -> int:
@@ -218,7 +231,7 @@ class MongoStore(DiscoveryStore):
             self.advance_epoch(seq)
             self._changes.delete_one({"_id": f"c{seq - LOG_LENGTH}"})
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"announcing to {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"announcing to {self.description} failed: {_why(exc)}") from exc
         return seq
 
     def advance_epoch(self, seq: int) -> None:
@@ -232,7 +245,7 @@ class MongoStore(DiscoveryStore):
                 self._membership.update_one({"_id": MEMBERSHIP_ID}, {"$max": {"epoch": seq}})
         except STORE_ERRORS as exc:
             raise DiscoveryError(f"advancing the epoch of {self.description} failed: "
-                                 f"{exc}") from exc
+                                 f"{_why(exc)}") from exc
 
     def _log_end(self, known: int) -> int:
         """The first free entry number after ``known`` (a written one, or 0): gallop,
@@ -267,7 +280,7 @@ class MongoStore(DiscoveryStore):
             result = self._membership.update_one(
                 query, {"$set": {"reaper": me}, "$currentDate": {"renewed": True}})
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"claiming the reaper lease failed: {exc}") from exc
+            raise DiscoveryError(f"claiming the reaper lease failed: {_why(exc)}") from exc
         return result.matched_count == 1
 
     def renew_reaper(self, me: str) -> bool:
@@ -275,7 +288,7 @@ class MongoStore(DiscoveryStore):
             result = self._membership.update_one(
                 {"_id": MEMBERSHIP_ID, "reaper": me}, {"$currentDate": {"renewed": True}})
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"renewing the reaper lease failed: {exc}") from exc
+            raise DiscoveryError(f"renewing the reaper lease failed: {_why(exc)}") from exc
         return result.matched_count == 1
 
     def publish_late(self, me: str, late: tuple[Late, ...]) -> bool:
@@ -286,7 +299,7 @@ class MongoStore(DiscoveryStore):
                 {"_id": MEMBERSHIP_ID, "reaper": me}, {"$set": {"late": listed}})
         except STORE_ERRORS as exc:
             raise DiscoveryError(f"listing late records in {self.description} failed: "
-                                 f"{exc}") from exc
+                                 f"{_why(exc)}") from exc
         return result.matched_count == 1
 
     def record(self, service: str, endpoint: str) -> dict[str, Any] | None:
@@ -296,7 +309,7 @@ class MongoStore(DiscoveryStore):
                 found = self._collection.find_one(
                     {"serviceName": service, "endpoint": {"$in": [endpoint, endpoint + "/"]}})
         except STORE_ERRORS as exc:
-            raise DiscoveryError(f"reading {self.description} failed: {exc}") from exc
+            raise DiscoveryError(f"reading {self.description} failed: {_why(exc)}") from exc
         return found
 
     def clock(self) -> dt.datetime:
@@ -304,7 +317,7 @@ class MongoStore(DiscoveryStore):
             return self._store_time()
         except STORE_ERRORS as exc:
             raise DiscoveryError(f"reading the clock of {self.description} failed: "
-                                 f"{exc}") from exc
+                                 f"{_why(exc)}") from exc
 
     def close(self) -> None:
         self._client.close()

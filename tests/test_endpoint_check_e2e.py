@@ -1,0 +1,75 @@
+"""An --endpoint-url where nothing answers is said once at start, and the instance runs on.
+
+A mistyped port or host in CLUSTER_ENDPOINT_URL registered an address no other
+instance could reach, without a word: each of them was refused, ejected it and tried
+again. The instance now tries a connection to its own endpoint once it listens and
+logs one warning naming the URL and the setting (it keeps serving: an address that
+only other hosts can reach, behind NAT, is possible).
+"""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+from helpers import Proc, gunicorn_port, python, refused_port, serving, wait_until
+
+SAID = "does not accept connections from this host"
+
+
+def test_an_endpoint_url_nobody_answers_is_one_warning_and_the_instance_serves(sqlite_url):
+    with refused_port() as dead, serving(
+            "--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+            "--endpoint-url", f"http://127.0.0.1:{dead}") as (proc, port):
+        wait_until(lambda: SAID in proc.output(), timeout=15, what="the endpoint warning")
+        lines = [line for line in proc.output().splitlines() if SAID in line]
+        assert len(lines) == 1, lines
+        assert "WARNING" in lines[0] and f"http://127.0.0.1:{dead}" in lines[0], lines
+        assert "--endpoint-url (CLUSTER_ENDPOINT_URL)" in lines[0], lines
+        assert proc.poll() is None
+        assert "Traceback" not in proc.output()
+
+
+def test_a_reachable_endpoint_says_nothing(sqlite_url):
+    with serving("--service", "web", "--app", "backend:app",
+                 "--discovery-url", sqlite_url) as (proc, _port):
+        wait_until(lambda: "registered web" in proc.output(), timeout=15)
+        time.sleep(1.0)
+        assert SAID not in proc.output() and "WARNING" not in proc.output(), proc.output()
+
+
+def test_gunicorn_workers_warn_of_an_endpoint_host_nobody_answers_on(tmp_path, sqlite_url):
+    """Under gunicorn CLUSTER_ENDPOINT_URL gives the workers' host (each keeps its own
+    port): a host the workers do not listen on (127.0.0.2, with gunicorn bound to
+    127.0.0.1) is one warning per worker, and the workers serve."""
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "1",
+                       "-b", "127.0.0.1:0", "--control-socket", str(tmp_path / "g.ctl"),
+                       "backend:app"),
+                env={"CLUSTER_SERVICE": "web", "CLUSTER_DISCOVERY_URL": sqlite_url,
+                     "CLUSTER_ENDPOINT_URL": "http://127.0.0.2:8000"}, name="gunicorn")
+    try:
+        port = gunicorn_port(proc)
+        wait_until(lambda: SAID in proc.output(), timeout=20, what="the endpoint warning")
+        assert "http://127.0.0.2:" in proc.output()
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_second_instance_given_the_first_ones_endpoint_url_is_told(sqlite_url):
+    """The typical way to get two instances with one endpoint URL: CLUSTER_ENDPOINT_URL
+    exported once, a second instance started on another port. They heartbeat one record,
+    and the first to stop deletes it under the other; the second now says so at start."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 name="first") as (first, port), \
+            serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                    env={"CLUSTER_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
+                    name="second") as (second, second_port):
+        said = "is another process's port on this host"
+        wait_until(lambda: said in second.output(), timeout=15, what="the duplicate warning")
+        lines = [line for line in second.output().splitlines() if said in line]
+        assert len(lines) == 1 and f"127.0.0.1:{second_port}" in lines[0], lines
+        assert second.poll() is None and first.poll() is None
+        assert "WARNING" not in first.output(), first.output()
