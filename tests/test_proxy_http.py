@@ -1075,7 +1075,8 @@ def test_a_client_that_gives_up_frees_the_endpoint_at_once(tmp_path: Path) -> No
     is neither answered, nor replayed on another endpoint, nor blamed on the endpoint in
     the log. Both connections used to be held until the read timeout (5 minutes by
     default), so a client that gave up and retried stacked request after request on an
-    endpoint that was stuck."""
+    endpoint that was stuck. The metrics count it as a 499, as nginx's access log does:
+    it was a status 0, an error of the endpoint's on the dashboard."""
     closed: list[float] = []
 
     def hold(conn: socket.socket) -> None:
@@ -1101,6 +1102,13 @@ def test_a_client_that_gives_up_frees_the_endpoint_at_once(tmp_path: Path) -> No
         assert requests.get(f"{url}/next", timeout=TIMEOUT).text == "next"
         assert upstream.url not in "".join(line for line in proc.output().splitlines()
                                            if "WARNING" in line)
+        # counted as nginx counts them (499), not as failures of a healthy endpoint
+        metrics = get(f"{url}/_cluster/metrics").text
+        assert f'cluster_requests_total{{code="4xx",endpoint="{upstream.url}",' \
+               f'service="web"}} 2.0' in metrics, metrics
+        assert 'code="none"' not in metrics
+        traffic = get(f"{url}/_cluster/status").json()["endpoints"][0]["traffic"]
+        assert traffic["errors"] == 0, traffic
 
 
 def test_a_response_head_trickled_in_is_bounded_by_the_read_timeout(scripted_door) -> None:
