@@ -514,6 +514,11 @@ class Connection:
             if isinstance(exc, ClientLeft):  # not the endpoint's fault, nobody to answer
                 log.info("%s %s: %s", head.method.decode("latin-1"),
                          head.target[:200].decode("latin-1"), exc)
+                if not state.sent:
+                    # nginx's 499 in the access log and a 4xx in the metrics: as status 0
+                    # ("none") it was an error of the endpoint's on the dashboard, each
+                    # long poll whose browser left a failure of a healthy endpoint.
+                    state.status = exc.status
                 return False
             log.warning("%s %s: %s", head.method.decode("latin-1"),
                         head.target[:200].decode("latin-1"), exc)

@@ -80,7 +80,9 @@ class _Traffic:
 
     def __init__(self) -> None:
         self.requests = 0
-        self.errors = 0  # 5xx answers, and requests the client abandoned
+        # 5xx answers, and requests that ended with no status at all (status 0); a
+        # client that left while its endpoint worked is a 499, not counted here
+        self.errors = 0
         self.websockets = 0
 
 

@@ -788,6 +788,10 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/lf-then-crlf-end": _answer(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\r\nok"),
     "/crlf-then-lf-end": _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\nok"),
     "/one-bare-lf": _answer(b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\nok"),
+    "/bare-lf-interim": _answer(b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nContent-Length: 2"
+                                b"\nX-A: 1\n\nok"),
+    "/interim-then-bare-lf": _answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                                     b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nok"),
     "/h2c-switch": _answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
                            b"Connection: Upgrade\r\n\r\n"),
     "/ws-frames": _answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -1071,7 +1075,8 @@ def test_a_client_that_gives_up_frees_the_endpoint_at_once(tmp_path: Path) -> No
     is neither answered, nor replayed on another endpoint, nor blamed on the endpoint in
     the log. Both connections used to be held until the read timeout (5 minutes by
     default), so a client that gave up and retried stacked request after request on an
-    endpoint that was stuck."""
+    endpoint that was stuck. The metrics count it as a 499, as nginx's access log does:
+    it was a status 0, an error of the endpoint's on the dashboard."""
     closed: list[float] = []
 
     def hold(conn: socket.socket) -> None:
@@ -1097,6 +1102,13 @@ def test_a_client_that_gives_up_frees_the_endpoint_at_once(tmp_path: Path) -> No
         assert requests.get(f"{url}/next", timeout=TIMEOUT).text == "next"
         assert upstream.url not in "".join(line for line in proc.output().splitlines()
                                            if "WARNING" in line)
+        # counted as nginx counts them (499), not as failures of a healthy endpoint
+        metrics = get(f"{url}/_cluster/metrics").text
+        assert f'cluster_requests_total{{code="4xx",endpoint="{upstream.url}",' \
+               f'service="web"}} 2.0' in metrics, metrics
+        assert 'code="none"' not in metrics
+        traffic = get(f"{url}/_cluster/status").json()["endpoints"][0]["traffic"]
+        assert traffic["errors"] == 0, traffic
 
 
 def test_a_response_head_trickled_in_is_bounded_by_the_read_timeout(scripted_door) -> None:
@@ -1113,7 +1125,9 @@ def test_a_response_head_trickled_in_is_bounded_by_the_read_timeout(scripted_doo
 @pytest.mark.parametrize("path, body", [("/bare-lf", b"ok"),
                                         ("/bare-lf-crlf-body", b"ab\r\n\r\n"),
                                         ("/lf-then-crlf-end", b"ok"),
-                                        ("/crlf-then-lf-end", b"ok"), ("/one-bare-lf", b"ok")])
+                                        ("/crlf-then-lf-end", b"ok"), ("/one-bare-lf", b"ok"),
+                                        ("/bare-lf-interim", b"ok"),
+                                        ("/interim-then-bare-lf", b"ok")])
 def test_bare_lf_response_heads_are_tolerated_behind_the_door(scripted_door, path: str,
                                                              body: bytes) -> None:
     """RFC 9112 2.2 lets a recipient take a bare LF for a line end; the README promises
@@ -1121,7 +1135,9 @@ def test_bare_lf_response_heads_are_tolerated_behind_the_door(scripted_door, pat
     where the head stops: looking for CRLF CRLF alone waited for the read timeout. So
     did a head of LF lines ended by an empty CRLF line (a 504 after the read timeout,
     5 minutes by default); a CRLF head ended by an empty LF line, or with one LF line
-    among the others, was a 502. curl and requests read each of them."""
+    among the others, was a 502. curl and requests read each of them. So did a bare-LF
+    final head that came in the same read as an interim answer before it (100, 103):
+    it was looked for only after another read, and none came."""
     _, port, _ = scripted_door
     with raw(port) as client:
         for _ in range(2):

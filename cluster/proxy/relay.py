@@ -321,6 +321,10 @@ class Exchange:
         while True:
             sep = 4  # the length of the blank line ending the head
             end = buf.find(HEAD_END)
+            if end < 0 and buf and (b"\n\n" in buf or b"\n\r\n" in buf):
+                # a bare-LF head already here, after an interim answer in the same read
+                # (waiting for more bytes waited out the read timeout: a 504)
+                end, sep = find_response_head(buf)
             # The deadline is not moved while a head comes in: the read timeout bounds
             # the wait for the whole head, so a head trickled in a byte at a time ends
             # in a 504 too (the body's reads each get the read timeout, nginx-like).
