@@ -510,6 +510,12 @@ class Connection:
                                may_replay=replayable(head.method, head.has_body),
                                on_retry=self.retried, first=(decision, first),
                                gave_up=_no_endpoint_left)
+        except RequestError as exc:
+            # a relayed body that broke its framing: answered by the caller, and counted
+            # as that answer (as status 0 it was an error of the endpoint's)
+            if not state.sent:
+                state.status = exc.status
+            raise
         except UpstreamError as exc:
             if isinstance(exc, ClientLeft):  # not the endpoint's fault, nobody to answer
                 log.info("%s %s: %s", head.method.decode("latin-1"),

@@ -74,6 +74,11 @@ def status_view(port: int) -> dict:
     return json.loads(responses[0].body)
 
 
+def errors_counted(port: int) -> int:
+    """The errors the door at ``port`` has counted against the endpoints it relays to."""
+    return sum(e["traffic"]["errors"] for e in status_view(port)["endpoints"])
+
+
 def wait_front_sees(port: int, service: str) -> None:
     """Until the balancer on ``port`` has an endpoint of ``service`` in its table."""
     wait_until(lambda: any(e["service"] == service for e in status_view(port)["endpoints"]),
@@ -296,7 +301,8 @@ def test_chunked_upload_arrives_whole_and_the_next_request_is_served(door: Door)
 
 def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> None:
     """A bad chunked body, or a client that vanishes mid-body, is the client's fault: the
-    endpoint behind the front stays in its picks."""
+    endpoint behind the front stays in its picks, with no error counted against it."""
+    errors_before = errors_counted(front.port)
     bad = (b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"5\r\nhello\r\nzz\r\n")
     _responses, closed = exchange(front.port, bad, timeout=CLOSE_WAIT)
@@ -307,6 +313,9 @@ def test_a_clients_broken_body_is_not_held_against_the_endpoint(front: Door) -> 
         time.sleep(0.2)
     time.sleep(0.3)
     assert status_view(front.port)["ejected"] == []
+    # the bad body counts as the 400 the client got, the one that left as a 499 (as
+    # nginx logs them): each was a status 0, an error of the endpoint's
+    assert errors_counted(front.port) == errors_before
     responses, _ = exchange(front.port, FOLLOW_UP)
     assert [(r.status, r.body) for r in responses] == [(200, b"member")]
 

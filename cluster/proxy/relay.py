@@ -241,9 +241,13 @@ class Exchange:
                 conn = None
                 resent = True
                 started = time.monotonic()
-            except (RequestError, _ClientGone):
+            except RequestError:
                 conn.close()  # no 502, no retry, no warning about the endpoint
                 raise
+            except _ClientGone as exc:
+                conn.close()  # nor for a client that left in the middle of its body:
+                # nginx's 499 too (it was a status 0, an error of the endpoint's)
+                raise ClientLeft(self.url, f"client {client.peer}: {exc}") from None
             except UpstreamError:
                 conn.close()
                 raise
