@@ -18,6 +18,7 @@ from helpers import (
     Proc,
     cluster_argv,
     live_endpoints,
+    refused_port,
     start_backend,
     start_instance,
     start_serve,
@@ -181,8 +182,6 @@ def test_a_replica_set_url_listing_several_hosts_works(mongo_url):
     description read the port of "27017,db2:27017,..." and every command stopped with a
     ValueError traceback. Here the real server is the first seed and a refused port the
     second, as a member that is down."""
-    from helpers import refused_port
-
     head, sep, tail = mongo_url.partition("://")
     hosts, slash, rest = tail.partition("/")
     with refused_port() as dead:
@@ -202,8 +201,6 @@ def test_a_replica_set_url_listing_several_hosts_works(mongo_url):
 def test_a_mongodb_url_with_no_server_is_one_short_line():
     """No server at the URL: one line naming the store and the refusal, not pymongo's
     dump of its topology (hundreds of characters of server descriptions)."""
-    from helpers import refused_port
-
     with refused_port() as dead:
         result = subprocess.run(
             cluster_argv("status", "--connect-timeout", "1",
