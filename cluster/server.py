@@ -198,7 +198,8 @@ def unreachable_endpoint(url: str, timeout: float) -> str:
     return ""
 
 
-#: the longest the start-up check of the endpoint waits for a connection
+#: the longest the start-up check of the endpoint waits for a connection (``cluster
+#: serve`` gives the whole check, name resolution and every address, half a second more)
 ENDPOINT_CHECK_SECONDS = 2.0
 
 
@@ -226,6 +227,15 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
                 continue
             return True
     return False
+
+
+def check_endpoint(url: str, settings: Settings) -> tuple[str, bool]:
+    """:func:`unreachable_endpoint` and, when it is reachable, whether it is
+    :func:`endpoint_of_another_process`: what ``cluster serve`` warns of at start."""
+    unreachable = unreachable_endpoint(url, min(settings.connect_timeout,
+                                                ENDPOINT_CHECK_SECONDS))
+    return unreachable, (not unreachable
+                         and endpoint_of_another_process(url, settings.bind_address))
 
 
 def _loopback(host: str) -> bool:
@@ -372,10 +382,23 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
         door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
-    unreachable = "" if node.registrar is None else unreachable_endpoint(
-        node.self_url, min(settings.connect_timeout, ENDPOINT_CHECK_SECONDS))
-    elsewhere = (node.registrar is not None and not unreachable
-                 and endpoint_of_another_process(node.self_url, settings.bind_address))
+    unreachable, elsewhere = "", False
+    if node.registrar is not None:
+        check = gevent.spawn(check_endpoint, node.self_url, settings)
+        gevent.wait([check, stopping], timeout=ENDPOINT_CHECK_SECONDS + 0.5, count=1)
+        if stopping.is_set():
+            # SIGINT or SIGTERM during the check (up to its timeout): stop now, before
+            # registering; the instance was registered, announced and removed again.
+            check.kill(block=False)
+            log.info("stopped while starting, before registering")
+            door.close()
+            node.store.close()
+            return 0
+        if check.ready():
+            unreachable, elsewhere = check.value or ("", False)
+        else:  # name resolution and several addresses, each given the whole timeout
+            check.kill(block=False)
+            unreachable = f"no connection within {ENDPOINT_CHECK_SECONDS:.0f} s"
     node.start()
     # Everything alive now (modules, the app, settings) lives as long as the process:
     # move it out of the collector's generations so collections triggered by

@@ -9,11 +9,22 @@ only other hosts can reach, behind NAT, is possible).
 
 from __future__ import annotations
 
+import signal
 import time
 
 import requests
 
-from helpers import Proc, gunicorn_port, python, refused_port, serving, wait_until
+from helpers import (
+    Proc,
+    blackholed_port,
+    cluster_argv,
+    connecting_to,
+    gunicorn_port,
+    python,
+    refused_port,
+    serving,
+    wait_until,
+)
 
 SAID = "does not accept connections from this host"
 
@@ -73,3 +84,26 @@ def test_a_second_instance_given_the_first_ones_endpoint_url_is_told(sqlite_url)
         assert len(lines) == 1 and f"127.0.0.1:{second_port}" in lines[0], lines
         assert second.poll() is None and first.poll() is None
         assert "WARNING" not in first.output(), first.output()
+
+
+def test_ctrl_c_during_the_check_stops_at_once_without_registering(sqlite_url):
+    """The check of a blackholed endpoint waits up to 2 s for its connection. A SIGINT
+    (or SIGTERM) then was only noted: the instance waited the check out, registered (a
+    join every other instance saw), logged that it serves, and only then stopped. It
+    stops now, before registering."""
+    with blackholed_port() as hole:
+        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
+                                 "--endpoint-url", f"http://127.0.0.1:{hole}"),
+                    name="serve-interrupted")
+        try:
+            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
+                       timeout=20, interval=0.01, what="the check's connect")
+            started = time.monotonic()
+            proc.signal(signal.SIGINT)
+            assert proc.wait(5) == 0, proc.output()
+            assert time.monotonic() - started < 1.0, proc.output()
+        finally:
+            proc.stop()
+    assert "registered" not in proc.output() and "serving" not in proc.output(), proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
