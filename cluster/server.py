@@ -210,10 +210,14 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
     second instance started with the first one's --endpoint-url (an exported
     CLUSTER_ENDPOINT_URL). Both heartbeat one record, and the first to stop deletes it
     under the other. An address is this host's when a socket can be bound to it.
+
+    Never for https: cluster serves no TLS, so an https endpoint is always a TLS
+    terminator (nginx, a sidecar) in front of this instance, another process by design
+    (every instance behind one was told it shared a record).
     """
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if port == bound[1] or not parts.hostname:
+    if port == bound[1] or not parts.hostname or parts.scheme == "https":
         return False
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
@@ -423,9 +427,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
                     unreachable)
     if elsewhere:
         log.warning("endpoint %s (%s) is another process's port on this host (this one "
-                    "listens on %s): two instances with one endpoint URL share one record, "
-                    "and the first to stop removes it; give each its own --endpoint-url "
-                    "(CLUSTER_ENDPOINT_URL), unless a proxy there forwards to this one",
+                    "listens on %s): if it is another instance, the two share one record "
+                    "and the first to stop removes it: give each its own --endpoint-url "
+                    "(CLUSTER_ENDPOINT_URL); if it is a proxy or port forward to this one, "
+                    "all is well",
                     node.self_url, node.endpoint_choice.reason, settings.bind)
     notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()

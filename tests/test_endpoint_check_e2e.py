@@ -10,6 +10,7 @@ only other hosts can reach, behind NAT, is possible).
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import requests
@@ -107,3 +108,19 @@ def test_ctrl_c_during_the_check_stops_at_once_without_registering(sqlite_url):
             proc.stop()
     assert "registered" not in proc.output() and "serving" not in proc.output(), proc.output()
     assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_an_https_endpoint_on_this_host_is_not_taken_for_a_second_instance(sqlite_url):
+    """cluster serves no TLS: an https endpoint URL is a TLS terminator in front of the
+    instance, always another port of this host when it runs here. Every such instance
+    was told at start that it shared its record with another instance. (A plain
+    listener stands in for the terminator: the check only opens a TCP connection.)"""
+    with socket.socket() as terminator:
+        terminator.bind(("127.0.0.1", 0))
+        terminator.listen(8)
+        port = terminator.getsockname()[1]
+        with serving("--service", "web", "--app", "backend:app", "--discovery-url",
+                     sqlite_url, "--endpoint-url", f"https://127.0.0.1:{port}") as (proc, _p):
+            wait_until(lambda: "registered web" in proc.output()
+                       and "serving web" in proc.output(), timeout=15)
+            assert "WARNING" not in proc.output(), proc.output()
