@@ -214,16 +214,23 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
     Never for https: cluster serves no TLS, so an https endpoint is always a TLS
     terminator (nginx, a sidecar) in front of this instance, another process by design
     (every instance behind one was told it shared a record).
+
+    The bound port at another address of this host is another process's too when this
+    instance is bound to one address: a second instance bound to 127.0.0.2:8000 given
+    the first's http://127.0.0.1:8000 (only a wildcard bind answers at every address).
     """
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if port == bound[1] or not parts.hostname or parts.scheme == "https":
+    wildcard = bound[0] in ("", "0.0.0.0", "::")
+    if (port == bound[1] and wildcard) or not parts.hostname or parts.scheme == "https":
         return False
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except OSError:
         return False
     for family, _type, _proto, _name, address in infos:
+        if port == bound[1] and _same_address(str(address[0]), bound[0]):
+            continue  # this instance's own listener
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             try:
                 probe.bind((address[0], 0))
@@ -233,13 +240,24 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
     return False
 
 
-def check_endpoint(url: str, settings: Settings) -> tuple[str, bool]:
+def _same_address(one: str, other: str) -> bool:
+    try:
+        first, second = ipaddress.ip_address(one), ipaddress.ip_address(other.strip("[]"))
+    except ValueError:
+        return one == other
+    return first == second or getattr(first, "ipv4_mapped", None) == second \
+        or getattr(second, "ipv4_mapped", None) == first
+
+
+def check_endpoint(url: str, settings: Settings, listener: Any) -> tuple[str, bool]:
     """:func:`unreachable_endpoint` and, when it is reachable, whether it is
-    :func:`endpoint_of_another_process`: what ``cluster serve`` warns of at start."""
+    :func:`endpoint_of_another_process`: what ``cluster serve`` warns of at start.
+    The listener's own address, not --bind's host, which may be a name (localhost)."""
     unreachable = unreachable_endpoint(url, min(settings.connect_timeout,
                                                 ENDPOINT_CHECK_SECONDS))
+    bound = listener.getsockname()
     return unreachable, (not unreachable
-                         and endpoint_of_another_process(url, settings.bind_address))
+                         and endpoint_of_another_process(url, (bound[0], bound[1])))
 
 
 def _loopback(host: str) -> bool:
@@ -388,7 +406,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
     unreachable, elsewhere = "", False
     if node.registrar is not None:
-        check = gevent.spawn(check_endpoint, node.self_url, settings)
+        check = gevent.spawn(check_endpoint, node.self_url, settings, listener)
         gevent.wait([check, stopping], timeout=ENDPOINT_CHECK_SECONDS + 0.5, count=1)
         if stopping.is_set():
             # SIGINT or SIGTERM during the check (up to its timeout): stop now, before

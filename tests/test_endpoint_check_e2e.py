@@ -124,3 +124,27 @@ def test_an_https_endpoint_on_this_host_is_not_taken_for_a_second_instance(sqlit
             wait_until(lambda: "registered web" in proc.output()
                        and "serving web" in proc.output(), timeout=15)
             assert "WARNING" not in proc.output(), proc.output()
+
+
+def test_a_second_instance_on_the_same_port_at_another_address_is_told(sqlite_url):
+    """The check compared ports only: a second instance bound to 127.0.0.2 on the first
+    one's port, given the first one's endpoint URL (http://127.0.0.1:PORT), was taken for
+    the first: no warning, and the two heartbeat one record."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 name="first") as (first, port), \
+            serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                    "--bind", f"127.0.0.2:{port}",
+                    env={"CLUSTER_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
+                    name="second") as (second, _port):
+        said = "is another process's port on this host"
+        wait_until(lambda: said in second.output(), timeout=15, what="the duplicate warning")
+        assert "WARNING" not in first.output(), first.output()
+
+
+def test_an_endpoint_url_naming_the_bound_address_by_name_says_nothing(sqlite_url):
+    """--bind localhost:PORT and the endpoint http://127.0.0.1:PORT: the same listener."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 "--bind", "localhost:0") as (proc, port):
+        wait_until(lambda: "registered web" in proc.output()
+                   and "serving web" in proc.output(), timeout=15)
+        assert "WARNING" not in proc.output(), proc.output()
