@@ -198,7 +198,8 @@ def unreachable_endpoint(url: str, timeout: float) -> str:
     return ""
 
 
-#: the longest the start-up check of the endpoint waits for a connection
+#: the longest the start-up check of the endpoint waits for a connection (``cluster
+#: serve`` gives the whole check, name resolution and every address, half a second more)
 ENDPOINT_CHECK_SECONDS = 2.0
 
 
@@ -209,16 +210,27 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
     second instance started with the first one's --endpoint-url (an exported
     CLUSTER_ENDPOINT_URL). Both heartbeat one record, and the first to stop deletes it
     under the other. An address is this host's when a socket can be bound to it.
+
+    Never for https: cluster serves no TLS, so an https endpoint is always a TLS
+    terminator (nginx, a sidecar) in front of this instance, another process by design
+    (every instance behind one was told it shared a record).
+
+    The bound port at another address of this host is another process's too when this
+    instance is bound to one address: a second instance bound to 127.0.0.2:8000 given
+    the first's http://127.0.0.1:8000 (only a wildcard bind answers at every address).
     """
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if port == bound[1] or not parts.hostname:
+    wildcard = bound[0] in ("", "0.0.0.0", "::")
+    if (port == bound[1] and wildcard) or not parts.hostname or parts.scheme == "https":
         return False
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except OSError:
         return False
     for family, _type, _proto, _name, address in infos:
+        if port == bound[1] and _same_address(str(address[0]), bound[0]):
+            continue  # this instance's own listener
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             try:
                 probe.bind((address[0], 0))
@@ -226,6 +238,26 @@ def endpoint_of_another_process(url: str, bound: tuple[str, int]) -> bool:
                 continue
             return True
     return False
+
+
+def _same_address(one: str, other: str) -> bool:
+    try:
+        first, second = ipaddress.ip_address(one), ipaddress.ip_address(other.strip("[]"))
+    except ValueError:
+        return one == other
+    return first == second or getattr(first, "ipv4_mapped", None) == second \
+        or getattr(second, "ipv4_mapped", None) == first
+
+
+def check_endpoint(url: str, settings: Settings, listener: Any) -> tuple[str, bool]:
+    """:func:`unreachable_endpoint` and, when it is reachable, whether it is
+    :func:`endpoint_of_another_process`: what ``cluster serve`` warns of at start.
+    The listener's own address, not --bind's host, which may be a name (localhost)."""
+    unreachable = unreachable_endpoint(url, min(settings.connect_timeout,
+                                                ENDPOINT_CHECK_SECONDS))
+    bound = listener.getsockname()
+    return unreachable, (not unreachable
+                         and endpoint_of_another_process(url, (bound[0], bound[1])))
 
 
 def _loopback(host: str) -> bool:
@@ -372,10 +404,23 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if parent:
         gevent.spawn(watch_parent, int(parent), stopping)
         door.admin.drain = lambda: drain_every_worker(int(parent), drain, stopping)
-    unreachable = "" if node.registrar is None else unreachable_endpoint(
-        node.self_url, min(settings.connect_timeout, ENDPOINT_CHECK_SECONDS))
-    elsewhere = (node.registrar is not None and not unreachable
-                 and endpoint_of_another_process(node.self_url, settings.bind_address))
+    unreachable, elsewhere = "", False
+    if node.registrar is not None:
+        check = gevent.spawn(check_endpoint, node.self_url, settings, listener)
+        gevent.wait([check, stopping], timeout=ENDPOINT_CHECK_SECONDS + 0.5, count=1)
+        if stopping.is_set():
+            # SIGINT or SIGTERM during the check (up to its timeout): stop now, before
+            # registering; the instance was registered, announced and removed again.
+            check.kill(block=False)
+            log.info("stopped while starting, before registering")
+            door.close()
+            node.store.close()
+            return 0
+        if check.ready():
+            unreachable, elsewhere = check.value or ("", False)
+        else:  # name resolution and several addresses, each given the whole timeout
+            check.kill(block=False)
+            unreachable = f"no connection within {ENDPOINT_CHECK_SECONDS:.0f} s"
     node.start()
     # Everything alive now (modules, the app, settings) lives as long as the process:
     # move it out of the collector's generations so collections triggered by
@@ -400,9 +445,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
                     unreachable)
     if elsewhere:
         log.warning("endpoint %s (%s) is another process's port on this host (this one "
-                    "listens on %s): two instances with one endpoint URL share one record, "
-                    "and the first to stop removes it; give each its own --endpoint-url "
-                    "(CLUSTER_ENDPOINT_URL), unless a proxy there forwards to this one",
+                    "listens on %s): if it is another instance, the two share one record "
+                    "and the first to stop removes it: give each its own --endpoint-url "
+                    "(CLUSTER_ENDPOINT_URL); if it is a proxy or port forward to this one, "
+                    "all is well",
                     node.self_url, node.endpoint_choice.reason, settings.bind)
     notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
     stopping.wait()

@@ -312,6 +312,47 @@ def refused_port() -> Iterator[int]:
 
 
 @contextlib.contextmanager
+def blackholed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect neither succeeds nor is refused: it times out.
+
+    A listener with a backlog of 0 that never accepts, its queue filled by the first
+    connection: the kernel drops every further SYN, as a firewall that drops packets
+    (a blackholed host) does.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(3):
+                filler = socket.socket()
+                filler.setblocking(False)
+                fillers.append(filler)
+                filler.connect_ex(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def connecting_to(pid: int, port: int) -> bool:
+    """Has process ``pid`` a TCP socket in SYN-SENT toward 127.0.0.1:``port`` (a connect
+    in progress)? Read from /proc: the process's socket inodes and /proc/net/tcp."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    wanted = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == wanted and fields[3] == "02" and f"socket:[{fields[9]}]" in inodes:
+            return True
+    return False
+
+
+@contextlib.contextmanager
 def serving(*args: str, env: dict[str, str] | None = None, name: str = "serve",
             wrapper: Sequence[str] = ()) -> Iterator[tuple[Proc, int]]:
     """:func:`start_serve` as a ``with`` block that stops the process by PID."""

@@ -211,3 +211,20 @@ def test_a_mongodb_url_with_no_server_is_one_short_line():
     assert result.stderr.count("\n") == 1, result.stderr
     assert f"127.0.0.1:{dead}" in result.stderr and "refused" in result.stderr, result.stderr
     assert "Topology Description" not in result.stderr, result.stderr
+
+
+def test_a_password_with_a_hash_sign_is_not_in_the_message():
+    """pymongo takes a ``#`` in the password unescaped; the store's description for logs
+    and errors was cut at it as at a URL fragment: ``mongodb://user:pa`` named the
+    user and the start of the password as the store, on every log line."""
+    from helpers import refused_port
+
+    with refused_port() as dead:
+        result = subprocess.run(
+            cluster_argv("status", "--connect-timeout", "0.5", "--discovery-url",
+                         f"mongodb://alice:pw#topsecret@127.0.0.1:{dead}/cluster"),
+            capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result
+    assert f"mongodb://127.0.0.1:{dead}/cluster " in result.stderr, result.stderr
+    assert "alice" not in result.stderr and "pw" not in result.stderr, result.stderr

@@ -9,11 +9,23 @@ only other hosts can reach, behind NAT, is possible).
 
 from __future__ import annotations
 
+import signal
+import socket
 import time
 
 import requests
 
-from helpers import Proc, gunicorn_port, python, refused_port, serving, wait_until
+from helpers import (
+    Proc,
+    blackholed_port,
+    cluster_argv,
+    connecting_to,
+    gunicorn_port,
+    python,
+    refused_port,
+    serving,
+    wait_until,
+)
 
 SAID = "does not accept connections from this host"
 
@@ -73,3 +85,66 @@ def test_a_second_instance_given_the_first_ones_endpoint_url_is_told(sqlite_url)
         assert len(lines) == 1 and f"127.0.0.1:{second_port}" in lines[0], lines
         assert second.poll() is None and first.poll() is None
         assert "WARNING" not in first.output(), first.output()
+
+
+def test_ctrl_c_during_the_check_stops_at_once_without_registering(sqlite_url):
+    """The check of a blackholed endpoint waits up to 2 s for its connection. A SIGINT
+    (or SIGTERM) then was only noted: the instance waited the check out, registered (a
+    join every other instance saw), logged that it serves, and only then stopped. It
+    stops now, before registering."""
+    with blackholed_port() as hole:
+        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
+                                 "--endpoint-url", f"http://127.0.0.1:{hole}"),
+                    name="serve-interrupted")
+        try:
+            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
+                       timeout=20, interval=0.01, what="the check's connect")
+            started = time.monotonic()
+            proc.signal(signal.SIGINT)
+            assert proc.wait(5) == 0, proc.output()
+            assert time.monotonic() - started < 1.0, proc.output()
+        finally:
+            proc.stop()
+    assert "registered" not in proc.output() and "serving" not in proc.output(), proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_an_https_endpoint_on_this_host_is_not_taken_for_a_second_instance(sqlite_url):
+    """cluster serves no TLS: an https endpoint URL is a TLS terminator in front of the
+    instance, always another port of this host when it runs here. Every such instance
+    was told at start that it shared its record with another instance. (A plain
+    listener stands in for the terminator: the check only opens a TCP connection.)"""
+    with socket.socket() as terminator:
+        terminator.bind(("127.0.0.1", 0))
+        terminator.listen(8)
+        port = terminator.getsockname()[1]
+        with serving("--service", "web", "--app", "backend:app", "--discovery-url",
+                     sqlite_url, "--endpoint-url", f"https://127.0.0.1:{port}") as (proc, _p):
+            wait_until(lambda: "registered web" in proc.output()
+                       and "serving web" in proc.output(), timeout=15)
+            assert "WARNING" not in proc.output(), proc.output()
+
+
+def test_a_second_instance_on_the_same_port_at_another_address_is_told(sqlite_url):
+    """The check compared ports only: a second instance bound to 127.0.0.2 on the first
+    one's port, given the first one's endpoint URL (http://127.0.0.1:PORT), was taken for
+    the first: no warning, and the two heartbeat one record."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 name="first") as (first, port), \
+            serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                    "--bind", f"127.0.0.2:{port}",
+                    env={"CLUSTER_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
+                    name="second") as (second, _port):
+        said = "is another process's port on this host"
+        wait_until(lambda: said in second.output(), timeout=15, what="the duplicate warning")
+        assert "WARNING" not in first.output(), first.output()
+
+
+def test_an_endpoint_url_naming_the_bound_address_by_name_says_nothing(sqlite_url):
+    """--bind localhost:PORT and the endpoint http://127.0.0.1:PORT: the same listener."""
+    with serving("--service", "web", "--app", "backend:app", "--discovery-url", sqlite_url,
+                 "--bind", "localhost:0") as (proc, port):
+        wait_until(lambda: "registered web" in proc.output()
+                   and "serving web" in proc.output(), timeout=15)
+        assert "WARNING" not in proc.output(), proc.output()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 import pymongo
 from bson.errors import BSONError
@@ -72,9 +71,13 @@ def _redacted(url: str) -> str:
 
     A replica set's URL lists several hosts (``mongodb://db1:27017,db2:27017/cluster``),
     whose ports urlsplit cannot read (it raised, a traceback in every way of running).
+    The URL is split as pymongo splits it, not as urlsplit does: a password with a
+    ``#`` (which pymongo takes unescaped) was a fragment to urlsplit, and every log
+    line named ``mongodb://user:<the password up to the #>`` as the store.
     """
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("?")[0].partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class MongoStore(DiscoveryStore):
