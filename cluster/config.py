@@ -21,7 +21,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import configargparse
 
@@ -386,11 +386,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: how long the DNS SRV lookup of a mongodb+srv:// name may take at start
+SRV_LOOKUP_SECONDS = 5.0
+
+
 def store_host(discovery_url: str | None) -> tuple[str, int] | None:
     """(host, port) of the first host of a MongoDB URL, or None for a store on this host.
 
     The embedded store, and a MongoDB whose first host is a loopback address, are local.
     A host name is resolved; one that resolves only to loopback addresses is local too.
+    A mongodb+srv:// name stands for the hosts of its DNS SRV records (see srv_seed).
     """
     if not discovery_url or not discovery_url.startswith(("mongodb://", "mongodb+srv://")):
         return None
@@ -403,6 +408,12 @@ def store_host(discovery_url: str | None) -> tuple[str, int] | None:
     else:
         host, _, port_text = first.partition(":")
     port = int(port_text) if port_text.isdigit() else 27017
+    if discovery_url.startswith("mongodb+srv://") and host:
+        query = rest.partition("?")[2].partition("#")[0]
+        options = {key.lower(): value for key, value in parse_qsl(query)}
+        seed = srv_seed(host, options.get("srvservicename") or "mongodb")
+        if seed is not None:
+            host, port = seed
     if not host or _is_loopback(host):
         return None
     try:
@@ -415,6 +426,27 @@ def store_host(discovery_url: str | None) -> tuple[str, int] | None:
         if infos and all(_is_loopback(str(info[4][0])) for info in infos):
             return None
     return (host, port)
+
+
+def srv_seed(name: str, service: str = "mongodb") -> tuple[str, int] | None:
+    """The first host of the seed list a mongodb+srv:// ``name`` stands for: the target
+    of its best ``_<service>._tcp.<name>`` SRV record, read as pymongo reads it (with
+    dnspython). None when they cannot be read (pymongo then says why). The name itself
+    is a service, not a host: it need not have an address, and taking it for a host
+    refused a wildcard bind ("no route to the discovery store host") whenever it had
+    none."""
+    try:
+        import dns.resolver
+
+        answers = dns.resolver.resolve(f"_{service}._tcp.{name}", "SRV",
+                                       lifetime=SRV_LOOKUP_SECONDS)
+    except Exception:  # noqa: BLE001 - no dnspython, NXDOMAIN, a timeout: not found
+        return None
+    records = sorted(answers, key=lambda record: (record.priority, -record.weight))
+    if not records:
+        return None
+    best = records[0]
+    return str(best.target).rstrip("."), int(best.port)
 
 
 def route_address(host: str, port: int) -> str:

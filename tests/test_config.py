@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+from typing import Iterator
 
 import pytest
 
@@ -227,6 +231,88 @@ def test_wildcard_bind_with_a_remote_store_registers_the_route_address():
                       discovery_url="mongodb://user:pw@192.0.2.1:27017,192.0.2.9/db").endpoint_choice()
     assert choice.url == f"http://{expected}:4000"
     assert "192.0.2.1" in choice.reason
+
+
+@contextlib.contextmanager
+def srv_records(records: dict[str, list[str]]) -> Iterator[None]:
+    """A DNS server on 127.0.0.1 answering SRV questions from ``records`` (owner name ->
+    SRV rdata texts) and NXDOMAIN to anything else: a thread reading real queries and
+    writing real answers (dnspython's messages). dnspython's default resolver, the one
+    pymongo reads SRV records with, asks it and nothing else while the block runs."""
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.resolver
+    import dns.rrset
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(4096)
+            except (TimeoutError, socket.timeout):
+                continue
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            name = question.name.to_text()
+            if question.rdtype == dns.rdatatype.SRV and name in records:
+                response.answer.append(dns.rrset.from_text_list(name, 60, "IN", "SRV",
+                                                                records[name]))
+            else:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            server.sendto(response.to_wire(), peer)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = server.getsockname()[1]
+    saved = dns.resolver.default_resolver
+    dns.resolver.default_resolver = resolver
+    try:
+        yield
+    finally:
+        dns.resolver.default_resolver = saved
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+#: Names whose first label starts with a hyphen: the C library refuses to look up their
+#: address without asking any DNS server, so the old way (taking the SRV name for a host)
+#: fails here as it does anywhere for a name that has no address, with nothing sent
+#: off the loopback.
+SRV_RECORDS = {
+    "_mongodb._tcp.-cluster0.example.test.": ["1 0 27018 192.0.2.9.", "0 0 27017 192.0.2.1."],
+    "_custom._tcp.-cluster0.example.test.": ["0 0 27017 192.0.2.77."],
+}
+
+
+@pytest.mark.parametrize("options, first", [("", "192.0.2.1"),
+                                            ("&srvServiceName=custom", "192.0.2.77")])
+def test_a_mongodb_srv_name_stands_for_the_hosts_of_its_srv_records(options, first):
+    """A mongodb+srv:// name (MongoDB Atlas's URLs) is a DNS service, not a host: the
+    route to the store is the route to the best target of its SRV records, as pymongo
+    reads them. It was looked up as a host, and a wildcard bind without --endpoint-url
+    was refused ("no route to the discovery store host") when it had no address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((first, 27017))  # sends nothing: asks the kernel for the route
+        expected = probe.getsockname()[0]
+    url = f"mongodb+srv://user:pw@-cluster0.example.test/db?tls=false{options}"
+    with srv_records(SRV_RECORDS):
+        choice = Settings(bind="0.0.0.0:4000", discovery_url=url).endpoint_choice()
+        assert choice.url == f"http://{expected}:4000"
+        assert first in choice.reason
+        # no records for the name: the store host it names, in one line, as before
+        with pytest.raises(ConfigError, match=r"no route to the discovery store host "
+                                              r"-nothing\.example\.test"):
+            Settings(bind="0.0.0.0:4000",
+                     discovery_url="mongodb+srv://-nothing.example.test/db").endpoint_choice()
 
 
 @pytest.mark.parametrize("url", [
