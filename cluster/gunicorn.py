@@ -199,8 +199,10 @@ def _init_worker(worker: Any) -> None:
                                                       ENDPOINT_CHECK_SECONDS))
         if why:
             worker.log.warning("cluster: endpoint %s does not accept connections from this "
-                               "host (%s): other instances cannot reach this worker; check "
-                               "CLUSTER_ENDPOINT_URL", node.self_url, why)
+                               "host (%s): other instances are unlikely to reach this worker "
+                               "either (unless it is a public address this host cannot reach "
+                               "itself by, as behind some NATs); check CLUSTER_ENDPOINT_URL",
+                               node.self_url, why)
     if node.registrar is not None:
         try:  # registered before serving, so a HUP's new worker is known when it serves
             node.registrar.beat()

@@ -440,9 +440,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
              node.endpoint_choice.reason, node.store.description)
     if unreachable:
         log.warning("endpoint %s (%s) does not accept connections from this host (%s): "
-                    "other instances cannot reach this one; check --endpoint-url "
-                    "(CLUSTER_ENDPOINT_URL)", node.self_url, node.endpoint_choice.reason,
-                    unreachable)
+                    "other instances are unlikely to reach it either (unless it is a public "
+                    "address this host cannot reach itself by, as behind some NATs); check "
+                    "--endpoint-url (CLUSTER_ENDPOINT_URL)", node.self_url,
+                    node.endpoint_choice.reason, unreachable)
     if elsewhere:
         log.warning("endpoint %s (%s) is another process's port on this host (this one "
                     "listens on %s): if it is another instance, the two share one record "
