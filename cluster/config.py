@@ -442,7 +442,9 @@ def srv_seed(name: str, service: str = "mongodb") -> tuple[str, int] | None:
                                        lifetime=SRV_LOOKUP_SECONDS)
     except Exception:  # noqa: BLE001 - no dnspython, NXDOMAIN, a timeout: not found
         return None
-    records = sorted(answers, key=lambda record: (record.priority, -record.weight))
+    # (a target of "." says the service is not offered there, RFC 2782)
+    records = sorted((record for record in answers if str(record.target) != "."),
+                     key=lambda record: (record.priority, -record.weight))
     if not records:
         return None
     best = records[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def srv_records(records: dict[str, list[str]]) -> Iterator[None]:
 SRV_RECORDS = {
     "_mongodb._tcp.-cluster0.example.test.": ["1 0 27018 192.0.2.9.", "0 0 27017 192.0.2.1."],
     "_custom._tcp.-cluster0.example.test.": ["0 0 27017 192.0.2.77."],
+    "_mongodb._tcp.-closed.example.test.": ["0 0 0 ."],  # RFC 2782: not offered here
 }
 
 
@@ -308,11 +310,13 @@ def test_a_mongodb_srv_name_stands_for_the_hosts_of_its_srv_records(options, fir
         choice = Settings(bind="0.0.0.0:4000", discovery_url=url).endpoint_choice()
         assert choice.url == f"http://{expected}:4000"
         assert first in choice.reason
-        # no records for the name: the store host it names, in one line, as before
-        with pytest.raises(ConfigError, match=r"no route to the discovery store host "
-                                              r"-nothing\.example\.test"):
-            Settings(bind="0.0.0.0:4000",
-                     discovery_url="mongodb+srv://-nothing.example.test/db").endpoint_choice()
+        # no records for the name, or only a "." target: the store host it names, in one
+        # line, as before
+        for name in ("-nothing.example.test", "-closed.example.test"):
+            with pytest.raises(ConfigError, match=r"no route to the discovery store host "
+                                                  + re.escape(name)):
+                Settings(bind="0.0.0.0:4000",
+                         discovery_url=f"mongodb+srv://{name}/db").endpoint_choice()
 
 
 @pytest.mark.parametrize("url", [
