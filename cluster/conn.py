@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import time
 import weakref
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import gevent
 from gevent.monkey import get_original
 
-from cluster.netio import Reader
+from cluster.netio import Reader, reset_on_close
 from cluster.trust import peer_address
 
 log = logging.getLogger(__name__)
@@ -164,10 +163,7 @@ class ClientConn:
         without its chunks) ended by a FIN is whole as far as the client can tell: curl
         and requests took a download the endpoint broke off for a good one."""
         self.aborted = True
-        try:
-            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+        reset_on_close(self.raw)
 
     def close(self) -> None:
         try:

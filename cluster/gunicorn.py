@@ -187,7 +187,12 @@ def _init_worker(worker: Any) -> None:
     from cluster.door import DoorServer
     from cluster.errors import DiscoveryError
     from cluster.node import Cluster
-    from cluster.server import ENDPOINT_CHECK_SECONDS, make_door, unreachable_endpoint
+    from cluster.server import (
+        ENDPOINT_CHECK_SECONDS,
+        make_door,
+        unreachable_endpoint,
+        unreachable_warning,
+    )
 
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
@@ -198,11 +203,8 @@ def _init_worker(worker: Any) -> None:
         why = unreachable_endpoint(node.self_url, min(settings.connect_timeout,
                                                       ENDPOINT_CHECK_SECONDS))
         if why:
-            worker.log.warning("cluster: endpoint %s does not accept connections from this "
-                               "host (%s): other instances are unlikely to reach this worker "
-                               "either (unless it is a public address this host cannot reach "
-                               "itself by, as behind some NATs); check CLUSTER_ENDPOINT_URL",
-                               node.self_url, why)
+            worker.log.warning("cluster: %s", unreachable_warning(node.self_url, why,
+                                                                   "CLUSTER_ENDPOINT_URL"))
     if node.registrar is not None:
         try:  # registered before serving, so a HUP's new worker is known when it serves
             node.registrar.beat()

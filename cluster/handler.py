@@ -22,7 +22,6 @@ import hashlib
 import logging
 import re
 import socket
-import struct
 from typing import Any, Callable, Iterable, Iterator
 
 import gevent
@@ -31,6 +30,7 @@ from gevent.pywsgi import WSGIHandler
 
 from cluster.errors import UpstreamError
 from cluster.http1 import simple_response
+from cluster.netio import reset_on_close
 
 log = logging.getLogger(__name__)
 
@@ -472,11 +472,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # An endpoint broke off the body being relayed (cluster.wrap()): pywsgi closes
             # the connection, and a reset instead of that FIN keeps a body that ends at
             # the close (for an HTTP/1.0 client) from looking whole, as at the door.
-            try:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            reset_on_close(self.socket)
             raise
 
     def _send_error_response_if_possible(self, error_code: int) -> None:

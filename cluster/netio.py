@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from time import monotonic
 from typing import Any, Callable
 
@@ -86,6 +87,15 @@ def linger(sock: Any, read: Callable[[int], bytes], seconds: float = LINGER_SECO
         with gevent.Timeout(seconds, False):
             while read(65536):
                 pass
+    except OSError:
+        pass
+
+
+def reset_on_close(sock: Any) -> None:
+    """Make the close of ``sock`` send a reset instead of a FIN (SO_LINGER 0): a body
+    that ends at the close and was cut short must not look complete to the client."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
 

@@ -198,6 +198,13 @@ def unreachable_endpoint(url: str, timeout: float) -> str:
     return ""
 
 
+def unreachable_warning(url: str, why: str, setting: str) -> str:
+    """The warning for an endpoint :func:`unreachable_endpoint` could not connect to."""
+    return (f"endpoint {url} does not accept connections from this host ({why}): other "
+            "instances are unlikely to reach it either (unless it is a public address this "
+            f"host cannot reach itself by, as behind some NATs); check {setting}")
+
+
 #: the longest the start-up check of the endpoint waits for a connection (``cluster
 #: serve`` gives the whole check, name resolution and every address, half a second more)
 ENDPOINT_CHECK_SECONDS = 2.0
@@ -439,11 +446,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
              " and the shared public socket" if shared is not None else "", node.self_url,
              node.endpoint_choice.reason, node.store.description)
     if unreachable:
-        log.warning("endpoint %s (%s) does not accept connections from this host (%s): "
-                    "other instances are unlikely to reach it either (unless it is a public "
-                    "address this host cannot reach itself by, as behind some NATs); check "
-                    "--endpoint-url (CLUSTER_ENDPOINT_URL)", node.self_url,
-                    node.endpoint_choice.reason, unreachable)
+        log.warning("%s", unreachable_warning(
+            f"{node.self_url} ({node.endpoint_choice.reason})", unreachable,
+            "--endpoint-url (CLUSTER_ENDPOINT_URL)"))
     if elsewhere:
         log.warning("endpoint %s (%s) is another process's port on this host (this one "
                     "listens on %s): if it is another instance, the two share one record "
