@@ -30,7 +30,6 @@ door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
 
 from __future__ import annotations
 
-import binascii
 import errno
 import logging
 import os
@@ -64,6 +63,7 @@ from cluster.handler import (
     ClusterHandler,
     RequestHeaders,
     check_body_piece,
+    handshake_refusal,
     set_nodelay,
 )
 from cluster.hop import HopMarker
@@ -1302,17 +1302,26 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         """gevent-websocket's, with its refusals made clean answers. As released it
         returns them as ``str`` bodies (a TypeError and a 500, or nothing at all, once
         pywsgi writes them) and lets a key that is not base64 raise (binascii.Error: a
-        traceback and a 500): each is its status here (400, or 426 for a missing
-        version). An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8), as when the
-        request is routed elsewhere (RequestHead.is_websocket): the app gets a plain
-        request, not gevent-websocket's '402 Bad Request'."""
+        traceback and a 500), and its lenient base64 let two keys (joined by a comma)
+        or a key with bytes after its padding through with a 101 (RFC 6455 4.2.1: 400).
+        Here :func:`~cluster.handler.handshake_refusal` decides, as under cluster.wrap():
+        400, or 426 for a missing version. An HTTP/1.0 request's Upgrade is ignored
+        (RFC 9110 7.8), as when the request is routed elsewhere (RequestHead
+        .is_websocket): the app gets a plain request, not gevent-websocket's '402 Bad
+        Request'."""
         if self.request_version != "HTTP/1.1":
             return None
-        try:
-            result = super().upgrade_websocket()
-        except binascii.Error:
-            self.start_response("400 Bad Request", [])
-            return [b"Invalid Sec-WebSocket-Key"]
+        environ = self.environ
+        if environ.get("REQUEST_METHOD") == "GET" and \
+                str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket" and \
+                "upgrade" in str(environ.get("HTTP_CONNECTION", "")).lower():
+            # what gevent-websocket upgrades, checked as cluster.wrap() checks it
+            refusal = handshake_refusal(environ)
+            if refusal is not None:
+                status, fields, body = refusal
+                self.start_response(status, [("Content-Type", "text/plain"), *fields])
+                return [body]
+        result = super().upgrade_websocket()
         websocket = self.environ.get("wsgi.websocket")
         if websocket is not None:
             adopt(websocket, self.connection.door.settings.max_websocket_message,

@@ -547,12 +547,14 @@ def _no_response(*args: Any) -> Callable[[bytes], None]:
     return lambda data: None
 
 
-def handshake_answer(environ: dict[str, Any], choose: Callable[[str], Any] | None = None
-                     ) -> tuple[str, list[tuple[str, str]], bytes]:
-    """(status, header fields, body) answering the WebSocket handshake in ``environ``: a
-    101 with an empty body, or the refusal gevent-websocket's handler gives (426 with no
-    version, 400 for another version or a key that is not 16 bytes of base64). ``choose``
-    is an app's ``app_protocol(path)``, gevent-websocket's way to pick a subprotocol."""
+def handshake_refusal(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes] | None:
+    """(status, header fields, body) refusing the WebSocket handshake in ``environ``, or
+    None when it is well formed (RFC 6455 4.2.1): 426 with no version, 400 for another
+    version or for a key that is not exactly 16 bytes of base64. Two key or version
+    fields reach the environ joined by a comma, which is no base64 and no version: 400
+    (RFC 6455 11.3.1, 11.3.5: each appears once). gevent-websocket decodes the key
+    leniently (a comma, and whatever follows a padded key, are skipped), so ``k, k``
+    got a 101; the door asks here first."""
     version = str(environ.get("HTTP_SEC_WEBSOCKET_VERSION") or "").strip()
     offered = ", ".join(WEBSOCKET_VERSIONS)
     if not version:
@@ -568,6 +570,19 @@ def handshake_answer(environ: dict[str, Any], choose: Callable[[str], Any] | Non
         nonce = b""
     if len(nonce) != 16:
         return "400 Bad Request", [], b"Invalid Sec-WebSocket-Key\n"
+    return None
+
+
+def handshake_answer(environ: dict[str, Any], choose: Callable[[str], Any] | None = None
+                     ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status, header fields, body) answering the WebSocket handshake in ``environ``: a
+    101 with an empty body, or the refusal gevent-websocket's handler gives (426 with no
+    version, 400 for another version or a key that is not 16 bytes of base64). ``choose``
+    is an app's ``app_protocol(path)``, gevent-websocket's way to pick a subprotocol."""
+    refusal = handshake_refusal(environ)
+    if refusal is not None:
+        return refusal
+    key = str(environ.get("HTTP_SEC_WEBSOCKET_KEY") or "").strip()
     accept = base64.b64encode(hashlib.sha1((key + _WEBSOCKET_GUID).encode("latin-1"))
                               .digest()).decode("latin-1")
     fields = [("Upgrade", "websocket"), ("Connection", "Upgrade"),

@@ -228,6 +228,36 @@ def test_a_bad_handshake_gets_its_status_not_a_500(gws: Cluster, pick: str, chan
         assert proc.poll() is None and "Traceback" not in proc.output(), proc.output()[-3000:]
 
 
+KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize("lines", [
+    [KEY, "Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==", "Sec-WebSocket-Version: 13"],
+    [KEY, KEY, "Sec-WebSocket-Version: 13"],
+    ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==, AQIDBAUGBwgJCgsMDQ4PEA==",
+     "Sec-WebSocket-Version: 13"],
+    ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==AQID", "Sec-WebSocket-Version: 13"],
+    [KEY, "Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 13"],
+], ids=["two-keys", "the-same-key-twice", "two-keys-in-one-field", "bytes-after-padding",
+        "two-versions"])
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_a_handshake_with_two_keys_or_a_malformed_one_is_refused(
+        gws: Cluster, pick: str, lines: list[str]) -> None:
+    """RFC 6455 4.2.1 and 11.3.1: one key, 16 bytes of base64, and one version, else
+    400. gevent-websocket decodes the key leniently (a comma, and what follows the
+    padding, skipped): two keys, joined by a comma in the environ, got a 101, and the
+    client its Accept computed from a key it sent along with another."""
+    head = ["GET /echo HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {gws.cookie(pick)}",
+            "Upgrade: websocket", "Connection: Upgrade", *lines]
+    with socket.create_connection(("127.0.0.1", gws.ports["a"]), timeout=5) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        data, closed = read_until_close(sock, 2.0)
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert closed
+    for proc in gws.procs:
+        assert proc.poll() is None and "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
 @pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
 def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
     """RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored, wherever it is served;
