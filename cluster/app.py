@@ -224,7 +224,7 @@ class ClusterApp:
                     settings = self.node.settings
                     return handler.serve_websocket(self.local_app, cookies,
                                                    settings.max_websocket_message,
-                                                   settings.write_timeout)
+                                                   settings.write_timeout, environ)
             else:
                 environ = _without_upgrade(environ)
         if not cookies:

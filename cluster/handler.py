@@ -316,20 +316,24 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
 
     def serve_websocket(self, app: Callable[..., Iterable[bytes]],
                         headers: Iterable[tuple[str, str]], max_message: int,
-                        write_timeout: float = 0.0) -> list[bytes]:
+                        write_timeout: float = 0.0,
+                        environ: dict[str, Any] | None = None) -> list[bytes]:
         """Answer this WebSocket handshake and run ``app`` with ``environ['wsgi.websocket']``
         as gevent-websocket's own handler would (the hardened object of
         cluster.app_websocket). For cluster.wrap(), whose routing picks the local app from
         inside the application call: the 101 goes out only then, so a handshake routed
         elsewhere is still the bridge's to take. ``headers`` go on the 101 as well.
         ``write_timeout`` (--write-timeout, 0: none) bounds each frame's send: the app's
-        ``send()`` to a client that stopped reading then raises WebSocketError."""
+        ``send()`` to a client that stopped reading then raises WebSocketError.
+        ``environ``: the one routing made for the app (a SockJS session's
+        ``/cluster-ddp/...`` path back to the app's own), else this request's."""
         from geventwebsocket.websocket import Stream, WebSocket
 
         from cluster.app_websocket import adopt
         from cluster.netio import linger
 
-        environ = self.environ
+        if environ is None:
+            environ = self.environ
         self.close_connection = True  # after a refusal, what comes next may be frames
         status, fields, body = handshake_answer(environ, getattr(app, "app_protocol", None))
         if body:

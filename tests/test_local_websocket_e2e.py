@@ -11,6 +11,7 @@ instance name, so each test knows who served it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from typing import Iterator
@@ -165,6 +166,36 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     # a reason longer than a control frame holds (125 bytes) is cut on a character
     code = (4004).to_bytes(2, "big")
     assert close_frame_after("cmd:close 4004 " + "é" * 100) == code + ("é" * 61).encode()
+
+
+def environ_seen(url: str, cookie: str = "", source: str = "127.0.0.1",
+                 header: tuple[str, ...] = ()) -> dict[str, str]:
+    """What the gevent-websocket app was told of a WebSocket to ``url`` (cmd:environ),
+    connected from ``source`` with ``header`` lines."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/", 1)[0])))
+    ws = websocket.create_connection(url, socket=sock, cookie=cookie, header=list(header),
+                                     timeout=10)
+    try:
+        ws.send("cmd:environ")
+        return json.loads(ws.recv())
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_a_sockjs_session_websocket_reaches_the_app_at_its_own_path(gws: Cluster,
+                                                                    pick: str) -> None:
+    """A SockJS session's WebSocket, ``/cluster-ddp/<hash>/<service>/<rest>``, reaches the
+    app as ``/sockjs/<rest>`` as the session's polls do. Served by cluster.wrap() under
+    ClusterHandler, the 101 and the app took the request's own environ, not the one
+    routing rewrote: the app was asked for the /cluster-ddp/ path."""
+    url = (gws.url("a").replace("http", "ws", 1)
+           + f"/cluster-ddp/{gws.hashes[pick]}/{gws.service}/123/abcd/websocket?t=1")
+    seen = environ_seen(url)
+    assert (seen["PATH_INFO"], seen["QUERY_STRING"]) == ("/sockjs/123/abcd/websocket", "t=1")
 
 
 @pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])

@@ -5,7 +5,8 @@ The front door must hand it a socket when the instance serves an upgrade itself 
 gevent-websocket handler of its own is configured anywhere).
 
 On any path, a WebSocket echoes every message with its own type; the text ``cmd:name``
-is answered with the instance name, ``cmd:close C R`` closes with code C and reason R
+is answered with the instance name, ``cmd:environ`` with JSON of the environ's path,
+peer and forwarding fields, ``cmd:close C R`` closes with code C and reason R
 (gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
 another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
 without closing.
@@ -15,12 +16,15 @@ when no socket was handed to it.
 
 from __future__ import annotations
 
+import json
 import os
 
 import gevent
 from geventwebsocket.exceptions import WebSocketError
 
 NAME = os.environ.get("BACKEND_NAME", "gws")
+#: the environ keys ``cmd:environ`` shows, besides every ``HTTP_X_...``
+SHOWN = ("PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "HTTP_FORWARDED", "HTTP_PROXY")
 
 
 def app(environ, start_response):
@@ -42,6 +46,9 @@ def app(environ, start_response):
             break
         if message == "cmd:name":
             ws.send(NAME)
+        elif message == "cmd:environ":  # what the app was told of the request
+            ws.send(json.dumps({key: value for key, value in environ.items()
+                                if key in SHOWN or key.startswith("HTTP_X_")}))
         elif isinstance(message, str) and message.startswith("cmd:close-later "):
             _, code, reason = message.split(" ", 2)
             gevent.spawn_later(0.05, ws.close, int(code), reason)
