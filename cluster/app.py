@@ -103,7 +103,8 @@ class ClusterApp:
                                        read_timeout=s.read_timeout,
                                        trusted_proxies=self.policy.trusted_proxies)
         self.bridge = WebSocketBridge(connect_timeout=s.connect_timeout,
-                                      write_timeout=s.write_timeout)
+                                      write_timeout=s.write_timeout,
+                                      trusted_proxies=self.policy.trusted_proxies)
         self.retries = s.retries
         #: the sticky cookies' attributes (--cookie-samesite)
         self.cookie_attributes = cookie_attributes(s.cookie_samesite)
@@ -172,9 +173,14 @@ class ClusterApp:
                                  else self.policy.self_hash or "")
             return decision
 
+        # the client's forwarding claims reach the local app from a trusted proxy or a
+        # proven member only, as at the front door (_pairs_for_app)
+        believed = hop or request.remote_addr in self.policy.trusted_proxies
+
         def send(decision: Any) -> Iterable[bytes]:
             if isinstance(decision, Serve):
-                return self._serve(decision, environ, start_response)
+                return self._serve(decision, for_local_app(environ, believed),
+                                   start_response)
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
             if isinstance(decision, SockJSInfo):
@@ -296,6 +302,25 @@ class ClusterApp:
                 close()
         return (captured.get("status", "500 Internal Server Error"),
                 captured.get("headers", []), body)
+
+
+#: the fields that say whom and how a request was forwarded for (cluster.trust)
+_FORWARDING_KEYS = frozenset({"HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO",
+                              "HTTP_X_FORWARDED_HOST", "HTTP_FORWARDED", "HTTP_X_REAL_IP"})
+#: never for an app: Proxy (httpoxy) and the hop marker (meant for this instance)
+_NEVER_KEYS = frozenset({"HTTP_PROXY", HOP_ENVIRON})
+
+
+def for_local_app(environ: dict[str, Any], believed: bool) -> dict[str, Any]:
+    """``environ`` as the local app may see it, the same as under the front door: the
+    forwarding fields only when ``believed`` (a --trusted-proxies peer, or a member
+    whose hop marker proved it), never ``Proxy`` nor the hop marker. Else any client
+    told the app its address (X-Forwarded-For) and scheme, which the door and the
+    relay replace."""
+    drop = _NEVER_KEYS if believed else _NEVER_KEYS | _FORWARDING_KEYS
+    if drop.isdisjoint(environ):
+        return environ
+    return {key: value for key, value in environ.items() if key not in drop}
 
 
 def _without_upgrade(environ: dict[str, Any]) -> dict[str, Any]:

@@ -53,34 +53,37 @@ def view(base: str) -> dict:
     return requests.get(base + "/_cluster/status", timeout=5).json()
 
 
-def start_wrapped(app: str, service: str, store: str, name: str) -> tuple[Proc, int]:
+def start_wrapped(app: str, service: str, store: str, name: str,
+                  env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """tests/apps/library_app.py: ``app`` made a member of ``service`` by cluster.wrap()
     under a plain gevent WSGIServer with ClusterHandler (library mode under a server of
-    one's own, not the front door)."""
+    one's own, not the front door); more CLUSTER_* settings in ``env``."""
     return start_library_app(
         {"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name, "CLUSTER_SERVICE": service,
-         "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1"}, app,
+         "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1", **(env or {})}, app,
         name=f"{service}-{name}")
 
 
 @contextlib.contextmanager
 def cluster_of(app: str, service: str, store: str, *extra: str,
-               wrapped: bool = False) -> Iterator[Cluster]:
-    """Two instances serving ``app`` (with ``extra`` settings; ``wrapped``: through
-    :func:`start_wrapped`) and a balancer-only front, all stopped by PID."""
+               wrapped: bool = False, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Two instances serving ``app`` (with ``extra`` settings, or CLUSTER_* ones in
+    ``env``; ``wrapped``: through :func:`start_wrapped`) and a balancer-only front, all
+    stopped by PID."""
     cluster = Cluster(service)
     try:
         for name in ("a", "b"):
             if wrapped:
-                proc, port = start_wrapped(app, service, store, name)
+                proc, port = start_wrapped(app, service, store, name, env)
             else:
                 proc, port = start_serve("--service", service, "--app", app, *COMMON, *extra,
                                          env={"CLUSTER_DISCOVERY_URL": store,
-                                              "BACKEND_NAME": name}, name=f"{service}-{name}")
+                                              "BACKEND_NAME": name, **(env or {})},
+                                         name=f"{service}-{name}")
             cluster.procs.append(proc)
             cluster.ports[name] = port
         proc, port = start_serve("--ui-service", service, *COMMON, name=f"{service}-front",
-                                 env={"CLUSTER_DISCOVERY_URL": store})
+                                 env={"CLUSTER_DISCOVERY_URL": store, **(env or {})})
         cluster.procs.append(proc)
         cluster.ports["front"] = port
         for name in ("a", "b"):
@@ -196,6 +199,69 @@ def test_a_sockjs_session_websocket_reaches_the_app_at_its_own_path(gws: Cluster
            + f"/cluster-ddp/{gws.hashes[pick]}/{gws.service}/123/abcd/websocket?t=1")
     seen = environ_seen(url)
     assert (seen["PATH_INFO"], seen["QUERY_STRING"]) == ("/sockjs/123/abcd/websocket", "t=1")
+
+
+FORGED = ("X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: javascript",
+          "X-Forwarded-Host: evil.example", "Forwarded: for=203.0.113.9",
+          "X-Real-IP: 203.0.113.9", "Proxy: http://evil.example:1", "X-Cluster-Hop: 1")
+OUTSIDE = "127.0.0.2"  # no member's address, not in --trusted-proxies (loopback)
+
+
+def http_environ_seen(base: str, cookie: str, source: str,
+                      header: tuple[str, ...] = ()) -> dict[str, str]:
+    """What the app was told of a plain GET /environ (its JSON), sent from ``source``."""
+    port = int(base.rsplit(":", 1)[1])
+    with socket.socket() as sock:
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        lines = ["GET /environ HTTP/1.1", "Host: app.example", f"Cookie: {cookie}",
+                 "Connection: close", *header]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data, _closed = read_until_close(sock, 5.0)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_forwarding_claims_from_outside_never_reach_the_app(gws: Cluster, pick: str) -> None:
+    """README, Forwarded headers: a client's X-Forwarded-*, Forwarded and X-Real-IP are
+    kept from --trusted-proxies only, Proxy never (httpoxy), and no app sees a hop
+    marker. The front door held to it; cluster.wrap() gave its own app whatever any
+    client claimed (the address, scheme and host an app builds its links and its
+    rate limits on), Proxy included."""
+    url = gws.url("a").replace("http", "ws", 1) + "/echo"
+    for seen in (environ_seen(url, gws.cookie(pick), OUTSIDE, FORGED),
+                 http_environ_seen(gws.url("a"), gws.cookie(pick), OUTSIDE, FORGED)):
+        assert not {"HTTP_PROXY", "HTTP_FORWARDED", "HTTP_X_CLUSTER_HOP"} & set(seen), seen
+        if pick == "a":  # what the app saw came from the client itself: none of it
+            assert seen["REMOTE_ADDR"] == OUTSIDE
+            assert not {"HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO",
+                        "HTTP_X_FORWARDED_HOST", "HTTP_X_REAL_IP"} & set(seen), seen
+        else:  # what the relaying member saw
+            assert seen["HTTP_X_FORWARDED_FOR"] == seen["HTTP_X_REAL_IP"] == OUTSIDE, seen
+            assert seen["HTTP_X_FORWARDED_PROTO"] == "http", seen
+            assert seen["HTTP_X_FORWARDED_HOST"] != "evil.example", seen  # the Host
+    # a trusted proxy's claims are the app's to see
+    seen = environ_seen(url, gws.cookie(pick), "127.0.0.1", FORGED[:1])
+    assert seen["HTTP_X_FORWARDED_FOR"].startswith("203.0.113.9"), seen
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["cluster-serve", "cluster.wrap"])
+def test_a_relayed_websocket_believes_the_configured_trusted_proxies(
+        store: str, wrapped: bool) -> None:
+    """--trusted-proxies 127.0.0.0/8: a proxy at 127.0.0.2 is trusted, so its client's
+    address goes on to the instance that serves the WebSocket, as for plain HTTP.
+    cluster.wrap()'s WebSocket relay judged by loopback alone, whatever the setting,
+    and replaced it (so a network trusted for HTTP was not for WebSockets, and an
+    address taken out of the setting still was)."""
+    with cluster_of("gws_echo:app", "tgws" if wrapped else "tsgws", store, wrapped=wrapped,
+                    env={"CLUSTER_TRUSTED_PROXIES": "127.0.0.0/8"}) as cluster:
+        url = cluster.url("a").replace("http", "ws", 1) + "/echo"
+        seen = environ_seen(url, cluster.cookie("b"), OUTSIDE, FORGED[:1])
+        assert seen["HTTP_X_FORWARDED_FOR"] == f"203.0.113.9, {OUTSIDE}", seen
+        seen = http_environ_seen(cluster.url("a"), cluster.cookie("b"), OUTSIDE, FORGED[:1])
+        assert seen["HTTP_X_FORWARDED_FOR"] == f"203.0.113.9, {OUTSIDE}", seen
 
 
 @pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])

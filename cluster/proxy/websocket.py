@@ -195,8 +195,12 @@ class WebSocketBridge:
     """
 
     def __init__(self, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
-                 preserve_host: bool = True, write_timeout: float = 0.0) -> None:
+                 preserve_host: bool = True, write_timeout: float = 0.0,
+                 trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+                 ) -> None:
         self.connect_timeout = connect_timeout
+        #: --trusted-proxies: whose X-Forwarded-* go upstream as they came
+        self.trusted_proxies = trusted_proxies
         self.handshake_timeout = handshake_timeout
         self.write_timeout = write_timeout
         #: True: the client's Host goes upstream (as meteorhacks:cluster's http-proxy
@@ -234,7 +238,8 @@ class WebSocketBridge:
             return [body]
 
         netloc = Target(endpoint_url).hostport
-        head = upgrade_request_head(environ, path_qs, netloc, add_headers, self.preserve_host)
+        head = upgrade_request_head(environ, path_qs, netloc, add_headers, self.preserve_host,
+                                    self.trusted_proxies)
         upstream = self._connect(endpoint_url)
         try:
             status, response_head, headers, reader, body = self._handshake(

@@ -10,8 +10,8 @@ peer and forwarding fields, ``cmd:close C R`` closes with code C and reason R
 (gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
 another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
 without closing.
-Plain HTTP: ``/whoami`` -> the name; anything else -> 426, which is what the app says
-when no socket was handed to it.
+Plain HTTP: ``/whoami`` -> the name; ``/environ`` -> what ``cmd:environ`` says;
+anything else -> 426, which is what the app says when no socket was handed to it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ NAME = os.environ.get("BACKEND_NAME", "gws")
 SHOWN = ("PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "HTTP_FORWARDED", "HTTP_PROXY")
 
 
+def shown(environ):
+    return {key: value for key, value in environ.items()
+            if key in SHOWN or key.startswith("HTTP_X_")}
+
+
 def app(environ, start_response):
     ws = environ.get("wsgi.websocket")
     if ws is None:
         if environ.get("PATH_INFO") == "/whoami":
             body, status = NAME.encode(), "200 OK"
+        elif environ.get("PATH_INFO") == "/environ":
+            body, status = json.dumps(shown(environ)).encode(), "200 OK"
         else:
             body, status = b"expected a WebSocket (wsgi.websocket missing)", "426 Upgrade Required"
         start_response(status, [("Content-Type", "text/plain"),
@@ -47,8 +54,7 @@ def app(environ, start_response):
         if message == "cmd:name":
             ws.send(NAME)
         elif message == "cmd:environ":  # what the app was told of the request
-            ws.send(json.dumps({key: value for key, value in environ.items()
-                                if key in SHOWN or key.startswith("HTTP_X_")}))
+            ws.send(json.dumps(shown(environ)))
         elif isinstance(message, str) and message.startswith("cmd:close-later "):
             _, code, reason = message.split(" ", 2)
             gevent.spawn_later(0.05, ws.close, int(code), reason)
