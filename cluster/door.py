@@ -41,6 +41,7 @@ from urllib.parse import unquote_to_bytes
 import gevent
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Stream, WebSocket
 
 from cluster.app_websocket import adopt
 from cluster.busypoll import BusyPoll, start_busy_poll
@@ -63,7 +64,7 @@ from cluster.handler import (
     ClusterHandler,
     RequestHeaders,
     check_body_piece,
-    handshake_refusal,
+    handshake_answer,
     set_nodelay,
 )
 from cluster.hop import HopMarker
@@ -1000,12 +1001,17 @@ def _cookie_line(cookie: tuple[str, str], attributes: str) -> bytes:
 
 
 def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
+    """``app``, its responses setting ``cookie``; with the ``app_protocol`` it may have
+    (gevent-websocket's way for an app to pick a WebSocket subprotocol)."""
     def with_cookie(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         def start(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             return start_response(status, [*headers, cookie], *exc)
 
         return app(environ, start)
 
+    choose = getattr(app, "app_protocol", None)
+    if choose is not None:
+        with_cookie.app_protocol = choose  # type: ignore[attr-defined]
     return with_cookie
 
 
@@ -1299,37 +1305,38 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         return super().start_response(status, headers, exc_info)
 
     def upgrade_websocket(self) -> Any:
-        """gevent-websocket's, with its refusals made clean answers. As released it
-        returns them as ``str`` bodies (a TypeError and a 500, or nothing at all, once
-        pywsgi writes them) and lets a key that is not base64 raise (binascii.Error: a
-        traceback and a 500), and its lenient base64 let two keys (joined by a comma)
-        or a key with bytes after its padding through with a 101 (RFC 6455 4.2.1: 400).
-        Here :func:`~cluster.handler.handshake_refusal` decides, as under cluster.wrap():
-        400, or 426 for a missing version. An HTTP/1.0 request's Upgrade is ignored
-        (RFC 9110 7.8), as when the request is routed elsewhere (RequestHead
-        .is_websocket): the app gets a plain request, not gevent-websocket's '402 Bad
-        Request'."""
-        if self.request_version != "HTTP/1.1":
-            return None
+        """gevent-websocket's upgrade, its handshake answered as under cluster.wrap()
+        (:func:`~cluster.handler.handshake_answer`). As released, gevent-websocket
+        returns its refusals as ``str`` bodies (a TypeError and a 500, or nothing at
+        all, once pywsgi writes them), lets a key that is not base64 raise (a traceback
+        and a 500), decodes the key leniently (two keys, joined by a comma, got a 101:
+        RFC 6455 4.2.1 wants a 400), and picks the app's ``app_protocol(path)`` when
+        its name is anywhere in the offer (``echo`` for ``echo.v2``: a subprotocol the
+        client never offered). Here: 400, or 426 for a missing version; the
+        subprotocol only when offered as such. The door passes the app's
+        ``app_protocol`` on (:func:`_with_cookie`), so a new session's first socket gets
+        it too. An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8), as when the
+        request is routed elsewhere (RequestHead.is_websocket): the app gets a plain
+        request, not gevent-websocket's '402 Bad Request'."""
         environ = self.environ
-        if environ.get("REQUEST_METHOD") == "GET" and \
-                str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket" and \
-                "upgrade" in str(environ.get("HTTP_CONNECTION", "")).lower():
-            # what gevent-websocket upgrades, checked as cluster.wrap() checks it
-            refusal = handshake_refusal(environ)
-            if refusal is not None:
-                status, fields, body = refusal
-                self.start_response(status, [("Content-Type", "text/plain"), *fields])
-                return [body]
-        result = super().upgrade_websocket()
-        websocket = self.environ.get("wsgi.websocket")
-        if websocket is not None:
-            adopt(websocket, self.connection.door.settings.max_websocket_message,
-                  self.connection.conn.send)
-        if result:
-            result = [part.encode("latin-1") if isinstance(part, str) else part
-                      for part in result]
-        return result
+        if self.request_version != "HTTP/1.1" or environ.get("REQUEST_METHOD") != "GET" \
+                or str(environ.get("HTTP_UPGRADE", "")).lower() != "websocket" \
+                or "upgrade" not in str(environ.get("HTTP_CONNECTION", "")).lower():
+            return None  # gevent-websocket's test: not an upgrade, the app's request
+        status, fields, body = handshake_answer(
+            environ, getattr(self.application, "app_protocol", None))
+        if body:
+            self.start_response(status, [("Content-Type", "text/plain"), *fields])
+            return [body]
+        # as gevent-websocket's upgrade_connection: the socket first (start_response
+        # looks for it), then the 101
+        websocket = WebSocket(environ, Stream(self), self)
+        adopt(websocket, self.connection.door.settings.max_websocket_message,
+              self.connection.conn.send)
+        environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+        environ["wsgi.websocket"] = self.websocket = websocket
+        self.start_response(status, fields)
+        return None
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         """pywsgi's (a traceback and a 500), but for a client that left, or was closed

@@ -355,6 +355,61 @@ def test_a_handshake_with_two_keys_or_a_malformed_one_is_refused(
         assert proc.poll() is None and "Traceback" not in proc.output(), proc.output()[-3000:]
 
 
+@pytest.fixture(scope="module", params=["serve", "wrap"],
+                ids=["cluster-serve", "cluster.wrap-under-WSGIServer"])
+def chooser(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    """tests/apps/ws_echo.py: an app that picks subprotocol ``echo.v2`` with
+    gevent-websocket's ``app_protocol(path)``."""
+    wrapped = request.param == "wrap"
+    with cluster_of("ws_echo:app", "wproto" if wrapped else "proto", store,
+                    wrapped=wrapped) as cluster:
+        yield cluster
+
+
+def chosen_protocol(port: int, offer: str, cookie: str = "") -> str | None:
+    """The Sec-WebSocket-Protocol of the 101 answering an upgrade offering ``offer``."""
+    lines = ["GET /echo HTTP/1.1", "Host: 127.0.0.1",
+             *(f"{k}: {v}" for k, v in HANDSHAKE.items()),
+             f"Sec-WebSocket-Protocol: {offer}", *([f"Cookie: {cookie}"] if cookie else [])]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(4096)
+            assert piece, data
+            data += piece
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 101 "), head
+    found = [line.partition(":")[2].strip() for line in head[1:]
+             if line.lower().startswith("sec-websocket-protocol:")]
+    assert len(found) <= 1, head
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("pick", ["", "a", "b"],
+                         ids=["new-session", "served-here", "through-another-instance"])
+def test_the_app_picks_a_subprotocol_only_from_the_offer(chooser: Cluster, pick: str) -> None:
+    """RFC 6455 4.2.2: the server answers one of the subprotocols the client offered,
+    or none. gevent-websocket's ``app_protocol`` was honoured by the door only for a
+    session already pinned here (a new session's app is wrapped to set the sticky
+    cookie, and lost it: node's ws and websocket-client refuse a 101 without the
+    subprotocol they asked for), and then whenever its name was anywhere in the offer
+    (``xecho.v2x`` got ``echo.v2``, which makes every client fail the connection)."""
+    cookie = chooser.cookie(pick) if pick else ""
+    port = chooser.ports["a"]
+    assert chosen_protocol(port, "echo.v2", cookie) == "echo.v2"
+    assert chosen_protocol(port, "chat, echo.v2", cookie) == "echo.v2"
+    assert chosen_protocol(port, "xecho.v2x, echo.v2.1", cookie) is None
+    ws = websocket.create_connection(chooser.url("a").replace("http", "ws", 1) + "/echo",
+                                     subprotocols=["echo.v2"], cookie=cookie, timeout=10)
+    try:
+        assert ws.getsubprotocol() == "echo.v2"
+        ws.send_binary(b"hello")
+        assert ws.recv() == b"hello"
+    finally:
+        ws.close()
+
+
 @pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
 def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
     """RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored, wherever it is served;
