@@ -558,7 +558,7 @@ def handshake_refusal(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str
     fields reach the environ joined by a comma, which is no base64 and no version: 400
     (RFC 6455 11.3.1, 11.3.5: each appears once). gevent-websocket decodes the key
     leniently (a comma, and whatever follows a padded key, are skipped), so ``k, k``
-    got a 101; the door asks here first."""
+    got a 101 from it; the door answers with :func:`handshake_answer` too."""
     version = str(environ.get("HTTP_SEC_WEBSOCKET_VERSION") or "").strip()
     offered = ", ".join(WEBSOCKET_VERSIONS)
     if not version:
