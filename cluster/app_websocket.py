@@ -167,6 +167,11 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
     __slots__ = ()
 
     def read_frame(self) -> tuple[Header, bytes | bytearray]:
+        """gevent-websocket's: one frame, its payload unmasked, for an app that reads
+        frames itself (text included: read_message() alone takes text as decoded)."""
+        return self._read_frame(True)
+
+    def _read_frame(self, keep_text: bool) -> tuple[Header, bytes | bytearray]:
         header = Header.decode_header(self.stream)
         if self.closed:  # by another greenlet while this one waited (its reads are gone)
             raise WebSocketError(MSG_ALREADY_CLOSED)
@@ -187,9 +192,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         if bounded:
             rfile.in_message = True
         try:
-            if text:  # decoded into the MessageCheck as it arrives: no payload here
-                self.read_text(header.length, header.mask)
-                return header, b""
+            if text:  # decoded into the MessageCheck as it arrives (read_message: no
+                # payload here)
+                return header, self.read_text(header.length, header.mask, keep_text)
             try:
                 payload = self.raw_read(header.length)
             except OSError:
@@ -201,11 +206,13 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             raise WebSocketError("Unexpected EOF reading frame payload")
         return header, unmask_cooperatively(payload, header.mask)
 
-    def read_text(self, length: int, mask: bytes) -> None:
+    def read_text(self, length: int, mask: bytes, keep: bool = False) -> bytes | bytearray:
         """A text frame's payload, unmasked and decoded (into the MessageCheck) as its
         bytes arrive: invalid UTF-8 fails the connection at once, not once the rest of
-        the frame came (which may be never; Autobahn 6.4.3-4 want it so)."""
+        the frame came (which may be never; Autobahn 6.4.3-4 want it so). The unmasked
+        bytes are returned when ``keep`` (read_frame()), else b""."""
         rfile, check = self.handler.rfile, self.utf8validator
+        kept = bytearray()
         # what is buffered, else one receive: the door's reader has read_some, pywsgi's
         # buffered socket file (cluster.wrap() under ClusterHandler) read1
         read_some = getattr(rfile, "read_some", None) or rfile.read1
@@ -215,11 +222,15 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             if not piece:
                 raise WebSocketError("Unexpected EOF reading frame payload")
             turn = done % 4  # the mask byte this piece starts at
-            if not check.validate(unmask(piece, mask[turn:] + mask[:turn]))[0]:
+            plain = unmask(piece, mask[turn:] + mask[:turn])
+            if not check.validate(plain)[0]:
                 raise UnicodeError("invalid UTF-8 in a text message")
+            if keep:
+                kept += plain
             if done // PIECE != (done + len(piece)) // PIECE:
                 let_others_run()  # a big message arriving at full speed: a MiB at a time
             done += len(piece)
+        return kept
 
     def read_message(self) -> Any:
         """gevent-websocket's: frames up to a whole message (control frames answered
@@ -228,7 +239,7 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         then decodes it."""
         message = bytearray()
         while True:
-            header, payload = self.read_frame()
+            header, payload = self._read_frame(False)
             opcode = header.opcode
             if opcode == self.OPCODE_PING:
                 self.handle_ping(header, payload)

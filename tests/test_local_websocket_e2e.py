@@ -411,6 +411,26 @@ def test_the_app_picks_a_subprotocol_only_from_the_offer(chooser: Cluster, pick:
 
 
 @pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_app_reading_frames_itself_gets_their_text(chooser: Cluster, pick: str) -> None:
+    """gevent-websocket's ``read_frame()`` gives a frame's payload; tests/apps/ws_echo.py
+    reads frames so. The hardened socket decodes text as it arrives, and its
+    read_frame() gave b"" for every text frame: served here, the app echoed empty
+    messages."""
+    ws = websocket.create_connection(chooser.url("a").replace("http", "ws", 1) + "/echo",
+                                     cookie=chooser.cookie(pick), timeout=10)
+    try:
+        ws.send("héllo")
+        assert ws.recv() == "héllo"
+        ws.send_frame(ABNF.create_frame(b"fragm\xc3", ABNF.OPCODE_TEXT, 0))
+        ws.send_frame(ABNF.create_frame(b"\xa9nted", ABNF.OPCODE_CONT, 1))
+        assert ws.recv() == "fragménted"  # é split between the frames
+        ws.send("cmd:frames")
+        assert ws.recv() == "2"
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
 def test_an_http10_upgrade_is_a_plain_request(gws: Cluster, pick: str) -> None:
     """RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored, wherever it is served;
     the app answers it as plain HTTP (426: no socket was handed to it)."""
