@@ -184,7 +184,7 @@ class ClusterApp:
             if isinstance(decision, Reply):
                 return reply(start_response, decision.status, decision.body)
             if isinstance(decision, SockJSInfo):
-                return self._sockjs_info(decision, environ, start_response)
+                return self._sockjs_info(decision, environ, start_response, believed)
             return self._proxy(decision, environ, start_response)
 
         has_body = environ.get("CONTENT_LENGTH") not in (None, "", "0") or \
@@ -259,12 +259,13 @@ class ClusterApp:
         return body
 
     def _sockjs_info(self, decision: SockJSInfo, environ: dict[str, Any],
-                     start_response: StartResponse) -> Iterable[bytes]:
+                     start_response: StartResponse, believed: bool = False) -> Iterable[bytes]:
         """SockJS info from the chosen endpoint, asked with the client's own headers
         (Origin, Cookie...), passed on with its status and headers, ``base_url``
         pointing at it."""
         if decision.endpoint is None:
-            status, headers, body = self._local_info(environ, decision.path_qs)
+            status, headers, body = self._local_info(for_local_app(environ, believed),
+                                                     decision.path_qs)
             where = "local app"
         else:
             response = self.forwarder.forward(

@@ -207,15 +207,15 @@ FORGED = ("X-Forwarded-For: 203.0.113.9", "X-Forwarded-Proto: javascript",
 OUTSIDE = "127.0.0.2"  # no member's address, not in --trusted-proxies (loopback)
 
 
-def http_environ_seen(base: str, cookie: str, source: str,
-                      header: tuple[str, ...] = ()) -> dict[str, str]:
-    """What the app was told of a plain GET /environ (its JSON), sent from ``source``."""
+def http_environ_seen(base: str, cookie: str, source: str, header: tuple[str, ...] = (),
+                      path: str = "/environ") -> dict[str, str]:
+    """What the app was told of a plain GET ``path`` (its JSON), sent from ``source``."""
     port = int(base.rsplit(":", 1)[1])
     with socket.socket() as sock:
         sock.bind((source, 0))
         sock.settimeout(10)
         sock.connect(("127.0.0.1", port))
-        lines = ["GET /environ HTTP/1.1", "Host: app.example", f"Cookie: {cookie}",
+        lines = [f"GET {path} HTTP/1.1", "Host: app.example", f"Cookie: {cookie}",
                  "Connection: close", *header]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         data, _closed = read_until_close(sock, 5.0)
@@ -232,7 +232,9 @@ def test_forwarding_claims_from_outside_never_reach_the_app(gws: Cluster, pick: 
     rate limits on), Proxy included."""
     url = gws.url("a").replace("http", "ws", 1) + "/echo"
     for seen in (environ_seen(url, gws.cookie(pick), OUTSIDE, FORGED),
-                 http_environ_seen(gws.url("a"), gws.cookie(pick), OUTSIDE, FORGED)):
+                 http_environ_seen(gws.url("a"), gws.cookie(pick), OUTSIDE, FORGED),
+                 http_environ_seen(gws.url("a"), gws.cookie(pick), OUTSIDE, FORGED,
+                                   "/sockjs/info")):
         assert not {"HTTP_PROXY", "HTTP_FORWARDED", "HTTP_X_CLUSTER_HOP"} & set(seen), seen
         if pick == "a":  # what the app saw came from the client itself: none of it
             assert seen["REMOTE_ADDR"] == OUTSIDE

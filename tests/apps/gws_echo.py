@@ -10,7 +10,8 @@ peer and forwarding fields, ``cmd:close C R`` closes with code C and reason R
 (gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
 another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
 without closing.
-Plain HTTP: ``/whoami`` -> the name; ``/environ`` -> what ``cmd:environ`` says;
+Plain HTTP: ``/whoami`` -> the name; ``/environ`` (and ``/sockjs/info``) -> what
+``cmd:environ`` says;
 anything else -> 426, which is what the app says when no socket was handed to it.
 """
 
@@ -37,7 +38,7 @@ def app(environ, start_response):
     if ws is None:
         if environ.get("PATH_INFO") == "/whoami":
             body, status = NAME.encode(), "200 OK"
-        elif environ.get("PATH_INFO") == "/environ":
+        elif environ.get("PATH_INFO") in ("/environ", "/sockjs/info"):
             body, status = json.dumps(shown(environ)).encode(), "200 OK"
         else:
             body, status = b"expected a WebSocket (wsgi.websocket missing)", "426 Upgrade Required"
