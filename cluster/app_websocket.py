@@ -192,8 +192,7 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         if bounded:
             rfile.in_message = True
         try:
-            if text:  # decoded into the MessageCheck as it arrives (read_message: no
-                # payload here)
+            if text:  # decoded into the MessageCheck as it arrives; bytes for read_frame()
                 return header, self.read_text(header.length, header.mask, keep_text)
             try:
                 payload = self.raw_read(header.length)
