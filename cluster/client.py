@@ -11,7 +11,9 @@ that did only when it is a bodiless GET, HEAD or OPTIONS.
 
 A bodiless GET, HEAD or OPTIONS whose connection the endpoint closed before answering
 (a kept connection its idle timeout closed as the request crossed) is first sent again
-once to the same endpoint, on another connection, as at the balancer.
+once to the same endpoint, on another connection, as at the balancer. An endpoint that
+closes connections unanswered for good (a probe connection too: its app is dead behind
+a live listener) is ejected, as one that refuses, and the client moves on from it.
 
 A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to connect
 and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
@@ -37,8 +39,14 @@ from urllib3.exceptions import (
     ProtocolError,
 )
 
-from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError, UpstreamError
-from cluster.node import Cluster
+from cluster.errors import (
+    ClusterError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    dropping,
+)
+from cluster.node import Cluster, keeps_open
 from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
 
@@ -100,9 +108,13 @@ class ServiceClient(requests.Session):
         with self._lock:
             live = {e.hash: e for e in self.node.endpoints(self.service)}
             current = self._current
-            if current is not None and current.hash in live and current.hash not in exclude:
+            ejected = self.node.ejected()
+            if current is not None and current.hash in live and current.hash not in exclude \
+                    and (current.hash not in ejected or ejected.issuperset(live)):
                 return current
-            skip = exclude | self.node.ejected()
+            # An ejected current endpoint is left too: a POST it closed unanswered is
+            # not sent elsewhere, but the calls after it were all sent to it again.
+            skip = exclude | ejected
             choices = [e for h, e in live.items() if h not in skip]
             if not choices:  # every one left is ejected: try them anyway (panic mode)
                 choices = [e for h, e in live.items() if h not in exclude]
@@ -162,6 +174,13 @@ class ServiceClient(requests.Session):
                     error = UpstreamConnectError(endpoint.url, what)
                 else:
                     error = UpstreamBroken(endpoint.url, what)
+                    if _closed_unanswered(exc):
+                        # Which connection it was, requests does not say: an endpoint
+                        # that also closes a probe connection at once takes connections
+                        # but serves none (ejected: see cluster.proxy.attempts); one that
+                        # keeps it open closed a kept one as its idle timeout ran out.
+                        dropping(error, not keeps_open(endpoint.url,
+                                                        self.node.settings.connect_timeout))
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
@@ -178,7 +197,7 @@ class ServiceClient(requests.Session):
         """The attempt loop moves on (and said so): a broken (not refused) endpoint is
         dropped too."""
         if not isinstance(exc, UpstreamConnectError):
-            self.node.eject(endpoint, reason=exc.reason)
+            self.node.eject(endpoint, reason=exc.reason, accepts=True)
 
 
 def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:

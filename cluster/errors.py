@@ -39,6 +39,11 @@ class UpstreamError(ClusterError):
     #: that (502), not "no live endpoint" (503), which is the truth only when none could
     #: be reached or all went away.
     misbehaved = False
+    #: True when the endpoint closed or reset a new connection before any byte of an
+    #: answer: it takes connections but serves none (a dead app behind a live listener,
+    #: a port forwarder whose target is gone). It is ejected as one that refuses, and
+    #: only a probe that sees it keep a connection open brings it back.
+    dropped = False
 
     def __init__(self, endpoint: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {reason}")
@@ -67,6 +72,13 @@ class UpstreamBroken(UpstreamError):
 def misbehaving(error: UpstreamError) -> UpstreamError:
     """``error``, marked as an endpoint's wrong answer (see UpstreamError.misbehaved)."""
     error.misbehaved = True
+    return error
+
+
+def dropping(error: UpstreamError, fresh: bool) -> UpstreamError:
+    """``error``, marked as a new connection closed unanswered (UpstreamError.dropped)
+    when ``fresh``: on a reused one it is an idle timeout crossing the request."""
+    error.dropped = fresh
     return error
 
 

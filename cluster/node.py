@@ -6,6 +6,7 @@ The WSGI app, the standalone server, the gunicorn hooks and ``discover()`` all u
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -28,6 +29,9 @@ _NONE_EJECTED: frozenset[str] = frozenset()
 EJECT_FIRST = 1.0
 #: seconds between probe connections to ejected endpoints
 PROBE_INTERVAL = 0.5
+#: seconds a probe connection must stay open to readmit an endpoint that closed new
+#: connections unanswered (an HTTP server keeps one open for seconds, awaiting a request)
+LINGER = 0.25
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class _Ejection:
     until: float  # time.monotonic()
     #: the store's clock when ejected: a heartbeat newer than this readmits it
     seen: dt.datetime
+    #: it accepted connections but closed them unanswered: neither a heartbeat nor a
+    #: bare connect proves it serves again, only a connection it keeps open
+    accepts: bool = False
 
 
 class Cluster:
@@ -149,7 +156,8 @@ class Cluster:
 
     # --- passive health -----------------------------------------------------------
 
-    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "") -> None:
+    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "",
+              accepts: bool = False) -> None:
         """Leave ``endpoint`` out of this instance's picks for a while.
 
         The first ejection lasts EJECT_FIRST seconds; each one that follows soon after
@@ -157,6 +165,12 @@ class Cluster:
         endpoint shows a newer heartbeat or a new registration (see :meth:`ejected`)
         or a probe connection succeeds. Ejecting an endpoint already out changes
         nothing: concurrent requests that find it dead are one strike, not many.
+
+        ``accepts``: the endpoint took the connection and closed it unanswered (its
+        listener lives on, its app does not; a port forwarder whose target is gone).
+        Its registration may well go on heartbeating, and a connect succeeds, so only
+        a probe connection that it keeps open, as a server awaiting a request does,
+        ends such an ejection early.
         """
         cap = self.settings.eject_seconds
         now = time.monotonic()
@@ -178,7 +192,7 @@ class Cluster:
             strikes = strikes + 1 if now - last_end < cap else 1
             if seconds is None:
                 seconds = min(cap, EJECT_FIRST * 2 ** min(strikes - 1, 30))
-            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen)
+            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen, accepts)
             self._strikes[endpoint.hash] = (strikes, now + seconds)
             self._view_table = None
         log.warning("ejecting %s %s for %.3gs (strike %d)%s", endpoint.service, endpoint.url,
@@ -221,7 +235,7 @@ class Cluster:
                 listed = table.by_hash.get(key)
                 if ejection.until <= now or listed is None:
                     del self._ejections[key]
-                elif listed.timestamp > ejection.seen:
+                elif listed.timestamp > ejection.seen and not ejection.accepts:
                     del self._ejections[key]
                     healed.append(ejection.endpoint)
             view = frozenset(self._ejections) if self._ejections else _NONE_EJECTED
@@ -232,8 +246,21 @@ class Cluster:
             log.info("%s %s back in rotation: a newer heartbeat", e.service, e.url)
         return view
 
+    def _hold(self, endpoint_hash: str, seconds: float) -> None:
+        """Keep an ejection ``seconds`` more at least: a probe found the endpoint still
+        closing connections unanswered. Let out when its time ran out, it failed the
+        next request sent to it (a POST: a 502) every ``--eject-seconds``."""
+        now = time.monotonic()
+        with self._lock:
+            ejection = self._ejections.get(endpoint_hash)
+            if ejection is not None and ejection.until < now + seconds:
+                self._ejections[endpoint_hash] = dataclasses.replace(
+                    ejection, until=now + seconds)
+                self._view_table = None
+
     def _probe_loop(self) -> None:
-        """Try a TCP connect to each ejected endpoint every PROBE_INTERVAL seconds."""
+        """Try a TCP connect to each ejected endpoint every PROBE_INTERVAL seconds (one
+        it must keep open for LINGER seconds when it closed connections unanswered)."""
         while not self._stopping.is_set():
             if not self._ejections:
                 self._probe_wake.wait(5.0)
@@ -241,11 +268,36 @@ class Cluster:
                 continue
             self._stopping.wait(PROBE_INTERVAL)
             with self._lock:
-                targets = [(h, e.endpoint) for h, e in self._ejections.items()]
+                targets = [(h, e.endpoint, e.accepts) for h, e in self._ejections.items()]
             timeout = min(PROBE_INTERVAL, self.settings.connect_timeout)
-            for key, endpoint in targets:
-                if not self._stopping.is_set() and _connects(endpoint.url, timeout):
+            for key, endpoint, accepts in targets:
+                if self._stopping.is_set():
+                    break
+                if accepts:
+                    if keeps_open(endpoint.url, timeout):
+                        self.readmit(key, "a probe connection stayed open")
+                    else:
+                        self._hold(key, PROBE_INTERVAL * 2 + timeout + LINGER)
+                elif _connects(endpoint.url, timeout):
                     self.readmit(key, "a probe connection succeeded")
+
+
+def keeps_open(url: str, timeout: float) -> bool:
+    """Does ``url`` accept a TCP connection and keep it open, silent, for LINGER
+    seconds, as an HTTP server waiting for a request does? A dead app behind a live
+    listener closes or resets it at once; a server that speaks first is no HTTP one."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout) as sock:
+            sock.settimeout(LINGER)
+            try:
+                sock.recv(1)
+            except socket.timeout:
+                return True
+            return False
+    except (OSError, ValueError):
+        return False
 
 
 def _connects(url: str, timeout: float) -> bool:

@@ -20,7 +20,9 @@ import requests
 from cluster.client import NoEndpoint, discover
 from cluster.config import Settings
 from cluster.node import Cluster
+from cluster.records import endpoint_hash
 from helpers import Proc, cluster_argv, refused_port, start_backend, wait_until
+from test_ejection_e2e import AcceptsThenCloses
 from test_proxy_http import ScriptedUpstream
 
 TIMEOUT = 20
@@ -168,3 +170,33 @@ def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url
     finally:
         upstream.close()
         other.close()
+
+
+def test_an_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> None:
+    """An endpoint that accepts and closes every connection unanswered (its app dead
+    behind a live listener) is ejected after the first call it fails, and a client on
+    it moves on. A POST there is not sent elsewhere (it may have been taken), but it
+    is the only one to fail: before, the endpoint was never ejected and a client that
+    had picked it stayed on it, every later call failing as well (here 3 of 3 calls
+    of each such client)."""
+    server, port = start_backend("b1")
+    try:
+        with AcceptsThenCloses() as dead, records(sqlite_url, "search",
+                                                  f"http://127.0.0.1:{port}",
+                                                  dead.url) as node:
+            failures = 0
+            for n in range(8):  # each new client picks its first endpoint at random
+                client = discover("search", node=node)
+                for _ in range(3):
+                    try:
+                        resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                    except requests.ConnectionError:
+                        failures += 1
+                        continue
+                    assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert client.base_url == f"http://127.0.0.1:{port}"
+            assert failures <= 1
+            assert endpoint_hash(dead.url) in node.ejected()
+    finally:
+        server.stop()
+

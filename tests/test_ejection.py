@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import socket
+import threading
 import time
 
 import pytest
@@ -171,3 +173,42 @@ def test_a_heartbeat_from_before_the_failure_does_not_readmit(node):
     after = NOW + dt.timedelta(seconds=0.6)  # written after the failure: it is back
     show(node, dataclasses.replace(A, timestamp=after), B, now=after)
     assert node.ejected() == frozenset()
+
+
+def test_a_heartbeat_does_not_readmit_an_endpoint_that_closed_connections_unanswered(node):
+    """Its sidecar (or its own registrar) heartbeats on while its app is dead: a newer
+    heartbeat says nothing about whether it serves."""
+    show(node, A, B)
+    node.eject(A, accepts=True)
+    node.eject(B)
+    later = NOW + dt.timedelta(seconds=1)
+    show(node, dataclasses.replace(A, timestamp=later),
+         dataclasses.replace(B, timestamp=later), now=later)
+    assert node.ejected() == {A.hash}
+
+
+def test_the_linger_probe_tells_a_server_from_a_listener_that_closes_at_once():
+    """A connect succeeds to both; only the server keeps the connection open."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert cluster.node._connects(url, 0.5) and cluster.node.keeps_open(url, 0.5)
+        closer = socket.create_server(("127.0.0.1", 0))
+        closer.settimeout(0.05)
+        closing = f"http://127.0.0.1:{closer.getsockname()[1]}"
+        stop = threading.Event()
+
+        def close_each() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    closer.accept()[0].close()
+
+        thread = threading.Thread(target=close_each, daemon=True)
+        thread.start()
+        try:
+            assert cluster.node._connects(closing, 0.5)
+            assert not cluster.node.keeps_open(closing, 0.5)
+        finally:
+            stop.set()
+            closer.close()
+            thread.join(5)
+    assert not cluster.node.keeps_open(url, 0.5)  # closed: refused

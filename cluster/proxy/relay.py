@@ -58,6 +58,7 @@ from cluster.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
+    dropping,
     misbehaving,
 )
 from cluster.http1 import (
@@ -342,11 +343,16 @@ class Exchange:
                     if not buf and conn.reused and not client.timed_out and \
                             not client.gone:
                         raise _Stale() from None
-                    raise self._error(exc, "reading the response head") from None
+                    error = self._error(exc, "reading the response head")
+                    if type(error) is UpstreamBroken:
+                        dropping(error, not buf and not interim and not conn.reused)
+                    raise error from None
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
-                    raise UpstreamBroken(self.url, "closed the connection before answering")
+                    raise dropping(UpstreamBroken(self.url, "closed the connection before "
+                                                            "answering"),
+                                   not buf and not interim)
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
                 if end < 0 and (b"\n\n" in buf or b"\n\r\n" in buf):
