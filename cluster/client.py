@@ -19,6 +19,10 @@ A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to conn
 and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
 own default is none: a connect to a host that is gone, whose record has not expired
 yet, waited for the kernel to give up, about two minutes, before moving on).
+
+Interim 1xx answers (100, 103 Early Hints) are skipped, as at the balancer, and more
+than :data:`~cluster.http1.MAX_INTERIM` of them fail the call (requests'
+ConnectionError) rather than hold it forever (see cluster.interim).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from cluster.errors import (
     UpstreamError,
     dropping,
 )
+from cluster.interim import InterimAdapter
 from cluster.node import Cluster, keeps_open
 from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
@@ -89,6 +94,9 @@ class ServiceClient(requests.Session):
 
     def __init__(self, service: str, node: Cluster, attempts: int = 3) -> None:
         super().__init__()
+        # interim (1xx) answers skipped, and not forever (see cluster.interim)
+        self.mount("https://", InterimAdapter())
+        self.mount("http://", InterimAdapter())
         self.service = service
         self.node = node
         self.attempts = attempts

@@ -200,3 +200,40 @@ def test_an_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> N
     finally:
         server.stop()
 
+
+def test_interim_answers_are_skipped_but_not_forever(sqlite_url) -> None:
+    """A 103 Early Hints before the answer is skipped (the balancer skips it too): the
+    caller got the 103, with no body, as the answer, the real one lost. An endpoint
+    sending 100 Continue without end fails the call after MAX_INTERIM of them, as at
+    the balancer (a 502 there): the call was held as long as the endpoint kept on
+    (each interim answer restarted the read timeout), here 5 s, then got its 200."""
+    from cluster.http1 import MAX_INTERIM
+
+    def endless(conn: socket.socket) -> None:
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                time.sleep(0.002)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+
+    upstream = ScriptedUpstream({
+        "/hints": lambda c: c.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") or True,
+        "/endless": endless,
+    })
+    try:
+        with records(sqlite_url, "web", upstream.url) as node:
+            client = discover("web", node=node)
+            for _ in range(2):  # the second on the kept connection: nothing left over
+                resp = client.get("/hints", timeout=TIMEOUT)
+                assert (resp.status_code, resp.text) == (200, "ok")
+            started = time.monotonic()
+            with pytest.raises(requests.ConnectionError,
+                               match=f"more than {MAX_INTERIM} interim"):
+                client.get("/endless", timeout=TIMEOUT)
+            assert time.monotonic() - started < 4
+    finally:
+        upstream.close()
