@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from http.client import RemoteDisconnected
 from typing import Any
@@ -41,6 +42,7 @@ from urllib3.exceptions import (
     MaxRetryError,
     NewConnectionError,
     ProtocolError,
+    SSLError,
 )
 
 from cluster.errors import (
@@ -75,6 +77,17 @@ def _never_connected(exc: RequestsConnectionError) -> bool:
     if isinstance(exc, ConnectTimeout):
         return True
     return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
+
+
+def _tls_refused(exc: RequestsConnectionError) -> bool:
+    """True when the TLS handshake failed on this side, before the request was sent:
+    the endpoint's certificate did not verify (or named another host), or it answered
+    the handshake in plain text (an http server behind an https endpoint URL)."""
+    cause = _reason(exc)
+    if isinstance(cause, SSLError) and cause.args:
+        cause = cause.args[0]
+    return isinstance(cause, ssl.SSLCertVerificationError) or \
+        getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER"
 
 
 def _closed_unanswered(exc: RequestsConnectionError) -> bool:
@@ -178,7 +191,11 @@ class ServiceClient(requests.Session):
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
                 what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
-                if _never_connected(exc):
+                if _tls_refused(exc):
+                    # as at the balancer: nothing sent, so even a POST moves on, and the
+                    # endpoint (it accepts connections) stays out while probes fail
+                    error = dropping(UpstreamConnectError(endpoint.url, what), True)
+                elif _never_connected(exc):
                     error = UpstreamConnectError(endpoint.url, what)
                 else:
                     error = UpstreamBroken(endpoint.url, what)

@@ -7,6 +7,8 @@ the last known table (discovery) or an HTTP status (upstream).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class ClusterError(Exception):
     """Root of every error `cluster` raises deliberately."""
@@ -69,13 +71,16 @@ class UpstreamBroken(UpstreamError):
     """The endpoint closed or garbled the exchange after the request was sent."""
 
 
+_E = TypeVar("_E", bound="UpstreamError")
+
+
 def misbehaving(error: UpstreamError) -> UpstreamError:
     """``error``, marked as an endpoint's wrong answer (see UpstreamError.misbehaved)."""
     error.misbehaved = True
     return error
 
 
-def dropping(error: UpstreamError, fresh: bool) -> UpstreamError:
+def dropping(error: _E, fresh: bool) -> _E:
     """``error``, marked as a new connection closed unanswered (UpstreamError.dropped)
     when ``fresh``: on a reused one it is an idle timeout crossing the request."""
     error.dropped = fresh

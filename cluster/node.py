@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -283,21 +284,34 @@ class Cluster:
 
 
 def keeps_open(url: str, timeout: float) -> bool:
-    """Does ``url`` accept a TCP connection and keep it open, silent, for LINGER
-    seconds, as an HTTP server waiting for a request does? A dead app behind a live
-    listener closes or resets it at once; a server that speaks first is no HTTP one."""
+    """Does ``url`` accept a TCP connection (and, for https, complete a TLS handshake
+    whose certificate verifies, as a request's must) and keep it open, silent, for
+    LINGER seconds, as an HTTP server waiting for a request does? A dead app behind a
+    live listener closes or resets it at once; a server that speaks first is no HTTP
+    one."""
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout) as sock:
+        sock = socket.create_connection((parts.hostname or "", port), timeout=timeout)
+        try:
+            if parts.scheme == "https":
+                if not _TLS:
+                    _TLS.append(ssl.create_default_context())
+                sock = _TLS[0].wrap_socket(sock, server_hostname=parts.hostname)
             sock.settimeout(LINGER)
             try:
                 sock.recv(1)
             except socket.timeout:
                 return True
             return False
+        finally:
+            sock.close()
     except (OSError, ValueError):
         return False
+
+
+#: the probe's TLS context: the system's trust store, as cluster.proxy.upstream's
+_TLS: list[ssl.SSLContext] = []
 
 
 def _connects(url: str, timeout: float) -> bool:

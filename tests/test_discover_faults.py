@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
 import time
 from typing import Iterator
 
@@ -21,7 +22,7 @@ from cluster.client import NoEndpoint, discover
 from cluster.config import Settings
 from cluster.node import Cluster
 from cluster.records import endpoint_hash
-from helpers import Proc, cluster_argv, refused_port, start_backend, wait_until
+from helpers import Proc, cluster_argv, refused_port, start_app, start_backend, wait_until
 from test_ejection_e2e import AcceptsThenCloses
 from test_proxy_http import ScriptedUpstream
 
@@ -237,3 +238,31 @@ def test_interim_answers_are_skipped_but_not_forever(sqlite_url) -> None:
             assert time.monotonic() - started < 4
     finally:
         upstream.close()
+
+
+def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_path) -> None:
+    """An https endpoint whose certificate does not verify, or that answers the
+    handshake in plain HTTP, was never sent the request: even a POST moves to another
+    endpoint and the failing one is ejected, as at the balancer. requests' SSLError was
+    taken for a failure after sending: the POST failed (6 of 8 calls) and nothing was
+    ejected."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    server, port = start_backend("b1")
+    untrusted, tls_port = start_app("ws_echo.py", "--certfile", str(cert), "--keyfile",
+                                    str(key), name="tls-echo")
+    try:
+        for bad in (f"https://localhost:{tls_port}", f"https://127.0.0.1:{port}"):
+            with records(sqlite_url, f"s{len(bad)}", f"http://127.0.0.1:{port}",
+                         bad) as node:
+                for n in range(6):  # each new client picks its first endpoint at random
+                    client = discover(f"s{len(bad)}", node=node)
+                    resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                    assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert node.ejected() == {endpoint_hash(bad)}
+    finally:
+        untrusted.stop()
+        server.stop()

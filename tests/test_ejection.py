@@ -212,3 +212,49 @@ def test_the_linger_probe_tells_a_server_from_a_listener_that_closes_at_once():
             closer.close()
             thread.join(5)
     assert not cluster.node.keeps_open(url, 0.5)  # closed: refused
+
+
+def test_the_linger_probe_of_an_https_endpoint_completes_a_verified_handshake(
+        tmp_path, monkeypatch):
+    """A bare connect to a TLS endpoint whose certificate does not verify succeeds; a
+    request's handshake does not, nor does the probe's, until the certificate is
+    trusted (here: SSL_CERT_FILE, read when the probe's context is made)."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    url = f"https://localhost:{listener.getsockname()[1]}"
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def handshake_and_wait() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn = listener.accept()[0]
+                conn.settimeout(2)
+                held.append(conn)
+                with contextlib.suppress(OSError):
+                    held.append(context.wrap_socket(conn, server_side=True))
+
+    thread = threading.Thread(target=handshake_and_wait, daemon=True)
+    thread.start()
+    try:
+        for trusted, expected in ((tmp_path / "none.pem", False), (cert, True)):
+            monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+            monkeypatch.setattr(cluster.node, "_TLS", [])
+            assert cluster.node._connects(url, 2)
+            assert cluster.node.keeps_open(url, 2) is expected
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for sock in held:
+            sock.close()

@@ -97,14 +97,14 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         endpoint = endpoint_of(decision)
         if endpoint is None:
             raise exc
-        if exc.retryable:
-            node.eject(endpoint, reason=exc.reason)
-        elif exc.dropped:
+        if exc.dropped:
             # A new connection closed unanswered: as dead as a refusal (nginx counts
             # both as a failed attempt), whatever the method, though only a replayable
             # request moves on. Left in, every request tried it first, and each POST
             # that did failed.
             node.eject(endpoint, reason=exc.reason, accepts=True)
+        elif exc.retryable:
+            node.eject(endpoint, reason=exc.reason)
         again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
                                   and not exc.answered)
         if not again or len(tried) >= retries:

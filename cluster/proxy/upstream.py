@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from gevent import socket as gsocket
 from gevent.monkey import get_original
 
-from cluster.errors import OutOfDescriptors, UpstreamConnectError, misbehaving
+from cluster.errors import OutOfDescriptors, UpstreamConnectError, dropping, misbehaving
 from cluster.netio import Reader, is_plain
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,11 @@ def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
         return _tls_context().wrap_socket(sock, server_hostname=target.host)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise misbehaving(UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")) \
-            from exc
+        # dropped: the endpoint takes connections, so neither a bare connect nor its
+        # heartbeat says it serves again; the probe must complete a handshake
+        raise dropping(misbehaving(UpstreamConnectError(target.url,
+                                                        f"TLS handshake failed: {exc}")),
+                       True) from exc
 
 
 _TLS: list[Any] = []
