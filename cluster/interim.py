@@ -1,5 +1,6 @@
 """Interim (1xx) answers for ``cluster.discover()``'s requests, skipped as the balancer
-skips them: every one but 101, and at most :data:`~cluster.http1.MAX_INTERIM`.
+skips them: every one but 101, and at most :data:`~cluster.http1.MAX_INTERIM`; and,
+as at the balancer, a connection that carried a HEAD is not kept.
 
 http.client (under urllib3 and requests) skips 100 Continue only, and without a
 limit: an endpoint sending 100 forever held the call forever (each one restarts the
@@ -25,6 +26,14 @@ class TooManyInterim(http.client.HTTPException):
 
 
 class _Response(http.client.HTTPResponse):
+    def begin(self) -> None:
+        super().begin()
+        if self._method == "HEAD":  # type: ignore[attr-defined]
+            # Not kept for another request, as at the balancer: some servers (gevent's
+            # pywsgi) send a HEAD answer's body anyway, read as the next answer's head
+            # (BadStatusLine, and a healthy endpoint ejected).
+            self.will_close = True
+
     def _read_status(self) -> tuple[str, int, str]:
         interim = 0
         while True:

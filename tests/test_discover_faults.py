@@ -266,3 +266,22 @@ def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_
     finally:
         untrusted.stop()
         server.stop()
+
+
+def test_a_head_answer_that_carries_a_body_does_not_spoil_the_next_call(sqlite_url) -> None:
+    """gevent's pywsgi (tests/apps/backend.py) sends a HEAD answer's body anyway. The
+    kept connection then held those bytes, read as the next answer's head: a POST
+    after a HEAD failed with BadStatusLine, and a GET moved away from (and ejected) the
+    healthy endpoint. A connection that carried a HEAD is not kept, as at the
+    balancer."""
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "web", f"http://127.0.0.1:{port}") as node:
+            client = discover("web", node=node)
+            for n in range(3):
+                assert client.head("/whoami", timeout=TIMEOUT).status_code == 200
+                resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                assert (resp.status_code, resp.content) == (200, b"%d" % n)
+            assert not node.ejected()
+    finally:
+        server.stop()
