@@ -197,6 +197,8 @@ class ServiceClient(requests.Session):
                     error = dropping(UpstreamConnectError(endpoint.url, what), True)
                 elif _never_connected(exc):
                     error = UpstreamConnectError(endpoint.url, what)
+                    error.refused = isinstance(reason, NewConnectionError) and isinstance(
+                        reason.__cause__, ConnectionRefusedError)
                 else:
                     error = UpstreamBroken(endpoint.url, what)
                     if _closed_unanswered(exc):

@@ -57,6 +57,11 @@ class UpstreamConnectError(UpstreamError):
     """The endpoint refused or did not accept the connection; no byte was sent."""
 
     retryable = True
+    #: True when its host refused (no process listened there): its next heartbeat,
+    #: from a restarted process, may end its ejection. Not when it could not be
+    #: reached at all (a connect timeout, no route): its heartbeat reaches the store,
+    #: which says nothing of the way from here.
+    refused = False
 
 
 class OutOfDescriptors(UpstreamError):

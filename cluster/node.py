@@ -44,6 +44,8 @@ class _Ejection:
     #: it accepted connections but closed them unanswered: neither a heartbeat nor a
     #: bare connect proves it serves again, only a connection it keeps open
     accepts: bool = False
+    #: a newer heartbeat ends it (it refused: a restarted process heartbeats anew)
+    by_heartbeat: bool = True
 
 
 class Cluster:
@@ -158,7 +160,7 @@ class Cluster:
     # --- passive health -----------------------------------------------------------
 
     def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "",
-              accepts: bool = False) -> None:
+              accepts: bool = False, reachable: bool = True) -> None:
         """Leave ``endpoint`` out of this instance's picks for a while.
 
         The first ejection lasts EJECT_FIRST seconds; each one that follows soon after
@@ -171,7 +173,11 @@ class Cluster:
         listener lives on, its app does not; a port forwarder whose target is gone).
         Its registration may well go on heartbeating, and a connect succeeds, so only
         a probe connection that it keeps open, as a server awaiting a request does,
-        ends such an ejection early.
+        ends such an ejection early. ``reachable=False``: it could not be reached at
+        all (a connect timeout, no route: a wrong or unroutable endpoint URL, a host
+        cut off from this one). Its heartbeats reach the store, not this instance, and
+        do not end the ejection either: they let it back every ping, each time one
+        request waiting out ``--connect-timeout``.
         """
         cap = self.settings.eject_seconds
         now = time.monotonic()
@@ -193,7 +199,8 @@ class Cluster:
             strikes = strikes + 1 if now - last_end < cap else 1
             if seconds is None:
                 seconds = min(cap, EJECT_FIRST * 2 ** min(strikes - 1, 30))
-            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen, accepts)
+            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen, accepts,
+                                                       reachable and not accepts)
             self._strikes[endpoint.hash] = (strikes, now + seconds)
             self._view_table = None
         log.warning("ejecting %s %s for %.3gs (strike %d)%s", endpoint.service, endpoint.url,
@@ -216,7 +223,8 @@ class Cluster:
         """Hashes of the endpoints currently ejected (cheap when there are none).
 
         An ejection ends when it times out, when the endpoint's record shows a
-        heartbeat newer than the ejection (a restarted instance registers at once),
+        heartbeat newer than the ejection (a restarted instance registers at once; only
+        for one that refused, see :meth:`eject`),
         or when the endpoint leaves the table (should it come back, that is a new
         registration). ``seen`` estimates the store's clock at the ejection from its
         last read plus the time since; a slow read makes it an underestimate, so a
@@ -236,7 +244,7 @@ class Cluster:
                 listed = table.by_hash.get(key)
                 if ejection.until <= now or listed is None:
                     del self._ejections[key]
-                elif listed.timestamp > ejection.seen and not ejection.accepts:
+                elif listed.timestamp > ejection.seen and ejection.by_heartbeat:
                     del self._ejections[key]
                     healed.append(ejection.endpoint)
             view = frozenset(self._ejections) if self._ejections else _NONE_EJECTED

@@ -258,3 +258,17 @@ def test_the_linger_probe_of_an_https_endpoint_completes_a_verified_handshake(
         listener.close()
         for sock in held:
             sock.close()
+
+
+def test_a_heartbeat_does_not_readmit_an_endpoint_that_could_not_be_reached(node):
+    """A connect timeout or no route (a wrong endpoint URL, a host cut off from this
+    one): its registration heartbeats on, which says nothing of the way from here."""
+    show(node, A, B)
+    node.eject(A, reachable=False)
+    node.eject(B)  # refused: its process may have restarted
+    later = NOW + dt.timedelta(seconds=1)
+    show(node, dataclasses.replace(A, timestamp=later),
+         dataclasses.replace(B, timestamp=later), now=later)
+    assert node.ejected() == {A.hash}
+    node.clock.now += 1.0  # its time is up: tried again
+    assert node.ejected() == frozenset()

@@ -18,6 +18,7 @@ from cluster.records import endpoint_hash
 from helpers import (
     Proc,
     accept_forever,
+    blackholed_port,
     cluster_argv,
     instance,
     start_instance,
@@ -257,6 +258,43 @@ def test_an_endpoint_that_closes_connections_unanswered_is_ejected(sqlite_url, w
             if way == "door":  # the library app's log shows warnings only
                 assert "back in rotation: a probe connection stayed open" in proc.output()
             assert proc.poll() is None and "Traceback" not in proc.output()
+        finally:
+            for p in procs:
+                p.stop()
+
+
+def test_an_endpoint_that_cannot_be_reached_is_not_let_back_by_its_heartbeat(sqlite_url):
+    """An endpoint whose connects time out (its URL wrong or unroutable from here,
+    its registration alive and heartbeating) stays out until its ejection ends. Each
+    heartbeat let it back: one request per ping waited out --connect-timeout (5 s by
+    default) before moving on."""
+    procs: list[Proc] = []
+    with blackholed_port() as silent:
+        try:
+            unreachable = f"http://127.0.0.1:{silent}"
+            procs.append(Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                           unreachable, "--ping-interval", "0.5"),
+                              env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sc-silent"))
+            alive, _ = start_instance(sqlite_url, "alive")
+            procs.append(alive)
+            front, port = start_serve("--ui-service", "web", "--connect-timeout", "0.5",
+                                      "--eject-seconds", "30",
+                                      env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
+            procs.append(front)
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: len(front_status(base)["endpoints"]) == 2, timeout=15,
+                       what="both records")
+            slow = 0
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # five heartbeats of the unreachable one
+                began = time.monotonic()
+                assert whoami(base) == "alive"
+                slow += time.monotonic() - began > 0.4
+            ejections = front.output().count(f"ejecting web {unreachable}")
+            print(f"requests that waited for a connect: {slow}; ejections: {ejections}")
+            assert "back in rotation: a newer heartbeat" not in front.output()
+            assert slow <= 2 and ejections <= 2  # 1 s, then 2 s
+            assert front.poll() is None and "Traceback" not in front.output()
         finally:
             for p in procs:
                 p.stop()

@@ -104,7 +104,10 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
             # that did failed.
             node.eject(endpoint, reason=exc.reason, accepts=True)
         elif exc.retryable:
-            node.eject(endpoint, reason=exc.reason)
+            if getattr(exc, "refused", False):
+                node.eject(endpoint, reason=exc.reason)
+            else:  # not reached at all: a heartbeat is no sign it can be now
+                node.eject(endpoint, reason=exc.reason, reachable=False)
         again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
                                   and not exc.answered)
         if not again or len(tried) >= retries:

@@ -146,7 +146,9 @@ def connect(target: Target, connect_timeout: float, read_timeout: float | None) 
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise OutOfDescriptors(target.url, "no socket for it: this instance is out of "
                                                "file descriptors") from exc
-        raise UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}") from exc
+        error = UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}")
+        error.refused = exc.errno == errno.ECONNREFUSED
+        raise error from exc
     except Exception as exc:  # noqa: BLE001 - see below
         # Resolving a name can fail in other ways than OSError (the IDNA codec's
         # UnicodeError for a label it refuses, a ValueError for a NUL): that endpoint
