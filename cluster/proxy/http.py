@@ -76,7 +76,7 @@ from cluster.http1 import (
     plain_chunked,
     response_framing,
 )
-from cluster.proxy.relay import Forwarding, open_after_stale, request_head
+from cluster.proxy.relay import Forwarding, closed_before_head, open_after_stale, request_head
 from cluster.proxy.upstream import Connection, Pool
 from cluster.trust import peer_address
 
@@ -363,8 +363,7 @@ class HttpForwarder:
                 if not data:
                     if conn.reused and not got and not early:
                         raise _Stale()
-                    raise dropping(UpstreamBroken(url, "closed the connection before a "
-                                                       "response"),
+                    raise dropping(UpstreamBroken(url, closed_before_head(buf)),
                                    not got and not conn.reused)
                 got = True
                 buf += data

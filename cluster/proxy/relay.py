@@ -350,8 +350,7 @@ class Exchange:
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
-                    raise dropping(UpstreamBroken(self.url, "closed the connection before "
-                                                            "answering"),
+                    raise dropping(UpstreamBroken(self.url, closed_before_head(buf)),
                                    not buf and not interim)
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
@@ -731,6 +730,14 @@ def _after_others() -> None:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+def closed_before_head(buf: bytes) -> str:
+    """Why an answer that ended before its head did is refused: with bytes, say what
+    came (an HTTP/0.9 answer, another protocol), not "before answering"."""
+    if not buf:
+        return "closed the connection before answering"
+    return f"closed the connection after {len(buf)} bytes and no response head: {buf[:40]!r}"
 
 
 def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,
