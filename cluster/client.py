@@ -20,6 +20,10 @@ and ``--read-timeout`` for each wait for the endpoint, as at the balancer (reque
 own default is none: a connect to a host that is gone, whose record has not expired
 yet, waited for the kernel to give up, about two minutes, before moving on).
 
+A client made before a fork (at import under gunicorn ``--preload``, multiprocessing)
+works in the child too: on its first request there, it takes the child's own shared
+node and connections (a node passed in is the caller's to make after the fork).
+
 Interim 1xx answers (100, 103 Early Hints) are skipped, as at the balancer, and more
 than :data:`~cluster.http1.MAX_INTERIM` of them fail the call (requests'
 ConnectionError) rather than hold it forever (see cluster.interim).
@@ -28,6 +32,7 @@ ConnectionError) rather than hold it forever (see cluster.interim).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import ssl
 import threading
@@ -45,6 +50,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from cluster.config import Settings
 from cluster.errors import (
     ClusterError,
     UpstreamBroken,
@@ -105,16 +111,44 @@ def _closed_unanswered(exc: RequestsConnectionError) -> bool:
 class ServiceClient(requests.Session):
     """A Session bound to a live endpoint of ``service``; absolute URLs pass untouched."""
 
-    def __init__(self, service: str, node: Cluster, attempts: int = 3) -> None:
+    def __init__(self, service: str, node: Cluster, attempts: int = 3, *,
+                 shared: Settings | None = None) -> None:
         super().__init__()
-        # interim (1xx) answers skipped, and not forever (see cluster.interim)
-        self.mount("https://", InterimAdapter())
-        self.mount("http://", InterimAdapter())
+        self._mount_adapters()
         self.service = service
         self.node = node
         self.attempts = attempts
+        #: the settings of discover()'s shared node, when ``node`` is that one
+        self._shared = shared
+        self._pid = os.getpid()
         self._current: Endpoint | None = None
         self._lock = threading.Lock()
+
+    def _mount_adapters(self) -> None:
+        # interim (1xx) answers skipped, and not forever (see cluster.interim)
+        self.mount("https://", InterimAdapter())
+        self.mount("http://", InterimAdapter())
+
+    def _node_here(self) -> Cluster:
+        """The node, after a fork too. A client made before a fork (at import, under
+        gunicorn --preload; multiprocessing) kept the parent's node, whose threads do
+        not run in the child: its table never changed again, endpoints that left
+        were tried forever and new ones never seen. Nor are the parent's kept
+        connections the child's to use."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()  # another thread may have held it at the fork
+            self._current = None
+            for adapter in self.adapters.values():
+                adapter.close()
+            self._mount_adapters()
+            if self._shared is not None:
+                self.node = _shared_node(self._shared)
+            elif self.node.pid != self._pid:
+                log.warning("%s: a client made in process %d, whose discovery node does "
+                            "not run here: make the node after the fork", self.service,
+                            self.node.pid)
+        return self.node
 
     def __repr__(self) -> str:
         where = self._current.url if self._current else "no endpoint yet"
@@ -123,6 +157,7 @@ class ServiceClient(requests.Session):
     @property
     def base_url(self) -> str:
         """The URL of the endpoint requests go to now; raises :class:`NoEndpoint`."""
+        self._node_here()
         return self._endpoint(frozenset()).url
 
     def _endpoint(self, exclude: frozenset[str]) -> Endpoint:
@@ -151,11 +186,12 @@ class ServiceClient(requests.Session):
         self, method: str, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
         target = url.decode() if isinstance(url, bytes) else url
+        node = self._node_here()
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
         if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
-            settings = self.node.settings
+            settings = node.settings
             kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
 
         def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
@@ -207,11 +243,11 @@ class ServiceClient(requests.Session):
                         # but serves none (ejected: see cluster.proxy.attempts); one that
                         # keeps it open closed a kept one as its idle timeout ran out.
                         dropping(error, not keeps_open(endpoint.url,
-                                                        self.node.settings.connect_timeout))
+                                                        node.settings.connect_timeout))
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
-            return attempt(pick, send, endpoint_of=_endpoint_of, node=self.node,
+            return attempt(pick, send, endpoint_of=_endpoint_of, node=node,
                            retries=self.attempts - 1, may_replay=may_replay,
                            on_retry=self._moved,
                            gave_up=lambda decision: isinstance(decision, NoEndpoint))
@@ -235,6 +271,15 @@ _NODES: dict[str | None, Cluster] = {}
 _NODES_LOCK = threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    """A lock another thread held at a fork stays held in the child: a new one."""
+    global _NODES_LOCK
+    _NODES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def discover(service: str, node: Cluster | None = None, **settings: Any) -> ServiceClient:
     """A client for ``service``, bound to one of its live endpoints.
 
@@ -244,12 +289,18 @@ def discover(service: str, node: Cluster | None = None, **settings: Any) -> Serv
     requests raise :class:`NoEndpoint` while the service has no live endpoint.
     """
     if node is None:
-        from cluster.config import Settings
-
         resolved = Settings.load(**settings)
-        with _NODES_LOCK:
-            node = _NODES.get(resolved.discovery_url)
-            if node is None:
-                node = Cluster(resolved, register=False).start(wait=resolved.connect_timeout)
-                _NODES[resolved.discovery_url] = node
+        return ServiceClient(service, _shared_node(resolved), shared=resolved)
     return ServiceClient(service, node)
+
+
+def _shared_node(resolved: Settings) -> Cluster:
+    """The process's observing node for ``resolved.discovery_url``: made on first use,
+    and anew in a forked child (the parent's is left alone: its store and threads are
+    the parent's)."""
+    with _NODES_LOCK:
+        node = _NODES.get(resolved.discovery_url)
+        if node is None or node.pid != os.getpid():
+            node = Cluster(resolved, register=False).start(wait=resolved.connect_timeout)
+            _NODES[resolved.discovery_url] = node
+    return node

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -102,6 +103,8 @@ class Cluster:
         self._probe_wake = threading.Event()
         self._prober: threading.Thread | None = None
         self._started = False
+        #: the process it was made in: its threads do not run in a forked child
+        self.pid = os.getpid()
 
     def __repr__(self) -> str:
         role = f"{self.settings.service} at {self.self_url}" if self.registrar else "observer"

@@ -22,7 +22,16 @@ from cluster.client import NoEndpoint, discover
 from cluster.config import Settings
 from cluster.node import Cluster
 from cluster.records import endpoint_hash
-from helpers import Proc, cluster_argv, refused_port, start_app, start_backend, wait_until
+from helpers import (
+    Proc,
+    cluster_argv,
+    gunicorn_port,
+    python,
+    refused_port,
+    start_app,
+    start_backend,
+    wait_until,
+)
 from test_ejection_e2e import AcceptsThenCloses
 from test_proxy_http import ScriptedUpstream
 
@@ -285,3 +294,50 @@ def test_a_head_answer_that_carries_a_body_does_not_spoil_the_next_call(sqlite_u
             assert not node.ejected()
     finally:
         server.stop()
+
+
+def test_a_client_made_before_a_fork_follows_the_table_in_the_child(sqlite_url) -> None:
+    """gunicorn --preload imports the app, and so makes its discover() client, in the
+    arbiter, then forks the workers. The client kept the arbiter's node, whose threads
+    do not run in a worker: the table stayed as it was at the fork. Once the endpoint
+    of then left and another joined, every call in the workers was "no live endpoint
+    of service 'search'" (10 of 10). On its first request in a worker the client now
+    takes that process's own node."""
+    first, first_port = start_backend("b1")
+    second = None
+    sidecars = [Proc(cluster_argv("register", "--service", "search", "--endpoint-url",
+                                  f"http://127.0.0.1:{first_port}", "--ping-interval", "1"),
+                     env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar-b1")]
+    workers = None
+    try:
+        node = Cluster(Settings(discovery_url=sqlite_url), register=False).start()
+        try:
+            wait_until(lambda: node.endpoints("search"), timeout=TIMEOUT, what="b1's record")
+        finally:
+            node.close()
+        workers = Proc(python("-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:0",
+                              "discover_preload:app"),
+                       env={"CLUSTER_DISCOVERY_URL": sqlite_url,
+                            "CLUSTER_PING_INTERVAL": "1"}, name="gunicorn")
+        base = f"http://127.0.0.1:{gunicorn_port(workers)}"
+        assert requests.get(base, timeout=TIMEOUT).text.endswith(" b1")
+        second, second_port = start_backend("b2")
+        sidecars.append(Proc(cluster_argv("register", "--service", "search", "--endpoint-url",
+                                          f"http://127.0.0.1:{second_port}",
+                                          "--ping-interval", "1"),
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar-b2"))
+        sidecars[0].stop()  # b1 deregisters
+        first.stop()
+        wait_until(lambda: all(requests.get(base, timeout=TIMEOUT).text.endswith(" b2")
+                               for _ in range(6)), timeout=TIMEOUT, what="b2 in the workers")
+        answers = {requests.get(base, timeout=TIMEOUT).text for _ in range(10)}
+        assert {a.split(" ", 1)[1] for a in answers} == {"b2"}, answers
+    finally:
+        if workers is not None:
+            workers.stop()
+            assert "Traceback" not in workers.output(), workers.output()
+        for sidecar in sidecars:
+            sidecar.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
