@@ -66,8 +66,11 @@ from cluster.records import Endpoint
 log = logging.getLogger(__name__)
 
 
-class NoEndpoint(ClusterError):
-    """No live endpoint of the service is known (after trying those that were)."""
+class NoEndpoint(ClusterError, RequestsConnectionError):
+    """No live endpoint of the service is known (after trying those that were).
+
+    Also a requests ConnectionError, what requests raises for a host it cannot reach:
+    code written for requests (``except requests.RequestException``) handles it."""
 
 
 def _reason(exc: RequestsConnectionError) -> Any:

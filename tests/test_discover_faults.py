@@ -149,6 +149,14 @@ def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> No
             discover("refusing", node=node).get("/ok", timeout=TIMEOUT)
 
 
+def test_no_endpoint_is_what_requests_code_already_catches(sqlite_url) -> None:
+    """Code written for requests catches requests.RequestException (ConnectionError for
+    a host it cannot reach); NoEndpoint went past it, a 500 in the calling app."""
+    with records(sqlite_url, "search") as node:
+        with pytest.raises(requests.ConnectionError, match="no live endpoint"):
+            discover("search", node=node).get("/x", timeout=TIMEOUT)
+
+
 def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url) -> None:
     """An endpoint that closes a kept connection just as the next request is sent on it
     (its idle timeout; here: on every second request of a connection) has a GET sent
