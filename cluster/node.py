@@ -40,7 +40,8 @@ LINGER = 0.25
 class _Ejection:
     endpoint: Endpoint
     until: float  # time.monotonic()
-    #: the store's clock when ejected: a heartbeat newer than this readmits it
+    #: the store's clock when ejected: a heartbeat newer than this readmits it (when
+    #: by_heartbeat)
     seen: dt.datetime
     #: it accepted connections but closed them unanswered: neither a heartbeat nor a
     #: bare connect proves it serves again, only a connection it keeps open
@@ -260,8 +261,8 @@ class Cluster:
 
     def _hold(self, endpoint_hash: str, seconds: float) -> None:
         """Keep an ejection ``seconds`` more at least: a probe found the endpoint still
-        closing connections unanswered. Let out when its time ran out, it failed the
-        next request sent to it (a POST: a 502) every ``--eject-seconds``."""
+        closing connections unanswered. Were it let out when its time ran out, the
+        next request sent to it would fail (a POST: a 502) every ``--eject-seconds``."""
         now = time.monotonic()
         with self._lock:
             ejection = self._ejections.get(endpoint_hash)

@@ -59,10 +59,10 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
     decision sends to (None for one that needs no endpoint); ``node.eject(endpoint,
     reason=...)`` is called for an endpoint that refused the connection (with
-    ``accepts=True`` for one that closed a new connection unanswered). ``first``: a
-    decision already tried and how it failed (a caller's own fast first try).
-    ``gave_up(d)``:
-    true for a decision that says no endpoint is left (then the last failure is
+    ``reachable=False`` for one not reached at all, ``accepts=True`` for one that
+    closed a new connection unanswered). ``first``: a decision already tried and how
+    it failed (a caller's own fast first try). ``gave_up(d)``: true for a decision
+    that says no endpoint is left (then the last failure is
     raised instead when an endpoint was reached and failed, by answering wrongly or
     breaking off, so a client sees 502, not a misleading 503). ``on_retry(endpoint,
     error)`` and the "trying another endpoint" warning come once the next decision is
