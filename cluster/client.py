@@ -240,11 +240,13 @@ class ServiceClient(requests.Session):
                         reason.__cause__, ConnectionRefusedError)
                 else:
                     error = UpstreamBroken(endpoint.url, what)
-                    if _closed_unanswered(exc):
+                    if _closed_unanswered(exc) or isinstance(reason, SSLError):
                         # Which connection it was, requests does not say: an endpoint
-                        # that also closes a probe connection at once takes connections
-                        # but serves none (ejected: see cluster.proxy.attempts); one that
-                        # keeps it open closed a kept one as its idle timeout ran out.
+                        # that also closes a probe connection at once (or, for https,
+                        # fails its handshake: one closed during the handshake is an
+                        # SSLError) takes connections but serves none (ejected: see
+                        # cluster.proxy.attempts); one that keeps it open closed a kept
+                        # one as its idle timeout ran out.
                         dropping(error, not keeps_open(endpoint.url,
                                                         node.settings.connect_timeout))
                 raise error from exc  # __cause__: re-raised below as requests raised it

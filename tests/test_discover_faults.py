@@ -349,3 +349,29 @@ def test_a_client_made_before_a_fork_follows_the_table_in_the_child(sqlite_url) 
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_an_https_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> None:
+    """As for http: an https endpoint that accepts and closes every connection fails
+    the TLS handshake (requests' SSLError, "EOF occurred in violation of protocol").
+    It was never ejected and a client on it stayed on it, every call failing."""
+    server, port = start_backend("b1")
+    try:
+        with AcceptsThenCloses() as dead:
+            dead_url = dead.url.replace("http://", "https://")
+            with records(sqlite_url, "search", f"http://127.0.0.1:{port}",
+                         dead_url) as node:
+                failures = 0
+                for n in range(8):  # each new client picks its first endpoint at random
+                    client = discover("search", node=node)
+                    for _ in range(3):
+                        try:
+                            resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                        except requests.ConnectionError:
+                            failures += 1
+                            continue
+                        assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert failures <= 1
+                assert endpoint_hash(dead_url) in node.ejected()
+    finally:
+        server.stop()
