@@ -11,18 +11,30 @@ that did only when it is a bodiless GET, HEAD or OPTIONS.
 
 A bodiless GET, HEAD or OPTIONS whose connection the endpoint closed before answering
 (a kept connection its idle timeout closed as the request crossed) is first sent again
-once to the same endpoint, on another connection, as at the balancer.
+once to the same endpoint, on another connection, as at the balancer. An endpoint that
+closes connections unanswered for good (a probe connection too: its app is dead behind
+a live listener) is ejected, as one that refuses, and the client moves on from it.
 
 A request given no ``timeout`` gets the cluster's: ``--connect-timeout`` to connect
 and ``--read-timeout`` for each wait for the endpoint, as at the balancer (requests'
 own default is none: a connect to a host that is gone, whose record has not expired
 yet, waited for the kernel to give up, about two minutes, before moving on).
+
+A client made before a fork (at import under gunicorn ``--preload``, multiprocessing)
+works in the child too: on its first request there, it takes the child's own shared
+node and connections (a node passed in is the caller's to make after the fork).
+
+Interim 1xx answers (100, 103 Early Hints) are skipped, as at the balancer, and more
+than :data:`~cluster.http1.MAX_INTERIM` of them fail the call (requests'
+ConnectionError) rather than hold it forever (see cluster.interim).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import ssl
 import threading
 from http.client import RemoteDisconnected
 from typing import Any
@@ -35,18 +47,30 @@ from urllib3.exceptions import (
     MaxRetryError,
     NewConnectionError,
     ProtocolError,
+    SSLError,
 )
 
-from cluster.errors import ClusterError, UpstreamBroken, UpstreamConnectError, UpstreamError
-from cluster.node import Cluster
+from cluster.config import Settings
+from cluster.errors import (
+    ClusterError,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    dropping,
+)
+from cluster.interim import InterimAdapter
+from cluster.node import Cluster, keeps_open
 from cluster.proxy.attempts import attempt, replayable
 from cluster.records import Endpoint
 
 log = logging.getLogger(__name__)
 
 
-class NoEndpoint(ClusterError):
-    """No live endpoint of the service is known (after trying those that were)."""
+class NoEndpoint(ClusterError, RequestsConnectionError):
+    """No live endpoint of the service is known (after trying those that were).
+
+    Also a requests ConnectionError, what requests raises for a host it cannot reach:
+    code written for requests (``except requests.RequestException``) handles it."""
 
 
 def _reason(exc: RequestsConnectionError) -> Any:
@@ -64,6 +88,17 @@ def _never_connected(exc: RequestsConnectionError) -> bool:
     return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
 
 
+def _tls_refused(exc: RequestsConnectionError) -> bool:
+    """True when the TLS handshake failed on this side, before the request was sent:
+    the endpoint's certificate did not verify (or named another host), or it answered
+    the handshake in plain text (an http server behind an https endpoint URL)."""
+    cause = _reason(exc)
+    if isinstance(cause, SSLError) and cause.args:
+        cause = cause.args[0]
+    return isinstance(cause, ssl.SSLCertVerificationError) or \
+        getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER"
+
+
 def _closed_unanswered(exc: RequestsConnectionError) -> bool:
     """True when the endpoint closed or reset the connection before any byte of an
     answer (urllib3's "Connection aborted."), as when a kept connection is closed by
@@ -79,13 +114,44 @@ def _closed_unanswered(exc: RequestsConnectionError) -> bool:
 class ServiceClient(requests.Session):
     """A Session bound to a live endpoint of ``service``; absolute URLs pass untouched."""
 
-    def __init__(self, service: str, node: Cluster, attempts: int = 3) -> None:
+    def __init__(self, service: str, node: Cluster, attempts: int = 3, *,
+                 shared: Settings | None = None) -> None:
         super().__init__()
+        self._mount_adapters()
         self.service = service
         self.node = node
         self.attempts = attempts
+        #: the settings of discover()'s shared node, when ``node`` is that one
+        self._shared = shared
+        self._pid = os.getpid()
         self._current: Endpoint | None = None
         self._lock = threading.Lock()
+
+    def _mount_adapters(self) -> None:
+        # interim (1xx) answers skipped, and not forever (see cluster.interim)
+        self.mount("https://", InterimAdapter())
+        self.mount("http://", InterimAdapter())
+
+    def _node_here(self) -> Cluster:
+        """The node, after a fork too. A client made before a fork (at import, under
+        gunicorn --preload; multiprocessing) kept the parent's node, whose threads do
+        not run in the child: its table never changed again, endpoints that left
+        were tried forever and new ones never seen. Nor are the parent's kept
+        connections the child's to use."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()  # another thread may have held it at the fork
+            self._current = None
+            for adapter in self.adapters.values():
+                adapter.close()
+            self._mount_adapters()
+            if self._shared is not None:
+                self.node = _shared_node(self._shared)
+            elif self.node.pid != self._pid:
+                log.warning("%s: a client made in process %d, whose discovery node does "
+                            "not run here: make the node after the fork", self.service,
+                            self.node.pid)
+        return self.node
 
     def __repr__(self) -> str:
         where = self._current.url if self._current else "no endpoint yet"
@@ -94,15 +160,20 @@ class ServiceClient(requests.Session):
     @property
     def base_url(self) -> str:
         """The URL of the endpoint requests go to now; raises :class:`NoEndpoint`."""
+        self._node_here()
         return self._endpoint(frozenset()).url
 
     def _endpoint(self, exclude: frozenset[str]) -> Endpoint:
         with self._lock:
             live = {e.hash: e for e in self.node.endpoints(self.service)}
             current = self._current
-            if current is not None and current.hash in live and current.hash not in exclude:
+            ejected = self.node.ejected()
+            if current is not None and current.hash in live and current.hash not in exclude \
+                    and (current.hash not in ejected or ejected.issuperset(live)):
                 return current
-            skip = exclude | self.node.ejected()
+            # An ejected current endpoint is left too: a POST it closed unanswered is
+            # not sent elsewhere, but the calls after it were all sent to it again.
+            skip = exclude | ejected
             choices = [e for h, e in live.items() if h not in skip]
             if not choices:  # every one left is ejected: try them anyway (panic mode)
                 choices = [e for h, e in live.items() if h not in exclude]
@@ -118,11 +189,12 @@ class ServiceClient(requests.Session):
         self, method: str, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
         target = url.decode() if isinstance(url, bytes) else url
+        node = self._node_here()
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
         if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
-            settings = self.node.settings
+            settings = node.settings
             kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
 
         def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
@@ -158,14 +230,29 @@ class ServiceClient(requests.Session):
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
                 what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
-                if _never_connected(exc):
+                if _tls_refused(exc):
+                    # as at the balancer: nothing sent, so even a POST moves on, and the
+                    # endpoint (it accepts connections) stays out while probes fail
+                    error = dropping(UpstreamConnectError(endpoint.url, what), True)
+                elif _never_connected(exc):
                     error = UpstreamConnectError(endpoint.url, what)
+                    error.refused = isinstance(reason, NewConnectionError) and isinstance(
+                        reason.__cause__, ConnectionRefusedError)
                 else:
                     error = UpstreamBroken(endpoint.url, what)
+                    if _closed_unanswered(exc) or isinstance(reason, SSLError):
+                        # Which connection it was, requests does not say: an endpoint
+                        # that also closes a probe connection at once (or, for https,
+                        # fails its handshake: one closed during the handshake is an
+                        # SSLError) takes connections but serves none (ejected: see
+                        # cluster.proxy.attempts); one that keeps it open closed a kept
+                        # one as its idle timeout ran out.
+                        dropping(error, not keeps_open(endpoint.url,
+                                                        node.settings.connect_timeout))
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
-            return attempt(pick, send, endpoint_of=_endpoint_of, node=self.node,
+            return attempt(pick, send, endpoint_of=_endpoint_of, node=node,
                            retries=self.attempts - 1, may_replay=may_replay,
                            on_retry=self._moved,
                            gave_up=lambda decision: isinstance(decision, NoEndpoint))
@@ -178,7 +265,7 @@ class ServiceClient(requests.Session):
         """The attempt loop moves on (and said so): a broken (not refused) endpoint is
         dropped too."""
         if not isinstance(exc, UpstreamConnectError):
-            self.node.eject(endpoint, reason=exc.reason)
+            self.node.eject(endpoint, reason=exc.reason, accepts=True)
 
 
 def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:
@@ -187,6 +274,15 @@ def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:
 
 _NODES: dict[str | None, Cluster] = {}
 _NODES_LOCK = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    """A lock another thread held at a fork stays held in the child: a new one."""
+    global _NODES_LOCK
+    _NODES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def discover(service: str, node: Cluster | None = None, **settings: Any) -> ServiceClient:
@@ -198,12 +294,18 @@ def discover(service: str, node: Cluster | None = None, **settings: Any) -> Serv
     requests raise :class:`NoEndpoint` while the service has no live endpoint.
     """
     if node is None:
-        from cluster.config import Settings
-
         resolved = Settings.load(**settings)
-        with _NODES_LOCK:
-            node = _NODES.get(resolved.discovery_url)
-            if node is None:
-                node = Cluster(resolved, register=False).start(wait=resolved.connect_timeout)
-                _NODES[resolved.discovery_url] = node
+        return ServiceClient(service, _shared_node(resolved), shared=resolved)
     return ServiceClient(service, node)
+
+
+def _shared_node(resolved: Settings) -> Cluster:
+    """The process's observing node for ``resolved.discovery_url``: made on first use,
+    and anew in a forked child (the parent's is left alone: its store and threads are
+    the parent's)."""
+    with _NODES_LOCK:
+        node = _NODES.get(resolved.discovery_url)
+        if node is None or node.pid != os.getpid():
+            node = Cluster(resolved, register=False).start(wait=resolved.connect_timeout)
+            _NODES[resolved.discovery_url] = node
+    return node

@@ -7,6 +7,8 @@ the last known table (discovery) or an HTTP status (upstream).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class ClusterError(Exception):
     """Root of every error `cluster` raises deliberately."""
@@ -39,6 +41,11 @@ class UpstreamError(ClusterError):
     #: that (502), not "no live endpoint" (503), which is the truth only when none could
     #: be reached or all went away.
     misbehaved = False
+    #: True when the endpoint closed or reset a new connection before any byte of an
+    #: answer: it takes connections but serves none (a dead app behind a live listener,
+    #: a port forwarder whose target is gone). It is ejected as one that refuses, and
+    #: only a probe that sees it keep a connection open brings it back.
+    dropped = False
 
     def __init__(self, endpoint: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {reason}")
@@ -50,6 +57,11 @@ class UpstreamConnectError(UpstreamError):
     """The endpoint refused or did not accept the connection; no byte was sent."""
 
     retryable = True
+    #: True when its host refused (no process listened there): its next heartbeat,
+    #: from a restarted process, may end its ejection. Not when it could not be
+    #: reached at all (a connect timeout, no route): its heartbeat reaches the store,
+    #: which says nothing of the way from here.
+    refused = False
 
 
 class OutOfDescriptors(UpstreamError):
@@ -64,9 +76,19 @@ class UpstreamBroken(UpstreamError):
     """The endpoint closed or garbled the exchange after the request was sent."""
 
 
+_E = TypeVar("_E", bound="UpstreamError")
+
+
 def misbehaving(error: UpstreamError) -> UpstreamError:
     """``error``, marked as an endpoint's wrong answer (see UpstreamError.misbehaved)."""
     error.misbehaved = True
+    return error
+
+
+def dropping(error: _E, fresh: bool) -> _E:
+    """``error``, marked as a new connection closed unanswered (UpstreamError.dropped)
+    when ``fresh``: on a reused one it is an idle timeout crossing the request."""
+    error.dropped = fresh
     return error
 
 

@@ -6,9 +6,12 @@ The WSGI app, the standalone server, the gunicorn hooks and ``discover()`` all u
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -28,14 +31,23 @@ _NONE_EJECTED: frozenset[str] = frozenset()
 EJECT_FIRST = 1.0
 #: seconds between probe connections to ejected endpoints
 PROBE_INTERVAL = 0.5
+#: seconds a probe connection must stay open to readmit an endpoint that closed new
+#: connections unanswered (an HTTP server keeps one open for seconds, awaiting a request)
+LINGER = 0.25
 
 
 @dataclass(frozen=True)
 class _Ejection:
     endpoint: Endpoint
     until: float  # time.monotonic()
-    #: the store's clock when ejected: a heartbeat newer than this readmits it
+    #: the store's clock when ejected: a heartbeat newer than this readmits it (when
+    #: by_heartbeat)
     seen: dt.datetime
+    #: it accepted connections but closed them unanswered: neither a heartbeat nor a
+    #: bare connect proves it serves again, only a connection it keeps open
+    accepts: bool = False
+    #: a newer heartbeat ends it (it refused: a restarted process heartbeats anew)
+    by_heartbeat: bool = True
 
 
 class Cluster:
@@ -92,6 +104,8 @@ class Cluster:
         self._probe_wake = threading.Event()
         self._prober: threading.Thread | None = None
         self._started = False
+        #: the process it was made in: its threads do not run in a forked child
+        self.pid = os.getpid()
 
     def __repr__(self) -> str:
         role = f"{self.settings.service} at {self.self_url}" if self.registrar else "observer"
@@ -149,7 +163,8 @@ class Cluster:
 
     # --- passive health -----------------------------------------------------------
 
-    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "") -> None:
+    def eject(self, endpoint: Endpoint, seconds: float | None = None, reason: str = "",
+              accepts: bool = False, reachable: bool = True) -> None:
         """Leave ``endpoint`` out of this instance's picks for a while.
 
         The first ejection lasts EJECT_FIRST seconds; each one that follows soon after
@@ -157,6 +172,16 @@ class Cluster:
         endpoint shows a newer heartbeat or a new registration (see :meth:`ejected`)
         or a probe connection succeeds. Ejecting an endpoint already out changes
         nothing: concurrent requests that find it dead are one strike, not many.
+
+        ``accepts``: the endpoint took the connection and closed it unanswered (its
+        listener lives on, its app does not; a port forwarder whose target is gone).
+        Its registration may well go on heartbeating, and a connect succeeds, so only
+        a probe connection that it keeps open, as a server awaiting a request does,
+        ends such an ejection early. ``reachable=False``: it could not be reached at
+        all (a connect timeout, no route: a wrong or unroutable endpoint URL, a host
+        cut off from this one). Its heartbeats reach the store, not this instance, and
+        do not end the ejection either: they let it back every ping, each time one
+        request waiting out ``--connect-timeout``.
         """
         cap = self.settings.eject_seconds
         now = time.monotonic()
@@ -178,7 +203,8 @@ class Cluster:
             strikes = strikes + 1 if now - last_end < cap else 1
             if seconds is None:
                 seconds = min(cap, EJECT_FIRST * 2 ** min(strikes - 1, 30))
-            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen)
+            self._ejections[endpoint.hash] = _Ejection(endpoint, now + seconds, seen, accepts,
+                                                       reachable and not accepts)
             self._strikes[endpoint.hash] = (strikes, now + seconds)
             self._view_table = None
         log.warning("ejecting %s %s for %.3gs (strike %d)%s", endpoint.service, endpoint.url,
@@ -201,7 +227,8 @@ class Cluster:
         """Hashes of the endpoints currently ejected (cheap when there are none).
 
         An ejection ends when it times out, when the endpoint's record shows a
-        heartbeat newer than the ejection (a restarted instance registers at once),
+        heartbeat newer than the ejection (a restarted instance registers at once; only
+        for one that refused, see :meth:`eject`),
         or when the endpoint leaves the table (should it come back, that is a new
         registration). ``seen`` estimates the store's clock at the ejection from its
         last read plus the time since; a slow read makes it an underestimate, so a
@@ -221,7 +248,7 @@ class Cluster:
                 listed = table.by_hash.get(key)
                 if ejection.until <= now or listed is None:
                     del self._ejections[key]
-                elif listed.timestamp > ejection.seen:
+                elif listed.timestamp > ejection.seen and ejection.by_heartbeat:
                     del self._ejections[key]
                     healed.append(ejection.endpoint)
             view = frozenset(self._ejections) if self._ejections else _NONE_EJECTED
@@ -232,8 +259,21 @@ class Cluster:
             log.info("%s %s back in rotation: a newer heartbeat", e.service, e.url)
         return view
 
+    def _hold(self, endpoint_hash: str, seconds: float) -> None:
+        """Keep an ejection ``seconds`` more at least: a probe found the endpoint still
+        closing connections unanswered. Were it let out when its time ran out, the
+        next request sent to it would fail (a POST: a 502) every ``--eject-seconds``."""
+        now = time.monotonic()
+        with self._lock:
+            ejection = self._ejections.get(endpoint_hash)
+            if ejection is not None and ejection.until < now + seconds:
+                self._ejections[endpoint_hash] = dataclasses.replace(
+                    ejection, until=now + seconds)
+                self._view_table = None
+
     def _probe_loop(self) -> None:
-        """Try a TCP connect to each ejected endpoint every PROBE_INTERVAL seconds."""
+        """Try a TCP connect to each ejected endpoint every PROBE_INTERVAL seconds (one
+        it must keep open for LINGER seconds when it closed connections unanswered)."""
         while not self._stopping.is_set():
             if not self._ejections:
                 self._probe_wake.wait(5.0)
@@ -241,11 +281,49 @@ class Cluster:
                 continue
             self._stopping.wait(PROBE_INTERVAL)
             with self._lock:
-                targets = [(h, e.endpoint) for h, e in self._ejections.items()]
+                targets = [(h, e.endpoint, e.accepts) for h, e in self._ejections.items()]
             timeout = min(PROBE_INTERVAL, self.settings.connect_timeout)
-            for key, endpoint in targets:
-                if not self._stopping.is_set() and _connects(endpoint.url, timeout):
+            for key, endpoint, accepts in targets:
+                if self._stopping.is_set():
+                    break
+                if accepts:
+                    if keeps_open(endpoint.url, timeout):
+                        self.readmit(key, "a probe connection stayed open")
+                    else:
+                        self._hold(key, PROBE_INTERVAL * 2 + timeout + LINGER)
+                elif _connects(endpoint.url, timeout):
                     self.readmit(key, "a probe connection succeeded")
+
+
+def keeps_open(url: str, timeout: float) -> bool:
+    """Does ``url`` accept a TCP connection (and, for https, complete a TLS handshake
+    whose certificate verifies, as a request's must) and keep it open, silent, for
+    LINGER seconds, as an HTTP server waiting for a request does? A dead app behind a
+    live listener closes or resets it at once; a server that speaks first is no HTTP
+    one."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        sock = socket.create_connection((parts.hostname or "", port), timeout=timeout)
+        try:
+            if parts.scheme == "https":
+                if not _TLS:
+                    _TLS.append(ssl.create_default_context())
+                sock = _TLS[0].wrap_socket(sock, server_hostname=parts.hostname)
+            sock.settimeout(LINGER)
+            try:
+                sock.recv(1)
+            except socket.timeout:
+                return True
+            return False
+        finally:
+            sock.close()
+    except (OSError, ValueError):
+        return False
+
+
+#: the probe's TLS context: the system's trust store, as cluster.proxy.upstream's
+_TLS: list[ssl.SSLContext] = []
 
 
 def _connects(url: str, timeout: float) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
 import time
 from typing import Iterator
 
@@ -20,7 +21,18 @@ import requests
 from cluster.client import NoEndpoint, discover
 from cluster.config import Settings
 from cluster.node import Cluster
-from helpers import Proc, cluster_argv, refused_port, start_backend, wait_until
+from cluster.records import endpoint_hash
+from helpers import (
+    Proc,
+    cluster_argv,
+    gunicorn_port,
+    python,
+    refused_port,
+    start_app,
+    start_backend,
+    wait_until,
+)
+from test_ejection_e2e import AcceptsThenCloses
 from test_proxy_http import ScriptedUpstream
 
 TIMEOUT = 20
@@ -137,6 +149,14 @@ def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> No
             discover("refusing", node=node).get("/ok", timeout=TIMEOUT)
 
 
+def test_no_endpoint_is_what_requests_code_already_catches(sqlite_url) -> None:
+    """Code written for requests catches requests.RequestException (ConnectionError for
+    a host it cannot reach); NoEndpoint went past it, a 500 in the calling app."""
+    with records(sqlite_url, "search") as node:
+        with pytest.raises(requests.ConnectionError, match="no live endpoint"):
+            discover("search", node=node).get("/x", timeout=TIMEOUT)
+
+
 def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url) -> None:
     """An endpoint that closes a kept connection just as the next request is sent on it
     (its idle timeout; here: on every second request of a connection) has a GET sent
@@ -168,3 +188,190 @@ def test_a_kept_connection_closed_as_a_get_crosses_it_is_not_an_error(sqlite_url
     finally:
         upstream.close()
         other.close()
+
+
+def test_an_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> None:
+    """An endpoint that accepts and closes every connection unanswered (its app dead
+    behind a live listener) is ejected after the first call it fails, and a client on
+    it moves on. A POST there is not sent elsewhere (it may have been taken), but it
+    is the only one to fail: before, the endpoint was never ejected and a client that
+    had picked it stayed on it, every later call failing as well (here 3 of 3 calls
+    of each such client)."""
+    server, port = start_backend("b1")
+    try:
+        with AcceptsThenCloses() as dead, records(sqlite_url, "search",
+                                                  f"http://127.0.0.1:{port}",
+                                                  dead.url) as node:
+            failures = 0
+            for n in range(8):  # each new client picks its first endpoint at random
+                client = discover("search", node=node)
+                for _ in range(3):
+                    try:
+                        resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                    except requests.ConnectionError:
+                        failures += 1
+                        continue
+                    assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert client.base_url == f"http://127.0.0.1:{port}"
+            assert failures <= 1
+            assert endpoint_hash(dead.url) in node.ejected()
+    finally:
+        server.stop()
+
+
+def test_interim_answers_are_skipped_but_not_forever(sqlite_url) -> None:
+    """A 103 Early Hints before the answer is skipped (the balancer skips it too): the
+    caller got the 103, with no body, as the answer, the real one lost. An endpoint
+    sending 100 Continue without end fails the call after MAX_INTERIM of them, as at
+    the balancer (a 502 there): the call was held as long as the endpoint kept on
+    (each interim answer restarted the read timeout), here 5 s, then got its 200."""
+    from cluster.http1 import MAX_INTERIM
+
+    def endless(conn: socket.socket) -> None:
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                time.sleep(0.002)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+
+    upstream = ScriptedUpstream({
+        "/hints": lambda c: c.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") or True,
+        "/endless": endless,
+    })
+    try:
+        with records(sqlite_url, "web", upstream.url) as node:
+            client = discover("web", node=node)
+            for _ in range(2):  # the second on the kept connection: nothing left over
+                resp = client.get("/hints", timeout=TIMEOUT)
+                assert (resp.status_code, resp.text) == (200, "ok")
+            started = time.monotonic()
+            with pytest.raises(requests.ConnectionError,
+                               match=f"more than {MAX_INTERIM} interim"):
+                client.get("/endless", timeout=TIMEOUT)
+            assert time.monotonic() - started < 4
+    finally:
+        upstream.close()
+
+
+def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_path) -> None:
+    """An https endpoint whose certificate does not verify, or that answers the
+    handshake in plain HTTP, was never sent the request: even a POST moves to another
+    endpoint and the failing one is ejected, as at the balancer. requests' SSLError was
+    taken for a failure after sending: the POST failed (6 of 8 calls) and nothing was
+    ejected."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    server, port = start_backend("b1")
+    untrusted, tls_port = start_app("ws_echo.py", "--certfile", str(cert), "--keyfile",
+                                    str(key), name="tls-echo")
+    try:
+        for bad in (f"https://localhost:{tls_port}", f"https://127.0.0.1:{port}"):
+            with records(sqlite_url, f"s{len(bad)}", f"http://127.0.0.1:{port}",
+                         bad) as node:
+                for n in range(6):  # each new client picks its first endpoint at random
+                    client = discover(f"s{len(bad)}", node=node)
+                    resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                    assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert node.ejected() == {endpoint_hash(bad)}
+    finally:
+        untrusted.stop()
+        server.stop()
+
+
+def test_a_head_answer_that_carries_a_body_does_not_spoil_the_next_call(sqlite_url) -> None:
+    """gevent's pywsgi (tests/apps/backend.py) sends a HEAD answer's body anyway. The
+    kept connection then held those bytes, read as the next answer's head: a POST
+    after a HEAD failed with BadStatusLine, and a GET moved away from (and ejected) the
+    healthy endpoint. A connection that carried a HEAD is not kept, as at the
+    balancer."""
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "web", f"http://127.0.0.1:{port}") as node:
+            client = discover("web", node=node)
+            for n in range(3):
+                assert client.head("/whoami", timeout=TIMEOUT).status_code == 200
+                resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                assert (resp.status_code, resp.content) == (200, b"%d" % n)
+            assert not node.ejected()
+    finally:
+        server.stop()
+
+
+def test_a_client_made_before_a_fork_follows_the_table_in_the_child(sqlite_url) -> None:
+    """gunicorn --preload imports the app, and so makes its discover() client, in the
+    arbiter, then forks the workers. The client kept the arbiter's node, whose threads
+    do not run in a worker: the table stayed as it was at the fork. Once the endpoint
+    of then left and another joined, every call in the workers was "no live endpoint
+    of service 'search'" (10 of 10). On its first request in a worker the client now
+    takes that process's own node."""
+    first, first_port = start_backend("b1")
+    second = None
+    sidecars = [Proc(cluster_argv("register", "--service", "search", "--endpoint-url",
+                                  f"http://127.0.0.1:{first_port}", "--ping-interval", "1"),
+                     env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar-b1")]
+    workers = None
+    try:
+        node = Cluster(Settings(discovery_url=sqlite_url), register=False).start()
+        try:
+            wait_until(lambda: node.endpoints("search"), timeout=TIMEOUT, what="b1's record")
+        finally:
+            node.close()
+        workers = Proc(python("-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:0",
+                              "discover_preload:app"),
+                       env={"CLUSTER_DISCOVERY_URL": sqlite_url,
+                            "CLUSTER_PING_INTERVAL": "1"}, name="gunicorn")
+        base = f"http://127.0.0.1:{gunicorn_port(workers)}"
+        assert requests.get(base, timeout=TIMEOUT).text.endswith(" b1")
+        second, second_port = start_backend("b2")
+        sidecars.append(Proc(cluster_argv("register", "--service", "search", "--endpoint-url",
+                                          f"http://127.0.0.1:{second_port}",
+                                          "--ping-interval", "1"),
+                             env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar-b2"))
+        sidecars[0].stop()  # b1 deregisters
+        first.stop()
+        wait_until(lambda: all(requests.get(base, timeout=TIMEOUT).text.endswith(" b2")
+                               for _ in range(6)), timeout=TIMEOUT, what="b2 in the workers")
+        answers = {requests.get(base, timeout=TIMEOUT).text for _ in range(10)}
+        assert {a.split(" ", 1)[1] for a in answers} == {"b2"}, answers
+    finally:
+        if workers is not None:
+            workers.stop()
+            assert "Traceback" not in workers.output(), workers.output()
+        for sidecar in sidecars:
+            sidecar.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_an_https_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> None:
+    """As for http: an https endpoint that accepts and closes every connection fails
+    the TLS handshake (requests' SSLError, "EOF occurred in violation of protocol").
+    It was never ejected and a client on it stayed on it, every call failing."""
+    server, port = start_backend("b1")
+    try:
+        with AcceptsThenCloses() as dead:
+            dead_url = dead.url.replace("http://", "https://")
+            with records(sqlite_url, "search", f"http://127.0.0.1:{port}",
+                         dead_url) as node:
+                failures = 0
+                for n in range(8):  # each new client picks its first endpoint at random
+                    client = discover("search", node=node)
+                    for _ in range(3):
+                        try:
+                            resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
+                        except requests.ConnectionError:
+                            failures += 1
+                            continue
+                        assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                assert failures <= 1
+                assert endpoint_hash(dead_url) in node.ejected()
+    finally:
+        server.stop()

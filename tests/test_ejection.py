@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import socket
+import threading
 import time
 
 import pytest
@@ -170,4 +172,103 @@ def test_a_heartbeat_from_before_the_failure_does_not_readmit(node):
     assert node.ejected() == {A.hash}
     after = NOW + dt.timedelta(seconds=0.6)  # written after the failure: it is back
     show(node, dataclasses.replace(A, timestamp=after), B, now=after)
+    assert node.ejected() == frozenset()
+
+
+def test_a_heartbeat_does_not_readmit_an_endpoint_that_closed_connections_unanswered(node):
+    """Its sidecar (or its own registrar) heartbeats on while its app is dead: a newer
+    heartbeat says nothing about whether it serves."""
+    show(node, A, B)
+    node.eject(A, accepts=True)
+    node.eject(B)
+    later = NOW + dt.timedelta(seconds=1)
+    show(node, dataclasses.replace(A, timestamp=later),
+         dataclasses.replace(B, timestamp=later), now=later)
+    assert node.ejected() == {A.hash}
+
+
+def test_the_linger_probe_tells_a_server_from_a_listener_that_closes_at_once():
+    """A connect succeeds to both; only the server keeps the connection open."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert cluster.node._connects(url, 0.5) and cluster.node.keeps_open(url, 0.5)
+        closer = socket.create_server(("127.0.0.1", 0))
+        closer.settimeout(0.05)
+        closing = f"http://127.0.0.1:{closer.getsockname()[1]}"
+        stop = threading.Event()
+
+        def close_each() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    closer.accept()[0].close()
+
+        thread = threading.Thread(target=close_each, daemon=True)
+        thread.start()
+        try:
+            assert cluster.node._connects(closing, 0.5)
+            assert not cluster.node.keeps_open(closing, 0.5)
+        finally:
+            stop.set()
+            closer.close()
+            thread.join(5)
+    assert not cluster.node.keeps_open(url, 0.5)  # closed: refused
+
+
+def test_the_linger_probe_of_an_https_endpoint_completes_a_verified_handshake(
+        tmp_path, monkeypatch):
+    """A bare connect to a TLS endpoint whose certificate does not verify succeeds; a
+    request's handshake does not, nor does the probe's, until the certificate is
+    trusted (here: SSL_CERT_FILE, read when the probe's context is made)."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    url = f"https://localhost:{listener.getsockname()[1]}"
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def handshake_and_wait() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn = listener.accept()[0]
+                conn.settimeout(2)
+                held.append(conn)
+                with contextlib.suppress(OSError):
+                    held.append(context.wrap_socket(conn, server_side=True))
+
+    thread = threading.Thread(target=handshake_and_wait, daemon=True)
+    thread.start()
+    try:
+        for trusted, expected in ((tmp_path / "none.pem", False), (cert, True)):
+            monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+            monkeypatch.setattr(cluster.node, "_TLS", [])
+            assert cluster.node._connects(url, 2)
+            assert cluster.node.keeps_open(url, 2) is expected
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for sock in held:
+            sock.close()
+
+
+def test_a_heartbeat_does_not_readmit_an_endpoint_that_could_not_be_reached(node):
+    """A connect timeout or no route (a wrong endpoint URL, a host cut off from this
+    one): its registration heartbeats on, which says nothing of the way from here."""
+    show(node, A, B)
+    node.eject(A, reachable=False)
+    node.eject(B)  # refused: its process may have restarted
+    later = NOW + dt.timedelta(seconds=1)
+    show(node, dataclasses.replace(A, timestamp=later),
+         dataclasses.replace(B, timestamp=later), now=later)
+    assert node.ejected() == {A.hash}
+    node.clock.now += 1.0  # its time is up: tried again
     assert node.ejected() == frozenset()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
+import threading
 import time
 
 import pytest
@@ -15,6 +17,8 @@ import requests
 from cluster.records import endpoint_hash
 from helpers import (
     Proc,
+    accept_forever,
+    blackholed_port,
     cluster_argv,
     instance,
     start_instance,
@@ -166,3 +170,131 @@ def test_a_body_taken_for_a_refused_endpoint_reaches_the_local_app(sqlite_url, d
         if proc is not None:
             proc.stop()
         sidecar.stop()
+
+
+class AcceptsThenCloses:
+    """A real listener on 127.0.0.1 whose app is dead: it accepts every connection and
+    closes it at once, unanswered (a port forwarder whose target is gone, a process
+    whose listener outlived its app). Set :attr:`healthy` and it answers each request
+    with a 200 "back" instead. Closed at the end of the block."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=accept_forever, args=(self.listener, self._serve),
+                         daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            if not self.healthy:
+                return
+            conn.settimeout(10)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf)
+            left = int(length.group(1)) if length else 0
+            left -= len(buf.split(b"\r\n\r\n", 1)[1])
+            while left > 0:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                left -= len(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Served-By: back\r\n"
+                         b"Connection: close\r\n\r\nback")
+
+    def __enter__(self) -> AcceptsThenCloses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("way", ["door", "library"])
+def test_an_endpoint_that_closes_connections_unanswered_is_ejected(sqlite_url, way):
+    """An endpoint that accepts connections and closes them unanswered is ejected as
+    one that refuses, and comes back once it keeps a connection open again. It was
+    never ejected: every request kept trying it first, each POST that did got a 502
+    (25 of 40 POSTs here), each GET was replayed elsewhere; its sidecar heartbeating
+    readmitted it anyway, and so did a probe connection, which it accepts."""
+    procs: list[Proc] = []
+    with AcceptsThenCloses() as dead:
+        try:
+            procs.append(Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                           dead.url, "--ping-interval", "1"),
+                              env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sc-dead"))
+            env = {"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "alive",
+                   "CLUSTER_PING_INTERVAL": "1"}
+            if way == "door":
+                proc, port = start_instance(sqlite_url, "alive")
+            else:
+                proc, port = start_library_app(env, "backend:app")
+            procs.append(proc)
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: len(front_status(base)["endpoints"]) == 2, timeout=15,
+                       what="both records")
+            statuses = []
+            for n in range(30):  # 3 s: three heartbeats of the dead endpoint's sidecar
+                answer = requests.post(base + "/echo", data=b"%d" % n, timeout=10)
+                statuses.append(answer.status_code)
+                time.sleep(0.1)
+            print("POST statuses:", statuses)
+            assert statuses.count(502) <= 1 and statuses.count(200) == len(statuses) - \
+                statuses.count(502)
+            assert endpoint_hash(dead.url) in front_status(base)["ejected"]
+            assert re.search(r"ejecting web \S+ for .*closed the connection|"
+                             r"ejecting web \S+ for .*reset", proc.output())
+
+            dead.healthy = True
+            started = time.monotonic()
+            while whoami(base) != "back":
+                assert time.monotonic() - started < 3, "not back in rotation"
+                time.sleep(0.05)
+            print(f"back in rotation {time.monotonic() - started:.2f}s after it served")
+            if way == "door":  # the library app's log shows warnings only
+                assert "back in rotation: a probe connection stayed open" in proc.output()
+            assert proc.poll() is None and "Traceback" not in proc.output()
+        finally:
+            for p in procs:
+                p.stop()
+
+
+def test_an_endpoint_that_cannot_be_reached_is_not_let_back_by_its_heartbeat(sqlite_url):
+    """An endpoint whose connects time out (its URL wrong or unroutable from here,
+    its registration alive and heartbeating) stays out until its ejection ends. Each
+    heartbeat let it back: one request per ping waited out --connect-timeout (5 s by
+    default) before moving on."""
+    procs: list[Proc] = []
+    with blackholed_port() as silent:
+        try:
+            unreachable = f"http://127.0.0.1:{silent}"
+            procs.append(Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                           unreachable, "--ping-interval", "0.5"),
+                              env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sc-silent"))
+            alive, _ = start_instance(sqlite_url, "alive")
+            procs.append(alive)
+            front, port = start_serve("--ui-service", "web", "--connect-timeout", "0.5",
+                                      "--eject-seconds", "30",
+                                      env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
+            procs.append(front)
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: len(front_status(base)["endpoints"]) == 2, timeout=15,
+                       what="both records")
+            slow = 0
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # five heartbeats of the unreachable one
+                began = time.monotonic()
+                assert whoami(base) == "alive"
+                slow += time.monotonic() - began > 0.4
+            ejections = front.output().count(f"ejecting web {unreachable}")
+            print(f"requests that waited for a connect: {slow}; ejections: {ejections}")
+            assert "back in rotation: a newer heartbeat" not in front.output()
+            assert slow <= 2 and ejections <= 2  # 1 s, then 2 s
+            assert front.poll() is None and "Traceback" not in front.output()
+        finally:
+            for p in procs:
+                p.stop()

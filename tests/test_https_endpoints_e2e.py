@@ -21,6 +21,7 @@ from helpers import (
     Proc,
     cluster_argv,
     start_app,
+    start_instance,
     start_library_app,
     start_serve,
     wait_until,
@@ -156,3 +157,31 @@ def _get(url: str) -> requests.Response | None:
     except requests.RequestException:
         return None
     return resp if resp.ok else None
+
+
+def test_an_endpoint_whose_certificate_does_not_verify_stays_ejected(
+        tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    """Its TLS handshake fails on every connection, which a bare connect probe and the
+    heartbeat of its registration cannot see: it was let back within half a second
+    each time, and each request that then picked it paid a failed handshake and a
+    retry, two warnings logged (7 ejections in 3 s). Now the probe completes a
+    handshake as a request would: one ejection, held while probes fail."""
+    with tls_endpoint(tmp_path, certificate) as discovery:
+        good, _ = start_instance(discovery, "good", service="sec")
+        proc, port = front_door(discovery, Path("/nonexistent-ca.pem"))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda: len(requests.get(url + "/_cluster/status", timeout=5)
+                                   .json()["endpoints"]) == 2,
+                       timeout=TIMEOUT, what="both endpoints listed")
+            for n in range(30):  # 3 s: heartbeats and probes of the untrusted endpoint
+                resp = requests.post(url + "/echo", data=b"%d" % n, timeout=TIMEOUT)
+                assert (resp.status_code, resp.content) == (200, b"%d" % n)
+                time.sleep(0.1)
+            ejections = proc.output().count("ejecting sec https://localhost")
+            assert ejections == 1, proc.output()
+            assert "CERTIFICATE_VERIFY_FAILED" in proc.output()
+        finally:
+            proc.stop()
+            good.stop()
+        assert "Traceback" not in proc.output(), proc.output()

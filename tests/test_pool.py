@@ -137,7 +137,7 @@ def test_a_host_name_resolvers_refuse_is_a_connect_error_tried_elsewhere(endpoin
     with pytest.raises(UpstreamConnectError, match="connect failed"):
         pool.open(bad)
     ejected: list[str] = []
-    node = SimpleNamespace(eject=lambda e, reason: ejected.append(e.hash))
+    node = SimpleNamespace(eject=lambda e, reason, **kind: ejected.append(e.hash))
     picks = iter([bad, good])
     conn = attempt(lambda tried: next(picks), pool.open,
                    endpoint_of=lambda url: SimpleNamespace(hash=url), node=node,

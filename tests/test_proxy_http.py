@@ -544,6 +544,7 @@ SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
     "/garbage": lambda c: c.sendall(b"SPDY/9 what\r\n\r\n"),
     "/closed": lambda c: None,
+    "/http09": lambda c: c.sendall(b"<p>nine</p>"),
     "/cut-length": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10),
     "/cut-chunked": lambda c: c.sendall(
@@ -618,6 +619,13 @@ def test_garbled_or_closed_exchange_is_502(scripted, path: str) -> None:
     as the content itself (the client's TE is not passed on: no coding was asked for)."""
     resp = get(f"{scripted[2]}{path}")
     assert resp.status_code == 502
+
+
+def test_an_answer_with_no_head_says_what_came_through_the_forwarder(scripted) -> None:
+    """As at the front door (test_an_answer_with_no_head_says_what_came)."""
+    resp = get(f"{scripted[2]}/http09")
+    assert resp.status_code == 502
+    assert "after 11 bytes and no response head: b'<p>nine</p>'" in resp.text, resp.text
 
 
 @pytest.mark.parametrize("path", ["/cut-length", "/cut-chunked"])
@@ -734,6 +742,7 @@ def _info_cut(conn: socket.socket) -> None:
 DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/switch-kept": _switch_and_wait,
     "/closed": lambda c: None,  # the request read, the connection closed unanswered
+    "/http09": lambda c: c.sendall(b"<p>nine</p>"),  # an HTTP/0.9 answer: no head, closed
     "/garbled-chunk": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
     "/gzip-chunked": lambda c: c.sendall(
@@ -869,6 +878,16 @@ def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> 
     assert time.monotonic() - started < 1.5
     assert rss_kib(proc.pid) - before < 4096
     assert requests.get(f"http://127.0.0.1:{port}/next", timeout=10).text == "next"
+
+
+def test_an_answer_with_no_head_says_what_came(scripted_door) -> None:
+    """An HTTP/0.9 answer (or another protocol's) then a close: a 502 that says how
+    many bytes came and what they began with, as for a malformed head. It said "closed
+    the connection before answering", which sent the operator looking for a crash."""
+    proc, port, upstream = scripted_door
+    resp = requests.get(f"http://127.0.0.1:{port}/http09", timeout=10)
+    assert resp.status_code == 502
+    assert "after 11 bytes and no response head: b'<p>nine</p>'" in resp.text, resp.text
 
 
 def test_a_wrong_answer_with_no_other_endpoint_is_one_line_and_no_retry(scripted_door

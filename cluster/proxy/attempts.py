@@ -4,7 +4,9 @@ The front door, the WSGI adapter and ``cluster.discover()`` all go through
 :func:`attempt`, so they agree on when a request may move to another endpoint:
 
 - the endpoint refused or never accepted the connection (nothing was sent): always,
-  and the endpoint is ejected from this instance's picks for a while;
+  and the endpoint is ejected from this instance's picks for a while; so is one that
+  closed or reset a new connection before any byte of an answer (it accepts, but
+  serves nothing), though then the request itself moves only as the next rule says;
 - it failed after the request was sent but before any byte of an answer: only for a
   replayable request, :func:`replayable` (GET, HEAD, OPTIONS without a body: the
   endpoint may have acted on anything else before it died; nginx's
@@ -56,9 +58,11 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
     """``send(pick(tried))`` until it succeeds or may not try again; raises the last
     UpstreamError when it gives up. ``endpoint_of(decision)`` is the Endpoint a
     decision sends to (None for one that needs no endpoint); ``node.eject(endpoint,
-    reason=...)`` is called for an endpoint that refused the connection. ``first``: a decision
-    already tried and how it failed (a caller's own fast first try). ``gave_up(d)``:
-    true for a decision that says no endpoint is left (then the last failure is
+    reason=...)`` is called for an endpoint that refused the connection (with
+    ``reachable=False`` for one not reached at all, ``accepts=True`` for one that
+    closed a new connection unanswered). ``first``: a decision already tried and how
+    it failed (a caller's own fast first try). ``gave_up(d)``: true for a decision
+    that says no endpoint is left (then the last failure is
     raised instead when an endpoint was reached and failed, by answering wrongly or
     breaking off, so a client sees 502, not a misleading 503). ``on_retry(endpoint,
     error)`` and the "trying another endpoint" warning come once the next decision is
@@ -93,8 +97,17 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         endpoint = endpoint_of(decision)
         if endpoint is None:
             raise exc
-        if exc.retryable:
-            node.eject(endpoint, reason=exc.reason)
+        if exc.dropped:
+            # A new connection closed unanswered: as dead as a refusal (nginx counts
+            # both as a failed attempt), whatever the method, though only a replayable
+            # request moves on. Left in, every request tried it first, and each POST
+            # that did failed.
+            node.eject(endpoint, reason=exc.reason, accepts=True)
+        elif exc.retryable:
+            if getattr(exc, "refused", False):
+                node.eject(endpoint, reason=exc.reason)
+            else:  # not reached at all: a heartbeat is no sign it can be now
+                node.eject(endpoint, reason=exc.reason, reachable=False)
         again = exc.retryable or (may_replay and isinstance(exc, UpstreamBroken)
                                   and not exc.answered)
         if not again or len(tried) >= retries:

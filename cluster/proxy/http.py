@@ -54,7 +54,13 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
 from cluster.config import host_port
-from cluster.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, misbehaving
+from cluster.errors import (
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamTimeout,
+    dropping,
+    misbehaving,
+)
 from cluster.http1 import (
     CHUNKED,
     FIXED,
@@ -70,7 +76,7 @@ from cluster.http1 import (
     plain_chunked,
     response_framing,
 )
-from cluster.proxy.relay import Forwarding, open_after_stale, request_head
+from cluster.proxy.relay import Forwarding, closed_before_head, open_after_stale, request_head
 from cluster.proxy.upstream import Connection, Pool
 from cluster.trust import peer_address
 
@@ -352,11 +358,13 @@ class HttpForwarder:
                 except OSError as exc:
                     if conn.reused and not got and not early:
                         raise _Stale() from exc
-                    raise UpstreamBroken(url, f"reading the response: {exc}") from exc
+                    raise dropping(UpstreamBroken(url, f"reading the response: {exc}"),
+                                   not got and not conn.reused) from exc
                 if not data:
                     if conn.reused and not got and not early:
                         raise _Stale()
-                    raise UpstreamBroken(url, "closed the connection before a response")
+                    raise dropping(UpstreamBroken(url, closed_before_head(buf)),
+                                   not got and not conn.reused)
                 got = True
                 buf += data
                 if len(buf) > MAX_HEAD and find_response_head(buf)[0] < 0:

@@ -58,6 +58,7 @@ from cluster.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
+    dropping,
     misbehaving,
 )
 from cluster.http1 import (
@@ -342,11 +343,15 @@ class Exchange:
                     if not buf and conn.reused and not client.timed_out and \
                             not client.gone:
                         raise _Stale() from None
-                    raise self._error(exc, "reading the response head") from None
+                    error = self._error(exc, "reading the response head")
+                    if type(error) is UpstreamBroken:
+                        dropping(error, not buf and not interim and not conn.reused)
+                    raise error from None
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
-                    raise UpstreamBroken(self.url, "closed the connection before answering")
+                    raise dropping(UpstreamBroken(self.url, closed_before_head(buf)),
+                                   not buf and not interim)
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
                 if end < 0 and (b"\n\n" in buf or b"\n\r\n" in buf):
@@ -725,6 +730,14 @@ def _after_others() -> None:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+def closed_before_head(buf: bytes) -> str:
+    """Why an answer that ended before its head did is refused: with bytes, say what
+    came (an HTTP/0.9 answer, another protocol), not "before answering"."""
+    if not buf:
+        return "closed the connection before answering"
+    return f"closed the connection after {len(buf)} bytes and no response head: {buf[:40]!r}"
 
 
 def open_after_stale(pool: Pool, url: str, resent: bool, method: bytes | str,

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from gevent import socket as gsocket
 from gevent.monkey import get_original
 
-from cluster.errors import OutOfDescriptors, UpstreamConnectError, misbehaving
+from cluster.errors import OutOfDescriptors, UpstreamConnectError, dropping, misbehaving
 from cluster.netio import Reader, is_plain
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,9 @@ def connect(target: Target, connect_timeout: float, read_timeout: float | None) 
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise OutOfDescriptors(target.url, "no socket for it: this instance is out of "
                                                "file descriptors") from exc
-        raise UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}") from exc
+        error = UpstreamConnectError(target.url, f"connect failed: {_reason(exc)}")
+        error.refused = exc.errno == errno.ECONNREFUSED
+        raise error from exc
     except Exception as exc:  # noqa: BLE001 - see below
         # Resolving a name can fail in other ways than OSError (the IDNA codec's
         # UnicodeError for a label it refuses, a ValueError for a NUL): that endpoint
@@ -170,8 +172,11 @@ def _wrap_tls(sock: Any, target: Target, timeout: float) -> Any:
         return _tls_context().wrap_socket(sock, server_hostname=target.host)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise misbehaving(UpstreamConnectError(target.url, f"TLS handshake failed: {exc}")) \
-            from exc
+        # dropped: the endpoint takes connections, so neither a bare connect nor its
+        # heartbeat says it serves again; the probe must complete a handshake
+        raise dropping(misbehaving(UpstreamConnectError(target.url,
+                                                        f"TLS handshake failed: {exc}")),
+                       True) from exc
 
 
 _TLS: list[Any] = []

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import gevent
 from gevent.event import AsyncResult, Event
 
-from cluster.errors import UpstreamBroken, UpstreamTimeout
+from cluster.errors import UpstreamBroken, UpstreamTimeout, dropping
 from cluster.handler import HIJACK_KEY, is_websocket_upgrade  # noqa: F401 (re-exported)
 from cluster.http1 import (
     CHUNKED,
@@ -127,9 +127,11 @@ class _Reader:
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self.buf = b""
+        self.got = False  # any byte from the endpoint yet
 
     def fill(self) -> bool:
         data = self.sock.recv(CHUNK)
+        self.got = self.got or bool(data)
         self.buf += data
         return bool(data)
 
@@ -302,7 +304,8 @@ class WebSocketBridge:
                 raise
             raise UpstreamTimeout(endpoint_url, "no upgrade answer in time") from None
         except (OSError, EOFError, ValueError) as exc:
-            raise UpstreamBroken(endpoint_url, f"upgrade handshake failed: {exc}") from exc
+            raise dropping(UpstreamBroken(endpoint_url, f"upgrade handshake failed: {exc}"),
+                           not reader.got and not isinstance(exc, ValueError)) from exc
         return status, response_head, headers, reader, body
 
     def _refusal(self, start_response: StartResponse, status: int, head: bytes,
