@@ -283,12 +283,7 @@ def worker_exit(server: Any, worker: Any) -> None:
         registrar = door.node.registrar
         if registrar is not None:
             # _watch may have begun deregistering and been cut short by gunicorn's own
-            # exit on a dead arbiter (sys.exit in notify): remove the record here too.
-            from cluster.errors import DiscoveryError
-
-            try:
-                registrar.store.remove(registrar.record["serviceName"],
-                                       registrar.record["endpoint"])
-            except DiscoveryError as exc:
-                worker.log.warning("cluster: could not deregister (it expires): %s", exc)
+            # exit on a dead arbiter (sys.exit in notify): finish the removal here (once,
+            # and bounded: a store that does not answer is not waited for again).
+            registrar.deregister()
         door.node.close()

@@ -1,0 +1,93 @@
+"""A stop while the MongoDB store accepts connections but no longer answers them.
+
+The store sits behind a relay on 127.0.0.1 (tests/blackhole.py) that turns into a black
+hole: connections are held open, nothing comes back (a firewall dropping packets, a hung
+server). A stop used to wait for a heartbeat in flight and then for the removal, each up
+to its socket timeouts: 12-20 s with the default 5 s, before the drain even began. Now
+the removal is given up after a bounded wait, with one line saying that the record
+stays and expires by itself; the drain of the requests in flight is unchanged.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from blackhole import relay
+from helpers import gunicorn_port, start_instance, wait_until
+from test_gunicorn_e2e import children, gunicorn, live
+
+
+def _through(relay_port: int, mongo_url: str) -> str:
+    """``mongo_url``'s database, reached through the relay (directConnection: the
+    replica set's own host list would lead pymongo around it)."""
+    return f"mongodb://127.0.0.1:{relay_port}{urlsplit(mongo_url).path}?directConnection=true"
+
+
+@pytest.mark.timeout(60)
+def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo_url):
+    with relay(mongo_server.port) as hole:
+        proc, port = start_instance(_through(hole.port, mongo_url), "s0")
+        try:
+            wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+            # a request in flight when the stop comes is still answered (the drain)
+            answers: list[requests.Response] = []
+            slow = threading.Thread(target=lambda: answers.append(requests.get(
+                f"http://127.0.0.1:{port}/slow?seconds=2", timeout=20)))
+            slow.start()
+            time.sleep(0.3)
+            hole.blackhole()
+            time.sleep(1.5)  # a heartbeat is now waiting for an answer that never comes
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            took = time.monotonic() - started
+            slow.join(10)
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert answers and answers[0].status_code == 200 and answers[0].text == "slow s0"
+    # 2 s for the removal, then the rest of the 2 s request's drain and the close
+    assert took < 6.0, f"the stop took {took:.1f}s:\n{output}"
+    lines = [line for line in output.splitlines() if "could not remove" in line]
+    assert len(lines) == 1, output
+    assert "web http://127.0.0.1:" in lines[0] and "expires by itself within 2s" in lines[0]
+    assert "Traceback" not in output
+    # no outage reported for the reads that the stop itself cut short
+    stopping_at = output.index("stopping: deregistering")
+    assert "failed (reading" not in output[stopping_at:], output
+
+
+@pytest.mark.timeout(90)
+def test_gunicorn_worker_stops_promptly_when_the_store_stops_answering(
+        tmp_path, mongo_server, mongo_url):
+    """gunicorn's worker deregisters in its watcher greenlet and again in worker_exit:
+    each used to wait out the store's timeouts (past gunicorn's --graceful-timeout 3,
+    where the arbiter SIGKILLs the worker)."""
+    with relay(mongo_server.port) as hole:
+        proc = gunicorn(tmp_path, _through(hole.port, mongo_url))
+        try:
+            gunicorn_port(proc)
+            wait_until(lambda: len(live(mongo_url)) == 2, timeout=20, what="two records")
+            workers = children(proc.pid)
+            hole.blackhole()
+            time.sleep(1.5)
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=40)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert len(workers) == 2
+    assert took < 5.0, f"the stop took {took:.1f}s:\n{output}"
+    assert "was sent SIGKILL" not in output and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "could not remove" in line]
+    assert len(lines) == 2, output  # one per worker
