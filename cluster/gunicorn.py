@@ -178,6 +178,23 @@ def post_worker_init(worker: Any) -> None:
         sys.exit(3)
 
 
+def _route_logging(worker: Any) -> None:
+    """cluster's own lines (registered, store failing and back, endpoints joining,
+    leaving and ejected) through gunicorn's error log: its format, file, syslog and
+    ``--log-level``. Without this they had no handler in a worker: the info lines were
+    lost and the warnings came out bare (no time, pid or level) through logging's last
+    resort. A logging setup of the user's own (``--log-config``, ``logconfig_dict``:
+    handlers on ``cluster`` or on the root logger) is left alone."""
+    ours = logging.getLogger("cluster")
+    error_log = getattr(worker.log, "error_log", None)
+    if ours.handlers or logging.getLogger().handlers or error_log is None:
+        return
+    for handler in error_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(error_log.level)
+    ours.propagate = False
+
+
 def _init_worker(worker: Any) -> None:
     import functools
 
@@ -194,6 +211,7 @@ def _init_worker(worker: Any) -> None:
         unreachable_warning,
     )
 
+    _route_logging(worker)
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
     host, port = listener.getsockname()[:2]
