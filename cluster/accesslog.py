@@ -60,7 +60,8 @@ class _Clock:
 
 def combined_line(record: RequestRecord, stamp: str) -> str:
     """The combined log format plus upstream, upstream time, total time and retries."""
-    request = quoted(f"{record.method} {record.target} {record.version}")
+    # (a refused request line may lack a target or a version: no spaces for them)
+    request = quoted(" ".join(p for p in (record.method, record.target, record.version) if p))
     sent = record.sent if record.sent else "-"
     return (
         f'{record.remote or "-"} - - [{stamp}] "{request}" {record.status} {sent} '
