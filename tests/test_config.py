@@ -533,3 +533,19 @@ def test_an_option_pymongo_does_not_know_is_one_warning_naming_it():
     assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr
     assert "UserWarning" not in result.stderr and "uri_parser" not in result.stderr, \
         result.stderr
+
+
+@pytest.mark.parametrize("url, says", [
+    ("sqlite://alice:Pa55word-xyz@/tmp/x.sqlite3", "names no file"),
+    ("//alice:Pa55word-xyz@db1:27017/cluster", "has no scheme"),
+    ("alice:Pa55word-xyz@db1:27017/cluster", "has no scheme"),
+    ("db1:27017/cluster", "has no scheme"),
+    ("postgres://alice:Pa55word-xyz@db1/cluster", "unknown discovery scheme 'postgres://'"),
+])
+def test_a_bad_discovery_url_is_named_without_its_password(url, says):
+    """The one line of a refused --discovery-url quoted it whole, password and all;
+    a URL without a scheme (db1:27017/cluster) was "unknown discovery scheme 'db1://'"."""
+    result = run_cluster("status", "--discovery-url", url)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert says in line and "Pa55word" not in line, line
