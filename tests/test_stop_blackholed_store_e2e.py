@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from blackhole import relay
-from helpers import gunicorn_port, start_instance, wait_until
+from helpers import Proc, gunicorn_port, python, start_instance, wait_until
 from test_gunicorn_e2e import children, gunicorn, live
 
 
@@ -91,3 +91,41 @@ def test_gunicorn_worker_stops_promptly_when_the_store_stops_answering(
     assert "was sent SIGKILL" not in output and "Traceback" not in output, output
     lines = [line for line in output.splitlines() if "could not remove" in line]
     assert len(lines) == 2, output  # one per worker
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_serve_stops_promptly_while_another_process_locks_the_embedded_store(tmp_path):
+    """The embedded store's file kept locked by another process (a backup, an sqlite3
+    shell left in a transaction): each call waits out SQLite's busy timeout (5 s). The
+    stop waited for the removal, then once more for the store's close behind a read
+    or heartbeat under way: 10 s. Now the removal is given up after 2 s, and the close
+    does not queue behind the call under way."""
+    store = tmp_path / "discovery.sqlite3"
+    proc, _port = start_instance(f"sqlite://{store}", "s0")
+    locker = None
+    try:
+        wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+        locker = Proc(python("-c", LOCKER, str(store)), name="locker")
+        wait_until(lambda: "locked" in locker.output(), timeout=10, what="the lock")
+        time.sleep(1.0)  # calls are now waiting on the lock
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        proc.stop()
+        if locker is not None:
+            locker.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 7.5, f"the stop took {took:.1f}s:\n{output}"
+    assert output.count("could not remove web") == 1, output
