@@ -273,6 +273,8 @@ class Registrar(_Loop):
         self._removal: threading.Thread | None = None
         self._removal_lock = threading.Lock()
         self._gave_up = False
+        #: when stop() began (monotonic), 0.0 before: the removal's log line counts from it
+        self._stop_asked = 0.0
         #: the record was removed (by stop or deregister)
         self.removed = False
         self._beat_failed = False
@@ -369,6 +371,7 @@ class Registrar(_Loop):
         deadline = time.monotonic() + timeout
         if not self._stopped:
             self._stopped = True
+            self._stop_asked = time.monotonic()
             # a heartbeat in flight should land before the removal, not after it (it
             # would bring the record back until it expires); half the time at most
             super().stop(timeout / 2)
@@ -389,14 +392,16 @@ class Registrar(_Loop):
                 removal = self._removal = threading.Thread(
                     target=self._remove, name="cluster-deregister", daemon=True)
                 removal.start()
+        started = self._stop_asked or time.monotonic()
         removal.join(timeout)
         if removal.is_alive():
             with self._removal_lock:
                 gave_up, self._gave_up = self._gave_up, True
             if not gave_up:
-                log.warning("could not remove %s %s from %s: no answer within %.1fs; %s",
+                log.warning("could not remove %s %s from %s: no answer in %.1fs; %s",
                             self.record["serviceName"], self.record["endpoint"],
-                            self.store.description, timeout, self._expires())
+                            self.store.description, time.monotonic() - started,
+                            self._expires())
             return False
         return self.removed
 
