@@ -1362,6 +1362,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                      self.connection.conn.peer, self.command, self.path[:200], v)
             self.close_connection = True
             return
+        if isinstance(v, gevent.GreenletExit):
+            # The stop's drain is over and the request was cut (server.stop kills what
+            # is left): the connection ends unanswered, as under gunicorn's graceful
+            # timeout or nginx's worker_shutdown_timeout. pywsgi answered 500, as if
+            # the app had failed, which a peer balancer passed on where it retries an
+            # unanswered GET on another endpoint. (The stop logs how many were cut.)
+            self.close_connection = True
+            return
         super().handle_error(t, v, tb)
 
     def body_broken(self) -> bool:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -468,8 +469,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         log.info("closed %d WebSockets with 1001 (going away)", closed)
     drained = gevent.event.Event()
     idle_closer = gevent.spawn(close_idle_connections, door, drained)
-    for server in servers:
-        server.stop(timeout=DRAIN_SECONDS)
+    cut = stop_servers(servers, DRAIN_SECONDS)
+    if cut:
+        log.warning("drained for %.0fs: closed %d connections whose requests were still "
+                    "running, unanswered", DRAIN_SECONDS, cut)
     drained.set()
     idle_closer.join(1)
     drain.cancel()
@@ -478,6 +481,22 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if shared is None:
         remove_pid_file(settings)
     return 0
+
+
+def stop_servers(servers: list[DoorServer], timeout: float) -> int:
+    """Stop accepting, wait up to ``timeout`` seconds in all for the connections being
+    served, then close those left (their requests end unanswered, see
+    LocalHandler.handle_error); returns how many were left."""
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        server.close()
+    for server in servers:
+        if server.pool is not None:
+            server.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+    left = sum(len(server.pool) for server in servers if server.pool is not None)
+    for server in servers:
+        server.stop(timeout=0)
+    return left
 
 
 def _inherited_listener() -> Any:

@@ -1,11 +1,14 @@
-"""A stop while the MongoDB store accepts connections but no longer answers them.
+"""A stop is bounded, and says what it left undone.
 
-The store sits behind a relay on 127.0.0.1 (tests/blackhole.py) that turns into a black
-hole: connections are held open, nothing comes back (a firewall dropping packets, a hung
-server). A stop used to wait for a heartbeat in flight and then for the removal, each up
-to its socket timeouts: 12-20 s with the default 5 s, before the drain even began. Now
-the removal is given up after a bounded wait, with one line saying that the record
-stays and expires by itself; the drain of the requests in flight is unchanged.
+Mostly a stop while the store accepts connections but no longer answers them. The
+MongoDB store sits behind a relay on 127.0.0.1 (tests/blackhole.py) that turns into a
+black hole: connections are held open, nothing comes back (a firewall dropping packets,
+a hung server). A stop used to wait for a heartbeat in flight and then for the removal,
+each up to its socket timeouts: 12-20 s with the default 5 s, before the drain even
+began. Now the removal is given up after a bounded wait, with one line saying that the
+record stays and expires by itself; the drain of the requests in flight is unchanged.
+The same for an embedded store whose file another process keeps locked, and for the
+requests still running when the drain ends.
 """
 
 from __future__ import annotations
@@ -129,3 +132,38 @@ def test_serve_stops_promptly_while_another_process_locks_the_embedded_store(tmp
     assert code == 0, output
     assert took < 7.5, f"the stop took {took:.1f}s:\n{output}"
     assert output.count("could not remove web") == 1, output
+
+
+@pytest.mark.timeout(60)
+def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp_path):
+    """The drain of a stop lasts 10 s; a request still running then was answered
+    500 Internal Server Error by pywsgi, as if the app had failed (and a peer balancer
+    relaying it passed the 500 on, where it replays an unanswered GET elsewhere), and
+    nothing said that requests were cut. Now its connection ends unanswered, as under
+    gunicorn's graceful timeout, and one line counts them."""
+    proc, port = start_instance(f"sqlite://{tmp_path / 'discovery.sqlite3'}", "s0",
+                                "--access-log", "combined")
+    outcome: list[object] = []
+
+    def slow() -> None:
+        try:
+            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
+                                        timeout=30).status_code)
+        except requests.ConnectionError as exc:
+            outcome.append(exc)
+
+    try:
+        wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+        client = threading.Thread(target=slow)
+        client.start()
+        time.sleep(0.5)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        client.join(10)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
+        (outcome, output)
+    assert "closed 1 connections whose requests were still running" in output, output
+    assert '"GET /slow?seconds=20 HTTP/1.1" 500' not in output, output
