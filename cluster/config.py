@@ -260,9 +260,18 @@ def host_port(host: str, port: int) -> str:
 
 def _bind(raw: str) -> str:
     host, sep, port = raw.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{raw!r} is not host:port")
-    return host_port(host.strip("[]") or "0.0.0.0", int(port))
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        # The bound host is the endpoint URL's by default: one that no reader accepts
+        # in a record (１２７.0.0.1, which the resolver folds to 127.0.0.1, bound and
+        # registered an endpoint every instance skipped as malformed) is refused here.
+        check_url(f"http://{host_port(host, 1)}")
+    except MalformedRecord:
+        raise ValueError(f"{raw!r}: {host!r} is not an IP address or an ASCII host "
+                         "name") from None
+    return host_port(host, int(port))
 
 
 def _size(raw: str) -> int:

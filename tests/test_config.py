@@ -549,3 +549,15 @@ def test_a_bad_discovery_url_is_named_without_its_password(url, says):
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert says in line and "Pa55word" not in line, line
+
+
+@pytest.mark.parametrize("bind", ["１２７.0.0.1:8000", "127.0.0.1:８０００", "127.0.0.1:²",
+                                  "exa mple:8000"])
+def test_a_bind_address_no_reader_accepts_is_one_line(bind):
+    """--bind １２７.0.0.1:8000 (full-width digits, which the resolver folds to
+    127.0.0.1) bound, and registered http://１２７.0.0.1:8000, a record every instance
+    (itself too) skipped as malformed; 127.0.0.1:² was int()'s message."""
+    result = run_cluster("status", "--bind", bind)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "--bind" in line and "invalid literal" not in line, line
