@@ -444,3 +444,19 @@ def test_refused_requests_are_logged_and_counted(sqlite_url, tmp_path):
     assert any('"GET /aaaa' in line and '" 414 ' in line for line in lines), lines
     assert all(line.isascii() and "upstream=- " in line for line in lines), lines
     assert token not in log_file.read_text()
+
+
+def test_an_access_log_that_cannot_be_written_says_so_once(sqlite_url, tmp_path):
+    """A full disk (/dev/full) lost every access log line without a word; nginx logs
+    the failed write. One warning per failure, however many lines are lost."""
+    proc, base = serve(sqlite_url, tmp_path, "full", "--access-log", "combined",
+                       "--access-log-file", "/dev/full")
+    try:
+        for _ in range(5):
+            assert requests.get(base + "/whoami", timeout=5).ok
+        wait_until(lambda: "cannot write the access log" in proc.output(), timeout=5,
+                   what="the warning")
+    finally:
+        proc.stop()
+    assert proc.output().count("cannot write the access log to /dev/full") == 1, \
+        proc.output()
