@@ -437,7 +437,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     gc.freeze()
     servers[0].start()
     if shared is not None:
-        settle(node)  # peers must know this worker before it hands out cookies naming it
+        settle(node, stopping=stopping)  # peers must know this worker before it hands
+        # out cookies naming it
         servers[1].start()
     write_port_file(settings)
     if shared is None:  # a worker: the supervisor wrote its own
@@ -457,7 +458,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
                     "(CLUSTER_ENDPOINT_URL); if it is a proxy or port forward to this one, "
                     "all is well",
                     node.self_url, node.endpoint_choice.reason, settings.bind)
-    notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
+    notify_ready(node, stopping=stopping)  # a worker started by a reload: the old one
+    # may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:

@@ -167,3 +167,30 @@ def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp
         (outcome, output)
     assert "closed 1 connections whose requests were still running" in output, output
     assert '"GET /slow?seconds=20 HTTP/1.1" 500' not in output, output
+
+
+@pytest.mark.timeout(60)
+def test_workers_starting_while_the_store_does_not_answer_stop_promptly(mongo_server,
+                                                                        mongo_url):
+    """A worker of --workers-count waits (up to 10 s) for its first heartbeat before it
+    serves the shared port, and a SIGTERM meanwhile waited that out before its stop
+    began: 12.9 s for a supervisor stopped 2 s after starting with a store that does
+    not answer."""
+    with relay(mongo_server.port) as hole:
+        hole.blackhole()
+        proc, _port = start_instance(_through(hole.port, mongo_url), "s0",
+                                     "--workers-count", "2")
+        try:
+            wait_until(lambda: proc.output().count("worker 1 started") == 1, timeout=15)
+            time.sleep(2.0)  # the workers wait for a first heartbeat
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
+    assert output.count("could not remove web") == 2, output
+    assert "Traceback" not in output, output
