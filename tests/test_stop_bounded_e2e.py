@@ -194,3 +194,28 @@ def test_workers_starting_while_the_store_does_not_answer_stop_promptly(mongo_se
     assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
     assert output.count("could not remove web") == 2, output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.timeout(60)
+def test_gunicorn_worker_booting_while_the_store_does_not_answer_stops_promptly(
+        tmp_path, mongo_server, mongo_url):
+    """A gunicorn worker's boot waits for its first heartbeat and a first table (each
+    up to the store's timeouts) before it serves: a TERM meanwhile waited both out
+    (13 s) before the worker could stop. (gunicorn's --graceful-timeout, 3 s in the
+    other tests, would cut that short with a SIGKILL.)"""
+    with relay(mongo_server.port) as hole:
+        hole.blackhole()
+        proc = gunicorn(tmp_path, _through(hole.port, mongo_url), "--graceful-timeout", "30")
+        try:
+            wait_until(lambda: proc.output().count("Booting worker") == 2, timeout=20)
+            time.sleep(2.0)
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=40)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
+    assert "Traceback" not in output, output
