@@ -60,7 +60,8 @@ class _Clock:
 
 def combined_line(record: RequestRecord, stamp: str) -> str:
     """The combined log format plus upstream, upstream time, total time and retries."""
-    request = quoted(f"{record.method} {record.target} {record.version}")
+    # (a refused request line may lack a target or a version: no spaces for them)
+    request = quoted(" ".join(p for p in (record.method, record.target, record.version) if p))
     sent = record.sent if record.sent else "-"
     return (
         f'{record.remote or "-"} - - [{stamp}] "{request}" {record.status} {sent} '
@@ -94,6 +95,8 @@ class AccessLogObserver(Observer):
         be opened. Under ``admin_prefix`` a ``token`` query field is logged as ``-``."""
         self.style = style
         self.path = path
+        #: the last write failed (logged once until one succeeds)
+        self.failing = False
         self.admin_prefix = admin_prefix
         if path:
             try:
@@ -122,8 +125,16 @@ class AccessLogObserver(Observer):
         line = self._format(record, time.time()).encode("utf-8", "replace")
         try:
             os.write(self.fd, line)
-        except OSError:  # a full disk or a closed pipe must not fail the request
-            pass
+        except OSError as exc:  # a full disk or a closed pipe must not fail the request
+            if not self.failing:  # but the operator must hear that lines are lost
+                self.failing = True
+                log.warning("cannot write the access log to %s (%s): its lines are lost "
+                            "until it can", self.path or "standard output",
+                            exc.strerror or exc)
+            return
+        if self.failing:
+            self.failing = False
+            log.info("writing the access log to %s again", self.path or "standard output")
 
     def reopen(self) -> None:
         """Open ``--access-log-file`` again (SIGUSR1, after logrotate moved it away),

@@ -14,10 +14,12 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from cluster.config import Settings, parse_command_line
 from cluster.errors import ConfigError, DiscoveryError
+from cluster.records import shown
 
 log = logging.getLogger("cluster")
 
@@ -235,10 +237,17 @@ def drain(settings: Settings, pid: int | None = None, url: str | None = None,
     ``POST url/_cluster/drain``; with ``wait``, return once the instance has stopped."""
     if url is not None:
         return _drain_url(settings, url.rstrip("/"), wait)
+    setting = "--pid"
     if pid is None:
+        setting = "--pid-file (CLUSTER_PID_FILE)"
         pid = _read_pid(settings.pid_file)
     elif pid <= 0:  # kill(2) would signal a process group, or every process
         raise ConfigError("--pid", f"{pid} is not a process ID")
+    other = _other_program(pid)
+    if other:
+        raise ConfigError(setting, f"process {pid} ({other}) is not a cluster instance: "
+                                   "SIGUSR2 would end it (a stale pid file, or a PID "
+                                   "mistyped?); nothing sent")
     try:
         os.kill(pid, signal.SIGUSR2)
     except ProcessLookupError:
@@ -252,6 +261,21 @@ def drain(settings: Settings, pid: int | None = None, url: str | None = None,
     if wait:
         print(f"process {pid} has stopped")
     return 0
+
+
+def _other_program(pid: int) -> str:
+    """The command line of ``pid`` when it is visibly another program than cluster,
+    else "". SIGUSR2's default action ends a process: sent to a PID that a stale pid
+    file still names (reused since by, say, a database) or to a mistyped one, a drain
+    killed it. Linux's /proc tells; where it cannot (no /proc, another user's
+    process), kill() decides as before."""
+    try:
+        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return ""
+    if not argv or any(b"cluster" in arg for arg in argv):
+        return ""
+    return shown(b" ".join(argv).decode("utf-8", "replace"), 80)
 
 
 def _read_pid(path: str | None) -> int:

@@ -111,10 +111,15 @@ def _discovery_url(raw: str) -> str:
     if not value:  # said "unknown discovery scheme ''" (an uncommented `discovery-url =`)
         raise ValueError("is empty: leave it unset for the embedded store of this host, "
                          "or give mongodb://… or sqlite:///path")
+    # (the URL in these messages without its credentials: they end up in logs)
+    if "://" not in value:
+        # db1:27017/cluster was "unknown discovery scheme 'db1://'"
+        raise ValueError(f"{_redacted(value)!r} has no scheme (expected mongodb://host/db, "
+                         "mongodb+srv://name/db or sqlite:///path)")
     scheme = urlsplit(value).scheme
     if scheme not in DISCOVERY_SCHEMES:
         raise ValueError(
-            f"unknown discovery scheme {scheme + '://' if scheme else value!r}"
+            f"unknown discovery scheme {scheme + '://' if scheme else _redacted(value)!r}"
             " (expected mongodb://, mongodb+srv:// or sqlite:///path)"
         )
     if scheme == "sqlite":
@@ -122,9 +127,20 @@ def _discovery_url(raw: str) -> str:
         # default file, so instances meant to share another store never met
         parts = urlsplit(value)
         if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
-            raise ValueError(f"{value!r} names no file: sqlite:///absolute/path/to/file "
-                             "(three slashes)")
+            raise ValueError(f"{_redacted(value)!r} names no file: "
+                             "sqlite:///absolute/path/to/file (three slashes)")
     return value
+
+
+def _redacted(url: str) -> str:
+    """``url`` without credentials: ``scheme://***@host...`` (also user:pw@host)."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, sep, rest = "", "//" if url.startswith("//") else "", url.removeprefix("//")
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{head}{sep}{authority}{slash}{tail}"
 
 
 def _service_list(raw: str) -> tuple[str, ...]:
@@ -244,9 +260,18 @@ def host_port(host: str, port: int) -> str:
 
 def _bind(raw: str) -> str:
     host, sep, port = raw.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{raw!r} is not host:port")
-    return host_port(host.strip("[]") or "0.0.0.0", int(port))
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        # The bound host is the endpoint URL's by default: one that no reader accepts
+        # in a record (１２７.0.0.1, which the resolver folds to 127.0.0.1, bound and
+        # registered an endpoint every instance skipped as malformed) is refused here.
+        check_url(f"http://{host_port(host, 1)}")
+    except MalformedRecord:
+        raise ValueError(f"{raw!r}: {host!r} is not an IP address or an ASCII host "
+                         "name") from None
+    return host_port(host, int(port))
 
 
 def _size(raw: str) -> int:

@@ -114,6 +114,8 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 TIDY_SECONDS = 2.0
 #: pipelined requests served in a row before the other connections get a turn
 PIPELINE_TURN = 16
+#: bytes of a refused request's line that its access log line keeps
+MAX_REFUSED_LINE = 2048
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 
 
@@ -358,7 +360,7 @@ class Connection:
 
     __slots__ = ("server", "door", "conn", "handler", "tunnelled", "request", "head",
                  "outcome", "fwd_host", "fwd_lines", "body", "last_raw", "last_head",
-                 "last_view", "made")
+                 "last_view", "made", "refused")
 
     def __init__(self, server: DoorServer, conn: ClientConn) -> None:
         self.server = server
@@ -375,6 +377,8 @@ class Connection:
         self.last_view: RequestView | None = None
         #: the last head sent upstream: (request head, target, host:port, hop line, bytes)
         self.made: tuple[RequestHead, bytes, bytes, bytes, bytes] | None = None
+        #: the head that parse_request_head refused, for record_refused
+        self.refused: bytes | None = None
 
     def serve(self) -> bool:
         """Answer requests until the connection is to end. True when the client may
@@ -405,8 +409,10 @@ class Connection:
                         let_others_run()
             except RequestError as exc:
                 log.info("bad request from %s: %s", conn.peer, exc)
-                conn.send(simple_response(exc.status, exc.reason.encode() + b"\n",
-                                          close=True))
+                answer = simple_response(exc.status, exc.reason.encode() + b"\n",
+                                         close=True)
+                conn.send(answer)
+                self.record_refused(exc.status, len(answer))
                 return True
 
     def read_head(self, header_timeout: float, keepalive_timeout: float) -> RequestHead | None:
@@ -459,7 +465,11 @@ class Connection:
         the 100 is sent): a head that asks for one is parsed afresh every time."""
         if raw == self.last_raw and self.last_head is not None:
             return self.last_head
-        head = parse_request_head(raw, limits)
+        try:
+            head = parse_request_head(raw, limits)
+        except RequestError:
+            self.refused = raw  # for its access log line (record_refused)
+            raise
         if head.expect_continue:
             self.last_raw = b""
             self.last_head = None
@@ -629,6 +639,25 @@ class Connection:
             self.fwd_lines = self.door.forwarding.lines(head, self.conn.peer)
             self.fwd_host = head.host
         return self.fwd_lines
+
+    def record_refused(self, status: int, sent: int) -> None:
+        """The access log line and the count of a request refused before it was
+        parsed (400, 414, 431, 505...), as nginx logs them: its request line as far as
+        it came (escaped by the log), answered by cluster (``-``). An operator saw
+        such requests in no log but the info one, and not in the metrics."""
+        observer = self.door.observer
+        if observer is NULL_OBSERVER:
+            return
+        raw = self.refused if self.refused is not None else self.conn.buf
+        self.refused = None
+        line = bytes(raw[:MAX_REFUSED_LINE]).partition(b"\r\n")[0].decode("latin-1")
+        method, _, rest = line.partition(" ")
+        target, _, version = rest.rpartition(" ")
+        if not version.startswith("HTTP/"):
+            target, version = rest, ""
+        observer.request_done(RequestRecord(
+            self.conn.peer, method, target, version, status, sent, "-", "", 0.0, 0.0, 0,
+            "", ""))
 
     def record(self, head: RequestHead, state: _Outcome, started: float) -> None:
         observer = self.door.observer
@@ -1347,6 +1376,14 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         if isinstance(v, OSError) and getattr(self.rfile, "ended", False):
             log.info("client %s left in the middle of its request body (%s %s): %s",
                      self.connection.conn.peer, self.command, self.path[:200], v)
+            self.close_connection = True
+            return
+        if isinstance(v, gevent.GreenletExit):
+            # The stop's drain is over and the request was cut (server.stop kills what
+            # is left): the connection ends unanswered, as under gunicorn's graceful
+            # timeout or nginx's worker_shutdown_timeout. pywsgi answered 500, as if
+            # the app had failed, which a peer balancer passed on where it retries an
+            # unanswered GET on another endpoint. (The stop logs how many were cut.)
             self.close_connection = True
             return
         super().handle_error(t, v, tb)

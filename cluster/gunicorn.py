@@ -178,8 +178,26 @@ def post_worker_init(worker: Any) -> None:
         sys.exit(3)
 
 
+def _route_logging(worker: Any) -> None:
+    """cluster's own lines (registered, store failing and back, endpoints joining,
+    leaving and ejected) through gunicorn's error log: its format, file, syslog and
+    ``--log-level``. Without this they had no handler in a worker: the info lines were
+    lost and the warnings came out bare (no time, pid or level) through logging's last
+    resort. A logging setup of the user's own (``--log-config``, ``logconfig_dict``:
+    handlers on ``cluster`` or on the root logger) is left alone."""
+    ours = logging.getLogger("cluster")
+    error_log = getattr(worker.log, "error_log", None)
+    if ours.handlers or logging.getLogger().handlers or error_log is None:
+        return
+    for handler in error_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(error_log.level)
+    ours.propagate = False
+
+
 def _init_worker(worker: Any) -> None:
     import functools
+    import time
 
     import gevent
 
@@ -194,6 +212,7 @@ def _init_worker(worker: Any) -> None:
         unreachable_warning,
     )
 
+    _route_logging(worker)
     listener = _private_listener(worker)
     worker.sockets.append(listener)  # run() makes a server for each of worker.sockets
     host, port = listener.getsockname()[:2]
@@ -206,12 +225,24 @@ def _init_worker(worker: Any) -> None:
             worker.log.warning("cluster: %s", unreachable_warning(node.self_url, why,
                                                                    "CLUSTER_ENDPOINT_URL"))
     if node.registrar is not None:
-        try:  # registered before serving, so a HUP's new worker is known when it serves
-            node.registrar.beat()
-        except DiscoveryError as exc:
-            worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s", exc)
-    node.start(wait=settings.connect_timeout)
-    if node.registrar is not None and node.registrar.beats:
+        # registered before serving, so a HUP's new worker is known when it serves; in a
+        # greenlet, so that a stop asked meanwhile (worker.alive) need not wait for a
+        # store that does not answer: the boot took 13 s to end then
+        first = gevent.spawn(node.registrar.beat)
+        while not first.ready() and worker.alive:
+            first.join(0.1)
+        if not first.ready():
+            first.kill(block=False)
+        elif isinstance(first.exception, DiscoveryError):
+            worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s",
+                               first.exception)
+        elif first.exception is not None:
+            raise first.exception
+    node.start()
+    deadline = time.monotonic() + settings.connect_timeout
+    while worker.alive and time.monotonic() < deadline and not node.watcher.refreshed.wait(0.1):
+        pass  # a first table, unless the worker is stopping
+    if worker.alive and node.registrar is not None and node.registrar.beats:
         # Let every peer read this record before handing out cookies that name it
         # (see cluster.workers.settle); connections wait in the listen backlogs.
         gevent.sleep(node.watcher.refresh_interval + 0.1)
@@ -283,12 +314,7 @@ def worker_exit(server: Any, worker: Any) -> None:
         registrar = door.node.registrar
         if registrar is not None:
             # _watch may have begun deregistering and been cut short by gunicorn's own
-            # exit on a dead arbiter (sys.exit in notify): remove the record here too.
-            from cluster.errors import DiscoveryError
-
-            try:
-                registrar.store.remove(registrar.record["serviceName"],
-                                       registrar.record["endpoint"])
-            except DiscoveryError as exc:
-                worker.log.warning("cluster: could not deregister (it expires): %s", exc)
+            # exit on a dead arbiter (sys.exit in notify): finish the removal here (once,
+            # and bounded: a store that does not answer is not waited for again).
+            registrar.deregister()
         door.node.close()

@@ -89,7 +89,7 @@ class Cluster:
         if register and s.service:
             self.registrar = Registrar(
                 self.store, s.service, self.self_url, s.balancer_url, s.ping_interval,
-                version=s.own_app_version,
+                version=s.own_app_version, grace=s.expiry_grace,
             )
         self._ejections: dict[str, _Ejection] = {}
         #: hash -> (strikes, when the last ejection ended), for the backoff

@@ -236,6 +236,10 @@ class _Loop:
             self._thread.join(timeout)
 
 
+#: seconds a stop waits for the store to take the record away (then it expires)
+STOP_SECONDS = 2.0
+
+
 class Registrar(_Loop):
     """Keeps one endpoint record alive in the store until stopped."""
 
@@ -250,9 +254,12 @@ class Registrar(_Loop):
         ping_interval: float,
         healthy: Callable[[], bool] | None = None,
         version: str = "",
+        grace: float | None = None,
     ) -> None:
         super().__init__()
         self.store = store
+        #: the readers' expiry grace (this instance's setting), for the stop's log line
+        self.grace = grace
         self.record = make_record(service, endpoint_url, balancer_url, ping_interval,
                                   version=version)
         self.ping_interval = ping_interval
@@ -262,6 +269,14 @@ class Registrar(_Loop):
         self.beats = 0
         self._registered = False
         self._stopped = False
+        #: the one removal of the record (stop, or gunicorn's worker_exit after it)
+        self._removal: threading.Thread | None = None
+        self._removal_lock = threading.Lock()
+        self._gave_up = False
+        #: when stop() began (monotonic), 0.0 before: the removal's log line counts from it
+        self._stop_asked = 0.0
+        #: the record was removed (by stop or deregister)
+        self.removed = False
         self._beat_failed = False
         self._last_beat = 0.0
         #: this instance's load now (cluster.load), set by its front door; None: none
@@ -330,6 +345,8 @@ class Registrar(_Loop):
             try:
                 self.beat()
             except DiscoveryError as exc:
+                if self._stopping.is_set():
+                    return  # cut short by the stop (the store closed): no outage
                 self.outage.failed(exc)
                 # Retry soon, then less often, but never slower than the ping interval:
                 # when the store returns, the record must be back before it expires.
@@ -343,18 +360,73 @@ class Registrar(_Loop):
             # interval plus one write's delay (measured by the store's time at sending).
             self._stopping.wait(max(0.0, self.ping_interval - (time.monotonic() - started)))
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop heartbeating and delete the record at once (best effort; idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        super().stop(timeout)
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop heartbeating and delete the record at once (best effort; idempotent).
+
+        Bounded by ``timeout`` seconds in all: a store that accepts connections but no
+        longer answers (a blackholed host, a hung server) would otherwise hold every
+        stop for its socket timeouts, one heartbeat in flight and then the removal
+        (12-20 s with the default 5 s). The record then expires by itself.
+        """
+        deadline = time.monotonic() + timeout
+        if not self._stopped:
+            self._stopped = True
+            self._stop_asked = time.monotonic()
+            # a heartbeat in flight should land before the removal, not after it (it
+            # would bring the record back until it expires); half the time at most
+            super().stop(timeout / 2)
+        self.deregister(max(0.0, deadline - time.monotonic()))
+
+    def deregister(self, timeout: float = STOP_SECONDS) -> bool:
+        """Remove the record, waiting at most ``timeout`` seconds; True once removed.
+
+        Once only: a second call (gunicorn's worker_exit after the worker's stop, or
+        a stop cut short) waits for the first removal, if it is still under way and
+        was not given up, within its own ``timeout``; it does not try again.
+        """
+        with self._removal_lock:
+            if self._gave_up:
+                return False
+            removal = self._removal
+            if removal is None:
+                removal = self._removal = threading.Thread(
+                    target=self._remove, name="cluster-deregister", daemon=True)
+                removal.start()
+        started = self._stop_asked or time.monotonic()
+        removal.join(timeout)
+        if removal.is_alive():
+            with self._removal_lock:
+                gave_up, self._gave_up = self._gave_up, True
+            if not gave_up:
+                log.warning("could not remove %s %s from %s: no answer in %.1fs; %s",
+                            self.record["serviceName"], self.record["endpoint"],
+                            self.store.description, time.monotonic() - started,
+                            self._expires())
+            return False
+        return self.removed
+
+    def _remove(self) -> None:
         try:
             self.store.remove(self.record["serviceName"], self.record["endpoint"])
-            log.info("deregistered %s at %s", self.record["serviceName"], self.record["endpoint"])
         except DiscoveryError as exc:
-            log.warning("could not remove %s (it expires by itself): %s",
-                        self.record["endpoint"], exc)
+            with self._removal_lock:
+                gave_up, self._gave_up = self._gave_up, True
+            if not gave_up:
+                log.warning("could not remove %s %s (%s); %s", self.record["serviceName"],
+                            self.record["endpoint"], exc, self._expires())
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a store closed under it
+            log.debug("removal of %s given up: %r", self.record["endpoint"], exc)
+            return
+        self.removed = True
+        log.info("deregistered %s at %s", self.record["serviceName"], self.record["endpoint"])
+
+    def _expires(self) -> str:
+        """When the record left behind expires, as the log line tells the operator."""
+        if self.grace is None:
+            return "the record expires by itself (ping interval plus expiry grace)"
+        return (f"the record expires by itself within {self.ping_interval + self.grace:.3g}s "
+                f"(ping interval plus expiry grace)")
 
 
 #: log entries a watcher reads per lookup batch; further behind than MAX_LOG_LAG
@@ -800,16 +872,22 @@ class Watcher(_Loop):
         until = min(alive) - (time.monotonic() - self.read_at) + 0.05
         return max(0.05, min(self.refresh_interval, until))
 
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop refreshing. A read in flight is not waited for long: it writes nothing
+        that must land, and a store that stopped answering would hold it (and the
+        stop) for its whole socket timeout."""
+        super().stop(timeout)
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
                 self.refresh()
-            except DiscoveryError as exc:
-                self._shelter_until = 0.0
-                self.outage.failed(exc)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any input
+                if self._stopping.is_set():
+                    return  # cut short by the stop (the store closed): no outage
                 self._shelter_until = 0.0
-                self.outage.failed(self._unexpected(exc))
+                self.outage.failed(exc if isinstance(exc, DiscoveryError)
+                                   else self._unexpected(exc))
             else:
                 self.outage.succeeded()
             pause = self.pause()

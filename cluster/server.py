@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -436,7 +437,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     gc.freeze()
     servers[0].start()
     if shared is not None:
-        settle(node)  # peers must know this worker before it hands out cookies naming it
+        settle(node, stopping=stopping)  # peers must know this worker before it hands
+        # out cookies naming it
         servers[1].start()
     write_port_file(settings)
     if shared is None:  # a worker: the supervisor wrote its own
@@ -456,7 +458,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
                     "(CLUSTER_ENDPOINT_URL); if it is a proxy or port forward to this one, "
                     "all is well",
                     node.self_url, node.endpoint_choice.reason, settings.bind)
-    notify_ready(node)  # a worker started by a SIGHUP reload: the old one may go now
+    notify_ready(node, stopping=stopping)  # a worker started by a reload: the old one
+    # may go now
     stopping.wait()
     log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
     if node.registrar is not None:
@@ -468,8 +471,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         log.info("closed %d WebSockets with 1001 (going away)", closed)
     drained = gevent.event.Event()
     idle_closer = gevent.spawn(close_idle_connections, door, drained)
-    for server in servers:
-        server.stop(timeout=DRAIN_SECONDS)
+    cut = stop_servers(servers, DRAIN_SECONDS)
+    if cut:
+        log.warning("drained for %.0fs: closed %d connections whose requests were still "
+                    "running, unanswered", DRAIN_SECONDS, cut)
     drained.set()
     idle_closer.join(1)
     drain.cancel()
@@ -478,6 +483,22 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if shared is None:
         remove_pid_file(settings)
     return 0
+
+
+def stop_servers(servers: list[DoorServer], timeout: float) -> int:
+    """Stop accepting, wait up to ``timeout`` seconds in all for the connections being
+    served, then close those left (their requests end unanswered, see
+    LocalHandler.handle_error); returns how many were left."""
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        server.close()
+    for server in servers:
+        if server.pool is not None:
+            server.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+    left = sum(len(server.pool) for server in servers if server.pool is not None)
+    for server in servers:
+        server.stop(timeout=0)
+    return left
 
 
 def _inherited_listener() -> Any:

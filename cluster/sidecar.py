@@ -48,7 +48,7 @@ def register(settings: Settings, health_url: str | None = None) -> int:
         store, settings.service, settings.endpoint_url, settings.balancer_url,
         settings.ping_interval,
         healthy=(lambda: health_check(health_url, timeout)) if health_url else None,
-        version=settings.own_app_version,
+        version=settings.own_app_version, grace=settings.expiry_grace,
     )
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

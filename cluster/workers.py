@@ -292,24 +292,28 @@ def run_workers(settings: Settings, listener: Any) -> int:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
 
-def settle(node: Cluster, timeout: float = 10.0) -> None:
+def settle(node: Cluster, timeout: float = 10.0, stopping: Any = None) -> None:
     """Wait until this worker is registered and every peer has refreshed its table once.
 
     A worker that served the shared port at once would hand out sticky cookies naming
     itself before the other workers' tables had its record; a peer would then treat
     such a cookie as unknown and serve the request itself ("Invalid session" for a
     Socket.IO poll). One refresh interval after the first heartbeat, every live peer
-    has read the record. Without a store it gives up after ``timeout``.
+    has read the record. Without a store it gives up after ``timeout``, and at once
+    when ``stopping`` (an Event) is set: a SIGTERM to a worker starting while the
+    store does not answer waited out those 10 s before its stop began.
     """
     registrar = node.registrar
     deadline = time.monotonic() + timeout
     while registrar is not None and registrar.beats == 0 and time.monotonic() < deadline:
+        if stopping is not None and stopping.is_set():
+            return
         gevent.sleep(0.02)
     if registrar is not None and registrar.beats:
         gevent.sleep(node.watcher.refresh_interval + 0.1)
 
 
-def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
+def notify_ready(node: Cluster, timeout: float = 10.0, stopping: Any = None) -> None:
     """In a worker started by a reload: tell the parent it listens and is registered.
 
     Waits (up to ``timeout``) for the first heartbeat to land, so that the old worker
@@ -322,6 +326,9 @@ def notify_ready(node: Cluster, timeout: float = 10.0) -> None:
     registrar = node.registrar
     deadline = time.monotonic() + timeout
     while registrar is not None and registrar.beats == 0 and time.monotonic() < deadline:
+        if stopping is not None and stopping.is_set():
+            os.close(int(fd))  # stopping before it was ready (as settle): not ready
+            return
         gevent.sleep(0.02)
     try:
         os.write(int(fd), f"ready {node.self_url}\n".encode())

@@ -440,6 +440,11 @@ def test_one_section_header_is_still_a_comment(tmp_path):
 @pytest.mark.parametrize("url", [
     "mongodb://127.0.0.1:1/db?tls=true&tlsCAFile=/nonexistent/ca.pem",
     "mongodb://127.0.0.1:1/a%00b",
+    # values pymongo only warned about (two lines of Python warning) and then ignored:
+    # tls=maybe connected without TLS
+    "mongodb://127.0.0.1:1/db?tls=maybe",
+    "mongodb://u:pw@127.0.0.1:1/db?authMechanism=SCRAM-SHA1",
+    "mongodb://127.0.0.1:1/db?readPreference=nearestish",
 ])
 def test_a_discovery_url_pymongo_refuses_is_one_line_and_exit_2(url):
     result = run_cluster("status", "--discovery-url", url)
@@ -517,3 +522,42 @@ def test_a_balancer_only_instance_reachable_from_other_hosts_is_told_to_set_a_se
     assert not warned("0.0.0.0:8000", secret="s" * 16)
     assert not warned("0.0.0.0:8000", has_app=True)
     assert not warned("127.0.0.1:8000") and not warned("[::1]:8000")
+
+
+def test_an_option_pymongo_does_not_know_is_one_warning_naming_it():
+    """pymongo's own warning names no option ("Unknown option. Did you mean one of
+    (timeoutms, ...)") and comes with a line of its source: one line naming it."""
+    result = run_cluster("status", "--connect-timeout", "0.2", "--discovery-url",
+                         "mongodb://127.0.0.1:1/db?replicaSet=rs0&bogusOption=1")
+    lines = [line for line in result.stderr.splitlines() if "bogusOption" in line]
+    assert len(lines) == 1 and "--discovery-url" in lines[0], result.stderr
+    assert "UserWarning" not in result.stderr and "uri_parser" not in result.stderr, \
+        result.stderr
+
+
+@pytest.mark.parametrize("url, says", [
+    ("sqlite://alice:Pa55word-xyz@/tmp/x.sqlite3", "names no file"),
+    ("//alice:Pa55word-xyz@db1:27017/cluster", "has no scheme"),
+    ("alice:Pa55word-xyz@db1:27017/cluster", "has no scheme"),
+    ("db1:27017/cluster", "has no scheme"),
+    ("postgres://alice:Pa55word-xyz@db1/cluster", "unknown discovery scheme 'postgres://'"),
+])
+def test_a_bad_discovery_url_is_named_without_its_password(url, says):
+    """The one line of a refused --discovery-url quoted it whole, password and all;
+    a URL without a scheme (db1:27017/cluster) was "unknown discovery scheme 'db1://'"."""
+    result = run_cluster("status", "--discovery-url", url)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert says in line and "Pa55word" not in line, line
+
+
+@pytest.mark.parametrize("bind", ["１２７.0.0.1:8000", "127.0.0.1:８０００", "127.0.0.1:²",
+                                  "exa mple:8000"])
+def test_a_bind_address_no_reader_accepts_is_one_line(bind):
+    """--bind １２７.0.0.1:8000 (full-width digits, which the resolver folds to
+    127.0.0.1) bound, and registered http://１２７.0.0.1:8000, a record every instance
+    (itself too) skipped as malformed; 127.0.0.1:² was int()'s message."""
+    result = run_cluster("status", "--bind", bind)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "--bind" in line and "invalid literal" not in line, line

@@ -162,3 +162,24 @@ def test_drain_over_http_answers_at_once_while_the_store_is_stuck(sqlite_url: st
         locker.close()
         proc.stop()
     assert "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("how", ["--pid", "--pid-file"])
+def test_drain_refuses_a_pid_that_is_another_program(tmp_path: Path, how: str) -> None:
+    """SIGUSR2's default action ends a process: a stale pid file (its PID reused since by
+    another program) or a mistyped --pid made `cluster drain` kill that program."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file = tmp_path / "web.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        target = [how, str(other.pid) if how == "--pid" else str(pid_file)]
+        drain = subprocess.run(cluster_argv("drain", *target), cwd=ROOT,
+                               env={"PYTHONPATH": str(ROOT)}, capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert drain.returncode == 2, drain.stdout + drain.stderr
+        (line,) = drain.stderr.strip().splitlines()
+        assert f"process {other.pid} ('sleep 60') is not a cluster instance" in line
+        assert other.poll() is None, "the other program was signalled"
+    finally:
+        other.kill()
+        other.wait(5)

@@ -20,6 +20,7 @@ from cluster.records import endpoint_hash
 from helpers import (
     Proc,
     cluster_argv,
+    exchange,
     needs_ipv6,
     read_port_file,
     start_app,
@@ -405,3 +406,57 @@ def status_rows(discovery_url: str) -> list[str]:
     from helpers import status_json
 
     return [e["endpoint"] for e in status_json(discovery_url)["endpoints"]]
+
+
+def test_refused_requests_are_logged_and_counted(sqlite_url, tmp_path):
+    """A request refused before it was parsed (400, 414, 505) was in no access log line
+    and no metric, only an info line: a scanner, a TLS client on the plain port or a
+    broken client was invisible where an operator looks (nginx logs them). Its line
+    is logged as far as it came, escaped, the admin token hidden."""
+    token = "t0ken-for-the-admin-pages"
+    log_file = tmp_path / "access.log"
+    proc, base = serve(sqlite_url, tmp_path, "refusing", "--admin-token", token,
+                       "--access-log", "combined", "--access-log-file", str(log_file))
+    port = int(base.rpartition(":")[2])
+    tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"A" * 20 + b"\r\n\r\n"
+    try:
+        before = total(metrics(base), "cluster_requests_total", code="4xx", endpoint="-")
+        for data in (b"GET /a\x1b[31mred HTTP/1.1\r\nHost: x\r\n\r\n",
+                     f"GET /_cluster/status?token={token} HTTP/1.1\r\nBad field\r\n\r\n"
+                     .encode(),
+                     b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", tls_hello,
+                     b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+            answers, _ = exchange(port, data)
+            assert [a.status for a in answers] in ([400], [505], [414]), answers
+        after = metrics(base)
+        wait_until(lambda: len(log_file.read_text().splitlines()) >= 5, timeout=5,
+                   what="five access log lines")
+    finally:
+        proc.stop()
+    lines = log_file.read_text().splitlines()
+    assert total(after, "cluster_requests_total", code="4xx", endpoint="-") == before + 4
+    assert total(after, "cluster_requests_total", code="5xx", endpoint="-") >= 1
+    assert any('"GET /a\\x1b[31mred HTTP/1.1" 400 ' in line for line in lines), lines
+    assert any('"GET /_cluster/status?token=- HTTP/1.1" 400 ' in line for line in lines)
+    assert any('"GET / HTTP/2.0" 505 ' in line for line in lines), lines
+    assert any(line.split('"')[1].startswith("\\x16\\x03\\x01") and '" 400 ' in line
+               for line in lines), lines
+    assert any('"GET /aaaa' in line and '" 414 ' in line for line in lines), lines
+    assert all(line.isascii() and "upstream=- " in line for line in lines), lines
+    assert token not in log_file.read_text()
+
+
+def test_an_access_log_that_cannot_be_written_says_so_once(sqlite_url, tmp_path):
+    """A full disk (/dev/full) lost every access log line without a word; nginx logs
+    the failed write. One warning per failure, however many lines are lost."""
+    proc, base = serve(sqlite_url, tmp_path, "full", "--access-log", "combined",
+                       "--access-log-file", "/dev/full")
+    try:
+        for _ in range(5):
+            assert requests.get(base + "/whoami", timeout=5).ok
+        wait_until(lambda: "cannot write the access log" in proc.output(), timeout=5,
+                   what="the warning")
+    finally:
+        proc.stop()
+    assert proc.output().count("cannot write the access log to /dev/full") == 1, \
+        proc.output()

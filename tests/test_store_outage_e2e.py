@@ -4,6 +4,7 @@ traceback, and the instance keeps serving from its last table throughout."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -57,3 +58,23 @@ def test_unreadable_sqlite_store_is_one_warning_and_one_recovery_line(tmp_path: 
         assert proc.poll() is None
     finally:
         proc.stop()
+
+
+def test_a_store_refusing_the_credentials_is_one_line_per_event(mongo_server, mongo_url):
+    """FerretDB refuses a URL's credentials with a message of two lines, which pymongo
+    repeats in its ", full error: {...}": every warning about the store was three
+    lines, the last two without time or level. Each stays one line, the password in
+    none of them."""
+    scheme, _, rest = mongo_url.partition("://")
+    url = f"{scheme}://alice:Pa55word-xyz@{rest}"
+    url += ("&" if "?" in url else "?") + "directConnection=true"
+    proc, _port = start_instance(url, "s0")
+    try:
+        wait_until(lambda: "failed (" in proc.output(), timeout=15)
+    finally:
+        proc.stop()
+    output = proc.output()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+    assert all(stamp.match(line) for line in output.splitlines()), output
+    assert "full error" not in output and "Pa55word" not in output, output
+    assert "could not remove web" in output, output

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS cluster_endpoints (
 )
 """
 
+#: seconds close() waits for a call under way
+CLOSE_WAIT = 0.2
 #: SQLite's primary result codes for "another connection holds the lock"
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
@@ -88,6 +90,8 @@ class EmbeddedStore(DiscoveryStore):
         # Serialises this process's callers (greenlets or threads) on that connection;
         # taken by the caller, so a waiting greenlet yields instead of holding a thread.
         self._lock = threading.Lock()
+        #: close() was called: the call under way, if any, drops the connection
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +152,8 @@ class EmbeddedStore(DiscoveryStore):
         with self._lock:
             while True:
                 result = _off_the_hub(call)
+                if self._closed:  # closed meanwhile (see close): nothing keeps it
+                    self._drop_connection()
                 if isinstance(result, sqlite3.Error):
                     if not is_busy(result) or time.monotonic() + delay > deadline:
                         raise DiscoveryError(f"{self.description}: {result}")
@@ -168,8 +174,16 @@ class EmbeddedStore(DiscoveryStore):
                 pass
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_connection()
+        """Close the connection; not waiting for a call under way more than a moment:
+        one waiting on a file another process keeps locked would hold a stop for the
+        busy timeout (5 s), after the removal of the record was already given up.
+        That call drops the connection when it returns."""
+        self._closed = True
+        if self._lock.acquire(timeout=CLOSE_WAIT):
+            try:
+                self._drop_connection()
+            finally:
+                self._lock.release()
 
     def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
         document = json.dumps(dict(record))

@@ -17,16 +17,25 @@ records of other writers keep theirs.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
+import warnings
 from typing import Any, Mapping
 
 import pymongo
 from bson.errors import BSONError
-from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
+from pymongo.errors import (
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
-from cluster.records import COLLECTION
+from cluster.records import COLLECTION, shown
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "cluster"
 MEMBERSHIP = "clusterMembership"
@@ -53,12 +62,47 @@ STORE_ERRORS = (PyMongoError, BSONError)
 def _why(exc: BaseException) -> str:
     """The error's text, one line, without pymongo's topology dump: a server selection
     timeout (no server answers the URL) appends ", Timeout: 5.0s, Topology Description:
-    <...>" with every server's state, several hundred characters on every log line."""
+    <...>" with every server's state, several hundred characters on every log line.
+    A server's error (OperationFailure) is its ``errmsg`` without pymongo's ", full
+    error: {...}", which repeats it; the server's text may span lines (FerretDB's
+    authentication errors do), and a log line must stay one line."""
     text = str(exc)
     cut = text.find(", Timeout: ")
     if isinstance(exc, ServerSelectionTimeoutError) and cut > 0:
-        return text[:cut]
-    return text
+        text = text[:cut]
+    elif isinstance(exc, OperationFailure):
+        cut = text.find(", full error: ")
+        if cut > 0:
+            text = text[:cut]
+    return " ".join(text.split())
+
+
+URL_SETTING = "--discovery-url (CLUSTER_DISCOVERY_URL)"
+
+
+def _check_options(url: str, problems: list[str]) -> None:
+    """pymongo's complaints about the URL's ``?options``, which it only warns about
+    (a Python warning of two lines, with a line of its own source) and then ignores:
+    ``tls=yes`` connected without TLS, ``authMechanism=SCRAM-SHA1`` used the default.
+    A value it refuses is a ConfigError, as the same option given to MongoClient, or
+    to the Node driver of a Meteor instance sharing the URL, is; an option it does
+    not know is one warning naming it (another driver's option, or a typo)."""
+    refused = [p for p in problems if not p.startswith("Unknown option")]
+    if refused:
+        raise ConfigError(URL_SETTING, f"{refused[0]} (in its ?options)")
+    if len(refused) < len(problems):
+        from urllib.parse import parse_qsl
+
+        from pymongo.uri_parser_shared import split_options
+
+        query = url.partition("?")[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            known = split_options(query, validate=True, warn=True) if query else {}
+        unknown = sorted({k for k, _ in parse_qsl(query, keep_blank_values=True)
+                          if k not in known})
+        log.warning("%s: pymongo knows no option %s; ignored", URL_SETTING,
+                    ", ".join(shown(k, 60) for k in unknown) or "(unnamed)")
 
 
 def record_id(service: str, endpoint: str) -> str:
@@ -86,20 +130,24 @@ class MongoStore(DiscoveryStore):
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         ms = int(timeout * 1000)
         try:
-            self._client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-                url,
-                appname="cluster",
-                connect=False,
-                serverSelectionTimeoutMS=ms,
-                connectTimeoutMS=ms,
-                socketTimeoutMS=ms,
-                **DECODING,
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self._client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+                    url,
+                    appname="cluster",
+                    connect=False,
+                    serverSelectionTimeoutMS=ms,
+                    connectTimeoutMS=ms,
+                    socketTimeoutMS=ms,
+                    **DECODING,
+                )
             database = self._client.get_default_database(default=DEFAULT_DATABASE)
         except (PyMongoError, ValueError, OSError) as exc:
             # Nothing is connected yet (connect=False): these are the URL's own problems,
             # a bad option or database name, or a TLS file (tlsCAFile...) it cannot read.
-            raise ConfigError("--discovery-url (CLUSTER_DISCOVERY_URL)", str(exc)) from None
+            raise ConfigError(URL_SETTING, str(exc)) from None
+        _check_options(url, [str(w.message) for w in caught
+                             if issubclass(w.category, UserWarning)])
         self._collection = database[COLLECTION]
         self._membership = database[MEMBERSHIP]
         self._clock: tuple[float, dt.datetime] | None = None  # (monotonic, store time)

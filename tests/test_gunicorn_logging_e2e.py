@@ -1,0 +1,41 @@
+"""cluster's own log lines in a gunicorn worker go through gunicorn's error log.
+
+They had no handler there: the info lines (registered, deregistered, endpoint joined)
+were lost, and the warnings came out bare, without time, pid or level.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from helpers import gunicorn_port, wait_until
+from test_gunicorn_e2e import gunicorn, live
+
+#: gunicorn's error log format: ``[time] [pid] [LEVEL] message``
+LINE = r"^\[[^]]+\] \[\d+\] \[{level}\] {message}"
+
+
+def test_cluster_lines_take_gunicorns_format_and_level(tmp_path):
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc = gunicorn(tmp_path, discovery)
+    try:
+        gunicorn_port(proc)
+        wait_until(lambda: len(live(discovery)) == 2, timeout=20, what="two records")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.stop()
+    output = proc.output()
+    for message in ("registered web at http://127.0.0.1:", "deregistered web at "):
+        found = re.findall(LINE.format(level="INFO", message=re.escape(message)), output,
+                           re.MULTILINE)
+        assert len(found) == 2, output  # one per worker
+
+    quiet = gunicorn(tmp_path, discovery, "--log-level", "warning")
+    try:  # (no "Listening at" line to wait for at this level)
+        wait_until(lambda: len(live(discovery)) == 2, timeout=20, what="two records")
+    finally:
+        quiet.stop()
+    assert "registered web at" not in quiet.output()
+    assert "[INFO]" not in quiet.output()

@@ -1,0 +1,221 @@
+"""A stop is bounded, and says what it left undone.
+
+Mostly a stop while the store accepts connections but no longer answers them. The
+MongoDB store sits behind a relay on 127.0.0.1 (tests/blackhole.py) that turns into a
+black hole: connections are held open, nothing comes back (a firewall dropping packets,
+a hung server). A stop used to wait for a heartbeat in flight and then for the removal,
+each up to its socket timeouts: 12-20 s with the default 5 s, before the drain even
+began. Now the removal is given up after a bounded wait, with one line saying that the
+record stays and expires by itself; the drain of the requests in flight is unchanged.
+The same for an embedded store whose file another process keeps locked, and for the
+requests still running when the drain ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from blackhole import relay
+from helpers import Proc, gunicorn_port, python, start_instance, wait_until
+from test_gunicorn_e2e import children, gunicorn, live
+
+
+def _through(relay_port: int, mongo_url: str) -> str:
+    """``mongo_url``'s database, reached through the relay (directConnection: the
+    replica set's own host list would lead pymongo around it)."""
+    return f"mongodb://127.0.0.1:{relay_port}{urlsplit(mongo_url).path}?directConnection=true"
+
+
+@pytest.mark.timeout(60)
+def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo_url):
+    with relay(mongo_server.port) as hole:
+        proc, port = start_instance(_through(hole.port, mongo_url), "s0")
+        try:
+            wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+            # a request in flight when the stop comes is still answered (the drain)
+            answers: list[requests.Response] = []
+            slow = threading.Thread(target=lambda: answers.append(requests.get(
+                f"http://127.0.0.1:{port}/slow?seconds=2", timeout=20)))
+            slow.start()
+            time.sleep(0.3)
+            hole.blackhole()
+            time.sleep(1.5)  # a heartbeat is now waiting for an answer that never comes
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            took = time.monotonic() - started
+            slow.join(10)
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert answers and answers[0].status_code == 200 and answers[0].text == "slow s0"
+    # 2 s for the removal, then the rest of the 2 s request's drain and the close
+    assert took < 6.0, f"the stop took {took:.1f}s:\n{output}"
+    lines = [line for line in output.splitlines() if "could not remove" in line]
+    assert len(lines) == 1, output
+    assert "web http://127.0.0.1:" in lines[0] and "expires by itself within 2s" in lines[0]
+    assert "Traceback" not in output
+    # no outage reported for the reads that the stop itself cut short
+    stopping_at = output.index("stopping: deregistering")
+    assert "failed (reading" not in output[stopping_at:], output
+
+
+@pytest.mark.timeout(90)
+def test_gunicorn_worker_stops_promptly_when_the_store_stops_answering(
+        tmp_path, mongo_server, mongo_url):
+    """gunicorn's worker deregisters in its watcher greenlet and again in worker_exit:
+    each used to wait out the store's timeouts (past gunicorn's --graceful-timeout 3,
+    where the arbiter SIGKILLs the worker)."""
+    with relay(mongo_server.port) as hole:
+        proc = gunicorn(tmp_path, _through(hole.port, mongo_url))
+        try:
+            gunicorn_port(proc)
+            wait_until(lambda: len(live(mongo_url)) == 2, timeout=20, what="two records")
+            workers = children(proc.pid)
+            hole.blackhole()
+            time.sleep(1.5)
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=40)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert len(workers) == 2
+    assert took < 5.0, f"the stop took {took:.1f}s:\n{output}"
+    assert "was sent SIGKILL" not in output and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "could not remove" in line]
+    assert len(lines) == 2, output  # one per worker
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_serve_stops_promptly_while_another_process_locks_the_embedded_store(tmp_path):
+    """The embedded store's file kept locked by another process (a backup, an sqlite3
+    shell left in a transaction): each call waits out SQLite's busy timeout (5 s). The
+    stop waited for the removal, then once more for the store's close behind a read
+    or heartbeat under way: 10 s. Now the removal is given up after 2 s, and the close
+    does not queue behind the call under way."""
+    store = tmp_path / "discovery.sqlite3"
+    proc, _port = start_instance(f"sqlite://{store}", "s0")
+    locker = None
+    try:
+        wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+        locker = Proc(python("-c", LOCKER, str(store)), name="locker")
+        wait_until(lambda: "locked" in locker.output(), timeout=10, what="the lock")
+        time.sleep(1.0)  # calls are now waiting on the lock
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        proc.stop()
+        if locker is not None:
+            locker.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 7.5, f"the stop took {took:.1f}s:\n{output}"
+    assert output.count("could not remove web") == 1, output
+
+
+@pytest.mark.timeout(60)
+def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp_path):
+    """The drain of a stop lasts 10 s; a request still running then was answered
+    500 Internal Server Error by pywsgi, as if the app had failed (and a peer balancer
+    relaying it passed the 500 on, where it replays an unanswered GET elsewhere), and
+    nothing said that requests were cut. Now its connection ends unanswered, as under
+    gunicorn's graceful timeout, and one line counts them."""
+    proc, port = start_instance(f"sqlite://{tmp_path / 'discovery.sqlite3'}", "s0",
+                                "--access-log", "combined")
+    outcome: list[object] = []
+
+    def slow() -> None:
+        try:
+            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
+                                        timeout=30).status_code)
+        except requests.ConnectionError as exc:
+            outcome.append(exc)
+
+    try:
+        wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+        client = threading.Thread(target=slow)
+        client.start()
+        time.sleep(0.5)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        client.join(10)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
+        (outcome, output)
+    assert "closed 1 connections whose requests were still running" in output, output
+    assert '"GET /slow?seconds=20 HTTP/1.1" 500' not in output, output
+
+
+@pytest.mark.timeout(60)
+def test_workers_starting_while_the_store_does_not_answer_stop_promptly(mongo_server,
+                                                                        mongo_url):
+    """A worker of --workers-count waits (up to 10 s) for its first heartbeat before it
+    serves the shared port, and a SIGTERM meanwhile waited that out before its stop
+    began: 12.9 s for a supervisor stopped 2 s after starting with a store that does
+    not answer."""
+    with relay(mongo_server.port) as hole:
+        hole.blackhole()
+        proc, _port = start_instance(_through(hole.port, mongo_url), "s0",
+                                     "--workers-count", "2")
+        try:
+            wait_until(lambda: proc.output().count("worker 1 started") == 1, timeout=15)
+            time.sleep(2.0)  # the workers wait for a first heartbeat
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
+    assert output.count("could not remove web") == 2, output
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.timeout(60)
+def test_gunicorn_worker_booting_while_the_store_does_not_answer_stops_promptly(
+        tmp_path, mongo_server, mongo_url):
+    """A gunicorn worker's boot waits for its first heartbeat and a first table (each
+    up to the store's timeouts) before it serves: a TERM meanwhile waited both out
+    (13 s) before the worker could stop. (gunicorn's --graceful-timeout, 3 s in the
+    other tests, would cut that short with a SIGKILL.)"""
+    with relay(mongo_server.port) as hole:
+        hole.blackhole()
+        proc = gunicorn(tmp_path, _through(hole.port, mongo_url), "--graceful-timeout", "30")
+        try:
+            wait_until(lambda: proc.output().count("Booting worker") == 2, timeout=20)
+            time.sleep(2.0)
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=40)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
+    assert "Traceback" not in output, output
