@@ -535,6 +535,35 @@ def test_an_option_pymongo_does_not_know_is_one_warning_naming_it():
         result.stderr
 
 
+@pytest.mark.parametrize("url, advice", [
+    # pymongo's notes on the host, given as UserWarnings as a refused value is
+    ("mongodb://db1.cluster-x.us-east-1.docdb.amazonaws.com:27017/cluster?tls=true"
+     "&retryWrites=false", "DocumentDB"),
+    ("mongodb://u:pw@app.mongo.cosmos.azure.com:10255/cluster?ssl=true", "CosmosDB"),
+    # a URL shared with Meteor's Node driver, which has snappy: pymongo uses zlib
+    ("mongodb://db1:27017/cluster?compressors=snappy,zlib", "snappy"),
+    ("mongodb://db1:27017/cluster?readPreference=secondaryPreferred&w=majority"
+     "&authSource=admin&appName=web&replicaSet=rs0&maxPoolSize=5", None),
+])
+def test_a_discovery_url_pymongo_takes_is_not_refused(url, advice, caplog):
+    """Only the option validator's verdicts are errors: pymongo's advice while making
+    the client (a DocumentDB or Cosmos DB host, a compressor this Python lacks) made
+    AWS's and Azure's URLs a bad setting. It is one log line. Made with connect=False:
+    nothing is looked up or connected."""
+    from cluster.discovery.mongo import MongoStore
+
+    caplog.set_level("WARNING", logger="cluster")
+    store = MongoStore(url)
+    store.close()
+    said = [r.getMessage() for r in caplog.records]
+    if advice is None:
+        assert said == []
+    else:
+        (line,) = said
+        assert advice in line and "--discovery-url" in line and "\n" not in line
+        assert "pw" not in line
+
+
 @pytest.mark.parametrize("url, says", [
     ("sqlite://alice:Pa55word-xyz@/tmp/x.sqlite3", "names no file"),
     ("//alice:Pa55word-xyz@db1:27017/cluster", "has no scheme"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 import warnings
 from typing import Any, Mapping
@@ -30,6 +31,7 @@ from pymongo.errors import (
     PyMongoError,
     ServerSelectionTimeoutError,
 )
+from pymongo.uri_parser import split_options
 
 from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, StoreSnapshot
 from cluster.errors import ConfigError, DiscoveryError
@@ -80,29 +82,42 @@ def _why(exc: BaseException) -> str:
 URL_SETTING = "--discovery-url (CLUSTER_DISCOVERY_URL)"
 
 
-def _check_options(url: str, problems: list[str]) -> None:
+def _check_options(url: str, caught: list[str]) -> None:
     """pymongo's complaints about the URL's ``?options``, which it only warns about
     (a Python warning of two lines, with a line of its own source) and then ignores:
     ``tls=yes`` connected without TLS, ``authMechanism=SCRAM-SHA1`` used the default.
     A value it refuses is a ConfigError, as the same option given to MongoClient, or
     to the Node driver of a Meteor instance sharing the URL, is; an option it does
-    not know is one warning naming it (another driver's option, or a typo)."""
-    refused = [p for p in problems if not p.startswith("Unknown option")]
+    not know is one warning naming it (another driver's option, or a typo).
+
+    Each option is checked alone, so that only the validator's verdicts count: the
+    other warnings pymongo gives while making the client are advice, one log line
+    each, not errors (a DocumentDB or Cosmos DB host, a compressor this Python lacks,
+    ``snappy`` in a URL shared with Node, which pymongo leaves out)."""
+    refused: list[str] = []
+    unknown: list[str] = []
+    query = url.partition("?")[2]
+    for option in re.split("[&;]", query) if query else ():
+        if not option:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                split_options(option, validate=True, warn=False)
+        except Exception as exc:  # noqa: BLE001 - InvalidURI, ConfigurationError, ValueError
+            text = " ".join(str(exc).split())
+            if text.startswith("Unknown option"):
+                unknown.append(shown(option.partition("=")[0], 60))
+            else:
+                refused.append(text)
     if refused:
         raise ConfigError(URL_SETTING, f"{refused[0]} (in its ?options)")
-    if len(refused) < len(problems):
-        from urllib.parse import parse_qsl
-
-        from pymongo.uri_parser_shared import split_options
-
-        query = url.partition("?")[2]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            known = split_options(query, validate=True, warn=True) if query else {}
-        unknown = sorted({k for k, _ in parse_qsl(query, keep_blank_values=True)
-                          if k not in known})
+    if unknown:
         log.warning("%s: pymongo knows no option %s; ignored", URL_SETTING,
-                    ", ".join(shown(k, 60) for k in unknown) or "(unnamed)")
+                    ", ".join(sorted(set(unknown))))
+    for text in dict.fromkeys(" ".join(t.split()) for t in caught):
+        if not text.startswith("Unknown option"):
+            log.warning("%s: %s", URL_SETTING, text)
 
 
 def record_id(service: str, endpoint: str) -> str:
