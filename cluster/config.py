@@ -662,7 +662,8 @@ class Settings:
         10.0,
         _positive_seconds,
         "longest time a refusing endpoint is left out of this instance's picks (ejections "
-        "start at 1 s and double)",
+        "start at 1 s and double; one that closes connections unanswered stays out while "
+        "probes see it do so)",
         "SECONDS",
     )
     sockjs_prefix: str = setting(
