@@ -610,6 +610,13 @@ class Settings:
         "so their clients do not all reconnect at once",
         "SECONDS",
     )
+    graceful_timeout: float = setting(
+        10.0,
+        _non_negative_seconds,
+        "seconds a stop (SIGTERM, Ctrl-C) lets the requests in flight finish; then their "
+        "connections are closed unanswered (under gunicorn: gunicorn's --graceful-timeout)",
+        "SECONDS",
+    )
     workers_count: int = setting(
         1, _workers,
         "worker processes of `cluster serve` (N, at most 8 per core, or auto: one per core)",

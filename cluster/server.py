@@ -51,9 +51,6 @@ from cluster.workers import (
 
 log = logging.getLogger(__name__)
 
-DRAIN_SECONDS = 10.0
-
-
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -461,7 +458,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     notify_ready(node, stopping=stopping)  # a worker started by a reload: the old one
     # may go now
     stopping.wait()
-    log.info("stopping: deregistering, then draining for up to %.0fs", DRAIN_SECONDS)
+    grace = settings.graceful_timeout
+    log.info("stopping: deregistering, then draining for up to %.3gs", grace)
     if node.registrar is not None:
         node.registrar.stop()
     for server in servers:
@@ -471,10 +469,10 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         log.info("closed %d WebSockets with 1001 (going away)", closed)
     drained = gevent.event.Event()
     idle_closer = gevent.spawn(close_idle_connections, door, drained)
-    cut = stop_servers(servers, DRAIN_SECONDS)
+    cut = stop_servers(servers, grace)
     if cut:
-        log.warning("drained for %.0fs: closed %d connections whose requests were still "
-                    "running, unanswered", DRAIN_SECONDS, cut)
+        log.warning("drained for %.3gs (--graceful-timeout): closed %d connections whose "
+                    "requests were still running, unanswered", grace, cut)
     drained.set()
     idle_closer.join(1)
     drain.cancel()

@@ -62,8 +62,9 @@ MAX_RESTART_DELAY = 30.0
 STABLE_SECONDS = 10.0
 #: how long a reload waits for a new worker to listen and register
 READY_TIMEOUT = 60.0
-#: how long stopping waits for the workers' drain before SIGKILL
-STOP_TIMEOUT = 20.0
+#: seconds past --graceful-timeout that stopping waits for the workers before SIGKILL
+#: (their deregistration and store close: 2 s at most each, cluster.registry)
+STOP_MARGIN = 10.0
 
 
 def restart_delay(failures: int) -> float:
@@ -262,7 +263,8 @@ class Supervisor:
                 self.retiring.remove(gone)
         log.info("stopping %d workers", len(self.slots))
         children = [s.child for s in self.slots if s.child is not None] + self.retiring
-        _terminate(children, timeout=STOP_TIMEOUT)
+        # each drains for --graceful-timeout, then deregisters and closes its store
+        _terminate(children, timeout=self.settings.graceful_timeout + STOP_MARGIN)
         self.listener.close()
         return 0
 

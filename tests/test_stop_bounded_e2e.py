@@ -136,13 +136,14 @@ def test_serve_stops_promptly_while_another_process_locks_the_embedded_store(tmp
 
 @pytest.mark.timeout(60)
 def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp_path):
-    """The drain of a stop lasts 10 s; a request still running then was answered
-    500 Internal Server Error by pywsgi, as if the app had failed (and a peer balancer
-    relaying it passed the 500 on, where it replays an unanswered GET elsewhere), and
-    nothing said that requests were cut. Now its connection ends unanswered, as under
-    gunicorn's graceful timeout, and one line counts them."""
+    """The drain of a stop lasts --graceful-timeout (10 s by default); a request still
+    running then was answered 500 Internal Server Error by pywsgi, as if the app had
+    failed (and a peer balancer relaying it passed the 500 on, where it replays an
+    unanswered GET elsewhere), and nothing said that requests were cut. Now its
+    connection ends unanswered, as under gunicorn's graceful timeout, and one line
+    counts them."""
     proc, port = start_instance(f"sqlite://{tmp_path / 'discovery.sqlite3'}", "s0",
-                                "--access-log", "combined")
+                                "--access-log", "combined", "--graceful-timeout", "2")
     outcome: list[object] = []
 
     def slow() -> None:
@@ -158,7 +159,9 @@ def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp
         client.start()
         time.sleep(0.5)
         proc.signal(signal.SIGTERM)
+        asked = time.monotonic()
         assert proc.wait(timeout=20) == 0
+        took = time.monotonic() - asked
         client.join(10)
     finally:
         proc.stop()
@@ -166,6 +169,8 @@ def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp
     assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
         (outcome, output)
     assert "closed 1 connections whose requests were still running" in output, output
+    assert "drained for 2s (--graceful-timeout)" in output, output
+    assert 2.0 <= took < 8.0, f"the stop took {took:.1f}s, not the 2 s asked:\n{output}"
     assert '"GET /slow?seconds=20 HTTP/1.1" 500' not in output, output
 
 
