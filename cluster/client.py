@@ -300,8 +300,10 @@ def _tls_context(verify: Any, cert: Any) -> ssl.SSLContext | None:
             context.verify_mode = ssl.CERT_NONE
         else:
             where = DEFAULT_CA_BUNDLE_PATH if verify is True else str(verify)
-            context = ssl.create_default_context(
-                **({"capath": where} if os.path.isdir(where) else {"cafile": where}))
+            if os.path.isdir(where):
+                context = ssl.create_default_context(capath=where)
+            else:
+                context = ssl.create_default_context(cafile=where)
         if isinstance(cert, tuple):
             context.load_cert_chain(*cert[:2])
         elif cert:

@@ -472,3 +472,27 @@ def test_adapters_mounted_before_a_fork_still_serve_in_the_child(sqlite_url) -> 
             assert os.waitstatus_to_exitcode(status) == 0
     finally:
         server.stop()
+
+
+def test_the_probe_context_follows_requests_verify_and_cert(tmp_path) -> None:
+    """verify=False probes without verifying, a CA directory is one, and cert= is the
+    client certificate the probe shows (an endpoint that asks for one closed a probe
+    without it: held out for good)."""
+    from cluster.client import _tls_context
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    unverified = _tls_context(False, None)
+    assert unverified is not None and unverified.verify_mode == ssl.CERT_NONE
+    by_dir = _tls_context(str(tmp_path), None)
+    assert by_dir is not None and by_dir.verify_mode == ssl.CERT_REQUIRED
+    by_file = _tls_context(str(cert), (str(cert), str(key)))
+    assert by_file is not None and by_file.get_ca_certs()[0]["subject"] == \
+        ((("commonName", "localhost"),),)
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True,
+                   capture_output=True, timeout=60)
+    assert _tls_context(str(cert), (str(cert), str(other))) is None  # the chain is loaded
+    assert _tls_context(str(tmp_path / "missing.pem"), None) is None
