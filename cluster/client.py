@@ -31,6 +31,7 @@ ConnectionError) rather than hold it forever (see cluster.interim).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ from typing import Any
 import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ConnectTimeout
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
@@ -143,8 +145,7 @@ class ServiceClient(requests.Session):
             self._lock = threading.Lock()  # another thread may have held it at the fork
             self._current = None
             for adapter in self.adapters.values():
-                adapter.close()
-            self._mount_adapters()
+                adapter.close()  # the parent's connections; its pools are made anew
             if self._shared is not None:
                 self.node = _shared_node(self._shared)
             elif self.node.pid != self._pid:
@@ -229,6 +230,12 @@ class ServiceClient(requests.Session):
             except RequestsConnectionError as exc:
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
+                tls = None
+                if url.startswith("https:"):
+                    # an endpoint held out is probed as this request verified it
+                    tls = self._verifying(url, kwargs)
+                    if tls is not None:
+                        node.probe_tls[endpoint.url] = tls
                 what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
                 if _tls_refused(exc):
                     # as at the balancer: nothing sent, so even a POST moves on, and the
@@ -248,7 +255,7 @@ class ServiceClient(requests.Session):
                         # cluster.proxy.attempts); one that keeps it open closed a kept
                         # one as its idle timeout ran out.
                         dropping(error, not keeps_open(endpoint.url,
-                                                        node.settings.connect_timeout))
+                                                        node.settings.connect_timeout, tls))
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:
@@ -261,11 +268,50 @@ class ServiceClient(requests.Session):
                 raise exc.__cause__ from None
             raise
 
+    def _verifying(self, url: str, kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+        """A TLS context that verifies ``url``'s endpoint as this call's request did:
+        its ``verify=`` and ``cert=``, else the session's, else REQUESTS_CA_BUNDLE,
+        else certifi's bundle (requests' default; not the system's store, which the
+        probes use otherwise). A private CA given to requests left an endpoint that
+        once closed a connection unanswered ejected for good: no probe verified it."""
+        merged = self.merge_environment_settings(
+            url, kwargs.get("proxies") or {}, kwargs.get("stream"), kwargs.get("verify"),
+            kwargs.get("cert"))
+        cert = merged.get("cert")
+        return _tls_context(merged.get("verify", True),
+                            tuple(cert) if isinstance(cert, (list, tuple)) else cert)
+
     def _moved(self, endpoint: Endpoint, exc: UpstreamError) -> None:
         """The attempt loop moves on (and said so): a broken (not refused) endpoint is
         dropped too."""
         if not isinstance(exc, UpstreamConnectError):
             self.node.eject(endpoint, reason=exc.reason, accepts=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _tls_context(verify: Any, cert: Any) -> ssl.SSLContext | None:
+    """requests' verification as an ssl context (None: it cannot be made here, and the
+    probe uses the system's): ``verify`` True (certifi's bundle), False (none), or a
+    CA file or directory; ``cert`` a client certificate file or (cert, key)."""
+    try:
+        if verify is False:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            where = DEFAULT_CA_BUNDLE_PATH if verify is True else str(verify)
+            if os.path.isdir(where):
+                context = ssl.create_default_context(capath=where)
+            else:
+                context = ssl.create_default_context(cafile=where)
+        if isinstance(cert, tuple):
+            context.load_cert_chain(*cert[:2])
+        elif cert:
+            context.load_cert_chain(str(cert))
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        log.debug("no probe TLS context for verify=%r cert=%r: %s", verify, cert, exc)
+        return None
+    return context
 
 
 def _endpoint_of(decision: Endpoint | NoEndpoint) -> Endpoint | None:

@@ -43,8 +43,9 @@ class UpstreamError(ClusterError):
     misbehaved = False
     #: True when the endpoint closed or reset a new connection before any byte of an
     #: answer: it takes connections but serves none (a dead app behind a live listener,
-    #: a port forwarder whose target is gone). It is ejected as one that refuses, and
-    #: only a probe that sees it keep a connection open brings it back.
+    #: a port forwarder whose target is gone), and a probe connection made then was
+    #: closed too (see cluster.proxy.attempts.closes_new). It is ejected as one that
+    #: refuses, and only a probe that sees it keep a connection open brings it back.
     dropped = False
 
     def __init__(self, endpoint: str, reason: str) -> None:

@@ -106,6 +106,10 @@ class Cluster:
         self._started = False
         #: the process it was made in: its threads do not run in a forked child
         self.pid = os.getpid()
+        #: by https endpoint URL, the TLS context its requests verify with when that is
+        #: not the system's trust store (discover()'s requests: verify=, cert=): its
+        #: probe must verify as they do, or it is held out while they would succeed
+        self.probe_tls: dict[str, ssl.SSLContext] = {}
 
     def __repr__(self) -> str:
         role = f"{self.settings.service} at {self.self_url}" if self.registrar else "observer"
@@ -287,7 +291,7 @@ class Cluster:
                 if self._stopping.is_set():
                     break
                 if accepts:
-                    if keeps_open(endpoint.url, timeout):
+                    if keeps_open(endpoint.url, timeout, self.probe_tls.get(endpoint.url)):
                         self.readmit(key, "a probe connection stayed open")
                     else:
                         self._hold(key, PROBE_INTERVAL * 2 + timeout + LINGER)
@@ -295,21 +299,23 @@ class Cluster:
                     self.readmit(key, "a probe connection succeeded")
 
 
-def keeps_open(url: str, timeout: float) -> bool:
+def keeps_open(url: str, timeout: float, tls: ssl.SSLContext | None = None) -> bool:
     """Does ``url`` accept a TCP connection (and, for https, complete a TLS handshake
-    whose certificate verifies, as a request's must) and keep it open, silent, for
-    LINGER seconds, as an HTTP server waiting for a request does? A dead app behind a
-    live listener closes or resets it at once; a server that speaks first is no HTTP
-    one."""
+    whose certificate verifies, as a request's must: with ``tls``, else the system's
+    trust store) and keep it open, silent, for LINGER seconds, as an HTTP server
+    waiting for a request does? A dead app behind a live listener closes or resets it
+    at once; a server that speaks first is no HTTP one."""
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         sock = socket.create_connection((parts.hostname or "", port), timeout=timeout)
         try:
             if parts.scheme == "https":
-                if not _TLS:
-                    _TLS.append(ssl.create_default_context())
-                sock = _TLS[0].wrap_socket(sock, server_hostname=parts.hostname)
+                if tls is None:
+                    if not _TLS:
+                        _TLS.append(ssl.create_default_context())
+                    tls = _TLS[0]
+                sock = tls.wrap_socket(sock, server_hostname=parts.hostname)
             sock.settimeout(LINGER)
             try:
                 sock.recv(1)

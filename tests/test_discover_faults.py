@@ -9,7 +9,9 @@ off. The caller is a ServiceClient in this process, over a Cluster node of its o
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -375,3 +377,122 @@ def test_an_https_endpoint_that_closes_connections_unanswered_is_left(sqlite_url
                 assert endpoint_hash(dead_url) in node.ejected()
     finally:
         server.stop()
+
+
+class TLSAcceptsThenCloses(AcceptsThenCloses):
+    """:class:`AcceptsThenCloses` over https (``https://localhost:port``): while not
+    healthy it closes each connection before any TLS handshake."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        super().__init__()
+        self.url = self.url.replace("http://127.0.0.1", "https://localhost")
+
+    def _serve(self, conn: socket.socket) -> None:
+        if self.healthy:
+            try:
+                conn.settimeout(10)
+                conn = self.context.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
+        super()._serve(conn)
+
+
+def test_an_https_endpoint_of_a_ca_given_to_requests_is_probed_as_requests_verify(
+        sqlite_url, tmp_path) -> None:
+    """An https endpoint whose CA requests is told to trust (verify=, as here, or
+    REQUESTS_CA_BUNDLE), closing connections unanswered for a while (its app
+    restarting), is ejected; once it serves again, the next probe readmits it. The
+    probe verified with the system's trust store, not requests' settings: the endpoint
+    stayed ejected for good (each failed probe held it out longer)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    server, port = start_backend("b1")
+    try:
+        with TLSAcceptsThenCloses(str(cert), str(key)) as flaky, \
+                records(sqlite_url, "sec", f"http://127.0.0.1:{port}", flaky.url) as node:
+
+            def on_flaky() -> requests.Session:
+                for _ in range(200):  # a new client picks its first endpoint at random
+                    client = discover("sec", node=node)
+                    if client.base_url == flaky.url:
+                        return client
+                raise AssertionError("no client picked the https endpoint")
+
+            # closed unanswered: the GET moves to b1, and the endpoint is ejected
+            assert on_flaky().get("/whoami", timeout=TIMEOUT, verify=str(cert)).status_code \
+                == 200
+            assert endpoint_hash(flaky.url) in node.ejected()
+            flaky.healthy = True
+            wait_until(lambda: endpoint_hash(flaky.url) not in node.ejected(), timeout=5,
+                       what="the probe to readmit the endpoint")
+            resp = on_flaky().get("/whoami", timeout=TIMEOUT, verify=str(cert))
+            assert (resp.status_code, resp.text) == (200, "back")
+    finally:
+        server.stop()
+
+
+def test_adapters_mounted_before_a_fork_still_serve_in_the_child(sqlite_url) -> None:
+    """A client made before a fork keeps, in the child, the adapters its user mounted
+    (retries, a custom transport): only their connections, the parent's, are dropped.
+    They were replaced by cluster's own in the child: a user's HTTPAdapter with
+    max_retries, mounted at import under gunicorn --preload, served no worker."""
+    from requests.adapters import HTTPAdapter
+
+    class Counting(HTTPAdapter):
+        sent = 0
+
+        def send(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            Counting.sent += 1
+            return super().send(*args, **kwargs)
+
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "web", f"http://127.0.0.1:{port}"):
+            client = discover("web", discovery_url=sqlite_url)
+            mine = Counting(max_retries=2)
+            client.mount("http://", mine)
+            assert client.get("/whoami", timeout=TIMEOUT).status_code == 200
+            assert Counting.sent == 1
+            pid = os.fork()
+            if pid == 0:  # the child: one call, and its verdict as the exit status
+                ok = False
+                try:
+                    resp = client.get("/whoami", timeout=TIMEOUT)
+                    ok = resp.status_code == 200 and Counting.sent == 2 and \
+                        client.get_adapter(f"http://127.0.0.1:{port}/") is mine
+                finally:
+                    os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        server.stop()
+
+
+def test_the_probe_context_follows_requests_verify_and_cert(tmp_path) -> None:
+    """verify=False probes without verifying, a CA directory is one, and cert= is the
+    client certificate the probe shows (an endpoint that asks for one closed a probe
+    without it: held out for good)."""
+    from cluster.client import _tls_context
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    unverified = _tls_context(False, None)
+    assert unverified is not None and unverified.verify_mode == ssl.CERT_NONE
+    by_dir = _tls_context(str(tmp_path), None)
+    assert by_dir is not None and by_dir.verify_mode == ssl.CERT_REQUIRED
+    by_file = _tls_context(str(cert), (str(cert), str(key)))
+    assert by_file is not None and by_file.get_ca_certs()[0]["subject"] == \
+        ((("commonName", "localhost"),),)
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True,
+                   capture_output=True, timeout=60)
+    assert _tls_context(str(cert), (str(cert), str(other))) is None  # the chain is loaded
+    assert _tls_context(str(tmp_path / "missing.pem"), None) is None

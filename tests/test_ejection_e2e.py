@@ -16,11 +16,14 @@ import requests
 
 from cluster.records import endpoint_hash
 from helpers import (
+    TESTS,
     Proc,
     accept_forever,
     blackholed_port,
     cluster_argv,
+    gunicorn_port,
     instance,
+    python,
     start_instance,
     start_library_app,
     start_serve,
@@ -298,3 +301,43 @@ def test_an_endpoint_that_cannot_be_reached_is_not_let_back_by_its_heartbeat(sql
         finally:
             for p in procs:
                 p.stop()
+
+
+@pytest.mark.parametrize("way", ["door", "library"])
+def test_a_request_that_kills_its_worker_does_not_eject_the_endpoint(sqlite_url, way):
+    """A request whose worker dies unanswered (the OOM killer, a crash in C; here
+    os._exit) gets its 502, and the endpoint, whose gunicorn arbiter still accepts and
+    serves, stays in rotation: a probe connection it keeps open shows the close was
+    over that request. It was ejected as one that closes connections unanswered: any
+    client sending such a request took healthy endpoints out at will."""
+    procs: list[Proc] = []
+    try:
+        workers = Proc(python("-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:0", "--chdir",
+                              str(TESTS / "apps"), "backend:app"),
+                       env={"BACKEND_NAME": "g", "BACKEND_CRASHES": "1"}, name="gunicorn")
+        procs.append(workers)
+        url = f"http://127.0.0.1:{gunicorn_port(workers)}"
+        procs.append(Proc(cluster_argv("register", "--service", "web", "--endpoint-url",
+                                       url, "--ping-interval", "1"),
+                          env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar"))
+        if way == "door":
+            front, port = start_serve("--ui-service", "web",
+                                      env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="front")
+        else:
+            front, port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
+                                             "CLUSTER_UI_SERVICE": "web",
+                                             "CLUSTER_SELF_WEIGHT": "0"})
+        procs.append(front)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: whoami(base) == "g", timeout=15, what="the gunicorn endpoint")
+        for n in range(3):
+            answer = requests.post(base + "/crash", data=b"x" * (n * 100000), timeout=15)
+            assert answer.status_code == 502
+            assert whoami(base) == "g"
+        if way == "door":
+            assert not front_status(base)["ejected"]
+        assert f"ejecting web {url}" not in front.output(), front.output()
+        assert front.poll() is None and "Traceback" not in front.output()
+    finally:
+        for p in procs:
+            p.stop()

@@ -5,8 +5,9 @@ The front door, the WSGI adapter and ``cluster.discover()`` all go through
 
 - the endpoint refused or never accepted the connection (nothing was sent): always,
   and the endpoint is ejected from this instance's picks for a while; so is one that
-  closed or reset a new connection before any byte of an answer (it accepts, but
-  serves nothing), though then the request itself moves only as the next rule says;
+  closed or reset a new connection before any byte of an answer and a probe
+  connection too (it accepts, but serves nothing: :func:`closes_new`), though then the
+  request itself moves only as the next rule says;
 - it failed after the request was sent but before any byte of an answer: only for a
   replayable request, :func:`replayable` (GET, HEAD, OPTIONS without a body: the
   endpoint may have acted on anything else before it died; nginx's
@@ -22,6 +23,7 @@ import logging
 from typing import Any, Callable, TypeVar
 
 from cluster.errors import OutOfDescriptors, UpstreamBroken, UpstreamError
+from cluster.node import PROBE_INTERVAL, keeps_open
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,17 @@ def client_answer(error: UpstreamError, service: str) -> tuple[int, str]:
     if error.retryable and not error.misbehaved:
         return 503, f"no live endpoint for service {service!r} (last: {error.reason})"
     return error.status, f"upstream {error.reason}"
+
+
+def closes_new(url: str, timeout: float) -> bool:
+    """After ``url``'s endpoint closed a new connection before any byte of an answer:
+    does it close a probe connection too (its app dead behind a live listener)? One
+    that keeps the probe open, as an HTTP server awaiting a request does, ended that
+    connection over that request: a worker killed past its timeout (an upload too
+    slow for it, a slow app), a body it refused. Ejected for that, any client could
+    take healthy endpoints out at will. discover() judges so too; it costs the
+    failing request up to LINGER seconds more."""
+    return not keeps_open(url, min(PROBE_INTERVAL, timeout))
 
 
 def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,

@@ -76,6 +76,7 @@ from cluster.http1 import (
     plain_chunked,
     response_framing,
 )
+from cluster.proxy.attempts import closes_new
 from cluster.proxy.relay import Forwarding, closed_before_head, open_after_stale, request_head
 from cluster.proxy.upstream import Connection, Pool
 from cluster.trust import peer_address
@@ -359,12 +360,14 @@ class HttpForwarder:
                     if conn.reused and not got and not early:
                         raise _Stale() from exc
                     raise dropping(UpstreamBroken(url, f"reading the response: {exc}"),
-                                   not got and not conn.reused) from exc
+                                   not got and not conn.reused
+                                   and closes_new(url, self.connect_timeout)) from exc
                 if not data:
                     if conn.reused and not got and not early:
                         raise _Stale()
                     raise dropping(UpstreamBroken(url, closed_before_head(buf)),
-                                   not got and not conn.reused)
+                                   not got and not conn.reused
+                                   and closes_new(url, self.connect_timeout))
                 got = True
                 buf += data
                 if len(buf) > MAX_HEAD and find_response_head(buf)[0] < 0:

@@ -81,7 +81,7 @@ from cluster.http1 import (
 )
 from cluster.netio import Turns, is_plain, send_all, wait_writable
 from cluster.proxy import pipes
-from cluster.proxy.attempts import replayable
+from cluster.proxy.attempts import closes_new, replayable
 from cluster.proxy.upstream import Connection, Pool
 
 log = logging.getLogger(__name__)
@@ -345,13 +345,15 @@ class Exchange:
                         raise _Stale() from None
                     error = self._error(exc, "reading the response head")
                     if type(error) is UpstreamBroken:
-                        dropping(error, not buf and not interim and not conn.reused)
+                        dropping(error, not buf and not interim and not conn.reused
+                                 and closes_new(self.url, self.pool.connect_timeout))
                     raise error from None
                 if not data:
                     if not buf and conn.reused:
                         raise _Stale()
                     raise dropping(UpstreamBroken(self.url, closed_before_head(buf)),
-                                   not buf and not interim)
+                                   not buf and not interim
+                                   and closes_new(self.url, self.pool.connect_timeout))
                 buf = buf + data if buf else data
                 end = buf.find(HEAD_END)
                 if end < 0 and (b"\n\n" in buf or b"\n\r\n" in buf):

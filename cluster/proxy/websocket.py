@@ -40,6 +40,7 @@ from cluster.http1 import (
     response_framing,
 )
 from cluster.http1 import parse_response_head as parse_head
+from cluster.proxy.attempts import closes_new
 from cluster.proxy.relay import Forwarding, request_head
 from cluster.proxy.tunnel import Tunnel, _close, _pump
 from cluster.proxy.upstream import Target, connect
@@ -305,7 +306,8 @@ class WebSocketBridge:
             raise UpstreamTimeout(endpoint_url, "no upgrade answer in time") from None
         except (OSError, EOFError, ValueError) as exc:
             raise dropping(UpstreamBroken(endpoint_url, f"upgrade handshake failed: {exc}"),
-                           not reader.got and not isinstance(exc, ValueError)) from exc
+                           not reader.got and not isinstance(exc, ValueError)
+                           and closes_new(endpoint_url, self.connect_timeout)) from exc
         return status, response_head, headers, reader, body
 
     def _refusal(self, start_response: StartResponse, status: int, head: bytes,

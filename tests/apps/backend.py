@@ -10,7 +10,8 @@ the body, after sleeping that long), /download?size=N (deterministic bytes),
 /chunked?n=&delay=, /sse?n=&delay=, /slow?seconds=, /status/CODE, /cookies (several
 Set-Cookie), /hop (hop-by-hop response headers), /gate?key=&n=[&sse=1] (streams piece i
 only after /release?key= was called i times: proves pieces travel one by one without
-timing anything).
+timing anything), /crash (with BACKEND_CRASHES set: the process ends unanswered, as a
+worker killed by the OOM killer or a crash in C).
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def app(environ, start_response):
                 "remote": environ.get("REMOTE_ADDR"),
                 "remote_port": environ.get("REMOTE_PORT")}
         return reply(json.dumps(info), ctype="application/json")
+    if path == "/crash" and os.environ.get("BACKEND_CRASHES"):  # a worker dying unanswered
+        environ["wsgi.input"].read()
+        os._exit(1)
     if path == "/echo":
         body = environ["wsgi.input"].read()
         return reply(body, ctype=environ.get("CONTENT_TYPE") or "application/octet-stream")
