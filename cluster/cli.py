@@ -243,11 +243,9 @@ def drain(settings: Settings, pid: int | None = None, url: str | None = None,
         pid = _read_pid(settings.pid_file)
     elif pid <= 0:  # kill(2) would signal a process group, or every process
         raise ConfigError("--pid", f"{pid} is not a process ID")
-    other = _other_program(pid)
-    if other:
-        raise ConfigError(setting, f"process {pid} ({other}) is not a cluster instance: "
-                                   "SIGUSR2 would end it (a stale pid file, or a PID "
-                                   "mistyped?); nothing sent")
+    refusal = _unsafe_target(pid)
+    if refusal:
+        raise ConfigError(setting, f"process {pid} {refusal}; nothing sent")
     try:
         os.kill(pid, signal.SIGUSR2)
     except ProcessLookupError:
@@ -263,19 +261,67 @@ def drain(settings: Settings, pid: int | None = None, url: str | None = None,
     return 0
 
 
-def _other_program(pid: int) -> str:
-    """The command line of ``pid`` when it is visibly another program than cluster,
-    else "". SIGUSR2's default action ends a process: sent to a PID that a stale pid
-    file still names (reused since by, say, a database) or to a mistyped one, a drain
-    killed it. Linux's /proc tells; where it cannot (no /proc, another user's
-    process), kill() decides as before."""
+#: interpreters a cluster instance may run under when its command line does not name
+#: cluster (a script of its own, or a symlink, that calls cluster.entry.main)
+_PYTHONS = (b"python", b"pypy")
+
+
+def _unsafe_target(pid: int) -> str:
+    """Why SIGUSR2 must not go to ``pid``, else "". SIGUSR2's default action ends a
+    process: sent to a PID that a stale pid file still names (reused since by, say, a
+    database) or to a mistyped one, a drain killed it. Linux's /proc tells whether the
+    process handles SIGUSR2 (every cluster instance does once it serves: gevent's
+    handler) and what it runs. A command line without the word cluster is not enough
+    to refuse: a script of one's own or a symlink (``/usr/local/bin/web serve``) runs
+    cluster under another name; its interpreter is Python. Where /proc cannot tell
+    (none, another user's process), kill() decides as before."""
     try:
         argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        status = Path(f"/proc/{pid}/status").read_text(errors="replace")
     except OSError:
         return ""
-    if not argv or any(b"cluster" in arg for arg in argv):
+    if not argv:
+        return ""  # a zombie, or a kernel thread: kill() decides
+    shown_argv = shown(b" ".join(argv).decode("utf-8", "replace"), 80)
+    if any(os.path.basename(arg).startswith(b"gunicorn") for arg in argv[:3]):
+        # its arbiter takes SIGUSR2 for a binary upgrade (a second arbiter), its
+        # workers die of it; cluster.gunicorn has no drain (README)
+        return (f"({shown_argv}) is gunicorn, which has no cluster drain (its arbiter "
+                "takes SIGUSR2 for an upgrade, its workers die of it): stop it with TERM")
+    named = any(b"cluster" in arg for arg in argv)
+    if not _handles_usr2(status):
+        if named:
+            return (f"({shown_argv}) does not handle SIGUSR2 yet, which would end it: "
+                    "a cluster instance still starting? Try again once it serves")
+        return (f"({shown_argv}) is not a cluster instance: SIGUSR2 would end it (a "
+                "stale pid file, or a PID mistyped?)")
+    if named:
         return ""
-    return shown(b" ".join(argv).decode("utf-8", "replace"), 80)
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe")).encode()
+    except OSError:
+        exe = os.path.basename(argv[0])
+    if exe.startswith(_PYTHONS) or os.path.basename(argv[0]).startswith(_PYTHONS):
+        return ""
+    return (f"({shown_argv}) is not a cluster instance: it has a SIGUSR2 handler of its "
+            "own (a stale pid file, or a PID mistyped?)")
+
+
+def _handles_usr2(status: str) -> bool:
+    """True when the process in /proc/PID/status text catches, ignores or blocks
+    SIGUSR2, so that the signal does not end it."""
+    bit = 1 << (signal.SIGUSR2 - 1)
+    masks: dict[str, int] = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigCgt", "SigIgn", "SigBlk"):
+            try:
+                masks[name] = int(value.strip(), 16)
+            except ValueError:
+                return True  # an unknown shape: kill() decides, as without /proc
+    if len(masks) < 3:
+        return True  # as above
+    return any(mask & bit for mask in masks.values())
 
 
 def _read_pid(path: str | None) -> int:

@@ -184,14 +184,16 @@ def _route_logging(worker: Any) -> None:
     ``--log-level``. Without this they had no handler in a worker: the info lines were
     lost and the warnings came out bare (no time, pid or level) through logging's last
     resort. A logging setup of the user's own (``--log-config``, ``logconfig_dict``:
-    handlers on ``cluster`` or on the root logger) is left alone."""
+    handlers on ``cluster`` or on the root logger) is left alone, and so is a level
+    it gives ``cluster`` (``"cluster": {"level": "WARNING"}`` to quiet it)."""
     ours = logging.getLogger("cluster")
     error_log = getattr(worker.log, "error_log", None)
     if ours.handlers or logging.getLogger().handlers or error_log is None:
         return
     for handler in error_log.handlers:
         ours.addHandler(handler)
-    ours.setLevel(error_log.level)
+    if ours.level == logging.NOTSET:  # a level of the user's own for cluster stays
+        ours.setLevel(error_log.level)
     ours.propagate = False
 
 

@@ -183,12 +183,17 @@ class DebugAccessLog(Observer):
         self.admin_prefix = admin_prefix
 
     def request_done(self, record: RequestRecord) -> None:
+        from cluster.accesslog import quoted
+
         target = record.target
         if self.admin_prefix and "?" in target:
             target = without_admin_token(target, self.admin_prefix)
-        self.log.debug('%s "%s %s %s" %d %d %s %.6f', record.remote, record.method,
-                       target, record.version, record.status, record.sent,
-                       record.endpoint, record.total_seconds)
+        # escaped as in the access log: a request refused before its head was parsed
+        # comes with its line as sent (a bare LF, an ANSI escape), which written raw
+        # forged log lines or moved the terminal of whoever read them
+        request = quoted(" ".join(p for p in (record.method, target, record.version) if p))
+        self.log.debug('%s "%s" %d %d %s %.6f', record.remote, request, record.status,
+                       record.sent, record.endpoint, record.total_seconds)
 class Observers(Observer):
     """Fan-out: every hook called on each of several observers, in order."""
 

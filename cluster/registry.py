@@ -236,8 +236,12 @@ class _Loop:
             self._thread.join(timeout)
 
 
-#: seconds a stop waits for the store to take the record away (then it expires)
+#: seconds without an answer a stop waits for the store to take the record away (then
+#: it expires)
 STOP_SECONDS = 2.0
+#: seconds a stop waits at most for a store that answers slowly (and never longer than
+#: the record's lifetime, ping interval plus grace: it has expired by then)
+SLOW_STOP_SECONDS = 10.0
 
 
 class Registrar(_Loop):
@@ -363,22 +367,24 @@ class Registrar(_Loop):
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop heartbeating and delete the record at once (best effort; idempotent).
 
-        Bounded by ``timeout`` seconds in all: a store that accepts connections but no
-        longer answers (a blackholed host, a hung server) would otherwise hold every
-        stop for its socket timeouts, one heartbeat in flight and then the removal
-        (12-20 s with the default 5 s). The record then expires by itself.
+        Bounded by ``timeout`` seconds without an answer from the store: one that
+        accepts connections but no longer answers (a blackholed host, a hung server)
+        would otherwise hold every stop for its socket timeouts, one heartbeat in
+        flight and then the removal (12-20 s with the default 5 s). The record then
+        expires by itself. A slow store that answers is waited for (see deregister).
         """
-        deadline = time.monotonic() + timeout
         if not self._stopped:
             self._stopped = True
             self._stop_asked = time.monotonic()
             # a heartbeat in flight should land before the removal, not after it (it
             # would bring the record back until it expires); half the time at most
             super().stop(timeout / 2)
-        self.deregister(max(0.0, deadline - time.monotonic()))
+        self.deregister(timeout)  # (the silence it bounds counts from the stop)
 
     def deregister(self, timeout: float = STOP_SECONDS) -> bool:
-        """Remove the record, waiting at most ``timeout`` seconds; True once removed.
+        """Remove the record, waiting while the store answers (it may be slow) but at
+        most ``timeout`` seconds without an answer, and at most the record's lifetime
+        (ping interval plus grace, up to SLOW_STOP_SECONDS) in all; True once removed.
 
         Once only: a second call (gunicorn's worker_exit after the worker's stop, or
         a stop cut short) waits for the first removal, if it is still under way and
@@ -393,15 +399,31 @@ class Registrar(_Loop):
                     target=self._remove, name="cluster-deregister", daemon=True)
                 removal.start()
         started = self._stop_asked or time.monotonic()
-        removal.join(timeout)
+        # ``timeout`` bounds a silence, not the removal: a store that answers slowly
+        # (a remote server 0.3 s away, one under load) takes several round trips for
+        # the removal and its leave entry, and giving up after 2 s in all left the
+        # record (or its leave entry) out, peers sending here for ping interval plus
+        # grace. Past that time the record has expired anyway: the wait ends there.
+        last = started + max(timeout, min(SLOW_STOP_SECONDS,
+                                          self.ping_interval + (self.grace or 0.0)))
+        while True:
+            now = time.monotonic()
+            quiet = now - max(started, self.store.answered_at)
+            if quiet >= timeout or now >= last:
+                break
+            removal.join(min(timeout - quiet, last - now))
+            if not removal.is_alive():
+                break
         if removal.is_alive():
             with self._removal_lock:
                 gave_up, self._gave_up = self._gave_up, True
             if not gave_up:
-                log.warning("could not remove %s %s from %s: no answer in %.1fs; %s",
+                took = time.monotonic() - started
+                why = (f"no answer in {took:.1f}s" if quiet >= timeout else
+                       f"still under way after {took:.1f}s of slow answers")
+                log.warning("could not remove %s %s from %s: %s; %s",
                             self.record["serviceName"], self.record["endpoint"],
-                            self.store.description, time.monotonic() - started,
-                            self._expires())
+                            self.store.description, why, self._expires())
             return False
         return self.removed
 

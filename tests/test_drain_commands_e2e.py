@@ -183,3 +183,86 @@ def test_drain_refuses_a_pid_that_is_another_program(tmp_path: Path, how: str) -
     finally:
         other.kill()
         other.wait(5)
+
+
+@pytest.mark.timeout(40)
+def test_drain_reaches_an_instance_run_under_a_name_of_its_own(sqlite_url: str) -> None:
+    """An instance whose command line does not say cluster (a symlink to
+    cluster-instance, or a script of one's own that calls cluster.entry.main, run by
+    the venv's Python) is a cluster instance all the same: it was refused as "another
+    program". It handles SIGUSR2, which /proc tells."""
+    import os
+    import sys
+    import tempfile
+
+    from helpers import Proc, read_port_file
+
+    folder = Path(tempfile.mkdtemp(prefix="srv-"))
+    script, port_file, pid_file = folder / "web", folder / "port", folder / "web.pid"
+    script.symlink_to(ROOT / "scripts" / "cluster-instance")
+    proc = Proc([sys.executable, str(script), "--service", "web", "--app", "gws_echo:app",
+                 "--bind", "127.0.0.1:0", "--port-file", str(port_file), "--pid-file",
+                 str(pid_file), "--ping-interval", "1", "--expiry-grace", "1",
+                 "--drain-seconds", "0.5", "--drain-close-seconds", "0.1"],
+                env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="web")
+    try:
+        read_port_file(port_file, proc)
+        wait_until(lambda: status_json(sqlite_url)["endpoints"], timeout=TIMEOUT,
+                   what="the instance to register")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"cluster" not in cmdline, cmdline  # what the test is about
+        drain = subprocess.run(cluster_argv("drain", "--pid-file", str(pid_file), "--wait"),
+                               cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
+                               capture_output=True, text=True, timeout=TIMEOUT)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        assert proc.wait(TIMEOUT) == 0
+        assert "draining (SIGUSR2)" in proc.output(), proc.output()
+    finally:
+        proc.stop()
+        for path in (pid_file, port_file, script):
+            path.unlink(missing_ok=True)
+        os.rmdir(folder)
+
+
+def test_drain_refuses_a_process_that_would_die_of_sigusr2() -> None:
+    """/proc/PID/status says whether SIGUSR2 is caught, ignored or blocked; a process
+    that does none of these (any program, or a cluster instance still starting) dies
+    of it, so nothing is sent."""
+    from cluster.cli import _handles_usr2
+
+    def status(caught: str, ignored: str = "0", blocked: str = "0") -> str:
+        return (f"Name:\tx\nSigPnd:\t0000000000000000\nSigBlk:\t{blocked:0>16}\n"
+                f"SigIgn:\t{ignored:0>16}\nSigCgt:\t{caught:0>16}\n")
+
+    assert _handles_usr2(status("802"))  # gevent's handlers of SIGINT and SIGUSR2
+    assert _handles_usr2(status("0", ignored="800"))
+    assert _handles_usr2(status("0", blocked="800"))
+    assert not _handles_usr2(status("2"))  # SIGINT alone
+    assert not _handles_usr2(status("0"))
+    assert _handles_usr2("Name:\tx\n")  # /proc without the fields: kill() decides
+
+
+@pytest.mark.timeout(60)
+def test_drain_refuses_gunicorn(sqlite_url: str, tmp_path: Path) -> None:
+    """gunicorn with cluster.gunicorn has no drain (README), but its command line names
+    cluster: `cluster drain --pid` sent the arbiter SIGUSR2, its binary upgrade, and a
+    second arbiter started on the same port."""
+    import time
+
+    from helpers import gunicorn_port
+    from test_gunicorn_e2e import gunicorn
+
+    proc = gunicorn(tmp_path, sqlite_url)
+    try:
+        gunicorn_port(proc)
+        drain = subprocess.run(cluster_argv("drain", "--pid", str(proc.pid)), cwd=ROOT,
+                               env={"PYTHONPATH": str(ROOT)}, capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert drain.returncode == 2, drain.stdout + drain.stderr
+        (line,) = drain.stderr.strip().splitlines()
+        assert f"process {proc.pid} (" in line and "is gunicorn" in line, line
+        time.sleep(1.0)
+        assert proc.poll() is None
+    finally:
+        proc.stop()
+    assert "usr2" not in proc.output().lower(), proc.output()

@@ -39,3 +39,28 @@ def test_cluster_lines_take_gunicorns_format_and_level(tmp_path):
         quiet.stop()
     assert "registered web at" not in quiet.output()
     assert "[INFO]" not in quiet.output()
+
+
+def test_a_level_the_users_log_config_gives_cluster_holds(tmp_path):
+    """A logging config that only sets levels (no handlers of its own: gunicorn's
+    error log prints) and quiets cluster to warnings: the worker reset cluster's level
+    to gunicorn's --log-level, and every info line came back."""
+    import json
+
+    config = tmp_path / "logging.json"
+    config.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "root": {"level": "INFO", "handlers": []},
+        "loggers": {"cluster": {"level": "WARNING"}}}))
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc = gunicorn(tmp_path, discovery, "--log-config-json", str(config))
+    try:
+        gunicorn_port(proc)
+        wait_until(lambda: len(live(discovery)) == 2, timeout=20, what="two records")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "Booting worker" in output, output  # gunicorn's own lines still print
+    assert "registered web at" not in output and "deregistered web" not in output, output

@@ -460,3 +460,26 @@ def test_an_access_log_that_cannot_be_written_says_so_once(sqlite_url, tmp_path)
         proc.stop()
     assert proc.output().count("cannot write the access log to /dev/full") == 1, \
         proc.output()
+
+
+def test_refused_request_lines_reach_the_debug_log_escaped(sqlite_url, tmp_path):
+    """Without --access-log, --log-level debug logs each request on cluster.access.
+    A refused request's line comes as the client sent it: written raw, a line feed in
+    it forged a log line of the attacker's choosing, and an ANSI escape or a NUL went
+    to the terminal of whoever read the log. Escaped as the access log escapes it."""
+    proc, base = serve(sqlite_url, tmp_path, "debugging", "--log-level", "debug")
+    port = int(base.rpartition(":")[2])
+    try:
+        for data in (b"GET /a\nWARNING forged line HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"GET /b\x1b[2J\x00 HTTP/1.1\r\nHost: x\r\n\r\n"):
+            answers, _ = exchange(port, data)
+            assert [a.status for a in answers] == [400], answers
+        wait_until(lambda: proc.output().count('" 400 ') >= 2, timeout=5,
+                   what="two debug lines")
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "\nWARNING forged line" not in output, output
+    assert "\x1b" not in output and "\x00" not in output, output
+    assert '"GET /a\\x0aWARNING forged line HTTP/1.1" 400 ' in output, output
+    assert '"GET /b\\x1b[2J\\x00 HTTP/1.1" 400 ' in output, output

@@ -23,7 +23,7 @@ import requests
 
 from blackhole import relay
 from helpers import Proc, gunicorn_port, python, start_instance, wait_until
-from test_gunicorn_e2e import children, gunicorn, live
+from test_gunicorn_e2e import children, every_record, gunicorn, live
 
 
 def _through(relay_port: int, mongo_url: str) -> str:
@@ -224,3 +224,42 @@ def test_gunicorn_worker_booting_while_the_store_does_not_answer_stops_promptly(
     assert code == 0, output
     assert took < 8.0, f"the stop took {took:.1f}s:\n{output}"
     assert "Traceback" not in output, output
+
+
+@pytest.mark.timeout(90)
+def test_serve_stops_with_its_record_removed_when_the_store_is_slow(mongo_server, mongo_url):
+    """A store that answers, slowly (every answer 0.4 s late: a remote server, one
+    under load): the removal and its leave entry take several round trips, past 2 s.
+    The stop gave up after 2 s in all, with a line saying there was no answer, and
+    peers went on sending here until the record expired. The bound is on a silence:
+    while answers come the stop waits (at most the record's own lifetime)."""
+    from test_store_recovery import slow_link
+
+    with slow_link(mongo_server, mongo_url, 400) as slow_url:
+        proc, _port = start_instance(slow_url, "s0", "--ping-interval", "2",
+                                     "--expiry-grace", "3")
+        try:
+            wait_until(lambda: "registered web at" in proc.output(), timeout=30)
+            time.sleep(1.0)
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    output = proc.output()
+    assert code == 0, output
+    assert "could not remove" not in output, output
+    assert "deregistered web at http://127.0.0.1:" in output, output
+    assert took < 6.0, f"the stop took {took:.1f}s:\n{output}"  # the record's lifetime: 5 s
+    assert every_record(mongo_url) == set(), output
+    # the leave entry is the last word on this endpoint in the membership log
+    import pymongo
+
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+    try:
+        entries = sorted(client.get_default_database()["clusterChanges"].find(),
+                         key=lambda e: int(e["_id"][1:]))
+    finally:
+        client.close()
+    assert entries and entries[-1]["kind"] == "leave", entries

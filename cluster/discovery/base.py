@@ -83,6 +83,10 @@ class DiscoveryStore(abc.ABC):
     description: str = ""
     #: True when membership(), changes(), announce() and the reaper lease work
     changelog: bool = False
+    #: when (time.monotonic()) the store last answered a call, 0.0 when this store does
+    #: not tell: a stop keeps waiting for a removal while answers keep coming (a slow
+    #: store), not for one that gets none (cluster.registry.Registrar.deregister)
+    answered_at: float = 0.0
 
     @abc.abstractmethod
     def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:

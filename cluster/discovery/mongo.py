@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import pymongo
 from bson.errors import BSONError
+from pymongo import monitoring
 from pymongo.errors import (
     DuplicateKeyError,
     OperationFailure,
@@ -139,11 +140,31 @@ def _redacted(url: str) -> str:
     return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
+class _Answers(monitoring.CommandListener):
+    """Notes when the server last answered a command (``MongoStore.answered_at``)."""
+
+    def __init__(self, store: MongoStore) -> None:
+        self.store = store
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self.store.answered_at = time.monotonic()
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        # an error the server sent is an answer too; a socket error or a timeout (which
+        # pymongo reports as {"errmsg": ..., "errtype": ...}) is not
+        if "errtype" not in event.failure:
+            self.store.answered_at = time.monotonic()
+
+
 class MongoStore(DiscoveryStore):
     """Records in ``<db>.clusterEndpoints``; the database comes from the URL path."""
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         ms = int(timeout * 1000)
+        self.answered_at = 0.0
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -154,6 +175,7 @@ class MongoStore(DiscoveryStore):
                     serverSelectionTimeoutMS=ms,
                     connectTimeoutMS=ms,
                     socketTimeoutMS=ms,
+                    event_listeners=[_Answers(self)],
                     **DECODING,
                 )
             database = self._client.get_default_database(default=DEFAULT_DATABASE)
