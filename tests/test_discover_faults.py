@@ -204,19 +204,25 @@ def test_an_endpoint_that_closes_connections_unanswered_is_left(sqlite_url) -> N
         with AcceptsThenCloses() as dead, records(sqlite_url, "search",
                                                   f"http://127.0.0.1:{port}",
                                                   dead.url) as node:
+            live = f"http://127.0.0.1:{port}"
             failures = 0
-            for n in range(8):  # each new client picks its first endpoint at random
+            for _ in range(40):  # new clients, each picking its first endpoint at random,
+                client = discover("search", node=node)  # until one picks the dead one
+                try:
+                    resp = client.post("/echo", data=b"first", timeout=TIMEOUT)
+                except requests.ConnectionError:
+                    failures += 1
+                    break
+                assert (resp.status_code, resp.content) == (200, b"first")
+            assert failures == 1, "none of 40 clients picked the dead endpoint first"
+            assert endpoint_hash(dead.url) in node.ejected()
+            assert client.base_url == live  # the client that failed moved on
+            for n in range(8):  # and that failure was the only one
                 client = discover("search", node=node)
                 for _ in range(3):
-                    try:
-                        resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
-                    except requests.ConnectionError:
-                        failures += 1
-                        continue
+                    resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
                     assert (resp.status_code, resp.content) == (200, b"%d" % n)
-                assert client.base_url == f"http://127.0.0.1:{port}"
-            assert failures <= 1
-            assert endpoint_hash(dead.url) in node.ejected()
+                assert client.base_url == live
     finally:
         server.stop()
 

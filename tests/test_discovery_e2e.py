@@ -86,9 +86,9 @@ def test_database_outage_keeps_tables_and_everything_recovers(mongo_server, mong
         mongo_server.stop()
         try:
             wait_until(lambda: view(url1)["store_failing"], timeout=10, what="outage noticed")
-            # ten heartbeats lost, five times a record's life (PING + GRACE): long
-            # enough that the kept tables are a decision, not an expiry still to come
-            time.sleep(10)
+            # five heartbeats lost, two and a half times a record's life (PING +
+            # GRACE): the kept tables are a decision, not an expiry still to come
+            time.sleep(5)
             for url in (url1, url2):
                 table = view(url)
                 assert {e["endpoint"] for e in table["endpoints"]} == {url1, url2}
