@@ -141,6 +141,17 @@ def running(argv: Sequence[str], port: int | None = None, **kwargs) -> Iterator[
         proc.stop()
 
 
+def self_signed(where: Path, san: bool = True) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost in ``where``: (cert, key). ``san``: with
+    subjectAltName DNS:localhost, which verification by host name needs."""
+    cert, key = where / "cert.pem", where / "key.pem"
+    names = ["-addext", "subjectAltName=DNS:localhost"] if san else []
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", *names, "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 

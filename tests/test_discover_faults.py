@@ -30,6 +30,7 @@ from helpers import (
     gunicorn_port,
     python,
     refused_port,
+    self_signed,
     start_app,
     start_backend,
     wait_until,
@@ -271,11 +272,7 @@ def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_
     endpoint and the failing one is ejected, as at the balancer. requests' SSLError was
     taken for a failure after sending: the POST failed (6 of 8 calls) and nothing was
     ejected."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True, timeout=60)
+    cert, key = self_signed(tmp_path)
     server, port = start_backend("b1")
     untrusted, tls_port = start_app("ws_echo.py", "--certfile", str(cert), "--keyfile",
                                     str(key), name="tls-echo")
@@ -413,11 +410,7 @@ def test_an_https_endpoint_of_a_ca_given_to_requests_is_probed_as_requests_verif
     restarting), is ejected; once it serves again, the next probe readmits it. The
     probe verified with the system's trust store, not requests' settings: the endpoint
     stayed ejected for good (each failed probe held it out longer)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True, timeout=60)
+    cert, key = self_signed(tmp_path)
     server, port = start_backend("b1")
     try:
         with TLSAcceptsThenCloses(str(cert), str(key)) as flaky, \
@@ -486,10 +479,7 @@ def test_the_probe_context_follows_requests_verify_and_cert(tmp_path) -> None:
     without it: held out for good)."""
     from cluster.client import _tls_context
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed(tmp_path, san=False)
     unverified = _tls_context(False, None)
     assert unverified is not None and unverified.verify_mode == ssl.CERT_NONE
     by_dir = _tls_context(str(tmp_path), None)

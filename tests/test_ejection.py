@@ -220,13 +220,10 @@ def test_the_linger_probe_of_an_https_endpoint_completes_a_verified_handshake(
     request's handshake does not, nor does the probe's, until the certificate is
     trusted (here: SSL_CERT_FILE, read when the probe's context is made)."""
     import ssl
-    import subprocess
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True, timeout=60)
+    from helpers import self_signed
+
+    cert, key = self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     listener = socket.create_server(("127.0.0.1", 0))

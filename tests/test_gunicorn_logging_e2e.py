@@ -16,9 +16,9 @@ from test_gunicorn_e2e import gunicorn, live
 LINE = r"^\[[^]]+\] \[\d+\] \[{level}\] {message}"
 
 
-def test_cluster_lines_take_gunicorns_format_and_level(tmp_path):
-    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    proc = gunicorn(tmp_path, discovery)
+def registered_and_stopped(tmp_path, discovery: str, *args: str) -> str:
+    """gunicorn's output from a start (two workers registered) to a SIGTERM stop."""
+    proc = gunicorn(tmp_path, discovery, *args)
     try:
         gunicorn_port(proc)
         wait_until(lambda: len(live(discovery)) == 2, timeout=20, what="two records")
@@ -26,7 +26,12 @@ def test_cluster_lines_take_gunicorns_format_and_level(tmp_path):
         assert proc.wait(timeout=20) == 0
     finally:
         proc.stop()
-    output = proc.output()
+    return proc.output()
+
+
+def test_cluster_lines_take_gunicorns_format_and_level(tmp_path):
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    output = registered_and_stopped(tmp_path, discovery)
     for message in ("registered web at http://127.0.0.1:", "deregistered web at "):
         found = re.findall(LINE.format(level="INFO", message=re.escape(message)), output,
                            re.MULTILINE)
@@ -53,14 +58,6 @@ def test_a_level_the_users_log_config_gives_cluster_holds(tmp_path):
         "root": {"level": "INFO", "handlers": []},
         "loggers": {"cluster": {"level": "WARNING"}}}))
     discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
-    proc = gunicorn(tmp_path, discovery, "--log-config-json", str(config))
-    try:
-        gunicorn_port(proc)
-        wait_until(lambda: len(live(discovery)) == 2, timeout=20, what="two records")
-        proc.signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        proc.stop()
-    output = proc.output()
+    output = registered_and_stopped(tmp_path, discovery, "--log-config-json", str(config))
     assert "Booting worker" in output, output  # gunicorn's own lines still print
     assert "registered web at" not in output and "deregistered web" not in output, output

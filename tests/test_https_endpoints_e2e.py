@@ -8,7 +8,6 @@ given to the cluster processes as SSL_CERT_FILE (OpenSSL's own variable).
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ import websocket
 from helpers import (
     Proc,
     cluster_argv,
+    self_signed,
     start_app,
     start_instance,
     start_library_app,
@@ -34,11 +34,7 @@ TIMEOUT = 15
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost: (cert, key)."""
     where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True, timeout=60)
+    cert, key = self_signed(where)
     return cert, key
 
 

@@ -32,6 +32,14 @@ def _through(relay_port: int, mongo_url: str) -> str:
     return f"mongodb://127.0.0.1:{relay_port}{urlsplit(mongo_url).path}?directConnection=true"
 
 
+def terminate(proc: Proc, timeout: float) -> tuple[int, float]:
+    """SIGTERM ``proc`` and wait for it: (exit code, seconds the stop took)."""
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = proc.wait(timeout=timeout)
+    return code, time.monotonic() - started
+
+
 @pytest.mark.timeout(60)
 def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo_url):
     with relay(mongo_server.port) as hole:
@@ -46,10 +54,7 @@ def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo
             time.sleep(0.3)
             hole.blackhole()
             time.sleep(1.5)  # a heartbeat is now waiting for an answer that never comes
-            started = time.monotonic()
-            proc.signal(signal.SIGTERM)
-            code = proc.wait(timeout=30)
-            took = time.monotonic() - started
+            code, took = terminate(proc, timeout=30)
             slow.join(10)
         finally:
             proc.stop()
@@ -81,10 +86,7 @@ def test_gunicorn_worker_stops_promptly_when_the_store_stops_answering(
             workers = children(proc.pid)
             hole.blackhole()
             time.sleep(1.5)
-            started = time.monotonic()
-            proc.signal(signal.SIGTERM)
-            code = proc.wait(timeout=40)
-            took = time.monotonic() - started
+            code, took = terminate(proc, timeout=40)
         finally:
             proc.stop()
     output = proc.output()
@@ -120,10 +122,7 @@ def test_serve_stops_promptly_while_another_process_locks_the_embedded_store(tmp
         locker = Proc(python("-c", LOCKER, str(store)), name="locker")
         wait_until(lambda: "locked" in locker.output(), timeout=10, what="the lock")
         time.sleep(1.0)  # calls are now waiting on the lock
-        started = time.monotonic()
-        proc.signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        took = time.monotonic() - started
+        code, took = terminate(proc, timeout=30)
     finally:
         proc.stop()
         if locker is not None:
@@ -188,10 +187,7 @@ def test_workers_starting_while_the_store_does_not_answer_stop_promptly(mongo_se
         try:
             wait_until(lambda: proc.output().count("worker 1 started") == 1, timeout=15)
             time.sleep(2.0)  # the workers wait for a first heartbeat
-            started = time.monotonic()
-            proc.signal(signal.SIGTERM)
-            code = proc.wait(timeout=30)
-            took = time.monotonic() - started
+            code, took = terminate(proc, timeout=30)
         finally:
             proc.stop()
     output = proc.output()
@@ -214,10 +210,7 @@ def test_gunicorn_worker_booting_while_the_store_does_not_answer_stops_promptly(
         try:
             wait_until(lambda: proc.output().count("Booting worker") == 2, timeout=20)
             time.sleep(2.0)
-            started = time.monotonic()
-            proc.signal(signal.SIGTERM)
-            code = proc.wait(timeout=40)
-            took = time.monotonic() - started
+            code, took = terminate(proc, timeout=40)
         finally:
             proc.stop()
     output = proc.output()
@@ -241,10 +234,7 @@ def test_serve_stops_with_its_record_removed_when_the_store_is_slow(mongo_server
         try:
             wait_until(lambda: "registered web at" in proc.output(), timeout=30)
             time.sleep(1.0)
-            started = time.monotonic()
-            proc.signal(signal.SIGTERM)
-            code = proc.wait(timeout=30)
-            took = time.monotonic() - started
+            code, took = terminate(proc, timeout=30)
         finally:
             proc.stop()
     output = proc.output()
