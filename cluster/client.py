@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import ssl
 import threading
 from http.client import RemoteDisconnected
@@ -63,9 +62,11 @@ from cluster.errors import (
 from cluster.interim import InterimAdapter
 from cluster.node import Cluster, keeps_open
 from cluster.proxy.attempts import attempt, replayable
+from cluster.rand import RANDOM
 from cluster.records import Endpoint
 
 log = logging.getLogger(__name__)
+
 
 
 class NoEndpoint(ClusterError, RequestsConnectionError):
@@ -180,7 +181,7 @@ class ServiceClient(requests.Session):
                 choices = [e for h, e in live.items() if h not in exclude]
             if not choices:
                 raise NoEndpoint(f"no live endpoint of service {self.service!r}")
-            self._current = random.choice(choices)
+            self._current = RANDOM.choice(choices)
             if current is not None:
                 log.info("%s: moving from %s to %s", self.service, current.url,
                          self._current.url)

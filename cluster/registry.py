@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 from cluster.discovery.base import Change, DiscoveryStore, Late, Membership, wanted
 from cluster.errors import DiscoveryError
 from cluster.load import Load, moved
+from cluster.rand import RANDOM
 from cluster.records import (
     BALANCER_IGNORED,
     FIELD_IGNORED,
@@ -37,6 +37,7 @@ from cluster.records import (
 )
 
 log = logging.getLogger(__name__)
+
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -355,7 +356,7 @@ class Registrar(_Loop):
                 # Retry soon, then less often, but never slower than the ping interval:
                 # when the store returns, the record must be back before it expires.
                 backoff = min(self.ping_interval, max(0.25, backoff * 2))
-                self._stopping.wait(backoff * random.uniform(0.8, 1.0))
+                self._stopping.wait(backoff * RANDOM.uniform(0.8, 1.0))
                 continue
             backoff = 0.0
             self.outage.succeeded()
@@ -595,7 +596,7 @@ class Watcher(_Loop):
         if epoch is None or self._epoch is None or epoch > self._epoch:
             self._epoch = epoch  # never back: the hint may trail what we already applied
         spread = RESYNC_SECONDS + RESYNC_PER_RECORD * len(self._known)
-        self._next_resync = time.monotonic() + spread * random.uniform(0.8, 1.2)
+        self._next_resync = time.monotonic() + spread * RANDOM.uniform(0.8, 1.2)
         return endpoints
 
     def _stalled(self, asked_at: float) -> bool:

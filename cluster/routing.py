@@ -23,12 +23,12 @@ The admin pages (``--admin-prefix``) are not routed: cluster.admin answers them 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 from urllib.parse import quote
 
 from cluster import versions
+from cluster.rand import RANDOM
 from cluster.records import Endpoint
 from cluster.registry import EndpointTable
 from cluster.trust import peer_address
@@ -234,7 +234,7 @@ def route(
     table: EndpointTable,
     policy: Policy,
     exclude: frozenset[str] = frozenset(),
-    rand: Callable[[], float] = random.random,
+    rand: Callable[[], float] = RANDOM.random,
     *,
     ejected: frozenset[str] = frozenset(),
     load: Scores | None = None,

@@ -448,3 +448,39 @@ def test_sockjs_base_url_may_use_a_sibling_endpoints_balancer():
     d = route(request, table(A, sibling), BALANCER_ONLY, rand=lambda: 0.0)
     assert isinstance(d, SockJSInfo) and d.endpoint == A
     assert d.base_url == f"https://lb-web.example/cluster-ddp/{A.hash}/web"
+
+
+def test_picks_and_jitter_leave_the_process_random_state_alone(tmp_path):
+    """A user's seeded sequence (random.seed) stays theirs: routing picks, the
+    watcher's resync jitter and discover()'s first pick draw from cluster's own
+    generator. They moved the random module's state, from request greenlets and
+    background threads alike (Hypothesis failed a property test when another test's
+    watcher thread drew meanwhile)."""
+    import random
+
+    from cluster.client import ServiceClient
+    from cluster.discovery import open_store
+    from cluster.node import Cluster
+    from cluster.records import make_record
+    from cluster.registry import Watcher
+
+    store = open_store(f"sqlite://{tmp_path / 'discovery.sqlite3'}")
+    node = Cluster(discovery_url=f"sqlite://{tmp_path / 'discovery.sqlite3'}",
+                   register=False)
+    try:
+        for url in (A.url, B.url):
+            store.heartbeat(make_record("web", url, None, 5.0))
+        random.seed(7)
+        state = random.getstate()
+        for _ in range(50):
+            route(RequestView(), WEB, POLICY)
+        watcher = Watcher(store, grace=5.0, refresh_interval=1.0)
+        for _ in range(3):
+            watcher.refresh()
+        node.watcher.refresh()
+        picked = {ServiceClient("web", node).base_url for _ in range(10)}
+        assert picked <= {A.url, B.url}
+        assert random.getstate() == state
+    finally:
+        node.close()
+        store.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import random
 import sqlite3
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from cluster.discovery.base import DiscoveryStore, StoreSnapshot, wanted
 from cluster.errors import DiscoveryError
+from cluster.rand import RANDOM
 from cluster.records import shown
 
 T = TypeVar("T")
@@ -162,7 +162,7 @@ class EmbeddedStore(DiscoveryStore):
                 else:
                     return result
                 # Sleeps in the caller (a greenlet under gevent), not in a pool thread.
-                time.sleep(delay * random.uniform(0.5, 1.0))
+                time.sleep(delay * RANDOM.uniform(0.5, 1.0))
                 delay = min(delay * 2, 0.25)
 
     def _drop_connection(self) -> None:
