@@ -40,12 +40,12 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
 from cluster.door import LocalHandler
+from cluster.metricsdir import make_metrics_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
 def when_ready(server: Any) -> None:
     # Before any worker is forked, so each imports prometheus_client in multi-process mode.
     if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = tempfile.mkdtemp(
-            prefix="cluster-metrics-")
+        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = make_metrics_dir()
     server.log.info("cluster: each worker registers an endpoint of its own; "
                     "the shared port is not registered")
 

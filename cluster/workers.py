@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ import gevent.select
 
 from cluster.config import Settings, host_port, to_environment
 from cluster.conn import HEAD, IDLE, LINGER
+from cluster.metricsdir import make_metrics_dir
 
 if TYPE_CHECKING:
     from cluster.door import Door
@@ -286,7 +286,7 @@ def _terminate(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
 def run_workers(settings: Settings, listener: Any) -> int:
     """Supervise the workers until SIGTERM/SIGINT; returns the exit status."""
     metrics_dir = os.environ.get(MULTIPROC_ENV)
-    own_metrics_dir = None if metrics_dir else tempfile.mkdtemp(prefix="cluster-metrics-")
+    own_metrics_dir = None if metrics_dir else make_metrics_dir()
     try:
         return Supervisor(settings, listener, metrics_dir or own_metrics_dir).run()
     finally:
