@@ -117,13 +117,15 @@ def _closed_unanswered(exc: RequestsConnectionError) -> bool:
 class ServiceClient(requests.Session):
     """A Session bound to a live endpoint of ``service``; absolute URLs pass untouched."""
 
-    def __init__(self, service: str, node: Cluster, attempts: int = 3, *,
+    def __init__(self, service: str, node: Cluster, attempts: int | None = None, *,
                  shared: Settings | None = None) -> None:
         super().__init__()
         self._mount_adapters()
         self.service = service
         self.node = node
-        self.attempts = attempts
+        #: endpoints one call may try: ``--retries`` (CLUSTER_RETRIES) others after the
+        #: first, as the balancer does, unless given
+        self.attempts = node.settings.retries + 1 if attempts is None else attempts
         #: the settings of discover()'s shared node, when ``node`` is that one
         self._shared = shared
         self._pid = os.getpid()

@@ -492,3 +492,21 @@ def test_the_probe_context_follows_requests_verify_and_cert(tmp_path) -> None:
                    capture_output=True, timeout=60)
     assert _tls_context(str(cert), (str(cert), str(other))) is None  # the chain is loaded
     assert _tls_context(str(tmp_path / "missing.pem"), None) is None
+
+
+def test_retries_setting_bounds_the_endpoints_a_call_tries(sqlite_url, monkeypatch) -> None:
+    """``--retries`` (CLUSTER_RETRIES) is "other endpoints to try when one refuses a
+    connection", for the balancer and cluster.discover() alike; discover() tried three
+    whatever it said."""
+    with records(sqlite_url, "search", retries=5) as node:
+        assert discover("search", node=node).attempts == 6
+    monkeypatch.setenv("CLUSTER_RETRIES", "0")
+    client = discover("search", discovery_url=sqlite_url)
+    assert client.attempts == 1
+    with refused_port() as port, records(sqlite_url, "search", f"http://127.0.0.1:{port}",
+                                          retries=0) as node:
+        # one attempt: the refusal itself, where a second would have found the table
+        # empty (NoEndpoint, as with the default)
+        with pytest.raises(requests.ConnectionError, match="refused") as raised:
+            discover("search", node=node).get("/x", timeout=TIMEOUT)
+        assert not isinstance(raised.value, NoEndpoint)
