@@ -524,6 +524,8 @@ class Watcher(_Loop):
         self.reaping = False
         self._warned: set[tuple[str, str]] = set()
         self._shelter_until = 0.0
+        #: time.monotonic() when the refresh under way began (Watcher._stalled)
+        self._began = time.monotonic()
         self._lock = threading.RLock()
         self._known: dict[str, Endpoint] = {}
         self._epoch: int | None = None  # None: the records must be read
@@ -563,12 +565,16 @@ class Watcher(_Loop):
         """
         with self._lock:
             self.stats.refreshes += 1
-            began = time.monotonic()
+            began = self._began = time.monotonic()
             if not self.store.changelog or self.outage.failing:
                 # the first read after an outage is a full one (see _read_records)
                 self._read_records()
             else:
                 self._follow_log()
+            if self._stalled():
+                # a call after the last check stalled (the reaper's announcements or
+                # its list of late records): the next refreshes shelter, as after any
+                self._recovering()
             took = time.monotonic() - began
             self._usual = took if not self._usual else 0.8 * self._usual + 0.2 * took
             self.refreshed_at = time.time()
@@ -579,11 +585,10 @@ class Watcher(_Loop):
 
     def _read_records(self, epoch: int | None = None, every: bool = False) -> list[Endpoint]:
         """Read the records (of our services, or ``every`` one) and rebuild the table."""
-        asked_at = time.monotonic()
         snapshot = self.store.snapshot(None if every else self.services)
         self.read_at = time.monotonic()
         self.stats.full_reads += 1
-        if self.outage.failing or self._stalled(asked_at):
+        if self.outage.failing or self._stalled():
             self._recovering()
         endpoints, problems = parse_documents(snapshot.documents, snapshot.now)
         self._warn_once(problems + snapshot.unreadable)
@@ -599,17 +604,22 @@ class Watcher(_Loop):
         self._next_resync = time.monotonic() + spread * RANDOM.uniform(0.8, 1.2)
         return endpoints
 
-    def _stalled(self, asked_at: float) -> bool:
-        """Whether the store took long enough to answer a call made at ``asked_at`` for
+    def _stalled(self) -> bool:
+        """Whether the store took long enough to answer the calls of this refresh for
         heartbeats to go stale meanwhile, without failing anyone (a stopped process, a
         GC pause, an election, a read that waited out server selection): then it is a
         recovery all the same.
+
+        Counted from the refresh's start, not from the read being judged: any call
+        may be the one that waits (the reaper renews its lease before it reads, and a
+        write is retried once the server is back), and the read after it is as quick
+        as ever while every record it returns is stale.
 
         Slow means slow for this store too: several times its usual refresh. A store
         that is slow all along (a distant link) lets heartbeats land as late as it
         answers reads, and a shelter opened again at every refresh would keep dead
         endpoints for ever."""
-        took = time.monotonic() - asked_at
+        took = time.monotonic() - self._began
         return took > self.grace / 2 and took > STALL_FACTOR * self._usual
 
     def _recovering(self) -> None:
@@ -623,10 +633,9 @@ class Watcher(_Loop):
         self._steady_since = time.monotonic()
 
     def _follow_log(self) -> None:
-        asked_at = time.monotonic()
         membership = self.store.membership()
         self.stats.lookups += 1
-        if self._stalled(asked_at):
+        if self._stalled():
             self._recovering()
         if self.reap:
             self._reaper_duty(membership)

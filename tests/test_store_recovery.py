@@ -107,6 +107,93 @@ def test_endpoints_stay_through_a_store_that_stalled(mongo_server, mongo_url, re
         writer.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["renew_reaper", "changes", "publish_late", "announce"])
+def test_the_reaper_keeps_endpoints_through_a_stall_in_any_call(mongo_server, mongo_url,
+                                                                call):
+    """The store stalls while the reaper waits on a call other than the reads it
+    judged stalls by: the renewal of its lease (a write pymongo retries once the
+    server is back), the log lookup before its scan, or, after a scan, the listing
+    of a crashed endpoint as late or the announcement of its expiry. The next scan is
+    as quick as ever and finds every heartbeat stale, as nobody could write
+    meanwhile; the live endpoints must stay until their heartbeats land (the soak's
+    restart of the database: 771 answers "no live endpoint", and a leave announced
+    for every endpoint). Heartbeats resume a little after the store, as a
+    registrar's do after its retry's backoff."""
+    store = open_store(mongo_url, timeout=8)
+    writer = open_store(mongo_url, timeout=8)
+    url = "http://127.0.0.1:9"
+    registrar = Registrar(writer, "web", url, None, ping_interval=1.0)
+    crashed = Registrar(writer, "web", "http://127.0.0.1:10", None, ping_interval=1.0)
+    watcher = Watcher(store, grace=0.5, refresh_interval=0.1, reap=True)
+    pid = mongo_server.pid
+    assert pid is not None
+    done, hold = threading.Event(), threading.Event()
+    resumed: list[float] = []
+
+    def beat() -> None:
+        while not done.is_set():
+            if not hold.is_set():
+                registrar.beat()
+            done.wait(0.3)
+
+    def stall_then_resume() -> None:
+        time.sleep(2.0)  # longer than pingInterval + grace; shorter than the timeouts
+        os.kill(pid, signal.SIGCONT)
+        resumed.append(time.monotonic())
+        time.sleep(0.3)  # the registrar's retry lands a little later
+        hold.clear()
+
+    stalled = threading.Event()
+    original = getattr(store, call)
+
+    def stalling(*args, **kwargs):
+        if armed.is_set() and not stalled.is_set() and \
+                threading.current_thread().name == Watcher.name:
+            stalled.set()
+            hold.set()
+            os.kill(pid, signal.SIGSTOP)  # before the call is sent: it waits for the store
+            threading.Thread(target=stall_then_resume, daemon=True).start()
+        return original(*args, **kwargs)
+
+    armed = threading.Event()
+    setattr(store, call, stalling)
+    beating = threading.Thread(target=beat, daemon=True)
+    try:
+        beating.start()
+        watcher.start()
+        wait_until(lambda: watcher.reaping and [e.url for e in watcher.table.endpoints] == [url],
+                   timeout=10, what="the reaper's table")
+        time.sleep(1.6)  # steady: the reaper has read well for a ping interval + grace
+        if call in ("publish_late", "announce"):
+            crashed.beat()  # and never again: listed late, then announced as expired
+            wait_until(lambda: len(watcher.table.endpoints) == 2, timeout=5, interval=0.01)
+        armed.set()
+        wait_until(stalled.is_set, timeout=5, interval=0.01, what=f"a call to {call}")
+        missing = []
+        while not resumed or time.monotonic() - resumed[0] < 2.0:
+            if url not in [e.url for e in watcher.table.endpoints]:
+                missing.append(round(time.monotonic() - (resumed or [0.0])[0], 2))
+            time.sleep(0.005)
+        assert not watcher.outage.failing, "a stall, not a failure"
+        assert watcher.reaping
+        assert missing == [], (f"the live endpoint left the table after the stall "
+                               f"({len(missing)} samples, {missing[0]}-{missing[-1]}s "
+                               f"after the store resumed)")
+        log = writer.changes(1, 200) or []
+        assert [c for c in log if c.kind == "leave" and c.endpoint == url] == [], \
+            "the reaper announced a leave for a live endpoint"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        done.set()
+        beating.join(5)
+        registrar.stop()
+        watcher.stop()
+        store.close()
+        writer.close()
+
+
 def _toxiproxy_answers(api: int) -> bool:
     try:
         response = requests.get(f"http://127.0.0.1:{api}/version", timeout=1)
