@@ -186,6 +186,34 @@ def read_headers(rfile: Any) -> RequestHeaders:
         fields.append((name, value))
 
 
+#: what pywsgi raises for a body it cannot read (an OSError: apps catch it as the end of
+#: their input, and pywsgi answers 400 and closes when it is not caught)
+_InvalidClientInput: type[OSError] = getattr(pywsgi, "_InvalidClientInput", OSError)
+
+
+class ClusterInput(pywsgi.Input):  # type: ignore[misc]
+    """pywsgi's request body reader, with every bad chunk-size line refused alike.
+
+    A size line with no digits (an empty line, or ``;ext`` alone) hit ``int(b"", 16)``
+    in pywsgi: a ValueError, not pywsgi's bad-input error. The app saw an unexpected
+    exception (a traceback and a 500 for a client's mistake), and pywsgi then skipped
+    the rest of the body by reading the chunk data as size lines: data that looked like
+    hex (``abc``) held the connection, unanswered, until the client gave up. h11,
+    llhttp and nginx refuse such a line; so does the front door. Now it is pywsgi's
+    bad-input error: a 400, and the connection closes after the answer.
+    """
+
+    __slots__ = ()
+
+    def _chunked_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
+        try:
+            data: bytes = super()._chunked_read(length, use_readline)
+        except ValueError:  # only int(b"", 16): the digits read are checked hex ones
+            self._chunked_input_error = True  # the stream is out of step: close after
+            raise _InvalidClientInput("a chunk size line without a size") from None
+        return data
+
+
 def set_nodelay(sock: Any) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -266,6 +294,9 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
+        if type(self.wsgi_input) is pywsgi.Input:
+            # pywsgi builds its Input itself: the same object, read by ClusterInput
+            self.wsgi_input.__class__ = ClusterInput
         expect = environ.get("HTTP_EXPECT")
         if expect is not None:
             if self.request_version != "HTTP/1.1":

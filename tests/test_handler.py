@@ -277,6 +277,27 @@ def test_a_body_a_proxy_could_frame_another_way_is_refused(fields: bytes, body: 
     assert len(server.errors.lines) == 1 and "Traceback" not in server.errors.lines[0]
 
 
+@pytest.mark.parametrize("size_line", [b"\r\n", b";ext\r\n"],
+                         ids=["empty", "extension-only"])
+@pytest.mark.parametrize("then", [b"abc\r\n0\r\n\r\n", b"0\r\n\r\n" + SMUGGLED],
+                         ids=["hex-looking-data", "last-chunk-then-a-request"])
+def test_a_chunk_size_line_without_digits_is_a_clean_400_and_the_end(
+        size_line: bytes, then: bytes, capsys: Any) -> None:
+    """pywsgi read a size line with no digits as int(b"", 16): a ValueError, so the log
+    got a traceback and the client a 500 for its own mistake, and only once it stopped
+    sending: pywsgi skipped the rest of the body by reading the chunk data ("abc") as a
+    size line first. h11, llhttp, nginx and the front door refuse the line (400)."""
+    server = Server(environ_app)
+    try:
+        answer = server.exchange(b"POST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked"
+                                 b"\r\n\r\n" + size_line + then + SMUGGLED)
+    finally:
+        server.server.stop()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"/smuggled" not in answer, answer
+    assert "Traceback" not in "".join(server.errors.lines) + capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", [b"chunked ", b"\tChunked", b",chunked", b"CHUNKED, "])
 def test_chunked_spelled_any_valid_way_is_read_as_chunked(value: bytes) -> None:
     """RFC 9110 5.6.1 lists and case-insensitive codings: what the front door reads as
