@@ -567,6 +567,11 @@ SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-A: 1\r\n\nab\r\n\r\n"),
     "/one-bare-lf": lambda c: c.sendall(
         b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 6\r\n\r\nab\r\n\r\n"),
+    # to a HEAD: the length a GET would have had (RFC 9110 8.6 allows it on a 304)
+    "/no-content-with-length": lambda c: c.sendall(
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 11\r\n\r\n"),
+    "/not-modified-with-length": lambda c: c.sendall(
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 11\r\n\r\n"),
 }
 
 
@@ -611,6 +616,25 @@ def test_chunk_extensions_and_trailers_are_handled(scripted) -> None:
     resp = get(f"{scripted[2]}/chunked-extras")
     assert (resp.status_code, resp.text) == (200, "hello world")
     assert "Trailer" not in resp.headers
+
+
+@pytest.mark.parametrize("path, status", [("/no-content-with-length", "204 No Content"),
+                                          ("/not-modified-with-length", "304 Not Modified")])
+def test_a_head_answered_204_or_304_with_a_length_is_passed_on(scripted, path: str,
+                                                               status: str) -> None:
+    """pywsgi refuses a non-zero Content-Length on a 204 or 304 from the app: the length
+    a HEAD's 204 or 304 came with was passed to it, and the client got a 500 (and the
+    log a traceback) for an answer the front door passes on."""
+    upstream, proxy, url = scripted
+    with raw(int(url.rsplit(":", 1)[1])) as client:
+        client.send(request("HEAD", path))
+        first, headers = client.head()
+        assert first == f"HTTP/1.1 {status}", (first, headers)
+        assert header(headers, "Content-Length") == []
+        client.send(request("GET", "/interim"))  # the connection still frames answers
+        assert client.head()[0] == "HTTP/1.1 200 OK"
+        assert client.exactly(2) == b"ok"
+    assert "Traceback" not in proxy.output()
 
 
 @pytest.mark.parametrize("path", ["/garbage", "/closed", "/switch", "/gzip-chunked"])

@@ -404,9 +404,11 @@ class HttpForwarder:
             raise misbehaving(UpstreamBroken(
                 url, f"unsupported Transfer-Encoding {head.transfer[:40]!r}"))
         headers = head.field_pairs()
-        if (mode == CHUNKED or mode == NO_BODY) and head.length >= 0 and method != "HEAD":
-            # pywsgi refuses a non-zero Content-Length on 204/304; with chunked framing
-            # the Content-Length must not pass.
+        if head.length >= 0 and (mode == CHUNKED or (mode == NO_BODY and (
+                method != "HEAD" or head.code in (204, 304)))):
+            # pywsgi refuses a non-zero Content-Length on 204/304 (a 500), also to a HEAD,
+            # where it is the length a GET would have had; with chunked framing the
+            # Content-Length must not pass.
             headers = [h for h in headers if h[0].lower() != "content-length"]
         keep = head.keep_alive and not early and mode != UNTIL_CLOSE
         if method == "HEAD":
