@@ -191,8 +191,19 @@ def read_headers(rfile: Any) -> RequestHeaders:
 _InvalidClientInput: type[OSError] = getattr(pywsgi, "_InvalidClientInput", OSError)
 
 
+#: Largest single read of a request body with a Content-Length (see ClusterInput)
+READ_PIECE = 1 << 20
+
+
 class ClusterInput(pywsgi.Input):  # type: ignore[misc]
-    """pywsgi's request body reader, with every bad chunk-size line refused alike.
+    """pywsgi's request body reader, with every bad chunk-size line refused alike, and
+    a large Content-Length read as it arrives.
+
+    ``read()`` of a body with a Content-Length was one ``rfile.read(length)``, which
+    allocates ``length`` bytes before a byte arrives: a one-line request claiming
+    ``Content-Length: 999999999999`` was a MemoryError (a traceback and a 500) in any
+    app that reads its input. Reads past READ_PIECE go in pieces, so memory follows
+    the bytes that came, as at the front door.
 
     A size line with no digits (an empty line, or ``;ext`` alone) hit ``int(b"", 16)``
     in pywsgi: a ValueError, not pywsgi's bad-input error. The app saw an unexpected
@@ -204,6 +215,20 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
     """
 
     __slots__ = ()
+
+    def _do_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
+        left = (self.content_length or 0) - self.position
+        if length is None or length > left:
+            length = left
+        if use_readline or length <= READ_PIECE:
+            data: bytes = super()._do_read(length, use_readline)
+            return data
+        pieces = []
+        while length > 0:  # a short read raises pywsgi's "unexpected end of file"
+            piece = super()._do_read(min(length, READ_PIECE))
+            pieces.append(piece)
+            length -= len(piece)
+        return b"".join(pieces)
 
     def _chunked_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
         try:

@@ -298,6 +298,25 @@ def test_a_chunk_size_line_without_digits_is_a_clean_400_and_the_end(
     assert "Traceback" not in "".join(server.errors.lines) + capsys.readouterr().err
 
 
+def test_a_huge_content_length_is_read_as_the_bytes_come(capsys: Any) -> None:
+    """pywsgi read a body in one rfile.read(Content-Length), allocating it all first: a
+    one-line request claiming a terabyte was a MemoryError (a traceback, a 500) in an
+    app that reads its input. Now the bytes that came are read, then the client's end."""
+    server = Server(environ_app)
+    try:
+        answer = server.exchange(b"POST /e HTTP/1.1\r\nHost: a\r\n"
+                                 b"Content-Length: 999999999999\r\n\r\nabc")
+        whole = server.exchange(b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                                % (3 << 20) + b"x" * (3 << 20))
+    finally:
+        server.server.stop()
+    errors = "".join(server.errors.lines) + capsys.readouterr().err
+    assert "MemoryError" not in errors and "Traceback" not in errors, errors
+    assert b" 500 " not in answer, answer
+    assert whole.startswith(b"HTTP/1.1 200 "), whole[:200]
+    assert json.loads(whole.partition(b"\r\n\r\n")[2])["body"] == "x" * (3 << 20)
+
+
 @pytest.mark.parametrize("value", [b"chunked ", b"\tChunked", b",chunked", b"CHUNKED, "])
 def test_chunked_spelled_any_valid_way_is_read_as_chunked(value: bytes) -> None:
     """RFC 9110 5.6.1 lists and case-insensitive codings: what the front door reads as
