@@ -288,6 +288,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         check_framing(headers, self.request_version)
         return headers
 
+    def _check_http_version(self) -> bool:
+        """pywsgi's check, with a version lacking its minor number (``HTTP/1``) a 400
+        like any other bad one: pywsgi indexed past it, and each such request line put
+        a traceback in the log."""
+        try:
+            return bool(super()._check_http_version())
+        except (IndexError, ValueError):
+            return False
+
     def _handle_client_error(self, ex: Exception) -> Any:
         """pywsgi's (one log line and a 400), with the status a malformed head calls
         for when it is another (501)."""

@@ -221,6 +221,9 @@ BAD = [
     b"GET / HTTP/1.1\r\nX-Del: a\x7fb\r\n\r\n",
     b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (MAX_HEADER_LINE + 10) + b"\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+    # a version without its minor number: pywsgi's check raised IndexError (a traceback)
+    b"GET / HTTP/1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.x\r\nHost: a\r\n\r\n",
 ]
 
 
