@@ -234,7 +234,8 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
         try:
             data: bytes = super()._chunked_read(length, use_readline)
         except ValueError:  # only int(b"", 16): the digits read are checked hex ones
-            self._chunked_input_error = True  # the stream is out of step: close after
+            # the stream is out of step: close after (a slot of pywsgi's Input)
+            self._chunked_input_error = True  # type: ignore[misc]
             raise _InvalidClientInput("a chunk size line without a size") from None
         return data
 
