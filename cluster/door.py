@@ -1213,6 +1213,9 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
 
     connection: Connection
     websocket_used = False
+    # the door's reader grows with the bytes that came, and its scanner refuses a bad
+    # chunk line before pywsgi reads it: pywsgi's own Input is enough (and one copy less)
+    checked_input = False
     body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
     client_left = False  # a send to the client failed during this response
 

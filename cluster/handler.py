@@ -277,6 +277,9 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     """
 
     hijacked = False
+    #: read request bodies with :class:`ClusterInput` (a subclass whose reader already
+    #: reads as bytes arrive and checks chunk lines first turns it off)
+    checked_input = True
 
     def handle(self) -> None:
         set_nodelay(self.socket)
@@ -329,7 +332,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
-        if type(self.wsgi_input) is pywsgi.Input:
+        if self.checked_input and type(self.wsgi_input) is pywsgi.Input:
             # pywsgi builds its Input itself: the same object, read by ClusterInput
             self.wsgi_input.__class__ = ClusterInput
         expect = environ.get("HTTP_EXPECT")
