@@ -355,6 +355,21 @@ def test_chunk_data_behind_a_size_line_pywsgi_refused_is_never_served_as_a_reque
     assert responses[0].header("connection") == "close" or len(responses) == 2, responses
 
 
+@pytest.mark.parametrize("size_line", [b"\r\n", b";ext\r\n"], ids=["empty", "extension-only"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_a_chunk_size_line_without_digits_is_a_prompt_400_and_the_end(
+        request: pytest.FixtureRequest, where: str, size_line: bytes) -> None:
+    """h11, llhttp, nginx and the door refuse a size line with no digits. Under
+    cluster.wrap() pywsgi raised a ValueError into the app (a traceback), then skipped
+    the body by reading its data ("abc") as the next size: no answer at all until the
+    client gave up."""
+    door = request.getfixturevalue(where)
+    raw = (b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
+           b"\r\n\r\n" + size_line + b"abc\r\n0\r\n\r\n")
+    responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert closed and [r.status for r in responses] == [400], (responses, closed)
+
+
 def test_an_answer_to_a_body_the_doors_scanner_refused_says_the_connection_ends(
         local: Door) -> None:
     """A control byte in a chunk extension: pywsgi skips extensions unread, the door's
@@ -404,11 +419,13 @@ def test_an_upload_cut_short_is_no_server_error(local: Door, start: bytes, how: 
 @pytest.mark.parametrize("start", [
     b"Content-Length: 100000\r\n\r\n" + b"x" * 1000,
     b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc",
-], ids=["content-length", "chunked"])
+    b"Content-Length: 999999999999\r\n\r\n" + b"x" * 1000,
+], ids=["content-length", "chunked", "huge-length"])
 def test_an_upload_cut_short_under_cluster_wrap_is_no_traceback(library: Door,
                                                                 start: bytes) -> None:
     """As at the door: the app's read raises, and pywsgi logged a traceback for it (any
-    client could write one per request)."""
+    client could write one per request). A length of a terabyte was a MemoryError at
+    once: pywsgi allocated the whole body before reading it."""
     before = len(library.proc.output())
     with socket.create_connection(("127.0.0.1", library.port)) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + start)
