@@ -62,6 +62,9 @@ class EndpointTable:
     balancers_by_service: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    #: hashes of the endpoints kept although overdue: no heartbeat of anyone landed
+    #: since theirs was due (see :func:`unconfirmed`)
+    held: frozenset[str] = frozenset()
 
     @property
     def balancers(self) -> tuple[str, ...]:
@@ -84,13 +87,21 @@ class EndpointTable:
         endpoints: Iterable[Endpoint],
         grace: float,
         keep: frozenset[str] = frozenset(),
+        writes: Writes | None = None,
     ) -> EndpointTable:
-        """Keep the endpoints whose heartbeat is younger than pingInterval + grace.
+        """Keep the endpoints whose heartbeat is younger than pingInterval + grace, and
+        with ``writes`` (what a watcher saw of the store taking writes) the overdue ones
+        whose death nothing confirms (:func:`unconfirmed`).
 
         Hashes in ``keep`` stay even when stale (see ``Watcher.refresh``).
         """
+        endpoints = list(endpoints)
+        held = frozenset() if writes is None else frozenset(
+            e.hash for e in endpoints if e.hash not in keep
+            and not e.is_healthy(now, grace) and unconfirmed(e, writes, now, grace))
         live = sorted(
-            (e for e in endpoints if e.hash in keep or e.is_healthy(now, grace)),
+            (e for e in endpoints if e.hash in keep or e.hash in held
+             or e.is_healthy(now, grace)),
             key=lambda e: (e.service, e.url),
         )
         by_service: dict[str, list[Endpoint]] = {}
@@ -110,7 +121,40 @@ class EndpointTable:
             balancers_by_service=MappingProxyType(
                 {k: tuple(v) for k, v in service_balancers.items()}
             ),
+            held=held,
         )
+
+
+@dataclass(frozen=True)
+class Writes:
+    """What a reader saw of the store taking writes, by the store's clock."""
+
+    #: the latest write seen: a heartbeat, or the reaper's renewal of its lease
+    last: dt.datetime
+    #: writes were seen landing without a gap since then
+    since: dt.datetime
+
+
+def unconfirmed(endpoint: Endpoint, writes: Writes | None, now: dt.datetime,
+                grace: float) -> bool:
+    """Whether an overdue endpoint's death is unconfirmed, so that it stays: no write
+    reached the store since its heartbeat was due, or writes land again only since
+    less than a ping interval (its own lands within one); at most :data:`HOLD_SECONDS`
+    past its expiry.
+
+    A store that answers reads but takes no writes (a full disk, a read-only file
+    system, a lock held on the embedded file) stops every heartbeat at once: every
+    record goes overdue within one ping interval, and expiring them emptied every
+    table, a 503 for every request while every instance ran. When others' heartbeats
+    land, an overdue record is a dead instance, expired as ever. A crashed endpoint
+    that was the only one anybody reads stays (and is ejected by routing when it
+    refuses) until the hold is over."""
+    if endpoint.age(now) >= endpoint.ping_interval + grace + HOLD_SECONDS:
+        return False
+    window = dt.timedelta(seconds=endpoint.ping_interval * CONFIRM_SLACK)
+    if writes is None or writes.last <= endpoint.timestamp + window:  # none seen since due
+        return True
+    return now < max(writes.since, endpoint.timestamp) + window
 
 
 def parse_documents(
@@ -465,6 +509,11 @@ STALL_FACTOR = 4.0
 #: O(N) store work, not O(N²) (1,000 records: every 9 minutes or so)
 RESYNC_SECONDS = 60.0
 RESYNC_PER_RECORD = 0.5
+#: an overdue record stays while no heartbeat of anyone landed after its own was due
+#: (this many ping intervals after it: heartbeats go start to start, each landing a
+#: store round trip late), for at most HOLD_SECONDS past its expiry (registry.unconfirmed)
+CONFIRM_SLACK = 1.25
+HOLD_SECONDS = 300.0
 #: the reaper lists a record as late when its heartbeat is this many seconds overdue
 #: (a quarter of the grace when that is less); late records listed at most
 LATE_AFTER = 0.5
@@ -526,6 +575,14 @@ class Watcher(_Loop):
         self._shelter_until = 0.0
         #: time.monotonic() when the refresh under way began (Watcher._stalled)
         self._began = time.monotonic()
+        #: what this watcher saw of the store taking writes (registry.unconfirmed)
+        self._writes: Writes | None = None
+        self._sampled = self._advanced = 0.0  # time.monotonic() of the last read, advance
+        #: time.monotonic() since overdue endpoints are held because no write landed
+        #: since they were due (None: none held so); warned: the warning was logged
+        self._held_since: float | None = None
+        self._warned_held = False
+        self._refused = False  # the store said it could not take a write (takes_writes)
         self._lock = threading.RLock()
         self._known: dict[str, Endpoint] = {}
         self._epoch: int | None = None  # None: the records must be read
@@ -595,7 +652,12 @@ class Watcher(_Loop):
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
-        table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep)
+        self._saw_write(max((e.timestamp for e in endpoints), default=None))
+        if any(not e.is_healthy(snapshot.now, self.grace)
+               and unconfirmed(e, self._writes, snapshot.now, self.grace) for e in endpoints):
+            self._probe_writes(snapshot.now)
+        table = EndpointTable.build(snapshot.now, endpoints, self.grace, keep, self._writes)
+        self._note_held(len(table.held), snapshot.now, table.endpoints)
         self._known = dict(table.by_hash)
         self._swap(table)
         if epoch is None or self._epoch is None or epoch > self._epoch:
@@ -603,6 +665,66 @@ class Watcher(_Loop):
         spread = RESYNC_SECONDS + RESYNC_PER_RECORD * len(self._known)
         self._next_resync = time.monotonic() + spread * RANDOM.uniform(0.8, 1.2)
         return endpoints
+
+    def _probe_writes(self, now: dt.datetime) -> None:
+        """Ask the store whether a write could land now (a store that can tell: the
+        embedded file's write lock): yes is a write seen at ``now``, after a no the
+        start of a new run of writes."""
+        answer = self.store.takes_writes()
+        if answer is False:
+            self._refused = True
+        elif answer:
+            self._saw_write(now, resumed=self._refused)
+            self._refused = False
+
+    def _saw_write(self, latest: dt.datetime | None, resumed: bool | None = None) -> None:
+        """Record the latest write seen in the store (the newest heartbeat read, the
+        reaper's lease renewal; every watcher sees one or the other at each refresh).
+        When reads that came often saw none for longer than a ping interval (and
+        slack), the store took no writes meanwhile: a new run of writes starts at the
+        next one seen (Writes.since), and overdue endpoints get a ping interval to land
+        theirs. Reads far apart (this watcher held up) cannot tell, and leave the run
+        as it was."""
+        now = time.monotonic()
+        sampled, self._sampled = self._sampled, now  # looked, whatever was seen
+        if latest is None:
+            return
+        seen = self._writes
+        if seen is None:
+            self._writes, self._advanced = Writes(latest, _EPOCH), now
+            return
+        if latest <= seen.last:
+            return
+        longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+        gap = longest * CONFIRM_SLACK + self.refresh_interval
+        if resumed is None:
+            resumed = now - self._advanced > gap and now - sampled <= gap
+        self._writes = Writes(latest, latest if resumed else seen.since)
+        self._advanced = now
+        self._held_since = None
+        if self._warned_held:
+            self._warned_held = False
+            log.info("heartbeats land in %s again", self.store.description)
+
+    def _note_held(self, count: int, now: dt.datetime, endpoints: Iterable[Endpoint]) -> None:
+        """One warning once overdue endpoints have been held for a ping interval plus
+        grace because no write landed since they were due (a reaper's takeover after it
+        died with everyone else takes about a second, and ends it quietly)."""
+        if not count or self._writes is None or self._warned_held:
+            return
+        last = self._writes.last
+        overdue = [e for e in endpoints if not e.is_healthy(now, self.grace)
+                   and last <= e.timestamp + dt.timedelta(
+                       seconds=e.ping_interval * CONFIRM_SLACK)]
+        if not overdue:
+            return
+        since = self._held_since = self._held_since or time.monotonic()
+        if time.monotonic() - since >= max(e.ping_interval for e in overdue) + self.grace:
+            self._warned_held = True
+            log.warning("no heartbeat has landed in %s since %d overdue endpoint "
+                        "record(s) were due: keeping them for up to %.0fs (a store that "
+                        "takes no writes looks like this, as do all instances gone at "
+                        "once)", self.store.description, count, HOLD_SECONDS)
 
     def _stalled(self) -> bool:
         """Whether the store took long enough to answer the calls of this refresh for
@@ -635,6 +757,7 @@ class Watcher(_Loop):
     def _follow_log(self) -> None:
         membership = self.store.membership()
         self.stats.lookups += 1
+        self._saw_write(membership.renewed)
         if self._stalled():
             self._recovering()
         if self.reap:
@@ -734,7 +857,8 @@ class Watcher(_Loop):
 
     def _expire_due(self) -> None:
         """Drop the late endpoints whose record has expired by now, each checked with
-        one lookup (it may have beaten since the reaper's scan)."""
+        one lookup (it may have beaten since the reaper's scan), once writes seen
+        landing confirm it (:func:`unconfirmed`)."""
         now = time.monotonic()
         due = {key: note for key, note in self._late.items() if note[0] <= now}
         if not due:
@@ -745,6 +869,7 @@ class Watcher(_Loop):
             return  # heartbeats may still be landing: the reaper decides when steady
         store_now = self.store.clock()
         known = dict(self._known)
+        held: list[Endpoint] = []
         for key, (_, record) in due.items():
             if key not in known:
                 continue
@@ -752,13 +877,23 @@ class Watcher(_Loop):
             self.stats.lookups += 1
             found = [e for e in parse_documents([document], store_now)[0] if e.hash == key] \
                 if document is not None else []
-            if not found or not found[0].is_healthy(store_now, self.grace):
+            if found:
+                self._saw_write(found[0].timestamp)
+            endpoint = found[0] if found else None
+            if endpoint is not None and endpoint.is_healthy(store_now, self.grace):
+                if endpoint.timestamp > record.timestamp:
+                    known[key] = endpoint  # it beat again meanwhile
+                else:  # not quite expired by the store's clock: look again when it is
+                    left = endpoint.ping_interval + self.grace - endpoint.age(store_now)
+                    self._late[key] = (time.monotonic() + left + 0.02, record)
+            elif endpoint is not None and unconfirmed(endpoint, self._writes, store_now,
+                                                      self.grace):
+                # no write seen since it was due, or only lately: looked at again later
+                self._late[key] = (time.monotonic() + endpoint.ping_interval / 2, record)
+                held.append(endpoint)
+            else:
                 del known[key]
-            elif found[0].timestamp > record.timestamp:
-                known[key] = found[0]  # it beat again meanwhile
-            else:  # not quite expired by the store's clock: look again when it is
-                left = found[0].ping_interval + self.grace - found[0].age(store_now)
-                self._late[key] = (time.monotonic() + left + 0.02, record)
+        self._note_held(len(held), store_now, held)
         dropped = len(known) != len(self._known)
         self._known = known
         if dropped:
@@ -774,6 +909,8 @@ class Watcher(_Loop):
                 self.reaping = False
                 self._epoch = None
                 self._listed_late = None
+            else:
+                self._saw_write(self.store.clock())  # the renewal is a write that landed
             return
         now = time.monotonic()
         previous, since = self._lease_seen

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -124,5 +125,39 @@ def test_heartbeats_do_not_sync_the_disk_under_the_write_lock(tmp_path):
         synchronous = store._run(lambda conn: conn.execute("PRAGMA synchronous").fetchone())
         assert synchronous == (1,)  # NORMAL
         assert [d["endpoint"] for d in store.snapshot().documents] == ["http://127.0.0.1:9"]
+    finally:
+        store.close()
+
+
+def test_takes_writes_says_no_while_another_program_holds_the_write_lock(tmp_path) -> None:
+    """The watchers' probe (registry.Watcher._probe_writes): yes normally, no at once
+    (not after the 5 s busy timeout) while another connection holds the write lock,
+    and the store's own calls wait as long as before afterwards."""
+    path = tmp_path / "d.sqlite3"
+    store = EmbeddedStore(str(path))
+    try:
+        store.heartbeat({"serviceName": "web", "endpoint": "http://127.0.0.1:9",
+                         "pingInterval": 5000})
+        assert store.takes_writes() is True
+        holder = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            assert store.takes_writes() is False
+            assert time.monotonic() - started < 1.0
+            assert len(store.snapshot().documents) == 1  # reads go on (WAL)
+            holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert store.takes_writes() is True
+        busy = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            busy.execute("BEGIN IMMEDIATE")
+            threading.Timer(0.5, busy.execute, ("ROLLBACK",)).start()
+            store.heartbeat({"serviceName": "web", "endpoint": "http://127.0.0.1:9",
+                             "pingInterval": 5000})  # waited for the lock, as ever
+        finally:
+            time.sleep(0.6)
+            busy.close()
     finally:
         store.close()

@@ -14,7 +14,7 @@ from cluster.records import (
     parse_record,
     shown,
 )
-from cluster.registry import EndpointTable, parse_documents
+from cluster.registry import HOLD_SECONDS, EndpointTable, Writes, parse_documents
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -65,6 +65,56 @@ def test_table_expires_records_older_than_ping_interval_plus_grace():
     endpoints, problems = parse_documents([fresh, stale, bad])
     assert [p[1] for p in problems] == ["endpoint 'gopher://c' is not an http(s) URL"]
     table = EndpointTable.build(NOW, endpoints, grace=1.0)
+    assert [e.url for e in table.endpoints] == ["http://a:1"]
+
+
+def _ago(seconds: float) -> dt.datetime:
+    return NOW - dt.timedelta(seconds=seconds)
+
+
+def test_overdue_records_stay_while_no_write_landed_since_they_were_due():
+    """What a watcher sees of a store that takes no writes (ping 5 s, grace 1 s): every
+    record overdue, the latest write it saw the last heartbeat before the stall."""
+    a = doc(endpoint="http://a:1", timestamp=_ago(6.5))
+    b = doc(endpoint="http://b:1", timestamp=_ago(6.2))
+    endpoints = parse_documents([a, b])[0]
+    stalled = Writes(last=_ago(6.2), since=_ago(3600))
+    table = EndpointTable.build(NOW, endpoints, 1.0, writes=stalled)
+    assert [e.url for e in table.endpoints] == ["http://a:1", "http://b:1"]
+    assert table.held == frozenset(e.hash for e in endpoints)
+    # without a watcher's evidence (writes=None) they expire by age, as before
+    assert EndpointTable.build(NOW, endpoints, 1.0).endpoints == ()
+
+
+def test_an_overdue_record_goes_once_writes_landed_after_it_was_due():
+    crashed = doc(endpoint="http://a:1", timestamp=_ago(6.5))  # due 6.25 s after it
+    live = doc(endpoint="http://b:1", timestamp=_ago(0.1))
+    endpoints = parse_documents([crashed, live])[0]
+    landing = Writes(last=_ago(0.1), since=_ago(3600))
+    table = EndpointTable.build(NOW, endpoints, 1.0, writes=landing)
+    assert [e.url for e in table.endpoints] == ["http://b:1"] and not table.held
+
+
+def test_after_a_stall_an_overdue_record_gets_a_ping_interval_to_land():
+    """Writes land again since 2 s (a heartbeat of b): a's retry lands within its own
+    ping interval of that, so it stays until 1.25 intervals after, then goes."""
+    a = doc(endpoint="http://a:1", timestamp=_ago(20))
+    b = doc(endpoint="http://b:1", timestamp=_ago(2))
+    endpoints = parse_documents([a, b])[0]
+    resumed = Writes(last=_ago(2), since=_ago(2))
+    table = EndpointTable.build(NOW, endpoints, 1.0, writes=resumed)
+    assert [e.url for e in table.endpoints] == ["http://a:1", "http://b:1"]
+    later = NOW + dt.timedelta(seconds=4.3)  # 2 + 4.3 > 1.25 * 5
+    table = EndpointTable.build(later, endpoints, 1.0, writes=resumed)
+    assert [e.url for e in table.endpoints] == ["http://b:1"]
+
+
+def test_a_record_is_held_at_most_hold_seconds_past_its_expiry():
+    a = doc(endpoint="http://a:1", timestamp=_ago(6 + HOLD_SECONDS - 0.1))
+    b = doc(endpoint="http://b:1", timestamp=_ago(6 + HOLD_SECONDS + 0.1))
+    endpoints = parse_documents([a, b])[0]
+    stalled = Writes(last=_ago(6 + HOLD_SECONDS - 0.1), since=_ago(7200))
+    table = EndpointTable.build(NOW, endpoints, 1.0, writes=stalled)
     assert [e.url for e in table.endpoints] == ["http://a:1"]
 
 

@@ -142,6 +142,12 @@ class DiscoveryStore(abc.ABC):
         listed as late before dropping its endpoint."""
         raise NotImplementedError
 
+    def takes_writes(self) -> bool | None:
+        """Whether a write could land now (None: this store cannot tell cheaply). Asked
+        only when every overdue record looks unconfirmed (registry.unconfirmed): it
+        tells a store that refuses writes from instances all gone at once."""
+        return None
+
     def clock(self) -> dt.datetime:
         """The store's current time (what its timestamps are judged against)."""
         return dt.datetime.now(dt.timezone.utc)

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS cluster_endpoints (
 
 #: seconds close() waits for a call under way
 CLOSE_WAIT = 0.2
+#: how long takes_writes() waits for the file's write lock (a heartbeat holds it well
+#: under a millisecond)
+WRITE_PROBE_MS = 100
 #: SQLite's primary result codes for "another connection holds the lock"
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
@@ -184,6 +187,32 @@ class EmbeddedStore(DiscoveryStore):
                 self._drop_connection()
             finally:
                 self._lock.release()
+
+    def takes_writes(self) -> bool | None:
+        """Whether the file's write lock can be had within WRITE_PROBE_MS: a lock held
+        by another program stops every heartbeat at once, while reads go on (WAL)."""
+        timeout_ms = int(self.timeout * 1000)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.execute(f"PRAGMA busy_timeout = {WRITE_PROBE_MS}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                return True
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+
+        def call() -> bool | sqlite3.Error | OSError:
+            try:
+                return self._attempt(work)
+            except (sqlite3.Error, OSError) as exc:
+                return exc
+
+        with self._lock:
+            result = _off_the_hub(call)
+        if isinstance(result, sqlite3.Error) and is_busy(result):
+            return False
+        return result if isinstance(result, bool) else None
 
     def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
         document = json.dumps(dict(record))
