@@ -86,7 +86,7 @@ from cluster.placement import LOAD_HEADER, Placement
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
 from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
-from cluster.proxy.upstream import Pool
+from cluster.proxy.upstream import SHED_BATCH, Pool
 from cluster.rebalance import Rebalancer
 from cluster.routing import (
     Policy,
@@ -258,7 +258,10 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-            self._shed_one()
+            # idle endpoint connections are a cache: they give way to a client (the
+            # listener stays readable, so the next accept takes it)
+            if not self.door.pool.shed(SHED_BATCH):
+                self._shed_one()
             return None
 
     def _shed_one(self) -> None:

@@ -346,3 +346,72 @@ def test_a_client_reset_in_the_middle_of_a_relayed_body_frees_both_connections(
         if front is not None:
             stop_clean(front)
         stop_clean(member)
+
+
+def pinned_burst(port: int, service: str, endpoint_hash: str, count: int, pause: float = 0.0
+                 ) -> tuple[list[socket.socket], list[tuple[int, bytes]]]:
+    """``count`` keep-alive clients at once, each with one GET pinned (sticky cookie)
+    to the endpoint ``endpoint_hash`` (sent ``pause`` seconds after all connected):
+    their sockets (left open) and what each got."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    time.sleep(pause)
+    ask = request_bytes(headers=[("Cookie", f"cluster-endpoint::{service}={endpoint_hash}")])
+    for sock in socks:
+        sock.sendall(ask)
+    answers = []
+    for sock in socks:
+        response = read_response(sock, timeout=10)
+        answers.append((response.status, response.body[:16]))
+    return socks, answers
+
+
+def test_idle_endpoint_connections_give_way_when_descriptors_run_out(store: str) -> None:
+    """The automatic --max-connections budgets two descriptors per client (its own and
+    its endpoint's), not the idle endpoint connections kept for reuse. Bursts of
+    clients pinned to one endpoint, then another, left that many idle behind; a burst
+    about as large, under the cap, to a third endpoint then ran out of descriptors (at
+    accept, then at connect): part of it got 503 "no socket for it" and the operator
+    a warning, for up to 30 s. Idle ones are a cache: they are closed to make room
+    (the oldest first), and every client is served."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 and hard >= 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    names = ("pa", "pb", "pc")
+    members = [start_serve("--service", "floodpool", "--app", "backend:app", *QUICK,
+                           name=f"pool{name}",
+                           env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name})[0]
+               for name in names]
+    front = None
+    socks: list[socket.socket] = []
+    try:
+        # 256 descriptors: the automatic cap is (256 - 64) // 2 = 96 connections
+        front, port = start_serve("--ui-service", "floodpool", *QUICK, name="poolfront",
+                                  env={"CLUSTER_DISCOVERY_URL": store},
+                                  wrapper=("prlimit", "--nofile=256:256"))
+
+        def hashes() -> list[str]:
+            return sorted(e["hash"] for e in status_view(port)["endpoints"]
+                          if e["service"] == "floodpool")
+        wait_until(lambda: len(hashes()) == 3, timeout=15, what="the front sees 3 members")
+        *earlier, last = hashes()
+        for endpoint_hash in earlier:
+            # 2 x 80 + 160 idle after the second: just within the descriptors
+            socks, answers = pinned_burst(port, "floodpool", endpoint_hash, 80)
+            assert {status for status, _ in answers} == {200}, answers
+            for sock in socks:
+                sock.close()
+            socks = []
+            wait_until(lambda: status_view(port)["connections"] == 1, timeout=5,
+                       what="the burst's clients gone")
+        # all accepted before any request comes: accept() meets the shortage first
+        socks, answers = pinned_burst(port, "floodpool", last, 95, pause=0.5)
+        assert sorted(set(answers)) == [(200, answers[0][1])], sorted(set(answers))
+        assert answers[0][1].decode() in names
+    finally:
+        for sock in socks:
+            sock.close()
+        output = stop_clean(front) if front is not None else ""
+        for member in members:
+            stop_clean(member)
+    # nor was any client told so, nor the operator warned of a shortage there was not
+    assert "out of file descriptors" not in output, output[-3000:]

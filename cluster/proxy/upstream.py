@@ -30,6 +30,7 @@ import time
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
+import gevent
 from gevent import socket as gsocket
 from gevent.monkey import get_original
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 #: it (nginx's upstream ``keepalive_timeout`` is 60 s), and a reused connection that
 #: the upstream closes under us costs a retry or, for a streamed body, an error.
 IDLE_TIMEOUT = 30.0
+#: idle connections closed at once when descriptors run out (one per failed connect
+#: would leave the next request of a burst to fail the same way)
+SHED_BATCH = 16
 #: what makes an idle connection unusable: bytes or EOF to read, a hang-up, an error
 _UNUSABLE = (select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
              | select.POLLNVAL | getattr(select, "POLLRDHUP", 0))
@@ -242,9 +246,33 @@ class Pool:
         return None
 
     def open(self, url: str) -> Connection:
-        """A new connection; raises UpstreamConnectError."""
-        return connect(self.target(url), self.connect_timeout,
-                       self.read_timeout if self.timers else None)
+        """A new connection; raises UpstreamConnectError.
+
+        Out of descriptors, the oldest idle connections (to any endpoint) are closed and
+        the connect tried once more: idle ones are a cache, and after a burst to one
+        endpoint they would otherwise keep requests to another from getting a socket
+        (503s) for up to IDLE_TIMEOUT, with the clients well under --max-connections.
+        """
+        target = self.target(url)
+        timeout = self.read_timeout if self.timers else None
+        try:
+            return connect(target, self.connect_timeout, timeout)
+        except OutOfDescriptors:
+            self.shed(SHED_BATCH)
+        # gevent closes a socket with a watcher from a loop callback: after this pause
+        # the ones shed here, and those another request shed just before, are free
+        gevent.sleep(0)
+        return connect(target, self.connect_timeout, timeout)
+
+    def shed(self, count: int) -> int:
+        """Close up to ``count`` idle connections, the longest idle first (of whichever
+        endpoints): descriptors ran out. Returns how many were closed."""
+        idle = sorted((conn.idle_since, id(conn), conn)
+                      for stack in self._idle.values() for conn in stack)[:count]
+        for _since, _key, conn in idle:
+            self._idle[conn.target.url].remove(conn)
+            conn.close()
+        return len(idle)
 
     def release(self, conn: Connection) -> None:
         """Take back a connection whose last response was read completely."""
