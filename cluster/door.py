@@ -117,6 +117,12 @@ PIPELINE_TURN = 16
 #: bytes of a refused request's line that its access log line keeps
 MAX_REFUSED_LINE = 2048
 _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
+#: connections past --max-connections that may wait (each up to REFUSED_WAIT seconds) for
+#: their request before the 503: one sent before the client wrote anything answers no
+#: request (ab then never finishes; Go's client logs "Unsolicited response" and fails).
+#: Few, and briefly: a flood of silent connections holds no more descriptors than that.
+REFUSED_WAITING = 32
+REFUSED_WAIT = 0.5
 
 
 class Door:
@@ -251,6 +257,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         # the accept loop spin) or printing gevent's traceback.
         self._spare: int | None = _open_spare()
         self._shedding_logged = 0.0
+        self._refused_waiting = 0
 
     def do_read(self) -> Any:
         try:
@@ -296,17 +303,16 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
     def do_handle(self, sock: Any, address: Any) -> None:
         """Count the connection as soon as it is accepted (gevent accepts up to
         ``max_accept`` at a time before any handler runs): past the cap it is answered
-        503 and closed here, without a greenlet."""
+        503 and closed, here or, while its request is still to come, by a short-lived
+        greenlet (at most REFUSED_WAITING of them) once it came."""
         door = self.door
         if door.active >= door.cap:
             door.observer.connection_refused()
-            try:
-                sock._sock.send(_OVER_CAP)
-                # what came already (the head): closed unread, it would make a reset
-                sock._sock.recv(RECV_SIZE)
-            except OSError:
-                pass
-            sock.close()
+            if self._refused_waiting < REFUSED_WAITING and not _has_sent(sock):
+                self._refused_waiting += 1
+                gevent.spawn(self._refuse_once_asked, sock)
+                return
+            _refuse(sock)
             return
         door.active += 1
         try:
@@ -314,6 +320,18 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         except BaseException:
             door.active -= 1
             raise
+
+    def _refuse_once_asked(self, sock: Any) -> None:
+        """The 503 for a connection past the cap, once its request came (or did not
+        within REFUSED_WAIT)."""
+        try:
+            sock.settimeout(REFUSED_WAIT)
+            sock.recv(RECV_SIZE)  # the head, an EOF, or a timeout: answered all the same
+        except OSError:
+            pass
+        finally:
+            self._refused_waiting -= 1
+        _refuse(sock)
 
     def do_close(self, sock: Any, *args: Any) -> None:
         if sock in self._handed_off:  # a tunnel owns it now and closes it when done
@@ -349,6 +367,28 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
+
+
+def _has_sent(sock: Any) -> bool:
+    """Whether the client has sent anything (or closed) yet: a look that cannot block."""
+    try:
+        sock._sock.recv(1, _socket.MSG_PEEK)  # bytes, or b"" at EOF
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _refuse(sock: Any) -> None:
+    """Answer a connection past the cap 503 and close it."""
+    try:
+        sock._sock.send(_OVER_CAP)
+        # what came already (the head): closed unread, it would make a reset
+        sock._sock.recv(RECV_SIZE)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _open_spare() -> int | None:

@@ -795,6 +795,42 @@ def test_past_the_connection_cap_a_short_503_while_existing_connections_carry_on
         stop_clean(proc)
 
 
+def test_past_the_connection_cap_the_503_answers_the_request_not_the_connect(
+        store: str) -> None:
+    """The 503 used to go out as soon as the connection was accepted, before the client
+    had written its request: a response to no request. ab then never finished (it
+    read the 503, closed, and opened no other connection: "apr_pollset_poll: The
+    timeout specified has expired"), and Go's client logged "Unsolicited response
+    received on idle HTTP channel" and failed the request. It waits for the request."""
+    cap = 5
+    proc, port = start_serve("--service", "doorcap2", "--app", "backend:app",
+                             "--max-connections", str(cap), "--header-timeout", "8",
+                             name="capped2",
+                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "capped2"})
+    socks: list[socket.socket] = []
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]
+        for sock in socks:  # in, and served: the cap is reached
+            sock.sendall(request_bytes())
+            assert read_response(sock).status == 200
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as late:
+                late.setblocking(False)
+                time.sleep(0.2)  # long after the accept: the door answered at once
+                with pytest.raises(BlockingIOError):
+                    late.recv(100)  # nothing came before the request
+                late.setblocking(True)
+                started = time.monotonic()
+                late.sendall(request_bytes())
+                data, closed = read_until_close(late, 3)
+                assert closed and data.startswith(b"HTTP/1.1 503"), data
+                assert time.monotonic() - started < 0.4  # the answer, not a timeout
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_clean(proc)
+
+
 # --- --bind HOST:0 --port-file ---------------------------------------------------------
 
 
