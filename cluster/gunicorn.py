@@ -61,11 +61,26 @@ class Handler(LocalHandler, PyWSGIHandler):  # type: ignore[misc]
     """Runs the local app: gunicorn's access logging and environ, cluster's door."""
 
 
+#: what a worker started without this module's hooks says before it stops
+WITHOUT_HOOKS = ("cluster: cluster.gunicorn.Worker needs this module's hooks: start gunicorn "
+                 "with -c python:cluster.gunicorn (or put `from cluster.gunicorn import *` "
+                 "in your config file)")
+
+
 class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent worker; ``post_worker_init`` sets its ``server_class`` to the
     front door bound to this worker's node."""
 
     wsgi_handler = Handler
+
+    def run(self) -> None:
+        # Selected with -k alone, no hook made a door: it served as gevent's plain
+        # worker, unregistered and without the door's bounds (a silent connection, an
+        # idle keep-alive one or a slowloris head held for good). A stop with one line.
+        if getattr(self, "cluster_door", None) is None:
+            self.log.error(WITHOUT_HOOKS)
+            sys.exit(3)  # gunicorn's "worker failed to boot": the arbiter stops too
+        super().run()
 
 
 def when_ready(server: Any) -> None:

@@ -131,3 +131,22 @@ def test_a_limit_cluster_refuses_stops_gunicorn_with_one_line(tmp_path: Path) ->
         assert "Traceback" not in output, output[-3000:]
     finally:
         proc.stop()
+
+
+def test_the_worker_without_clusters_hooks_stops_with_one_line(tmp_path: Path) -> None:
+    """``gunicorn -k cluster.gunicorn.Worker`` without ``-c python:cluster.gunicorn``: no
+    hook made the worker's door, and it served as gevent's plain worker, unregistered and
+    with none of the door's bounds (a silent connection held past the header timeout for
+    good). It stops at once with one line saying how to start it."""
+    env = {**os.environ, "CLUSTER_SERVICE": "web", "CLUSTER_HEADER_TIMEOUT": "1",
+           "CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"}
+    proc = Proc(python("-m", "gunicorn", "-k", "cluster.gunicorn.Worker", "-w", "1",
+                       "-b", "127.0.0.1:0", "cluster.demo:app"), env=env, name="gunicorn")
+    try:
+        wait_until(lambda: proc.poll() is not None, timeout=30, what="gunicorn to stop")
+        output = proc.output()
+        assert "-c python:cluster.gunicorn" in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        assert proc.returncode != 0
+    finally:
+        proc.stop()
