@@ -652,7 +652,8 @@ class Watcher(_Loop):
         keep: frozenset[str] = frozenset()
         if time.monotonic() < self._shelter_until:
             keep = frozenset(self.table.by_hash)
-        self._saw_write(max((e.timestamp for e in endpoints), default=None))
+        self._saw_write(max((e.timestamp for e in endpoints), default=None),
+                        resumed=False if self.store.changelog else None)
         if any(not e.is_healthy(snapshot.now, self.grace)
                and unconfirmed(e, self._writes, snapshot.now, self.grace) for e in endpoints):
             self._probe_writes(snapshot.now)
@@ -677,14 +678,16 @@ class Watcher(_Loop):
             self._saw_write(now, resumed=self._refused)
             self._refused = False
 
-    def _saw_write(self, latest: dt.datetime | None, resumed: bool | None = None) -> None:
+    def _saw_write(self, latest: dt.datetime | None, resumed: bool | None = False) -> None:
         """Record the latest write seen in the store (the newest heartbeat read, the
-        reaper's lease renewal; every watcher sees one or the other at each refresh).
-        When reads that came often saw none for longer than a ping interval (and
-        slack), the store took no writes meanwhile: a new run of writes starts at the
-        next one seen (Writes.since), and overdue endpoints get a ping interval to land
-        theirs. Reads far apart (this watcher held up) cannot tell, and leave the run
-        as it was."""
+        reaper's lease renewal). ``resumed``: whether writes land again after a time
+        they did not (a new run starts: Writes.since, and overdue endpoints get a ping
+        interval to land theirs); None: judge by the records read at every refresh (a
+        store without a membership log), where a newest heartbeat that did not move
+        for longer than a ping interval (and slack) means the store took no writes
+        meanwhile. Reads far apart (this watcher held up) cannot tell. With a log,
+        followers see only the reaper's renewals, at its pace, and a stall of writes
+        is a stall or a failure of the reaper's own (Watcher._stalled, the outage)."""
         now = time.monotonic()
         sampled, self._sampled = self._sampled, now  # looked, whatever was seen
         if latest is None:
@@ -695,9 +698,9 @@ class Watcher(_Loop):
             return
         if latest <= seen.last:
             return
-        longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
-        gap = longest * CONFIRM_SLACK + self.refresh_interval
         if resumed is None:
+            longest = max((e.ping_interval for e in self.table.endpoints), default=0.0)
+            gap = longest * CONFIRM_SLACK + self.refresh_interval
             resumed = now - self._advanced > gap and now - sampled <= gap
         self._writes = Writes(latest, latest if resumed else seen.since)
         self._advanced = now
