@@ -356,6 +356,7 @@ def test_every_watcher_drops_a_crashed_endpoint_when_its_record_expires(stores, 
             loop.stop()
 
 
+@pytest.mark.soak
 def test_a_late_record_that_beats_again_before_it_expires_stays_everywhere(stores):
     ping, grace = 1.0, 3.0
     slow = Registrar(stores(), "web", "http://127.0.0.1:4850", None, ping)

@@ -183,6 +183,7 @@ def test_partition_expires_the_cut_host_which_keeps_serving_and_all_agree_after(
     assert time.monotonic() - started < 15
 
 
+@pytest.mark.soak
 def test_latency_loss_and_resets_between_hosts_and_to_the_store(the_bed, store):
     """WAN-like links through toxiproxy on the `wan` host: h1 and h2 reach the store
     through it, and h2's endpoint is reached through it; then packet loss on h2's cable

@@ -64,7 +64,8 @@ def test_endpoints_stay_through_a_recovery_that_blocked(mongo_server, mongo_url)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("reap", [True, False], ids=["reaper", "follower"])
+@pytest.mark.parametrize("reap", [True, pytest.param(False, marks=pytest.mark.soak)],
+                         ids=["reaper", "follower"])
 def test_endpoints_stay_through_a_store_that_stalled(mongo_server, mongo_url, reap):
     """A store that stops answering without failing anyone (a stopped process, a GC
     pause, an election) and answers again a few seconds later: every heartbeat it
@@ -108,7 +109,9 @@ def test_endpoints_stay_through_a_store_that_stalled(mongo_server, mongo_url, re
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("call", ["renew_reaper", "changes", "publish_late", "announce"])
+@pytest.mark.parametrize("call", ["renew_reaper", *(pytest.param(c, marks=pytest.mark.soak)
+                                                   for c in ("changes", "publish_late",
+                                                             "announce"))])
 def test_the_reaper_keeps_endpoints_through_a_stall_in_any_call(mongo_server, mongo_url,
                                                                 call):
     """The store stalls while the reaper waits on a call other than the reads it
@@ -250,6 +253,7 @@ def slow_link(mongo_server, mongo_url, latency_ms: int, streams=("downstream",))
         proxy.stop()
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(120)
 def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, mongo_url):
     """A store behind a slow link (every answer 0.4 s late, more than half the grace):
@@ -299,6 +303,7 @@ def test_a_store_slow_all_along_still_expires_a_crashed_endpoint(mongo_server, m
             writer.close()
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(60)
 def test_heartbeats_keep_their_interval_over_a_slow_link(mongo_server, mongo_url):
     """Every answer of the store comes 0.2 s late: heartbeats still go one per ping
