@@ -515,7 +515,9 @@ def test_an_http_1_0_client_gets_no_100_continue(request: pytest.FixtureRequest,
     with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
         sock.sendall(b"POST /echo HTTP/1.0\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
                      b"Content-Length: 5\r\n\r\n")
-        sock.settimeout(1.0)
+        # a 100 comes at once; well within --write-timeout (1 s), the door's wait for
+        # the body (a wait of exactly 1 s raced it: the door closed first, in CI)
+        sock.settimeout(WRITE_TIMEOUT / 2)
         with pytest.raises(socket.timeout):
             early = sock.recv(4096)
             pytest.fail(f"sent before the body: {early!r}")

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from helpers import start_instance, start_serve, wait_until
+from helpers import Proc, start_instance, start_serve, wait_until
 
 STALL_SECONDS = 5.0  # ping 1 s + grace 1 s, more than twice over
 
@@ -37,6 +37,25 @@ def writes_blocked(path: Path) -> Iterator[None]:
         conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def two_members_and_a_front(url: str) -> Iterator[tuple[Proc, str, list[Proc]]]:
+    """Two `cluster serve` members of web and a balancer-only front (ping 1 s, grace
+    1 s), yielded once the front lists both; all stopped by PID at the end."""
+    members = [start_instance(url, f"m{n}")[0] for n in range(2)]
+    front, port = start_serve("--ui-service", "web", "--ping-interval", "1",
+                              "--expiry-grace", "1", env={"CLUSTER_DISCOVERY_URL": url},
+                              name="front")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)
+                               .json()["endpoints"]) == 2, timeout=15, what="both listed")
+        yield front, base, members
+    finally:
+        front.stop()
+        for member in members:
+            member.stop()
 
 
 def store_file(kind: str, url: str, mongo_server) -> Path:
@@ -55,14 +74,7 @@ def test_a_store_that_takes_no_writes_empties_no_table(kind, request) -> None:
     else:
         server = request.getfixturevalue("mongo_server")
         url = request.getfixturevalue("mongo_url")
-    members = [start_instance(url, f"m{n}") for n in range(2)]
-    front, port = start_serve("--ui-service", "web", "--ping-interval", "1",
-                              "--expiry-grace", "1", env={"CLUSTER_DISCOVERY_URL": url},
-                              name="front")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)
-                               .json()["endpoints"]) == 2, timeout=15, what="both listed")
+    with two_members_and_a_front(url) as (front, base, _members):
         path = store_file(kind, url, server)
         wait_until(path.exists, timeout=5, what=str(path))
         statuses: list[int] = []
@@ -92,10 +104,6 @@ def test_a_store_that_takes_no_writes_empties_no_table(kind, request) -> None:
         else:  # a front that follows the membership log sees no change at all, unless
             # a late record was listed before the stall
             assert log.count("no heartbeat has landed in") <= 1, log
-    finally:
-        front.stop()
-        for member, _port in members:
-            member.stop()
 
 
 @pytest.mark.timeout(60)
@@ -104,15 +112,8 @@ def test_instances_all_killed_at_once_still_expire_on_time(kind, request) -> Non
     """No heartbeat lands either when every instance dies at once; the store still takes
     writes (the reaper's renewals, the embedded file's lock): they expire as ever."""
     url = request.getfixturevalue("sqlite_url" if kind == "embedded" else "mongo_url")
-    members = [start_instance(url, f"m{n}") for n in range(2)]
-    front, port = start_serve("--ui-service", "web", "--ping-interval", "1",
-                              "--expiry-grace", "1", env={"CLUSTER_DISCOVERY_URL": url},
-                              name="front")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: len(requests.get(base + "/_cluster/status", timeout=5)
-                               .json()["endpoints"]) == 2, timeout=15, what="both listed")
-        for member, _port in members:
+    with two_members_and_a_front(url) as (front, base, members):
+        for member in members:
             member.kill()
         killed = time.monotonic()
         wait_until(lambda: requests.get(base + "/_cluster/status", timeout=5)
@@ -120,7 +121,3 @@ def test_instances_all_killed_at_once_still_expire_on_time(kind, request) -> Non
         # ping 1 s + grace 1 s, the reaper's scan and the front's refresh
         assert time.monotonic() - killed < 4.5
         assert "no heartbeat has landed" not in front.output()
-    finally:
-        front.stop()
-        for member, _port in members:
-            member.stop()
