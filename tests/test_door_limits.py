@@ -754,13 +754,18 @@ def test_active_keep_alive_connection_stays_open(impatient: Door) -> None:
 # --- the connection cap -----------------------------------------------------------------
 
 
+def start_capped(store: str, name: str, cap: int) -> tuple[Proc, int]:
+    """A door serving backend:app itself (answering /whoami with ``name``) that holds at
+    most ``cap`` connections."""
+    return start_serve("--service", f"door{name}", "--app", "backend:app",
+                       "--max-connections", str(cap), "--header-timeout", "8", name=name,
+                       env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": name})
+
+
 def test_past_the_connection_cap_a_short_503_while_existing_connections_carry_on(
         store: str) -> None:
     cap = 20
-    proc, port = start_serve("--service", "doorcap", "--app", "backend:app",
-                             "--max-connections", str(cap), "--header-timeout", "8",
-                             name="capped",
-                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "capped"})
+    proc, port = start_capped(store, "capped", cap)
     socks: list[socket.socket] = []
     try:
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]
@@ -805,10 +810,7 @@ def test_past_the_connection_cap_the_503_answers_the_request_not_the_connect(
     timeout specified has expired"), and Go's client logged "Unsolicited response
     received on idle HTTP channel" and failed the request. It waits for the request."""
     cap = 5
-    proc, port = start_serve("--service", "doorcap2", "--app", "backend:app",
-                             "--max-connections", str(cap), "--header-timeout", "8",
-                             name="capped2",
-                             env={"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "capped2"})
+    proc, port = start_capped(store, "capped2", cap)
     socks: list[socket.socket] = []
     try:
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]
