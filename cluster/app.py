@@ -129,6 +129,11 @@ class ClusterApp:
         self.forwarder.close()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") == "CONNECT":
+            # As at the door (cluster.http1): a balancer opens no tunnels, and an app's
+            # 200 would turn the client's connection into one the server reads as HTTP.
+            return reply_bytes(start_response, 501, b"CONNECT is not supported\n",
+                               "text/plain; charset=utf-8", (("Connection", "close"),))
         node = self.node
         marker = environ.get(HOP_ENVIRON)
         hop = False

@@ -4,7 +4,8 @@ Call :func:`serve` only from an entry point that has monkey-patched first
 (:mod:`cluster.entry`, ``python -m cluster``, ``scripts/cluster-instance``).
 
 Shutdown order on SIGTERM/SIGINT: deregister (so no new request is sent here), stop
-accepting, let open requests finish for a while, then close what is left. SIGUSR2 (or
+accepting, let open requests finish for a while, then close what is left; SIGQUIT the
+same without the wait. SIGUSR2 (or
 ``POST /_cluster/drain``) drains first (cluster.drain), then stops the same way.
 """
 
@@ -400,6 +401,15 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    at_once: list[bool] = []
+
+    def quick_stop() -> None:
+        # SIGQUIT, as gunicorn takes it: deregister and stop without waiting for the
+        # requests in flight (its default action, a core dump, left the record behind)
+        at_once.append(True)
+        stopping.set()
+
+    gevent.signal_handler(signal.SIGQUIT, quick_stop)
     drain = Drain(door, node, stopping, settings.drain_seconds, settings.drain_close_seconds)
     door.admin.drain = lambda: drain.start("POST " + settings.admin_prefix + "/drain")
     gevent.signal_handler(signal.SIGUSR2, lambda: drain.start("SIGUSR2"))
@@ -458,8 +468,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     notify_ready(node, stopping=stopping)  # a worker started by a reload: the old one
     # may go now
     stopping.wait()
-    grace = settings.graceful_timeout
-    log.info("stopping: deregistering, then draining for up to %.3gs", grace)
+    grace = 0.0 if at_once else settings.graceful_timeout
+    if at_once:
+        log.info("SIGQUIT: stopping at once: deregistering, then closing every connection")
+    else:
+        log.info("stopping: deregistering, then draining for up to %.3gs", grace)
     if node.registrar is not None:
         node.registrar.stop()
     for server in servers:

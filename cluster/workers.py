@@ -126,6 +126,8 @@ class Supervisor:
         #: supervisor exits once they all have
         self.drain_wanted = gevent.event.Event()
         self.draining = False
+        #: SIGQUIT: the workers stop without waiting for their requests
+        self.at_once = False
 
     def __repr__(self) -> str:
         alive = sum(1 for s in self.slots if s.child is not None and s.child.poll() is None)
@@ -227,6 +229,12 @@ class Supervisor:
                     return data.decode(errors="replace").strip()
         return None
 
+    def quick_stop(self) -> None:
+        """SIGQUIT: stop every worker at once (each deregisters, then closes what is
+        open without waiting for its requests)."""
+        self.at_once = True
+        self.stopping.set()
+
     def reopen_logs(self) -> None:
         """SIGUSR1: each worker reopens its access log file."""
         for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
@@ -237,6 +245,7 @@ class Supervisor:
         """Supervise until SIGTERM/SIGINT; returns the exit status."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.stopping.set)
+        gevent.signal_handler(signal.SIGQUIT, self.quick_stop)
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         gevent.signal_handler(signal.SIGUSR2, self.drain_wanted.set)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
@@ -261,19 +270,22 @@ class Supervisor:
             for gone in [c for c in self.retiring if c.poll() is not None]:
                 self.forget(gone.pid)
                 self.retiring.remove(gone)
-        log.info("stopping %d workers", len(self.slots))
+        log.info("stopping %d workers%s", len(self.slots), " at once" if self.at_once else "")
         children = [s.child for s in self.slots if s.child is not None] + self.retiring
-        # each drains for --graceful-timeout, then deregisters and closes its store
-        _terminate(children, timeout=self.settings.graceful_timeout + STOP_MARGIN)
+        # each drains for --graceful-timeout (SIGQUIT: not at all), then deregisters and
+        # closes its store
+        _terminate(children, timeout=(0.0 if self.at_once else self.settings.graceful_timeout)
+                   + STOP_MARGIN, signum=signal.SIGQUIT if self.at_once else signal.SIGTERM)
         self.listener.close()
         return 0
 
 
-def _terminate(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """SIGTERM each, wait up to ``timeout`` in all, then SIGKILL what is left."""
+def _terminate(children: list[subprocess.Popen[bytes]], timeout: float,
+               signum: int = signal.SIGTERM) -> None:
+    """``signum`` to each, wait up to ``timeout`` in all, then SIGKILL what is left."""
     for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(signum)
     deadline = time.monotonic() + timeout
     for child in children:
         try:

@@ -1119,3 +1119,13 @@ def test_a_client_that_never_stops_sending_is_closed_in_the_end(unserved: Door) 
                 time.sleep(0.01)
         elapsed = time.monotonic() - started
     assert 4 < elapsed < 10, elapsed
+
+
+def test_connect_under_cluster_wrap_is_refused_as_at_the_door(library: Door) -> None:
+    """The door answers CONNECT 501 and closes; under cluster.wrap() pywsgi passed it
+    on, to the local app or relayed to another endpoint, and read what the client sent
+    after it as the next request (a tunnel's bytes, served as HTTP)."""
+    raw = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n"
+    responses, closed = exchange(library.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [501] and closed, (responses, closed)
+    assert responses[0].header("connection") == "close", responses[0].headers

@@ -253,3 +253,42 @@ def test_serve_stops_with_its_record_removed_when_the_store_is_slow(mongo_server
     finally:
         client.close()
     assert entries and entries[-1]["kind"] == "leave", entries
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigquit_deregisters_and_stops_without_waiting_for_requests(tmp_path, workers):
+    """SIGQUIT is gunicorn's quick stop; its default action, a core dump, ended the
+    process with its record left in the store (and the requests in flight unanswered,
+    unlogged). Now each process deletes its record and closes what is open at once,
+    not after --graceful-timeout."""
+    store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc, port = start_instance(store, "q0", "--workers-count", str(workers))
+    outcome: list[object] = []
+
+    def slow() -> None:
+        try:
+            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
+                                        timeout=30).status_code)
+        except requests.ConnectionError as exc:
+            outcome.append(exc)
+
+    try:
+        wait_until(lambda: len(every_record(store)) == workers, timeout=15,
+                   what="every worker registered")
+        client = threading.Thread(target=slow)
+        client.start()
+        time.sleep(0.5)
+        proc.signal(signal.SIGQUIT)
+        asked = time.monotonic()
+        assert proc.wait(timeout=20) == 0, proc.output()
+        took = time.monotonic() - asked
+        client.join(10)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert every_record(store) == set(), output
+    assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
+        (outcome, output)
+    assert took < 5.0, f"the stop took {took:.1f}s (--graceful-timeout is 10 s):\n{output}"
+    assert output.count("SIGQUIT: stopping at once") == workers, output
+    assert "Traceback" not in output, output
