@@ -250,16 +250,14 @@ class ClusterApp:
                start_response: StartResponse) -> Iterable[bytes]:
         url = decision.endpoint.url
         hop = self._hop_header(environ, decision.path_qs)
+        cookies = [set_cookie(c, self.cookie_attributes)
+                   for c in (decision.set_cookie, decision.set_version) if c is not None]
         # is_websocket_upgrade is False without an Upgrade header: skip it for plain HTTP.
         if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ):
-            return self.bridge.bridge(environ, start_response, url, decision.path_qs, (hop,))
+            return self.bridge.bridge(environ, start_response, url, decision.path_qs, (hop,),
+                                      cookies)
         response = self.forwarder.forward(environ, url, decision.path_qs, (hop,))
-        headers = response.headers
-        if decision.set_cookie is not None:
-            headers = [*headers, set_cookie(decision.set_cookie, self.cookie_attributes)]
-        if decision.set_version is not None:
-            headers = [*headers, set_cookie(decision.set_version, self.cookie_attributes)]
-        start_response(response.status, headers)
+        start_response(response.status, [*response.headers, *cookies])
         body: Iterable[bytes] = response.body
         return body
 

@@ -791,29 +791,30 @@ class Connection:
         response = exchange.response
         assert response is not None
         state.status = response.code
-        if upgrade and response.code == 101:
-            return self.tunnel(exchange, state)
-        extra = b""
+        extra = b""  # a new session's cookies, on its first answer (a 101 as well)
         if decision.set_cookie is not None:
             extra = _cookie_line(decision.set_cookie, door.cookie_attributes)
         if decision.set_version is not None:
             extra += _cookie_line(decision.set_version, door.cookie_attributes)
+        if upgrade and response.code == 101:
+            return self.tunnel(exchange, state, extra)
         try:
             keep = exchange.relay_response(extra, head.keep_alive and not upgrade)
         finally:
             state.sent = exchange.sent
         return keep
 
-    def tunnel(self, exchange: Exchange, state: _Outcome) -> bool:
+    def tunnel(self, exchange: Exchange, state: _Outcome, extra: bytes = b"") -> bool:
         """After the endpoint's 101: pass its answer on verbatim (but for the load
-        figure meant for this balancer), then tunnel."""
+        figure meant for this balancer, and with the header lines ``extra``), then
+        tunnel."""
         conn = self.conn
         upstream = exchange.upstream
         assert upstream is not None
         door = self.door
         raw_head = exchange.raw_head
         figure, raw_head = _load_field(raw_head)
-        conn.send(raw_head + b"\r\n\r\n" + upstream.buf)
+        conn.send(raw_head + extra + b"\r\n\r\n" + upstream.buf)
         early = bytes(conn.buf)
         conn.buf.clear()
         if early:
@@ -1074,7 +1075,9 @@ def _cookie_line(cookie: tuple[str, str], attributes: str) -> bytes:
 
 def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
     """``app``, its responses setting ``cookie``; with the ``app_protocol`` it may have
-    (gevent-websocket's way for an app to pick a WebSocket subprotocol)."""
+    (gevent-websocket's way for an app to pick a WebSocket subprotocol). Its
+    ``sticky_cookies`` are the ones a 101 answered before the app runs must carry too
+    (:meth:`LocalHandler.upgrade_websocket`)."""
     def with_cookie(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         def start(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             return start_response(status, [*headers, cookie], *exc)
@@ -1084,6 +1087,8 @@ def _with_cookie(app: WSGIApp, cookie: tuple[str, str]) -> WSGIApp:
     choose = getattr(app, "app_protocol", None)
     if choose is not None:
         with_cookie.app_protocol = choose  # type: ignore[attr-defined]
+    with_cookie.sticky_cookies = (  # type: ignore[attr-defined]
+        *getattr(app, "sticky_cookies", ()), cookie)
     return with_cookie
 
 
@@ -1410,7 +1415,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
               self.connection.conn.send)
         environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         environ["wsgi.websocket"] = self.websocket = websocket
-        self.start_response(status, fields)
+        # a new session's sticky cookie, as on a 101 tunnelled from another instance
+        self.start_response(status, [*fields, *getattr(self.application, "sticky_cookies", ())])
         return None
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:

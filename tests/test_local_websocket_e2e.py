@@ -284,6 +284,30 @@ def test_the_101_is_a_bare_switch(gws: Cluster, pick: str) -> None:
     assert b"content-length" not in head and b"transfer-encoding" not in head, head
 
 
+def test_a_new_sockets_101_names_its_endpoint_in_the_sticky_cookie(gws: Cluster) -> None:
+    """A cookieless upgrade is a new session: its 101 sets the sticky cookie for the
+    instance that serves it, as every new session's first answer does, so the client's
+    next requests (a reconnect, its pages) go to the instance that has its state. The
+    door's 101 for a socket it served itself had none; a tunnelled one did."""
+    picks: set[tuple[str, str]] = set()  # (the instance connected to, the one serving)
+    for _ in range(20):
+        for door in ("a", "b"):  # placement by load may prefer one: through both, it is
+            # served where it came in by one of them and tunnelled by the other
+            ws = websocket.create_connection(gws.url(door).replace("http", "ws", 1) + "/echo",
+                                             timeout=10)
+            try:
+                ws.send("cmd:name")
+                name = ws.recv()
+                cookie = ws.getheaders().get("set-cookie", "")
+            finally:
+                ws.close()
+            assert cookie.startswith(gws.cookie(name) + ";"), (door, name, cookie)
+            picks.add((door, "here" if name == door else "tunnelled"))
+        if {where for _, where in picks} == {"here", "tunnelled"}:
+            break
+    assert {where for _, where in picks} == {"here", "tunnelled"}, picks
+
+
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
     got = requests.get(gws.url("a") + "/whoami", headers={"Cookie": gws.cookie("b")},
                        timeout=5)

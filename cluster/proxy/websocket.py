@@ -219,8 +219,10 @@ class WebSocketBridge:
 
     def bridge(self, environ: dict[str, Any], start_response: StartResponse,
                endpoint_url: str, path_qs: str,
-               add_headers: Sequence[tuple[str, str]] = ()) -> Iterable[bytes]:
-        """Proxy the upgrade request in ``environ`` to ``endpoint_url`` + ``path_qs``.
+               add_headers: Sequence[tuple[str, str]] = (),
+               answer_headers: Sequence[tuple[str, str]] = ()) -> Iterable[bytes]:
+        """Proxy the upgrade request in ``environ`` to ``endpoint_url`` + ``path_qs``;
+        ``answer_headers`` (a new session's sticky cookie) go on the endpoint's 101.
 
         After a 101 the connection has been pumped to completion when this returns, and
         the returned iterable is empty (the handler knows the connection was taken).
@@ -255,6 +257,10 @@ class WebSocketBridge:
             return self._refusal(start_response, status, response_head, headers, body)
 
         client, early = hijack("101 Switching Protocols")
+        if answer_headers:
+            response_head = response_head[:-2] + b"".join(
+                f"{name}: {value}\r\n".encode("latin-1") for name, value in answer_headers
+            ) + b"\r\n"
         first = response_head + reader.buf  # the 101 head, and any frame already behind it
         # This frame lives as long as the tunnel: drop what an idle tunnel does not need.
         del head, response_head, headers, reader, body
