@@ -40,6 +40,24 @@ def terminate(proc: Proc, timeout: float) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
+def slow_request(port: int) -> tuple[threading.Thread, list[object]]:
+    """A GET of 20 s to the instance at ``port``, under way: its thread, and the list
+    that gets its status code or its ConnectionError."""
+    outcome: list[object] = []
+
+    def slow() -> None:
+        try:
+            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
+                                        timeout=30).status_code)
+        except requests.ConnectionError as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=slow)
+    client.start()
+    time.sleep(0.5)
+    return client, outcome
+
+
 @pytest.mark.timeout(60)
 def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo_url):
     with relay(mongo_server.port) as hole:
@@ -143,20 +161,9 @@ def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp
     counts them."""
     proc, port = start_instance(f"sqlite://{tmp_path / 'discovery.sqlite3'}", "s0",
                                 "--access-log", "combined", "--graceful-timeout", "2")
-    outcome: list[object] = []
-
-    def slow() -> None:
-        try:
-            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
-                                        timeout=30).status_code)
-        except requests.ConnectionError as exc:
-            outcome.append(exc)
-
     try:
         wait_until(lambda: "registered web at" in proc.output(), timeout=15)
-        client = threading.Thread(target=slow)
-        client.start()
-        time.sleep(0.5)
+        client, outcome = slow_request(port)
         proc.signal(signal.SIGTERM)
         asked = time.monotonic()
         assert proc.wait(timeout=20) == 0
@@ -263,21 +270,10 @@ def test_sigquit_deregisters_and_stops_without_waiting_for_requests(tmp_path, wo
     not after --graceful-timeout."""
     store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
     proc, port = start_instance(store, "q0", "--workers-count", str(workers))
-    outcome: list[object] = []
-
-    def slow() -> None:
-        try:
-            outcome.append(requests.get(f"http://127.0.0.1:{port}/slow?seconds=20",
-                                        timeout=30).status_code)
-        except requests.ConnectionError as exc:
-            outcome.append(exc)
-
     try:
         wait_until(lambda: len(every_record(store)) == workers, timeout=15,
                    what="every worker registered")
-        client = threading.Thread(target=slow)
-        client.start()
-        time.sleep(0.5)
+        client, outcome = slow_request(port)
         proc.signal(signal.SIGQUIT)
         asked = time.monotonic()
         assert proc.wait(timeout=20) == 0, proc.output()
