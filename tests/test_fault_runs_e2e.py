@@ -37,6 +37,7 @@ def assert_websockets_survived(outcome: fault_runs.Outcome, codes: set[str]) -> 
         f"sent {ws.sent}, echoed {ws.echoed}, wrong echoes {ws.wrong}"
 
 
+@pytest.mark.soak  # 11 s; tests/test_rolling_deploy_e2e.py keeps a rolling deploy in CI
 @pytest.mark.timeout(90)
 def test_rolling_restart_with_websockets_through_two_fronts() -> None:
     outcome = fault_runs.rolling(settings("rolling", "--http", "python", "--ws-clients", "12",

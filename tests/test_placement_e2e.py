@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import websocket
 
 from helpers import status_json, wait_until
@@ -61,6 +62,7 @@ def test_300_websockets_through_three_balancers_spread_within_10_percent(mongo_u
             fleet.close()
 
 
+@pytest.mark.soak  # 15 s; --rebalance is off by default, its rule unit-tested in CI
 def test_a_newcomer_gets_a_share_of_websockets_by_rebalancing(mongo_url):
     rebalance = ("--rebalance", "on", "--rebalance-rate", "20")
     with bed(mongo_url, 3, 3, *rebalance) as made:

@@ -22,6 +22,7 @@ from cluster.registry import Registrar, Watcher
 from helpers import Proc, free_port, wait_until
 
 
+@pytest.mark.soak  # 14 s; the outage itself is in CI (test_discovery_e2e.py)
 @pytest.mark.timeout(120)
 def test_endpoints_stay_through_a_recovery_that_blocked(mongo_server, mongo_url):
     store = open_store(mongo_url, timeout=4)
