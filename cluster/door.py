@@ -89,6 +89,7 @@ from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
 from cluster.proxy.upstream import SHED_BATCH, Pool
 from cluster.rebalance import Rebalancer
 from cluster.routing import (
+    COOKIE_PREFIX,
     Policy,
     Proxy,
     Reply,
@@ -1472,7 +1473,11 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         door.websockets += 1
         local = _LocalWebSocket(self.websocket, conn)
         door.open_websockets.add(local)
-        door.load.websockets[local] = time.monotonic()
+        # Pinned: its client's sticky cookie names this instance, so closed for
+        # rebalancing it would come straight back (cluster.rebalance).
+        service = door.policy.service
+        door.load.websockets[local] = service is not None and self.connection.request.cookie(
+            COOKIE_PREFIX + service) == door.policy.self_hash
         door.observer.websocket_opened("local")
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end

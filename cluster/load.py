@@ -96,8 +96,9 @@ class LocalLoad:
     def __init__(self) -> None:
         #: local requests in progress (a local WebSocket's request lasts as long as it)
         self.requests = 0
-        #: local WebSockets, oldest first (insertion order), each with going_away()
-        self.websockets: dict[Any, float] = {}
+        #: local WebSockets, oldest first (insertion order), each with going_away(); the
+        #: value: pinned here by its client's sticky cookie (cluster.rebalance)
+        self.websockets: dict[Any, bool] = {}
         self.service_ms = 0.0
 
     def __repr__(self) -> str:

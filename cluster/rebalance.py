@@ -9,13 +9,19 @@ it is down to the mean as it stood when it began (a thermostat: starting above t
 margin and stopping at the mean keeps small differences from causing churn, and the
 mean is held because the others' figures lag the sockets in flight). Their clients
 reconnect through a balancer, which places them by load (cluster.placement), mostly
-on the newcomer. An imbalance must last ``settle`` seconds (two heartbeats and a
-refresh) before anything is closed: while sessions pour in, an instance's live count
-runs ahead of the others' published figures, and that is no reason to move anyone.
+on the newcomer. A socket whose client's sticky cookie names this instance (a browser
+that loaded its page here; any client that kept the cookie) is *pinned*: its
+reconnect would come straight back here, as the cookie promises, so it is never
+closed; closing such sockets at the rate was a stream of disconnects that moved no
+one. An episode that runs out of other sockets ends there, with one line. An imbalance
+must last ``settle`` seconds (two heartbeats and a refresh) before anything is closed:
+while sessions pour in, an instance's live count runs ahead of the others' published
+figures, and that is no reason to move anyone.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -64,6 +70,8 @@ class Rebalancer:
         self._budget = 0.0
         self._last = time.monotonic()
         self._episode_closed = 0
+        #: the pinned sockets have been reported for this imbalance (said once)
+        self._told_pinned = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,10 +119,18 @@ class Rebalancer:
             target = shed_target(figures[0], figures[1], self.margin) if figures else None
             if target is None or figures is None:
                 self.over_since = None
+                self._told_pinned = False
                 return 0
             if self.over_since is None:
                 self.over_since = now
             if now - self.over_since < self.settle:
+                return 0
+            if not self._movable(1):
+                if not self._told_pinned:
+                    self._told_pinned = True
+                    log.info("rebalancing: %d WebSockets here, more than %s's mean, but "
+                             "every one is pinned here by its client's sticky cookie (it "
+                             "would reconnect here): none closed", own, self.service)
                 return 0
             self.over_since = None
             self.target, self._episode_closed = target, 0
@@ -133,8 +149,14 @@ class Rebalancer:
         count = min(int(self._budget), own - self.target)
         if count <= 0:
             return 0
-        self._budget -= count
-        oldest = list(self.load.websockets)[:count]
+        oldest = self._movable(count)
+        if not oldest:
+            log.info("rebalanced: closed %d WebSockets; the %d left here are pinned here "
+                     "by their clients' sticky cookie", self._episode_closed, own)
+            self.target = None
+            self._told_pinned = True
+            return 0
+        self._budget -= len(oldest)
         for socket in oldest:
             self.load.websockets.pop(socket, None)  # counted as gone from now on
             try:
@@ -144,3 +166,8 @@ class Rebalancer:
         self.closed += len(oldest)
         self._episode_closed += len(oldest)
         return len(oldest)
+
+    def _movable(self, count: int) -> list[Any]:
+        """The ``count`` oldest sockets that are not pinned here."""
+        return list(itertools.islice(
+            (socket for socket, pinned in self.load.websockets.items() if not pinned), count))

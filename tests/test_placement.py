@@ -256,7 +256,7 @@ def test_local_load_counts_requests_sockets_and_service_time():
     local = LocalLoad()
     began = local.started()
     assert local.current() == Load(0, 1, 0.0)
-    local.websockets[object()] = 0.0
+    local.websockets[object()] = False
     local.started()
     assert local.current().sockets == 1 and local.current().inflight == 1
     local.finished(began, websocket=False)
@@ -293,7 +293,7 @@ def test_the_rebalancer_closes_the_oldest_at_its_rate_after_settling(monkeypatch
     closed: list[int] = []
     local = LocalLoad()
     for n in range(100):
-        local.websockets[_Socket(closed, n)] = float(n)
+        local.websockets[_Socket(closed, n)] = False  # none pinned here by a cookie
     peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
     tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
     rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0,
@@ -315,6 +315,41 @@ def test_the_rebalancer_closes_the_oldest_at_its_rate_after_settling(monkeypatch
         clock[0] += 1.0
         assert rebalancer.step() == 0
     assert closed == list(range(25))
+
+
+def test_the_rebalancer_never_closes_sockets_pinned_here_and_says_so_once(monkeypatch, caplog):
+    """A socket whose client's sticky cookie names this instance would reconnect here:
+    closing it moves no one. Those were closed at the rate for as long as the imbalance
+    lasted (for ever: they all came back), a disconnect every few seconds per client."""
+    clock = [1000.0]
+    monkeypatch.setattr("cluster.rebalance.time.monotonic", lambda: clock[0])
+    closed: list[int] = []
+    local = LocalLoad()
+    for n in range(100):
+        local.websockets[_Socket(closed, n)] = n % 10 != 0  # 10 of them not pinned
+    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
+    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
+    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0,
+                            settle=2.0)
+    caplog.set_level("INFO", logger="cluster.rebalance")
+    for _ in range(30):
+        rebalancer.step()
+        clock[0] += 1.0
+    assert sorted(closed) == list(range(0, 100, 10)), "only the ten not pinned"
+    assert len(local.websockets) == 90 and all(local.websockets.values())
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("pinned" in line for line in said) == 1, said
+    assert "the 90 left here are pinned" in said[-1], said
+
+    # an imbalance of pinned sockets only: nothing closes, one line
+    caplog.clear()
+    fresh = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0, settle=2.0)
+    for _ in range(30):
+        assert fresh.step() == 0
+        clock[0] += 1.0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "every one is pinned here" in said[0], said
+    assert len(closed) == 10
 
 
 # --- the settings -----------------------------------------------------------------------

@@ -92,3 +92,29 @@ def test_a_newcomer_gets_a_share_of_websockets_by_rebalancing(mongo_url):
             assert not any("i3" in c.homes[:-1] for c in moved)
         finally:
             fleet.close()
+
+
+def test_rebalancing_closes_no_socket_pinned_by_the_sticky_cookie(mongo_url):
+    """Clients that send the sticky cookie of their instance (browsers whose page came
+    from it) would reconnect to it: closing their sockets moves no one. They were
+    closed anyway, at the rate, for as long as the imbalance lasted; now only the
+    others are, and the instance says once what it could not move."""
+    with bed(mongo_url, 1, 1, "--rebalance", "on", "--rebalance-rate", "50") as made:
+        fleet = Fleet([port for _, port in made.balancers])
+        try:
+            pinned = f"cluster-endpoint::echo={made.status(made.instances['i0'][1])['hash']}"
+            fleet.open(15, cookie=pinned)
+            fleet.open(5)
+            assert fleet.counts() == {"i0": 20} and fleet.errors == []
+            made.instance("i1", "--rebalance", "on")
+            made.wait_seen(2)
+            wait_until(lambda: (fleet.poll(0.2), fleet.counts())[1] == {"i0": 15, "i1": 5},
+                       timeout=15, what="the five sockets not pinned to move")
+            fleet.poll(1.0)  # nothing more moves
+            assert fleet.counts() == {"i0": 15, "i1": 5} and fleet.errors == []
+            assert all(c.closes == [] for c in fleet.clients[:15])
+            assert all(c.closes == [1001] and c.home == "i1" for c in fleet.clients[15:])
+            log = made.instances["i0"][0].output()
+            assert log.count("the 15 left here are pinned here") == 1, log
+        finally:
+            fleet.close()

@@ -88,8 +88,11 @@ def bed(store: str, instances: int, balancers: int, *extra: str) -> Iterator[Bed
 class Client:
     """One WebSocket client: where it is, how often it moved, what went wrong."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, cookie: str = "") -> None:
         self.number = number
+        #: the Cookie header it sends on every (re)connect, as a browser sends the
+        #: sticky cookie its page load got
+        self.cookie = cookie
         self.ws: websocket.WebSocket | None = None
         self.sock: object = None  # what the selector knows it by
         self.home = ""
@@ -99,7 +102,7 @@ class Client:
 
     def connect(self, port: int, timeout: float = 10.0) -> str:
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/c{self.number}",
-                                         timeout=timeout)
+                                         timeout=timeout, cookie=self.cookie or None)
         self.headers = {k.lower(): v for k, v in (ws.getheaders() or {}).items()}
         ws.send("cmd:name")
         self.home = str(ws.recv())
@@ -118,14 +121,14 @@ class Fleet:
         self.errors: list[str] = []
         self.selector = selectors.DefaultSelector()
 
-    def open(self, count: int, rate: float = 0.0) -> None:
+    def open(self, count: int, rate: float = 0.0, cookie: str = "") -> None:
         """Open ``count`` clients, each through a balancer drawn at random, at most
-        ``rate`` a second (0: as fast as they connect)."""
+        ``rate`` a second (0: as fast as they connect), each sending ``cookie``."""
         started = time.monotonic()
         for n in range(count):
             if rate:
                 time.sleep(max(0.0, started + n / rate - time.monotonic()))
-            client = Client(len(self.clients))
+            client = Client(len(self.clients), cookie)
             self.clients.append(client)
             self._connect(client)
 
