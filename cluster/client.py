@@ -123,9 +123,13 @@ class ServiceClient(requests.Session):
         self._mount_adapters()
         self.service = service
         self.node = node
+        #: this client's own settings: the node is shared by every discover() of its
+        #: discovery URL, and was made with the first call's (its --retries and
+        #: timeouts were every later client's)
+        self.settings = shared if shared is not None else node.settings
         #: endpoints one call may try: ``--retries`` (CLUSTER_RETRIES) others after the
         #: first, as the balancer does, unless given
-        self.attempts = node.settings.retries + 1 if attempts is None else attempts
+        self.attempts = self.settings.retries + 1 if attempts is None else attempts
         #: the settings of discover()'s shared node, when ``node`` is that one
         self._shared = shared
         self._pid = os.getpid()
@@ -198,7 +202,7 @@ class ServiceClient(requests.Session):
             return super().request(method, target, *args, **kwargs)
         has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
         if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
-            settings = node.settings
+            settings = self.settings
             kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
 
         def pick(exclude: frozenset[str]) -> Endpoint | NoEndpoint:
@@ -258,7 +262,7 @@ class ServiceClient(requests.Session):
                         # cluster.proxy.attempts); one that keeps it open closed a kept
                         # one as its idle timeout ran out.
                         dropping(error, not keeps_open(endpoint.url,
-                                                        node.settings.connect_timeout, tls))
+                                                        self.settings.connect_timeout, tls))
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:

@@ -26,6 +26,7 @@ from cluster.node import Cluster
 from cluster.records import endpoint_hash
 from helpers import (
     Proc,
+    blackholed_port,
     cluster_argv,
     gunicorn_port,
     python,
@@ -494,6 +495,22 @@ def test_the_probe_context_follows_requests_verify_and_cert(tmp_path) -> None:
     assert _tls_context(str(tmp_path / "missing.pem"), None) is None
 
 
+def test_each_discover_call_keeps_its_own_timeouts_on_the_shared_node(sqlite_url) -> None:
+    """Every discover() of one discovery URL shares one observing node, made with the
+    first call's settings: a later call's --connect-timeout (and --read-timeout,
+    --retries) was that first call's."""
+    first = discover("held", discovery_url=sqlite_url)  # makes the node: 5 s to connect
+    with blackholed_port() as port, records(sqlite_url, "held", f"http://127.0.0.1:{port}"):
+        hasty = discover("held", discovery_url=sqlite_url, connect_timeout=0.5, retries=0)
+        assert hasty.node is first.node
+        wait_until(lambda: hasty.node.endpoints("held"), timeout=TIMEOUT, what="the record")
+        began = time.monotonic()
+        with pytest.raises(requests.ConnectionError):
+            hasty.get("/x")
+        took = time.monotonic() - began
+    assert took < 2.5, f"gave up after {took:.1f} s: the first call's 5 s connect timeout"
+
+
 def test_retries_setting_bounds_the_endpoints_a_call_tries(sqlite_url, monkeypatch) -> None:
     """``--retries`` (CLUSTER_RETRIES) is "other endpoints to try when one refuses a
     connection", for the balancer and cluster.discover() alike; discover() tried three
@@ -503,6 +520,11 @@ def test_retries_setting_bounds_the_endpoints_a_call_tries(sqlite_url, monkeypat
     monkeypatch.setenv("CLUSTER_RETRIES", "0")
     client = discover("search", discovery_url=sqlite_url)
     assert client.attempts == 1
+    # each call's own settings, though every call of one discovery URL shares one node
+    # (made with the first call's: its retries and timeouts were every later client's)
+    patient = discover("search", discovery_url=sqlite_url, retries=4)
+    assert patient.node is client.node
+    assert (patient.attempts, client.attempts) == (5, 1)
     with refused_port() as port, records(sqlite_url, "search", f"http://127.0.0.1:{port}",
                                           retries=0) as node:
         # one attempt: the refusal itself, where a second would have found the table
