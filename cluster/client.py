@@ -200,7 +200,7 @@ class ServiceClient(requests.Session):
         node = self._node_here()
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
-        has_body = any(kwargs.get(key) is not None for key in ("data", "json", "files"))
+        has_body = _has_body(args, kwargs)
         if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
             settings = self.settings
             kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
@@ -293,6 +293,17 @@ class ServiceClient(requests.Session):
         dropped too."""
         if not isinstance(exc, UpstreamConnectError):
             self.node.eject(endpoint, reason=exc.reason, accepts=True)
+
+
+#: where requests.Session.request takes a body after (method, url): data, files, json
+_BODY_ARGUMENTS = ((1, "data"), (4, "files"), (13, "json"))
+
+
+def _has_body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Does a Session.request call send a body, by keyword or by position? (One passed
+    by position was not seen: such a GET was replayed on another endpoint as if bare.)"""
+    return any((args[index] if index < len(args) else kwargs.get(name)) is not None
+               for index, name in _BODY_ARGUMENTS)
 
 
 @functools.lru_cache(maxsize=16)

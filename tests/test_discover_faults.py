@@ -532,3 +532,18 @@ def test_retries_setting_bounds_the_endpoints_a_call_tries(sqlite_url, monkeypat
         with pytest.raises(requests.ConnectionError, match="refused") as raised:
             discover("search", node=node).get("/x", timeout=TIMEOUT)
         assert not isinstance(raised.value, NoEndpoint)
+
+
+def test_a_body_given_by_position_is_a_body_too() -> None:
+    """Whether a failed call may be sent to another endpoint depends on its body: one
+    passed by position (``request("GET", "/x", None, b"...")``) was not seen, and such
+    a GET was replayed as if bare."""
+    import inspect
+
+    from cluster.client import _BODY_ARGUMENTS, _has_body
+
+    names = list(inspect.signature(requests.Session.request).parameters)[3:]
+    assert [names[index] for index, _ in _BODY_ARGUMENTS] == ["data", "files", "json"]
+    assert not _has_body((), {}) and not _has_body(({"q": "1"},), {"headers": {}})
+    assert _has_body((None, b"x"), {}) and _has_body((None,) * 4 + ({"f": b"x"},), {})
+    assert _has_body((None,) * 13 + ({"a": 1},), {}) and _has_body((), {"json": {}})
