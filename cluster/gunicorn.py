@@ -234,6 +234,7 @@ def _init_worker(worker: Any) -> None:
     host, port = listener.getsockname()[:2]
     settings = _worker_settings(port, host, worker.cfg)
     node = Cluster(settings, register=bool(settings.service))
+    worker.cluster_node = node  # registered from the first heartbeat on: see worker_exit
     if node.registrar is not None:  # as cluster serve: a mistyped CLUSTER_ENDPOINT_URL host
         why = unreachable_endpoint(node.self_url, min(settings.connect_timeout,
                                                       ENDPOINT_CHECK_SECONDS))
@@ -323,14 +324,18 @@ def _watch(worker: Any, node: Any) -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     """In the worker process (and in the arbiter for a worker that vanished, where
     there is nothing to close): close the door and the member, which deregisters if
-    ``_watch`` has not yet."""
+    ``_watch`` has not yet. A worker stopped while it booted (SIGQUIT or SIGINT, which
+    gunicorn's workers end with sys.exit at once) has a member and no door yet: its
+    record, written by the first heartbeat, stayed until it expired."""
     door = getattr(worker, "cluster_door", None)
+    node = getattr(worker, "cluster_node", None)
     if door is not None:
         door.close()
-        registrar = door.node.registrar
+    if node is not None:
+        registrar = node.registrar
         if registrar is not None:
             # _watch may have begun deregistering and been cut short by gunicorn's own
             # exit on a dead arbiter (sys.exit in notify): finish the removal here (once,
             # and bounded: a store that does not answer is not waited for again).
             registrar.deregister()
-        door.node.close()
+        node.close()

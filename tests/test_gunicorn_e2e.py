@@ -13,8 +13,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import requests
 
+from cluster.discovery import open_store
 from helpers import ROOT, Proc, gunicorn_port, python, status_json, wait_until
 from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
 
@@ -109,6 +111,29 @@ def test_sigkill_of_the_arbiter_leaves_no_process_and_no_record(tmp_path):
         assert every_record(discovery) == set(), "they deregistered on the way out"
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGQUIT, signal.SIGINT], ids=["QUIT", "INT"])
+def test_a_quick_stop_while_the_workers_boot_leaves_no_record(tmp_path, signum):
+    """gunicorn's quick stop (QUIT, or Ctrl-C's INT) ends each worker with sys.exit at
+    once. A worker that got it while it booted had written its record (the first
+    heartbeat comes before the first table and the settling wait) but had no door
+    yet, and its exit hook closed only a door: the record stayed until it expired."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    store = open_store(discovery, timeout=3)
+    proc = gunicorn(tmp_path, discovery)
+    try:
+        gunicorn_port(proc)
+        wait_until(lambda: len(store.snapshot().documents) == 2, timeout=15, interval=0.01,
+                   what="a record per worker")
+        booting = proc.output().count(" serves web as ")  # those past the window
+        proc.signal(signum)
+        assert proc.wait(timeout=15) == 0, proc.output()
+        assert store.snapshot().documents == [], proc.output()
+    finally:
+        store.close()
+        proc.stop()
+    assert booting < 2, "both workers had booted: the window was missed, nothing shown"
 
 
 def test_hup_reload_loads_new_code_with_no_failed_request(tmp_path):
