@@ -5,8 +5,8 @@ Call :func:`serve` only from an entry point that has monkey-patched first
 
 Shutdown order on SIGTERM/SIGINT: deregister (so no new request is sent here), stop
 accepting, let open requests finish for a while, then close what is left; SIGQUIT the
-same without the wait. SIGUSR2 (or
-``POST /_cluster/drain``) drains first (cluster.drain), then stops the same way.
+same without the wait. SIGUSR2 (or ``POST /_cluster/drain``) drains first
+(cluster.drain), then stops the same way.
 """
 
 from __future__ import annotations
