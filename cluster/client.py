@@ -201,6 +201,13 @@ class ServiceClient(requests.Session):
         if "://" in target:
             return super().request(method, target, *args, **kwargs)
         has_body = _has_body(args, kwargs)
+        # Which responses arrived: a failure after the endpoint answered (following a
+        # redirect it sent, reading a body) is no failure to reach the endpoint
+        answers: list[requests.Response] = []
+
+        def mark(response: requests.Response, **_: Any) -> None:
+            answers.append(response)
+        args, kwargs = _marking(mark, self.hooks, args, kwargs)
         if "timeout" not in kwargs and len(args) < 7:  # params, data... timeout is 7th
             settings = self.settings
             kwargs["timeout"] = (settings.connect_timeout, settings.read_timeout)
@@ -224,7 +231,7 @@ class ServiceClient(requests.Session):
                 try:
                     return super(ServiceClient, self).request(method, url, *args, **kwargs)
                 except RequestsConnectionError as exc:
-                    if not (may_replay and _closed_unanswered(exc)):
+                    if answers or not (may_replay and _closed_unanswered(exc)):
                         raise
                     # A kept connection the endpoint closed as the request crossed (its
                     # idle timeout: Node's is 5 s): sent again, once, on another
@@ -235,6 +242,12 @@ class ServiceClient(requests.Session):
                               endpoint.url, exc)
                     return super(ServiceClient, self).request(method, url, *args, **kwargs)
             except RequestsConnectionError as exc:
+                if answers:
+                    # The endpoint answered (a redirect to a host that refuses, a body
+                    # that stalled): the caller's error, as requests raised it. Taken
+                    # for a failure to connect, a POST answered 303 was sent again to
+                    # every other endpoint, and each healthy endpoint was ejected.
+                    raise
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
                 tls = None
@@ -274,6 +287,11 @@ class ServiceClient(requests.Session):
             if isinstance(exc.__cause__, RequestsConnectionError):
                 raise exc.__cause__ from None
             raise
+        finally:
+            for answer in answers:  # the requests as the caller made them (picklable)
+                hooks = answer.request.hooks.get("response", [])
+                if mark in hooks:
+                    hooks.remove(mark)
 
     def _verifying(self, url: str, kwargs: dict[str, Any]) -> ssl.SSLContext | None:
         """A TLS context that verifies ``url``'s endpoint as this call's request did:
@@ -295,8 +313,28 @@ class ServiceClient(requests.Session):
             self.node.eject(endpoint, reason=exc.reason, accepts=True)
 
 
+#: where requests.Session.request takes hooks after (method, url)
+_HOOKS = 9
+
 #: where requests.Session.request takes a body after (method, url): data, files, json
 _BODY_ARGUMENTS = ((1, "data"), (4, "files"), (13, "json"))
+
+
+def _marking(mark: Any, session_hooks: dict[str, Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) of a Session.request call with ``mark`` added to its response
+    hooks; the caller's, or else the session's (a request's response hooks replace the
+    session's when requests merges them), are kept."""
+    given = args[_HOOKS] if len(args) > _HOOKS else kwargs.get("hooks")
+    hooks = dict(given or {})
+    own = hooks.get("response") or []
+    own = [own] if callable(own) else list(own)
+    if not own:
+        own = list(session_hooks.get("response") or [])
+    hooks["response"] = [*own, mark]
+    if len(args) > _HOOKS:
+        return (*args[:_HOOKS], hooks, *args[_HOOKS + 1:]), kwargs
+    return args, {**kwargs, "hooks": hooks}
 
 
 def _has_body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
 import ssl
 import struct
 import subprocess
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import requests
@@ -547,3 +548,43 @@ def test_a_body_given_by_position_is_a_body_too() -> None:
     assert not _has_body((), {}) and not _has_body(({"q": "1"},), {"headers": {}})
     assert _has_body((None, b"x"), {}) and _has_body((None,) * 4 + ({"f": b"x"},), {})
     assert _has_body((None,) * 13 + ({"a": 1},), {}) and _has_body((), {"json": {}})
+
+
+def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url) -> None:
+    """A POST answered 303 whose Location cannot be reached (a host that refuses) took
+    effect: the caller gets requests' ConnectionError, as from requests alone. The
+    failure of the redirect was taken for the endpoint refusing the POST: the POST was
+    sent to every other endpoint too (three times here) and each healthy endpoint was
+    ejected. Response hooks, the caller's and the session's, still see every answer,
+    and a response still pickles (the client's own hook is gone from it)."""
+    def answer(status: str, location: str) -> Callable[[socket.socket], bool]:
+        def script(conn: socket.socket) -> bool:
+            conn.sendall(f"HTTP/1.1 {status}\r\nLocation: {location}\r\n"
+                         "Content-Length: 2\r\n\r\nok".encode())
+            return True
+        return script
+
+    with refused_port() as dead:
+        scripts = {"/form": answer("303 See Other", f"http://127.0.0.1:{dead}/done"),
+                   "/moved": answer("302 Found", "/here"), "/here": answer("200 OK", "/")}
+        upstreams = [ScriptedUpstream(scripts) for _ in range(3)]
+        try:
+            with records(sqlite_url, "web", *(u.url for u in upstreams)) as node:
+                client = discover("web", node=node)
+                with pytest.raises(requests.ConnectionError, match="refused"):
+                    client.post("/form", data=b"x", timeout=TIMEOUT)
+                assert sum(len(u.seen) for u in upstreams) == 1
+                assert not node.ejected()
+                seen: list[int] = []
+                client.hooks["response"].append(lambda r, **_: seen.append(r.status_code))
+                resp = client.get("/moved", timeout=TIMEOUT)
+                assert (resp.status_code, resp.text, seen) == (200, "ok", [302, 200])
+                resp = client.get("/moved", hooks={"response": lambda r, **_: seen.append(0)},
+                                  timeout=TIMEOUT)
+                assert seen == [302, 200, 0, 0]
+                resp = discover("web", node=node).get("/moved", timeout=TIMEOUT)
+                assert pickle.loads(pickle.dumps(resp)).history[0].status_code == 302
+        finally:
+            for upstream in upstreams:
+                upstream.close()
+
