@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import ssl
 import threading
 from http.client import RemoteDisconnected
@@ -198,7 +199,7 @@ class ServiceClient(requests.Session):
     ) -> requests.Response:
         target = url.decode() if isinstance(url, bytes) else url
         node = self._node_here()
-        if "://" in target:
+        if _ABSOLUTE.match(target):
             return super().request(method, target, *args, **kwargs)
         has_body = _has_body(args, kwargs)
         # Which responses arrived: a failure after the endpoint answered (following a
@@ -312,6 +313,10 @@ class ServiceClient(requests.Session):
         if not isinstance(exc, UpstreamConnectError):
             self.node.eject(endpoint, reason=exc.reason, accepts=True)
 
+
+#: a URL with a scheme: sent as it is (one in a query string, "/login?next=http://...",
+#: made a relative URL absolute, and requests refused it)
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 #: where requests.Session.request takes hooks after (method, url)
 _HOOKS = 9

@@ -588,3 +588,16 @@ def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url
             for upstream in upstreams:
                 upstream.close()
 
+
+def test_a_url_in_the_query_string_leaves_the_path_relative(sqlite_url) -> None:
+    """``client.get("/login?next=http://shop/")`` goes to the endpoint: a scheme only at
+    the start makes a URL absolute. Any "://" in it did: requests got the bare path and
+    raised InvalidSchema."""
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node:
+            resp = discover("search", node=node).get("/headers?next=http://shop/",
+                                                     timeout=TIMEOUT)
+            assert resp.json()["query"] == "next=http://shop/"
+    finally:
+        server.stop()
