@@ -142,6 +142,28 @@ class ServiceClient(requests.Session):
         self.mount("https://", InterimAdapter())
         self.mount("http://", InterimAdapter())
 
+    def __getstate__(self) -> dict[str, Any]:
+        """As a Session pickles (multiprocessing hands its arguments over so), with the
+        service and this client's settings; the node is the unpickling process's own.
+        Unpickled, a client missed its own attributes: every call raised
+        AttributeError."""
+        if self._shared is None:
+            raise TypeError(f"a {self.service!r} client over a node passed to discover() "
+                            "cannot be pickled: pickle one discover() made without node=")
+        # requests.Session's own state (its __attrs__), with the client's
+        return {**{attr: getattr(self, attr, None) for attr in self.__attrs__},
+                "service": self.service, "settings": self.settings,
+                "attempts": self.attempts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for attr, value in state.items():  # as requests.Session.__setstate__
+            setattr(self, attr, value)
+        self._shared = self.settings
+        self._pid = os.getpid()
+        self._current = None
+        self._lock = threading.Lock()
+        self.node = _shared_node(self.settings)
+
     def _node_here(self) -> Cluster:
         """The node, after a fork too. A client made before a fork (at import, under
         gunicorn --preload; multiprocessing) kept the parent's node, whose threads do

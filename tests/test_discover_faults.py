@@ -601,3 +601,37 @@ def test_a_url_in_the_query_string_leaves_the_path_relative(sqlite_url) -> None:
             assert resp.json()["query"] == "next=http://shop/"
     finally:
         server.stop()
+
+
+def _whoami(client: requests.Session) -> str:
+    """A pool task: the client it was handed, used in the worker process."""
+    return client.get("/whoami", timeout=TIMEOUT).text
+
+
+def test_a_client_pickles_as_a_session_does(sqlite_url) -> None:
+    """A client handed to a multiprocessing worker (pickled, as every argument there is)
+    works in it, as a requests.Session does, over the worker's own node; it lost its
+    own attributes and every call raised AttributeError. One over a node passed in says
+    why it cannot be pickled."""
+    import multiprocessing
+
+    from cluster import client as client_module
+
+    server, port = start_backend("b1")
+    try:
+        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node:
+            client = discover("search", discovery_url=sqlite_url, retries=4)
+            client.headers["X-Caller"] = "me"
+            copy = pickle.loads(pickle.dumps(client))
+            assert (copy.attempts, copy.headers["X-Caller"]) == (5, "me")
+            assert copy.get("/whoami", timeout=TIMEOUT).text == "b1"
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                assert pool.apply(_whoami, (client,)) == "b1"
+            with pytest.raises(TypeError, match="node passed to discover"):
+                pickle.dumps(discover("search", node=node))
+    finally:
+        server.stop()
+        with client_module._NODES_LOCK:
+            shared = client_module._NODES.pop(sqlite_url, None)
+        if shared is not None:
+            shared.close()
