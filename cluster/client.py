@@ -2,10 +2,10 @@
 
 :func:`discover` returns a :class:`ServiceClient`, a ``requests.Session`` whose
 relative URLs go to one live endpoint of the service. It stays on that endpoint (so
-keep-alive connections are reused) until the endpoint leaves the discovery table or a
-request to it fails to connect; then it moves to another live endpoint and, when the
-request can safely be sent again, sends it there, so callers see no error for an
-endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
+keep-alive connections are reused) until the endpoint leaves the discovery table,
+drains (while another endpoint does not) or a request to it fails to connect; then it
+moves to another live endpoint and, when the request can safely be sent again, sends
+it there, so callers see no error for an endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
 (cluster.proxy.attempts): a request that never reached the endpoint always moves; one
 that did only when it is a bodiless GET, HEAD or OPTIONS.
 
@@ -199,15 +199,19 @@ class ServiceClient(requests.Session):
             live = {e.hash: e for e in self.node.endpoints(self.service)}
             current = self._current
             ejected = self.node.ejected()
-            if current is not None and current.hash in live and current.hash not in exclude \
-                    and (current.hash not in ejected or ejected.issuperset(live)):
-                return current
-            # An ejected current endpoint is left too: a POST it closed unanswered is
-            # not sent elsewhere, but the calls after it were all sent to it again.
             skip = exclude | ejected
             choices = [e for h, e in live.items() if h not in skip]
             if not choices:  # every one left is ejected: try them anyway (panic mode)
                 choices = [e for h, e in live.items() if h not in exclude]
+            # Draining endpoints take no new calls while another one does, as at the
+            # balancer: a client stayed on one until it stopped, its POSTs racing the
+            # close of its kept connections (an error for the caller).
+            choices = [e for e in choices if not e.draining] or choices
+            if current is not None and current.hash in {e.hash for e in choices} \
+                    and (current.hash not in ejected or ejected.issuperset(live)):
+                return live[current.hash]
+            # An ejected current endpoint is left too: a POST it closed unanswered is
+            # not sent elsewhere, but the calls after it were all sent to it again.
             if not choices:
                 raise NoEndpoint(f"no live endpoint of service {self.service!r}")
             self._current = RANDOM.choice(choices)

@@ -635,3 +635,40 @@ def test_a_client_pickles_as_a_session_does(sqlite_url) -> None:
             shared = client_module._NODES.pop(sqlite_url, None)
         if shared is not None:
             shared.close()
+
+
+def test_a_draining_endpoint_takes_no_new_calls(sqlite_url) -> None:
+    """Once an endpoint drains (its record says so), clients on it move to another one
+    and new clients do not pick it, as the balancers place no request there: its
+    stop then closes no connection a call is crossing. A client stayed on it until it
+    left the table, a POST on a kept connection racing that close (an error), and
+    one client in two picked it anew. With every endpoint draining they still serve."""
+    servers = [start_backend(name) for name in ("b1", "b2")]
+    members = [Cluster(Settings(discovery_url=sqlite_url, service="search", ping_interval=1.0,
+                                endpoint_url=f"http://127.0.0.1:{port}")).start()
+               for _, port in servers]
+    try:
+        with Cluster(Settings(discovery_url=sqlite_url, ping_interval=1.0),
+                     register=False) as node:
+            wait_until(lambda: len(node.endpoints("search")) == 2, timeout=TIMEOUT,
+                       what="both records")
+            on_b1 = next(c for c in iter(lambda: discover("search", node=node), None)
+                         if c.get("/whoami", timeout=TIMEOUT).text == "b1")
+            assert members[0].registrar is not None
+            members[0].registrar.drain()
+            wait_until(lambda: any(e.draining for e in node.endpoints("search")),
+                       timeout=TIMEOUT, what="the drain in the table")
+            assert on_b1.post("/whoami", data=b"x", timeout=TIMEOUT).text == "b2"
+            for _ in range(8):
+                client = discover("search", node=node)
+                assert client.get("/whoami", timeout=TIMEOUT).text == "b2"
+            assert members[1].registrar is not None
+            members[1].registrar.drain()
+            wait_until(lambda: all(e.draining for e in node.endpoints("search")),
+                       timeout=TIMEOUT, what="both drains in the table")
+            assert on_b1.get("/whoami", timeout=TIMEOUT).text == "b2"  # stays: all drain
+    finally:
+        for member in members:
+            member.close()
+        for server, _ in servers:
+            server.stop()
