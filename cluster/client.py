@@ -5,9 +5,10 @@ relative URLs go to one live endpoint of the service. It stays on that endpoint 
 keep-alive connections are reused) until the endpoint leaves the discovery table,
 drains (while another endpoint does not) or a request to it fails to connect; then it
 moves to another live endpoint and, when the request can safely be sent again, sends
-it there, so callers see no error for an endpoint that died. "Safely" is decided by the same attempt loop the balancer uses
-(cluster.proxy.attempts): a request that never reached the endpoint always moves; one
-that did only when it is a bodiless GET, HEAD or OPTIONS.
+it there, so callers see no error for an endpoint that died. "Safely" is decided by
+the same attempt loop the balancer uses (cluster.proxy.attempts): a request that never
+reached the endpoint always moves; one that did only when it is a bodiless GET, HEAD
+or OPTIONS.
 
 A bodiless GET, HEAD or OPTIONS whose connection the endpoint closed before answering
 (a kept connection its idle timeout closed as the request crossed) is first sent again
