@@ -35,6 +35,8 @@ setup(
             "Flask-SocketIO>=5.3",
             "Flask-Sockets>=0.2.1",
             "hypothesis>=6.80",
+            # cluster.discover() through a SOCKS proxy, as requests[socks] does it
+            "PySocks>=1.5.6",
         ],
     },
     entry_points={"console_scripts": ["cluster = cluster.entry:main"]},

@@ -11,12 +11,13 @@ request of the session goes through.
 
 from __future__ import annotations
 
+import functools
 import http.client
 from typing import Any
 
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3 import PoolManager
+from urllib3.connectionpool import HTTPConnectionPool
 
 from cluster.http1 import MAX_INTERIM
 
@@ -46,23 +47,20 @@ class _Response(http.client.HTTPResponse):
             http.client.parse_headers(self.fp)  # its fields: Link hints, nothing for us
 
 
-class _Connection(HTTPConnection):
-    response_class = _Response
+@functools.cache
+def _skipping(pool: type[HTTPConnectionPool]) -> type[HTTPConnectionPool]:
+    """``pool`` (a manager's pool class: plain, TLS, or a SOCKS proxy's) whose
+    connections read their answers with :class:`_Response`. Its own connection class is
+    kept: replaced by the plain one, a SOCKS proxy's pools failed every request
+    (TypeError, its ``_socks_options`` unknown there)."""
+    connection = type(pool.ConnectionCls.__name__, (pool.ConnectionCls,),
+                      {"response_class": _Response})
+    return type(pool.__name__, (pool,), {"ConnectionCls": connection})
 
 
-class _TLSConnection(HTTPSConnection):
-    response_class = _Response
-
-
-class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Connection
-
-
-class _TLSPool(HTTPSConnectionPool):
-    ConnectionCls = _TLSConnection
-
-
-_POOLS = {"http": _Pool, "https": _TLSPool}
+def _skipping_all(manager: PoolManager) -> None:
+    manager.pool_classes_by_scheme = {
+        scheme: _skipping(pool) for scheme, pool in manager.pool_classes_by_scheme.items()}
 
 
 class InterimAdapter(HTTPAdapter):
@@ -70,9 +68,9 @@ class InterimAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
+        _skipping_all(self.poolmanager)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        manager.pool_classes_by_scheme = _POOLS
+        _skipping_all(manager)
         return manager

@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -672,3 +673,78 @@ def test_a_draining_endpoint_takes_no_new_calls(sqlite_url) -> None:
             member.close()
         for server, _ in servers:
             server.stop()
+
+
+class Socks5Proxy:
+    """A real SOCKS5 proxy on 127.0.0.1 (no authentication, CONNECT only) that lists
+    the (host, port) of each tunnel it opens. Closed, with every socket, at close()."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.tunnels: list[tuple[str, int]] = []
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, IndexError, struct.error):
+            conn.recv(conn.recv(2)[1])  # the methods offered: "none" is taken
+            conn.sendall(b"\x05\x00")
+            kind = conn.recv(4)[3]
+            host = socket.inet_ntoa(conn.recv(4)) if kind == 1 else \
+                conn.recv(conn.recv(1)[0]).decode()
+            port = struct.unpack("!H", conn.recv(2))[0]
+            self.tunnels.append((host, port))
+            upstream = socket.create_connection((host, port), timeout=TIMEOUT)
+            self._sockets.append(upstream)
+            conn.sendall(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+            threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
+            self._pump(conn, upstream)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+def test_a_socks_proxy_in_the_environment_is_used(sqlite_url, monkeypatch) -> None:
+    """With ALL_PROXY=socks5://... (and PySocks, requests[socks]) requests tunnel through
+    the proxy; a client's calls do too, interim answers still skipped. Every one failed
+    with a TypeError from inside urllib3: the adapter gave the SOCKS proxy's pools the
+    plain connection class, which knows no SOCKS options."""
+    pytest.importorskip("socks")
+
+    def hinted(conn: socket.socket) -> bool:
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = ScriptedUpstream({"/hinted": hinted})
+    proxy = Socks5Proxy()
+    try:
+        with records(sqlite_url, "web", upstream.url) as node:
+            monkeypatch.setenv("ALL_PROXY", f"socks5://127.0.0.1:{proxy.port}")
+            with discover("web", node=node) as client:
+                resp = client.get("/hinted", timeout=TIMEOUT)
+                assert (resp.status_code, resp.text) == (200, "ok")
+            assert proxy.tunnels == [("127.0.0.1", upstream.port)]
+    finally:
+        proxy.close()
+        upstream.close()
