@@ -363,7 +363,7 @@ def _marking(mark: Any, session_hooks: dict[str, Any], args: tuple[Any, ...],
     own = [own] if callable(own) else list(own)
     if not own:
         own = list(session_hooks.get("response") or [])
-    hooks["response"] = [*own, mark]
+    hooks["response"] = [mark, *own]  # first: a hook that fails is after the answer
     if len(args) > _HOOKS:
         return (*args[:_HOOKS], hooks, *args[_HOOKS + 1:]), kwargs
     return args, {**kwargs, "hooks": hooks}

@@ -557,7 +557,9 @@ def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url
     failure of the redirect was taken for the endpoint refusing the POST: the POST was
     sent to every other endpoint too (three times here) and each healthy endpoint was
     ejected. Response hooks, the caller's and the session's, still see every answer,
-    and a response still pickles (the client's own hook is gone from it)."""
+    and a response still pickles (the client's own hook is gone from it); a hook of
+    the caller's that fails (its own call to a service that is down) is after the
+    answer too."""
     def answer(status: str, location: str) -> Callable[[socket.socket], bool]:
         def script(conn: socket.socket) -> bool:
             conn.sendall(f"HTTP/1.1 {status}\r\nLocation: {location}\r\n"
@@ -585,6 +587,16 @@ def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url
                 assert seen == [302, 200, 0, 0]
                 resp = discover("web", node=node).get("/moved", timeout=TIMEOUT)
                 assert pickle.loads(pickle.dumps(resp)).history[0].status_code == 302
+
+                def log_elsewhere(response: requests.Response, **_: object) -> None:
+                    requests.post(f"http://127.0.0.1:{dead}/log", timeout=TIMEOUT)
+
+                before = sum(len(u.seen) for u in upstreams)
+                with pytest.raises(requests.ConnectionError, match="refused"):
+                    client.post("/here", data=b"x", hooks={"response": log_elsewhere},
+                                timeout=TIMEOUT)
+                assert sum(len(u.seen) for u in upstreams) == before + 1
+                assert not node.ejected()
         finally:
             for upstream in upstreams:
                 upstream.close()
