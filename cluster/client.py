@@ -251,9 +251,16 @@ class ServiceClient(requests.Session):
 
         may_replay = replayable(method.upper(), has_body)
 
+        #: the failure of the endpoint tried last: a NoEndpoint after it says what it was
+        tried: list[UpstreamError] = []
+
         def send(endpoint: Endpoint | NoEndpoint) -> requests.Response:
             if isinstance(endpoint, NoEndpoint):
-                raise endpoint
+                if not tried:
+                    raise endpoint
+                # as the balancer's 503 says it; it said only "no live endpoint", of a
+                # service whose one endpoint had just refused or timed out
+                raise NoEndpoint(f"{endpoint} (last: {tried[-1]})") from tried[-1].__cause__
             url = endpoint.url + "/" + target.lstrip("/")
             try:
                 try:
@@ -304,6 +311,7 @@ class ServiceClient(requests.Session):
                         # one as its idle timeout ran out.
                         dropping(error, not keeps_open(endpoint.url,
                                                         self.settings.connect_timeout, tls))
+                tried.append(error)
                 raise error from exc  # __cause__: re-raised below as requests raised it
 
         try:

@@ -132,7 +132,8 @@ def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> No
     replayed, but there is no other endpoint: the caller gets requests' own error for
     what happened, as it would calling the endpoint directly. It got NoEndpoint "no
     live endpoint of service", the answer for an empty table, about an endpoint that is
-    up. An endpoint that refuses is still NoEndpoint: none could be reached."""
+    up. An endpoint that refuses is still NoEndpoint: none could be reached; it says
+    which one was tried last and how it failed, as the balancer's 503 does."""
     upstream = ScriptedUpstream({
         "/reset": _reset,
         "/garbage": lambda c: c.sendall(b"SSH-2.0-not-http\r\n\r\n"),
@@ -151,8 +152,12 @@ def test_an_only_endpoint_that_breaks_off_raises_its_own_error(sqlite_url) -> No
         upstream.close()
     with refused_port() as port, records(sqlite_url, "refusing",
                                           f"http://127.0.0.1:{port}") as node:
-        with pytest.raises(NoEndpoint):
+        with pytest.raises(NoEndpoint, match=f"last: http://127.0.0.1:{port}: .*refused") \
+                as refused:
             discover("refusing", node=node).get("/ok", timeout=TIMEOUT)
+        # what requests raised, as the cause (it was None, and the message said nothing
+        # of the endpoint that had just refused)
+        assert isinstance(refused.value.__cause__, requests.ConnectionError)
 
 
 def test_no_endpoint_is_what_requests_code_already_catches(sqlite_url) -> None:
