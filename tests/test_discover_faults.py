@@ -17,12 +17,12 @@ import struct
 import subprocess
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import requests
 
-from cluster.client import NoEndpoint, discover
+from cluster.client import NoEndpoint, ServiceClient, discover
 from cluster.config import Settings
 from cluster.node import Cluster
 from cluster.records import endpoint_hash
@@ -556,6 +556,23 @@ def test_a_body_given_by_position_is_a_body_too() -> None:
     assert _has_body((None,) * 13 + ({"a": 1},), {}) and _has_body((), {"json": {}})
 
 
+@contextlib.contextmanager
+def closing_clients() -> Iterator[Callable[..., ServiceClient]]:
+    """discover(), whose clients are closed at the end of the block (a kept connection
+    of one left to the garbage collector is a ResourceWarning in a later test)."""
+    made: list[ServiceClient] = []
+
+    def make(*args: Any, **kwargs: Any) -> ServiceClient:
+        made.append(discover(*args, **kwargs))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            client.close()
+
+
 def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url) -> None:
     """A POST answered 303 whose Location cannot be reached (a host that refuses) took
     effect: the caller gets requests' ConnectionError, as from requests alone. The
@@ -577,7 +594,8 @@ def test_a_post_answered_with_a_redirect_that_fails_is_not_sent_again(sqlite_url
                    "/moved": answer("302 Found", "/here"), "/here": answer("200 OK", "/")}
         upstreams = [ScriptedUpstream(scripts) for _ in range(3)]
         try:
-            with records(sqlite_url, "web", *(u.url for u in upstreams)) as node:
+            with records(sqlite_url, "web", *(u.url for u in upstreams)) as node, \
+                    closing_clients() as discover:
                 client = discover("web", node=node)
                 with pytest.raises(requests.ConnectionError, match="refused"):
                     client.post("/form", data=b"x", timeout=TIMEOUT)
@@ -613,7 +631,8 @@ def test_a_url_in_the_query_string_leaves_the_path_relative(sqlite_url) -> None:
     raised InvalidSchema."""
     server, port = start_backend("b1")
     try:
-        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node:
+        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node, \
+                closing_clients() as discover:
             resp = discover("search", node=node).get("/headers?next=http://shop/",
                                                      timeout=TIMEOUT)
             assert resp.json()["query"] == "next=http://shop/"
@@ -637,12 +656,13 @@ def test_a_client_pickles_as_a_session_does(sqlite_url) -> None:
 
     server, port = start_backend("b1")
     try:
-        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node:
+        with records(sqlite_url, "search", f"http://127.0.0.1:{port}") as node, \
+                closing_clients() as discover:
             client = discover("search", discovery_url=sqlite_url, retries=4)
             client.headers["X-Caller"] = "me"
-            copy = pickle.loads(pickle.dumps(client))
-            assert (copy.attempts, copy.headers["X-Caller"]) == (5, "me")
-            assert copy.get("/whoami", timeout=TIMEOUT).text == "b1"
+            with pickle.loads(pickle.dumps(client)) as copy:
+                assert (copy.attempts, copy.headers["X-Caller"]) == (5, "me")
+                assert copy.get("/whoami", timeout=TIMEOUT).text == "b1"
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 assert pool.apply(_whoami, (client,)) == "b1"
             with pytest.raises(TypeError, match="node passed to discover"):
@@ -667,7 +687,7 @@ def test_a_draining_endpoint_takes_no_new_calls(sqlite_url) -> None:
                for _, port in servers]
     try:
         with Cluster(Settings(discovery_url=sqlite_url, ping_interval=1.0),
-                     register=False) as node:
+                     register=False) as node, closing_clients() as discover:
             wait_until(lambda: len(node.endpoints("search")) == 2, timeout=TIMEOUT,
                        what="both records")
             on_b1 = next(c for c in iter(lambda: discover("search", node=node), None)
@@ -756,7 +776,8 @@ def test_a_socks_proxy_in_the_environment_is_used(sqlite_url, monkeypatch) -> No
     upstream = ScriptedUpstream({"/hinted": hinted})
     proxy = Socks5Proxy()
     try:
-        with records(sqlite_url, "web", upstream.url) as node:
+        with records(sqlite_url, "web", upstream.url) as node, \
+                closing_clients() as discover:
             monkeypatch.setenv("ALL_PROXY", f"socks5://127.0.0.1:{proxy.port}")
             with discover("web", node=node) as client:
                 resp = client.get("/hinted", timeout=TIMEOUT)
