@@ -53,6 +53,8 @@ def _skipping(pool: type[HTTPConnectionPool]) -> type[HTTPConnectionPool]:
     connections read their answers with :class:`_Response`. Its own connection class is
     kept: replaced by the plain one, a SOCKS proxy's pools failed every request
     (TypeError, its ``_socks_options`` unknown there)."""
+    if getattr(pool.ConnectionCls, "response_class", None) is _Response:
+        return pool  # already (requests hands a proxy's manager back on every call)
     connection = type(pool.ConnectionCls.__name__, (pool.ConnectionCls,),
                       {"response_class": _Response})
     return type(pool.__name__, (pool,), {"ConnectionCls": connection})

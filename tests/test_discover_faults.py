@@ -24,6 +24,7 @@ import requests
 
 from cluster.client import NoEndpoint, ServiceClient, discover
 from cluster.config import Settings
+from cluster.interim import InterimAdapter, _Response
 from cluster.node import Cluster
 from cluster.records import endpoint_hash
 from helpers import (
@@ -786,3 +787,10 @@ def test_a_socks_proxy_in_the_environment_is_used(sqlite_url, monkeypatch) -> No
     finally:
         proxy.close()
         upstream.close()
+    # requests hands back the same manager for every call through a proxy: its pool
+    # classes stay the ones made the first time, not a subclass more each call
+    adapter = InterimAdapter()
+    pools = adapter.proxy_manager_for(f"http://127.0.0.1:{proxy.port}").pool_classes_by_scheme
+    again = adapter.proxy_manager_for(f"http://127.0.0.1:{proxy.port}").pool_classes_by_scheme
+    assert again == pools
+    assert all(pool.ConnectionCls.response_class is _Response for pool in pools.values())
