@@ -82,7 +82,7 @@ from cluster.http1 import (
 from cluster.load import LocalLoad
 from cluster.netio import Turns, let_others_run, linger
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
-from cluster.placement import LOAD_HEADER, Placement
+from cluster.placement import LOAD_HEADER, Placement, load_field
 from cluster.proxy.attempts import attempt, client_answer, replayable
 from cluster.proxy.relay import Exchange, Forwarding, read_small_body, request_head
 from cluster.proxy.tunnel import CLOSE_TO_CLIENT, CLOSE_TO_SERVER, Tunnel, pump
@@ -814,7 +814,7 @@ class Connection:
         assert upstream is not None
         door = self.door
         raw_head = exchange.raw_head
-        figure, raw_head = _load_field(raw_head)
+        figure, raw_head = load_field(raw_head)
         conn.send(raw_head + extra + b"\r\n\r\n" + upstream.buf)
         early = bytes(conn.buf)
         conn.buf.clear()
@@ -1027,27 +1027,6 @@ def _endpoint_of(decision: Any) -> Any:
 
 def _no_endpoint_left(decision: Any) -> bool:
     return isinstance(decision, Reply) and decision.status == 503
-
-
-_LOAD_FIELD = b"\r\n" + LOAD_HEADER.lower().encode("ascii") + b":"
-
-
-def _load_field(raw_head: bytes) -> tuple[float | None, bytes]:
-    """The X-Cluster-Load figure of a 101's head (None: absent or not a sane count), and
-    the head without that field, in any case and however many times: it is for this
-    balancer, not for the client (a proxy between may have changed the name's case)."""
-    figure = None
-    at = raw_head.lower().find(_LOAD_FIELD)
-    while at >= 0:
-        start = at + len(_LOAD_FIELD)
-        end = raw_head.find(b"\r\n", start)
-        end = len(raw_head) if end < 0 else end
-        value = raw_head[start:end].strip()
-        raw_head = raw_head[:at] + raw_head[end:]
-        if figure is None and value.isdigit() and len(value) <= 8:
-            figure = float(value)
-        at = raw_head.lower().find(_LOAD_FIELD, at)
-    return figure, raw_head
 
 
 def _field(head: RequestHead, name: bytes) -> str:

@@ -37,6 +37,7 @@ READ_SLACK = 0.1
 #: the response field an instance reports its live load in, on a WebSocket's 101
 LOAD_HEADER = "X-Cluster-Load"
 _NEVER = float("-inf")
+_LOAD_FIELD = b"\r\n" + LOAD_HEADER.lower().encode("ascii") + b":"
 
 
 class Placement:
@@ -138,3 +139,21 @@ class Placement:
         self.figures = {h: f for h, f in self.figures.items() if h in stamps}
         self._stamps = stamps
         self._table = table
+
+
+def load_field(raw_head: bytes) -> tuple[float | None, bytes]:
+    """The X-Cluster-Load figure of a 101's head (None: absent or not a sane count), and
+    the head without that field, in any case and however many times: it is for this
+    balancer, not for the client (a proxy between may have changed the name's case)."""
+    figure = None
+    at = raw_head.lower().find(_LOAD_FIELD)
+    while at >= 0:
+        start = at + len(_LOAD_FIELD)
+        end = raw_head.find(b"\r\n", start)
+        end = len(raw_head) if end < 0 else end
+        value = raw_head[start:end].strip()
+        raw_head = raw_head[:at] + raw_head[end:]
+        if figure is None and value.isdigit() and len(value) <= 8:
+            figure = float(value)
+        at = raw_head.lower().find(_LOAD_FIELD, at)
+    return figure, raw_head

@@ -308,6 +308,45 @@ def test_a_new_sockets_101_names_its_endpoint_in_the_sticky_cookie(gws: Cluster)
     assert {where for _, where in picks} == {"here", "tunnelled"}, picks
 
 
+def test_a_wrapped_balancers_101_carries_one_cookie_and_no_load_figure(
+        gws: Cluster, store: str) -> None:
+    """A cluster.wrap() app balancing for the service tunnels a new socket to an
+    instance: its 101 sets the sticky cookie once, naming the instance that holds the
+    socket, and does not pass on the X-Cluster-Load figure the instance sent for its
+    balancer (the door strips it; the wrap()'s bridge sent it to the client)."""
+    proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": store, "CLUSTER_SERVICE": "lbal",
+                                    "CLUSTER_UI_SERVICE": gws.service,
+                                    "CLUSTER_PING_INTERVAL": "1"}, name="lbal")
+    try:
+        wait_until(lambda: {e["hash"] for e in view(f"http://127.0.0.1:{port}")["endpoints"]}
+                   >= set(gws.hashes.values()), timeout=15, what="the wrap() app to see both")
+        for _ in range(4):
+            lines = ["GET /echo HTTP/1.1", "Host: 127.0.0.1",
+                     *(f"{k}: {v}" for k, v in HANDSHAKE.items())]
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+                data = b""
+                while b"\r\n\r\n" not in data and len(data) < 4096:
+                    data += sock.recv(4096) or b"(closed)"
+                head, _, data = data.partition(b"\r\n\r\n")
+                mask = b"\x01\x02\x03\x04"
+                sock.sendall(b"\x81\x88" + mask + bytes(
+                    c ^ mask[i % 4] for i, c in enumerate(b"cmd:name")))
+                while len(data) < 3:
+                    data += sock.recv(4096) or b"(closed)"
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            name = data[2:2 + data[1]].decode()
+            cookies = [line for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"set-cookie:")]
+            assert len(cookies) == 1, head
+            assert cookies[0].startswith(b"set-cookie: " + gws.cookie(name).lower().encode()
+                                         + b";"), (name, head)
+            assert b"x-cluster-load" not in head.lower(), head
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
 def test_plain_http_to_the_websocket_app_still_works(gws: Cluster) -> None:
     got = requests.get(gws.url("a") + "/whoami", headers={"Cookie": gws.cookie("b")},
                        timeout=5)

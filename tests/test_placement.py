@@ -10,9 +10,8 @@ from collections import Counter
 
 import pytest
 
-from cluster.door import _load_field
 from cluster.load import Load, LocalLoad, moved, parse_load
-from cluster.placement import Placement
+from cluster.placement import Placement, load_field
 from cluster.rebalance import Rebalancer, shed_target
 from cluster.records import LOAD_IGNORED, Endpoint, check_record, endpoint_hash, make_record
 from cluster.registry import EndpointTable, parse_documents
@@ -412,4 +411,4 @@ def test_cluster_status_table_shows_the_load():
 def test_the_load_field_of_a_101_is_read_and_never_passed_on(head, figure, left):
     """In any case and however often it comes: a proxy between may change a name's
     case, and what is left would reach the client."""
-    assert _load_field(head) == (figure, left)
+    assert load_field(head) == (figure, left)

@@ -40,6 +40,7 @@ from cluster.http1 import (
     response_framing,
 )
 from cluster.http1 import parse_response_head as parse_head
+from cluster.placement import load_field
 from cluster.proxy.attempts import closes_new
 from cluster.proxy.relay import Forwarding, request_head
 from cluster.proxy.tunnel import Tunnel, _close, _pump
@@ -257,6 +258,9 @@ class WebSocketBridge:
             return self._refusal(start_response, status, response_head, headers, body)
 
         client, early = hijack("101 Switching Protocols")
+        # the endpoint's live load is for a balancer's placement, never for the client
+        # (this one's placement keeps no live figures: cluster.app)
+        _, response_head = load_field(response_head)
         if answer_headers:
             response_head = response_head[:-2] + b"".join(
                 f"{name}: {value}\r\n".encode("latin-1") for name, value in answer_headers
