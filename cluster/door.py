@@ -1455,8 +1455,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         # Pinned: its client's sticky cookie names this instance, so closed for
         # rebalancing it would come straight back (cluster.rebalance).
         service = door.policy.service
-        door.load.websockets[local] = service is not None and self.connection.request.cookie(
+        pinned = service is not None and self.connection.request.cookie(
             COOKIE_PREFIX + service) == door.policy.self_hash
+        door.load.websockets[local] = pinned
+        door.load.pinned_opened += pinned
         door.observer.websocket_opened("local")
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end

@@ -91,7 +91,7 @@ class LocalLoad:
     Plain counters, no lock: the door's greenlets run one at a time.
     """
 
-    __slots__ = ("requests", "websockets", "service_ms")
+    __slots__ = ("requests", "websockets", "pinned_opened", "service_ms")
 
     def __init__(self) -> None:
         #: local requests in progress (a local WebSocket's request lasts as long as it)
@@ -99,6 +99,9 @@ class LocalLoad:
         #: local WebSockets, oldest first (insertion order), each with going_away(); the
         #: value: pinned here by its client's sticky cookie (cluster.rebalance)
         self.websockets: dict[Any, bool] = {}
+        #: local WebSockets opened pinned, ever: how the rebalancer sees the clients it
+        #: closed come straight back
+        self.pinned_opened = 0
         self.service_ms = 0.0
 
     def __repr__(self) -> str:

@@ -13,7 +13,13 @@ on the newcomer. A socket whose client's sticky cookie names this instance (a br
 that loaded its page here; any client that kept the cookie) is *pinned*: its
 reconnect would come straight back here, as the cookie promises, so it is never
 closed; closing such sockets at the rate was a stream of disconnects that moved no
-one. An episode that runs out of other sockets ends there, with one line. An imbalance
+one. An episode that runs out of other sockets ends there, with one line. A socket
+that is not pinned is a new session's first one, and its 101 set the cookie too
+(cluster.door): a client that keeps cookies (a browser, Socket.IO's client with
+credentials) comes straight back as well, pinned. When half the sockets an episode
+closed have come back so, its clients keep the cookie: the episode stops, with one
+line, and none starts again until the service is in balance (closing on would
+disconnect each of them once and move none). An imbalance
 must last ``settle`` seconds (two heartbeats and a refresh) before anything is closed:
 while sessions pour in, an instance's live count runs ahead of the others' published
 figures, and that is no reason to move anyone.
@@ -72,6 +78,10 @@ class Rebalancer:
         self._episode_closed = 0
         #: the pinned sockets have been reported for this imbalance (said once)
         self._told_pinned = False
+        #: the pinned sockets opened here when the episode began (load.pinned_opened)
+        self._opened_before = 0
+        #: the clients closed in this imbalance came straight back: close no more
+        self._futile = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -119,11 +129,11 @@ class Rebalancer:
             target = shed_target(figures[0], figures[1], self.margin) if figures else None
             if target is None or figures is None:
                 self.over_since = None
-                self._told_pinned = False
+                self._told_pinned = self._futile = False
                 return 0
             if self.over_since is None:
                 self.over_since = now
-            if now - self.over_since < self.settle:
+            if now - self.over_since < self.settle or self._futile:
                 return 0
             if not self._movable(1):
                 if not self._told_pinned:
@@ -134,6 +144,7 @@ class Rebalancer:
                 return 0
             self.over_since = None
             self.target, self._episode_closed = target, 0
+            self._opened_before = self.load.pinned_opened
             others = figures[1]
             log.info("rebalancing: %d WebSockets here, %.1f on average over %d instances "
                      "of %s; closing up to %g/s with 1001 until %d", own,
@@ -144,6 +155,15 @@ class Rebalancer:
             log.info("rebalanced: closed %d WebSockets, %d left here",
                      self._episode_closed, own)
             self.target = None
+            return 0
+        returned = self.load.pinned_opened - self._opened_before
+        if self._episode_closed >= 2 and 2 * returned >= self._episode_closed:
+            log.info("rebalancing stopped: %d of the %d WebSockets closed came straight "
+                     "back, pinned here by the sticky cookie their 101 set (their clients "
+                     "keep it); %d left here", min(returned, self._episode_closed),
+                     self._episode_closed, own)
+            self.target = None
+            self._futile = True
             return 0
         self._budget = min(self._budget + self.rate * elapsed, max(1.0, self.rate))
         count = min(int(self._budget), own - self.target)

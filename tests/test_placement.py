@@ -351,6 +351,60 @@ def test_the_rebalancer_never_closes_sockets_pinned_here_and_says_so_once(monkey
     assert len(closed) == 10
 
 
+class _Returning(_Socket):
+    """A client that keeps cookies: closed, it reconnects here with the cookie its first
+    101 set, pinned (as the door counts it)."""
+
+    def __init__(self, log: list[int], number: int, local: LocalLoad) -> None:
+        super().__init__(log, number)
+        self.local = local
+
+    def going_away(self) -> None:
+        super().going_away()
+        self.local.websockets[_Socket(self.log, -1)] = True
+        self.local.pinned_opened += 1
+
+
+def test_the_rebalancer_stops_when_the_clients_it_closes_come_straight_back(
+        monkeypatch, caplog):
+    """A new session's first socket is not pinned, but its 101 set the sticky cookie:
+    clients that keep cookies came back here pinned, and the episode went on until
+    every socket here had been closed once (a disconnect per client, none moved). It
+    stops once half the closed ones have come back, and starts no more while the
+    imbalance lasts; clients that ignore the cookie are still moved."""
+    clock = [1000.0]
+    monkeypatch.setattr("cluster.rebalance.time.monotonic", lambda: clock[0])
+    closed: list[int] = []
+    local = LocalLoad()
+    for n in range(100):
+        local.websockets[_Returning(closed, n, local)] = False
+    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
+    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
+    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=4.0,
+                            settle=2.0)
+    caplog.set_level("INFO", logger="cluster.rebalance")
+    for _ in range(60):
+        rebalancer.step()
+        clock[0] += 0.25
+    assert len([n for n in closed if n >= 0]) == 2, closed  # one tick's worth, no more
+    assert len(local.websockets) == 100
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("came straight back" in line for line in said) == 1, said
+
+    # in balance again, then a new imbalance: a new episode (and sockets whose
+    # clients ignore the cookie are moved as ever)
+    rebalancer.node = _Node(table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000",
+                                                                   Load(100))))
+    rebalancer.step()
+    rebalancer.node = _Node(tbl)
+    ignoring = [_Socket(closed, 1000 + n) for n in range(100)]
+    local.websockets = {s: False for s in ignoring}
+    for _ in range(60):
+        rebalancer.step()
+        clock[0] += 0.25
+    assert [n for n in closed if n >= 1000] == list(range(1000, 1025)), closed
+
+
 # --- the settings -----------------------------------------------------------------------
 
 

@@ -118,3 +118,29 @@ def test_rebalancing_closes_no_socket_pinned_by_the_sticky_cookie(mongo_url):
             assert log.count("the 15 left here are pinned here") == 1, log
         finally:
             fleet.close()
+
+
+def test_rebalancing_stops_when_the_clients_it_closes_keep_their_101s_cookie(sqlite_url):
+    """A client whose first request is the upgrade gets the sticky cookie on the 101;
+    one that keeps it (a browser) reconnects straight back after a 1001. Rebalancing
+    closed every such socket once, moving none (20 closes here); it stops after the
+    first few come back."""
+    with bed(sqlite_url, 1, 1, "--rebalance", "on") as made:
+        fleet = Fleet([port for _, port in made.balancers])
+        try:
+            fleet.open(20, keep=True)
+            assert fleet.counts() == {"i0": 20} and fleet.errors == []
+            assert all(c.cookie for c in fleet.clients)
+            made.instance("i1", "--rebalance", "on")
+            made.wait_seen(2)
+            wait_until(lambda: (fleet.poll(0.2), sum(len(c.closes) for c in fleet.clients))[1]
+                       >= 2, timeout=15, what="the rebalancer to close sockets")
+            fleet.poll(4.0)  # it closed 20 within 2 s at its rate of 10/s
+            closes = sum(len(c.closes) for c in fleet.clients)
+            log = made.instances["i0"][0].output
+            assert fleet.counts() == {"i0": 20} and fleet.errors == []
+            assert 2 <= closes <= 5, closes
+            assert log().count("rebalancing: ") == 1 and log().count("came straight back") == 1
+        finally:
+            fleet.close()
+

@@ -88,11 +88,13 @@ def bed(store: str, instances: int, balancers: int, *extra: str) -> Iterator[Bed
 class Client:
     """One WebSocket client: where it is, how often it moved, what went wrong."""
 
-    def __init__(self, number: int, cookie: str = "") -> None:
+    def __init__(self, number: int, cookie: str = "", keep: bool = False) -> None:
         self.number = number
         #: the Cookie header it sends on every (re)connect, as a browser sends the
         #: sticky cookie its page load got
         self.cookie = cookie
+        #: keep the cookie a 101 sets, as a browser does (else it is ignored)
+        self.keep = keep
         self.ws: websocket.WebSocket | None = None
         self.sock: object = None  # what the selector knows it by
         self.home = ""
@@ -104,6 +106,8 @@ class Client:
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/c{self.number}",
                                          timeout=timeout, cookie=self.cookie or None)
         self.headers = {k.lower(): v for k, v in (ws.getheaders() or {}).items()}
+        if self.keep and "set-cookie" in self.headers:
+            self.cookie = self.headers["set-cookie"].partition(";")[0]
         ws.send("cmd:name")
         self.home = str(ws.recv())
         self.homes.append(self.home)
@@ -121,14 +125,15 @@ class Fleet:
         self.errors: list[str] = []
         self.selector = selectors.DefaultSelector()
 
-    def open(self, count: int, rate: float = 0.0, cookie: str = "") -> None:
+    def open(self, count: int, rate: float = 0.0, cookie: str = "", keep: bool = False) -> None:
         """Open ``count`` clients, each through a balancer drawn at random, at most
-        ``rate`` a second (0: as fast as they connect), each sending ``cookie``."""
+        ``rate`` a second (0: as fast as they connect), each sending ``cookie`` (and,
+        ``keep``: the one a 101 sets)."""
         started = time.monotonic()
         for n in range(count):
             if rate:
                 time.sleep(max(0.0, started + n / rate - time.monotonic()))
-            client = Client(len(self.clients), cookie)
+            client = Client(len(self.clients), cookie, keep)
             self.clients.append(client)
             self._connect(client)
 
