@@ -80,7 +80,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import Turns, let_others_run, linger
+from cluster.netio import LINGER_SECONDS, Turns, let_others_run, linger
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement, load_field
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -996,8 +996,17 @@ class _LocalWebSocket:
             self.websocket.send_frame(b"\x03\xe9server going away",
                                       self.websocket.OPCODE_CLOSE)
         except Exception:  # noqa: BLE001 - gevent-websocket raises several kinds
-            pass
-        self.conn.close()  # wakes the app's receive(): it sees the socket end
+            self.conn.close()  # wakes the app's receive(): it sees the socket end
+            return
+        # Then a FIN, and the client's answering close frame ends the app's receive()
+        # (run_websocket lingers). Closed at once, the socket answered that frame with a
+        # reset, and browsers reported 1006, not the 1001 that asks them to reconnect.
+        try:
+            self.conn.sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            self.conn.close()
+            return
+        gevent.spawn_later(LINGER_SECONDS, self.conn.close)  # a client that never answers
 
 
 class _Outcome:

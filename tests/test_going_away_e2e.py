@@ -151,3 +151,30 @@ def test_websocket_opened_during_the_drain_is_closed_with_1001(tmp_path: Path) -
         late.close()
         local.stop()
     assert "Traceback" not in local.output(), local.output()
+
+
+def test_a_local_sockets_1001_ends_in_a_clean_closing_handshake(tmp_path: Path) -> None:
+    """The 1001 of a socket the instance's own app serves (a stop, a drain, rebalancing)
+    is its only close frame, and once the client answers it the connection ends with a
+    FIN. It was followed by a second close frame (1000, from gevent-websocket once the
+    app returned), which a browser takes for a failed connection: Chromium reported
+    1006 and did not see the 1001 that asks it to reconnect."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    local, port = start_serve("--ping-interval", "1", "--service", "web",
+                              "--app", "gws_echo:app",
+                              env={"CLUSTER_DISCOVERY_URL": discovery}, name="local")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sock.sendall(_raw_upgrade("/"))
+            head, _, early = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            local.signal(signal.SIGTERM)
+            frame = early + _read_until(sock, b"going away")
+            assert frame[:4] == b"\x88\x13\x03\xe9", frame  # close, 1001
+            sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe9")  # the answer, as a browser's
+            rest = frame[2 + frame[1]:] + _read_until(sock, b"\x88", limit=5)
+            assert rest == b"", rest  # then EOF: no other frame, no reset
+        assert local.wait(TIMEOUT) == 0
+    finally:
+        local.stop()
+    assert "Traceback" not in local.output(), local.output()
