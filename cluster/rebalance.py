@@ -17,7 +17,8 @@ one. An episode that runs out of other sockets ends there, with one line. A sock
 that is not pinned is a new session's first one, and its 101 set the cookie too
 (cluster.door): a client that keeps cookies (a browser, Socket.IO's client with
 credentials) comes straight back as well, pinned. When half the sockets an episode
-closed have come back so, its clients keep the cookie: the episode stops, with one
+closed have come back so (pinned arrivals beyond the pace of new sessions before the
+episode), its clients keep the cookie: the episode stops, with one
 line, and none starts again until the service is in balance (closing on would
 disconnect each of them once and move none). An imbalance
 must last ``settle`` seconds (two heartbeats and a refresh) before anything is closed:
@@ -78,8 +79,13 @@ class Rebalancer:
         self._episode_closed = 0
         #: the pinned sockets have been reported for this imbalance (said once)
         self._told_pinned = False
-        #: the pinned sockets opened here when the episode began (load.pinned_opened)
+        #: load.pinned_opened when the imbalance was first seen, and when the episode
+        #: began; the rate they arrived at in between (new sessions whose page came
+        #: from here, not clients coming back), and when the episode began
+        self._opened_seen = 0
         self._opened_before = 0
+        self._arriving = 0.0
+        self._began = 0.0
         #: the clients closed in this imbalance came straight back: close no more
         self._futile = False
         self._stopping = threading.Event()
@@ -133,6 +139,7 @@ class Rebalancer:
                 return 0
             if self.over_since is None:
                 self.over_since = now
+                self._opened_seen = self.load.pinned_opened
             if now - self.over_since < self.settle or self._futile:
                 return 0
             if not self._movable(1):
@@ -142,9 +149,11 @@ class Rebalancer:
                              "every one is pinned here by its client's sticky cookie (it "
                              "would reconnect here): none closed", own, self.service)
                 return 0
+            self._arriving = (self.load.pinned_opened - self._opened_seen) / max(
+                now - self.over_since, TICK)
             self.over_since = None
             self.target, self._episode_closed = target, 0
-            self._opened_before = self.load.pinned_opened
+            self._opened_before, self._began = self.load.pinned_opened, now
             others = figures[1]
             log.info("rebalancing: %d WebSockets here, %.1f on average over %d instances "
                      "of %s; closing up to %g/s with 1001 until %d", own,
@@ -156,11 +165,13 @@ class Rebalancer:
                      self._episode_closed, own)
             self.target = None
             return 0
-        returned = self.load.pinned_opened - self._opened_before
+        # pinned arrivals beyond the pace they had before the episode: clients it closed
+        returned = (self.load.pinned_opened - self._opened_before
+                    - self._arriving * (now - self._began))
         if self._episode_closed >= 2 and 2 * returned >= self._episode_closed:
             log.info("rebalancing stopped: %d of the %d WebSockets closed came straight "
                      "back, pinned here by the sticky cookie their 101 set (their clients "
-                     "keep it); %d left here", min(returned, self._episode_closed),
+                     "keep it); %d left here", min(round(returned), self._episode_closed),
                      self._episode_closed, own)
             self.target = None
             self._futile = True

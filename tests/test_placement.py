@@ -405,6 +405,27 @@ def test_the_rebalancer_stops_when_the_clients_it_closes_come_straight_back(
     assert [n for n in closed if n >= 1000] == list(range(1000, 1025)), closed
 
 
+def test_new_pinned_sessions_at_a_steady_pace_do_not_stop_an_episode(monkeypatch):
+    """Browsers whose page came from here open their sockets pinned all the time: at
+    the pace they came before the episode they are no sign that the clients it closes
+    come back, and the ones that ignore the cookie are moved."""
+    clock = [1000.0]
+    monkeypatch.setattr("cluster.rebalance.time.monotonic", lambda: clock[0])
+    closed: list[int] = []
+    local = LocalLoad()
+    for n in range(100):
+        local.websockets[_Socket(closed, n)] = False  # their clients ignore the cookie
+    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
+    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
+    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=4.0,
+                            settle=2.0)
+    for _ in range(60):
+        local.pinned_opened += 1  # a new pinned session every tick: 4/s, as fast as it closes
+        rebalancer.step()
+        clock[0] += 0.25
+    assert closed == list(range(25))
+
+
 # --- the settings -----------------------------------------------------------------------
 
 
