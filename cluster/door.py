@@ -80,7 +80,7 @@ from cluster.http1 import (
     simple_response,
 )
 from cluster.load import LocalLoad
-from cluster.netio import LINGER_SECONDS, Turns, let_others_run, linger
+from cluster.netio import LINGER_SECONDS, Turns, is_plain, let_others_run, linger
 from cluster.observe import NULL_OBSERVER, Observer, RequestRecord
 from cluster.placement import LOAD_HEADER, Placement, load_field
 from cluster.proxy.attempts import attempt, client_answer, replayable
@@ -1001,8 +1001,11 @@ class _LocalWebSocket:
         # Then a FIN, and the client's answering close frame ends the app's receive()
         # (run_websocket lingers). Closed at once, the socket answered that frame with a
         # reset, and browsers reported 1006, not the 1001 that asks them to reconnect.
+        sock = self.conn.sock
         try:
-            self.conn.sock.shutdown(_socket.SHUT_WR)
+            if not is_plain(sock):  # TLS (gunicorn's certfile): shutdown() drops the session
+                raise OSError("not a plain socket")
+            sock.shutdown(_socket.SHUT_WR)
         except OSError:
             self.conn.close()
             return
