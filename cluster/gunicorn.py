@@ -261,8 +261,11 @@ def _init_worker(worker: Any) -> None:
         pass  # a first table, unless the worker is stopping
     if worker.alive and node.registrar is not None and node.registrar.beats:
         # Let every peer read this record before handing out cookies that name it
-        # (see cluster.workers.settle); connections wait in the listen backlogs.
-        gevent.sleep(node.watcher.refresh_interval + 0.1)
+        # (see cluster.workers.settle); connections wait in the listen backlogs. Not
+        # past a stop (TERM: worker.alive): the record would stay until the pause ends.
+        settled = time.monotonic() + node.watcher.refresh_interval + 0.1
+        while worker.alive and time.monotonic() < settled:
+            gevent.sleep(min(WATCH_INTERVAL, max(0.0, settled - time.monotonic())))
     worker.wsgi = _Recycling(worker.wsgi, worker)
     door = make_door(node, settings, worker.wsgi, observe.from_settings(settings))
     worker.cluster_door = door

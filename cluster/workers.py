@@ -315,7 +315,9 @@ def settle(node: Cluster, timeout: float = 10.0, stopping: Any = None) -> None:
     Socket.IO poll). One refresh interval after the first heartbeat, every live peer
     has read the record. Without a store it gives up after ``timeout``, and at once
     when ``stopping`` (an Event) is set: a SIGTERM to a worker starting while the
-    store does not answer waited out those 10 s before its stop began.
+    store does not answer waited out those 10 s before its stop began, and one that
+    came after the first heartbeat waited out the refresh interval (up to 5 s) with
+    its record in the store before deregistering.
     """
     registrar = node.registrar
     deadline = time.monotonic() + timeout
@@ -324,7 +326,11 @@ def settle(node: Cluster, timeout: float = 10.0, stopping: Any = None) -> None:
             return
         gevent.sleep(0.02)
     if registrar is not None and registrar.beats:
-        gevent.sleep(node.watcher.refresh_interval + 0.1)
+        pause = node.watcher.refresh_interval + 0.1
+        if stopping is not None:
+            stopping.wait(pause)
+        else:
+            gevent.sleep(pause)
 
 
 def notify_ready(node: Cluster, timeout: float = 10.0, stopping: Any = None) -> None:

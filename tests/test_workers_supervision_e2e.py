@@ -263,3 +263,37 @@ def test_sighup_to_a_single_process_is_a_warning_not_a_death(tmp_path):
         assert proc.poll() is None
     finally:
         proc.stop()
+
+
+def records_in(discovery: str) -> list[str]:
+    """The endpoints whose records the store holds now, read from the store itself."""
+    from cluster.discovery import open_store
+
+    store = open_store(discovery)
+    try:
+        return [doc["endpoint"] for doc in store.snapshot().documents if "endpoint" in doc]
+    finally:
+        store.close()
+
+
+def test_a_stop_right_after_the_workers_registered_does_not_wait_for_them_to_settle(tmp_path):
+    # A new worker waits one table refresh (ping interval / 2: 5 s here) after its first
+    # heartbeat before serving the shared port; a SIGTERM in that pause waited it out
+    # with the record in the store, so peers kept sending requests to a leaving worker.
+    discovery = f"sqlite://{tmp_path / 'd.sqlite3'}"
+    parent, _port = start_serve("--workers-count", "2", "--service", "web",
+                                "--app", "cluster.demo:app", "--ping-interval", "10",
+                                env={"CLUSTER_DISCOVERY_URL": discovery}, name="settling")
+    try:
+        wait_until(lambda: parent.output().count("registered web") == 2, timeout=15,
+                   what="both workers' first heartbeat")
+        asked = time.monotonic()
+        parent.signal(signal.SIGTERM)
+        assert parent.wait(10) == 0
+        took = time.monotonic() - asked
+        output = parent.output()
+        assert took < 2.5, (took, output)
+        assert records_in(discovery) == []
+        assert "Traceback" not in output, output
+    finally:
+        parent.stop()
