@@ -191,6 +191,13 @@ class Supervisor:
                 ready = self._wait_ready(new, read_fd)
             finally:
                 os.close(read_fd)
+            if ready is None and self.stopping.is_set():
+                # a stop asked meanwhile, not a failure: the new worker stops with the
+                # others (and as they do: SIGQUIT's quick stop too), not before them
+                log.info("reload cut short by the stop: the new worker (pid %d) stops "
+                         "with the others", new.pid)
+                self.retiring.append(new)
+                return
             if ready is None:
                 log.error("reload: the new worker (pid %d) did not come up; keeping worker %d "
                           "and stopping the reload", new.pid, slot.index)

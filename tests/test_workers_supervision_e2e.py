@@ -297,3 +297,35 @@ def test_a_stop_right_after_the_workers_registered_does_not_wait_for_them_to_set
         assert "Traceback" not in output, output
     finally:
         parent.stop()
+
+
+def test_a_stop_during_a_reload_is_no_failed_reload_and_stops_the_new_worker_too(tmp_path):
+    # SIGTERM while a SIGHUP's new worker was starting: the supervisor logged an ERROR
+    # that the new worker "did not come up" and stopped it alone first, the old workers
+    # (and their records) waiting for that.
+    discovery = f"sqlite://{tmp_path / 'd.sqlite3'}"
+    app_file = tmp_path / "versioned.py"
+    app_file.write_text(VERSIONED_APP.format(version=1))
+    parent, _port = start_serve("--workers-count", "2", "--service", "web",
+                                "--app", "versioned:app", "--pythonpath", str(tmp_path),
+                                "--ping-interval", "1",
+                                env={"CLUSTER_DISCOVERY_URL": discovery}, name="reload-stop")
+    try:
+        wait_until(lambda: parent.output().count("serving web") == 2, timeout=20,
+                   what="both workers serving")
+        # the new code takes a while to import: the stop comes while it starts
+        app_file.write_text("import time\ntime.sleep(3)\n" + VERSIONED_APP.format(version=2))
+        parent.signal(signal.SIGHUP)
+        wait_until(lambda: "reloading 2 workers" in parent.output(), timeout=10,
+                   what="the reload to begin")
+        parent.signal(signal.SIGTERM)
+        assert parent.wait(15) == 0
+        output = parent.output()
+        assert "did not come up" not in output, output
+        assert "reload cut short by the stop" in output, output
+        assert records_in(discovery) == []
+        assert "Traceback" not in output, output
+        for pid in map(int, re.findall(r"\[(\d+)\]", output)):
+            assert gone(pid), (pid, output)
+    finally:
+        parent.stop()
