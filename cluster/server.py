@@ -402,11 +402,17 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
     at_once: list[bool] = []
+    hurry = gevent.event.Event()
 
     def quick_stop() -> None:
         # SIGQUIT, as gunicorn takes it: deregister and stop without waiting for the
-        # requests in flight (its default action, a core dump, left the record behind)
+        # requests in flight (its default action, a core dump, left the record behind).
+        # Also during a graceful stop (an operator's TERM, then QUIT when it takes too
+        # long, as gunicorn's workers take it): the wait for the requests ends there.
+        if stopping.is_set() and not at_once:
+            log.info("SIGQUIT: stopping at once: closing every connection")
         at_once.append(True)
+        hurry.set()
         stopping.set()
 
     gevent.signal_handler(signal.SIGQUIT, quick_stop)
@@ -482,8 +488,11 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         log.info("closed %d WebSockets with 1001 (going away)", closed)
     drained = gevent.event.Event()
     idle_closer = gevent.spawn(close_idle_connections, door, drained)
-    cut = stop_servers(servers, grace)
-    if cut:
+    cut = stop_servers(servers, grace, hurry)
+    if cut and hurry.is_set():
+        log.warning("SIGQUIT: closed %d connections whose requests were still running, "
+                    "unanswered", cut)
+    elif cut:
         log.warning("drained for %.3gs (--graceful-timeout): closed %d connections whose "
                     "requests were still running, unanswered", grace, cut)
     drained.set()
@@ -496,16 +505,21 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     return 0
 
 
-def stop_servers(servers: list[DoorServer], timeout: float) -> int:
+def stop_servers(servers: list[DoorServer], timeout: float,
+                 hurry: gevent.event.Event | None = None) -> int:
     """Stop accepting, wait up to ``timeout`` seconds in all for the connections being
-    served, then close those left (their requests end unanswered, see
-    LocalHandler.handle_error); returns how many were left."""
+    served (less if ``hurry`` is set meanwhile: SIGQUIT), then close those left (their
+    requests end unanswered, see LocalHandler.handle_error); returns how many were left."""
     deadline = time.monotonic() + timeout
     for server in servers:
         server.close()
     for server in servers:
-        if server.pool is not None:
-            server.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        while server.pool is not None and len(server.pool) \
+                and not (hurry is not None and hurry.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            server.pool.join(timeout=min(remaining, 0.1))
     left = sum(len(server.pool) for server in servers if server.pool is not None)
     for server in servers:
         server.stop(timeout=0)

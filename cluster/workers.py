@@ -239,6 +239,13 @@ class Supervisor:
     def quick_stop(self) -> None:
         """SIGQUIT: stop every worker at once (each deregisters, then closes what is
         open without waiting for its requests)."""
+        if self.stopping.is_set() and not self.at_once:
+            # during a graceful stop (TERM, then QUIT when it takes too long): the
+            # workers, draining, are told to stop at once too
+            log.info("SIGQUIT: the workers stop at once")
+            for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGQUIT)
         self.at_once = True
         self.stopping.set()
 

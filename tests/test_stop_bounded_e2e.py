@@ -288,3 +288,34 @@ def test_sigquit_deregisters_and_stops_without_waiting_for_requests(tmp_path, wo
     assert took < 5.0, f"the stop took {took:.1f}s (--graceful-timeout is 10 s):\n{output}"
     assert output.count("SIGQUIT: stopping at once") == workers, output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigquit_during_a_graceful_stop_ends_its_wait(tmp_path, workers):
+    """An operator's SIGTERM, then SIGQUIT when the stop takes too long (as gunicorn's
+    workers take it: QUIT is the quick stop, also after TERM). The QUIT was ignored: the
+    stop waited out --graceful-timeout (10 s) for the requests in flight all the same."""
+    store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc, port = start_instance(store, "tq0", "--workers-count", str(workers))
+    try:
+        wait_until(lambda: len(every_record(store)) == workers, timeout=15,
+                   what="every worker registered")
+        wait_until(lambda: proc.output().count("serving web") == workers, timeout=15)
+        client, outcome = slow_request(port)
+        proc.signal(signal.SIGTERM)
+        asked = time.monotonic()
+        wait_until(lambda: "draining for up to 10s" in proc.output(), timeout=5)
+        time.sleep(0.5)
+        proc.signal(signal.SIGQUIT)
+        assert proc.wait(timeout=20) == 0, proc.output()
+        took = time.monotonic() - asked
+        client.join(10)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert every_record(store) == set(), output
+    assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
+        (outcome, output)
+    assert took < 5.0, f"the stop took {took:.1f}s (--graceful-timeout is 10 s):\n{output}"
+    assert "SIGQUIT: closed 1 connections whose requests were still running" in output, output
+    assert "Traceback" not in output, output
