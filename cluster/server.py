@@ -320,15 +320,38 @@ def make_server(listener: Any, door: Door, **kwargs: Any) -> DoorServer:
 class ClusterServer(DoorServer):
     """Library mode with the front door: a gevent server that registers ``app``,
     balances and serves it. ``start()``/``serve_forever()`` as any gevent server;
-    ``stop()`` also deregisters and closes the store."""
+    ``stop()`` also deregisters, lets the requests in flight finish (up to ``timeout``,
+    by default --graceful-timeout) and closes the store."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_timeout = self.door.settings.graceful_timeout
+        self._stop_under_way: gevent.event.Event | None = None
 
     def stop(self, timeout: float | None = None) -> None:
+        # Once: serve_forever() calls stop() again (with gevent's 1 s) as soon as the
+        # first stop, from a signal handler, closes the listener; that second call cut
+        # the first one's drain and let the program end under the requests in flight.
+        if self._stop_under_way is not None:
+            self._stop_under_way.wait()
+            return
+        done = self._stop_under_way = gevent.event.Event()
+        try:
+            self._stop(self.stop_timeout if timeout is None else timeout)
+        finally:
+            done.set()
+
+    def _stop(self, timeout: float) -> None:
         node = self.door.node
         if node.registrar is not None:
             node.registrar.stop()  # deregister first: no new request is sent here
         self.close()
         self.door.going_away()
+        drained = gevent.event.Event()
+        idle_closer = gevent.spawn(close_idle_connections, self.door, drained)
         super().stop(timeout)
+        drained.set()
+        idle_closer.join(1)
         self.door.close()
         metrics = observe.find(self.door.observer, MetricsObserver)
         if metrics is not None:
@@ -354,7 +377,8 @@ def make_cluster_server(app: WSGIApp | None, listener: Any = None,
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
     node = Cluster(resolved, register=app is not None).start()
     door = make_door(node, resolved, app, observe.from_settings(resolved))
-    return ClusterServer(listener, app, door=door, log=None,
+    # a pool, as make_server's: without one stop() waited for no request in flight
+    return ClusterServer(listener, app, door=door, log=None, spawn=Pool(None),
                          error_log=logging.getLogger("cluster.server"))
 
 

@@ -22,7 +22,15 @@ import pytest
 import requests
 
 from blackhole import relay
-from helpers import Proc, gunicorn_port, python, start_instance, wait_until
+from helpers import (
+    ROOT,
+    Proc,
+    gunicorn_port,
+    python,
+    read_port_file,
+    start_instance,
+    wait_until,
+)
 from test_gunicorn_e2e import children, every_record, gunicorn, live
 
 
@@ -318,4 +326,39 @@ def test_sigquit_during_a_graceful_stop_ends_its_wait(tmp_path, workers):
         (outcome, output)
     assert took < 5.0, f"the stop took {took:.1f}s (--graceful-timeout is 10 s):\n{output}"
     assert "SIGQUIT: closed 1 connections whose requests were still running" in output, output
+    assert "Traceback" not in output, output
+
+
+def test_library_mode_stop_lets_the_requests_in_flight_finish(tmp_path):
+    """cluster.make_server() as the README shows it, with server.stop on SIGTERM: the
+    stop "deregisters, drains and closes the store". It drained nothing: the server had
+    no pool to wait on, and serve_forever() called stop() a second time (gevent's 1 s)
+    as soon as the first closed the listener, and returned: a request of 2 s was cut."""
+    store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    port_file = tmp_path / "lib.port"
+    lib = Proc(python(str(ROOT / "tests" / "apps" / "library_door_app.py"), str(port_file)),
+               env={"CLUSTER_DISCOVERY_URL": store}, name="library-door")
+    try:
+        port = read_port_file(port_file, lib)
+        wait_until(lambda: len(every_record(store)) == 1, timeout=15)
+        outcome: list[object] = []
+
+        def slow() -> None:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/slow?seconds=2", timeout=10)
+                outcome.append((response.status_code, response.text))
+            except requests.ConnectionError as exc:
+                outcome.append(exc)
+
+        client = threading.Thread(target=slow)
+        client.start()
+        time.sleep(0.5)
+        lib.signal(signal.SIGTERM)
+        assert lib.wait(timeout=15) == 0, lib.output()
+        client.join(10)
+    finally:
+        lib.stop()
+    output = lib.output()
+    assert outcome == [(200, "library door")], (outcome, output)
+    assert every_record(store) == set(), output
     assert "Traceback" not in output, output

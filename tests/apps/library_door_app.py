@@ -22,6 +22,8 @@ def hello(environ, start_response):
         while (message := ws.receive()) is not None:
             ws.send(message)
         return []
+    if environ.get("PATH_INFO") == "/slow":  # a request still running at a stop
+        gevent.sleep(float(environ.get("QUERY_STRING", "").partition("=")[2] or 1))
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
     return [b"library door"]
 
