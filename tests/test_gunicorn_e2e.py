@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +23,12 @@ from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
 
 
 def gunicorn(tmp: Path, discovery_url: str, *extra: str,
-             app: str = "cluster.demo:app") -> Proc:
+             app: str = "cluster.demo:app", env: dict[str, str] | None = None) -> Proc:
     """gunicorn -w 2 on a port the OS picks: read it with ``gunicorn_port(proc)``."""
     env = {"CLUSTER_DISCOVERY_URL": discovery_url, "CLUSTER_SERVICE": "web",
            "CLUSTER_PING_INTERVAL": "1", "CLUSTER_EXPIRY_GRACE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(tmp)]),
-           "CLUSTER_TEST_MARKER": str(tmp)}
+           "CLUSTER_TEST_MARKER": str(tmp), **(env or {})}
     return Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
                        "-b", "127.0.0.1:0", "--graceful-timeout", "3",
                        "--control-socket", str(tmp / "gunicorn.ctl"), *extra, app),
@@ -134,6 +135,30 @@ def test_a_quick_stop_while_the_workers_boot_leaves_no_record(tmp_path, signum):
         store.close()
         proc.stop()
     assert booting < 2, "both workers had booted: the window was missed, nothing shown"
+
+
+def test_a_term_after_the_first_heartbeat_does_not_wait_for_the_workers_to_settle(tmp_path):
+    """A booting worker waits one table refresh after its first heartbeat (ping interval
+    / 2: 5 s here) before serving; a TERM then waited it out, the record in the store
+    and peers sending requests to a worker that was leaving."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    store = open_store(discovery, timeout=3)
+    proc = gunicorn(tmp_path, discovery, env={"CLUSTER_PING_INTERVAL": "10"})
+    try:
+        gunicorn_port(proc)
+        wait_until(lambda: len(store.snapshot().documents) == 2, timeout=15, interval=0.01,
+                   what="a record per worker")
+        asked = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: store.snapshot().documents == [], timeout=15, interval=0.05,
+                   what="the records removed")
+        removed = time.monotonic() - asked
+        assert proc.wait(timeout=15) == 0, proc.output()
+    finally:
+        store.close()
+        proc.stop()
+    assert removed < 2.0, f"the records stayed {removed:.1f}s:\n{proc.output()}"
+    assert "Traceback" not in proc.output(), proc.output()
 
 
 def test_hup_reload_loads_new_code_with_no_failed_request(tmp_path):
