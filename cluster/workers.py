@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -250,9 +251,12 @@ class Supervisor:
         self.stopping.set()
 
     def reopen_logs(self) -> None:
-        """SIGUSR1: each worker reopens its access log file."""
+        """SIGUSR1: each worker reopens its access log file. Not to a worker still
+        starting, which does not handle it yet: its default action ended the worker
+        (a log rotation's USR1 just after a restart killed the new worker, counted as a
+        crash); that worker opens its log file after the rotation anyway."""
         for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
-            if child.poll() is None:
+            if child.poll() is None and catches(child.pid, signal.SIGUSR1):
                 child.send_signal(signal.SIGUSR1)
 
     def run(self) -> int:
@@ -292,6 +296,25 @@ class Supervisor:
                    + STOP_MARGIN, signum=signal.SIGQUIT if self.at_once else signal.SIGTERM)
         self.listener.close()
         return 0
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Does process ``pid`` catch (or ignore, or block) ``signum``, so that it does not
+    die of it? From /proc/PID/status; True where /proc cannot tell."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(errors="replace")
+    except OSError:
+        return True
+    bit = 1 << (signum - 1)
+    masks = []
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigCgt", "SigIgn", "SigBlk"):
+            try:
+                masks.append(int(value.strip(), 16))
+            except ValueError:
+                return True
+    return len(masks) < 3 or any(mask & bit for mask in masks)
 
 
 def _terminate(children: list[subprocess.Popen[bytes]], timeout: float,

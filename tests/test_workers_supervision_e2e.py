@@ -329,3 +329,50 @@ def test_a_stop_during_a_reload_is_no_failed_reload_and_stops_the_new_worker_too
             assert gone(pid), (pid, output)
     finally:
         parent.stop()
+
+
+SLOW_RESTART_APP = '''
+import json, os, time
+
+if os.path.exists(os.environ["SLOW_FILE"]):
+    time.sleep(2)  # a restarted worker takes a while to import its app
+
+
+def app(environ, start_response):
+    body = json.dumps({"pid": os.getpid()}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path):
+    # The supervisor passes USR1 (reopen the logs: logrotate's postrotate) on to its
+    # workers. A worker just restarted did not handle it yet, and died of its default
+    # action: "exited with -10", counted as a crash (a longer restart delay next time).
+    signum = signal.SIGUSR1
+    discovery = f"sqlite://{tmp_path / 'd.sqlite3'}"
+    (tmp_path / "slowstart.py").write_text(SLOW_RESTART_APP)
+    slow_file = tmp_path / "slow"
+    parent, _port = start_serve("--workers-count", "2", "--service", "web",
+                                "--app", "slowstart:app", "--pythonpath", str(tmp_path),
+                                env={"CLUSTER_DISCOVERY_URL": discovery,
+                                     "SLOW_FILE": str(slow_file)}, name="early-signal")
+    try:
+        wait_until(lambda: parent.output().count("serving web") == 2, timeout=20,
+                   what="both workers serving")
+        slow_file.write_text("")
+        os.kill(started_pids(parent.output(), 0)[-1], signal.SIGKILL)
+        wait_until(lambda: len(started_pids(parent.output(), 0)) == 2, timeout=10,
+                   what="worker 0 restarted")
+        time.sleep(0.3)  # importing its app
+        parent.signal(signum)
+        wait_until(lambda: parent.output().count("serving web") == 3, timeout=10,
+                   what="the new worker serving")
+        output = parent.output()
+        assert f"exited with -{int(signum)}" not in output, output
+        assert output.count("SIGUSR1: reopening") == 1, output  # the worker serving
+        assert len(started_pids(output, 0)) == 2, output
+        assert "Traceback" not in output, output
+    finally:
+        parent.stop()
