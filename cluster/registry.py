@@ -342,9 +342,16 @@ class Registrar(_Loop):
     def drain(self) -> None:
         """Mark the record as draining and write it at once, announced as a join so
         that watchers following the membership log read the new record. When the
-        store fails the next heartbeat tries again; raises DiscoveryError."""
+        store fails the next heartbeat tries again; raises DiscoveryError.
+
+        Not written before the heartbeats start (a drain asked while the instance
+        starts: its first heartbeat carries it; written now, the record stayed behind a
+        stop that came before registering) nor once they stopped (it would come back
+        after the removal)."""
         self.record = {**self.record, "draining": True}
         self._changed = True
+        if self._thread is None or self._stopped:
+            return
         self.beat()
 
     def __repr__(self) -> str:

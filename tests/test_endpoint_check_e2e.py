@@ -24,6 +24,7 @@ from helpers import (
     python,
     refused_port,
     serving,
+    status_json,
     wait_until,
 )
 
@@ -107,6 +108,31 @@ def test_ctrl_c_during_the_check_stops_at_once_without_registering(sqlite_url):
         finally:
             proc.stop()
     assert "registered" not in proc.output() and "serving" not in proc.output(), proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_drain_then_a_stop_during_the_check_leaves_no_record(sqlite_url):
+    """SIGUSR2 (a drain: `cluster drain`, a rolling deploy) while the instance still
+    checks its endpoint, then SIGTERM: the drain wrote the record at once (marked
+    draining) although the instance had not registered yet, and the stop, which came
+    before registering, removed nothing: the record stayed until it expired."""
+    with blackholed_port() as hole:
+        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
+                                 "--endpoint-url", f"http://127.0.0.1:{hole}"),
+                    name="serve-drained-early")
+        try:
+            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
+                       timeout=20, interval=0.01, what="the check's connect")
+            proc.signal(signal.SIGUSR2)
+            wait_until(lambda: "draining (SIGUSR2)" in proc.output(), timeout=5)
+            time.sleep(0.2)
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(5) == 0, proc.output()
+        finally:
+            proc.stop()
+    assert status_json(sqlite_url, "--all")["endpoints"] == [], proc.output()
+    assert "registered" not in proc.output(), proc.output()
     assert "Traceback" not in proc.output(), proc.output()
 
 
