@@ -246,7 +246,7 @@ class Supervisor:
             log.info("SIGQUIT: the workers stop at once")
             for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
                 if child.poll() is None:
-                    child.send_signal(signal.SIGQUIT)
+                    child.send_signal(quick_stop_signal(child.pid))
         self.at_once = True
         self.stopping.set()
 
@@ -317,12 +317,19 @@ def catches(pid: int, signum: int) -> bool:
     return len(masks) < 3 or any(mask & bit for mask in masks)
 
 
+def quick_stop_signal(pid: int) -> int:
+    """SIGQUIT for a worker that handles it, SIGTERM for one still starting: SIGQUIT's
+    default action is a core dump (it has no record to remove yet, nor requests)."""
+    return signal.SIGQUIT if catches(pid, signal.SIGQUIT) else signal.SIGTERM
+
+
 def _terminate(children: list[subprocess.Popen[bytes]], timeout: float,
                signum: int = signal.SIGTERM) -> None:
     """``signum`` to each, wait up to ``timeout`` in all, then SIGKILL what is left."""
     for child in children:
         if child.poll() is None:
-            child.send_signal(signum)
+            child.send_signal(quick_stop_signal(child.pid) if signum == signal.SIGQUIT
+                              else signum)
     deadline = time.monotonic() + timeout
     for child in children:
         try:

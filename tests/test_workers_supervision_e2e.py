@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import requests
 
 from cluster import workers
@@ -376,3 +378,32 @@ def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path)
         assert "Traceback" not in output, output
     finally:
         parent.stop()
+
+
+def test_sigquit_to_a_worker_still_starting_is_no_core_dump(tmp_path):
+    # SIGQUIT (the quick stop) passed on to a worker still starting, which has no
+    # handler yet: its default action dumped core (a "core" file, or a systemd-coredump
+    # entry per worker). It gets SIGTERM instead: it has no record nor requests yet.
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux) to allow core files")
+    (tmp_path / "slowstart.py").write_text(SLOW_RESTART_APP)
+    slow_file = tmp_path / "slow"
+    parent, _port = start_serve("--workers-count", "2", "--service", "web",
+                                "--app", "slowstart:app", "--chdir", str(tmp_path),
+                                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.db'}",
+                                     "SLOW_FILE": str(slow_file)},
+                                wrapper=("prlimit", "--core=unlimited"), name="quit-early")
+    try:
+        wait_until(lambda: parent.output().count("serving web") == 2, timeout=20,
+                   what="both workers serving")
+        slow_file.write_text("")
+        os.kill(started_pids(parent.output(), 0)[-1], signal.SIGKILL)
+        wait_until(lambda: len(started_pids(parent.output(), 0)) == 2, timeout=10,
+                   what="worker 0 restarted")
+        time.sleep(0.3)  # importing its app
+        parent.signal(signal.SIGQUIT)
+        assert parent.wait(15) == 0, parent.output()
+    finally:
+        parent.stop()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")], \
+        parent.output()
