@@ -339,6 +339,9 @@ def worker_exit(server: Any, worker: Any) -> None:
         if registrar is not None:
             # _watch may have begun deregistering and been cut short by gunicorn's own
             # exit on a dead arbiter (sys.exit in notify): finish the removal here (once,
-            # and bounded: a store that does not answer is not waited for again).
-            registrar.deregister()
+            # and bounded: a store that does not answer is not waited for again). stop(),
+            # not deregister() alone: the heartbeats end first (a worker stopped while it
+            # settled has them running), else one landing after the removal brought the
+            # record back, for good
+            registrar.stop()
         node.close()
