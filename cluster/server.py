@@ -423,22 +423,30 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     if shared is not None:
         servers.append(make_server(shared, door))
     stopping = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
-    at_once: list[bool] = []
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    at_once: list[str] = []  # what asked for the quick stop
     hurry = gevent.event.Event()
 
-    def quick_stop() -> None:
+    def quick_stop(why: str = "SIGQUIT") -> None:
         # SIGQUIT, as gunicorn takes it: deregister and stop without waiting for the
         # requests in flight (its default action, a core dump, left the record behind).
         # Also during a graceful stop (an operator's TERM, then QUIT when it takes too
         # long, as gunicorn's workers take it): the wait for the requests ends there.
         if stopping.is_set() and not at_once:
-            log.info("SIGQUIT: stopping at once: closing every connection")
-        at_once.append(True)
+            log.info("%s: stopping at once: closing every connection", why)
+        at_once.append(why)
         hurry.set()
         stopping.set()
 
+    def interrupted() -> None:
+        # Ctrl-C: the graceful stop; a second one during it, the quick stop (someone at
+        # a terminal who presses it again wants the process gone now, not in 10 s)
+        if stopping.is_set():
+            quick_stop("a second SIGINT")
+        else:
+            stopping.set()
+
+    gevent.signal_handler(signal.SIGINT, interrupted)
     gevent.signal_handler(signal.SIGQUIT, quick_stop)
     drain = Drain(door, node, stopping, settings.drain_seconds, settings.drain_close_seconds)
     door.admin.drain = lambda: drain.start("POST " + settings.admin_prefix + "/drain")
@@ -500,7 +508,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     stopping.wait()
     grace = 0.0 if at_once else settings.graceful_timeout
     if at_once:
-        log.info("SIGQUIT: stopping at once: deregistering, then closing every connection")
+        log.info("%s: stopping at once: deregistering, then closing every connection",
+                 at_once[0])
     else:
         log.info("stopping: deregistering, then draining for up to %.3gs", grace)
     if node.registrar is not None:
@@ -514,8 +523,8 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     idle_closer = gevent.spawn(close_idle_connections, door, drained)
     cut = stop_servers(servers, grace, hurry)
     if cut and hurry.is_set():
-        log.warning("SIGQUIT: closed %d connections whose requests were still running, "
-                    "unanswered", cut)
+        log.warning("%s: closed %d connections whose requests were still running, "
+                    "unanswered", at_once[0], cut)
     elif cut:
         log.warning("drained for %.3gs (--graceful-timeout): closed %d connections whose "
                     "requests were still running, unanswered", grace, cut)

@@ -237,18 +237,25 @@ class Supervisor:
                     return data.decode(errors="replace").strip()
         return None
 
-    def quick_stop(self) -> None:
+    def quick_stop(self, why: str = "SIGQUIT") -> None:
         """SIGQUIT: stop every worker at once (each deregisters, then closes what is
         open without waiting for its requests)."""
         if self.stopping.is_set() and not self.at_once:
             # during a graceful stop (TERM, then QUIT when it takes too long): the
             # workers, draining, are told to stop at once too
-            log.info("SIGQUIT: the workers stop at once")
+            log.info("%s: the workers stop at once", why)
             for child in [s.child for s in self.slots if s.child is not None] + self.retiring:
                 if child.poll() is None:
                     child.send_signal(quick_stop_signal(child.pid))
         self.at_once = True
         self.stopping.set()
+
+    def interrupted(self) -> None:
+        """SIGINT (Ctrl-C): the graceful stop; a second one during it, the quick stop."""
+        if self.stopping.is_set():
+            self.quick_stop("a second SIGINT")
+        else:
+            self.stopping.set()
 
     def reopen_logs(self) -> None:
         """SIGUSR1: each worker reopens its access log file. Not to a worker still
@@ -261,8 +268,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT; returns the exit status."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(signum, self.stopping.set)
+        gevent.signal_handler(signal.SIGTERM, self.stopping.set)
+        gevent.signal_handler(signal.SIGINT, self.interrupted)
         gevent.signal_handler(signal.SIGQUIT, self.quick_stop)
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         gevent.signal_handler(signal.SIGUSR2, self.drain_wanted.set)

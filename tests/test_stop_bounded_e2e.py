@@ -362,3 +362,36 @@ def test_library_mode_stop_lets_the_requests_in_flight_finish(tmp_path):
     assert outcome == [(200, "library door")], (outcome, output)
     assert every_record(store) == set(), output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_ctrl_c_during_the_graceful_stop_stops_at_once(tmp_path, workers):
+    """Ctrl-C is the graceful stop (the requests in flight get --graceful-timeout, 10 s);
+    pressed again meanwhile it did nothing: the terminal waited the 10 s out. The second
+    one is the quick stop now (as uvicorn's; gunicorn's INT is quick at once)."""
+    store = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    proc, port = start_instance(store, "ii0", "--workers-count", str(workers))
+    try:
+        wait_until(lambda: len(every_record(store)) == workers, timeout=15,
+                   what="every worker registered")
+        wait_until(lambda: proc.output().count("serving web") == workers, timeout=15)
+        client, outcome = slow_request(port)
+        proc.signal(signal.SIGINT)
+        asked = time.monotonic()
+        wait_until(lambda: "draining for up to 10s" in proc.output(), timeout=5)
+        time.sleep(0.5)
+        proc.signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, proc.output()
+        took = time.monotonic() - asked
+        client.join(10)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert every_record(store) == set(), output
+    assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError), \
+        (outcome, output)
+    assert took < 5.0, f"the stop took {took:.1f}s (--graceful-timeout is 10 s):\n{output}"
+    # (the supervisor's second SIGINT is a SIGQUIT to its workers)
+    said = "a second SIGINT" if workers == 1 else "SIGQUIT"
+    assert f"{said}: closed 1 connections whose requests were still running" in output, output
+    assert "Traceback" not in output, output
