@@ -18,12 +18,12 @@ that is not pinned is a new session's first one, and its 101 set the cookie too
 (cluster.door): a client that keeps cookies (a browser, Socket.IO's client with
 credentials) comes straight back as well, pinned. When half the sockets an episode
 closed have come back so (pinned arrivals beyond the pace of new sessions before the
-episode), its clients keep the cookie: the episode stops, with one
-line, and none starts again until the service is in balance (closing on would
-disconnect each of them once and move none). An imbalance
-must last ``settle`` seconds (two heartbeats and a refresh) before anything is closed:
-while sessions pour in, an instance's live count runs ahead of the others' published
-figures, and that is no reason to move anyone.
+episode), its clients keep the cookie: the episode stops, with one line, and none
+starts again until the service is in balance (closing on would disconnect each of
+them once and move none). An imbalance must last ``settle`` seconds (two heartbeats
+and a refresh) before anything is closed: while sessions pour in, an instance's live
+count runs ahead of the others' published figures, and that is no reason to move
+anyone.
 """
 
 from __future__ import annotations

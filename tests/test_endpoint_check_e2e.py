@@ -9,9 +9,11 @@ only other hosts can reach, behind NAT, is possible).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
+from typing import Iterator
 
 import requests
 
@@ -88,25 +90,32 @@ def test_a_second_instance_given_the_first_ones_endpoint_url_is_told(sqlite_url)
         assert "WARNING" not in first.output(), first.output()
 
 
+@contextlib.contextmanager
+def checking_a_blackholed_endpoint(sqlite_url: str, name: str) -> Iterator[Proc]:
+    """`cluster serve` whose --endpoint-url is blackholed, in its start-up check (its
+    connect under way, up to 2 s): the process, stopped by PID at the end."""
+    with blackholed_port() as hole:
+        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
+                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
+                                 "--endpoint-url", f"http://127.0.0.1:{hole}"), name=name)
+        try:
+            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
+                       timeout=20, interval=0.01, what="the check's connect")
+            yield proc
+        finally:
+            proc.stop()
+
+
 def test_ctrl_c_during_the_check_stops_at_once_without_registering(sqlite_url):
     """The check of a blackholed endpoint waits up to 2 s for its connection. A SIGINT
     (or SIGTERM) then was only noted: the instance waited the check out, registered (a
     join every other instance saw), logged that it serves, and only then stopped. It
     stops now, before registering."""
-    with blackholed_port() as hole:
-        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
-                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
-                                 "--endpoint-url", f"http://127.0.0.1:{hole}"),
-                    name="serve-interrupted")
-        try:
-            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
-                       timeout=20, interval=0.01, what="the check's connect")
-            started = time.monotonic()
-            proc.signal(signal.SIGINT)
-            assert proc.wait(5) == 0, proc.output()
-            assert time.monotonic() - started < 1.0, proc.output()
-        finally:
-            proc.stop()
+    with checking_a_blackholed_endpoint(sqlite_url, "serve-interrupted") as proc:
+        started = time.monotonic()
+        proc.signal(signal.SIGINT)
+        assert proc.wait(5) == 0, proc.output()
+        assert time.monotonic() - started < 1.0, proc.output()
     assert "registered" not in proc.output() and "serving" not in proc.output(), proc.output()
     assert "Traceback" not in proc.output(), proc.output()
 
@@ -116,21 +125,12 @@ def test_a_drain_then_a_stop_during_the_check_leaves_no_record(sqlite_url):
     checks its endpoint, then SIGTERM: the drain wrote the record at once (marked
     draining) although the instance had not registered yet, and the stop, which came
     before registering, removed nothing: the record stayed until it expired."""
-    with blackholed_port() as hole:
-        proc = Proc(cluster_argv("serve", "--service", "web", "--app", "backend:app",
-                                 "--bind", "127.0.0.1:0", "--discovery-url", sqlite_url,
-                                 "--endpoint-url", f"http://127.0.0.1:{hole}"),
-                    name="serve-drained-early")
-        try:
-            wait_until(lambda: connecting_to(proc.pid, hole) or proc.poll() is not None,
-                       timeout=20, interval=0.01, what="the check's connect")
-            proc.signal(signal.SIGUSR2)
-            wait_until(lambda: "draining (SIGUSR2)" in proc.output(), timeout=5)
-            time.sleep(0.2)
-            proc.signal(signal.SIGTERM)
-            assert proc.wait(5) == 0, proc.output()
-        finally:
-            proc.stop()
+    with checking_a_blackholed_endpoint(sqlite_url, "serve-drained-early") as proc:
+        proc.signal(signal.SIGUSR2)
+        wait_until(lambda: "draining (SIGUSR2)" in proc.output(), timeout=5)
+        time.sleep(0.2)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(5) == 0, proc.output()
     assert status_json(sqlite_url, "--all")["endpoints"] == [], proc.output()
     assert "registered" not in proc.output(), proc.output()
     assert "Traceback" not in proc.output(), proc.output()

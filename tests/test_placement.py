@@ -286,6 +286,14 @@ class _Node:
         self.table = tbl
 
 
+def over_the_mean(local: LocalLoad, rate: float) -> Rebalancer:
+    """A rebalancer of this instance, published at 100 WebSockets, with two peers at 100
+    and a newcomer at 0 (the mean: 75), its live sockets in ``local``."""
+    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
+    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
+    return Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=rate, settle=2.0)
+
+
 def test_the_rebalancer_closes_the_oldest_at_its_rate_after_settling(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("cluster.rebalance.time.monotonic", lambda: clock[0])
@@ -293,10 +301,7 @@ def test_the_rebalancer_closes_the_oldest_at_its_rate_after_settling(monkeypatch
     local = LocalLoad()
     for n in range(100):
         local.websockets[_Socket(closed, n)] = False  # none pinned here by a cookie
-    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
-    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
-    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0,
-                            settle=2.0)
+    rebalancer = over_the_mean(local, rate=10.0)
     assert rebalancer.step() == 0  # the imbalance must last
     clock[0] += 1.0
     assert rebalancer.step() == 0
@@ -326,10 +331,7 @@ def test_the_rebalancer_never_closes_sockets_pinned_here_and_says_so_once(monkey
     local = LocalLoad()
     for n in range(100):
         local.websockets[_Socket(closed, n)] = n % 10 != 0  # 10 of them not pinned
-    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
-    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
-    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0,
-                            settle=2.0)
+    rebalancer = over_the_mean(local, rate=10.0)
     caplog.set_level("INFO", logger="cluster.rebalance")
     for _ in range(30):
         rebalancer.step()
@@ -342,7 +344,7 @@ def test_the_rebalancer_never_closes_sockets_pinned_here_and_says_so_once(monkey
 
     # an imbalance of pinned sockets only: nothing closes, one line
     caplog.clear()
-    fresh = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=10.0, settle=2.0)
+    fresh = over_the_mean(local, rate=10.0)
     for _ in range(30):
         assert fresh.step() == 0
         clock[0] += 1.0
@@ -378,10 +380,7 @@ def test_the_rebalancer_stops_when_the_clients_it_closes_come_straight_back(
     local = LocalLoad()
     for n in range(100):
         local.websockets[_Returning(closed, n, local)] = False
-    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
-    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
-    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=4.0,
-                            settle=2.0)
+    rebalancer = over_the_mean(local, rate=4.0)
     caplog.set_level("INFO", logger="cluster.rebalance")
     for _ in range(60):
         rebalancer.step()
@@ -393,10 +392,11 @@ def test_the_rebalancer_stops_when_the_clients_it_closes_come_straight_back(
 
     # in balance again, then a new imbalance: a new episode (and sockets whose
     # clients ignore the cookie are moved as ever)
-    rebalancer.node = _Node(table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000",
-                                                                   Load(100))))
+    unbalanced = rebalancer.node
+    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(3)]
+    rebalancer.node = _Node(table(ep(SELF, Load(100)), *peers))
     rebalancer.step()
-    rebalancer.node = _Node(tbl)
+    rebalancer.node = unbalanced
     ignoring = [_Socket(closed, 1000 + n) for n in range(100)]
     local.websockets = {s: False for s in ignoring}
     for _ in range(60):
@@ -415,10 +415,7 @@ def test_new_pinned_sessions_at_a_steady_pace_do_not_stop_an_episode(monkeypatch
     local = LocalLoad()
     for n in range(100):
         local.websockets[_Socket(closed, n)] = False  # their clients ignore the cookie
-    peers = [ep(f"http://10.0.2.{i}:3000", Load(100)) for i in range(2)]
-    tbl = table(ep(SELF, Load(100)), *peers, ep("http://10.0.2.9:3000", Load(0)))
-    rebalancer = Rebalancer(_Node(tbl), "web", ME.hash, local, margin=1.25, rate=4.0,
-                            settle=2.0)
+    rebalancer = over_the_mean(local, rate=4.0)
     for _ in range(60):
         local.pinned_opened += 1  # a new pinned session every tick: 4/s, as fast as it closes
         rebalancer.step()

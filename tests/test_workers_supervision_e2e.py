@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -348,18 +349,17 @@ def app(environ, start_response):
 '''
 
 
-def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path):
-    # The supervisor passes USR1 (reopen the logs: logrotate's postrotate) on to its
-    # workers. A worker just restarted did not handle it yet, and died of its default
-    # action: "exited with -10", counted as a crash (a longer restart delay next time).
-    signum = signal.SIGUSR1
-    discovery = f"sqlite://{tmp_path / 'd.sqlite3'}"
+@contextlib.contextmanager
+def a_worker_restarting(tmp_path: Path, name: str, **start: object) -> Iterator[Proc]:
+    """``--workers-count 2`` whose worker 0 was just killed and is starting again,
+    slowly (SLOW_RESTART_APP: it is still importing its app): the parent, stopped by
+    PID at the end. The workers run in ``tmp_path`` (a core file would land there)."""
     (tmp_path / "slowstart.py").write_text(SLOW_RESTART_APP)
     slow_file = tmp_path / "slow"
     parent, _port = start_serve("--workers-count", "2", "--service", "web",
-                                "--app", "slowstart:app", "--pythonpath", str(tmp_path),
-                                env={"CLUSTER_DISCOVERY_URL": discovery,
-                                     "SLOW_FILE": str(slow_file)}, name="early-signal")
+                                "--app", "slowstart:app", "--chdir", str(tmp_path),
+                                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.db'}",
+                                     "SLOW_FILE": str(slow_file)}, name=name, **start)
     try:
         wait_until(lambda: parent.output().count("serving web") == 2, timeout=20,
                    what="both workers serving")
@@ -368,16 +368,24 @@ def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path)
         wait_until(lambda: len(started_pids(parent.output(), 0)) == 2, timeout=10,
                    what="worker 0 restarted")
         time.sleep(0.3)  # importing its app
-        parent.signal(signum)
+        yield parent
+    finally:
+        parent.stop()
+
+
+def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path):
+    # The supervisor passes USR1 (reopen the logs: logrotate's postrotate) on to its
+    # workers. A worker just restarted did not handle it yet, and died of its default
+    # action: "exited with -10", counted as a crash (a longer restart delay next time).
+    with a_worker_restarting(tmp_path, "early-signal") as parent:
+        parent.signal(signal.SIGUSR1)
         wait_until(lambda: parent.output().count("serving web") == 3, timeout=10,
                    what="the new worker serving")
         output = parent.output()
-        assert f"exited with -{int(signum)}" not in output, output
+        assert f"exited with -{int(signal.SIGUSR1)}" not in output, output
         assert output.count("SIGUSR1: reopening") == 1, output  # the worker serving
         assert len(started_pids(output, 0)) == 2, output
         assert "Traceback" not in output, output
-    finally:
-        parent.stop()
 
 
 def test_sigquit_to_a_worker_still_starting_is_no_core_dump(tmp_path):
@@ -386,24 +394,9 @@ def test_sigquit_to_a_worker_still_starting_is_no_core_dump(tmp_path):
     # entry per worker). It gets SIGTERM instead: it has no record nor requests yet.
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux) to allow core files")
-    (tmp_path / "slowstart.py").write_text(SLOW_RESTART_APP)
-    slow_file = tmp_path / "slow"
-    parent, _port = start_serve("--workers-count", "2", "--service", "web",
-                                "--app", "slowstart:app", "--chdir", str(tmp_path),
-                                env={"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'd.db'}",
-                                     "SLOW_FILE": str(slow_file)},
-                                wrapper=("prlimit", "--core=unlimited"), name="quit-early")
-    try:
-        wait_until(lambda: parent.output().count("serving web") == 2, timeout=20,
-                   what="both workers serving")
-        slow_file.write_text("")
-        os.kill(started_pids(parent.output(), 0)[-1], signal.SIGKILL)
-        wait_until(lambda: len(started_pids(parent.output(), 0)) == 2, timeout=10,
-                   what="worker 0 restarted")
-        time.sleep(0.3)  # importing its app
+    with a_worker_restarting(tmp_path, "quit-early",
+                             wrapper=("prlimit", "--core=unlimited")) as parent:
         parent.signal(signal.SIGQUIT)
         assert parent.wait(15) == 0, parent.output()
-    finally:
-        parent.stop()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")], \
         parent.output()
