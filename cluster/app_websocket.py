@@ -37,7 +37,7 @@ from typing import Any, Callable
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
-from cluster.netio import let_others_run
+from cluster.netio import let_others_run, linger
 
 #: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
@@ -269,6 +269,7 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         payload, or a code a client may send and a reason that is whole UTF-8. Else
         the connection fails: 1002, or 1007 for the reason (receive() closes)."""
         if not payload:
+            self._closed_by_client()
             self.close(1000, b"")
             return
         if len(payload) < 2:
@@ -281,7 +282,13 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
         code = int.from_bytes(payload[:2], "big")
         if code not in _RECEIVABLE:
             raise ProtocolError(f"close code {code}")
+        self._closed_by_client()
         self.close(code, reason)
+
+    def _closed_by_client(self) -> None:
+        """The client's close frame, well formed, came: see :func:`end_websocket`."""
+        if self.handler is not None:
+            self.handler.close_received = True
 
     def close(self, code: int | None = 1000, message: Any = b"") -> None:
         """A close frame as RFC 6455 5.5.1 has it: the 2-byte code, then the reason.
@@ -311,6 +318,24 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
             for name, value in (("closed", True), ("stream", None), ("raw_write", None),
                                 ("raw_read", None), ("environ", None)):
                 setattr(self, name, value)
+
+
+#: how long a WebSocket whose closing handshake is complete lingers (what the client
+#: sent just before its close frame may still be on the way)
+AFTER_CLOSE_SECONDS = 0.25
+
+
+def end_websocket(handler: Any, sock: Any, read: Callable[[int], bytes]) -> None:
+    """The end of a WebSocket the local app served: close lingering (netio.linger: a
+    FIN, not a reset that loses the last close frame), until the client closes too, or,
+    once its close frame came, for AFTER_CLOSE_SECONDS. Then the closing handshake is
+    complete, nothing follows but the client's FIN, and RFC 6455 7.1.1 has the server
+    close the TCP connection first: a client that waits for that (websocket-client
+    does) held the socket open for LINGER_SECONDS, and a stop or a drain with it."""
+    if getattr(handler, "close_received", False):
+        linger(sock, read, AFTER_CLOSE_SECONDS)
+    else:
+        linger(sock, read)
 
 
 def adopt(websocket: Any, max_message: int,

@@ -43,7 +43,7 @@ from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 
-from cluster.app_websocket import adopt
+from cluster.app_websocket import adopt, end_websocket
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.config import host_port
 from cluster.conn import (
@@ -999,7 +999,7 @@ class _LocalWebSocket:
             self.conn.close()  # wakes the app's receive(): it sees the socket end
             return
         # Then a FIN, and the client's answering close frame ends the app's receive()
-        # (run_websocket lingers). Closed at once, the socket answered that frame with a
+        # (run_websocket then closes). Closed at once, the socket answered that frame with a
         # reset, and browsers reported 1006, not the 1001 that asks them to reconnect.
         sock = self.conn.sock
         try:
@@ -1481,7 +1481,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
-            linger(self.socket, self.rfile.read)  # a FIN, not a reset that loses the close
+            end_websocket(self, self.socket, self.rfile.read)
 
 
 def _declared(content_length: str) -> int:

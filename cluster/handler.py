@@ -398,8 +398,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         ``/cluster-ddp/...`` path back to the app's own), else this request's."""
         from geventwebsocket.websocket import Stream, WebSocket
 
-        from cluster.app_websocket import adopt
-        from cluster.netio import linger
+        from cluster.app_websocket import adopt, end_websocket
 
         if environ is None:
             environ = self.environ
@@ -425,7 +424,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             if not websocket.closed:
                 websocket.close()
             environ["wsgi.websocket"] = None
-            linger(self.socket, self.rfile.read)  # a FIN, not a reset that loses the close
+            end_websocket(self, self.socket, self.rfile.read)
         return []
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:

@@ -229,6 +229,7 @@ print("left", left)
 """
 
 
+@pytest.mark.soak  # 6 s of tries at a race (the boot-window quick stop test stays in CI)
 def test_worker_exit_while_the_heartbeats_run_leaves_no_record(tmp_path):
     """gunicorn's exit hook for a worker stopped by QUIT or INT after its heartbeats
     began and before its door was made (the first table, the settling pause): it removed

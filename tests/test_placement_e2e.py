@@ -120,6 +120,7 @@ def test_rebalancing_closes_no_socket_pinned_by_the_sticky_cookie(mongo_url):
             fleet.close()
 
 
+@pytest.mark.soak  # 8 s; the rule is unit-tested in CI (tests/test_placement.py)
 def test_rebalancing_stops_when_the_clients_it_closes_keep_their_101s_cookie(sqlite_url):
     """A client whose first request is the upgrade gets the sticky cookie on the 101;
     one that keeps it (a browser) reconnects straight back after a 1001. Rebalancing

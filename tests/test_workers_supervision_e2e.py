@@ -373,6 +373,7 @@ def a_worker_restarting(tmp_path: Path, name: str, **start: object) -> Iterator[
         parent.stop()
 
 
+@pytest.mark.soak  # 9 s; test_sigquit_to_a_worker_still_starting_is_no_core_dump stays
 def test_sigusr1_passed_on_to_a_worker_still_starting_does_not_kill_it(tmp_path):
     # The supervisor passes USR1 (reopen the logs: logrotate's postrotate) on to its
     # workers. A worker just restarted did not handle it yet, and died of its default
