@@ -344,4 +344,7 @@ def worker_exit(server: Any, worker: Any) -> None:
             # settled has them running), else one landing after the removal brought the
             # record back, for good
             registrar.stop()
-        node.close()
+        # The worker exits next, within gunicorn's --graceful-timeout: a watcher's read
+        # hung on a store that stopped answering is not waited out (it took the worker
+        # past that timeout, to the arbiter's SIGKILL).
+        node.close(wait=0.2)

@@ -131,11 +131,13 @@ class Cluster:
             self.watcher.refreshed.wait(wait)
         return self
 
-    def close(self) -> None:
-        """Deregister at once, stop the loops, close the store."""
+    def close(self, wait: float = 5.0) -> None:
+        """Deregister at once, stop the loops, close the store. ``wait``: how long to
+        wait for the watcher's read in flight to end (one to a store that stopped
+        answering lasts its socket timeout; a process about to exit need not wait)."""
         if self.registrar is not None:
             self.registrar.stop()
-        self.watcher.stop()
+        self.watcher.stop(wait)
         self._stopping.set()
         self._probe_wake.set()
         self.store.close()
