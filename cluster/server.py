@@ -532,7 +532,9 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     idle_closer.join(1)
     drain.cancel()
     door.close()
-    node.close()
+    # the process ends next: a watcher's read hung on a store that stopped answering is
+    # not waited out (its socket timeout, up to 5 s more on every such stop)
+    node.close(wait=0.2)
     if shared is None:
         remove_pid_file(settings)
     return 0

@@ -9,7 +9,6 @@ off. The caller is a ServiceClient in this process, over a Cluster node of its o
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import pickle
 import socket
@@ -18,7 +17,6 @@ import struct
 import subprocess
 import threading
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -648,6 +646,10 @@ def _whoami(client: requests.Session) -> str:
     return client.get("/whoami", timeout=TIMEOUT).text
 
 
+# Its spawned pool runs the collector, which can report a socket another test left
+# unclosed (twice in CI, neither reproduced alone): this test is about pickling.
+@pytest.mark.filterwarnings("ignore::ResourceWarning",
+                            "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_client_pickles_as_a_session_does(sqlite_url) -> None:
     """A client handed to a multiprocessing worker (pickled, as every argument there is)
     works in it, as a requests.Session does, over the worker's own node; it lost its
@@ -666,12 +668,6 @@ def test_a_client_pickles_as_a_session_does(sqlite_url) -> None:
             with pickle.loads(pickle.dumps(client)) as copy:
                 assert (copy.attempts, copy.headers["X-Caller"]) == (5, "me")
                 assert copy.get("/whoami", timeout=TIMEOUT).text == "b1"
-            # Starting the pool's process runs the collector, which then reports the
-            # sockets earlier tests left to it (a ResourceWarning: an error here, in a
-            # test that did not leak them). Collected first, with the warning off.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                gc.collect()
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 assert pool.apply(_whoami, (client,)) == "b1"
             with pytest.raises(TypeError, match="node passed to discover"):
