@@ -771,7 +771,7 @@ def test_a_socks_proxy_in_the_environment_is_used(sqlite_url, monkeypatch) -> No
     the proxy; a client's calls do too, interim answers still skipped. Every one failed
     with a TypeError from inside urllib3: the adapter gave the SOCKS proxy's pools the
     plain connection class, which knows no SOCKS options."""
-    pytest.importorskip("socks")
+    import socks  # noqa: F401 - PySocks, in the test extras: requests needs it for socks5://
 
     def hinted(conn: socket.socket) -> bool:
         conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"

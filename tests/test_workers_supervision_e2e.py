@@ -393,8 +393,7 @@ def test_sigquit_to_a_worker_still_starting_is_no_core_dump(tmp_path):
     # SIGQUIT (the quick stop) passed on to a worker still starting, which has no
     # handler yet: its default action dumped core (a "core" file, or a systemd-coredump
     # entry per worker). It gets SIGTERM instead: it has no record nor requests yet.
-    if shutil.which("prlimit") is None:
-        pytest.skip("needs prlimit (util-linux) to allow core files")
+    assert shutil.which("prlimit"), "prlimit (util-linux; scripts/run-tests installs it)"
     with a_worker_restarting(tmp_path, "quit-early",
                              wrapper=("prlimit", "--core=unlimited")) as parent:
         parent.signal(signal.SIGQUIT)
