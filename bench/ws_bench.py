@@ -2,23 +2,25 @@
 the balancer's memory per idle proxied WebSocket.
 
     python bench/ws_bench.py [--duration 5] [--rounds 4] [--connections 50]
-                             [--client go|python] [--idle 2000] [--busy-poll 50]
-                             [--no-nginx] [--no-relay]
+                             [--client go|python] [--idle 2000] [--also-busy-poll 0]
+                             [--relay-window 50] [--no-nginx] [--no-relay]
 
 The method of bench/http_bench.py (issue 7), on a 2-core machine:
 
 - the echo server, tests/apps/ws_echo.py (gevent-websocket), on CPU 1;
 - a balancer-only ``cluster serve --ui-service web --bind 127.0.0.1:0 --port-file F``
-  on CPU 0, discovery in a temp SQLite file, the echo server registered as service
-  ``web`` by the ``cluster register`` sidecar (CPU 1); started through a tiny launcher
-  that raises RLIMIT_NOFILE to the hard limit first;
-- a second such balancer with ``--busy-poll 50`` (``--busy-poll N``: another window;
-  0: skip it), measured in the same rounds: its loop polls instead of sleeping after
-  I/O, so messages stop having to wake CPU 0 (see cluster/busypoll.py);
+  on CPU 0, with its default settings (busy polling adapting up to 50 µs, see
+  cluster/busypoll.py), discovery in a temp SQLite file, the echo server registered as
+  service ``web`` by the ``cluster register`` sidecar (CPU 1); started through a tiny
+  launcher that raises RLIMIT_NOFILE to the hard limit first;
+- a second such balancer with ``--busy-poll 0``, measured in the same rounds: its loop
+  sleeps whenever it has nothing to do, so each message has to wake CPU 0
+  (``--also-busy-poll N``: another setting; -1: skip it);
 - nginx as a WebSocket proxy on CPU 0 (bench/nginx_ws_proxy.conf: 1 worker, no
   buffering), the reference for what a proxy costs in this layout (``--no-nginx``: skip);
 - bench/ws_relay.c on CPU 0, built with ``cc`` at each run: a relay that only moves
-  bytes, busy polling with the same window (``--no-relay``: skip). What it makes is
+  bytes, busy polling for a fixed ``--relay-window`` (default 50 µs; ``--no-relay``:
+  skip). What it makes is
   what moving each message through another core leaves of the direct rate, before any
   work of a proxy's own;
 - the load generator on CPU 1: ``--connections`` WebSockets doing ping-pong of 32-byte
@@ -204,7 +206,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
     if args.relay:
         subprocess.run([args.relay, "-O2", "-o", str(workdir / "ws_relay"),
                         str(BENCH / "ws_relay.c")], check=True)
-    skipped = {"nginx": not args.nginx, "busy": not args.busy_poll, "relay": not args.relay}
+    skipped = {"nginx": not args.nginx, "busy": args.also_busy_poll < 0,
+               "relay": not args.relay}
     modes = [m for m in MODES if not skipped.get(m)]
     with contextlib.ExitStack() as stack:
         echo_port_file = workdir / "ws-echo.port"
@@ -218,11 +221,11 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
             launcher=[sys.executable, "-c", wim.LAUNCHER]))
         ports = {"direct": echo_port, "cluster": balancer.port}
         watched = {"echo": echo.pid, "cluster": balancer.pid}
-        if args.busy_poll:
+        if args.also_busy_poll >= 0:
             busy = stack.enter_context(hb.cluster_balancer(
                 workdir, f"http://127.0.0.1:{echo_port}", name="ws-cluster-busy",
                 launcher=[sys.executable, "-c", wim.LAUNCHER],
-                options=("--busy-poll", str(args.busy_poll))))
+                options=("--busy-poll", str(args.also_busy_poll))))
             ports["busy"], watched["busy"] = busy.port, busy.pid
         if args.nginx:
             hb.nginx_dirs(workdir)
@@ -236,7 +239,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
             relay_port = hb.free_port()
             relay = stack.enter_context(hb.launched(
                 [str(workdir / "ws_relay"), str(relay_port), str(echo_port),
-                 str(args.busy_poll)], workdir, "ws-relay", PROXY_CPU, port=relay_port))
+                 str(args.relay_window)], workdir, "ws-relay", PROXY_CPU, port=relay_port))
             ports["relay"], watched["relay"] = relay_port, relay.pid
         proxy = Proxy("cluster", balancer.pid, balancer.port)
         proxy.set_idle()
@@ -267,8 +270,8 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
     add = lines.append
     proxies = [m for m in ("cluster", "busy", "nginx", "relay") if m in rounds]
     names = {"cluster": "**cluster serve**",
-             "busy": f"**cluster serve --busy-poll {args.busy_poll}**", "nginx": "nginx",
-             "relay": f"bench/ws_relay.c, window {args.busy_poll} µs"}
+             "busy": f"**cluster serve --busy-poll {args.also_busy_poll}**", "nginx": "nginx",
+             "relay": f"bench/ws_relay.c, window {args.relay_window} µs"}
 
     def ratio(mode: str, base: str = "direct") -> float:
         pairs = zip(rounds[base], rounds[mode])
@@ -298,7 +301,7 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
         if mode not in rounds:
             continue
         got = ratio(mode)
-        flags = "" if mode == "cluster" else f" with --busy-poll {args.busy_poll}"
+        flags = "" if mode == "cluster" else f" with --busy-poll {args.also_busy_poll}"
         add(f"- echo round trips through the balancer{flags} vs direct: {got:.2f} "
             f"(target ≥ {TARGET_RATIO:g}): {verdict(got >= TARGET_RATIO)}"
             + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the "
@@ -308,8 +311,7 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
         add(f"- bench/ws_relay.c (only moves bytes; the same busy polling) vs direct: "
             f"{ratio('relay'):.2f}: what this layout leaves a proxy on CPU 0 that relays "
             "each message as it comes"
-            + (f"; the balancer with --busy-poll {args.busy_poll} makes "
-               f"{ratio('busy', 'relay'):.2f} of its rate" if "busy" in rounds else ""))
+            + f"; the balancer makes {ratio('cluster', 'relay'):.2f} of its rate")
     if idle:
         per = idle["per_socket"]
         add(f"- balancer memory per idle proxied WebSocket: {per:,.0f} bytes "
@@ -332,8 +334,11 @@ def main() -> None:
                         help="the load generator (default: go when installed)")
     parser.add_argument("--idle", type=int, default=2000,
                         help="idle WebSockets for the memory figure (0: skip)")
-    parser.add_argument("--busy-poll", type=int, default=50, metavar="MICROSECONDS",
-                        help="also measure a balancer run with --busy-poll (0: skip it)")
+    parser.add_argument("--also-busy-poll", type=int, default=0, metavar="MICROSECONDS",
+                        help="also measure a balancer run with this --busy-poll "
+                        "(default 0: polling off; -1: skip it)")
+    parser.add_argument("--relay-window", type=int, default=50, metavar="MICROSECONDS",
+                        help="how long bench/ws_relay.c polls after I/O")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false",
                         help="skip nginx as a WebSocket proxy (the reference)")
     parser.add_argument("--no-relay", dest="relay", action="store_const", const=None,

@@ -7,13 +7,18 @@ WebSocket echo through the balancer (bench/ws_bench.py) that wake-up, paid on th
 of the sending app and client, was most of what the proxy cost them. While the loop
 keeps polling, a message only has to be queued, with no wake-up.
 
-It costs CPU: up to ``window`` of polling after every burst of activity, i.e. a full
-core under steady traffic. So it is off by default (HAProxy's ``busy-polling`` makes
-the same trade, also off by default), for a balancer that has a core to itself.
+Polling costs CPU, so the window adapts, by the rule of the Linux ``haltpoll`` cpuidle
+governor (which does the same for a whole virtual CPU): it starts at zero; a wait for
+the next event that was longer than the window but within ``longest`` doubles it (from
+``longest / 4``), since polling that long would have caught the event; a wait longer
+than ``longest`` halves it, down to zero. An idle instance, or one whose events come
+further apart than ``longest``, sleeps as before and spends nothing; under steady
+traffic it polls through the gaps. Each empty pass also yields the core
+(``sched_yield``), so a process sharing it runs first.
 
 How it works, on gevent's libev loop: an *idle* watcher, while active, makes the loop
-poll with a zero timeout. It is started whenever the loop wakes from a sleeping poll
-(a prepare watcher sees that before the next poll), and stopped once ``window`` has
+poll with a zero timeout. A prepare watcher (called before every poll) starts it when
+the loop wakes from a sleeping poll; the idle watcher stops itself once the window has
 passed with no event: it runs at the lowest priority, so it is only called in passes
 with nothing else to do, and a gap in the loop's iteration count since its last call
 means some pass had work.
@@ -22,24 +27,38 @@ means some pass had work.
 from __future__ import annotations
 
 import logging
+import os
 
 from gevent import get_hub
 
 log = logging.getLogger(__name__)
 
 
+def next_window(window: float, waited: float, longest: float) -> float:
+    """The polling window after a wait of ``waited`` seconds for an event that did not
+    come within ``window`` (haltpoll's rule)."""
+    if waited <= longest:
+        return min(longest, max(window * 2, longest / 4)) if waited > window else window
+    shrunk = window / 2
+    return shrunk if shrunk >= longest / 64 else 0.0
+
+
 class BusyPoll:
-    """Keeps the current thread's gevent loop polling for ``window`` seconds after each
-    pass that had work. :meth:`stop` returns it to sleeping polls."""
+    """Keeps the current thread's gevent loop polling, after each pass that had work,
+    for a window that adapts to the gaps between events (at most ``longest`` seconds).
+    :meth:`stop` returns it to sleeping polls."""
 
-    __slots__ = ("loop", "window", "until", "last_empty", "stopped_idle", "idle", "prepare")
+    __slots__ = ("loop", "longest", "window", "until", "last_empty", "idle_since",
+                 "window_ran_out", "idle", "prepare")
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, longest: float) -> None:
         self.loop = loop = get_hub().loop
-        self.window = window
+        self.longest = longest
+        self.window = 0.0
         self.until = 0.0
         self.last_empty = -1
-        self.stopped_idle = False
+        self.idle_since: float | None = None  # set while the loop sleeps
+        self.window_ran_out = False
         self.idle = loop.idle()
         self.idle.priority = loop.MINPRI
         self.prepare = loop.prepare()
@@ -48,7 +67,8 @@ class BusyPoll:
     @staticmethod
     def supported() -> bool:
         loop = get_hub().loop
-        return all(hasattr(loop, name) for name in ("idle", "prepare", "iteration", "MINPRI"))
+        return all(hasattr(loop, name)
+                   for name in ("idle", "prepare", "iteration", "MINPRI", "update_now"))
 
     def start(self) -> BusyPoll:
         self.prepare.start(self._before_poll)
@@ -61,13 +81,21 @@ class BusyPoll:
     def _before_poll(self) -> None:
         if self.idle.active:
             return
-        if self.stopped_idle:
-            self.stopped_idle = False  # the window just ended: let this poll sleep
+        loop = self.loop
+        if self.window_ran_out:
+            self.window_ran_out = False  # idle_since is when the last work was seen
             return
-        # The loop woke from a sleeping poll and had work: poll, not sleep, for a while.
-        self.until = self.loop.now() + self.window
-        self.last_empty = self.loop.iteration
-        self.idle.start(self._nothing_to_do)
+        if self.idle_since is not None:
+            # The loop woke from a sleeping poll: adapt the window to that wait.
+            self.window = next_window(self.window, loop.now() - self.idle_since, self.longest)
+            self.idle_since = None
+        if self.window > 0:
+            self.until = loop.now() + self.window
+            self.last_empty = loop.iteration
+            self.idle.start(self._nothing_to_do)
+        else:
+            loop.update_now()
+            self.idle_since = loop.now()
 
     def _nothing_to_do(self) -> None:
         loop = self.loop
@@ -76,7 +104,10 @@ class BusyPoll:
             self.until = loop.now() + self.window  # a pass since the last call had work
         elif loop.now() >= self.until:
             self.idle.stop()
-            self.stopped_idle = True
+            self.window_ran_out = True
+            self.idle_since = self.until - self.window
+        else:
+            os.sched_yield()
         self.last_empty = iteration
 
 

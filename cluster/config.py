@@ -740,11 +740,12 @@ class Settings:
         "N",
     )
     busy_poll: int = setting(
-        0,
+        50,
         _busy_poll,
-        "microseconds the event loop keeps polling, instead of sleeping, after I/O: "
-        "saves waking a halted core per message at the cost of CPU (0: off, at most "
-        "1000; for a balancer with a core to itself, see docs/benchmarks.md)",
+        "longest the event loop polls, instead of sleeping, after I/O, in microseconds: "
+        "saves waking a halted core per message; the window adapts to the gaps between "
+        "events, so an idle or lightly loaded instance does not poll (0: never, at most "
+        "1000; see docs/benchmarks.md)",
         "MICROSECONDS",
     )
     max_request_line: int = setting(
