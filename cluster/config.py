@@ -288,7 +288,13 @@ def _max_connections(raw: str) -> int:
     return _count(raw)
 
 
-def _busy_poll(raw: str) -> int:
+#: the window of --busy-poll auto, when it polls (microseconds)
+AUTO_BUSY_POLL_US = 50
+
+
+def _busy_poll(raw: str) -> int | str:
+    if raw.strip().lower() == "auto":
+        return "auto"
     value = _count(raw)
     if value > 1000:
         raise ValueError(f"{raw} is more than 1000 microseconds (the window is to bridge "
@@ -739,13 +745,14 @@ class Settings:
         "short 503 (auto: from the descriptor limit)",
         "N",
     )
-    busy_poll: int = setting(
-        50,
+    busy_poll: int | str = setting(
+        "auto",
         _busy_poll,
         "longest the event loop polls, instead of sleeping, after I/O, in microseconds: "
         "saves waking a halted core per message; the window adapts to the gaps between "
         "events, so an idle or lightly loaded instance does not poll (0: never, at most "
-        "1000; see docs/benchmarks.md)",
+        f"1000; auto: {AUTO_BUSY_POLL_US} when this instance's worker processes leave "
+        "a core of the host free, else 0; see docs/benchmarks.md)",
         "MICROSECONDS",
     )
     max_request_line: int = setting(
@@ -859,6 +866,16 @@ class Settings:
         if soft == resource.RLIM_INFINITY:
             return 100_000
         return max(16, (soft - 64) // 2)
+
+    def busy_poll_microseconds(self, processes: int | None = None) -> int:
+        """--busy-poll for a process of an instance of ``processes`` worker processes
+        (default: --workers-count). 'auto' polls only when they leave a core free:
+        where they fill every core, a process polling in its gaps takes CPU from its
+        siblings (and the load generator beside them) that they would have used."""
+        if self.busy_poll != "auto":
+            return int(self.busy_poll)
+        processes = self.workers_count if processes is None else processes
+        return AUTO_BUSY_POLL_US if processes < (os.cpu_count() or 1) else 0
 
     @property
     def own_ui_service(self) -> str | None:

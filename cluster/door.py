@@ -192,7 +192,8 @@ class Door:
         when they are on), in the thread whose event loop serves the door."""
         if self.rebalancer is not None:
             self.rebalancer.start()
-        self.busy_poll = start_busy_poll(getattr(self.settings, "busy_poll", 0))
+        window = getattr(self.settings, "busy_poll_microseconds", lambda: 0)()
+        self.busy_poll = start_busy_poll(window)
         self._tidier = gevent.spawn(self._tidy_forever)
 
     def close(self) -> None:

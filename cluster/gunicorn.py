@@ -171,6 +171,9 @@ def _worker_settings(port: int, host: str, cfg: Any = None) -> Any:
     from cluster.config import Settings, host_port
 
     settings = apply_gunicorn_limits(Settings.load(args=[]), cfg)
+    # --busy-poll auto counts gunicorn's workers (-w), not --workers-count.
+    settings = settings.replace(
+        busy_poll=settings.busy_poll_microseconds(int(getattr(cfg, "workers", 1) or 1)))
     if settings.endpoint_url:
         base = urlsplit(settings.endpoint_url)
         endpoint = base._replace(netloc=host_port(base.hostname or "127.0.0.1", port),

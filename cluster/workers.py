@@ -81,8 +81,9 @@ def worker_environment(settings: Settings, shared_fd: int) -> dict[str, str]:
     """The environment of one worker: the parent's settings, one process, a private port."""
     host, _ = settings.bind_address
     # The parent writes --port-file (the public port); a worker must not overwrite it.
+    # --busy-poll auto is decided here, where the number of workers is known.
     worker = settings.replace(workers_count=1, bind=host_port(host, 0), endpoint_url=None,
-                              port_file=None)
+                              port_file=None, busy_poll=settings.busy_poll_microseconds())
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
     env.update(to_environment(worker))
     if settings.endpoint_url:

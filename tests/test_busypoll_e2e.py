@@ -22,8 +22,12 @@ import pytest
 import requests
 import websocket
 from gevent import get_hub
+from gunicorn.config import Config
 
 from cluster.busypoll import BusyPoll, next_window
+from cluster.config import AUTO_BUSY_POLL_US, Settings
+from cluster.gunicorn import _worker_settings
+from cluster.workers import worker_environment
 from helpers import TESTS, Proc, cluster_argv, python, start_serve, wait_port, wait_until
 
 WINDOW_US = 1000  # the largest window the setting allows: a Python client's messages
@@ -175,3 +179,32 @@ def test_the_loop_polls_while_events_come_within_the_longest_window_then_sleeps(
         assert loop.iteration - passes < 20
     finally:
         busy.stop()
+
+
+@pytest.mark.parametrize("cores, processes, window", [
+    (2, 1, AUTO_BUSY_POLL_US),  # a core left for the rest: poll in the gaps
+    (2, 2, 0),  # every core has a worker: polling would take CPU from a sibling
+    (8, 4, AUTO_BUSY_POLL_US),
+    (1, 1, 0),
+])
+def test_auto_polls_only_when_the_instances_processes_leave_a_core_free(
+        monkeypatch, cores, processes, window):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    auto = Settings.load(env={"CLUSTER_WORKERS_COUNT": str(processes)})
+    assert auto.busy_poll == "auto"
+    assert auto.busy_poll_microseconds() == window
+    # What a worker of `cluster serve --workers-count N` is told, decided in the parent
+    # (the worker itself is one process).
+    env = worker_environment(auto, shared_fd=3)
+    assert Settings.load(env=env).busy_poll_microseconds() == window
+    # gunicorn's workers (-w) count, not --workers-count.
+    cfg = Config()
+    cfg.set("workers", processes)
+    monkeypatch.delenv("CLUSTER_WORKERS_COUNT", raising=False)
+    monkeypatch.delenv("CLUSTER_BUSY_POLL", raising=False)
+    assert _worker_settings(8000, "127.0.0.1", cfg).busy_poll_microseconds() == window
+    # A number is kept as given, whatever the count.
+    fixed = Settings.load(env={"CLUSTER_BUSY_POLL": "20",
+                               "CLUSTER_WORKERS_COUNT": str(processes)})
+    assert fixed.busy_poll_microseconds() == 20
+    assert Settings.load(env=worker_environment(fixed, 3)).busy_poll_microseconds() == 20
