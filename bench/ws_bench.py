@@ -302,7 +302,7 @@ def report(rounds: dict[str, list[dict]], idle: dict, args: argparse.Namespace) 
             continue
         got = ratio(mode)
         flags = "" if mode == "cluster" else f" with --busy-poll {args.also_busy_poll}"
-        add(f"- echo round trips through the balancer{flags} vs direct: {got:.2f} "
+        add(f"- echo round trips through the balancer{flags} vs direct: {got:.3f} "
             f"(target ≥ {TARGET_RATIO:g}): {verdict(got >= TARGET_RATIO)}"
             + (f"; nginx in the same rounds: {ratio('nginx'):.2f} of direct, so the "
                f"balancer makes {ratio(mode, 'nginx'):.2f} of nginx's rate"
