@@ -16,6 +16,16 @@ further apart than ``longest``, sleeps as before and spends nothing; under stead
 traffic it polls through the gaps. Each empty pass also yields the core
 (``sched_yield``), so a process sharing it runs first.
 
+Polling pays only on a core the loop has to itself. Where another process keeps the
+core busy, a polling loop is always runnable and yields at every empty pass, so each
+event waits out that process's time slice, where a sleeping loop would be woken ahead
+of it: with a CPU-bound process pinned beside it, a polling balancer served half the
+requests (bench/busy_poll_shared_core.py). So when yields take longer than
+``SHARED_GAP`` (the core went to someone else meanwhile) ``SHARED_YIELDS`` times within
+``SHARED_SPAN``, polling stops for ``SHARED_PAUSE``; then it is tried again. One long
+yield alone is no sign: a timer of another process or the hypervisor taking the
+virtual CPU for a moment does that on a core that is free.
+
 How it works, on gevent's libev loop: an *idle* watcher, while active, makes the loop
 poll with a zero timeout. A prepare watcher (called before every poll) starts it when
 the loop wakes from a sleeping poll; the idle watcher stops itself once the window has
@@ -28,10 +38,20 @@ from __future__ import annotations
 
 import logging
 import os
+from time import perf_counter
 
 from gevent import get_hub
 
 log = logging.getLogger(__name__)
+
+#: a yield with the core to itself takes a microsecond; this long, and another task
+#: ran meanwhile (a time slice is 0.75-3 ms)
+SHARED_GAP = 0.0005
+#: that many long yields within SHARED_SPAN seconds: the core is shared
+SHARED_YIELDS = 3
+SHARED_SPAN = 0.1
+#: how long polling stops once the core was found shared
+SHARED_PAUSE = 1.0
 
 
 def next_window(window: float, waited: float, longest: float) -> float:
@@ -49,7 +69,8 @@ class BusyPoll:
     :meth:`stop` returns it to sleeping polls."""
 
     __slots__ = ("loop", "longest", "window", "until", "last_empty", "idle_since",
-                 "window_ran_out", "idle", "prepare")
+                 "window_ran_out", "long_yields", "long_since", "paused_until", "idle",
+                 "prepare")
 
     def __init__(self, longest: float) -> None:
         self.loop = loop = get_hub().loop
@@ -59,6 +80,9 @@ class BusyPoll:
         self.last_empty = -1
         self.idle_since: float | None = None  # set while the loop sleeps
         self.window_ran_out = False
+        self.long_yields = 0  # yields that took long, since long_since
+        self.long_since = 0.0
+        self.paused_until = 0.0  # polling stopped until then: the core is shared
         self.idle = loop.idle()
         self.idle.priority = loop.MINPRI
         self.prepare = loop.prepare()
@@ -85,6 +109,8 @@ class BusyPoll:
         if self.window_ran_out:
             self.window_ran_out = False  # idle_since is when the last work was seen
             return
+        if loop.now() < self.paused_until:
+            return
         if self.idle_since is not None:
             # The loop woke from a sleeping poll: adapt the window to that wait.
             self.window = next_window(self.window, loop.now() - self.idle_since, self.longest)
@@ -107,8 +133,24 @@ class BusyPoll:
             self.window_ran_out = True
             self.idle_since = self.until - self.window
         else:
+            started = perf_counter()
             os.sched_yield()
+            if perf_counter() - started > SHARED_GAP:
+                self._yield_took_long(loop.now())
         self.last_empty = iteration
+
+
+    def _yield_took_long(self, now: float) -> None:
+        """Another task had the core during a yield; a few times in a short while, and
+        the core is not ours to poll on."""
+        if now - self.long_since > SHARED_SPAN:
+            self.long_yields, self.long_since = 0, now
+        self.long_yields += 1
+        if self.long_yields >= SHARED_YIELDS:
+            self.idle.stop()
+            self.window, self.idle_since = 0.0, None
+            self.paused_until = now + SHARED_PAUSE
+            self.long_yields = 0
 
 
 def start_busy_poll(microseconds: int) -> BusyPoll | None:

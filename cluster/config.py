@@ -750,7 +750,8 @@ class Settings:
         _busy_poll,
         "longest the event loop polls, instead of sleeping, after I/O, in microseconds: "
         "saves waking a halted core per message; the window adapts to the gaps between "
-        "events, so an idle or lightly loaded instance does not poll (0: never, at most "
+        "events, so an idle or lightly loaded instance does not poll, nor one whose core "
+        "another process keeps busy (0: never, at most "
         f"1000; auto: {AUTO_BUSY_POLL_US} when this instance's worker processes leave "
         "a core of the host free, else 0; see docs/benchmarks.md)",
         "MICROSECONDS",
