@@ -19,12 +19,12 @@ traffic it polls through the gaps. Each empty pass also yields the core
 Polling pays only on a core the loop has to itself. Where another process keeps the
 core busy, a polling loop is always runnable and yields at every empty pass, so each
 event waits out that process's time slice, where a sleeping loop would be woken ahead
-of it: with a CPU-bound process pinned beside it, a polling balancer served half the
-requests (bench/busy_poll_shared_core.py). So when yields take longer than
-``SHARED_GAP`` (the core went to someone else meanwhile) ``SHARED_YIELDS`` times within
-``SHARED_SPAN``, polling stops for ``SHARED_PAUSE``; then it is tried again. One long
-yield alone is no sign: a timer of another process or the hypervisor taking the
-virtual CPU for a moment does that on a core that is free.
+of it: with a CPU-bound process pinned beside it, a polling balancer served about a
+fifth of the requests one that sleeps did (bench/busy_poll_shared_core.py). So when
+yields take longer than ``SHARED_GAP`` (the core went to someone else meanwhile)
+``SHARED_YIELDS`` times within ``SHARED_SPAN``, polling stops for ``SHARED_PAUSE``;
+then it is tried again. One long yield alone is no sign: a timer of another process or
+the hypervisor taking the virtual CPU for a moment does that on a core that is free.
 
 How it works, on gevent's libev loop: an *idle* watcher, while active, makes the loop
 poll with a zero timeout. A prepare watcher (called before every poll) starts it when
