@@ -295,7 +295,10 @@ AUTO_BUSY_POLL_US = 50
 def _busy_poll(raw: str) -> int | str:
     if raw.strip().lower() == "auto":
         return "auto"
-    value = _count(raw)
+    try:
+        value = _count(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (microseconds, or auto)") from None
     if value > 1000:
         raise ValueError(f"{raw} is more than 1000 microseconds (the window is to bridge "
                          "the gaps between messages, not to keep a core busy)")

@@ -86,6 +86,7 @@ def test_endpoint_url_defaults_from_bind():
     (["--log-level", "loud"], {}, "--log-level"),
     (["--busy-poll", "5000"], {}, "--busy-poll"),
     ([], {"CLUSTER_BUSY_POLL": "-1"}, "CLUSTER_BUSY_POLL"),
+    (["--busy-poll", "often"], {}, "'often' is not a whole number (microseconds, or auto)"),
     (["--app", "no_colon"], {}, "--app"),
     (["--app", "no_such_module_xyz:app", "--service", "web", "--bind", "127.0.0.1:0"], {},
      "--app"),
