@@ -6,10 +6,12 @@ is stopped (SIGTERM, then SIGKILL) by the fixture or ``with`` block that made it
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +70,25 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, what: st
     raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}: {last!r}")
 
 
+_LOG_DIR: Path | None = None
+
+
+def _log_dir() -> Path:
+    """One temp directory per test process for the output of its Procs, removed when
+    that process exits (each run of the suite used to leave thousands in /tmp)."""
+    global _LOG_DIR
+    if _LOG_DIR is None:
+        _LOG_DIR = Path(tempfile.mkdtemp(prefix="cluster-test-logs-"))
+        owner, made = os.getpid(), _LOG_DIR
+
+        def remove() -> None:
+            if os.getpid() == owner:  # not in a forked child that inherited the hook
+                shutil.rmtree(made, ignore_errors=True)
+
+        atexit.register(remove)
+    return _LOG_DIR
+
+
 class Proc:
     """A child process with its output in a temp file, stopped by PID."""
 
@@ -75,7 +96,7 @@ class Proc:
                  cwd: Path | None = None, name: str = "") -> None:
         self.name = name or Path(argv[0]).name
         self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log",
-                                               delete=False)
+                                               dir=_log_dir(), delete=False)
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         full_env["PYTHONPATH"] = os.pathsep.join(
