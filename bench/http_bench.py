@@ -16,7 +16,13 @@ Table 1, proxies in front of one nginx static backend (1 worker, 100 B and 64 Ki
   --service web --endpoint-url http://127.0.0.1:PORT`` (CPU 1); measured once the
   balancer's ``GET /_cluster/status`` lists the backend;
 - ``nginx``: nginx as the equivalent reverse proxy (bench/nginx_proxy.conf: 1 worker,
-  ``keepalive 32`` upstream, ``proxy_buffering off``, ``proxy_request_buffering off``).
+  ``keepalive 32`` upstream, ``proxy_buffering off``, ``proxy_request_buffering off``);
+- ``C relay``: bench/ws_relay.c, built with ``cc`` at each run (``--no-relay`` skips
+  it): an epoll loop that copies bytes between each client connection and one of its
+  own to the backend, with no HTTP at all, polling 50 µs after I/O as the balancer
+  does. Not a proxy anyone would run: what the layout itself leaves, in the same
+  rounds. Its p99 is the floor for that of any proxy on CPU 0 (wrk and the backend
+  share CPU 1, and every request crosses between the cores four times).
 
 Table 2, a hello app (bench/hello_app.py, 100 B) on CPU 0:
 
@@ -246,6 +252,19 @@ def pywsgi_hello(workdir: Path) -> contextlib.AbstractContextManager[Server]:
                     workdir, "pywsgi-hello", PROXY_CPU, port_file=port_file)
 
 
+def build_relay(workdir: Path, cc: str) -> Path:
+    """bench/ws_relay.c compiled into ``workdir``; returns the program."""
+    program = workdir / "ws_relay"
+    subprocess.run([cc, "-O2", "-o", str(program), str(BENCH / "ws_relay.c")], check=True)
+    return program
+
+
+#: How long the C relay polls after I/O, µs: the balancer's --busy-poll auto window.
+RELAY_WINDOW = 50
+#: The rows of the proxy table, in order; the ratios are to nginx's.
+PROXY_ROWS = ("cluster serve", "nginx", "C relay")
+
+
 def nginx_dirs(workdir: Path) -> None:
     """The temp directories nginx wants, readable by its workers (nobody under root)."""
     workdir.chmod(0o755)
@@ -387,14 +406,20 @@ def run(args: argparse.Namespace, workdir: Path, sizes: list[int]) -> dict[Case,
                 nginx_argv("nginx_proxy.conf", workdir, PORT=nginx_port,
                            UPSTREAM_PORT=backend_port),
                 workdir, "nginx-proxy", PROXY_CPU, port=nginx_port)), "{size}")
+            if args.relay:
+                relay_port = free_port()
+                servers["C relay"] = (stack.enter_context(launched(
+                    [str(build_relay(workdir, args.relay)), str(relay_port),
+                     str(backend_port), str(RELAY_WINDOW)],
+                    workdir, "c-relay", PROXY_CPU, port=relay_port)), "{size}")
         if "hello" in args.tables:
             servers["cluster serve --app"] = (stack.enter_context(cluster_hello(workdir)),
                                               "hello")
             servers["pywsgi"] = (stack.enter_context(pywsgi_hello(workdir)), "hello")
         cases: list[Case] = []
         if "proxy" in args.tables:
-            cases += [("proxy", row, size) for size in sizes for row in ("cluster serve",
-                                                                         "nginx")]
+            cases += [("proxy", row, size) for size in sizes for row in PROXY_ROWS
+                      if row in servers]
         if "hello" in args.tables:
             cases += [("hello", row, 100) for row in ("cluster serve --app", "pywsgi")]
         for _table, row, size in cases:
@@ -435,7 +460,7 @@ def report(results: dict[Case, list[dict]], sizes: list[int], rounds: int) -> li
             "proxy CPU µs/req | req/s range | CPU 0 / 1 busy |")
         add("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for size in sizes:
-            for row in ("cluster serve", "nginx"):
+            for row in PROXY_ROWS:
                 runs = results.get(("proxy", row, size))
                 if not runs:
                     continue
@@ -458,8 +483,12 @@ def report(results: dict[Case, list[dict]], sizes: list[int], rounds: int) -> li
                 add(f"- req/s vs nginx at {size_label(size)}: {got:.2f} (target ≥ {want:.2f}): "
                     f"{verdict(got >= want)}")
             p99 = median(results[case], "p99")
-            add(f"- p99 at {size_label(size)}: {p99:.2f} ms (target ≤ {TARGET_P99_MS:g} ms): "
-                f"{verdict(p99 <= TARGET_P99_MS)}")
+            floor = ("proxy", "C relay", size)
+            beside = (f"; the C relay {median(results[floor], 'p99'):.2f} ms, the balancer's "
+                      f"{ratio(results, case, floor, 'p99'):.2f} times it"
+                      if floor in results else "")
+            add(f"- p99 at {size_label(size)}: {p99:.2f} ms (target ≤ {TARGET_P99_MS:g} ms"
+                f"{beside}): {verdict(p99 <= TARGET_P99_MS)}")
             if size == 100:
                 us = median(results[case], "us")
                 add(f"- proxy CPU per 100 B request: {us:.1f} µs (target ≤ "
@@ -525,6 +554,9 @@ def main() -> None:
                         help="which tables: proxy (vs nginx), hello (vs pywsgi)")
     parser.add_argument("--no-websocket", dest="websocket", action="store_false",
                         help="skip the WebSocket figures (bench/ws_bench.py)")
+    parser.add_argument("--no-relay", dest="relay", action="store_const", const=None,
+                        default=shutil.which("cc"),
+                        help="skip the C relay row (skipped anyway without a C compiler)")
     args = parser.parse_args()
     args.tables = set(args.tables.split(","))
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]

@@ -203,9 +203,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
         subprocess.run(["go", "build", "-o", str(workdir / "ws_load"),
                         str(BENCH / "ws_load.go")], check=True, cwd=str(workdir),
                        env=dict(os.environ, CGO_ENABLED="0"))
-    if args.relay:
-        subprocess.run([args.relay, "-O2", "-o", str(workdir / "ws_relay"),
-                        str(BENCH / "ws_relay.c")], check=True)
+    relay_program = hb.build_relay(workdir, args.relay) if args.relay else None
     skipped = {"nginx": not args.nginx, "busy": args.also_busy_poll < 0,
                "relay": not args.relay}
     modes = [m for m in MODES if not skipped.get(m)]
@@ -235,10 +233,10 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]],
                               UPSTREAM_PORT=echo_port),
                 workdir, "ws-nginx", PROXY_CPU, port=nginx_port))
             ports["nginx"], watched["nginx"] = nginx_port, nginx.pid
-        if args.relay:
+        if relay_program:
             relay_port = hb.free_port()
             relay = stack.enter_context(hb.launched(
-                [str(workdir / "ws_relay"), str(relay_port), str(echo_port),
+                [str(relay_program), str(relay_port), str(echo_port),
                  str(args.relay_window)], workdir, "ws-relay", PROXY_CPU, port=relay_port))
             ports["relay"], watched["relay"] = relay_port, relay.pid
         proxy = Proxy("cluster", balancer.pid, balancer.port)

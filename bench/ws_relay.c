@@ -1,14 +1,16 @@
-/* The least a proxy on CPU 0 can cost in bench/ws_bench.py's layout: a single-threaded
- * epoll TCP relay with no parsing at all, busy polling by the rule of cluster/busypoll.py
- * (poll with a zero timeout until WINDOW microseconds have passed with nothing to do,
- * then sleep in epoll_wait). ws_bench.py measures it beside the balancer (``--no-relay``
- * skips it), so the WebSocket ratio can be read against what the layout itself allows.
+/* The least a proxy on CPU 0 can cost in the layout of bench/ws_bench.py and
+ * bench/http_bench.py: a single-threaded epoll TCP relay with no parsing at all, busy
+ * polling (poll with a zero timeout until WINDOW microseconds have passed with nothing
+ * to do, then sleep in epoll_wait). Both benchmarks measure it beside the balancer
+ * (``--no-relay`` skips it), so the WebSocket ratio and the HTTP p99 can be read
+ * against what the layout itself allows.
  *
  *     cc -O2 -o ws_relay bench/ws_relay.c && ./ws_relay LISTEN_PORT UPSTREAM_PORT WINDOW
  *
  * A benchmark reference, not a proxy: it relays bytes between each accepted connection
  * and a new one to 127.0.0.1:UPSTREAM_PORT, and spins on a send that would block
- * (never the case for 32-byte ping-pong).
+ * (never the case for 32-byte ping-pong; rare for a 64 KiB answer to wrk, which reads
+ * at once, and spinning only delays the relay's own other connections).
  */
 #include <arpa/inet.h>
 #include <errno.h>
