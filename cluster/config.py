@@ -27,6 +27,7 @@ import configargparse
 
 from cluster import __version__
 from cluster.cookies import SAMESITE
+from cluster.cpus import usable_cores
 from cluster.errors import ConfigError
 from cluster.records import (
     MAX_PING_MS,
@@ -243,7 +244,9 @@ MAX_WORKERS_PER_CORE = 8
 def _workers(raw: str) -> int:
     cores = os.cpu_count() or 1
     if raw.strip().lower() == "auto":
-        return cores
+        # One per core this instance may use: under a CPU quota of 2 cores on a
+        # 64-core host, 64 workers would cost 64 times the memory for no more CPU.
+        return max(1, math.ceil(usable_cores()))
     value = _count(raw)
     if value < 1:
         raise ValueError("must be at least 1 or 'auto'")
@@ -628,7 +631,8 @@ class Settings:
     )
     workers_count: int = setting(
         1, _workers,
-        "worker processes of `cluster serve` (N, at most 8 per core, or auto: one per core)",
+        "worker processes of `cluster serve` (N, at most 8 per core, or auto: one per "
+        "core, or per core of a CPU quota on its cgroup)",
         "N",
     )
     ping_interval: float = setting(
@@ -756,7 +760,8 @@ class Settings:
         "events, so an idle or lightly loaded instance does not poll, nor one whose core "
         "another process keeps busy (0: never, at most "
         f"1000; auto: {AUTO_BUSY_POLL_US} when this instance's worker processes leave "
-        "a core of the host free, else 0; see docs/benchmarks.md)",
+        "a core free, of the host's or of a CPU quota on its cgroup, else 0; see "
+        "docs/benchmarks.md)",
         "MICROSECONDS",
     )
     max_request_line: int = setting(
@@ -875,11 +880,13 @@ class Settings:
         """--busy-poll for a process of an instance of ``processes`` worker processes
         (default: --workers-count). 'auto' polls only when they leave a core free:
         where they fill every core, a process polling in its gaps takes CPU from its
-        siblings (and the load generator beside them) that they would have used."""
+        siblings (and the load generator beside them) that they would have used. The
+        cores are those of a CPU quota when there is one (cluster.cpus): polling
+        there would spend the quota and get the instance throttled."""
         if self.busy_poll != "auto":
             return int(self.busy_poll)
         processes = self.workers_count if processes is None else processes
-        return AUTO_BUSY_POLL_US if processes < (os.cpu_count() or 1) else 0
+        return AUTO_BUSY_POLL_US if processes < usable_cores() else 0
 
     @property
     def own_ui_service(self) -> str | None:

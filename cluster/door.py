@@ -58,6 +58,7 @@ from cluster.conn import (
     Sweeper,
 )
 from cluster.cookies import cookie_attributes, set_cookie
+from cluster.cpus import cgroup_cpu_limit
 from cluster.errors import ClientLeft, RequestError, UpstreamError
 from cluster.handler import (
     _NO_ACCESS_LOG,
@@ -194,6 +195,12 @@ class Door:
             self.rebalancer.start()
         window = getattr(self.settings, "busy_poll_microseconds", lambda: 0)()
         self.busy_poll = start_busy_poll(window)
+        if self.busy_poll is not None:
+            log.info("busy polling: up to %d µs after I/O", window)
+        else:
+            quota = cgroup_cpu_limit()
+            log.info("busy polling: off%s", f" (a CPU quota of {quota.cores:.2f} cores, "
+                     f"{quota.where})" if quota is not None else "")
         self._tidier = gevent.spawn(self._tidy_forever)
 
     def close(self) -> None:
