@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -68,14 +67,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        hb.nginx_dirs(workdir)
-        (workdir / "www").mkdir()
-        (workdir / "www" / "100").write_bytes(os.urandom(100))
-        backend_port = hb.free_port()
-        stack.enter_context(hb.launched(
-            hb.nginx_argv("nginx_backend.conf", workdir, PORT=backend_port),
-            workdir, "backend", hb.LOAD_CPU, port=backend_port))
-        backend = f"http://127.0.0.1:{backend_port}"
+        backend = stack.enter_context(hb.static_backend(workdir, [100]))
         urls: dict[str, str | None] = {"alone": None}
         for mode in MODES[1:]:
             name = "cluster-poll-" + mode.rsplit(" ", 1)[1]

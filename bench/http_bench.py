@@ -58,7 +58,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -250,6 +250,21 @@ def pywsgi_hello(workdir: Path) -> contextlib.AbstractContextManager[Server]:
     return launched([sys.executable, str(BENCH / "hello_app.py"), "--bind", "127.0.0.1:0",
                      "--port-file", str(port_file)],
                     workdir, "pywsgi-hello", PROXY_CPU, port_file=port_file)
+
+
+@contextlib.contextmanager
+def static_backend(workdir: Path, sizes: Iterable[int]) -> Iterator[str]:
+    """The nginx static backend on CPU 1, serving a file of random bytes per size in
+    ``sizes`` (named by it: /100); yields its base URL. Stopped by PID at the end."""
+    nginx_dirs(workdir)
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    for size in sizes:
+        (www / str(size)).write_bytes(os.urandom(size))
+    port = free_port()  # nginx cannot report a port it picked itself
+    with launched(nginx_argv("nginx_backend.conf", workdir, PORT=port), workdir, "backend",
+                  LOAD_CPU, port=port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def build_relay(workdir: Path, cc: str) -> Path:

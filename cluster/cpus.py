@@ -3,13 +3,13 @@
 A container's ``--cpus`` or a Kubernetes CPU limit is a CFS quota on its cgroup, which
 ``os.cpu_count()`` does not see: it counts the host's cores. The settings that scale
 with cores (``--busy-poll auto``, ``--workers-count auto``) would then plan for a host
-the process cannot use. Worse for polling: every microsecond spent polling is charged
-to the quota, so a loop that polls under a quota of less than a core spends it in the
-gaps between events and is then throttled (stopped) for the rest of each 100 ms period
-with requests waiting: at half a core, p99 16.5 ms polling against 9.3 ms not
-(bench/busy_poll_quota.py, docs/benchmarks.md). Under exactly one core a single
-process cannot exceed it, and polling measured neither better nor worse; ``auto``
-keeps its rule (poll only with a core to spare) and does not poll there.
+the process cannot use. For polling: every microsecond spent polling is charged to the
+quota, and a cgroup that has spent it is throttled (stopped) for the rest of each
+100 ms period with requests waiting. Polling only pays on a core that is otherwise
+idle, which a quota of a core or less never promises; in two runs at half a core
+(bench/busy_poll_quota.py, docs/benchmarks.md) the polling balancer spent longer
+throttled and its p99 was no better. ``auto`` keeps its rule (poll only with a core
+to spare), counted in the quota's cores.
 
 The quota is read the way the Go runtime and the JVM read it: the cgroup of this
 process (``/proc/self/cgroup``), found under the cgroup mounts (``/proc/self/mountinfo``),
