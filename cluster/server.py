@@ -400,10 +400,17 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
         # Refuse a loopback endpoint with a remote store here, once, rather than in
         # every worker (which the supervisor would restart forever).
         settings.endpoint_choice(strict=local_app is not None)
-        write_port_file(settings)  # the shared public port: it queues until workers accept
-        write_pid_file(settings)  # the supervisor's: it passes SIGUSR2 on to the workers
+
+        def announce() -> None:
+            # Called once the supervisor handles signals: whoever reads the port file
+            # may send SIGTERM at once, and it must be a clean stop, not the default
+            # action (killed, the metrics directory left behind).
+            write_port_file(settings)  # the shared public port: it queues until workers
+            # accept
+            write_pid_file(settings)  # the supervisor's: it passes SIGUSR2 on to them
+
         try:
-            return run_workers(settings, listener)
+            return run_workers(settings, listener, announce)
         finally:
             remove_pid_file(settings)
     shared = _inherited_listener()

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
 import gevent.event
@@ -267,14 +267,17 @@ class Supervisor:
             if child.poll() is None and catches(child.pid, signal.SIGUSR1):
                 child.send_signal(signal.SIGUSR1)
 
-    def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT; returns the exit status."""
+    def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Supervise until SIGTERM/SIGINT; returns the exit status. ``ready`` is called
+        once the signals are handled (it announces the instance: port and pid files)."""
         gevent.signal_handler(signal.SIGTERM, self.stopping.set)
         gevent.signal_handler(signal.SIGINT, self.interrupted)
         gevent.signal_handler(signal.SIGQUIT, self.quick_stop)
         gevent.signal_handler(signal.SIGHUP, self.reload_wanted.set)
         gevent.signal_handler(signal.SIGUSR2, self.drain_wanted.set)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        if ready is not None:
+            ready()
         for slot in self.slots:
             self.spawn(slot)
         log.info("%d workers share http://%s (SIGHUP reloads them one by one)",
@@ -347,12 +350,14 @@ def _terminate(children: list[subprocess.Popen[bytes]], timeout: float,
             child.wait(5)
 
 
-def run_workers(settings: Settings, listener: Any) -> int:
-    """Supervise the workers until SIGTERM/SIGINT; returns the exit status."""
+def run_workers(settings: Settings, listener: Any,
+                ready: Callable[[], None] | None = None) -> int:
+    """Supervise the workers until SIGTERM/SIGINT; returns the exit status. ``ready``:
+    see :meth:`Supervisor.run`."""
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     own_metrics_dir = None if metrics_dir else make_metrics_dir()
     try:
-        return Supervisor(settings, listener, metrics_dir or own_metrics_dir).run()
+        return Supervisor(settings, listener, metrics_dir or own_metrics_dir).run(ready)
     finally:
         if own_metrics_dir:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)

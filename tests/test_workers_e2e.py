@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
 import requests
 
-from helpers import Proc, start_serve, status_json, wait_until
+from helpers import Proc, cluster_argv, start_serve, status_json, wait_until
 
 
 def pids_behind(url: str, session: requests.Session | None = None, count: int = 60) -> Counter:
@@ -104,3 +105,29 @@ def metrics_dirs(parent: Path) -> list[int]:
     """The PIDs in the names of the metrics directories in ``parent``."""
     return [int(d.name.split("-")[2]) for d in parent.iterdir()
             if d.name.startswith("cluster-metrics-")]
+
+
+def test_a_sigterm_as_soon_as_the_port_file_appears_is_a_clean_stop(sqlite_url, tmp_path):
+    """Whoever reads --port-file may stop the instance at once (a deploy script, a
+    test). By then the supervisor handles SIGTERM: it stops its workers, exits 0 and
+    removes its metrics directory. It used to write the file before it handled
+    signals, and a SIGTERM in between was SIGTERM's default action: killed, the
+    directory left behind (a CI run caught it)."""
+    for attempt in range(5):
+        port_file = tmp_path / f"port-{attempt}"
+        proc = Proc(cluster_argv("serve", "--workers-count", "2", "--service", "web",
+                                 "--app", "cluster.demo:app", "--bind", "127.0.0.1:0",
+                                 "--port-file", str(port_file)),
+                    env={"CLUSTER_DISCOVERY_URL": sqlite_url, "TMPDIR": str(tmp_path)},
+                    name="workers")
+        try:
+            deadline = time.monotonic() + 20
+            while not port_file.exists():  # polled tightly: the gap was milliseconds
+                assert proc.poll() is None, proc.output()
+                assert time.monotonic() < deadline, "no port file"
+                time.sleep(0.0002)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0, proc.output()
+        finally:
+            proc.stop()
+        assert metrics_dirs(tmp_path) == [], proc.output()
