@@ -1,6 +1,6 @@
 """HTTP benchmark, pinned: `cluster serve` against nginx as a proxy, and against pywsgi.
 
-    python bench/http_bench.py [--duration 5] [--rounds 4] [--no-websocket]
+    python bench/http_bench.py [--duration 5] [--rounds 4] [--no-websocket] [--no-relay]
 
 The method of issue 7, on a 2-core machine. The process under test runs on CPU 0
 (``taskset``); the nginx static backend and ``wrk -t1 -c50 --latency`` run on CPU 1.
