@@ -405,8 +405,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
             # Called once the supervisor handles signals: whoever reads the port file
             # may send SIGTERM at once, and it must be a clean stop, not the default
             # action (killed, the metrics directory left behind).
-            write_port_file(settings)  # the shared public port: it queues until workers
-            # accept
+            write_port_file(settings)  # the shared public port (queues until workers accept)
             write_pid_file(settings)  # the supervisor's: it passes SIGUSR2 on to them
 
         try:
