@@ -1,6 +1,7 @@
 """HTTP benchmark, pinned: `cluster serve` against nginx as a proxy, and against pywsgi.
 
     python bench/http_bench.py [--duration 5] [--rounds 4] [--no-websocket] [--no-relay]
+                               [--heads wrk|browser]
 
 The method of issue 7, on a 2-core machine. The process under test runs on CPU 0
 (``taskset``); the nginx static backend and ``wrk -t1 -c50 --latency`` run on CPU 1.
@@ -33,10 +34,13 @@ Table 2, a hello app (bench/hello_app.py, 100 B) on CPU 0:
 Per target: requests/s, p50 and p99 (wrk --latency), the CPU time of the process under
 test (utime+stime from /proc/PID/stat of it and its children, over the measured window)
 per request, and how busy each core was meanwhile (from /proc/stat: other work on the
-machine shows up there too). Then the WebSocket figures (bench/ws_bench.py, same
-pinning) unless ``--no-websocket``. It prints markdown tables for docs/benchmarks.md and
-the exact command. Every process is started here, stopped by PID, and lives in a temp
-dir removed at the end. Needs wrk and nginx (Debian: ``apt-get install -y wrk nginx``).
+machine shows up there too). ``--heads browser`` gives wrk bench/browser_heads.lua: a
+browser's 0.8 KB head, cookies among its fields, with the query string and the Referer
+changing every request, so no two heads are the same (wrk's own are all alike). Then
+the WebSocket figures (bench/ws_bench.py, same pinning) unless ``--no-websocket``. It
+prints markdown tables for docs/benchmarks.md and the exact command. Every process is
+started here, stopped by PID, and lives in a temp dir removed at the end. Needs wrk
+and nginx (Debian: ``apt-get install -y wrk nginx``).
 """
 
 from __future__ import annotations
@@ -342,13 +346,18 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
 
 
-def wrk_argv(url: str, duration: int, connections: int) -> list[str]:
+#: --heads: wrk's own request head, or a browser's that changes every request
+HEAD_SCRIPTS = {"wrk": None, "browser": BENCH / "browser_heads.lua"}
+
+
+def wrk_argv(url: str, duration: int, connections: int, heads: str = "wrk") -> list[str]:
+    script = HEAD_SCRIPTS[heads]
     return ["taskset", "-c", str(LOAD_CPU), "wrk", "-t1", f"-c{connections}",
-            f"-d{duration}s", "--latency", url]
+            f"-d{duration}s", "--latency", *(["-s", str(script)] if script else []), url]
 
 
-def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(wrk_argv(url, duration, connections), capture_output=True,
+def wrk(url: str, duration: int, connections: int, heads: str = "wrk") -> dict[str, float]:
+    out = subprocess.run(wrk_argv(url, duration, connections, heads), capture_output=True,
                          text=True, check=True, timeout=duration + 60).stdout
     done = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -378,9 +387,9 @@ def check_answer(url: str, size: int) -> None:
 def measure(label: str, server: Server, path: str, args: argparse.Namespace) -> dict[str, float]:
     url = f"http://127.0.0.1:{server.port}/{path}"
     if args.warmup:
-        wrk(url, args.warmup, args.connections)
+        wrk(url, args.warmup, args.connections, args.heads)
     cores0, cpu0 = core_times(), cpu_seconds(server.pid)
-    result = wrk(url, args.duration, args.connections)
+    result = wrk(url, args.duration, args.connections, args.heads)
     cpu1, cores1 = cpu_seconds(server.pid), core_times()
     result["us"] = (cpu1 - cpu0) * 1e6 / result["requests"] if result["requests"] else 0.0
     result["busy0"] = busy_percent(cores0, cores1, PROXY_CPU)
@@ -567,6 +576,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,65536", help="proxied response sizes, bytes")
     parser.add_argument("--tables", default="proxy,hello",
                         help="which tables: proxy (vs nginx), hello (vs pywsgi)")
+    parser.add_argument("--heads", choices=sorted(HEAD_SCRIPTS), default="wrk",
+                        help="request heads: wrk's own (43 bytes, the same each time), or "
+                             "a browser's 0.7 KB that changes every request "
+                             "(bench/browser_heads.lua)")
     parser.add_argument("--no-websocket", dest="websocket", action="store_false",
                         help="skip the WebSocket figures (bench/ws_bench.py)")
     parser.add_argument("--no-relay", dest="relay", action="store_const", const=None,
@@ -581,9 +594,11 @@ def main() -> None:
             sys.exit(f"{tool} is not installed (Debian: apt-get install -y wrk nginx)")
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    script = " -s bench/browser_heads.lua" if HEAD_SCRIPTS[args.heads] else ""
     print(f"$ {command_line()}\n{versions()}\nstarted {started} UTC, load average "
           f"{os.getloadavg()[0]:.2f}; wrk -t1 -c{args.connections} -d{args.duration:g}s "
-          f"--latency (after {args.warmup:g}s of warm-up) on CPU {LOAD_CPU}", flush=True)
+          f"--latency{script} (after {args.warmup:g}s of warm-up) on CPU {LOAD_CPU}",
+          flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
     try:
