@@ -453,6 +453,16 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             return
         super().handle_error(t, v, tb)
 
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        """pywsgi's, refusing a status that is no final answer (a ValueError in the app:
+        a 500): pywsgi sent any number it could parse, so an app's ``"103 X"`` with a body
+        left every client (curl, Go, a balancer in front) waiting for the final answer
+        that never came, and ``"20 X"`` or ``"2000 X"`` was a status line clients refuse.
+        A 101 only answers a request that asked to upgrade (RFC 9110 15.2.2)."""
+        check_status(status, self.environ)
+        return super().start_response(status, headers, exc_info)
+
     def write(self, data: bytes) -> None:
         check_body_piece(data)
         super().write(data)
@@ -603,6 +613,21 @@ def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
                           f"(--write-timeout)") from None
 
     return write
+
+
+def check_status(status: Any, environ: dict[str, Any] | None) -> None:
+    """PEP 3333 / RFC 9112 4: an app's status is three digits, a final answer (200 or
+    more; 1xx are the server's to send, a 101 only to a request with an Upgrade), then
+    a space and the reason, if any. Raises ValueError (TypeError: not a str) otherwise."""
+    if not isinstance(status, str):
+        return  # pywsgi's own check says so
+    code = status[:3]
+    if len(code) != 3 or not code.isdigit() or not code.isascii() or \
+            status[3:4] not in ("", " ") or code[0] == "0" or \
+            (code[0] == "1" and (code != "101" or not environ
+                                 or "HTTP_UPGRADE" not in environ)):
+        raise ValueError(f"the app's status {status[:40]!r} is not a final HTTP status "
+                         f"(three digits, 200 or more, or a 101 to an upgrade)")
 
 
 def check_body_piece(data: Any) -> None:
