@@ -481,7 +481,8 @@ class Connection:
             if not data:
                 return None
             end = data.find(HEAD_END)
-            if 0 <= end <= limits.head_size and (
+            # (0: empty lines before the request line, which find_head_end skips)
+            if 0 < end <= limits.head_size and (
                     len(data) <= limits.request_line
                     or data.find(b"\r\n", 0, limits.request_line + 2) >= 0):
                 conn.phase = NONE

@@ -174,6 +174,11 @@ def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
     ``buf`` then, less 3 (a blank line may have started in the bytes seen already).
     Without it, a head trickled in byte by byte is searched whole once per byte.
     """
+    first = 0  # past the empty lines a request may start with (RFC 9112 2.2): two of
+    while buf[first:first + 2] == CRLF:  # them are no head end (nginx skips them too)
+        first += 2
+    if first > start:
+        start = first
     end = buf.find(HEAD_END, start)
     if end >= 0:
         if end > limit:
@@ -185,10 +190,7 @@ def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
         raise RequestError(431, "request head too large")
     if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
         raise RequestError(400, "bare LF in the request head")
-    if not start:
-        first = 0  # past the empty lines a request may start with (RFC 9112 2.2)
-        while buf[first:first + 2] == CRLF:
-            first += 2
+    if start == first:
         if first < len(buf) and buf[first] not in _METHOD_BYTES:
             # Not the start of a request line: a TLS handshake sent to a plain port
             # (its first byte is 0x16) gets its 400 now, not after the header timeout.

@@ -1175,49 +1175,6 @@ def test_an_app_status_that_is_no_final_answer_is_a_prompt_500(store: str) -> No
     assert all(alive)
 
 
-def test_an_app_status_that_is_no_final_answer_is_a_prompt_500(store: str) -> None:
-    """An app's ``"103 X"`` (or 100, 199, or a 101 to a request that asked no upgrade)
-    went out as it was, with the body after it: curl, Go's client and a balancer in
-    front took it for an interim answer and waited for the final one (the balancer for
-    its 300 s read timeout). ``"20 X"`` and ``"2000 X"`` went out as status lines clients
-    refuse. Each is the app's error now: a whole 500, at once, served here, through a
-    balancer, and under cluster.wrap()."""
-    member, member_port = start_instance(store, "statuses", service="doorstatuses")
-    procs = [member]
-    try:
-        front, front_port = start_serve("--ui-service", "doorstatuses", *PATIENT,
-                                        name="statusfront",
-                                        env={"CLUSTER_DISCOVERY_URL": store})
-        procs.append(front)
-        library, library_port = start_library_app(
-            {"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "library",
-             "CLUSTER_SERVICE": "doorstatuslib"}, "backend:app")
-        procs.append(library)
-        wait_front_sees(front_port, "doorstatuses")
-        for port in (member_port, front_port, library_port):
-            for code in (100, 103, 199, 101, 20, 2000):
-                raw = b"GET /status/%d HTTP/1.1\r\nHost: a\r\n\r\n" % code
-                started = time.monotonic()
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                    sock.sendall(raw + FOLLOW_UP)
-                    data, closed = read_until_close(sock, CLOSE_WAIT)
-                assert data.startswith(b"HTTP/1.1 500 "), (port, code, data[:300])
-                responses, rest = parse_responses(data)
-                # the next request answered, or the connection closed after the 500
-                assert [r.status for r in responses] in ([500], [500, 200]), data[:500]
-                assert rest == b"" and closed, data[:500]
-                assert time.monotonic() - started < CLOSE_WAIT
-            # a real status still goes out as the app gave it
-            responses, _ = exchange(port, b"GET /status/599 HTTP/1.1\r\nHost: a\r\n"
-                                          b"Connection: close\r\n\r\n")
-            assert [r.status for r in responses] == [599], responses
-    finally:
-        alive = [p.poll() is None for p in procs]
-        for proc in procs:
-            proc.stop()
-    assert all(alive)
-
-
 def test_empty_lines_after_a_body_do_not_end_the_connection(door: Door) -> None:
     """RFC 9112 2.2: empty lines before a request line are ignored. A client that ends a
     body with an extra CRLF CRLF (old browsers after a POST) got a 400 and a close for
