@@ -459,8 +459,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         a 500): pywsgi sent any number it could parse, so an app's ``"103 X"`` with a body
         left every client (curl, Go, a balancer in front) waiting for the final answer
         that never came, and ``"20 X"`` or ``"2000 X"`` was a status line clients refuse.
-        A 101 only answers a request that asked to upgrade (RFC 9110 15.2.2)."""
+        A 101 only answers a request that asked to upgrade (RFC 9110 15.2.2). So is a
+        header field name that is no token or a value with a control byte (pywsgi
+        refused only CR and LF; gunicorn's own workers refuse these too): ``X Bad``, a
+        NUL or an ESC went out as they were, and Go's and Node's clients refused the
+        whole answer (a balancer in front answered 502)."""
         check_status(status, self.environ)
+        check_fields(headers)
         return super().start_response(status, headers, exc_info)
 
     def write(self, data: bytes) -> None:
@@ -628,6 +633,32 @@ def check_status(status: Any, environ: dict[str, Any] | None) -> None:
                                  or "HTTP_UPGRADE" not in environ)):
         raise ValueError(f"the app's status {status[:40]!r} is not a final HTTP status "
                          f"(three digits, 200 or more, or a 101 to an upgrade)")
+
+
+#: header field names an app gave that are tokens (check_fields)
+_FIELD_NAMES: set[str] = set()
+
+
+def check_fields(headers: Any) -> None:
+    """RFC 9110 5.1, 5.5: an app's header field names are tokens and its values hold no
+    control byte but HTAB. Raises ValueError otherwise (pywsgi checks the types)."""
+    known = _FIELD_NAMES
+    try:
+        for name, value in headers:
+            # (per response: names seen before skip the regex; a printable value, the
+            # usual one, skips it too)
+            if name not in known:
+                if not _TOKEN(name):
+                    raise ValueError(f"the app's header field name {name[:40]!r} is not a "
+                                     f"token (RFC 9110 5.1)")
+                if len(known) >= 1024:
+                    known.clear()
+                known.add(name)
+            if not value.isprintable() and _CONTROL(value):
+                raise ValueError(f"the app's header field {name[:40]}: {value[:40]!r} has a "
+                                 f"control byte (RFC 9110 5.5)")
+    except (TypeError, AttributeError):
+        return  # not a str: pywsgi's own check says so, more plainly
 
 
 def check_body_piece(data: Any) -> None:

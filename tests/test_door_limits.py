@@ -1132,13 +1132,15 @@ def test_connect_under_cluster_wrap_is_refused_as_at_the_door(library: Door) -> 
 
 
 
-def test_an_app_status_that_is_no_final_answer_is_a_prompt_500(store: str) -> None:
+def test_an_app_status_or_field_http_cannot_carry_is_a_prompt_500(store: str) -> None:
     """An app's ``"103 X"`` (or 100, 199, or a 101 to a request that asked no upgrade)
     went out as it was, with the body after it: curl, Go's client and a balancer in
     front took it for an interim answer and waited for the final one (the balancer for
     its 300 s read timeout). ``"20 X"`` and ``"2000 X"`` went out as status lines clients
-    refuse. Each is the app's error now: a whole 500, at once, served here, through a
-    balancer, and under cluster.wrap()."""
+    refuse. So did a header field name that is no token (``X Bad``) or a value with a
+    NUL or an ESC (Node's client: "Parse Error: Invalid header token"). Each is the
+    app's error now, as under gunicorn's own workers: a whole 500, at once, served here,
+    through a balancer, and under cluster.wrap()."""
     member, member_port = start_instance(store, "statuses", service="doorstatuses")
     procs = [member]
     try:
@@ -1151,14 +1153,16 @@ def test_an_app_status_that_is_no_final_answer_is_a_prompt_500(store: str) -> No
              "CLUSTER_SERVICE": "doorstatuslib"}, "backend:app")
         procs.append(library)
         wait_front_sees(front_port, "doorstatuses")
+        targets = [b"/status/%d" % code for code in (100, 103, 199, 101, 20, 2000)] + \
+            [b"/bad-field?kind=" + kind for kind in (b"space", b"colon", b"nul", b"esc")]
         for port in (member_port, front_port, library_port):
-            for code in (100, 103, 199, 101, 20, 2000):
-                raw = b"GET /status/%d HTTP/1.1\r\nHost: a\r\n\r\n" % code
+            for target in targets:
+                raw = b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target
                 started = time.monotonic()
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                     sock.sendall(raw + FOLLOW_UP)
                     data, closed = read_until_close(sock, CLOSE_WAIT)
-                assert data.startswith(b"HTTP/1.1 500 "), (port, code, data[:300])
+                assert data.startswith(b"HTTP/1.1 500 "), (port, target, data[:300])
                 responses, rest = parse_responses(data)
                 # the next request answered, or the connection closed after the 500
                 assert [r.status for r in responses] in ([500], [500, 200]), data[:500]
