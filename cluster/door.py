@@ -75,6 +75,7 @@ from cluster.http1 import (
     ChunkError,
     Limits,
     RequestHead,
+    empty_lines,
     find_head_end,
     head_only_response,
     parse_request_head,
@@ -495,7 +496,18 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         seen = 0  # bytes of buf searched already (each fill searches only the new ones)
+        skipped = 0
         while True:
+            if buf[:2] == b"\r\n":
+                # empty lines before the request line (RFC 9112 2.2): dropped as they
+                # come, so that a trickle of them is not searched again on each byte,
+                # but counted in the head's size
+                skip = empty_lines(buf)
+                del buf[:skip]
+                seen = max(seen - skip, 0)
+                skipped += skip
+                if skipped + len(buf) > limits.head_size + 3:
+                    raise RequestError(431, "request head too large")
             # Before the head size: a request line longer than both is still a 414.
             if len(buf) > limits.request_line and \
                     buf.find(b"\r\n", 0, limits.request_line + 2) < 0:

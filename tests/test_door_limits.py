@@ -1179,6 +1179,42 @@ def test_an_app_status_or_field_http_cannot_carry_is_a_prompt_500(store: str) ->
     assert all(alive)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_empty_lines_trickled_in_cost_the_door_no_search_each(store: str) -> None:
+    """Empty lines before a request line, sent two bytes at a time, are dropped as they
+    come (still counted in the head's size): kept in the buffer, each new byte searched
+    them all again (12 000 bytes of them: seconds of the door's CPU, quadratic in their
+    number)."""
+    proc, port = start_serve("--service", "doorcrlf", "--app", "backend:app", *PATIENT,
+                             name="crlf", env={"CLUSTER_DISCOVERY_URL": store,
+                                               "BACKEND_NAME": "crlf"})
+    try:
+        before = cpu_seconds(proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(6000):
+                sock.send(b"\r\n")
+                time.sleep(0.0002)  # the door reads them a few at a time
+            sock.sendall(FOLLOW_UP)
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        assert data.startswith(b"HTTP/1.1 200 ") and closed, data[:300]
+        assert cpu_seconds(proc.pid) - before < 1.0
+        # and more of them than a head may hold are a 431, as a head that large is
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(20):
+                sock.sendall(b"\r\n" * 2000)
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        assert data.startswith(b"HTTP/1.1 431 ") and closed, data[:300]
+    finally:
+        stop_clean(proc)
+
+
 def test_empty_lines_after_a_body_do_not_end_the_connection(door: Door) -> None:
     """RFC 9112 2.2: empty lines before a request line are ignored. A client that ends a
     body with an extra CRLF CRLF (old browsers after a POST) got a 400 and a close for
