@@ -193,6 +193,8 @@ _InvalidClientInput: type[OSError] = getattr(pywsgi, "_InvalidClientInput", OSEr
 
 #: Largest single read of a request body with a Content-Length (see ClusterInput)
 READ_PIECE = 1 << 20
+#: the largest chunk size taken (cluster.http1.ChunkedScanner's)
+MAX_CHUNK = 2 ** 63 - 1
 
 
 class ClusterInput(pywsgi.Input):  # type: ignore[misc]
@@ -231,6 +233,28 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
         return b"".join(pieces)
 
     def _chunked_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
+        """pywsgi's, in pieces of READ_PIECE at most: pywsgi read a chunk's data with one
+        ``rfile.read(size)``, so a one-line request with a chunk size of ``ffffffffff``
+        was a MemoryError (a traceback and a 500), and one past ``sys.maxsize`` an
+        OverflowError. A size past 2**63 - 1 is a 400, as at the front door."""
+        if length is not None and length <= READ_PIECE:
+            return self._chunked_piece(length, use_readline)
+        pieces = []
+        while True:
+            piece = self._chunked_piece(
+                READ_PIECE if length is None else min(length, READ_PIECE), use_readline)
+            if not piece:
+                break
+            pieces.append(piece)
+            if length is not None:
+                length -= len(piece)
+                if length <= 0:
+                    break
+            if use_readline and piece[-1:] == b"\n":
+                break
+        return b"".join(pieces)
+
+    def _chunked_piece(self, length: int, use_readline: bool) -> bytes:
         try:
             data: bytes = super()._chunked_read(length, use_readline)
         except ValueError:  # only int(b"", 16): the digits read are checked hex ones
@@ -238,6 +262,15 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
             self._chunked_input_error = True  # type: ignore[misc]
             raise _InvalidClientInput("a chunk size line without a size") from None
         return data
+
+    def _Input__read_chunk_length(self, rfile: Any) -> int:  # noqa: N802
+        """pywsgi's reader of a chunk size line (its private name), refusing a size past
+        2**63 - 1 as the front door does, before any of its data is waited for."""
+        size: int = super()._Input__read_chunk_length(rfile)
+        if size > MAX_CHUNK:
+            self._chunked_input_error = True  # type: ignore[misc]
+            raise _InvalidClientInput("chunk size past 2**63 - 1")
+        return size
 
 
 def set_nodelay(sock: Any) -> None:

@@ -370,6 +370,28 @@ def test_a_chunk_size_line_without_digits_is_a_prompt_400_and_the_end(
     assert closed and [r.status for r in responses] == [400], (responses, closed)
 
 
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_a_chunk_size_past_2_63_is_a_prompt_400_and_a_large_one_is_read_as_it_comes(
+        request: pytest.FixtureRequest, where: str) -> None:
+    """Under cluster.wrap() pywsgi read a chunk's data with one read of its whole size:
+    a one-line request with a size of ``ffffffffff`` was a MemoryError in the app (a
+    traceback and a 500), one past ``sys.maxsize`` an OverflowError. The door refused
+    sizes past 2**63 - 1 (400) and read the rest as the bytes came; so does the
+    library now: a client that sends 3 bytes of a 1 TB chunk and leaves gets no 500."""
+    door = request.getfixturevalue(where)
+    start = b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    responses, closed = exchange(door.port, start + b"ffffffffffffffff\r\nabc\r\n0\r\n\r\n"
+                                 + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert closed and [r.status for r in responses] == [400], (responses, closed)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+        sock.sendall(start + b"ffffffffff\r\nabc")
+        sock.shutdown(socket.SHUT_WR)  # and leaves
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed and not data.startswith(b"HTTP/1.1 500"), data[:300]
+    responses, _ = exchange(door.port, FOLLOW_UP)
+    assert [r.status for r in responses] == [200], responses
+
+
 def test_an_answer_to_a_body_the_doors_scanner_refused_says_the_connection_ends(
         local: Door) -> None:
     """A control byte in a chunk extension: pywsgi skips extensions unread, the door's
