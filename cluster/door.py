@@ -66,6 +66,7 @@ from cluster.handler import (
     RequestHeaders,
     check_body_piece,
     handshake_answer,
+    say_close,
     set_nodelay,
 )
 from cluster.hop import HopMarker
@@ -1379,11 +1380,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                                      if name.lower() != b"content-length"]
             self.provided_content_length = None
             self.close_connection = True
-        if self.close_connection and self.code != 101 and not any(
-                name.lower() == b"connection" for name, _ in self.response_headers):
+        if self.close_connection and self.code != 101:
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
             # close, or an HTTP/1.0 one, must not try to reuse it.
-            self.response_headers.append((b"Connection", b"close"))
+            self.response_headers = say_close(self.response_headers)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:

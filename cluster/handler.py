@@ -570,11 +570,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # client sends next may be frames, which a kept connection would read as
             # its next request head.
             self.close_connection = True
-        if self.close_connection and self.code != 101 and \
-                not any(name.lower() == b"connection" for name, _ in self.response_headers):
+        if self.close_connection and self.code != 101:
             # pywsgi closes an HTTP/1.1 connection after the answer without saying so
             # (RFC 9112 9.6: it should): a client would take it as reusable
-            self.response_headers.append((b"Connection", b"close"))
+            self.response_headers = say_close(self.response_headers)
 
     def log_request(self) -> None:
         """Skip formatting a line nobody writes (``log=None``); else log as the base
@@ -670,6 +669,22 @@ def check_status(status: Any, environ: dict[str, Any] | None) -> None:
 
 #: header field names an app gave that are tokens (check_fields)
 _FIELD_NAMES: set[str] = set()
+
+
+def say_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` saying that the connection ends after this response (RFC 9112 9.6).
+    An app's own Connection field that says otherwise (``keep-alive``: a hop-by-hop
+    field PEP 3333 leaves to the server, which gunicorn drops) gives way, with its
+    Keep-Alive: said to a client that asked for close, or to an HTTP/1.0 one, the
+    client took the connection for reusable while the server closed it."""
+    said = [value for name, value in headers if name.lower() == b"connection"]
+    if any(b"close" in value.lower() for value in said):
+        return headers
+    if said:
+        headers = [(name, value) for name, value in headers
+                   if name.lower() not in (b"connection", b"keep-alive")]
+    headers.append((b"Connection", b"close"))
+    return headers
 
 
 def check_fields(headers: Any) -> None:

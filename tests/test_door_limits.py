@@ -491,6 +491,24 @@ def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(door: Door)
     assert responses[0].header("content-length") is None, data
 
 
+@pytest.mark.parametrize("raw", [
+    b"GET /says-keep-alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /says-keep-alive HTTP/1.0\r\n\r\n"], ids=["close", "http-1.0"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_a_connection_that_ends_says_so_whatever_the_app_said(
+        request: pytest.FixtureRequest, where: str, raw: bytes) -> None:
+    """RFC 9112 9.6: the answer on a connection that ends says ``Connection: close``.
+    An app's own ``Connection: keep-alive`` (hop-by-hop: PEP 3333 leaves it to the
+    server, gunicorn drops it) went out as it was, to a client that asked for close or
+    an HTTP/1.0 one, and the connection was closed: the client took it for reusable."""
+    door = request.getfixturevalue(where)
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [200] and closed, responses
+    said = [value.lower() for name, value in responses[0].headers if name == "connection"]
+    assert said == ["close"], responses[0].headers
+    assert responses[0].header("keep-alive") is None, responses[0].headers
+
+
 def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
     raw = b"".join(b"GET /echo-%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(20))
     raw += b"".join(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n%03d"

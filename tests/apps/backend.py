@@ -157,6 +157,10 @@ def app(environ, start_response):
                        "nul": ("X-Bad", "a\x00b"), "esc": ("X-Bad", "a\x1bb")}[query["kind"]]
         start_response("200 OK", [(name, value), ("Content-Length", "2")])
         return [b"ok"]
+    if path == "/says-keep-alive":  # an app bug: a hop-by-hop field (PEP 3333)
+        start_response("200 OK", [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"),
+                                  ("Content-Length", "2")])
+        return [b"ok"]
     if path == "/no-start-response":  # an app bug: a body, and never start_response
         return [b"never started"]
     if path == "/str-body":  # an app bug: a str where PEP 3333 wants bytes
