@@ -66,6 +66,7 @@ from cluster.handler import (
     RequestHeaders,
     check_body_piece,
     handshake_answer,
+    say_close,
     set_nodelay,
 )
 from cluster.hop import HopMarker
@@ -75,6 +76,7 @@ from cluster.http1 import (
     ChunkError,
     Limits,
     RequestHead,
+    empty_lines,
     find_head_end,
     head_only_response,
     parse_request_head,
@@ -481,7 +483,8 @@ class Connection:
             if not data:
                 return None
             end = data.find(HEAD_END)
-            if 0 <= end <= limits.head_size and (
+            # (0: empty lines before the request line, which find_head_end skips)
+            if 0 < end <= limits.head_size and (
                     len(data) <= limits.request_line
                     or data.find(b"\r\n", 0, limits.request_line + 2) >= 0):
                 conn.phase = NONE
@@ -494,7 +497,18 @@ class Connection:
         else:
             conn.expect(HEAD, header_timeout)
         seen = 0  # bytes of buf searched already (each fill searches only the new ones)
+        skipped = 0
         while True:
+            if buf[:2] == b"\r\n":
+                # empty lines before the request line (RFC 9112 2.2): dropped as they
+                # come, so that a trickle of them is not searched again on each byte,
+                # but counted in the head's size
+                skip = empty_lines(buf)
+                del buf[:skip]
+                seen = max(seen - skip, 0)
+                skipped += skip
+                if skipped + len(buf) > limits.head_size + 3:
+                    raise RequestError(431, "request head too large")
             # Before the head size: a request line longer than both is still a 414.
             if len(buf) > limits.request_line and \
                     buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
@@ -1366,11 +1380,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                                      if name.lower() != b"content-length"]
             self.provided_content_length = None
             self.close_connection = True
-        if self.close_connection and self.code != 101 and not any(
-                name.lower() == b"connection" for name, _ in self.response_headers):
+        if self.close_connection and self.code != 101:
             # Say that this connection ends here (RFC 9112 9.6): a client that asked for
             # close, or an HTTP/1.0 one, must not try to reuse it.
-            self.response_headers.append((b"Connection", b"close"))
+            self.response_headers = say_close(self.response_headers)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:

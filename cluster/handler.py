@@ -193,6 +193,8 @@ _InvalidClientInput: type[OSError] = getattr(pywsgi, "_InvalidClientInput", OSEr
 
 #: Largest single read of a request body with a Content-Length (see ClusterInput)
 READ_PIECE = 1 << 20
+#: the largest chunk size taken (cluster.http1.ChunkedScanner's)
+MAX_CHUNK = 2 ** 63 - 1
 
 
 class ClusterInput(pywsgi.Input):  # type: ignore[misc]
@@ -231,6 +233,28 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
         return b"".join(pieces)
 
     def _chunked_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
+        """pywsgi's, in pieces of READ_PIECE at most: pywsgi read a chunk's data with one
+        ``rfile.read(size)``, so a one-line request with a chunk size of ``ffffffffff``
+        was a MemoryError (a traceback and a 500), and one past ``sys.maxsize`` an
+        OverflowError. A size past 2**63 - 1 is a 400, as at the front door."""
+        if length is not None and length <= READ_PIECE:
+            return self._chunked_piece(length, use_readline)
+        pieces = []
+        while True:
+            piece = self._chunked_piece(
+                READ_PIECE if length is None else min(length, READ_PIECE), use_readline)
+            if not piece:
+                break
+            pieces.append(piece)
+            if length is not None:
+                length -= len(piece)
+                if length <= 0:
+                    break
+            if use_readline and piece[-1:] == b"\n":
+                break
+        return b"".join(pieces)
+
+    def _chunked_piece(self, length: int, use_readline: bool) -> bytes:
         try:
             data: bytes = super()._chunked_read(length, use_readline)
         except ValueError:  # only int(b"", 16): the digits read are checked hex ones
@@ -238,6 +262,15 @@ class ClusterInput(pywsgi.Input):  # type: ignore[misc]
             self._chunked_input_error = True  # type: ignore[misc]
             raise _InvalidClientInput("a chunk size line without a size") from None
         return data
+
+    def _Input__read_chunk_length(self, rfile: Any) -> int:  # noqa: N802
+        """pywsgi's reader of a chunk size line (its private name), refusing a size past
+        2**63 - 1 as the front door does, before any of its data is waited for."""
+        size: int = super()._Input__read_chunk_length(rfile)
+        if size > MAX_CHUNK:
+            self._chunked_input_error = True  # type: ignore[misc]
+            raise _InvalidClientInput("chunk size past 2**63 - 1")
+        return size
 
 
 def set_nodelay(sock: Any) -> None:
@@ -453,6 +486,21 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             return
         super().handle_error(t, v, tb)
 
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        """pywsgi's, refusing a status that is no final answer (a ValueError in the app:
+        a 500): pywsgi sent any number it could parse, so an app's ``"103 X"`` with a body
+        left every client (curl, Go, a balancer in front) waiting for the final answer
+        that never came, and ``"20 X"`` or ``"2000 X"`` was a status line clients refuse.
+        A 101 only answers a request that asked to upgrade (RFC 9110 15.2.2). So is a
+        header field name that is no token or a value with a control byte (pywsgi
+        refused only CR and LF; gunicorn's own workers refuse these too): ``X Bad``, a
+        NUL or an ESC went out as they were, and Go's and Node's clients refused the
+        whole answer (a balancer in front answered 502)."""
+        check_status(status, self.environ)
+        check_fields(headers)
+        return super().start_response(status, headers, exc_info)
+
     def write(self, data: bytes) -> None:
         check_body_piece(data)
         super().write(data)
@@ -522,11 +570,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # client sends next may be frames, which a kept connection would read as
             # its next request head.
             self.close_connection = True
-        if self.close_connection and self.code != 101 and \
-                not any(name.lower() == b"connection" for name, _ in self.response_headers):
+        if self.close_connection and self.code != 101:
             # pywsgi closes an HTTP/1.1 connection after the answer without saying so
             # (RFC 9112 9.6: it should): a client would take it as reusable
-            self.response_headers.append((b"Connection", b"close"))
+            self.response_headers = say_close(self.response_headers)
 
     def log_request(self) -> None:
         """Skip formatting a line nobody writes (``log=None``); else log as the base
@@ -603,6 +650,63 @@ def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
                           f"(--write-timeout)") from None
 
     return write
+
+
+def check_status(status: Any, environ: dict[str, Any] | None) -> None:
+    """PEP 3333 / RFC 9112 4: an app's status is three digits, a final answer (200 or
+    more; 1xx are the server's to send, a 101 only to a request with an Upgrade), then
+    a space and the reason, if any. Raises ValueError (TypeError: not a str) otherwise."""
+    if not isinstance(status, str):
+        return  # pywsgi's own check says so
+    code = status[:3]
+    if len(code) != 3 or not code.isdigit() or not code.isascii() or \
+            status[3:4] not in ("", " ") or code[0] == "0" or \
+            (code[0] == "1" and (code != "101" or not environ
+                                 or "HTTP_UPGRADE" not in environ)):
+        raise ValueError(f"the app's status {status[:40]!r} is not a final HTTP status "
+                         f"(three digits, 200 or more, or a 101 to an upgrade)")
+
+
+#: header field names an app gave that are tokens (check_fields)
+_FIELD_NAMES: set[str] = set()
+
+
+def say_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` saying that the connection ends after this response (RFC 9112 9.6).
+    An app's own Connection field that says otherwise (``keep-alive``: a hop-by-hop
+    field PEP 3333 leaves to the server, which gunicorn drops) gives way, with its
+    Keep-Alive: said to a client that asked for close, or to an HTTP/1.0 one, the
+    client took the connection for reusable while the server closed it."""
+    said = [value for name, value in headers if name.lower() == b"connection"]
+    if any(b"close" in value.lower() for value in said):
+        return headers
+    if said:
+        headers = [(name, value) for name, value in headers
+                   if name.lower() not in (b"connection", b"keep-alive")]
+    headers.append((b"Connection", b"close"))
+    return headers
+
+
+def check_fields(headers: Any) -> None:
+    """RFC 9110 5.1, 5.5: an app's header field names are tokens and its values hold no
+    control byte but HTAB. Raises ValueError otherwise (pywsgi checks the types)."""
+    known = _FIELD_NAMES
+    try:
+        for name, value in headers:
+            # (per response: names seen before skip the regex; a printable value, the
+            # usual one, skips it too)
+            if name not in known:
+                if not _TOKEN(name):
+                    raise ValueError(f"the app's header field name {name[:40]!r} is not a "
+                                     f"token (RFC 9110 5.1)")
+                if len(known) >= 1024:
+                    known.clear()
+                known.add(name)
+            if not value.isprintable() and _CONTROL(value):
+                raise ValueError(f"the app's header field {name[:40]}: {value[:40]!r} has a "
+                                 f"control byte (RFC 9110 5.5)")
+    except (TypeError, AttributeError):
+        return  # not a str: pywsgi's own check says so, more plainly
 
 
 def check_body_piece(data: Any) -> None:

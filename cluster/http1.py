@@ -174,6 +174,12 @@ def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
     ``buf`` then, less 3 (a blank line may have started in the bytes seen already).
     Without it, a head trickled in byte by byte is searched whole once per byte.
     """
+    # past the empty lines a request may start with (RFC 9112 2.2): two of them are no
+    # head end (nginx skips any number). The door drops them as they come (a trickle
+    # of them would be searched again on each byte).
+    first = empty_lines(buf)
+    if first > start:
+        start = first
     end = buf.find(HEAD_END, start)
     if end >= 0:
         if end > limit:
@@ -185,15 +191,22 @@ def find_head_end(buf: bytes | bytearray, limit: int, start: int = 0) -> int:
         raise RequestError(431, "request head too large")
     if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
         raise RequestError(400, "bare LF in the request head")
-    if not start:
-        first = 0  # past the empty lines a request may start with (RFC 9112 2.2)
-        while buf[first:first + 2] == CRLF:
-            first += 2
+    if start == first:
         if first < len(buf) and buf[first] not in _METHOD_BYTES:
             # Not the start of a request line: a TLS handshake sent to a plain port
             # (its first byte is 0x16) gets its 400 now, not after the header timeout.
             raise RequestError(400, "not an HTTP/1 request")
     return -1
+
+
+_EMPTY_LINES = re.compile(rb"(?:\r\n)*").match
+
+
+def empty_lines(buf: bytes | bytearray) -> int:
+    """The length of the empty lines (CRLFs) ``buf`` begins with."""
+    if buf[:2] != CRLF:
+        return 0
+    return _EMPTY_LINES(buf).end()  # type: ignore[union-attr]
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -217,8 +230,8 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
 
     Raises RequestError with the status to answer.
     """
-    while head[:2] == CRLF:  # RFC 9112 2.2: ignore empty lines before the request line
-        head = head[2:]
+    if head[:2] == CRLF:  # RFC 9112 2.2: ignore empty lines before the request line
+        head = head[empty_lines(head):]
     eol = head.find(CRLF)
     line, block = (head, b"") if eol < 0 else (head[:eol], head[eol:])
     if len(line) > limits.request_line:

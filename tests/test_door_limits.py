@@ -370,6 +370,28 @@ def test_a_chunk_size_line_without_digits_is_a_prompt_400_and_the_end(
     assert closed and [r.status for r in responses] == [400], (responses, closed)
 
 
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_a_chunk_size_past_2_63_is_a_prompt_400_and_a_large_one_is_read_as_it_comes(
+        request: pytest.FixtureRequest, where: str) -> None:
+    """Under cluster.wrap() pywsgi read a chunk's data with one read of its whole size:
+    a one-line request with a size of ``ffffffffff`` was a MemoryError in the app (a
+    traceback and a 500), one past ``sys.maxsize`` an OverflowError. The door refused
+    sizes past 2**63 - 1 (400) and read the rest as the bytes came; so does the
+    library now: a client that sends 3 bytes of a 1 TB chunk and leaves gets no 500."""
+    door = request.getfixturevalue(where)
+    start = b"POST /read-or-400 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    responses, closed = exchange(door.port, start + b"ffffffffffffffff\r\nabc\r\n0\r\n\r\n"
+                                 + FOLLOW_UP, timeout=CLOSE_WAIT)
+    assert closed and [r.status for r in responses] == [400], (responses, closed)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+        sock.sendall(start + b"ffffffffff\r\nabc")
+        sock.shutdown(socket.SHUT_WR)  # and leaves
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert closed and not data.startswith(b"HTTP/1.1 500"), data[:300]
+    responses, _ = exchange(door.port, FOLLOW_UP)
+    assert [r.status for r in responses] == [200], responses
+
+
 def test_an_answer_to_a_body_the_doors_scanner_refused_says_the_connection_ends(
         local: Door) -> None:
     """A control byte in a chunk extension: pywsgi skips extensions unread, the door's
@@ -467,6 +489,24 @@ def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(door: Door)
     responses, rest = parse_responses(data)
     assert [(r.status, r.body) for r in responses] == [(200, b"hello")] and rest == b"", data
     assert responses[0].header("content-length") is None, data
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /says-keep-alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /says-keep-alive HTTP/1.0\r\n\r\n"], ids=["close", "http-1.0"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_a_connection_that_ends_says_so_whatever_the_app_said(
+        request: pytest.FixtureRequest, where: str, raw: bytes) -> None:
+    """RFC 9112 9.6: the answer on a connection that ends says ``Connection: close``.
+    An app's own ``Connection: keep-alive`` (hop-by-hop: PEP 3333 leaves it to the
+    server, gunicorn drops it) went out as it was, to a client that asked for close or
+    an HTTP/1.0 one, and the connection was closed: the client took it for reusable."""
+    door = request.getfixturevalue(where)
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    assert [r.status for r in responses] == [200] and closed, responses
+    said = [value.lower() for name, value in responses[0].headers if name == "connection"]
+    assert said == ["close"], responses[0].headers
+    assert responses[0].header("keep-alive") is None, responses[0].headers
 
 
 def test_pipelined_requests_are_answered_in_order(door: Door) -> None:
@@ -1129,3 +1169,99 @@ def test_connect_under_cluster_wrap_is_refused_as_at_the_door(library: Door) -> 
     responses, closed = exchange(library.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
     assert [r.status for r in responses] == [501] and closed, (responses, closed)
     assert responses[0].header("connection") == "close", responses[0].headers
+
+
+
+def test_an_app_status_or_field_http_cannot_carry_is_a_prompt_500(store: str) -> None:
+    """An app's ``"103 X"`` (or 100, 199, or a 101 to a request that asked no upgrade)
+    went out as it was, with the body after it: curl, Go's client and a balancer in
+    front took it for an interim answer and waited for the final one (the balancer for
+    its 300 s read timeout). ``"20 X"`` and ``"2000 X"`` went out as status lines clients
+    refuse. So did a header field name that is no token (``X Bad``) or a value with a
+    NUL or an ESC (Node's client: "Parse Error: Invalid header token"). Each is the
+    app's error now, as under gunicorn's own workers: a whole 500, at once, served here,
+    through a balancer, and under cluster.wrap()."""
+    member, member_port = start_instance(store, "statuses", service="doorstatuses")
+    procs = [member]
+    try:
+        front, front_port = start_serve("--ui-service", "doorstatuses", *PATIENT,
+                                        name="statusfront",
+                                        env={"CLUSTER_DISCOVERY_URL": store})
+        procs.append(front)
+        library, library_port = start_library_app(
+            {"CLUSTER_DISCOVERY_URL": store, "BACKEND_NAME": "library",
+             "CLUSTER_SERVICE": "doorstatuslib"}, "backend:app")
+        procs.append(library)
+        wait_front_sees(front_port, "doorstatuses")
+        targets = [b"/status/%d" % code for code in (100, 103, 199, 101, 20, 2000)] + \
+            [b"/bad-field?kind=" + kind for kind in (b"space", b"colon", b"nul", b"esc")]
+        for port in (member_port, front_port, library_port):
+            for target in targets:
+                raw = b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target
+                started = time.monotonic()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(raw + FOLLOW_UP)
+                    data, closed = read_until_close(sock, CLOSE_WAIT)
+                assert data.startswith(b"HTTP/1.1 500 "), (port, target, data[:300])
+                responses, rest = parse_responses(data)
+                # the next request answered, or the connection closed after the 500
+                assert [r.status for r in responses] in ([500], [500, 200]), data[:500]
+                assert rest == b"" and closed, data[:500]
+                assert time.monotonic() - started < CLOSE_WAIT
+            # a real status still goes out as the app gave it
+            responses, _ = exchange(port, b"GET /status/599 HTTP/1.1\r\nHost: a\r\n"
+                                          b"Connection: close\r\n\r\n")
+            assert [r.status for r in responses] == [599], responses
+    finally:
+        alive = [p.poll() is None for p in procs]
+        for proc in procs:
+            proc.stop()
+    assert all(alive)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_empty_lines_trickled_in_cost_the_door_no_search_each(store: str) -> None:
+    """Empty lines before a request line, sent two bytes at a time, are dropped as they
+    come (still counted in the head's size): kept in the buffer, each new byte searched
+    them all again (12 000 bytes of them: seconds of the door's CPU, quadratic in their
+    number)."""
+    proc, port = start_serve("--service", "doorcrlf", "--app", "backend:app", *PATIENT,
+                             name="crlf", env={"CLUSTER_DISCOVERY_URL": store,
+                                               "BACKEND_NAME": "crlf"})
+    try:
+        before = cpu_seconds(proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(6000):
+                sock.send(b"\r\n")
+                time.sleep(0.0002)  # the door reads them a few at a time
+            sock.sendall(FOLLOW_UP)
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        assert data.startswith(b"HTTP/1.1 200 ") and closed, data[:300]
+        assert cpu_seconds(proc.pid) - before < 1.0
+        # and more of them than a head may hold are a 431, as a head that large is
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(20):
+                sock.sendall(b"\r\n" * 2000)
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        assert data.startswith(b"HTTP/1.1 431 ") and closed, data[:300]
+    finally:
+        stop_clean(proc)
+
+
+def test_empty_lines_after_a_body_do_not_end_the_connection(door: Door) -> None:
+    """RFC 9112 2.2: empty lines before a request line are ignored. A client that ends a
+    body with an extra CRLF CRLF (old browsers after a POST) got a 400 and a close for
+    its next request: two empty lines were taken for an empty head. nginx serves both."""
+    raw = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc"
+           b"\r\n\r\n" + FOLLOW_UP)
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    assert [(r.status, r.body) for r in responses] == [(200, b"abc"), (200, door.name.encode())], \
+        responses
+    assert closed

@@ -543,6 +543,9 @@ SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
     "/garbage": lambda c: c.sendall(b"SPDY/9 what\r\n\r\n"),
+    # an app's "103 X" sent as its final answer (pywsgi did), the connection kept
+    "/interim-then-body": lambda c: c.sendall(
+        b"HTTP/1.1 103 X\r\nContent-Length: 10\r\n\r\nstatus 103") or True,
     "/closed": lambda c: None,
     "/http09": lambda c: c.sendall(b"<p>nine</p>"),
     "/cut-length": lambda c: c.sendall(
@@ -643,6 +646,16 @@ def test_garbled_or_closed_exchange_is_502(scripted, path: str) -> None:
     as the content itself (the client's TE is not passed on: no coding was asked for)."""
     resp = get(f"{scripted[2]}{path}")
     assert resp.status_code == 502
+
+
+def test_bytes_that_begin_no_status_line_are_a_prompt_502_through_the_forwarder(
+        scripted) -> None:
+    """A body after an interim answer, on a kept connection: the forwarder waited for
+    a head until its read timeout (300 s here), the client with it."""
+    started = time.monotonic()
+    resp = get(f"{scripted[2]}/interim-then-body", timeout=10)
+    assert resp.status_code == 502 and "b'status 103'" in resp.text, resp.text
+    assert time.monotonic() - started < 2
 
 
 def test_an_answer_with_no_head_says_what_came_through_the_forwarder(scripted) -> None:
@@ -788,6 +801,10 @@ DOOR_SCRIPTS: dict[str, Callable[[socket.socket], bool | None]] = {
     "/bare-cr": _answer(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\nok"),
     "/obs-fold": _answer(b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok"),
     "/status-99": _answer(b"HTTP/1.1 99 X\r\nContent-Length: 2\r\n\r\nok"),
+    # an app's "103 X" sent as its final answer (pywsgi did), the connection kept
+    "/interim-then-body": _answer(b"HTTP/1.1 103 X\r\nContent-Type: text/plain\r\n"
+                                  b"Content-Length: 10\r\n\r\nstatus 103"),
+    "/not-http-kept": _answer(b"<html>no status line</html>"),
     "/status-1000": _answer(b"HTTP/1.1 1000 X\r\nContent-Length: 2\r\n\r\nok"),
     "/status-abc": _answer(b"HTTP/1.1 abc X\r\nContent-Length: 2\r\n\r\nok"),
     "/chunk-overflow": _answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -881,7 +898,8 @@ def scripted_door(tmp_path_factory: pytest.TempPathFactory
     "/switch-kept", "/garbled-chunk", "/gzip-chunked", "/gzip-only", "/chunked-twice",
     "/length-twice", "/length-list", "/length-plus", "/length-hex", "/length-empty", "/nul",
     "/bare-cr", "/obs-fold", "/status-99", "/status-1000", "/status-abc", "/chunk-overflow",
-    "/huge-head", "/many-fields", "/endless-interim", "/closed"])
+    "/huge-head", "/many-fields", "/endless-interim", "/closed", "/interim-then-body",
+    "/not-http-kept"])
 def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> None:
     """A 101 nobody asked for is not an interim answer to wait past (RFC 9110 15.2.2),
     and a chunked body garbled from its first byte is the endpoint's fault: 502 at
@@ -892,6 +910,8 @@ def test_an_endpoints_wrong_answer_is_a_prompt_502(scripted_door, path: str) -> 
     field parser could read two ways (NUL, bare CR, obs-fold), a status outside three
     digits, a head past 64 KiB or with thousands of fields, and interim answers that
     never end: each with the balancer's memory unchanged, and the next request served.
+    So are bytes that cannot begin a status line, after an interim answer or instead of
+    any, on a kept connection (the balancer waited for a head until its read timeout).
     So is a connection closed unanswered when no other endpoint is left to replay on
     (it was a 503 "no live endpoint", although the endpoint was up)."""
     proc, port, _ = scripted_door

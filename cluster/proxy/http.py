@@ -77,7 +77,14 @@ from cluster.http1 import (
     response_framing,
 )
 from cluster.proxy.attempts import closes_new
-from cluster.proxy.relay import Forwarding, closed_before_head, open_after_stale, request_head
+from cluster.proxy.relay import (
+    Forwarding,
+    closed_before_head,
+    no_status_line,
+    not_http,
+    open_after_stale,
+    request_head,
+)
 from cluster.proxy.upstream import Connection, Pool
 from cluster.trust import peer_address
 
@@ -351,6 +358,8 @@ class HttpForwarder:
                 if len(buf) > MAX_HEAD:
                     raise misbehaving(UpstreamBroken(
                         url, f"response head larger than {MAX_HEAD} bytes"))
+                if no_status_line(buf):
+                    raise misbehaving(UpstreamBroken(url, not_http(buf)))
                 try:
                     data = sock.recv(RECV_SIZE)
                 except stdsocket.timeout as exc:

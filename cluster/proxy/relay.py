@@ -337,6 +337,8 @@ class Exchange:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     raise misbehaving(UpstreamBroken(self.url,
                                                      "response head larger than 64 KiB"))
+                if no_status_line(buf):
+                    raise misbehaving(UpstreamBroken(self.url, not_http(buf)))
                 try:
                     data = reader.recv(size)
                 except OSError as exc:
@@ -732,6 +734,23 @@ def _after_others() -> None:
 
 class _Stale(Exception):
     """A reused connection was found closed before any response byte: resend fresh."""
+
+
+#: what every response head starts with (cluster.http1: HTTP/1.0 or HTTP/1.1)
+_STATUS_START = b"HTTP/1."
+
+
+def no_status_line(buf: bytes) -> bool:
+    """True when ``buf``, where a response head is to start, cannot begin one (a body
+    sent after a 1xx, as by an app whose final status was "103"): a 502 at once. Waited
+    for, the head never came on a kept connection, and the client had a 504 after the
+    read timeout (nginx refuses a bad status line as it comes)."""
+    return buf[:7] != _STATUS_START[:len(buf)]
+
+
+def not_http(buf: bytes) -> str:
+    """Why an answer that :func:`no_status_line` refused is refused, saying what came."""
+    return f"not an HTTP/1 answer, after {len(buf)} bytes and no response head: {buf[:40]!r}"
 
 
 def closed_before_head(buf: bytes) -> str:

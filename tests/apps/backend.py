@@ -152,6 +152,15 @@ def app(environ, start_response):
         said, sent = int(query["said"]), int(query["sent"])
         start_response("200 OK", [("Content-Length", str(said)), ("X-Served-By", NAME)])
         return [b"x" * sent]
+    if path == "/bad-field":  # an app bug: a header field HTTP cannot carry
+        name, value = {"space": ("X Bad", "v"), "colon": ("X:Bad", "v"),
+                       "nul": ("X-Bad", "a\x00b"), "esc": ("X-Bad", "a\x1bb")}[query["kind"]]
+        start_response("200 OK", [(name, value), ("Content-Length", "2")])
+        return [b"ok"]
+    if path == "/says-keep-alive":  # an app bug: a hop-by-hop field (PEP 3333)
+        start_response("200 OK", [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"),
+                                  ("Content-Length", "2")])
+        return [b"ok"]
     if path == "/no-start-response":  # an app bug: a body, and never start_response
         return [b"never started"]
     if path == "/str-body":  # an app bug: a str where PEP 3333 wants bytes
