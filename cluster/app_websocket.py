@@ -17,7 +17,11 @@ that class
   up, and a reason cut in the middle of a character, refuses 1012-1014 (registered
   since: service restart, try again later, bad gateway);
 - ends the TCP connection with bytes of the client unread: the kernel sends a reset,
-  which can overtake the close frame (node's ws reports 1006, not the code).
+  which can overtake the close frame (node's ws reports 1006, not the code);
+- lets any greenlet write a frame while another one's waits for a slow client: the
+  second lands in the middle of the first (the door's 1001 at a stop, a drain or a
+  rebalance, an app's ``close()`` or ``send()`` from another greenlet), or raises
+  gevent's ConcurrentObjectUseError.
 
 Here unmasking is one XOR of two big integers and text is decoded by CPython's UTF-8
 decoder (both in C) as it arrives, which is its check; a message past
@@ -25,15 +29,18 @@ decoder (both in C) as it arrives, which is its check; a message past
 unmasked frame or a length with its top bit set closes it with 1002, close frames carry
 their code and are checked as Autobahn's testsuite expects, and after the close frame
 our side of the connection ends (FIN) at once while :func:`cluster.netio.linger` reads what the
-client still sends (the door calls it when the app returns).
+client still sends (the door calls it when the app returns), and frames are written one
+at a time, whole, in the order they were asked for (:class:`FrameWriter`).
 """
 
 from __future__ import annotations
 
 import codecs
 import socket
+from collections import deque
 from typing import Any, Callable
 
+from gevent.event import Event
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
@@ -320,6 +327,47 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 setattr(self, name, value)
 
 
+class FrameWriter:
+    """The socket's write as a WebSocket uses it: one frame at a time, whole, in the
+    order greenlets asked (gevent-websocket writes each frame with one call). A frame
+    waiting for a slow client had another greenlet's written into its middle: the
+    client read its bytes as payload, then a frame cut short (1006, not the 1001 of a
+    stop). First come, first served: gevent's locks let the greenlet that releases one
+    take it again at once, so an app sending without pause kept the door's 1001 out."""
+
+    __slots__ = ("write", "busy", "_waiting")
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self.busy = False  # a frame is being written
+        self._waiting: deque[Event] = deque()  # greenlets waiting their turn
+
+    def __call__(self, data: bytes) -> None:
+        if self.busy:
+            turn = Event()
+            self._waiting.append(turn)
+            try:
+                turn.wait()
+            except BaseException:  # killed (a stop's end) or timed out while waiting
+                if turn.is_set():
+                    self._next()  # it was handed the turn: pass it on
+                else:
+                    self._waiting.remove(turn)
+                raise
+        else:
+            self.busy = True
+        try:
+            self.write(data)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().set()  # still busy: the turn is handed over
+        else:
+            self.busy = False
+
+
 #: how long a WebSocket whose closing handshake is complete lingers (what the client
 #: sent just before its close frame may still be on the way)
 AFTER_CLOSE_SECONDS = 0.25
@@ -346,9 +394,9 @@ def adopt(websocket: Any, max_message: int,
     ``write`` replaces its socket's ``sendall`` (the door's bounded send: a client that
     stops reading is let go after --write-timeout, and the app's ``send()`` raises
     gevent-websocket's WebSocketError, instead of blocking for as long as the client
-    keeps the connection)."""
+    keeps the connection). Either is used through a :class:`FrameWriter`."""
     if type(websocket) is WebSocket:
         websocket.__class__ = AppWebSocket
         websocket.utf8validator = MessageCheck(max_message)
-        if write is not None:
-            websocket.raw_write = write
+        websocket.raw_write = FrameWriter(write if write is not None
+                                          else websocket.raw_write)
