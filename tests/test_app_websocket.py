@@ -21,11 +21,19 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
+import gevent
+import gevent.socket
 import pytest
 from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
-from cluster.app_websocket import PIECE, MessageCheck, unmask, unmask_cooperatively
+from cluster.app_websocket import (
+    PIECE,
+    FrameWriter,
+    MessageCheck,
+    unmask,
+    unmask_cooperatively,
+)
 from helpers import read_until_close, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of, view
 
@@ -104,6 +112,50 @@ def test_message_check_counts_a_message_over_its_frames() -> None:
     check.admit(_header(TEXT, 100))  # a new message starts the count again
     with pytest.raises(Exception, match="limit 100"):
         check.admit(_header(BINARY, 2 ** 63 - 1))
+
+
+def test_frame_writer_takes_turns_first_come_first_served() -> None:
+    """Frames of several greenlets to a slow reader go out whole and in the order they
+    were asked for: a close asked for while a greenlet sends without pause comes after
+    the frame being written, not after all of that greenlet's frames (gevent's locks let
+    the greenlet that releases one take it straight back) and not in its middle."""
+    ours, theirs = gevent.socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer = FrameWriter(ours.sendall)
+    data = [b"\x82\x7f" + struct.pack("!Q", 65536) + bytes([i]) * 65536 for i in range(20)]
+    closing = b"\x88\x02\x03\xe9"
+
+    started = []  # frames the sender began to write
+    asked = []  # how many it had begun when the close was asked for
+
+    def sender() -> None:
+        for piece in data:
+            started.append(piece)
+            writer(piece)
+
+    def closer() -> None:
+        gevent.sleep(0.05)  # the sender waits in the middle of a frame by then
+        asked.append(len(started))
+        writer(closing)
+
+    greenlets = [gevent.spawn(sender), gevent.spawn(closer)]
+    received = b""
+    with gevent.Timeout(10):
+        while len(received) < sum(map(len, data)) + len(closing):
+            gevent.sleep(0.001)
+            received += theirs.recv(8192)
+    gevent.joinall(greenlets, raise_error=True)
+    ours.close()
+    theirs.close()
+    frames = []
+    while received:
+        size, at = (2, 2) if received[:1] == b"\x88" else (65536, 10)
+        frames.append(received[:at + size])
+        received = received[at + size:]
+    assert 0 < asked[0] < len(data)
+    assert frames.index(closing) == asked[0], [f[:2] for f in frames]
+    assert [f for f in frames if f != closing] == data
 
 
 # --- e2e: two `cluster serve` instances of the gevent-websocket echo app ---------------
