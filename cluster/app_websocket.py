@@ -18,6 +18,10 @@ that class
   since: service restart, try again later, bad gateway);
 - ends the TCP connection with bytes of the client unread: the kernel sends a reset,
   which can overtake the close frame (node's ws reports 1006, not the code);
+- reads frames for as long as the client's bytes are there: under a WSGIServer of
+  one's own (pywsgi's buffered socket file, which never waits while it has bytes), a
+  client sending empty frames without pause held the process, and every other client
+  of it, for as long as it went on;
 - lets any greenlet write a frame while another one's waits for a slow client: the
   second lands in the middle of the first (the door's 1001 at a stop, a drain or a
   rebalance, an app's ``close()`` or ``send()`` from another greenlet), or raises
@@ -29,8 +33,10 @@ decoder (both in C) as it arrives, which is its check; a message past
 unmasked frame or a length with its top bit set closes it with 1002, close frames carry
 their code and are checked as Autobahn's testsuite expects, and after the close frame
 our side of the connection ends (FIN) at once while :func:`cluster.netio.linger` reads what the
-client still sends (the door calls it when the app returns), and frames are written one
-at a time, whole, in the order they were asked for (:class:`FrameWriter`).
+client still sends (the door calls it when the app returns), a socket reading frames
+without a wait lets the process's other connections have a turn every few milliseconds
+(as the door's reader does), and frames are written one at a time, whole, in the order
+they were asked for (:class:`FrameWriter`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from gevent.event import Event
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
-from cluster.netio import let_others_run, linger
+from cluster.netio import Turns, let_others_run, linger
 
 #: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
@@ -101,10 +107,13 @@ class MessageCheck:
     order of its frames, its size against the limit, text or not), and decodes text
     incrementally with CPython's decoder, which is the UTF-8 check."""
 
-    __slots__ = ("limit", "size", "text", "open", "parts", "_decoder", "_total")
+    __slots__ = ("limit", "size", "text", "open", "parts", "turns", "_decoder", "_total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        #: gives the process's other connections a turn between frames read without a
+        #: wait; None when the socket's reader does so itself (the door's)
+        self.turns: Turns | None = None
         self.size = 0  # bytes of the message being read, announced so far
         self.text = False  # the message being read is text
         self.open = False  # a message was started and not finished (FIN) yet
@@ -180,6 +189,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
 
     def _read_frame(self, keep_text: bool) -> tuple[Header, bytes | bytearray]:
         header = Header.decode_header(self.stream)
+        turns = self.utf8validator.turns
+        if turns is not None:  # frames sent without pause: the others' turn now and then
+            turns.check()
         if self.closed:  # by another greenlet while this one waited (its reads are gone)
             raise WebSocketError(MSG_ALREADY_CLOSED)
         if header.flags:
@@ -398,5 +410,7 @@ def adopt(websocket: Any, max_message: int,
     if type(websocket) is WebSocket:
         websocket.__class__ = AppWebSocket
         websocket.utf8validator = MessageCheck(max_message)
+        if not hasattr(websocket.handler.rfile, "turns"):  # not the door's reader
+            websocket.utf8validator.turns = Turns()
         websocket.raw_write = FrameWriter(write if write is not None
                                           else websocket.raw_write)

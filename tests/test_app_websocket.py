@@ -18,12 +18,16 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import gevent
 import gevent.socket
 import pytest
+import requests
+import websocket
 from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
@@ -34,7 +38,7 @@ from cluster.app_websocket import (
     unmask,
     unmask_cooperatively,
 )
-from helpers import read_until_close, start_serve
+from helpers import read_until_close, start_library_app, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of, view
 
 LIMIT = 65536
@@ -347,3 +351,52 @@ def test_a_16_mib_message_is_echoed_whole_under_the_default_limit(tmp_path: Path
         alive = proc.poll() is None
         proc.stop()
     assert alive and "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["cluster-serve", "cluster.wrap"])
+def test_a_flood_of_empty_frames_does_not_hold_the_process(sqlite_url: str,
+                                                           wrapped: bool) -> None:
+    """A client sends frames faster than the app reads them: empty continuation frames,
+    which grow no message and get no answer. The process's other clients are served
+    meanwhile. Under cluster.wrap() the socket reads from pywsgi's buffered file, which
+    never waits while bytes are there: the process answered nobody else for as long as
+    the flood lasted (the front door's reader gives the others a turn)."""
+    env = {"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "a"}
+    if wrapped:
+        proc, port = start_library_app({**env, "CLUSTER_SERVICE": "flood"}, "gws_echo:app",
+                                       name="flood-wrapped")
+    else:
+        proc, port = start_serve("--service", "flood", "--app", "gws_echo:app", env=env,
+                                 name="flood")
+    flood = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stop = threading.Event()
+
+    def pump() -> None:
+        blob = frame(CONTINUATION, b"", fin=False) * 20000
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                flood.sendall(blob)
+
+    pumping = threading.Thread(target=pump, daemon=True)
+    try:
+        flood.sendall(b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert flood.recv(4096).startswith(b"HTTP/1.1 101 ")
+        flood.sendall(frame(TEXT, b"x", fin=False))  # a message that never ends
+        pumping.start()
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert requests.get(f"http://127.0.0.1:{port}/whoami", timeout=5).text == "a"
+        other = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=5)
+        other.send("still here")
+        assert other.recv() == "still here"
+        other.close()
+        assert time.monotonic() - began < 3
+        assert pumping.is_alive()  # the flood went on all the while
+    finally:
+        stop.set()
+        flood.close()
+        pumping.join(10)
+        proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()[-3000:]
