@@ -17,7 +17,15 @@ that class
   up, and a reason cut in the middle of a character, refuses 1012-1014 (registered
   since: service restart, try again later, bad gateway);
 - ends the TCP connection with bytes of the client unread: the kernel sends a reset,
-  which can overtake the close frame (node's ws reports 1006, not the code).
+  which can overtake the close frame (node's ws reports 1006, not the code);
+- reads frames for as long as the client's bytes are there: under a WSGIServer of
+  one's own (pywsgi's buffered socket file, which never waits while it has bytes), a
+  client sending empty frames without pause held the process, and every other client
+  of it, for as long as it went on;
+- lets any greenlet write a frame while another one's waits for a slow client: the
+  second lands in the middle of the first (the door's 1001 at a stop, a drain or a
+  rebalance, an app's ``close()`` or ``send()`` from another greenlet), or raises
+  gevent's ConcurrentObjectUseError.
 
 Here unmasking is one XOR of two big integers and text is decoded by CPython's UTF-8
 decoder (both in C) as it arrives, which is its check; a message past
@@ -25,19 +33,24 @@ decoder (both in C) as it arrives, which is its check; a message past
 unmasked frame or a length with its top bit set closes it with 1002, close frames carry
 their code and are checked as Autobahn's testsuite expects, and after the close frame
 our side of the connection ends (FIN) at once while :func:`cluster.netio.linger` reads what the
-client still sends (the door calls it when the app returns).
+client still sends (the door calls it when the app returns), a socket reading frames
+without a wait lets the process's other connections have a turn every few milliseconds
+(as the door's reader does), and frames are written one at a time, whole, in the order
+they were asked for (:class:`FrameWriter`).
 """
 
 from __future__ import annotations
 
 import codecs
 import socket
+from collections import deque
 from typing import Any, Callable
 
+from gevent.event import Event
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import MSG_ALREADY_CLOSED, Header, WebSocket
 
-from cluster.netio import let_others_run, linger
+from cluster.netio import Turns, let_others_run, linger
 
 #: close codes no endpoint may put in a close frame (RFC 6455 7.4.1)
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
@@ -94,10 +107,13 @@ class MessageCheck:
     order of its frames, its size against the limit, text or not), and decodes text
     incrementally with CPython's decoder, which is the UTF-8 check."""
 
-    __slots__ = ("limit", "size", "text", "open", "parts", "_decoder", "_total")
+    __slots__ = ("limit", "size", "text", "open", "parts", "turns", "_decoder", "_total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        #: gives the process's other connections a turn between frames read without a
+        #: wait; None when the socket's reader does so itself (the door's)
+        self.turns: Turns | None = None
         self.size = 0  # bytes of the message being read, announced so far
         self.text = False  # the message being read is text
         self.open = False  # a message was started and not finished (FIN) yet
@@ -173,6 +189,9 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
 
     def _read_frame(self, keep_text: bool) -> tuple[Header, bytes | bytearray]:
         header = Header.decode_header(self.stream)
+        turns = self.utf8validator.turns
+        if turns is not None:  # frames sent without pause: the others' turn now and then
+            turns.check()
         if self.closed:  # by another greenlet while this one waited (its reads are gone)
             raise WebSocketError(MSG_ALREADY_CLOSED)
         if header.flags:
@@ -320,6 +339,47 @@ class AppWebSocket(WebSocket):  # type: ignore[misc]
                 setattr(self, name, value)
 
 
+class FrameWriter:
+    """The socket's write as a WebSocket uses it: one frame at a time, whole, in the
+    order greenlets asked (gevent-websocket writes each frame with one call). A frame
+    waiting for a slow client had another greenlet's written into its middle: the
+    client read its bytes as payload, then a frame cut short (1006, not the 1001 of a
+    stop). First come, first served: gevent's locks let the greenlet that releases one
+    take it again at once, so an app sending without pause kept the door's 1001 out."""
+
+    __slots__ = ("write", "busy", "_waiting")
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self.busy = False  # a frame is being written
+        self._waiting: deque[Event] = deque()  # greenlets waiting their turn
+
+    def __call__(self, data: bytes) -> None:
+        if self.busy:
+            turn = Event()
+            self._waiting.append(turn)
+            try:
+                turn.wait()
+            except BaseException:  # killed (a stop's end) or timed out while waiting
+                if turn.is_set():
+                    self._next()  # it was handed the turn: pass it on
+                else:
+                    self._waiting.remove(turn)
+                raise
+        else:
+            self.busy = True
+        try:
+            self.write(data)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().set()  # still busy: the turn is handed over
+        else:
+            self.busy = False
+
+
 #: how long a WebSocket whose closing handshake is complete lingers (what the client
 #: sent just before its close frame may still be on the way)
 AFTER_CLOSE_SECONDS = 0.25
@@ -346,9 +406,11 @@ def adopt(websocket: Any, max_message: int,
     ``write`` replaces its socket's ``sendall`` (the door's bounded send: a client that
     stops reading is let go after --write-timeout, and the app's ``send()`` raises
     gevent-websocket's WebSocketError, instead of blocking for as long as the client
-    keeps the connection)."""
+    keeps the connection). Either is used through a :class:`FrameWriter`."""
     if type(websocket) is WebSocket:
         websocket.__class__ = AppWebSocket
         websocket.utf8validator = MessageCheck(max_message)
-        if write is not None:
-            websocket.raw_write = write
+        if not hasattr(websocket.handler.rfile, "turns"):  # not the door's reader
+            websocket.utf8validator.turns = Turns()
+        websocket.raw_write = FrameWriter(write if write is not None
+                                          else websocket.raw_write)

@@ -1013,6 +1013,15 @@ class _LocalWebSocket:
         self.conn = conn
 
     def going_away(self) -> None:
+        if getattr(self.websocket.raw_write, "busy", False):
+            # The app's frame is on its way to a slow client: the close frame follows
+            # it (app_websocket.FrameWriter), from a greenlet of its own, so the stop (a
+            # drain, rebalancing) is not held by this client meanwhile.
+            gevent.spawn(self._close_frame)
+        else:
+            self._close_frame()
+
+    def _close_frame(self) -> None:
         # gevent-websocket's close() drops the status code: send the frame ourselves.
         try:
             self.websocket.send_frame(b"\x03\xe9server going away",

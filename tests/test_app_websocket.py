@@ -18,15 +18,27 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
+import gevent
+import gevent.socket
 import pytest
+import requests
+import websocket
 from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 
-from cluster.app_websocket import PIECE, MessageCheck, unmask, unmask_cooperatively
-from helpers import read_until_close, start_serve
+from cluster.app_websocket import (
+    PIECE,
+    FrameWriter,
+    MessageCheck,
+    unmask,
+    unmask_cooperatively,
+)
+from helpers import read_until_close, start_library_app, start_serve
 from test_local_websocket_e2e import Cluster, cluster_of, view
 
 LIMIT = 65536
@@ -104,6 +116,50 @@ def test_message_check_counts_a_message_over_its_frames() -> None:
     check.admit(_header(TEXT, 100))  # a new message starts the count again
     with pytest.raises(Exception, match="limit 100"):
         check.admit(_header(BINARY, 2 ** 63 - 1))
+
+
+def test_frame_writer_takes_turns_first_come_first_served() -> None:
+    """Frames of several greenlets to a slow reader go out whole and in the order they
+    were asked for: a close asked for while a greenlet sends without pause comes after
+    the frame being written, not after all of that greenlet's frames (gevent's locks let
+    the greenlet that releases one take it straight back) and not in its middle."""
+    ours, theirs = gevent.socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer = FrameWriter(ours.sendall)
+    data = [b"\x82\x7f" + struct.pack("!Q", 65536) + bytes([i]) * 65536 for i in range(20)]
+    closing = b"\x88\x02\x03\xe9"
+
+    started = []  # frames the sender began to write
+    asked = []  # how many it had begun when the close was asked for
+
+    def sender() -> None:
+        for piece in data:
+            started.append(piece)
+            writer(piece)
+
+    def closer() -> None:
+        gevent.sleep(0.05)  # the sender waits in the middle of a frame by then
+        asked.append(len(started))
+        writer(closing)
+
+    greenlets = [gevent.spawn(sender), gevent.spawn(closer)]
+    received = b""
+    with gevent.Timeout(10):
+        while len(received) < sum(map(len, data)) + len(closing):
+            gevent.sleep(0.001)
+            received += theirs.recv(8192)
+    gevent.joinall(greenlets, raise_error=True)
+    ours.close()
+    theirs.close()
+    frames = []
+    while received:
+        size, at = (2, 2) if received[:1] == b"\x88" else (65536, 10)
+        frames.append(received[:at + size])
+        received = received[at + size:]
+    assert 0 < asked[0] < len(data)
+    assert frames.index(closing) == asked[0], [f[:2] for f in frames]
+    assert [f for f in frames if f != closing] == data
 
 
 # --- e2e: two `cluster serve` instances of the gevent-websocket echo app ---------------
@@ -295,3 +351,52 @@ def test_a_16_mib_message_is_echoed_whole_under_the_default_limit(tmp_path: Path
         alive = proc.poll() is None
         proc.stop()
     assert alive and "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["cluster-serve", "cluster.wrap"])
+def test_a_flood_of_empty_frames_does_not_hold_the_process(sqlite_url: str,
+                                                           wrapped: bool) -> None:
+    """A client sends frames faster than the app reads them: empty continuation frames,
+    which grow no message and get no answer. The process's other clients are served
+    meanwhile. Under cluster.wrap() the socket reads from pywsgi's buffered file, which
+    never waits while bytes are there: the process answered nobody else for as long as
+    the flood lasted (the front door's reader gives the others a turn)."""
+    env = {"CLUSTER_DISCOVERY_URL": sqlite_url, "BACKEND_NAME": "a"}
+    if wrapped:
+        proc, port = start_library_app({**env, "CLUSTER_SERVICE": "flood"}, "gws_echo:app",
+                                       name="flood-wrapped")
+    else:
+        proc, port = start_serve("--service", "flood", "--app", "gws_echo:app", env=env,
+                                 name="flood")
+    flood = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stop = threading.Event()
+
+    def pump() -> None:
+        blob = frame(CONTINUATION, b"", fin=False) * 20000
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                flood.sendall(blob)
+
+    pumping = threading.Thread(target=pump, daemon=True)
+    try:
+        flood.sendall(b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert flood.recv(4096).startswith(b"HTTP/1.1 101 ")
+        flood.sendall(frame(TEXT, b"x", fin=False))  # a message that never ends
+        pumping.start()
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert requests.get(f"http://127.0.0.1:{port}/whoami", timeout=5).text == "a"
+        other = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=5)
+        other.send("still here")
+        assert other.recv() == "still here"
+        other.close()
+        assert time.monotonic() - began < 3
+        assert pumping.is_alive()  # the flood went on all the while
+    finally:
+        stop.set()
+        flood.close()
+        pumping.join(10)
+        proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()[-3000:]

@@ -184,3 +184,51 @@ def test_a_local_sockets_1001_ends_in_a_clean_closing_handshake(tmp_path: Path) 
     finally:
         local.stop()
     assert "Traceback" not in local.output(), local.output()
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's (unmasked) frames in ``data`` as (opcode, payload); a frame cut
+    short by the end of ``data`` comes last, with what arrived of it."""
+    frames = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((data[0] & 0x0F, data[at:at + size]))
+        data = data[at + size:]
+    return frames
+
+
+def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Path) -> None:
+    """A stop (a drain, rebalancing) closes a socket whose app is in the middle of
+    sending a message to a client that reads slowly: the close frame comes after that
+    message, whole. It was written at once, into the middle of the message's payload:
+    the client read the close frame's bytes as data, then the end of the connection in
+    the middle of a frame (1006, not the 1001 that asks it to reconnect)."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    local, port = start_serve("--ping-interval", "1", "--service", "web",
+                              "--app", "ws_sender:app",
+                              env={"CLUSTER_DISCOVERY_URL": discovery}, name="sender")
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(_raw_upgrade("/"))
+            head, _, data = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            time.sleep(0.5)  # reads nothing: the app's send waits in a 64 KiB message
+            local.signal(signal.SIGTERM)
+            wait_until(lambda: "closed 1 WebSockets with 1001" in local.output(),
+                       timeout=TIMEOUT, what="the stop to close the WebSocket")
+            data += _read_until(sock, b"no marker: until the end")
+        *messages, last = _frames(data)
+        assert messages
+        for opcode, payload in messages:
+            assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])
+        assert last == (0x8, b"\x03\xe9server going away"), (last[0], last[1][:40])
+        assert local.wait(TIMEOUT) == 0
+    finally:
+        local.stop()
+    assert "Traceback" not in local.output(), local.output()

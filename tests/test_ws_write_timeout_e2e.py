@@ -11,8 +11,10 @@ both of its sides (so the endpoint's app sees its socket end too).
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
+import pytest
 import requests
 
 from helpers import start_library_app, start_serve, wait_until
@@ -122,5 +124,54 @@ def test_a_wrapped_app_sending_to_a_client_that_stops_reading_is_let_go(sqlite_u
         assert ": WebSocketError" in proc.output(), proc.output()[-2000:]
         assert drained_to_the_end(client)
         assert proc.poll() is None
+    finally:
+        proc.stop()
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's frames in ``data`` as (opcode, payload), a cut one last."""
+    frames = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((data[0] & 0x0F, data[at:at + size]))
+        data = data[at + size:]
+    return frames
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["cluster-serve", "cluster.wrap"])
+def test_a_close_from_another_greenlet_waits_for_the_frame_being_sent(sqlite_url,
+                                                                       wrapped):
+    """The app closes from another greenlet while its sending greenlet waits for a slow
+    client in the middle of a message: the close frame follows that message, whole. It
+    was written into the message's payload (the client read it as data, then a frame
+    cut short: 1006, not 4000)."""
+    if wrapped:
+        proc, port = start_library_app({"CLUSTER_DISCOVERY_URL": sqlite_url,
+                                        "CLUSTER_SERVICE": "ws"}, "ws_sender:app",
+                                       name="wrapped-sender")
+    else:
+        proc, port = start_serve("--service", "ws", "--app", "ws_sender:app", *COMMON,
+                                 env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sender")
+    try:
+        client = stalled_client(port, "/feed?close-after=0.3")
+        time.sleep(0.8)  # the close comes while a send waits for this client
+        data = b""
+        client.settimeout(10)
+        with client:
+            while chunk := client.recv(1 << 16):
+                data += chunk
+        *messages, last = _frames(data)
+        assert messages
+        for opcode, payload in messages:
+            assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])
+        assert last == (0x8, b"\x0f\xa0later"), (last[0], last[1][:40])
+        wait_until(lambda: "SENDER stopped" in proc.output(), timeout=10,
+                   what="the app's next send() to fail")
+        assert proc.poll() is None
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
     finally:
         proc.stop()

@@ -2,12 +2,16 @@
 
 ``cluster serve --app ws_sender:app``. It never calls ``receive()``; when a ``send()``
 fails it prints ``SENDER stopped after N messages: <exception class>`` and returns.
-Plain HTTP: ``/whoami`` -> ``BACKEND_NAME``.
+With ``?close-after=S`` another greenlet closes the socket (4000, ``later``) after S
+seconds, while this one sends. Plain HTTP: ``/whoami`` -> ``BACKEND_NAME``.
 """
 
 from __future__ import annotations
 
 import os
+from urllib.parse import parse_qs
+
+import gevent
 
 MESSAGE = b"y" * 65536
 
@@ -19,6 +23,9 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"),
                                   ("Content-Length", str(len(body)))])
         return [body]
+    after = parse_qs(environ.get("QUERY_STRING", "")).get("close-after")
+    if after:
+        gevent.spawn_later(float(after[0]), ws.close, 4000, "later")
     sent = 0
     try:
         while True:
