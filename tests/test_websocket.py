@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import threading
 from typing import Iterator
 
 import pytest
@@ -21,11 +22,20 @@ from websocket import ABNF
 
 from cluster.handler import is_websocket_upgrade
 from cluster.proxy.websocket import (
+    MAX_REFUSAL_BODY,
     WebSocketBridge,
     parse_response_head,
     upgrade_request_head,
 )
-from helpers import TESTS, Proc, app_running, get, refused_port, wait_until
+from helpers import (
+    TESTS,
+    Proc,
+    accept_forever,
+    app_running,
+    get,
+    refused_port,
+    wait_until,
+)
 
 ECHO = TESTS / "apps" / "ws_echo.py"
 FORWARD = TESTS / "apps" / "ws_forward_only.py"
@@ -269,6 +279,35 @@ def test_silent_endpoint_gives_504() -> None:
             with pytest.raises(websocket.WebSocketBadStatusException) as info:
                 websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
             assert info.value.status_code == 504
+
+
+def test_a_refusal_body_past_the_limit_is_502_not_cut_short() -> None:
+    """An upgrade refused with a body that ends at close and runs past the 1 MiB a
+    refusal may have: the client got its first MiB with a Content-Length saying that
+    was all (a truncated page presented as complete). Now a 502, as for a refusal whose
+    Content-Length or chunks say it is too large."""
+    body = b"x" * (MAX_REFUSAL_BODY + 100000)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            with contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n" + body)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=accept_forever, args=(listener, answer), daemon=True).start()
+        backend = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with forward_only(backend) as (proc, port):
+            with pytest.raises(websocket.WebSocketBadStatusException) as info:
+                websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
+            assert info.value.status_code == 502, (info.value.status_code,
+                                                   len(info.value.resp_body or b""))
+            assert "Traceback" not in proc.output(), proc.output()
 
 
 def test_many_sockets_then_plain_http_and_no_leftover_handlers(proxy: str) -> None:

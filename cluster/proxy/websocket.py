@@ -176,9 +176,13 @@ class _Reader:
                 if not self.fill():
                     raise EOFError("closed in the middle of the body")
             return self.buf[:length]
+        # Until close: more than the limit is refused as the framed modes are (cut to
+        # the limit, it went out with a Content-Length saying that was all of it).
         while len(self.buf) <= MAX_REFUSAL_BODY and self.fill():
             pass
-        return self.buf[:MAX_REFUSAL_BODY]
+        if len(self.buf) > MAX_REFUSAL_BODY:
+            raise ValueError("refusal body too large")
+        return self.buf
 
 
 def _pump_into(src: Any, dst: Any, result: AsyncResult, write_timeout: float = 0.0) -> None:
