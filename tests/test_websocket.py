@@ -281,12 +281,17 @@ def test_silent_endpoint_gives_504() -> None:
             assert info.value.status_code == 504
 
 
-def test_a_refusal_body_past_the_limit_is_502_not_cut_short() -> None:
+@pytest.mark.parametrize("answer_with", ["body", "head"])
+def test_a_refusal_past_the_limits_is_502_not_passed_on(answer_with: str) -> None:
     """An upgrade refused with a body that ends at close and runs past the 1 MiB a
     refusal may have: the client got its first MiB with a Content-Length saying that
     was all (a truncated page presented as complete). Now a 502, as for a refusal whose
-    Content-Length or chunks say it is too large."""
+    Content-Length or chunks say it is too large. A head past 64 KiB whose end came in
+    a later read than the check was passed on too."""
     body = b"x" * (MAX_REFUSAL_BODY + 100000)
+    # a head of 70 KB whose end comes in a later read than the 64 KiB check
+    head = b"".join(b"X-Big-%d: %s\r\n" % (n, b"a" * 1400) for n in range(50))
+    answer_with_head = answer_with == "head"
 
     def answer(conn: socket.socket) -> None:
         with conn:
@@ -297,7 +302,12 @@ def test_a_refusal_body_past_the_limit_is_502_not_cut_short() -> None:
                     return
                 buf += data
             with contextlib.suppress(OSError):
-                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n" + body)
+                if answer_with_head:
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\n" + head
+                                 + b"Content-Length: 2\r\n\r\nno")
+                else:
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n"
+                                 + body)
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         threading.Thread(target=accept_forever, args=(listener, answer), daemon=True).start()

@@ -140,6 +140,8 @@ class _Reader:
     def head(self) -> bytes:
         while True:
             end = self.buf.find(b"\r\n\r\n")
+            if end > MAX_HEAD:  # its end came in a later read than the check below
+                raise ValueError("response head too large")
             if end >= 0:
                 head, self.buf = self.buf[:end + 4], self.buf[end + 4:]
                 return head
