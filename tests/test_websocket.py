@@ -8,7 +8,9 @@ with ClusterHandler.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -317,6 +319,40 @@ def test_a_refusal_past_the_limits_is_502_not_passed_on(answer_with: str) -> Non
                 websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
             assert info.value.status_code == 502, (info.value.status_code,
                                                    len(info.value.resp_body or b""))
+            assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_101_whose_lines_end_in_bare_lf_is_taken() -> None:
+    """RFC 9112 2.2 lets a recipient take a bare LF for a line end, and the door does
+    (as websocket-client does talking to such a server directly); the bridge waited
+    for a CRLF CRLF that never came and answered 504 after its handshake timeout."""
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            key = next(line.split(b":", 1)[1].strip() for line in buf.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\n"
+                         b"Connection: Upgrade\nSec-WebSocket-Accept: " + accept
+                         + b"\n\n\x81\x02hi")
+            with contextlib.suppress(OSError):
+                conn.recv(100)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=accept_forever, args=(listener, answer), daemon=True).start()
+        backend = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with forward_only(backend, "--handshake-timeout", "2") as (proc, port):
+            ws = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
+            try:
+                assert ws.recv() == "hi"
+            finally:
+                ws.close()
             assert "Traceback" not in proc.output(), proc.output()
 
 
