@@ -28,12 +28,39 @@ from cluster.workers import PARENT_PID_ENV, watch_parent
 log = logging.getLogger(__name__)
 
 
-def health_check(url: str, timeout: float) -> bool:
-    """True while ``url`` answers with a status below 500."""
-    try:
-        return requests.get(url, timeout=timeout, allow_redirects=False).status_code < 500
-    except (requests.RequestException, ValueError) as exc:  # ValueError: a URL
-        log.debug("health check %s failed: %s", url, exc)  # urllib3 cannot parse
+class HealthCheck:
+    """True while ``url`` answers with a status below 500; says why it fails, once
+    per failing streak, at warning.
+
+    Only at debug, a health URL that never answered (a wrong port, an https one whose
+    certificate does not verify against requests' bundle) left the sidecar silent
+    for good: never registered, and not a line saying why.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.failing = False
+
+    def __call__(self) -> bool:
+        try:
+            status = requests.get(self.url, timeout=self.timeout,
+                                  allow_redirects=False).status_code
+        except (requests.RequestException, ValueError) as exc:  # ValueError: a URL
+            reason = f"{type(exc).__name__}: {exc}"  # urllib3 cannot parse
+        else:
+            if status < 500:
+                if self.failing:
+                    log.info("health check %s answers again", self.url)
+                self.failing = False
+                return True
+            reason = f"status {status}"
+        if not self.failing:
+            log.warning("health check %s failed (%s); the endpoint is kept out of the "
+                        "table until it answers", self.url, reason[:300])
+        else:
+            log.debug("health check %s failed: %s", self.url, reason)
+        self.failing = True
         return False
 
 
@@ -47,7 +74,7 @@ def register(settings: Settings, health_url: str | None = None) -> int:
     registrar = Registrar(
         store, settings.service, settings.endpoint_url, settings.balancer_url,
         settings.ping_interval,
-        healthy=(lambda: health_check(health_url, timeout)) if health_url else None,
+        healthy=HealthCheck(health_url, timeout) if health_url else None,
         version=settings.own_app_version, grace=settings.expiry_grace,
     )
     stopping = gevent.event.Event()

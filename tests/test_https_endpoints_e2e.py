@@ -181,3 +181,36 @@ def test_an_endpoint_whose_certificate_does_not_verify_stays_ejected(
             proc.stop()
             good.stop()
         assert "Traceback" not in proc.output(), proc.output()
+
+
+@pytest.mark.parametrize("way", ["door", "wsgi-adapter"])
+def test_stray_bytes_in_a_tls_record_never_reach_another_client(
+        tmp_path: Path, certificate: tuple[Path, Path], way: str) -> None:
+    """An https endpoint sends an unrequested second answer in the same TLS record as
+    the end of its body. The TLS layer decrypts the record whole, so those bytes sit
+    there, not in the socket, where the pool's poll looks before reusing a connection:
+    the next request on the pooled connection got them as its answer ("stolen"). A
+    connection whose TLS layer holds bytes is now thrown away, as a readable one is."""
+    cert, key = certificate
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    with contextlib.ExitStack() as stops:
+        endpoint, port = start_app("bad_endpoint.py", "--certfile", str(cert), "--keyfile",
+                                   str(key), name="bad-tls")
+        stops.callback(endpoint.stop)
+        sidecar = Proc(cluster_argv("register", "--service", "sec", "--endpoint-url",
+                                    f"https://localhost:{port}", "--ping-interval", "1"),
+                       env={"CLUSTER_DISCOVERY_URL": discovery}, name="sidecar")
+        stops.callback(sidecar.stop)
+        proc, front = (front_door(discovery, cert) if way == "door"
+                       else library_front(discovery, cert))
+        stops.callback(proc.stop)
+        url = f"http://127.0.0.1:{front}"
+        wait_until(lambda: _get(url + "/ok"), timeout=TIMEOUT,
+                   what="the front to reach the https endpoint")
+        for _ in range(3):
+            resp = requests.get(url + "/glued", timeout=TIMEOUT)
+            assert (resp.status_code, resp.content) == (200, b"ok")
+            resp = requests.get(url + "/ok", timeout=TIMEOUT)
+            assert (resp.status_code, resp.content) == (200, b"ok"), resp.content
+            assert "stolen" not in resp.headers.get("Set-Cookie", "")
+    assert "Traceback" not in proc.output(), proc.output()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
 
 import requests
 
@@ -17,6 +18,7 @@ from helpers import (
     cluster_argv,
     live_endpoints,
     python,
+    refused_port,
     start_backend,
     start_serve,
     wait_port,
@@ -124,6 +126,30 @@ def test_sidecar_keeps_the_record_while_healthy_and_removes_it_on_sigterm(sqlite
         assert live_endpoints(sqlite_url) == set()
     finally:
         member.stop()
+
+
+def test_sidecar_says_why_its_health_check_fails(sqlite_url):
+    """A health URL that never answers (here refused; an https one whose certificate
+    requests cannot verify is the same) kept the sidecar silent for good: the endpoint
+    never registered, and the reason only at debug level. Now one warning with the
+    reason, not one per beat."""
+    with refused_port() as dead:
+        sidecar = Proc(cluster_argv("register", "--service", "search", "--endpoint-url",
+                                    f"http://127.0.0.1:{dead}", "--health-url",
+                                    f"http://127.0.0.1:{dead}/health", "--ping-interval",
+                                    "0.2"),
+                       env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="sidecar")
+        try:
+            wait_until(lambda: "health check" in sidecar.output(), timeout=10,
+                       what="the sidecar to say why it does not register")
+            time.sleep(1)  # five more failed checks
+            lines = [line for line in sidecar.output().splitlines() if "health check" in line]
+            assert len(lines) == 1 and "WARNING" in lines[0], sidecar.output()
+            assert f"127.0.0.1:{dead}/health" in lines[0] and "ConnectionError" in lines[0]
+            assert live_endpoints(sqlite_url) == set()
+        finally:
+            sidecar.stop()
+        assert "Traceback" not in sidecar.output()
 
 
 def test_discover_fails_over_within_one_ping_interval(mongo_url):

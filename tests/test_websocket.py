@@ -8,11 +8,14 @@ with ClusterHandler.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import socket
 import struct
+import threading
 from typing import Iterator
 
 import pytest
@@ -21,11 +24,20 @@ from websocket import ABNF
 
 from cluster.handler import is_websocket_upgrade
 from cluster.proxy.websocket import (
+    MAX_REFUSAL_BODY,
     WebSocketBridge,
     parse_response_head,
     upgrade_request_head,
 )
-from helpers import TESTS, Proc, app_running, get, refused_port, wait_until
+from helpers import (
+    TESTS,
+    Proc,
+    accept_forever,
+    app_running,
+    get,
+    refused_port,
+    wait_until,
+)
 
 ECHO = TESTS / "apps" / "ws_echo.py"
 FORWARD = TESTS / "apps" / "ws_forward_only.py"
@@ -269,6 +281,79 @@ def test_silent_endpoint_gives_504() -> None:
             with pytest.raises(websocket.WebSocketBadStatusException) as info:
                 websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
             assert info.value.status_code == 504
+
+
+@pytest.mark.parametrize("answer_with", ["body", "head"])
+def test_a_refusal_past_the_limits_is_502_not_passed_on(answer_with: str) -> None:
+    """An upgrade refused with a body that ends at close and runs past the 1 MiB a
+    refusal may have: the client got its first MiB with a Content-Length saying that
+    was all (a truncated page presented as complete). Now a 502, as for a refusal whose
+    Content-Length or chunks say it is too large. A head past 64 KiB whose end came in
+    a later read than the check was passed on too."""
+    body = b"x" * (MAX_REFUSAL_BODY + 100000)
+    # a head of 70 KB whose end comes in a later read than the 64 KiB check
+    head = b"".join(b"X-Big-%d: %s\r\n" % (n, b"a" * 1400) for n in range(50))
+    answer_with_head = answer_with == "head"
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            with contextlib.suppress(OSError):
+                if answer_with_head:
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\n" + head
+                                 + b"Content-Length: 2\r\n\r\nno")
+                else:
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n"
+                                 + body)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=accept_forever, args=(listener, answer), daemon=True).start()
+        backend = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with forward_only(backend) as (proc, port):
+            with pytest.raises(websocket.WebSocketBadStatusException) as info:
+                websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
+            assert info.value.status_code == 502, (info.value.status_code,
+                                                   len(info.value.resp_body or b""))
+            assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_a_101_whose_lines_end_in_bare_lf_is_taken() -> None:
+    """RFC 9112 2.2 lets a recipient take a bare LF for a line end, and the door does
+    (as websocket-client does talking to such a server directly); the bridge waited
+    for a CRLF CRLF that never came and answered 504 after its handshake timeout."""
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            key = next(line.split(b":", 1)[1].strip() for line in buf.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\n"
+                         b"Connection: Upgrade\nSec-WebSocket-Accept: " + accept
+                         + b"\n\n\x81\x02hi")
+            with contextlib.suppress(OSError):
+                conn.recv(100)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=accept_forever, args=(listener, answer), daemon=True).start()
+        backend = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with forward_only(backend, "--handshake-timeout", "2") as (proc, port):
+            ws = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=TIMEOUT)
+            try:
+                assert ws.recv() == "hi"
+            finally:
+                ws.close()
+            assert "Traceback" not in proc.output(), proc.output()
 
 
 def test_many_sockets_then_plain_http_and_no_leftover_handlers(proxy: str) -> None:

@@ -383,6 +383,9 @@ class HttpForwarder:
                     raise misbehaving(UpstreamBroken(
                         url, f"response head larger than {MAX_HEAD} bytes"))
                 continue
+            if end > MAX_HEAD:  # its end came in a later read than the limit's check
+                raise misbehaving(UpstreamBroken(
+                    url, f"response head larger than {MAX_HEAD} bytes"))
             raw = buf[:end] if sep == 4 else crlf_head(buf[:end])
             try:
                 head = parse_response_head(raw)

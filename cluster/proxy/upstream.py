@@ -9,7 +9,8 @@ all connect through here, so an https endpoint works for each of them.
 
 A pooled connection is checked before every reuse with a poll that cannot block: one
 that is readable (bytes the endpoint sent after its response: they would be taken for
-the next client's response) or closed is thrown away, never handed out. A poll, not a
+the next client's response) or closed is thrown away, never handed out; over TLS, so
+is one whose TLS layer holds decrypted bytes nobody asked for. A poll, not a
 ``MSG_PEEK`` recv: the same answer without the exception an empty socket raises, about
 a third of the cost on a busy balancer, so no connection is ever handed out unchecked.
 
@@ -112,11 +113,15 @@ class Connection:
         """False when the endpoint closed this idle connection or sent bytes on it.
 
         An idle HTTP connection has nothing to read, so anything there (data or EOF)
-        means it is out of step or dead. For TLS this sees what the OS holds, not
-        bytes the TLS layer may already have decrypted.
+        means it is out of step or dead. For TLS, bytes the TLS layer already
+        decrypted count too: stray bytes an endpoint sent in the same record as the
+        end of its last answer sit there, not in the socket, and were read as the
+        next client's answer.
         """
         poller = self._poller
         try:
+            if not self.plain and self.sock.pending():
+                return False
             if poller is None:
                 poller = self._poller = _os_poll()
                 poller.register(self.sock.fileno(), _UNUSABLE)

@@ -36,6 +36,8 @@ from cluster.http1 import (
     FIXED,
     NO_BODY,
     ChunkedScanner,
+    crlf_head,
+    find_response_head,
     head_from_environ,
     response_framing,
 )
@@ -138,10 +140,16 @@ class _Reader:
         return bool(data)
 
     def head(self) -> bytes:
+        """The next response head, its lines ended by CRLF, with the blank line. Lines
+        that end in a bare LF are taken too (RFC 9112 2.2), as the door takes them: a
+        101 so written was waited on until the handshake timeout (a 504)."""
         while True:
-            end = self.buf.find(b"\r\n\r\n")
+            end, sep = find_response_head(self.buf)
+            if end > MAX_HEAD:  # its end came in a later read than the check below
+                raise ValueError("response head too large")
             if end >= 0:
-                head, self.buf = self.buf[:end + 4], self.buf[end + 4:]
+                head = crlf_head(self.buf[:end]) + b"\r\n\r\n"
+                self.buf = self.buf[end + sep:]
                 return head
             if len(self.buf) > MAX_HEAD:
                 raise ValueError("response head too large")
@@ -176,9 +184,13 @@ class _Reader:
                 if not self.fill():
                     raise EOFError("closed in the middle of the body")
             return self.buf[:length]
+        # Until close: more than the limit is refused as the framed modes are (cut to
+        # the limit, it went out with a Content-Length saying that was all of it).
         while len(self.buf) <= MAX_REFUSAL_BODY and self.fill():
             pass
-        return self.buf[:MAX_REFUSAL_BODY]
+        if len(self.buf) > MAX_REFUSAL_BODY:
+            raise ValueError("refusal body too large")
+        return self.buf
 
 
 def _pump_into(src: Any, dst: Any, result: AsyncResult, write_timeout: float = 0.0) -> None:

@@ -4,11 +4,13 @@ Answers every request on a connection with the script named by its path, and log
 one line per event to stdout (``accepted N``, ``closed-by-peer N``) so a test can see
 what the proxy did with its connections::
 
-    python tests/apps/bad_endpoint.py --port 9000
+    python tests/apps/bad_endpoint.py --port 9000   # --certfile C --keyfile K: https
 
 Scripts (by request path):
   /extra     a complete response, then (0.2 s later) a second, unrequested one carrying
              a Set-Cookie: bytes a careless pool would hand to the next client
+  /glued     the head of a response, then (0.05 s later) its body and that unrequested
+             second response in one write: over TLS, one record
   /nocontent a 204, then (0.2 s later) a body
   /garbage   not HTTP at all
   /ok        a plain 200
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -78,6 +81,11 @@ def serve(conn: socket.socket, number: int) -> None:
                 return
             if path == b"/late":
                 time.sleep(0.6)
+            if path == b"/glued":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                time.sleep(0.05)
+                conn.sendall(b"ok" + STOLEN)
+                continue
             conn.sendall(SCRIPTS.get(path, SCRIPTS[b"/ok"]))
             if path in LATE:
                 time.sleep(0.2)
@@ -91,8 +99,14 @@ def serve(conn: socket.socket, number: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_port_arguments(parser)
+    parser.add_argument("--certfile", help="serve https with this certificate")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
     listener = socket.create_server(("127.0.0.1", args.port))
+    tls = None
+    if args.certfile:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     report_port(listener.getsockname(), args.port_file)
     say("listening")
     number = 0
@@ -100,7 +114,21 @@ def main() -> None:
         conn, _ = listener.accept()
         number += 1
         say(f"accepted {number}")
-        threading.Thread(target=serve, args=(conn, number), daemon=True).start()
+        threading.Thread(target=handshake_and_serve, args=(conn, number, tls),
+                         daemon=True).start()
+
+
+def handshake_and_serve(conn: socket.socket, number: int, tls: ssl.SSLContext | None) -> None:
+    """serve(), over TLS when ``tls`` is given (the handshake in this thread: a probe
+    that never completes one holds up nobody else)."""
+    if tls is not None:
+        try:
+            conn = tls.wrap_socket(conn, server_side=True)
+        except OSError:  # ssl.SSLError included
+            say(f"closed-by-peer {number}")
+            conn.close()
+            return
+    serve(conn, number)
 
 
 if __name__ == "__main__":
