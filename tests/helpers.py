@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -631,6 +632,33 @@ def raw_websocket(port: int, path: str = "/ws", timeout: float = 5.0
             break
         data += piece
     return sock, data.split(b"\r\n", 1)[0]
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's (unmasked) WebSocket frames in ``data`` as (opcode, payload); a
+    frame cut short by the end of ``data`` comes last, with what arrived of it."""
+    frames = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((data[0] & 0x0F, data[at:at + size]))
+        data = data[at + size:]
+    return frames
+
+
+def read_request_head(conn: socket.socket) -> bytes:
+    """What a raw test endpoint reads of a request: up to its blank line (and whatever
+    came with it), or b"" when the connection ended first."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return b""
+        buf += data
+    return buf
 
 
 def ipv6_loopback() -> bool:

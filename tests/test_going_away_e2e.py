@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 import websocket
 
-from helpers import Proc, cluster_argv, start_app, start_serve, wait_until
+from helpers import Proc, cluster_argv, server_frames, start_app, start_serve, wait_until
 
 TIMEOUT = 15
 
@@ -76,7 +76,6 @@ def test_stopping_balancer_and_endpoint_close_websockets_with_1001(tmp_path: Pat
         assert "closed 1 WebSockets with 1001" in front.output()
     for proc in (front, local):
         assert "Traceback" not in proc.output(), proc.output()
-
 
 
 def _raw_upgrade(path: str) -> bytes:
@@ -186,21 +185,6 @@ def test_a_local_sockets_1001_ends_in_a_clean_closing_handshake(tmp_path: Path) 
     assert "Traceback" not in local.output(), local.output()
 
 
-def _frames(data: bytes) -> list[tuple[int, bytes]]:
-    """The server's (unmasked) frames in ``data`` as (opcode, payload); a frame cut
-    short by the end of ``data`` comes last, with what arrived of it."""
-    frames = []
-    while len(data) >= 2:
-        size, at = data[1] & 0x7F, 2
-        if size == 126:
-            size, at = struct.unpack("!H", data[2:4])[0], 4
-        elif size == 127:
-            size, at = struct.unpack("!Q", data[2:10])[0], 10
-        frames.append((data[0] & 0x0F, data[at:at + size]))
-        data = data[at + size:]
-    return frames
-
-
 def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Path) -> None:
     """A stop (a drain, rebalancing) closes a socket whose app is in the middle of
     sending a message to a client that reads slowly: the close frame comes after that
@@ -223,7 +207,7 @@ def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Pat
             wait_until(lambda: "closed 1 WebSockets with 1001" in local.output(),
                        timeout=TIMEOUT, what="the stop to close the WebSocket")
             data += _read_until(sock, b"no marker: until the end")
-        *messages, last = _frames(data)
+        *messages, last = server_frames(data)
         assert messages
         for opcode, payload in messages:
             assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])

@@ -35,6 +35,7 @@ from helpers import (
     accept_forever,
     app_running,
     get,
+    read_request_head,
     refused_port,
     wait_until,
 )
@@ -297,12 +298,9 @@ def test_a_refusal_past_the_limits_is_502_not_passed_on(answer_with: str) -> Non
 
     def answer(conn: socket.socket) -> None:
         with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
+            buf = read_request_head(conn)
+            if not buf:
+                return
             with contextlib.suppress(OSError):
                 if answer_with_head:
                     conn.sendall(b"HTTP/1.1 403 Forbidden\r\n" + head
@@ -328,12 +326,9 @@ def test_a_101_whose_lines_end_in_bare_lf_is_taken() -> None:
     for a CRLF CRLF that never came and answered 504 after its handshake timeout."""
     def answer(conn: socket.socket) -> None:
         with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
+            buf = read_request_head(conn)
+            if not buf:
+                return
             key = next(line.split(b":", 1)[1].strip() for line in buf.split(b"\r\n")
                        if line.lower().startswith(b"sec-websocket-key:"))
             accept = base64.b64encode(hashlib.sha1(

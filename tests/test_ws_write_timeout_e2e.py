@@ -11,13 +11,12 @@ both of its sides (so the endpoint's app sees its socket end too).
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest
 import requests
 
-from helpers import start_library_app, start_serve, wait_until
+from helpers import server_frames, start_library_app, start_serve, wait_until
 
 COMMON = ("--ping-interval", "1", "--expiry-grace", "1")
 HANDSHAKE = ("GET /feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -128,20 +127,6 @@ def test_a_wrapped_app_sending_to_a_client_that_stops_reading_is_let_go(sqlite_u
         proc.stop()
 
 
-def _frames(data: bytes) -> list[tuple[int, bytes]]:
-    """The server's frames in ``data`` as (opcode, payload), a cut one last."""
-    frames = []
-    while len(data) >= 2:
-        size, at = data[1] & 0x7F, 2
-        if size == 126:
-            size, at = struct.unpack("!H", data[2:4])[0], 4
-        elif size == 127:
-            size, at = struct.unpack("!Q", data[2:10])[0], 10
-        frames.append((data[0] & 0x0F, data[at:at + size]))
-        data = data[at + size:]
-    return frames
-
-
 @pytest.mark.parametrize("wrapped", [False, True], ids=["cluster-serve", "cluster.wrap"])
 def test_a_close_from_another_greenlet_waits_for_the_frame_being_sent(sqlite_url,
                                                                        wrapped):
@@ -164,7 +149,7 @@ def test_a_close_from_another_greenlet_waits_for_the_frame_being_sent(sqlite_url
         with client:
             while chunk := client.recv(1 << 16):
                 data += chunk
-        *messages, last = _frames(data)
+        *messages, last = server_frames(data)
         assert messages
         for opcode, payload in messages:
             assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])
