@@ -33,12 +33,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select as _select
 import socket as _socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 import gevent
+from gevent.monkey import get_original
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
@@ -127,6 +129,12 @@ _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 #: Few, and briefly: a flood of silent connections holds no more descriptors than that.
 REFUSED_WAITING = 32
 REFUSED_WAIT = 0.5
+_original_poll: Callable[[], Any] = get_original("select", "poll")
+
+#: seconds a process at its --max-connections stops accepting on a listener it shares
+#: with sibling processes (--workers-count N, gunicorn -w N), so that one with room
+#: takes the connections; what none took by then is answered 503 as above
+SHARED_CAP_PAUSE = 0.05
 
 
 class Door:
@@ -257,10 +265,13 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
     """
 
     def __init__(self, listener: Any, application: WSGIApp | None = None, *,
-                 door: Door, **kwargs: Any) -> None:
+                 door: Door, shared: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("handler_class", LocalHandler)
         super().__init__(listener, application, **kwargs)
         self.door = door
+        #: the listener is shared with sibling processes (see SHARED_CAP_PAUSE)
+        self.shared = shared
+        self._left_to_siblings = False
         self._handed_off: set[Any] = set()
         # One descriptor held in reserve: when accept() fails for want of descriptors,
         # it is given up for a moment to accept the waiting client and tell it 503,
@@ -271,8 +282,17 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         self._refused_waiting = 0
 
     def do_read(self) -> Any:
+        door = self.door
+        if self.shared and door.active >= door.cap and not self._left_to_siblings:
+            # At the cap: a sibling process may have room. Without this pause the
+            # process that woke first accepted a whole burst and refused past its own
+            # cap while its siblings sat idle (the cap was in effect one per instance).
+            self.stop_accepting()
+            self._timer = self.loop.timer(SHARED_CAP_PAUSE)
+            self._timer.start(self._after_pause)
+            return None
         try:
-            return super().do_read()
+            accepted = super().do_read()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
@@ -281,6 +301,15 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             if not self.door.pool.shed(SHED_BATCH):
                 self._shed_one()
             return None
+        if accepted is None:
+            self._left_to_siblings = False  # the backlog is empty: pause again next time
+        return accepted
+
+    def _after_pause(self) -> None:
+        """Accept again; what is still waiting was left by the siblings (at their cap
+        too, or busy): it is accepted, and answered 503 if this process is still full."""
+        self._left_to_siblings = _readable(self.socket.fileno())
+        self._start_accepting_if_started()
 
     def _shed_one(self) -> None:
         """Out of descriptors: answer one waiting client 503 using the spare one."""
@@ -378,6 +407,13 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
+
+
+def _readable(fd: int) -> bool:
+    """Whether a listener has a connection waiting: a look that cannot block."""
+    poll = _original_poll()
+    poll.register(fd, _select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _has_sent(sock: Any) -> bool:

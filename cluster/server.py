@@ -427,7 +427,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     door = make_door(node, settings, local_app, observer)
     servers = [make_server(listener, door)]
     if shared is not None:
-        servers.append(make_server(shared, door))
+        servers.append(make_server(shared, door, shared=True))
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     at_once: list[str] = []  # what asked for the quick stop
