@@ -35,6 +35,7 @@ from helpers import (
     load_corpus,
     needs_ipv6,
     parse_responses,
+    python,
     read_port_file,
     read_response,
     read_until_close,
@@ -894,6 +895,34 @@ def test_port_zero_is_bound_reported_in_the_port_file_and_logged(tmp_path: Path,
         assert responses[0].status == 200
         wait_until(lambda: f"127.0.0.1:{port}" in proc.output(), timeout=5,
                    what="the log names the bound address")
+    finally:
+        stop_clean(proc)
+
+
+LIBRARY_ON_PORT_ZERO = """
+from gevent import monkey; monkey.patch_all()
+import signal, gevent, cluster
+from cluster.demo import app
+server = cluster.make_server(app, service="web", bind="127.0.0.1:0")
+gevent.signal_handler(signal.SIGTERM, server.stop)
+server.serve_forever()
+"""
+
+
+def test_in_library_mode_port_zero_is_reported_in_the_port_file(tmp_path: Path,
+                                                                store: str) -> None:
+    """cluster.make_server() with CLUSTER_PORT_FILE (or port_file=): the file names the
+    bound address, as under cluster serve. It was accepted and never written."""
+    port_file = tmp_path / "port"
+    proc = Proc(python("-c", LIBRARY_ON_PORT_ZERO),
+                env={"CLUSTER_DISCOVERY_URL": store, "CLUSTER_PORT_FILE": str(port_file)},
+                name="library")
+    try:
+        port = read_port_file(port_file, proc, timeout=10)
+        assert port != 0 and port_file.read_text() == f"127.0.0.1:{port}\n"
+        responses, _ = exchange(port, request_bytes(target="/whoami",
+                                                    headers=[("Connection", "close")]))
+        assert responses[0].status == 200
     finally:
         stop_clean(proc)
 
