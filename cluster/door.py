@@ -135,6 +135,17 @@ _original_poll: Callable[[], Any] = get_original("select", "poll")
 #: with sibling processes (--workers-count N, gunicorn -w N), so that one with room
 #: takes the connections; what none took by then is answered 503 as above
 SHARED_CAP_PAUSE = 0.05
+#: at the cap, a connection idle for at least this long (between requests, or never
+#: used) is closed to admit a new one, as nginx reuses its idle connections: browsers
+#: keep several idle per visitor, and a cap full of them refused every newcomer for
+#: --keepalive-timeout (a flood of silent connections: for --header-timeout). Not one
+#: idle for less: its client may be sending its next request right now.
+RECLAIM_IDLE_AFTER = 1.0
+#: seconds between searches for idle connections while none is found (one search looks
+#: at every connection: a flood past the cap must not cost one per refusal)
+RECLAIM_SEARCH_EVERY = 0.1
+#: idle connections one search lines up to be reclaimed, the longest idle first
+RECLAIM_BATCH = 32
 
 
 class Door:
@@ -280,6 +291,9 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         self._spare: int | None = _open_spare()
         self._shedding_logged = 0.0
         self._refused_waiting = 0
+        #: (idle since, connection) of idle keep-alive connections to close at the cap
+        self._reclaimable: list[tuple[float, ClientConn]] = []
+        self._searched_at = -RECLAIM_SEARCH_EVERY
 
     def do_read(self) -> Any:
         door = self.door
@@ -346,7 +360,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         503 and closed, here or, while its request is still to come, by a short-lived
         greenlet (at most REFUSED_WAITING of them) once it came."""
         door = self.door
-        if door.active >= door.cap:
+        if door.active >= door.cap and not self._reclaim_idle():
             door.observer.connection_refused()
             if self._refused_waiting < REFUSED_WAITING and not _has_sent(sock):
                 self._refused_waiting += 1
@@ -360,6 +374,25 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         except BaseException:
             door.active -= 1
             raise
+
+    def _reclaim_idle(self) -> bool:
+        """At the cap: close the connection idle longest (RECLAIM_IDLE_AFTER at least,
+        see _reclaimable) to make room for a new one; False when there is none."""
+        now = time.monotonic()
+        if not self._reclaimable and now - self._searched_at >= RECLAIM_SEARCH_EVERY:
+            self._searched_at = now
+            idle = [(conn.idle_since, conn) for conn in list(self.door.sweeper.conns)
+                    if _reclaimable(conn) and now - conn.idle_since >= RECLAIM_IDLE_AFTER]
+            idle.sort(key=lambda pair: pair[0])
+            self._reclaimable = idle[:RECLAIM_BATCH][::-1]  # popped from the end
+        while self._reclaimable:
+            since, conn = self._reclaimable.pop()
+            if conn.idle_since == since and _reclaimable(conn):
+                # (still waiting for the same next request: its handler sees the close,
+                # ends and gives its place back; the descriptor is free at once)
+                conn.close()
+                return True
+        return False
 
     def _refuse_once_asked(self, sock: Any) -> None:
         """The 503 for a connection past the cap, once its request came (or did not
@@ -407,6 +440,13 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
+
+
+def _reclaimable(conn: ClientConn) -> bool:
+    """Waiting for a request with nothing of it read: a keep-alive connection between
+    requests, or one opened and never used (a browser's preconnect, or a silent flood),
+    as the drain's close_idle_connections takes them."""
+    return not conn.buf and (conn.phase == IDLE or (conn.phase == HEAD and not conn.requests))
 
 
 def _readable(fd: int) -> bool:
