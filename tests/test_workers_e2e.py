@@ -139,7 +139,7 @@ def test_the_connection_cap_is_per_worker_at_the_shared_port(sqlite_url):
     burst of twice the cap is held (each worker takes what the other, at its cap, left:
     one process used to accept the whole burst and answer 503 past its own cap while
     its sibling sat idle), and a connection past both caps still gets a prompt 503."""
-    cap = 3
+    cap = 5
     parent, port = start_serve("--workers-count", "2", "--service", "web",
                                "--app", "cluster.demo:app", "--max-connections", str(cap),
                                "--header-timeout", "20",
@@ -150,13 +150,15 @@ def test_the_connection_cap_is_per_worker_at_the_shared_port(sqlite_url):
                    timeout=20, what="both workers serving the shared port")
         socks = [socket.create_connection(("127.0.0.1", port), timeout=5)
                  for _ in range(2 * cap)]
-        time.sleep(1.0)  # past the pause of a worker at its cap, and the 503's wait
+        for sock in socks:  # each in a request (an idle one would make room for a newcomer)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+        time.sleep(1.0)  # past the pause of a worker at its cap
         for sock in socks:
             sock.setblocking(False)
             try:
                 data = sock.recv(100)
             except BlockingIOError:
-                continue  # held, waiting for a request: as it should be
+                continue  # held, waiting for the rest of its head: as it should be
             raise AssertionError(f"connection {socks.index(sock)} of {2 * cap} was "
                                  f"answered {data[:40]!r}")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
