@@ -1356,6 +1356,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
     checked_input = False
     body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
     client_left = False  # a send to the client failed during this response
+    cut = False  # the stop's drain ended during this response (handle_error)
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -1380,7 +1381,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.environ = self.get_environ()
         self.application = app
         self.body_sent = 0
-        self.client_left = False
+        self.client_left = self.cut = False
         self.handle_one_response()
         if rfile.chunks is not None:
             # The chunked body's end was never reached (pywsgi refused a chunk line, and
@@ -1397,7 +1398,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                 not 0 <= _declared(length) <= self.body_sent:
             # fewer bytes than the app's Content-Length (or one that is no number): the
             # client waits for the rest, and would take the next answer for it
-            if not self.client_left:  # else its own going is the reason, not the app
+            # (a client that went, or the end of a stop's drain, cut it: not the app)
+            if not (self.client_left or self.cut):
                 log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
                             "closing the connection", self.command, self.path[:200],
                             self.body_sent, length[:40])
@@ -1525,7 +1527,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # timeout or nginx's worker_shutdown_timeout. pywsgi answered 500, as if
             # the app had failed, which a peer balancer passed on where it retries an
             # unanswered GET on another endpoint. (The stop logs how many were cut.)
-            self.close_connection = True
+            self.close_connection = self.cut = True
             return
         super().handle_error(t, v, tb)
 
