@@ -451,9 +451,12 @@ def _reclaimable(conn: ClientConn) -> bool:
 
 def _readable(fd: int) -> bool:
     """Whether a listener has a connection waiting: a look that cannot block."""
-    poll = _original_poll()
-    poll.register(fd, _select.POLLIN)
-    return bool(poll.poll(0))
+    try:
+        poll = _original_poll()
+        poll.register(fd, _select.POLLIN)
+        return any(event & _select.POLLIN for _, event in poll.poll(0))
+    except (OSError, ValueError):  # closed meanwhile (a stop)
+        return False
 
 
 def _has_sent(sock: Any) -> bool:
