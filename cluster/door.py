@@ -13,16 +13,16 @@ pure :func:`~cluster.routing.route`, then do one of
 - answer itself (a short status, SockJS info, the status page).
 
 Bounds, all settings: a whole head within ``--header-timeout``, an idle keep-alive
-within ``--keepalive-timeout``, a client that stops reading, or stops in the middle of
-a body or of a local WebSocket's frame, within ``--write-timeout``, head sizes
-(414/431), and at most ``--max-connections`` open client connections per process,
-tunnelled WebSockets included (past it a short 503 and close, so descriptors are never
-exhausted). nginx equivalents: ``client_header_timeout``, ``keepalive_timeout``,
-``send_timeout`` and ``client_body_timeout``, ``large_client_header_buffers``,
-``worker_connections``. A client that sends faster than it is served never makes a
-read wait: it gets turns of at most :data:`cluster.netio.SLICE` (the local app's
-reader, the relay of a streamed body) or PIPELINE_TURN requests, then the process's
-other connections are served.
+within ``--keepalive-timeout``, a client that stops reading, or stops in the middle of a
+body or of a local WebSocket's frame, within ``--write-timeout``, head sizes (414/431),
+and at most ``--max-connections`` open client connections per process, tunnelled
+WebSockets included (past it the connection idle longest makes room, else a short 503
+and close, so descriptors are never exhausted). nginx equivalents:
+``client_header_timeout``, ``keepalive_timeout``, ``send_timeout`` and
+``client_body_timeout``, ``large_client_header_buffers``, ``worker_connections``. A
+client that sends faster than it is served never makes a read wait: it gets turns of at
+most :data:`cluster.netio.SLICE` (the local app's reader, the relay of a streamed body)
+or PIPELINE_TURN requests, then the process's other connections are served.
 
 :class:`DoorServer` is a ``gevent.pywsgi.WSGIServer`` whose connection handler is the
 door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
@@ -291,7 +291,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         self._spare: int | None = _open_spare()
         self._shedding_logged = 0.0
         self._refused_waiting = 0
-        #: (idle since, connection) of idle keep-alive connections to close at the cap
+        #: (idle since, connection) of idle connections to close at the cap (_reclaim_idle)
         self._reclaimable: list[tuple[float, ClientConn]] = []
         self._searched_at = -RECLAIM_SEARCH_EVERY
 
