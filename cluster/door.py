@@ -387,9 +387,10 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             self._reclaimable = idle[:RECLAIM_BATCH][::-1]  # popped from the end
         while self._reclaimable:
             since, conn = self._reclaimable.pop()
-            if conn.idle_since == since and _reclaimable(conn):
-                # (still waiting for the same next request: its handler sees the close,
-                # ends and gives its place back; the descriptor is free at once)
+            if conn.idle_since == since and _reclaimable(conn) and not _has_sent(conn.sock):
+                # (still waiting for the same next request, and none is waiting unread
+                # in the socket of a process too busy to have read it: its handler sees
+                # the close, ends and gives its place back; the descriptor is free at once)
                 conn.close()
                 return True
         return False
