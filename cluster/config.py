@@ -284,6 +284,13 @@ def _size(raw: str) -> int:
     return value
 
 
+def _header_count(raw: str) -> int:
+    value = _count(raw)
+    if value < 1:
+        raise ValueError(f"{raw} would refuse every request (Host is a field): at least 1")
+    return value
+
+
 def _max_connections(raw: str) -> int:
     """0 or 'auto': from the descriptor limit (see Settings.connection_cap)."""
     if raw.strip().lower() == "auto":
@@ -774,7 +781,7 @@ class Settings:
         65536, _size, "largest request head in bytes (larger: 431)", "BYTES"
     )
     max_header_count: int = setting(
-        100, _count, "most request header fields (more: 431)", "N"
+        100, _header_count, "most request header fields (more: 431)", "N"
     )
     max_websocket_message: int = setting(
         16 * 1024 * 1024, _size,

@@ -13,16 +13,16 @@ pure :func:`~cluster.routing.route`, then do one of
 - answer itself (a short status, SockJS info, the status page).
 
 Bounds, all settings: a whole head within ``--header-timeout``, an idle keep-alive
-within ``--keepalive-timeout``, a client that stops reading, or stops in the middle of
-a body or of a local WebSocket's frame, within ``--write-timeout``, head sizes
-(414/431), and at most ``--max-connections`` open client connections per process,
-tunnelled WebSockets included (past it a short 503 and close, so descriptors are never
-exhausted). nginx equivalents: ``client_header_timeout``, ``keepalive_timeout``,
-``send_timeout`` and ``client_body_timeout``, ``large_client_header_buffers``,
-``worker_connections``. A client that sends faster than it is served never makes a
-read wait: it gets turns of at most :data:`cluster.netio.SLICE` (the local app's
-reader, the relay of a streamed body) or PIPELINE_TURN requests, then the process's
-other connections are served.
+within ``--keepalive-timeout``, a client that stops reading, or stops in the middle of a
+body or of a local WebSocket's frame, within ``--write-timeout``, head sizes (414/431),
+and at most ``--max-connections`` open client connections per process, tunnelled
+WebSockets included (past it the connection idle longest makes room, else a short 503
+and close, so descriptors are never exhausted). nginx equivalents:
+``client_header_timeout``, ``keepalive_timeout``, ``send_timeout`` and
+``client_body_timeout``, ``large_client_header_buffers``, ``worker_connections``. A
+client that sends faster than it is served never makes a read wait: it gets turns of at
+most :data:`cluster.netio.SLICE` (the local app's reader, the relay of a streamed body)
+or PIPELINE_TURN requests, then the process's other connections are served.
 
 :class:`DoorServer` is a ``gevent.pywsgi.WSGIServer`` whose connection handler is the
 door, so it plugs in wherever a WSGIServer does (gunicorn's ``server_class``).
@@ -33,12 +33,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select as _select
 import socket as _socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 import gevent
+from gevent.monkey import get_original
 from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
@@ -127,6 +129,23 @@ _OVER_CAP = simple_response(503, b"too many connections\n", close=True)
 #: Few, and briefly: a flood of silent connections holds no more descriptors than that.
 REFUSED_WAITING = 32
 REFUSED_WAIT = 0.5
+_original_poll: Callable[[], Any] = get_original("select", "poll")
+
+#: seconds a process at its --max-connections stops accepting on a listener it shares
+#: with sibling processes (--workers-count N, gunicorn -w N), so that one with room
+#: takes the connections; what none took by then is answered 503 as above
+SHARED_CAP_PAUSE = 0.05
+#: at the cap, a connection idle for at least this long (between requests, or never
+#: used) is closed to admit a new one, as nginx reuses its idle connections: browsers
+#: keep several idle per visitor, and a cap full of them refused every newcomer for
+#: --keepalive-timeout (a flood of silent connections: for --header-timeout). Not one
+#: idle for less: its client may be sending its next request right now.
+RECLAIM_IDLE_AFTER = 1.0
+#: seconds between searches for idle connections while none is found (one search looks
+#: at every connection: a flood past the cap must not cost one per refusal)
+RECLAIM_SEARCH_EVERY = 0.1
+#: idle connections one search lines up to be reclaimed, the longest idle first
+RECLAIM_BATCH = 32
 
 
 class Door:
@@ -257,10 +276,13 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
     """
 
     def __init__(self, listener: Any, application: WSGIApp | None = None, *,
-                 door: Door, **kwargs: Any) -> None:
+                 door: Door, shared: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("handler_class", LocalHandler)
         super().__init__(listener, application, **kwargs)
         self.door = door
+        #: the listener is shared with sibling processes (see SHARED_CAP_PAUSE)
+        self.shared = shared
+        self._left_to_siblings = False
         self._handed_off: set[Any] = set()
         # One descriptor held in reserve: when accept() fails for want of descriptors,
         # it is given up for a moment to accept the waiting client and tell it 503,
@@ -269,10 +291,22 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         self._spare: int | None = _open_spare()
         self._shedding_logged = 0.0
         self._refused_waiting = 0
+        #: (idle since, connection) of idle connections to close at the cap (_reclaim_idle)
+        self._reclaimable: list[tuple[float, ClientConn]] = []
+        self._searched_at = -RECLAIM_SEARCH_EVERY
 
     def do_read(self) -> Any:
+        door = self.door
+        if self.shared and door.active >= door.cap and not self._left_to_siblings:
+            # At the cap: a sibling process may have room. Without this pause the
+            # process that woke first accepted a whole burst and refused past its own
+            # cap while its siblings sat idle (the cap was in effect one per instance).
+            self.stop_accepting()
+            self._timer = self.loop.timer(SHARED_CAP_PAUSE)
+            self._timer.start(self._after_pause)
+            return None
         try:
-            return super().do_read()
+            accepted = super().do_read()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
@@ -281,6 +315,15 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
             if not self.door.pool.shed(SHED_BATCH):
                 self._shed_one()
             return None
+        if accepted is None:
+            self._left_to_siblings = False  # the backlog is empty: pause again next time
+        return accepted
+
+    def _after_pause(self) -> None:
+        """Accept again; what is still waiting was left by the siblings (at their cap
+        too, or busy): it is accepted, and answered 503 if this process is still full."""
+        self._left_to_siblings = _readable(self.socket.fileno())
+        self._start_accepting_if_started()
 
     def _shed_one(self) -> None:
         """Out of descriptors: answer one waiting client 503 using the spare one."""
@@ -317,7 +360,7 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         503 and closed, here or, while its request is still to come, by a short-lived
         greenlet (at most REFUSED_WAITING of them) once it came."""
         door = self.door
-        if door.active >= door.cap:
+        if door.active >= door.cap and not self._reclaim_idle():
             door.observer.connection_refused()
             if self._refused_waiting < REFUSED_WAITING and not _has_sent(sock):
                 self._refused_waiting += 1
@@ -331,6 +374,26 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
         except BaseException:
             door.active -= 1
             raise
+
+    def _reclaim_idle(self) -> bool:
+        """At the cap: close the connection idle longest (RECLAIM_IDLE_AFTER at least,
+        see _reclaimable) to make room for a new one; False when there is none."""
+        now = time.monotonic()
+        if not self._reclaimable and now - self._searched_at >= RECLAIM_SEARCH_EVERY:
+            self._searched_at = now
+            idle = [(conn.idle_since, conn) for conn in list(self.door.sweeper.conns)
+                    if _reclaimable(conn) and now - conn.idle_since >= RECLAIM_IDLE_AFTER]
+            idle.sort(key=lambda pair: pair[0])
+            self._reclaimable = idle[:RECLAIM_BATCH][::-1]  # popped from the end
+        while self._reclaimable:
+            since, conn = self._reclaimable.pop()
+            if conn.idle_since == since and _reclaimable(conn) and not _has_sent(conn.sock):
+                # (still waiting for the same next request, and none is waiting unread
+                # in the socket of a process too busy to have read it: its handler sees
+                # the close, ends and gives its place back; the descriptor is free at once)
+                conn.close()
+                return True
+        return False
 
     def _refuse_once_asked(self, sock: Any) -> None:
         """The 503 for a connection past the cap, once its request came (or did not
@@ -378,6 +441,23 @@ class DoorServer(WSGIServer):  # type: ignore[misc]
                 door.observer.connection_closed()
             if conn.upstream is not None:
                 conn.upstream.close()
+
+
+def _reclaimable(conn: ClientConn) -> bool:
+    """Waiting for a request with nothing of it read: a keep-alive connection between
+    requests, or one opened and never used (a browser's preconnect, or a silent flood),
+    as the drain's close_idle_connections takes them."""
+    return not conn.buf and (conn.phase == IDLE or (conn.phase == HEAD and not conn.requests))
+
+
+def _readable(fd: int) -> bool:
+    """Whether a listener has a connection waiting: a look that cannot block."""
+    try:
+        poll = _original_poll()
+        poll.register(fd, _select.POLLIN)
+        return any(event & _select.POLLIN for _, event in poll.poll(0))
+    except (OSError, ValueError):  # closed meanwhile (a stop)
+        return False
 
 
 def _has_sent(sock: Any) -> bool:
@@ -1289,6 +1369,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
     checked_input = False
     body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
     client_left = False  # a send to the client failed during this response
+    cut = False  # the stop's drain ended during this response (handle_error)
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -1313,7 +1394,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         self.environ = self.get_environ()
         self.application = app
         self.body_sent = 0
-        self.client_left = False
+        self.client_left = self.cut = False
         self.handle_one_response()
         if rfile.chunks is not None:
             # The chunked body's end was never reached (pywsgi refused a chunk line, and
@@ -1330,7 +1411,8 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
                 not 0 <= _declared(length) <= self.body_sent:
             # fewer bytes than the app's Content-Length (or one that is no number): the
             # client waits for the rest, and would take the next answer for it
-            if not self.client_left:  # else its own going is the reason, not the app
+            # (a client that went, or the end of a stop's drain, cut it: not the app)
+            if not (self.client_left or self.cut):
                 log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
                             "closing the connection", self.command, self.path[:200],
                             self.body_sent, length[:40])
@@ -1458,7 +1540,7 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # timeout or nginx's worker_shutdown_timeout. pywsgi answered 500, as if
             # the app had failed, which a peer balancer passed on where it retries an
             # unanswered GET on another endpoint. (The stop logs how many were cut.)
-            self.close_connection = True
+            self.close_connection = self.cut = True
             return
         super().handle_error(t, v, tb)
 

@@ -215,7 +215,6 @@ def _route_logging(worker: Any) -> None:
 
 
 def _init_worker(worker: Any) -> None:
-    import functools
     import time
 
     import gevent
@@ -277,7 +276,14 @@ def _init_worker(worker: Any) -> None:
     # get the door's 503 (silent ones would hold the worker until their header
     # timeout). The door's cap (per process, from --worker-connections when set) rules.
     worker.worker_connections = door.cap + 1
-    worker.server_class = functools.partial(DoorServer, door=door)
+    private = listener.fileno()
+
+    def server_class(sock: Any, *args: Any, **kwargs: Any) -> DoorServer:
+        # gunicorn's own listeners are shared by its workers (-w N): see SHARED_CAP_PAUSE
+        return DoorServer(sock, *args, door=door, shared=worker.cfg.workers > 1 and
+                          sock.fileno() != private, **kwargs)
+
+    worker.server_class = server_class
     gevent.spawn(_watch, worker, node)
     worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,
                     node.self_url)

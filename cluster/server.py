@@ -375,6 +375,9 @@ def make_cluster_server(app: WSGIApp | None, listener: Any = None,
         resolved = resolved.replace(bind=host_port(address[0], address[1]))
     if app is not None and not resolved.service:
         raise ConfigError("--service (CLUSTER_SERVICE)", "required to serve an app")
+    # listening already (connections wait in the backlog until start()): as cluster
+    # serve, --port-file names the address --bind HOST:0 got
+    write_port_file(resolved)
     node = Cluster(resolved, register=app is not None).start()
     door = make_door(node, resolved, app, observe.from_settings(resolved))
     # a pool, as make_server's: without one stop() waited for no request in flight
@@ -427,7 +430,7 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     door = make_door(node, settings, local_app, observer)
     servers = [make_server(listener, door)]
     if shared is not None:
-        servers.append(make_server(shared, door))
+        servers.append(make_server(shared, door, shared=True))
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     at_once: list[str] = []  # what asked for the quick stop

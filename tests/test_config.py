@@ -101,6 +101,8 @@ def test_endpoint_url_defaults_from_bind():
     (["--max-websocket-message", "16M"], {}, "--max-websocket-message"),
     ([], {"CLUSTER_MAX_WEBSOCKET_MESSAGE": "100"}, "CLUSTER_MAX_WEBSOCKET_MESSAGE"),
     (["--cookie-samesite", "sometimes"], {}, "--cookie-samesite"),
+    # 0 fields: every request (Host is one) was a 431, with no word at the start
+    (["--max-header-count", "0"], {}, "--max-header-count"),
 ])
 def test_bad_setting_is_one_line_and_exit_2(args, env, names):
     result = run_cluster("serve", *args, env=env)

@@ -35,6 +35,7 @@ from helpers import (
     load_corpus,
     needs_ipv6,
     parse_responses,
+    python,
     read_port_file,
     read_response,
     read_until_close,
@@ -857,6 +858,7 @@ def test_past_the_connection_cap_the_503_answers_the_request_not_the_connect(
         for sock in socks:  # in, and served: the cap is reached
             sock.sendall(request_bytes())
             assert read_response(sock).status == 200
+            sock.sendall(b"G")  # a next request begun: not idle, so never reclaimed
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", port)) as late:
                 late.setblocking(False)
@@ -869,6 +871,53 @@ def test_past_the_connection_cap_the_503_answers_the_request_not_the_connect(
                 data, closed = read_until_close(late, 3)
                 assert closed and data.startswith(b"HTTP/1.1 503"), data
                 assert time.monotonic() - started < 0.4  # the answer, not a timeout
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_clean(proc)
+
+
+def test_at_the_connection_cap_an_idle_connection_makes_room(store: str) -> None:
+    """A cap full of idle keep-alive connections (browsers keep several per visitor) or
+    of connections never used refused every newcomer 503 for --keepalive-timeout (or
+    --header-timeout). As nginx reuses its idle connections, the one idle longest is
+    closed for the newcomer; one idle for under a second is not (its client may be
+    sending its next request), nor one in the middle of a request."""
+    cap = 4
+    proc, port = start_capped(store, "capped3", cap)
+    socks: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(sock)
+        return sock
+
+    def served(sock: socket.socket) -> bool:
+        sock.sendall(request_bytes())
+        return read_response(sock).status == 200
+
+    try:
+        oldest, recent, busy = connect(), connect(), connect()
+        assert served(oldest) and served(recent) and served(busy)
+        busy.sendall(b"GET /whoami HTTP/1.1\r\n")  # its next request under way
+        time.sleep(1.3)
+        unused = connect()  # never sends anything
+        time.sleep(0.2)  # accepted before the next request is read
+        assert served(recent)  # idle again, for a moment only
+        assert served(connect())  # a newcomer: the cap was full
+        data, closed = read_until_close(oldest, 2)  # the one idle longest made room
+        assert closed and data == b"", data
+        # none other idle for a second: the next newcomer is refused
+        responses, _ = exchange(port, FOLLOW_UP, timeout=3)
+        assert responses and responses[0].status == 503, responses
+        time.sleep(1.2)  # now the connection never used is the one idle longest
+        responses, _ = exchange(port, FOLLOW_UP, timeout=3)
+        assert responses and responses[0].status == 200, responses
+        data, closed = read_until_close(unused, 2)
+        assert closed and data == b"", data
+        busy.sendall(b"Host: 127.0.0.1\r\n\r\n")  # the busy one carried on
+        assert read_response(busy).status == 200
+        assert served(recent)
     finally:
         for sock in socks:
             sock.close()
@@ -894,6 +943,34 @@ def test_port_zero_is_bound_reported_in_the_port_file_and_logged(tmp_path: Path,
         assert responses[0].status == 200
         wait_until(lambda: f"127.0.0.1:{port}" in proc.output(), timeout=5,
                    what="the log names the bound address")
+    finally:
+        stop_clean(proc)
+
+
+LIBRARY_ON_PORT_ZERO = """
+from gevent import monkey; monkey.patch_all()
+import signal, gevent, cluster
+from cluster.demo import app
+server = cluster.make_server(app, service="web", bind="127.0.0.1:0")
+gevent.signal_handler(signal.SIGTERM, server.stop)
+server.serve_forever()
+"""
+
+
+def test_in_library_mode_port_zero_is_reported_in_the_port_file(tmp_path: Path,
+                                                                store: str) -> None:
+    """cluster.make_server() with CLUSTER_PORT_FILE (or port_file=): the file names the
+    bound address, as under cluster serve. It was accepted and never written."""
+    port_file = tmp_path / "port"
+    proc = Proc(python("-c", LIBRARY_ON_PORT_ZERO),
+                env={"CLUSTER_DISCOVERY_URL": store, "CLUSTER_PORT_FILE": str(port_file)},
+                name="library")
+    try:
+        port = read_port_file(port_file, proc, timeout=10)
+        assert port != 0 and port_file.read_text() == f"127.0.0.1:{port}\n"
+        responses, _ = exchange(port, request_bytes(target="/whoami",
+                                                    headers=[("Connection", "close")]))
+        assert responses[0].status == 200
     finally:
         stop_clean(proc)
 

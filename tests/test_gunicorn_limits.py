@@ -150,3 +150,42 @@ def test_the_worker_without_clusters_hooks_stops_with_one_line(tmp_path: Path) -
         assert proc.returncode != 0
     finally:
         proc.stop()
+
+
+def test_worker_connections_is_per_worker_at_gunicorns_shared_port(tmp_path: Path) -> None:
+    """``-w 2 --worker-connections 5``: ten connections held at once, as under gunicorn's
+    own gevent worker (a worker with a full pool stops accepting, its sibling takes the
+    next ones); one worker used to accept the whole burst and answer 503 past its own 5
+    while the other sat idle. Past both, still a prompt 503."""
+    cap = 5
+    env = {"CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}",
+           "CLUSTER_SERVICE": "web", "CLUSTER_HEADER_TIMEOUT": "20",
+           "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "2",
+                       "-b", "127.0.0.1:0", "--worker-connections", str(cap), "cluster.demo:app"),
+                env=env, name="gunicorn")
+    silent: list[socket.socket] = []
+    try:
+        port = gunicorn_port(proc, timeout=30)
+        wait_until(lambda: proc.output().count("cluster: worker ") == 2, timeout=30,
+                   what="both workers serving")
+        time.sleep(0.5)  # gunicorn starts the workers' servers after that line
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2 * cap)]
+        for sock in silent:  # each in a request (an idle one would make room for a newcomer)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+        time.sleep(1.0)  # past a full worker's pause
+        for sock in silent:
+            sock.setblocking(False)
+            try:
+                data = sock.recv(100)
+            except BlockingIOError:
+                continue  # held
+            raise AssertionError(f"connection {silent.index(sock)} of {2 * cap} was answered "
+                                 f"{data[:40]!r}")
+        refused = answer(port, get("/"))
+        assert refused.startswith(b"HTTP/1.1 503 "), refused[:100]
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
+    finally:
+        for sock in silent:
+            sock.close()
+        proc.stop()

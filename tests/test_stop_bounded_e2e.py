@@ -14,6 +14,7 @@ requests still running when the drain ends.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from urllib.parse import urlsplit
@@ -186,6 +187,28 @@ def test_a_request_still_running_when_the_drain_ends_is_cut_not_answered_500(tmp
     assert "drained for 2s (--graceful-timeout)" in output, output
     assert 2.0 <= took < 8.0, f"the stop took {took:.1f}s, not the 2 s asked:\n{output}"
     assert '"GET /slow?seconds=20 HTTP/1.1" 500' not in output, output
+
+
+def test_an_answer_cut_by_the_end_of_the_drain_is_not_blamed_on_the_app(tmp_path):
+    """A client that does not read a large answer, still held when the drain ends: the
+    stop cut the answer, and the log said the app had broken its own Content-Length
+    ("the app sent 4063232 body bytes with Content-Length: 50000000")."""
+    proc, port = start_instance(f"sqlite://{tmp_path / 'discovery.sqlite3'}", "s0",
+                                "--graceful-timeout", "1", "--write-timeout", "60")
+    try:
+        wait_until(lambda: "registered web at" in proc.output(), timeout=15)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.sendall(b"GET /download?size=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: reader.recv(1, socket.MSG_PEEK), timeout=5,
+                       what="the answer under way")
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "closed 1 connections whose requests were still running" in output, output
+    assert "the app sent" not in output, output
 
 
 @pytest.mark.timeout(60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -131,3 +132,41 @@ def test_a_sigterm_as_soon_as_the_port_file_appears_is_a_clean_stop(sqlite_url, 
         finally:
             proc.stop()
         assert metrics_dirs(tmp_path) == [], proc.output()
+
+
+def test_the_connection_cap_is_per_worker_at_the_shared_port(sqlite_url):
+    """--max-connections is per process: with two workers behind the shared port, a
+    burst of twice the cap is held (each worker takes what the other, at its cap, left:
+    one process used to accept the whole burst and answer 503 past its own cap while
+    its sibling sat idle), and a connection past both caps still gets a prompt 503."""
+    cap = 5
+    parent, port = start_serve("--workers-count", "2", "--service", "web",
+                               "--app", "cluster.demo:app", "--max-connections", str(cap),
+                               "--header-timeout", "20",
+                               env={"CLUSTER_DISCOVERY_URL": sqlite_url}, name="workers")
+    socks: list[socket.socket] = []
+    try:
+        wait_until(lambda: parent.output().count("and the shared public socket") == 2,
+                   timeout=20, what="both workers serving the shared port")
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5)
+                 for _ in range(2 * cap)]
+        for sock in socks:  # each in a request (an idle one would make room for a newcomer)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+        time.sleep(1.0)  # past the pause of a worker at its cap
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                data = sock.recv(100)
+            except BlockingIOError:
+                continue  # held, waiting for the rest of its head: as it should be
+            raise AssertionError(f"connection {socks.index(sock)} of {2 * cap} was "
+                                 f"answered {data[:40]!r}")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            started = time.monotonic()
+            extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(100).startswith(b"HTTP/1.1 503")
+            assert time.monotonic() - started < 2
+    finally:
+        for sock in socks:
+            sock.close()
+        parent.stop()

@@ -32,10 +32,6 @@ def main() -> None:
     server = cluster.make_server(hello, service="web", bind="127.0.0.1:0",
                                  port_file=sys.argv[1])
     gevent.signal_handler(signal.SIGTERM, server.stop)
-    server.start()
-    from cluster.server import write_port_file
-
-    write_port_file(server.door.settings)
     server.serve_forever()
 
 
