@@ -73,6 +73,10 @@ _REQUEST_SPECIAL = {
     b"x-real-ip": _REAL_IP, b"keep-alive": _DROP, b"te": _DROP, b"trailer": _DROP,
     b"proxy": _DROP, b"via": _VIA,
 }
+#: the first bytes of those names (and of Proxy-*): a line that starts otherwise is an
+#: ordinary field, passed on without splitting it (most of a browser's head)
+_SPECIAL_INITIALS = frozenset(b"".join(name[:1] for name in _REQUEST_SPECIAL).upper() +
+                              b"".join(name[:1] for name in _REQUEST_SPECIAL))
 
 
 class Limits(NamedTuple):
@@ -98,7 +102,7 @@ class RequestHead:
     __slots__ = ("method", "target", "version", "fields", "host", "content_length",
                  "chunked", "keep_alive", "upgrade", "connection", "cookie", "hop",
                  "expect_continue", "forwarded_for", "forwarded_proto", "forwarded_host",
-                 "forwarded", "real_ip", "via", "underscored")
+                 "forwarded", "real_ip", "via")
 
     def __init__(self, method: bytes, target: bytes, version: bytes) -> None:
         self.method = method
@@ -120,7 +124,6 @@ class RequestHead:
         self.forwarded = b""
         self.real_ip = b""
         self.via = b""
-        self.underscored = False  # a field name with '_' (dropped from WSGI environs)
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode('latin-1')} {self.target[:60]!r}>"
@@ -254,10 +257,14 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
     req = RequestHead(method, target, version)
     fields = req.fields
     special = _REQUEST_SPECIAL.get
+    initials = _SPECIAL_INITIALS
     transfer: list[bytes] = []
     lengths: list[bytes] = []
     hosts = 0
     for line in lines[1:]:
+        if line[0] not in initials:
+            fields.append(line)
+            continue
         name, _, value = line.partition(b":")
         lname = name.lower()
         kind = special(lname)
@@ -265,8 +272,6 @@ def parse_request_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestH
             if lname[:6] == b"proxy-":
                 continue  # Proxy-Authorization, Proxy-Connection...: hop-by-hop
             fields.append(line)
-            if b"_" in name:
-                req.underscored = True
             continue
         value = value.strip(b" \t")
         if kind == _HOST:

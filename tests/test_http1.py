@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -300,6 +301,31 @@ def test_hop_by_hop_request_fields_are_not_passed_on() -> None:
         ("Proxy", "http://evil"), ("Proxy-Authorization", "Basic x"),
         ("Proxy-Connection", "keep-alive"), ("X-End", "1")]))
     assert head.fields == [b"X-End: 1"]
+
+
+@pytest.mark.parametrize("spell", [str.lower, str.upper, str.title])
+def test_field_names_are_recognised_in_any_case(spell: Callable[[str], str]) -> None:
+    """Every field the door handles itself is found however its name is written; the
+    ordinary fields around it pass on untouched (the parser skips those quickly)."""
+    fields = [
+        (spell("Host"), "h"), ("Accept", "*/*"), (spell("Cookie"), "a=1"),
+        (spell("X-Forwarded-For"), "10.0.0.1"), (spell("X-Forwarded-Proto"), "https"),
+        (spell("X-Forwarded-Host"), "f"), (spell("Forwarded"), "for=x"),
+        (spell("X-Real-IP"), "10.0.0.2"), (spell("Via"), "1.1 p"),
+        (spell("X-Cluster-Hop"), "m"), (spell("Expect"), "100-continue"),
+        (spell("Upgrade"), "websocket"), (spell("Connection"), "Upgrade, X-Gone"),
+        (spell("Keep-Alive"), "1"), (spell("TE"), "trailers"), (spell("Trailer"), "x"),
+        (spell("Proxy"), "p"), (spell("Proxy-Authorization"), "x"),
+        (spell("Content-Length"), "5"), ("user-agent", "u"), ("Sec-Fetch-Mode", "cors")]
+    raw = "GET / HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+    head, _ = parse(raw.encode())
+    assert head.fields == [b"Accept: */*", b"user-agent: u", b"Sec-Fetch-Mode: cors"]
+    assert (head.host, head.cookie, head.forwarded_for, head.forwarded_proto) == (
+        b"h", b"a=1", b"10.0.0.1", b"https")
+    assert (head.forwarded_host, head.forwarded, head.real_ip, head.via, head.hop) == (
+        b"f", b"for=x", b"10.0.0.2", b"1.1 p", b"m")
+    assert head.expect_continue and head.upgrade == b"websocket"
+    assert head.connection == (b"upgrade", b"x-gone") and head.content_length == 5
 
 
 def test_cookie_lines_and_forwarded_fields_are_collected() -> None:
