@@ -25,6 +25,7 @@ def application(environ, start_response):
 '''
 
 
+@pytest.mark.soak  # 16 s to 60 s of pip; CI runs every test against the gunicorn extra installed
 @pytest.mark.timeout(300)
 def test_the_gunicorn_extra_runs_the_readme_command_in_a_fresh_virtualenv(tmp_path):
     env_dir = tmp_path / "venv"

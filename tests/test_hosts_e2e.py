@@ -147,6 +147,7 @@ def reaper_of(trio: dict[str, Host]) -> Host:
     return holders[0]
 
 
+@pytest.mark.soak  # 7 s of expiry; the hosts' routing and membership: in CI
 def test_partition_expires_the_cut_host_which_keeps_serving_and_all_agree_after(the_bed, trio):
     # Cut the reaper's host, the harder case: the others must take the lease over
     # before anyone can announce that it expired.

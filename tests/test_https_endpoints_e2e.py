@@ -96,7 +96,7 @@ def test_https_endpoint_http_and_websocket(tmp_path: Path, certificate: tuple[Pa
         assert "Traceback" not in proc.output(), proc.output()
 
 
-@pytest.mark.parametrize("way", ["door", "wsgi-adapter"])
+@pytest.mark.parametrize("way", ["door", pytest.param("wsgi-adapter", marks=pytest.mark.soak)])
 def test_a_tls_tunnel_to_a_client_that_stops_reading_is_closed(
         tmp_path: Path, certificate: tuple[Path, Path], way: str) -> None:
     """The tunnel to an https endpoint runs as two greenlets (not the event-loop

@@ -99,6 +99,7 @@ def test_serve_stops_promptly_when_the_store_stops_answering(mongo_server, mongo
     assert "failed (reading" not in output[stopping_at:], output
 
 
+@pytest.mark.soak  # 6 s; the same bound under serve and a booting gunicorn worker: in CI
 @pytest.mark.timeout(90)
 def test_gunicorn_worker_stops_promptly_when_the_store_stops_answering(
         tmp_path, mongo_server, mongo_url):
@@ -257,6 +258,7 @@ def test_gunicorn_worker_booting_while_the_store_does_not_answer_stops_promptly(
     assert "Traceback" not in output, output
 
 
+@pytest.mark.soak  # 12 s; a store that does not answer at all: in CI
 @pytest.mark.timeout(90)
 def test_serve_stops_with_its_record_removed_when_the_store_is_slow(mongo_server, mongo_url):
     """A store that answers, slowly (every answer 0.4 s late: a remote server, one

@@ -67,7 +67,7 @@ def store_file(kind: str, url: str, mongo_server) -> Path:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("kind", ["embedded", "ferretdb"])
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("ferretdb", marks=pytest.mark.soak)])
 def test_a_store_that_takes_no_writes_empties_no_table(kind, request) -> None:
     if kind == "embedded":
         url, server = request.getfixturevalue("sqlite_url"), None
