@@ -91,7 +91,7 @@ def test_a_decision_names_the_endpoint_record_of_its_own_table():
     assert again == route(RequestView(), old_table, POLICY, rand=lambda: 0.99)
 
 
-def test_decisions_for_long_one_off_paths_are_not_kept():
+def test_decisions_for_long_or_queried_one_off_paths_are_not_kept():
     """The reuse of decisions is bounded in memory: a path past 512 bytes (each could
     be 8 KiB, and an attacker can send a new one per request) is decided afresh."""
     from cluster import routing
@@ -100,6 +100,10 @@ def test_decisions_for_long_one_off_paths_are_not_kept():
     long_path = "/" + "x" * 2000
     d = route(RequestView(path=long_path), WEB, POLICY, rand=lambda: 0.99)
     assert isinstance(d, Proxy) and d.path_qs == long_path
+    assert not routing._PROXIES
+    # a query string (each browser request's own, often): not looked up, not kept
+    queried = route(RequestView(path="/short", query="v=1"), WEB, POLICY, rand=lambda: 0.99)
+    assert isinstance(queried, Proxy) and queried.path_qs == "/short?v=1"
     assert not routing._PROXIES
     short = route(RequestView(path="/short"), WEB, POLICY, rand=lambda: 0.99)
     assert len(routing._PROXIES) == 1
