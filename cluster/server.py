@@ -564,6 +564,14 @@ def stop_servers(servers: list[DoorServer], timeout: float,
             if remaining <= 0:
                 break
             server.pool.join(timeout=min(remaining, 0.1))
+    # Tunnels closing with 1001 finish the endpoint's frame being relayed first, and
+    # wait for the client's answer (at most tunnel.HALF_CLOSED_SECONDS): an exit now
+    # would cut them before their close frame went out.
+    doors = {id(door): door for door in (getattr(s, "door", None) for s in servers)
+             if door is not None}
+    while any(door.tunnels_going() for door in doors.values()) \
+            and not (hurry is not None and hurry.is_set()) and deadline > time.monotonic():
+        gevent.sleep(min(deadline - time.monotonic(), 0.05))
     left = sum(len(server.pool) for server in servers if server.pool is not None)
     for server in servers:
         server.stop(timeout=0)
