@@ -163,7 +163,7 @@ class _Direction:
         edge = self.edge
         want = CHUNK
         if self.finishing and edge is not None:
-            want = edge.want()
+            want = min(edge.want(), CHUNK)
             if not want:
                 self.send_close()
                 return
