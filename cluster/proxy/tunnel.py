@@ -33,6 +33,9 @@ never inside one (the client would see a broken frame and report 1006 or 1002, n
 the 1001 that asks it to reconnect). So the endpoint's side is followed frame by frame
 (:class:`FrameEdge`: one comparison per read while a frame goes on, a few operations per
 frame header), and a frame being relayed is finished before the close frame follows it.
+The client's frames are not followed (a flood of tiny frames would cost a balancer a
+Python loop per frame): the endpoint gets the client's own answer to the 1001, and from
+a client that never answers, only the end of the connection.
 
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
 TLS tunnels (the two greenlets, :func:`pump`) still end on the first EOF, and their
