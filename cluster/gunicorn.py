@@ -342,6 +342,17 @@ def worker_exit(server: Any, worker: Any) -> None:
     door = getattr(worker, "cluster_door", None)
     node = getattr(worker, "cluster_node", None)
     if door is not None:
+        if door.stopping:
+            # gunicorn's drain waited for its pools only: the tunnels _watch closed with
+            # 1001 finish the endpoint's frame under way, then their close frame goes
+            # out (an exit now cut them in the middle of the frame: no 1001)
+            import time
+
+            from cluster.proxy.tunnel import HALF_CLOSED_SECONDS
+            from cluster.server import wait_for_tunnels
+
+            wait_for_tunnels([door], time.monotonic() + min(
+                HALF_CLOSED_SECONDS, float(worker.cfg.graceful_timeout)))
         door.close()
     if node is not None:
         registrar = node.registrar
