@@ -250,6 +250,10 @@ class Door:
                 log.debug("closing a WebSocket failed", exc_info=True)
         return len(sockets)
 
+    def tunnels_going(self) -> bool:
+        """A tunnel this stop closes with 1001 is still finishing (Tunnel.going)."""
+        return any(getattr(socket, "going", False) for socket in self.open_websockets)
+
     def tidy(self) -> None:
         """Close pooled connections of endpoints that left the table, and the idle ones
         their endpoint closed (every TIDY_SECONDS, from :meth:`start`)."""
@@ -948,7 +952,7 @@ class Connection:
                 door.observer.connection_closed()
 
             tunnel = Tunnel(conn.sock, upstream.sock, closed,
-                            door.settings.write_timeout)
+                            door.settings.write_timeout, sent_to_a=bytes(upstream.buf))
             self.server._handed_off.add(conn.sock)
             door.sweeper.discard(conn)
             door.open_websockets.add(tunnel)

@@ -311,6 +311,8 @@ def _watch(worker: Any, node: Any) -> None:
     gunicorn's run loop notices either within a second and then drains; the record
     must go first, so that no new request is sent to a worker that is leaving.
     """
+    import time
+
     import gevent
     import gevent.event
 
@@ -327,6 +329,7 @@ def _watch(worker: Any, node: Any) -> None:
     # connection of its pools, and idle keep-alive ones would hold it to that timeout
     from cluster.workers import close_idle_connections
 
+    worker.cluster_going_at = time.monotonic()  # for worker_exit's wait
     closed = worker.cluster_door.going_away()
     if closed:
         worker.log.info("cluster: closed %d WebSockets with 1001 (going away)", closed)
@@ -342,6 +345,19 @@ def worker_exit(server: Any, worker: Any) -> None:
     door = getattr(worker, "cluster_door", None)
     node = getattr(worker, "cluster_node", None)
     if door is not None:
+        began = getattr(worker, "cluster_going_at", None)
+        if door.stopping and began is not None:
+            # gunicorn's drain waited for its pools only: the tunnels _watch closed with
+            # 1001 finish the endpoint's frame under way, then their close frame goes
+            # out (an exit now cut them in the middle of the frame: no 1001). Before
+            # the arbiter's SIGKILL at --graceful-timeout, with a second to spare.
+            import time
+
+            from cluster.proxy.tunnel import HALF_CLOSED_SECONDS
+            from cluster.server import wait_for_tunnels
+
+            wait_for_tunnels([door], min(time.monotonic() + HALF_CLOSED_SECONDS,
+                                         began + float(worker.cfg.graceful_timeout) - 1.0))
         door.close()
     if node is not None:
         registrar = node.registrar

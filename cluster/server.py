@@ -349,7 +349,9 @@ class ClusterServer(DoorServer):
         self.door.going_away()
         drained = gevent.event.Event()
         idle_closer = gevent.spawn(close_idle_connections, self.door, drained)
+        deadline = time.monotonic() + timeout
         super().stop(timeout)
+        wait_for_tunnels([self.door], deadline)
         drained.set()
         idle_closer.join(1)
         self.door.close()
@@ -549,6 +551,21 @@ def serve(settings: Settings, local_app: WSGIApp | None = None,
     return 0
 
 
+def wait_for_tunnels(doors: list[Door], deadline: float,
+                     hurry: gevent.event.Event | None = None) -> None:
+    """Tunnels closing with 1001 finish the endpoint's frame being relayed first, and
+    wait for the client's answer (at most tunnel.HALF_CLOSED_SECONDS): they run in the
+    event loop, not in a server's pool, and an exit before they are done cuts them
+    before their close frame went out. Waits for them until ``deadline``
+    (time.monotonic()) or ``hurry``."""
+    while any(door.tunnels_going() for door in doors) \
+            and not (hurry is not None and hurry.is_set()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        gevent.sleep(min(remaining, 0.05))
+
+
 def stop_servers(servers: list[DoorServer], timeout: float,
                  hurry: gevent.event.Event | None = None) -> int:
     """Stop accepting, wait up to ``timeout`` seconds in all for the connections being
@@ -564,6 +581,7 @@ def stop_servers(servers: list[DoorServer], timeout: float,
             if remaining <= 0:
                 break
             server.pool.join(timeout=min(remaining, 0.1))
+    wait_for_tunnels([server.door for server in servers], deadline, hurry)
     left = sum(len(server.pool) for server in servers if server.pool is not None)
     for server in servers:
         server.stop(timeout=0)

@@ -216,3 +216,37 @@ def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Pat
     finally:
         local.stop()
     assert "Traceback" not in local.output(), local.output()
+
+
+def test_a_tunnels_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Path) -> None:
+    """A stopping balancer closes a WebSocket it tunnels while the endpoint's message
+    is on its way to a client that reads slowly: the close frame follows that message,
+    whole, and the stop waits for it. It was written at once (what the tunnel still held
+    for the client dropped), into the middle of the message: the client read a broken
+    frame (1006 or 1002, not the 1001 that asks it to reconnect)."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    with contextlib.ExitStack() as stops:
+        serve(stops, "sender", discovery, "--service", "web", "--app", "ws_sender:app")
+        front, port = serve(stops, "front", discovery, "--ui-service", "web")
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/_cluster/status",
+                                        timeout=5).json()["endpoints"],
+                   timeout=TIMEOUT, what="the balancer to see the sender")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(_raw_upgrade("/"))
+            head, _, data = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            time.sleep(0.5)  # reads nothing: the tunnel holds part of a message
+            front.signal(signal.SIGTERM)
+            wait_until(lambda: "closed 1 WebSockets with 1001" in front.output(),
+                       timeout=TIMEOUT, what="the stop to close the WebSocket")
+            data += _read_until(sock, b"no marker: until the end")
+            sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe9")  # the answer, as a browser's
+        *messages, last = server_frames(data)
+        assert messages
+        for opcode, payload in messages:
+            assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])
+        assert last == (0x8, b"\x03\xe9"), (last[0], last[1][:40])
+        assert front.wait(TIMEOUT) == 0
+    assert "Traceback" not in front.output(), front.output()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,16 @@ import pytest
 import requests
 
 from cluster.discovery import open_store
-from helpers import ROOT, Proc, gunicorn_port, python, status_json, wait_until
+from helpers import (
+    ROOT,
+    Proc,
+    gunicorn_port,
+    python,
+    server_frames,
+    start_serve,
+    status_json,
+    wait_until,
+)
 from test_workers_supervision_e2e import VERSIONED_APP, reload_under_load
 
 
@@ -241,3 +251,51 @@ def test_worker_exit_while_the_heartbeats_run_leaves_no_record(tmp_path):
     finally:
         proc.stop()
     assert "left 0" in proc.output(), proc.output()
+
+
+def test_a_stopping_workers_tunnel_closes_with_1001_after_the_message_under_way(tmp_path):
+    """A gunicorn worker is a balancer too: on its stop, a WebSocket it tunnels to
+    another instance gets its 1001 after the endpoint's message being relayed to a
+    client that reads slowly. The worker exited as soon as gunicorn's pools were
+    empty (a tunnel is not in them), before that message was through: the client got
+    a frame cut short and no close frame (1006, not the 1001 that asks it to
+    reconnect)."""
+    discovery = f"sqlite://{tmp_path / 'discovery.sqlite3'}"
+    sender, _ = start_serve("--ping-interval", "1", "--service", "web",
+                            "--app", "ws_sender:app",
+                            env={"CLUSTER_DISCOVERY_URL": discovery}, name="sender")
+    proc = gunicorn(tmp_path, discovery, "-w", "1",
+                    env={"CLUSTER_SERVICE": "front", "CLUSTER_UI_SERVICE": "web"})
+    try:
+        port = gunicorn_port(proc)
+        wait_until(lambda: any(
+            e["service"] == "web" for e in requests.get(
+                f"http://127.0.0.1:{port}/_cluster/status", timeout=5).json()["endpoints"]),
+            timeout=20, what="the worker to see the sender")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\n\r\n")
+            time.sleep(0.5)  # reads nothing: the tunnel holds part of a message
+            proc.signal(signal.SIGTERM)
+            wait_until(lambda: "closed 1 WebSockets with 1001" in proc.output(),
+                       timeout=20, what="the worker's stop to close the WebSocket")
+            time.sleep(1)  # the worker's exit, before the fix
+            sock.settimeout(10)
+            data = b""
+            while piece := sock.recv(65536):
+                data += piece
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        *messages, last = server_frames(rest)
+        assert messages
+        for opcode, payload in messages:
+            assert (opcode, payload) == (0x2, b"y" * 65536), (opcode, payload[:40])
+        assert last == (0x8, b"\x03\xe9"), (last[0], last[1][:40])
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+        sender.stop()
+    assert "Traceback" not in proc.output(), proc.output()[-3000:]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import random
 import socket
 import struct
 import threading
@@ -23,6 +25,7 @@ import websocket
 from websocket import ABNF
 
 from cluster.handler import is_websocket_upgrade
+from cluster.proxy.tunnel import FrameEdge
 from cluster.proxy.websocket import (
     MAX_REFUSAL_BODY,
     WebSocketBridge,
@@ -694,3 +697,44 @@ def test_cluster_handler_leaves_no_reference_cycle() -> None:
     finally:
         gc.enable()
         server.stop()
+
+
+def _any_frame(rng: random.Random) -> bytes:
+    """A WebSocket frame with a payload of 0 to 70000 bytes (each length encoding),
+    masked or not."""
+    size = rng.choice([0, 1, 125, 126, 127, 65535, 65536, rng.randrange(70000)])
+    masked = rng.random() < 0.5
+    head = bytes([0x82])
+    bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([bit | size])
+    elif size < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", size)
+    return head + (b"\x01\x02\x03\x04" if masked else b"") + b"z" * size
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_tunnel_knows_where_each_frame_ends_however_the_reads_cut_them(
+        seed: int) -> None:
+    """FrameEdge (what lets a stopping tunnel put its 1001 between two frames): fed a
+    stream of frames in reads cut anywhere, it is at an edge exactly after the last
+    byte of a frame; read ``want()`` bytes at a time from there, it never reads past
+    the end of the frame under way."""
+    rng = random.Random(seed)
+    frames = [_any_frame(rng) for _ in range(12)]
+    stream = b"".join(frames)
+    ends = set(itertools.accumulate(len(f) for f in frames)) | {0}
+    edge, at = FrameEdge(), 0
+    while at < len(stream):
+        if rng.random() < 0.3 and not edge.at_edge:  # going away: up to the edge only
+            step = edge.want()
+            assert step > 0 and at + step <= min(e for e in ends if e > at)
+        else:
+            step = rng.choice([1, 2, 3, 7, 100, 4096, 65536, 200000])
+        piece = stream[at:at + step]
+        edge.feed(piece)
+        at += len(piece)
+        assert edge.at_edge == (at in ends), at
+        assert (edge.want() == 0) == edge.at_edge

@@ -27,11 +27,20 @@ tunnel closes once both ways ended, or HALF_CLOSED_SECONDS after the first did.
 A side that takes nothing of what is sent to it for the write timeout (a client that
 stopped reading) closes the tunnel: the timer for it runs only while a send is parked.
 
+A stop (:meth:`Tunnel.going_away`) is the one time the tunnel speaks WebSocket
+itself: its close frame (1001) must reach the client between the endpoint's frames,
+never inside one (the client would see a broken frame and report 1006 or 1002, not
+the 1001 that asks it to reconnect). So the endpoint's side is followed frame by frame
+(:class:`FrameEdge`: one comparison per read while a frame goes on, a few operations per
+frame header), and a frame being relayed is finished before the close frame follows it.
+The client's frames are not followed (a flood of tiny frames would cost a balancer a
+Python loop per frame): the endpoint gets the client's own answer to the 1001, and from
+a client that never answers, only the end of the connection.
+
 Known weak spots: no idle timeout after the upgrade (WebSocket apps ping on their own);
 TLS tunnels (the two greenlets, :func:`pump`) still end on the first EOF, and their
-write timeout bounds each send of one read, not each wait for progress;
-the 1001 frames of :meth:`Tunnel.going_away` could land in the middle of a frame that
-was being relayed at that instant (only at shutdown; the client reconnects either way).
+write timeout bounds each send of one read, not each wait for progress; their 1001
+frames (door._Pumped) are sent wherever the streams are.
 """
 
 from __future__ import annotations
@@ -58,6 +67,61 @@ CLOSE_TO_CLIENT = b"\x88\x02\x03\xe9"
 CLOSE_TO_SERVER = b"\x88\x82\x00\x00\x00\x00\x03\xe9"
 
 
+class FrameEdge:
+    """Where the next frame starts in a stream of WebSocket frames, fed as it is read:
+    ``left`` bytes of the current frame are still to come (0 with no ``partial``
+    header: the stream is between two frames)."""
+
+    __slots__ = ("left", "partial")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.partial = b""  # the start of a frame header cut by the end of a read
+
+    @property
+    def at_edge(self) -> bool:
+        return not self.left and not self.partial
+
+    def feed(self, data: bytes) -> None:
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        elif len(data) <= self.left:  # the common case of a large frame: no look
+            self.left -= len(data)
+            return
+        at, end = self.left, len(data)
+        while at < end:
+            if end - at < 2:
+                self.partial = bytes(data[at:])
+                self.left = 0
+                return
+            second = data[at + 1]
+            size = second & 0x7F
+            head = 2 + (2 if size == 126 else 8 if size == 127 else 0) + (4 if second & 0x80 else 0)
+            if end - at < head:
+                self.partial = bytes(data[at:])
+                self.left = 0
+                return
+            if size == 126:
+                size = int.from_bytes(data[at + 2:at + 4], "big")
+            elif size == 127:
+                size = int.from_bytes(data[at + 2:at + 10], "big")
+            at += head + size
+        self.left = at - end
+
+    def want(self) -> int:
+        """How many bytes may be read without reading past the end of the current
+        frame (0: at its end already)."""
+        if self.left or not self.partial:
+            return self.left
+        part = self.partial
+        if len(part) < 2:
+            return 2 - len(part)
+        size = part[1] & 0x7F
+        head = 2 + (2 if size == 126 else 8 if size == 127 else 0) + (4 if part[1] & 0x80 else 0)
+        return head - len(part)
+
+
 def _raw(sock: Any) -> Any:
     """The non-blocking OS socket under a plain gevent socket, or None (TLS, other)."""
     if type(sock) is gsocket.socket:
@@ -76,9 +140,10 @@ class _Direction:
     """One way of a tunnel: read ``src``, write ``dst``."""
 
     __slots__ = ("src", "dst", "reader", "writer", "pending", "tunnel", "ended", "stall",
-                 "moved_at")
+                 "moved_at", "edge", "finishing", "closed_frame")
 
-    def __init__(self, tunnel: Tunnel, src: Any, dst: Any, loop: Any) -> None:
+    def __init__(self, tunnel: Tunnel, src: Any, dst: Any, loop: Any,
+                 edge: FrameEdge | None = None) -> None:
         self.tunnel = tunnel
         self.src = src
         self.dst = dst
@@ -90,10 +155,23 @@ class _Direction:
         #: armed only while parked, so a send that does not block costs nothing more
         self.stall: Any = None
         self.moved_at = 0.0  # loop time ``dst`` last took bytes while parked
+        #: the frames of ``src`` followed (the endpoint's, towards the client), or None
+        self.edge = edge
+        #: going away: the frame being relayed is finished, then the close frame follows
+        self.finishing = False
+        #: the close frame went to ``dst``: what ``src`` still sends is read and dropped
+        self.closed_frame = False
 
     def readable(self) -> None:
+        edge = self.edge
+        want = CHUNK
+        if self.finishing and edge is not None:
+            want = min(edge.want(), CHUNK)
+            if not want:
+                self.send_close()
+                return
         try:
-            data = self.src.recv(CHUNK)
+            data = self.src.recv(want)
         except BlockingIOError:
             return
         except OSError:
@@ -102,6 +180,10 @@ class _Direction:
         if not data:
             self.tunnel.ended(self)
             return
+        if self.closed_frame:
+            return  # after the close frame nothing more may reach the client
+        if edge is not None:
+            edge.feed(data)
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
@@ -111,6 +193,39 @@ class _Direction:
             return
         if sent < len(data):
             self.park(data[sent:])
+        elif self.finishing and edge is not None and edge.at_edge:
+            self.send_close()
+
+    def send_close(self) -> None:
+        """Going away, between two frames of ``src``: the close frame (1001) to
+        ``dst``, after what is pending; once it is out, ``dst``'s side ends (FIN) and
+        ``src`` is read and dropped until it ends (so it gets no reset while its own
+        close frame, the answer to the client's, is on its way)."""
+        self.finishing = False
+        self.closed_frame = True
+        if self.pending:  # writable() sends it after the rest, then ends dst's side
+            self.pending += CLOSE_TO_CLIENT
+            return
+        try:
+            sent = self.dst.send(CLOSE_TO_CLIENT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.tunnel.close()
+            return
+        if sent < len(CLOSE_TO_CLIENT):
+            self.park(CLOSE_TO_CLIENT[sent:])
+        else:
+            self.close_sent()
+
+    def close_sent(self) -> None:
+        try:
+            self.dst.shutdown(SHUT_WR)
+        except OSError:
+            self.tunnel.close()
+            return
+        if self.reader is not None:
+            self.reader.start(self.readable)
 
     def park(self, rest: bytes) -> None:
         """``dst`` is full: keep ``rest``, stop reading until it is taken."""
@@ -158,7 +273,12 @@ class _Direction:
             self.writer.stop()
             if self.stall is not None:
                 self.stall.stop()
-            self.reader.start(self.readable)
+            if self.closed_frame:
+                self.close_sent()
+            elif self.finishing and self.edge is not None and self.edge.at_edge:
+                self.send_close()
+            else:
+                self.reader.start(self.readable)
         elif sent:
             self.moved_at = self.tunnel.loop.now()
 
@@ -180,7 +300,7 @@ class Tunnel:
     __slots__ = ("a", "b", "loop", "ways", "on_close", "closed", "timer", "write_timeout")
 
     def __init__(self, a: Any, b: Any, on_close: Callable[[], None],
-                 write_timeout: float = 0.0) -> None:
+                 write_timeout: float = 0.0, sent_to_a: bytes = b"") -> None:
         self.a = a
         self.b = b
         self.on_close = on_close
@@ -189,8 +309,12 @@ class Tunnel:
         self.loop = get_hub().loop
         raw_a, raw_b = _raw(a), _raw(b)
         assert raw_a is not None and raw_b is not None, "use pump() for TLS sockets"
+        # ``a`` is the client, ``b`` the endpoint, whose frames (the first of them
+        # passed on with its 101: ``sent_to_a``) are followed for going_away()
+        edge = FrameEdge()
+        edge.feed(sent_to_a)
         self.ways = (_Direction(self, raw_a, raw_b, self.loop),
-                     _Direction(self, raw_b, raw_a, self.loop))
+                     _Direction(self, raw_b, raw_a, self.loop, edge))
         self.timer: Any = None
 
     @staticmethod
@@ -203,18 +327,31 @@ class Tunnel:
 
     def going_away(self) -> None:
         """This instance is stopping: a WebSocket close frame with 1001 (going away)
-        to each end, then close. The client reconnects, to a live instance."""
+        to the client, as soon as the endpoint's frame being relayed (if any) has gone
+        through; the client reconnects, to a live instance. Its answering close frame
+        goes on to the endpoint, as a client's close would; the tunnel closes once both
+        ended, or HALF_CLOSED_SECONDS from now."""
         if self.closed:
             return
-        for way in self.ways:
-            way.stop()
-        for raw, frame in ((self.ways[0].src, CLOSE_TO_CLIENT),
-                           (self.ways[1].src, CLOSE_TO_SERVER)):
-            try:
-                raw.send(frame)
-            except OSError:
-                pass
-        self.close()
+        up, down = self.ways
+        if up.ended or down.ended or down.finishing or down.closed_frame:
+            if up.ended or down.ended:
+                self.close()  # a close is under way already: no frame of ours after it
+            return
+        if self.timer is None:
+            self.timer = self.loop.timer(HALF_CLOSED_SECONDS)
+            self.timer.start(self.close)
+        down.finishing = True
+        if down.edge is not None and down.edge.at_edge and not down.pending:
+            down.send_close()
+        # else the frame is finished by readable(), or writable() once what is pending
+        # is out, and the close frame follows it
+
+    @property
+    def going(self) -> bool:
+        """going_away() was called and the tunnel is not closed yet."""
+        down = self.ways[1]
+        return not self.closed and (down.finishing or down.closed_frame)
 
     def ended(self, way: _Direction) -> None:
         """``way``'s source sent EOF: pass it on, keep the other way going (bounded)."""
@@ -225,7 +362,9 @@ class Tunnel:
         except OSError:
             self.close()
             return
-        if all(w.ended for w in self.ways):
+        if all(w.ended for w in self.ways) or (way is self.ways[0] and self.ways[1].closed_frame):
+            # (going away: the client answered our close frame and ended, its close
+            # frame is passed on to the endpoint, nothing more is owed to either)
             self.close()
         elif self.timer is None:
             self.timer = self.loop.timer(HALF_CLOSED_SECONDS)

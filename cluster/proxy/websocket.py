@@ -278,6 +278,7 @@ class WebSocketBridge:
                 f"{name}: {value}\r\n".encode("latin-1") for name, value in answer_headers
             ) + b"\r\n"
         first = response_head + reader.buf  # the 101 head, and any frame already behind it
+        frames = bytes(reader.buf)  # the endpoint's, the tunnel follows them
         # This frame lives as long as the tunnel: drop what an idle tunnel does not need.
         del head, response_head, headers, reader, body
         self.open += 1
@@ -291,7 +292,7 @@ class WebSocketBridge:
             if early:
                 upstream.sendall(early)
             del early
-            self._tunnel(client, upstream, endpoint_url)
+            self._tunnel(client, upstream, endpoint_url, frames)
         except OSError as exc:
             log.debug("tunnel to %s ended early: %s", endpoint_url, exc)
         finally:
@@ -346,7 +347,8 @@ class WebSocketBridge:
         start_response(status_line, out)
         return [body]
 
-    def _tunnel(self, client: Any, upstream: Any, endpoint_url: str) -> None:
+    def _tunnel(self, client: Any, upstream: Any, endpoint_url: str,
+                frames: bytes = b"") -> None:
         """Pump both ways until both are done. Plain sockets go through the front
         door's :class:`~cluster.proxy.tunnel.Tunnel`, which passes a half-close on (a
         client still sending after the endpoint closed, or answering its close frame,
@@ -359,7 +361,8 @@ class WebSocketBridge:
         """
         if Tunnel.supports(client, upstream):
             ended = Event()
-            Tunnel(client, upstream, ended.set, self.write_timeout).start()
+            Tunnel(client, upstream, ended.set, self.write_timeout, frames).start()
+            del frames
             ended.wait()
             log.debug("websocket to %s closed", endpoint_url)
             return
