@@ -197,7 +197,34 @@ READ_PIECE = 1 << 20
 MAX_CHUNK = 2 ** 63 - 1
 
 
-class ClusterInput(pywsgi.Input):  # type: ignore[misc]
+class ExpectInput(pywsgi.Input):  # type: ignore[misc]
+    """pywsgi's request body reader, which skips no body whose 100 (Continue) it never
+    sent.
+
+    pywsgi reads and discards what the app left unread of a body once the answer is
+    out, on every kept connection; its ``socket`` is the one to send the 100 on until
+    the first read sends it. A client that asked for one and had its final answer
+    first need not send the body at all (RFC 9110 10.1.1): curl does not, and reuses
+    the connection, whose next request pywsgi then read as that body, and waited for
+    the rest of it (curl's uploads of more than 1 KiB ask for a 100: one the app
+    refused unread, a 401 or a 404, hung the next request on the connection). The
+    handler closes the connection after such an answer instead, saying so (Go's
+    net/http server does the same), and nothing waits for a body here."""
+
+    __slots__ = ()
+
+    def _discard(self) -> None:
+        if self.socket is not None:
+            return  # the 100 never went out: the connection ends (finalize_headers)
+        super()._discard()
+
+    def awaited(self) -> bool:
+        """True when the client waits for a 100 (Continue) nobody sent, with a body."""
+        return self.socket is not None and self.send_100_continue_enabled and (
+            bool(self.chunked_input) or (self.content_length or 0) > self.position)
+
+
+class ClusterInput(ExpectInput):
     """pywsgi's request body reader, with every bad chunk-size line refused alike, and
     a large Content-Length read as it arrives.
 
@@ -365,9 +392,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
-        if self.checked_input and type(self.wsgi_input) is pywsgi.Input:
+        if type(self.wsgi_input) is pywsgi.Input:
             # pywsgi builds its Input itself: the same object, read by ClusterInput
-            self.wsgi_input.__class__ = ClusterInput
+            # (or ExpectInput, for a reader that checks the body itself)
+            self.wsgi_input.__class__ = ClusterInput if self.checked_input else ExpectInput
         expect = environ.get("HTTP_EXPECT")
         if expect is not None:
             if self.request_version != "HTTP/1.1":
@@ -563,6 +591,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # The app answers a request whose chunked body pywsgi refused (its read raised
             # and the app made a 400 or 500 of it): the connection ends with this answer.
             self.close_connection = True
+        body = self.wsgi_input
+        if isinstance(body, ExpectInput) and body.awaited():
+            # The app answers before reading a body whose 100 (Continue) the client
+            # still waits for: the client may never send it (ExpectInput), so the
+            # connection ends with this answer, and no 100 comes after its head.
+            self.close_connection = True
+            body.send_100_continue_enabled = False
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
                 is_websocket_upgrade(environ):

@@ -546,6 +546,27 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(
     assert (got.status, got.body) == (200, b"hello")
 
 
+@pytest.mark.parametrize("where", ["local", "library"])
+@pytest.mark.parametrize("framing", [b"Content-Length: 2000", b"Transfer-Encoding: chunked"])
+def test_an_answer_before_the_100_continue_ends_the_connection(
+        request: pytest.FixtureRequest, where: str, framing: bytes) -> None:
+    """An app that answers an upload (a 404, a 401) without reading it, while the client
+    still waits for its 100 (Continue): the client may never send the body (RFC 9110
+    10.1.1), and curl does not; it reuses the connection. pywsgi then read curl's next
+    request as the body it waited for, and the next request hung. The answer says
+    ``Connection: close`` and the connection ends (as Go's net/http server does). (A
+    relaying door sends its 100 at once, as gunicorn does: the body then comes.)"""
+    door = request.getfixturevalue(where)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=5) as sock:
+        sock.sendall(b"POST /status/404 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Expect: 100-continue\r\n" + framing + b"\r\n\r\n")
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data)
+    assert [r.status for r in responses] == [404] and rest == b"", data
+    assert responses[0].header("connection") == "close", data
+    assert closed, data
+
+
 @pytest.mark.parametrize("where", ["local", "front", "library"])
 def test_an_http_1_0_client_gets_no_100_continue(request: pytest.FixtureRequest,
                                                  where: str) -> None:
