@@ -340,6 +340,9 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     #: read request bodies with :class:`ClusterInput` (a subclass whose reader already
     #: reads as bytes arrive and checks chunk lines first turns it off)
     checked_input = True
+    body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
+    client_left = False  # a send to the client failed during this response
+    cut = False  # the stop's drain ended during this response (the door's handler)
 
     def handle(self) -> None:
         set_nodelay(self.socket)
@@ -530,8 +533,37 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         return super().start_response(status, headers, exc_info)
 
     def write(self, data: bytes) -> None:
+        """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
+        bytes than it says). Bytes past it would reach a keep-alive client as the start
+        of its next response: they are dropped (the response as sent is whole)."""
         check_body_piece(data)
+        length = self.provided_content_length
+        if length is not None and data and self.command != "HEAD":
+            room = declared_length(length) - self.body_sent
+            if len(data) > room >= 0:
+                log.warning("%s %s: the app gave more body bytes than its Content-Length: "
+                            "%s; dropping %d", self.command, str(self.path)[:200],
+                            length[:40], len(data) - room)
+                data = data[:room]
         super().write(data)
+        # counted once sent: a piece refused (no start_response yet) is not part of
+        # the 500 page pywsgi sends next, whose own Content-Length this holds it to
+        self.body_sent += len(data)
+
+    def _sendall(self, data: bytes | bytearray) -> None:
+        try:
+            super()._sendall(data)
+        except OSError:
+            self.client_left = True
+            raise
+
+    def short_of_length(self) -> bool:
+        """The app sent fewer body bytes than its Content-Length (or one that is no
+        number): the client waits for the rest, and would take the next answer for it."""
+        length = self.provided_content_length
+        return length is not None and self.command != "HEAD" and \
+            self.code not in (101, 204, 304) and not self.hijacked and \
+            not 0 <= declared_length(length) <= self.body_sent
 
     def _write_with_headers(self, data: bytes) -> None:
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
@@ -576,6 +608,16 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
+        if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
+                any(name.lower() == b"content-length" for name, _ in headers):
+            # An app that framed its body itself (a hop-by-hop field PEP 3333 leaves to
+            # the server), and pywsgi added a Content-Length: never both (RFC 9112 6.1;
+            # a proxy in front would pick one and desync). The app's framing goes out,
+            # and the connection ends with the response.
+            headers = self.response_headers = [(name, value) for name, value in headers
+                                               if name.lower() != b"content-length"]
+            self.provided_content_length = None
+            self.close_connection = True
         if not self.response_use_chunked and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and \
                 not any(name.lower() == b"content-length" for name, _ in headers):
@@ -652,8 +694,18 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         return bool(getattr(getattr(self, "wsgi_input", None), "_chunked_input_error", False))
 
     def handle_one_response(self) -> None:
+        self.body_sent = 0
+        self.client_left = False
         try:
             super().handle_one_response()
+            if self.short_of_length():
+                # (a client that went, or the end of a stop's drain, cut it: not the app)
+                if not (self.client_left or self.cut):
+                    log.warning("%s %s: the app sent %d body bytes with Content-Length: "
+                                "%s; closing the connection", self.command,
+                                str(self.path)[:200], self.body_sent,
+                                str(self.provided_content_length)[:40])
+                self.close_connection = True
             if self.body_broken():
                 # An app that catches the read error and answers (as frameworks do, with
                 # a 400 or a 500) leaves pywsgi reading its next request from the middle
@@ -685,6 +737,12 @@ def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
                           f"(--write-timeout)") from None
 
     return write
+
+
+def declared_length(content_length: str) -> int:
+    """An app's Content-Length value as a number (-1: not a number at all)."""
+    value = content_length.strip()
+    return int(value) if value.isdigit() else -1
 
 
 def check_status(status: Any, environ: dict[str, Any] | None) -> None:

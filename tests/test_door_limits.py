@@ -460,11 +460,15 @@ def test_an_upload_cut_short_under_cluster_wrap_is_no_traceback(library: Door,
 
 
 @pytest.mark.parametrize("said, sent", [(2, 7), (10, 5)], ids=["more", "fewer"])
+@pytest.mark.parametrize("where", ["local", "front", "library"])
 def test_an_app_that_breaks_its_own_content_length_does_not_desync_the_connection(
-        door: Door, said: int, sent: int) -> None:
+        request: pytest.FixtureRequest, where: str, said: int, sent: int) -> None:
     """PEP 3333: never more bytes than the app's Content-Length. Bytes past it would be
     read as the next response (they are dropped, and the next request is answered); a
-    body short of it would swallow the next response (the connection is closed)."""
+    body short of it would swallow the next response (the connection is closed).
+    Under cluster.wrap() too (ClusterHandler): stock pywsgi sends what the app gives and
+    keeps the connection, as gunicorn does."""
+    door = request.getfixturevalue(where)
     raw = request_bytes(target=f"/wrong-length?said={said}&sent={sent}") + FOLLOW_UP
     with socket.create_connection(("127.0.0.1", door.port)) as sock:
         sock.sendall(raw)
@@ -481,9 +485,12 @@ def test_an_app_that_breaks_its_own_content_length_does_not_desync_the_connectio
         assert rest == b"x" * sent, data  # cut, and closed: the client knows
 
 
-def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(door: Door) -> None:
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(
+        request: pytest.FixtureRequest, where: str) -> None:
     """RFC 9112 6.1: Content-Length never beside Transfer-Encoding (pywsgi added one to the
     app's own 'Transfer-Encoding: chunked'); the app's framing goes out, then a close."""
+    door = request.getfixturevalue(where)
     with socket.create_connection(("127.0.0.1", door.port)) as sock:
         sock.sendall(request_bytes(target="/self-chunked"))
         data, _closed = read_until_close(sock, CLOSE_WAIT)
