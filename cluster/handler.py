@@ -30,7 +30,7 @@ from gevent.pywsgi import WSGIHandler
 
 from cluster.errors import UpstreamError
 from cluster.http1 import simple_response
-from cluster.netio import reset_on_close
+from cluster.netio import linger, reset_on_close
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
     client_left = False  # a send to the client failed during this response
     cut = False  # the stop's drain ended during this response (the door's handler)
+    body_unasked = False  # the answer went out before the 100 (Continue) the client awaits
 
     def handle(self) -> None:
         set_nodelay(self.socket)
@@ -638,7 +639,7 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # The app answers before reading a body whose 100 (Continue) the client
             # still waits for: the client may never send it (ExpectInput), so the
             # connection ends with this answer, and no 100 comes after its head.
-            self.close_connection = True
+            self.close_connection = self.body_unasked = True
             body.send_100_continue_enabled = False
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
@@ -686,7 +687,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
 
     def handle_one_request(self) -> Any:
         self.hijacked = False
-        return super().handle_one_request()
+        self.body_unasked = False
+        result = super().handle_one_request()
+        if result is None and self.body_unasked and not self.hijacked and \
+                self.socket is not None:
+            # A client that did not wait for the 100 may be sending the body still:
+            # closed with its bytes unread, the socket sends a reset, which can overtake
+            # the answer (the front door lingers the same way)
+            linger(self.socket, self.socket.recv)
+        return result
 
     def body_broken(self) -> bool:
         """pywsgi refused a line of this request's chunked body (a chunk size with a
