@@ -671,6 +671,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # the close (for an HTTP/1.0 client) from looking whole, as at the door.
             reset_on_close(self.socket)
             raise
+        if not self.status and not self.headers_sent and not self.hijacked:
+            # An empty body, and start_response never called: pywsgi sent nothing and
+            # kept the connection, and the client waited for an answer that never came
+            # (gunicorn answers 500, as pywsgi does for a body without start_response).
+            # The app's bug, in one line: it returned, there is no traceback to show.
+            log.error("%s %s: the app returned an empty body without calling "
+                      "start_response(); answering 500", self.command,
+                      str(self.path)[:200])
+            self._send_error_response_if_possible(500)
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self.hijacked:

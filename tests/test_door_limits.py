@@ -1194,6 +1194,21 @@ def test_a_streamed_body_to_an_http_1_0_keep_alive_client_ends_with_the_connecti
     assert body.count(b"\n") == 3 and b"Transfer-Encoding" not in head, data[:300]
 
 
+@pytest.mark.parametrize("where", ["local", "library"])
+def test_an_empty_body_without_start_response_is_a_500_not_silence(
+        request: pytest.FixtureRequest, where: str) -> None:
+    """An app that returns ``[]`` (an empty generator: a middleware's early return)
+    without calling start_response: pywsgi sent nothing and kept the connection, so the
+    client waited for an answer that never came (curl until its timeout) or, pipelining,
+    took the next request's answer for this one. gunicorn answers 500; so does cluster."""
+    door = request.getfixturevalue(where)
+    raw = request_bytes(target="/nothing-started") + FOLLOW_UP
+    responses, closed = exchange(door.port, raw, timeout=CLOSE_WAIT)
+    assert [(r.status, r.body) for r in responses] == [(500, b"Internal Server Error")], \
+        responses
+    assert closed
+
+
 @pytest.mark.parametrize("path", ["/no-start-response", "/str-body"])
 def test_an_app_that_breaks_pep_3333_gets_a_whole_500(store: str, path: str) -> None:
     """No start_response, or a str for a body piece: a whole 500, locally and through a
