@@ -66,9 +66,7 @@ from cluster.handler import (
     _NO_ACCESS_LOG,
     ClusterHandler,
     RequestHeaders,
-    check_body_piece,
     handshake_answer,
-    say_close,
     set_nodelay,
 )
 from cluster.hop import HopMarker
@@ -1371,9 +1369,6 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
     # the door's reader grows with the bytes that came, and its scanner refuses a bad
     # chunk line before pywsgi reads it: pywsgi's own Input is enough (and one copy less)
     checked_input = False
-    body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
-    client_left = False  # a send to the client failed during this response
-    cut = False  # the stop's drain ended during this response (handle_error)
 
     def run(self, head: RequestHead, app: WSGIApp, path: str | None, trusted: bool) -> bool:
         """Run ``app`` for ``head``; True when the connection may carry another request."""
@@ -1409,39 +1404,10 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # A refused handshake ends the connection, as when the upgrade is relayed:
             # what the client sends next may be frames, not a request.
             self.close_connection = True
-        length = self.provided_content_length
-        if length is not None and self.command != "HEAD" and \
-                self.code not in (101, 204, 304) and not self.hijacked and \
-                not 0 <= _declared(length) <= self.body_sent:
-            # fewer bytes than the app's Content-Length (or one that is no number): the
-            # client waits for the rest, and would take the next answer for it
-            # (a client that went, or the end of a stop's drain, cut it: not the app)
-            if not (self.client_left or self.cut):
-                log.warning("%s %s: the app sent %d body bytes with Content-Length: %s; "
-                            "closing the connection", self.command, self.path[:200],
-                            self.body_sent, length[:40])
-            self.close_connection = True
+        # (fewer body bytes than the app's Content-Length: ClusterHandler closes)
         return not self.close_connection and not self.rfile.closed
 
-    def write(self, data: bytes) -> None:
-        """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
-        bytes than it says). Bytes past it would reach a keep-alive client as the start
-        of its next response: they are dropped (the response as sent is whole)."""
-        length = self.provided_content_length
-        if length is not None and data and self.command != "HEAD":
-            check_body_piece(data)
-            room = _declared(length) - self.body_sent
-            if len(data) > room >= 0:
-                log.warning("%s %s: the app gave more body bytes than its Content-Length: "
-                            "%s; dropping %d", self.command, self.path[:200], length[:40],
-                            len(data) - room)
-                data = data[:room]
-        super().write(data)
-        # counted once sent: a piece refused (no start_response yet) is not part of
-        # the 500 page pywsgi sends next, whose own Content-Length this holds it to
-        self.body_sent += len(data)
-
-    def _sendall(self, data: bytes) -> None:
+    def _sendall(self, data: bytes | bytearray) -> None:
         """pywsgi's, through the door's send: a client that reads nothing for
         --write-timeout has its connection closed by the sweeper instead of holding this
         greenlet (and the app's response) for ever. Outside a door (a plain pywsgi
@@ -1459,26 +1425,6 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             # closed by the sweeper: as unremarkable as a client that went away
             raise BrokenPipeError(errno.EPIPE, f"client connection closed: {exc}") from None
         self.response_length += len(data)
-
-    # A response to HEAD is the head a GET would get, without its content: ClusterHandler
-    # sends no body after it (RFC 9110 9.3.2).
-    def finalize_headers(self) -> None:
-        super().finalize_headers()
-        headers = self.response_headers
-        if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
-                any(name.lower() == b"content-length" for name, _ in headers):
-            # An app that framed its body itself (a hop-by-hop field PEP 3333 leaves to
-            # the server), and pywsgi added a Content-Length: never both (RFC 9112 6.1;
-            # a proxy in front would pick one and desync). The app's framing goes out,
-            # and the connection ends with the response.
-            self.response_headers = [(name, value) for name, value in headers
-                                     if name.lower() != b"content-length"]
-            self.provided_content_length = None
-            self.close_connection = True
-        if self.close_connection and self.code != 101:
-            # Say that this connection ends here (RFC 9112 9.6): a client that asked for
-            # close, or an HTTP/1.0 one, must not try to reuse it.
-            self.response_headers = say_close(self.response_headers)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:
@@ -1598,12 +1544,6 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
             end_websocket(self, self.socket, self.rfile.read)
-
-
-def _declared(content_length: str) -> int:
-    """An app's Content-Length value as a number (-1: not a number at all)."""
-    value = content_length.strip()
-    return int(value) if value.isdigit() else -1
 
 
 _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",

@@ -67,6 +67,12 @@ WITHOUT_HOOKS = ("cluster: cluster.gunicorn.Worker needs this module's hooks: st
                  "in your config file)")
 
 
+#: why gunicorn's --certfile stops a cluster worker
+TLS_UNSUPPORTED = ("cluster's worker serves plain HTTP only (its front door reads the socket "
+                   "itself); terminate TLS in front of it (nginx, a load balancer) and bind "
+                   "gunicorn to plain HTTP")
+
+
 class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent worker; ``post_worker_init`` sets its ``server_class`` to the
     front door bound to this worker's node."""
@@ -189,6 +195,11 @@ def post_worker_init(worker: Any) -> None:
     from cluster.errors import ConfigError
 
     try:
+        if getattr(worker.cfg, "is_ssl", False):
+            # The door reads and writes the OS socket under gunicorn's TLS layer: every
+            # handshake was read as a request (400 "not an HTTP/1 request") and each
+            # connection logged a traceback, while gunicorn said it listened on https.
+            raise ConfigError("gunicorn's --certfile/--keyfile", TLS_UNSUPPORTED)
         _init_worker(worker)
     except ConfigError as exc:
         worker.log.error("cluster: %s", exc)

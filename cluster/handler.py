@@ -30,7 +30,7 @@ from gevent.pywsgi import WSGIHandler
 
 from cluster.errors import UpstreamError
 from cluster.http1 import simple_response
-from cluster.netio import reset_on_close
+from cluster.netio import linger, reset_on_close
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,34 @@ READ_PIECE = 1 << 20
 MAX_CHUNK = 2 ** 63 - 1
 
 
-class ClusterInput(pywsgi.Input):  # type: ignore[misc]
+class ExpectInput(pywsgi.Input):  # type: ignore[misc]
+    """pywsgi's request body reader, which skips no body whose 100 (Continue) it never
+    sent.
+
+    pywsgi reads and discards what the app left unread of a body once the answer is
+    out, on every kept connection; its ``socket`` is the one to send the 100 on until
+    the first read sends it. A client that asked for one and had its final answer
+    first need not send the body at all (RFC 9110 10.1.1): curl does not, and reuses
+    the connection, whose next request pywsgi then read as that body, and waited for
+    the rest of it (curl's uploads of more than 1 KiB ask for a 100: one the app
+    refused unread, a 401 or a 404, hung the next request on the connection). The
+    handler closes the connection after such an answer instead, saying so (Go's
+    net/http server does the same), and nothing waits for a body here."""
+
+    __slots__ = ()
+
+    def _discard(self) -> None:
+        if self.socket is not None:
+            return  # the 100 never went out: the connection ends (finalize_headers)
+        super()._discard()
+
+    def awaited(self) -> bool:
+        """True when the client waits for a 100 (Continue) nobody sent, with a body."""
+        return self.socket is not None and self.send_100_continue_enabled and (
+            bool(self.chunked_input) or (self.content_length or 0) > self.position)
+
+
+class ClusterInput(ExpectInput):
     """pywsgi's request body reader, with every bad chunk-size line refused alike, and
     a large Content-Length read as it arrives.
 
@@ -313,6 +340,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
     #: read request bodies with :class:`ClusterInput` (a subclass whose reader already
     #: reads as bytes arrive and checks chunk lines first turns it off)
     checked_input = True
+    body_sent = 0  # body bytes the app gave for this response (for its Content-Length)
+    client_left = False  # a send to the client failed during this response
+    cut = False  # the stop's drain ended during this response (the door's handler)
+    body_unasked = False  # the answer went out before the 100 (Continue) the client awaits
 
     def handle(self) -> None:
         set_nodelay(self.socket)
@@ -365,9 +396,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         environ["RAW_URI"] = self.path
         environ[SOCKET_KEY] = self.socket
         environ[HIJACK_KEY] = self.hijack
-        if self.checked_input and type(self.wsgi_input) is pywsgi.Input:
+        if type(self.wsgi_input) is pywsgi.Input:
             # pywsgi builds its Input itself: the same object, read by ClusterInput
-            self.wsgi_input.__class__ = ClusterInput
+            # (or ExpectInput, for a reader that checks the body itself)
+            self.wsgi_input.__class__ = ClusterInput if self.checked_input else ExpectInput
         expect = environ.get("HTTP_EXPECT")
         if expect is not None:
             if self.request_version != "HTTP/1.1":
@@ -502,8 +534,37 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         return super().start_response(status, headers, exc_info)
 
     def write(self, data: bytes) -> None:
+        """pywsgi's, holding the app to its own Content-Length (PEP 3333: never more
+        bytes than it says). Bytes past it would reach a keep-alive client as the start
+        of its next response: they are dropped (the response as sent is whole)."""
         check_body_piece(data)
+        length = self.provided_content_length
+        if length is not None and data and self.command != "HEAD":
+            room = declared_length(length) - self.body_sent
+            if len(data) > room >= 0:
+                log.warning("%s %s: the app gave more body bytes than its Content-Length: "
+                            "%s; dropping %d", self.command, str(self.path)[:200],
+                            length[:40], len(data) - room)
+                data = data[:room]
         super().write(data)
+        # counted once sent: a piece refused (no start_response yet) is not part of
+        # the 500 page pywsgi sends next, whose own Content-Length this holds it to
+        self.body_sent += len(data)
+
+    def _sendall(self, data: bytes | bytearray) -> None:
+        try:
+            super()._sendall(data)
+        except OSError:
+            self.client_left = True
+            raise
+
+    def short_of_length(self) -> bool:
+        """The app sent fewer body bytes than its Content-Length (or one that is no
+        number): the client waits for the rest, and would take the next answer for it."""
+        length = self.provided_content_length
+        return length is not None and self.command != "HEAD" and \
+            self.code not in (101, 204, 304) and not self.hijacked and \
+            not 0 <= declared_length(length) <= self.body_sent
 
     def _write_with_headers(self, data: bytes) -> None:
         """Status line, headers and a first body piece up to ONESEND_MAX in one send.
@@ -548,6 +609,16 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         if self.command == "HEAD":
             self.response_use_chunked = False  # no chunks, so no last-chunk either
         headers = self.response_headers
+        if any(name.lower() == b"transfer-encoding" for name, _ in headers) and \
+                any(name.lower() == b"content-length" for name, _ in headers):
+            # An app that framed its body itself (a hop-by-hop field PEP 3333 leaves to
+            # the server), and pywsgi added a Content-Length: never both (RFC 9112 6.1;
+            # a proxy in front would pick one and desync). The app's framing goes out,
+            # and the connection ends with the response.
+            headers = self.response_headers = [(name, value) for name, value in headers
+                                               if name.lower() != b"content-length"]
+            self.provided_content_length = None
+            self.close_connection = True
         if not self.response_use_chunked and self.command != "HEAD" and \
                 self.code not in (101, 204, 304) and \
                 not any(name.lower() == b"content-length" for name, _ in headers):
@@ -563,6 +634,13 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # The app answers a request whose chunked body pywsgi refused (its read raised
             # and the app made a 400 or 500 of it): the connection ends with this answer.
             self.close_connection = True
+        body = self.wsgi_input
+        if isinstance(body, ExpectInput) and body.awaited():
+            # The app answers before reading a body whose 100 (Continue) the client
+            # still waits for: the client may never send it (ExpectInput), so the
+            # connection ends with this answer, and no 100 comes after its head.
+            self.close_connection = self.body_unasked = True
+            body.send_100_continue_enabled = False
         environ = self.environ  # pywsgi's class default is None
         if self.code != 101 and environ and "HTTP_UPGRADE" in environ and \
                 is_websocket_upgrade(environ):
@@ -593,6 +671,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
             # the close (for an HTTP/1.0 client) from looking whole, as at the door.
             reset_on_close(self.socket)
             raise
+        if not self.status and not self.headers_sent and not self.hijacked:
+            # An empty body, and start_response never called: pywsgi sent nothing and
+            # kept the connection, and the client waited for an answer that never came
+            # (gunicorn answers 500, as pywsgi does for a body without start_response).
+            # The app's bug, in one line: it returned, there is no traceback to show.
+            log.error("%s %s: the app returned an empty body without calling "
+                      "start_response(); answering 500", self.command,
+                      str(self.path)[:200])
+            self._send_error_response_if_possible(500)
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self.hijacked:
@@ -609,7 +696,15 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
 
     def handle_one_request(self) -> Any:
         self.hijacked = False
-        return super().handle_one_request()
+        self.body_unasked = False
+        result = super().handle_one_request()
+        if result is None and self.body_unasked and not self.hijacked and \
+                self.socket is not None:
+            # A client that did not wait for the 100 may be sending the body still:
+            # closed with its bytes unread, the socket sends a reset, which can overtake
+            # the answer (the front door lingers the same way)
+            linger(self.socket, self.socket.recv)
+        return result
 
     def body_broken(self) -> bool:
         """pywsgi refused a line of this request's chunked body (a chunk size with a
@@ -617,8 +712,18 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         return bool(getattr(getattr(self, "wsgi_input", None), "_chunked_input_error", False))
 
     def handle_one_response(self) -> None:
+        self.body_sent = 0
+        self.client_left = False
         try:
             super().handle_one_response()
+            if self.short_of_length():
+                # (a client that went, or the end of a stop's drain, cut it: not the app)
+                if not (self.client_left or self.cut):
+                    log.warning("%s %s: the app sent %d body bytes with Content-Length: "
+                                "%s; closing the connection", self.command,
+                                str(self.path)[:200], self.body_sent,
+                                str(self.provided_content_length)[:40])
+                self.close_connection = True
             if self.body_broken():
                 # An app that catches the read error and answers (as frameworks do, with
                 # a 400 or a 500) leaves pywsgi reading its next request from the middle
@@ -650,6 +755,12 @@ def timed_sendall(sock: Any, seconds: float) -> Callable[[bytes], None]:
                           f"(--write-timeout)") from None
 
     return write
+
+
+def declared_length(content_length: str) -> int:
+    """An app's Content-Length value as a number (-1: not a number at all)."""
+    value = content_length.strip()
+    return int(value) if value.isdigit() else -1
 
 
 def check_status(status: Any, environ: dict[str, Any] | None) -> None:

@@ -24,6 +24,7 @@ from helpers import (
     Proc,
     gunicorn_port,
     python,
+    self_signed,
     server_frames,
     start_serve,
     status_json,
@@ -212,6 +213,28 @@ def test_a_bad_setting_stops_gunicorn_with_one_line(tmp_path):
     assert result.returncode != 0
     assert "cluster: --endpoint-url (CLUSTER_ENDPOINT_URL)" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_gunicorns_certfile_stops_it_with_one_line(tmp_path):
+    """The worker's front door reads the OS socket under gunicorn's TLS layer: with
+    --certfile every handshake was taken for a request (a 400, "not an HTTP/1
+    request") and each connection logged a traceback, while gunicorn said it listened
+    on https. Now a stop with one line, as for any setting the worker cannot serve."""
+    cert, key = self_signed(tmp_path)
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-w", "1",
+                       "-b", "127.0.0.1:0", "--certfile", str(cert), "--keyfile", str(key),
+                       "cluster.demo:app"),
+                env={"CLUSTER_SERVICE": "web",
+                     "CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"},
+                name="gunicorn-tls")
+    try:
+        assert proc.wait(timeout=20) != 0, proc.output()
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "cluster: gunicorn's --certfile/--keyfile: cluster's worker serves plain HTTP" \
+        in output, output
+    assert "Traceback" not in output, output
 
 
 WORKER_EXIT_WHILE_BEATING = """

@@ -163,6 +163,8 @@ def app(environ, start_response):
         return [b"ok"]
     if path == "/no-start-response":  # an app bug: a body, and never start_response
         return [b"never started"]
+    if path == "/nothing-started":  # an app bug: no body, and never start_response
+        return []
     if path == "/str-body":  # an app bug: a str where PEP 3333 wants bytes
         start_response("200 OK", [("Content-Length", "15"), ("X-Served-By", NAME)])
         return ["a str not bytes"]
