@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Iterator
 
 import requests
 import websocket
@@ -196,17 +197,8 @@ def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Pat
                               "--app", "ws_sender:app",
                               env={"CLUSTER_DISCOVERY_URL": discovery}, name="sender")
     try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(_raw_upgrade("/"))
-            head, _, data = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 101"), head
-            time.sleep(0.5)  # reads nothing: the app's send waits in a 64 KiB message
-            local.signal(signal.SIGTERM)
-            wait_until(lambda: "closed 1 WebSockets with 1001" in local.output(),
-                       timeout=TIMEOUT, what="the stop to close the WebSocket")
-            data += _read_until(sock, b"no marker: until the end")
+        with _stopped_while_reading_nothing(port, local) as (_, data):
+            pass
         *messages, last = server_frames(data)
         assert messages
         for opcode, payload in messages:
@@ -216,6 +208,25 @@ def test_a_local_sockets_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Pat
     finally:
         local.stop()
     assert "Traceback" not in local.output(), local.output()
+
+
+@contextlib.contextmanager
+def _stopped_while_reading_nothing(port: int,
+                                   stopping: Proc) -> Iterator[tuple[socket.socket, bytes]]:
+    """A WebSocket through ``port`` to ws_sender:app whose client reads nothing for a
+    while (the app's 64 KiB messages wait in a send, or in the tunnel), then SIGTERM to
+    ``stopping``: the socket, and every byte that came after the 101, to the end."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(_raw_upgrade("/"))
+        head, _, data = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        time.sleep(0.5)
+        stopping.signal(signal.SIGTERM)
+        wait_until(lambda: "closed 1 WebSockets with 1001" in stopping.output(),
+                   timeout=TIMEOUT, what="the stop to close the WebSocket")
+        yield sock, data + _read_until(sock, b"no marker: until the end")
 
 
 def test_a_tunnels_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Path) -> None:
@@ -231,17 +242,7 @@ def test_a_tunnels_1001_never_lands_in_the_middle_of_a_frame(tmp_path: Path) -> 
         wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/_cluster/status",
                                         timeout=5).json()["endpoints"],
                    timeout=TIMEOUT, what="the balancer to see the sender")
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(_raw_upgrade("/"))
-            head, _, data = _read_until(sock, b"\r\n\r\n").partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 101"), head
-            time.sleep(0.5)  # reads nothing: the tunnel holds part of a message
-            front.signal(signal.SIGTERM)
-            wait_until(lambda: "closed 1 WebSockets with 1001" in front.output(),
-                       timeout=TIMEOUT, what="the stop to close the WebSocket")
-            data += _read_until(sock, b"no marker: until the end")
+        with _stopped_while_reading_nothing(port, front) as (sock, data):
             sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe9")  # the answer, as a browser's
         *messages, last = server_frames(data)
         assert messages
