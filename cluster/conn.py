@@ -279,6 +279,15 @@ class Sweeper:
             if conn.upstream is not None:
                 conn.upstream.close()  # wakes the request with an error: it answers 504
             return
+        if phase == IDLE and _request_waiting(conn.raw):
+            # The next request came as the keep-alive timeout ran out and waits unread
+            # (a process too busy to have read it yet): it is served, as nginx reads
+            # what arrived before it acts on its timers. Closed, its unread bytes made
+            # the close a reset, a lost request to any client that does not resend
+            # (Node's http.Agent and fetch, an aiohttp POST). Its reader takes it now and
+            # sets the head's own deadline; this one only looks again.
+            conn.deadline = time.monotonic() + Sweeper.INTERVAL
+            return
         if phase == HEAD and conn.buf:
             # Part of a head arrived and the rest did not in time: say so, best effort.
             try:
@@ -288,3 +297,12 @@ class Sweeper:
                 pass
         log.debug("closing %r: %s timeout", conn, PHASE_NAMES[phase])
         conn.close()
+
+
+def _request_waiting(raw: socket.socket) -> bool:
+    """Whether bytes of a request wait unread in ``raw`` (not an EOF or an error): a
+    look that cannot block."""
+    try:
+        return bool(raw.recv(1, socket.MSG_PEEK))
+    except OSError:  # BlockingIOError (nothing there), a reset, a closed socket
+        return False

@@ -826,6 +826,26 @@ def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(impatient: 
     assert KEEPALIVE_TIMEOUT - 0.3 <= idle <= KEEPALIVE_TIMEOUT + 0.8, idle
 
 
+def test_a_request_waiting_unread_at_the_keep_alive_timeout_is_served(
+        impatient: Door) -> None:
+    """The next request arrives as the idle timeout runs out, in a process too busy to
+    have read it yet (another request's app holds the CPU until the timeout has passed).
+    It is answered, as nginx reads what arrived before it acts on its timers; the sweep
+    used to close the connection over it, and its unread bytes made that a reset: a
+    lost request for Node's http.Agent and fetch, which do not resend."""
+    address = ("127.0.0.1", impatient.port)
+    with socket.create_connection(address) as sock, \
+            socket.create_connection(address) as busy:
+        sock.sendall(request_bytes())
+        assert read_response(sock).body == b"impatient"
+        busy.sendall(request_bytes(target=f"/busy?seconds={KEEPALIVE_TIMEOUT + 1}"))
+        time.sleep(KEEPALIVE_TIMEOUT + 0.5)  # past the deadline, the door still busy
+        sock.sendall(request_bytes())
+        assert read_response(busy).body == b"busy impatient"
+        got = read_response(sock)
+    assert (got.status, got.body) == (200, b"impatient")
+
+
 def test_active_keep_alive_connection_stays_open(impatient: Door) -> None:
     """Requests every 0.3 s for longer than both timeouts: each head is timed on its own."""
     with socket.create_connection(("127.0.0.1", impatient.port)) as sock:

@@ -142,6 +142,11 @@ def app(environ, start_response):
     if path == "/slow":
         time.sleep(float(query.get("seconds", "1")))
         return reply("slow " + NAME)
+    if path == "/busy":  # the app holds the CPU: the whole process waits, as a busy one
+        until = time.monotonic() + float(query.get("seconds", "1"))
+        while time.monotonic() < until:
+            pass
+        return reply("busy " + NAME)
     if path.startswith("/status/"):
         code = int(path.rsplit("/", 1)[1])
         if code in (204, 304):
