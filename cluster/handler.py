@@ -528,9 +528,14 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         header field name that is no token or a value with a control byte (pywsgi
         refused only CR and LF; gunicorn's own workers refuse these too): ``X Bad``, a
         NUL or an ESC went out as they were, and Go's and Node's clients refused the
-        whole answer (a balancer in front answered 502)."""
+        whole answer (a balancer in front answered 502). So is a Content-Length that is
+        no number, or two different ones: pywsgi framed the body by the last and sent
+        both, and a client or proxy that reads the first (http.client, requests) took
+        the next answer on the connection for the rest of this one. The same one twice
+        goes out once (as the relay passes an endpoint's on)."""
         check_status(status, self.environ)
-        check_fields(headers)
+        if check_fields(headers):
+            headers = once_length(headers)
         return super().start_response(status, headers, exc_info)
 
     def write(self, data: bytes) -> None:
@@ -798,10 +803,14 @@ def say_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-def check_fields(headers: Any) -> None:
+def check_fields(headers: Any) -> bool:
     """RFC 9110 5.1, 5.5: an app's header field names are tokens and its values hold no
-    control byte but HTAB. Raises ValueError otherwise (pywsgi checks the types)."""
+    control byte but HTAB; 8.6: a Content-Length is digits, and one length however often
+    it is given. Raises ValueError otherwise (pywsgi checks the types). True when the
+    app gave that one length more than once (see :func:`once_length`)."""
     known = _FIELD_NAMES
+    length = -1
+    repeated = False
     try:
         for name, value in headers:
             # (per response: names seen before skip the regex; a printable value, the
@@ -816,8 +825,34 @@ def check_fields(headers: Any) -> None:
             if not value.isprintable() and _CONTROL(value):
                 raise ValueError(f"the app's header field {name[:40]}: {value[:40]!r} has a "
                                  f"control byte (RFC 9110 5.5)")
+            if len(name) == 14 and name.lower() == "content-length":
+                digits = value.strip(" \t")
+                if not digits.isdigit() or not digits.isascii():
+                    raise ValueError(f"the app's Content-Length {value[:40]!r} is not a "
+                                     f"number of bytes (RFC 9110 8.6)")
+                if length >= 0:
+                    if int(digits) != length:
+                        raise ValueError(f"the app gave two different Content-Lengths "
+                                         f"({length} and {digits[:40]}; RFC 9110 8.6)")
+                    repeated = True
+                length = int(digits)
     except (TypeError, AttributeError):
-        return  # not a str: pywsgi's own check says so, more plainly
+        return False  # not a str: pywsgi's own check says so, more plainly
+    return repeated
+
+
+def once_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with only the first of its (equal) Content-Length fields: strict
+    parsers (Node's llhttp: "Duplicate Content-Length") refuse the whole answer."""
+    seen = False
+    out = []
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            if seen:
+                continue
+            seen = True
+        out.append((name, value))
+    return out
 
 
 def check_body_piece(data: Any) -> None:

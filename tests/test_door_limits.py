@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 from typing import Iterator
+from urllib.parse import quote
 
 import pytest
 
@@ -497,6 +498,20 @@ def test_an_app_that_frames_its_body_itself_never_sends_a_length_too(
     responses, rest = parse_responses(data)
     assert [(r.status, r.body) for r in responses] == [(200, b"hello")] and rest == b"", data
     assert responses[0].header("content-length") is None, data
+
+
+@pytest.mark.parametrize("where", ["local", "front", "library"])
+def test_an_app_content_length_given_twice_alike_goes_out_once(
+        request: pytest.FixtureRequest, where: str) -> None:
+    """The same length twice is one length (RFC 9110 8.6), passed on once: Node's
+    llhttp refuses a head with two ("Duplicate Content-Length")."""
+    door = request.getfixturevalue(where)
+    with socket.create_connection(("127.0.0.1", door.port)) as sock:
+        sock.sendall(request_bytes(target="/lengths?values=2|2") + FOLLOW_UP)
+        data, _closed = read_until_close(sock, CLOSE_WAIT)
+    responses, rest = parse_responses(data)
+    assert [(r.status, r.body) for r in responses] == [(200, b"ok"), (200, door.name.encode())]
+    assert data.lower().count(b"\r\ncontent-length:") == 2, data[:500]
 
 
 @pytest.mark.parametrize("raw", [
@@ -1338,9 +1353,12 @@ def test_an_app_status_or_field_http_cannot_carry_is_a_prompt_500(store: str) ->
     front took it for an interim answer and waited for the final one (the balancer for
     its 300 s read timeout). ``"20 X"`` and ``"2000 X"`` went out as status lines clients
     refuse. So did a header field name that is no token (``X Bad``) or a value with a
-    NUL or an ESC (Node's client: "Parse Error: Invalid header token"). Each is the
-    app's error now, as under gunicorn's own workers: a whole 500, at once, served here,
-    through a balancer, and under cluster.wrap()."""
+    NUL or an ESC (Node's client: "Parse Error: Invalid header token"). So did two
+    different Content-Lengths (RFC 9110 8.6), on a kept connection: pywsgi framed the
+    body by the last (``2``) and http.client (requests) reads the first (``50``), taking
+    48 bytes of the next answer for the rest of this one; and values that are no number
+    (``2, 2``, ``+2``). Each is the app's error now, as under gunicorn's own workers: a
+    whole 500, at once, served here, through a balancer, and under cluster.wrap()."""
     member, member_port = start_instance(store, "statuses", service="doorstatuses")
     procs = [member]
     try:
@@ -1354,7 +1372,9 @@ def test_an_app_status_or_field_http_cannot_carry_is_a_prompt_500(store: str) ->
         procs.append(library)
         wait_front_sees(front_port, "doorstatuses")
         targets = [b"/status/%d" % code for code in (100, 103, 199, 101, 20, 2000)] + \
-            [b"/bad-field?kind=" + kind for kind in (b"space", b"colon", b"nul", b"esc")]
+            [b"/bad-field?kind=" + kind for kind in (b"space", b"colon", b"nul", b"esc")] + \
+            [b"/lengths?values=" + quote(values).encode()
+             for values in ("50|2", "2|50", "2, 2", "+2", "\u0662")]
         for port in (member_port, front_port, library_port):
             for target in targets:
                 raw = b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target

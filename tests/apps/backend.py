@@ -162,6 +162,10 @@ def app(environ, start_response):
                        "nul": ("X-Bad", "a\x00b"), "esc": ("X-Bad", "a\x1bb")}[query["kind"]]
         start_response("200 OK", [(name, value), ("Content-Length", "2")])
         return [b"ok"]
+    if path == "/lengths":  # an app bug: Content-Length values given as they are
+        start_response("200 OK", [("Content-Length", value)
+                                  for value in query["values"].split("|")])
+        return [b"ok"]
     if path == "/says-keep-alive":  # an app bug: a hop-by-hop field (PEP 3333)
         start_response("200 OK", [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"),
                                   ("Content-Length", "2")])
