@@ -521,6 +521,10 @@ RESYNC_PER_RECORD = 0.5
 #: store round trip late), for at most HOLD_SECONDS past its expiry (registry.unconfirmed)
 CONFIRM_SLACK = 1.25
 HOLD_SECONDS = 300.0
+#: a record whose heartbeat is this old is deleted by the reaper: a killed instance's
+#: (a stop removes its own), long past any expiry (ping interval at most an hour, plus
+#: the grace, plus HOLD_SECONDS); kept, every scan of the reaper read it for ever
+DEAD_AFTER = dt.timedelta(hours=24)
 #: the reaper lists a record as late when its heartbeat is this many seconds overdue
 #: (a quarter of the grace when that is less); late records listed at most
 LATE_AFTER = 0.5
@@ -950,6 +954,13 @@ class Watcher(_Loop):
         before = self._known
         endpoints = self._read_records(membership.epoch, every=True)
         now = self.table.now
+        if any(e.timestamp < now - DEAD_AFTER for e in endpoints):
+            try:
+                deleted = self.store.delete_dead(now - DEAD_AFTER)
+            except DiscoveryError as exc:
+                log.warning("could not delete the records dead for a day: %s", exc)
+            else:
+                log.info("deleted %d record(s) whose heartbeat is over a day old", deleted)
         present = {e.hash for e in endpoints}
         # Expire only after reading well for a ping interval plus grace: after an outage
         # nobody could heartbeat, and their records need time to come back.

@@ -6,6 +6,7 @@ one refresh and the store work it caused is counted exactly (``Watcher.stats``).
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pymongo
@@ -427,3 +428,28 @@ def test_a_forged_or_malformed_late_list_drops_no_live_endpoint(stores, mongo_ur
         assert looked == [2, 1, 1, 1]
     finally:
         client.close()
+
+
+def test_the_reaper_deletes_records_dead_for_a_day(stores, mongo_url):
+    """A killed instance's record (no stop removed it) is deleted by the reaper a day
+    after its last heartbeat: kept, every scan read it for ever. One dead for an hour
+    stays, and so does a live one."""
+    live = registrar(stores(), 4600)
+    live.beat()
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=3000)
+    try:
+        records = client.get_default_database()[COLLECTION]
+        now = client.admin.command("hello")["localTime"]
+        for i, hours in enumerate([25] * 50 + [1]):
+            url = f"http://127.0.0.1:{4700 + i}"
+            records.insert_one({
+                "serviceName": "web", "endpoint": url, "endpointHash": endpoint_hash(url),
+                "balancer": None, "pingInterval": 5000,
+                "timestamp": now - dt.timedelta(hours=hours)})
+        reaper = Watcher(stores(), GRACE, PING / 2)
+        reaper.refresh()
+        assert reaper.reaping
+        left = sorted(d["endpoint"] for d in records.find({}, {"endpoint": 1}))
+    finally:
+        client.close()
+    assert left == ["http://127.0.0.1:4600", "http://127.0.0.1:4750"]

@@ -142,6 +142,13 @@ class DiscoveryStore(abc.ABC):
         listed as late before dropping its endpoint."""
         raise NotImplementedError
 
+    def delete_dead(self, before: dt.datetime) -> int:
+        """Delete the records whose heartbeat is older than ``before`` (by the store's
+        clock), if still so when deleted; returns how many. Their instances were
+        killed (a stop removes its own record) long ago: kept, every full read decodes
+        them for ever. Stores that clean up by themselves return 0."""
+        return 0
+
     def takes_writes(self) -> bool | None:
         """Whether a write could land now (None: this store cannot tell cheaply). Asked
         only when every overdue record looks unconfirmed (registry.unconfirmed): it

@@ -47,6 +47,13 @@ CLOSE_WAIT = 0.2
 #: how long takes_writes() waits for the file's write lock (a heartbeat holds it well
 #: under a millisecond)
 WRITE_PROBE_MS = 100
+#: a row whose heartbeat is this old (seconds) is deleted: its instance was killed (a
+#: stop removes its own), and every refresh of every reader would decode it for ever;
+#: far past any record's expiry (ping interval at most an hour, plus the grace, plus
+#: the 300 s a reader may keep an overdue record while writes do not land)
+DEAD_AFTER = 24 * 3600.0
+#: seconds between two such clean-ups by one process (done with a heartbeat)
+SWEEP_EVERY = 60.0
 #: SQLite's primary result codes for "another connection holds the lock"
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
@@ -95,6 +102,8 @@ class EmbeddedStore(DiscoveryStore):
         self._lock = threading.Lock()
         #: close() was called: the call under way, if any, drops the connection
         self._closed = False
+        #: when (time.monotonic()) this process last deleted the dead rows; 0.0: never
+        self._swept_at = 0.0
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,16 +225,23 @@ class EmbeddedStore(DiscoveryStore):
 
     def heartbeat(self, record: Mapping[str, Any], announce: bool = False) -> None:
         document = json.dumps(dict(record))
+        sweep = time.monotonic() - self._swept_at >= SWEEP_EVERY or not self._swept_at
 
         def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
             conn.execute(
                 "INSERT INTO cluster_endpoints (service, endpoint, document, timestamp)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (service, endpoint)"
                 " DO UPDATE SET document = excluded.document, timestamp = excluded.timestamp",
-                (record["serviceName"], record["endpoint"], document, time.time()),
+                (record["serviceName"], record["endpoint"], document, now),
             )
+            if sweep:  # (a row whose timestamp is not a number is not touched)
+                conn.execute("DELETE FROM cluster_endpoints WHERE typeof(timestamp)"
+                             " IN ('real', 'integer') AND timestamp < ?", (now - DEAD_AFTER,))
 
         self._run(work)
+        if sweep:
+            self._swept_at = time.monotonic()
 
     def remove(self, service: str, endpoint: str) -> None:
         self._run(

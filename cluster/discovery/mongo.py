@@ -223,6 +223,14 @@ class MongoStore(DiscoveryStore):
         except STORE_ERRORS as exc:
             raise DiscoveryError(f"removal from {self.description} failed: {_why(exc)}") from exc
 
+    def delete_dead(self, before: dt.datetime) -> int:
+        try:
+            # one filter, so a record that heartbeats again meanwhile is not deleted;
+            # no leave is announced: the record expired long ago for every reader
+            return int(self._collection.delete_many({"timestamp": {"$lt": before}}).deleted_count)
+        except STORE_ERRORS as exc:
+            raise DiscoveryError(f"cleaning {self.description} failed: {_why(exc)}") from exc
+
     def _store_time(self) -> dt.datetime:
         """The store's clock, without a round trip most of the time: hello's localTime,
         taken at the middle of its round trip, carried forward on this host's monotonic
