@@ -88,8 +88,64 @@ class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
             sys.exit(3)  # gunicorn's "worker failed to boot": the arbiter stops too
         super().run()
 
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """In the arbiter, before any worker is forked: without this module's hooks no
+        worker can make its door. Each worker used to say so and exit 3 on its own; with
+        ``-w 2`` or more gunicorn's arbiter then met the second exit while it halted for
+        the first and ended with a HaltServer traceback and exit status 1."""
+        parent = getattr(super(), "check_config", None)  # gunicorn's gevent worker has none
+        if parent is not None:
+            parent(cfg, log)
+        hook = cfg.settings.get("post_worker_init")
+        if hook is not None and hook.value is hook.default:
+            log.error(WITHOUT_HOOKS)
+            _remove_gunicorn_pidfile(cfg)
+            sys.exit(3)
+
+
+def _remove_gunicorn_pidfile(cfg: Any) -> None:
+    """The arbiter's ``--pid`` file, written before :meth:`Worker.check_config` ran,
+    when it names this process (as gunicorn's own halt removes it)."""
+    if not cfg.pidfile:
+        return
+    try:
+        with open(cfg.pidfile, encoding="ascii") as pidfile:
+            if int(pidfile.read().strip() or 0) == os.getpid():
+                os.unlink(cfg.pidfile)
+    except (OSError, ValueError):
+        pass
+
+
+def check_before_workers(cfg: Any, listeners: Any) -> None:
+    """What every worker would refuse, checked once in the arbiter before forking
+    them (raises :class:`~cluster.errors.ConfigError`): gunicorn's TLS, a bad
+    ``CLUSTER_*`` value or gunicorn limit, an endpoint the workers could not register.
+    Refused in each worker instead, ``-w 2`` or more ended with gunicorn's HaltServer
+    traceback and exit status 1 (its arbiter met the second worker's exit while it
+    halted for the first), and with one line per worker."""
+    from cluster.errors import ConfigError
+
+    if getattr(cfg, "is_ssl", False):
+        raise ConfigError("gunicorn's --certfile/--keyfile", TLS_UNSUPPORTED)
+    host, port = "127.0.0.1", 0
+    if listeners:
+        bound = getattr(listeners[0], "sock", listeners[0])
+        if bound.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = bound.getsockname()[:2]
+    # the shared port stands for the private one each worker binds on the same host;
+    # what is not applied, each worker says (in gunicorn's log format)
+    _worker_settings(port, host, cfg, warn=lambda *args: None)
+
 
 def when_ready(server: Any) -> None:
+    from cluster.errors import ConfigError
+
+    try:
+        check_before_workers(server.cfg, server.LISTENERS)
+    except ConfigError as exc:
+        server.log.error("cluster: %s", exc)
+        server.halt(exit_status=3)  # as when a worker fails to boot, without the race
     # Before any worker is forked, so each imports prometheus_client in multi-process mode.
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = make_metrics_dir()
@@ -169,14 +225,14 @@ def apply_gunicorn_limits(settings: Any, cfg: Any, env: Any = os.environ,
     return settings.replace(**changes)
 
 
-def _worker_settings(port: int, host: str, cfg: Any = None) -> Any:
+def _worker_settings(port: int, host: str, cfg: Any = None, warn: Any = log.warning) -> Any:
     """The worker's settings: CLUSTER_* variables and gunicorn's limits, its private
-    port as its endpoint."""
+    port as its endpoint. ``warn`` says what of gunicorn's is not applied."""
     from urllib.parse import urlsplit
 
     from cluster.config import Settings, host_port
 
-    settings = apply_gunicorn_limits(Settings.load(args=[]), cfg)
+    settings = apply_gunicorn_limits(Settings.load(args=[]), cfg, warn=warn)
     # --busy-poll auto counts gunicorn's workers (-w), not --workers-count.
     settings = settings.replace(
         busy_poll=settings.busy_poll_microseconds(int(getattr(cfg, "workers", 1) or 1)))
