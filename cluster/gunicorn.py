@@ -314,14 +314,14 @@ def _init_worker(worker: Any) -> None:
         # registered before serving, so a HUP's new worker is known when it serves; in a
         # greenlet, so that a stop asked meanwhile (worker.alive) need not wait for a
         # store that does not answer: the boot took 13 s to end then
-        first = gevent.spawn(node.registrar.beat)
+        first = gevent.spawn(_first_beat, node.registrar)
         while not first.ready() and worker.alive:
             first.join(0.1)
         if not first.ready():
             first.kill(block=False)
-        elif isinstance(first.exception, DiscoveryError):
+        elif isinstance(first.value, DiscoveryError):
             worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s",
-                               first.exception)
+                               first.value)
         elif first.exception is not None:
             raise first.exception
     node.start()
@@ -354,6 +354,19 @@ def _init_worker(worker: Any) -> None:
     gevent.spawn(_watch, worker, node)
     worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,
                     node.self_url)
+
+
+def _first_beat(registrar: Any) -> Exception | None:
+    """The first heartbeat; a store that fails it is returned, not raised: raised in
+    its greenlet, gevent's hub printed its whole traceback (pymongo's and ours) into
+    gunicorn's log, beside the one warning the worker logs for it."""
+    from cluster.errors import DiscoveryError
+
+    try:
+        registrar.beat()
+    except DiscoveryError as exc:
+        return exc
+    return None
 
 
 class _Recycling:
