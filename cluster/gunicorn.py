@@ -117,32 +117,69 @@ def _remove_gunicorn_pidfile(cfg: Any) -> None:
         pass
 
 
-def check_before_workers(cfg: Any, listeners: Any) -> None:
+def check_before_workers(cfg: Any, listeners: Any) -> Any:
     """What every worker would refuse, checked once in the arbiter before forking
     them (raises :class:`~cluster.errors.ConfigError`): gunicorn's TLS, a bad
     ``CLUSTER_*`` value or gunicorn limit, an endpoint the workers could not register.
     Refused in each worker instead, ``-w 2`` or more ended with gunicorn's HaltServer
     traceback and exit status 1 (its arbiter met the second worker's exit while it
-    halted for the first), and with one line per worker."""
+    halted for the first), and with one line per worker. Returns the settings, with
+    gunicorn's shared address as ``bind`` when it listens on one."""
     from cluster.errors import ConfigError
 
     if getattr(cfg, "is_ssl", False):
         raise ConfigError("gunicorn's --certfile/--keyfile", TLS_UNSUPPORTED)
+    first = listeners[0] if listeners else None
+    bound = getattr(first, "sock", first)
     host, port = "127.0.0.1", 0
-    if listeners:
-        bound = getattr(listeners[0], "sock", listeners[0])
-        if bound.family in (socket.AF_INET, socket.AF_INET6):
-            host, port = bound.getsockname()[:2]
+    if bound is not None and bound.family in (socket.AF_INET, socket.AF_INET6):
+        host, port = bound.getsockname()[:2]
     # the shared port stands for the private one each worker binds on the same host;
     # what is not applied, each worker says (in gunicorn's log format)
-    _worker_settings(port, host, cfg, warn=lambda *args: None)
+    settings = _worker_settings(port, host, cfg, warn=lambda *args: None)
+    shared = _tcp_address(listeners)
+    if shared is None:
+        return settings
+    from cluster.config import host_port
+
+    return settings.replace(bind=host_port(*shared))
+
+
+def _tcp_address(listeners: Any) -> tuple[str, int] | None:
+    """(host, port) of gunicorn's first TCP listener (``-b 127.0.0.1:0`` among them)."""
+    for listener in listeners or ():
+        sock = getattr(listener, "sock", listener)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = sock.getsockname()[:2]
+            return host, port
+    return None
+
+
+def announce_shared_port(settings: Any, listeners: Any, warn: Any) -> None:
+    """``CLUSTER_PORT_FILE`` receives gunicorn's shared address, as the public port
+    of ``cluster serve --workers-count`` (connections wait in the backlog until a
+    worker accepts). It was not written at all: whoever started gunicorn with ``-b
+    HOST:0`` and waited for the file waited for good. ``CLUSTER_PID_FILE`` has no
+    use here (no drain: the arbiter takes SIGUSR2 itself), and says so."""
+    from cluster.errors import ConfigError
+    from cluster.server import write_port_file
+
+    if settings.port_file:
+        if _tcp_address(listeners) is None:
+            raise ConfigError("--port-file (CLUSTER_PORT_FILE)",
+                              "gunicorn listens on no TCP address to write")
+        write_port_file(settings)
+    if settings.pid_file:
+        warn("cluster: CLUSTER_PID_FILE is not written under gunicorn: there is no drain "
+             "here (its arbiter takes SIGUSR2 itself); gunicorn's --pid names the arbiter")
 
 
 def when_ready(server: Any) -> None:
     from cluster.errors import ConfigError
 
     try:
-        check_before_workers(server.cfg, server.LISTENERS)
+        settings = check_before_workers(server.cfg, server.LISTENERS)
+        announce_shared_port(settings, server.LISTENERS, server.log.warning)
     except ConfigError as exc:
         server.log.error("cluster: %s", exc)
         server.halt(exit_status=3)  # as when a worker fails to boot, without the race

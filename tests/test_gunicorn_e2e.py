@@ -258,6 +258,24 @@ def test_a_store_down_at_boot_is_one_warning_not_a_traceback(tmp_path):
             proc.stop()
 
 
+def test_the_port_file_names_gunicorns_shared_port(tmp_path):
+    """``CLUSTER_PORT_FILE`` under gunicorn ``-b 127.0.0.1:0``: the shared port is
+    written there, as ``cluster serve --workers-count`` writes its public one. It was
+    never written: a script waiting for the file waited for good."""
+    port_file = tmp_path / "run" / "port"
+    port_file.parent.mkdir()
+    proc = gunicorn(tmp_path, f"sqlite://{tmp_path / 'discovery.sqlite3'}",
+                    env={"CLUSTER_PORT_FILE": str(port_file)})
+    try:
+        wait_until(lambda: port_file.exists(), timeout=30, what="the port file")
+        assert port_file.read_text() == f"127.0.0.1:{gunicorn_port(proc)}\n"
+        resp = requests.get(f"http://{port_file.read_text().strip()}/", timeout=20)
+        assert resp.status_code == 200
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
+    finally:
+        proc.stop()
+
+
 WORKER_EXIT_WHILE_BEATING = """
 from gevent import monkey; monkey.patch_all()
 import sys, time, types
