@@ -5,6 +5,9 @@ gevent worker whose server is cluster's front door, :mod:`cluster.door`) and set
 the hooks that make every worker process a cluster member of its own, as ``cluster
 serve --workers-count`` does and as meteorhacks:cluster's workers do:
 
+- ``when_ready`` (the arbiter, before forking): checks once what every worker would
+  refuse (a bad setting, gunicorn's TLS), one line and exit status 3, and writes
+  ``CLUSTER_PORT_FILE`` (gunicorn's shared address).
 - ``post_worker_init`` (each worker, after gevent has monkey-patched it): opens a
   private listening socket on the bound host (port chosen by the OS), registers it as
   this worker's endpoint and makes the worker's front door around the app, serving
