@@ -5,6 +5,9 @@ gevent worker whose server is cluster's front door, :mod:`cluster.door`) and set
 the hooks that make every worker process a cluster member of its own, as ``cluster
 serve --workers-count`` does and as meteorhacks:cluster's workers do:
 
+- ``when_ready`` (the arbiter, before forking): checks once what every worker would
+  refuse (a bad setting, gunicorn's TLS), one line and exit status 3, and writes
+  ``CLUSTER_PORT_FILE`` (gunicorn's shared address).
 - ``post_worker_init`` (each worker, after gevent has monkey-patched it): opens a
   private listening socket on the bound host (port chosen by the OS), registers it as
   this worker's endpoint and makes the worker's front door around the app, serving
@@ -88,8 +91,101 @@ class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
             sys.exit(3)  # gunicorn's "worker failed to boot": the arbiter stops too
         super().run()
 
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """In the arbiter, before any worker is forked: without this module's hooks no
+        worker can make its door. Each worker used to say so and exit 3 on its own; with
+        ``-w 2`` or more gunicorn's arbiter then met the second exit while it halted for
+        the first and ended with a HaltServer traceback and exit status 1."""
+        parent = getattr(super(), "check_config", None)  # gunicorn's gevent worker has none
+        if parent is not None:
+            parent(cfg, log)
+        hook = cfg.settings.get("post_worker_init")
+        if hook is not None and hook.value is hook.default:
+            log.error(WITHOUT_HOOKS)
+            _remove_gunicorn_pidfile(cfg)
+            sys.exit(3)
+
+
+def _remove_gunicorn_pidfile(cfg: Any) -> None:
+    """The arbiter's ``--pid`` file, written before :meth:`Worker.check_config` ran,
+    when it names this process (as gunicorn's own halt removes it)."""
+    if not cfg.pidfile:
+        return
+    try:
+        with open(cfg.pidfile, encoding="ascii") as pidfile:
+            if int(pidfile.read().strip() or 0) == os.getpid():
+                os.unlink(cfg.pidfile)
+    except (OSError, ValueError):
+        pass
+
+
+def check_before_workers(cfg: Any, listeners: Any) -> Any:
+    """What every worker would refuse, checked once in the arbiter before forking
+    them (raises :class:`~cluster.errors.ConfigError`): gunicorn's TLS, a bad
+    ``CLUSTER_*`` value or gunicorn limit, an endpoint the workers could not register.
+    Refused in each worker instead, ``-w 2`` or more ended with gunicorn's HaltServer
+    traceback and exit status 1 (its arbiter met the second worker's exit while it
+    halted for the first), and with one line per worker. Returns the settings, with
+    gunicorn's shared address as ``bind`` when it listens on one."""
+    from cluster.errors import ConfigError
+
+    if getattr(cfg, "is_ssl", False):
+        raise ConfigError("gunicorn's --certfile/--keyfile", TLS_UNSUPPORTED)
+    first = listeners[0] if listeners else None
+    bound = getattr(first, "sock", first)
+    host, port = "127.0.0.1", 0
+    if bound is not None and bound.family in (socket.AF_INET, socket.AF_INET6):
+        host, port = bound.getsockname()[:2]
+    # the shared port stands for the private one each worker binds on the same host;
+    # what is not applied, each worker says (in gunicorn's log format)
+    settings = _worker_settings(port, host, cfg, warn=lambda *args: None)
+    shared = _tcp_address(listeners)
+    if shared is None:
+        return settings
+    from cluster.config import host_port
+
+    return settings.replace(bind=host_port(*shared))
+
+
+def _tcp_address(listeners: Any) -> tuple[str, int] | None:
+    """(host, port) of gunicorn's first TCP listener (``-b 127.0.0.1:0`` among them)."""
+    for listener in listeners or ():
+        sock = getattr(listener, "sock", listener)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = sock.getsockname()[:2]
+            return host, port
+    return None
+
+
+def announce_shared_port(settings: Any, listeners: Any, warn: Any) -> None:
+    """``CLUSTER_PORT_FILE`` receives gunicorn's shared address, as the public port
+    of ``cluster serve --workers-count`` (connections wait in the backlog until a
+    worker accepts). It was not written at all: whoever started gunicorn with ``-b
+    HOST:0`` and waited for the file waited for good. ``CLUSTER_PID_FILE`` has no
+    use here (no drain: the arbiter takes SIGUSR2 itself), and says so."""
+    from cluster.errors import ConfigError
+    from cluster.server import write_port_file
+
+    if settings.port_file:
+        if _tcp_address(listeners) is None:
+            raise ConfigError("--port-file (CLUSTER_PORT_FILE)",
+                              "gunicorn listens on no TCP address to write")
+        write_port_file(settings)
+    if settings.pid_file:
+        warn("cluster: CLUSTER_PID_FILE is not written under gunicorn: there is no drain "
+             "here (its arbiter takes SIGUSR2 itself); gunicorn's --pid names the arbiter")
+
 
 def when_ready(server: Any) -> None:
+    from cluster.errors import ConfigError
+
+    try:
+        settings = check_before_workers(server.cfg, server.LISTENERS)
+        announce_shared_port(settings, server.LISTENERS, server.log.warning)
+    except ConfigError as exc:
+        server.log.error("cluster: %s", exc)
+        server.halt(exit_status=3)  # as when a worker fails to boot, without the race
     # Before any worker is forked, so each imports prometheus_client in multi-process mode.
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = make_metrics_dir()
@@ -169,14 +265,14 @@ def apply_gunicorn_limits(settings: Any, cfg: Any, env: Any = os.environ,
     return settings.replace(**changes)
 
 
-def _worker_settings(port: int, host: str, cfg: Any = None) -> Any:
+def _worker_settings(port: int, host: str, cfg: Any = None, warn: Any = log.warning) -> Any:
     """The worker's settings: CLUSTER_* variables and gunicorn's limits, its private
-    port as its endpoint."""
+    port as its endpoint. ``warn`` says what of gunicorn's is not applied."""
     from urllib.parse import urlsplit
 
     from cluster.config import Settings, host_port
 
-    settings = apply_gunicorn_limits(Settings.load(args=[]), cfg)
+    settings = apply_gunicorn_limits(Settings.load(args=[]), cfg, warn=warn)
     # --busy-poll auto counts gunicorn's workers (-w), not --workers-count.
     settings = settings.replace(
         busy_poll=settings.busy_poll_microseconds(int(getattr(cfg, "workers", 1) or 1)))
@@ -258,14 +354,14 @@ def _init_worker(worker: Any) -> None:
         # registered before serving, so a HUP's new worker is known when it serves; in a
         # greenlet, so that a stop asked meanwhile (worker.alive) need not wait for a
         # store that does not answer: the boot took 13 s to end then
-        first = gevent.spawn(node.registrar.beat)
+        first = gevent.spawn(_first_beat, node.registrar)
         while not first.ready() and worker.alive:
             first.join(0.1)
         if not first.ready():
             first.kill(block=False)
-        elif isinstance(first.exception, DiscoveryError):
+        elif isinstance(first.value, DiscoveryError):
             worker.log.warning("cluster: first heartbeat failed, will keep retrying: %s",
-                               first.exception)
+                               first.value)
         elif first.exception is not None:
             raise first.exception
     node.start()
@@ -298,6 +394,19 @@ def _init_worker(worker: Any) -> None:
     gevent.spawn(_watch, worker, node)
     worker.log.info("cluster: worker %s serves %s as %s", worker.pid, settings.service,
                     node.self_url)
+
+
+def _first_beat(registrar: Any) -> Exception | None:
+    """The first heartbeat; a store that fails it is returned, not raised: raised in
+    its greenlet, gevent's hub printed its whole traceback (pymongo's and ours) into
+    gunicorn's log, beside the one warning the worker logs for it."""
+    from cluster.errors import DiscoveryError
+
+    try:
+        registrar.beat()
+    except DiscoveryError as exc:
+        return exc
+    return None
 
 
 class _Recycling:

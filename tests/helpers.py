@@ -412,8 +412,9 @@ GUNICORN_LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) ")
 def gunicorn_port(proc: Proc, timeout: float = 20.0) -> int:
     """The port a gunicorn started with ``-b 127.0.0.1:0`` bound, read from its log.
 
-    gunicorn cannot write a port file, but it logs the address it listens on (before
-    forking its workers; connections queue until one accepts). Raises RuntimeError
+    gunicorn itself writes no port file (cluster.gunicorn writes CLUSTER_PORT_FILE), but
+    it logs the address it listens on (before forking its workers; connections queue
+    until one accepts). Raises RuntimeError
     with the output when gunicorn exits first; the caller still stops ``proc``.
     """
     deadline = time.monotonic() + timeout

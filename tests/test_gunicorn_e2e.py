@@ -24,6 +24,7 @@ from helpers import (
     Proc,
     gunicorn_port,
     python,
+    refused_port,
     self_signed,
     server_frames,
     start_serve,
@@ -235,6 +236,44 @@ def test_gunicorns_certfile_stops_it_with_one_line(tmp_path):
     assert "cluster: gunicorn's --certfile/--keyfile: cluster's worker serves plain HTTP" \
         in output, output
     assert "Traceback" not in output, output
+
+
+def test_a_store_down_at_boot_is_one_warning_not_a_traceback(tmp_path):
+    """A worker booting while its store refuses connections logs that its first
+    heartbeat failed and serves on. The heartbeat ran in a greenlet that raised the
+    DiscoveryError, and gevent's hub printed the whole traceback (pymongo's and
+    ours, 60 lines) into gunicorn's log beside that warning."""
+    with refused_port() as port:
+        proc = gunicorn(tmp_path, f"mongodb://127.0.0.1:{port}/x", "-w", "1",
+                        env={"CLUSTER_CONNECT_TIMEOUT": "1"})
+        try:
+            wait_until(lambda: "cluster: first heartbeat failed" in proc.output(),
+                       timeout=30, what="the first heartbeat to fail")
+            wait_until(lambda: "cluster: worker" in proc.output(), timeout=30,
+                       what="the worker to serve")
+            output = proc.output()
+            assert "Traceback" not in output, output[-4000:]
+            assert "failed with DiscoveryError" not in output, output[-4000:]
+        finally:
+            proc.stop()
+
+
+def test_the_port_file_names_gunicorns_shared_port(tmp_path):
+    """``CLUSTER_PORT_FILE`` under gunicorn ``-b 127.0.0.1:0``: the shared port is
+    written there, as ``cluster serve --workers-count`` writes its public one. It was
+    never written: a script waiting for the file waited for good."""
+    port_file = tmp_path / "run" / "port"
+    port_file.parent.mkdir()
+    proc = gunicorn(tmp_path, f"sqlite://{tmp_path / 'discovery.sqlite3'}",
+                    env={"CLUSTER_PORT_FILE": str(port_file)})
+    try:
+        wait_until(lambda: port_file.exists(), timeout=30, what="the port file")
+        assert port_file.read_text() == f"127.0.0.1:{gunicorn_port(proc)}\n"
+        resp = requests.get(f"http://{port_file.read_text().strip()}/", timeout=20)
+        assert resp.status_code == 200
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
+    finally:
+        proc.stop()
 
 
 WORKER_EXIT_WHILE_BEATING = """

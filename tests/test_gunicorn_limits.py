@@ -19,7 +19,7 @@ from gunicorn.config import Config
 from cluster.config import Settings
 from cluster.errors import ConfigError
 from cluster.gunicorn import apply_gunicorn_limits
-from helpers import Proc, gunicorn_port, python, read_until_close, wait_until
+from helpers import Proc, gunicorn_port, python, read_until_close, self_signed, wait_until
 
 
 def gunicorn_config(**values: object) -> Config:
@@ -189,3 +189,44 @@ def test_worker_connections_is_per_worker_at_gunicorns_shared_port(tmp_path: Pat
         for sock in silent:
             sock.close()
         proc.stop()
+
+
+@pytest.mark.parametrize("case", ["bad-variable", "gunicorn-limit", "certfile", "no-hooks"])
+def test_what_every_worker_would_refuse_stops_the_arbiter_once(tmp_path: Path,
+                                                                 case: str) -> None:
+    """``-w 4`` and a setting no worker can serve with: each worker used to say so and
+    exit 3 on its own, and gunicorn's arbiter, halting for the first, met the next
+    exits and ended with a HaltServer traceback and exit status 1 (every run with four
+    workers). Now the arbiter checks before forking: one line, exit status 3, and its
+    --pid file removed."""
+    env = {**os.environ, "CLUSTER_SERVICE": "web",
+           "CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"}
+    config = ["-c", "python:cluster.gunicorn"]
+    extra: list[str] = []
+    expected = {"bad-variable": "cluster: --header-timeout (CLUSTER_HEADER_TIMEOUT): ",
+                "gunicorn-limit": "cluster: gunicorn's limit_request_line (100): ",
+                "certfile": "cluster: gunicorn's --certfile/--keyfile: ",
+                "no-hooks": "-c python:cluster.gunicorn"}[case]
+    if case == "bad-variable":
+        env["CLUSTER_HEADER_TIMEOUT"] = "abc"
+    elif case == "gunicorn-limit":
+        extra = ["--limit-request-line", "100"]
+    elif case == "certfile":
+        cert, key = self_signed(tmp_path)
+        extra = ["--certfile", str(cert), "--keyfile", str(key)]
+    else:
+        config = ["-k", "cluster.gunicorn.Worker"]
+    pidfile = tmp_path / "gunicorn.pid"
+    proc = Proc(python("-m", "gunicorn", *config, "-w", "4", "-b", "127.0.0.1:0",
+                       "--pid", str(pidfile), *extra, "cluster.demo:app"),
+                env=env, name="gunicorn")
+    try:
+        status = proc.wait(timeout=30)
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "Traceback" not in output, output[-3000:]
+    assert status == 3, output[-3000:]
+    assert output.count(expected) == 1, output[-3000:]
+    assert "Booting worker" not in output, output[-3000:]
+    assert not pidfile.exists()
