@@ -38,6 +38,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from http.client import RemoteDisconnected
 from typing import Any
 
@@ -93,15 +94,25 @@ def _never_connected(exc: RequestsConnectionError) -> bool:
     return isinstance(_reason(exc), (NewConnectionError, ConnectTimeoutError))
 
 
+def _tls_cause(exc: RequestsConnectionError) -> Any:
+    cause = _reason(exc)
+    if isinstance(cause, SSLError) and cause.args:
+        cause = cause.args[0]
+    return cause
+
+
 def _tls_refused(exc: RequestsConnectionError) -> bool:
     """True when the TLS handshake failed on this side, before the request was sent:
     the endpoint's certificate did not verify (or named another host), or it answered
     the handshake in plain text (an http server behind an https endpoint URL)."""
-    cause = _reason(exc)
-    if isinstance(cause, SSLError) and cause.args:
-        cause = cause.args[0]
+    cause = _tls_cause(exc)
     return isinstance(cause, ssl.SSLCertVerificationError) or \
         getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER"
+
+
+def _not_verified(exc: RequestsConnectionError) -> bool:
+    """True when the endpoint's certificate did not verify with this call's trust."""
+    return isinstance(_tls_cause(exc), ssl.SSLCertVerificationError)
 
 
 def _closed_unanswered(exc: RequestsConnectionError) -> bool:
@@ -137,6 +148,9 @@ class ServiceClient(requests.Session):
         self._pid = os.getpid()
         self._current: Endpoint | None = None
         self._lock = threading.Lock()
+        #: endpoint hash -> until when (monotonic) this client passes it over: its
+        #: certificate did not verify with this client's trust (see _untrust)
+        self._untrusted: dict[str, float] = {}
 
     def _mount_adapters(self) -> None:
         # interim (1xx) answers skipped, and not forever (see cluster.interim)
@@ -163,6 +177,7 @@ class ServiceClient(requests.Session):
         self._pid = os.getpid()
         self._current = None
         self._lock = threading.Lock()
+        self._untrusted = {}
         self.node = _shared_node(self.settings)
 
     def _node_here(self) -> Cluster:
@@ -201,6 +216,12 @@ class ServiceClient(requests.Session):
             current = self._current
             ejected = self.node.ejected()
             skip = exclude | ejected
+            if self._untrusted:
+                now = time.monotonic()
+                for key, until in list(self._untrusted.items()):
+                    if until <= now:
+                        del self._untrusted[key]
+                skip |= self._untrusted.keys()
             choices = [e for h, e in live.items() if h not in skip]
             if not choices:  # every one left is ejected: try them anyway (panic mode)
                 choices = [e for h, e in live.items() if h not in exclude]
@@ -285,13 +306,20 @@ class ServiceClient(requests.Session):
                     raise
                 error: UpstreamConnectError | UpstreamBroken
                 reason = _reason(exc)
+                what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
+                if _not_verified(exc):
+                    # nothing sent: even a POST moves on; only this client leaves it
+                    error = UpstreamConnectError(endpoint.url, what)
+                    error.untrusted = True
+                    self._untrust(endpoint)
+                    tried.append(error)
+                    raise error from exc
                 tls = None
                 if url.startswith("https:"):
                     # an endpoint held out is probed as this request verified it
                     tls = self._verifying(url, kwargs)
                     if tls is not None:
                         node.probe_tls[endpoint.url] = tls
-                what = f"{type(exc).__name__}: {reason if reason is not None else exc}"[:200]
                 if _tls_refused(exc):
                     # as at the balancer: nothing sent, so even a POST moves on, and the
                     # endpoint (it accepts connections) stays out while probes fail
@@ -341,6 +369,15 @@ class ServiceClient(requests.Session):
         cert = merged.get("cert")
         return _tls_context(merged.get("verify", True),
                             tuple(cert) if isinstance(cert, (list, tuple)) else cert)
+
+    def _untrust(self, endpoint: Endpoint) -> None:
+        """This client passes ``endpoint`` over for ``--eject-seconds``: its certificate
+        did not verify with this client's ``verify=``. Not ejected from the node, which
+        every client of the process shares: one client's wrong CA took a healthy
+        endpoint from all of them, for good, as its probe verified as that client did.
+        (A certificate nobody trusts costs each client one failed handshake a period.)"""
+        with self._lock:
+            self._untrusted[endpoint.hash] = time.monotonic() + self.settings.eject_seconds
 
     def _moved(self, endpoint: Endpoint, exc: UpstreamError) -> None:
         """The attempt loop moves on (and said so): a broken (not refused) endpoint is

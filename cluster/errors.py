@@ -47,6 +47,12 @@ class UpstreamError(ClusterError):
     #: closed too (see cluster.proxy.attempts.closes_new). It is ejected as one that
     #: refuses, and only a probe that sees it keep a connection open brings it back.
     dropped = False
+    #: True when the endpoint may be fine but this caller does not trust it: the
+    #: certificate did not verify with a discover() client's own ``verify=``. Clients
+    #: of one process trust differently, and all share one node: ejected there, one
+    #: client's wrong CA took the endpoint from every other (for good: the probe
+    #: verified as that client did). Only that client passes it over.
+    untrusted = False
 
     def __init__(self, endpoint: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {reason}")

@@ -278,9 +278,10 @@ def test_interim_answers_are_skipped_but_not_forever(sqlite_url) -> None:
 def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_path) -> None:
     """An https endpoint whose certificate does not verify, or that answers the
     handshake in plain HTTP, was never sent the request: even a POST moves to another
-    endpoint and the failing one is ejected, as at the balancer. requests' SSLError was
-    taken for a failure after sending: the POST failed (6 of 8 calls) and nothing was
-    ejected."""
+    endpoint. requests' SSLError was taken for a failure after sending: the POST failed
+    (6 of 8 calls). The plain-HTTP one is ejected, as at the balancer; the one whose
+    certificate this client does not trust is passed over by this client only (see
+    test_one_clients_untrusted_certificate_leaves_other_clients_the_endpoint)."""
     cert, key = self_signed(tmp_path)
     server, port = start_backend("b1")
     untrusted, tls_port = start_app("ws_echo.py", "--certfile", str(cert), "--keyfile",
@@ -293,16 +294,60 @@ def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_
                 # has picked the failing one (6 in a row all missed it once in CI). Read
                 # right after the call: the endpoint's next heartbeat lets it back.
                 ejected: set[str] = set()
+                passed_over = False
                 for n in range(40):
                     client = discover(f"s{len(bad)}", node=node)
                     resp = client.post("/echo", data=b"%d" % n, timeout=TIMEOUT)
                     assert (resp.status_code, resp.content) == (200, b"%d" % n)
                     ejected |= node.ejected()
-                    if ejected:
+                    passed_over = bool(client._untrusted)
+                    if ejected or passed_over:
                         break
-                assert ejected == {endpoint_hash(bad)}
+                if "localhost" in bad:  # a certificate this client does not trust
+                    assert passed_over and not ejected
+                    assert client.base_url == f"http://127.0.0.1:{port}"
+                else:
+                    assert ejected == {endpoint_hash(bad)}
     finally:
         untrusted.stop()
+        server.stop()
+
+
+def test_one_clients_untrusted_certificate_leaves_other_clients_the_endpoint(
+        sqlite_url, tmp_path) -> None:
+    """Two discover() clients of one process, one given the endpoint's private CA
+    (verify=), one not. The second one's failed handshake ejected the endpoint from the
+    node they share, and its probe verified as that client did: the first client,
+    which trusts it, was moved off it and never got it back. Now only the client that
+    does not trust it passes it over."""
+    cert, key = self_signed(tmp_path)
+    server, port = start_backend("b1")
+    try:
+        with TLSAcceptsThenCloses(str(cert), str(key)) as tls, \
+                records(sqlite_url, "sec", f"http://127.0.0.1:{port}", tls.url) as node:
+            tls.healthy = True
+
+            def on_tls() -> requests.Session:
+                for _ in range(200):  # a new client picks its first endpoint at random
+                    client = discover("sec", node=node)
+                    if client.base_url == tls.url:
+                        return client
+                raise AssertionError("no client picked the https endpoint")
+
+            # verify= on each call: requests lets REQUESTS_CA_BUNDLE override a
+            # session's own verify
+            trusting, doubting = on_tls(), on_tls()
+            assert trusting.get("/whoami", timeout=TIMEOUT, verify=str(cert)).text == "back"
+            # requests' default trust (certifi or REQUESTS_CA_BUNDLE): not this self-signed
+            resp = doubting.post("/echo", data=b"moved", timeout=TIMEOUT)
+            assert (resp.status_code, resp.content) == (200, b"moved")  # nothing was sent
+            assert doubting.base_url == f"http://127.0.0.1:{port}"
+            assert endpoint_hash(tls.url) not in node.ejected()
+            for _ in range(3):
+                assert trusting.get("/whoami", timeout=TIMEOUT, verify=str(cert)).text \
+                    == "back"
+            assert trusting.base_url == tls.url
+    finally:
         server.stop()
 
 

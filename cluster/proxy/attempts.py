@@ -110,7 +110,9 @@ def attempt(pick: Callable[[frozenset[str]], D], send: Callable[[D], T], *,
         endpoint = endpoint_of(decision)
         if endpoint is None:
             raise exc
-        if exc.dropped:
+        if exc.untrusted:
+            pass  # the caller's trust, not the endpoint's health: the caller skips it
+        elif exc.dropped:
             # A new connection closed unanswered: as dead as a refusal (nginx counts
             # both as a failed attempt), whatever the method, though only a replayable
             # request moves on. Left in, every request tried it first, and each POST
