@@ -591,9 +591,12 @@ class Connection:
                 skipped += skip
                 if skipped + len(buf) > limits.head_size + 3:
                     raise RequestError(431, "request head too large")
-            # Before the head size: a request line longer than both is still a 414.
+            # Before the head size: a request line longer than both is still a 414. One
+            # byte past the limit may be the CR of the line's own CRLF, its LF not here
+            # yet: a line at the limit is refused only by how its bytes arrived otherwise.
             if len(buf) > limits.request_line and \
-                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0 and \
+                    buf[limits.request_line:limits.request_line + 2] != b"\r":
                 raise RequestError(414, "request line too long")
             end = find_head_end(buf, limits.head_size, max(seen - 3, 0)) if buf else -1
             if end >= 0:

@@ -702,6 +702,28 @@ def test_request_line_limit(door: Door) -> None:
     assert_refused(door, request_line_of(REQUEST_LINE * 8), 414)
 
 
+def test_a_request_line_at_the_limit_is_served_however_its_bytes_arrive(door: Door) -> None:
+    """A request line of exactly --max-request-line bytes whose CR came in one segment
+    and its LF in the next was a 414: the door took the line's own CR for a byte past
+    the limit. A line that is past the limit still gets its 414 as soon as it is."""
+    raw = request_line_of(REQUEST_LINE) + FOLLOW_UP
+    for cut in (REQUEST_LINE + 1, REQUEST_LINE, REQUEST_LINE + 2):  # after CR, before, after LF
+        with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(raw[:cut])
+            time.sleep(0.2)  # the door reads the first part alone
+            sock.sendall(raw[cut:])
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        responses, _ = parse_responses(data)
+        assert [r.status for r in responses] == [200, 200], (cut, data[:300])
+        assert closed
+    too_long = request_line_of(REQUEST_LINE + 1)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+        sock.sendall(too_long[:REQUEST_LINE + 1])  # the line alone, no CRLF yet
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert data.startswith(b"HTTP/1.1 414 ") and closed, data[:300]
+
+
 def test_header_line_limit(door: Door) -> None:
     assert_served(door, header_line_of(HEADER_LINE - 2))
     assert_refused(door, header_line_of(HEADER_LINE + 1), 431)
