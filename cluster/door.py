@@ -589,7 +589,9 @@ class Connection:
                 del buf[:skip]
                 seen = max(seen - skip, 0)
                 skipped += skip
-                if skipped + len(buf) > limits.head_size + 3:
+                # Only the empty lines: what follows them in ``buf`` may be a whole
+                # request with its body, which is no part of the head.
+                if skipped > limits.head_size:
                     raise RequestError(431, "request head too large")
             # Before the head size: a request line longer than both is still a 414. One
             # byte past the limit may be the CR of the line's own CRLF, its LF not here
@@ -598,7 +600,8 @@ class Connection:
                     buf.find(b"\r\n", 0, limits.request_line + 2) < 0 and \
                     buf[limits.request_line:limits.request_line + 2] != b"\r":
                 raise RequestError(414, "request line too long")
-            end = find_head_end(buf, limits.head_size, max(seen - 3, 0)) if buf else -1
+            end = find_head_end(buf, limits.head_size - skipped,
+                                max(seen - 3, 0)) if buf else -1
             if end >= 0:
                 break
             seen = len(buf)

@@ -724,6 +724,21 @@ def test_a_request_line_at_the_limit_is_served_however_its_bytes_arrive(door: Do
     assert data.startswith(b"HTTP/1.1 414 ") and closed, data[:300]
 
 
+def test_empty_lines_before_a_request_do_not_count_its_body_in_its_head(door: Door) -> None:
+    """RFC 9112 2.2: old clients send an extra CRLF after a POST body, so it comes before
+    their next request. When that request and its body arrived with the CRLF, the door
+    counted the body in the head's size: a 431 for a body longer than --max-head-size,
+    on a new connection and behind a request on a kept one alike."""
+    body = bytes(range(256)) * (HEAD_SIZE * 2 // 256)
+    post = request_bytes("POST", "/echo", headers=[("Content-Length", str(len(body)))], body=body)
+    first = request_bytes("POST", "/echo", headers=[("Content-Length", "2")], body=b"ab")
+    for raw, bodies in ((b"\r\n" + post, [body]), (first + b"\r\n" + post, [b"ab", body])):
+        responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+        assert [r.status for r in responses] == [200] * (len(bodies) + 1), responses
+        assert [r.body for r in responses[:-1]] == bodies
+        assert closed
+
+
 def test_header_line_limit(door: Door) -> None:
     assert_served(door, header_line_of(HEADER_LINE - 2))
     assert_refused(door, header_line_of(HEADER_LINE + 1), 431)
