@@ -555,15 +555,27 @@ class Connection:
         conn = self.conn
         buf = conn.buf
         limits = self.door.limits
+        if conn.requests and buf and empty_lines(buf) == len(buf):
+            # Empty lines after the last request (an old client's CRLF after its POST
+            # body, RFC 9112 2.2): ignored, so the connection is idle, not inside a head
+            del buf[:]
         if not buf and conn.requests:
             # A keep-alive client between requests: wait for the next one, which nearly
             # always arrives whole in one read and is parsed straight from it.
             conn.phase = IDLE
             now = conn.idle_since = time.monotonic()
             conn.deadline = now + keepalive_timeout if keepalive_timeout else 0.0
-            data = conn.reader.recv(RECV_SIZE)
-            if not data:
-                return None
+            while True:
+                data = conn.reader.recv(RECV_SIZE)
+                if not data:
+                    return None
+                skip = empty_lines(data)
+                if skip < len(data):
+                    break
+                # only empty lines: still idle, under the keep-alive deadline set above
+                # (the --header-timeout closed a kept connection that had them)
+            if skip:
+                data = data[skip:]
             end = data.find(HEAD_END)
             # (0: empty lines before the request line, which find_head_end skips)
             if 0 < end <= limits.head_size and (

@@ -898,6 +898,37 @@ def test_a_request_waiting_unread_at_the_keep_alive_timeout_is_served(
     assert (got.status, got.body) == (200, b"impatient")
 
 
+def test_empty_lines_after_a_body_leave_the_connection_idle_not_in_a_head(
+        store: str) -> None:
+    """An old client's CRLF after its POST body (RFC 9112 2.2: ignored) made the door
+    time the kept connection as a head being read: closed after --header-timeout, not
+    --keepalive-timeout, under a client that reused it in between (a POST it cannot
+    resend). The CRLF alike with the body and after it, on connections of their own."""
+    proc, port = start_serve("--service", "doorstray", "--app", "backend:app",
+                             "--header-timeout", "0.5", "--keepalive-timeout", "10",
+                             name="stray", env={"CLUSTER_DISCOVERY_URL": store,
+                                                "BACKEND_NAME": "stray"})
+    post = request_bytes("POST", "/echo", headers=[("Content-Length", "3")], body=b"abc")
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=CLOSE_WAIT)
+                 for _ in range(3)]
+        socks[0].sendall(post + b"\r\n")
+        socks[1].sendall(post)
+        socks[2].sendall(post + b"\r\n\r\n")
+        for sock in socks:
+            assert read_response(sock).body == b"abc"
+        socks[1].sendall(b"\r\n")
+        time.sleep(1.5)  # three header timeouts, well within the keep-alive one
+        for sock in socks:
+            sock.sendall(FOLLOW_UP)
+        for sock in socks:
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+            assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"stray"), data[:300]
+            sock.close()
+    finally:
+        stop_clean(proc)
+
+
 def test_active_keep_alive_connection_stays_open(impatient: Door) -> None:
     """Requests every 0.3 s for longer than both timeouts: each head is timed on its own."""
     with socket.create_connection(("127.0.0.1", impatient.port)) as sock:
