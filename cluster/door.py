@@ -555,15 +555,27 @@ class Connection:
         conn = self.conn
         buf = conn.buf
         limits = self.door.limits
+        if conn.requests and buf and empty_lines(buf) == len(buf):
+            # Empty lines after the last request (an old client's CRLF after its POST
+            # body, RFC 9112 2.2): ignored, so the connection is idle, not inside a head
+            del buf[:]
         if not buf and conn.requests:
             # A keep-alive client between requests: wait for the next one, which nearly
             # always arrives whole in one read and is parsed straight from it.
             conn.phase = IDLE
             now = conn.idle_since = time.monotonic()
             conn.deadline = now + keepalive_timeout if keepalive_timeout else 0.0
-            data = conn.reader.recv(RECV_SIZE)
-            if not data:
-                return None
+            while True:
+                data = conn.reader.recv(RECV_SIZE)
+                if not data:
+                    return None
+                skip = empty_lines(data)
+                if skip < len(data):
+                    break
+                # only empty lines: still idle, under the keep-alive deadline set above
+                # (the --header-timeout closed a kept connection that had them)
+            if skip:
+                data = data[skip:]
             end = data.find(HEAD_END)
             # (0: empty lines before the request line, which find_head_end skips)
             if 0 < end <= limits.head_size and (
@@ -589,13 +601,19 @@ class Connection:
                 del buf[:skip]
                 seen = max(seen - skip, 0)
                 skipped += skip
-                if skipped + len(buf) > limits.head_size + 3:
+                # Only the empty lines: what follows them in ``buf`` may be a whole
+                # request with its body, which is no part of the head.
+                if skipped > limits.head_size:
                     raise RequestError(431, "request head too large")
-            # Before the head size: a request line longer than both is still a 414.
+            # Before the head size: a request line longer than both is still a 414. One
+            # byte past the limit may be the CR of the line's own CRLF, its LF not here
+            # yet: a line at the limit is refused only by how its bytes arrived otherwise.
             if len(buf) > limits.request_line and \
-                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0:
+                    buf.find(b"\r\n", 0, limits.request_line + 2) < 0 and \
+                    buf[limits.request_line:limits.request_line + 2] != b"\r":
                 raise RequestError(414, "request line too long")
-            end = find_head_end(buf, limits.head_size, max(seen - 3, 0)) if buf else -1
+            end = find_head_end(buf, limits.head_size - skipped,
+                                max(seen - 3, 0)) if buf else -1
             if end >= 0:
                 break
             seen = len(buf)

@@ -702,6 +702,43 @@ def test_request_line_limit(door: Door) -> None:
     assert_refused(door, request_line_of(REQUEST_LINE * 8), 414)
 
 
+def test_a_request_line_at_the_limit_is_served_however_its_bytes_arrive(door: Door) -> None:
+    """A request line of exactly --max-request-line bytes whose CR came in one segment
+    and its LF in the next was a 414: the door took the line's own CR for a byte past
+    the limit. A line that is past the limit still gets its 414 as soon as it is."""
+    raw = request_line_of(REQUEST_LINE) + FOLLOW_UP
+    for cut in (REQUEST_LINE + 1, REQUEST_LINE, REQUEST_LINE + 2):  # after CR, before, after LF
+        with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(raw[:cut])
+            time.sleep(0.2)  # the door reads the first part alone
+            sock.sendall(raw[cut:])
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+        responses, _ = parse_responses(data)
+        assert [r.status for r in responses] == [200, 200], (cut, data[:300])
+        assert closed
+    too_long = request_line_of(REQUEST_LINE + 1)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=CLOSE_WAIT) as sock:
+        sock.sendall(too_long[:REQUEST_LINE + 1])  # the line alone, no CRLF yet
+        data, closed = read_until_close(sock, CLOSE_WAIT)
+    assert data.startswith(b"HTTP/1.1 414 ") and closed, data[:300]
+
+
+def test_empty_lines_before_a_request_do_not_count_its_body_in_its_head(door: Door) -> None:
+    """RFC 9112 2.2: old clients send an extra CRLF after a POST body, so it comes before
+    their next request. When that request and its body arrived with the CRLF, the door
+    counted the body in the head's size: a 431 for a body longer than --max-head-size,
+    on a new connection and behind a request on a kept one alike."""
+    body = bytes(range(256)) * (HEAD_SIZE * 2 // 256)
+    post = request_bytes("POST", "/echo", headers=[("Content-Length", str(len(body)))], body=body)
+    first = request_bytes("POST", "/echo", headers=[("Content-Length", "2")], body=b"ab")
+    for raw, bodies in ((b"\r\n" + post, [body]), (first + b"\r\n" + post, [b"ab", body])):
+        responses, closed = exchange(door.port, raw + FOLLOW_UP, timeout=CLOSE_WAIT)
+        assert [r.status for r in responses] == [200] * (len(bodies) + 1), responses
+        assert [r.body for r in responses[:-1]] == bodies
+        assert closed
+
+
 def test_header_line_limit(door: Door) -> None:
     assert_served(door, header_line_of(HEADER_LINE - 2))
     assert_refused(door, header_line_of(HEADER_LINE + 1), 431)
@@ -859,6 +896,37 @@ def test_a_request_waiting_unread_at_the_keep_alive_timeout_is_served(
         assert read_response(busy).body == b"busy impatient"
         got = read_response(sock)
     assert (got.status, got.body) == (200, b"impatient")
+
+
+def test_empty_lines_after_a_body_leave_the_connection_idle_not_in_a_head(
+        store: str) -> None:
+    """An old client's CRLF after its POST body (RFC 9112 2.2: ignored) made the door
+    time the kept connection as a head being read: closed after --header-timeout, not
+    --keepalive-timeout, under a client that reused it in between (a POST it cannot
+    resend). The CRLF alike with the body and after it, on connections of their own."""
+    proc, port = start_serve("--service", "doorstray", "--app", "backend:app",
+                             "--header-timeout", "0.5", "--keepalive-timeout", "10",
+                             name="stray", env={"CLUSTER_DISCOVERY_URL": store,
+                                                "BACKEND_NAME": "stray"})
+    post = request_bytes("POST", "/echo", headers=[("Content-Length", "3")], body=b"abc")
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=CLOSE_WAIT)
+                 for _ in range(3)]
+        socks[0].sendall(post + b"\r\n")
+        socks[1].sendall(post)
+        socks[2].sendall(post + b"\r\n\r\n")
+        for sock in socks:
+            assert read_response(sock).body == b"abc"
+        socks[1].sendall(b"\r\n")
+        time.sleep(1.5)  # three header timeouts, well within the keep-alive one
+        for sock in socks:
+            sock.sendall(FOLLOW_UP)
+        for sock in socks:
+            data, closed = read_until_close(sock, CLOSE_WAIT)
+            assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"stray"), data[:300]
+            sock.close()
+    finally:
+        stop_clean(proc)
 
 
 def test_active_keep_alive_connection_stays_open(impatient: Door) -> None:
