@@ -398,6 +398,25 @@ def end_websocket(handler: Any, sock: Any, read: Callable[[int], bytes]) -> None
         linger(sock, read)
 
 
+def run_app(app: Callable[..., Any], environ: dict[str, Any], websocket: Any) -> None:
+    """Run a WebSocket ``app`` as gevent-websocket's handler does: its result iterated
+    (a middleware written as a generator runs the app only then), then closed (PEP
+    3333)."""
+    result = app(environ, _no_response)
+    try:
+        for _ in result:
+            pass
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+def _no_response(*args: Any) -> Callable[[bytes], None]:
+    """start_response for an app on a WebSocket: it has nothing left to answer."""
+    return lambda data: None
+
+
 def adopt(websocket: Any, max_message: int,
           write: Callable[[bytes], None] | None = None) -> None:
     """Make gevent-websocket's freshly made WebSocket a :class:`AppWebSocket` (same

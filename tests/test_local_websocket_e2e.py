@@ -171,6 +171,50 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     assert close_frame_after("cmd:close 4004 " + "é" * 100) == code + ("é" * 61).encode()
 
 
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_apps_broadcast_over_gevent_websockets_registry_of_sockets(gws: Cluster,
+                                                                  pick: str) -> None:
+    """gevent-websocket's handler keeps the server's open sockets in
+    ``ws.handler.server.clients`` and this one's in ``ws.handler.active_client``, which
+    its chat example (and apps written after it) broadcast over. Under cluster.wrap()
+    with ClusterHandler neither existed: the app raised AttributeError and the
+    sockets closed with 1000."""
+    url = gws.url("a").replace("http", "ws", 1) + "/chat"
+    first = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    second = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        first.send("cmd:broadcast hello all")
+        assert second.recv() == "hello all active=True"
+        assert first.recv() == "hello all active=True"
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.fixture(scope="module", params=["serve", "wrap"],
+                ids=["cluster-serve", "cluster.wrap-under-WSGIServer"])
+def generator(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    """gws_echo's app under a middleware written as a generator."""
+    wrapped = request.param == "wrap"
+    with cluster_of("gws_echo:generator_app", "wgen" if wrapped else "gen", store,
+                    wrapped=wrapped) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_app_under_a_generator_middleware_runs(generator: Cluster, pick: str) -> None:
+    """WSGI lets an app's result be lazy, and gevent-websocket's handler iterates it:
+    the app runs then. cluster.wrap() under ClusterHandler only called the middleware,
+    so the app never ran and every socket closed with 1000 at once."""
+    ws = websocket.create_connection(generator.url("a").replace("http", "ws", 1) + "/x",
+                                     cookie=generator.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+    finally:
+        ws.close()
+
+
 def environ_seen(url: str, cookie: str = "", source: str = "127.0.0.1",
                  header: tuple[str, ...] = ()) -> dict[str, str]:
     """What the gevent-websocket app was told of a WebSocket to ``url`` (cmd:environ),
