@@ -9,7 +9,7 @@ is answered with the instance name, ``cmd:environ`` with JSON of the environ's p
 peer and forwarding fields, ``cmd:close C R`` closes with code C and reason R
 (gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
 another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
-without closing, ``cmd:broadcast T`` sends T to
+without closing, ``cmd:raise`` raises (an app's bug), ``cmd:broadcast T`` sends T to
 every socket of the server as gevent-websocket's chat example does (over
 ``ws.handler.server.clients``; T is followed by whether ``ws.handler.active_client`` is
 this socket's entry).
@@ -69,6 +69,8 @@ def app(environ, start_response):
             break
         elif message == "cmd:return":
             break
+        elif message == "cmd:raise":
+            raise RuntimeError("the app's bug")
         elif isinstance(message, str) and message.startswith("cmd:broadcast "):
             mine = ws.handler.active_client.ws is ws
             for client in list(ws.handler.server.clients.values()):
