@@ -481,7 +481,6 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
               timed_sendall(self.socket, write_timeout) if write_timeout else None)
         environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         environ["wsgi.websocket"] = websocket
-        self.websocket = websocket
         # gevent-websocket's registry of the server's open sockets, which apps broadcast
         # over (ws.handler.server.clients, ws.handler.active_client; its chat example)
         clients = getattr(self.server, "clients", None)
