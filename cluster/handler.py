@@ -503,6 +503,14 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         ``clients``, while its WebSocket is open."""
         return self.server.clients[self.client_address]
 
+    @property
+    def logger(self) -> Any:
+        """gevent-websocket's handler's, which is what an app's ``ws.logger`` is: the
+        server's logger, made by gevent-websocket on first use."""
+        from geventwebsocket.handler import WebSocketHandler
+
+        return WebSocketHandler.logger.fget(self)
+
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         """pywsgi's (a traceback), but one line for a WebSocket app served here that let
         gevent-websocket's WebSocketError out ("Socket is dead": the client reset the

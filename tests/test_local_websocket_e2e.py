@@ -192,6 +192,19 @@ def test_apps_broadcast_over_gevent_websockets_registry_of_sockets(gws: Cluster,
         second.close()
 
 
+def test_the_socket_has_gevent_websockets_logger(gws: Cluster) -> None:
+    """``ws.logger`` is gevent-websocket's handler's logger; under cluster.wrap() with
+    ClusterHandler an app that logged through it raised AttributeError (a traceback,
+    its socket closed)."""
+    ws = websocket.create_connection(gws.url("a").replace("http", "ws", 1) + "/log",
+                                     timeout=10)
+    try:
+        ws.send("cmd:log hello")
+        assert ws.recv() == "logged"
+    finally:
+        ws.close()
+
+
 @pytest.fixture(scope="module", params=["serve", "wrap"],
                 ids=["cluster-serve", "cluster.wrap-under-WSGIServer"])
 def generator(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:

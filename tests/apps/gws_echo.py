@@ -12,7 +12,7 @@ another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
 without closing, ``cmd:raise`` raises (an app's bug), ``cmd:broadcast T`` sends T to
 every socket of the server as gevent-websocket's chat example does (over
 ``ws.handler.server.clients``; T is followed by whether ``ws.handler.active_client`` is
-this socket's entry).
+this socket's entry), ``cmd:log T`` logs T with ``ws.logger`` and answers ``logged``.
 ``generator_app`` is ``app`` under a middleware written as a generator.
 Plain HTTP: ``/whoami`` -> the name; ``/environ`` (and ``/sockjs/info``) -> what
 ``cmd:environ`` says;
@@ -71,6 +71,9 @@ def app(environ, start_response):
             break
         elif message == "cmd:raise":
             raise RuntimeError("the app's bug")
+        elif isinstance(message, str) and message.startswith("cmd:log "):
+            ws.logger.info("the app says %s", message[8:])
+            ws.send("logged")
         elif isinstance(message, str) and message.startswith("cmd:broadcast "):
             mine = ws.handler.active_client.ws is ws
             for client in list(ws.handler.server.clients.values()):
