@@ -61,6 +61,8 @@ _RECEIVABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000
 
 #: RFC 6455 7.4.1: "a message that is too big for it to process"
 MESSAGE_TOO_BIG = 1009
+#: RFC 6455 7.4.1: "an unexpected condition that prevented it from fulfilling the request"
+INTERNAL_ERROR = 1011
 
 _TEXT, _BINARY, _CONTINUATION = WebSocket.OPCODE_TEXT, WebSocket.OPCODE_BINARY, \
     WebSocket.OPCODE_CONTINUATION
@@ -396,6 +398,33 @@ def end_websocket(handler: Any, sock: Any, read: Callable[[int], bytes]) -> None
         linger(sock, read, AFTER_CLOSE_SECONDS)
     else:
         linger(sock, read)
+
+
+def run_app(app: Callable[..., Any], environ: dict[str, Any], websocket: Any) -> None:
+    """Run a WebSocket ``app`` as gevent-websocket's handler does: its result iterated
+    (a middleware written as a generator runs the app only then), then closed (PEP
+    3333). An app that raises has its socket closed with 1011 (internal error) before
+    the exception goes on to the handler's log: the close that follows otherwise
+    (gevent-websocket's, when the app is done) says 1000, a normal closure, and a
+    client that reconnects only after a failure took the crash for a goodbye."""
+    try:
+        result = app(environ, _no_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+    except Exception:
+        if not websocket.closed:
+            websocket.close(INTERNAL_ERROR, "internal error")
+        raise
+
+
+def _no_response(*args: Any) -> Callable[[bytes], None]:
+    """start_response for an app on a WebSocket: it has nothing left to answer."""
+    return lambda data: None
 
 
 def adopt(websocket: Any, max_message: int,

@@ -36,6 +36,7 @@ import os
 import select as _select
 import socket as _socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
@@ -45,7 +46,7 @@ from gevent.pywsgi import WSGIServer, _InvalidClientInput
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 
-from cluster.app_websocket import adopt, end_websocket
+from cluster.app_websocket import adopt, end_websocket, run_app
 from cluster.busypoll import BusyPoll, start_busy_poll
 from cluster.config import host_port
 from cluster.conn import (
@@ -1554,14 +1555,25 @@ class LocalHandler(ClusterHandler, WebSocketHandler):  # type: ignore[misc]
         door.observer.websocket_opened("local")
         if door.stopping:
             local.going_away()  # the app's first receive() sees the socket end
+        app = self.application
+        self.application = partial(_run_websocket_app, app, self.websocket)
         try:
             super().run_websocket()  # the app, then a close frame if it sent none
         finally:
+            self.application = app
             door.websockets -= 1
             door.open_websockets.discard(local)
             door.load.websockets.pop(local, None)
             door.observer.websocket_closed("local")
             end_websocket(self, self.socket, self.rfile.read)
+
+
+def _run_websocket_app(app: WSGIApp, websocket: Any, environ: dict[str, Any],
+                       start_response: Callable[..., Any]) -> list[bytes]:
+    """The app as gevent-websocket's run_websocket calls it, through
+    :func:`~cluster.app_websocket.run_app` (1011 when it raises)."""
+    run_app(app, environ, websocket)
+    return []
 
 
 _FORWARDED_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",

@@ -70,6 +70,13 @@ WITHOUT_HOOKS = ("cluster: cluster.gunicorn.Worker needs this module's hooks: st
                  "in your config file)")
 
 
+#: why another worker class (-k) stops a worker of this config
+OTHER_WORKER = ("cluster's hooks need their own worker class, cluster.gunicorn.Worker "
+                "(gunicorn's gevent worker serving through cluster's front door, with "
+                "gevent-websocket's upgrade for the app's own WebSockets), not {name}: "
+                "drop -k/--worker-class")
+
+
 #: why gunicorn's --certfile stops a cluster worker
 TLS_UNSUPPORTED = ("cluster's worker serves plain HTTP only (its front door reads the socket "
                    "itself); terminate TLS in front of it (nginx, a load balancer) and bind "
@@ -291,6 +298,14 @@ def post_worker_init(worker: Any) -> None:
     from cluster.errors import ConfigError
 
     try:
+        if not isinstance(worker, Worker):
+            # -k geventwebsocket's worker (gevent-websocket's and Flask-SocketIO's
+            # documented command), gevent, sync...: the door was handed a handler it
+            # cannot run (an AttributeError and a dropped connection for every request),
+            # or was never used at all (a registered endpoint that does not route).
+            kind = type(worker)
+            raise ConfigError("gunicorn's --worker-class", OTHER_WORKER.format(
+                name=f"{kind.__module__}.{kind.__qualname__}"))
         if getattr(worker.cfg, "is_ssl", False):
             # The door reads and writes the OS socket under gunicorn's TLS layer: every
             # handshake was read as a request (400 "not an HTTP/1 request") and each

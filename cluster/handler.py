@@ -461,9 +461,10 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
         ``send()`` to a client that stopped reading then raises WebSocketError.
         ``environ``: the one routing made for the app (a SockJS session's
         ``/cluster-ddp/...`` path back to the app's own), else this request's."""
+        from geventwebsocket.handler import Client
         from geventwebsocket.websocket import Stream, WebSocket
 
-        from cluster.app_websocket import adopt, end_websocket
+        from cluster.app_websocket import adopt, end_websocket, run_app
 
         if environ is None:
             environ = self.environ
@@ -480,17 +481,35 @@ class ClusterHandler(WSGIHandler):  # type: ignore[misc]
               timed_sendall(self.socket, write_timeout) if write_timeout else None)
         environ["wsgi.websocket_version"] = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         environ["wsgi.websocket"] = websocket
+        # gevent-websocket's registry of the server's open sockets, which apps broadcast
+        # over (ws.handler.server.clients, ws.handler.active_client; its chat example)
+        clients = getattr(self.server, "clients", None)
+        if clients is None:
+            clients = self.server.clients = {}
+        clients[self.client_address] = Client(self.client_address, websocket)
         try:
-            result = app(environ, _no_response)
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            run_app(app, environ, websocket)
         finally:
+            clients.pop(self.client_address, None)
             if not websocket.closed:
                 websocket.close()
             environ["wsgi.websocket"] = None
             end_websocket(self, self.socket, self.rfile.read)
         return []
+
+    @property
+    def active_client(self) -> Any:
+        """gevent-websocket's handler's: this connection's entry in the server's
+        ``clients``, while its WebSocket is open."""
+        return self.server.clients[self.client_address]
+
+    @property
+    def logger(self) -> Any:
+        """gevent-websocket's handler's, which is what an app's ``ws.logger`` is: the
+        server's logger, made by gevent-websocket on first use."""
+        from geventwebsocket.handler import WebSocketHandler
+
+        return WebSocketHandler.logger.fget(self)
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         """pywsgi's (a traceback), but one line for a WebSocket app served here that let
@@ -862,11 +881,6 @@ def check_body_piece(data: Any) -> None:
     if data and not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"the app gave a {type(data).__name__} as a piece of its response "
                         f"body, not bytes (PEP 3333)")
-
-
-def _no_response(*args: Any) -> Callable[[bytes], None]:
-    """start_response for an app on a WebSocket: it has nothing left to answer."""
-    return lambda data: None
 
 
 def handshake_refusal(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes] | None:

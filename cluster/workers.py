@@ -300,12 +300,17 @@ class Supervisor:
                 self.forget(gone.pid)
                 self.retiring.remove(gone)
         log.info("stopping %d workers%s", len(self.slots), " at once" if self.at_once else "")
+        # No worker is started from here on: our copy of the shared listener goes now,
+        # so that once each worker has closed its own (at the start of its stop) a new
+        # connection is refused at once, as by a single process. Kept until the workers
+        # had drained, it was accepted into the backlog and reset only then, after
+        # --graceful-timeout when a request or a WebSocket held a worker that long.
+        self.listener.close()
         children = [s.child for s in self.slots if s.child is not None] + self.retiring
         # each drains for --graceful-timeout (SIGQUIT: not at all), then deregisters and
         # closes its store
         _terminate(children, timeout=(0.0 if self.at_once else self.settings.graceful_timeout)
                    + STOP_MARGIN, signum=signal.SIGQUIT if self.at_once else signal.SIGTERM)
-        self.listener.close()
         return 0
 
 

@@ -276,6 +276,31 @@ def test_the_port_file_names_gunicorns_shared_port(tmp_path):
         proc.stop()
 
 
+@pytest.mark.parametrize("worker_class", [
+    "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "gevent"])
+def test_another_worker_class_stops_it_with_one_line(tmp_path, worker_class):
+    """gevent-websocket's and Flask-SocketIO's documented command is gunicorn -k
+    geventwebsocket.gunicorn.workers.GeventWebSocketWorker; with -c
+    python:cluster.gunicorn added, the hooks handed the front door that worker's
+    handler: every request, plain or WebSocket, ended in an AttributeError traceback
+    and a dropped connection, while the worker stayed registered. Now a stop with one
+    line, as for a setting the worker cannot serve."""
+    proc = Proc(python("-m", "gunicorn", "-c", "python:cluster.gunicorn", "-k", worker_class,
+                       "-w", "1", "-b", "127.0.0.1:0", "cluster.demo:app"),
+                env={"CLUSTER_SERVICE": "web",
+                     "CLUSTER_DISCOVERY_URL": f"sqlite://{tmp_path / 'discovery.sqlite3'}"},
+                name="gunicorn-other-worker")
+    try:
+        assert proc.wait(timeout=20) != 0, proc.output()
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert "cluster: gunicorn's --worker-class: cluster's hooks need their own worker " \
+        "class, cluster.gunicorn.Worker" in output, output
+    assert "drop -k/--worker-class" in output, output
+    assert "Traceback" not in output, output
+
+
 WORKER_EXIT_WHILE_BEATING = """
 from gevent import monkey; monkey.patch_all()
 import sys, time, types

@@ -66,10 +66,11 @@ def start_wrapped(app: str, service: str, store: str, name: str,
 
 @contextlib.contextmanager
 def cluster_of(app: str, service: str, store: str, *extra: str,
-               wrapped: bool = False, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+               wrapped: bool = False, env: dict[str, str] | None = None,
+               app_fails: bool = False) -> Iterator[Cluster]:
     """Two instances serving ``app`` (with ``extra`` settings, or CLUSTER_* ones in
     ``env``; ``wrapped``: through :func:`start_wrapped`) and a balancer-only front, all
-    stopped by PID."""
+    stopped by PID. None may log a traceback, unless ``app_fails`` (the app's own)."""
     cluster = Cluster(service)
     try:
         for name in ("a", "b"):
@@ -100,7 +101,7 @@ def cluster_of(app: str, service: str, store: str, *extra: str,
             outputs.append((proc, alive, proc.output()))
     for proc, alive, output in outputs:
         assert alive, f"{proc} died:\n{output[-3000:]}"
-        assert "Traceback" not in output, f"{proc}:\n{output[-5000:]}"
+        assert app_fails or "Traceback" not in output, f"{proc}:\n{output[-5000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,90 @@ def test_close_codes_and_reasons_reach_the_other_end_whole(gws: Cluster, pick: s
     # a reason longer than a control frame holds (125 bytes) is cut on a character
     code = (4004).to_bytes(2, "big")
     assert close_frame_after("cmd:close 4004 " + "é" * 100) == code + ("é" * 61).encode()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_apps_broadcast_over_gevent_websockets_registry_of_sockets(gws: Cluster,
+                                                                  pick: str) -> None:
+    """gevent-websocket's handler keeps the server's open sockets in
+    ``ws.handler.server.clients`` and this one's in ``ws.handler.active_client``, which
+    its chat example (and apps written after it) broadcast over. Under cluster.wrap()
+    with ClusterHandler neither existed: the app raised AttributeError and the
+    sockets closed with 1000."""
+    url = gws.url("a").replace("http", "ws", 1) + "/chat"
+    first = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    second = websocket.create_connection(url, cookie=gws.cookie(pick), timeout=10)
+    try:
+        first.send("cmd:broadcast hello all")
+        assert second.recv() == "hello all active=True"
+        assert first.recv() == "hello all active=True"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_socket_has_gevent_websockets_logger(gws: Cluster) -> None:
+    """``ws.logger`` is gevent-websocket's handler's logger; under cluster.wrap() with
+    ClusterHandler an app that logged through it raised AttributeError (a traceback,
+    its socket closed)."""
+    ws = websocket.create_connection(gws.url("a").replace("http", "ws", 1) + "/log",
+                                     timeout=10)
+    try:
+        ws.send("cmd:log hello")
+        assert ws.recv() == "logged"
+    finally:
+        ws.close()
+
+
+@pytest.fixture(scope="module", params=["serve", "wrap"],
+                ids=["cluster-serve", "cluster.wrap-under-WSGIServer"])
+def generator(request: pytest.FixtureRequest, store: str) -> Iterator[Cluster]:
+    """gws_echo's app under a middleware written as a generator; its ``cmd:raise``
+    puts the app's traceback in the log."""
+    wrapped = request.param == "wrap"
+    with cluster_of("gws_echo:generator_app", "wgen" if wrapped else "gen", store,
+                    wrapped=wrapped, app_fails=True) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_app_under_a_generator_middleware_runs(generator: Cluster, pick: str) -> None:
+    """WSGI lets an app's result be lazy, and gevent-websocket's handler iterates it:
+    the app runs then. cluster.wrap() under ClusterHandler only called the middleware,
+    so the app never ran and every socket closed with 1000 at once."""
+    ws = websocket.create_connection(generator.url("a").replace("http", "ws", 1) + "/x",
+                                     cookie=generator.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("pick", ["a", "b"], ids=["served-here", "through-another-instance"])
+def test_an_app_that_raises_closes_its_socket_with_1011(generator: Cluster, pick: str) -> None:
+    """RFC 6455 7.4.1: 1011, the server met an unexpected condition. The close that
+    followed an app's exception said 1000 (a normal closure): a client that reconnects
+    or reports only on a failure took the crash for a goodbye. The traceback is
+    logged, and the instance serves on."""
+    url = generator.url("a").replace("http", "ws", 1) + "/x"
+    ws = websocket.create_connection(url, cookie=generator.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:raise")
+        frame = ws.recv_frame()
+        assert (frame.opcode, frame.data) == (ABNF.OPCODE_CLOSE,
+                                              (1011).to_bytes(2, "big") + b"internal error")
+    finally:
+        ws.shutdown()
+    serving = generator.procs[("a", "b").index(pick)]
+    wait_until(lambda: "RuntimeError: the app's bug" in serving.output(), timeout=5,
+               what="the app's traceback in its instance's log")
+    ws = websocket.create_connection(url, cookie=generator.cookie(pick), timeout=10)
+    try:
+        ws.send("cmd:name")
+        assert ws.recv() == pick
+    finally:
+        ws.close()
 
 
 def environ_seen(url: str, cookie: str = "", source: str = "127.0.0.1",

@@ -170,3 +170,41 @@ def test_the_connection_cap_is_per_worker_at_the_shared_port(sqlite_url):
         for sock in socks:
             sock.close()
         parent.stop()
+
+
+def test_a_connection_during_the_stop_is_refused_at_once(sqlite_url):
+    """While the workers drain (here one holds a WebSocket whose client does not answer
+    the 1001), a new connection to the shared port is refused, as by a single process
+    that stops, so its client can go elsewhere at once. The supervisor kept its copy of
+    the listener until the workers were gone: the connection was accepted into the
+    backlog, never served, and reset only then (after --graceful-timeout at worst)."""
+    parent, port = start_serve("--workers-count", "2", "--service", "web",
+                               "--app", "gws_echo:app", env={"CLUSTER_DISCOVERY_URL": sqlite_url},
+                               name="workers")
+    held = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        held.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert held.recv(4096).startswith(b"HTTP/1.1 101 ")
+        parent.signal(signal.SIGTERM)
+        time.sleep(0.5)  # the workers have begun their stop: the 1001 is on its way
+        started = time.monotonic()
+        try:
+            late = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionRefusedError:
+            pass
+        else:
+            with late:
+                late.settimeout(3)
+                late.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = late.recv(4096)
+                except OSError as exc:  # a reset
+                    answer = repr(exc).encode()
+            raise AssertionError(f"a connection during the stop was accepted: {answer!r} "
+                                 f"after {time.monotonic() - started:.1f} s")
+    finally:
+        held.close()
+        parent.stop()
+    assert parent.returncode == 0, parent.output()

@@ -9,7 +9,11 @@ is answered with the instance name, ``cmd:environ`` with JSON of the environ's p
 peer and forwarding fields, ``cmd:close C R`` closes with code C and reason R
 (gevent-websocket's ``close(code, message)``), ``cmd:close-later C R`` does so from
 another greenlet while this one waits in ``receive()``, ``cmd:return`` returns
-without closing.
+without closing, ``cmd:raise`` raises (an app's bug), ``cmd:broadcast T`` sends T to
+every socket of the server as gevent-websocket's chat example does (over
+``ws.handler.server.clients``; T is followed by whether ``ws.handler.active_client`` is
+this socket's entry), ``cmd:log T`` logs T with ``ws.logger`` and answers ``logged``.
+``generator_app`` is ``app`` under a middleware written as a generator.
 Plain HTTP: ``/whoami`` -> the name; ``/environ`` (and ``/sockjs/info``) -> what
 ``cmd:environ`` says;
 anything else -> 426, which is what the app says when no socket was handed to it.
@@ -65,6 +69,24 @@ def app(environ, start_response):
             break
         elif message == "cmd:return":
             break
+        elif message == "cmd:raise":
+            raise RuntimeError("the app's bug")
+        elif isinstance(message, str) and message.startswith("cmd:log "):
+            ws.logger.info("the app says %s", message[8:])
+            ws.send("logged")
+        elif isinstance(message, str) and message.startswith("cmd:broadcast "):
+            mine = ws.handler.active_client.ws is ws
+            for client in list(ws.handler.server.clients.values()):
+                try:
+                    client.ws.send(f"{message[14:]} active={mine}")
+                except WebSocketError:
+                    pass  # a socket of an earlier test, on its way out
         else:  # str goes out as text, bytes/bytearray as binary
             ws.send(message, binary=not isinstance(message, str))
     return []
+
+
+def generator_app(environ, start_response):
+    """``app`` under a middleware written as a generator (timing, logging...): the app
+    runs only once its result is iterated."""
+    yield from app(environ, start_response)
