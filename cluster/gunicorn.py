@@ -187,15 +187,17 @@ def announce_shared_port(settings: Any, listeners: Any, warn: Any) -> None:
 def when_ready(server: Any) -> None:
     from cluster.errors import ConfigError
 
+    # Before any worker is forked, so each imports prometheus_client in multi-process
+    # mode; and before the checks below, which import it here (once imported without
+    # the directory, every worker kept a registry of its own and /metrics summed none).
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = make_metrics_dir()
     try:
         settings = check_before_workers(server.cfg, server.LISTENERS)
         announce_shared_port(settings, server.LISTENERS, server.log.warning)
     except ConfigError as exc:
         server.log.error("cluster: %s", exc)
         server.halt(exit_status=3)  # as when a worker fails to boot, without the race
-    # Before any worker is forked, so each imports prometheus_client in multi-process mode.
-    if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = _METRICS_DIR["own"] = make_metrics_dir()
     server.log.info("cluster: each worker registers an endpoint of its own; "
                     "the shared port is not registered")
 
