@@ -478,9 +478,41 @@ def worker_exit(server: Any, worker: Any) -> None:
     there is nothing to close): close the door and the member, which deregisters if
     ``_watch`` has not yet. A worker stopped while it booted (SIGQUIT or SIGINT, which
     gunicorn's workers end with sys.exit at once) has a member and no door yet: its
-    record, written by the first heartbeat, stayed until it expired."""
+    record, written by the first heartbeat, stayed until it expired.
+
+    The closing runs in a greenlet of its own, waited for through any SystemExit: on
+    SIGQUIT or SIGINT gunicorn's gevent worker calls sys.exit 0.1 s after the signal, in
+    a greenlet of its own (handle_quit), and gevent raises it in the main greenlet,
+    wherever that is. A worker stopped while it booted reaches this hook sooner than
+    that: the exit landed in the wait for the removal and cut it off, the record left
+    until it expired."""
     door = getattr(worker, "cluster_door", None)
     node = getattr(worker, "cluster_node", None)
+    if door is None and node is None:
+        return
+    import gevent
+
+    closing = gevent.spawn(_close_worker, worker, door, node)
+    while not closing.ready():
+        try:
+            closing.join()
+        except (SystemExit, KeyboardInterrupt):
+            pass  # the process exits when the closing is done, as it was about to
+    if closing.value is not None:
+        raise closing.value  # gunicorn logs it ("Exception during worker exit")
+
+
+def _close_worker(worker: Any, door: Any, node: Any) -> Exception | None:
+    """worker_exit's work; an error is returned, not raised in the greenlet (gevent's
+    hub would print its traceback a second time)."""
+    try:
+        _close_door_and_node(worker, door, node)
+    except Exception as exc:  # noqa: BLE001 - handed to worker_exit, which raises it
+        return exc
+    return None
+
+
+def _close_door_and_node(worker: Any, door: Any, node: Any) -> None:
     if door is not None:
         began = getattr(worker, "cluster_going_at", None)
         if door.stopping and began is not None:

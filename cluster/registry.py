@@ -428,9 +428,11 @@ class Registrar(_Loop):
         if not self._stopped:
             self._stopped = True
             self._stop_asked = time.monotonic()
-            # a heartbeat in flight should land before the removal, not after it (it
-            # would bring the record back until it expires); half the time at most
-            super().stop(timeout / 2)
+        # a heartbeat in flight should land before the removal, not after it (it would
+        # bring the record back until it expires); half the time at most, counted from
+        # the first stop: a second one (gunicorn's worker_exit while _watch's waits
+        # here) waits for the same heartbeat, not past it
+        super().stop(max(0.0, self._stop_asked + timeout / 2 - time.monotonic()))
         self.deregister(timeout)  # (the silence it bounds counts from the stop)
 
     def deregister(self, timeout: float = STOP_SECONDS) -> bool:

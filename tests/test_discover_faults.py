@@ -313,6 +313,15 @@ def test_an_https_endpoint_whose_handshake_fails_is_passed_over(sqlite_url, tmp_
         server.stop()
 
 
+def client_on(node: Cluster, url: str) -> requests.Session:
+    """A discover() client of service "sec" whose first pick is ``url``."""
+    for _ in range(200):  # a new client picks its first endpoint at random
+        client = discover("sec", node=node)
+        if client.base_url == url:
+            return client
+    raise AssertionError(f"no client picked {url}")
+
+
 def test_one_clients_untrusted_certificate_leaves_other_clients_the_endpoint(
         sqlite_url, tmp_path) -> None:
     """Two discover() clients of one process, one given the endpoint's private CA
@@ -326,17 +335,9 @@ def test_one_clients_untrusted_certificate_leaves_other_clients_the_endpoint(
         with TLSAcceptsThenCloses(str(cert), str(key)) as tls, \
                 records(sqlite_url, "sec", f"http://127.0.0.1:{port}", tls.url) as node:
             tls.healthy = True
-
-            def on_tls() -> requests.Session:
-                for _ in range(200):  # a new client picks its first endpoint at random
-                    client = discover("sec", node=node)
-                    if client.base_url == tls.url:
-                        return client
-                raise AssertionError("no client picked the https endpoint")
-
             # verify= on each call: requests lets REQUESTS_CA_BUNDLE override a
             # session's own verify
-            trusting, doubting = on_tls(), on_tls()
+            trusting, doubting = client_on(node, tls.url), client_on(node, tls.url)
             assert trusting.get("/whoami", timeout=TIMEOUT, verify=str(cert)).text == "back"
             # requests' default trust (certifi or REQUESTS_CA_BUNDLE): not this self-signed
             resp = doubting.post("/echo", data=b"moved", timeout=TIMEOUT)
@@ -480,22 +481,14 @@ def test_an_https_endpoint_of_a_ca_given_to_requests_is_probed_as_requests_verif
     try:
         with TLSAcceptsThenCloses(str(cert), str(key)) as flaky, \
                 records(sqlite_url, "sec", f"http://127.0.0.1:{port}", flaky.url) as node:
-
-            def on_flaky() -> requests.Session:
-                for _ in range(200):  # a new client picks its first endpoint at random
-                    client = discover("sec", node=node)
-                    if client.base_url == flaky.url:
-                        return client
-                raise AssertionError("no client picked the https endpoint")
-
             # closed unanswered: the GET moves to b1, and the endpoint is ejected
-            assert on_flaky().get("/whoami", timeout=TIMEOUT, verify=str(cert)).status_code \
-                == 200
+            resp = client_on(node, flaky.url).get("/whoami", timeout=TIMEOUT, verify=str(cert))
+            assert resp.status_code == 200
             assert endpoint_hash(flaky.url) in node.ejected()
             flaky.healthy = True
             wait_until(lambda: endpoint_hash(flaky.url) not in node.ejected(), timeout=5,
                        what="the probe to readmit the endpoint")
-            resp = on_flaky().get("/whoami", timeout=TIMEOUT, verify=str(cert))
+            resp = client_on(node, flaky.url).get("/whoami", timeout=TIMEOUT, verify=str(cert))
             assert (resp.status_code, resp.text) == (200, "back")
     finally:
         server.stop()
